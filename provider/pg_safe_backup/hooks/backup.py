@@ -1,0 +1,361 @@
+"""PostgresBackupHook: every SQL statement of pg-safe-backup lives in this module.
+
+Everything else calls it by intent (``claim``, ``request_done``, ``mark_failed``, ...).  The
+statements run on psycopg 3 async connections: the holder trigger needs one, and the operators
+reuse the same code through :func:`pg_safe_backup.hooks.backup.run_sync`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from airflow.providers.postgres.hooks.postgres import PostgresHook
+from airflow.sdk import BaseHook
+
+from pg_safe_backup.state import TRANSITIONS, BackupRow, BackupState, Claim, decide_claim
+
+T = TypeVar("T")
+
+#: Marker stored as the table's comment once the schema below is in place (cheap re-check).
+SCHEMA_VERSION = "pg_safe_backup schema 1"
+
+#: Columns added to the seed scripts' table (id, state, pid, backup_label, tablespace_map).
+EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("label", "text"),
+    ("owner", "text"),
+    ("holder_try", "integer"),
+    ("holder_started_at", "timestamptz"),
+    ("start_lsn", "pg_lsn"),
+    ("stop_lsn", "pg_lsn"),
+    ("timeline", "integer"),
+    ("started_at", "timestamptz"),
+    ("finished_at", "timestamptz"),
+    ("updated_at", "timestamptz"),
+    ("error", "text"),
+)
+
+_ROW_COLUMNS = sql.SQL(
+    "b.state::text, b.pid, b.owner, b.holder_try, b.label, b.start_lsn::text, b.stop_lsn::text,"
+    " b.timeline, b.backup_label, b.tablespace_map, b.error,"
+    # The holder is alive while its backend is connected; backend_start guards against a
+    # pid reused after a server restart (it reads NULL for other roles' sessions without
+    # pg_read_all_stats, where the pid alone has to do).
+    " EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = b.pid AND (a.backend_start IS NULL"
+    " OR b.holder_started_at IS NULL OR a.backend_start = b.holder_started_at))"
+)
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class BackupError(Exception):
+    """A backup could not be started, held or finished; the message says why."""
+
+
+def validate_identifier(value: Any, param: str, max_len: int = 48) -> str:
+    """Check a table/schema name: a plain identifier, so derived names (index, trigger) fit too."""
+    if not isinstance(value, str) or not _IDENTIFIER.match(value) or len(value) > max_len:
+        raise ValueError(
+            f"{param} must be a plain SQL identifier (letters, digits, underscore; not starting with a"
+            f" digit; at most {max_len} characters), got {value!r}"
+        )
+    return value
+
+
+def run_sync(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run one of the hook's coroutines from synchronous operator code."""
+    return asyncio.run(factory())  # type: ignore[arg-type]
+
+
+class PostgresBackupHook(BaseHook):
+    """
+    Talk to the cluster being backed up: the ``backup`` table and the backup functions.
+
+    :param postgres_conn_id: Airflow connection of type postgres (host, port, login, password,
+        schema = database, extra = libpq options such as sslmode).
+    :param database: database to connect to instead of the connection's schema.
+    :param table: name of the backup state table (created on first use).
+    :param schema: schema of the backup state table.
+    """
+
+    conn_name_attr = "postgres_conn_id"
+    default_conn_name = "postgres_default"
+    conn_type = "postgres"
+    hook_name = "PostgreSQL online backup"
+
+    def __init__(
+        self,
+        postgres_conn_id: str = default_conn_name,
+        database: str | None = None,
+        table: str = "backup",
+        schema: str = "public",
+    ) -> None:
+        super().__init__()
+        self.postgres_conn_id = postgres_conn_id
+        self.database = database
+        self.table = validate_identifier(table, "table")
+        self.schema = validate_identifier(schema, "schema")
+        self.qualified = sql.Identifier(schema, table)
+        #: LISTEN channel; the notify trigger sends to TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME.
+        self.channel = f"{schema}.{table}"
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def connection_kwargs(self) -> dict[str, Any]:
+        """libpq keyword arguments from the Airflow connection (as PostgresHook maps them)."""
+        conn = await self.aget_connection(self.postgres_conn_id)
+        kwargs: dict[str, Any] = {
+            "host": conn.host,
+            "port": conn.port,
+            "user": conn.login,
+            "password": conn.password,
+            "dbname": self.database or conn.schema,
+        }
+        for key, value in conn.extra_dejson.items():
+            if key not in PostgresHook.ignored_extra_options:
+                kwargs[key] = value
+        kwargs.setdefault("application_name", "pg_safe_backup")
+        return {k: v for k, v in kwargs.items() if v not in (None, "")}
+
+    @asynccontextmanager
+    async def connect(self, purpose: str = "") -> AsyncIterator[psycopg.AsyncConnection]:
+        """An autocommit session; ``purpose`` names it in pg_stat_activity.application_name."""
+        kwargs = await self.connection_kwargs()
+        if purpose:
+            kwargs["application_name"] = f"pg_safe_backup {purpose}"[:63]
+        try:
+            conn = await psycopg.AsyncConnection.connect(autocommit=True, connect_timeout=10, **kwargs)
+        except psycopg.OperationalError as err:
+            raise BackupError(
+                f"cannot connect to PostgreSQL through connection {self.postgres_conn_id!r}: {err}"
+            ) from err
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    # -- schema --------------------------------------------------------------------------------
+
+    async def ensure_table(self, conn: psycopg.AsyncConnection) -> None:
+        """Create the table, or migrate the seed scripts' table in place, then mark it current."""
+        t = self.qualified
+        state_type = sql.Identifier(self.schema, "backup_state")
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"pg_safe_backup:{self.channel}"])
+            cur = await conn.execute(
+                "SELECT obj_description(to_regclass(%s), 'pg_class')", [f'"{self.schema}"."{self.table}"']
+            )
+            if (await cur.fetchone())[0] == SCHEMA_VERSION:
+                return
+            cur = await conn.execute("SELECT to_regtype(%s)", [f'"{self.schema}".backup_state'])
+            if (await cur.fetchone())[0] is None:
+                states = sql.SQL(", ").join(sql.Literal(s.value) for s in BackupState)
+                await conn.execute(sql.SQL("CREATE TYPE {} AS ENUM ({})").format(state_type, states))
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (id integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),"
+                    " state {} NOT NULL, pid integer, backup_label text, tablespace_map text)"
+                ).format(t, state_type)
+            )
+            await conn.execute(
+                sql.SQL("ALTER TABLE {} ").format(t)
+                + sql.SQL(", ").join(
+                    sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(sql.Identifier(name), sql.SQL(kind))
+                    for name, kind in EXTRA_COLUMNS
+                )
+            )
+            await conn.execute(
+                sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ((1))").format(
+                    sql.Identifier(f"{self.table}_one_row"), t
+                )
+            )
+            await self._install_triggers(conn)
+            await conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(t, sql.Literal(SCHEMA_VERSION)))
+
+    async def _install_triggers(self, conn: psycopg.AsyncConnection) -> None:
+        """The guard enforces :data:`TRANSITIONS`; the notifier wakes LISTENers on every change."""
+        allowed = sql.SQL(", ").join(
+            sql.SQL("({}, {})").format(sql.Literal(a.value), sql.Literal(b.value)) for a, b in sorted(TRANSITIONS)
+        )
+        guard = sql.Identifier(self.schema, "pg_safe_backup_guard")
+        notify = sql.Identifier(self.schema, "pg_safe_backup_notify")
+        await conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN"
+                " IF TG_OP = 'UPDATE' AND NEW.state IS DISTINCT FROM OLD.state"
+                "  AND (OLD.state::text, NEW.state::text) NOT IN (VALUES {}) THEN"
+                "  RAISE EXCEPTION 'backup state may not change from % to %', OLD.state, NEW.state"
+                "  USING ERRCODE = 'check_violation';"
+                " END IF;"
+                " NEW.updated_at := clock_timestamp();"
+                " RETURN NEW; END $body$"
+            ).format(guard, allowed)
+        )
+        await conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN"
+                " PERFORM pg_notify(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, NEW.state::text);"
+                " RETURN NULL; END $body$"
+            ).format(notify)
+        )
+        for suffix, when, func in (("guard", "BEFORE", guard), ("notify", "AFTER", notify)):
+            name = sql.Identifier(f"{self.table}_{suffix}")
+            await conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, self.qualified))
+            await conn.execute(
+                sql.SQL("CREATE TRIGGER {} {} INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
+                    name, sql.SQL(when), self.qualified, func
+                )
+            )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def read(self, conn: psycopg.AsyncConnection, for_update: bool = False) -> BackupRow | None:
+        """The backup row, or None when there is none (or no table yet)."""
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f'"{self.schema}"."{self.table}"'])
+        if not (await cur.fetchone())[0]:
+            return None
+        query = sql.SQL("SELECT {} FROM {} b WHERE b.id = 1").format(_ROW_COLUMNS, self.qualified)
+        if for_update:
+            query += sql.SQL(" FOR UPDATE OF b")
+        row = await (await conn.execute(query)).fetchone()
+        if row is None:
+            return None
+        return BackupRow(BackupState(row[0]), *row[1:])
+
+    async def listen(self, conn: psycopg.AsyncConnection) -> None:
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+
+    @staticmethod
+    async def wait_for_change(conn: psycopg.AsyncConnection, timeout: float) -> None:
+        """Sleep until a NOTIFY on a LISTENed channel arrives, or ``timeout`` seconds pass."""
+        async for _ in conn.notifies(timeout=max(timeout, 0.001), stop_after=1):
+            pass
+
+    async def server_version(self, conn: psycopg.AsyncConnection) -> int:
+        return conn.info.server_version
+
+    # -- the holder's statements ---------------------------------------------------------------
+
+    async def claim(
+        self, conn: psycopg.AsyncConnection, owner: str, holder_try: int, label: str, terminate_live: bool
+    ) -> tuple[Claim, BackupRow | None]:
+        """Decide (see :func:`decide_claim`) and, when starting, record this session as the holder.
+
+        Holders of one table are serialised by an advisory lock, so a duplicate trigger sees the
+        first one's claim and never starts a second backup for the same attempt.
+        """
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"pg_safe_backup:{self.channel}"])
+            row = await self.read(conn, for_update=True)
+            decision = decide_claim(row, owner, holder_try, terminate_live)
+            if decision is Claim.LOST:
+                await self._fail(
+                    conn, owner, f"the session holding backup mode (pid {row.pid}) ended before the backup"
+                    " finished (triggerer restarted or connection lost); this backup is unusable and was not"
+                    " restarted, because a copy may already have begun under it",
+                )
+            if decision is Claim.TERMINATE_AND_START:
+                await conn.execute("SELECT pg_terminate_backend(%s)", [row.pid])
+            if decision in (Claim.REPLACE_STALE, Claim.TERMINATE_AND_START):
+                why = "its holder session is gone" if decision is Claim.REPLACE_STALE else "terminate_live=True"
+                await self._fail(conn, row.owner, f"replaced by a backup of {owner} ({why})")
+            if decision in (Claim.START, Claim.REPLACE_STALE, Claim.TERMINATE_AND_START):
+                await conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {t} AS b (id, state, pid, owner, holder_try, label, holder_started_at,"
+                        " started_at, start_lsn, stop_lsn, timeline, finished_at, backup_label,"
+                        " tablespace_map, error)"
+                        " SELECT 1, 'running', pg_backend_pid(), %s, %s, %s, backend_start, now(),"
+                        " NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+                        " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+                        " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, pid = EXCLUDED.pid,"
+                        " owner = EXCLUDED.owner, holder_try = EXCLUDED.holder_try, label = EXCLUDED.label,"
+                        " holder_started_at = EXCLUDED.holder_started_at, started_at = EXCLUDED.started_at,"
+                        " start_lsn = NULL, stop_lsn = NULL, timeline = NULL, finished_at = NULL,"
+                        " backup_label = NULL, tablespace_map = NULL, error = NULL"
+                    ).format(t=self.qualified),
+                    [owner, holder_try, label],
+                )
+            return decision, row
+
+    async def start_backup(self, conn: psycopg.AsyncConnection, label: str, fast: bool) -> str:
+        """Enter non-exclusive backup mode in this session; returns the start LSN."""
+        if conn.info.server_version >= 150000:
+            query = "SELECT pg_backup_start(%s, %s)::text"
+        else:
+            query = "SELECT pg_start_backup(%s, %s, false)::text"
+        start_lsn = (await (await conn.execute(query, [label, fast])).fetchone())[0]
+        cur = await conn.execute(
+            sql.SQL(
+                "UPDATE {} SET start_lsn = %s WHERE id = 1 AND pid = pg_backend_pid() AND state = 'running'"
+            ).format(self.qualified),
+            [start_lsn],
+        )
+        if cur.rowcount != 1:
+            await self.abort_backup(conn)
+            raise BackupError("the backup was marked failed while its checkpoint was running; backup mode ended")
+        return start_lsn
+
+    async def stop_backup(self, conn: psycopg.AsyncConnection, wait_for_archive: bool) -> tuple[str, str, str | None]:
+        """Leave backup mode; returns (stop LSN, backup_label, tablespace_map or None)."""
+        if conn.info.server_version >= 150000:
+            query = "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(%s)"
+        else:
+            query = "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, %s)"
+        lsn, labelfile, spcmap = await (await conn.execute(query, [wait_for_archive])).fetchone()
+        return lsn, labelfile, (spcmap or None)
+
+    async def abort_backup(self, conn: psycopg.AsyncConnection) -> None:
+        """End backup mode without waiting for WAL archiving; the result is discarded."""
+        try:
+            await self.stop_backup(conn, wait_for_archive=False)
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            pass  # not in backup mode: nothing to end
+
+    async def mark_complete(
+        self, conn: psycopg.AsyncConnection, stop_lsn: str, backup_label: str, tablespace_map: str | None,
+        timeline: int | None,
+    ) -> bool:
+        """Record the label of the backup this session holds; False if it is no longer ours or done."""
+        cur = await conn.execute(
+            sql.SQL(
+                "UPDATE {} SET state = 'complete', stop_lsn = %s, backup_label = %s, tablespace_map = %s,"
+                " timeline = %s, finished_at = now() WHERE id = 1 AND pid = pg_backend_pid() AND state = 'done'"
+            ).format(self.qualified),
+            [stop_lsn, backup_label, tablespace_map, timeline],
+        )
+        return cur.rowcount == 1
+
+    # -- what the finish (and anyone else) may ask -----------------------------------------------
+
+    async def request_done(self, conn: psycopg.AsyncConnection, owner: str, start_lsn: str | None) -> BackupRow | None:
+        """Ask the holder of ``owner``'s running backup to stop it; returns the row as it is after."""
+        cur = await conn.execute(
+            sql.SQL(
+                "UPDATE {} SET state = 'done' WHERE id = 1 AND owner = %s AND state = 'running'"
+                " AND start_lsn IS NOT NULL AND (%s::pg_lsn IS NULL OR start_lsn = %s::pg_lsn)"
+            ).format(self.qualified),
+            [owner, start_lsn, start_lsn],
+        )
+        return await self.read(conn)
+
+    async def mark_failed(self, conn: psycopg.AsyncConnection, owner: str, reason: str) -> bool:
+        """Fail ``owner``'s live backup with ``reason``; its holder then ends backup mode."""
+        async with conn.transaction():
+            return await self._fail(conn, owner, reason)
+
+    async def _fail(self, conn: psycopg.AsyncConnection, owner: str | None, reason: str) -> bool:
+        cur = await conn.execute(
+            sql.SQL(
+                "UPDATE {} SET state = 'failed', error = %s, finished_at = now()"
+                " WHERE id = 1 AND owner IS NOT DISTINCT FROM %s AND state IN ('running', 'done')"
+            ).format(self.qualified),
+            [reason[:2000], owner],
+        )
+        return cur.rowcount == 1

@@ -1,0 +1,132 @@
+"""A throwaway local PostgreSQL cluster: initdb, start, stop, connect.
+
+Used by the restore check (a temporary server started from a backup copy), the demo, and the
+tests.  PostgreSQL refuses to run as root, so as root every server command runs as the
+``postgres`` OS user (``runuser``) and the cluster's folders are handed to that user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+SERVER_USER = "postgres"
+
+
+def find_bindir(major: int | None = None) -> Path:
+    """The folder with initdb/pg_ctl/postgres: $PG_BINDIR, Debian's newest (or ``major``), or PATH."""
+    if os.environ.get("PG_BINDIR"):
+        return Path(os.environ["PG_BINDIR"])
+    pattern = f"/usr/lib/postgresql/{major or '*'}/bin/pg_ctl"
+    found = sorted(glob.glob(pattern), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        return Path(on_path).parent
+    raise FileNotFoundError("no PostgreSQL server binaries: install Debian's postgresql package or set PG_BINDIR")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_server_user(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", SERVER_USER, "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def give_to_server_user(path: Path) -> None:
+    """Let the server's OS user own ``path`` (a no-op unless we are root)."""
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", f"{SERVER_USER}:", str(path)], check=True)
+
+
+class LocalCluster:
+    """
+    A PostgreSQL cluster in ``datadir`` listening on 127.0.0.1:``port`` and a unix socket in
+    ``datadir``'s parent folder.
+    """
+
+    def __init__(self, datadir: Path | str, port: int | None = None, bindir: Path | None = None) -> None:
+        self.datadir = Path(datadir)
+        self.port = port or free_port()
+        self.bindir = bindir or find_bindir()
+        self.socket_dir = self.datadir.parent
+        self.logfile = self.datadir.parent / f"{self.datadir.name}.log"
+
+    def run(self, tool: str, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            as_server_user([str(self.bindir / tool), *args]), check=check, capture_output=True, text=True,
+            timeout=timeout,
+        )
+
+    def init(self, password: str | None = None, settings: dict[str, Any] | None = None) -> "LocalCluster":
+        """initdb with trust on the socket and scram on 127.0.0.1 (``password`` for ``postgres``)."""
+        self.datadir.parent.mkdir(parents=True, exist_ok=True)
+        give_to_server_user(self.datadir.parent)
+        args = ["-D", str(self.datadir), "-U", SERVER_USER, "--auth-local=trust", "--auth-host=scram-sha-256",
+                "-E", "UTF8", "--locale=C"]
+        pwfile = None
+        if password is not None:
+            pwfile = self.datadir.parent / f".{self.datadir.name}.pw"
+            pwfile.write_text(password + "\n")
+            give_to_server_user(pwfile)
+            args.append(f"--pwfile={pwfile}")
+        try:
+            self.run("initdb", *args)
+        finally:
+            if pwfile:
+                pwfile.unlink()
+        self.configure({"listen_addresses": "'127.0.0.1'", "unix_socket_directories": f"'{self.socket_dir}'",
+                        "fsync": "off", "shared_buffers": "32MB", "max_wal_senders": 4, "wal_level": "replica",
+                        **(settings or {})})
+        return self
+
+    def configure(self, settings: dict[str, Any]) -> None:
+        """Append settings to postgresql.auto.conf-style postgresql.conf (last one wins)."""
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            for key, value in settings.items():
+                f.write(f"{key} = {value}\n")
+
+    def start(self, timeout: float = 60) -> "LocalCluster":
+        self.run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o", f"-p {self.port}",
+                 "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.datadir / "postmaster.pid").exists():
+            self.run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", check=False)
+
+    def is_running(self) -> bool:
+        return self.run("pg_ctl", "-D", str(self.datadir), "status", check=False).returncode == 0
+
+    def log_text(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def conninfo(self, dbname: str = "postgres", user: str = SERVER_USER) -> dict[str, Any]:
+        return {"host": str(self.socket_dir), "port": self.port, "dbname": dbname, "user": user}
+
+    def connect(self, dbname: str = "postgres", **kwargs: Any) -> psycopg.Connection:
+        return psycopg.connect(**{**self.conninfo(dbname), **kwargs}, autocommit=True)
+
+    def sql(self, query: str, params: Any = None, dbname: str = "postgres") -> list[tuple]:
+        """Run one statement; the rows it returns (empty for a statement without rows)."""
+        with self.connect(dbname) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def airflow_conn_uri(self, user: str = SERVER_USER, password: str | None = None, dbname: str = "postgres") -> str:
+        """An Airflow connection URI reaching this cluster over 127.0.0.1."""
+        from urllib.parse import quote
+
+        auth = quote(user, safe="") + (":" + quote(password, safe="") if password is not None else "")
+        return f"postgres://{auth}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"

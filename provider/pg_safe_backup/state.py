@@ -1,0 +1,119 @@
+"""The backup's state machine: the one place that says which state may follow which.
+
+A backup row goes ``running -> done -> complete``; ``running`` or ``done`` may become ``failed``
+(with a reason).  A new backup may replace a finished one (``complete``/``failed -> running``).
+The table enforces these transitions with a trigger generated from :data:`TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class BackupState(str, enum.Enum):
+    """Values of the ``backup_state`` enum, as the seed scripts defined them."""
+
+    RUNNING = "running"  # backup mode entered (or the checkpoint is still running: start_lsn null)
+    DONE = "done"  # the copy finished; the holder is asked to run pg_backup_stop
+    COMPLETE = "complete"  # pg_backup_stop returned; backup_label is valid for this copy
+    FAILED = "failed"  # never use this backup; ``error`` says why
+
+
+#: Allowed state changes (old, new). Updates that keep the state are always allowed.
+TRANSITIONS: frozenset[tuple[BackupState, BackupState]] = frozenset(
+    {
+        (BackupState.RUNNING, BackupState.DONE),
+        (BackupState.RUNNING, BackupState.FAILED),
+        (BackupState.DONE, BackupState.COMPLETE),
+        (BackupState.DONE, BackupState.FAILED),
+        (BackupState.COMPLETE, BackupState.RUNNING),
+        (BackupState.FAILED, BackupState.RUNNING),
+    }
+)
+
+#: States in which a holder session is (or should be) in backup mode.
+LIVE_STATES = (BackupState.RUNNING, BackupState.DONE)
+TERMINAL_STATES = (BackupState.COMPLETE, BackupState.FAILED)
+
+
+@dataclass(frozen=True)
+class BackupRow:
+    """One read of the backup row, plus whether its holder session is still connected."""
+
+    state: BackupState
+    pid: int | None
+    owner: str | None
+    holder_try: int | None
+    label: str | None
+    start_lsn: str | None
+    stop_lsn: str | None
+    timeline: int | None
+    backup_label: str | None
+    tablespace_map: str | None
+    error: str | None
+    holder_alive: bool
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    @property
+    def started(self) -> bool:
+        """Backup mode entered: pg_backup_start returned."""
+        return self.live and self.start_lsn is not None
+
+    def result(self) -> dict[str, Any]:
+        """Plain values for XCom / trigger events (never a password: the row holds none)."""
+        return {
+            "state": self.state.value,
+            "owner": self.owner,
+            "label": self.label,
+            "start_lsn": self.start_lsn,
+            "stop_lsn": self.stop_lsn,
+            "timeline": self.timeline,
+            "backup_label": self.backup_label,
+            "tablespace_map": self.tablespace_map,
+            "error": self.error,
+        }
+
+
+class Claim(str, enum.Enum):
+    """What a holder does when it finds the backup row (see :func:`decide_claim`)."""
+
+    START = "start"  # no live backup: start ours
+    REPLACE_STALE = "replace_stale"  # a live-looking backup whose holder is gone: fail it, start ours
+    TERMINATE_AND_START = "terminate_and_start"  # live backup of another owner, explicitly allowed
+    REFUSE = "refuse"  # a live backup of another owner: leave it alone, fail ours
+    WATCH = "watch"  # our own backup, held by another live session (a duplicate trigger)
+    LOST = "lost"  # our own backup, but its session is gone: mark failed, never restart
+    FINISHED = "finished"  # our own attempt already ended: report that outcome
+
+
+def decide_claim(row: BackupRow | None, owner: str, holder_try: int, terminate_live: bool) -> Claim:
+    """Decide what a holder for (owner, holder_try) may do with the current row.
+
+    The rule that matters most: a holder never starts a second backup for the same attempt.
+    Copies may already be running under the first backup's checkpoint; a newer backup_label
+    would make their restore silently corrupt.
+    """
+    if row is not None and row.owner == owner and row.holder_try == holder_try:
+        if row.state in TERMINAL_STATES:
+            return Claim.FINISHED
+        return Claim.WATCH if row.holder_alive else Claim.LOST
+    if row is None or not row.live:
+        return Claim.START
+    if not row.holder_alive:
+        return Claim.REPLACE_STALE
+    return Claim.TERMINATE_AND_START if terminate_live else Claim.REFUSE
+
+
+def parse_backup_label(text: str | None) -> dict[str, str]:
+    """Parse backup_label's ``KEY: value`` lines (START WAL LOCATION, CHECKPOINT LOCATION, ...)."""
+    fields: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
