@@ -1,0 +1,49 @@
+"""Nightly online backup of one PostgreSQL cluster: rsync the data directory, store backup_label.
+
+Set PGDATA_SOURCE (the cluster's data directory, readable by the worker) and BACKUP_ROOT, and
+create the Airflow connection ``pg_main`` (type postgres) for the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import DAG
+
+from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
+from pg_safe_backup.task_group import PostgresOnlineBackup
+
+PGDATA = os.environ.get("PGDATA_SOURCE", "/var/lib/postgresql/15/main")
+BACKUP_ROOT = os.environ.get("BACKUP_ROOT", "/backups")
+DESTINATION = BACKUP_ROOT + "/{{ ts_nodash }}"
+# What a file-system backup may omit (PostgreSQL docs, "Making a Base Backup Using the Low Level
+# API"): pg_wal contents, the server's pid/opts files, replication slots and temporary state.
+EXCLUDES = " ".join(
+    f"--exclude={p}"
+    for p in ("/pg_wal/*", "/postmaster.pid", "/postmaster.opts", "/pg_replslot/*", "/pg_dynshmem/*",
+              "/pg_notify/*", "/pg_serial/*", "/pg_snapshots/*", "/pg_stat_tmp/*", "/pg_subtrans/*",
+              "pgsql_tmp*")
+)
+
+with DAG(
+    "pg_backup_example",
+    schedule=os.environ.get("PG_BACKUP_SCHEDULE") or None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["postgres", "backup"],
+) as dag:
+    with PostgresOnlineBackup(
+        group_id="backup",
+        postgres_conn_id=os.environ.get("PG_BACKUP_CONN_ID", "pg_main"),
+        backup_timeout=3600,
+        fast_checkpoint=os.environ.get("PG_BACKUP_FAST_CHECKPOINT", "") == "1",
+        poll_interval=2.0,
+    ) as backup:
+        BashOperator(
+            task_id="copy_data_directory",
+            bash_command=f"mkdir -p {DESTINATION} && rsync -a {EXCLUDES} {PGDATA}/ {DESTINATION}/",
+        )
+    PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=DESTINATION)

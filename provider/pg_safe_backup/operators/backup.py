@@ -1,0 +1,268 @@
+"""Operators: start-and-hold the backup, finish it, store its label."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator, ObjectStoragePath, TriggerRule
+from airflow.sdk.exceptions import AirflowException
+
+from pg_safe_backup.params import check_label, check_number, check_text, validate_identifier
+from pg_safe_backup.session import COMPLETE, STARTED
+from pg_safe_backup.triggers.backup import BackupHolderTrigger, BackupStateTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from airflow.triggers.base import BaseTrigger
+
+    from pg_safe_backup.task_group import PostgresOnlineBackup
+
+#: XCom keys the finish pushes (plain values) besides its return value.
+RESULT_KEYS = ("backup_label", "tablespace_map", "start_lsn", "stop_lsn", "timeline", "label")
+DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
+
+
+def default_deferrable() -> bool:
+    from airflow.configuration import conf
+
+    return conf.getboolean("operators", "default_deferrable", fallback=False)
+
+
+class BackupTaskMixin:
+    """
+    What the holder, gate and finish share: which backup table, which backup of the run, how to wait.
+
+    :param postgres_conn_id: Airflow connection (type postgres) of the cluster to back up.
+    :param database: database holding the backup table, instead of the connection's.
+    :param table: backup state table (created on first use; the seed scripts' table is migrated).
+    :param table_schema: schema of the backup state table.
+    :param backup_key: tells apart several backups in one DAG run (one per cluster); the
+        ``PostgresOnlineBackup`` group sets it to its group id.
+    :param poll_interval: seconds between safety re-reads; state changes wake waiters at once.
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    """
+
+    deferrable: bool
+    task_id: str
+
+    def _init_backup(
+        self,
+        postgres_conn_id: str,
+        database: str | None,
+        table: str,
+        table_schema: str,
+        backup_key: str,
+        poll_interval: float,
+        deferrable: bool,
+    ) -> None:
+        self.postgres_conn_id = check_text(postgres_conn_id, "postgres_conn_id")
+        self.database = database if database is None else check_text(database, "database")
+        self.table = validate_identifier(table, "table")
+        self.table_schema = validate_identifier(table_schema, "table_schema")
+        self.backup_key = check_text(backup_key, "backup_key")
+        self.poll_interval = check_number(poll_interval, "poll_interval", 0, allow_min=False)
+        self.deferrable = deferrable
+
+    @property
+    def hook_kwargs(self) -> dict[str, Any]:
+        return {"postgres_conn_id": self.postgres_conn_id, "database": self.database,
+                "table": self.table, "schema": self.table_schema}
+
+    def backup_owner(self, context: Context) -> str:
+        """Who owns the backup: this DAG run and backup key (never another run's backup)."""
+        return f"{context['dag'].dag_id}/{context['run_id']}/{self.backup_key}"
+
+    def wait_on(self, context: Context, trigger: BaseTrigger, timeout: timedelta | None = None) -> Any:
+        """Defer on ``trigger``, or (deferrable=False) run it here; then ``execute_complete``."""
+        if self.deferrable:
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)  # type: ignore[attr-defined]
+
+        async def first_event() -> dict[str, Any]:
+            async for ev in trigger.run():
+                return ev.payload
+            raise AirflowException(f"{type(trigger).__name__} ended without an event")
+
+        return self.execute_complete(context, asyncio.run(first_event()))  # type: ignore[attr-defined]
+
+
+class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
+    """
+    Start a non-exclusive backup and hold its session until the finish ends it.
+
+    The task stays deferred for the whole backup (its trigger holds the session, which PostgreSQL
+    requires); it runs beside the copy tasks, which wait on a ``PostgresBackupStartedSensor``.
+    It succeeds once pg_backup_stop has returned and the label is stored, and is never retried:
+    a second backup for the same run would not match a copy already taken.
+
+    :param label: backup label (templated); the default names the DAG run.
+    :param fast_checkpoint: ask for an immediate checkpoint (default: spread, as PostgreSQL does).
+    :param wait_for_archive: let pg_backup_stop wait until the needed WAL is archived.
+    :param backup_timeout: seconds from the start after which the backup is failed and backup mode
+        ended (0 = no limit).
+    :param terminate_live: end a live backup of another owner instead of refusing to start.
+    """
+
+    # ``label`` is BaseOperator's display name, hence the attribute name pg_label.
+    template_fields: Sequence[str] = ("pg_label",)
+    ui_color = "#d8e8f8"
+
+    def __init__(
+        self,
+        *,
+        postgres_conn_id: str = "postgres_default",
+        database: str | None = None,
+        table: str = "backup",
+        table_schema: str = "public",
+        backup_key: str = "backup",
+        label: str = DEFAULT_LABEL,
+        fast_checkpoint: bool = False,
+        wait_for_archive: bool = True,
+        backup_timeout: float = 0,
+        terminate_live: bool = False,
+        poll_interval: float = 5.0,
+        deferrable: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs["retries"] = 0
+        super().__init__(**kwargs)
+        self._init_backup(postgres_conn_id, database, table, table_schema, backup_key, poll_interval, deferrable)
+        self.pg_label = check_label(label)
+        for name, value in (("fast_checkpoint", fast_checkpoint), ("wait_for_archive", wait_for_archive),
+                            ("terminate_live", terminate_live)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        self.fast_checkpoint = fast_checkpoint
+        self.wait_for_archive = wait_for_archive
+        self.backup_timeout = check_number(backup_timeout, "backup_timeout")
+        self.terminate_live = terminate_live
+
+    def execute(self, context: Context) -> Any:
+        trigger = BackupHolderTrigger(
+            self.hook_kwargs, owner=self.backup_owner(context), holder_try=context["ti"].try_number,
+            label=check_label(self.pg_label), fast_checkpoint=self.fast_checkpoint,
+            wait_for_archive=self.wait_for_archive, backup_timeout=self.backup_timeout,
+            poll_interval=self.poll_interval, terminate_live=self.terminate_live,
+        )
+        return self.wait_on(context, trigger)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        if event["status"] != COMPLETE:
+            raise AirflowException(f"backup not taken: {event['message']}")
+        self.log.info("%s", event["message"])
+        return _public(event["backup"])
+
+
+class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
+    """
+    End this run's backup: mark it done (or failed when a copy task did not succeed), wait for
+    pg_backup_stop, and push backup_label, tablespace_map, start/stop LSN, timeline and label.
+
+    Meant as the teardown of the gate, so it runs even when a copy fails. It acts only on the
+    backup its own DAG run started, and only if that backup still has the start LSN the gate
+    opened with.
+
+    :param gate_task_id: the ``PostgresBackupStartedSensor`` whose copy tasks this finishes.
+    """
+
+    ui_color = "#d8f0d8"
+
+    def __init__(
+        self,
+        *,
+        gate_task_id: str,
+        postgres_conn_id: str = "postgres_default",
+        database: str | None = None,
+        table: str = "backup",
+        table_schema: str = "public",
+        backup_key: str = "backup",
+        poll_interval: float = 5.0,
+        deferrable: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("trigger_rule", TriggerRule.ALL_DONE)
+        super().__init__(**kwargs)
+        self._init_backup(postgres_conn_id, database, table, table_schema, backup_key, poll_interval,
+                          default_deferrable() if deferrable is None else deferrable)
+        self.gate_task_id = check_text(gate_task_id, "gate_task_id")
+
+    def _copy_problem(self, context: Context) -> str | None:
+        """Why the copy cannot be trusted (a task upstream did not succeed), or None."""
+        ti = context["ti"]
+        states = ti.get_task_states(dag_id=ti.dag_id, task_ids=sorted(self.upstream_task_ids), run_ids=[ti.run_id])
+        states = states.get(ti.run_id, {})
+        bad = {t: s for t, s in sorted(states.items()) if s != "success"}
+        if not bad:
+            return None
+        return "the copy did not succeed: " + ", ".join(f"{t} is {s}" for t, s in bad.items())
+
+    def execute(self, context: Context) -> Any:
+        problem = self._copy_problem(context)
+        if problem:
+            self.log.error("%s; failing the backup", problem)
+        trigger = BackupStateTrigger(
+            self.hook_kwargs, owner=self.backup_owner(context), until=COMPLETE, poll_interval=self.poll_interval,
+            request="fail" if problem else "done", reason=problem or "",
+            expected_start_lsn=context["ti"].xcom_pull(task_ids=self.gate_task_id, key="start_lsn"),
+        )
+        return self.wait_on(context, trigger)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        if event["status"] != COMPLETE:
+            raise AirflowException(f"backup not usable: {event['message']}")
+        result = _public(event["backup"])
+        for key in RESULT_KEYS:
+            context["ti"].xcom_push(key=key, value=result[key])
+        self.log.info("backup complete: start %s, stop %s\n%s", result["start_lsn"], result["stop_lsn"],
+                      result["backup_label"])
+        return result
+
+
+class PostgresStoreBackupLabelOperator(BaseOperator):
+    """
+    Write backup_label (and tablespace_map, when the backup has one) into the backup destination.
+
+    Without these files in place a restored copy can start and silently lose data, so they must
+    be stored with every backup.
+
+    :param backup: the ``PostgresOnlineBackup`` group (or the finish task's id) whose label to store.
+    :param destination: folder or URL of the copy (templated); any ObjectStoragePath location.
+    """
+
+    template_fields: Sequence[str] = ("destination",)
+
+    def __init__(self, *, backup: PostgresOnlineBackup | str, destination: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.destination = check_text(destination, "destination")
+        if isinstance(backup, str):
+            self.finish_task_id = check_text(backup, "backup")
+        elif hasattr(backup, "finish"):
+            self.finish_task_id = backup.finish.task_id
+            backup.finish >> self
+        else:
+            raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
+
+    def execute(self, context: Context) -> dict[str, str]:
+        ti = context["ti"]
+        label = ti.xcom_pull(task_ids=self.finish_task_id, key="backup_label")
+        if not label:
+            raise AirflowException(f"no backup_label from {self.finish_task_id}: the backup did not complete")
+        files = {"backup_label": label, "tablespace_map": ti.xcom_pull(task_ids=self.finish_task_id, key="tablespace_map")}
+        target = ObjectStoragePath(self.destination)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            written = {}
+            for name, text in files.items():
+                if text:
+                    (target / name).write_text(text)
+                    written[name] = str(target / name)
+        except OSError as err:
+            raise AirflowException(f"cannot write the backup label into destination {self.destination!r}: {err}") from err
+        self.log.info("stored %s", ", ".join(written.values()))
+        return written
+
+
+def _public(backup: dict[str, Any]) -> dict[str, Any]:
+    return {k: backup.get(k) for k in ("state", "owner", *RESULT_KEYS)}

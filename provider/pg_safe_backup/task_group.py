@@ -1,0 +1,104 @@
+"""PostgresOnlineBackup: the whole backup as one task group around the user's copy tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import TaskGroup, TriggerRule
+
+from pg_safe_backup.operators.backup import (
+    DEFAULT_LABEL,
+    PostgresBackupHoldOperator,
+    PostgresFinishBackupOperator,
+)
+from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
+
+
+class PostgresOnlineBackup:
+    """
+    A task group that backs up one cluster around the copy tasks created inside it::
+
+        with PostgresOnlineBackup(group_id="backup", postgres_conn_id="pg_main") as backup:
+            copy = BashOperator(task_id="copy", bash_command="rsync -a ...")
+
+    Inside the group: ``hold`` starts the backup and keeps its session (deferred all along),
+    ``wait_for_backup_mode`` opens when backup mode is on and precedes the copy tasks, and
+    ``finish_backup`` (teardown) ends the backup after them, even when a copy fails, and pushes
+    backup_label via XCom. Pass the group to ``PostgresStoreBackupLabelOperator(backup=...)``.
+
+    :param group_id: task group id; also this backup's key within the DAG run.
+    :param postgres_conn_id: Airflow connection of the cluster.
+    :param backup_timeout: seconds after which an unfinished backup is failed (0 = none).
+    :param fast_checkpoint: immediate start checkpoint instead of a spread one.
+    :param wait_for_archive: pg_backup_stop waits until the needed WAL is archived.
+    :param label: backup label (templated).
+    :param terminate_live: end another live backup instead of refusing to start.
+    :param database, table, table_schema, poll_interval: see ``BackupTaskMixin``.
+    :param gate_timeout: seconds the gate waits for backup mode (start checkpoint included).
+    :param deferrable: gate and finish wait in the triggerer (the holder always does).
+    """
+
+    def __init__(
+        self,
+        group_id: str = "backup",
+        *,
+        postgres_conn_id: str = "postgres_default",
+        database: str | None = None,
+        table: str = "backup",
+        table_schema: str = "public",
+        backup_timeout: float = 0,
+        fast_checkpoint: bool = False,
+        wait_for_archive: bool = True,
+        label: str = DEFAULT_LABEL,
+        terminate_live: bool = False,
+        poll_interval: float = 5.0,
+        gate_timeout: float = 24 * 3600,
+        deferrable: bool | None = None,
+        **group_kwargs: Any,
+    ) -> None:
+        self.group = TaskGroup(group_id=group_id, **group_kwargs)
+        common = {"postgres_conn_id": postgres_conn_id, "database": database, "table": table,
+                  "table_schema": table_schema, "backup_key": group_id, "poll_interval": poll_interval}
+        with self.group:
+            self.hold = PostgresBackupHoldOperator(
+                task_id="hold_backup_session", label=label, fast_checkpoint=fast_checkpoint,
+                wait_for_archive=wait_for_archive, backup_timeout=backup_timeout,
+                terminate_live=terminate_live, **common,
+            )
+            self.gate = PostgresBackupStartedSensor(
+                task_id="wait_for_backup_mode", holder_task_id=self.hold.task_id, timeout=gate_timeout,
+                deferrable=deferrable, **common,
+            )
+            self.finish = PostgresFinishBackupOperator(
+                task_id="finish_backup", gate_task_id=self.gate.task_id, deferrable=deferrable, **common
+            )
+        self._own = {self.hold.task_id, self.gate.task_id, self.finish.task_id}
+
+    def __enter__(self) -> PostgresOnlineBackup:
+        self.group.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None:
+                self._wire()
+        finally:
+            self.group.__exit__(*exc)
+
+    def _wire(self) -> None:
+        """gate >> copy roots; copy leaves >> finish; finish is the gate's teardown."""
+        copies = [t for t in self.group.children.values() if getattr(t, "task_id", None) not in self._own]
+        if not copies:
+            raise ValueError(f"PostgresOnlineBackup {self.group.group_id!r} has no copy task inside its 'with' block")
+        for task in copies:
+            task.set_upstream(self.gate)
+            task.set_downstream(self.finish)
+        self.finish.as_teardown(setups=self.gate, on_failure_fail_dagrun=True)
+        # Unlike the default teardown rule, end the backup even when the gate failed.
+        self.finish.trigger_rule = TriggerRule.ALL_DONE
+
+    def __rshift__(self, other: Any) -> Any:
+        return self.group >> other
+
+    def __rlshift__(self, other: Any) -> Any:
+        return other >> self.group
