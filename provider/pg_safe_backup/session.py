@@ -206,7 +206,7 @@ async def wait_for_backup(
                     conn, owner, f"the copy began under start LSN {expected_start_lsn} but this backup started at"
                     f" {row.start_lsn}: it was restarted after the copy began, so its label does not fit the copy",
                 )
-        polls = 0
+        hint_at = time.monotonic() + 5  # a fast checkpoint takes well under a second
         while True:
             row = await hook.read(conn)
             if row is not None and row.owner == owner:
@@ -224,7 +224,8 @@ async def wait_for_backup(
                         " stopped, connection killed or server restarted; backup mode ended with it",
                     )
                     continue
-                if until == STARTED and polls == 1:
+                if until == STARTED and hint_at and time.monotonic() > hint_at:
+                    hint_at = 0
                     log.info("backup of %s is waiting for its start checkpoint. %s", owner, FAST_CHECKPOINT_HINT)
             elif until != STARTED:
                 return event(
@@ -234,4 +235,3 @@ async def wait_for_backup(
             if check is not None and (problem := await check()):
                 return event(FAILED, problem, row)
             await hook.wait_for_change(conn, poll_interval)
-            polls += 1

@@ -148,10 +148,7 @@ class PostgresBackupHook(BaseHook):
         state_type = sql.Identifier(self.schema, "backup_state")
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"pg_safe_backup:{self.channel}"])
-            cur = await conn.execute(
-                "SELECT obj_description(to_regclass(%s), 'pg_class')", [f'"{self.schema}"."{self.table}"']
-            )
-            if (await cur.fetchone())[0] == SCHEMA_VERSION:
+            if await self._table_ready(conn):
                 return
             cur = await conn.execute("SELECT to_regtype(%s)", [f'"{self.schema}".backup_state'])
             if (await cur.fetchone())[0] is None:
@@ -177,6 +174,13 @@ class PostgresBackupHook(BaseHook):
             )
             await self._install_triggers(conn)
             await conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(t, sql.Literal(SCHEMA_VERSION)))
+
+    async def _table_ready(self, conn: psycopg.AsyncConnection) -> bool:
+        cur = await conn.execute(
+            "SELECT obj_description(to_regclass(%s), 'pg_class') IS NOT DISTINCT FROM %s",
+            [f'"{self.schema}"."{self.table}"', SCHEMA_VERSION],
+        )
+        return (await cur.fetchone())[0]
 
     async def _install_triggers(self, conn: psycopg.AsyncConnection) -> None:
         """The guard enforces :data:`TRANSITIONS`; the notifier wakes LISTENers on every change."""
@@ -216,9 +220,8 @@ class PostgresBackupHook(BaseHook):
     # -- reading -------------------------------------------------------------------------------
 
     async def read(self, conn: psycopg.AsyncConnection, for_update: bool = False) -> BackupRow | None:
-        """The backup row, or None when there is none (or no table yet)."""
-        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f'"{self.schema}"."{self.table}"'])
-        if not (await cur.fetchone())[0]:
+        """The backup row, or None when there is none (or the table is not created/migrated yet)."""
+        if not await self._table_ready(conn):
             return None
         query = sql.SQL("SELECT {} FROM {} b WHERE b.id = 1").format(_ROW_COLUMNS, self.qualified)
         if for_update:

@@ -1,0 +1,306 @@
+"""The backup state machine driven through hook + holder/waiter functions on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pg_safe_backup.hooks.backup import SCHEMA_VERSION, PostgresBackupHook
+from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_backup, wait_for_backup
+from pg_safe_backup.state import parse_backup_label
+
+OWNER = "nightly/scheduled__2026-11-24/backup"
+
+
+def req(owner: str = OWNER, **kw) -> HoldRequest:
+    return HoldRequest(**{"owner": owner, "holder_try": 1, "label": f"test {owner}", "fast_checkpoint": True,
+                          "poll_interval": 1.0, **kw})
+
+
+def backup_starts(cluster: LocalCluster) -> int:
+    """How many times the server was asked to enter backup mode (log_statement = all)."""
+    return sum("pg_backup_start(" in line for line in cluster.log_text().splitlines() if "LOG:" in line)
+
+
+def row(cluster: LocalCluster) -> dict:
+    cols = ["state", "pid", "owner", "label", "start_lsn", "stop_lsn", "timeline", "backup_label",
+            "tablespace_map", "error"]
+    found = cluster.sql(f"SELECT state::text, {', '.join(cols[1:])} FROM backup")
+    return dict(zip(cols, found[0])) if found else {}
+
+
+def session_alive(cluster: LocalCluster, pid: int) -> bool:
+    return bool(cluster.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]))
+
+
+async def started(hook: PostgresBackupHook, r: HoldRequest) -> tuple[asyncio.Task, dict]:
+    """Start a holder and wait for the gate to open."""
+    holder = asyncio.create_task(hold_backup(hook, r))
+    gate = await asyncio.wait_for(wait_for_backup(hook, r.owner, until=STARTED, poll_interval=0.5), 60)
+    assert gate["status"] == STARTED, gate
+    return holder, gate
+
+
+async def finish(hook: PostgresBackupHook, owner: str = OWNER, **kw) -> dict:
+    return await asyncio.wait_for(wait_for_backup(hook, owner, until=COMPLETE, request="done", poll_interval=0.5, **kw), 60)
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+def test_table_created_on_first_use_with_seed_compatible_schema(hook, cluster):
+    async def go():
+        async with hook.connect() as conn:
+            await hook.ensure_table(conn)
+            await hook.ensure_table(conn)  # idempotent
+    asyncio.run(go())
+    enum = cluster.sql("SELECT unnest(enum_range(NULL::backup_state))::text")
+    assert [e[0] for e in enum] == ["running", "done", "complete", "failed"]
+    cols = {r[0]: r[1] for r in cluster.sql(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'backup'")}
+    for name in ("id", "state", "pid", "backup_label", "tablespace_map", "owner", "start_lsn", "stop_lsn",
+                 "timeline", "label", "started_at", "finished_at", "error"):
+        assert name in cols, name
+    indexes = [r[0] for r in cluster.sql("SELECT indexdef FROM pg_indexes WHERE tablename = 'backup'")]
+    assert any("((1))" in d and "UNIQUE" in d for d in indexes), indexes
+    assert cluster.sql("SELECT backup_label FROM backup") == []
+    assert cluster.sql("SELECT obj_description('backup'::regclass, 'pg_class')") == [(SCHEMA_VERSION,)]
+
+
+SEED_SCHEMA = """
+CREATE TYPE backup_state AS ENUM ('running', 'done', 'complete', 'failed');
+CREATE TABLE backup (id integer PRIMARY KEY, state backup_state, pid integer, backup_label text, tablespace_map text);
+CREATE UNIQUE INDEX backup_single_row ON backup ((1));
+INSERT INTO backup VALUES (1, 'complete', 4242, 'START WAL LOCATION: 0/1 (file x)' || chr(10), NULL);
+"""
+
+
+def test_seed_table_migrated_in_place_and_reused(hook, cluster):
+    for stmt in filter(str.strip, SEED_SCHEMA.split(";")):
+        cluster.sql(stmt)
+    async def go():
+        holder, _ = await started(hook, req())
+        assert (await finish(hook))["status"] == COMPLETE
+        return await holder
+    result = asyncio.run(go())
+    assert result["status"] == COMPLETE
+    r = row(cluster)
+    assert r["state"] == "complete" and r["owner"] == OWNER
+    assert cluster.sql("SELECT backup_label FROM backup")[0][0] == r["backup_label"]
+    assert cluster.sql("SELECT count(*) FROM backup") == [(1,)]
+
+
+def test_state_transitions_enforced_by_the_table(hook, cluster):
+    async def go():
+        holder, _ = await started(hook, req())
+        await finish(hook)
+        await holder
+    asyncio.run(go())
+    with pytest.raises(psycopg.errors.CheckViolation, match="from complete to done"):
+        cluster.sql("UPDATE backup SET state = 'done'")
+    with pytest.raises(psycopg.IntegrityError):  # CHECK (id = 1) and the unique index on ((1))
+        cluster.sql("INSERT INTO backup (id, state) VALUES (2, 'running')")
+
+
+# -- the normal life ----------------------------------------------------------------------------
+
+def test_full_cycle_label_matches_backup(hook, cluster):
+    async def go():
+        holder, gate = await started(hook, req())
+        during = row(cluster)
+        assert during["state"] == "running" and session_alive(cluster, during["pid"])
+        done = await finish(hook, expected_start_lsn=gate["backup"]["start_lsn"])
+        return gate, done, await holder, during["pid"]
+    gate, done, held, holder_pid = asyncio.run(go())
+    assert done["status"] == held["status"] == COMPLETE
+    r = row(cluster)
+    assert r["state"] == "complete" and r["error"] is None
+    fields = parse_backup_label(r["backup_label"])
+    assert fields["LABEL"] == f"test {OWNER}"
+    assert fields["START WAL LOCATION"].split()[0] == gate["backup"]["start_lsn"] == r["start_lsn"]
+    assert fields["BACKUP METHOD"] == "streamed" and fields["BACKUP FROM"] == "primary"
+    assert int(fields["START TIMELINE"]) == r["timeline"] == 1
+    assert done["backup"]["backup_label"] == r["backup_label"] and r["tablespace_map"] is None
+    lsn = cluster.sql("SELECT %s::pg_lsn >= %s::pg_lsn", [r["stop_lsn"], r["start_lsn"]])
+    assert lsn == [(True,)]
+    assert not session_alive(cluster, holder_pid)
+    assert backup_starts(cluster) == 1
+
+
+def test_plain_update_from_old_post_script_wakes_holder(hook, cluster):
+    """The old post-script's `UPDATE backup SET state = 'done'` is enough; NOTIFY wakes the holder
+    (its poll interval here is far longer than the wait allowed)."""
+    async def go():
+        holder, _ = await started(hook, req(poll_interval=600))
+        await asyncio.to_thread(cluster.sql, "UPDATE backup SET state = 'done'")
+        return await asyncio.wait_for(holder, 30)
+    assert asyncio.run(go())["status"] == COMPLETE
+    assert row(cluster)["state"] == "complete"
+
+
+def test_tablespace_gives_tablespace_map(hook, cluster, tmp_root):
+    space = tmp_root / "space1"
+    space.mkdir()
+    give_to_server_user(space)
+    cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{space}'")
+    cluster.sql("CREATE TABLE in_space (i int) TABLESPACE space1")
+    oid = cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
+    async def go():
+        holder, _ = await started(hook, req())
+        await finish(hook)
+        return await holder
+    assert asyncio.run(go())["status"] == COMPLETE
+    assert row(cluster)["tablespace_map"].strip() == f"{oid} {space}"
+
+
+# -- what goes wrong ----------------------------------------------------------------------------
+
+def test_timeout_fails_and_ends_backup_mode(hook, cluster):
+    async def go():
+        holder, _ = await started(hook, req(backup_timeout=2))
+        pid = row(cluster)["pid"]
+        result = await asyncio.wait_for(holder, 30)
+        return result, pid, await finish(hook)
+    result, pid, late_finish = asyncio.run(go())
+    assert result["status"] == FAILED and "backup_timeout=2s expired" in result["message"]
+    r = row(cluster)
+    assert r["state"] == "failed" and "backup_timeout" in r["error"] and r["backup_label"] is None
+    assert not session_alive(cluster, pid)
+    assert late_finish["status"] == FAILED and "backup_timeout" in late_finish["message"]
+
+
+def test_holder_killed_is_detected_and_never_restarted(hook, cluster):
+    async def go():
+        holder, _ = await started(hook, req())
+        pid = row(cluster)["pid"]
+        await asyncio.to_thread(cluster.sql, "SELECT pg_terminate_backend(%s)", [pid])
+        killed = await asyncio.wait_for(holder, 30)
+        # A restarted triggerer re-runs the same holder: it must not take a new backup.
+        rerun = await asyncio.wait_for(hold_backup(hook, req()), 30)
+        return killed, rerun, await finish(hook)
+    killed, rerun, late_finish = asyncio.run(go())
+    assert killed["status"] == FAILED and "session holding backup mode was lost" in killed["message"]
+    assert rerun["status"] == FAILED and late_finish["status"] == FAILED
+    assert row(cluster)["state"] == "failed" and row(cluster)["backup_label"] is None
+    assert backup_starts(cluster) == 1
+
+
+def test_rerun_after_triggerer_death_marks_failed_without_new_backup(hook, cluster):
+    """The holder's process dies (session closed, table still says running): the re-run notices."""
+    async def go():
+        holder, _ = await started(hook, req())
+        holder.cancel()  # as a killed triggerer: the session closes, PostgreSQL aborts backup mode
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        cluster.sql("UPDATE backup SET state = 'running', error = NULL WHERE false")  # no-op, keep row
+        return await asyncio.wait_for(hold_backup(hook, req()), 30)
+    rerun = asyncio.run(go())
+    assert rerun["status"] == FAILED
+    assert row(cluster)["state"] == "failed"
+    assert backup_starts(cluster) == 1
+
+
+def test_duplicate_holder_for_same_run_takes_one_backup(hook, cluster):
+    async def go():
+        first = asyncio.create_task(hold_backup(hook, req()))
+        second = asyncio.create_task(hold_backup(hook, req()))
+        gate = await asyncio.wait_for(wait_for_backup(hook, OWNER, until=STARTED, poll_interval=0.5), 60)
+        await asyncio.sleep(1)  # both holders have claimed by now
+        done = await finish(hook, expected_start_lsn=gate["backup"]["start_lsn"])
+        return await asyncio.wait_for(asyncio.gather(first, second), 30), done
+    (a, b), done = asyncio.run(go())
+    assert a["status"] == b["status"] == done["status"] == COMPLETE
+    assert a["backup"]["backup_label"] == b["backup"]["backup_label"] == row(cluster)["backup_label"]
+    assert backup_starts(cluster) == 1
+
+
+def test_second_start_refused_and_first_untouched(hook, cluster):
+    other = "other_dag/manual__1/backup"
+    async def go():
+        holder, gate = await started(hook, req())
+        refused = await asyncio.wait_for(hold_backup(hook, req(owner=other)), 30)
+        assert row(cluster)["owner"] == OWNER and row(cluster)["state"] == "running"
+        assert session_alive(cluster, row(cluster)["pid"])
+        # The refused run's finish must not end the first run's backup.
+        wrong = await finish(hook, owner=other)
+        assert row(cluster)["state"] == "running"
+        return refused, wrong, await finish(hook), await holder
+    refused, wrong, done, held = asyncio.run(go())
+    assert refused["status"] == FAILED and OWNER in refused["message"] and "untouched" in refused["message"]
+    assert wrong["status"] == FAILED and "no backup of this run" in wrong["message"]
+    assert done["status"] == held["status"] == COMPLETE
+    assert backup_starts(cluster) == 1
+
+
+def test_stale_backup_replaced(hook, cluster):
+    async def go():
+        async with hook.connect() as conn:
+            await hook.ensure_table(conn)
+    asyncio.run(go())
+    # A backup left 'running' by a holder that no longer exists (pid not connected).
+    cluster.sql("INSERT INTO backup (id, state, pid, owner) VALUES (1, 'running', 999999, 'old/run/backup')")
+    async def cycle():
+        holder, _ = await started(hook, req())
+        await finish(hook)
+        return await holder
+    assert asyncio.run(cycle())["status"] == COMPLETE
+    assert row(cluster)["owner"] == OWNER
+
+
+def test_terminate_live_opt_in(hook, cluster):
+    other = "other_dag/manual__1/backup"
+    async def go():
+        first, _ = await started(hook, req(owner=other))
+        second, _ = await started(hook, req(terminate_live=True))
+        lost = await asyncio.wait_for(first, 30)
+        await finish(hook)
+        return lost, await second
+    lost, held = asyncio.run(go())
+    assert lost["status"] == FAILED and held["status"] == COMPLETE
+    assert row(cluster)["owner"] == OWNER
+
+
+def test_copy_failed_marks_failed_and_ends_backup(hook, cluster):
+    async def go():
+        holder, _ = await started(hook, req())
+        pid = row(cluster)["pid"]
+        failed = await asyncio.wait_for(wait_for_backup(
+            hook, OWNER, until=COMPLETE, request="fail", reason="copy_data failed", poll_interval=0.5), 30)
+        return failed, await asyncio.wait_for(holder, 30), pid
+    failed, held, pid = asyncio.run(go())
+    assert failed["status"] == held["status"] == FAILED
+    r = row(cluster)
+    assert r["state"] == "failed" and r["error"] == "copy_data failed" and r["backup_label"] is None
+    assert not session_alive(cluster, pid)
+
+
+def test_finish_refuses_backup_restarted_after_copy_began(hook, cluster):
+    async def go():
+        holder, _ = await started(hook, req())
+        done = await finish(hook, expected_start_lsn="0/1")  # the copy began under another backup
+        return done, await asyncio.wait_for(holder, 30)
+    done, held = asyncio.run(go())
+    assert done["status"] == FAILED and "restarted after the copy began" in done["message"]
+    assert held["status"] == FAILED and row(cluster)["backup_label"] is None
+
+
+def test_gate_fails_fast_when_holder_reports_a_problem(hook, cluster):
+    async def problem():
+        return "the backup holder task ended (failed)"
+    async def go():
+        return await asyncio.wait_for(
+            wait_for_backup(hook, OWNER, until=STARTED, poll_interval=0.2, check=problem), 10)
+    assert asyncio.run(go())["status"] == FAILED
+
+
+def test_connection_errors_are_clear_and_hide_the_password(cluster, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_PG_BAD", cluster.airflow_conn_uri(password="wrong-Pa55word"))
+    result = asyncio.run(hold_backup(PostgresBackupHook("pg_bad"), req()))
+    assert result["status"] == FAILED
+    assert "pg_bad" in result["message"] and "password authentication failed" in result["message"]
+    assert "wrong-Pa55word" not in str(result)
