@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install what the demo and the tests need from Debian when it is missing:
+# PostgreSQL server binaries (initdb/pg_ctl/postgres + contrib for amcheck) and rsync.
+set -euo pipefail
+need=()
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null 2>&1; then
+  need+=(postgresql postgresql-contrib)
+fi
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
+command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing with apt: ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# PostgreSQL refuses to run as root; as root the servers run as the 'postgres' OS user.
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --create-home --shell /bin/bash postgres
+fi
