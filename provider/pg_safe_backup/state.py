@@ -53,6 +53,7 @@ class BackupRow:
     backup_label: str | None
     tablespace_map: str | None
     error: str | None
+    system_identifier: int | None
     holder_alive: bool
 
     @property
@@ -76,6 +77,8 @@ class BackupRow:
             "backup_label": self.backup_label,
             "tablespace_map": self.tablespace_map,
             "error": self.error,
+            # a string: XCom is JSON, and 64-bit integers do not survive every JSON reader
+            "system_identifier": None if self.system_identifier is None else str(self.system_identifier),
         }
 
 

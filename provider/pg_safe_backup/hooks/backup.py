@@ -39,11 +39,12 @@ EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
     ("finished_at", "timestamptz"),
     ("updated_at", "timestamptz"),
     ("error", "text"),
+    ("system_identifier", "bigint"),  # of the cluster backed up, to check copies against
 )
 
 _ROW_COLUMNS = sql.SQL(
     "b.state::text, b.pid, b.owner, b.holder_try, b.label, b.start_lsn::text, b.stop_lsn::text,"
-    " b.timeline, b.backup_label, b.tablespace_map, b.error,"
+    " b.timeline, b.backup_label, b.tablespace_map, b.error, b.system_identifier,"
     # The holder is alive while its backend is connected; backend_start guards against a
     # pid reused after a server restart (it reads NULL for other roles' sessions without
     # pg_read_all_stats, where the pid alone has to do).
@@ -273,15 +274,17 @@ class PostgresBackupHook(BaseHook):
                     sql.SQL(
                         "INSERT INTO {t} AS b (id, state, pid, owner, holder_try, label, holder_started_at,"
                         " started_at, start_lsn, stop_lsn, timeline, finished_at, backup_label,"
-                        " tablespace_map, error)"
+                        " tablespace_map, error, system_identifier)"
                         " SELECT 1, 'running', pg_backend_pid(), %s, %s, %s, backend_start, now(),"
-                        " NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+                        " NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
+                        " (SELECT system_identifier FROM pg_control_system())"
                         " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
                         " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, pid = EXCLUDED.pid,"
                         " owner = EXCLUDED.owner, holder_try = EXCLUDED.holder_try, label = EXCLUDED.label,"
                         " holder_started_at = EXCLUDED.holder_started_at, started_at = EXCLUDED.started_at,"
                         " start_lsn = NULL, stop_lsn = NULL, timeline = NULL, finished_at = NULL,"
-                        " backup_label = NULL, tablespace_map = NULL, error = NULL"
+                        " backup_label = NULL, tablespace_map = NULL, error = NULL,"
+                        " system_identifier = EXCLUDED.system_identifier"
                     ).format(t=self.qualified),
                     [owner, holder_try, label],
                 )

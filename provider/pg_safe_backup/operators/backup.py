@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, ObjectStoragePath, TriggerRule
 from airflow.sdk.exceptions import AirflowException
 
+from pg_safe_backup.copy_check import CopyMismatch, check_copy
 from pg_safe_backup.params import check_label, check_number, check_text, validate_identifier
 from pg_safe_backup.session import COMPLETE, STARTED
 from pg_safe_backup.triggers.backup import BackupHolderTrigger, BackupStateTrigger
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from pg_safe_backup.task_group import PostgresOnlineBackup
 
 #: XCom keys the finish pushes (plain values) besides its return value.
-RESULT_KEYS = ("backup_label", "tablespace_map", "start_lsn", "stop_lsn", "timeline", "label")
+RESULT_KEYS = ("backup_label", "tablespace_map", "start_lsn", "stop_lsn", "timeline", "label", "system_identifier")
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
 
 
@@ -225,7 +227,9 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     Write backup_label (and tablespace_map, when the backup has one) into the backup destination.
 
     Without these files in place a restored copy can start and silently lose data, so they must
-    be stored with every backup.
+    be stored with every backup. Where the destination is a local (or mounted) copy of the data
+    directory, the label is refused unless the copy's system identifier is the backed up cluster's
+    and its checkpoint is not older than the label's CHECKPOINT LOCATION.
 
     :param backup: the ``PostgresOnlineBackup`` group (or the finish task's id) whose label to store.
     :param destination: folder or URL of the copy (templated); any ObjectStoragePath location.
@@ -251,6 +255,14 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             raise AirflowException(f"no backup_label from {self.finish_task_id}: the backup did not complete")
         files = {"backup_label": label, "tablespace_map": ti.xcom_pull(task_ids=self.finish_task_id, key="tablespace_map")}
         target = ObjectStoragePath(self.destination)
+        local_copy = Path(target.path) if target.protocol in ("", "file") else None
+        if local_copy and (local_copy / "global" / "pg_control").is_file():
+            system_identifier = ti.xcom_pull(task_ids=self.finish_task_id, key="system_identifier")
+            try:
+                check_copy(local_copy, system_identifier, label)
+            except CopyMismatch as err:
+                raise AirflowException(str(err)) from err
+            self.log.info("the copy in %s belongs to this backup (system identifier, checkpoint)", local_copy)
         try:
             target.mkdir(parents=True, exist_ok=True)
             written = {}
