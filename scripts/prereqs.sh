@@ -7,6 +7,7 @@ if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl 
   need+=(postgresql postgresql-contrib)
 fi
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # validates docker-compose.yml in the tests
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing with apt: ${need[*]}"
