@@ -17,7 +17,8 @@ from pg_safe_backup.task_group import PostgresOnlineBackup
 
 PGDATA = os.environ.get("PGDATA_SOURCE", "/var/lib/postgresql/15/main")
 BACKUP_ROOT = os.environ.get("BACKUP_ROOT", "/backups")
-DESTINATION = BACKUP_ROOT + "/{{ ts_nodash }}"
+# run_after, not ts_nodash: manual runs have no logical date in Airflow 3.
+DESTINATION = BACKUP_ROOT + "/{{ dag_run.run_after | ts_nodash }}"
 # What a file-system backup may omit (PostgreSQL docs, "Making a Base Backup Using the Low Level
 # API"): pg_wal contents, the server's pid/opts files, replication slots and temporary state.
 EXCLUDES = " ".join(
