@@ -1,0 +1,104 @@
+"""demo.stack.AirflowStack drives a real Airflow: deferral through the triggerer, env, XCom, logs, clean stop."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from demo.stack import STACK_ID_VAR, AirflowStack
+
+DAG_ID = "stack_smoke"
+DAG_FILE = textwrap.dedent('''
+    import os
+    from datetime import datetime, timedelta
+
+    from airflow.providers.standard.operators.bash import BashOperator
+    from airflow.providers.standard.sensors.time_delta import WaitSensor
+    from airflow.sdk import DAG, task
+
+    with DAG("stack_smoke", schedule=None, start_date=datetime(2024, 1, 1), catchup=False):
+        # Always defers (the wait counts from the task's start), so the triggerer must fire it.
+        wait = WaitSensor(task_id="wait", time_to_wait=timedelta(seconds=4), deferrable=True)
+        echo = BashOperator(task_id="echo", bash_command='echo "marker: $STACK_SMOKE_MARKER"')
+
+        @task
+        def result():
+            return {"answer": 42, "marker": os.environ["STACK_SMOKE_MARKER"], "items": ["a", "b"]}
+
+        [wait, echo] >> result()
+''')
+
+
+def _stack_pids(stack: AirflowStack) -> dict[int, float]:
+    """pid -> create_time of every live process that belongs to the stack (for pid-reuse-safe checks)."""
+    pids: dict[int, float] = {}
+    for proc in psutil.process_iter(["pid", "create_time", "environ"]):
+        try:
+            env = proc.info["environ"] or {}
+        except psutil.Error:
+            continue
+        if env.get(STACK_ID_VAR) == stack.stack_id:
+            pids[proc.pid] = proc.info["create_time"]
+    for pid in stack.pids().values():
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                pids[p.pid] = p.create_time()
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def _survivors(seen: dict[int, float]) -> list[str]:
+    out = []
+    for pid, created in seen.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{pid} {proc.cmdline()}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "stack_smoke.py").write_text(DAG_FILE)
+    marker = f"env-reached-the-task-{time.time_ns()}"
+    stack = AirflowStack(tmp_path / "airflow", dags, extra_env={"STACK_SMOKE_MARKER": marker})
+
+    seen_states: dict[str, set[str]] = {}
+    seen_pids: dict[int, float] = {}
+
+    def progress(states: dict[str, str]) -> None:
+        for task_id, state in states.items():
+            seen_states.setdefault(task_id, set()).add(state)
+        seen_pids.update(_stack_pids(stack))  # catches the task processes while they run
+
+    with stack:
+        seen_pids.update(_stack_pids(stack))
+        assert set(stack.pids()) == {"api-server", "scheduler", "dag-processor", "triggerer"}
+        run_id = stack.trigger(DAG_ID, conf={"k": "v"})
+        state = stack.wait_for_run(DAG_ID, run_id, timeout=120, on_progress=progress, poll_interval=0.5)
+        seen_pids.update(_stack_pids(stack))
+        logs = {t: stack.task_log(DAG_ID, run_id, t) for t in ("wait", "echo", "result")}
+        assert state == "success", (f"run ended {state}: {stack.task_states(DAG_ID, run_id)}\n{logs}\n"
+                                    f"{stack.dump_logs()}")
+        assert stack.task_states(DAG_ID, run_id) == {"wait": "success", "echo": "success", "result": "success"}
+        assert "deferred" in seen_states["wait"], f"the sensor never deferred: {seen_states}"
+        assert "Trigger fired event" in logs["wait"], logs["wait"]  # the triggerer's part of the log
+        assert stack.xcom(DAG_ID, run_id, "result") == {"answer": 42, "marker": marker, "items": ["a", "b"]}
+        assert f"marker: {marker}" in logs["echo"], logs["echo"]
+        assert stack.task_log_files(DAG_ID, run_id, "echo")[0].name == "attempt=1.log"
+        assert len(seen_pids) >= 5, seen_pids  # the four components and at least one child each
+
+    assert not _survivors(seen_pids), _survivors(seen_pids)
+    assert not stack.processes()
+    assert not _stack_pids(stack), "a process carrying the stack id survived"
