@@ -1,0 +1,184 @@
+"""End to end: a real Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) backs up
+a real cluster under write load, and every backup is restored and checked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from demo.stack import AirflowStack
+from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.verify import verify_backup
+
+pytestmark = pytest.mark.e2e
+
+DAGS = Path(__file__).parent / "e2e_dags"
+PASSWORD = "e2e-Pa55word"
+
+#: Every id the writer committed is present in both tables, with no gap (rows are never deleted).
+INVARIANT = """
+SELECT count(*) = max(id) AND max(id) >= {committed},
+       format('ledger: %s rows, max id %s; committed before the backup ended: {committed}', count(*), max(id))
+FROM ledger
+UNION ALL
+SELECT count(*) = max(id) AND max(id) >= {committed},
+       format('spaced (tablespace): %s rows, max id %s', count(*), max(id))
+FROM spaced
+"""
+
+
+class Writer(threading.Thread):
+    """Inserts increasing ids (one transaction into both tables) and counts returned commits."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.committed, self.halt, self.error = cluster, 0, threading.Event(), None
+
+    def run(self) -> None:
+        try:
+            with self.cluster.connect() as conn:
+                while not self.halt.is_set():
+                    n = self.committed + 1
+                    with conn.transaction():
+                        conn.execute("INSERT INTO ledger VALUES (%s, md5(%s::text))", [n, n])
+                        conn.execute("INSERT INTO spaced VALUES (%s, md5(%s::text))", [n, n])
+                    self.committed = n
+                    time.sleep(0.002)
+        except Exception as err:  # reported by the test
+            self.error = err
+
+    def stop(self) -> int:
+        self.halt.set()
+        self.join(10)
+        assert self.error is None, self.error
+        return self.committed
+
+
+def wait_archived(cluster: LocalCluster, timeout: float = 60) -> None:
+    segment = cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    deadline = time.monotonic() + timeout
+    while (cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") < segment:
+        assert time.monotonic() < deadline, f"{segment} not archived"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[dict]:
+    root = Path(tempfile.mkdtemp(prefix="pgsb-e2e-"))
+    os.chmod(root, 0o755)
+    archive, space, backups = root / "wal_archive", root / "space1", root / "backups"
+    for d in (archive, space, backups):
+        d.mkdir()
+        give_to_server_user(d)
+    cluster = LocalCluster(root / "pg" / "data").init(password=PASSWORD, settings={
+        "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'"}).start()
+    stack = None
+    try:
+        cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{space}'")
+        cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text NOT NULL)")
+        cluster.sql("CREATE TABLE spaced (id bigint PRIMARY KEY, v text NOT NULL) TABLESPACE space1")
+        stack = AirflowStack(root / "airflow", DAGS, extra_env={
+            "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
+            "E2E_PGDATA": str(cluster.datadir), "E2E_BACKUP_ROOT": str(backups),
+            "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
+        })
+        stack.start(expect_dag_ids=["e2e_backup", "e2e_copy_fails"])
+        yield {"cluster": cluster, "stack": stack, "archive": archive, "backups": backups, "root": root}
+    finally:
+        if stack:
+            stack.stop()
+        cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_dag(env: dict, dag_id: str, run_id: str) -> tuple[str, dict[str, str]]:
+    stack: AirflowStack = env["stack"]
+    stack.trigger(dag_id, run_id=run_id)
+    seen: set[str] = set()
+    state = stack.wait_for_run(dag_id, run_id, timeout=300,
+                               on_progress=lambda s: seen.update(f"{t}={v}" for t, v in s.items()))
+    assert "backup.hold_backup_session=deferred" in seen, "the holder never waited in the triggerer"
+    return state, stack.task_states(dag_id, run_id)
+
+
+def failure_report(stack: AirflowStack, dag_id: str, run_id: str, tasks: dict[str, str]) -> str:
+    """Task states and the error lines of each task's log."""
+    lines = [f"{dag_id} {run_id}: {tasks}"]
+    for task_id in tasks:
+        errors = [ln[:600] for ln in stack.task_log(dag_id, run_id, task_id).splitlines() if " error " in ln.lower()]
+        lines += [f"--- {task_id}", *errors[-5:]]
+    return "\n".join(lines)
+
+
+def holder_sessions(cluster: LocalCluster) -> int:
+    return cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'")[0][0]
+
+
+@pytest.fixture(scope="module")
+def completed_backup(env) -> dict:
+    """One backup DAG run under a continuous write load, its WAL archived."""
+    cluster = env["cluster"]
+    writer = Writer(cluster)
+    writer.start()
+    try:
+        state, tasks = run_dag(env, "e2e_backup", "e2e_ok")
+    finally:
+        committed = writer.stop()
+    stack = env["stack"]
+    assert state == "success", failure_report(stack, "e2e_backup", "e2e_ok", tasks)
+    wait_archived(cluster)
+    return {"dir": env["backups"] / "e2e_ok", "committed": committed,
+            "xcom": stack.xcom("e2e_backup", "e2e_ok", "backup.finish_backup")}
+
+
+def test_backup_under_write_load_with_tablespace_restores(env, completed_backup):
+    cluster, backup_dir = env["cluster"], completed_backup["dir"]
+    row = cluster.sql("SELECT state::text, backup_label, tablespace_map, owner FROM backup")[0]
+    assert row[0] == "complete" and row[3] == "e2e_backup/e2e_ok/backup"
+    assert (backup_dir / "backup_label").read_text() == row[1] == completed_backup["xcom"]["backup_label"]
+    oid = cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
+    assert (backup_dir / "tablespace_map").read_text() == row[2] and row[2].startswith(f"{oid} ")
+    assert holder_sessions(cluster) == 0
+    assert completed_backup["committed"] > 500, "the write load did not run during the backup"
+
+    # Replay the whole archive: every row committed before pg_backup_stop returned must be there.
+    result = verify_backup(backup_dir, env["archive"], recovery_target_immediate=False,
+                           invariant_sql=INVARIANT.format(committed=completed_backup["committed"]))
+    assert result.ok, result.summary()
+
+
+def test_negative_control_same_copy_without_backup_label_fails(env, completed_backup, tmp_path):
+    unlabeled = env["root"] / "unlabeled"
+    shutil.copytree(completed_backup["dir"], unlabeled, symlinks=True)
+    shutil.copytree(f"{completed_backup['dir']}_tablespaces", f"{unlabeled}_tablespaces", symlinks=True)
+    (unlabeled / "backup_label").unlink()
+    assert not verify_backup(unlabeled, env["archive"]).ok  # refused outright: no backup_label
+    # And checked anyway, the data checks catch what recovery from the wrong checkpoint lost.
+    result = verify_backup(unlabeled, env["archive"], recovery_target_immediate=False, require_backup_label=False,
+                           invariant_sql=INVARIANT.format(committed=completed_backup["committed"]))
+    assert not result.ok, "a copy without its backup_label passed the restore check"
+    assert "has no backup_label" not in result.summary(), result.summary()  # failed in recovery or the data
+
+
+def test_copy_failure_ends_backup_and_fails_run(env, completed_backup):
+    cluster = env["cluster"]
+    state, tasks = run_dag(env, "e2e_copy_fails", "e2e_broken")
+    assert state == "failed"
+    assert tasks["backup.copy_data_directory"] == "failed"
+    assert tasks["backup.finish_backup"] == "failed" and tasks["store_backup_label"] == "upstream_failed"
+    log = env["stack"].task_log("e2e_copy_fails", "e2e_broken", "backup.finish_backup")
+    assert "the copy did not succeed: backup.copy_data_directory is failed" in log
+    state_row = cluster.sql("SELECT state::text, backup_label, error, owner FROM backup")[0]
+    assert state_row[0] == "failed" and state_row[1] is None and "copy_data_directory" in state_row[2]
+    assert state_row[3] == "e2e_copy_fails/e2e_broken/backup"
+    assert not (env["backups"] / "e2e_broken" / "backup_label").exists()
+    assert holder_sessions(cluster) == 0
+    assert "aborting backup" in cluster.log_text() or "backup mode ended" in env["stack"].task_log(
+        "e2e_copy_fails", "e2e_broken", "backup.hold_backup_session")
