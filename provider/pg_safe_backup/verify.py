@@ -1,0 +1,602 @@
+"""The restore check: recover a backup copy on a temporary server, then check it.
+
+``verify_backup(BACKUP_DIR, WAL_ARCHIVE)`` never touches the backup, the WAL archive (read only,
+through ``restore_command``) or the backed-up tablespace locations:
+
+1. The backup is copied into a fresh work dir (owned by the server's OS user, mode 0700).
+   ``pg_wal`` is not copied (an empty ``pg_wal/archive_status`` is created), nor are
+   ``postmaster.pid``/``postmaster.opts``, ``standby.signal``, ``recovery.conf`` or the
+   ``pg_tblspc`` links.
+2. Tablespaces. For each ``OID PATH`` line of the backup's ``tablespace_map`` the tablespace's
+   backup (what was in PATH, i.e. the ``PG_<major>_<catversion>`` folder) is looked up, first found
+   wins, in:
+
+   * ``tablespace_dirs[OID]`` (argument),
+   * ``<BACKUP_DIR>_tablespaces/<OID>/``  (the layout the provider's example DAG writes),
+   * ``<BACKUP_DIR>.tablespaces/<OID>/``,
+   * ``<BACKUP_DIR>/pg_tblspc/<OID>/`` when it is a real folder (not a link).
+
+   It is copied into the work dir and ``tablespace_map`` is rewritten to point at the copy, so
+   PostgreSQL recreates the ``pg_tblspc`` links to the copies. A tablespace without a backup, or a
+   ``pg_tblspc`` link the map does not list, is a FAIL: the original location is never used.
+3. ``recovery.signal`` is written and settings are appended to ``postgresql.auto.conf`` (read
+   last): ``restore_command`` copying from the archive, ``recovery_target = 'immediate'`` (or the
+   end of the archive), ``recovery_target_action = 'promote'``, a unix socket in the work dir only
+   (no TCP), its own ``pg_hba.conf``, ``archive_mode = off``, no preload libraries, no SSL, no
+   synchronous standbys, log to stderr (the work dir). ``data_directory`` is pinned in
+   ``postgresql.conf``.
+4. A temporary server starts (``LocalCluster``), and once recovery has ended (``pg_is_in_recovery()``
+   false) the checks run: the server log (recovery started at the label's redo point, reached a
+   consistent state, no PANIC / ``could not``), ``bt_index_check(heapallindexed)`` on every valid
+   btree index of every connectable database (and ``verify_heapam`` on tables where available), and
+   an optional application invariant: a query returning rows ``(ok boolean, detail text)``.
+
+A backup without ``backup_label`` is refused (``require_backup_label=False`` checks it anyway, e.g.
+a cold copy of a stopped server). The result is a ``VerifyResult``; a server that does not start or
+recover is a FAIL with the end of its log, never an exception.
+
+CLI: ``python -m pg_safe_backup.verify BACKUP_DIR WAL_ARCHIVE [--invariant-sql SQL]
+[--invariant-db DB] [--keep]`` prints the summary and exits 0 on PASS, 1 on FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+
+from pg_safe_backup.copy_check import CopyMismatch, check_copy
+from pg_safe_backup.local_cluster import (
+    SERVER_USER, LocalCluster, as_server_user, find_bindir, free_port, give_to_server_user,
+)
+from pg_safe_backup.state import parse_backup_label
+
+LSN = r"[0-9A-F]+/[0-9A-F]+"
+LOG_TAIL_LINES = 40
+# Never copied into the work dir: the server recreates / must not see them.
+_SKIP_TOP = {"postmaster.pid", "postmaster.opts", "pg_wal", "pg_xlog", "pg_tblspc", "standby.signal",
+             "recovery.signal", "recovery.conf", "recovery.done"}
+# Lines of the log up to the end of recovery that mean trouble. Connection attempts refused while
+# the server is still recovering are expected (hot_standby is off).
+_BAD_LOG = re.compile(r"\bPANIC:|\b(?:LOG|WARNING|ERROR|FATAL):\s.*\bcould not\b")
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    reasons: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if not self.ok:
+            return "FAIL: " + "; ".join(self.reasons or ["unknown failure"])
+        d = self.details
+        parts = [(f"backup {d['label']!r}" if d.get("label") else "the copy") + " recovered"
+                 + (f" to {d['recovery_end_lsn']}" if d.get("recovery_end_lsn") else "")
+                 + (f" on timeline {d['timeline']}" if d.get("timeline") else "")
+                 + f" ({d.get('wal_files_restored', 0)} WAL files from the archive)"]
+        if "btree_indexes_checked" in d:
+            parts.append(f"amcheck: {d['btree_indexes_checked']} btree indexes"
+                         + (f", {d['tables_checked']} tables" if d.get("tables_checked") else "")
+                         + f" in {len(d.get('databases', []))} databases")
+        if "invariant_rows" in d:
+            parts.append(f"invariant: {len(d['invariant_rows'])} rows ok")
+        if d.get("kept_work_dir"):
+            parts.append(f"kept {d['kept_work_dir']}")
+        return "PASS: " + "; ".join(parts)
+
+
+class _Refused(Exception):
+    """The backup cannot be restored safely here; the message is the FAIL reason."""
+
+
+def verify_backup(
+    backup_dir: Path | str,
+    wal_archive: Path | str,
+    *,
+    invariant_sql: str | None = None,
+    invariant_db: str = "postgres",
+    work_dir: Path | str | None = None,
+    keep: bool = False,
+    timeout: float = 300,
+    bindir: Path | str | None = None,
+    recovery_target_immediate: bool = True,
+    require_backup_label: bool = True,
+    tablespace_dirs: Mapping[str | int, Path | str] | None = None,
+    check_heap: bool = True,
+    user: str = SERVER_USER,
+    extra_settings: Mapping[str, str] | None = None,
+    use_backup_pg_wal: bool = False,
+) -> VerifyResult:
+    """Restore ``backup_dir`` with WAL from ``wal_archive`` on a temporary server and check it.
+
+    ``work_dir``: the folder in which the temporary work dir is made (default: the system temp
+    folder). ``timeout``: seconds for the temporary server to start and finish recovery. ``bindir``: the
+    server binaries (default: those of the backup's PG_VERSION). ``user``: the superuser to connect
+    as. ``extra_settings``: more ``name: value`` lines for ``postgresql.auto.conf`` (values as
+    written in the file, e.g. ``{"shared_preload_libraries": "'timescaledb'"}``).
+    ``use_backup_pg_wal``: restore with the backup's own ``pg_wal/`` files instead of an empty
+    ``pg_wal/`` (what a careless restore of an rsync copy does; only to show what it leads to).
+    """
+    started = time.monotonic()
+    backup = Path(backup_dir).absolute()
+    archive = Path(wal_archive).absolute()
+    reasons: list[str] = []
+    details: dict[str, Any] = {"backup_dir": str(backup), "wal_archive": str(archive)}
+    work: Path | None = None
+    cluster: LocalCluster | None = None
+    try:
+        label_text = _preflight(backup, archive, require_backup_label, details)
+        if label_text is not None:
+            try:
+                check_copy(backup, None, label_text)
+            except CopyMismatch as exc:
+                reasons.append(str(exc))
+        major = _major(backup)
+        bin_path = Path(bindir) if bindir else find_bindir(major)
+        work = Path(tempfile.mkdtemp(prefix="pgsb-verify-", dir=work_dir))
+        details["work_dir"] = str(work)
+        data = work / "data"
+        _copy_backup(backup, data, use_backup_pg_wal, details)
+        _prepare_tablespaces(backup, work, data, tablespace_dirs or {}, major, details)
+        settings = _settings(work, archive, recovery_target_immediate, major, extra_settings)
+        _configure(work, data, settings)
+        cluster = LocalCluster(data, port=int(settings["port"]), bindir=bin_path)
+        give_to_server_user(work)
+        os.chmod(work, 0o700)
+        os.chmod(data, 0o700)
+        if subprocess.run(as_server_user(["test", "-w", str(data), "-a", "-x", str(data)])).returncode != 0:
+            raise _Refused(f"the work dir {work} is not reachable by the {SERVER_USER} OS user"
+                           " (pick another work_dir / --work-dir)")
+
+        log_at_end = _start_and_recover(cluster, user, time.monotonic() + timeout, reasons, details)
+        if log_at_end is None:
+            return _result(reasons, details, started)
+        _check_recovery_log(log_at_end, label_text, details, reasons)
+        _check_indexes(cluster, user, check_heap, details, reasons)
+        if invariant_sql:
+            _check_invariant(cluster, user, invariant_sql, invariant_db, details, reasons)
+        # A backend that crashed while checking shows up as a PANIC / "terminated by signal".
+        tail = cluster.log_text()[len(log_at_end):]
+        for line in tail.splitlines():
+            if "PANIC:" in line or "was terminated by signal" in line:
+                reasons.append(f"server log during the checks: {line.strip()}")
+        return _result(reasons, details, started)
+    except _Refused as exc:
+        reasons.append(str(exc))
+        return _result(reasons, details, started)
+    except Exception as exc:  # anything unexpected is a FAIL of the check, with what we know
+        reasons.append(f"restore check error: {type(exc).__name__}: {exc}")
+        if cluster is not None:
+            reasons.append("server log: " + _tail(cluster.log_text()))
+        return _result(reasons, details, started)
+    finally:
+        if cluster is not None:
+            try:
+                cluster.stop("fast" if keep else "immediate")
+            except Exception as exc:  # pragma: no cover - best effort
+                details["stop_error"] = str(exc)
+        if work is not None:
+            if keep:
+                details["kept_work_dir"] = str(work)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def _result(reasons: list[str], details: dict[str, Any], started: float) -> VerifyResult:
+    details["seconds"] = round(time.monotonic() - started, 2)
+    return VerifyResult(ok=not reasons, reasons=reasons, details=details)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).strip().splitlines())
+
+
+def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:]) or "(empty)"
+
+
+# --------------------------------------------------------------------------------------- preparation
+def _preflight(backup: Path, archive: Path, require_label: bool, details: dict[str, Any]) -> str | None:
+    if not (backup / "PG_VERSION").is_file() or not (backup / "global" / "pg_control").is_file():
+        raise _Refused(f"{backup} is not a copy of a PostgreSQL data directory (no PG_VERSION or global/pg_control)")
+    if not archive.is_dir():
+        raise _Refused(f"the WAL archive {archive} is not a folder")
+    if os.geteuid() == 0 and subprocess.run(
+            as_server_user(["test", "-r", str(archive), "-a", "-x", str(archive)])).returncode != 0:
+        raise _Refused(f"the WAL archive {archive} is not readable by the {SERVER_USER} OS user")
+    label_file = backup / "backup_label"
+    if not label_file.is_file():
+        details["backup_label"] = None
+        if require_label:
+            raise _Refused(
+                f"{backup} has no backup_label: an online backup restored without the label pg_backup_stop()"
+                " returned starts recovery from the wrong checkpoint and can silently lose committed rows"
+                " (require_backup_label=False checks it anyway, e.g. a copy of a stopped server)")
+        return None
+    label_text = label_file.read_text()
+    fields = parse_backup_label(label_text)
+    details["backup_label"] = fields
+    details["label"] = fields.get("LABEL")
+    if "START WAL LOCATION" not in fields:
+        raise _Refused(f"{label_file} is not a backup_label (no START WAL LOCATION line)")
+    return label_text
+
+
+def _major(backup: Path) -> int | None:
+    try:
+        return int((backup / "PG_VERSION").read_text().strip().split(".")[0])
+    except ValueError:
+        return None
+
+
+def _copy_backup(backup: Path, data: Path, use_backup_pg_wal: bool, details: dict[str, Any]) -> None:
+    """Copy the backup to ``data``, following links (so nothing in the copy points outside the work dir)."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        if Path(folder) == backup:
+            return {n for n in names if n in _SKIP_TOP}
+        return set()
+
+    shutil.copytree(backup, data, symlinks=False, ignore=ignore, ignore_dangling_symlinks=True)
+    skipped = sorted(n for n in os.listdir(backup) if n in _SKIP_TOP and n not in ("pg_wal", "pg_tblspc"))
+    if skipped:
+        details["not_copied"] = skipped
+    if use_backup_pg_wal and (backup / "pg_wal").is_dir():
+        shutil.copytree(backup / "pg_wal", data / "pg_wal", symlinks=False, ignore_dangling_symlinks=True,
+                        ignore=lambda folder, names: set(names) if Path(folder).name == "archive_status" else set())
+        details["used_backup_pg_wal"] = sorted(p.name for p in (data / "pg_wal").iterdir() if p.is_file())
+    (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+    (data / "pg_tblspc").mkdir()
+
+
+def _parse_tablespace_map(text: str) -> list[tuple[str, str]]:
+    """``OID PATH`` lines; PATH may contain backslash-escaped newlines/backslashes (PostgreSQL 13+)."""
+    entries: list[tuple[str, str]] = []
+    buf: list[str] = []
+    escaped = False
+    for ch in text:
+        if escaped:
+            buf.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "\n\r":
+            line = "".join(buf)
+            buf = []
+            if line.strip():
+                oid, _, path = line.partition(" ")
+                entries.append((oid, path))
+        else:
+            buf.append(ch)
+    if "".join(buf).strip():
+        oid, _, path = "".join(buf).partition(" ")
+        entries.append((oid, path))
+    return entries
+
+
+def _escape_map_path(path: str) -> str:
+    return "".join("\\" + c if c in "\\\n\r" else c for c in path)
+
+
+def _prepare_tablespaces(backup: Path, work: Path, data: Path, overrides: Mapping[str | int, Path | str],
+                         major: int | None, details: dict[str, Any]) -> None:
+    map_file = data / "tablespace_map"
+    entries = _parse_tablespace_map(map_file.read_text()) if map_file.exists() else []
+    listed = {oid for oid, _ in entries}
+    spc = backup / "pg_tblspc"
+    if spc.is_dir():
+        for entry in sorted(spc.iterdir()):
+            if entry.name in listed:
+                continue
+            if entry.is_symlink():
+                raise _Refused(
+                    f"pg_tblspc/{entry.name} in the backup is a link to {os.readlink(entry)} but no tablespace_map"
+                    " lists it; restoring it would use the original tablespace location")
+            if entry.is_dir():  # an in-place tablespace (allow_in_place_tablespaces): part of the copy
+                shutil.copytree(entry, data / "pg_tblspc" / entry.name, symlinks=False)
+    if not entries:
+        return
+    tablespaces: dict[str, dict[str, str]] = {}
+    lines = []
+    for oid, original in entries:
+        candidates = ([Path(overrides[oid])] if oid in overrides else []) + \
+                     ([Path(overrides[int(oid)])] if oid.isdigit() and int(oid) in overrides else []) + [
+            backup.parent / f"{backup.name}_tablespaces" / oid,
+            backup.parent / f"{backup.name}.tablespaces" / oid,
+        ]
+        inside = spc / oid
+        if inside.is_dir() and not inside.is_symlink():
+            candidates.append(inside)
+        source = next((c for c in candidates if c.is_dir()), None)
+        if source is None:
+            raise _Refused(
+                f"tablespace {oid} ({original} in tablespace_map): no backup of it found in "
+                + ", ".join(str(c) for c in candidates)
+                + "; refusing to restore from the original location")
+        if major is not None and not any(p.name.startswith(f"PG_{major}_") for p in source.iterdir()):
+            raise _Refused(f"tablespace {oid}: {source} has no PG_{major}_* folder (it holds"
+                           f" {sorted(os.listdir(source))}) instead of the contents of {original}")
+        target = work / "tablespaces" / oid
+        shutil.copytree(source, target, symlinks=False)
+        os.chmod(target, 0o700)
+        tablespaces[oid] = {"original": original, "backup": str(source), "restored_to": str(target)}
+        lines.append(f"{oid} {_escape_map_path(str(target))}\n")
+    map_file.write_text("".join(lines))
+    details["tablespaces"] = tablespaces
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _settings(work: Path, archive: Path, immediate: bool, major: int | None,
+              extra: Mapping[str, str] | None) -> dict[str, str]:
+    source = shlex.quote(str(archive).replace("%", "%%") + "/%f")
+    settings = {
+        "port": str(free_port()),
+        "listen_addresses": "''",
+        "unix_socket_directories": _quote(str(work)),
+        "unix_socket_group": "''",
+        "unix_socket_permissions": "0700",
+        "hba_file": _quote(str(work / "pg_hba.conf")),
+        "ident_file": _quote(str(work / "pg_ident.conf")),
+        "external_pid_file": _quote(str(work / "external.pid")),
+        "ssl": "off",
+        "restore_command": _quote(f'cp {source} "%p"'),
+        # Clear any other target first: setting one while another is set is an error, even to ''.
+        "recovery_target_lsn": "''",
+        "recovery_target_name": "''",
+        "recovery_target_time": "''",
+        "recovery_target_xid": "''",
+        "recovery_target": "'immediate'" if immediate else "''",
+        "recovery_target_timeline": "'current'" if immediate else "'latest'",
+        "recovery_target_action": "'promote'",
+        "recovery_end_command": "''",
+        "archive_cleanup_command": "''",
+        "primary_conninfo": "''",
+        "primary_slot_name": "''",
+        "hot_standby": "off",
+        "archive_mode": "off",
+        "archive_command": "''",
+        "synchronous_standby_names": "''",
+        "shared_preload_libraries": "''",
+        "session_preload_libraries": "''",
+        "local_preload_libraries": "''",
+        "default_transaction_read_only": "off",
+        "restart_after_crash": "off",
+        "autovacuum": "off",
+        "fsync": "off",
+        "shared_buffers": "'128MB'",
+        "huge_pages": "'try'",
+        "logging_collector": "off",
+        "log_destination": "'stderr'",
+        "log_min_messages": "'warning'",
+        "log_line_prefix": "'%m [%p] '",
+        "lc_messages": "'C'",
+    }
+    if major is not None and major < 15:
+        settings["stats_temp_directory"] = "'pg_stat_tmp'"
+    settings.update(extra or {})
+    return settings
+
+
+def _configure(work: Path, data: Path, settings: dict[str, str]) -> None:
+    (work / "pg_hba.conf").write_text("local all all trust\n")
+    (work / "pg_ident.conf").write_text("")
+    # data_directory is only honoured from postgresql.conf (first pass), so pin it there.
+    with open(data / "postgresql.conf", "a") as f:
+        f.write(f"\n# pg_safe_backup.verify\ndata_directory = {_quote(str(data))}\n")
+    with open(data / "postgresql.auto.conf", "a") as f:
+        f.write("\n# pg_safe_backup.verify: restore check of a backup copy\n")
+        for key, value in settings.items():
+            f.write(f"{key} = {value}\n")
+    (data / "recovery.signal").write_text("")
+
+
+# ---------------------------------------------------------------------------------------- recovery
+def _start_and_recover(cluster: LocalCluster, user: str, deadline: float, reasons: list[str],
+                       details: dict[str, Any]) -> str | None:
+    """Start the server and wait until it left recovery; the log up to then, or None (FAIL)."""
+    try:
+        cluster.start(timeout=max(5.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        reasons.append("the server did not start in time" + _why(cluster.log_text()))
+        return None
+    except subprocess.CalledProcessError:
+        reasons.append("the server did not start" + _why(cluster.log_text()))
+        return None
+    last_error = ""
+    while True:
+        try:
+            with cluster.connect(user=user, connect_timeout=5) as conn:
+                if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    (details["server_version"],) = conn.execute("SHOW server_version").fetchone()
+                    tli, lsn = conn.execute(
+                        "SELECT timeline_id, checkpoint_lsn::text FROM pg_control_checkpoint()").fetchone()
+                    details["timeline"] = tli
+                    details["checkpoint_after_recovery"] = lsn
+                    return cluster.log_text()
+        except psycopg.OperationalError as exc:
+            last_error = str(exc).strip()
+        if not (cluster.datadir / "postmaster.pid").exists():
+            reasons.append("the server stopped during recovery" + _why(cluster.log_text()))
+            return None
+        if time.monotonic() > deadline:
+            reasons.append(f"recovery did not end in time (last: {last_error or 'still in recovery'})"
+                           + _why(cluster.log_text()))
+            return None
+        time.sleep(0.2)
+
+
+_OUR_POLLING = ("not accepting connections", "Hot standby mode is disabled", "the database system is starting up")
+
+
+def _why(log: str) -> str:
+    """': <first PANIC/FATAL message>; server log: <tail>' for a server that did not recover."""
+    key = ""
+    for line in log.splitlines():
+        m = re.search(r"\b(?:PANIC|FATAL):\s.*", line)
+        if m and not any(p in line for p in _OUR_POLLING):
+            key = m.group(0).strip()
+            break
+    return (f": {key}" if key else "") + "; server log: " + _tail(log)
+
+
+def _check_recovery_log(log: str, label_text: str | None, details: dict[str, Any], reasons: list[str]) -> None:
+    def first(pattern: str) -> str | None:
+        m = re.search(pattern, log)
+        return m.group(1) if m else None
+
+    details["redo_start_lsn"] = first(rf"redo starts at ({LSN})")
+    details["consistent_lsn"] = first(rf"consistent recovery state reached at ({LSN})")
+    details["redo_done_lsn"] = first(rf"redo done at ({LSN})")
+    details["recovery_end_lsn"] = details["redo_done_lsn"] or details["consistent_lsn"]
+    details["stopped_at_consistency"] = "recovery stopping after reaching consistency" in log
+    details["new_timeline"] = first(r"selected new timeline ID: (\d+)")
+    details["last_transaction_time"] = first(r"last completed transaction was at log time (.+)")
+    details["wal_files_restored"] = len(re.findall(r'restored log file "[0-9A-F]{24}" from archive', log))
+    if not details["consistent_lsn"] and not details["redo_done_lsn"]:
+        reasons.append("the server log shows neither 'consistent recovery state reached' nor 'redo done':"
+                       " " + _tail(log, 15))
+    if label_text is not None:
+        start = parse_backup_label(label_text).get("START WAL LOCATION", "").split(" ")[0]
+        redo = details["redo_start_lsn"]
+        if redo and start and redo != start:
+            reasons.append(f"recovery started at {redo}, not at the backup_label's START WAL LOCATION {start}")
+    bad = [line.strip() for line in log.splitlines() if _BAD_LOG.search(line)]
+    if bad:
+        details["bad_log_lines"] = bad
+        reasons.append("server log during recovery: " + " | ".join(bad[:5]))
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _databases(cluster: LocalCluster, user: str) -> list[str]:
+    with cluster.connect(user=user) as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname").fetchall()
+    return [r[0] for r in rows]
+
+
+def _check_indexes(cluster: LocalCluster, user: str, check_heap: bool, details: dict[str, Any],
+                   reasons: list[str]) -> None:
+    dbs = _databases(cluster, user)
+    details["databases"] = dbs
+    indexes = tables = 0
+    problems: list[str] = []
+    for db in dbs:
+        with cluster.connect(db, user=user) as conn:
+            try:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+            except psycopg.Error as exc:
+                reasons.append(f"amcheck is not available in database {db}: {_one_line(exc)}")
+                continue
+            (schema,) = conn.execute(
+                "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'amcheck'").fetchone()
+            bt_check = pgsql.SQL("SELECT {}.bt_index_check(%s::regclass, heapallindexed => true)").format(
+                pgsql.Identifier(schema))
+            rows = conn.execute("""
+                SELECT c.oid, c.oid::regclass::text FROM pg_index i
+                JOIN pg_class c ON c.oid = i.indexrelid
+                JOIN pg_am am ON am.oid = c.relam
+                WHERE am.amname = 'btree' AND c.relkind = 'i' AND c.relpersistence <> 't'
+                  AND i.indisvalid AND i.indisready
+                ORDER BY c.oid""").fetchall()
+            for oid, name in rows:
+                try:
+                    conn.execute(bt_check, (oid,))
+                    indexes += 1
+                except psycopg.Error as exc:
+                    problems.append(f"{db}: index {name}: {_one_line(exc)}")
+            has_heapam = conn.execute(
+                "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = 'verify_heapam'"
+                " AND pronamespace = %s::regnamespace)", (schema,)).fetchone()[0]
+            if not (check_heap and has_heapam):
+                continue
+            heap_check = pgsql.SQL("SELECT blkno, offnum, msg FROM {}.verify_heapam(%s::regclass) LIMIT 5").format(
+                pgsql.Identifier(schema))
+            for oid, name in conn.execute("""
+                    SELECT c.oid, c.oid::regclass::text FROM pg_class c JOIN pg_am am ON am.oid = c.relam
+                    WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence <> 't' AND am.amname = 'heap'
+                    ORDER BY c.oid""").fetchall():
+                try:
+                    found = conn.execute(heap_check, (oid,)).fetchall()
+                    tables += 1
+                except psycopg.Error as exc:
+                    problems.append(f"{db}: table {name}: {_one_line(exc)}")
+                    continue
+                for blkno, offnum, msg in found:
+                    problems.append(f"{db}: table {name} block {blkno} offset {offnum}: {msg}")
+    details["btree_indexes_checked"] = indexes
+    details["tables_checked"] = tables
+    if problems:
+        details["amcheck_problems"] = problems
+        reasons.append(f"amcheck found {len(problems)} problems: " + " | ".join(problems[:5]))
+
+
+def _check_invariant(cluster: LocalCluster, user: str, query: str, db: str, details: dict[str, Any],
+                     reasons: list[str]) -> None:
+    try:
+        with cluster.connect(db, user=user) as conn:
+            cur = conn.execute(query)
+            rows = cur.fetchall() if cur.description else []
+    except psycopg.Error as exc:
+        reasons.append(f"invariant query failed in database {db}: {_one_line(exc)}")
+        return
+    details["invariant_rows"] = [tuple(r) for r in rows]
+    if not rows:
+        reasons.append("invariant query returned no rows")
+        return
+    failed = [r for r in rows if len(r) < 1 or r[0] is not True]
+    for r in failed:
+        reasons.append("invariant violated: " + (str(r[1]) if len(r) > 1 else repr(tuple(r))))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pg_safe_backup.verify",
+                                     description="Restore a backup copy on a temporary server and check it.")
+    parser.add_argument("backup_dir", type=Path)
+    parser.add_argument("wal_archive", type=Path)
+    parser.add_argument("--invariant-sql", help="a query returning rows (ok boolean, detail text); all must be ok")
+    parser.add_argument("--invariant-db", default="postgres")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (the server is stopped)")
+    parser.add_argument("--work-dir", type=Path, help="where to make the temporary work dir")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds to start and recover")
+    parser.add_argument("--bindir", type=Path, help="PostgreSQL server binaries")
+    parser.add_argument("--to-end-of-archive", action="store_true",
+                        help="replay the whole archive instead of stopping at the backup's consistent point")
+    parser.add_argument("--allow-missing-label", action="store_true",
+                        help="check a copy without backup_label (only right for a copy of a stopped server)")
+    parser.add_argument("--use-backup-pg-wal", action="store_true",
+                        help="start with the backup's pg_wal/ files instead of an empty pg_wal/ (not recommended)")
+    parser.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the details too")
+    args = parser.parse_args(argv)
+    result = verify_backup(
+        args.backup_dir, args.wal_archive, invariant_sql=args.invariant_sql, invariant_db=args.invariant_db,
+        work_dir=args.work_dir, keep=args.keep, timeout=args.timeout, bindir=args.bindir,
+        recovery_target_immediate=not args.to_end_of_archive, require_backup_label=not args.allow_missing_label,
+        user=args.user, use_backup_pg_wal=args.use_backup_pg_wal,
+    )
+    print(result.summary())
+    if args.verbose:
+        for key, value in result.details.items():
+            print(f"  {key}: {value}")
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
