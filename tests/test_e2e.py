@@ -86,7 +86,7 @@ def env() -> Iterator[dict]:
         cluster.sql("CREATE TABLE spaced (id bigint PRIMARY KEY, v text NOT NULL) TABLESPACE space1")
         stack = AirflowStack(root / "airflow", DAGS, extra_env={
             "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
-            "E2E_PGDATA": str(cluster.datadir), "E2E_BACKUP_ROOT": str(backups),
+            "E2E_PGDATA": str(cluster.datadir), "E2E_BACKUP_ROOT": str(backups), "E2E_WAL_ARCHIVE": str(archive),
             "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
         })
         stack.start(expect_dag_ids=["e2e_backup", "e2e_copy_fails"])
@@ -135,7 +135,8 @@ def completed_backup(env) -> dict:
     assert state == "success", failure_report(stack, "e2e_backup", "e2e_ok", tasks)
     wait_archived(cluster)
     return {"dir": env["backups"] / "e2e_ok", "committed": committed,
-            "xcom": stack.xcom("e2e_backup", "e2e_ok", "backup.finish_backup")}
+            "xcom": stack.xcom("e2e_backup", "e2e_ok", "backup.finish_backup"),
+            "verified": stack.xcom("e2e_backup", "e2e_ok", "verify_backup")}
 
 
 def test_backup_under_write_load_with_tablespace_restores(env, completed_backup):
@@ -147,6 +148,8 @@ def test_backup_under_write_load_with_tablespace_restores(env, completed_backup)
     assert (backup_dir / "tablespace_map").read_text() == row[2] and row[2].startswith(f"{oid} ")
     assert holder_sessions(cluster) == 0
     assert completed_backup["committed"] > 500, "the write load did not run during the backup"
+    # The DAG's own restore check (PostgresVerifyBackupOperator, recovery to the consistent point).
+    assert completed_backup["verified"]["ok"] and completed_backup["verified"]["summary"].startswith("PASS")
 
     # Replay the whole archive: every row committed before pg_backup_stop returned must be there.
     result = verify_backup(backup_dir, env["archive"], recovery_target_immediate=False,
@@ -173,6 +176,7 @@ def test_copy_failure_ends_backup_and_fails_run(env, completed_backup):
     assert state == "failed"
     assert tasks["backup.copy_data_directory"] == "failed"
     assert tasks["backup.finish_backup"] == "failed" and tasks["store_backup_label"] == "upstream_failed"
+    assert tasks["verify_backup"] == "upstream_failed"
     log = env["stack"].task_log("e2e_copy_fails", "e2e_broken", "backup.finish_backup")
     assert "the copy did not succeed: backup.copy_data_directory is failed" in log
     state_row = cluster.sql("SELECT state::text, backup_label, error, owner FROM backup")[0]

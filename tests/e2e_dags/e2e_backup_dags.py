@@ -11,7 +11,7 @@ import pendulum
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, task
 
-from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
+from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
 PGDATA = os.environ.get("E2E_PGDATA", "/nonexistent")
@@ -53,7 +53,10 @@ def backup_dag(dag_id: str, failing_copy: bool) -> DAG:
             else:
                 copy_data_directory(DESTINATION)
                 copy_tablespaces(DESTINATION)
-        PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=DESTINATION)
+        store = PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=DESTINATION)
+        # Verify every backup, in the DAG itself (the archive holds the WAL up to the stop point).
+        store >> PostgresVerifyBackupOperator(task_id="verify_backup", backup_dir=DESTINATION,
+                                              wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"))
     return dag
 
 

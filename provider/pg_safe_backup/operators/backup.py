@@ -278,3 +278,52 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
 def _public(backup: dict[str, Any]) -> dict[str, Any]:
     return {k: backup.get(k) for k in ("state", "owner", *RESULT_KEYS)}
+
+
+class PostgresVerifyBackupOperator(BaseOperator):
+    """
+    Prove a stored backup restores: recover it on a temporary server from the WAL archive, then
+    run amcheck and an optional data invariant (see :func:`pg_safe_backup.verify.verify_backup`).
+
+    Needs PostgreSQL server binaries of the backup's major version on the worker.
+
+    :param backup_dir: the copy with its backup_label (templated).
+    :param wal_archive: the folder archive_command copies WAL into (templated).
+    :param invariant_sql: query returning rows ``(ok boolean, detail text)``; all must be ok.
+    :param invariant_db: database the invariant runs in.
+    :param to_end_of_archive: replay the whole archive instead of stopping at the consistent point.
+    :param timeout: seconds for the temporary server to start and recover.
+    """
+
+    template_fields: Sequence[str] = ("backup_dir", "wal_archive", "invariant_sql")
+
+    def __init__(
+        self,
+        *,
+        backup_dir: str,
+        wal_archive: str,
+        invariant_sql: str | None = None,
+        invariant_db: str = "postgres",
+        to_end_of_archive: bool = False,
+        timeout: float = 600,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.backup_dir = check_text(backup_dir, "backup_dir")
+        self.wal_archive = check_text(wal_archive, "wal_archive")
+        self.invariant_sql = invariant_sql
+        self.invariant_db = check_text(invariant_db, "invariant_db")
+        self.to_end_of_archive = to_end_of_archive
+        self.restore_timeout = check_number(timeout, "timeout", 0, allow_min=False)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from pg_safe_backup.verify import verify_backup
+
+        result = verify_backup(
+            self.backup_dir, self.wal_archive, invariant_sql=self.invariant_sql, invariant_db=self.invariant_db,
+            recovery_target_immediate=not self.to_end_of_archive, timeout=self.restore_timeout,
+        )
+        self.log.info("restore check of %s: %s", self.backup_dir, result.summary())
+        if not result.ok:
+            raise AirflowException(f"restore check failed for {self.backup_dir}: {result.summary()}")
+        return {"ok": True, "summary": result.summary()}
