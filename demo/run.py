@@ -160,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted")
         return 130
     finally:
-        if writer and writer.is_alive():
-            writer.stop()
         if args.keep:
             _wait_for_ctrl_c()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+        if writer and writer.is_alive():
+            writer.stop()
         if stack:
             stack.stop()
         if cluster:
