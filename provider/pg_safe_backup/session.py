@@ -71,6 +71,10 @@ async def _prepare_session(conn: psycopg.AsyncConnection) -> None:
     await conn.execute("SET idle_in_transaction_session_timeout = 0")
     if conn.info.server_version >= 140000:
         await conn.execute("SET idle_session_timeout = 0")
+    # Over TCP, let the server notice a vanished holder within seconds and end its backup mode.
+    await conn.execute("SET tcp_keepalives_idle = 10")
+    await conn.execute("SET tcp_keepalives_interval = 5")
+    await conn.execute("SET tcp_keepalives_count = 3")
 
 
 async def hold_backup(
@@ -80,25 +84,35 @@ async def hold_backup(
     deadline = _Deadline(req.backup_timeout, clock)
     try:
         async with hook.connect("holder") as conn:
-            await _prepare_session(conn)
-            await hook.ensure_table(conn)
-            decision, row = await hook.claim(conn, req.owner, req.holder_try, req.label, req.terminate_live)
-            if decision is Claim.REFUSE:
-                return event(
-                    FAILED,
-                    f"refused to start: a backup owned by {row.owner or 'another client'} (label"
-                    f" {row.label!r}, holder pid {row.pid}) is {row.state.value} on this cluster; it was left"
-                    " untouched. Wait for it to finish, or set terminate_live=True to end it.",
-                )
-            if decision in (Claim.WATCH, Claim.FINISHED, Claim.LOST):
-                # Our attempt was claimed before (a duplicate trigger or a re-run): never start again.
-                log.info("backup of %s was already claimed (%s); following it", req.owner, decision.value)
-                return await wait_for_backup(hook, req.owner, until=COMPLETE, poll_interval=req.poll_interval)
-            if decision is not Claim.START:
-                log.warning("previous backup of %s replaced (%s)", row.owner, decision.value)
-            return await _run_backup(hook, conn, req, deadline)
+            try:
+                return await _claim_and_run(hook, conn, req, deadline)
+            except psycopg.Error as err:  # before backup mode: nothing to end
+                return event(FAILED, f"cannot start the backup: {hook.explain(err, conn.info.user)}")
     except BackupError as err:
         return event(FAILED, str(err))
+
+
+async def _claim_and_run(
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest, deadline: _Deadline
+) -> dict[str, Any]:
+    """Claim the row (see decide_claim), then run the backup, follow our earlier claim, or refuse."""
+    await _prepare_session(conn)
+    await hook.ensure_table(conn)
+    decision, row = await hook.claim(conn, req.owner, req.holder_try, req.label, req.terminate_live)
+    if decision is Claim.REFUSE:
+        return event(
+            FAILED,
+            f"refused to start: a backup owned by {row.owner or 'another client'} (label"
+            f" {row.label!r}, holder pid {row.pid}) is {row.state.value} on this cluster; it was left"
+            " untouched. Wait for it to finish, or set terminate_live=True to end it.",
+        )
+    if decision in (Claim.WATCH, Claim.FINISHED, Claim.LOST):
+        # Our attempt was claimed before (a duplicate trigger or a re-run): never start again.
+        log.info("backup of %s was already claimed (%s); following it", req.owner, decision.value)
+        return await wait_for_backup(hook, req.owner, until=COMPLETE, poll_interval=req.poll_interval)
+    if decision is not Claim.START:
+        log.warning("previous backup of %s replaced (%s)", row.owner, decision.value)
+    return await _run_backup(hook, conn, req, deadline)
 
 
 async def _run_backup(
@@ -139,8 +153,8 @@ async def _run_backup(
             return await _fail(
                 hook, conn, req,
                 f"pg_backup_stop did not return within backup_timeout={req.backup_timeout:g}s: it waits until"
-                " the WAL the backup needs is archived, so WAL archiving is failing or too slow (see"
-                " pg_stat_archiver and the server log for archive_command errors)",
+                " the WAL the backup needs is archived, so WAL archiving is failing or too slow (check"
+                f" archive_command and the server log; {await hook.archiver_status(conn)})",
             )
         timeline = parse_backup_label(label_file).get("START TIMELINE")
         if not await hook.mark_complete(conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None):
@@ -153,7 +167,7 @@ async def _run_backup(
         # The session is gone, and PostgreSQL ended its backup mode with it; record why elsewhere.
         return await _fail_elsewhere(hook, req.owner, f"the session holding backup mode was lost: {err}")
     except psycopg.Error as err:
-        return await _fail(hook, conn, req, f"PostgreSQL refused the backup: {err}".strip())
+        return await _fail(hook, conn, req, f"PostgreSQL refused the backup: {hook.explain(err, conn.info.user)}")
     except asyncio.CancelledError:
         # Airflow cancelled the holder (task cleared or marked failed): closing this session
         # ends backup mode, so say so in the table before it closes.
@@ -195,43 +209,63 @@ async def wait_for_backup(
         failed rather than finished (it was restarted after the copy began).
     :param check: called once per poll while waiting; a returned text fails the wait with it.
     """
-    async with hook.connect("finish" if request else "gate") as conn:
-        await hook.listen(conn)
-        if request == "fail":
-            await hook.mark_failed(conn, owner, reason)
-        elif request == "done":
-            row = await hook.request_done(conn, owner, expected_start_lsn)
-            if row and row.owner == owner and row.state is BackupState.RUNNING and row.started:
+    try:
+        async with hook.connect("finish" if request else "gate") as conn:
+            try:
+                return await _wait(hook, conn, owner, until, poll_interval, request, reason, expected_start_lsn, check)
+            except psycopg.Error as err:
+                return event(FAILED, f"cannot follow the backup: {hook.explain(err, conn.info.user)}")
+    except BackupError as err:
+        return event(FAILED, str(err))
+
+
+async def _wait(
+    hook: PostgresBackupHook,
+    conn: psycopg.AsyncConnection,
+    owner: str,
+    until: str,
+    poll_interval: float,
+    request: str | None,
+    reason: str,
+    expected_start_lsn: str | None,
+    check: Callable[[], Awaitable[str | None]] | None,
+) -> dict[str, Any]:
+    await hook.listen(conn)
+    if request == "fail":
+        await hook.mark_failed(conn, owner, reason)
+    elif request == "done":
+        row = await hook.request_done(conn, owner, expected_start_lsn)
+        if row and row.owner == owner and row.state is BackupState.RUNNING and row.started:
+            await hook.mark_failed(
+                conn, owner, f"the copy began under start LSN {expected_start_lsn} but this backup started at"
+                f" {row.start_lsn}: it was restarted after the copy began, so its label does not fit the copy",
+            )
+    hint_at = time.monotonic() + 5  # a fast checkpoint takes well under a second
+    while True:
+        row = await hook.read(conn)
+        if row is not None and row.owner == owner:
+            if row.state is BackupState.FAILED:
+                return event(FAILED, f"backup failed: {row.error}", row)
+            if row.state is BackupState.COMPLETE:
+                if until == STARTED:
+                    return event(FAILED, "this run's backup already ended before its copy could start", row)
+                return event(COMPLETE, "backup complete", row)
+            if until == STARTED and row.started:
+                return event(STARTED, f"backup running since {row.start_lsn}", row)
+            if not row.holder_alive:
                 await hook.mark_failed(
-                    conn, owner, f"the copy began under start LSN {expected_start_lsn} but this backup started at"
-                    f" {row.start_lsn}: it was restarted after the copy began, so its label does not fit the copy",
+                    conn, owner, f"the session holding backup mode (pid {row.pid}) is gone: triggerer"
+                    " stopped, connection killed or server restarted; backup mode ended with it",
                 )
-        hint_at = time.monotonic() + 5  # a fast checkpoint takes well under a second
-        while True:
-            row = await hook.read(conn)
-            if row is not None and row.owner == owner:
-                if row.state is BackupState.FAILED:
-                    return event(FAILED, f"backup failed: {row.error}", row)
-                if row.state is BackupState.COMPLETE:
-                    if until == STARTED:
-                        return event(FAILED, "this run's backup already ended before its copy could start", row)
-                    return event(COMPLETE, "backup complete", row)
-                if until == STARTED and row.started:
-                    return event(STARTED, f"backup running since {row.start_lsn}", row)
-                if not row.holder_alive:
-                    await hook.mark_failed(
-                        conn, owner, f"the session holding backup mode (pid {row.pid}) is gone: triggerer"
-                        " stopped, connection killed or server restarted; backup mode ended with it",
-                    )
-                    continue
-                if until == STARTED and hint_at and time.monotonic() > hint_at:
-                    hint_at = 0
-                    log.info("backup of %s is waiting for its start checkpoint. %s", owner, FAST_CHECKPOINT_HINT)
-            elif until != STARTED:
-                return event(
-                    FAILED, "no backup of this run is live on this cluster: the start task failed, was refused"
-                    " or never ran (see its log)", row,
-                )
-            if check is not None and (problem := await check()):
-                return event(FAILED, problem, row)
-            await hook.wait_for_change(conn, poll_interval)
+                continue
+            if until == STARTED and hint_at and time.monotonic() > hint_at:
+                hint_at = 0
+                log.info("backup of %s is waiting for its start checkpoint. %s", owner, FAST_CHECKPOINT_HINT)
+        elif until != STARTED:
+            return event(
+                FAILED, "no backup of this run is live on this cluster: the start task failed, was refused"
+                " or never ran (see its log)", row,
+            )
+        if check is not None and (problem := await check()):
+            return event(FAILED, problem, row)
+        await hook.wait_for_change(conn, poll_interval)

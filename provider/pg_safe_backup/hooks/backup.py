@@ -18,6 +18,7 @@ from psycopg import sql
 
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 
 from pg_safe_backup.state import TRANSITIONS, BackupRow, BackupState, Claim, decide_claim
 
@@ -110,7 +111,12 @@ class PostgresBackupHook(BaseHook):
 
     async def connection_kwargs(self) -> dict[str, Any]:
         """libpq keyword arguments from the Airflow connection (as PostgresHook maps them)."""
-        conn = await self.aget_connection(self.postgres_conn_id)
+        try:
+            conn = await self.aget_connection(self.postgres_conn_id)
+        except AirflowNotFoundException as err:
+            raise BackupError(
+                f"postgres_conn_id {self.postgres_conn_id!r}: no such Airflow connection; create it (type postgres)"
+            ) from err
         kwargs: dict[str, Any] = {
             "host": conn.host,
             "port": conn.port,
@@ -122,6 +128,10 @@ class PostgresBackupHook(BaseHook):
             if key not in PostgresHook.ignored_extra_options:
                 kwargs[key] = value
         kwargs.setdefault("application_name", "pg_safe_backup")
+        # A dropped network must end a held session within seconds, not at the next TCP timeout.
+        for key, value in (("keepalives", 1), ("keepalives_idle", 10), ("keepalives_interval", 5),
+                           ("keepalives_count", 3)):
+            kwargs.setdefault(key, value)
         return {k: v for k, v in kwargs.items() if v not in (None, "")}
 
     @asynccontextmanager
@@ -321,8 +331,43 @@ class PostgresBackupHook(BaseHook):
         """End backup mode without waiting for WAL archiving; the result is discarded."""
         try:
             await self.stop_backup(conn, wait_for_archive=False)
-        except psycopg.errors.ObjectNotInPrerequisiteState:
-            pass  # not in backup mode: nothing to end
+        except (psycopg.errors.ObjectNotInPrerequisiteState, psycopg.errors.InsufficientPrivilege):
+            pass  # not in backup mode (or never allowed to be): nothing to end
+
+    async def archiver_status(self, conn: psycopg.AsyncConnection) -> str:
+        """What pg_stat_archiver says, for errors about pg_backup_stop waiting on the archive."""
+        cur = await conn.execute(
+            "SELECT current_setting('archive_mode'), failed_count, last_failed_wal, last_failed_time,"
+            " last_archived_wal, last_archived_time FROM pg_stat_archiver"
+        )
+        mode, failed, failed_wal, failed_at, archived_wal, archived_at = await cur.fetchone()
+        return (
+            f"archive_mode={mode}; archiver: {failed} failed attempts, last failed WAL {failed_wal} at {failed_at},"
+            f" last archived WAL {archived_wal} at {archived_at}"
+        )
+
+    def explain(self, err: psycopg.Error, role: str | None) -> str:
+        """The error, plus the GRANT that fixes it when it is a missing privilege."""
+        text = " ".join(str(err).split())
+        if not isinstance(err, psycopg.errors.InsufficientPrivilege):
+            return text
+        grantee = sql.Identifier(role or "backup_role").as_string(None)
+        table = f'"{self.schema}"."{self.table}"'
+        if "function" in text:
+            fix = (
+                f"GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean) TO {grantee};"
+                f" (PostgreSQL 12-14: pg_start_backup(text, boolean, boolean), pg_stop_backup(boolean, boolean))"
+            )
+        elif "terminate" in text or "signal" in text:
+            fix = f"GRANT pg_signal_backend TO {grantee}; (needed for terminate_live=True)"
+        elif "schema" in text:
+            fix = (
+                f'GRANT USAGE, CREATE ON SCHEMA "{self.schema}" TO {grantee}; (CREATE only to create the table on'
+                f" first use; or create it once as its owner and GRANT SELECT, INSERT, UPDATE ON {table})"
+            )
+        else:
+            fix = f'GRANT USAGE ON SCHEMA "{self.schema}" TO {grantee}; GRANT SELECT, INSERT, UPDATE ON {table} TO {grantee};'
+        return f"{text}. Missing privilege for role {grantee}; as a superuser run: {fix}"
 
     async def mark_complete(
         self, conn: psycopg.AsyncConnection, stop_lsn: str, backup_label: str, tablespace_map: str | None,

@@ -1,0 +1,255 @@
+"""Faults, bad input and least privilege, on real PostgreSQL: every case ends failed with its
+reason in the table, no session left in backup mode, and the next backup able to run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from pg_safe_backup.hooks.backup import PostgresBackupHook
+from pg_safe_backup.local_cluster import LocalCluster, free_port
+from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_backup, wait_for_backup
+from pg_safe_backup.state import parse_backup_label
+
+from conftest import CONN_ID, PASSWORD
+
+OWNER = "nightly/run1/backup"
+NEXT = "nightly/run2/backup"
+
+
+def req(owner: str = OWNER, **kw) -> HoldRequest:
+    return HoldRequest(**{"owner": owner, "holder_try": 1, "label": f"faults {owner}", "fast_checkpoint": True,
+                          "poll_interval": 0.5, **kw})
+
+
+def table_row(cluster: LocalCluster) -> tuple:
+    return cluster.sql("SELECT state::text, error, owner, backup_label FROM backup")[0]
+
+
+def holder_sessions(cluster: LocalCluster) -> int:
+    return cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'")[0][0]
+
+
+async def gate(hook: PostgresBackupHook, owner: str = OWNER) -> dict:
+    return await asyncio.wait_for(wait_for_backup(hook, owner, until=STARTED, poll_interval=0.5), 60)
+
+
+async def finish(hook: PostgresBackupHook, owner: str = OWNER) -> dict:
+    return await asyncio.wait_for(wait_for_backup(hook, owner, until=COMPLETE, request="done", poll_interval=0.5), 60)
+
+
+async def full_backup(hook: PostgresBackupHook, owner: str = NEXT, **kw) -> dict:
+    holder = asyncio.create_task(hold_backup(hook, req(owner, **kw)))
+    assert (await gate(hook, owner))["status"] == STARTED
+    assert (await finish(hook, owner))["status"] == COMPLETE
+    return await asyncio.wait_for(holder, 60)
+
+
+def assert_next_backup_runs(hook: PostgresBackupHook, cluster: LocalCluster, **kw) -> None:
+    assert asyncio.run(full_backup(hook, **kw))["status"] == COMPLETE
+    assert table_row(cluster)[:3] == ("complete", None, NEXT)
+
+
+async def wait_until(predicate, timeout: float = 15) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.2)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def test_unknown_connection_id_is_named():
+    for result in (asyncio.run(hold_backup(PostgresBackupHook("no_such_conn"), req())),
+                   asyncio.run(wait_for_backup(PostgresBackupHook("no_such_conn"), OWNER, until=STARTED))):
+        assert result["status"] == FAILED and "postgres_conn_id 'no_such_conn'" in result["message"]
+
+
+def test_unreachable_host(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_PG_DOWN", f"postgres://u:{PASSWORD}@127.0.0.1:{free_port()}/postgres")
+    result = asyncio.run(hold_backup(PostgresBackupHook("pg_down"), req()))
+    assert result["status"] == FAILED and "cannot connect" in result["message"] and "'pg_down'" in result["message"]
+    assert PASSWORD not in str(result)
+
+
+@pytest.mark.parametrize("table", ["", "backup; DROP TABLE x", 'a"b', "1abc", "x" * 60])
+def test_hostile_table_names_refused(table):
+    with pytest.raises(ValueError, match="table"):
+        PostgresBackupHook(CONN_ID, table=table)
+
+
+def test_hostile_label_is_stored_verbatim(hook, cluster):
+    label = """it's "quoted"; DROP TABLE backup; -- $$ \\ end"""
+    async def go():
+        holder = asyncio.create_task(hold_backup(hook, req(label=label)))
+        await gate(hook)
+        await finish(hook)
+        return await holder
+    assert asyncio.run(go())["status"] == COMPLETE
+    assert parse_backup_label(table_row(cluster)[3])["LABEL"] == label
+
+
+# -- the holder's session or the server goes away -------------------------------------------------
+
+def test_server_restart_mid_backup_is_detected_and_next_backup_works(hook, cluster):
+    async def go():
+        holder = asyncio.create_task(hold_backup(hook, req()))
+        await gate(hook)
+        await asyncio.to_thread(cluster.stop, "fast")
+        lost = await asyncio.wait_for(holder, 30)
+        await asyncio.to_thread(cluster.start)
+        return lost, await finish(hook)
+    lost, late_finish = asyncio.run(go())
+    assert lost["status"] == FAILED and "session holding backup mode was lost" in lost["message"]
+    assert late_finish["status"] == FAILED
+    state, error, owner, label = table_row(cluster)
+    assert (state, owner, label) == ("failed", OWNER, None) and "gone" in error
+    assert_next_backup_runs(hook, cluster)
+
+
+class Proxy:
+    """A TCP proxy in front of the cluster; ``cut()`` drops every connection, as a network failure."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.port, self.writers = target_port, free_port(), []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _handle(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+        async def pipe(src, dst):
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.server.close()
+        for w in self.writers:
+            with contextlib.suppress(Exception):
+                w.transport.abort()  # RST, no goodbye
+
+
+def test_network_cut_detected_within_seconds(hook, cluster, monkeypatch):
+    async def go():
+        proxy = Proxy(cluster.port)
+        await proxy.start()
+        monkeypatch.setenv("AIRFLOW_CONN_PG_PROXY", f"postgres://postgres:{PASSWORD}@127.0.0.1:{proxy.port}/postgres")
+        holder = asyncio.create_task(hold_backup(PostgresBackupHook("pg_proxy"), req(backup_timeout=600)))
+        await gate(hook)
+        pid = table_row(cluster)
+        proxy.cut()
+        lost = await asyncio.wait_for(holder, 30)  # the backup_timeout (600 s) plays no part
+        await wait_until(lambda: holder_sessions(cluster) == 0)
+        return lost, await finish(hook)
+    lost, late_finish = asyncio.run(go())
+    assert lost["status"] == FAILED and "lost" in lost["message"]
+    assert late_finish["status"] == FAILED and table_row(cluster)[0] == "failed"
+    assert "aborting backup due to backend exiting before pg_backup_stop was called" in cluster.log_text()
+    assert_next_backup_runs(hook, cluster)
+
+
+def test_cancelled_holder_marks_failed_and_next_backup_starts(hook, cluster):
+    """A cleared or paused holder task: Airflow cancels its trigger (no backup_timeout set)."""
+    async def go():
+        holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=0)))
+        await gate(hook)
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+    asyncio.run(go())
+    state, error, owner, _ = table_row(cluster)
+    assert (state, owner) == ("failed", OWNER) and "cancelled" in error
+    assert holder_sessions(cluster) == 0
+    assert_next_backup_runs(hook, cluster)
+
+
+# -- WAL archiving ------------------------------------------------------------------------------
+
+def test_broken_archiving_is_bounded_by_backup_timeout_and_named(tmp_root, monkeypatch):
+    cluster = LocalCluster(tmp_root / "noarchive").init(
+        password=PASSWORD, settings={"archive_mode": "on", "archive_command": "'/bin/false'"}).start()
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_PG_NOARCHIVE", cluster.airflow_conn_uri(password=PASSWORD))
+        hook = PostgresBackupHook("pg_noarchive")
+        async def go():
+            holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=6)))
+            await gate(hook)
+            return await finish(hook), await asyncio.wait_for(holder, 30)
+        done, held = asyncio.run(go())
+        assert done["status"] == held["status"] == FAILED
+        assert "WAL archiving is failing" in held["message"] and "failed attempts" in held["message"]
+        state, error, _, label = table_row(cluster)
+        assert state == "failed" and "archive_command" in error and label is None
+        assert holder_sessions(cluster) == 0
+        assert_next_backup_runs(hook, cluster, wait_for_archive=False)
+    finally:
+        cluster.stop("immediate")
+
+
+# -- privileges -----------------------------------------------------------------------------------
+
+def make_role(cluster: LocalCluster, monkeypatch, name: str, *grants: str) -> PostgresBackupHook:
+    cluster.sql(f"CREATE ROLE {name} LOGIN PASSWORD '{PASSWORD}'")
+    for grant in grants:
+        cluster.sql(grant.format(role=name))
+    monkeypatch.setenv(f"AIRFLOW_CONN_PG_{name.upper()}", cluster.airflow_conn_uri(user=name, password=PASSWORD))
+    return PostgresBackupHook(f"pg_{name}")
+
+
+def create_table_as_superuser(hook: PostgresBackupHook) -> None:
+    async def go():
+        async with hook.connect() as conn:
+            await hook.ensure_table(conn)
+    asyncio.run(go())
+
+
+EXECUTE = "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean) TO {role}"
+TABLE = "GRANT SELECT, INSERT, UPDATE ON backup TO {role}"
+
+
+def test_missing_execute_privilege_names_the_grant(hook, cluster, monkeypatch):
+    create_table_as_superuser(hook)
+    weak = make_role(cluster, monkeypatch, "no_execute", TABLE)
+    result = asyncio.run(hold_backup(weak, req()))
+    assert result["status"] == FAILED
+    assert 'GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean) TO "no_execute"' in result["message"]
+    state, error, owner, _ = table_row(cluster)
+    assert (state, owner) == ("failed", OWNER) and "GRANT EXECUTE" in error
+    assert_next_backup_runs(hook, cluster)
+
+
+def test_missing_table_privilege_names_the_grant(hook, cluster, monkeypatch):
+    create_table_as_superuser(hook)
+    weak = make_role(cluster, monkeypatch, "no_table", EXECUTE)
+    result = asyncio.run(hold_backup(weak, req()))
+    assert result["status"] == FAILED
+    assert 'GRANT SELECT, INSERT, UPDATE ON "public"."backup" TO "no_table"' in result["message"]
+    assert cluster.sql("SELECT count(*) FROM backup") == [(0,)]  # nothing was started
+    assert_next_backup_runs(hook, cluster)
+
+
+def test_missing_schema_privilege_to_create_the_table(cluster, monkeypatch):
+    weak = make_role(cluster, monkeypatch, "no_schema", EXECUTE)
+    result = asyncio.run(hold_backup(weak, req()))
+    assert result["status"] == FAILED and 'GRANT USAGE, CREATE ON SCHEMA "public"' in result["message"]
+
+
+@pytest.mark.parametrize("table_first", [False, True], ids=["role-creates-table", "admin-created-table"])
+def test_least_privilege_role_does_the_whole_job(hook, cluster, monkeypatch, table_first):
+    """No superuser, no replication: EXECUTE on the two functions and rights on the table (or schema)."""
+    if table_first:
+        create_table_as_superuser(hook)
+        op = make_role(cluster, monkeypatch, "backup_op", EXECUTE, TABLE)
+    else:
+        op = make_role(cluster, monkeypatch, "backup_op", EXECUTE, "GRANT USAGE, CREATE ON SCHEMA public TO {role}")
+    assert cluster.sql("SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = 'backup_op'") == [(False, False)]
+    assert asyncio.run(full_backup(op))["status"] == COMPLETE
+    state, error, owner, label = table_row(cluster)
+    assert (state, error, owner) == ("complete", None, NEXT) and label.startswith("START WAL LOCATION")
