@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AsyncExitStack
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -83,9 +84,15 @@ async def hold_backup(
     """Take one backup for ``req.owner`` and hold its session until the finish asks to stop."""
     deadline = _Deadline(req.backup_timeout, clock)
     try:
-        async with hook.connect("holder") as conn:
+        async with AsyncExitStack() as stack:
+            conn = await stack.enter_async_context(hook.connect("holder"))
+            # The state session doubles as the backup session unless the table lives elsewhere
+            # (backup of a standby): then both stay open, and losing either fails the backup.
+            bconn = conn
+            if hook.separate_state:
+                bconn = await stack.enter_async_context(hook.connect("holder backup session", backup_server=True))
             try:
-                return await _claim_and_run(hook, conn, req, deadline)
+                return await _claim_and_run(hook, conn, bconn, req, deadline)
             except psycopg.Error as err:  # before backup mode: nothing to end
                 return event(FAILED, f"cannot start the backup: {hook.explain(err, conn.info.user)}")
     except BackupError as err:
@@ -93,10 +100,12 @@ async def hold_backup(
 
 
 async def _claim_and_run(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest, deadline: _Deadline
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
+    deadline: _Deadline,
 ) -> dict[str, Any]:
     """Claim the row (see decide_claim), then run the backup, follow our earlier claim, or refuse."""
-    await _prepare_session(conn)
+    for session in {conn, bconn}:
+        await _prepare_session(session)
     await hook.ensure_table(conn)
     decision, row = await hook.claim(conn, req.owner, req.holder_try, req.label, req.terminate_live)
     if decision is Claim.REFUSE:
@@ -112,49 +121,56 @@ async def _claim_and_run(
         return await wait_for_backup(hook, req.owner, until=COMPLETE, poll_interval=req.poll_interval)
     if decision is not Claim.START:
         log.warning("previous backup of %s replaced (%s)", row.owner, decision.value)
-    return await _run_backup(hook, conn, req, deadline)
+    return await _run_backup(hook, conn, bconn, req, deadline)
 
 
 async def _run_backup(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest, deadline: _Deadline
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
+    deadline: _Deadline,
 ) -> dict[str, Any]:
-    """Backup mode from start to stop in ``conn``; any failure is recorded and ends backup mode."""
+    """Backup mode from start to stop in ``bconn`` (state in ``conn``); any failure is recorded and
+    ends backup mode."""
     my_pid = conn.info.backend_pid
     try:
         await hook.listen(conn)
         log.info("starting backup %r (fast checkpoint: %s)", req.label, req.fast_checkpoint)
         try:
-            start_lsn = await asyncio.wait_for(hook.start_backup(conn, req.label, req.fast_checkpoint), deadline.remaining())
+            start_lsn = await asyncio.wait_for(hook.start_backup(bconn, req.label, req.fast_checkpoint), deadline.remaining())
         except asyncio.TimeoutError:
-            return await _fail(hook, conn, req, f"the start checkpoint did not finish within backup_timeout={req.backup_timeout:g}s")
+            return await _fail(hook, conn, bconn, req, f"the start checkpoint did not finish within backup_timeout={req.backup_timeout:g}s")
+        if not await hook.record_start(conn, start_lsn):
+            await hook.abort_backup(bconn)
+            return event(FAILED, "the backup was marked failed while its checkpoint was running; backup mode ended")
         log.info("backup mode entered at %s; holding session pid %s", start_lsn, my_pid)
         while True:
             row = await hook.read(conn)
             if row is None or row.owner != req.owner or row.pid != my_pid:
-                await hook.abort_backup(conn)
+                await hook.abort_backup(bconn)
                 return event(FAILED, "this backup's row was taken over by another backup; backup mode ended", row)
             if row.state is BackupState.FAILED:
-                await hook.abort_backup(conn)
+                await hook.abort_backup(bconn)
                 return event(FAILED, f"backup marked failed: {row.error}; backup mode ended", row)
             if row.state is BackupState.DONE:
                 break
             if deadline.expired():
                 return await _fail(
-                    hook, conn, req, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished"
+                    hook, conn, bconn, req, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished"
                 )
+            if bconn is not conn:
+                await bconn.execute("SELECT 1")  # the backup session is still there
             left = deadline.remaining()
             await hook.wait_for_change(conn, req.poll_interval if left is None else min(req.poll_interval, left))
         log.info("copy reported done; stopping backup (wait_for_archive: %s)", req.wait_for_archive)
         try:
             stop_lsn, label_file, spcmap = await asyncio.wait_for(
-                hook.stop_backup(conn, req.wait_for_archive), deadline.remaining()
+                hook.stop_backup(bconn, req.wait_for_archive), deadline.remaining()
             )
         except asyncio.TimeoutError:
             return await _fail(
-                hook, conn, req,
+                hook, conn, bconn, req,
                 f"pg_backup_stop did not return within backup_timeout={req.backup_timeout:g}s: it waits until"
                 " the WAL the backup needs is archived, so WAL archiving is failing or too slow (check"
-                f" archive_command and the server log; {await hook.archiver_status(conn)})",
+                f" archive_command and the server log; {await hook.archiver_status(bconn)})",
             )
         timeline = parse_backup_label(label_file).get("START TIMELINE")
         if not await hook.mark_complete(conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None):
@@ -167,7 +183,7 @@ async def _run_backup(
         # The session is gone, and PostgreSQL ended its backup mode with it; record why elsewhere.
         return await _fail_elsewhere(hook, req.owner, f"the session holding backup mode was lost: {err}")
     except psycopg.Error as err:
-        return await _fail(hook, conn, req, f"PostgreSQL refused the backup: {hook.explain(err, conn.info.user)}")
+        return await _fail(hook, conn, bconn, req, f"PostgreSQL refused the backup: {hook.explain(err, bconn.info.user)}")
     except asyncio.CancelledError:
         # Airflow cancelled the holder (task cleared or marked failed): closing this session
         # ends backup mode, so say so in the table before it closes.
@@ -175,10 +191,13 @@ async def _run_backup(
         raise
 
 
-async def _fail(hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest, reason: str) -> dict[str, Any]:
+async def _fail(
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
+    reason: str,
+) -> dict[str, Any]:
     """Mark this holder's backup failed, then end backup mode without waiting for the archive."""
     await hook.mark_failed(conn, req.owner, reason)
-    await hook.abort_backup(conn)
+    await hook.abort_backup(bconn)
     return event(FAILED, reason + "; backup mode ended", await hook.read(conn))
 
 

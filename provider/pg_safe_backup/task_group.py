@@ -27,7 +27,8 @@ class PostgresOnlineBackup:
     backup_label via XCom. Pass the group to ``PostgresStoreBackupLabelOperator(backup=...)``.
 
     :param group_id: task group id; also this backup's key within the DAG run.
-    :param postgres_conn_id: Airflow connection of the cluster.
+    :param postgres_conn_id: Airflow connection of the server to back up (primary or hot standby).
+    :param state_conn_id: where the backup table lives if not there (a standby's primary).
     :param backup_timeout: seconds after which an unfinished backup is failed (0 = none).
     :param fast_checkpoint: immediate start checkpoint instead of a spread one.
     :param wait_for_archive: pg_backup_stop waits until the needed WAL is archived.
@@ -43,6 +44,7 @@ class PostgresOnlineBackup:
         group_id: str = "backup",
         *,
         postgres_conn_id: str = "postgres_default",
+        state_conn_id: str | None = None,
         database: str | None = None,
         table: str = "backup",
         table_schema: str = "public",
@@ -57,7 +59,7 @@ class PostgresOnlineBackup:
         **group_kwargs: Any,
     ) -> None:
         self.group = TaskGroup(group_id=group_id, **group_kwargs)
-        common = {"postgres_conn_id": postgres_conn_id, "database": database, "table": table,
+        common = {"postgres_conn_id": postgres_conn_id, "state_conn_id": state_conn_id, "database": database, "table": table,
                   "table_schema": table_schema, "backup_key": group_id, "poll_interval": poll_interval}
         with self.group:
             self.hold = PostgresBackupHoldOperator(

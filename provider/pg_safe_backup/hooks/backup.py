@@ -84,6 +84,9 @@ class PostgresBackupHook(BaseHook):
     :param database: database to connect to instead of the connection's schema.
     :param table: name of the backup state table (created on first use).
     :param schema: schema of the backup state table.
+    :param state_conn_id: connection holding the state table when it differs from the server backed
+        up: a hot standby is backed up through ``postgres_conn_id`` while its table, which a
+        standby cannot write, lives on the primary.
     """
 
     conn_name_attr = "postgres_conn_id"
@@ -97,9 +100,13 @@ class PostgresBackupHook(BaseHook):
         database: str | None = None,
         table: str = "backup",
         schema: str = "public",
+        state_conn_id: str | None = None,
     ) -> None:
         super().__init__()
         self.postgres_conn_id = postgres_conn_id
+        self.state_conn_id = state_conn_id or postgres_conn_id
+        #: Backup session and state table on different servers (backup of a standby).
+        self.separate_state = self.state_conn_id != postgres_conn_id
         self.database = database
         self.table = validate_identifier(table, "table")
         self.schema = validate_identifier(schema, "schema")
@@ -109,14 +116,13 @@ class PostgresBackupHook(BaseHook):
 
     # -- connections -------------------------------------------------------------------------
 
-    async def connection_kwargs(self) -> dict[str, Any]:
+    async def connection_kwargs(self, conn_id: str) -> dict[str, Any]:
         """libpq keyword arguments from the Airflow connection (as PostgresHook maps them)."""
         try:
-            conn = await self.aget_connection(self.postgres_conn_id)
+            conn = await self.aget_connection(conn_id)
         except AirflowNotFoundException as err:
-            raise BackupError(
-                f"postgres_conn_id {self.postgres_conn_id!r}: no such Airflow connection; create it (type postgres)"
-            ) from err
+            param = "postgres_conn_id" if conn_id == self.postgres_conn_id else "state_conn_id"
+            raise BackupError(f"{param} {conn_id!r}: no such Airflow connection; create it (type postgres)") from err
         kwargs: dict[str, Any] = {
             "host": conn.host,
             "port": conn.port,
@@ -135,17 +141,17 @@ class PostgresBackupHook(BaseHook):
         return {k: v for k, v in kwargs.items() if v not in (None, "")}
 
     @asynccontextmanager
-    async def connect(self, purpose: str = "") -> AsyncIterator[psycopg.AsyncConnection]:
-        """An autocommit session; ``purpose`` names it in pg_stat_activity.application_name."""
-        kwargs = await self.connection_kwargs()
+    async def connect(self, purpose: str = "", backup_server: bool = False) -> AsyncIterator[psycopg.AsyncConnection]:
+        """An autocommit session to the state table's server (or, ``backup_server``, the one backed
+        up); ``purpose`` names it in pg_stat_activity.application_name."""
+        conn_id = self.postgres_conn_id if backup_server else self.state_conn_id
+        kwargs = await self.connection_kwargs(conn_id)
         if purpose:
             kwargs["application_name"] = f"pg_safe_backup {purpose}"[:63]
         try:
             conn = await psycopg.AsyncConnection.connect(autocommit=True, connect_timeout=10, **kwargs)
         except psycopg.OperationalError as err:
-            raise BackupError(
-                f"cannot connect to PostgreSQL through connection {self.postgres_conn_id!r}: {err}"
-            ) from err
+            raise BackupError(f"cannot connect to PostgreSQL through connection {conn_id!r}: {err}") from err
         try:
             yield conn
         finally:
@@ -306,17 +312,17 @@ class PostgresBackupHook(BaseHook):
             query = "SELECT pg_backup_start(%s, %s)::text"
         else:
             query = "SELECT pg_start_backup(%s, %s, false)::text"
-        start_lsn = (await (await conn.execute(query, [label, fast])).fetchone())[0]
+        return (await (await conn.execute(query, [label, fast])).fetchone())[0]
+
+    async def record_start(self, conn: psycopg.AsyncConnection, start_lsn: str) -> bool:
+        """Open the gate: store the start LSN, if the row is still this holder's running backup."""
         cur = await conn.execute(
             sql.SQL(
                 "UPDATE {} SET start_lsn = %s WHERE id = 1 AND pid = pg_backend_pid() AND state = 'running'"
             ).format(self.qualified),
             [start_lsn],
         )
-        if cur.rowcount != 1:
-            await self.abort_backup(conn)
-            raise BackupError("the backup was marked failed while its checkpoint was running; backup mode ended")
-        return start_lsn
+        return cur.rowcount == 1
 
     async def stop_backup(self, conn: psycopg.AsyncConnection, wait_for_archive: bool) -> tuple[str, str, str | None]:
         """Leave backup mode; returns (stop LSN, backup_label, tablespace_map or None)."""

@@ -37,7 +37,10 @@ class BackupTaskMixin:
     """
     What the holder, gate and finish share: which backup table, which backup of the run, how to wait.
 
-    :param postgres_conn_id: Airflow connection (type postgres) of the cluster to back up.
+    :param postgres_conn_id: Airflow connection (type postgres) of the server to back up (a primary
+        or a hot standby).
+    :param state_conn_id: connection of the server holding the backup table when it is not the one
+        backed up (for a standby: its primary, since a standby is read-only). Default: the same.
     :param database: database holding the backup table, instead of the connection's.
     :param table: backup state table (created on first use; the seed scripts' table is migrated).
     :param table_schema: schema of the backup state table.
@@ -53,6 +56,7 @@ class BackupTaskMixin:
     def _init_backup(
         self,
         postgres_conn_id: str,
+        state_conn_id: str | None,
         database: str | None,
         table: str,
         table_schema: str,
@@ -61,6 +65,7 @@ class BackupTaskMixin:
         deferrable: bool,
     ) -> None:
         self.postgres_conn_id = check_text(postgres_conn_id, "postgres_conn_id")
+        self.state_conn_id = state_conn_id if state_conn_id is None else check_text(state_conn_id, "state_conn_id")
         self.database = database if database is None else check_text(database, "database")
         self.table = validate_identifier(table, "table")
         self.table_schema = validate_identifier(table_schema, "table_schema")
@@ -70,8 +75,8 @@ class BackupTaskMixin:
 
     @property
     def hook_kwargs(self) -> dict[str, Any]:
-        return {"postgres_conn_id": self.postgres_conn_id, "database": self.database,
-                "table": self.table, "schema": self.table_schema}
+        return {"postgres_conn_id": self.postgres_conn_id, "state_conn_id": self.state_conn_id,
+                "database": self.database, "table": self.table, "schema": self.table_schema}
 
     def backup_owner(self, context: Context) -> str:
         """Who owns the backup: this DAG run and backup key (never another run's backup)."""
@@ -115,6 +120,7 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
         self,
         *,
         postgres_conn_id: str = "postgres_default",
+        state_conn_id: str | None = None,
         database: str | None = None,
         table: str = "backup",
         table_schema: str = "public",
@@ -130,7 +136,7 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
     ) -> None:
         kwargs["retries"] = 0
         super().__init__(**kwargs)
-        self._init_backup(postgres_conn_id, database, table, table_schema, backup_key, poll_interval, deferrable)
+        self._init_backup(postgres_conn_id, state_conn_id, database, table, table_schema, backup_key, poll_interval, deferrable)
         self.pg_label = check_label(label)
         for name, value in (("fast_checkpoint", fast_checkpoint), ("wait_for_archive", wait_for_archive),
                             ("terminate_live", terminate_live)):
@@ -176,6 +182,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         *,
         gate_task_id: str,
         postgres_conn_id: str = "postgres_default",
+        state_conn_id: str | None = None,
         database: str | None = None,
         table: str = "backup",
         table_schema: str = "public",
@@ -186,7 +193,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
     ) -> None:
         kwargs.setdefault("trigger_rule", TriggerRule.ALL_DONE)
         super().__init__(**kwargs)
-        self._init_backup(postgres_conn_id, database, table, table_schema, backup_key, poll_interval,
+        self._init_backup(postgres_conn_id, state_conn_id, database, table, table_schema, backup_key, poll_interval,
                           default_deferrable() if deferrable is None else deferrable)
         self.gate_task_id = check_text(gate_task_id, "gate_task_id")
 

@@ -37,6 +37,7 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
         *,
         holder_task_id: str,
         postgres_conn_id: str = "postgres_default",
+        state_conn_id: str | None = None,
         database: str | None = None,
         table: str = "backup",
         table_schema: str = "public",
@@ -46,7 +47,7 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._init_backup(postgres_conn_id, database, table, table_schema, backup_key, poll_interval,
+        self._init_backup(postgres_conn_id, state_conn_id, database, table, table_schema, backup_key, poll_interval,
                           default_deferrable() if deferrable is None else deferrable)
         self.holder_task_id = check_text(holder_task_id, "holder_task_id")
 
