@@ -98,8 +98,12 @@ class LocalCluster:
                 f.write(f"{key} = {value}\n")
 
     def start(self, timeout: float = 60) -> "LocalCluster":
-        self.run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o", f"-p {self.port}",
-                 "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)
+        try:
+            self.run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o", f"-p {self.port}",
+                     "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)
+        except subprocess.CalledProcessError as err:
+            tail = "\n".join(self.log_text().splitlines()[-15:])
+            raise RuntimeError(f"PostgreSQL in {self.datadir} did not start: {err.stderr.strip()}\n{tail}") from err
         return self
 
     def stop(self, mode: str = "fast") -> None:
