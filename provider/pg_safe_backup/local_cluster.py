@@ -128,6 +128,10 @@ class LocalCluster:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
+    def server_version(self) -> int:
+        """server_version_num of the running server, e.g. 150018."""
+        return int(self.sql("SHOW server_version_num")[0][0])
+
     def airflow_conn_uri(self, user: str = SERVER_USER, password: str | None = None, dbname: str = "postgres") -> str:
         """An Airflow connection URI reaching this cluster over 127.0.0.1."""
         from urllib.parse import quote

@@ -94,7 +94,7 @@ async def hold_backup(
             try:
                 return await _claim_and_run(hook, conn, bconn, req, deadline)
             except psycopg.Error as err:  # before backup mode: nothing to end
-                return event(FAILED, f"cannot start the backup: {hook.explain(err, conn.info.user)}")
+                return event(FAILED, f"cannot start the backup: {hook.explain(err, conn)}")
     except BackupError as err:
         return event(FAILED, str(err))
 
@@ -183,7 +183,7 @@ async def _run_backup(
         # The session is gone, and PostgreSQL ended its backup mode with it; record why elsewhere.
         return await _fail_elsewhere(hook, req.owner, f"the session holding backup mode was lost: {err}")
     except psycopg.Error as err:
-        return await _fail(hook, conn, bconn, req, f"PostgreSQL refused the backup: {hook.explain(err, bconn.info.user)}")
+        return await _fail(hook, conn, bconn, req, f"PostgreSQL refused the backup: {hook.explain(err, bconn)}")
     except asyncio.CancelledError:
         # Airflow cancelled the holder (task cleared or marked failed): closing this session
         # ends backup mode, so say so in the table before it closes.
@@ -233,7 +233,7 @@ async def wait_for_backup(
             try:
                 return await _wait(hook, conn, owner, until, poll_interval, request, reason, expected_start_lsn, check)
             except psycopg.Error as err:
-                return event(FAILED, f"cannot follow the backup: {hook.explain(err, conn.info.user)}")
+                return event(FAILED, f"cannot follow the backup: {hook.explain(err, conn)}")
     except BackupError as err:
         return event(FAILED, str(err))
 

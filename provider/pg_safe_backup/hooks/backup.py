@@ -56,6 +56,13 @@ _ROW_COLUMNS = sql.SQL(
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def backup_functions(server_version: int) -> str:
+    """The backup functions' signatures (renamed in PostgreSQL 15), as GRANT EXECUTE names them."""
+    if server_version >= 150000:
+        return "pg_backup_start(text, boolean), pg_backup_stop(boolean)"
+    return "pg_start_backup(text, boolean, boolean), pg_stop_backup(boolean, boolean)"
+
+
 class BackupError(Exception):
     """A backup could not be started, held or finished; the message says why."""
 
@@ -352,18 +359,15 @@ class PostgresBackupHook(BaseHook):
             f" last archived WAL {archived_wal} at {archived_at}"
         )
 
-    def explain(self, err: psycopg.Error, role: str | None) -> str:
+    def explain(self, err: psycopg.Error, conn: psycopg.AsyncConnection) -> str:
         """The error, plus the GRANT that fixes it when it is a missing privilege."""
         text = " ".join(str(err).split())
         if not isinstance(err, psycopg.errors.InsufficientPrivilege):
             return text
-        grantee = sql.Identifier(role or "backup_role").as_string(None)
+        grantee = sql.Identifier(conn.info.user or "backup_role").as_string(None)
         table = f'"{self.schema}"."{self.table}"'
         if "function" in text:
-            fix = (
-                f"GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean) TO {grantee};"
-                f" (PostgreSQL 12-14: pg_start_backup(text, boolean, boolean), pg_stop_backup(boolean, boolean))"
-            )
+            fix = f"GRANT EXECUTE ON FUNCTION {backup_functions(conn.info.server_version)} TO {grantee};"
         elif "terminate" in text or "signal" in text:
             fix = f"GRANT pg_signal_backend TO {grantee}; (needed for terminate_live=True)"
         elif "schema" in text:
