@@ -16,10 +16,10 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
+from demo.load import Writer, invariant_sql, wait_archived
 from demo.stack import AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import verify_backup
@@ -27,33 +27,6 @@ from pg_safe_backup.verify import verify_backup
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "pg_backup_example"
 PASSWORD = "demo-password"
-
-#: Every id the writer committed must be there after recovery, with no gap.
-LEDGER_INVARIANT = """
-SELECT count(*) = max(id) AND max(id) >= {committed}, format('%s rows, max id %s, committed before the backup ended: {committed}', count(*), max(id))
-FROM ledger
-"""
-
-
-class Writer(threading.Thread):
-    """Inserts increasing ids into ``ledger`` and remembers the last one whose commit returned."""
-
-    def __init__(self, cluster: LocalCluster) -> None:
-        super().__init__(daemon=True)
-        self.cluster, self.committed, self.stop_flag = cluster, 0, threading.Event()
-
-    def run(self) -> None:
-        with self.cluster.connect() as conn:
-            while not self.stop_flag.is_set():
-                conn.execute("INSERT INTO ledger (id, v) VALUES (%s, md5(%s::text))", [self.committed + 1] * 2)
-                self.committed += 1
-                time.sleep(0.005)
-
-    def stop(self) -> int:
-        self.stop_flag.set()
-        self.join(10)
-        return self.committed
-
 
 def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
@@ -72,18 +45,6 @@ def make_demo_cluster(work: Path) -> tuple[LocalCluster, Path]:
                 " FROM generate_series(1, 100000) g")
     cluster.sql("CREATE INDEX ON accounts (owner)")
     return cluster, archive
-
-
-def wait_archived(cluster: LocalCluster, timeout: float = 60) -> None:
-    """Switch to a new WAL segment and wait until the previous one is in the archive."""
-    segment = cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        last = cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0]
-        if last and last >= segment:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"WAL segment {segment} was not archived within {timeout:g}s")
 
 
 def cleanup_previous(work: Path) -> None:
@@ -147,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_archived(cluster)
         say("restore check: a temporary server recovers the copy from the archive, then amcheck + data checks")
         result = verify_backup(backup_dir, archive, recovery_target_immediate=not writer,
-                               invariant_sql=LEDGER_INVARIANT.format(committed=committed) if writer else None)
+                               invariant_sql=invariant_sql(writer.tables, committed) if writer else None)
         print("\nbackup_label stored with the backup:\n" + label)
         print(f"restore check: {result.summary()}")
         print(f"backup: {backup_dir}")

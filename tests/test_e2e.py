@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from demo.load import Writer, invariant_sql, wait_archived
 from demo.stack import AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import verify_backup
@@ -22,51 +22,7 @@ pytestmark = pytest.mark.e2e
 DAGS = Path(__file__).parent / "e2e_dags"
 PASSWORD = "e2e-Pa55word"
 
-#: Every id the writer committed is present in both tables, with no gap (rows are never deleted).
-INVARIANT = """
-SELECT count(*) = max(id) AND max(id) >= {committed},
-       format('ledger: %s rows, max id %s; committed before the backup ended: {committed}', count(*), max(id))
-FROM ledger
-UNION ALL
-SELECT count(*) = max(id) AND max(id) >= {committed},
-       format('spaced (tablespace): %s rows, max id %s', count(*), max(id))
-FROM spaced
-"""
-
-
-class Writer(threading.Thread):
-    """Inserts increasing ids (one transaction into both tables) and counts returned commits."""
-
-    def __init__(self, cluster: LocalCluster) -> None:
-        super().__init__(daemon=True)
-        self.cluster, self.committed, self.halt, self.error = cluster, 0, threading.Event(), None
-
-    def run(self) -> None:
-        try:
-            with self.cluster.connect() as conn:
-                while not self.halt.is_set():
-                    n = self.committed + 1
-                    with conn.transaction():
-                        conn.execute("INSERT INTO ledger VALUES (%s, md5(%s::text))", [n, n])
-                        conn.execute("INSERT INTO spaced VALUES (%s, md5(%s::text))", [n, n])
-                    self.committed = n
-                    time.sleep(0.002)
-        except Exception as err:  # reported by the test
-            self.error = err
-
-    def stop(self) -> int:
-        self.halt.set()
-        self.join(10)
-        assert self.error is None, self.error
-        return self.committed
-
-
-def wait_archived(cluster: LocalCluster, timeout: float = 60) -> None:
-    segment = cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-    deadline = time.monotonic() + timeout
-    while (cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") < segment:
-        assert time.monotonic() < deadline, f"{segment} not archived"
-        time.sleep(0.2)
+TABLES = ("ledger", "spaced")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +81,7 @@ def holder_sessions(cluster: LocalCluster) -> int:
 def completed_backup(env) -> dict:
     """One backup DAG run under a continuous write load, its WAL archived."""
     cluster = env["cluster"]
-    writer = Writer(cluster)
+    writer = Writer(cluster, TABLES)
     writer.start()
     try:
         state, tasks = run_dag(env, "e2e_backup", "e2e_ok")
@@ -153,7 +109,7 @@ def test_backup_under_write_load_with_tablespace_restores(env, completed_backup)
 
     # Replay the whole archive: every row committed before pg_backup_stop returned must be there.
     result = verify_backup(backup_dir, env["archive"], recovery_target_immediate=False,
-                           invariant_sql=INVARIANT.format(committed=completed_backup["committed"]))
+                           invariant_sql=invariant_sql(TABLES, completed_backup["committed"]))
     assert result.ok, result.summary()
 
 
@@ -165,7 +121,7 @@ def test_negative_control_same_copy_without_backup_label_fails(env, completed_ba
     assert not verify_backup(unlabeled, env["archive"]).ok  # refused outright: no backup_label
     # And checked anyway, the data checks catch what recovery from the wrong checkpoint lost.
     result = verify_backup(unlabeled, env["archive"], recovery_target_immediate=False, require_backup_label=False,
-                           invariant_sql=INVARIANT.format(committed=completed_backup["committed"]))
+                           invariant_sql=invariant_sql(TABLES, completed_backup["committed"]))
     assert not result.ok, "a copy without its backup_label passed the restore check"
     assert "has no backup_label" not in result.summary(), result.summary()  # failed in recovery or the data
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from demo.load import Writer, invariant_sql, wait_archived
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, hold_backup, wait_for_backup
@@ -45,19 +45,6 @@ def backup_into(hook: PostgresBackupHook, source: Path, dest: Path, owner: str) 
     return done["backup"]
 
 
-class Writer(threading.Thread):
-    def __init__(self, cluster: LocalCluster) -> None:
-        super().__init__(daemon=True)
-        self.cluster, self.committed, self.halt = cluster, 0, threading.Event()
-
-    def run(self) -> None:
-        with self.cluster.connect() as conn:
-            while not self.halt.is_set():
-                conn.execute("INSERT INTO ledger VALUES (%s)", [self.committed + 1])
-                self.committed += 1
-                time.sleep(0.002)
-
-
 def test_backup_of_a_streaming_standby_restores(tmp_root, monkeypatch):
     archive = tmp_root / "archive"
     archive.mkdir()
@@ -67,7 +54,7 @@ def test_backup_of_a_streaming_standby_restores(tmp_root, monkeypatch):
     standby = None
     writer = Writer(primary)
     try:
-        primary.sql("CREATE TABLE ledger (id bigint PRIMARY KEY)")
+        primary.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
         monkeypatch.setenv("AIRFLOW_CONN_PG_PRIMARY", primary.airflow_conn_uri(password=PASSWORD))
         base = backup_into(PostgresBackupHook("pg_primary"), primary.datadir, tmp_root / "standby", "make/standby/base")
 
@@ -90,29 +77,23 @@ def test_backup_of_a_streaming_standby_restores(tmp_root, monkeypatch):
         hook = PostgresBackupHook("pg_standby", state_conn_id="pg_primary")
         time.sleep(1)  # some writes before the backup starts
         result = backup_into(hook, standby.datadir, tmp_root / "copy", "nightly/run1/standby")
-        writer.halt.set()
-        writer.join(10)
+        committed = writer.stop()
 
         fields = parse_backup_label(result["backup_label"])
         assert fields["BACKUP FROM"] == "standby" and fields["LABEL"] == "nightly/run1/standby"
         assert primary.sql("SELECT state::text, owner FROM backup") == [("complete", "nightly/run1/standby")]
         assert base["backup_label"] != result["backup_label"]
-
         # WAL up to the end of the backup (and everything committed since) is in the primary's archive.
-        segment = primary.sql("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-        deadline = time.monotonic() + 60
-        while (primary.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") < segment:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        committed = writer.committed
+        wait_archived(primary)
         assert committed > 200
         check = verify_backup(
             tmp_root / "copy", archive, recovery_target_immediate=False,
-            invariant_sql=f"SELECT count(*) = max(id) AND max(id) >= {committed}, format('%s rows', count(*)) FROM ledger",
+            invariant_sql=invariant_sql(("ledger",), committed),
         )
         assert check.ok, check.summary()
     finally:
-        writer.halt.set()
+        if writer.is_alive():
+            writer.stop()
         if standby:
             standby.stop("immediate")
         primary.stop("immediate")
