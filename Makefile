@@ -36,7 +36,7 @@ test-matrix: prereqs venv
 	@set -e; for v in $(MATRIX); do echo "== PostgreSQL $$v"; PG_MAJOR=$$v $(PY) -m pytest -q -m "not e2e" $(MATRIX_TESTS); done
 
 bench: prereqs venv
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .demo

@@ -308,7 +308,8 @@ def test_tablespace_restored_from_its_copy_never_from_the_original(backup, tmp_r
     assert space["original"] == str(b.tablespace_location)
     assert space["backup"] == str(tmp_root / f"backup_tablespaces/{b.tablespace_oid}")
     assert space["restored_to"].startswith(result.details["work_dir"])
-    assert [r[1] for r in result.details["invariant_rows"]][2].startswith(f"spaced: {b.committed} rows")
+    # UNION ALL guarantees no row order (PostgreSQL 17 returns them differently).
+    assert any(r[1].startswith(f"spaced: {b.committed} rows") for r in result.details["invariant_rows"])
     assert snapshot(b.tablespace_location) == original, "the restore touched the original tablespace location"
     assert snapshot(b.copy) == before
 
