@@ -144,7 +144,6 @@ def test_network_cut_detected_within_seconds(hook, cluster, monkeypatch):
         monkeypatch.setenv("AIRFLOW_CONN_PG_PROXY", f"postgres://postgres:{PASSWORD}@127.0.0.1:{proxy.port}/postgres")
         holder = asyncio.create_task(hold_backup(PostgresBackupHook("pg_proxy"), req(backup_timeout=600)))
         await gate(hook)
-        pid = table_row(cluster)
         proxy.cut()
         lost = await asyncio.wait_for(holder, 30)  # the backup_timeout (600 s) plays no part
         await wait_until(lambda: holder_sessions(cluster) == 0)

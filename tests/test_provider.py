@@ -59,7 +59,7 @@ def test_group_without_copy_task_is_refused():
 def test_two_clusters_in_one_dag_get_distinct_backup_keys():
     with DAG("many", schedule=None) as dag:
         for name in ("east", "west"):
-            with PostgresOnlineBackup(group_id=name, postgres_conn_id=f"pg_{name}") as b:
+            with PostgresOnlineBackup(group_id=name, postgres_conn_id=f"pg_{name}"):
                 EmptyOperator(task_id="copy")
     keys = {t.task_id: t.backup_key for t in dag.tasks if hasattr(t, "backup_key")}
     assert keys["east.hold_backup_session"] == "east" and keys["west.finish_backup"] == "west"

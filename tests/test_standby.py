@@ -10,7 +10,6 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
 
 from demo.load import Writer, invariant_sql, wait_archived
 from pg_safe_backup.hooks.backup import PostgresBackupHook

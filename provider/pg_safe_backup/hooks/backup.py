@@ -397,7 +397,7 @@ class PostgresBackupHook(BaseHook):
 
     async def request_done(self, conn: psycopg.AsyncConnection, owner: str, start_lsn: str | None) -> BackupRow | None:
         """Ask the holder of ``owner``'s running backup to stop it; returns the row as it is after."""
-        cur = await conn.execute(
+        await conn.execute(
             sql.SQL(
                 "UPDATE {} SET state = 'done' WHERE id = 1 AND owner = %s AND state = 'running'"
                 " AND start_lsn IS NOT NULL AND (%s::pg_lsn IS NULL OR start_lsn = %s::pg_lsn)"

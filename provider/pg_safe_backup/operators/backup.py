@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from pg_safe_backup.copy_check import CopyMismatch, check_copy
 from pg_safe_backup.params import check_label, check_number, check_text, validate_identifier
-from pg_safe_backup.session import COMPLETE, STARTED
+from pg_safe_backup.session import COMPLETE
 from pg_safe_backup.triggers.backup import BackupHolderTrigger, BackupStateTrigger
 
 if TYPE_CHECKING:
