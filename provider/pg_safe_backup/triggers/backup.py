@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -12,6 +14,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.session import HoldRequest, hold_backup, wait_for_backup
+
+#: Seconds a holder trigger runs at least before its event (see BackupHolderTrigger.run).
+MIN_HOLDER_RUNTIME = 10.0
 
 #: Task states in which a holder task can no longer hold a backup.
 HOLDER_ENDED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed", "success"})
@@ -48,7 +53,14 @@ class BackupHolderTrigger(_BackupTrigger):
         super().__init__(hook_kwargs, **asdict(HoldRequest(**kwargs)))
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        yield TriggerEvent(await hold_backup(self.hook, HoldRequest(**self.kwargs)))
+        started = time.monotonic()
+        result = await hold_backup(self.hook, HoldRequest(**self.kwargs))
+        # Airflow 3.3's scheduler can fail a task whose trigger fires within ~5 s of its deferral
+        # (the executor's late report of the deferral is applied after the task was re-queued;
+        # apache/airflow#67287). The session is closed by now: an early result (a refusal, a short
+        # snapshot copy) just waits a little.
+        await asyncio.sleep(max(0.0, MIN_HOLDER_RUNTIME - (time.monotonic() - started)))
+        yield TriggerEvent(result)
 
 
 class BackupStateTrigger(_BackupTrigger):
