@@ -21,7 +21,7 @@ from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 
 # Shared helpers of the end-to-end suite. pytest's default "prepend" import mode puts tests/ (no __init__.py)
 # on sys.path, which is also how tests/test_e2e.py itself is imported (as the module ``test_e2e``).
-from test_e2e import failure_report, holder_sessions, run_dag
+from e2e_helpers import failure_report, holder_sessions, run_dag
 
 pytestmark = pytest.mark.e2e
 
