@@ -1,0 +1,92 @@
+"""The trigger runner of figure 3: one process, one event loop, N BackupHolderTriggers.
+
+    python -m bench.holders --count N --prefix bench_s_ --owner-prefix OWNER --poll 30
+
+Started by ``bench.sessions`` (which measures this process from outside). It runs the triggers the
+way Airflow's triggerer does (``async for event in trigger.run()``), backup i on table
+``<prefix><i:04d>`` of the connection ``--conn-id``, and talks JSON lines: it prints ``ready``
+once imported and warmed up (one connection opened and closed), waits for ``go`` on stdin, prints
+``spawned``, then one ``event`` per trigger as it ends, then ``finished``.
+
+``--no-wait-interval`` (diagnosis only) makes psycopg's waits sleep until the socket is ready or
+the timeout expires, instead of waking every 0.1 s (psycopg's default ``interval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import sys
+from typing import Any
+
+
+def emit(**payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+def table_name(prefix: str, i: int) -> str:
+    return f"{prefix}{i:04d}"
+
+
+def patch_psycopg_wait_interval() -> None:
+    import psycopg
+
+    original = psycopg.AsyncConnection.wait
+
+    async def wait(self: Any, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        return await original(self, gen, interval=timeout if timeout else 3600.0, timeout=timeout)
+
+    psycopg.AsyncConnection.wait = wait  # type: ignore[method-assign]
+
+
+async def main(args: argparse.Namespace) -> None:
+    from pg_safe_backup.hooks.backup import PostgresBackupHook
+    from pg_safe_backup.triggers.backup import BackupHolderTrigger
+
+    if args.no_wait_interval:
+        patch_psycopg_wait_interval()
+    # Warm up: the code paths of a connection (imports, connection lookup) before the idle figure.
+    hook = PostgresBackupHook(args.conn_id, table=table_name(args.prefix, 1))
+    async with hook.connect("bench warm-up") as conn:
+        await hook.ensure_table(conn)
+        await hook.read(conn)
+    gc.collect()
+    emit(kind="ready", pid=os.getpid())
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    if (await reader.readline()).strip() != b"go":
+        return
+
+    async def run_one(i: int) -> None:
+        trigger = BackupHolderTrigger(
+            {"postgres_conn_id": args.conn_id, "table": table_name(args.prefix, i)},
+            owner=f"{args.owner_prefix}/{i}", holder_try=1, label=f"bench {args.owner_prefix}/{i}",
+            fast_checkpoint=True, wait_for_archive=True, poll_interval=args.poll,
+        )
+        try:
+            async for ev in trigger.run():
+                emit(kind="event", i=i, status=ev.payload["status"], message=ev.payload["message"][:500])
+        except Exception as err:  # reported to the parent, which fails the phase
+            emit(kind="event", i=i, status="error", message=f"{type(err).__name__}: {err}"[:500])
+
+    tasks = [asyncio.create_task(run_one(i)) for i in range(1, args.count + 1)]
+    emit(kind="spawned", count=len(tasks))
+    await asyncio.gather(*tasks)
+    emit(kind="finished")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--owner-prefix", required=True)
+    parser.add_argument("--conn-id", required=True)
+    parser.add_argument("--poll", type=float, default=30.0)
+    parser.add_argument("--no-wait-interval", action="store_true")
+    asyncio.run(main(parser.parse_args()))

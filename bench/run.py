@@ -1,0 +1,223 @@
+"""`make bench`: measure pg-safe-backup on real PostgreSQL, each figure beside its reference.
+
+1. hand-off latency (finish sets done -> label stored), our overhead = total - pg_backup_stop's own
+   time (server log); reference: the old scripts' 5-second poll loops, same server, same run.
+2. start latency (holder called -> gate open), our overhead = total - pg_backup_start's own time.
+3. N backups (100, 250, 500) held by ONE trigger runner process: RSS per session, idle CPU,
+   hand-off latency at that load.
+4. the whole backup DAG in a real Airflow on a multi-GB data directory (pgbench -i -s SCALE)
+   against a raw `cp -a` of the same directory.
+
+Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
+stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
+the end. `--quick` is a smoke run (small scale, few backups). Full run: ~15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import DEFAULT_WORKDIR, ROOT, machine_info, make_small_cluster, prepare_workdir, say
+
+RESULTS = ROOT / "bench" / "results.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: small scale, few backups, small N")
+    p.add_argument("--scale", type=int, default=None, help="pgbench scale of figure 4 (env BENCH_SCALE; default 150)")
+    p.add_argument("--cycles", type=int, default=None, help="backups timed for figures 1-2 (default 60)")
+    p.add_argument("--ref-cycles", type=int, default=None, help="backups of the 5 s poll reference (default 10)")
+    p.add_argument("--sessions", default=None, help="N of figure 3, comma separated (default 100,250,500)")
+    p.add_argument("--sample", type=int, default=None, help="backups finished at each N (default 20)")
+    p.add_argument("--poll", type=float, default=30.0, help="poll_interval of figure 3's holders (default 30 s)")
+    p.add_argument("--idle", type=float, default=None, help="idle window of figure 3 (default: one poll interval)")
+    p.add_argument("--dag-runs", type=int, default=None, help="DAG runs and raw copies of figure 4 (default 5)")
+    p.add_argument("--skip", default="", help="phases to skip, comma separated: latency, sessions, dag")
+    p.add_argument("--no-diagnose", action="store_true",
+                   help="skip figure 3's diagnosis run (largest N with psycopg's 0.1 s wait wake-ups patched out)")
+    p.add_argument("--profile", action="store_true", help="py-spy profiles: the holders process while idle, and one extra DAG run")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.add_argument("--keep", action="store_true", help="keep the work folder (data, logs)")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    quick = a.quick
+    a.scale = a.scale or int(os.environ.get("BENCH_SCALE") or (10 if quick else 150))
+    a.cycles = a.cycles or (10 if quick else 60)
+    a.ref_cycles = a.ref_cycles or (2 if quick else 10)
+    a.sessions = [int(x) for x in (a.sessions or ("20,50" if quick else "100,250,500")).split(",")]
+    a.sample = a.sample or (5 if quick else 20)
+    a.idle = a.idle or (10.0 if quick else a.poll)
+    a.dag_runs = a.dag_runs or (1 if quick else 5)
+    a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    return a
+
+
+def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
+    def t(value: Any, goal: str, ok: bool | None) -> dict[str, Any]:
+        return {"value": value, "target": goal, "met": ok}
+
+    def lt(v: Any, limit: float) -> bool | None:
+        return None if v is None else v < limit
+
+    out = {
+        "handoff overhead median": t(r.get("handoff_ms_median"), "< 100 ms", lt(r.get("handoff_ms_median"), 100)),
+        "start overhead median": t(r.get("start_overhead_ms_median"), "< 1000 ms",
+                                   lt(r.get("start_overhead_ms_median"), 1000)),
+    }
+    if r.get("held_sessions") is not None:
+        out["sessions held by one process"] = t(r["held_sessions"], f">= {max_n_wanted}",
+                                                r["held_sessions"] >= max_n_wanted)
+        out["RSS per held session"] = t(r.get("rss_mb_per_session"), "< 2 MB", lt(r.get("rss_mb_per_session"), 2))
+        out["hand-off overhead median at max N"] = t(r.get("handoff_ms_median_at_max_n"), "< 100 ms",
+                                                     lt(r.get("handoff_ms_median_at_max_n"), 100))
+        out["idle CPU at max N"] = t(r.get("idle_cpu_percent"), "~0 (< 1 %)", lt(r.get("idle_cpu_percent"), 1))
+    if r.get("dag_wall_s") is not None:
+        limit = round(r["raw_copy_s"] * 1.05 + 10, 1)
+        out["DAG wall time"] = t(r["dag_wall_s"], f"<= raw_copy_s x 1.05 + 10 s = {limit} s", r["dag_wall_s"] <= limit)
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [f"machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_gb']} GB RAM; {m['postgres']};"
+             f" Airflow {m['airflow']}, psycopg {m['psycopg']}",
+             "", "| figure | pg-safe-backup | reference / PostgreSQL's own | target | met |", "|---|---|---|---|---|"]
+
+    def row(name: str, ours: str, ref: str, key: str | None) -> None:
+        tg = r["targets"].get(key) if key else None
+        met = "" if not tg else ("yes" if tg["met"] else ("NO" if tg["met"] is False else "n/a"))
+        lines.append(f"| {name} | {ours} | {ref} | {tg['target'] if tg else ''} | {met} |")
+
+    def f(v: Any, unit: str = "") -> str:
+        return "n/a" if v is None else f"{v:g}{unit}"
+
+    d = r.get("latency_detail", {})
+    if "handoff_ms_median" in r:
+        row("hand-off overhead, median / p95 (done -> label stored, minus pg_backup_stop)",
+            f"{f(r['handoff_ms_median'], ' ms')} / {f(r['handoff_ms_p95'], ' ms')}",
+            f"5 s poll loop: {f(r['poll5s_handoff_ms_median'], ' ms')} median; pg_backup_stop itself"
+            f" {f(r['stop_ms_median'], ' ms')}", "handoff overhead median")
+        row("start overhead, median (holder called -> gate open, minus pg_backup_start)",
+            f"{f(r['start_overhead_ms_median'], ' ms')} (p95 {f(r.get('start_overhead_ms_p95'), ' ms')})",
+            f"pg_backup_start {f(r['pg_backup_start_ms_median'], ' ms')} (checkpoint"
+            f" {f(r['checkpoint_ms_median'], ' ms')}); 5 s poll gate:"
+            f" {f(d.get('poll5s_start_overhead_ms', {}).get('median'), ' ms')}", "start overhead median")
+    if "per_n" in r:
+        for n, v in r["per_n"].items():
+            row(f"N={n} held by one process (poll_interval {v['poll_interval_s']:g} s)",
+                f"RSS {v['rss_idle_mb']:g} -> {v['rss_held_mb']:g} MB = {v['rss_mb_per_session']:g} MB/session;"
+                f" idle CPU {v['idle_cpu_percent']:g} % over {v['idle_window_s']:g} s;"
+                f" hand-off {f(v['handoff_ms_median'], ' ms')} median (p95 {f(v['handoff_ms_p95'], ' ms')},"
+                f" {v['handoff_sample']} finished)",
+                f"all started in {v['all_started_s']:g} s; idle server CPU {v['idle_server_cpu_percent']:g} %",
+                None)
+        row("sessions held, RSS per session at max N", f"{r['held_sessions']}, {r['rss_mb_per_session']:g} MB", "",
+            "RSS per held session")
+        row("idle CPU of the trigger process at max N", f"{r['idle_cpu_percent']:g} %", "", "idle CPU at max N")
+        row("hand-off overhead median at max N", f(r["handoff_ms_median_at_max_n"], " ms"), "",
+            "hand-off overhead median at max N")
+        if dg := r.get("diagnosis_no_wait_interval"):
+            row(f"diagnosis: N={dg['n']} with psycopg's 0.1 s wake-ups patched out (bench only)",
+                f"idle CPU {dg['idle_cpu_percent']:g} %, {dg['idle_context_switches_per_s']:g} wake-ups/s;"
+                f" hand-off {f(dg['handoff_ms_median'], ' ms')} median", "", None)
+    if r.get("dag_wall_s") is not None:
+        dd = r["dag_detail"]
+        row(f"backup DAG, trigger -> success ({dd['data_gb']} GB, pgbench -s {dd['scale']}, median of {dd['runs']})",
+            f"{r['dag_wall_s']:g} s (its cp -a took {f(r.get('cp_inside_dag_s'), ' s')}; the rest"
+            f" {f(r.get('dag_minus_its_own_cp_s'), ' s')})", f"raw cp -a: {r['raw_copy_s']:g} s", "DAG wall time")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work: Path = args.workdir.resolve()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    prepare_workdir(work)
+    os.environ["AIRFLOW_HOME"] = str(work / "airflow_home")  # before anything imports Airflow
+    logging.getLogger("pg_safe_backup").setLevel(logging.WARNING)
+    t_start = time.monotonic()
+    results: dict[str, Any] = {"command": "make bench" + (" ARGS=" + " ".join(sys.argv[1:]) if sys.argv[1:] else "")}
+    small = None
+    # 1-minute load average at the start and end of each phase (ours included): other work on the
+    # machine shows up here.
+    loads: dict[str, list[float]] = {}
+    results["load_avg_1min_per_phase"] = loads
+    try:
+        results["machine"] = machine_info(work)
+        say(f"machine: {results['machine']['cores']} cores, {results['machine']['memory_gb']} GB RAM;"
+            f" work folder {work}")
+        load = os.getloadavg()[0]
+        if load > 0.5 * (os.cpu_count() or 1):
+            say(f"WARNING: load average {load:.2f} before the start: other work on this machine skews the figures")
+        if not {"latency", "sessions"} <= args.skip:
+            from bench import handoff, sessions
+
+            small, archive = make_small_cluster(work, max(args.sessions) + 60)
+            if "latency" not in args.skip:
+                loads["latency"] = [round(os.getloadavg()[0], 2)]
+                lat = handoff.run(small, archive, args.cycles, args.ref_cycles)
+                loads["latency"].append(round(os.getloadavg()[0], 2))
+                results["latency_detail"] = lat.pop("detail")
+                results.update(lat)
+            if "sessions" not in args.skip:
+                loads["sessions"] = [round(os.getloadavg()[0], 2)]
+                ses = sessions.run(small, archive, work, args.sessions, args.sample, args.poll, args.idle,
+                                   diagnose_wait_interval=not args.no_diagnose, profile=args.profile)
+                top = ses["per_n"][str(max(args.sessions))]
+                results.update({
+                    "held_sessions": max(int(n) for n, v in ses["per_n"].items() if v["holder_sessions"] == int(n)),
+                    "rss_mb_per_session": top["rss_mb_per_session"],
+                    "idle_cpu_percent": top["idle_cpu_percent"],
+                    "handoff_ms_median_at_max_n": top["handoff_ms_median"],
+                    "sessions_poll_interval_s": args.poll,
+                    "per_n": ses["per_n"],
+                })
+                loads["sessions"].append(round(os.getloadavg()[0], 2))
+                if "diagnosis_no_wait_interval" in ses:
+                    results["diagnosis_no_wait_interval"] = ses["diagnosis_no_wait_interval"]
+            small.stop()
+            small = None
+        if "dag" not in args.skip:
+            from bench import dagbench
+
+            loads["dag"] = [round(os.getloadavg()[0], 2)]
+            dag = dagbench.run(work, args.scale, args.dag_runs, profile=args.profile)
+            loads["dag"].append(round(os.getloadavg()[0], 2))
+            results["dag_detail"] = dag.pop("detail")
+            results.update(dag)
+        results["targets"] = targets(results, max(args.sessions))
+        results["bench_duration_s"] = round(time.monotonic() - t_start)
+        results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        print()
+        print(table(results))
+        missed = [name for name, t in results["targets"].items() if t["met"] is False]
+        print(f"\ntargets missed: {', '.join(missed)}" if missed else "\nevery target met")
+        print(f"written to {args.output} ({results['bench_duration_s']} s)")
+        return 0
+    except Exception as err:
+        if not isinstance(err, (KeyboardInterrupt, SystemExit)):
+            say(f"FAILED: {type(err).__name__}: {err}")
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up must not be interrupted
+        if small is not None:
+            small.stop("immediate")
+        if args.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
