@@ -8,8 +8,8 @@ way Airflow's triggerer does (``async for event in trigger.run()``), backup i on
 once imported and warmed up (one connection opened and closed), waits for ``go`` on stdin, prints
 ``spawned``, then one ``event`` per trigger as it ends, then ``finished``.
 
-``--no-wait-interval`` (diagnosis only) makes psycopg's waits sleep until the socket is ready or
-the timeout expires, instead of waking every 0.1 s (psycopg's default ``interval``).
+``--psycopg-notifies`` (the reference) makes the holders wait for NOTIFY with psycopg's own
+``notifies(timeout=...)``, as pg-safe-backup did before: it wakes up every 0.1 s.
 """
 
 from __future__ import annotations
@@ -32,23 +32,22 @@ def table_name(prefix: str, i: int) -> str:
     return f"{prefix}{i:04d}"
 
 
-def patch_psycopg_wait_interval() -> None:
-    import psycopg
+def use_psycopg_notifies() -> None:
+    from pg_safe_backup.hooks.backup import PostgresBackupHook
 
-    original = psycopg.AsyncConnection.wait
+    async def wait_for_change(conn: Any, timeout: float) -> None:
+        async for _ in conn.notifies(timeout=max(timeout, 0.001), stop_after=1):
+            pass
 
-    async def wait(self: Any, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-        return await original(self, gen, interval=timeout if timeout else 3600.0, timeout=timeout)
-
-    psycopg.AsyncConnection.wait = wait  # type: ignore[method-assign]
+    PostgresBackupHook.wait_for_change = staticmethod(wait_for_change)  # type: ignore[method-assign]
 
 
 async def main(args: argparse.Namespace) -> None:
     from pg_safe_backup.hooks.backup import PostgresBackupHook
     from pg_safe_backup.triggers.backup import BackupHolderTrigger
 
-    if args.no_wait_interval:
-        patch_psycopg_wait_interval()
+    if args.psycopg_notifies:
+        use_psycopg_notifies()
     # Warm up: the code paths of a connection (imports, connection lookup) before the idle figure.
     hook = PostgresBackupHook(args.conn_id, table=table_name(args.prefix, 1))
     async with hook.connect("bench warm-up") as conn:
@@ -70,8 +69,10 @@ async def main(args: argparse.Namespace) -> None:
             fast_checkpoint=True, wait_for_archive=True, poll_interval=args.poll,
         )
         try:
-            async for ev in trigger.run():
-                emit(kind="event", i=i, status=ev.payload["status"], message=ev.payload["message"][:500])
+            async for ev in trigger.run():  # the trigger ends the task itself; the reason is in its log
+                ok = getattr(ev, "task_instance_state", None) == "success"
+                emit(kind="event", i=i, status="complete" if ok else "failed",
+                     message="complete" if ok else f"{ev.payload}: see the reason in holders_{args.count}.log")
         except Exception as err:  # reported to the parent, which fails the phase
             emit(kind="event", i=i, status="error", message=f"{type(err).__name__}: {err}"[:500])
 
@@ -88,5 +89,5 @@ if __name__ == "__main__":
     parser.add_argument("--owner-prefix", required=True)
     parser.add_argument("--conn-id", required=True)
     parser.add_argument("--poll", type=float, default=30.0)
-    parser.add_argument("--no-wait-interval", action="store_true")
+    parser.add_argument("--psycopg-notifies", action="store_true")
     asyncio.run(main(parser.parse_args()))

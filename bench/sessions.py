@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -75,11 +74,11 @@ def server_cpu_seconds(cluster: LocalCluster) -> float:
 class Child:
     """The holders process and its JSON-line messages."""
 
-    def __init__(self, count: int, owner_prefix: str, poll: float, log_path: Path, no_wait_interval: bool) -> None:
+    def __init__(self, count: int, owner_prefix: str, poll: float, log_path: Path, reference: bool) -> None:
         cmd = [sys.executable, "-m", "bench.holders", "--count", str(count), "--prefix", PREFIX,
                "--owner-prefix", owner_prefix, "--conn-id", CONN_ID, "--poll", str(poll)]
-        if no_wait_interval:
-            cmd.append("--no-wait-interval")
+        if reference:
+            cmd.append("--psycopg-notifies")
         self.stderr = log_path.open("ab")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      cwd=Path(__file__).resolve().parents[1], start_new_session=True)
@@ -161,10 +160,10 @@ async def fail_rest(indexes: list[int], owner_prefix: str) -> int:
 
 
 def run_one(cluster: LocalCluster, archive: Path, work: Path, count: int, sample: int, poll: float,
-            idle_s: float, no_wait_interval: bool = False, profile: bool = False) -> dict[str, Any]:
+            idle_s: float, reference: bool = False, profile: bool = False) -> dict[str, Any]:
     log = ServerLog(cluster.logfile)
-    owner_prefix = f"bench_sessions/n{count}{'_nowaitinterval' if no_wait_interval else ''}/{int(time.time())}"
-    child = Child(count, owner_prefix, poll, work / f"holders_{count}.log", no_wait_interval)
+    owner_prefix = f"bench_sessions/n{count}{'_psycopg_notifies' if reference else ''}/{int(time.time())}"
+    child = Child(count, owner_prefix, poll, work / f"holders_{count}{'_ref' if reference else ''}.log", reference)
     result: dict[str, Any] = {"n": count, "poll_interval_s": poll}
     try:
         child.wait_for("ready", 120)
@@ -213,7 +212,7 @@ def run_one(cluster: LocalCluster, archive: Path, work: Path, count: int, sample
         say(f"  N={count}: RSS {rss_idle:.0f} -> {rss_held:.0f} MB, idle CPU {result['idle_cpu_percent']}%")
         if profile:
             from bench.profile import record
-            suffix = "_nowaitinterval" if no_wait_interval else ""
+            suffix = "_psycopg_notifies" if reference else ""
             result["idle_profile"] = record(child.ps.pid, 10, work / f"py-spy_holders_{count}{suffix}.txt")
 
         # Hand-off latency while the others stay held.
@@ -278,7 +277,7 @@ def cleanup(cluster: LocalCluster, archive: Path, child: Child, count: int, owne
 
 
 def run(cluster: LocalCluster, archive: Path, work: Path, counts: list[int], sample: int, poll: float,
-        idle_s: float, diagnose_wait_interval: bool, profile: bool = False) -> dict[str, Any]:
+        idle_s: float, reference: bool, profile: bool = False) -> dict[str, Any]:
     say(f"sessions held by one trigger runner process: N = {counts}, poll_interval={poll:g}s")
     say(f"  creating {max(counts)} state tables")
     create_tables(max(counts))
@@ -289,9 +288,9 @@ def run(cluster: LocalCluster, archive: Path, work: Path, counts: list[int], sam
         if per_n[str(n)]["after_cleanup"]["holder_sessions_left"]:
             raise SessionsError(f"holder sessions left after N={n}: {per_n[str(n)]['after_cleanup']}")
     out: dict[str, Any] = {"per_n": per_n}
-    if diagnose_wait_interval:
+    if reference:
         n = max(counts)
-        say(f"  diagnosis: N={n} again with psycopg waits not waking every 0.1 s (bench-only patch)")
-        out["diagnosis_no_wait_interval"] = run_one(cluster, archive, work, n, sample, poll, idle_s,
-                                                    no_wait_interval=True, profile=profile)
+        say(f"  reference: N={n} again, waiting with psycopg's notifies() (wakes every 0.1 s; the previous design)")
+        out["reference_psycopg_notifies"] = run_one(cluster, archive, work, n, sample, poll, idle_s,
+                                                    reference=True, profile=profile)
     return out

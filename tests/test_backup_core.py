@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -139,6 +141,54 @@ def test_plain_update_from_old_post_script_wakes_holder(hook, cluster):
         return await asyncio.wait_for(holder, 30)
     assert asyncio.run(go())["status"] == COMPLETE
     assert row(cluster)["state"] == "complete"
+
+
+def _wakeups_of_this_thread() -> int:
+    """Voluntary context switches of the calling thread (each sleep of its event loop is one)."""
+    import threading
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("voluntary_ctxt_switches")))
+
+
+def test_wait_for_change_sleeps_until_something_arrives(hook, cluster):
+    """A waiter wakes for a NOTIFY, for one that came in with a statement's results, and for the
+    server ending its session; in between it does not wake up (psycopg's notifies() would, every 0.1 s)."""
+    async def go():
+        async with hook.connect("waiter") as conn, hook.connect("other") as other:
+            await hook.ensure_table(conn)
+            await hook.listen(conn)
+            # 1. Nothing happens: one sleep for the whole timeout, not one per 0.1 s.
+            before, t0 = _wakeups_of_this_thread(), time.monotonic()
+            await hook.wait_for_change(conn, 2.0)
+            idle = (time.monotonic() - t0, _wakeups_of_this_thread() - before)
+            # 2. A NOTIFY sent while the waiter sleeps.
+            t0 = time.monotonic()
+            sender = asyncio.create_task(asyncio.sleep(0.3))
+            sender.add_done_callback(lambda _: asyncio.ensure_future(
+                other.execute(psycopg.sql.SQL("NOTIFY {}").format(psycopg.sql.Identifier(hook.channel)))))
+            await hook.wait_for_change(conn, 30)
+            woken = time.monotonic() - t0
+            # 3. A NOTIFY that arrived with the results of the waiter's own statement.
+            pid = conn.info.backend_pid
+            busy = asyncio.create_task(conn.execute("SELECT pg_sleep(0.5)"))
+            await asyncio.sleep(0.1)
+            await other.execute(psycopg.sql.SQL("NOTIFY {}").format(psycopg.sql.Identifier(hook.channel)))
+            await busy
+            t0 = time.monotonic()
+            await hook.wait_for_change(conn, 30)
+            backlog = time.monotonic() - t0
+            # 4. The server ends the session.
+            await other.execute("SELECT pg_terminate_backend(%s)", [pid])
+            t0 = time.monotonic()
+            with pytest.raises(psycopg.OperationalError):
+                await hook.wait_for_change(conn, 30)
+                await conn.execute("SELECT 1")
+            return idle, woken, backlog, time.monotonic() - t0
+    (idle_s, idle_wakeups), woken, backlog, ended = asyncio.run(go())
+    assert 1.9 < idle_s < 3 and idle_wakeups <= 5, (idle_s, idle_wakeups)
+    assert 0.25 < woken < 5, woken
+    assert backlog < 1, backlog
+    assert ended < 5, ended
 
 
 def test_tablespace_gives_tablespace_map(hook, cluster, tmp_root):

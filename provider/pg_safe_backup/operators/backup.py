@@ -14,11 +14,10 @@ from airflow.sdk.exceptions import AirflowException
 from pg_safe_backup.copy_check import CopyMismatch, check_copy
 from pg_safe_backup.params import check_label, check_number, check_text, validate_identifier
 from pg_safe_backup.session import COMPLETE
-from pg_safe_backup.triggers.backup import BackupHolderTrigger, BackupStateTrigger
+from pg_safe_backup.triggers.backup import BackupHolderTrigger, BackupStateTrigger, BackupTriggerBase
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-    from airflow.triggers.base import BaseTrigger
 
     from pg_safe_backup.task_group import PostgresOnlineBackup
 
@@ -82,17 +81,11 @@ class BackupTaskMixin:
         """Who owns the backup: this DAG run and backup key (never another run's backup)."""
         return f"{context['dag'].dag_id}/{context['run_id']}/{self.backup_key}"
 
-    def wait_on(self, context: Context, trigger: BaseTrigger, timeout: timedelta | None = None) -> Any:
-        """Defer on ``trigger``, or (deferrable=False) run it here; then ``execute_complete``."""
+    def wait_on(self, context: Context, trigger: BackupTriggerBase, timeout: timedelta | None = None) -> Any:
+        """Defer on ``trigger``, or (deferrable=False) run its wait here; then ``execute_complete``."""
         if self.deferrable:
             self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)  # type: ignore[attr-defined]
-
-        async def first_event() -> dict[str, Any]:
-            async for ev in trigger.run():
-                return ev.payload
-            raise AirflowException(f"{type(trigger).__name__} ended without an event")
-
-        return self.execute_complete(context, asyncio.run(first_event()))  # type: ignore[attr-defined]
+        return self.execute_complete(context, asyncio.run(trigger.result()))  # type: ignore[attr-defined]
 
 
 class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
@@ -157,6 +150,7 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
         return self.wait_on(context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """The result of an inline hold (deferrable=False); deferred, the trigger ends the task itself."""
         if event["status"] != COMPLETE:
             raise AirflowException(f"backup not taken: {event['message']}")
         self.log.info("%s", event["message"])

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 from asgiref.sync import sync_to_async
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.session import HoldRequest, hold_backup, wait_for_backup
-
-#: Seconds a holder trigger runs at least before its event (see BackupHolderTrigger.run).
-MIN_HOLDER_RUNTIME = 10.0
+from pg_safe_backup.session import COMPLETE, HoldRequest, hold_backup, wait_for_backup
 
 #: Task states in which a holder task can no longer hold a backup.
 HOLDER_ENDED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed", "success"})
 
 
-class _BackupTrigger(BaseTrigger):
+class BackupTriggerBase(BaseTrigger):
     """Common part: the hook's arguments and the serialisation of plain keyword arguments."""
 
     def __init__(self, hook_kwargs: dict[str, Any], **kwargs: Any) -> None:
@@ -37,8 +32,12 @@ class _BackupTrigger(BaseTrigger):
     def hook(self) -> PostgresBackupHook:
         return PostgresBackupHook(**self.hook_kwargs)
 
+    async def result(self) -> dict[str, Any]:
+        """Do the wait (or the whole backup) and return its result (see ``session.event``)."""
+        raise NotImplementedError
 
-class BackupHolderTrigger(_BackupTrigger):
+
+class BackupHolderTrigger(BackupTriggerBase):
     """
     Start a backup and hold its session until the finish marks it done, then stop it.
 
@@ -52,18 +51,23 @@ class BackupHolderTrigger(_BackupTrigger):
     def __init__(self, hook_kwargs: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(hook_kwargs, **asdict(HoldRequest(**kwargs)))
 
+    async def result(self) -> dict[str, Any]:
+        return await hold_backup(self.hook, HoldRequest(**self.kwargs))
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        started = time.monotonic()
-        result = await hold_backup(self.hook, HoldRequest(**self.kwargs))
-        # Airflow 3.3's scheduler can fail a task whose trigger fires within ~5 s of its deferral
-        # (the executor's late report of the deferral is applied after the task was re-queued;
-        # apache/airflow#67287). The session is closed by now: an early result (a refusal, a short
-        # snapshot copy) just waits a little.
-        await asyncio.sleep(max(0.0, MIN_HOLDER_RUNTIME - (time.monotonic() - started)))
-        yield TriggerEvent(result)
+        # The trigger ends the task itself: no second trip through the scheduler and a worker once
+        # the backup is over, and no exposure to Airflow 3.3's race that fails a task resumed soon
+        # after its deferral (apache/airflow#67287): a task already ended is left alone.
+        result = await self.result()
+        if result["status"] == COMPLETE:
+            self.log.info("%s", result["message"])
+            yield TaskSuccessEvent()
+        else:
+            self.log.error("backup not taken: %s", result["message"])
+            yield TaskFailedEvent()
 
 
-class BackupStateTrigger(_BackupTrigger):
+class BackupStateTrigger(BackupTriggerBase):
     """
     Wait for one owner's backup to be started (``until="started"``) or finished (``"complete"``).
 
@@ -106,7 +110,10 @@ class BackupStateTrigger(_BackupTrigger):
             return f"the backup holder task {holder['task_id']} ended ({state}) without starting this run's backup; see its log"
         return None
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def result(self) -> dict[str, Any]:
         kw = dict(self.kwargs)
         check = self._holder_problem if kw.pop("holder") else None
-        yield TriggerEvent(await wait_for_backup(self.hook, check=check, **kw))
+        return await wait_for_backup(self.hook, check=check, **kw)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        yield TriggerEvent(await self.result())
