@@ -156,6 +156,27 @@ def test_network_cut_detected_within_seconds(hook, cluster, monkeypatch):
     assert_next_backup_runs(hook, cluster)
 
 
+def test_lost_backup_session_wakes_a_holder_at_once(cluster, monkeypatch):
+    """State and backup sessions apart (as for a standby): the backup session is killed while the holder
+    sleeps with a 600 s re-read interval and no backup_timeout; its socket wakes it, not a poll."""
+    monkeypatch.setenv("AIRFLOW_CONN_PG_STATE", cluster.airflow_conn_uri(password=PASSWORD))
+    hook = PostgresBackupHook(CONN_ID, state_conn_id="pg_state")
+
+    async def go():
+        holder = asyncio.create_task(hold_backup(hook, req(poll_interval=600)))
+        await gate(hook)
+        killed = await asyncio.to_thread(cluster.sql, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                         " WHERE application_name = 'pg_safe_backup holder backup session'")
+        t0 = asyncio.get_running_loop().time()
+        lost = await asyncio.wait_for(holder, 30)
+        return killed, asyncio.get_running_loop().time() - t0, lost
+    killed, took, lost = asyncio.run(go())
+    assert killed == [(True,)]
+    assert lost["status"] == FAILED and "lost" in lost["message"] and took < 5, (took, lost)
+    assert table_row(cluster)[0] == "failed" and holder_sessions(cluster) == 0
+    assert_next_backup_runs(hook, cluster)
+
+
 def test_cancelled_holder_marks_failed_and_next_backup_starts(hook, cluster):
     """A cleared or paused holder task: Airflow cancels its trigger (no backup_timeout set)."""
     async def go():

@@ -39,6 +39,11 @@ def event(status: str, message: str, row: BackupRow | None = None) -> dict[str, 
     return {"status": status, "message": message, "backup": row.result() if row else None}
 
 
+#: Seconds between a holder's re-reads of its row when nothing woke it (NOTIFY and its sessions'
+#: sockets do): hundreds of holders in one triggerer then cost next to nothing while idle.
+HOLDER_RECHECK_S = 60.0
+
+
 @dataclass(frozen=True)
 class HoldRequest:
     """What one holder attempt needs; plain values so a trigger can serialise them."""
@@ -156,10 +161,13 @@ async def _run_backup(
                 return await _fail(
                     hook, conn, bconn, req, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished"
                 )
-            if bconn is not conn:
-                await bconn.execute("SELECT 1")  # the backup session is still there
-            left = deadline.remaining()
-            await hook.wait_for_change(conn, req.poll_interval if left is None else min(req.poll_interval, left))
+            # Woken by NOTIFY (any change of the row), by either session's socket (the server or
+            # the network ending it), or by backup_timeout; re-read now and then regardless.
+            standby = [bconn] if bconn is not conn else []
+            for session in standby:
+                await session.execute("SELECT 1")  # still there (and whatever it sent is read)
+            recheck, left = max(req.poll_interval, HOLDER_RECHECK_S), deadline.remaining()
+            await hook.wait_for_change(conn, recheck if left is None else min(recheck, left), *standby)
         log.info("copy reported done; stopping backup (wait_for_archive: %s)", req.wait_for_archive)
         try:
             stop_lsn, label_file, spcmap = await asyncio.wait_for(

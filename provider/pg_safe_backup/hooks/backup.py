@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
 import psycopg
@@ -271,9 +271,10 @@ class PostgresBackupHook(BaseHook):
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
 
     @staticmethod
-    async def wait_for_change(conn: psycopg.AsyncConnection, timeout: float) -> None:
-        """Sleep until a NOTIFY on a LISTENed channel arrives, the server sends anything else (an
-        error, the end of the session), or ``timeout`` seconds pass.
+    async def wait_for_change(conn: psycopg.AsyncConnection, timeout: float, *also: psycopg.AsyncConnection) -> None:
+        """Sleep until a NOTIFY on a LISTENed channel of ``conn`` arrives, the server sends anything
+        else on ``conn`` or on the ``also`` connections (an error, the end of a session), or
+        ``timeout`` seconds pass.
 
         Truly asleep in between: psycopg's own ``notifies(timeout=...)`` wakes up every 0.1 s,
         which one triggerer holding hundreds of backups pays in CPU (see ``make bench``).
@@ -281,15 +282,16 @@ class PostgresBackupHook(BaseHook):
         if await _drain_notifies(conn):  # came in with the last statement's results
             return
         loop = asyncio.get_running_loop()
-        readable = loop.create_future()
-        async with conn.lock:  # nothing else may read this socket meanwhile
-            loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
+        woken = loop.create_future()
+        async with AsyncExitStack() as stack:
+            for c in (conn, *also):
+                await stack.enter_async_context(c.lock)  # nothing else may read these sockets meanwhile
+                loop.add_reader(c.fileno(), lambda: woken.done() or woken.set_result(None))
+                stack.callback(loop.remove_reader, c.fileno())
             try:
-                await asyncio.wait_for(readable, max(timeout, 0.0))
+                await asyncio.wait_for(woken, max(timeout, 0.0))
             except asyncio.TimeoutError:
                 return
-            finally:
-                loop.remove_reader(conn.fileno())
         await _drain_notifies(conn)  # consume it; raises if the server ended the session
 
     async def server_version(self, conn: psycopg.AsyncConnection) -> int:

@@ -45,7 +45,8 @@ class BackupTaskMixin:
     :param table_schema: schema of the backup state table.
     :param backup_key: tells apart several backups in one DAG run (one per cluster); the
         ``PostgresOnlineBackup`` group sets it to its group id.
-    :param poll_interval: seconds between safety re-reads; state changes wake waiters at once.
+    :param poll_interval: seconds between the gate's and finish's re-reads (state changes wake them
+        at once); the holder, woken by NOTIFY and its sessions' sockets, re-reads every max(this, 60 s).
     :param deferrable: wait in the triggerer instead of a worker slot.
     """
 
