@@ -290,7 +290,7 @@ def run(cluster: LocalCluster, archive: Path, work: Path, counts: list[int], sam
     out: dict[str, Any] = {"per_n": per_n}
     if reference:
         n = max(counts)
-        say(f"  reference: N={n} again, waiting with psycopg's notifies() (wakes every 0.1 s; the previous design)")
+        say(f"  reference: N={n} again, waiting with psycopg's notifies() (wakes every 0.1 s)")
         out["reference_psycopg_notifies"] = run_one(cluster, archive, work, n, sample, poll, idle_s,
                                                     reference=True, profile=profile)
     return out
