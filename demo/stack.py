@@ -45,6 +45,11 @@ COMPONENTS: dict[str, list[str]] = {
 #: so that :meth:`AirflowStack.stop` finds processes that left the components' process groups.
 STACK_ID_VAR = "PGSB_AIRFLOW_STACK_ID"
 FINAL_RUN_STATES = frozenset({"success", "failed"})
+# SQLite busy timeout of every Airflow process (Python's default, 5 s, is short for four components and
+# LocalExecutor workers writing one file on a busy 2-core machine), and retries of an API call that still
+# hit a database error.
+SQLITE_BUSY_TIMEOUT_S = 60
+API_DB_ERROR_RETRIES = 3
 _USER = "admin"
 
 
@@ -131,7 +136,7 @@ class AirflowStack:
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}?timeout={SQLITE_BUSY_TIMEOUT_S}",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "3",
@@ -353,25 +358,47 @@ class AirflowStack:
     # ---------------------------------------------------------------------------------------- REST API
 
     def _api(self, method: str, path: str, body: Any = None, auth: bool = True, _retry: bool = True) -> Any:
-        """One JSON request to the api-server; raises ApiError on HTTP errors, OSError if unreachable."""
+        """One JSON request to the api-server; raises ApiError on HTTP errors, OSError if unreachable.
+
+        A "Database error" (HTTP 500: the api-server's transaction failed and was rolled back, e.g. SQLite
+        still locked by another component after its busy timeout) is retried a few times before it is raised,
+        with the api-server's own log of the error in the message.
+        """
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        if auth:
-            headers["Authorization"] = f"Bearer {self._get_token()}"
-        req = urllib.request.Request(self.api_url + path, data=data, headers=headers, method=method)
-        try:
-            with self._opener.open(req, timeout=30) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            if exc.code == 401 and auth and _retry:
-                self._token = None
-                return self._api(method, path, body, auth, _retry=False)
-            raise ApiError(f"{method} {path}: HTTP {exc.code} {detail}", exc.code) from None
-        return json.loads(raw) if raw else None
+        for attempt in range(API_DB_ERROR_RETRIES + 1):
+            if auth:
+                headers["Authorization"] = f"Bearer {self._get_token()}"
+            req = urllib.request.Request(self.api_url + path, data=data, headers=headers, method=method)
+            try:
+                with self._opener.open(req, timeout=30) as resp:
+                    raw = resp.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")
+                if exc.code == 401 and auth and _retry:
+                    self._token = None
+                    return self._api(method, path, body, auth, _retry=False)
+                if exc.code == 500 and '"Database error"' in detail and attempt < API_DB_ERROR_RETRIES:
+                    time.sleep(2 ** attempt)
+                    continue
+                raise ApiError(f"{method} {path}: HTTP {exc.code} {detail}{self._server_error(detail)}",
+                               exc.code) from None
+        raise AssertionError("unreachable")
+
+    def _server_error(self, detail: str) -> str:
+        """The api-server log's lines about the error id an HTTP 500 answer names ("look for ID ..."), if any."""
+        match = re.search(r"look for ID (\w+)", detail)
+        if not match:
+            return ""
+        lines = (self.logs_dir / "api-server.log").read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if f"Error with id {match.group(1)}" in line:
+                return "\napi-server log:\n" + "\n".join(lines[i:i + 40])
+        return ""
 
     def _get_token(self) -> str:
         if self._token is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from demo.stack import STACK_ID_VAR, AirflowStack
+from demo.stack import SQLITE_BUSY_TIMEOUT_S, STACK_ID_VAR, AirflowStack
 
 DAG_ID = "stack_smoke"
 DAG_FILE = textwrap.dedent('''
@@ -98,6 +100,13 @@ def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
         assert f"marker: {marker}" in logs["echo"], logs["echo"]
         assert stack.task_log_files(DAG_ID, run_id, "echo")[0].name == "attempt=1.log"
         assert len(seen_pids) >= 5, seen_pids  # the four components and at least one child each
+
+        # Every component waits up to SQLITE_BUSY_TIMEOUT_S for a lock on the SQLite file (Python's default is
+        # 5 s, which a busy CI machine exceeded: the api-server answered a run's trigger with a database error).
+        probe = ("from airflow import settings; settings.configure_orm(); e = settings.engine;"
+                 " print(e.dialect.create_connect_args(e.url)[1]['timeout'])")
+        out = subprocess.run([sys.executable, "-c", probe], env=stack.env, capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip().splitlines()[-1:] == [str(float(SQLITE_BUSY_TIMEOUT_S))], out
 
     assert not _survivors(seen_pids), _survivors(seen_pids)
     assert not stack.processes()

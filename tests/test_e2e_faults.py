@@ -71,6 +71,28 @@ def env() -> Iterator[dict]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def no_backup_left_behind(env: dict) -> Iterator[None]:
+    """After each case, end what a failed case left running, so that it cannot fail the cases after it.
+
+    A run still going is marked failed through the REST API (its holder's trigger is cancelled, marks the
+    backup failed and closes its session); a holder session that survives that is terminated. A case that
+    passed has nothing left to end: each one asserts that no holder session remains.
+    """
+    yield
+    stack, cluster = env["stack"], env["cluster"]
+    for dag_id, run_id in env["runs"]:
+        try:
+            if stack.run_state(dag_id, run_id) not in FINAL_RUN_STATES:
+                stack._api("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}", {"state": "failed"})
+        except Exception as exc:  # the api-server may be what failed; the sessions are ended below anyway
+            print(f"could not end {dag_id} {run_id}: {exc}")
+    deadline = time.monotonic() + 30
+    while holder_sessions(cluster) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    cluster.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'pg_safe_backup%'")
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 
 def log_offset(cluster: LocalCluster) -> int:
