@@ -2,9 +2,9 @@
 
 One backup at a time on the small cluster, fast checkpoint, wait_for_archive=True. Each cycle:
 
-* t0: ``hold_backup`` is started, and at once the gate ``wait_for_backup(until="started")``;
+* t0: ``hold_backup`` is started, and at once the gate ``wait_for_start``;
   the gate returning is the end of the start latency.
-* a short "copy" (sleep), then the finish ``wait_for_backup(until="complete", request="done")``;
+* a short "copy" (sleep), then the finish ``finish_backup``;
   it returning with the label is the end of the hand-off latency.
 
 PostgreSQL's own time is read from the server log (log_min_duration_statement = 0, lines tied
@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 
 from pg_safe_backup.local_cluster import LocalCluster
-from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, hold_backup, wait_for_backup
+from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
 
 from bench.common import CONN_ID, PASSWORD, START_FUNCS, STOP_FUNCS, ServerLog, prune_archive, say, summary
 from bench.instrument import TimedHook
@@ -47,21 +47,20 @@ def ms(a: float, b: float) -> float:
 async def our_cycle(i: int, log: ServerLog, poll: float) -> dict[str, Any]:
     owner = f"bench/handoff_{i:04d}/backup"
     holder_hook, gate_hook, finish_hook = (TimedHook(CONN_ID, table=TABLE) for _ in range(3))
-    req = HoldRequest(owner=owner, holder_try=1, label=f"bench {owner}", fast_checkpoint=True,
+    req = HoldRequest(owner=owner, attempt=f"{owner}#try1", label=f"bench {owner}", fast_checkpoint=True,
                       wait_for_archive=True, poll_interval=poll)
     offset = log.offset()
     t0 = time.perf_counter()
     holder = asyncio.create_task(hold_backup(holder_hook, req))
-    gate = await asyncio.wait_for(wait_for_backup(gate_hook, owner, until=STARTED, poll_interval=poll), 120)
+    gate = await asyncio.wait_for(wait_for_start(gate_hook, req.attempt, poll_interval=poll), 120)
     t_gate = time.perf_counter()
     if gate["status"] != STARTED:
         holder.cancel()
         raise BenchError(f"cycle {i}: the gate did not open: {gate['message']}")
     await asyncio.sleep(random.uniform(0.05, 0.25))  # the copy
     t_fin0, wall0 = time.perf_counter(), time.time()
-    done = await asyncio.wait_for(wait_for_backup(
-        finish_hook, owner, until=COMPLETE, poll_interval=poll, request="done",
-        expected_start_lsn=gate["backup"]["start_lsn"]), 120)
+    done = await asyncio.wait_for(finish_backup(
+        finish_hook, req.attempt, gate["backup"]["start_lsn"], poll_interval=poll), 120)
     t_fin1, wall1 = time.perf_counter(), time.time()
     held = await asyncio.wait_for(holder, 60)
     if done["status"] != COMPLETE or held["status"] != COMPLETE or not done["backup"]["backup_label"]:

@@ -63,10 +63,11 @@ async def main(args: argparse.Namespace) -> None:
         return
 
     async def run_one(i: int) -> None:
+        owner = f"{args.owner_prefix}/{i}"
         trigger = BackupHolderTrigger(
             {"postgres_conn_id": args.conn_id, "table": table_name(args.prefix, i)},
-            owner=f"{args.owner_prefix}/{i}", holder_try=1, label=f"bench {args.owner_prefix}/{i}",
-            fast_checkpoint=True, wait_for_archive=True, poll_interval=args.poll,
+            request={"owner": owner, "attempt": owner, "label": f"bench {owner}", "fast_checkpoint": True,
+                     "wait_for_archive": True, "poll_interval": args.poll},
         )
         try:
             async for ev in trigger.run():  # the trigger ends the task itself; the reason is in its log

@@ -3,7 +3,7 @@
 ``TimedHook`` is a subclass of ``PostgresBackupHook`` that records when some of its methods are
 called and return (and the backend pid they ran on). The product code is untouched: the holder
 and waiters are simply given this hook. Only used for the break-down of our overhead; the
-headline figures come from the wall clock around hold_backup/wait_for_backup and the server log.
+headline figures come from the wall clock around hold_backup/wait_for_start/finish_backup and the server log.
 """
 
 from __future__ import annotations

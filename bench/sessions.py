@@ -27,7 +27,7 @@ import psycopg
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster
-from pg_safe_backup.session import COMPLETE, wait_for_backup
+from pg_safe_backup.session import COMPLETE, finish_backup
 
 from bench.common import CONN_ID, STOP_FUNCS, ServerLog, prune_archive, say, summary, wait_archiver_idle
 from bench.holders import table_name
@@ -143,8 +143,10 @@ class Child:
 async def finish_one(i: int, owner: str, poll: float) -> tuple[float, dict[str, Any], float, float, int | None]:
     """Finish backup i as the finish task does; (ms, event, called, returned (time.time()), finisher pid)."""
     hook = TimedHook(CONN_ID, table=table_name(PREFIX, i))
+    async with PostgresBackupHook(CONN_ID, table=table_name(PREFIX, i)).connect("bench read") as conn:
+        start_lsn = (await PostgresBackupHook(CONN_ID, table=table_name(PREFIX, i)).read(conn)).start_lsn  # the gate's XCom
     t0, wall0 = time.perf_counter(), time.time()
-    ev = await asyncio.wait_for(wait_for_backup(hook, owner, until=COMPLETE, request="done", poll_interval=poll), 120)
+    ev = await asyncio.wait_for(finish_backup(hook, owner, start_lsn, poll_interval=poll), 120)
     t1, wall1 = time.perf_counter(), time.time()
     connect = hook.first("connect")
     return (t1 - t0) * 1000, ev, wall0, wall1, connect[2] if connect else None
@@ -155,7 +157,7 @@ async def fail_rest(indexes: list[int], owner_prefix: str) -> int:
     async with PostgresBackupHook(CONN_ID, table=table_name(PREFIX, 1)).connect("bench clean-up") as conn:
         for i in indexes:
             hook = PostgresBackupHook(CONN_ID, table=table_name(PREFIX, i))
-            failed += await hook.mark_failed(conn, f"{owner_prefix}/{i}", "benchmark clean-up")
+            failed += await hook.mark_failed(conn, f"{owner_prefix}/{i}", "benchmark clean-up")  # attempt = owner
     return failed
 
 

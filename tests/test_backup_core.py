@@ -10,46 +10,12 @@ import psycopg
 import pytest
 
 from pg_safe_backup.hooks.backup import SCHEMA_VERSION, PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
-from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_backup, wait_for_backup
+from pg_safe_backup.local_cluster import give_to_server_user
+from pg_safe_backup.session import COMPLETE, FAILED, HoldView, hold_backup, wait_for_start
 from pg_safe_backup.state import parse_backup_label
 
-OWNER = "nightly/scheduled__2026-11-24/backup"
-
-
-def req(owner: str = OWNER, **kw) -> HoldRequest:
-    return HoldRequest(**{"owner": owner, "holder_try": 1, "label": f"test {owner}", "fast_checkpoint": True,
-                          "poll_interval": 1.0, **kw})
-
-
-def backup_starts(cluster: LocalCluster) -> int:
-    """How many times the server was asked to enter backup mode (log_statement = all)."""
-    return sum(("pg_backup_start(" in line or "pg_start_backup(" in line)
-               for line in cluster.log_text().splitlines() if "LOG:" in line)
-
-
-def row(cluster: LocalCluster) -> dict:
-    cols = ["state", "pid", "owner", "label", "start_lsn", "stop_lsn", "timeline", "backup_label",
-            "tablespace_map", "error"]
-    found = cluster.sql(f"SELECT state::text, {', '.join(cols[1:])} FROM backup")
-    return dict(zip(cols, found[0])) if found else {}
-
-
-def session_alive(cluster: LocalCluster, pid: int) -> bool:
-    return bool(cluster.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]))
-
-
-async def started(hook: PostgresBackupHook, r: HoldRequest) -> tuple[asyncio.Task, dict]:
-    """Start a holder and wait for the gate to open."""
-    holder = asyncio.create_task(hold_backup(hook, r))
-    gate = await asyncio.wait_for(wait_for_backup(hook, r.owner, until=STARTED, poll_interval=0.5), 60)
-    assert gate["status"] == STARTED, gate
-    return holder, gate
-
-
-async def finish(hook: PostgresBackupHook, owner: str = OWNER, **kw) -> dict:
-    return await asyncio.wait_for(wait_for_backup(hook, owner, until=COMPLETE, request="done", poll_interval=0.5, **kw), 60)
-
+# tests/ is on sys.path (pytest's default "prepend" import mode)
+from backup_helpers import ATTEMPT, OWNER, attempt_of, backup_starts, finish, req, row, session_alive, started
 
 # -- schema -------------------------------------------------------------------------------------
 
@@ -114,7 +80,7 @@ def test_full_cycle_label_matches_backup(hook, cluster):
         holder, gate = await started(hook, req())
         during = row(cluster)
         assert during["state"] == "running" and session_alive(cluster, during["pid"])
-        done = await finish(hook, expected_start_lsn=gate["backup"]["start_lsn"])
+        done = await finish(hook, start_lsn=gate["backup"]["start_lsn"])
         return gate, done, await holder, during["pid"]
     gate, done, held, holder_pid = asyncio.run(go())
     assert done["status"] == held["status"] == COMPLETE
@@ -257,9 +223,9 @@ def test_duplicate_holder_for_same_run_takes_one_backup(hook, cluster):
     async def go():
         first = asyncio.create_task(hold_backup(hook, req()))
         second = asyncio.create_task(hold_backup(hook, req()))
-        gate = await asyncio.wait_for(wait_for_backup(hook, OWNER, until=STARTED, poll_interval=0.5), 60)
+        gate = await asyncio.wait_for(wait_for_start(hook, ATTEMPT, poll_interval=0.5), 60)
         await asyncio.sleep(1)  # both holders have claimed by now
-        done = await finish(hook, expected_start_lsn=gate["backup"]["start_lsn"])
+        done = await finish(hook, start_lsn=gate["backup"]["start_lsn"])
         return await asyncio.wait_for(asyncio.gather(first, second), 30), done
     (a, b), done = asyncio.run(go())
     assert a["status"] == b["status"] == done["status"] == COMPLETE
@@ -275,12 +241,12 @@ def test_second_start_refused_and_first_untouched(hook, cluster):
         assert row(cluster)["owner"] == OWNER and row(cluster)["state"] == "running"
         assert session_alive(cluster, row(cluster)["pid"])
         # The refused run's finish must not end the first run's backup.
-        wrong = await finish(hook, owner=other)
+        wrong = await finish(hook, attempt=attempt_of(other), start_lsn=row(cluster)["start_lsn"])
         assert row(cluster)["state"] == "running"
         return refused, wrong, await finish(hook), await holder
     refused, wrong, done, held = asyncio.run(go())
     assert refused["status"] == FAILED and OWNER in refused["message"] and "untouched" in refused["message"]
-    assert wrong["status"] == FAILED and "no backup of this run" in wrong["message"]
+    assert wrong["status"] == FAILED and "is no longer in the table" in wrong["message"]
     assert done["status"] == held["status"] == COMPLETE
     assert backup_starts(cluster) == 1
 
@@ -317,8 +283,7 @@ def test_copy_failed_marks_failed_and_ends_backup(hook, cluster):
     async def go():
         holder, _ = await started(hook, req())
         pid = row(cluster)["pid"]
-        failed = await asyncio.wait_for(wait_for_backup(
-            hook, OWNER, until=COMPLETE, request="fail", reason="copy_data failed", poll_interval=0.5), 30)
+        failed = await finish(hook, copy_problem="copy_data failed")
         return failed, await asyncio.wait_for(holder, 30), pid
     failed, held, pid = asyncio.run(go())
     assert failed["status"] == held["status"] == FAILED
@@ -330,20 +295,21 @@ def test_copy_failed_marks_failed_and_ends_backup(hook, cluster):
 def test_finish_refuses_backup_restarted_after_copy_began(hook, cluster):
     async def go():
         holder, _ = await started(hook, req())
-        done = await finish(hook, expected_start_lsn="0/1")  # the copy began under another backup
+        done = await finish(hook, start_lsn="0/1")  # the copy began under another backup
         return done, await asyncio.wait_for(holder, 30)
     done, held = asyncio.run(go())
-    assert done["status"] == FAILED and "restarted after the copy began" in done["message"]
+    assert done["status"] == FAILED and "the copy began under start LSN 0/1" in done["message"]
     assert held["status"] == FAILED and row(cluster)["backup_label"] is None
 
 
-def test_gate_fails_fast_when_holder_reports_a_problem(hook, cluster):
-    async def problem():
-        return "the backup holder task ended (failed)"
+def test_gate_fails_fast_when_the_hold_task_ended(hook, cluster):
+    async def ended():
+        return HoldView(None, current=True, ended="failed")
     async def go():
-        return await asyncio.wait_for(
-            wait_for_backup(hook, OWNER, until=STARTED, poll_interval=0.2, check=problem), 10)
-    assert asyncio.run(go())["status"] == FAILED
+        return await asyncio.wait_for(wait_for_start(hook, hold_view=ended, poll_interval=0.2), 10)
+    result = asyncio.run(go())
+    assert result["status"] == FAILED
+    assert "the backup holder task ended (failed) without starting this run's backup" in result["message"]
 
 
 def test_connection_errors_are_clear_and_hide_the_password(cluster, monkeypatch):

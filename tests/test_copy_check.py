@@ -9,7 +9,7 @@ import pytest
 
 from pg_safe_backup.copy_check import CopyMismatch, check_copy, parse_lsn, read_pg_control
 from pg_safe_backup.local_cluster import LocalCluster
-from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, hold_backup, wait_for_backup
+from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
 
 OWNER = "d/r/backup"
 SKIP = shutil.ignore_patterns("postmaster.pid", "postmaster.opts", "pg_wal", "*.log")
@@ -19,11 +19,11 @@ def backup_with_copies(hook, cluster, before, during) -> dict:
     """Copy the data dir to ``before``, then take a backup copying it to ``during``."""
     shutil.copytree(cluster.datadir, before, ignore=SKIP)
     async def go():
-        holder = asyncio.create_task(hold_backup(hook, HoldRequest(OWNER, 1, "copycheck", fast_checkpoint=True)))
-        gate = await wait_for_backup(hook, OWNER, until=STARTED, poll_interval=0.5)
+        holder = asyncio.create_task(hold_backup(hook, HoldRequest(OWNER, "attempt-1", "copycheck", fast_checkpoint=True)))
+        gate = await wait_for_start(hook, "attempt-1", poll_interval=0.5)
         assert gate["status"] == STARTED
         await asyncio.to_thread(shutil.copytree, cluster.datadir, during, ignore=SKIP)
-        done = await wait_for_backup(hook, OWNER, until=COMPLETE, request="done", poll_interval=0.5)
+        done = await finish_backup(hook, "attempt-1", gate["backup"]["start_lsn"], poll_interval=0.5)
         await holder
         return done
     done = asyncio.run(go())

@@ -11,18 +11,20 @@ import pytest
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook, backup_functions
 from pg_safe_backup.local_cluster import LocalCluster, free_port
-from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_backup, wait_for_backup
+from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_backup, wait_for_start
 from pg_safe_backup.state import parse_backup_label
 
 from conftest import CONN_ID, PASSWORD
+import backup_helpers
+from backup_helpers import attempt_of
 
 OWNER = "nightly/run1/backup"
 NEXT = "nightly/run2/backup"
 
 
 def req(owner: str = OWNER, **kw) -> HoldRequest:
-    return HoldRequest(**{"owner": owner, "holder_try": 1, "label": f"faults {owner}", "fast_checkpoint": True,
-                          "poll_interval": 0.5, **kw})
+    return HoldRequest(**{"owner": owner, "attempt": attempt_of(owner), "label": f"faults {owner}",
+                          "fast_checkpoint": True, "poll_interval": 0.5, **kw})
 
 
 def table_row(cluster: LocalCluster) -> tuple:
@@ -34,11 +36,11 @@ def holder_sessions(cluster: LocalCluster) -> int:
 
 
 async def gate(hook: PostgresBackupHook, owner: str = OWNER) -> dict:
-    return await asyncio.wait_for(wait_for_backup(hook, owner, until=STARTED, poll_interval=0.5), 60)
+    return await backup_helpers.gate(hook, attempt_of(owner))
 
 
 async def finish(hook: PostgresBackupHook, owner: str = OWNER) -> dict:
-    return await asyncio.wait_for(wait_for_backup(hook, owner, until=COMPLETE, request="done", poll_interval=0.5), 60)
+    return await backup_helpers.finish(hook, attempt_of(owner))
 
 
 async def full_backup(hook: PostgresBackupHook, owner: str = NEXT, **kw) -> dict:
@@ -64,7 +66,7 @@ async def wait_until(predicate, timeout: float = 15) -> None:
 
 def test_unknown_connection_id_is_named():
     for result in (asyncio.run(hold_backup(PostgresBackupHook("no_such_conn"), req())),
-                   asyncio.run(wait_for_backup(PostgresBackupHook("no_such_conn"), OWNER, until=STARTED))):
+                   asyncio.run(wait_for_start(PostgresBackupHook("no_such_conn"), attempt_of(OWNER)))):
         assert result["status"] == FAILED and "postgres_conn_id 'no_such_conn'" in result["message"]
 
 

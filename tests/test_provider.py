@@ -15,7 +15,7 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 
 from pg_safe_backup.operators.backup import PostgresBackupHoldOperator, PostgresStoreBackupLabelOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
-from pg_safe_backup.triggers.backup import BackupHolderTrigger, BackupStateTrigger
+from pg_safe_backup.triggers.backup import BackupFinishTrigger, BackupHolderTrigger, BackupStartedTrigger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,51 @@ def test_two_clusters_in_one_dag_get_distinct_backup_keys():
     assert keys["east.hold_backup_session"] == "east" and keys["west.finish_backup"] == "west"
 
 
+def test_nested_groups_with_the_same_local_id_get_distinct_backup_keys():
+    """Two PostgresOnlineBackup(group_id="backup") in two parent groups are two backups, not one."""
+    from airflow.sdk import TaskGroup
+
+    with DAG("nested", schedule=None) as dag:
+        for parent in ("east", "west"):
+            with TaskGroup(parent):
+                with PostgresOnlineBackup(group_id="backup", postgres_conn_id=f"pg_{parent}"):
+                    EmptyOperator(task_id="copy")
+    keys = {t.task_id: t.backup_key for t in dag.tasks if hasattr(t, "backup_key")}
+    assert keys["east.backup.hold_backup_session"] == "east.backup"
+    assert keys["west.backup.hold_backup_session"] == "west.backup"
+    assert keys["west.backup.wait_for_backup_mode"] == keys["west.backup.finish_backup"] == "west.backup"
+    holds = {t.task_id: t.finish_task_id for t in dag.tasks if isinstance(t, PostgresBackupHoldOperator)}
+    assert holds == {"east.backup.hold_backup_session": "east.backup.finish_backup",
+                     "west.backup.hold_backup_session": "west.backup.finish_backup"}
+
+
+def test_the_owner_carries_the_map_index():
+    from pg_safe_backup.state import BackupRef
+
+    assert BackupRef("d", "scheduled__2026-11-24", "clusters.backup").owner == "d/scheduled__2026-11-24/clusters.backup"
+    assert BackupRef("d", "r", "clusters.backup", map_index=2).owner == "d/r/clusters.backup[2]"
+
+
+def test_a_mapped_group_over_connection_ids_parses_and_serializes():
+    """`@task_group` + `expand` over connection ids: the connection id is rendered per map index."""
+    from airflow.sdk import task_group
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    with DAG("mapped", schedule=None) as dag:
+        @task_group(group_id="clusters")
+        def one_cluster(conn_id: str):
+            with PostgresOnlineBackup(group_id="backup", postgres_conn_id=conn_id):
+                EmptyOperator(task_id="copy")
+
+        one_cluster.expand(conn_id=["pg_a", "pg_b", "pg_c"])
+    tasks = {t.task_id: t for t in dag.tasks}
+    hold = tasks["clusters.backup.hold_backup_session"]
+    assert "postgres_conn_id" in hold.template_fields
+    assert hold.backup_key == "clusters.backup"
+    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert {t.task_id for t in restored.tasks} == set(tasks)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
@@ -101,8 +146,12 @@ def test_store_needs_a_backup():
 
 def test_triggers_serialize_to_their_own_classpath():
     hook_kwargs = {"postgres_conn_id": "c", "database": None, "table": "backup", "schema": "public"}
-    for trig in (BackupHolderTrigger(hook_kwargs, owner="d/r/b", holder_try=1, label="l"),
-                 BackupStateTrigger(hook_kwargs, owner="d/r/b", until="started")):
+    ref = {"dag_id": "d", "run_id": "r", "backup_key": "b", "map_index": 2, "hold_task_id": "b.hold",
+           "finish_task_id": "b.finish"}
+    for trig in (BackupHolderTrigger(hook_kwargs, request={"owner": "d/r/b[2]", "attempt": "0193-uuid", "label": "l"},
+                                     ref=ref),
+                 BackupStartedTrigger(hook_kwargs, ref=ref, timeout=60),
+                 BackupFinishTrigger(hook_kwargs, attempt="0193-uuid", start_lsn="0/2000028", copy_problem=None)):
         path, kwargs = trig.serialize()
         module, _, name = path.rpartition(".")
         again = getattr(importlib.import_module(module), name)(**kwargs)

@@ -14,7 +14,7 @@ from pathlib import Path
 from demo.load import Writer, invariant_sql, wait_archived
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
-from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, hold_backup, wait_for_backup
+from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
 from pg_safe_backup.state import parse_backup_label
 from pg_safe_backup.verify import verify_backup
 
@@ -30,12 +30,13 @@ def SKIP(folder: str, names: list[str]) -> set[str]:
 def backup_into(hook: PostgresBackupHook, source: Path, dest: Path, owner: str) -> dict:
     """One backup through the hook: hold, copy ``source`` to ``dest``, finish, write backup_label."""
     async def go():
-        holder = asyncio.create_task(hold_backup(hook, HoldRequest(owner, 1, owner, fast_checkpoint=True,
+        attempt = f"{owner}#try1"
+        holder = asyncio.create_task(hold_backup(hook, HoldRequest(owner, attempt, owner, fast_checkpoint=True,
                                                                    poll_interval=0.5)))
-        started = await asyncio.wait_for(wait_for_backup(hook, owner, until=STARTED, poll_interval=0.5), 60)
+        started = await asyncio.wait_for(wait_for_start(hook, attempt, poll_interval=0.5), 60)
         assert started["status"] == STARTED, started
         await asyncio.to_thread(shutil.copytree, source, dest, ignore=SKIP)
-        done = await asyncio.wait_for(wait_for_backup(hook, owner, until=COMPLETE, request="done", poll_interval=0.5), 60)
+        done = await asyncio.wait_for(finish_backup(hook, attempt, started["backup"]["start_lsn"], poll_interval=0.5), 60)
         assert (await holder)["status"] == COMPLETE
         return done
     done = asyncio.run(go())

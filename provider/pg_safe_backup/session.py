@@ -1,11 +1,14 @@
-"""The two long waits of a backup, as plain async functions (the triggers only call these).
+"""The long waits of a backup, as plain async functions (the triggers only call these).
 
-* :func:`hold_backup` claims the backup row, starts backup mode in its session, keeps that
-  session open until the row says ``done``, then runs pg_backup_stop and stores the label.
-* :func:`wait_for_backup` waits for one owner's backup to be started (the gate) or finished (the
-  finish), optionally asking for the finish first.
+* :func:`hold_backup` claims the backup row for one attempt, starts backup mode in its session,
+  keeps that session open until the row says ``done``, then runs pg_backup_stop and stores the label.
+* :func:`wait_for_start` (the gate) waits until the hold's current attempt is in backup mode.
+* :func:`finish_backup` (the finish) asks the attempt the copy ran under to stop (or fails it when
+  the copy did not succeed) and waits for the outcome.
 
-Both return an event dict: ``{"status": ..., "message": ..., "backup": {...row values...}}``.
+Each returns an event dict: ``{"status": ..., "message": ..., "backup": {...row values...}}``.
+What Airflow knows (the hold's current attempt, whether the finish or the run ended) comes in as
+callbacks, so this module runs, and is tested, without Airflow.
 """
 
 from __future__ import annotations
@@ -42,20 +45,52 @@ def event(status: str, message: str, row: BackupRow | None = None) -> dict[str, 
 #: Seconds between a holder's re-reads of its row when nothing woke it (NOTIFY and its sessions'
 #: sockets do): hundreds of holders in one triggerer then cost next to nothing while idle.
 HOLDER_RECHECK_S = 60.0
+#: Seconds between a holder's looks at Airflow (has its run's finish ended, is the run still running?),
+#: at least: nothing else would end a backup whose finish is gone.
+HOLDER_AIRFLOW_CHECK_S = 10.0
+#: Seconds a holder waits for an earlier attempt of its own backup to end (Airflow cancels the trigger
+#: of a cleared hold within a few seconds) before it refuses to start.
+EARLIER_ATTEMPT_WAIT_S = 30.0
+#: Default backup_timeout and gate_timeout: nothing waits forever when all else fails.
+ONE_DAY_S = 24 * 3600.0
+
+#: An Airflow-side check: returns why the wait must end (a text), or None.
+Check = Callable[[], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
 class HoldRequest:
-    """What one holder attempt needs; plain values so a trigger can serialise them."""
+    """What one holder attempt needs; plain values so a trigger can serialise them.
+
+    :param owner: the group of the DAG run (and map index) the backup is for (see ``BackupRef.owner``).
+    :param attempt: this try of the hold task (its task-instance UUID): the backup belongs to it alone.
+    :param holder_try: the hold task's try number (for people reading the table).
+    """
 
     owner: str
-    holder_try: int
+    attempt: str
     label: str
+    holder_try: int = 1
     fast_checkpoint: bool = False
     wait_for_archive: bool = True
-    backup_timeout: float = 0  # seconds from the start; 0 = no limit
+    backup_timeout: float = ONE_DAY_S  # seconds from the start; 0 = no limit
     poll_interval: float = 5.0
     terminate_live: bool = False
+
+
+@dataclass(frozen=True)
+class HoldView:
+    """What Airflow says about the hold task of the gate's own run (and map index).
+
+    :param attempt: the attempt its latest try published, or None while it has not yet.
+    :param current: that attempt is surely the CURRENT try's: the task is deferred, held inline, or
+        ended. (While a new try starts on a worker, the previous try's value is still readable.)
+    :param ended: the hold task's end state (``success``, ``failed``, ...), if it ended.
+    """
+
+    attempt: str | None
+    current: bool = True
+    ended: str | None = None
 
 
 class _Deadline:
@@ -70,6 +105,10 @@ class _Deadline:
         left = self.remaining()
         return left is not None and left <= 0
 
+    def cap(self, seconds: float) -> float:
+        left = self.remaining()
+        return seconds if left is None else max(0.0, min(seconds, left))
+
 
 async def _prepare_session(conn: psycopg.AsyncConnection) -> None:
     """A holder session must never be ended by the server's own timeouts."""
@@ -83,12 +122,22 @@ async def _prepare_session(conn: psycopg.AsyncConnection) -> None:
     await conn.execute("SET tcp_keepalives_count = 3")
 
 
+# ------------------------------------------------------------------------------------------ the holder
+
 async def hold_backup(
-    hook: PostgresBackupHook, req: HoldRequest, clock: Callable[[], float] = time.monotonic
+    hook: PostgresBackupHook, req: HoldRequest, clock: Callable[[], float] = time.monotonic,
+    check: Check | None = None,
 ) -> dict[str, Any]:
-    """Take one backup for ``req.owner`` and hold its session until the finish asks to stop."""
+    """Take one backup for ``req.attempt`` and hold its session until the finish asks to stop.
+
+    :param check: Airflow's side, asked before the start and every ``HOLDER_AIRFLOW_CHECK_S`` while
+        holding: a text (the run's finish ended, the run is no longer running) means nobody will end
+        this backup, so it is not started, or it is failed and backup mode ended.
+    """
     deadline = _Deadline(req.backup_timeout, clock)
     try:
+        if check is not None and (problem := await check()):
+            return event(FAILED, f"not started: {problem}")
         async with AsyncExitStack() as stack:
             conn = await stack.enter_async_context(hook.connect("holder"))
             # The state session doubles as the backup session unless the table lives elsewhere
@@ -97,7 +146,7 @@ async def hold_backup(
             if hook.separate_state:
                 bconn = await stack.enter_async_context(hook.connect("holder backup session", backup_server=True))
             try:
-                return await _claim_and_run(hook, conn, bconn, req, deadline)
+                return await _claim_and_run(hook, conn, bconn, req, deadline, check, clock)
             except psycopg.Error as err:  # before backup mode: nothing to end
                 return event(FAILED, f"cannot start the backup: {hook.explain(err, conn)}")
     except BackupError as err:
@@ -106,38 +155,68 @@ async def hold_backup(
 
 async def _claim_and_run(
     hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
-    deadline: _Deadline,
+    deadline: _Deadline, check: Check | None, clock: Callable[[], float],
 ) -> dict[str, Any]:
     """Claim the row (see decide_claim), then run the backup, follow our earlier claim, or refuse."""
     for session in {conn, bconn}:
         await _prepare_session(session)
     await hook.ensure_table(conn)
-    decision, row = await hook.claim(conn, req.owner, req.holder_try, req.label, req.terminate_live)
-    if decision is Claim.REFUSE:
+    await hook.listen(conn)
+    patience = _Deadline(EARLIER_ATTEMPT_WAIT_S, clock)
+    while True:
+        decision, row = await hook.claim(conn, req.owner, req.attempt, req.holder_try, req.label, req.terminate_live)
+        if decision is not Claim.WAIT or patience.expired():
+            break
+        log.info("an earlier attempt of %s (%s) still holds its backup; waiting for it to end", req.owner, row.attempt)
+        await hook.wait_for_change(conn, patience.cap(req.poll_interval))
+    if decision in (Claim.REFUSE, Claim.WAIT):
+        whose = f"an earlier attempt ({row.attempt}) of this same backup" if decision is Claim.WAIT else (
+            f"a backup owned by {row.owner or 'another client'}")
         return event(
             FAILED,
-            f"refused to start: a backup owned by {row.owner or 'another client'} (label"
-            f" {row.label!r}, holder pid {row.pid}) is {row.state.value} on this cluster; it was left"
-            " untouched. Wait for it to finish, or set terminate_live=True to end it.",
+            f"refused to start: {whose} (label {row.label!r}, holder pid {row.pid}) is {row.state.value} on this"
+            " cluster; it was left untouched. Wait for it to finish, or set terminate_live=True to end it. Each"
+            f" cluster needs a state table of its own: if that backup is of another cluster whose state shares"
+            f" {hook.table_description} (standbys of one primary), give each group its own table= option.",
         )
     if decision in (Claim.WATCH, Claim.FINISHED, Claim.LOST):
         # Our attempt was claimed before (a duplicate trigger or a re-run): never start again.
         log.info("backup of %s was already claimed (%s); following it", req.owner, decision.value)
-        return await wait_for_backup(hook, req.owner, until=COMPLETE, poll_interval=req.poll_interval)
+        return await _follow(hook, conn, req)
     if decision is not Claim.START:
         log.warning("previous backup of %s replaced (%s)", row.owner, decision.value)
-    return await _run_backup(hook, conn, bconn, req, deadline)
+    return await _run_backup(hook, conn, bconn, req, deadline, check, clock)
+
+
+async def _follow(hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest) -> dict[str, Any]:
+    """Wait for our own attempt's backup, held by another session (or already ended), to end."""
+    while True:
+        row = await hook.read(conn)
+        if row is None or row.attempt != req.attempt:
+            return event(FAILED, "this attempt's backup is no longer in the table (replaced)", row)
+        if row.state is BackupState.FAILED:
+            return event(FAILED, f"backup failed: {row.error}", row)
+        if row.state is BackupState.COMPLETE:
+            return event(COMPLETE, "backup complete", row)
+        if not row.holder_alive:
+            await hook.mark_failed(conn, req.attempt, _session_gone(row))
+            continue
+        await hook.wait_for_change(conn, req.poll_interval)
+
+
+def _session_gone(row: BackupRow) -> str:
+    return (f"the session holding backup mode (pid {row.pid}) is gone: triggerer stopped, connection killed or"
+            " server restarted; backup mode ended with it")
 
 
 async def _run_backup(
     hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
-    deadline: _Deadline,
+    deadline: _Deadline, check: Check | None, clock: Callable[[], float],
 ) -> dict[str, Any]:
     """Backup mode from start to stop in ``bconn`` (state in ``conn``); any failure is recorded and
     ends backup mode."""
     my_pid = conn.info.backend_pid
     try:
-        await hook.listen(conn)
         log.info("starting backup %r (fast checkpoint: %s)", req.label, req.fast_checkpoint)
         try:
             start_lsn = await asyncio.wait_for(hook.start_backup(bconn, req.label, req.fast_checkpoint), deadline.remaining())
@@ -147,9 +226,11 @@ async def _run_backup(
             await hook.abort_backup(bconn)
             return event(FAILED, "the backup was marked failed while its checkpoint was running; backup mode ended")
         log.info("backup mode entered at %s; holding session pid %s", start_lsn, my_pid)
+        check_every = max(req.poll_interval, HOLDER_AIRFLOW_CHECK_S)
+        next_check = clock() + check_every
         while True:
             row = await hook.read(conn)
-            if row is None or row.owner != req.owner or row.pid != my_pid:
+            if row is None or row.attempt != req.attempt or row.pid != my_pid:
                 await hook.abort_backup(bconn)
                 return event(FAILED, "this backup's row was taken over by another backup; backup mode ended", row)
             if row.state is BackupState.FAILED:
@@ -161,13 +242,19 @@ async def _run_backup(
                 return await _fail(
                     hook, conn, bconn, req, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished"
                 )
+            if check is not None and clock() >= next_check:
+                next_check = clock() + check_every
+                if problem := await check():
+                    return await _fail(hook, conn, bconn, req, f"{problem}: nothing would end this backup")
             # Woken by NOTIFY (any change of the row), by either session's socket (the server or
             # the network ending it), or by backup_timeout; re-read now and then regardless.
             standby = [bconn] if bconn is not conn else []
             for session in standby:
                 await session.execute("SELECT 1")  # still there (and whatever it sent is read)
-            recheck, left = max(req.poll_interval, HOLDER_RECHECK_S), deadline.remaining()
-            await hook.wait_for_change(conn, recheck if left is None else min(recheck, left), *standby)
+            wait = max(req.poll_interval, HOLDER_RECHECK_S)
+            if check is not None:
+                wait = min(wait, max(0.0, next_check - clock()))
+            await hook.wait_for_change(conn, deadline.cap(wait), *standby)
         log.info("copy reported done; stopping backup (wait_for_archive: %s)", req.wait_for_archive)
         try:
             stop_lsn, label_file, spcmap = await asyncio.wait_for(
@@ -189,13 +276,13 @@ async def _run_backup(
         return event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn})", row)
     except (psycopg.OperationalError, psycopg.InterfaceError) as err:
         # The session is gone, and PostgreSQL ended its backup mode with it; record why elsewhere.
-        return await _fail_elsewhere(hook, req.owner, f"the session holding backup mode was lost: {err}")
+        return await _fail_elsewhere(hook, req.attempt, f"the session holding backup mode was lost: {err}")
     except psycopg.Error as err:
         return await _fail(hook, conn, bconn, req, f"PostgreSQL refused the backup: {hook.explain(err, bconn)}")
     except asyncio.CancelledError:
         # Airflow cancelled the holder (task cleared or marked failed): closing this session
         # ends backup mode, so say so in the table before it closes.
-        await asyncio.wait_for(_fail_elsewhere(hook, req.owner, "the holder was cancelled by Airflow"), 10)
+        await asyncio.wait_for(_fail_elsewhere(hook, req.attempt, "the holder was cancelled by Airflow"), 10)
         raise
 
 
@@ -204,95 +291,139 @@ async def _fail(
     reason: str,
 ) -> dict[str, Any]:
     """Mark this holder's backup failed, then end backup mode without waiting for the archive."""
-    await hook.mark_failed(conn, req.owner, reason)
+    await hook.mark_failed(conn, req.attempt, reason)
     await hook.abort_backup(bconn)
     return event(FAILED, reason + "; backup mode ended", await hook.read(conn))
 
 
-async def _fail_elsewhere(hook: PostgresBackupHook, owner: str, reason: str) -> dict[str, Any]:
+async def _fail_elsewhere(hook: PostgresBackupHook, attempt: str, reason: str) -> dict[str, Any]:
     try:
         async with hook.connect("failure report") as conn:
-            await hook.mark_failed(conn, owner, reason)
+            await hook.mark_failed(conn, attempt, reason)
             return event(FAILED, reason, await hook.read(conn))
     except (BackupError, psycopg.Error) as err:
         return event(FAILED, f"{reason}; could not record it in the backup table either: {err}")
 
 
-async def wait_for_backup(
-    hook: PostgresBackupHook,
-    owner: str,
-    until: str,
-    poll_interval: float = 5.0,
-    request: str | None = None,
-    reason: str = "",
-    expected_start_lsn: str | None = None,
-    check: Callable[[], Awaitable[str | None]] | None = None,
-) -> dict[str, Any]:
-    """Wait until ``owner``'s backup is STARTED (gate) or COMPLETE/FAILED (finish).
+# ----------------------------------------------------------------------------------- gate and finish
 
-    :param request: ``"done"`` to ask the holder to stop the backup first, ``"fail"`` to mark it
-        failed with ``reason`` first (the copy failed).
-    :param expected_start_lsn: the start LSN the copy began under; a backup with another one is
-        failed rather than finished (it was restarted after the copy began).
-    :param check: called once per poll while waiting; a returned text fails the wait with it.
-    """
+async def _waiting(hook: PostgresBackupHook, purpose: str, body: Callable[[psycopg.AsyncConnection], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run ``body`` in a LISTENing session; connection and SQL errors become FAILED events."""
     try:
-        async with hook.connect("finish" if request else "gate") as conn:
+        async with hook.connect(purpose) as conn:
             try:
-                return await _wait(hook, conn, owner, until, poll_interval, request, reason, expected_start_lsn, check)
+                await hook.listen(conn)
+                return await body(conn)
             except psycopg.Error as err:
                 return event(FAILED, f"cannot follow the backup: {hook.explain(err, conn)}")
     except BackupError as err:
         return event(FAILED, str(err))
 
 
-async def _wait(
+async def wait_for_start(
     hook: PostgresBackupHook,
-    conn: psycopg.AsyncConnection,
-    owner: str,
-    until: str,
-    poll_interval: float,
-    request: str | None,
-    reason: str,
-    expected_start_lsn: str | None,
-    check: Callable[[], Awaitable[str | None]] | None,
+    attempt: str | None = None,
+    hold_view: Callable[[], Awaitable[HoldView]] | None = None,
+    poll_interval: float = 5.0,
+    timeout: float = ONE_DAY_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
-    await hook.listen(conn)
-    if request == "fail":
-        await hook.mark_failed(conn, owner, reason)
-    elif request == "done":
-        row = await hook.request_done(conn, owner, expected_start_lsn)
-        if row and row.owner == owner and row.state is BackupState.RUNNING and row.started:
-            await hook.mark_failed(
-                conn, owner, f"the copy began under start LSN {expected_start_lsn} but this backup started at"
-                f" {row.start_lsn}: it was restarted after the copy began, so its label does not fit the copy",
-            )
-    hint_at = time.monotonic() + 5  # a fast checkpoint takes well under a second
-    while True:
-        row = await hook.read(conn)
-        if row is not None and row.owner == owner:
+    """The gate: wait until the hold's CURRENT attempt is in backup mode (``running``, start LSN
+    recorded, holder session connected).
+
+    A row of any other attempt (an earlier try, another group, another installation) neither opens
+    nor fails the gate; it waits for its own attempt. It fails when that attempt's backup failed or
+    already ended, when the hold task ended without it, or after ``timeout`` seconds (gate_timeout).
+
+    :param attempt: the attempt to wait for, when known up front (tests, benchmarks).
+    :param hold_view: asked for the hold's current attempt (see :class:`HoldView`), at the start,
+        whenever the row names another attempt, and every ``poll_interval`` seconds.
+    """
+    if (attempt is None) == (hold_view is None):
+        raise ValueError("wait_for_start needs exactly one of attempt and hold_view")
+    fixed = HoldView(attempt)
+    deadline = _Deadline(timeout, clock)
+    hint_at = clock() + 5  # a fast checkpoint takes well under a second
+
+    async def body(conn: psycopg.AsyncConnection) -> dict[str, Any]:
+        nonlocal hint_at
+        view, viewed_at = None, 0.0
+        while True:
+            row = await hook.read(conn)
+            stale = view is None or row is None or row.attempt != view.attempt
+            if hold_view is not None and (stale or clock() - viewed_at >= poll_interval):
+                view, viewed_at = await hold_view(), clock()
+            view = view or fixed
+            ours = row is not None and view.attempt is not None and row.attempt == view.attempt
+            if ours:
+                if row.started and row.holder_alive:
+                    return event(STARTED, f"backup running since {row.start_lsn}", row)
+                if row.state is BackupState.FAILED and view.current:
+                    return event(FAILED, f"backup failed: {row.error}", row)
+                if row.state in (BackupState.DONE, BackupState.COMPLETE) and view.current:
+                    return event(FAILED, f"this run's backup already {row.state.value} before its copy could"
+                                 " start (copying now would not match its label)", row)
+                if row.live and not row.holder_alive:
+                    await hook.mark_failed(conn, row.attempt, _session_gone(row))
+                    continue
+                if row.state is BackupState.RUNNING and row.start_lsn is None and clock() > hint_at:
+                    hint_at = float("inf")
+                    log.info("backup %s is waiting for its start checkpoint. %s", row.owner, FAST_CHECKPOINT_HINT)
+            if view.ended:
+                reason = f" (its backup: {row.state.value}, {row.error})" if ours else ""
+                return event(FAILED, f"the backup holder task ended ({view.ended}) without starting this run's"
+                             f" backup{reason}; see its log", row if ours else None)
+            if deadline.expired():
+                return event(FAILED, f"gate_timeout={timeout:g}s passed and this run's backup is not in backup"
+                             " mode yet (a start checkpoint still running, or no triggerer running the hold)",
+                             row if ours else None)
+            await hook.wait_for_change(conn, deadline.cap(poll_interval))
+
+    return await _waiting(hook, "gate", body)
+
+
+async def finish_backup(
+    hook: PostgresBackupHook,
+    attempt: str,
+    start_lsn: str,
+    copy_problem: str | None = None,
+    poll_interval: float = 5.0,
+) -> dict[str, Any]:
+    """The finish: end the backup the copy ran under (``attempt``, opened at ``start_lsn``).
+
+    With ``copy_problem`` (a copy task did not succeed) the backup is failed (even one already
+    complete: its label is withdrawn) and FAILED is returned whatever the row says: a failed copy
+    never yields a label. Otherwise the holder is asked to stop the backup, and the outcome is
+    waited for. Only that attempt's row is ever touched; a row of another attempt, or with another
+    start LSN, fails the finish at once (the backup the copy ran under is gone).
+    """
+    async def body(conn: psycopg.AsyncConnection) -> dict[str, Any]:
+        if copy_problem:
+            await hook.mark_failed(conn, attempt, copy_problem, withdraw=True)
+            return event(FAILED, f"backup failed: {copy_problem}", await hook.read(conn))
+        await hook.request_done(conn, attempt, start_lsn)
+        while True:
+            row = await hook.read(conn)
+            if row is None or row.attempt != attempt:
+                whose = f"{row.owner} (attempt {row.attempt}, {row.state.value})" if row else "nothing"
+                return event(FAILED, f"the backup the copy ran under (attempt {attempt}) is no longer in the"
+                             f" table, which now holds {whose}: its label cannot be reported", row)
+            if row.start_lsn != start_lsn:
+                await hook.mark_failed(
+                    conn, attempt, f"the copy began under start LSN {start_lsn} but this backup started at"
+                    f" {row.start_lsn}: its label does not fit the copy", withdraw=True,
+                )
+                return event(FAILED, f"backup failed: the copy began under start LSN {start_lsn}, not under"
+                             f" this backup's {row.start_lsn}", await hook.read(conn))
             if row.state is BackupState.FAILED:
                 return event(FAILED, f"backup failed: {row.error}", row)
             if row.state is BackupState.COMPLETE:
-                if until == STARTED:
-                    return event(FAILED, "this run's backup already ended before its copy could start", row)
                 return event(COMPLETE, "backup complete", row)
-            if until == STARTED and row.started:
-                return event(STARTED, f"backup running since {row.start_lsn}", row)
             if not row.holder_alive:
-                await hook.mark_failed(
-                    conn, owner, f"the session holding backup mode (pid {row.pid}) is gone: triggerer"
-                    " stopped, connection killed or server restarted; backup mode ended with it",
-                )
+                await hook.mark_failed(conn, attempt, _session_gone(row))
                 continue
-            if until == STARTED and hint_at and time.monotonic() > hint_at:
-                hint_at = 0
-                log.info("backup of %s is waiting for its start checkpoint. %s", owner, FAST_CHECKPOINT_HINT)
-        elif until != STARTED:
-            return event(
-                FAILED, "no backup of this run is live on this cluster: the start task failed, was refused"
-                " or never ran (see its log)", row,
-            )
-        if check is not None and (problem := await check()):
-            return event(FAILED, problem, row)
-        await hook.wait_for_change(conn, poll_interval)
+            if row.state is BackupState.RUNNING:  # set back by hand, or the first request raced: ask again
+                await hook.request_done(conn, attempt, start_lsn)
+            await hook.wait_for_change(conn, poll_interval)
+
+    return await _waiting(hook, "finish", body)

@@ -1,8 +1,13 @@
 """The backup's state machine: the one place that says which state may follow which.
 
 A backup row goes ``running -> done -> complete``; ``running`` or ``done`` may become ``failed``
-(with a reason).  A new backup may replace a finished one (``complete``/``failed -> running``).
-The table enforces these transitions with a trigger generated from :data:`TRANSITIONS`.
+(with a reason), and so may ``complete`` when the finish of that same attempt learns that its copy
+did not succeed (the label is withdrawn).  A new backup may replace a finished one
+(``complete``/``failed -> running``).  The table enforces these transitions with a trigger generated
+from :data:`TRANSITIONS`.
+
+A backup belongs to one *attempt*: one try of one hold task (its task-instance UUID) of one group of
+one DAG run (the *owner*, ``dag_id/run_id/group[map_index]``).  Nothing acts on another attempt's row.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ TRANSITIONS: frozenset[tuple[BackupState, BackupState]] = frozenset(
         (BackupState.RUNNING, BackupState.FAILED),
         (BackupState.DONE, BackupState.COMPLETE),
         (BackupState.DONE, BackupState.FAILED),
+        (BackupState.COMPLETE, BackupState.FAILED),  # the same attempt's copy failed after all: label withdrawn
         (BackupState.COMPLETE, BackupState.RUNNING),
         (BackupState.FAILED, BackupState.RUNNING),
     }
@@ -45,6 +51,7 @@ class BackupRow:
     state: BackupState
     pid: int | None
     owner: str | None
+    attempt: str | None
     holder_try: int | None
     label: str | None
     start_lsn: str | None
@@ -62,14 +69,18 @@ class BackupRow:
 
     @property
     def started(self) -> bool:
-        """Backup mode entered: pg_backup_start returned."""
-        return self.live and self.start_lsn is not None
+        """Backup mode entered (pg_backup_start returned) and not yet asked to stop: a copy may begin.
+
+        ``done`` is not started: pg_backup_stop may already be running (waiting for the archive).
+        """
+        return self.state is BackupState.RUNNING and self.start_lsn is not None
 
     def result(self) -> dict[str, Any]:
         """Plain values for XCom / trigger events (never a password: the row holds none)."""
         return {
             "state": self.state.value,
             "owner": self.owner,
+            "attempt": self.attempt,
             "label": self.label,
             "start_lsn": self.start_lsn,
             "stop_lsn": self.stop_lsn,
@@ -89,19 +100,21 @@ class Claim(str, enum.Enum):
     REPLACE_STALE = "replace_stale"  # a live-looking backup whose holder is gone: fail it, start ours
     TERMINATE_AND_START = "terminate_and_start"  # live backup of another owner, explicitly allowed
     REFUSE = "refuse"  # a live backup of another owner: leave it alone, fail ours
-    WATCH = "watch"  # our own backup, held by another live session (a duplicate trigger)
-    LOST = "lost"  # our own backup, but its session is gone: mark failed, never restart
+    WAIT = "wait"  # a live backup of an EARLIER attempt of our owner (Airflow is cancelling it): wait, then decide
+    WATCH = "watch"  # our own attempt's backup, held by another live session (a duplicate trigger)
+    LOST = "lost"  # our own attempt's backup, but its session is gone: mark failed, never restart
     FINISHED = "finished"  # our own attempt already ended: report that outcome
 
 
-def decide_claim(row: BackupRow | None, owner: str, holder_try: int, terminate_live: bool) -> Claim:
-    """Decide what a holder for (owner, holder_try) may do with the current row.
+def decide_claim(row: BackupRow | None, owner: str, attempt: str, terminate_live: bool) -> Claim:
+    """Decide what the holder of ``attempt`` (of ``owner``) may do with the current row.
 
     The rule that matters most: a holder never starts a second backup for the same attempt.
     Copies may already be running under the first backup's checkpoint; a newer backup_label
-    would make their restore silently corrupt.
+    would make their restore silently corrupt.  Another attempt's row, even of the same owner
+    (a re-run, a re-used run id, another Airflow installation), is never "ours".
     """
-    if row is not None and row.owner == owner and row.holder_try == holder_try:
+    if row is not None and row.attempt == attempt:
         if row.state in TERMINAL_STATES:
             return Claim.FINISHED
         return Claim.WATCH if row.holder_alive else Claim.LOST
@@ -109,7 +122,36 @@ def decide_claim(row: BackupRow | None, owner: str, holder_try: int, terminate_l
         return Claim.START
     if not row.holder_alive:
         return Claim.REPLACE_STALE
-    return Claim.TERMINATE_AND_START if terminate_live else Claim.REFUSE
+    if terminate_live:
+        return Claim.TERMINATE_AND_START
+    return Claim.WAIT if row.owner == owner else Claim.REFUSE
+
+
+@dataclass(frozen=True)
+class BackupRef:
+    """Which backup a task of a DAG run deals with: one group (``backup_key``, its full id) of one DAG
+    run, one map index, and the tasks of that group. Plain values, so the triggers can serialise it.
+
+    :param dag_id: the DAG.
+    :param run_id: the DAG run.
+    :param backup_key: the group's full id (unique in the DAG), or a hand-wired DAG's own key.
+    :param map_index: the map index of a mapped group (-1: not mapped).
+    :param hold_task_id: the group's ``PostgresBackupHoldOperator``.
+    :param finish_task_id: the group's ``PostgresFinishBackupOperator``.
+    """
+
+    dag_id: str
+    run_id: str
+    backup_key: str
+    map_index: int = -1
+    hold_task_id: str | None = None
+    finish_task_id: str | None = None
+
+    @property
+    def owner(self) -> str:
+        """The row's ``owner``: ``dag_id/run_id/backup_key``, with ``[map_index]`` for a mapped group."""
+        suffix = f"[{self.map_index}]" if self.map_index >= 0 else ""
+        return f"{self.dag_id}/{self.run_id}/{self.backup_key}{suffix}"
 
 
 def parse_backup_label(text: str | None) -> dict[str, str]:

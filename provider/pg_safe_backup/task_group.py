@@ -12,6 +12,7 @@ from pg_safe_backup.operators.backup import (
     PostgresFinishBackupOperator,
 )
 from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
+from pg_safe_backup.session import ONE_DAY_S
 
 
 class PostgresOnlineBackup:
@@ -26,10 +27,11 @@ class PostgresOnlineBackup:
     ``finish_backup`` (teardown) ends the backup after them, even when a copy fails, and pushes
     backup_label via XCom. Pass the group to ``PostgresStoreBackupLabelOperator(backup=...)``.
 
-    :param group_id: task group id; also this backup's key within the DAG run.
+    :param group_id: task group id. The group's FULL id (with its parent groups') is this backup's key
+        within the DAG run; in a mapped task group each map index is a backup of its own.
     :param postgres_conn_id: Airflow connection of the server to back up (primary or hot standby).
     :param state_conn_id: where the backup table lives if not there (a standby's primary).
-    :param backup_timeout: seconds after which an unfinished backup is failed (0 = none).
+    :param backup_timeout: seconds after which an unfinished backup is failed (0 = none; default a day).
     :param fast_checkpoint: immediate start checkpoint instead of a spread one.
     :param wait_for_archive: pg_backup_stop waits until the needed WAL is archived.
     :param label: backup label (templated).
@@ -48,19 +50,19 @@ class PostgresOnlineBackup:
         database: str | None = None,
         table: str = "backup",
         table_schema: str = "public",
-        backup_timeout: float = 0,
+        backup_timeout: float = ONE_DAY_S,
         fast_checkpoint: bool = False,
         wait_for_archive: bool = True,
         label: str = DEFAULT_LABEL,
         terminate_live: bool = False,
         poll_interval: float = 5.0,
-        gate_timeout: float = 24 * 3600,
+        gate_timeout: float = ONE_DAY_S,
         deferrable: bool | None = None,
         **group_kwargs: Any,
     ) -> None:
         self.group = TaskGroup(group_id=group_id, **group_kwargs)
         common = {"postgres_conn_id": postgres_conn_id, "state_conn_id": state_conn_id, "database": database, "table": table,
-                  "table_schema": table_schema, "backup_key": group_id, "poll_interval": poll_interval}
+                  "table_schema": table_schema, "backup_key": self.group.group_id, "poll_interval": poll_interval}
         with self.group:
             self.hold = PostgresBackupHoldOperator(
                 task_id="hold_backup_session", label=label, fast_checkpoint=fast_checkpoint,
@@ -74,6 +76,7 @@ class PostgresOnlineBackup:
             self.finish = PostgresFinishBackupOperator(
                 task_id="finish_backup", gate_task_id=self.gate.task_id, deferrable=deferrable, **common
             )
+        self.hold.finish_task_id = self.finish.task_id
         self._own = {self.hold.task_id, self.gate.task_id, self.finish.task_id}
 
     def __enter__(self) -> PostgresOnlineBackup:

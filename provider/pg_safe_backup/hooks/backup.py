@@ -25,12 +25,13 @@ from pg_safe_backup.state import TRANSITIONS, BackupRow, BackupState, Claim, dec
 T = TypeVar("T")
 
 #: Marker stored as the table's comment once the schema below is in place (cheap re-check).
-SCHEMA_VERSION = "pg_safe_backup schema 1"
+SCHEMA_VERSION = "pg_safe_backup schema 2"  # 2: attempt column, complete -> failed
 
 #: Columns added to the seed scripts' table (id, state, pid, backup_label, tablespace_map).
 EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
     ("label", "text"),
     ("owner", "text"),
+    ("attempt", "text"),  # the hold task instance's try (its UUID): the backup belongs to it alone
     ("holder_try", "integer"),
     ("holder_started_at", "timestamptz"),
     ("start_lsn", "pg_lsn"),
@@ -44,7 +45,7 @@ EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 _ROW_COLUMNS = sql.SQL(
-    "b.state::text, b.pid, b.owner, b.holder_try, b.label, b.start_lsn::text, b.stop_lsn::text,"
+    "b.state::text, b.pid, b.owner, b.attempt, b.holder_try, b.label, b.start_lsn::text, b.stop_lsn::text,"
     " b.timeline, b.backup_label, b.tablespace_map, b.error, b.system_identifier,"
     # The holder is alive while its backend is connected; backend_start guards against a
     # pid reused after a server restart (it reads NULL for other roles' sessions without
@@ -129,6 +130,11 @@ class PostgresBackupHook(BaseHook):
         #: LISTEN channel; the notify trigger sends to TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME.
         self.channel = f"{schema}.{table}"
         self._ready = False  # the table was seen created and current
+
+    @property
+    def table_description(self) -> str:
+        """The state table as errors name it: table, schema and the connection it lives on."""
+        return f'the state table "{self.schema}"."{self.table}" of connection {self.state_conn_id!r}'
 
     # -- connections -------------------------------------------------------------------------
 
@@ -300,7 +306,8 @@ class PostgresBackupHook(BaseHook):
     # -- the holder's statements ---------------------------------------------------------------
 
     async def claim(
-        self, conn: psycopg.AsyncConnection, owner: str, holder_try: int, label: str, terminate_live: bool
+        self, conn: psycopg.AsyncConnection, owner: str, attempt: str, holder_try: int, label: str,
+        terminate_live: bool,
     ) -> tuple[Claim, BackupRow | None]:
         """Decide (see :func:`decide_claim`) and, when starting, record this session as the holder.
 
@@ -310,10 +317,10 @@ class PostgresBackupHook(BaseHook):
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"pg_safe_backup:{self.channel}"])
             row = await self.read(conn, for_update=True)
-            decision = decide_claim(row, owner, holder_try, terminate_live)
+            decision = decide_claim(row, owner, attempt, terminate_live)
             if decision is Claim.LOST:
                 await self._fail(
-                    conn, owner, f"the session holding backup mode (pid {row.pid}) ended before the backup"
+                    conn, attempt, f"the session holding backup mode (pid {row.pid}) ended before the backup"
                     " finished (triggerer restarted or connection lost); this backup is unusable and was not"
                     " restarted, because a copy may already have begun under it",
                 )
@@ -321,25 +328,26 @@ class PostgresBackupHook(BaseHook):
                 await conn.execute("SELECT pg_terminate_backend(%s)", [row.pid])
             if decision in (Claim.REPLACE_STALE, Claim.TERMINATE_AND_START):
                 why = "its holder session is gone" if decision is Claim.REPLACE_STALE else "terminate_live=True"
-                await self._fail(conn, row.owner, f"replaced by a backup of {owner} ({why})")
+                await self._fail(conn, row.attempt, f"replaced by a backup of {owner} ({why})")
             if decision in (Claim.START, Claim.REPLACE_STALE, Claim.TERMINATE_AND_START):
                 await conn.execute(
                     sql.SQL(
-                        "INSERT INTO {t} AS b (id, state, pid, owner, holder_try, label, holder_started_at,"
+                        "INSERT INTO {t} AS b (id, state, pid, owner, attempt, holder_try, label, holder_started_at,"
                         " started_at, start_lsn, stop_lsn, timeline, finished_at, backup_label,"
                         " tablespace_map, error, system_identifier)"
-                        " SELECT 1, 'running', pg_backend_pid(), %s, %s, %s, backend_start, now(),"
+                        " SELECT 1, 'running', pg_backend_pid(), %s, %s, %s, %s, backend_start, now(),"
                         " NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
                         " (SELECT system_identifier FROM pg_control_system())"
                         " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
                         " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, pid = EXCLUDED.pid,"
-                        " owner = EXCLUDED.owner, holder_try = EXCLUDED.holder_try, label = EXCLUDED.label,"
+                        " owner = EXCLUDED.owner, attempt = EXCLUDED.attempt, holder_try = EXCLUDED.holder_try,"
+                        " label = EXCLUDED.label,"
                         " holder_started_at = EXCLUDED.holder_started_at, started_at = EXCLUDED.started_at,"
                         " start_lsn = NULL, stop_lsn = NULL, timeline = NULL, finished_at = NULL,"
                         " backup_label = NULL, tablespace_map = NULL, error = NULL,"
                         " system_identifier = EXCLUDED.system_identifier"
                     ).format(t=self.qualified),
-                    [owner, holder_try, label],
+                    [owner, attempt, holder_try, label],
                 )
             return decision, row
 
@@ -425,28 +433,36 @@ class PostgresBackupHook(BaseHook):
 
     # -- what the finish (and anyone else) may ask -----------------------------------------------
 
-    async def request_done(self, conn: psycopg.AsyncConnection, owner: str, start_lsn: str | None) -> BackupRow | None:
-        """Ask the holder of ``owner``'s running backup to stop it; returns the row as it is after."""
+    async def request_done(self, conn: psycopg.AsyncConnection, attempt: str, start_lsn: str) -> BackupRow | None:
+        """Ask the holder of ``attempt``'s running backup to stop it, if it still has the start LSN the
+        copy began under; returns the row as it is after."""
         await conn.execute(
             sql.SQL(
-                "UPDATE {} SET state = 'done' WHERE id = 1 AND owner = %s AND state = 'running'"
-                " AND start_lsn IS NOT NULL AND (%s::pg_lsn IS NULL OR start_lsn = %s::pg_lsn)"
+                "UPDATE {} SET state = 'done' WHERE id = 1 AND attempt = %s AND state = 'running'"
+                " AND start_lsn = %s::pg_lsn"
             ).format(self.qualified),
-            [owner, start_lsn, start_lsn],
+            [attempt, start_lsn],
         )
         return await self.read(conn)
 
-    async def mark_failed(self, conn: psycopg.AsyncConnection, owner: str, reason: str) -> bool:
-        """Fail ``owner``'s live backup with ``reason``; its holder then ends backup mode."""
-        async with conn.transaction():
-            return await self._fail(conn, owner, reason)
+    async def mark_failed(self, conn: psycopg.AsyncConnection, attempt: str | None, reason: str,
+                          withdraw: bool = False) -> bool:
+        """Fail ``attempt``'s live backup with ``reason``; its holder then ends backup mode.
 
-    async def _fail(self, conn: psycopg.AsyncConnection, owner: str | None, reason: str) -> bool:
+        :param withdraw: also fail it when already ``complete`` (only the finish of that same attempt,
+            which knows its copy did not succeed, may withdraw the label this way).
+        """
+        async with conn.transaction():
+            return await self._fail(conn, attempt, reason, withdraw)
+
+    async def _fail(self, conn: psycopg.AsyncConnection, attempt: str | None, reason: str,
+                    withdraw: bool = False) -> bool:
+        states = ["running", "done", "complete"] if withdraw else ["running", "done"]
         cur = await conn.execute(
             sql.SQL(
                 "UPDATE {} SET state = 'failed', error = %s, finished_at = now()"
-                " WHERE id = 1 AND owner IS NOT DISTINCT FROM %s AND state IN ('running', 'done')"
+                " WHERE id = 1 AND attempt IS NOT DISTINCT FROM %s AND state::text = ANY(%s)"
             ).format(self.qualified),
-            [reason[:2000], owner],
+            [reason[:2000], attempt, states],
         )
         return cur.rowcount == 1

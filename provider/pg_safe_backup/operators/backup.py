@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -13,8 +14,14 @@ from airflow.sdk.exceptions import AirflowException
 
 from pg_safe_backup.copy_check import CopyMismatch, check_copy
 from pg_safe_backup.params import check_label, check_number, check_text, validate_identifier
-from pg_safe_backup.session import COMPLETE
-from pg_safe_backup.triggers.backup import BackupHolderTrigger, BackupStateTrigger, BackupTriggerBase
+from pg_safe_backup.session import COMPLETE, ONE_DAY_S, HoldRequest
+from pg_safe_backup.state import BackupRef
+from pg_safe_backup.triggers.backup import (
+    ATTEMPT_XCOM,
+    BackupFinishTrigger,
+    BackupHolderTrigger,
+    BackupTriggerBase,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -24,6 +31,8 @@ if TYPE_CHECKING:
 #: XCom keys the finish pushes (plain values) besides its return value.
 RESULT_KEYS = ("backup_label", "tablespace_map", "start_lsn", "stop_lsn", "timeline", "label", "system_identifier")
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
+#: Fields rendered at run time, so that a mapped task group can map over connections.
+CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
 
 
 def default_deferrable() -> bool:
@@ -32,19 +41,26 @@ def default_deferrable() -> bool:
     return conf.getboolean("operators", "default_deferrable", fallback=False)
 
 
+def _text_or_template(value: Any, param: str) -> Any:
+    """A non-empty string, checked now; anything else (a mapped argument, an XComArg) is rendered
+    and checked at run time."""
+    return check_text(value, param) if isinstance(value, str) else value
+
+
 class BackupTaskMixin:
     """
     What the holder, gate and finish share: which backup table, which backup of the run, how to wait.
 
     :param postgres_conn_id: Airflow connection (type postgres) of the server to back up (a primary
-        or a hot standby).
+        or a hot standby). Templated: a mapped task group can map over it.
     :param state_conn_id: connection of the server holding the backup table when it is not the one
         backed up (for a standby: its primary, since a standby is read-only). Default: the same.
     :param database: database holding the backup table, instead of the connection's.
     :param table: backup state table (created on first use; the seed scripts' table is migrated).
     :param table_schema: schema of the backup state table.
     :param backup_key: tells apart several backups in one DAG run (one per cluster); the
-        ``PostgresOnlineBackup`` group sets it to its group id.
+        ``PostgresOnlineBackup`` group sets it to its full group id. With the map index of a mapped
+        group, the DAG id and the run id it makes the backup's owner.
     :param poll_interval: seconds between the gate's and finish's re-reads (state changes wake them
         at once); the holder, woken by NOTIFY and its sessions' sockets, re-reads every max(this, 60 s).
     :param deferrable: wait in the triggerer instead of a worker slot.
@@ -64,9 +80,9 @@ class BackupTaskMixin:
         poll_interval: float,
         deferrable: bool,
     ) -> None:
-        self.postgres_conn_id = check_text(postgres_conn_id, "postgres_conn_id")
-        self.state_conn_id = state_conn_id if state_conn_id is None else check_text(state_conn_id, "state_conn_id")
-        self.database = database if database is None else check_text(database, "database")
+        self.postgres_conn_id = _text_or_template(postgres_conn_id, "postgres_conn_id")
+        self.state_conn_id = state_conn_id if state_conn_id is None else _text_or_template(state_conn_id, "state_conn_id")
+        self.database = database if database is None else _text_or_template(database, "database")
         self.table = validate_identifier(table, "table")
         self.table_schema = validate_identifier(table_schema, "table_schema")
         self.backup_key = check_text(backup_key, "backup_key")
@@ -75,12 +91,21 @@ class BackupTaskMixin:
 
     @property
     def hook_kwargs(self) -> dict[str, Any]:
+        """The hook's arguments, from the rendered fields (checked again: they may come from a template)."""
+        check_text(self.postgres_conn_id, "postgres_conn_id")
+        for name in ("state_conn_id", "database"):
+            if getattr(self, name) is not None:
+                check_text(getattr(self, name), name)
         return {"postgres_conn_id": self.postgres_conn_id, "state_conn_id": self.state_conn_id,
                 "database": self.database, "table": self.table, "schema": self.table_schema}
 
-    def backup_owner(self, context: Context) -> str:
-        """Who owns the backup: this DAG run and backup key (never another run's backup)."""
-        return f"{context['dag'].dag_id}/{context['run_id']}/{self.backup_key}"
+    def backup_ref(self, context: Context, hold_task_id: str | None = None,
+                   finish_task_id: str | None = None) -> BackupRef:
+        """Which backup: this DAG run, this group (backup key), this map index."""
+        ti = context["ti"]
+        return BackupRef(dag_id=ti.dag_id, run_id=ti.run_id, backup_key=self.backup_key,
+                         map_index=ti.map_index if ti.map_index is not None else -1,
+                         hold_task_id=hold_task_id, finish_task_id=finish_task_id)
 
     def wait_on(self, context: Context, trigger: BackupTriggerBase, timeout: timedelta | None = None) -> Any:
         """Defer on ``trigger``, or (deferrable=False) run its wait here; then ``execute_complete``."""
@@ -98,16 +123,22 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
     It succeeds once pg_backup_stop has returned and the label is stored, and is never retried:
     a second backup for the same run would not match a copy already taken.
 
+    Each try is an attempt of its own (its task-instance UUID), published as XCom
+    ``backup_attempt`` before it defers: gate and finish act on that attempt's backup only. The
+    backup is not started, or is failed and backup mode ended within seconds, once the run's finish
+    (``finish_task_id``) or the DAG run itself has ended: nothing else would end it.
+
     :param label: backup label (templated); the default names the DAG run.
     :param fast_checkpoint: ask for an immediate checkpoint (default: spread, as PostgreSQL does).
     :param wait_for_archive: let pg_backup_stop wait until the needed WAL is archived.
     :param backup_timeout: seconds from the start after which the backup is failed and backup mode
-        ended (0 = no limit).
+        ended (0 = no limit; default one day).
     :param terminate_live: end a live backup of another owner instead of refusing to start.
+    :param finish_task_id: the ``PostgresFinishBackupOperator`` that ends this backup.
     """
 
     # ``label`` is BaseOperator's display name, hence the attribute name pg_label.
-    template_fields: Sequence[str] = ("pg_label",)
+    template_fields: Sequence[str] = ("pg_label", *CONNECTION_FIELDS)
     ui_color = "#d8e8f8"
 
     def __init__(
@@ -122,9 +153,10 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
         label: str = DEFAULT_LABEL,
         fast_checkpoint: bool = False,
         wait_for_archive: bool = True,
-        backup_timeout: float = 0,
+        backup_timeout: float = ONE_DAY_S,
         terminate_live: bool = False,
         poll_interval: float = 5.0,
+        finish_task_id: str | None = None,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -140,14 +172,21 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
         self.wait_for_archive = wait_for_archive
         self.backup_timeout = check_number(backup_timeout, "backup_timeout")
         self.terminate_live = terminate_live
+        self.finish_task_id = finish_task_id if finish_task_id is None else check_text(finish_task_id, "finish_task_id")
 
     def execute(self, context: Context) -> Any:
-        trigger = BackupHolderTrigger(
-            self.hook_kwargs, owner=self.backup_owner(context), holder_try=context["ti"].try_number,
-            label=check_label(self.pg_label), fast_checkpoint=self.fast_checkpoint,
-            wait_for_archive=self.wait_for_archive, backup_timeout=self.backup_timeout,
-            poll_interval=self.poll_interval, terminate_live=self.terminate_live,
+        ti = context["ti"]
+        ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
+        request = HoldRequest(
+            owner=ref.owner, attempt=str(ti.id), holder_try=ti.try_number, label=check_label(self.pg_label),
+            fast_checkpoint=self.fast_checkpoint, wait_for_archive=self.wait_for_archive,
+            backup_timeout=self.backup_timeout, poll_interval=self.poll_interval, terminate_live=self.terminate_live,
         )
+        trigger = BackupHolderTrigger(self.hook_kwargs, request=asdict(request), ref=asdict(ref))
+        # Before deferring: the gate takes this as the attempt to open on (see triggers.backup.hold_view).
+        ti.xcom_push(key=ATTEMPT_XCOM, value={"attempt": request.attempt, "try_number": ti.try_number,
+                                               "owner": ref.owner, "inline": not self.deferrable})
+        self.log.info("backup of %s, attempt %s (try %s)", ref.owner, request.attempt, ti.try_number)
         return self.wait_on(context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -164,12 +203,13 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
     pg_backup_stop, and push backup_label, tablespace_map, start/stop LSN, timeline and label.
 
     Meant as the teardown of the gate, so it runs even when a copy fails. It acts only on the
-    backup its own DAG run started, and only if that backup still has the start LSN the gate
-    opened with.
+    backup attempt the gate opened on, and only while it still has the start LSN the gate opened
+    with; a copy that did not succeed never yields a label, whatever the table says.
 
     :param gate_task_id: the ``PostgresBackupStartedSensor`` whose copy tasks this finishes.
     """
 
+    template_fields: Sequence[str] = CONNECTION_FIELDS
     ui_color = "#d8f0d8"
 
     def __init__(
@@ -192,25 +232,42 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
                           default_deferrable() if deferrable is None else deferrable)
         self.gate_task_id = check_text(gate_task_id, "gate_task_id")
 
+    def _states(self, context: Context, task_ids: list[str]) -> dict[str, str | None]:
+        """States of ``task_ids`` in this run (this map index, for a mapped group)."""
+        ti = context["ti"]
+        mapped = ti.map_index is not None and ti.map_index >= 0
+        found = ti.get_task_states(dag_id=ti.dag_id, task_ids=task_ids, run_ids=[ti.run_id],
+                                   map_index=ti.map_index if mapped else None).get(ti.run_id, {})
+        return {t: found.get(f"{t}_{ti.map_index}" if mapped else t) for t in task_ids}
+
     def _copy_problem(self, context: Context) -> str | None:
         """Why the copy cannot be trusted (a task upstream did not succeed), or None."""
-        ti = context["ti"]
-        states = ti.get_task_states(dag_id=ti.dag_id, task_ids=sorted(self.upstream_task_ids), run_ids=[ti.run_id])
-        states = states.get(ti.run_id, {})
-        bad = {t: s for t, s in sorted(states.items()) if s != "success"}
+        bad = {t: s for t, s in sorted(self._states(context, sorted(self.upstream_task_ids)).items()) if s != "success"}
         if not bad:
             return None
         return "the copy did not succeed: " + ", ".join(f"{t} is {s}" for t, s in bad.items())
 
     def execute(self, context: Context) -> Any:
         problem = self._copy_problem(context)
+        ti = context["ti"]
+        start_lsn = ti.xcom_pull(task_ids=self.gate_task_id, key="start_lsn")
+        attempt = ti.xcom_pull(task_ids=self.gate_task_id, key="attempt")
+        if not start_lsn or not attempt:
+            gate_state = self._states(context, [self.gate_task_id])[self.gate_task_id]
+            if gate_state == "success":
+                raise AirflowException(
+                    f"gate_task_id={self.gate_task_id!r} succeeded but published no start_lsn and attempt: it must"
+                    " be this backup's PostgresBackupStartedSensor, or the finish cannot tell which backup the copy"
+                    " ran under"
+                )
+            raise AirflowException(
+                f"backup not usable: the gate {self.gate_task_id} did not open ({gate_state}), so no copy ran under"
+                " a backup of this run" + (f"; {problem}" if problem else "")
+            )
         if problem:
             self.log.error("%s; failing the backup", problem)
-        trigger = BackupStateTrigger(
-            self.hook_kwargs, owner=self.backup_owner(context), until=COMPLETE, poll_interval=self.poll_interval,
-            request="fail" if problem else "done", reason=problem or "",
-            expected_start_lsn=context["ti"].xcom_pull(task_ids=self.gate_task_id, key="start_lsn"),
-        )
+        trigger = BackupFinishTrigger(self.hook_kwargs, attempt=attempt, start_lsn=start_lsn, copy_problem=problem,
+                                      poll_interval=self.poll_interval)
         return self.wait_on(context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +336,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
 
 def _public(backup: dict[str, Any]) -> dict[str, Any]:
-    return {k: backup.get(k) for k in ("state", "owner", *RESULT_KEYS)}
+    return {k: backup.get(k) for k in ("state", "owner", "attempt", *RESULT_KEYS)}
 
 
 class PostgresVerifyBackupOperator(BaseOperator):

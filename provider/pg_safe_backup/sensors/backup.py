@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException
 
-from pg_safe_backup.operators.backup import BackupTaskMixin, default_deferrable
+from pg_safe_backup.operators.backup import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable
 from pg_safe_backup.params import check_text
 from pg_safe_backup.session import STARTED
-from pg_safe_backup.triggers.backup import BackupStateTrigger
+from pg_safe_backup.triggers.backup import BackupStartedTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+#: How much longer than gate_timeout Airflow's own deferral timeout waits (the trigger fails first,
+#: with a clear message; Airflow's timeout is only a backstop).
+DEFERRAL_GRACE_S = 60
 
 
 class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
     """
     Wait until this run's backup is running (pg_backup_start returned), then let the copy begin.
 
-    Fails fast when the backup failed, its holder session is gone, or the holder task ended
-    without starting it (for instance refused because another backup is live). Pushes
-    ``start_lsn`` and ``label`` as XCom, so copy tasks can template them.
+    Opens only on the backup of the hold task's CURRENT attempt, in state ``running`` with its start
+    LSN recorded: a row left by an earlier attempt, another group or another installation neither
+    opens nor fails it. Fails fast when that backup failed or already ended, its holder session is
+    gone, or the hold task ended without starting it (for instance refused because another backup
+    is live); and after ``timeout`` seconds (gate_timeout), deferred or not. Pushes ``start_lsn``,
+    ``label`` and ``attempt`` as XCom, so copy tasks can template them and the finish acts on that
+    attempt only.
 
     :param holder_task_id: the ``PostgresBackupHoldOperator`` of this backup.
     """
 
-    template_fields: Sequence[str] = ()
+    template_fields: Sequence[str] = CONNECTION_FIELDS
     ui_color = "#f0e8c8"
 
     def __init__(
@@ -52,18 +61,16 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
         self.holder_task_id = check_text(holder_task_id, "holder_task_id")
 
     def execute(self, context: Context) -> Any:
-        ti = context["ti"]
-        trigger = BackupStateTrigger(
-            self.hook_kwargs, owner=self.backup_owner(context), until=STARTED, poll_interval=self.poll_interval,
-            holder={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": self.holder_task_id},
-        )
-        return self.wait_on(context, trigger, timeout=timedelta(seconds=self.timeout))
+        ref = self.backup_ref(context, hold_task_id=self.holder_task_id)
+        trigger = BackupStartedTrigger(self.hook_kwargs, ref=asdict(ref), poll_interval=self.poll_interval,
+                                       timeout=self.timeout)
+        return self.wait_on(context, trigger, timeout=timedelta(seconds=self.timeout + DEFERRAL_GRACE_S))
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event["status"] != STARTED:
             raise AirflowException(f"backup did not start: {event['message']}")
         backup = event["backup"]
-        context["ti"].xcom_push(key="start_lsn", value=backup["start_lsn"])
-        context["ti"].xcom_push(key="label", value=backup["label"])
+        for key in ("start_lsn", "label", "attempt"):
+            context["ti"].xcom_push(key=key, value=backup[key])
         self.log.info("%s; the copy may begin", event["message"])
-        return {"start_lsn": backup["start_lsn"], "label": backup["label"]}
+        return {"start_lsn": backup["start_lsn"], "label": backup["label"], "attempt": backup["attempt"]}

@@ -1,9 +1,12 @@
-"""Triggers: the holder that keeps the backup session open, and the waiter of gate and finish."""
+"""Triggers: the holder that keeps the backup session open, the gate's and the finish's waits.
+
+What the waits need to know from Airflow (the hold's current attempt, whether the run's finish or
+the run itself ended) is read here, through the Task SDK, and handed to ``session`` as callbacks.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -11,10 +14,63 @@ from asgiref.sync import sync_to_async
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.session import COMPLETE, HoldRequest, hold_backup, wait_for_backup
+from pg_safe_backup.session import (
+    COMPLETE,
+    ONE_DAY_S,
+    HoldRequest,
+    HoldView,
+    finish_backup,
+    hold_backup,
+    wait_for_start,
+)
+from pg_safe_backup.state import BackupRef
 
-#: Task states in which a holder task can no longer hold a backup.
-HOLDER_ENDED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed", "success"})
+#: Task states in which a task has ended (it will not run again unless cleared).
+ENDED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed", "success"})
+#: DAG run states in which the run still goes on.
+RUN_GOING_STATES = frozenset({"queued", "running"})
+#: XCom key under which the hold task publishes its attempt before it defers.
+ATTEMPT_XCOM = "backup_attempt"
+
+
+def _task_state(ref: BackupRef, task_id: str) -> str | None:
+    """The state of ``task_id`` (this map index) in the ref's DAG run."""
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    mapped = ref.map_index >= 0
+    states = RuntimeTaskInstance.get_task_states(
+        dag_id=ref.dag_id, task_ids=[task_id], run_ids=[ref.run_id], map_index=ref.map_index if mapped else None
+    )
+    return states.get(ref.run_id, {}).get(f"{task_id}_{ref.map_index}" if mapped else task_id)
+
+
+def hold_view(ref: BackupRef) -> HoldView:
+    """Which attempt the hold task of the ref's run is on (see :class:`HoldView`)."""
+    from airflow.sdk.execution_time.xcom import XCom
+
+    assert ref.hold_task_id
+    state = _task_state(ref, ref.hold_task_id)
+    published = XCom.get_one(key=ATTEMPT_XCOM, dag_id=ref.dag_id, task_id=ref.hold_task_id, run_id=ref.run_id,
+                             map_index=ref.map_index)
+    if state not in ("running", "deferred") and state not in ENDED_STATES:
+        return HoldView(None, current=False)  # its current try has not started: anything readable is older
+    attempt = published.get("attempt") if isinstance(published, dict) else None
+    # A try publishes before it defers (a held-inline one stays running): until then a running task's
+    # readable value may be the previous try's.
+    current = state != "running" or bool(isinstance(published, dict) and published.get("inline"))
+    return HoldView(attempt, current=current, ended=state if state in ENDED_STATES else None)
+
+
+def holder_problem(ref: BackupRef) -> str | None:
+    """Why nobody would end this run's backup: the DAG run ended, or the group's finish did."""
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    run_state = RuntimeTaskInstance.get_dagrun_state(dag_id=ref.dag_id, run_id=ref.run_id)
+    if run_state not in RUN_GOING_STATES:
+        return f"the DAG run {ref.run_id} is {run_state}"
+    if ref.finish_task_id and (state := _task_state(ref, ref.finish_task_id)) in ENDED_STATES:
+        return f"this run's {ref.finish_task_id} already ended ({state})"
+    return None
 
 
 class BackupTriggerBase(BaseTrigger):
@@ -32,27 +88,40 @@ class BackupTriggerBase(BaseTrigger):
     def hook(self) -> PostgresBackupHook:
         return PostgresBackupHook(**self.hook_kwargs)
 
+    @property
+    def ref(self) -> BackupRef | None:
+        ref = self.kwargs.get("ref")
+        return BackupRef(**ref) if ref else None
+
     async def result(self) -> dict[str, Any]:
         """Do the wait (or the whole backup) and return its result (see ``session.event``)."""
         raise NotImplementedError
 
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        yield TriggerEvent(await self.result())
+
 
 class BackupHolderTrigger(BackupTriggerBase):
     """
-    Start a backup and hold its session until the finish marks it done, then stop it.
+    Start a backup for one attempt of the hold task and hold its session until the finish marks it
+    done, then stop it.
 
     Runs as long as the backup does; its task stays deferred meanwhile. A re-run or duplicate of
     this trigger never starts a second backup for the same attempt (see ``decide_claim``).
 
     :param hook_kwargs: arguments of :class:`PostgresBackupHook`.
-    :param kwargs: the fields of :class:`pg_safe_backup.session.HoldRequest`.
+    :param request: the fields of :class:`pg_safe_backup.session.HoldRequest`.
+    :param ref: the fields of :class:`pg_safe_backup.state.BackupRef`: the backup is not started, or
+        is failed, once the run's finish task or the run itself has ended. None: no such check.
     """
 
-    def __init__(self, hook_kwargs: dict[str, Any], **kwargs: Any) -> None:
-        super().__init__(hook_kwargs, **asdict(HoldRequest(**kwargs)))
+    def __init__(self, hook_kwargs: dict[str, Any], request: dict[str, Any], ref: dict[str, Any] | None = None) -> None:
+        super().__init__(hook_kwargs, request=request, ref=ref)
 
     async def result(self) -> dict[str, Any]:
-        return await hold_backup(self.hook, HoldRequest(**self.kwargs))
+        ref = self.ref
+        check = (lambda: sync_to_async(holder_problem)(ref)) if ref else None
+        return await hold_backup(self.hook, HoldRequest(**self.kwargs["request"]), check=check)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         # The trigger ends the task itself: no second trip through the scheduler and a worker once
@@ -67,53 +136,42 @@ class BackupHolderTrigger(BackupTriggerBase):
             yield TaskFailedEvent()
 
 
-class BackupStateTrigger(BackupTriggerBase):
+class BackupStartedTrigger(BackupTriggerBase):
     """
-    Wait for one owner's backup to be started (``until="started"``) or finished (``"complete"``).
+    The gate's wait: until the hold's current attempt is in backup mode (see ``session.wait_for_start``).
 
     :param hook_kwargs: arguments of :class:`PostgresBackupHook`.
-    :param owner: the backup's owner (DAG run and backup key).
-    :param until: ``"started"`` or ``"complete"``.
-    :param poll_interval: seconds between safety re-reads (changes wake it at once via NOTIFY).
-    :param request: ``"done"`` or ``"fail"``: ask for the end of the backup before waiting.
-    :param reason: the failure reason for ``request="fail"``.
-    :param expected_start_lsn: the start LSN the copy began under (finish only).
-    :param holder: ``{"dag_id", "run_id", "task_id"}`` of the holder task: the wait fails as soon
-        as that task has ended without starting the backup (refused, failed).
+    :param ref: the fields of :class:`pg_safe_backup.state.BackupRef` (``hold_task_id`` set).
+    :param poll_interval: seconds between looks at the hold task (row changes wake it at once via NOTIFY).
+    :param timeout: seconds before the gate gives up (gate_timeout).
     """
 
-    def __init__(
-        self,
-        hook_kwargs: dict[str, Any],
-        owner: str,
-        until: str,
-        poll_interval: float = 5.0,
-        request: str | None = None,
-        reason: str = "",
-        expected_start_lsn: str | None = None,
-        holder: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(
-            hook_kwargs, owner=owner, until=until, poll_interval=poll_interval, request=request,
-            reason=reason, expected_start_lsn=expected_start_lsn, holder=holder,
-        )
-
-    async def _holder_problem(self) -> str | None:
-        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-        holder = self.kwargs["holder"]
-        states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
-            dag_id=holder["dag_id"], task_ids=[holder["task_id"]], run_ids=[holder["run_id"]]
-        )
-        state = states.get(holder["run_id"], {}).get(holder["task_id"])
-        if state in HOLDER_ENDED_STATES:
-            return f"the backup holder task {holder['task_id']} ended ({state}) without starting this run's backup; see its log"
-        return None
+    def __init__(self, hook_kwargs: dict[str, Any], ref: dict[str, Any], poll_interval: float = 5.0,
+                 timeout: float = ONE_DAY_S) -> None:
+        super().__init__(hook_kwargs, ref=ref, poll_interval=poll_interval, timeout=timeout)
 
     async def result(self) -> dict[str, Any]:
-        kw = dict(self.kwargs)
-        check = self._holder_problem if kw.pop("holder") else None
-        return await wait_for_backup(self.hook, check=check, **kw)
+        ref = self.ref
+        return await wait_for_start(self.hook, hold_view=lambda: sync_to_async(hold_view)(ref),
+                                    poll_interval=self.kwargs["poll_interval"], timeout=self.kwargs["timeout"])
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        yield TriggerEvent(await self.result())
+
+class BackupFinishTrigger(BackupTriggerBase):
+    """
+    The finish's wait: end the backup the copy ran under and wait for the outcome (see
+    ``session.finish_backup``).
+
+    :param hook_kwargs: arguments of :class:`PostgresBackupHook`.
+    :param attempt: the attempt the gate opened on.
+    :param start_lsn: the start LSN the gate opened with.
+    :param copy_problem: why the copy cannot be trusted (the backup is then failed), or None.
+    :param poll_interval: seconds between safety re-reads (changes wake it at once via NOTIFY).
+    """
+
+    def __init__(self, hook_kwargs: dict[str, Any], attempt: str, start_lsn: str, copy_problem: str | None = None,
+                 poll_interval: float = 5.0) -> None:
+        super().__init__(hook_kwargs, attempt=attempt, start_lsn=start_lsn, copy_problem=copy_problem,
+                         poll_interval=poll_interval)
+
+    async def result(self) -> dict[str, Any]:
+        return await finish_backup(self.hook, **self.kwargs)

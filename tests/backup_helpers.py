@@ -1,0 +1,63 @@
+"""Helpers of the session-level tests (holder, gate and finish functions on real PostgreSQL, no Airflow)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pg_safe_backup.hooks.backup import PostgresBackupHook
+from pg_safe_backup.local_cluster import LocalCluster
+from pg_safe_backup.session import STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
+
+OWNER = "nightly/scheduled__2026-11-24/backup"
+
+
+def attempt_of(owner: str, try_number: int = 1) -> str:
+    """A stand-in for a hold task instance's UUID: unique per owner and try."""
+    return f"{owner}#try{try_number}"
+
+
+ATTEMPT = attempt_of(OWNER)
+
+
+def req(owner: str = OWNER, **kw) -> HoldRequest:
+    return HoldRequest(**{"owner": owner, "attempt": attempt_of(owner), "label": f"test {owner}",
+                          "fast_checkpoint": True, "poll_interval": 1.0, **kw})
+
+
+def backup_starts(cluster: LocalCluster) -> int:
+    """How many times the server was asked to enter backup mode (log_statement = all)."""
+    return sum(("pg_backup_start(" in line or "pg_start_backup(" in line)
+               for line in cluster.log_text().splitlines() if "LOG:" in line)
+
+
+def row(cluster: LocalCluster) -> dict:
+    cols = ["state", "pid", "owner", "attempt", "label", "start_lsn", "stop_lsn", "timeline", "backup_label",
+            "tablespace_map", "error"]
+    found = cluster.sql(f"SELECT state::text, {', '.join(cols[1:])} FROM backup")
+    return dict(zip(cols, found[0])) if found else {}
+
+
+def session_alive(cluster: LocalCluster, pid: int) -> bool:
+    return bool(cluster.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]))
+
+
+async def gate(hook: PostgresBackupHook, attempt: str = ATTEMPT, timeout: float = 60, gate_timeout: float = 3600) -> dict:
+    return await asyncio.wait_for(wait_for_start(hook, attempt, poll_interval=0.5, timeout=gate_timeout), timeout)
+
+
+async def started(hook: PostgresBackupHook, r: HoldRequest) -> tuple[asyncio.Task, dict]:
+    """Start a holder and wait for the gate to open."""
+    holder = asyncio.create_task(hold_backup(hook, r))
+    opened = await gate(hook, r.attempt)
+    assert opened["status"] == STARTED, opened
+    return holder, opened
+
+
+async def finish(hook: PostgresBackupHook, attempt: str = ATTEMPT, start_lsn: str | None = None, timeout: float = 60,
+                 **kw) -> dict:
+    """The finish of ``attempt``; the copy "began" under ``start_lsn`` (default: that attempt's, from the table)."""
+    if start_lsn is None:
+        async with hook.connect() as conn:
+            found = await hook.read(conn)
+        start_lsn = found.start_lsn if found and found.attempt == attempt and found.start_lsn else "0/0"
+    return await asyncio.wait_for(finish_backup(hook, attempt, start_lsn, poll_interval=0.5, **kw), timeout)
