@@ -282,8 +282,9 @@ def test_concurrent_runs_are_refused_and_leave_the_live_backup_alone(env):
                            " it was left untouched.")
         gate_log = task_log(stack, dag, run, GATE, "without starting")
         assert f"the backup holder task {HOLD} ended (failed) without starting this run's backup" in gate_log, report
-        finish_log = task_log(stack, dag, run, FINISH, "no backup of this run")
-        assert "backup not usable: no backup of this run is live on this cluster" in finish_log, report
+        finish_log = task_log(stack, dag, run, FINISH, "did not open")
+        assert f"backup not usable: the gate {GATE} did not open (failed), so no copy ran under a backup of this run" \
+            in finish_log, report
         assert not (backups / run / "backup_label").exists()
 
     state = stack.wait_for_run(dag_id, first, timeout=120)

@@ -180,7 +180,8 @@ def test_lost_backup_session_wakes_a_holder_at_once(cluster, monkeypatch):
 
 
 def test_cancelled_holder_marks_failed_and_next_backup_starts(hook, cluster):
-    """A cleared or paused holder task: Airflow cancels its trigger (no backup_timeout set)."""
+    """A cleared holder task (or one marked failed by hand): Airflow cancels its trigger (no backup_timeout set).
+    Pausing the DAG does not: the run and its backup go on."""
     async def go():
         holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=0)))
         await gate(hook)

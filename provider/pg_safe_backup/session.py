@@ -86,11 +86,13 @@ class HoldView:
     :param current: that attempt is surely the CURRENT try's: the task is deferred, held inline, or
         ended. (While a new try starts on a worker, the previous try's value is still readable.)
     :param ended: the hold task's end state (``success``, ``failed``, ...), if it ended.
+    :param task_id: the hold task, for messages.
     """
 
     attempt: str | None
     current: bool = True
     ended: str | None = None
+    task_id: str | None = None
 
 
 class _Deadline:
@@ -371,7 +373,8 @@ async def wait_for_start(
                     log.info("backup %s is waiting for its start checkpoint. %s", row.owner, FAST_CHECKPOINT_HINT)
             if view.ended:
                 reason = f" (its backup: {row.state.value}, {row.error})" if ours else ""
-                return event(FAILED, f"the backup holder task ended ({view.ended}) without starting this run's"
+                task = f" {view.task_id}" if view.task_id else ""
+                return event(FAILED, f"the backup holder task{task} ended ({view.ended}) without starting this run's"
                              f" backup{reason}; see its log", row if ours else None)
             if deadline.expired():
                 return event(FAILED, f"gate_timeout={timeout:g}s passed and this run's backup is not in backup"

@@ -35,6 +35,13 @@ DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
 CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
 
 
+def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
+    """The XCom ``key`` of ``task_id`` in this run, from the same map index as the calling task (a mapped
+    group's tasks all have one; outside one it is -1): never another map index's backup."""
+    ti = context["ti"]
+    return ti.xcom_pull(task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1)
+
+
 def default_deferrable() -> bool:
     from airflow.configuration import conf
 
@@ -249,9 +256,8 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
 
     def execute(self, context: Context) -> Any:
         problem = self._copy_problem(context)
-        ti = context["ti"]
-        start_lsn = ti.xcom_pull(task_ids=self.gate_task_id, key="start_lsn")
-        attempt = ti.xcom_pull(task_ids=self.gate_task_id, key="attempt")
+        start_lsn = same_map_index_xcom(context, self.gate_task_id, "start_lsn")
+        attempt = same_map_index_xcom(context, self.gate_task_id, "attempt")
         if not start_lsn or not attempt:
             gate_state = self._states(context, [self.gate_task_id])[self.gate_task_id]
             if gate_state == "success":
@@ -308,15 +314,14 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
 
     def execute(self, context: Context) -> dict[str, str]:
-        ti = context["ti"]
-        label = ti.xcom_pull(task_ids=self.finish_task_id, key="backup_label")
+        label = same_map_index_xcom(context, self.finish_task_id, "backup_label")
         if not label:
             raise AirflowException(f"no backup_label from {self.finish_task_id}: the backup did not complete")
-        files = {"backup_label": label, "tablespace_map": ti.xcom_pull(task_ids=self.finish_task_id, key="tablespace_map")}
+        files = {"backup_label": label, "tablespace_map": same_map_index_xcom(context, self.finish_task_id, "tablespace_map")}
         target = ObjectStoragePath(self.destination)
         local_copy = Path(target.path) if target.protocol in ("", "file") else None
         if local_copy and (local_copy / "global" / "pg_control").is_file():
-            system_identifier = ti.xcom_pull(task_ids=self.finish_task_id, key="system_identifier")
+            system_identifier = same_map_index_xcom(context, self.finish_task_id, "system_identifier")
             try:
                 check_copy(local_copy, system_identifier, label)
             except CopyMismatch as err:

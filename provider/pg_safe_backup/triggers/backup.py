@@ -53,12 +53,12 @@ def hold_view(ref: BackupRef) -> HoldView:
     published = XCom.get_one(key=ATTEMPT_XCOM, dag_id=ref.dag_id, task_id=ref.hold_task_id, run_id=ref.run_id,
                              map_index=ref.map_index)
     if state not in ("running", "deferred") and state not in ENDED_STATES:
-        return HoldView(None, current=False)  # its current try has not started: anything readable is older
+        return HoldView(None, current=False, task_id=ref.hold_task_id)  # current try not started: anything readable is older
     attempt = published.get("attempt") if isinstance(published, dict) else None
     # A try publishes before it defers (a held-inline one stays running): until then a running task's
     # readable value may be the previous try's.
     current = state != "running" or bool(isinstance(published, dict) and published.get("inline"))
-    return HoldView(attempt, current=current, ended=state if state in ENDED_STATES else None)
+    return HoldView(attempt, current=current, ended=state if state in ENDED_STATES else None, task_id=ref.hold_task_id)
 
 
 def holder_problem(ref: BackupRef) -> str | None:

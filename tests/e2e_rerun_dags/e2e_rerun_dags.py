@@ -1,0 +1,94 @@
+"""DAGs of tests/test_e2e_rerun.py: clearing and re-running, nested groups and a mapped group over clusters.
+
+The test sets E2E_CLUSTERS (JSON: name -> {"conn_id", "pgdata", "wal_archive"}), E2E_BACKUP_ROOT and
+E2E_FAIL_ONCE (a flag file: while it exists, the next copy removes it and fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import DAG, TaskGroup, task, task_group
+
+from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator
+from pg_safe_backup.task_group import PostgresOnlineBackup
+
+CLUSTERS: dict[str, dict[str, str]] = json.loads(os.environ.get("E2E_CLUSTERS", "{}"))
+ROOT = os.environ.get("E2E_BACKUP_ROOT", "/tmp")
+EXCLUDES = ["--exclude=/pg_wal/*", "--exclude=/postmaster.pid", "--exclude=/postmaster.opts",
+            "--exclude=/pg_replslot/*", "--exclude=/pg_stat_tmp/*", "--exclude=pgsql_tmp*"]
+#: Restore check of each copy: the table the test filled holds exactly that cluster's rows.
+INVARIANT = ("SELECT count(*) = 1000 AND bool_and(cluster = '{name}'), format('%s rows of %s', count(*),"
+             " string_agg(DISTINCT cluster, ',')) FROM who")
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+
+@task
+def copy_cluster(pgdata: str, destination: str) -> None:
+    """The data directory to ``destination`` (global/pg_control last); fails once while E2E_FAIL_ONCE exists."""
+    flag = Path(os.environ.get("E2E_FAIL_ONCE", "/nonexistent/flag"))
+    if flag.exists():
+        flag.unlink()
+        raise RuntimeError("the copy failed (E2E_FAIL_ONCE)")
+    Path(destination).mkdir(parents=True, exist_ok=True)
+    subprocess.run(["rsync", "-a", "--delete", *EXCLUDES, "--exclude=/global/pg_control", f"{pgdata}/",
+                    f"{destination}/"], check=True)
+    subprocess.run(["rsync", "-a", f"{pgdata}/global/pg_control", f"{destination}/global/"], check=True)
+
+
+def backup_and_check(name: str, conn_id: str, pgdata: str, wal_archive: str, destination: str) -> None:
+    """One PostgresOnlineBackup group, its label stored into the copy, and the restore check."""
+    with PostgresOnlineBackup(group_id="backup", postgres_conn_id=conn_id, fast_checkpoint=True,
+                              backup_timeout=600, poll_interval=1.0) as backup:
+        copy_cluster(pgdata, destination)
+    store = PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=destination)
+    store >> PostgresVerifyBackupOperator(task_id="verify_backup", backup_dir=destination, wal_archive=wal_archive,
+                                          invariant_sql=INVARIANT.format(name=name))
+
+
+def one_cluster_dag(dag_id: str, name: str) -> DAG:
+    with DAG(dag_id, schedule=None, start_date=START, catchup=False) as dag:
+        c = CLUSTERS.get(name, {"conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/nonexistent"})
+        backup_and_check(name, c["conn_id"], c["pgdata"], c["wal_archive"], f"{ROOT}/{dag_id}/{{{{ run_id }}}}")
+    return dag
+
+
+# 1. a run whose copy fails, cleared whole, then its re-run restores
+e2e_rerun_clear = one_cluster_dag("e2e_rerun_clear", "main")
+# 2. only the hold of a completed run cleared; the next run; only the copy of a completed run cleared
+e2e_rerun_hold = one_cluster_dag("e2e_rerun_hold", "main")
+
+# 3. two PostgresOnlineBackup(group_id="backup") in two parent groups: two backups, two labels
+with DAG("e2e_nested_groups", schedule=None, start_date=START, catchup=False) as e2e_nested_groups:
+    for parent, name in (("east", "x"), ("west", "y")):
+        with TaskGroup(parent):
+            c = CLUSTERS.get(name, {"conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/nonexistent"})
+            backup_and_check(name, c["conn_id"], c["pgdata"], c["wal_archive"],
+                             f"{ROOT}/e2e_nested_groups/{{{{ run_id }}}}/{parent}")
+
+# 4. a mapped task group over three clusters' connection ids: each map index its own backup and copy
+with DAG("e2e_mapped_group", schedule=None, start_date=START, catchup=False) as e2e_mapped_group:
+    @task_group(group_id="clusters")
+    def one_cluster(name: str, conn_id: str, pgdata: str, wal_archive: str) -> None:
+        destination = f"{ROOT}/e2e_mapped_group/{{{{ run_id }}}}/{{{{ ti.map_index }}}}"
+        with PostgresOnlineBackup(group_id="backup", postgres_conn_id=conn_id, fast_checkpoint=True,
+                                  backup_timeout=600, poll_interval=1.0) as backup:
+            copy_cluster(pgdata, destination)
+        store = PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=destination)
+        store >> check_restore(name, destination, wal_archive)
+
+    @task
+    def check_restore(name: str, destination: str, wal_archive: str) -> str:
+        from pg_safe_backup.verify import verify_backup
+
+        result = verify_backup(destination, wal_archive, invariant_sql=INVARIANT.format(name=name))
+        if not result.ok:
+            raise RuntimeError(f"restore check of {destination} failed: {result.summary()}")
+        return result.summary()
+
+    one_cluster.expand_kwargs([{"name": n, **CLUSTERS[n]} for n in ("x", "y", "z") if n in CLUSTERS] or
+                              [{"name": "none", "conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/x"}])
