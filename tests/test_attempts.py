@@ -265,3 +265,32 @@ def test_an_earlier_attempt_that_stays_held_refuses_the_new_one(hook, cluster, m
     assert refused["status"] == FAILED
     assert f"refused to start: an earlier attempt ({ATTEMPT}) of this same backup" in refused["message"]
     assert held["status"] == COMPLETE
+
+
+def test_airflow_not_answering_never_ends_a_held_backup(hook, cluster, monkeypatch):
+    """The api-server restarting while a backup is held: the holder's look at Airflow fails, and the backup
+    goes on (the next look asks again); the gate waits the same way."""
+    monkeypatch.setattr(session, "HOLDER_AIRFLOW_CHECK_S", 0.5)
+    calls = {"check": 0, "view": 0}
+
+    async def check():
+        calls["check"] += 1
+        raise ConnectionError("api-server unavailable")
+
+    async def hold_view():
+        calls["view"] += 1
+        if calls["view"] < 3:
+            raise ConnectionError("api-server unavailable")
+        return HoldView(ATTEMPT)
+
+    async def go():
+        holder = asyncio.create_task(hold_backup(hook, req(), check=check))
+        opened = await asyncio.wait_for(wait_for_start(hook, hold_view=hold_view, poll_interval=0.3), 30)
+        await asyncio.sleep(2)  # several failed looks at Airflow
+        done = await finish(hook, start_lsn=opened["backup"]["start_lsn"])
+        return opened, done, await asyncio.wait_for(holder, 30)
+    opened, done, held = asyncio.run(go())
+    assert opened["status"] == STARTED
+    assert done["status"] == held["status"] == COMPLETE
+    assert calls["check"] >= 3
+    assert calls["view"] >= 3

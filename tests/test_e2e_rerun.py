@@ -55,7 +55,8 @@ def env() -> Iterator[dict]:
             "E2E_FAIL_ONCE": str(root / "fail_once"),
             "AIRFLOW__CORE__PARALLELISM": "12",  # three mapped groups: gates and finishes wait in worker slots
         })
-        stack.start(expect_dag_ids=["e2e_rerun_clear", "e2e_rerun_hold", "e2e_nested_groups", "e2e_mapped_group"])
+        stack.start(expect_dag_ids=["e2e_rerun_clear", "e2e_rerun_hold", "e2e_nested_groups", "e2e_mapped_group",
+                                    "e2e_wrong_gate"])
         yield {"clusters": clusters, "stack": stack, "backups": backups, "root": root}
     finally:
         if stack:
@@ -265,4 +266,25 @@ def test_a_mapped_group_over_three_clusters_takes_three_backups(env):
                                  env["backups"] / dag_id / run_id / str(index), "clusters.check_restore")
                for index, name in enumerate(("x", "y", "z"))}
     assert len(systems) == 3
+    nothing_in_backup_mode(env)
+
+
+def test_a_finish_wired_to_the_wrong_gate_fails_naming_gate_task_id_and_the_backup_is_ended(env):
+    """Without the gate's start LSN and attempt the finish cannot tell which backup the copy ran under: it fails
+    naming gate_task_id, and the holder, seeing its finish ended, fails the backup and ends backup mode."""
+    stack, cluster = env["stack"], env["clusters"]["main"]
+    dag_id, run_id = "e2e_wrong_gate", "wrong_gate"
+    state, tasks = run(stack, dag_id, run_id)
+    report = failure_report(stack, dag_id, run_id, tasks)
+    assert state == "failed", report
+    assert tasks == {"hold": "failed", "gate": "success", "copy": "success", "not_the_gate": "success",
+                     "finish": "failed"}, report
+    finish_log = log_of(stack, dag_id, run_id, "finish", "gate_task_id")
+    assert "gate_task_id='not_the_gate' succeeded but published no start_lsn and attempt" in finish_log, report
+    hold_log = log_of(stack, dag_id, run_id, "hold", "nothing would end this backup")
+    assert "backup not taken: this run's finish already ended (failed): nothing would end this backup; backup mode" \
+        " ended" in hold_log, report
+    row = backup_row(cluster)
+    assert row["state"] == "failed" and row["owner"] == f"{dag_id}/{run_id}/by_hand", row
+    assert row["backup_label"] is None
     nothing_in_backup_mode(env)

@@ -58,6 +58,18 @@ ONE_DAY_S = 24 * 3600.0
 Check = Callable[[], Awaitable[str | None]]
 
 
+async def _ask_airflow(check: Check | None) -> str | None:
+    """The check's answer; None when there is no check, or when Airflow could not answer this time
+    (an api-server restarting must not end a held backup: the next check asks again)."""
+    if check is None:
+        return None
+    try:
+        return await check()
+    except Exception as err:  # noqa: BLE001 - any failure to ask is "no answer"
+        log.warning("could not ask Airflow about this backup's run (asking again later): %s", err)
+        return None
+
+
 @dataclass(frozen=True)
 class HoldRequest:
     """What one holder attempt needs; plain values so a trigger can serialise them.
@@ -138,7 +150,7 @@ async def hold_backup(
     """
     deadline = _Deadline(req.backup_timeout, clock)
     try:
-        if check is not None and (problem := await check()):
+        if problem := await _ask_airflow(check):
             return event(FAILED, f"not started: {problem}")
         async with AsyncExitStack() as stack:
             conn = await stack.enter_async_context(hook.connect("holder"))
@@ -246,7 +258,7 @@ async def _run_backup(
                 )
             if check is not None and clock() >= next_check:
                 next_check = clock() + check_every
-                if problem := await check():
+                if problem := await _ask_airflow(check):
                     return await _fail(hook, conn, bconn, req, f"{problem}: nothing would end this backup")
             # Woken by NOTIFY (any change of the row), by either session's socket (the server or
             # the network ending it), or by backup_timeout; re-read now and then regardless.
@@ -354,7 +366,11 @@ async def wait_for_start(
             row = await hook.read(conn)
             stale = view is None or row is None or row.attempt != view.attempt
             if hold_view is not None and (stale or clock() - viewed_at >= poll_interval):
-                view, viewed_at = await hold_view(), clock()
+                try:
+                    view = await hold_view()
+                except Exception as err:  # noqa: BLE001 - no answer this time: keep what we knew, ask again
+                    log.warning("could not ask Airflow about the hold task (asking again): %s", err)
+                viewed_at = clock()
             view = view or fixed
             ours = row is not None and view.attempt is not None and row.attempt == view.attempt
             if ours:
@@ -365,7 +381,7 @@ async def wait_for_start(
                 if row.state in (BackupState.DONE, BackupState.COMPLETE) and view.current:
                     return event(FAILED, f"this run's backup already {row.state.value} before its copy could"
                                  " start (copying now would not match its label)", row)
-                if row.live and not row.holder_alive:
+                if row.live and not row.holder_alive and view.current:
                     await hook.mark_failed(conn, row.attempt, _session_gone(row))
                     continue
                 if row.state is BackupState.RUNNING and row.start_lsn is None and clock() > hint_at:

@@ -92,3 +92,20 @@ with DAG("e2e_mapped_group", schedule=None, start_date=START, catchup=False) as 
 
     one_cluster.expand_kwargs([{"name": n, **CLUSTERS[n]} for n in ("x", "y", "z") if n in CLUSTERS] or
                               [{"name": "none", "conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/x"}])
+
+# 5. hand-wired, with the finish pointed at a task that is not the gate: no start LSN, no guard, so no label
+with DAG("e2e_wrong_gate", schedule=None, start_date=START, catchup=False) as e2e_wrong_gate:
+    from airflow.providers.standard.operators.bash import BashOperator
+    from airflow.providers.standard.operators.empty import EmptyOperator
+
+    from pg_safe_backup.operators.backup import PostgresBackupHoldOperator, PostgresFinishBackupOperator
+    from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
+
+    _common = {"postgres_conn_id": CLUSTERS.get("main", {}).get("conn_id", "none"), "backup_key": "by_hand",
+               "poll_interval": 1.0}
+    _hold = PostgresBackupHoldOperator(task_id="hold", finish_task_id="finish", fast_checkpoint=True,
+                                       backup_timeout=600, **_common)
+    _gate = PostgresBackupStartedSensor(task_id="gate", holder_task_id="hold", **_common)
+    _finish = PostgresFinishBackupOperator(task_id="finish", gate_task_id="not_the_gate", **_common)
+    _gate >> BashOperator(task_id="copy", bash_command="sleep 1") >> _finish
+    EmptyOperator(task_id="not_the_gate") >> _finish
