@@ -294,3 +294,33 @@ def test_airflow_not_answering_never_ends_a_held_backup(hook, cluster, monkeypat
     assert done["status"] == held["status"] == COMPLETE
     assert calls["check"] >= 3
     assert calls["view"] >= 3
+
+
+def test_the_gate_never_opens_on_an_attempt_that_is_not_surely_the_current_one(hook, cluster):
+    """A whole run cleared: the old try's trigger still holds its backup for a second or two, and while the new
+    try starts on a worker its XCom still names the old attempt. The gate must not open on that backup."""
+    async def go():
+        async with hook.connect() as conn:
+            await hook.ensure_table(conn)
+        await asyncio.to_thread(cluster.sql, "INSERT INTO backup (id, state) VALUES (1, 'failed')")
+        other = await psycopg.AsyncConnection.connect(**cluster.conninfo(), autocommit=True)
+        await asyncio.to_thread(cluster.sql, "UPDATE backup SET state = 'running'")
+        await live_row(cluster, other, ATTEMPT, "running", "0/2000028")  # the old attempt, still held
+        views = {"now": HoldView(ATTEMPT, current=False)}
+
+        async def hold_view() -> HoldView:
+            return views["now"]
+
+        waiting = asyncio.create_task(wait_for_start(hook, hold_view=hold_view, poll_interval=0.3))
+        await asyncio.sleep(2)
+        assert not waiting.done(), waiting.result()
+        views["now"] = HoldView(RETRY, current=True)  # the new try deferred; Airflow cancels the old trigger
+        await other.close()
+        holder = asyncio.create_task(hold_backup(hook, req(attempt=RETRY)))
+        opened = await asyncio.wait_for(waiting, 60)
+        await finish(hook, attempt=RETRY, start_lsn=opened["backup"]["start_lsn"])
+        await asyncio.wait_for(holder, 30)
+        return opened
+    opened = asyncio.run(go())
+    assert opened["status"] == STARTED
+    assert opened["backup"]["attempt"] == RETRY

@@ -364,8 +364,10 @@ async def wait_for_start(
         view, viewed_at = None, 0.0
         while True:
             row = await hook.read(conn)
-            stale = view is None or row is None or row.attempt != view.attempt
-            if hold_view is not None and (stale or clock() - viewed_at >= poll_interval):
+            # Ask Airflow again when the row names another attempt than the one we know, when that attempt
+            # is not yet surely the current one, and now and then (has the hold task ended?).
+            unsure = view is None or row is None or row.attempt != view.attempt or (row.live and not view.current)
+            if hold_view is not None and (unsure or clock() - viewed_at >= poll_interval):
                 try:
                     view = await hold_view()
                 except Exception as err:  # noqa: BLE001 - no answer this time: keep what we knew, ask again
@@ -374,7 +376,7 @@ async def wait_for_start(
             view = view or fixed
             ours = row is not None and view.attempt is not None and row.attempt == view.attempt
             if ours:
-                if row.started and row.holder_alive:
+                if row.started and row.holder_alive and view.current:
                     return event(STARTED, f"backup running since {row.start_lsn}", row)
                 if row.state is BackupState.FAILED and view.current:
                     return event(FAILED, f"backup failed: {row.error}", row)
@@ -396,7 +398,9 @@ async def wait_for_start(
                 return event(FAILED, f"gate_timeout={timeout:g}s passed and this run's backup is not in backup"
                              " mode yet (a start checkpoint still running, or no triggerer running the hold)",
                              row if ours else None)
-            await hook.wait_for_change(conn, deadline.cap(poll_interval))
+            # Not yet sure which attempt is current (the hold task is starting): look again soon.
+            soon = ours and row.live and not view.current
+            await hook.wait_for_change(conn, deadline.cap(min(poll_interval, 0.5) if soon else poll_interval))
 
     return await _waiting(hook, "gate", body)
 
