@@ -20,7 +20,8 @@ def failure_report(stack: AirflowStack, dag_id: str, run_id: str, tasks: dict[st
     """Task states and the error lines of each task's log."""
     lines = [f"{dag_id} {run_id}: {tasks}"]
     for task_id in tasks:
-        errors = [ln[:600] for ln in stack.task_log(dag_id, run_id, task_id).splitlines() if " error " in ln.lower()]
+        base = task_id.split("[")[0]  # "task[i]": a mapped task's logs are under its task id
+        errors = [ln[:600] for ln in stack.task_log(dag_id, run_id, base).splitlines() if " error " in ln.lower()]
         lines += [f"--- {task_id}", *errors[-5:]]
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import pytest
 from demo.stack import FINAL_RUN_STATES, AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 
-from e2e_helpers import holder_sessions
+from e2e_helpers import failure_report, holder_sessions
 
 pytestmark = pytest.mark.e2e
 
@@ -82,16 +82,6 @@ def backup_row(cluster: LocalCluster) -> dict:
     rows = cluster.sql("SELECT state::text, owner, attempt, error, backup_label, system_identifier FROM backup")
     assert len(rows) == 1, rows
     return dict(zip(cols, rows[0]))
-
-
-def failure_report(stack: AirflowStack, dag_id: str, run_id: str, tasks: dict[str, str]) -> str:
-    """Task states, and each failed task's last log lines."""
-    lines = [f"{dag_id} {run_id}: {tasks}"]
-    for task_id, state in tasks.items():
-        if state in ("failed", "upstream_failed"):
-            base = task_id.split("[")[0]
-            lines += [f"--- {task_id}", *[ln[:800] for ln in stack.task_log(dag_id, run_id, base).splitlines()[-12:]]]
-    return "\n".join(lines)
 
 
 def run(stack: AirflowStack, dag_id: str, run_id: str) -> tuple[str, dict[str, str]]:

@@ -196,26 +196,36 @@ async def _claim_and_run(
     if decision in (Claim.WATCH, Claim.FINISHED, Claim.LOST):
         # Our attempt was claimed before (a duplicate trigger or a re-run): never start again.
         log.info("backup of %s was already claimed (%s); following it", req.owner, decision.value)
-        return await _follow(hook, conn, req)
+        return await _until_ended(hook, conn, req.attempt, req.poll_interval)
     if decision is not Claim.START:
         log.warning("previous backup of %s replaced (%s)", row.owner, decision.value)
     return await _run_backup(hook, conn, bconn, req, deadline, check, clock)
 
 
-async def _follow(hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest) -> dict[str, Any]:
-    """Wait for our own attempt's backup, held by another session (or already ended), to end."""
+async def _until_ended(
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, attempt: str, poll_interval: float,
+    vet: Callable[[BackupRow], Awaitable[dict[str, Any] | None]] | None = None,
+) -> dict[str, Any]:
+    """Follow ``attempt``'s backup until it is complete or failed (its holder gone: marked failed).
+
+    :param vet: called first with each read of that attempt's row; an event it returns ends the wait.
+    """
     while True:
         row = await hook.read(conn)
-        if row is None or row.attempt != req.attempt:
-            return event(FAILED, "this attempt's backup is no longer in the table (replaced)", row)
+        if row is None or row.attempt != attempt:
+            whose = f"{row.owner} (attempt {row.attempt}, {row.state.value})" if row else "nothing"
+            return event(FAILED, f"the backup of attempt {attempt} is no longer in the table, which now holds"
+                         f" {whose}: its label cannot be reported", row)
+        if vet is not None and (ended := await vet(row)):
+            return ended
         if row.state is BackupState.FAILED:
             return event(FAILED, f"backup failed: {row.error}", row)
         if row.state is BackupState.COMPLETE:
             return event(COMPLETE, "backup complete", row)
         if not row.holder_alive:
-            await hook.mark_failed(conn, req.attempt, _session_gone(row))
+            await hook.mark_failed(conn, attempt, _session_gone(row))
             continue
-        await hook.wait_for_change(conn, req.poll_interval)
+        await hook.wait_for_change(conn, poll_interval)
 
 
 def _session_gone(row: BackupRow) -> str:
@@ -425,12 +435,8 @@ async def finish_backup(
             await hook.mark_failed(conn, attempt, copy_problem, withdraw=True)
             return event(FAILED, f"backup failed: {copy_problem}", await hook.read(conn))
         await hook.request_done(conn, attempt, start_lsn)
-        while True:
-            row = await hook.read(conn)
-            if row is None or row.attempt != attempt:
-                whose = f"{row.owner} (attempt {row.attempt}, {row.state.value})" if row else "nothing"
-                return event(FAILED, f"the backup the copy ran under (attempt {attempt}) is no longer in the"
-                             f" table, which now holds {whose}: its label cannot be reported", row)
+
+        async def vet(row: BackupRow) -> dict[str, Any] | None:
             if row.start_lsn != start_lsn:
                 await hook.mark_failed(
                     conn, attempt, f"the copy began under start LSN {start_lsn} but this backup started at"
@@ -438,15 +444,10 @@ async def finish_backup(
                 )
                 return event(FAILED, f"backup failed: the copy began under start LSN {start_lsn}, not under"
                              f" this backup's {row.start_lsn}", await hook.read(conn))
-            if row.state is BackupState.FAILED:
-                return event(FAILED, f"backup failed: {row.error}", row)
-            if row.state is BackupState.COMPLETE:
-                return event(COMPLETE, "backup complete", row)
-            if not row.holder_alive:
-                await hook.mark_failed(conn, attempt, _session_gone(row))
-                continue
-            if row.state is BackupState.RUNNING:  # set back by hand, or the first request raced: ask again
+            if row.state is BackupState.RUNNING and row.holder_alive:  # set back by hand, or raced: ask again
                 await hook.request_done(conn, attempt, start_lsn)
-            await hook.wait_for_change(conn, poll_interval)
+            return None
+
+        return await _until_ended(hook, conn, attempt, poll_interval, vet)
 
     return await _waiting(hook, "finish", body)

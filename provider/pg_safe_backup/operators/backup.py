@@ -21,6 +21,7 @@ from pg_safe_backup.triggers.backup import (
     BackupFinishTrigger,
     BackupHolderTrigger,
     BackupTriggerBase,
+    task_states,
 )
 
 if TYPE_CHECKING:
@@ -239,17 +240,10 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
                           default_deferrable() if deferrable is None else deferrable)
         self.gate_task_id = check_text(gate_task_id, "gate_task_id")
 
-    def _states(self, context: Context, task_ids: list[str]) -> dict[str, str | None]:
-        """States of ``task_ids`` in this run (this map index, for a mapped group)."""
-        ti = context["ti"]
-        mapped = ti.map_index is not None and ti.map_index >= 0
-        found = ti.get_task_states(dag_id=ti.dag_id, task_ids=task_ids, run_ids=[ti.run_id],
-                                   map_index=ti.map_index if mapped else None).get(ti.run_id, {})
-        return {t: found.get(f"{t}_{ti.map_index}" if mapped else t) for t in task_ids}
-
     def _copy_problem(self, context: Context) -> str | None:
         """Why the copy cannot be trusted (a task upstream did not succeed), or None."""
-        bad = {t: s for t, s in sorted(self._states(context, sorted(self.upstream_task_ids)).items()) if s != "success"}
+        states = task_states(self.backup_ref(context), sorted(self.upstream_task_ids))
+        bad = {t: s for t, s in states.items() if s != "success"}
         if not bad:
             return None
         return "the copy did not succeed: " + ", ".join(f"{t} is {s}" for t, s in bad.items())
@@ -259,7 +253,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         start_lsn = same_map_index_xcom(context, self.gate_task_id, "start_lsn")
         attempt = same_map_index_xcom(context, self.gate_task_id, "attempt")
         if not start_lsn or not attempt:
-            gate_state = self._states(context, [self.gate_task_id])[self.gate_task_id]
+            gate_state = task_states(self.backup_ref(context), [self.gate_task_id])[self.gate_task_id]
             if gate_state == "success":
                 raise AirflowException(
                     f"gate_task_id={self.gate_task_id!r} succeeded but published no start_lsn and attempt: it must"

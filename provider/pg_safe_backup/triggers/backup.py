@@ -33,15 +33,15 @@ RUN_GOING_STATES = frozenset({"queued", "running"})
 ATTEMPT_XCOM = "backup_attempt"
 
 
-def _task_state(ref: BackupRef, task_id: str) -> str | None:
-    """The state of ``task_id`` (this map index) in the ref's DAG run."""
+def task_states(ref: BackupRef, task_ids: list[str]) -> dict[str, str | None]:
+    """The states of ``task_ids`` in the ref's DAG run, at the ref's map index (from a worker or a trigger)."""
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     mapped = ref.map_index >= 0
-    states = RuntimeTaskInstance.get_task_states(
-        dag_id=ref.dag_id, task_ids=[task_id], run_ids=[ref.run_id], map_index=ref.map_index if mapped else None
-    )
-    return states.get(ref.run_id, {}).get(f"{task_id}_{ref.map_index}" if mapped else task_id)
+    found = RuntimeTaskInstance.get_task_states(
+        dag_id=ref.dag_id, task_ids=task_ids, run_ids=[ref.run_id], map_index=ref.map_index if mapped else None
+    ).get(ref.run_id, {})
+    return {t: found.get(f"{t}_{ref.map_index}" if mapped else t) for t in task_ids}
 
 
 def hold_view(ref: BackupRef) -> HoldView:
@@ -49,11 +49,11 @@ def hold_view(ref: BackupRef) -> HoldView:
     from airflow.sdk.execution_time.xcom import XCom
 
     assert ref.hold_task_id
-    state = _task_state(ref, ref.hold_task_id)
-    published = XCom.get_one(key=ATTEMPT_XCOM, dag_id=ref.dag_id, task_id=ref.hold_task_id, run_id=ref.run_id,
-                             map_index=ref.map_index)
+    state = task_states(ref, [ref.hold_task_id])[ref.hold_task_id]
     if state not in ("running", "deferred") and state not in ENDED_STATES:
         return HoldView(None, current=False, task_id=ref.hold_task_id)  # current try not started: anything readable is older
+    published = XCom.get_one(key=ATTEMPT_XCOM, dag_id=ref.dag_id, task_id=ref.hold_task_id, run_id=ref.run_id,
+                             map_index=ref.map_index)
     attempt = published.get("attempt") if isinstance(published, dict) else None
     # A try publishes before it defers (a held-inline one stays running): until then a running task's
     # readable value may be the previous try's.
@@ -68,7 +68,7 @@ def holder_problem(ref: BackupRef) -> str | None:
     run_state = RuntimeTaskInstance.get_dagrun_state(dag_id=ref.dag_id, run_id=ref.run_id)
     if run_state not in RUN_GOING_STATES:
         return f"the DAG run {ref.run_id} is {run_state}"
-    if ref.finish_task_id and (state := _task_state(ref, ref.finish_task_id)) in ENDED_STATES:
+    if ref.finish_task_id and (state := task_states(ref, [ref.finish_task_id])[ref.finish_task_id]) in ENDED_STATES:
         return f"this run's {ref.finish_task_id} already ended ({state})"
     return None
 
