@@ -50,6 +50,9 @@ FINAL_RUN_STATES = frozenset({"success", "failed"})
 # hit a database error.
 SQLITE_BUSY_TIMEOUT_S = 60
 API_DB_ERROR_RETRIES = 3
+#: Seconds a REST call may take: longer than the SQLite busy timeout, so that a request the api-server
+#: holds while it waits for the database lock is answered (or fails with its database error), not cut off.
+API_TIMEOUT_S = SQLITE_BUSY_TIMEOUT_S + 30
 _USER = "admin"
 
 
@@ -374,7 +377,7 @@ class AirflowStack:
                 headers["Authorization"] = f"Bearer {self._get_token()}"
             req = urllib.request.Request(self.api_url + path, data=data, headers=headers, method=method)
             try:
-                with self._opener.open(req, timeout=30) as resp:
+                with self._opener.open(req, timeout=API_TIMEOUT_S) as resp:
                     raw = resp.read()
                 return json.loads(raw) if raw else None
             except urllib.error.HTTPError as exc:
