@@ -144,6 +144,9 @@ class AirflowStack:
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "3",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
+            # Tasks' and triggers' calls to the execution API (default 5 s) also wait on the SQLite lock: cut
+            # off and retried, a state change already made comes back 409 and fails a healthy task.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(API_TIMEOUT_S),
             "AIRFLOW__API_AUTH__JWT_SECRET": f"jwt-{self.stack_id}-{self._password}",
             "AIRFLOW__API__SECRET_KEY": f"api-{self.stack_id}-{self._password}",
             "AIRFLOW__API__HOST": "127.0.0.1",
