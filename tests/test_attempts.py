@@ -286,7 +286,10 @@ def test_airflow_not_answering_never_ends_a_held_backup(hook, cluster, monkeypat
     async def go():
         holder = asyncio.create_task(hold_backup(hook, req(), check=check))
         opened = await asyncio.wait_for(wait_for_start(hook, hold_view=hold_view, poll_interval=0.3), 30)
-        await asyncio.sleep(2)  # several failed looks at Airflow
+        # Several failed looks at Airflow while held (counted, not timed: a loaded machine is slower).
+        deadline = time.monotonic() + 60
+        while calls["check"] < 3 and time.monotonic() < deadline and not holder.done():
+            await asyncio.sleep(0.2)
         done = await finish(hook, start_lsn=opened["backup"]["start_lsn"])
         return opened, done, await asyncio.wait_for(holder, 30)
     opened, done, held = asyncio.run(go())
