@@ -83,5 +83,6 @@ def test_pgbouncer_refusing_the_options_startup_parameter_gets_the_pooler_error(
     bouncer = pgbouncer("session", ignore_options=False, options="-c search_path=pg_catalog")
     result = asyncio.run(hold_backup(PostgresBackupHook(POOLED), req()))
     assert_refused_as_pooled(result)
-    assert "unsupported startup parameter" in bouncer.log_text()
+    assert "unsupported startup parameter: options" in result["message"]
+    assert "unsupported startup parameter: options" in bouncer.log_text()
     assert backup_starts(cluster) == 0
