@@ -206,9 +206,10 @@ class PostgresBackupHook(BaseHook):
     async def ensure_direct(self, conn: psycopg.AsyncConnection, conn_id: str) -> None:
         """Refuse a session that is not a direct backend of the server.
 
-        PostgreSQL announces its session's pid at login (BackendKeyData, ``conn.info.backend_pid``); a
-        pooler announces a key of its own instead, and runs our statements in whichever server
-        session it chooses.
+        PostgreSQL announces its session's pid at login (BackendKeyData, ``conn.info.backend_pid``;
+        the postmaster finds the session to cancel by that pid, see processCancelRequest); a pooler
+        announces a key of its own instead, and runs our statements in whichever server session it
+        chooses.
 
         :param conn_id: the Airflow connection ``conn`` was opened through, for the error.
         """
