@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import pytest
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster
+from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, as_server_user, free_port, give_to_server_user
 from pg_versions import select_major
 
 _BINARIES = select_major()
@@ -46,3 +51,87 @@ def cluster(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCl
 @pytest.fixture
 def hook(cluster: LocalCluster) -> PostgresBackupHook:
     return PostgresBackupHook(CONN_ID)
+
+
+class PgBouncer:
+    """A real pgbouncer on 127.0.0.1 in front of ``cluster`` (as the postgres OS user when root), registered
+    as the Airflow connection ``conn_id``; md5 with the test password on both of its sides.
+
+    :param pool_mode: ``session`` or ``transaction``.
+    :param ignore_options: accept (and drop) the ``options`` startup parameter, as deployments that pass
+        libpq options through pgbouncer configure it; without it pgbouncer refuses such a client.
+    """
+
+    def __init__(self, cluster: LocalCluster, folder: Path, conn_id: str, pool_mode: str,
+                 ignore_options: bool = True) -> None:
+        self.cluster, self.folder, self.conn_id, self.pool_mode = cluster, folder, conn_id, pool_mode
+        self.ignore_options = ignore_options
+        self.port = free_port()
+        self.logfile = folder / "pgbouncer.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> "PgBouncer":
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        if not os.path.exists(binary):
+            raise RuntimeError("pgbouncer is not installed: run `make prereqs` (Debian package pgbouncer)")
+        self.folder.mkdir(parents=True)
+        (self.folder / "userlist.txt").write_text(f'"{SERVER_USER}" "{PASSWORD}"\n')
+        ignored = "extra_float_digits" + (",options" if self.ignore_options else "")
+        (self.folder / "pgbouncer.ini").write_text(
+            f"[databases]\n* = host=127.0.0.1 port={self.cluster.port}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = md5\nauth_file = {self.folder / 'userlist.txt'}\npool_mode = {self.pool_mode}\n"
+            f"ignore_startup_parameters = {ignored}\nlogfile = {self.logfile}\n"
+            f"pidfile = {self.folder / 'pgbouncer.pid'}\n"
+        )
+        give_to_server_user(self.folder)
+        # Its own process group, so stop() ends pgbouncer and not only the runuser in front of it.
+        self.proc = subprocess.Popen(as_server_user([binary, str(self.folder / "pgbouncer.ini")]),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"pgbouncer did not start listening on {self.port}:\n{self.log_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(15)
+
+    def log_text(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def airflow_conn_uri(self, **extra: str) -> str:
+        """The Airflow connection URI through this pgbouncer; ``extra`` becomes the connection's extra."""
+        query = f"?{urlencode(extra)}" if extra else ""
+        return f"postgres://{SERVER_USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{self.port}/postgres{query}"
+
+
+@pytest.fixture
+def pgbouncer(cluster: LocalCluster, tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., PgBouncer]]:
+    """Start pgbouncers in front of ``cluster``: ``pgbouncer(pool_mode, conn_id=..., ignore_options=...,
+    **extra)`` returns a running one, reachable through the Airflow connection ``conn_id`` (with
+    ``extra``); all are stopped at the end."""
+    started: list[PgBouncer] = []
+
+    def start(pool_mode: str = "session", conn_id: str = "pg_pooled", ignore_options: bool = True,
+              **extra: str) -> PgBouncer:
+        bouncer = PgBouncer(cluster, tmp_root / f"pgbouncer-{len(started)}", conn_id, pool_mode, ignore_options)
+        started.append(bouncer)
+        bouncer.start()
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", bouncer.airflow_conn_uri(**extra))
+        return bouncer
+
+    yield start
+    for bouncer in started:
+        bouncer.stop()

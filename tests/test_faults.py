@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import re
 
+import psycopg
 import pytest
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook, backup_functions
@@ -176,6 +177,27 @@ def test_lost_backup_session_wakes_a_holder_at_once(cluster, monkeypatch):
     assert killed == [(True,)]
     assert lost["status"] == FAILED and "lost" in lost["message"] and took < 5, (took, lost)
     assert table_row(cluster)[0] == "failed" and holder_sessions(cluster) == 0
+    assert_next_backup_runs(hook, cluster)
+
+
+def test_a_holder_whose_row_names_another_live_session_fails_its_own_row(hook, cluster):
+    """What a pooler did to a holder: its row named a server session that is not its own, so it ended
+    backup mode but left the row `running` with a live-looking holder, and the gate opened on it."""
+    async def go():
+        holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=0)))
+        await gate(hook)
+        async with await psycopg.AsyncConnection.connect(**cluster.conninfo(), autocommit=True) as other:
+            await asyncio.to_thread(
+                cluster.sql, "UPDATE backup SET pid = a.pid, holder_started_at = a.backend_start"
+                " FROM pg_stat_activity a WHERE a.pid = %s", [other.info.backend_pid])
+            held = await asyncio.wait_for(holder, 30)
+            return held, await gate(hook)  # that other session still alive
+    held, reopened = asyncio.run(go())
+    assert held["status"] == FAILED and "taken over" in held["message"]
+    state, error, owner, label = table_row(cluster)
+    assert (state, owner, label) == ("failed", OWNER, None) and "taken over" in error
+    assert reopened["status"] == FAILED
+    assert holder_sessions(cluster) == 0
     assert_next_backup_runs(hook, cluster)
 
 

@@ -237,77 +237,92 @@ async def _run_backup(
     hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
     deadline: _Deadline, check: Check | None, clock: Callable[[], float],
 ) -> dict[str, Any]:
-    """Backup mode from start to stop in ``bconn`` (state in ``conn``); any failure is recorded and
-    ends backup mode."""
-    my_pid = conn.info.backend_pid
+    """The claimed backup (see :func:`_backup_mode`). Every end but complete, an exception included,
+    marks this attempt's row failed (never another attempt's: ``mark_failed`` filters by attempt) and
+    ends backup mode: none leaves its row ``running`` or ``done``."""
     try:
-        log.info("starting backup %r (fast checkpoint: %s)", req.label, req.fast_checkpoint)
         try:
-            start_lsn = await asyncio.wait_for(hook.start_backup(bconn, req.label, req.fast_checkpoint), deadline.remaining())
-        except asyncio.TimeoutError:
-            return await _fail(hook, conn, bconn, req, f"the start checkpoint did not finish within backup_timeout={req.backup_timeout:g}s")
-        if not await hook.record_start(conn, start_lsn):
-            await hook.abort_backup(bconn)
-            return event(FAILED, "the backup was marked failed while its checkpoint was running; backup mode ended")
-        log.info("backup mode entered at %s; holding session pid %s", start_lsn, my_pid)
-        check_every = max(req.poll_interval, HOLDER_AIRFLOW_CHECK_S)
-        next_check = clock() + check_every
-        while True:
-            row = await hook.read(conn)
-            if row is None or row.attempt != req.attempt or row.pid != my_pid:
-                await hook.abort_backup(bconn)
-                return event(FAILED, "this backup's row was taken over by another backup; backup mode ended", row)
-            if row.state is BackupState.FAILED:
-                await hook.abort_backup(bconn)
-                return event(FAILED, f"backup marked failed: {row.error}; backup mode ended", row)
-            if row.state is BackupState.DONE:
-                break
-            if deadline.expired():
-                return await _fail(
-                    hook, conn, bconn, req, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished"
-                )
-            if check is not None and clock() >= next_check:
-                next_check = clock() + check_every
-                if problem := await _ask_airflow(check):
-                    return await _fail(hook, conn, bconn, req, f"{problem}: nothing would end this backup")
-            # Woken by NOTIFY (any change of the row), by either session's socket (the server or
-            # the network ending it), or by backup_timeout; re-read now and then regardless.
-            standby = [bconn] if bconn is not conn else []
-            for session in standby:
-                await session.execute("SELECT 1")  # still there (and whatever it sent is read)
-            wait = max(req.poll_interval, HOLDER_RECHECK_S)
-            if check is not None:
-                wait = min(wait, max(0.0, next_check - clock()))
-            await hook.wait_for_change(conn, deadline.cap(wait), *standby)
-        log.info("copy reported done; stopping backup (wait_for_archive: %s)", req.wait_for_archive)
-        try:
-            stop_lsn, label_file, spcmap = await asyncio.wait_for(
-                hook.stop_backup(bconn, req.wait_for_archive), deadline.remaining()
-            )
-        except asyncio.TimeoutError:
-            return await _fail(
-                hook, conn, bconn, req,
-                f"pg_backup_stop did not return within backup_timeout={req.backup_timeout:g}s: it waits until"
-                " the WAL the backup needs is archived, so WAL archiving is failing or too slow (check"
-                f" archive_command and the server log; {await hook.archiver_status(bconn)})",
-            )
-        timeline = parse_backup_label(label_file).get("START TIMELINE")
-        if not await hook.mark_complete(conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None):
-            row = await hook.read(conn)
-            return event(FAILED, f"backup stopped but no longer ours to complete: {row.error if row else 'row gone'}", row)
-        row = await hook.read(conn)
-        log.info("backup complete: %s .. %s", row.start_lsn, row.stop_lsn)
-        return event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn})", row)
+            held = await _backup_mode(hook, conn, bconn, req, deadline, check, clock)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except psycopg.Error as err:
+            held = event(FAILED, f"PostgreSQL refused the backup: {hook.explain(err, bconn)}")
+        if held["status"] == COMPLETE:
+            return held
+        return await _fail(hook, conn, bconn, req, held["message"])
     except (psycopg.OperationalError, psycopg.InterfaceError) as err:
         # The session is gone, and PostgreSQL ended its backup mode with it; record why elsewhere.
         return await _fail_elsewhere(hook, req.attempt, f"the session holding backup mode was lost: {err}")
-    except psycopg.Error as err:
-        return await _fail(hook, conn, bconn, req, f"PostgreSQL refused the backup: {hook.explain(err, bconn)}")
-    except asyncio.CancelledError:
-        # Airflow cancelled the holder (task cleared or marked failed): closing this session
-        # ends backup mode, so say so in the table before it closes.
-        await asyncio.wait_for(_fail_elsewhere(hook, req.attempt, "the holder was cancelled by Airflow"), 10)
+    except (asyncio.CancelledError, Exception) as err:
+        # Cancelled by Airflow (task cleared or marked failed), or a bug: closing this session ends
+        # backup mode, so say so in the table before it closes.
+        why = "the holder was cancelled by Airflow" if isinstance(err, asyncio.CancelledError) else (
+            f"the holder stopped on an unexpected error: {err!r}")
+        await asyncio.wait_for(_fail_elsewhere(hook, req.attempt, why), 10)
         raise
+
+
+async def _backup_mode(
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
+    deadline: _Deadline, check: Check | None, clock: Callable[[], float],
+) -> dict[str, Any]:
+    """Backup mode from start to stop in ``bconn`` (state in ``conn``); returns the complete event, or
+    a failed one saying why it must end (:func:`_run_backup` records that and ends backup mode)."""
+    my_pid = await hook.backend_pid(conn)  # the server's; a pooler's announced key would never match
+    log.info("starting backup %r (fast checkpoint: %s)", req.label, req.fast_checkpoint)
+    try:
+        start_lsn = await asyncio.wait_for(hook.start_backup(bconn, req.label, req.fast_checkpoint), deadline.remaining())
+    except asyncio.TimeoutError:
+        return event(FAILED, f"the start checkpoint did not finish within backup_timeout={req.backup_timeout:g}s")
+    if not await hook.record_start(conn, start_lsn):
+        return event(FAILED, "the backup was marked failed or taken over while its checkpoint was running")
+    log.info("backup mode entered at %s; holding session pid %s", start_lsn, my_pid)
+    check_every = max(req.poll_interval, HOLDER_AIRFLOW_CHECK_S)
+    next_check = clock() + check_every
+    while True:
+        row = await hook.read(conn)
+        if row is None or row.attempt != req.attempt or row.pid != my_pid:
+            by = "another backup" if row is None or row.attempt != req.attempt else (
+                f"another session (pid {row.pid}, not this holder's {my_pid})")
+            return event(FAILED, f"this backup's row was taken over by {by}")
+        if row.state is BackupState.FAILED:
+            return event(FAILED, f"backup marked failed: {row.error}")
+        if row.state is BackupState.DONE:
+            break
+        if deadline.expired():
+            return event(FAILED, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished")
+        if check is not None and clock() >= next_check:
+            next_check = clock() + check_every
+            if problem := await _ask_airflow(check):
+                return event(FAILED, f"{problem}: nothing would end this backup")
+        # Woken by NOTIFY (any change of the row), by either session's socket (the server or
+        # the network ending it), or by backup_timeout; re-read now and then regardless.
+        standby = [bconn] if bconn is not conn else []
+        for session in standby:
+            await session.execute("SELECT 1")  # still there (and whatever it sent is read)
+        wait = max(req.poll_interval, HOLDER_RECHECK_S)
+        if check is not None:
+            wait = min(wait, max(0.0, next_check - clock()))
+        await hook.wait_for_change(conn, deadline.cap(wait), *standby)
+    log.info("copy reported done; stopping backup (wait_for_archive: %s)", req.wait_for_archive)
+    try:
+        stop_lsn, label_file, spcmap = await asyncio.wait_for(
+            hook.stop_backup(bconn, req.wait_for_archive), deadline.remaining()
+        )
+    except asyncio.TimeoutError:
+        return event(
+            FAILED,
+            f"pg_backup_stop did not return within backup_timeout={req.backup_timeout:g}s: it waits until"
+            " the WAL the backup needs is archived, so WAL archiving is failing or too slow (check"
+            f" archive_command and the server log; {await hook.archiver_status(bconn)})",
+        )
+    timeline = parse_backup_label(label_file).get("START TIMELINE")
+    if not await hook.mark_complete(conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None):
+        row = await hook.read(conn)
+        return event(FAILED, f"backup stopped but no longer ours to complete: {row.error if row else 'row gone'}")
+    row = await hook.read(conn)
+    log.info("backup complete: %s .. %s", row.start_lsn, row.stop_lsn)
+    return event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn})", row)
 
 
 async def _fail(

@@ -78,6 +78,24 @@ def validate_identifier(value: Any, param: str, max_len: int = 48) -> str:
     return value
 
 
+def _through_pooler(conn_id: str, why: str) -> BackupError:
+    """The error for a connection that does not reach PostgreSQL directly; ``why`` is the evidence."""
+    return BackupError(
+        f"connection {conn_id!r} does not reach PostgreSQL directly ({why}): connect to PostgreSQL directly,"
+        " not through a pooler (pgbouncer or any other). Backup mode belongs to one server session and ends"
+        " only with it; a pooler shares that session with other clients and keeps it open after ours is gone"
+    )
+
+
+def _cannot_connect(conn_id: str, err: psycopg.OperationalError) -> BackupError:
+    """Why ``conn_id`` failed to connect; pgbouncer turning away a libpq startup parameter PostgreSQL
+    accepts (``options``) says the connection goes through a pooler."""
+    text = str(err)
+    if (at := text.find("unsupported startup parameter")) >= 0:
+        return _through_pooler(conn_id, f"it refused the login with {text[at:].strip()!r}")
+    return BackupError(f"cannot connect to PostgreSQL through connection {conn_id!r}: {err}")
+
+
 def run_sync(factory: Callable[[], Awaitable[T]]) -> T:
     """Run one of the hook's coroutines from synchronous operator code."""
     return asyncio.run(factory())  # type: ignore[arg-type]
@@ -173,11 +191,35 @@ class PostgresBackupHook(BaseHook):
         try:
             conn = await psycopg.AsyncConnection.connect(autocommit=True, connect_timeout=10, **kwargs)
         except psycopg.OperationalError as err:
-            raise BackupError(f"cannot connect to PostgreSQL through connection {conn_id!r}: {err}") from err
+            raise _cannot_connect(conn_id, err) from err
         try:
+            await self.ensure_direct(conn, conn_id)
             yield conn
         finally:
             await conn.close()
+
+    @staticmethod
+    async def backend_pid(conn: psycopg.AsyncConnection) -> int:
+        """The pid of the server session that runs this connection's statements."""
+        return (await (await conn.execute("SELECT pg_catalog.pg_backend_pid()")).fetchone())[0]
+
+    async def ensure_direct(self, conn: psycopg.AsyncConnection, conn_id: str) -> None:
+        """Refuse a session that is not a direct backend of the server.
+
+        PostgreSQL announces its session's pid at login (BackendKeyData, ``conn.info.backend_pid``;
+        the postmaster finds the session to cancel by that pid, see processCancelRequest); a pooler
+        announces a key of its own instead, and runs our statements in whichever server session it
+        chooses.
+
+        :param conn_id: the Airflow connection ``conn`` was opened through, for the error.
+        """
+        try:
+            server_pid = await self.backend_pid(conn)
+        except psycopg.Error as err:
+            raise BackupError(f"cannot use the session of connection {conn_id!r}: {self.explain(err, conn)}") from err
+        if server_pid != conn.info.backend_pid:
+            raise _through_pooler(conn_id, f"its statements run in server session {server_pid}, but the"
+                                  f" session it logged in to announced pid {conn.info.backend_pid}")
 
     # -- schema --------------------------------------------------------------------------------
 
