@@ -21,12 +21,19 @@ BACKUP_ROOT = os.environ.get("BACKUP_ROOT", "/backups")
 DESTINATION = BACKUP_ROOT + "/{{ dag_run.run_after | ts_nodash }}"
 # What a file-system backup may omit (PostgreSQL docs, "Making a Base Backup Using the Low Level
 # API"): pg_wal contents, the server's pid/opts files, replication slots and temporary state.
+# global/pg_control is copied on its own, last: a backup of a standby ends at the minimum recovery
+# point of the pg_control in the copy, which is only right when it was copied after everything else
+# (PostgreSQL does the same in basebackup.c, and cannot check it on a standby).
 EXCLUDES = " ".join(
     f"--exclude={p}"
     for p in ("/pg_wal/*", "/postmaster.pid", "/postmaster.opts", "/pg_replslot/*", "/pg_dynshmem/*",
               "/pg_notify/*", "/pg_serial/*", "/pg_snapshots/*", "/pg_stat_tmp/*", "/pg_subtrans/*",
-              "pgsql_tmp*")
+              "pgsql_tmp*", "/global/pg_control")
 )
+# --delete: a cleared run copies again into the same folder; what its earlier attempt left there (a
+# backup_label above all) must go. Excluded paths are kept, and pg_control is overwritten next.
+COPY = (f"mkdir -p {DESTINATION} && rsync -a --delete {EXCLUDES} {PGDATA}/ {DESTINATION}/"
+        f" && rsync -a {PGDATA}/global/pg_control {DESTINATION}/global/")
 
 with DAG(
     "pg_backup_example",
@@ -43,8 +50,5 @@ with DAG(
         fast_checkpoint=os.environ.get("PG_BACKUP_FAST_CHECKPOINT", "") == "1",
         poll_interval=2.0,
     ) as backup:
-        BashOperator(
-            task_id="copy_data_directory",
-            bash_command=f"mkdir -p {DESTINATION} && rsync -a {EXCLUDES} {PGDATA}/ {DESTINATION}/",
-        )
+        BashOperator(task_id="copy_data_directory", bash_command=COPY)
     PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=DESTINATION)

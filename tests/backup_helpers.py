@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster
-from pg_safe_backup.session import STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
+from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
 
 OWNER = "nightly/scheduled__2026-11-24/backup"
 
@@ -61,3 +64,44 @@ async def finish(hook: PostgresBackupHook, attempt: str = ATTEMPT, start_lsn: st
             found = await hook.read(conn)
         start_lsn = found.start_lsn if found and found.attempt == attempt and found.start_lsn else "0/0"
     return await asyncio.wait_for(finish_backup(hook, attempt, start_lsn, poll_interval=0.5, **kw), timeout)
+
+
+def copy_data_dir(source: Path, dest: Path, pg_control_first: bool = False,
+                  meanwhile: Callable[[], None] = lambda: None) -> None:
+    """A file-system copy of ``source`` in two steps: everything a backup keeps (not the contents of
+    pg_wal, pg_replslot, pg_stat_tmp; no pid files), then global/pg_control alone, last, as the README
+    says (``pg_control_first`` swaps the steps, to show what the rule prevents). ``meanwhile`` runs
+    between the steps."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        if Path(folder).name in ("pg_wal", "pg_replslot", "pg_stat_tmp"):
+            return set(names)
+        if Path(folder) == source / "global":
+            return {"pg_control"} & set(names)
+        return {n for n in names if n in ("postmaster.pid", "postmaster.opts") or n.endswith(".log")}
+
+    def rest() -> None:
+        shutil.copytree(source, dest, ignore=ignore, dirs_exist_ok=True)
+
+    def pg_control() -> None:
+        (dest / "global").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / "global" / "pg_control", dest / "global" / "pg_control")
+
+    first, last = (pg_control, rest) if pg_control_first else (rest, pg_control)
+    first()
+    meanwhile()
+    last()
+
+
+def run_backup(hook: PostgresBackupHook, owner: str, copy: Callable[[], None]) -> dict:
+    """One whole backup through the session functions (hold, gate, ``copy()`` in a thread, finish): the
+    completed backup's row (backup_label, start_lsn, stop_lsn, system_identifier, ...)."""
+    async def go() -> dict:
+        r = req(owner, poll_interval=0.5)
+        holder, opened = await started(hook, r)
+        await asyncio.to_thread(copy)
+        done = await finish(hook, r.attempt, opened["backup"]["start_lsn"])
+        assert (await holder)["status"] == COMPLETE
+        return done
+    done = asyncio.run(go())
+    assert done["status"] == COMPLETE, done
+    return done["backup"]

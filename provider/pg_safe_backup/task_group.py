@@ -20,7 +20,8 @@ class PostgresOnlineBackup:
     A task group that backs up one cluster around the copy tasks created inside it::
 
         with PostgresOnlineBackup(group_id="backup", postgres_conn_id="pg_main") as backup:
-            copy = BashOperator(task_id="copy", bash_command="rsync -a ...")
+            copy = BashOperator(task_id="copy", bash_command="rsync -a --delete ... --exclude=/global/pg_control"
+                                " $PGDATA/ $DEST/ && rsync -a $PGDATA/global/pg_control $DEST/global/")
 
     Inside the group: ``hold`` starts the backup and keeps its session (deferred all along),
     ``wait_for_backup_mode`` opens when backup mode is on and precedes the copy tasks, and

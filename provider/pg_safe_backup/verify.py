@@ -27,9 +27,11 @@ through ``restore_command``) or the backed-up tablespace locations:
    ``postgresql.conf``.
 4. A temporary server starts (``LocalCluster``), and once recovery has ended (``pg_is_in_recovery()``
    false) the checks run: the server log (recovery started at the label's redo point, reached a
-   consistent state, no PANIC / ``could not``), ``bt_index_check(heapallindexed)`` on every valid
-   btree index of every connectable database (and ``verify_heapam`` on tables where available), and
-   an optional application invariant: a query returning rows ``(ok boolean, detail text)``.
+   consistent state, no PANIC / ``could not``), no page of the copy newer than that consistent
+   point (its highest page LSN, read before the server starts), ``bt_index_check(heapallindexed)``
+   on every valid btree index of every connectable database (and ``verify_heapam`` on tables where
+   available), and an optional application invariant: a query returning rows ``(ok boolean, detail
+   text)``.
 
 A backup without ``backup_label`` is refused (``require_backup_label=False`` checks it anyway, e.g.
 a cold copy of a stopped server). The result is a ``VerifyResult``; a server that does not start or
@@ -58,7 +60,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
-from pg_safe_backup.copy_check import CopyMismatch, check_copy
+from pg_safe_backup.files.pgcontrol import CopyMismatch, PageLSN, check_copy, format_lsn, newest_page, parse_lsn
 from pg_safe_backup.local_cluster import (
     SERVER_USER, LocalCluster, as_server_user, find_bindir, free_port, give_to_server_user,
 )
@@ -152,6 +154,7 @@ def verify_backup(
         data = work / "data"
         _copy_backup(backup, data, use_backup_pg_wal, details)
         _prepare_tablespaces(backup, work, data, tablespace_dirs or {}, major, details)
+        newest = _newest_page(data, details)
         settings = _settings(work, archive, recovery_target_immediate, major, extra_settings)
         _configure(work, data, settings)
         cluster = LocalCluster(data, port=int(settings["port"]), bindir=bin_path)
@@ -166,6 +169,7 @@ def verify_backup(
         if log_at_end is None:
             return _result(reasons, details, started)
         _check_recovery_log(log_at_end, label_text, details, reasons)
+        _check_newest_page(newest, details, reasons)
         _check_indexes(cluster, user, check_heap, details, reasons)
         if invariant_sql:
             _check_invariant(cluster, user, invariant_sql, invariant_db, details, reasons)
@@ -339,6 +343,19 @@ def _prepare_tablespaces(backup: Path, work: Path, data: Path, overrides: Mappin
     details["tablespaces"] = tablespaces
 
 
+def _newest_page(data: Path, details: dict[str, Any]) -> PageLSN | None:
+    """The newest page of the copy (in the work dir, tablespaces included), before recovery changes it."""
+    spaces = {oid: Path(t["restored_to"]) for oid, t in details.get("tablespaces", {}).items()}
+    try:
+        newest = newest_page(data, tablespaces=spaces)
+    except CopyMismatch:  # an unreadable pg_control is already a reason (check_copy)
+        return None
+    if newest is not None:
+        details["newest_page_lsn"] = format_lsn(newest.lsn)
+        details["newest_page"] = f"{newest.file} block {newest.block}"
+    return newest
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -481,6 +498,20 @@ def _check_recovery_log(log: str, label_text: str | None, details: dict[str, Any
     if bad:
         details["bad_log_lines"] = bad
         reasons.append("server log during recovery: " + " | ".join(bad[:5]))
+
+
+def _check_newest_page(newest: PageLSN | None, details: dict[str, Any], reasons: list[str]) -> None:
+    """No page of the copy may be newer than the point where its recovery became consistent: recovery
+    of a backup ends there at the earliest (the default target), and a page ahead of the WAL breaks the
+    server's first checkpoint ("xlog flush request ... is not satisfied")."""
+    consistent = details.get("consistent_lsn")
+    if newest is None or not consistent or newest.lsn <= parse_lsn(consistent):
+        return
+    reasons.append(
+        f"the copy holds pages newer than the point where its recovery became consistent: {newest.file} block"
+        f" {newest.block} has LSN {format_lsn(newest.lsn)}, recovery was consistent at {consistent}. The copy"
+        " does not match its backup_label: for a backup of a standby, global/pg_control must be copied last"
+        " (its minimum recovery point is where the backup ends); or the label is of an earlier backup than the copy")
 
 
 # ------------------------------------------------------------------------------------------- checks

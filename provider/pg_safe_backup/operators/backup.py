@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, ObjectStoragePath, TriggerRule
 from airflow.sdk.exceptions import AirflowException
 
-from pg_safe_backup.copy_check import CopyMismatch, check_copy
+from pg_safe_backup.files.label import store_label
+from pg_safe_backup.files.pgcontrol import CopyMismatch
 from pg_safe_backup.params import check_label, check_number, check_text, validate_identifier
 from pg_safe_backup.session import COMPLETE, ONE_DAY_S, HoldRequest
 from pg_safe_backup.state import BackupRef
@@ -287,8 +288,11 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     Without these files in place a restored copy can start and silently lose data, so they must
     be stored with every backup. Where the destination is a local (or mounted) copy of the data
-    directory, the label is refused unless the copy's system identifier is the backed up cluster's
-    and its checkpoint is not older than the label's CHECKPOINT LOCATION.
+    directory, the label is refused unless the copy's pg_control is valid, its system identifier is
+    the backed up cluster's and its checkpoint lies between the label's CHECKPOINT LOCATION and the
+    backup's stop LSN; elsewhere the task log says the check was skipped, and why. A
+    ``backup_label`` or ``tablespace_map`` an earlier attempt left in the destination is removed
+    (and logged) before this backup's are written (see :func:`pg_safe_backup.files.label.store_label`).
 
     :param backup: the ``PostgresOnlineBackup`` group (or the finish task's id) whose label to store.
     :param destination: folder or URL of the copy (templated); any ObjectStoragePath location.
@@ -314,20 +318,14 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         files = {"backup_label": label, "tablespace_map": same_map_index_xcom(context, self.finish_task_id, "tablespace_map")}
         target = ObjectStoragePath(self.destination)
         local_copy = Path(target.path) if target.protocol in ("", "file") else None
-        if local_copy and (local_copy / "global" / "pg_control").is_file():
-            system_identifier = same_map_index_xcom(context, self.finish_task_id, "system_identifier")
-            try:
-                check_copy(local_copy, system_identifier, label)
-            except CopyMismatch as err:
-                raise AirflowException(str(err)) from err
-            self.log.info("the copy in %s belongs to this backup (system identifier, checkpoint)", local_copy)
         try:
-            target.mkdir(parents=True, exist_ok=True)
-            written = {}
-            for name, text in files.items():
-                if text:
-                    (target / name).write_text(text)
-                    written[name] = str(target / name)
+            written = store_label(
+                target, files, local_copy=local_copy, log=self.log,
+                system_identifier=same_map_index_xcom(context, self.finish_task_id, "system_identifier"),
+                stop_lsn=same_map_index_xcom(context, self.finish_task_id, "stop_lsn"),
+            )
+        except CopyMismatch as err:
+            raise AirflowException(str(err)) from err
         except OSError as err:
             raise AirflowException(f"cannot write the backup label into destination {self.destination!r}: {err}") from err
         self.log.info("stored %s", ", ".join(written.values()))

@@ -1,0 +1,1 @@
+"""What PostgreSQL puts on disk, read without a server and without Airflow."""

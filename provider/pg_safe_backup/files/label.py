@@ -1,0 +1,78 @@
+"""Store a backup's backup_label and tablespace_map into its copy: a local folder or any object store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from pg_safe_backup.files.pgcontrol import check_copy
+from pg_safe_backup.state import parse_backup_label
+
+#: The files pg_backup_stop() returns, which a restore needs in the copy's top folder.
+LABEL_FILES = ("backup_label", "tablespace_map")
+_log = logging.getLogger(__name__)
+
+
+class Destination(Protocol):
+    """What the store needs of a destination: ``pathlib.Path`` and Airflow's ``ObjectStoragePath`` both are one."""
+
+    def __truediv__(self, name: str) -> Destination: ...
+    def exists(self) -> bool: ...
+    def read_text(self) -> str: ...
+    def write_text(self, data: str) -> Any: ...
+    def unlink(self) -> None: ...
+    def mkdir(self, parents: bool = ..., exist_ok: bool = ...) -> None: ...
+
+
+def store_label(destination: Destination, files: Mapping[str, str | None], *, local_copy: Path | None,
+                system_identifier: int | str | None, stop_lsn: str | None,
+                log: logging.Logger | Any = _log) -> dict[str, str]:
+    """Check the copy against the label, remove label files an earlier attempt left, write this backup's.
+
+    A copy gets its label only when it can belong to this backup (:func:`check_copy`: system
+    identifier, checkpoint not before the label's CHECKPOINT LOCATION nor at or past the stop LSN),
+    as far as its global/pg_control can be read here: when it cannot, the log says why. A
+    ``backup_label`` or ``tablespace_map`` already in the destination is an earlier attempt's (a run
+    cleared and copied again into the same folder): it is removed, and logged, before the new ones
+    are written, so a tablespace_map this backup does not have never stays beside its label.
+
+    :param destination: the folder (or object store prefix) of the copy.
+    :param files: ``backup_label`` (required) and ``tablespace_map`` (None or empty when the backup has none).
+    :param local_copy: the destination as a local path, or None for an object store.
+    :param system_identifier: the backed up cluster's, or None to not compare.
+    :param stop_lsn: the backup's stop LSN, or None to not compare.
+    :param log: where to say what was checked, skipped and removed.
+    :returns: name -> location of each file written.
+    :raises CopyMismatch: the copy cannot belong to this backup; nothing was removed or written.
+    :raises OSError: the destination cannot be written.
+    """
+    label = files["backup_label"]
+    if not label:
+        raise ValueError("store_label needs the backup_label text")
+    if local_copy is None:
+        log.warning("not checking that the copy in %s belongs to this backup: it is in an object store, whose"
+                    " global/pg_control is not read here", destination)
+    elif not (local_copy / "global" / "pg_control").is_file():
+        log.warning("not checking that the copy in %s belongs to this backup: it has no global/pg_control (is the"
+                    " data directory copied somewhere else?)", local_copy)
+    else:
+        check_copy(local_copy, system_identifier, label, stop_lsn)
+        log.info("the copy in %s belongs to this backup (system identifier; checkpoint from its start, before its"
+                 " stop LSN %s)", local_copy, stop_lsn)
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in LABEL_FILES:
+        stale = destination / name
+        if stale.exists():
+            fields = parse_backup_label(stale.read_text()) if name == "backup_label" else {}
+            stale.unlink()
+            log.warning("removed the %s an earlier attempt left in %s%s", name, destination,
+                        f" (START WAL LOCATION {fields.get('START WAL LOCATION')}, LABEL {fields.get('LABEL')})"
+                        if fields else "")
+    written = {}
+    for name in LABEL_FILES:
+        if files.get(name):
+            (destination / name).write_text(files[name])
+            written[name] = str(destination / name)
+    return written
