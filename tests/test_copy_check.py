@@ -19,7 +19,8 @@ def backup_with_copies(hook, cluster, before, during) -> dict:
     """Copy the data dir to ``before``, then take a backup copying it to ``during``."""
     shutil.copytree(cluster.datadir, before, ignore=SKIP)
     async def go():
-        holder = asyncio.create_task(hold_backup(hook, HoldRequest(OWNER, "attempt-1", "copycheck", fast_checkpoint=True)))
+        holder = asyncio.create_task(hold_backup(hook, HoldRequest(OWNER, "attempt-1", "copycheck", fast_checkpoint=True,
+                                                                  wait_for_archive=False)))
         gate = await wait_for_start(hook, "attempt-1", poll_interval=0.5)
         assert gate["status"] == STARTED
         await asyncio.to_thread(shutil.copytree, cluster.datadir, during, ignore=SKIP)

@@ -12,23 +12,13 @@ import struct
 import sys
 from pathlib import Path
 
-from pg_safe_backup.state import parse_backup_label
+from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
 
 _HEADER = struct.Struct("=QIIi4xqQ")
 
 
 class CopyMismatch(Exception):
     """The copy cannot belong to this backup; storing its label would make a corrupt restore."""
-
-
-def parse_lsn(text: str) -> int:
-    """'16/B374D848' -> integer position."""
-    hi, _, lo = text.strip().split()[0].partition("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def read_pg_control(datadir: Path) -> tuple[int, int]:
