@@ -150,7 +150,7 @@ class _Notices:
         self.kept: list[str] = []
         self.keeping = False
 
-    def listen(self, conn: psycopg.AsyncConnection, conn_id: str, backup_session: bool) -> None:
+    def watch(self, conn: psycopg.AsyncConnection, conn_id: str, backup_session: bool) -> None:
         """Log what the server says on ``conn`` (reached through ``conn_id``)."""
 
         def handle(diag: psycopg.errors.Diagnostic) -> None:
@@ -222,9 +222,9 @@ async def _claim_and_run(
 ) -> dict[str, Any]:
     """Claim the row (see decide_claim), then run the backup, follow our earlier claim, or refuse."""
     notices = _Notices()
-    notices.listen(bconn, hook.postgres_conn_id, backup_session=True)
+    notices.watch(bconn, hook.postgres_conn_id, backup_session=True)
     if bconn is not conn:
-        notices.listen(conn, hook.state_conn_id, backup_session=False)
+        notices.watch(conn, hook.state_conn_id, backup_session=False)
     for session in {conn, bconn}:
         await _prepare_session(session)
     await hook.ensure_table(conn)
