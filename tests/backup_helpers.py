@@ -23,8 +23,9 @@ ATTEMPT = attempt_of(OWNER)
 
 
 def req(owner: str = OWNER, **kw) -> HoldRequest:
+    """A hold request; the fixture's cluster does not archive WAL, so by default it opts out of the wait."""
     return HoldRequest(**{"owner": owner, "attempt": attempt_of(owner), "label": f"test {owner}",
-                          "fast_checkpoint": True, "poll_interval": 1.0, **kw})
+                          "fast_checkpoint": True, "poll_interval": 1.0, "wait_for_archive": False, **kw})
 
 
 def backup_starts(cluster: LocalCluster) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 
 import psycopg
@@ -24,8 +25,9 @@ NEXT = "nightly/run2/backup"
 
 
 def req(owner: str = OWNER, **kw) -> HoldRequest:
+    """A hold request; the fixture's cluster does not archive WAL, so by default it opts out of the wait."""
     return HoldRequest(**{"owner": owner, "attempt": attempt_of(owner), "label": f"faults {owner}",
-                          "fast_checkpoint": True, "poll_interval": 0.5, **kw})
+                          "fast_checkpoint": True, "poll_interval": 0.5, "wait_for_archive": False, **kw})
 
 
 def table_row(cluster: LocalCluster) -> tuple:
@@ -226,7 +228,7 @@ def test_broken_archiving_is_bounded_by_backup_timeout_and_named(tmp_root, monke
         monkeypatch.setenv("AIRFLOW_CONN_PG_NOARCHIVE", cluster.airflow_conn_uri(password=PASSWORD))
         hook = PostgresBackupHook("pg_noarchive")
         async def go():
-            holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=6)))
+            holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=6, wait_for_archive=True)))
             await gate(hook)
             return await finish(hook), await asyncio.wait_for(holder, 30)
         done, held = asyncio.run(go())
@@ -238,6 +240,29 @@ def test_broken_archiving_is_bounded_by_backup_timeout_and_named(tmp_root, monke
         assert_next_backup_runs(hook, cluster, wait_for_archive=False)
     finally:
         cluster.stop("immediate")
+
+
+def test_a_server_that_does_not_archive_is_refused_before_backup_mode(hook, cluster):
+    """archive_mode=off and wait_for_archive=True: the WAL between start and stop would be in no archive."""
+    result = asyncio.run(asyncio.wait_for(hold_backup(hook, req(wait_for_archive=True, backup_timeout=5)), 30))
+    assert result["status"] == FAILED
+    assert f"postgres_conn_id {CONN_ID!r}" in result["message"] and "archive_mode=off" in result["message"]
+    assert "archive_command" in result["message"]  # the fix: enable archiving
+    assert "wait_for_archive=False" in result["message"]  # or opt out, copying the WAL another way
+    assert backup_helpers.backup_starts(cluster) == 0
+    assert cluster.sql("SELECT count(*) FROM backup WHERE state IN ('running', 'done')") == [(0,)]
+    assert_next_backup_runs(hook, cluster)
+
+
+def test_opting_out_of_archiving_completes_and_keeps_postgresql_s_notice(hook, cluster, caplog):
+    """wait_for_archive=False on a server that does not archive: complete, with the server's NOTICE
+    in the task log and in the row."""
+    caplog.set_level(logging.INFO, logger="pg_safe_backup.session")
+    result = asyncio.run(full_backup(hook, wait_for_archive=False))
+    assert result["status"] == COMPLETE
+    assert "WAL archiving is not enabled" in result["backup"]["warnings"]
+    assert cluster.sql("SELECT warnings FROM backup") == [(result["backup"]["warnings"],)]
+    assert any("WAL archiving is not enabled" in r.getMessage() for r in caplog.records)
 
 
 # -- privileges -----------------------------------------------------------------------------------

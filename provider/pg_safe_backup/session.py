@@ -24,7 +24,17 @@ from typing import Any
 import psycopg
 
 from pg_safe_backup.hooks.backup import BackupError, PostgresBackupHook
-from pg_safe_backup.state import BackupRow, BackupState, Claim, parse_backup_label
+from pg_safe_backup.state import (
+    BackupRow,
+    BackupState,
+    Claim,
+    WalArchiver,
+    WalPlan,
+    archived_through,
+    parse_backup_label,
+    plan_wal,
+    wal_segment_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,9 @@ HOLDER_AIRFLOW_CHECK_S = 10.0
 EARLIER_ATTEMPT_WAIT_S = 30.0
 #: Default backup_timeout and gate_timeout: nothing waits forever when all else fails.
 ONE_DAY_S = 24 * 3600.0
+#: Seconds between looks at pg_stat_archiver while a standby backup's last WAL segment is archived
+#: (pg_backup_stop's own wait polls once a second too).
+ARCHIVE_POLL_S = 1.0
 
 #: An Airflow-side check: returns why the wait must end (a text), or None.
 Check = Callable[[], Awaitable[str | None]]
@@ -124,6 +137,42 @@ class _Deadline:
         return seconds if left is None else max(0.0, min(seconds, left))
 
 
+class _Notices:
+    """PostgreSQL's NOTICEs and WARNINGs in a holder's sessions. Every one goes to the log (the task log,
+    from the trigger); from :meth:`keep` on, those of the backup session that matter are kept for the
+    row's ``warnings``: "WAL archiving is not enabled ...", "still waiting for all required WAL segments
+    to be archived ...", and any other."""
+
+    #: The good end of pg_backup_stop's wait: logged, not kept.
+    ALL_WELL = ("all required WAL segments have been archived",)
+
+    def __init__(self) -> None:
+        self.kept: list[str] = []
+        self.keeping = False
+
+    def watch(self, conn: psycopg.AsyncConnection, conn_id: str, backup_session: bool) -> None:
+        """Log what the server says on ``conn`` (reached through ``conn_id``)."""
+
+        def handle(diag: psycopg.errors.Diagnostic) -> None:
+            severity = diag.severity_nonlocalized or diag.severity or "NOTICE"
+            text = " ".join(part for part in (diag.message_primary, diag.message_detail, diag.message_hint) if part)
+            keep = self.keeping and backup_session and not text.startswith(self.ALL_WELL)
+            level = logging.WARNING if keep or severity == "WARNING" else logging.INFO
+            log.log(level, "PostgreSQL %s on connection %r: %s", severity, conn_id, text)
+            if keep:
+                self.kept.append(f"{severity}: {text}")
+
+        conn.add_notice_handler(handle)
+
+    def keep(self) -> None:
+        """From now on (backup mode), keep what matters."""
+        self.keeping = True
+
+    @property
+    def text(self) -> str | None:
+        return "\n".join(self.kept) or None
+
+
 async def _prepare_session(conn: psycopg.AsyncConnection) -> None:
     """A holder session must never be ended by the server's own timeouts."""
     await conn.execute("SET statement_timeout = 0")
@@ -172,10 +221,15 @@ async def _claim_and_run(
     deadline: _Deadline, check: Check | None, clock: Callable[[], float],
 ) -> dict[str, Any]:
     """Claim the row (see decide_claim), then run the backup, follow our earlier claim, or refuse."""
+    notices = _Notices()
+    notices.watch(bconn, hook.postgres_conn_id, backup_session=True)
+    if bconn is not conn:
+        notices.watch(conn, hook.state_conn_id, backup_session=False)
     for session in {conn, bconn}:
         await _prepare_session(session)
     await hook.ensure_table(conn)
     await hook.listen(conn)
+    wal = await _plan_wal(hook, conn, bconn, req)  # may refuse: before the claim, nothing to undo
     patience = _Deadline(EARLIER_ATTEMPT_WAIT_S, clock)
     while True:
         decision, row = await hook.claim(conn, req.owner, req.attempt, req.holder_try, req.label, req.terminate_live)
@@ -199,7 +253,20 @@ async def _claim_and_run(
         return await _until_ended(hook, conn, req.attempt, req.poll_interval)
     if decision is not Claim.START:
         log.warning("previous backup of %s replaced (%s)", row.owner, decision.value)
-    return await _run_backup(hook, conn, bconn, req, deadline, check, clock)
+    return await _run_backup(hook, conn, bconn, req, deadline, check, clock, wal, notices)
+
+
+async def _plan_wal(
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
+) -> WalPlan:
+    """How this backup's WAL gets archived (see :func:`plan_wal`); refused when nothing would archive it
+    and ``req.wait_for_archive``."""
+    server = await hook.archive_settings(bconn, backup_server=True)
+    state = await hook.archive_settings(conn, backup_server=False) if bconn is not conn else None
+    try:
+        return plan_wal(server, state, req.wait_for_archive)
+    except ValueError as err:
+        raise BackupError(str(err)) from err
 
 
 async def _until_ended(
@@ -235,14 +302,18 @@ def _session_gone(row: BackupRow) -> str:
 
 async def _run_backup(
     hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
-    deadline: _Deadline, check: Check | None, clock: Callable[[], float],
+    deadline: _Deadline, check: Check | None, clock: Callable[[], float], wal: WalPlan, notices: _Notices,
 ) -> dict[str, Any]:
     """The claimed backup (see :func:`_backup_mode`). Every end but complete, an exception included,
     marks this attempt's row failed (never another attempt's: ``mark_failed`` filters by attempt) and
-    ends backup mode: none leaves its row ``running`` or ``done``."""
+    ends backup mode: none leaves its row ``running`` or ``done``.
+
+    :param wal: how the WAL gets archived before the backup is complete.
+    :param notices: the server's notices; those of backup mode are kept in the row.
+    """
     try:
         try:
-            held = await _backup_mode(hook, conn, bconn, req, deadline, check, clock)
+            held = await _backup_mode(hook, conn, bconn, req, deadline, check, clock, wal, notices)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except psycopg.Error as err:
@@ -264,12 +335,13 @@ async def _run_backup(
 
 async def _backup_mode(
     hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
-    deadline: _Deadline, check: Check | None, clock: Callable[[], float],
+    deadline: _Deadline, check: Check | None, clock: Callable[[], float], wal: WalPlan, notices: _Notices,
 ) -> dict[str, Any]:
     """Backup mode from start to stop in ``bconn`` (state in ``conn``); returns the complete event, or
     a failed one saying why it must end (:func:`_run_backup` records that and ends backup mode)."""
     my_pid = await hook.backend_pid(conn)  # the server's; a pooler's announced key would never match
     log.info("starting backup %r (fast checkpoint: %s)", req.label, req.fast_checkpoint)
+    notices.keep()
     try:
         start_lsn = await asyncio.wait_for(hook.start_backup(bconn, req.label, req.fast_checkpoint), deadline.remaining())
     except asyncio.TimeoutError:
@@ -307,22 +379,59 @@ async def _backup_mode(
     log.info("copy reported done; stopping backup (wait_for_archive: %s)", req.wait_for_archive)
     try:
         stop_lsn, label_file, spcmap = await asyncio.wait_for(
-            hook.stop_backup(bconn, req.wait_for_archive), deadline.remaining()
+            hook.stop_backup(bconn, wal.stop_wait), deadline.remaining()
         )
     except asyncio.TimeoutError:
-        return event(
-            FAILED,
-            f"pg_backup_stop did not return within backup_timeout={req.backup_timeout:g}s: it waits until"
-            " the WAL the backup needs is archived, so WAL archiving is failing or too slow (check"
-            f" archive_command and the server log; {await hook.archiver_status(bconn)})",
-        )
+        return event(FAILED, await _archiving_failed(
+            hook, bconn, req, "pg_backup_stop (which waits until the WAL the backup needs is archived) did not return"))
+    if wal.follow and (problem := await _wait_archived(hook, conn, bconn, wal.follow, stop_lsn, req, deadline)):
+        return event(FAILED, problem)
     timeline = parse_backup_label(label_file).get("START TIMELINE")
-    if not await hook.mark_complete(conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None):
+    if not await hook.mark_complete(conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None,
+                                    notices.text):
         row = await hook.read(conn)
         return event(FAILED, f"backup stopped but no longer ours to complete: {row.error if row else 'row gone'}")
     row = await hook.read(conn)
     log.info("backup complete: %s .. %s", row.start_lsn, row.stop_lsn)
-    return event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn})", row)
+    warned = f"; PostgreSQL warned: {row.warnings}" if row.warnings else ""
+    return event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn}){warned}", row)
+
+
+async def _wait_archived(
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, archiver: WalArchiver,
+    stop_lsn: str, req: HoldRequest, deadline: _Deadline,
+) -> str | None:
+    """Get the WAL segment holding a standby backup's stop LSN archived: switch WAL on the primary
+    (``conn``, the state connection), then wait for ``archiver`` (the standby's own, or the primary's).
+
+    The standby's stop point lies in the WAL the primary wrote, and a segment is archived once it is
+    complete: by the primary when it switches past it, by an archive_mode=always standby once it has
+    received it whole. Returns why it failed (backup_timeout), or None once archived.
+    """
+    on, conn_id = (bconn, hook.postgres_conn_id) if archiver is WalArchiver.STANDBY else (conn, hook.state_conn_id)
+    timeline, segment_size = await hook.wal_timeline_and_segment_size(conn)
+    segment = wal_segment_name(stop_lsn, timeline, segment_size)
+    switched = False
+    while not archived_through(await hook.last_archived_wal(on), segment):
+        if deadline.expired():
+            return await _archiving_failed(
+                hook, on, req, f"WAL segment {segment}, which holds the stop LSN {stop_lsn}, was not archived by"
+                f" connection {conn_id!r}")
+        if not switched:
+            log.info("switching WAL on connection %r so that segment %s (stop LSN %s) is archived", hook.state_conn_id,
+                     segment, stop_lsn)
+            await hook.switch_wal(conn)
+            switched = True
+        await asyncio.sleep(deadline.cap(ARCHIVE_POLL_S))
+    log.info("WAL segment %s (stop LSN %s) is archived by connection %r", segment, stop_lsn, conn_id)
+    return None
+
+
+async def _archiving_failed(hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest, what: str) -> str:
+    """Why a backup failed when ``what`` did not happen within backup_timeout: WAL archiving, with
+    pg_stat_archiver's account of the server of ``conn``."""
+    return (f"{what} within backup_timeout={req.backup_timeout:g}s, so WAL archiving is failing or too slow (check"
+            f" archive_command and the server log; {await hook.archiver_status(conn)})")
 
 
 async def _fail(

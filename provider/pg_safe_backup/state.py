@@ -61,6 +61,7 @@ class BackupRow:
     tablespace_map: str | None
     error: str | None
     system_identifier: int | None
+    warnings: str | None  # what PostgreSQL warned about during the backup (see session._Notices)
     holder_alive: bool
 
     @property
@@ -90,6 +91,7 @@ class BackupRow:
             "error": self.error,
             # a string: XCom is JSON, and 64-bit integers do not survive every JSON reader
             "system_identifier": None if self.system_identifier is None else str(self.system_identifier),
+            "warnings": self.warnings,
         }
 
 
@@ -162,3 +164,164 @@ def parse_backup_label(text: str | None) -> dict[str, str]:
         if sep:
             fields[key.strip()] = value.strip()
     return fields
+
+
+def parse_lsn(text: str) -> int:
+    """'16/B374D848' -> integer position."""
+    hi, _, lo = text.strip().split()[0].partition("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def format_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+# ------------------------------------------------------------------------------------- WAL archiving
+
+def wal_segment_name(end_lsn: str, timeline: int, segment_size: int) -> str:
+    """The WAL file holding the last byte before ``end_lsn``: what a backup ending there needs last.
+
+    xlog_internal.h's ``XLByteToPrevSeg`` and ``XLogFileName``, as do_pg_backup_stop names the segment
+    it waits for (pg_walfile_name switched from PrevSeg to Seg in PostgreSQL 17, so it is not used).
+    """
+    segment = (parse_lsn(end_lsn) - 1) // segment_size
+    per_id = 0x1_0000_0000 // segment_size
+    return f"{timeline:08X}{segment // per_id:08X}{segment % per_id:08X}"
+
+
+def archived_through(last_archived_wal: str | None, segment: str) -> bool:
+    """Whether pg_stat_archiver's ``last_archived_wal`` shows ``segment`` archived.
+
+    The archiver takes ready files oldest name first and retries a failing one rather than skip it,
+    so the WAL before the last archived file is archived too (do_pg_backup_stop relies on the same
+    order). A ``.partial`` or ``.backup`` file counts as the segment its name starts with (a backup
+    history file is written after pg_backup_stop switched past that segment); a timeline ``.history``
+    file tells nothing.
+    """
+    if not last_archived_wal or len(last_archived_wal) < 24 or last_archived_wal.endswith(".history"):
+        return False
+    return last_archived_wal[:24].upper() >= segment
+
+
+class WalArchiver(str, enum.Enum):
+    """Whose WAL archiver makes sure a backup's WAL reaches the archive."""
+
+    SERVER = "server"  # the primary backed up: its pg_backup_stop waits for its own archiver
+    STANDBY = "standby"  # a standby with archive_mode=always archives what it receives
+    PRIMARY = "primary"  # a standby's primary (the state connection) archives the same WAL stream
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """A server's WAL archiving, as read through one connection (see ``PostgresBackupHook.archive_settings``).
+
+    :param conn_id: the Airflow connection it was read through.
+    :param param: the operator parameter naming that connection (``postgres_conn_id``, ``state_conn_id``).
+    :param in_recovery: a standby.
+    :param archive_mode: ``off``, ``on`` or ``always``.
+    :param archive_command: as SHOW gives it (``(disabled)`` while archive_mode is off).
+    :param archive_library: PostgreSQL 15+; None before.
+    :param server_version: server_version_num.
+    :param system_identifier: of the cluster (a primary and its standbys share it).
+    :param role: the role connected.
+    :param can_switch_wal: that role may run pg_switch_wal() (revoked from PUBLIC by default).
+    """
+
+    conn_id: str
+    param: str
+    role: str
+    in_recovery: bool
+    archive_mode: str
+    archive_command: str
+    archive_library: str | None
+    server_version: int
+    system_identifier: int
+    can_switch_wal: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.param} {self.conn_id!r}"
+
+    def not_archiving(self) -> str | None:
+        """Why this server's own archiver archives nothing, or None.
+
+        xlog.h: archiving is active with archive_mode on (or always), and runs during recovery only
+        with always; pgarch.c: it needs archive_command or (15+) archive_library, and from 16 on
+        refuses to run with both set.
+        """
+        if self.archive_mode == "off":
+            return f"{self.name} has archive_mode=off"
+        if self.in_recovery and self.archive_mode != "always":
+            return f"{self.name} is a standby with archive_mode={self.archive_mode} (a standby archives only with archive_mode=always)"
+        if self.archive_library and self.archive_command and self.server_version >= 160000:
+            return f"{self.name} has both archive_command and archive_library set, so its archiver does not run"
+        if not (self.archive_library or self.archive_command):
+            return f"{self.name} has archive_mode={self.archive_mode} but an empty archive_command, so nothing is archived"
+        return None
+
+    @property
+    def stop_waits(self) -> bool:
+        """pg_backup_stop(wait_for_archive => true) waits here (do_pg_backup_stop: archiving active, and
+        in recovery only with always); otherwise it returns at once with a NOTICE saying so."""
+        return self.archive_mode == "always" or (self.archive_mode == "on" and not self.in_recovery)
+
+
+@dataclass(frozen=True)
+class WalPlan:
+    """How a backup makes sure of its WAL (see :func:`plan_wal`).
+
+    :param stop_wait: the ``wait_for_archive`` argument for pg_backup_stop.
+    :param follow: after pg_backup_stop, switch WAL on the primary and wait for this archiver (a standby).
+    """
+
+    stop_wait: bool
+    follow: WalArchiver | None = None
+
+
+def plan_wal(server: ArchiveSettings, state: ArchiveSettings | None, wait_for_archive: bool) -> WalPlan:
+    """Decide how the backup of ``server`` (state on ``state``, if another server) gets its WAL archived.
+
+    :raises ValueError: ``wait_for_archive`` and nothing would archive that WAL; the message names the
+        settings seen and both fixes.
+    """
+    archiver, why_not = _wal_archiver(server, state)
+    if archiver is None:
+        if wait_for_archive:
+            raise ValueError(
+                f"not started: wait_for_archive=True, but this backup's WAL would not be archived: {why_not}."
+                " Without all the WAL from its start to its stop a backup cannot be restored. Either enable WAL"
+                " archiving (archive_mode = on, which takes a restart, and an archive_command that copies %p into"
+                " the archive; for a standby, on its primary, or archive_mode = always on the standby), or pass"
+                " wait_for_archive=False if the WAL is copied another way (pg_wal copied after the stop,"
+                " pg_receivewal)"
+            )
+        # Where pg_backup_stop would return at once anyway, ask it to wait: it then says, in a NOTICE kept
+        # in the row, that the WAL is not archived.
+        return WalPlan(stop_wait=not server.stop_waits)
+    if archiver is WalArchiver.SERVER:
+        return WalPlan(stop_wait=wait_for_archive)
+    # A standby: its pg_backup_stop switches no WAL (xlog.c), so even with archive_mode=always it would wait
+    # until the primary happens to switch. The holder switches on the primary and waits itself.
+    return WalPlan(stop_wait=False, follow=archiver if wait_for_archive else None)
+
+
+def _wal_archiver(server: ArchiveSettings, state: ArchiveSettings | None) -> tuple[WalArchiver | None, str]:
+    """Which archiver would archive the backup's WAL, or (None, why none would)."""
+    own = server.not_archiving()
+    if not server.in_recovery:
+        return (WalArchiver.SERVER, "") if own is None else (None, own)
+    # A standby: only its primary can switch WAL so that the segment holding the stop point is completed.
+    if state is None or state.in_recovery or state.system_identifier != server.system_identifier:
+        return None, (f"{server.name} is a standby, and {state.name if state else 'no state_conn_id'} is not"
+                      " its primary (a writable server of the same system identifier), which must switch"
+                      " WAL for the backup's last segment to be archived")
+    if not state.can_switch_wal:
+        return None, (f"{state.name} may not run pg_switch_wal(), which completes the standby backup's last"
+                      " WAL segment so that it is archived (as a superuser: GRANT EXECUTE ON FUNCTION"
+                      f" pg_catalog.pg_switch_wal() TO {state.role})")
+    if own is None:
+        return WalArchiver.STANDBY, ""
+    primary = state.not_archiving()
+    if primary is None:
+        return WalArchiver.PRIMARY, ""
+    return None, f"{own}, and its primary {primary}"

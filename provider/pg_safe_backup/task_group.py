@@ -34,7 +34,8 @@ class PostgresOnlineBackup:
     :param state_conn_id: where the backup table lives if not there (a standby's primary).
     :param backup_timeout: seconds after which an unfinished backup is failed (0 = none; default a day).
     :param fast_checkpoint: immediate start checkpoint instead of a spread one.
-    :param wait_for_archive: pg_backup_stop waits until the needed WAL is archived.
+    :param wait_for_archive: complete only once the needed WAL is archived (a server whose WAL nothing
+        archives is refused); False: the WAL is copied another way (see ``PostgresBackupHoldOperator``).
     :param label: backup label (templated).
     :param terminate_live: end another live backup instead of refusing to start.
     :param database, table, table_schema, poll_interval: see ``BackupTaskMixin``.

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pg_safe_backup.state import parse_backup_label
+from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
 
 #: pg_control_version -> offset of ``crc`` (= the number of bytes the CRC covers).
 CRC_OFFSET = {1201: 288, 1300: 288, 1700: 288, 1800: 292}
@@ -68,16 +68,6 @@ class CopyMismatch(Exception):
 
 class BadPgControl(CopyMismatch):
     """The copy's global/pg_control cannot be read as a valid control file."""
-
-
-def parse_lsn(text: str) -> int:
-    """'16/B374D848' -> integer position."""
-    hi, _, lo = text.strip().split()[0].partition("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 @dataclass(frozen=True)

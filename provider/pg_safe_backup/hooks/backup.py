@@ -20,12 +20,12 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from pg_safe_backup.state import TRANSITIONS, BackupRow, BackupState, Claim, decide_claim
+from pg_safe_backup.state import TRANSITIONS, ArchiveSettings, BackupRow, BackupState, Claim, decide_claim
 
 T = TypeVar("T")
 
 #: Marker stored as the table's comment once the schema below is in place (cheap re-check).
-SCHEMA_VERSION = "pg_safe_backup schema 2"  # 2: attempt column, complete -> failed
+SCHEMA_VERSION = "pg_safe_backup schema 3"  # 2: attempt column, complete -> failed; 3: warnings column
 
 #: Columns added to the seed scripts' table (id, state, pid, backup_label, tablespace_map).
 EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -42,11 +42,12 @@ EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
     ("updated_at", "timestamptz"),
     ("error", "text"),
     ("system_identifier", "bigint"),  # of the cluster backed up, to check copies against
+    ("warnings", "text"),  # PostgreSQL's NOTICEs and WARNINGs about the backup (WAL archiving not enabled, ...)
 )
 
 _ROW_COLUMNS = sql.SQL(
     "b.state::text, b.pid, b.owner, b.attempt, b.holder_try, b.label, b.start_lsn::text, b.stop_lsn::text,"
-    " b.timeline, b.backup_label, b.tablespace_map, b.error, b.system_identifier,"
+    " b.timeline, b.backup_label, b.tablespace_map, b.error, b.system_identifier, b.warnings,"
     # The holder is alive while its backend is connected; backend_start guards against a
     # pid reused after a server restart (it reads NULL for other roles' sessions without
     # pg_read_all_stats, where the pid alone has to do).
@@ -376,17 +377,17 @@ class PostgresBackupHook(BaseHook):
                     sql.SQL(
                         "INSERT INTO {t} AS b (id, state, pid, owner, attempt, holder_try, label, holder_started_at,"
                         " started_at, start_lsn, stop_lsn, timeline, finished_at, backup_label,"
-                        " tablespace_map, error, system_identifier)"
+                        " tablespace_map, error, system_identifier, warnings)"
                         " SELECT 1, 'running', pg_backend_pid(), %s, %s, %s, %s, backend_start, now(),"
                         " NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
-                        " (SELECT system_identifier FROM pg_control_system())"
+                        " (SELECT system_identifier FROM pg_control_system()), NULL"
                         " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
                         " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, pid = EXCLUDED.pid,"
                         " owner = EXCLUDED.owner, attempt = EXCLUDED.attempt, holder_try = EXCLUDED.holder_try,"
                         " label = EXCLUDED.label,"
                         " holder_started_at = EXCLUDED.holder_started_at, started_at = EXCLUDED.started_at,"
                         " start_lsn = NULL, stop_lsn = NULL, timeline = NULL, finished_at = NULL,"
-                        " backup_label = NULL, tablespace_map = NULL, error = NULL,"
+                        " backup_label = NULL, tablespace_map = NULL, error = NULL, warnings = NULL,"
                         " system_identifier = EXCLUDED.system_identifier"
                     ).format(t=self.qualified),
                     [owner, attempt, holder_try, label],
@@ -427,6 +428,38 @@ class PostgresBackupHook(BaseHook):
         except (psycopg.errors.ObjectNotInPrerequisiteState, psycopg.errors.InsufficientPrivilege):
             pass  # not in backup mode (or never allowed to be): nothing to end
 
+    async def archive_settings(self, conn: psycopg.AsyncConnection, backup_server: bool) -> ArchiveSettings:
+        """How the server of ``conn`` archives WAL (``backup_server``: the one backed up, else the state's)."""
+        cur = await conn.execute(
+            "SELECT pg_is_in_recovery(), current_setting('archive_mode'), current_setting('archive_command'),"
+            " current_setting('archive_library', true), (SELECT system_identifier FROM pg_control_system()),"
+            " has_function_privilege('pg_catalog.pg_switch_wal()', 'EXECUTE')"
+        )
+        in_recovery, mode, command, library, system_identifier, can_switch = await cur.fetchone()
+        param, conn_id = ("postgres_conn_id", self.postgres_conn_id) if backup_server else (
+            "state_conn_id", self.state_conn_id)
+        return ArchiveSettings(
+            conn_id=conn_id, param=param, role=sql.Identifier(conn.info.user).as_string(None), in_recovery=in_recovery,
+            archive_mode=mode, archive_command=command, archive_library=library,
+            server_version=conn.info.server_version, system_identifier=system_identifier, can_switch_wal=can_switch,
+        )
+
+    async def wal_timeline_and_segment_size(self, conn: psycopg.AsyncConnection) -> tuple[int, int]:
+        """(timeline, wal_segment_size) of a primary: the timeline it writes and archives WAL on, as only
+        pg_walfile_name shows it (pg_control_checkpoint's lags behind a promotion until a checkpoint)."""
+        cur = await conn.execute(
+            "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_size_bytes(current_setting('wal_segment_size'))"
+        )
+        name, size = await cur.fetchone()
+        return int(name[:8], 16), size
+
+    async def switch_wal(self, conn: psycopg.AsyncConnection) -> None:
+        """Complete the primary's current WAL segment, so that it is archived (a no-op at a segment's start)."""
+        await conn.execute("SELECT pg_catalog.pg_switch_wal()")
+
+    async def last_archived_wal(self, conn: psycopg.AsyncConnection) -> str | None:
+        return (await (await conn.execute("SELECT last_archived_wal FROM pg_stat_archiver")).fetchone())[0]
+
     async def archiver_status(self, conn: psycopg.AsyncConnection) -> str:
         """What pg_stat_archiver says, for errors about pg_backup_stop waiting on the archive."""
         cur = await conn.execute(
@@ -446,7 +479,9 @@ class PostgresBackupHook(BaseHook):
             return text
         grantee = sql.Identifier(conn.info.user or "backup_role").as_string(None)
         table = f'"{self.schema}"."{self.table}"'
-        if "function" in text:
+        if "pg_switch_wal" in text:
+            fix = f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO {grantee}; (a standby backup's last WAL segment)"
+        elif "function" in text:
             fix = f"GRANT EXECUTE ON FUNCTION {backup_functions(conn.info.server_version)} TO {grantee};"
         elif "terminate" in text or "signal" in text:
             fix = f"GRANT pg_signal_backend TO {grantee}; (needed for terminate_live=True)"
@@ -461,15 +496,19 @@ class PostgresBackupHook(BaseHook):
 
     async def mark_complete(
         self, conn: psycopg.AsyncConnection, stop_lsn: str, backup_label: str, tablespace_map: str | None,
-        timeline: int | None,
+        timeline: int | None, warnings: str | None = None,
     ) -> bool:
-        """Record the label of the backup this session holds; False if it is no longer ours or done."""
+        """Record the label of the backup this session holds; False if it is no longer ours or done.
+
+        :param warnings: what PostgreSQL warned about during the backup, kept in the row.
+        """
         cur = await conn.execute(
             sql.SQL(
                 "UPDATE {} SET state = 'complete', stop_lsn = %s, backup_label = %s, tablespace_map = %s,"
-                " timeline = %s, finished_at = now() WHERE id = 1 AND pid = pg_backend_pid() AND state = 'done'"
+                " timeline = %s, warnings = %s, finished_at = now()"
+                " WHERE id = 1 AND pid = pg_backend_pid() AND state = 'done'"
             ).format(self.qualified),
-            [stop_lsn, backup_label, tablespace_map, timeline],
+            [stop_lsn, backup_label, tablespace_map, timeline, warnings],
         )
         return cur.rowcount == 1
 

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from pg_safe_backup.task_group import PostgresOnlineBackup
 
 #: XCom keys the finish pushes (plain values) besides its return value.
-RESULT_KEYS = ("backup_label", "tablespace_map", "start_lsn", "stop_lsn", "timeline", "label", "system_identifier")
+RESULT_KEYS = ("backup_label", "tablespace_map", "start_lsn", "stop_lsn", "timeline", "label", "system_identifier",
+               "warnings")
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
 #: Fields rendered at run time, so that a mapped task group can map over connections.
 CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
@@ -139,7 +140,11 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
 
     :param label: backup label (templated); the default names the DAG run.
     :param fast_checkpoint: ask for an immediate checkpoint (default: spread, as PostgreSQL does).
-    :param wait_for_archive: let pg_backup_stop wait until the needed WAL is archived.
+    :param wait_for_archive: the backup is complete only once the WAL it needs is archived
+        (pg_backup_stop waits; for a standby, the holder switches WAL on the primary, the state
+        connection, and waits for the archiver). A server whose WAL nothing archives is then refused
+        before backup mode. False: you make sure the WAL is there another way (pg_wal copied after
+        the stop, pg_receivewal).
     :param backup_timeout: seconds from the start after which the backup is failed and backup mode
         ended (0 = no limit; default one day).
     :param terminate_live: end a live backup of another owner instead of refusing to start.
@@ -209,7 +214,8 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
 class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
     """
     End this run's backup: mark it done (or failed when a copy task did not succeed), wait for
-    pg_backup_stop, and push backup_label, tablespace_map, start/stop LSN, timeline and label.
+    pg_backup_stop, and push backup_label, tablespace_map, start/stop LSN, timeline, label and
+    warnings (what PostgreSQL warned about during the backup, e.g. that WAL archiving is not enabled).
 
     Meant as the teardown of the gate, so it runs even when a copy fails. It acts only on the
     backup attempt the gate opened on, and only while it still has the start LSN the gate opened
@@ -279,6 +285,8 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
             context["ti"].xcom_push(key=key, value=result[key])
         self.log.info("backup complete: start %s, stop %s\n%s", result["start_lsn"], result["stop_lsn"],
                       result["backup_label"])
+        if result["warnings"]:
+            self.log.warning("PostgreSQL warned during this backup:\n%s", result["warnings"])
         return result
 
 
