@@ -125,8 +125,23 @@ def test_trigger_functions_pin_search_path_and_are_not_executable_by_public(hook
                      ("pg_safe_backup_notify", ["search_path=pg_catalog, pg_temp"], False)], found
 
 
-def test_every_session_pins_search_path(hook, cluster):
-    async def go():
-        async with hook.connect("probe") as conn:
-            return (await (await conn.execute("SHOW search_path")).fetchone())[0]
-    assert asyncio.run(go()) == "pg_catalog, pg_temp"
+def test_every_session_pins_search_path_and_outlives_the_role_s_timeouts(hook, cluster):
+    """Gate and finish sessions too: a role's idle_session_timeout or statement_timeout must not end a finish
+    waiting for a long archive wait, or a gate waiting for a spread checkpoint."""
+    timeouts = ["statement_timeout", "idle_in_transaction_session_timeout"]
+    if cluster.server_version() >= 140000:
+        timeouts.append("idle_session_timeout")
+    for name in timeouts:
+        cluster.sql(f"ALTER ROLE postgres SET {name} = '500ms'")
+
+    async def go(purpose: str) -> tuple[str, list[str]]:
+        async with hook.connect(purpose) as conn:
+            path = (await (await conn.execute("SHOW search_path")).fetchone())[0]
+            settings = [(await (await conn.execute(f"SHOW {name}")).fetchone())[0] for name in timeouts]
+            await asyncio.sleep(1.5)  # idle longer than the role allows
+            await conn.execute("SELECT pg_sleep(0.8)")  # a statement longer than the role allows
+            return path, settings
+    for purpose in ("holder", "gate", "finish", "failure report"):
+        path, settings = asyncio.run(go(purpose))
+        assert path.replace(" ", "") == "pg_catalog,pg_temp", (purpose, path)
+        assert settings == ["0"] * len(timeouts), (purpose, settings)

@@ -173,18 +173,6 @@ class _Notices:
         return "\n".join(self.kept) or None
 
 
-async def _prepare_session(conn: psycopg.AsyncConnection) -> None:
-    """A holder session must never be ended by the server's own timeouts."""
-    await conn.execute("SET statement_timeout = 0")
-    await conn.execute("SET idle_in_transaction_session_timeout = 0")
-    if conn.info.server_version >= 140000:
-        await conn.execute("SET idle_session_timeout = 0")
-    # Over TCP, let the server notice a vanished holder within seconds and end its backup mode.
-    await conn.execute("SET tcp_keepalives_idle = 10")
-    await conn.execute("SET tcp_keepalives_interval = 5")
-    await conn.execute("SET tcp_keepalives_count = 3")
-
-
 # ------------------------------------------------------------------------------------------ the holder
 
 async def hold_backup(
@@ -225,8 +213,6 @@ async def _claim_and_run(
     notices.watch(bconn, hook.postgres_conn_id, backup_session=True)
     if bconn is not conn:
         notices.watch(conn, hook.state_conn_id, backup_session=False)
-    for session in {conn, bconn}:
-        await _prepare_session(session)
     await hook.ensure_table(conn)
     await hook.listen(conn)
     wal = await _plan_wal(hook, conn, bconn, req)  # may refuse: before the claim, nothing to undo

@@ -39,6 +39,20 @@ TRANSITIONS: frozenset[tuple[BackupState, BackupState]] = frozenset(
     }
 )
 
+#: Rules the table's guard adds for clients that are not us (the old pre-/post-scripts write the table too):
+#:
+#: * A ``complete`` row is immutable, except that a new backup may start on it (-> ``running``) and the
+#:   finish of its own attempt may withdraw it (-> ``failed``), which changes only :data:`WITHDRAW_COLUMNS`.
+#:   Nobody can overwrite a complete backup's label.
+#: * When ``pid`` changes but ``owner`` and ``attempt`` do not, another client took the row for a backup of
+#:   its own (the old pre-script's upsert): :data:`HOLDER_COLUMNS` are cleared, so the row no longer says
+#:   that it is ours, and the liveness check goes by its pid alone.
+WITHDRAW_COLUMNS: tuple[str, ...] = ("state", "error", "finished_at", "updated_at")
+HOLDER_COLUMNS: tuple[str, ...] = (
+    "owner", "attempt", "holder_try", "label", "holder_started_at", "start_lsn", "stop_lsn", "timeline", "error",
+    "warnings", "system_identifier",
+)
+
 #: States in which a holder session is (or should be) in backup mode.
 LIVE_STATES = (BackupState.RUNNING, BackupState.DONE)
 TERMINAL_STATES = (BackupState.COMPLETE, BackupState.FAILED)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -20,12 +20,24 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from pg_safe_backup.state import TRANSITIONS, ArchiveSettings, BackupRow, BackupState, Claim, decide_claim
+from pg_safe_backup.state import (
+    HOLDER_COLUMNS, TRANSITIONS, WITHDRAW_COLUMNS, ArchiveSettings, BackupRow, BackupState, Claim, decide_claim,
+)
 
 T = TypeVar("T")
 
 #: Marker stored as the table's comment once the schema below is in place (cheap re-check).
-SCHEMA_VERSION = "pg_safe_backup schema 3"  # 2: attempt column, complete -> failed; 3: warnings column
+SCHEMA_VERSION = "pg_safe_backup schema 3"
+# 2: attempt column, complete -> failed. 3: warnings column; trigger functions with a pinned search_path,
+#    not executable by PUBLIC; the guard freezes complete rows and clears our columns when another client
+#    takes the row (state.HOLDER_COLUMNS).
+
+#: What every session of ours runs with: nothing on the search_path but the system catalog (an object
+#: planted in a schema another role can write never resolves), and none of the server's timeouts.
+SEARCH_PATH = "pg_catalog, pg_temp"
+
+#: The seed scripts' columns (besides id).
+SEED_COLUMNS: tuple[str, ...] = ("state", "pid", "backup_label", "tablespace_map")
 
 #: Columns added to the seed scripts' table (id, state, pid, backup_label, tablespace_map).
 EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -175,6 +187,8 @@ class PostgresBackupHook(BaseHook):
             if key not in PostgresHook.ignored_extra_options:
                 kwargs[key] = value
         kwargs.setdefault("application_name", "pg_safe_backup")
+        # Pinned from the first statement on (libpq's options; a later -c wins over the connection's own).
+        kwargs["options"] = f"{kwargs.get('options') or ''} -c search_path={SEARCH_PATH.replace(' ', '')}".strip()
         # A dropped network must end a held session within seconds, not at the next TCP timeout.
         for key, value in (("keepalives", 1), ("keepalives_idle", 10), ("keepalives_interval", 5),
                            ("keepalives_count", 3)):
@@ -195,6 +209,7 @@ class PostgresBackupHook(BaseHook):
             raise _cannot_connect(conn_id, err) from err
         try:
             await self.ensure_direct(conn, conn_id)
+            await self.prepare_session(conn)
             yield conn
         finally:
             await conn.close()
@@ -222,6 +237,17 @@ class PostgresBackupHook(BaseHook):
             raise _through_pooler(conn_id, f"its statements run in server session {server_pid}, but the"
                                   f" session it logged in to announced pid {conn.info.backend_pid}")
 
+    @staticmethod
+    async def prepare_session(conn: psycopg.AsyncConnection) -> None:
+        """No session of a backup (holder, gate, finish) may be ended by the server's own timeouts,
+        whatever the role's or database's settings say; over TCP, the server notices a vanished
+        client within seconds (and ends its backup mode)."""
+        settings = ["statement_timeout = 0", "idle_in_transaction_session_timeout = 0", "tcp_keepalives_idle = 10",
+                    "tcp_keepalives_interval = 5", "tcp_keepalives_count = 3"]
+        if conn.info.server_version >= 140000:
+            settings.append("idle_session_timeout = 0")
+        await conn.execute("; ".join(f"SET {s}" for s in settings))
+
     # -- schema --------------------------------------------------------------------------------
 
     async def ensure_table(self, conn: psycopg.AsyncConnection) -> None:
@@ -229,13 +255,10 @@ class PostgresBackupHook(BaseHook):
         t = self.qualified
         state_type = sql.Identifier(self.schema, "backup_state")
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"pg_safe_backup:{self.channel}"])
+            await self._lock(conn)
             if await self._table_ready(conn):
                 return
-            cur = await conn.execute("SELECT to_regtype(%s)", [f'"{self.schema}".backup_state'])
-            if (await cur.fetchone())[0] is None:
-                states = sql.SQL(", ").join(sql.Literal(s.value) for s in BackupState)
-                await conn.execute(sql.SQL("CREATE TYPE {} AS ENUM ({})").format(state_type, states))
+            await self._ensure_state_type(conn, state_type)
             await conn.execute(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} (id integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),"
@@ -257,49 +280,130 @@ class PostgresBackupHook(BaseHook):
             await self._install_triggers(conn)
             await conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(t, sql.Literal(SCHEMA_VERSION)))
 
+    async def _lock(self, conn: psycopg.AsyncConnection) -> None:
+        """Serialise, until the end of this transaction, everyone that creates or claims this table."""
+        await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext(%s))",
+                           [f"pg_safe_backup:{self.channel}"])
+
+    async def _ensure_state_type(self, conn: psycopg.AsyncConnection, state_type: sql.Composable) -> None:
+        """Create the ``backup_state`` enum, or check that the seed scripts' one has every state."""
+        name = f'"{self.schema}".backup_state'
+        cur = await conn.execute(
+            "SELECT t.oid IS NOT NULL, ARRAY(SELECT v FROM pg_catalog.unnest(%s::text[]) v WHERE v NOT IN"
+            " (SELECT e.enumlabel::text FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid))"
+            " FROM (SELECT pg_catalog.to_regtype(%s)::oid AS oid) t",
+            [[s.value for s in BackupState], name],
+        )
+        exists, missing = await cur.fetchone()
+        if not exists:
+            states = sql.SQL(", ").join(sql.Literal(s.value) for s in BackupState)
+            await conn.execute(sql.SQL("CREATE TYPE {} AS ENUM ({})").format(state_type, states))
+        elif missing:
+            adds = " ".join(f"ALTER TYPE {name} ADD VALUE '{v}';" for v in missing)
+            raise BackupError(
+                f"the type {name} of {self.table_description} lacks the state(s) {', '.join(missing)}: a backup"
+                f" could run its whole copy and then fail to be marked complete. Nothing was started. As the"
+                f" type's owner, run: {adds}"
+            )
+
     async def _table_ready(self, conn: psycopg.AsyncConnection) -> bool:
         if self._ready:
             return True
         cur = await conn.execute(
-            "SELECT obj_description(to_regclass(%s), 'pg_class') IS NOT DISTINCT FROM %s",
+            "SELECT pg_catalog.obj_description(pg_catalog.to_regclass(%s), 'pg_class') IS NOT DISTINCT FROM %s",
             [f'"{self.schema}"."{self.table}"', SCHEMA_VERSION],
         )
         self._ready = (await cur.fetchone())[0]  # once current, it stays so: later reads skip this
         return self._ready
 
     async def _install_triggers(self, conn: psycopg.AsyncConnection) -> None:
-        """The guard enforces :data:`TRANSITIONS`; the notifier wakes LISTENers on every change."""
+        """The guard enforces :data:`TRANSITIONS` and the rules beside it in ``state.py``; the notifier
+        wakes LISTENers on every change.
+
+        Both run with the rights of whoever writes the table (a superuser's old script too), so they
+        pin their search_path, name pg_catalog's functions, are not executable by PUBLIC, and are
+        (re)created only when absent or owned by the table's owner: a function another role created
+        under their name first would stay that role's, to rewrite at will.
+        """
+        guard = sql.Identifier(self.schema, "pg_safe_backup_guard")
+        notify = sql.Identifier(self.schema, "pg_safe_backup_notify")
+        for name in ("pg_safe_backup_guard", "pg_safe_backup_notify"):
+            await self._refuse_foreign_function(conn, name)
         allowed = sql.SQL(", ").join(
             sql.SQL("({}, {})").format(sql.Literal(a.value), sql.Literal(b.value)) for a, b in sorted(TRANSITIONS)
         )
-        guard = sql.Identifier(self.schema, "pg_safe_backup_guard")
-        notify = sql.Identifier(self.schema, "pg_safe_backup_notify")
+        frozen = [c for c in SEED_COLUMNS + tuple(n for n, _ in EXTRA_COLUMNS) if c not in WITHDRAW_COLUMNS]
+
+        def row_of(rec: str, columns: Iterable[str]) -> sql.Composable:
+            return sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Identifier(rec, c) for c in columns))
+
+        pinned = sql.SQL("SET search_path = {}").format(sql.SQL(SEARCH_PATH))
         await conn.execute(
             sql.SQL(
-                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN"
-                " IF TG_OP = 'UPDATE' AND NEW.state IS DISTINCT FROM OLD.state"
-                "  AND (OLD.state::text, NEW.state::text) NOT IN (VALUES {}) THEN"
-                "  RAISE EXCEPTION 'backup state may not change from % to %', OLD.state, NEW.state"
-                "  USING ERRCODE = 'check_violation';"
+                "CREATE OR REPLACE FUNCTION {guard}() RETURNS trigger LANGUAGE plpgsql {pinned} AS $body$ BEGIN"
+                " IF TG_OP = 'UPDATE' THEN"
+                "  IF NEW.state::pg_catalog.text IS DISTINCT FROM OLD.state::pg_catalog.text"
+                "   AND (OLD.state::pg_catalog.text, NEW.state::pg_catalog.text) NOT IN (VALUES {allowed}) THEN"
+                "   RAISE EXCEPTION 'backup state may not change from % to %', OLD.state, NEW.state"
+                "   USING ERRCODE = 'check_violation';"
+                "  END IF;"
+                "  IF OLD.state::pg_catalog.text = 'complete' AND NEW.state::pg_catalog.text <> 'running'"
+                "   AND {new_frozen} IS DISTINCT FROM {old_frozen} THEN"
+                "   RAISE EXCEPTION 'a complete backup may not be changed (only a new backup may start on it,"
+                " or its own finish withdraw it)' USING ERRCODE = 'check_violation',"
+                "   DETAIL = 'backup_label, tablespace_map and the LSNs of a complete backup stay as pg_backup_stop"
+                " returned them';"
+                "  END IF;"
+                "  IF NEW.pid IS DISTINCT FROM OLD.pid AND NEW.owner IS NOT DISTINCT FROM OLD.owner"
+                "   AND NEW.attempt IS NOT DISTINCT FROM OLD.attempt THEN"
+                "   {clear} NEW.started_at := pg_catalog.clock_timestamp();"
+                "  END IF;"
                 " END IF;"
-                " NEW.updated_at := clock_timestamp();"
+                " NEW.updated_at := pg_catalog.clock_timestamp();"
                 " RETURN NEW; END $body$"
-            ).format(guard, allowed)
+            ).format(
+                guard=guard, pinned=pinned, allowed=allowed, new_frozen=row_of("new", frozen),
+                old_frozen=row_of("old", frozen),
+                clear=sql.SQL(" ").join(sql.SQL("{} := NULL;").format(sql.Identifier("new", c)) for c in HOLDER_COLUMNS),
+            )
         )
         await conn.execute(
             sql.SQL(
-                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN"
-                " PERFORM pg_notify(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, NEW.state::text);"
+                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql {} AS $body$ BEGIN"
+                " PERFORM pg_catalog.pg_notify(pg_catalog.concat_ws('.', TG_TABLE_SCHEMA, TG_TABLE_NAME),"
+                " NEW.state::pg_catalog.text);"
                 " RETURN NULL; END $body$"
-            ).format(notify)
+            ).format(notify, pinned)
         )
         for suffix, when, func in (("guard", "BEFORE", guard), ("notify", "AFTER", notify)):
+            await conn.execute(sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(func))
             name = sql.Identifier(f"{self.table}_{suffix}")
             await conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, self.qualified))
             await conn.execute(
                 sql.SQL("CREATE TRIGGER {} {} INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
                     name, sql.SQL(when), self.qualified, func
                 )
+            )
+
+    async def _refuse_foreign_function(self, conn: psycopg.AsyncConnection, name: str) -> None:
+        """Raise unless the trigger function ``name`` is absent or owned by the table's owner."""
+        function = f'"{self.schema}"."{name}"()'
+        cur = await conn.execute(
+            "SELECT pg_catalog.pg_get_userbyid(p.proowner), pg_catalog.pg_get_userbyid(c.relowner)"
+            " FROM pg_catalog.pg_proc p, pg_catalog.pg_class c"
+            " WHERE p.oid = pg_catalog.to_regprocedure(%s) AND c.oid = pg_catalog.to_regclass(%s)"
+            " AND p.proowner <> c.relowner",
+            [function, f'"{self.schema}"."{self.table}"'],
+        )
+        found = await cur.fetchone()
+        if found:
+            owner, table_owner = found
+            raise BackupError(
+                f"refusing to use the function {function}: it is owned by role {owner}, not by role {table_owner},"
+                f" which owns {self.table_description}. It runs on every change of the table with the rights of"
+                f" whoever makes it, and its owner can rewrite it at any time. Nothing was started. Check what it"
+                f" does, then as a superuser: DROP FUNCTION {function}; (it is created anew), or ALTER FUNCTION"
+                f" {function} OWNER TO {table_owner};"
             )
 
     # -- reading -------------------------------------------------------------------------------
@@ -358,7 +462,7 @@ class PostgresBackupHook(BaseHook):
         first one's claim and never starts a second backup for the same attempt.
         """
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"pg_safe_backup:{self.channel}"])
+            await self._lock(conn)
             row = await self.read(conn, for_update=True)
             decision = decide_claim(row, owner, attempt, terminate_live)
             if decision is Claim.LOST:
