@@ -93,16 +93,19 @@ def copy_data_dir(source: Path, dest: Path, pg_control_first: bool = False,
     last()
 
 
+async def backup_events(hook: PostgresBackupHook, r: HoldRequest, copy: Callable[[], None] = lambda: None,
+                        timeout: float = 60) -> tuple[dict, dict]:
+    """One whole backup through the session functions (hold, gate, ``copy()`` in a thread, finish),
+    whatever its outcome: the holder's and the finish's events."""
+    holder, opened = await started(hook, r)
+    await asyncio.to_thread(copy)
+    done = await finish(hook, r.attempt, opened["backup"]["start_lsn"], timeout)
+    return await asyncio.wait_for(holder, timeout), done
+
+
 def run_backup(hook: PostgresBackupHook, owner: str, copy: Callable[[], None]) -> dict:
-    """One whole backup through the session functions (hold, gate, ``copy()`` in a thread, finish): the
-    completed backup's row (backup_label, start_lsn, stop_lsn, system_identifier, ...)."""
-    async def go() -> dict:
-        r = req(owner, poll_interval=0.5)
-        holder, opened = await started(hook, r)
-        await asyncio.to_thread(copy)
-        done = await finish(hook, r.attempt, opened["backup"]["start_lsn"])
-        assert (await holder)["status"] == COMPLETE
-        return done
-    done = asyncio.run(go())
-    assert done["status"] == COMPLETE, done
+    """One whole backup (see :func:`backup_events`) that must complete: the completed backup's row
+    (backup_label, start_lsn, stop_lsn, system_identifier, ...)."""
+    held, done = asyncio.run(backup_events(hook, req(owner, poll_interval=0.5), copy))
+    assert done["status"] == held["status"] == COMPLETE, (held, done)
     return done["backup"]

@@ -7,10 +7,16 @@ PostgreSQL writes no end-of-backup record on a standby: recovery of such a backu
 minimum recovery point of the copied global/pg_control, which is only right when pg_control was
 copied last (xlog.c, do_pg_backup_stop). The copy helper here copies it in a step of its own, last,
 or (to show what the rule prevents) first.
+
+Nor does the standby's pg_backup_stop switch WAL: the holder makes the primary switch, and waits for
+the archiver that archives the stop segment (the primary's, or the standby's own with
+archive_mode=always).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +26,14 @@ from pathlib import Path
 import pytest
 
 from demo.load import Writer, invariant_sql, wait_archived
-from pg_safe_backup.files.pgcontrol import check_copy, parse_lsn
-from pg_safe_backup.hooks.backup import PostgresBackupHook
+from pg_safe_backup.files.pgcontrol import check_copy
+from pg_safe_backup.hooks.backup import PostgresBackupHook, backup_functions
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
-from pg_safe_backup.state import parse_backup_label
+from pg_safe_backup.session import COMPLETE, FAILED, hold_backup
+from pg_safe_backup.state import archived_through, format_lsn, parse_backup_label, parse_lsn, wal_segment_name
 from pg_safe_backup.verify import verify_backup
 
-from backup_helpers import copy_data_dir, run_backup
+from backup_helpers import backup_events, backup_starts, copy_data_dir, req, run_backup
 from conftest import PASSWORD
 
 
@@ -37,13 +44,39 @@ def backup_into(hook: PostgresBackupHook, dest: Path, owner: str, copy: Callable
     return backup
 
 
+def archived_backup(hook: PostgresBackupHook, owner: str, **request) -> tuple[dict, dict]:
+    """A backup (nothing copied) that waits for its WAL to be archived: the holder's and the finish's events.
+
+    :param request: more :class:`~pg_safe_backup.session.HoldRequest` options (``backup_timeout``, ...).
+    """
+    return asyncio.run(backup_events(hook, req(owner, poll_interval=0.5, wait_for_archive=True, **request)))
+
+
+def refused(hook: PostgresBackupHook, owner: str) -> dict:
+    """The holder's event of a backup that waits for its WAL to be archived, expected to fail before backup mode."""
+    r = req(owner, wait_for_archive=True, backup_timeout=5)
+    return asyncio.run(asyncio.wait_for(hold_backup(hook, r), 30))
+
+
 @dataclass
-class Standby:
+class Pair:
+    """A primary archiving into ``archive``, a streaming hot standby made from it, and a writer on the
+    primary (started only if the pair was made with one)."""
+
     primary: LocalCluster
     standby: LocalCluster
     archive: Path
     writer: Writer
     base: dict  # the backup of the primary the standby was made from
+
+    @property
+    def hook(self) -> PostgresBackupHook:
+        """The standby backed up, its state on the primary."""
+        return PostgresBackupHook("pg_standby", state_conn_id="pg_primary")
+
+    def stop_segment(self, stop_lsn: str) -> str:
+        """The primary's name of the WAL segment holding the last byte before ``stop_lsn``."""
+        return self.primary.sql("SELECT pg_walfile_name(%s::pg_lsn)", [format_lsn(parse_lsn(stop_lsn) - 1)])[0][0]
 
     def replayed(self, timeout: float = 60) -> None:
         """Wait until the standby replayed everything the primary wrote so far."""
@@ -71,16 +104,20 @@ class Standby:
 
 
 @pytest.fixture
-def streaming(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Standby]:
-    """A primary archiving WAL, a streaming hot standby of it, and a writer on the primary (started)."""
-    archive = tmp_root / "archive"
-    archive.mkdir()
-    give_to_server_user(archive)
-    primary = LocalCluster(tmp_root / "primary").init(password=PASSWORD, settings={
-        "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "hot_standby": "on"}).start()
-    standby = None
-    writer = Writer(primary)
-    try:
+def make_pair(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Pair]]:
+    """Make a :class:`Pair` (connections ``pg_primary``, ``pg_standby``): ``make(writing=True)`` starts its
+    writer once the standby runs; the other keywords go into the standby's configuration."""
+    started: list[LocalCluster] = []
+    writers: list[Writer] = []
+
+    def make(writing: bool = False, **standby_settings: str) -> Pair:
+        archive = tmp_root / "archive"
+        archive.mkdir()
+        give_to_server_user(archive)
+        primary = LocalCluster(tmp_root / "primary").init(password=PASSWORD, settings={
+            "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "hot_standby": "on"}).start()
+        started.append(primary)
+        writers.append(writer := Writer(primary))
         primary.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
         monkeypatch.setenv("AIRFLOW_CONN_PG_PRIMARY", primary.airflow_conn_uri(password=PASSWORD))
         base = backup_into(PostgresBackupHook("pg_primary"), tmp_root / "standby", "make/standby/base",
@@ -90,30 +127,40 @@ def streaming(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stand
         (standby.datadir / "standby.signal").touch()
         standby.configure({"primary_conninfo": f"'host={primary.socket_dir} port={primary.port} user=postgres'",
                            "restore_command": f"'cp {archive}/%f %p'", "archive_mode": "off",
-                           "port": standby.port})
+                           "port": standby.port, "log_statement": "'all'", **standby_settings})
         give_to_server_user(standby.datadir)
         standby.start()
-        writer.start()
+        started.append(standby)
+        if writing:
+            writer.start()
         deadline = time.monotonic() + 60
         while standby.sql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'") != [(1,)]:
             assert time.monotonic() < deadline, "the standby does not stream"
             time.sleep(0.2)
         assert standby.sql("SELECT pg_is_in_recovery()") == [(True,)]
         monkeypatch.setenv("AIRFLOW_CONN_PG_STANDBY", standby.airflow_conn_uri(password=PASSWORD))
-        yield Standby(primary, standby, archive, writer, base)
+        return Pair(primary, standby, archive, writer, base)
+
+    try:
+        yield make
     finally:
-        if writer.is_alive():
-            writer.stop()
-        if standby:
-            standby.stop("immediate")
-        primary.stop("immediate")
+        for writer in writers:
+            if writer.is_alive():
+                writer.stop()
+        for cluster in reversed(started):
+            cluster.stop("immediate")
 
 
-def standby_backup(s: Standby, dest: Path, owner: str, pg_control_first: bool, meanwhile: Callable[[], None]) -> dict:
+@pytest.fixture
+def streaming(make_pair: Callable[..., Pair]) -> Pair:
+    """A :class:`Pair` whose writer is running."""
+    return make_pair(writing=True)
+
+
+def standby_backup(s: Pair, dest: Path, owner: str, pg_control_first: bool, meanwhile: Callable[[], None]) -> dict:
     """The backup proper: session on the standby, state table on the primary; ``meanwhile`` runs
     between the two copy steps."""
-    hook = PostgresBackupHook("pg_standby", state_conn_id="pg_primary")
-    return backup_into(hook, dest, owner, lambda: copy_data_dir(s.standby.datadir, dest, pg_control_first, meanwhile))
+    return backup_into(s.hook, dest, owner, lambda: copy_data_dir(s.standby.datadir, dest, pg_control_first, meanwhile))
 
 
 def test_backup_of_a_streaming_standby_with_pg_control_copied_last_restores(streaming, tmp_root):
@@ -173,3 +220,100 @@ def test_standby_copy_with_pg_control_copied_first_fails_the_restore_check(strea
     assert reason is not None, check.summary()
     assert re.search(rf"\bLSN {re.escape(newest)}\b", reason), reason
     assert re.search(rf"\bconsistent at {re.escape(consistent)}\b", reason), reason
+
+
+def test_standby_backup_is_complete_only_once_the_primary_archived_its_stop_segment(make_pair):
+    """The standby's pg_backup_stop switches no WAL: the primary is made to, and its archiver waited for."""
+    pair = make_pair()
+    pair.primary.sql("INSERT INTO ledger SELECT g, 'x' FROM generate_series(1, 1000) g")  # past a segment's start
+    held, done = archived_backup(pair.hook, "nightly/run1/standby")
+    archived = set(os.listdir(pair.archive))  # right at COMPLETE
+    assert done["status"] == held["status"] == COMPLETE, (held, done)
+    assert pair.stop_segment(done["backup"]["stop_lsn"]) in archived
+
+
+def test_standby_with_archive_mode_always_waits_for_its_own_archiver(make_pair, tmp_root):
+    """archive_mode=always: the standby archives its WAL itself, once the primary switched it."""
+    own = tmp_root / "standby_archive"
+    own.mkdir()
+    give_to_server_user(own)
+    pair = make_pair(archive_mode="always", archive_command=f"'cp %p {own}/%f'")
+    pair.primary.sql("INSERT INTO ledger SELECT g, 'x' FROM generate_series(1, 1000) g")
+    held, done = archived_backup(pair.hook, "nightly/run1/standby", backup_timeout=15)
+    archived = set(os.listdir(own))
+    assert done["status"] == held["status"] == COMPLETE, (held, done)
+    assert pair.stop_segment(done["backup"]["stop_lsn"]) in archived
+
+
+def test_standby_backup_fails_naming_archiving_when_the_primary_cannot_archive(make_pair):
+    pair = make_pair()
+    pair.primary.sql("ALTER SYSTEM SET archive_command = '/bin/false'")
+    pair.primary.sql("SELECT pg_reload_conf()")
+    pair.primary.sql("INSERT INTO ledger SELECT g, 'x' FROM generate_series(1, 1000) g")
+    t0 = time.monotonic()
+    held, done = archived_backup(pair.hook, "nightly/run1/standby", backup_timeout=8)
+    took = time.monotonic() - t0
+    assert done["status"] == held["status"] == FAILED, (held, done)
+    assert "WAL archiving is failing" in held["message"] and "failed attempts" in held["message"]
+    assert took < 8 + 15, took
+    state, error = pair.primary.sql("SELECT state::text, error FROM backup")[0]
+    assert state == "failed" and "archiv" in error
+    assert pair.standby.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg_safe_backup%'") == [(0,)]
+
+
+def test_standby_backup_is_refused_when_neither_it_nor_its_primary_archives(make_pair):
+    pair = make_pair()
+    pair.primary.sql("ALTER SYSTEM SET archive_command = ''")  # archive_mode=on, but nothing archives
+    pair.primary.sql("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    result = refused(pair.hook, "nightly/run1/standby")
+    assert result["status"] == FAILED
+    assert "'pg_standby'" in result["message"] and "'pg_primary'" in result["message"]
+    assert "archive_command" in result["message"] and "wait_for_archive=False" in result["message"]
+    assert backup_starts(pair.standby) == 0
+    assert pair.primary.sql("SELECT count(*) FROM backup WHERE state IN ('running', 'done')") == [(0,)]
+
+
+def test_standby_backup_by_a_role_without_superuser_needs_pg_switch_wal(make_pair, monkeypatch):
+    """The state connection's role switches WAL on the primary: without that right the backup is refused
+    before backup mode, naming the GRANT; with it, the backup completes."""
+    pair = make_pair()
+    for grant in (f"CREATE ROLE backup_op LOGIN PASSWORD '{PASSWORD}'",
+                  f"GRANT EXECUTE ON FUNCTION {backup_functions(pair.primary.server_version())} TO backup_op",
+                  "GRANT SELECT, INSERT, UPDATE ON backup TO backup_op"):
+        pair.primary.sql(grant)
+    deadline = time.monotonic() + 30
+    while not pair.standby.sql("SELECT 1 FROM pg_roles WHERE rolname = 'backup_op'"):  # replayed there
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for name, cluster in (("PRIMARY_OP", pair.primary), ("STANDBY_OP", pair.standby)):
+        monkeypatch.setenv(f"AIRFLOW_CONN_PG_{name}", cluster.airflow_conn_uri(user="backup_op", password=PASSWORD))
+    hook = PostgresBackupHook("pg_standby_op", state_conn_id="pg_primary_op")
+    result = refused(hook, "nightly/run1/standby")
+    assert result["status"] == FAILED
+    assert 'GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO "backup_op"' in result["message"]
+    assert backup_starts(pair.standby) == 0
+    pair.primary.sql("GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO backup_op")
+    held, done = archived_backup(hook, "nightly/run2/standby")
+    assert done["status"] == held["status"] == COMPLETE, (held, done)
+
+
+def test_wal_segment_names_match_the_server_s(cluster):
+    """xlog_internal.h's naming: the segment holding the byte before an LSN, also at a segment's start."""
+    (name, size), = cluster.sql("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_size_bytes(current_setting("
+                                "'wal_segment_size'))")
+    timeline = int(name[:8], 16)
+    for lsn in (5 * size, 5 * size + 0x28, (1 << 32) + 3 * size + 0x1000):  # at a segment start, within, past 4 GB
+        server = cluster.sql("SELECT pg_walfile_name(%s::pg_lsn)", [format_lsn(lsn - 1)])[0][0]
+        assert wal_segment_name(format_lsn(lsn), timeline, size) == server
+
+
+def test_archived_through_reads_every_kind_of_archived_file_name():
+    segment = "000000010000000000000005"
+    assert archived_through(segment, segment)
+    assert archived_through("000000010000000000000006.partial", segment)
+    assert archived_through("000000010000000000000005.00000028.backup", segment)
+    assert archived_through("000000020000000000000005", segment)  # the next timeline, forked in that segment
+    assert not archived_through("000000010000000000000004", segment)
+    assert not archived_through("00000002.history", segment)
+    assert not archived_through(None, segment)
