@@ -109,3 +109,13 @@ def run_backup(hook: PostgresBackupHook, owner: str, copy: Callable[[], None]) -
     held, done = asyncio.run(backup_events(hook, req(owner, poll_interval=0.5), copy))
     assert done["status"] == held["status"] == COMPLETE, (held, done)
     return done["backup"]
+
+
+def hand_over_row(cluster: LocalCluster, sets: str, params: list) -> None:
+    """``UPDATE backup SET <sets>`` that gives the row to another session (a new pid) while it stays the
+    same attempt's, as a test needs it. The table's guard clears our columns when the pid changes but the
+    attempt does not (the old pre-script's takeover), so the attempt is first set aside, in one transaction:
+    nobody sees the step between."""
+    with cluster.connect() as conn, conn.transaction():
+        conn.execute("UPDATE backup SET attempt = NULL")
+        conn.execute(f"UPDATE backup SET {sets}", params)

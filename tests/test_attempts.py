@@ -14,7 +14,7 @@ from pg_safe_backup import session
 from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldView, hold_backup, wait_for_start
 
 from backup_helpers import (
-    ATTEMPT, OWNER, attempt_of, backup_starts, finish, gate, req, row, session_alive, started,
+    ATTEMPT, OWNER, attempt_of, backup_starts, finish, gate, hand_over_row, req, row, session_alive, started,
 )
 
 RETRY = attempt_of(OWNER, 2)  # the next try of the same hold task: same owner, another attempt
@@ -75,8 +75,8 @@ async def live_row(cluster, other: psycopg.AsyncConnection, attempt: str, state:
     life (its checkpoint running, or pg_backup_stop waiting for the archive)."""
     pid = other.info.backend_pid
     await asyncio.to_thread(
-        cluster.sql,
-        "UPDATE backup SET state = %s, owner = %s, attempt = %s, pid = %s, start_lsn = %s, error = NULL,"
+        hand_over_row, cluster,
+        "state = %s, owner = %s, attempt = %s, pid = %s, start_lsn = %s, error = NULL,"
         " holder_started_at = (SELECT backend_start FROM pg_stat_activity WHERE pid = %s)",
         [state, OWNER, attempt, pid, start_lsn, pid])
 

@@ -18,7 +18,7 @@ from pg_safe_backup.state import parse_backup_label
 
 from conftest import CONN_ID, PASSWORD
 import backup_helpers
-from backup_helpers import attempt_of
+from backup_helpers import attempt_of, hand_over_row
 
 OWNER = "nightly/run1/backup"
 NEXT = "nightly/run2/backup"
@@ -190,8 +190,8 @@ def test_a_holder_whose_row_names_another_live_session_fails_its_own_row(hook, c
         await gate(hook)
         async with await psycopg.AsyncConnection.connect(**cluster.conninfo(), autocommit=True) as other:
             await asyncio.to_thread(
-                cluster.sql, "UPDATE backup SET pid = a.pid, holder_started_at = a.backend_start"
-                " FROM pg_stat_activity a WHERE a.pid = %s", [other.info.backend_pid])
+                hand_over_row, cluster, "attempt = %s, pid = a.pid, holder_started_at = a.backend_start"
+                " FROM pg_stat_activity a WHERE a.pid = %s", [attempt_of(OWNER), other.info.backend_pid])
             held = await asyncio.wait_for(holder, 30)
             return held, await gate(hook)  # that other session still alive
     held, reopened = asyncio.run(go())
