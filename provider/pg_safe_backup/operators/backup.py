@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator, ObjectStoragePath, TriggerRule
+from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 from airflow.sdk.exceptions import AirflowException
 
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import CopyMismatch
-from pg_safe_backup.params import check_label, check_number, check_text, validate_identifier
+from pg_safe_backup.params import check_label, check_number, check_text
 from pg_safe_backup.session import COMPLETE, ONE_DAY_S, HoldRequest
-from pg_safe_backup.state import BackupRef
-from pg_safe_backup.triggers.backup import (
-    ATTEMPT_XCOM,
-    BackupFinishTrigger,
-    BackupHolderTrigger,
-    BackupTriggerBase,
-    task_states,
-)
+from pg_safe_backup.triggers.backup import ATTEMPT_XCOM, BackupFinishTrigger, BackupHolderTrigger, task_states
+from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-    from pg_safe_backup.task_group import PostgresOnlineBackup
 
 #: XCom keys the finish pushes (plain values) besides its return value.
 RESULT_KEYS = ("backup_label", "tablespace_map", "start_lsn", "stop_lsn", "timeline", "label", "system_identifier",
                "warnings")
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
-#: Fields rendered at run time, so that a mapped task group can map over connections.
-CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
 
 
 def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
@@ -43,85 +31,6 @@ def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
     group's tasks all have one; outside one it is -1): never another map index's backup."""
     ti = context["ti"]
     return ti.xcom_pull(task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1)
-
-
-def default_deferrable() -> bool:
-    from airflow.configuration import conf
-
-    return conf.getboolean("operators", "default_deferrable", fallback=False)
-
-
-def _text_or_template(value: Any, param: str) -> Any:
-    """A non-empty string, checked now; anything else (a mapped argument, an XComArg) is rendered
-    and checked at run time."""
-    return check_text(value, param) if isinstance(value, str) else value
-
-
-class BackupTaskMixin:
-    """
-    What the holder, gate and finish share: which backup table, which backup of the run, how to wait.
-
-    :param postgres_conn_id: Airflow connection (type postgres) of the server to back up (a primary
-        or a hot standby). Templated: a mapped task group can map over it.
-    :param state_conn_id: connection of the server holding the backup table when it is not the one
-        backed up (for a standby: its primary, since a standby is read-only). Default: the same.
-    :param database: database holding the backup table, instead of the connection's.
-    :param table: backup state table (created on first use; the seed scripts' table is migrated).
-    :param table_schema: schema of the backup state table.
-    :param backup_key: tells apart several backups in one DAG run (one per cluster); the
-        ``PostgresOnlineBackup`` group sets it to its full group id. With the map index of a mapped
-        group, the DAG id and the run id it makes the backup's owner.
-    :param poll_interval: seconds between the gate's and finish's re-reads (state changes wake them
-        at once); the holder, woken by NOTIFY and its sessions' sockets, re-reads every max(this, 60 s).
-    :param deferrable: wait in the triggerer instead of a worker slot.
-    """
-
-    deferrable: bool
-    task_id: str
-
-    def _init_backup(
-        self,
-        postgres_conn_id: str,
-        state_conn_id: str | None,
-        database: str | None,
-        table: str,
-        table_schema: str,
-        backup_key: str,
-        poll_interval: float,
-        deferrable: bool,
-    ) -> None:
-        self.postgres_conn_id = _text_or_template(postgres_conn_id, "postgres_conn_id")
-        self.state_conn_id = state_conn_id if state_conn_id is None else _text_or_template(state_conn_id, "state_conn_id")
-        self.database = database if database is None else _text_or_template(database, "database")
-        self.table = validate_identifier(table, "table")
-        self.table_schema = validate_identifier(table_schema, "table_schema")
-        self.backup_key = check_text(backup_key, "backup_key")
-        self.poll_interval = check_number(poll_interval, "poll_interval", 0, allow_min=False)
-        self.deferrable = deferrable
-
-    @property
-    def hook_kwargs(self) -> dict[str, Any]:
-        """The hook's arguments, from the rendered fields (checked again: they may come from a template)."""
-        check_text(self.postgres_conn_id, "postgres_conn_id")
-        for name in ("state_conn_id", "database"):
-            if getattr(self, name) is not None:
-                check_text(getattr(self, name), name)
-        return {"postgres_conn_id": self.postgres_conn_id, "state_conn_id": self.state_conn_id,
-                "database": self.database, "table": self.table, "schema": self.table_schema}
-
-    def backup_ref(self, context: Context, hold_task_id: str | None = None,
-                   finish_task_id: str | None = None) -> BackupRef:
-        """Which backup: this DAG run, this group (backup key), this map index."""
-        ti = context["ti"]
-        return BackupRef(dag_id=ti.dag_id, run_id=ti.run_id, backup_key=self.backup_key,
-                         map_index=ti.map_index if ti.map_index is not None else -1,
-                         hold_task_id=hold_task_id, finish_task_id=finish_task_id)
-
-    def wait_on(self, context: Context, trigger: BackupTriggerBase, timeout: timedelta | None = None) -> Any:
-        """Defer on ``trigger``, or (deferrable=False) run its wait here; then ``execute_complete``."""
-        if self.deferrable:
-            self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)  # type: ignore[attr-defined]
-        return self.execute_complete(context, asyncio.run(trigger.result()))  # type: ignore[attr-defined]
 
 
 class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
@@ -308,14 +217,15 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("destination",)
 
-    def __init__(self, *, backup: PostgresOnlineBackup | str, destination: str, **kwargs: Any) -> None:
+    def __init__(self, *, backup: TaskGroup | str, destination: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.destination = check_text(destination, "destination")
+        finish = getattr(backup, "finish", None)
         if isinstance(backup, str):
             self.finish_task_id = check_text(backup, "backup")
-        elif hasattr(backup, "finish"):
-            self.finish_task_id = backup.finish.task_id
-            backup.finish >> self
+        elif isinstance(backup, TaskGroup) and isinstance(finish, PostgresFinishBackupOperator):
+            self.finish_task_id = finish.task_id
+            finish >> self
         else:
             raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
 

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException
 
-from pg_safe_backup.operators.backup import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable
 from pg_safe_backup.params import check_text
 from pg_safe_backup.session import STARTED
 from pg_safe_backup.triggers.backup import BackupStartedTrigger
+from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

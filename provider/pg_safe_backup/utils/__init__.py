@@ -1,0 +1,1 @@
+"""What the operators and sensors share: below them, above the triggers."""

@@ -1,0 +1,102 @@
+"""What the hold, the gate and the finish share: which backup table, which backup of the run, how to wait.
+
+Below ``operators/`` and ``sensors/``, which both import it from here (as amazon's ``utils/mixins.py``), so the
+sensor does not import the operators' module, nor the operators' module the task group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from pg_safe_backup.params import check_number, check_text, validate_identifier
+from pg_safe_backup.state import BackupRef
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from pg_safe_backup.triggers.backup import BackupTriggerBase
+
+#: Fields rendered at run time, so that a mapped task group can map over connections.
+CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
+
+
+def default_deferrable() -> bool:
+    """``[operators] default_deferrable``, read as Airflow's own deferrable operators read it."""
+    from airflow.configuration import conf
+
+    return conf.getboolean("operators", "default_deferrable", fallback=False)
+
+
+def _text_or_template(value: Any, param: str) -> Any:
+    """A non-empty string, checked now; anything else (a mapped argument, an XComArg) is rendered
+    and checked at run time."""
+    return check_text(value, param) if isinstance(value, str) else value
+
+
+class BackupTaskMixin:
+    """
+    What the holder, gate and finish share: which backup table, which backup of the run, how to wait.
+
+    :param postgres_conn_id: Airflow connection (type postgres) of the server to back up (a primary
+        or a hot standby). Templated: a mapped task group can map over it.
+    :param state_conn_id: connection of the server holding the backup table when it is not the one
+        backed up (for a standby: its primary, since a standby is read-only). Default: the same.
+    :param database: database holding the backup table, instead of the connection's.
+    :param table: backup state table (created on first use; the seed scripts' table is migrated).
+    :param table_schema: schema of the backup state table.
+    :param backup_key: tells apart several backups in one DAG run (one per cluster); the
+        ``PostgresOnlineBackup`` group sets it to its full group id. With the map index of a mapped
+        group, the DAG id and the run id it makes the backup's owner.
+    :param poll_interval: seconds between the gate's and finish's re-reads (state changes wake them
+        at once); the holder, woken by NOTIFY and its sessions' sockets, re-reads every max(this, 60 s).
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    """
+
+    deferrable: bool
+    task_id: str
+
+    def _init_backup(
+        self,
+        postgres_conn_id: str,
+        state_conn_id: str | None,
+        database: str | None,
+        table: str,
+        table_schema: str,
+        backup_key: str,
+        poll_interval: float,
+        deferrable: bool,
+    ) -> None:
+        self.postgres_conn_id = _text_or_template(postgres_conn_id, "postgres_conn_id")
+        self.state_conn_id = state_conn_id if state_conn_id is None else _text_or_template(state_conn_id, "state_conn_id")
+        self.database = database if database is None else _text_or_template(database, "database")
+        self.table = validate_identifier(table, "table")
+        self.table_schema = validate_identifier(table_schema, "table_schema")
+        self.backup_key = check_text(backup_key, "backup_key")
+        self.poll_interval = check_number(poll_interval, "poll_interval", 0, allow_min=False)
+        self.deferrable = deferrable
+
+    @property
+    def hook_kwargs(self) -> dict[str, Any]:
+        """The hook's arguments, from the rendered fields (checked again: they may come from a template)."""
+        check_text(self.postgres_conn_id, "postgres_conn_id")
+        for name in ("state_conn_id", "database"):
+            if getattr(self, name) is not None:
+                check_text(getattr(self, name), name)
+        return {"postgres_conn_id": self.postgres_conn_id, "state_conn_id": self.state_conn_id,
+                "database": self.database, "table": self.table, "schema": self.table_schema}
+
+    def backup_ref(self, context: Context, hold_task_id: str | None = None,
+                   finish_task_id: str | None = None) -> BackupRef:
+        """Which backup: this DAG run, this group (backup key), this map index."""
+        ti = context["ti"]
+        return BackupRef(dag_id=ti.dag_id, run_id=ti.run_id, backup_key=self.backup_key,
+                         map_index=ti.map_index if ti.map_index is not None else -1,
+                         hold_task_id=hold_task_id, finish_task_id=finish_task_id)
+
+    def wait_on(self, context: Context, trigger: BackupTriggerBase, timeout: timedelta | None = None) -> Any:
+        """Defer on ``trigger``, or (deferrable=False) run its wait here; then ``execute_complete``."""
+        if self.deferrable:
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)  # type: ignore[attr-defined]
+        return self.execute_complete(context, asyncio.run(trigger.result()))  # type: ignore[attr-defined]
