@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
-from airflow.sdk import TaskGroup, TriggerRule
+from airflow.sdk import BaseOperator, TaskGroup, TriggerRule
 
 from pg_safe_backup.operators.backup import (
     DEFAULT_LABEL,
@@ -15,7 +16,7 @@ from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
 from pg_safe_backup.session import ONE_DAY_S
 
 
-class PostgresOnlineBackup:
+class PostgresOnlineBackup(TaskGroup):
     """
     A task group that backs up one cluster around the copy tasks created inside it::
 
@@ -27,6 +28,11 @@ class PostgresOnlineBackup:
     ``wait_for_backup_mode`` opens when backup mode is on and precedes the copy tasks, and
     ``finish_backup`` (teardown) ends the backup after them, even when a copy fails, and pushes
     backup_label via XCom. Pass the group to ``PostgresStoreBackupLabelOperator(backup=...)``.
+
+    It is a ``TaskGroup``, wired when its ``with`` block ends: ``>>``, ``<<``, ``chain()``,
+    ``cross_downstream()``, nesting in other groups and mapped groups work as for any group. Tasks
+    upstream of it precede the hold and the gate; tasks downstream of it start after ``finish_backup``
+    (not after the copies, as a group ending in a teardown would have it), so the label is in XCom.
 
     :param group_id: task group id. The group's FULL id (with its parent groups') is this backup's key
         within the DAG run; in a mapped task group each map index is a backup of its own.
@@ -41,6 +47,8 @@ class PostgresOnlineBackup:
     :param database, table, table_schema, poll_interval: see ``BackupTaskMixin``.
     :param gate_timeout: seconds the gate waits for backup mode (start checkpoint included).
     :param deferrable: gate and finish wait in the triggerer (the holder always does).
+    :param group_kwargs: further ``TaskGroup`` arguments (``prefix_group_id``, ``parent_group``, ``dag``,
+        ``default_args``, ``tooltip``, ...).
     """
 
     def __init__(
@@ -62,50 +70,53 @@ class PostgresOnlineBackup:
         deferrable: bool | None = None,
         **group_kwargs: Any,
     ) -> None:
-        self.group = TaskGroup(group_id=group_id, **group_kwargs)
+        super().__init__(group_id=group_id, **group_kwargs)
+        # The group's own tasks are made here, in it (task_group=self), before the user's copy tasks.
         common = {"postgres_conn_id": postgres_conn_id, "state_conn_id": state_conn_id, "database": database, "table": table,
-                  "table_schema": table_schema, "backup_key": self.group.group_id, "poll_interval": poll_interval}
-        with self.group:
-            self.hold = PostgresBackupHoldOperator(
-                task_id="hold_backup_session", label=label, fast_checkpoint=fast_checkpoint,
-                wait_for_archive=wait_for_archive, backup_timeout=backup_timeout,
-                terminate_live=terminate_live, **common,
-            )
-            self.gate = PostgresBackupStartedSensor(
-                task_id="wait_for_backup_mode", holder_task_id=self.hold.task_id, timeout=gate_timeout,
-                deferrable=deferrable, **common,
-            )
-            self.finish = PostgresFinishBackupOperator(
-                task_id="finish_backup", gate_task_id=self.gate.task_id, deferrable=deferrable, **common
-            )
+                  "table_schema": table_schema, "backup_key": self.group_id, "poll_interval": poll_interval,
+                  "dag": self.dag, "task_group": self}
+        self.hold = PostgresBackupHoldOperator(
+            task_id="hold_backup_session", label=label, fast_checkpoint=fast_checkpoint,
+            wait_for_archive=wait_for_archive, backup_timeout=backup_timeout, terminate_live=terminate_live, **common,
+        )
+        self.gate = PostgresBackupStartedSensor(
+            task_id="wait_for_backup_mode", holder_task_id=self.hold.task_id, timeout=gate_timeout,
+            deferrable=deferrable, **common,
+        )
+        self.finish = PostgresFinishBackupOperator(
+            task_id="finish_backup", gate_task_id=self.gate.task_id, deferrable=deferrable, **common
+        )
         self.hold.finish_task_id = self.finish.task_id
-        self._own = {self.hold.task_id, self.gate.task_id, self.finish.task_id}
 
     def __enter__(self) -> PostgresOnlineBackup:
-        self.group.__enter__()
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         try:
-            if exc[0] is None:
+            if exc_type is None:
                 self._wire()
         finally:
-            self.group.__exit__(*exc)
+            super().__exit__(exc_type, exc_value, traceback)
 
     def _wire(self) -> None:
-        """gate >> copy roots; copy leaves >> finish; finish is the gate's teardown."""
-        copies = [t for t in self.group.children.values() if getattr(t, "task_id", None) not in self._own]
+        """gate >> copy tasks >> finish; finish is the gate's teardown."""
+        own = {self.hold.node_id, self.gate.node_id, self.finish.node_id}
+        copies = [node for key, node in self.children.items() if key not in own]
         if not copies:
-            raise ValueError(f"PostgresOnlineBackup {self.group.group_id!r} has no copy task inside its 'with' block")
-        for task in copies:
-            task.set_upstream(self.gate)
-            task.set_downstream(self.finish)
+            raise ValueError(f"PostgresOnlineBackup {self.group_id!r} has no copy task inside its 'with' block")
+        for node in copies:
+            node.set_upstream(self.gate)
+            node.set_downstream(self.finish)
         self.finish.as_teardown(setups=self.gate, on_failure_fail_dagrun=True)
         # Unlike the default teardown rule, end the backup even when the gate failed.
         self.finish.trigger_rule = TriggerRule.ALL_DONE
 
-    def __rshift__(self, other: Any) -> Any:
-        return self.group >> other
+    def get_leaves(self) -> Generator[BaseOperator, None, None]:
+        """
+        What ``backup >> task`` (and ``chain``, ``cross_downstream``) makes ``task`` downstream of: the finish.
 
-    def __rlshift__(self, other: Any) -> Any:
-        return other >> self.group
+        TaskGroup's own rule passes over a teardown leaf to the tasks before it (the copies, and the hold),
+        so a task after the group could start before the backup ended and its label was in XCom.
+        """
+        yield self.finish

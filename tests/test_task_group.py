@@ -1,0 +1,207 @@
+"""PostgresOnlineBackup composes like any TaskGroup: >>, <<, chain(), cross_downstream(), nesting, mapping.
+
+DAG structure only (no database, no task runs): what each operator makes upstream of what.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, TaskGroup, chain, cross_downstream, task_group
+
+from pg_safe_backup.task_group import PostgresOnlineBackup
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "provider" / "pg_safe_backup"
+HOLD, GATE, COPY, FINISH = "hold_backup_session", "wait_for_backup_mode", "copy", "finish_backup"
+
+
+def backup_group(group_id: str = "backup") -> PostgresOnlineBackup:
+    """A backup group with one copy task, made in the current DAG (and task group)."""
+    with PostgresOnlineBackup(group_id=group_id, postgres_conn_id="pg_main") as backup:
+        EmptyOperator(task_id=COPY)
+    return backup
+
+
+def upstream(dag: DAG, task_id: str) -> set[str]:
+    return dag.get_task(task_id).upstream_task_ids
+
+
+def test_the_group_is_a_task_group():
+    with DAG("is_a_group", schedule=None):
+        backup = backup_group()
+    assert isinstance(backup, TaskGroup)
+    assert set(backup.children) == {f"backup.{t}" for t in (HOLD, GATE, COPY, FINISH)}
+
+
+def test_start_rshift_backup_puts_start_upstream_of_the_hold_and_the_gate():
+    with DAG("rshift_in", schedule=None) as dag:
+        start = EmptyOperator(task_id="start")
+        start >> backup_group()
+    assert upstream(dag, f"backup.{HOLD}") == {"start"}
+    assert upstream(dag, f"backup.{GATE}") == {"start"}
+    assert upstream(dag, f"backup.{COPY}") == {f"backup.{GATE}"}
+
+
+def test_backup_lshift_start_puts_start_upstream_of_the_hold_and_the_gate():
+    with DAG("lshift_in", schedule=None) as dag:
+        start = EmptyOperator(task_id="start")
+        backup = backup_group()
+        backup << start
+    assert upstream(dag, f"backup.{HOLD}") == {"start"}
+    assert upstream(dag, f"backup.{GATE}") == {"start"}
+
+
+def test_backup_rshift_after_puts_after_downstream_of_the_finish_only():
+    """Not of the copy and the hold (Airflow's rule for a teardown leaf): after needs the label in XCom."""
+    with DAG("rshift_out", schedule=None) as dag:
+        after = EmptyOperator(task_id="after")
+        backup_group() >> after
+    assert upstream(dag, "after") == {f"backup.{FINISH}"}
+
+
+def test_after_lshift_backup_puts_after_downstream_of_the_finish_only():
+    with DAG("lshift_out", schedule=None) as dag:
+        after = EmptyOperator(task_id="after")
+        after << backup_group()
+    assert upstream(dag, "after") == {f"backup.{FINISH}"}
+
+
+def test_chain_runs_start_then_the_backup_then_after():
+    with DAG("chained", schedule=None) as dag:
+        chain(EmptyOperator(task_id="start"), backup_group(), EmptyOperator(task_id="after"))
+    assert upstream(dag, f"backup.{HOLD}") == {"start"}
+    assert upstream(dag, f"backup.{GATE}") == {"start"}
+    assert upstream(dag, "after") == {f"backup.{FINISH}"}
+
+
+def test_cross_downstream_into_the_backup_reaches_the_hold_and_the_gate():
+    with DAG("cross_in", schedule=None) as dag:
+        cross_downstream([EmptyOperator(task_id="a"), EmptyOperator(task_id="b")], [backup_group()])
+    assert upstream(dag, f"backup.{HOLD}") == {"a", "b"}
+    assert upstream(dag, f"backup.{GATE}") == {"a", "b"}
+
+
+def test_cross_downstream_out_of_the_backup_starts_from_the_finish():
+    with DAG("cross_out", schedule=None) as dag:
+        cross_downstream([backup_group()], [EmptyOperator(task_id="c"), EmptyOperator(task_id="d")])
+    assert upstream(dag, "c") == {f"backup.{FINISH}"}
+    assert upstream(dag, "d") == {f"backup.{FINISH}"}
+
+
+def test_two_backups_in_a_row_start_the_second_after_the_first_finished():
+    with DAG("in_a_row", schedule=None) as dag:
+        backup_group("east") >> backup_group("west")
+    assert upstream(dag, f"west.{HOLD}") == {f"east.{FINISH}"}
+    assert upstream(dag, f"west.{GATE}") == {f"east.{FINISH}"}
+
+
+def test_nested_in_a_task_group_and_holding_a_group_of_copies():
+    """The backup inside a parent group composes with its siblings; a group of copies inside the backup
+    runs behind the gate and before the finish."""
+    with DAG("nested", schedule=None) as dag:
+        with TaskGroup("nightly") as nightly:
+            start = EmptyOperator(task_id="start")
+            with PostgresOnlineBackup(group_id="backup", postgres_conn_id="pg_main") as backup:
+                with TaskGroup("copies"):
+                    EmptyOperator(task_id="base") >> EmptyOperator(task_id="tablespaces")
+            start >> backup >> EmptyOperator(task_id="after")
+        nightly >> EmptyOperator(task_id="report")
+    prefix = "nightly.backup"
+    assert backup.parent_group.group_id == "nightly"
+    assert dag.get_task(f"{prefix}.{HOLD}").backup_key == prefix
+    assert upstream(dag, f"{prefix}.{HOLD}") == {"nightly.start"}
+    assert upstream(dag, f"{prefix}.copies.base") == {f"{prefix}.{GATE}"}
+    assert upstream(dag, f"{prefix}.{FINISH}") == {f"{prefix}.{GATE}", f"{prefix}.copies.tablespaces"}
+    assert upstream(dag, "nightly.after") == {f"{prefix}.{FINISH}"}
+    assert "nightly.after" in upstream(dag, "report")
+
+
+def test_a_backup_inside_an_expanded_task_group_composes_per_map_index():
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    with DAG("mapped", schedule=None) as dag:
+        @task_group(group_id="clusters")
+        def one_cluster(conn_id: str):
+            start = EmptyOperator(task_id="start")
+            with PostgresOnlineBackup(group_id="backup", postgres_conn_id=conn_id) as backup:
+                EmptyOperator(task_id=COPY)
+            start >> backup >> EmptyOperator(task_id="after")
+
+        one_cluster.expand_kwargs([{"conn_id": "pg_a"}, {"conn_id": "pg_b"}]) >> EmptyOperator(task_id="report")
+    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    for parsed in (dag, restored):
+        assert upstream(parsed, f"clusters.backup.{HOLD}") == {"clusters.start"}
+        assert upstream(parsed, "clusters.after") == {f"clusters.backup.{FINISH}"}
+        assert "clusters.after" in upstream(parsed, "report")
+    assert dag.get_task(f"clusters.backup.{FINISH}").backup_key == "clusters.backup"
+
+
+def readme_dag_block() -> str:
+    """The first python block of the README's "A backup DAG" section."""
+    section = (ROOT / "README.md").read_text().split("\n## A backup DAG\n", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_dag_parses_and_stores_the_label_after_the_finish():
+    namespace: dict = {}
+    exec(compile(readme_dag_block(), "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    dag = namespace["backup"].dag
+    assert upstream(dag, "backup.copy") == {f"backup.{GATE}"}
+    assert upstream(dag, f"backup.{FINISH}") == {f"backup.{GATE}", "backup.copy"}
+    assert upstream(dag, "store_label") == {f"backup.{FINISH}"}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def package_imports(path: Path) -> set[str]:
+    """The pg_safe_backup modules ``path`` imports, typing-only imports included (the package imports
+    absolutely: a relative import fails here)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path.name}: relative import of {node.module}"
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("pg_safe_backup.")}
+
+
+def test_the_package_has_no_import_cycle_not_even_a_typing_only_one():
+    graph = {module_name(p): package_imports(p) for p in PACKAGE.rglob("*.py")}
+
+    def cycle_from(module: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
+        for imported in sorted(graph.get(module, ())):
+            if imported in path:
+                return (*path[path.index(imported):], imported)
+            found = cycle_from(imported, (*path, imported))
+            if found:
+                return found
+        return None
+
+    for module in sorted(graph):
+        assert cycle_from(module, (module,)) is None, f"import cycle: {' -> '.join(cycle_from(module, (module,)))}"
+
+
+def test_what_hold_gate_and_finish_share_lives_in_utils_mixins():
+    from pg_safe_backup.operators.backup import PostgresBackupHoldOperator, PostgresFinishBackupOperator
+    from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
+    from pg_safe_backup.utils.mixins import BackupTaskMixin
+
+    for cls in (PostgresBackupHoldOperator, PostgresBackupStartedSensor, PostgresFinishBackupOperator):
+        assert issubclass(cls, BackupTaskMixin)
+
+
+@pytest.mark.parametrize("module", ["utils.mixins", "operators.backup", "sensors.backup", "task_group"])
+def test_each_module_imports_on_its_own(module):
+    result = subprocess.run([sys.executable, "-c", f"import pg_safe_backup.{module}"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
