@@ -2,16 +2,16 @@
 
 Everything else calls it by intent (``claim``, ``request_done``, ``mark_failed``, ...).  The
 statements run on psycopg 3 async connections: the holder trigger needs one, and the operators
-reuse the same code through :func:`pg_safe_backup.hooks.backup.run_sync`.
+that do not defer run their trigger's wait with :func:`asyncio.run`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -23,8 +23,6 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from pg_safe_backup.state import (
     HOLDER_COLUMNS, TRANSITIONS, WITHDRAW_COLUMNS, ArchiveSettings, BackupRow, BackupState, Claim, decide_claim,
 )
-
-T = TypeVar("T")
 
 #: Marker stored as the table's comment once the schema below is in place (cheap re-check).
 SCHEMA_VERSION = "pg_safe_backup schema 3"
@@ -107,11 +105,6 @@ def _cannot_connect(conn_id: str, err: psycopg.OperationalError) -> BackupError:
     if (at := text.find("unsupported startup parameter")) >= 0:
         return _through_pooler(conn_id, f"it refused the login with {text[at:].strip()!r}")
     return BackupError(f"cannot connect to PostgreSQL through connection {conn_id!r}: {err}")
-
-
-def run_sync(factory: Callable[[], Awaitable[T]]) -> T:
-    """Run one of the hook's coroutines from synchronous operator code."""
-    return asyncio.run(factory())  # type: ignore[arg-type]
 
 
 async def _drain_notifies(conn: psycopg.AsyncConnection) -> bool:
@@ -446,9 +439,6 @@ class PostgresBackupHook(BaseHook):
             except asyncio.TimeoutError:
                 return
         await _drain_notifies(conn)  # consume it; raises if the server ended the session
-
-    async def server_version(self, conn: psycopg.AsyncConnection) -> int:
-        return conn.info.server_version
 
     # -- the holder's statements ---------------------------------------------------------------
 
