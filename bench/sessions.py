@@ -25,13 +25,12 @@ from typing import Any
 import psutil
 import psycopg
 
-from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster
-from pg_safe_backup.session import COMPLETE, finish_backup
-
 from bench.common import CONN_ID, STOP_FUNCS, ServerLog, prune_archive, say, summary, wait_archiver_idle
 from bench.holders import table_name
 from bench.instrument import TimedHook
+from pg_safe_backup.hooks.backup import PostgresBackupHook
+from pg_safe_backup.local_cluster import LocalCluster
+from pg_safe_backup.session import COMPLETE, finish_backup
 
 PREFIX = "bench_s_"
 HOLDER_APPS = "application_name LIKE 'pg_safe_backup%'"

@@ -38,7 +38,7 @@ def row(cluster: LocalCluster) -> dict:
     cols = ["state", "pid", "owner", "attempt", "label", "start_lsn", "stop_lsn", "timeline", "backup_label",
             "tablespace_map", "error"]
     found = cluster.sql(f"SELECT state::text, {', '.join(cols[1:])} FROM backup")
-    return dict(zip(cols, found[0])) if found else {}
+    return dict(zip(cols, found[0], strict=True)) if found else {}
 
 
 def session_alive(cluster: LocalCluster, pid: int) -> bool:

@@ -16,7 +16,14 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, as_server_user, free_port, give_to_server_user
+from pg_safe_backup.local_cluster import (
+    SERVER_USER,
+    LocalCluster,
+    as_server_user,
+    free_port,
+    give_to_server_user,
+)
+
 from pg_versions import select_major
 
 _BINARIES = select_major()
@@ -70,7 +77,7 @@ class PgBouncer:
         self.logfile = folder / "pgbouncer.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30) -> "PgBouncer":
+    def start(self, timeout: float = 30) -> PgBouncer:
         binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         if not os.path.exists(binary):
             raise RuntimeError("pgbouncer is not installed: run `make prereqs` (Debian package pgbouncer)")

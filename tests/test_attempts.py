@@ -14,7 +14,17 @@ from pg_safe_backup import session
 from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldView, hold_backup, wait_for_start
 
 from backup_helpers import (
-    ATTEMPT, OWNER, attempt_of, backup_starts, finish, gate, hand_over_row, req, row, session_alive, started,
+    ATTEMPT,
+    OWNER,
+    attempt_of,
+    backup_starts,
+    finish,
+    gate,
+    hand_over_row,
+    req,
+    row,
+    session_alive,
+    started,
 )
 
 RETRY = attempt_of(OWNER, 2)  # the next try of the same hold task: same owner, another attempt

@@ -12,12 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from airflow.sdk import ObjectStoragePath
 
 from demo.load import wait_archived
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import (
-    CRC_OFFSET, BadPgControl, CopyMismatch, check_copy, crc32c, format_lsn, newest_page, parse_lsn, read_pg_control,
+    CRC_OFFSET,
+    BadPgControl,
+    CopyMismatch,
+    check_copy,
+    crc32c,
+    format_lsn,
+    newest_page,
+    parse_lsn,
+    read_pg_control,
 )
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user

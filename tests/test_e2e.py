@@ -13,9 +13,10 @@ import pytest
 
 from demo.load import Writer, invariant_sql, wait_archived
 from demo.stack import AirflowStack
-from e2e_helpers import failure_report, holder_sessions, run_dag
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import verify_backup
+
+from e2e_helpers import failure_report, holder_sessions, run_dag
 
 pytestmark = pytest.mark.e2e
 

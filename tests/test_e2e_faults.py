@@ -166,7 +166,7 @@ def backup_row(cluster: LocalCluster) -> dict:
     cols = ("state", "error", "owner", "backup_label", "pid")
     rows = cluster.sql("SELECT state::text, error, owner, backup_label, pid FROM backup")
     assert len(rows) == 1, rows
-    return dict(zip(cols, rows[0]))
+    return dict(zip(cols, rows[0], strict=True))
 
 
 def assert_failed_cleanly(env: dict, dag_id: str, run_id: str, reason: str) -> dict:

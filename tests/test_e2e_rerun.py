@@ -81,7 +81,7 @@ def backup_row(cluster: LocalCluster) -> dict:
     cols = ("state", "owner", "attempt", "error", "backup_label", "system_identifier")
     rows = cluster.sql("SELECT state::text, owner, attempt, error, backup_label, system_identifier FROM backup")
     assert len(rows) == 1, rows
-    return dict(zip(cols, rows[0]))
+    return dict(zip(cols, rows[0], strict=True))
 
 
 def run(stack: AirflowStack, dag_id: str, run_id: str) -> tuple[str, dict[str, str]]:

@@ -16,9 +16,9 @@ from pg_safe_backup.local_cluster import LocalCluster, free_port
 from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_backup, wait_for_start
 from pg_safe_backup.state import parse_backup_label
 
-from conftest import CONN_ID, PASSWORD
 import backup_helpers
 from backup_helpers import attempt_of, hand_over_row
+from conftest import CONN_ID, PASSWORD
 
 OWNER = "nightly/run1/backup"
 NEXT = "nightly/run2/backup"

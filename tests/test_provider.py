@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from airflow.sdk import DAG
+
 from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG
 
 from pg_safe_backup.operators.backup import PostgresBackupHoldOperator, PostgresStoreBackupLabelOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pendulum
+
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
 

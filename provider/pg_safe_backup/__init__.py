@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+#: The package's one version: pyproject.toml reads it (setuptools dynamic version), and so does Airflow's
+#: provider metadata below.
 __version__ = "0.1.0"
+
+_INTEGRATION = "PostgreSQL safe online backup"
+
+
+
+def _modules(kind: str) -> list[dict]:
+    """The provider metadata's entry for one kind of module (operators, sensors, hooks, triggers)."""
+    return [{"integration-name": _INTEGRATION, "python-modules": [f"pg_safe_backup.{kind}.backup"]}]
 
 
 def get_provider_info() -> dict:
     """Provider metadata read by Airflow's ProvidersManager (entry point ``apache_airflow_provider``)."""
     return {
         "package-name": "airflow-provider-pg-safe-backup",
-        "name": "PostgreSQL safe online backup",
+        "name": _INTEGRATION,
         "description": "Non-exclusive online file-system backups of PostgreSQL: a deferrable holder keeps the"
         " backup session open while your tasks copy the data directory.",
         "versions": [__version__],
@@ -17,21 +27,13 @@ def get_provider_info() -> dict:
         "connection-types": [],
         "integrations": [
             {
-                "integration-name": "PostgreSQL safe online backup",
+                "integration-name": _INTEGRATION,
                 "external-doc-url": "https://www.postgresql.org/docs/current/continuous-archiving.html",
                 "tags": ["software"],
             }
         ],
-        "operators": [
-            {"integration-name": "PostgreSQL safe online backup", "python-modules": ["pg_safe_backup.operators.backup"]}
-        ],
-        "sensors": [
-            {"integration-name": "PostgreSQL safe online backup", "python-modules": ["pg_safe_backup.sensors.backup"]}
-        ],
-        "hooks": [
-            {"integration-name": "PostgreSQL safe online backup", "python-modules": ["pg_safe_backup.hooks.backup"]}
-        ],
-        "triggers": [
-            {"integration-name": "PostgreSQL safe online backup", "python-modules": ["pg_safe_backup.triggers.backup"]}
-        ],
+        "operators": _modules("operators"),
+        "sensors": _modules("sensors"),
+        "hooks": _modules("hooks"),
+        "triggers": _modules("triggers"),
     }

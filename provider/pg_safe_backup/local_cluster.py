@@ -69,7 +69,7 @@ class LocalCluster:
             timeout=timeout,
         )
 
-    def init(self, password: str | None = None, settings: dict[str, Any] | None = None) -> "LocalCluster":
+    def init(self, password: str | None = None, settings: dict[str, Any] | None = None) -> LocalCluster:
         """initdb with trust on the socket and scram on 127.0.0.1 (``password`` for ``postgres``)."""
         self.datadir.parent.mkdir(parents=True, exist_ok=True)
         give_to_server_user(self.datadir.parent)
@@ -97,7 +97,7 @@ class LocalCluster:
             for key, value in settings.items():
                 f.write(f"{key} = {value}\n")
 
-    def start(self, timeout: float = 60) -> "LocalCluster":
+    def start(self, timeout: float = 60) -> LocalCluster:
         try:
             self.run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o", f"-p {self.port}",
                      "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)

@@ -60,9 +60,21 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
-from pg_safe_backup.files.pgcontrol import CopyMismatch, PageLSN, check_copy, format_lsn, newest_page, parse_lsn
+from pg_safe_backup.files.pgcontrol import (
+    CopyMismatch,
+    PageLSN,
+    check_copy,
+    format_lsn,
+    newest_page,
+    parse_lsn,
+)
 from pg_safe_backup.local_cluster import (
-    SERVER_USER, LocalCluster, as_server_user, find_bindir, free_port, give_to_server_user,
+    SERVER_USER,
+    LocalCluster,
+    as_server_user,
+    find_bindir,
+    free_port,
+    give_to_server_user,
 )
 from pg_safe_backup.state import parse_backup_label
 

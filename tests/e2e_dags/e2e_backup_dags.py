@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pendulum
+
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, task
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pendulum
+
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
 

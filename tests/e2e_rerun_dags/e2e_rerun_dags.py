@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pendulum
+
 from airflow.sdk import DAG, TaskGroup, task, task_group
 
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator

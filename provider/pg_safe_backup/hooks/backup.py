@@ -2,16 +2,16 @@
 
 Everything else calls it by intent (``claim``, ``request_done``, ``mark_failed``, ...).  The
 statements run on psycopg 3 async connections: the holder trigger needs one, and the operators
-reuse the same code through :func:`pg_safe_backup.hooks.backup.run_sync`.
+that do not defer run their trigger's wait with :func:`asyncio.run`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -21,10 +21,15 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from pg_safe_backup.state import (
-    HOLDER_COLUMNS, TRANSITIONS, WITHDRAW_COLUMNS, ArchiveSettings, BackupRow, BackupState, Claim, decide_claim,
+    HOLDER_COLUMNS,
+    TRANSITIONS,
+    WITHDRAW_COLUMNS,
+    ArchiveSettings,
+    BackupRow,
+    BackupState,
+    Claim,
+    decide_claim,
 )
-
-T = TypeVar("T")
 
 #: Marker stored as the table's comment once the schema below is in place (cheap re-check).
 SCHEMA_VERSION = "pg_safe_backup schema 3"
@@ -109,9 +114,12 @@ def _cannot_connect(conn_id: str, err: psycopg.OperationalError) -> BackupError:
     return BackupError(f"cannot connect to PostgreSQL through connection {conn_id!r}: {err}")
 
 
-def run_sync(factory: Callable[[], Awaitable[T]]) -> T:
-    """Run one of the hook's coroutines from synchronous operator code."""
-    return asyncio.run(factory())  # type: ignore[arg-type]
+class _PostgresHookArguments(PostgresHook):
+    """PostgresHook's own mapping of an Airflow connection to libpq arguments, IAM tokens included:
+    :meth:`get_conn` returns the arguments instead of opening its (synchronous) connection."""
+
+    def _create_connection(self, conn_args: dict[str, Any]) -> Any:
+        return conn_args
 
 
 async def _drain_notifies(conn: psycopg.AsyncConnection) -> bool:
@@ -126,8 +134,8 @@ class PostgresBackupHook(BaseHook):
     """
     Talk to the cluster being backed up: the ``backup`` table and the backup functions.
 
-    :param postgres_conn_id: Airflow connection of type postgres (host, port, login, password,
-        schema = database, extra = libpq options such as sslmode).
+    :param postgres_conn_id: Airflow connection of type postgres, read as PostgresHook reads it (host,
+        port, login, password, schema = database, extra = libpq options such as sslmode, or ``iam``).
     :param database: database to connect to instead of the connection's schema.
     :param table: name of the backup state table (created on first use).
     :param schema: schema of the backup state table.
@@ -170,25 +178,31 @@ class PostgresBackupHook(BaseHook):
     # -- connections -------------------------------------------------------------------------
 
     async def connection_kwargs(self, conn_id: str) -> dict[str, Any]:
-        """libpq keyword arguments from the Airflow connection (as PostgresHook maps them)."""
+        """libpq keyword arguments for ``conn_id``: PostgresHook's (host, port, login, password, schema,
+        extras; an IAM token instead of the password when the extra ``iam`` is set), plus our session's
+        defaults (application_name, keepalives, connect_timeout) and the pinned search_path."""
+        param = "postgres_conn_id" if conn_id == self.postgres_conn_id else "state_conn_id"
         try:
-            conn = await self.aget_connection(conn_id)
+            conn = await self.aget_connection(conn_id)  # async: safe in the triggerer's event loop
         except AirflowNotFoundException as err:
-            param = "postgres_conn_id" if conn_id == self.postgres_conn_id else "state_conn_id"
-            raise BackupError(f"{param} {conn_id!r}: no such Airflow connection; create it (type postgres)") from err
-        kwargs: dict[str, Any] = {
-            "host": conn.host,
-            "port": conn.port,
-            "user": conn.login,
-            "password": conn.password,
-            "dbname": self.database or conn.schema,
-        }
-        for key, value in conn.extra_dejson.items():
-            if key not in PostgresHook.ignored_extra_options:
-                kwargs[key] = value
+            raise BackupError(
+                f"{param} {conn_id!r}: no such Airflow connection; create it (type postgres)"
+            ) from err
+        postgres = _PostgresHookArguments(postgres_conn_id=conn_id, connection=conn, database=self.database)
+        try:
+            # Synchronous: an IAM token is a call to AWS or Azure (and a look-up of their connection).
+            kwargs: dict[str, Any] = await asyncio.to_thread(postgres.get_conn)
+        except Exception as err:
+            raise BackupError(
+                f"{param} {conn_id!r}: PostgresHook cannot make its connection arguments: {err}"
+            ) from err
+        kwargs.pop("row_factory", None)  # the extra "cursor": our statements read plain tuples
+        kwargs.pop("cursor_factory", None)
         kwargs.setdefault("application_name", "pg_safe_backup")
+        kwargs.setdefault("connect_timeout", 10)
         # Pinned from the first statement on (libpq's options; a later -c wins over the connection's own).
-        kwargs["options"] = f"{kwargs.get('options') or ''} -c search_path={SEARCH_PATH.replace(' ', '')}".strip()
+        pinned = f"-c search_path={SEARCH_PATH.replace(' ', '')}"
+        kwargs["options"] = f"{kwargs.get('options') or ''} {pinned}".strip()
         # A dropped network must end a held session within seconds, not at the next TCP timeout.
         for key, value in (("keepalives", 1), ("keepalives_idle", 10), ("keepalives_interval", 5),
                            ("keepalives_count", 3)):
@@ -204,7 +218,7 @@ class PostgresBackupHook(BaseHook):
         if purpose:
             kwargs["application_name"] = f"pg_safe_backup {purpose}"[:63]
         try:
-            conn = await psycopg.AsyncConnection.connect(autocommit=True, connect_timeout=10, **kwargs)
+            conn = await psycopg.AsyncConnection.connect(autocommit=True, **kwargs)
         except psycopg.OperationalError as err:
             raise _cannot_connect(conn_id, err) from err
         try:
@@ -446,9 +460,6 @@ class PostgresBackupHook(BaseHook):
             except asyncio.TimeoutError:
                 return
         await _drain_notifies(conn)  # consume it; raises if the server ended the session
-
-    async def server_version(self, conn: psycopg.AsyncConnection) -> int:
-        return conn.info.server_version
 
     # -- the holder's statements ---------------------------------------------------------------
 
