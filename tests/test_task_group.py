@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, TaskGroup, chain, cross_downstream, task_group
 
@@ -134,7 +135,8 @@ def test_a_backup_inside_an_expanded_task_group_composes_per_map_index():
                 EmptyOperator(task_id=COPY)
             start >> backup >> EmptyOperator(task_id="after")
 
-        one_cluster.expand_kwargs([{"conn_id": "pg_a"}, {"conn_id": "pg_b"}]) >> EmptyOperator(task_id="report")
+        mapped = one_cluster.expand_kwargs([{"conn_id": "pg_a"}, {"conn_id": "pg_b"}])
+        mapped >> EmptyOperator(task_id="report")
     restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
     for parsed in (dag, restored):
         assert upstream(parsed, f"clusters.backup.{HOLD}") == {"clusters.start"}
@@ -188,7 +190,8 @@ def test_the_package_has_no_import_cycle_not_even_a_typing_only_one():
         return None
 
     for module in sorted(graph):
-        assert cycle_from(module, (module,)) is None, f"import cycle: {' -> '.join(cycle_from(module, (module,)))}"
+        cycle = cycle_from(module, (module,))
+        assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 
 def test_what_hold_gate_and_finish_share_lives_in_utils_mixins():
@@ -202,6 +205,6 @@ def test_what_hold_gate_and_finish_share_lives_in_utils_mixins():
 
 @pytest.mark.parametrize("module", ["utils.mixins", "operators.backup", "sensors.backup", "task_group"])
 def test_each_module_imports_on_its_own(module):
-    result = subprocess.run([sys.executable, "-c", f"import pg_safe_backup.{module}"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", f"import pg_safe_backup.{module}"], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -1,7 +1,8 @@
 """What the hold, the gate and the finish share: which backup table, which backup of the run, how to wait.
 
-Below ``operators/`` and ``sensors/``, which both import it from here (as amazon's ``utils/mixins.py``), so the
-sensor does not import the operators' module, nor the operators' module the task group.
+Below ``operators/`` and ``sensors/``, which both import it from here (as amazon's
+``utils/mixins.py``), so the sensor does not import the operators' module, nor the operators' module
+the task group.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class BackupTaskMixin:
         deferrable: bool,
     ) -> None:
         self.postgres_conn_id = _text_or_template(postgres_conn_id, "postgres_conn_id")
-        self.state_conn_id = state_conn_id if state_conn_id is None else _text_or_template(state_conn_id, "state_conn_id")
+        self.state_conn_id = (
+            state_conn_id if state_conn_id is None else _text_or_template(state_conn_id, "state_conn_id")
+        )
         self.database = database if database is None else _text_or_template(database, "database")
         self.table = validate_identifier(table, "table")
         self.table_schema = validate_identifier(table_schema, "table_schema")
