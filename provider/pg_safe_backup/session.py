@@ -325,7 +325,7 @@ async def _backup_mode(
 ) -> dict[str, Any]:
     """Backup mode from start to stop in ``bconn`` (state in ``conn``); returns the complete event, or
     a failed one saying why it must end (:func:`_run_backup` records that and ends backup mode)."""
-    my_pid = await hook.backend_pid(conn)  # the server's; a pooler's announced key would never match
+    my_pid = conn.info.backend_pid  # the server's: connect() refused a session where it is a pooler's key
     log.info("starting backup %r (fast checkpoint: %s)", req.label, req.fast_checkpoint)
     notices.keep()
     try:
