@@ -39,6 +39,7 @@ test-matrix: prereqs venv
 # ruff, configured in pyproject.toml (Airflow's line length, 110).
 lint: venv
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The sdist and wheel in dist/, checked as PyPI would (metadata, README rendering).
 dist: venv

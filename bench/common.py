@@ -34,6 +34,7 @@ def say(text: str) -> None:
 
 # -- statistics -----------------------------------------------------------------------------------
 
+
 def quantile(values: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default)."""
     if not values:
@@ -46,16 +47,25 @@ def quantile(values: list[float], q: float) -> float | None:
 
 def summary(values: list[float], digits: int = 1) -> dict[str, Any]:
     """n, median, p95, min, max of a sample (rounded)."""
+
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, digits)
-    return {"n": len(values), "median": r(quantile(values, 0.5)), "p95": r(quantile(values, 0.95)),
-            "min": r(min(values) if values else None), "max": r(max(values) if values else None)}
+
+    return {
+        "n": len(values),
+        "median": r(quantile(values, 0.5)),
+        "p95": r(quantile(values, 0.95)),
+        "min": r(min(values) if values else None),
+        "max": r(max(values) if values else None),
+    }
 
 
 # -- the server log -------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC \[(\d+)\] LOG:  duration: ([0-9.]+) ms  "
-                       r"(?:statement|(?:parse|bind|execute) [^:]*): (.*)$")
+_DURATION = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC \[(\d+)\] LOG:  duration: ([0-9.]+) ms  "
+    r"(?:statement|(?:parse|bind|execute) [^:]*): (.*)$"
+)
 _CHECKPOINT = re.compile(r"\[(\d+)\] LOG:  checkpoint complete: .*total=([0-9.]+) s")
 
 STOP_FUNCS = ("pg_backup_stop(", "pg_stop_backup(")
@@ -92,7 +102,9 @@ class LogSlice:
         found = [at for stmt, _, at in self.statements.get(pid, []) if text in stmt]
         return found[-1] if found else None
 
-    def handoff_steps(self, finisher_pid: int, holder_pid: int, called: float, returned: float) -> dict[str, float]:
+    def handoff_steps(
+        self, finisher_pid: int, holder_pid: int, called: float, returned: float
+    ) -> dict[str, float]:
         """The hand-off on the server's clock (ms): finish called -> 'done' committed -> (NOTIFY, holder
         wakes, re-reads) -> pg_backup_stop begins ... ends -> (label stored, finish woken) -> finish returns.
         ``called``/``returned`` are time.time() of this machine, the server's clock too."""
@@ -102,9 +114,11 @@ class LogSlice:
         if done is None or stop_end is None or stop_ms is None:
             return {}
         stop_begin = stop_end - stop_ms / 1000
-        return {"finish_called_to_done_committed": (done - called) * 1000,
-                "done_committed_to_stop_begins": (stop_begin - done) * 1000,
-                "stop_ends_to_finish_returned": (returned - stop_end) * 1000}
+        return {
+            "finish_called_to_done_committed": (done - called) * 1000,
+            "done_committed_to_stop_begins": (stop_begin - done) * 1000,
+            "stop_ends_to_finish_returned": (returned - stop_end) * 1000,
+        }
 
     def statement_count(self, pids: set[int] | None = None) -> int:
         return sum(len(v) for pid, v in self.statements.items() if pids is None or pid in pids)
@@ -119,7 +133,9 @@ class ServerLog:
     def offset(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
 
-    def since(self, offset: int, pid: int | None = None, funcs: tuple[str, ...] = (), timeout: float = 5) -> LogSlice:
+    def since(
+        self, offset: int, pid: int | None = None, funcs: tuple[str, ...] = (), timeout: float = 5
+    ) -> LogSlice:
         """The log from ``offset``; waits (briefly) until ``pid``'s ``funcs`` statement is in it."""
         deadline = time.monotonic() + timeout
         while True:
@@ -132,6 +148,7 @@ class ServerLog:
 
 
 # -- clusters -------------------------------------------------------------------------------------
+
 
 def prepare_workdir(work: Path) -> None:
     """A fresh work folder the postgres OS user can enter (stopping servers a killed run left)."""
@@ -156,15 +173,20 @@ def archive_settings(archive: Path) -> dict[str, Any]:
 def make_small_cluster(work: Path, max_connections: int) -> tuple[LocalCluster, Path]:
     """A small cluster with WAL archiving and statement/checkpoint logging, reachable as CONN_ID."""
     archive = make_archive(work / "small_wal_archive")
-    cluster = LocalCluster(work / "small" / "data").init(password=PASSWORD, settings={
-        **archive_settings(archive),
-        "max_connections": max_connections,
-        "log_min_duration_statement": 0,
-        "log_checkpoints": "on",
-        "log_line_prefix": LOG_PREFIX, "log_timezone": "'UTC'",
-        # The default 1GB lets the ~2 WAL switches of every backup pile up segments to recycle.
-        "max_wal_size": "'256MB'", "min_wal_size": "'32MB'",
-    })
+    cluster = LocalCluster(work / "small" / "data").init(
+        password=PASSWORD,
+        settings={
+            **archive_settings(archive),
+            "max_connections": max_connections,
+            "log_min_duration_statement": 0,
+            "log_checkpoints": "on",
+            "log_line_prefix": LOG_PREFIX,
+            "log_timezone": "'UTC'",
+            # The default 1GB lets the ~2 WAL switches of every backup pile up segments to recycle.
+            "max_wal_size": "'256MB'",
+            "min_wal_size": "'32MB'",
+        },
+    )
     cluster.start()
     os.environ[f"AIRFLOW_CONN_{CONN_ID.upper()}"] = cluster.airflow_conn_uri(password=PASSWORD)
     return cluster, archive
@@ -188,25 +210,35 @@ def wait_archiver_idle(cluster: LocalCluster, archive: Path, timeout: float = 60
     while archiver_backlog(cluster):
         prune_archive(archive)
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the archiver still has {archiver_backlog(cluster)} WAL files to copy after {timeout:g}s")
+            raise RuntimeError(
+                f"the archiver still has {archiver_backlog(cluster)} WAL files to copy after {timeout:g}s"
+            )
         time.sleep(0.2)
     prune_archive(archive)
 
 
 # -- the machine ----------------------------------------------------------------------------------
 
+
 def machine_info(work: Path) -> dict[str, Any]:
     cpu_model = ""
     try:
-        cpu_model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                         if ln.startswith("model name"))
+        cpu_model = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     from pg_safe_backup.local_cluster import find_bindir
-    pg = subprocess.run([str(find_bindir() / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
+
+    pg = subprocess.run(
+        [str(find_bindir() / "postgres"), "--version"], capture_output=True, text=True
+    ).stdout.strip()
     import psycopg
 
     import airflow
+
     return {
         "cores": os.cpu_count(),
         "cpu_model": cpu_model,

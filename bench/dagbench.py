@@ -44,20 +44,44 @@ def check_disk(work: Path, data_bytes: float, what: str) -> None:
         raise DiskSpaceError(
             f"not enough free disk in {work}: {free / 2**30:.1f} GB free, but {what} needs 3 x"
             f" {data_bytes / 2**30:.1f} GB (the data directory, one copy at a time, WAL and headroom)."
-            " Free some space, use a smaller BENCH_SCALE, or point BENCH_WORKDIR elsewhere.")
+            " Free some space, use a smaller BENCH_SCALE, or point BENCH_WORKDIR elsewhere."
+        )
 
 
 def make_big_cluster(work: Path, scale: int) -> tuple[LocalCluster, Path]:
-    check_disk(work, scale * MB_PER_SCALE * 2**20, f"pgbench scale {scale} (~{scale * MB_PER_SCALE / 1024:.1f} GB)")
+    check_disk(
+        work, scale * MB_PER_SCALE * 2**20, f"pgbench scale {scale} (~{scale * MB_PER_SCALE / 1024:.1f} GB)"
+    )
     archive = make_archive(work / "big_wal_archive")
-    cluster = LocalCluster(work / "big" / "data").init(password=PASSWORD, settings={
-        "wal_level": "minimal", "max_wal_senders": 0, "archive_mode": "off",
-        "max_wal_size": "'2GB'", "shared_buffers": "'256MB'", "log_checkpoints": "on"})
+    cluster = LocalCluster(work / "big" / "data").init(
+        password=PASSWORD,
+        settings={
+            "wal_level": "minimal",
+            "max_wal_senders": 0,
+            "archive_mode": "off",
+            "max_wal_size": "'2GB'",
+            "shared_buffers": "'256MB'",
+            "log_checkpoints": "on",
+        },
+    )
     cluster.start()
     say(f"  pgbench -i -s {scale} (this takes a while)")
     t0 = time.monotonic()
-    cluster.run("pgbench", "-i", "-q", "-s", str(scale), "-h", str(cluster.socket_dir), "-p", str(cluster.port),
-                "-U", "postgres", "postgres", timeout=7200)
+    cluster.run(
+        "pgbench",
+        "-i",
+        "-q",
+        "-s",
+        str(scale),
+        "-h",
+        str(cluster.socket_dir),
+        "-p",
+        str(cluster.port),
+        "-U",
+        "postgres",
+        "postgres",
+        timeout=7200,
+    )
     say(f"  loaded in {time.monotonic() - t0:.0f} s")
     cluster.stop()
     cluster.configure({"wal_level": "replica", "max_wal_senders": 4, **archive_settings(archive)})
@@ -79,7 +103,9 @@ def parse_time_line(text: str) -> dict[str, float] | None:
 def timed_cp(src: Path, dst: Path) -> tuple[float, dict[str, float] | None]:
     """The DAG's copy command run on its own: (wall seconds, bash's time report)."""
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", "-c", f"{TIMED}cp -a {src} {dst}"], check=True, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", "-c", f"{TIMED}cp -a {src} {dst}"], check=True, capture_output=True, text=True
+    )
     return time.monotonic() - t0, parse_time_line(proc.stderr)
 
 
@@ -107,11 +133,15 @@ def task_timeline(stack: AirflowStack, run_id: str) -> dict[str, Any]:
     run = stack._api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{q(run_id)}")
     tis = stack._get_all(f"/api/v2/dags/{DAG_ID}/dagRuns/{q(run_id)}/taskInstances", "task_instances")
     t0 = _ts(run.get("start_date"))
-    out: dict[str, Any] = {"run_s": round(_ts(run["end_date"]) - t0, 1) if run.get("end_date") and t0 else None}
+    out: dict[str, Any] = {
+        "run_s": round(_ts(run["end_date"]) - t0, 1) if run.get("end_date") and t0 else None
+    }
     for ti in sorted(tis, key=lambda t: t.get("start_date") or ""):
         s, e = _ts(ti.get("start_date")), _ts(ti.get("end_date"))
-        out[ti["task_id"]] = {"start": round(s - t0, 1) if s and t0 else None,
-                              "end": round(e - t0, 1) if e and t0 else None}
+        out[ti["task_id"]] = {
+            "start": round(s - t0, 1) if s and t0 else None,
+            "end": round(e - t0, 1) if e and t0 else None,
+        }
     return out
 
 
@@ -147,14 +177,21 @@ def run(work: Path, scale: int, runs: int, profile: bool = False) -> dict[str, A
         check_disk(work, data_bytes, f"the {data_bytes / 2**30:.1f} GB data directory")
         copies.mkdir()
         say(f"  data directory: {data_bytes / 2**30:.2f} GB; starting Airflow")
-        stack = AirflowStack(work / "airflow", ROOT / "bench" / "dags", extra_env={
-            "AIRFLOW_CONN_BENCH_PG": cluster.airflow_conn_uri(password=PASSWORD),
-            "BENCH_PGDATA": str(cluster.datadir), "BENCH_BACKUP_ROOT": str(copies)})
+        stack = AirflowStack(
+            work / "airflow",
+            ROOT / "bench" / "dags",
+            extra_env={
+                "AIRFLOW_CONN_BENCH_PG": cluster.airflow_conn_uri(password=PASSWORD),
+                "BENCH_PGDATA": str(cluster.datadir),
+                "BENCH_BACKUP_ROOT": str(copies),
+            },
+        )
         stack.start(timeout=300, expect_dag_ids=[DAG_ID])
 
         def dag_run(run_id: str) -> float:
             """Trigger -> success in seconds: from just before the trigger request to the run's end_date
-            (Airflow's clock, this machine's), so that waiting here polls the API server only once a second."""
+            (Airflow's clock, this machine's), so that waiting here polls the API server only once a
+            second."""
             t0 = time.time()
             stack.trigger(DAG_ID, run_id=run_id)
             state = stack.wait_for_run(DAG_ID, run_id, timeout=3600, poll_interval=1.0)
@@ -164,7 +201,9 @@ def run(work: Path, scale: int, runs: int, profile: bool = False) -> dict[str, A
             if state != "success" or not label.is_file():
                 tasks = stack.task_states(DAG_ID, run_id)
                 logs = "\n".join(stack.task_log(DAG_ID, run_id, t)[-2000:] for t in tasks)
-                raise RuntimeError(f"DAG run {run_id} ended {state} (label stored: {label.is_file()}): {tasks}\n{logs}")
+                raise RuntimeError(
+                    f"DAG run {run_id} ended {state} (label stored: {label.is_file()}): {tasks}\n{logs}"
+                )
             timelines[run_id] = task_timeline(stack, run_id)
             timelines[run_id]["cp_in_task"] = copy_command_times(stack, run_id)
             timelines[run_id]["holder_event_delay_s"] = holder_event_delay(stack, run_id)
@@ -189,27 +228,45 @@ def run(work: Path, scale: int, runs: int, profile: bool = False) -> dict[str, A
         profile_summary = None
         if profile:
             from bench.profile import record_during
-            say("  profiling one more DAG run (py-spy on the scheduler and its task processes, and the triggerer)")
+
+            say(
+                "  profiling one more DAG run (py-spy on the scheduler and its task processes, and the "
+                "triggerer)"
+            )
             pids = stack.pids()
             profile_summary = record_during(
-                {"scheduler+tasks": pids["scheduler"], "triggerer": pids["triggerer"]}, max(dag) * 1.5 + 10,
-                lambda: dag_run("bench_profiled"), work)
+                {"scheduler+tasks": pids["scheduler"], "triggerer": pids["triggerer"]},
+                max(dag) * 1.5 + 10,
+                lambda: dag_run("bench_profiled"),
+                work,
+            )
         cp_in_dag = [timelines[f"bench_{k}"]["cp_in_task"] for k in range(1, runs + 1)]
         raw_m, dag_m = quantile(raw, 0.5), quantile(dag, 0.5)
         cp_m = quantile([c["elapsed"] for c in cp_in_dag if c], 0.5)
         return {
-            "dag_wall_s": round(dag_m, 1), "raw_copy_s": round(raw_m, 1),
+            "dag_wall_s": round(dag_m, 1),
+            "raw_copy_s": round(raw_m, 1),
             "dag_target_s": round(raw_m * 1.05 + 10, 1),
             "cp_inside_dag_s": None if cp_m is None else round(cp_m, 1),
-            "dag_minus_its_own_cp_s": None if cp_m is None else round(quantile(
-                [d - c["elapsed"] for d, c in zip(dag, cp_in_dag, strict=True) if c], 0.5), 1),
-            "detail": {"scale": scale, "data_gb": round(data_bytes / 2**30, 2), "runs": runs,
-                       "raw_copy_s_each": [round(x, 1) for x in raw], "dag_wall_s_each": [round(x, 1) for x in dag],
-                       "dag_cold_wall_s": round(cold, 1), "cp_inside_dag_each": cp_in_dag, "raw_cp_each": raw_reports,
-                       "load_avg_at_start": load_at_start,
-                       "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
-                       "task_timelines_s": timelines,
-                       "profile": profile_summary},
+            "dag_minus_its_own_cp_s": None
+            if cp_m is None
+            else round(
+                quantile([d - c["elapsed"] for d, c in zip(dag, cp_in_dag, strict=True) if c], 0.5), 1
+            ),
+            "detail": {
+                "scale": scale,
+                "data_gb": round(data_bytes / 2**30, 2),
+                "runs": runs,
+                "raw_copy_s_each": [round(x, 1) for x in raw],
+                "dag_wall_s_each": [round(x, 1) for x in dag],
+                "dag_cold_wall_s": round(cold, 1),
+                "cp_inside_dag_each": cp_in_dag,
+                "raw_cp_each": raw_reports,
+                "load_avg_at_start": load_at_start,
+                "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+                "task_timelines_s": timelines,
+                "profile": profile_summary,
+            },
         }
     finally:
         if stack:

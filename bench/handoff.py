@@ -46,8 +46,14 @@ def ms(a: float, b: float) -> float:
 async def our_cycle(i: int, log: ServerLog, poll: float) -> dict[str, Any]:
     owner = f"bench/handoff_{i:04d}/backup"
     holder_hook, gate_hook, finish_hook = (TimedHook(CONN_ID, table=TABLE) for _ in range(3))
-    req = HoldRequest(owner=owner, attempt=f"{owner}#try1", label=f"bench {owner}", fast_checkpoint=True,
-                      wait_for_archive=True, poll_interval=poll)
+    req = HoldRequest(
+        owner=owner,
+        attempt=f"{owner}#try1",
+        label=f"bench {owner}",
+        fast_checkpoint=True,
+        wait_for_archive=True,
+        poll_interval=poll,
+    )
     offset = log.offset()
     t0 = time.perf_counter()
     holder = asyncio.create_task(hold_backup(holder_hook, req))
@@ -58,12 +64,15 @@ async def our_cycle(i: int, log: ServerLog, poll: float) -> dict[str, Any]:
         raise BenchError(f"cycle {i}: the gate did not open: {gate['message']}")
     await asyncio.sleep(random.uniform(0.05, 0.25))  # the copy
     t_fin0, wall0 = time.perf_counter(), time.time()
-    done = await asyncio.wait_for(finish_backup(
-        finish_hook, req.attempt, gate["backup"]["start_lsn"], poll_interval=poll), 120)
+    done = await asyncio.wait_for(
+        finish_backup(finish_hook, req.attempt, gate["backup"]["start_lsn"], poll_interval=poll), 120
+    )
     t_fin1, wall1 = time.perf_counter(), time.time()
     held = await asyncio.wait_for(holder, 60)
     if done["status"] != COMPLETE or held["status"] != COMPLETE or not done["backup"]["backup_label"]:
-        raise BenchError(f"cycle {i}: backup not complete: finish {done['message']!r}, holder {held['message']!r}")
+        raise BenchError(
+            f"cycle {i}: backup not complete: finish {done['message']!r}, holder {held['message']!r}"
+        )
     start, stop = holder_hook.first("start_backup"), holder_hook.first("stop_backup")
     pid = start[2]
     sl = log.since(offset, pid, STOP_FUNCS)
@@ -90,9 +99,17 @@ async def our_cycle(i: int, log: ServerLog, poll: float) -> dict[str, Any]:
 
 # -- the reference: the old scripts' 5-second poll loops --------------------------------------------
 
+
 def ref_conninfo(cluster: LocalCluster) -> dict[str, Any]:
-    return {"host": "127.0.0.1", "port": cluster.port, "user": "postgres", "password": PASSWORD,
-            "dbname": "postgres", "autocommit": True, "application_name": "bench poll reference"}
+    return {
+        "host": "127.0.0.1",
+        "port": cluster.port,
+        "user": "postgres",
+        "password": PASSWORD,
+        "dbname": "postgres",
+        "autocommit": True,
+        "application_name": "bench poll reference",
+    }
 
 
 async def ref_setup(kw: dict[str, Any]) -> None:
@@ -100,9 +117,13 @@ async def ref_setup(kw: dict[str, Any]) -> None:
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {REF_SCHEMA}")
         await conn.execute(f"DROP TABLE IF EXISTS {REF_SCHEMA}.backup")
         await conn.execute(f"DROP TYPE IF EXISTS {REF_SCHEMA}.backup_state")
-        await conn.execute(f"CREATE TYPE {REF_SCHEMA}.backup_state AS ENUM ('running', 'done', 'complete', 'failed')")
-        await conn.execute(f"CREATE TABLE {REF_SCHEMA}.backup (id integer PRIMARY KEY, state {REF_SCHEMA}.backup_state,"
-                           " pid integer, backup_label text, tablespace_map text)")
+        await conn.execute(
+            f"CREATE TYPE {REF_SCHEMA}.backup_state AS ENUM ('running', 'done', 'complete', 'failed')"
+        )
+        await conn.execute(
+            f"CREATE TABLE {REF_SCHEMA}.backup (id integer PRIMARY KEY, state {REF_SCHEMA}.backup_state,"
+            " pid integer, backup_label text, tablespace_map text)"
+        )
         await conn.execute(f"INSERT INTO {REF_SCHEMA}.backup VALUES (1, 'complete', NULL, NULL, NULL)")
 
 
@@ -115,15 +136,19 @@ async def ref_holder(kw: dict[str, Any], label: str, poll: float, marks: dict[st
     async with await psycopg.AsyncConnection.connect(**kw) as conn:
         marks["pid"] = conn.info.backend_pid
         await conn.execute("SELECT pg_backup_start(%s, true)", [label])
-        await conn.execute(f"UPDATE {REF_SCHEMA}.backup SET state = 'running', pid = pg_backend_pid(), backup_label = NULL")
+        await conn.execute(
+            f"UPDATE {REF_SCHEMA}.backup SET state = 'running', pid = pg_backend_pid(), backup_label = NULL"
+        )
         while await _state(conn) != "done":
             await asyncio.sleep(poll)
         marks["stop_call"] = time.perf_counter()
         cur = await conn.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)")
         _, labelfile, spcmap = await cur.fetchone()
         marks["stop_return"] = time.perf_counter()
-        await conn.execute(f"UPDATE {REF_SCHEMA}.backup SET state = 'complete', backup_label = %s, tablespace_map = %s",
-                           [labelfile, spcmap or None])
+        await conn.execute(
+            f"UPDATE {REF_SCHEMA}.backup SET state = 'complete', backup_label = %s, tablespace_map = %s",
+            [labelfile, spcmap or None],
+        )
 
 
 async def ref_wait(kw: dict[str, Any], want: str, poll: float, set_done: bool = False) -> str:
@@ -166,9 +191,12 @@ async def ref_cycle(i: int, kw: dict[str, Any], log: ServerLog, poll: float) -> 
 
 # -- the phase ------------------------------------------------------------------------------------------
 
+
 def overheads(cycles: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
     hand = [c["handoff_total_ms"] - c["stop_server_ms"] for c in cycles if c["stop_server_ms"] is not None]
-    start = [c["start_total_ms"] - c["start_server_ms"] for c in cycles if c.get("start_server_ms") is not None]
+    start = [
+        c["start_total_ms"] - c["start_server_ms"] for c in cycles if c.get("start_server_ms") is not None
+    ]
     return hand, start
 
 
@@ -176,8 +204,15 @@ def col(cycles: list[dict[str, Any]], key: str) -> list[float]:
     return [c[key] for c in cycles if c.get(key) is not None]
 
 
-def run(cluster: LocalCluster, archive: Path, cycles: int, ref_cycles: int, poll: float = 5.0,
-        ref_poll: float = 5.0, warmup: int = 2) -> dict[str, Any]:
+def run(
+    cluster: LocalCluster,
+    archive: Path,
+    cycles: int,
+    ref_cycles: int,
+    poll: float = 5.0,
+    ref_poll: float = 5.0,
+    warmup: int = 2,
+) -> dict[str, Any]:
     log = ServerLog(cluster.logfile)
 
     async def ours() -> list[dict[str, Any]]:
@@ -201,8 +236,11 @@ def run(cluster: LocalCluster, archive: Path, cycles: int, ref_cycles: int, poll
             say(f"  reference {i + 1}/{ref_cycles}: hand-off {out[-1]['handoff_total_ms']:.0f} ms")
         return out
 
-    say(f"hand-off and start latency: {cycles} backups (+{warmup} warm-up), fast checkpoint, wait_for_archive,"
-        f" poll_interval={poll:g}s")
+    say(
+        f"hand-off and start latency: {cycles} backups (+{warmup} warm-up), fast checkpoint, "
+        "wait_for_archive,"
+        f" poll_interval={poll:g}s"
+    )
     mine = asyncio.run(ours())
     say(f"reference: {ref_cycles} backups driven by {ref_poll:g}-second poll loops")
     ref = asyncio.run(reference())
@@ -220,7 +258,10 @@ def run(cluster: LocalCluster, archive: Path, cycles: int, ref_cycles: int, poll
         "checkpoint_ms_median": summary(col(mine, "checkpoint_ms"))["median"],
         "pg_backup_start_ms_median": summary(col(mine, "start_server_ms"))["median"],
         "detail": {
-            "backups": cycles, "reference_backups": ref_cycles, "poll_interval_s": poll, "reference_poll_s": ref_poll,
+            "backups": cycles,
+            "reference_backups": ref_cycles,
+            "poll_interval_s": poll,
+            "reference_poll_s": ref_poll,
             "server_time_missing_in_log": missing,
             "handoff_overhead_ms": summary(hand),
             "handoff_total_ms": summary(col(mine, "handoff_total_ms")),
@@ -233,8 +274,12 @@ def run(cluster: LocalCluster, archive: Path, cycles: int, ref_cycles: int, poll
             },
             "handoff_steps_server_clock_ms": {
                 k: summary(col(mine, f"log_{k}_ms"))
-                for k in ("finish_called_to_done_committed", "done_committed_to_stop_begins",
-                          "stop_ends_to_finish_returned")},
+                for k in (
+                    "finish_called_to_done_committed",
+                    "done_committed_to_stop_begins",
+                    "stop_ends_to_finish_returned",
+                )
+            },
             "start_overhead_ms": summary(start),
             "start_total_ms": summary(col(mine, "start_total_ms")),
             "pg_backup_start_server_ms": summary(col(mine, "start_server_ms")),

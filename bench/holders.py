@@ -44,7 +44,7 @@ def use_psycopg_notifies() -> None:
 
 async def main(args: argparse.Namespace) -> None:
     from pg_safe_backup.hooks.backup import PostgresBackupHook
-    from pg_safe_backup.triggers.backup import BackupHolderTrigger
+    from pg_safe_backup.triggers.backup import PostgresHoldBackupTrigger
 
     if args.psycopg_notifies:
         use_psycopg_notifies()
@@ -64,16 +64,26 @@ async def main(args: argparse.Namespace) -> None:
 
     async def run_one(i: int) -> None:
         owner = f"{args.owner_prefix}/{i}"
-        trigger = BackupHolderTrigger(
+        trigger = PostgresHoldBackupTrigger(
             {"postgres_conn_id": args.conn_id, "table": table_name(args.prefix, i)},
-            request={"owner": owner, "attempt": owner, "label": f"bench {owner}", "fast_checkpoint": True,
-                     "wait_for_archive": True, "poll_interval": args.poll},
+            request={
+                "owner": owner,
+                "attempt": owner,
+                "label": f"bench {owner}",
+                "fast_checkpoint": True,
+                "wait_for_archive": True,
+                "poll_interval": args.poll,
+            },
         )
         try:
             async for ev in trigger.run():  # the trigger ends the task itself; the reason is in its log
                 ok = getattr(ev, "task_instance_state", None) == "success"
-                emit(kind="event", i=i, status="complete" if ok else "failed",
-                     message="complete" if ok else f"{ev.payload}: see the reason in holders_{args.count}.log")
+                emit(
+                    kind="event",
+                    i=i,
+                    status="complete" if ok else "failed",
+                    message="complete" if ok else f"{ev.payload}: see the reason in holders_{args.count}.log",
+                )
         except Exception as err:  # reported to the parent, which fails the phase
             emit(kind="event", i=i, status="error", message=f"{type(err).__name__}: {err}"[:500])
 

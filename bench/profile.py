@@ -27,8 +27,21 @@ def ensure_py_spy() -> str:
 
 def record(pid: int, seconds: float, out: Path, rate: int = 250) -> dict[str, Any]:
     """Sample ``pid`` (active stacks only) for ``seconds``; the top frames by own and inclusive samples."""
-    cmd = [ensure_py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
-           "--format", "raw", "--nonblocking", "--output", str(out)]
+    cmd = [
+        ensure_py_spy(),
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(seconds)),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--nonblocking",
+        "--output",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
         return {"error": (proc.stderr or proc.stdout).strip()[-500:]}
@@ -50,22 +63,50 @@ def record(pid: int, seconds: float, out: Path, rate: int = 250) -> dict[str, An
     def top(c: Counter[str], k: int) -> list[str]:
         return [f"{100 * n / total:.0f}% {f}" for f, n in c.most_common(k)] if total else []
 
-    return {"seconds": seconds, "rate_hz": rate, "active_samples": total,
-            "active_percent_of_wall": round(100 * total / wall_samples, 1),
-            "top_own": top(own, 8), "top_inclusive": top(inclusive, 12)}
+    return {
+        "seconds": seconds,
+        "rate_hz": rate,
+        "active_samples": total,
+        "active_percent_of_wall": round(100 * total / wall_samples, 1),
+        "top_own": top(own, 8),
+        "top_inclusive": top(inclusive, 12),
+    }
 
 
-def record_during(targets: dict[str, int], seconds: float, action: Any, work: Path, rate: int = 100) -> dict[str, Any]:
+def record_during(
+    targets: dict[str, int], seconds: float, action: Any, work: Path, rate: int = 100
+) -> dict[str, Any]:
     """Profile ``targets`` (name -> pid, with their subprocesses) while ``action()`` runs."""
     exe = ensure_py_spy()
     procs = {}
     for name, pid in targets.items():
         out = work / f"py-spy_{name.replace('+', '_')}.txt"
-        procs[name] = (out, subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--subprocesses", "--duration", str(int(seconds)), "--rate", str(rate),
-             "--format", "raw", "--nonblocking", "--output", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs[name] = (
+            out,
+            subprocess.Popen(
+                [
+                    exe,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--subprocesses",
+                    "--duration",
+                    str(int(seconds)),
+                    "--rate",
+                    str(rate),
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     import time
+
     time.sleep(1)  # py-spy attached
     action()
     result: dict[str, Any] = {}
@@ -79,7 +120,9 @@ def record_during(targets: dict[str, int], seconds: float, action: Any, work: Pa
 BUCKETS = {
     "pg_safe_backup code": "pg_safe_backup/",
     "imports": "_find_and_load",
-    "task process start-up (task_runner.startup: DAG file parse)": "startup (airflow/sdk/execution_time/task_runner.py",
+    "task process start-up (task_runner.startup: DAG file parse)": (
+        "startup (airflow/sdk/execution_time/task_runner.py"
+    ),
     "task supervisor (fork, start-up, log/heartbeat loop)": "supervise_task (",
     "scheduler loop": "_run_scheduler_loop (",
     "triggers running": "TriggerRunner.run (",
@@ -107,7 +150,9 @@ def summarize(out: Path, seconds: float, rate: int) -> dict[str, Any]:
             if any(needle in f for f in frames):
                 buckets[name] += n
     specific = [(f, n) for f, n in inclusive.most_common() if n < 0.8 * total][:25]
-    return {"cpu_seconds_sampled": round(total / rate, 1),
-            "cpu_seconds_by_kind": {k: round(buckets[k] / rate, 2) for k in BUCKETS},
-            "top_own": [f"{n / rate:.2f}s {f}" for f, n in own.most_common(12)],
-            "top_inclusive": [f"{n / rate:.2f}s {f}" for f, n in specific]}
+    return {
+        "cpu_seconds_sampled": round(total / rate, 1),
+        "cpu_seconds_by_kind": {k: round(buckets[k] / rate, 2) for k in BUCKETS},
+        "top_own": [f"{n / rate:.2f}s {f}" for f, n in own.most_common(12)],
+        "top_inclusive": [f"{n / rate:.2f}s {f}" for f, n in specific],
+    }

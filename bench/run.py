@@ -34,19 +34,37 @@ RESULTS = ROOT / "bench" / "results.json"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: small scale, few backups, small N")
-    p.add_argument("--scale", type=int, default=None, help="pgbench scale of figure 4 (env BENCH_SCALE; default 150)")
+    p.add_argument(
+        "--scale", type=int, default=None, help="pgbench scale of figure 4 (env BENCH_SCALE; default 150)"
+    )
     p.add_argument("--cycles", type=int, default=None, help="backups timed for figures 1-2 (default 60)")
-    p.add_argument("--ref-cycles", type=int, default=None, help="backups of the 5 s poll reference (default 10)")
+    p.add_argument(
+        "--ref-cycles", type=int, default=None, help="backups of the 5 s poll reference (default 10)"
+    )
     p.add_argument("--sessions", default=None, help="N of figure 3, comma separated (default 100,250,500)")
     p.add_argument("--sample", type=int, default=None, help="backups finished at each N (default 20)")
-    p.add_argument("--poll", type=float, default=5.0,
-                   help="poll_interval of figure 3's holders (default 5 s, the operators' default)")
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=5.0,
+        help="poll_interval of figure 3's holders (default 5 s, the operators' default)",
+    )
     p.add_argument("--idle", type=float, default=None, help="idle window of figure 3 in seconds (default 30)")
-    p.add_argument("--dag-runs", type=int, default=None, help="DAG runs and raw copies of figure 4 (default 5)")
+    p.add_argument(
+        "--dag-runs", type=int, default=None, help="DAG runs and raw copies of figure 4 (default 5)"
+    )
     p.add_argument("--skip", default="", help="phases to skip, comma separated: latency, sessions, dag")
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip figure 3's reference run (largest N waiting with psycopg's notifies(), which wakes every 0.1 s)")
-    p.add_argument("--profile", action="store_true", help="py-spy profiles: the holders process while idle, and one extra DAG run")
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip figure 3's reference run (largest N waiting with psycopg's notifies(), which wakes "
+        "every 0.1 s)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy profiles: the holders process while idle, and one extra DAG run",
+    )
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     p.add_argument("--keep", action="store_true", help="keep the work folder (data, logs)")
     p.add_argument("--output", type=Path, default=RESULTS)
@@ -71,28 +89,43 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
         return None if v is None else v < limit
 
     out = {
-        "handoff overhead median": t(r.get("handoff_ms_median"), "< 100 ms", lt(r.get("handoff_ms_median"), 100)),
-        "start overhead median": t(r.get("start_overhead_ms_median"), "< 1000 ms",
-                                   lt(r.get("start_overhead_ms_median"), 1000)),
+        "handoff overhead median": t(
+            r.get("handoff_ms_median"), "< 100 ms", lt(r.get("handoff_ms_median"), 100)
+        ),
+        "start overhead median": t(
+            r.get("start_overhead_ms_median"), "< 1000 ms", lt(r.get("start_overhead_ms_median"), 1000)
+        ),
     }
     if r.get("held_sessions") is not None:
-        out["sessions held by one process"] = t(r["held_sessions"], f">= {max_n_wanted}",
-                                                r["held_sessions"] >= max_n_wanted)
-        out["RSS per held session"] = t(r.get("rss_mb_per_session"), "< 2 MB", lt(r.get("rss_mb_per_session"), 2))
-        out["hand-off overhead median at max N"] = t(r.get("handoff_ms_median_at_max_n"), "< 100 ms",
-                                                     lt(r.get("handoff_ms_median_at_max_n"), 100))
-        out["idle CPU at max N"] = t(r.get("idle_cpu_percent"), "~0 (< 1 %)", lt(r.get("idle_cpu_percent"), 1))
+        out["sessions held by one process"] = t(
+            r["held_sessions"], f">= {max_n_wanted}", r["held_sessions"] >= max_n_wanted
+        )
+        out["RSS per held session"] = t(
+            r.get("rss_mb_per_session"), "< 2 MB", lt(r.get("rss_mb_per_session"), 2)
+        )
+        out["hand-off overhead median at max N"] = t(
+            r.get("handoff_ms_median_at_max_n"), "< 100 ms", lt(r.get("handoff_ms_median_at_max_n"), 100)
+        )
+        out["idle CPU at max N"] = t(
+            r.get("idle_cpu_percent"), "~0 (< 1 %)", lt(r.get("idle_cpu_percent"), 1)
+        )
     if r.get("dag_wall_s") is not None:
         limit = round(r["raw_copy_s"] * 1.05 + 10, 1)
-        out["DAG wall time"] = t(r["dag_wall_s"], f"<= raw_copy_s x 1.05 + 10 s = {limit} s", r["dag_wall_s"] <= limit)
+        out["DAG wall time"] = t(
+            r["dag_wall_s"], f"<= raw_copy_s x 1.05 + 10 s = {limit} s", r["dag_wall_s"] <= limit
+        )
     return out
 
 
 def table(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_gb']} GB RAM; {m['postgres']};"
-             f" Airflow {m['airflow']}, psycopg {m['psycopg']}",
-             "", "| figure | pg-safe-backup | reference / PostgreSQL's own | target | met |", "|---|---|---|---|---|"]
+    lines = [
+        f"machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_gb']} GB RAM; {m['postgres']};"
+        f" Airflow {m['airflow']}, psycopg {m['psycopg']}",
+        "",
+        "| figure | pg-safe-backup | reference / PostgreSQL's own | target | met |",
+        "|---|---|---|---|---|",
+    ]
 
     def row(name: str, ours: str, ref: str, key: str | None) -> None:
         tg = r["targets"].get(key) if key else None
@@ -104,40 +137,69 @@ def table(r: dict[str, Any]) -> str:
 
     d = r.get("latency_detail", {})
     if "handoff_ms_median" in r:
-        row("hand-off overhead, median / p95 (done -> label stored, minus pg_backup_stop)",
+        row(
+            "hand-off overhead, median / p95 (done -> label stored, minus pg_backup_stop)",
             f"{f(r['handoff_ms_median'], ' ms')} / {f(r['handoff_ms_p95'], ' ms')}",
             f"5 s poll loop: {f(r['poll5s_handoff_ms_median'], ' ms')} median; pg_backup_stop itself"
-            f" {f(r['stop_ms_median'], ' ms')}", "handoff overhead median")
-        row("start overhead, median (holder called -> gate open, minus pg_backup_start)",
+            f" {f(r['stop_ms_median'], ' ms')}",
+            "handoff overhead median",
+        )
+        row(
+            "start overhead, median (holder called -> gate open, minus pg_backup_start)",
             f"{f(r['start_overhead_ms_median'], ' ms')} (p95 {f(r.get('start_overhead_ms_p95'), ' ms')})",
             f"pg_backup_start {f(r['pg_backup_start_ms_median'], ' ms')} (checkpoint"
             f" {f(r['checkpoint_ms_median'], ' ms')}); 5 s poll gate:"
-            f" {f(d.get('poll5s_start_overhead_ms', {}).get('median'), ' ms')}", "start overhead median")
+            f" {f(d.get('poll5s_start_overhead_ms', {}).get('median'), ' ms')}",
+            "start overhead median",
+        )
     if "per_n" in r:
         for n, v in r["per_n"].items():
-            row(f"N={n} held by one process (poll_interval {v['poll_interval_s']:g} s)",
-                f"RSS {v['rss_idle_mb']:g} -> {v['rss_held_mb']:g} MB = {v['rss_mb_per_session']:g} MB/session;"
+            row(
+                f"N={n} held by one process (poll_interval {v['poll_interval_s']:g} s)",
+                f"RSS {v['rss_idle_mb']:g} -> {v['rss_held_mb']:g} MB = {v['rss_mb_per_session']:g} "
+                "MB/session;"
                 f" idle CPU {v['idle_cpu_percent']:g} % over {v['idle_window_s']:g} s;"
                 f" hand-off {f(v['handoff_ms_median'], ' ms')} median (p95 {f(v['handoff_ms_p95'], ' ms')},"
                 f" {v['handoff_sample']} finished)",
-                f"all started in {v['all_started_s']:g} s; idle server CPU {v['idle_server_cpu_percent']:g} %",
-                None)
-        row("sessions held, RSS per session at max N", f"{r['held_sessions']}, {r['rss_mb_per_session']:g} MB", "",
-            "RSS per held session")
+                f"all started in {v['all_started_s']:g} s; idle server CPU {v['idle_server_cpu_percent']:g} "
+                "%",
+                None,
+            )
+        row(
+            "sessions held, RSS per session at max N",
+            f"{r['held_sessions']}, {r['rss_mb_per_session']:g} MB",
+            "",
+            "RSS per held session",
+        )
         dg = r.get("reference_psycopg_notifies")
-        row("idle CPU of the trigger process at max N",
-            f"{r['idle_cpu_percent']:g} % ({r['per_n'][str(r['held_sessions'])]['idle_context_switches_per_s']:g}"
+        row(
+            "idle CPU of the trigger process at max N",
+            f"{r['idle_cpu_percent']:g} % "
+            f"({r['per_n'][str(r['held_sessions'])]['idle_context_switches_per_s']:g}"
             " wake-ups/s)",
-            f"same holders waiting with psycopg's notifies() (wakes every 0.1 s): {dg['idle_cpu_percent']:g} %"
-            f" ({dg['idle_context_switches_per_s']:g} wake-ups/s)" if dg else "", "idle CPU at max N")
-        row("hand-off overhead median at max N", f(r["handoff_ms_median_at_max_n"], " ms"),
+            f"same holders waiting with psycopg's notifies() (wakes every 0.1 s): {dg['idle_cpu_percent']:g} "
+            "%"
+            f" ({dg['idle_context_switches_per_s']:g} wake-ups/s)"
+            if dg
+            else "",
+            "idle CPU at max N",
+        )
+        row(
+            "hand-off overhead median at max N",
+            f(r["handoff_ms_median_at_max_n"], " ms"),
             f"psycopg notifies(): {f(dg['handoff_ms_median'], ' ms')}" if dg else "",
-            "hand-off overhead median at max N")
+            "hand-off overhead median at max N",
+        )
     if r.get("dag_wall_s") is not None:
         dd = r["dag_detail"]
-        row(f"backup DAG, trigger -> success ({dd['data_gb']} GB, pgbench -s {dd['scale']}, median of {dd['runs']})",
+        row(
+            f"backup DAG, trigger -> success ({dd['data_gb']} GB, pgbench -s {dd['scale']}, median of "
+            f"{dd['runs']})",
             f"{r['dag_wall_s']:g} s (its cp -a took {f(r.get('cp_inside_dag_s'), ' s')}; the rest"
-            f" {f(r.get('dag_minus_its_own_cp_s'), ' s')})", f"raw cp -a: {r['raw_copy_s']:g} s", "DAG wall time")
+            f" {f(r.get('dag_minus_its_own_cp_s'), ' s')})",
+            f"raw cp -a: {r['raw_copy_s']:g} s",
+            "DAG wall time",
+        )
     return "\n".join(lines)
 
 
@@ -149,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AIRFLOW_HOME"] = str(work / "airflow_home")  # before anything imports Airflow
     logging.getLogger("pg_safe_backup").setLevel(logging.WARNING)
     t_start = time.monotonic()
-    results: dict[str, Any] = {"command": "make bench" + (" ARGS=" + " ".join(sys.argv[1:]) if sys.argv[1:] else "")}
+    results: dict[str, Any] = {
+        "command": "make bench" + (" ARGS=" + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    }
     small = None
     # 1-minute load average at the start and end of each phase (ours included): other work on the
     # machine shows up here.
@@ -157,11 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     results["load_avg_1min_per_phase"] = loads
     try:
         results["machine"] = machine_info(work)
-        say(f"machine: {results['machine']['cores']} cores, {results['machine']['memory_gb']} GB RAM;"
-            f" work folder {work}")
+        say(
+            f"machine: {results['machine']['cores']} cores, {results['machine']['memory_gb']} GB RAM;"
+            f" work folder {work}"
+        )
         load = os.getloadavg()[0]
         if load > 0.5 * (os.cpu_count() or 1):
-            say(f"WARNING: load average {load:.2f} before the start: other work on this machine skews the figures")
+            say(
+                f"WARNING: load average {load:.2f} before the start: other work on this machine skews the "
+                "figures"
+            )
         if not {"latency", "sessions"} <= args.skip:
             from bench import handoff, sessions
 
@@ -174,17 +243,30 @@ def main(argv: list[str] | None = None) -> int:
                 results.update(lat)
             if "sessions" not in args.skip:
                 loads["sessions"] = [round(os.getloadavg()[0], 2)]
-                ses = sessions.run(small, archive, work, args.sessions, args.sample, args.poll, args.idle,
-                                   reference=not args.no_reference, profile=args.profile)
+                ses = sessions.run(
+                    small,
+                    archive,
+                    work,
+                    args.sessions,
+                    args.sample,
+                    args.poll,
+                    args.idle,
+                    reference=not args.no_reference,
+                    profile=args.profile,
+                )
                 top = ses["per_n"][str(max(args.sessions))]
-                results.update({
-                    "held_sessions": max(int(n) for n, v in ses["per_n"].items() if v["holder_sessions"] == int(n)),
-                    "rss_mb_per_session": top["rss_mb_per_session"],
-                    "idle_cpu_percent": top["idle_cpu_percent"],
-                    "handoff_ms_median_at_max_n": top["handoff_ms_median"],
-                    "sessions_poll_interval_s": args.poll,
-                    "per_n": ses["per_n"],
-                })
+                results.update(
+                    {
+                        "held_sessions": max(
+                            int(n) for n, v in ses["per_n"].items() if v["holder_sessions"] == int(n)
+                        ),
+                        "rss_mb_per_session": top["rss_mb_per_session"],
+                        "idle_cpu_percent": top["idle_cpu_percent"],
+                        "handoff_ms_median_at_max_n": top["handoff_ms_median"],
+                        "sessions_poll_interval_s": args.poll,
+                        "per_n": ses["per_n"],
+                    }
+                )
                 loads["sessions"].append(round(os.getloadavg()[0], 2))
                 if "reference_psycopg_notifies" in ses:
                     results["reference_psycopg_notifies"] = ses["reference_psycopg_notifies"]

@@ -42,16 +42,19 @@ class SessionsError(RuntimeError):
 
 def create_tables(count: int) -> None:
     """The state tables 1..count, created one after the other (the steady state of a deployment)."""
+
     async def go() -> None:
         async with PostgresBackupHook(CONN_ID, table=table_name(PREFIX, 1)).connect("bench setup") as conn:
             for i in range(1, count + 1):
                 await PostgresBackupHook(CONN_ID, table=table_name(PREFIX, i)).ensure_table(conn)
+
     asyncio.run(go())
 
 
 def started_count(cluster: LocalCluster, count: int) -> int:
     union = " UNION ALL ".join(
-        f"SELECT start_lsn FROM {table_name(PREFIX, i)} WHERE state = 'running'" for i in range(1, count + 1))
+        f"SELECT start_lsn FROM {table_name(PREFIX, i)} WHERE state = 'running'" for i in range(1, count + 1)
+    )
     return cluster.sql(f"SELECT count(start_lsn) FROM ({union}) s")[0][0]
 
 
@@ -74,13 +77,32 @@ class Child:
     """The holders process and its JSON-line messages."""
 
     def __init__(self, count: int, owner_prefix: str, poll: float, log_path: Path, reference: bool) -> None:
-        cmd = [sys.executable, "-m", "bench.holders", "--count", str(count), "--prefix", PREFIX,
-               "--owner-prefix", owner_prefix, "--conn-id", CONN_ID, "--poll", str(poll)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.holders",
+            "--count",
+            str(count),
+            "--prefix",
+            PREFIX,
+            "--owner-prefix",
+            owner_prefix,
+            "--conn-id",
+            CONN_ID,
+            "--poll",
+            str(poll),
+        ]
         if reference:
             cmd.append("--psycopg-notifies")
         self.stderr = log_path.open("ab")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            cwd=Path(__file__).resolve().parents[1],
+            start_new_session=True,
+        )
         self.ps = psutil.Process(self.proc.pid)
         self.messages: queue.Queue[dict[str, Any]] = queue.Queue()
         self.events: dict[int, dict[str, Any]] = {}
@@ -139,11 +161,15 @@ class Child:
         self.stderr.close()
 
 
-async def finish_one(i: int, owner: str, poll: float) -> tuple[float, dict[str, Any], float, float, int | None]:
+async def finish_one(
+    i: int, owner: str, poll: float
+) -> tuple[float, dict[str, Any], float, float, int | None]:
     """Finish backup i as the finish task does; (ms, event, called, returned (time.time()), finisher pid)."""
     hook = TimedHook(CONN_ID, table=table_name(PREFIX, i))
     async with PostgresBackupHook(CONN_ID, table=table_name(PREFIX, i)).connect("bench read") as conn:
-        start_lsn = (await PostgresBackupHook(CONN_ID, table=table_name(PREFIX, i)).read(conn)).start_lsn  # the gate's XCom
+        start_lsn = (
+            await PostgresBackupHook(CONN_ID, table=table_name(PREFIX, i)).read(conn)
+        ).start_lsn  # the gate's XCom
     t0, wall0 = time.perf_counter(), time.time()
     ev = await asyncio.wait_for(finish_backup(hook, owner, start_lsn, poll_interval=poll), 120)
     t1, wall1 = time.perf_counter(), time.time()
@@ -156,22 +182,37 @@ async def fail_rest(indexes: list[int], owner_prefix: str) -> int:
     async with PostgresBackupHook(CONN_ID, table=table_name(PREFIX, 1)).connect("bench clean-up") as conn:
         for i in indexes:
             hook = PostgresBackupHook(CONN_ID, table=table_name(PREFIX, i))
-            failed += await hook.mark_failed(conn, f"{owner_prefix}/{i}", "benchmark clean-up")  # attempt = owner
+            failed += await hook.mark_failed(
+                conn, f"{owner_prefix}/{i}", "benchmark clean-up"
+            )  # attempt = owner
     return failed
 
 
-def run_one(cluster: LocalCluster, archive: Path, work: Path, count: int, sample: int, poll: float,
-            idle_s: float, reference: bool = False, profile: bool = False) -> dict[str, Any]:
+def run_one(
+    cluster: LocalCluster,
+    archive: Path,
+    work: Path,
+    count: int,
+    sample: int,
+    poll: float,
+    idle_s: float,
+    reference: bool = False,
+    profile: bool = False,
+) -> dict[str, Any]:
     log = ServerLog(cluster.logfile)
     owner_prefix = f"bench_sessions/n{count}{'_psycopg_notifies' if reference else ''}/{int(time.time())}"
-    child = Child(count, owner_prefix, poll, work / f"holders_{count}{'_ref' if reference else ''}.log", reference)
+    child = Child(
+        count, owner_prefix, poll, work / f"holders_{count}{'_ref' if reference else ''}.log", reference
+    )
     result: dict[str, Any] = {"n": count, "poll_interval_s": poll}
     try:
         child.wait_for("ready", 120)
         time.sleep(2)
         cpu0, t0 = child.cpu_s(), time.monotonic()
         time.sleep(3)
-        result["idle_process_cpu_percent_0_held"] = round(100 * (child.cpu_s() - cpu0) / (time.monotonic() - t0), 2)
+        result["idle_process_cpu_percent_0_held"] = round(
+            100 * (child.cpu_s() - cpu0) / (time.monotonic() - t0), 2
+        )
         rss_idle = child.rss_mb()
         uss_idle = child.uss_mb()
 
@@ -190,29 +231,42 @@ def run_one(cluster: LocalCluster, archive: Path, work: Path, count: int, sample
         wait_archiver_idle(cluster, archive)
         time.sleep(2)
         rss_held, uss_held = child.rss_mb(), child.uss_mb()
-        result.update({
-            "rss_idle_mb": round(rss_idle, 1), "rss_held_mb": round(rss_held, 1),
-            "rss_mb_per_session": round((rss_held - rss_idle) / count, 3),
-            "uss_mb_per_session": round((uss_held - uss_idle) / count, 3),
-            "holder_sessions": cluster.sql(f"SELECT count(*) FROM pg_stat_activity WHERE {HOLDER_APPS}")[0][0],
-        })
+        result.update(
+            {
+                "rss_idle_mb": round(rss_idle, 1),
+                "rss_held_mb": round(rss_held, 1),
+                "rss_mb_per_session": round((rss_held - rss_idle) / count, 3),
+                "uss_mb_per_session": round((uss_held - uss_idle) / count, 3),
+                "holder_sessions": cluster.sql(f"SELECT count(*) FROM pg_stat_activity WHERE {HOLDER_APPS}")[
+                    0
+                ][0],
+            }
+        )
 
         # Idle holding: CPU time of the process, its wake-ups, and what its sessions ran.
         pids = {r[0] for r in cluster.sql(f"SELECT pid FROM pg_stat_activity WHERE {HOLDER_APPS}")}
         offset = log.offset()
-        cpu0, ctx0, srv0, t0 = child.cpu_s(), child.ctx_switches(), server_cpu_seconds(cluster), time.monotonic()
+        cpu0, ctx0, srv0, t0 = (
+            child.cpu_s(),
+            child.ctx_switches(),
+            server_cpu_seconds(cluster),
+            time.monotonic(),
+        )
         time.sleep(idle_s)
         wall = time.monotonic() - t0
-        result.update({
-            "idle_window_s": round(wall, 1),
-            "idle_cpu_percent": round(100 * (child.cpu_s() - cpu0) / wall, 2),
-            "idle_context_switches_per_s": round((child.ctx_switches() - ctx0) / wall, 1),
-            "idle_server_cpu_percent": round(100 * (server_cpu_seconds(cluster) - srv0) / wall, 2),
-            "idle_statements_in_window": log.since(offset).statement_count(pids),
-        })
+        result.update(
+            {
+                "idle_window_s": round(wall, 1),
+                "idle_cpu_percent": round(100 * (child.cpu_s() - cpu0) / wall, 2),
+                "idle_context_switches_per_s": round((child.ctx_switches() - ctx0) / wall, 1),
+                "idle_server_cpu_percent": round(100 * (server_cpu_seconds(cluster) - srv0) / wall, 2),
+                "idle_statements_in_window": log.since(offset).statement_count(pids),
+            }
+        )
         say(f"  N={count}: RSS {rss_idle:.0f} -> {rss_held:.0f} MB, idle CPU {result['idle_cpu_percent']}%")
         if profile:
             from bench.profile import record
+
             suffix = "_psycopg_notifies" if reference else ""
             result["idle_profile"] = record(child.ps.pid, 10, work / f"py-spy_holders_{count}{suffix}.txt")
 
@@ -236,20 +290,28 @@ def run_one(cluster: LocalCluster, archive: Path, work: Path, count: int, sample
                 stops.append(stop)
                 overheads.append(total - stop)
             prune_archive(archive)
-        result.update({
-            "handoff_sample": len(picked),
-            "handoff_ms_median": summary(overheads)["median"], "handoff_ms_p95": summary(overheads)["p95"],
-            "handoff_total_ms_median": summary(totals)["median"], "stop_ms_median": summary(stops)["median"],
-            "handoff_steps_server_clock_ms_median": {k: summary(v)["median"] for k, v in steps.items()},
-        })
-        say(f"  N={count}: hand-off overhead median {result['handoff_ms_median']} ms over {len(picked)} backups")
+        result.update(
+            {
+                "handoff_sample": len(picked),
+                "handoff_ms_median": summary(overheads)["median"],
+                "handoff_ms_p95": summary(overheads)["p95"],
+                "handoff_total_ms_median": summary(totals)["median"],
+                "stop_ms_median": summary(stops)["median"],
+                "handoff_steps_server_clock_ms_median": {k: summary(v)["median"] for k, v in steps.items()},
+            }
+        )
+        say(
+            f"  N={count}: hand-off overhead median {result['handoff_ms_median']} ms over {len(picked)} "
+            "backups"
+        )
     finally:
         cleanup(cluster, archive, child, count, owner_prefix, result)
     return result
 
 
-def cleanup(cluster: LocalCluster, archive: Path, child: Child, count: int, owner_prefix: str,
-            result: dict[str, Any]) -> None:
+def cleanup(
+    cluster: LocalCluster, archive: Path, child: Child, count: int, owner_prefix: str, result: dict[str, Any]
+) -> None:
     """Fail every backup still live, let the holders end them, check that no session is left."""
     try:
         live = [i for i in range(1, count + 1) if child.events.get(i) is None]
@@ -258,7 +320,9 @@ def cleanup(cluster: LocalCluster, archive: Path, child: Child, count: int, owne
                 asyncio.run(fail_rest(live, owner_prefix))
                 child.wait_for("finished", 300)
             except (SessionsError, psycopg.Error) as err:
-                say(f"  clean-up: {err}; killing the holders process (its sessions close, ending backup mode)")
+                say(
+                    f"  clean-up: {err}; killing the holders process (its sessions close, ending backup mode)"
+                )
         elif child.proc.poll() is None:
             child.wait_for("finished", 60)
     except SessionsError as err:
@@ -266,32 +330,54 @@ def cleanup(cluster: LocalCluster, archive: Path, child: Child, count: int, owne
     finally:
         child.stop()
     deadline = time.monotonic() + 30
-    while (left := cluster.sql(f"SELECT count(*) FROM pg_stat_activity WHERE {HOLDER_APPS}")[0][0]) and \
-            time.monotonic() < deadline:
+    while (
+        left := cluster.sql(f"SELECT count(*) FROM pg_stat_activity WHERE {HOLDER_APPS}")[0][0]
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
-    states = dict(cluster.sql(
-        "SELECT state, count(*) FROM (" + " UNION ALL ".join(
-            f"SELECT state::text FROM {table_name(PREFIX, i)}" for i in range(1, count + 1)) + ") s GROUP BY state"))
-    result["after_cleanup"] = {"holder_sessions_left": left, "states": states,
-                               "events": len(child.events), "exit_code": child.proc.returncode}
+    states = dict(
+        cluster.sql(
+            "SELECT state, count(*) FROM ("
+            + " UNION ALL ".join(
+                f"SELECT state::text FROM {table_name(PREFIX, i)}" for i in range(1, count + 1)
+            )
+            + ") s GROUP BY state"
+        )
+    )
+    result["after_cleanup"] = {
+        "holder_sessions_left": left,
+        "states": states,
+        "events": len(child.events),
+        "exit_code": child.proc.returncode,
+    }
     wait_archiver_idle(cluster, archive)
 
 
-def run(cluster: LocalCluster, archive: Path, work: Path, counts: list[int], sample: int, poll: float,
-        idle_s: float, reference: bool, profile: bool = False) -> dict[str, Any]:
+def run(
+    cluster: LocalCluster,
+    archive: Path,
+    work: Path,
+    counts: list[int],
+    sample: int,
+    poll: float,
+    idle_s: float,
+    reference: bool,
+    profile: bool = False,
+) -> dict[str, Any]:
     say(f"sessions held by one trigger runner process: N = {counts}, poll_interval={poll:g}s")
     say(f"  creating {max(counts)} state tables")
     create_tables(max(counts))
     per_n = {}
     for n in counts:
-        per_n[str(n)] = run_one(cluster, archive, work, n, sample, poll, idle_s,
-                                profile=profile and n == max(counts))
+        per_n[str(n)] = run_one(
+            cluster, archive, work, n, sample, poll, idle_s, profile=profile and n == max(counts)
+        )
         if per_n[str(n)]["after_cleanup"]["holder_sessions_left"]:
             raise SessionsError(f"holder sessions left after N={n}: {per_n[str(n)]['after_cleanup']}")
     out: dict[str, Any] = {"per_n": per_n}
     if reference:
         n = max(counts)
         say(f"  reference: N={n} again, waiting with psycopg's notifies() (wakes every 0.1 s)")
-        out["reference_psycopg_notifies"] = run_one(cluster, archive, work, n, sample, poll, idle_s,
-                                                    reference=True, profile=profile)
+        out["reference_psycopg_notifies"] = run_one(
+            cluster, archive, work, n, sample, poll, idle_s, reference=True, profile=profile
+        )
     return out

@@ -13,7 +13,9 @@ class Writer(threading.Thread):
     ``id bigint PRIMARY KEY, v text``) and counts the commits that returned: every one of them
     must be in a restored backup taken later."""
 
-    def __init__(self, cluster: LocalCluster, tables: tuple[str, ...] = ("ledger",), pause: float = 0.002) -> None:
+    def __init__(
+        self, cluster: LocalCluster, tables: tuple[str, ...] = ("ledger",), pause: float = 0.002
+    ) -> None:
         super().__init__(daemon=True)
         self.cluster, self.tables, self.pause = cluster, tables, pause
         self.committed, self.halt, self.error = 0, threading.Event(), None

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "pg_backup_example"
 PASSWORD = "demo-password"
 
+
 def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
@@ -36,13 +37,19 @@ def make_demo_cluster(work: Path) -> tuple[LocalCluster, Path]:
     archive = work / "wal_archive"
     archive.mkdir(parents=True)
     give_to_server_user(archive)
-    cluster = LocalCluster(work / "pg" / "data").init(
-        password=PASSWORD,
-        settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "archive_timeout": 0},
-    ).start()
+    cluster = (
+        LocalCluster(work / "pg" / "data")
+        .init(
+            password=PASSWORD,
+            settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "archive_timeout": 0},
+        )
+        .start()
+    )
     cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text NOT NULL)")
-    cluster.sql("CREATE TABLE accounts AS SELECT g AS id, md5(g::text) AS owner, 0::bigint AS balance"
-                " FROM generate_series(1, 100000) g")
+    cluster.sql(
+        "CREATE TABLE accounts AS SELECT g AS id, md5(g::text) AS owner, 0::bigint AS balance"
+        " FROM generate_series(1, 100000) g"
+    )
     cluster.sql("CREATE INDEX ON accounts (owner)")
     return cluster, archive
 
@@ -56,7 +63,9 @@ def cleanup_previous(work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--keep", action="store_true", help="leave Airflow and the demo cluster running")
     parser.add_argument("--workdir", default=str(ROOT / ".demo"), help="where everything goes (wiped first)")
     args = parser.parse_args(argv)
@@ -83,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         backups = work / "backups"
         backups.mkdir()
         say("starting Airflow: api-server, scheduler, dag-processor, triggerer (LocalExecutor, SQLite)")
-        stack = AirflowStack(work / "airflow", ROOT / "example_dags", extra_env={
-            "AIRFLOW_CONN_PG_MAIN": conn_uri, "PGDATA_SOURCE": str(pgdata), "BACKUP_ROOT": str(backups),
-            "PG_BACKUP_FAST_CHECKPOINT": "1",
-        })
+        stack = AirflowStack(
+            work / "airflow",
+            ROOT / "example_dags",
+            extra_env={
+                "AIRFLOW_CONN_PG_MAIN": conn_uri,
+                "PGDATA_SOURCE": str(pgdata),
+                "BACKUP_ROOT": str(backups),
+                "PG_BACKUP_FAST_CHECKPOINT": "1",
+            },
+        )
         stack.start()
         run_id = stack.trigger(DAG_ID)
         say(f"triggered {DAG_ID} run {run_id}")
@@ -106,16 +121,25 @@ def main(argv: list[str] | None = None) -> int:
         label = (backup_dir / "backup_label").read_text()
         if cluster:
             wait_archived(cluster)
-        say("restore check: a temporary server recovers the copy from the archive, then amcheck + data checks")
-        result = verify_backup(backup_dir, archive, recovery_target_immediate=not writer,
-                               invariant_sql=invariant_sql(writer.tables, committed) if writer else None)
+        say(
+            "restore check: a temporary server recovers the copy from the archive, then amcheck + data checks"
+        )
+        result = verify_backup(
+            backup_dir,
+            archive,
+            recovery_target_immediate=not writer,
+            invariant_sql=invariant_sql(writer.tables, committed) if writer else None,
+        )
         print("\nbackup_label stored with the backup:\n" + label)
         print(f"restore check: {result.summary()}")
         print(f"backup: {backup_dir}")
         print(f"wal archive: {archive}")
         if args.keep:
-            print(f"Airflow is still running (api-server: {getattr(stack, 'api_url', 'see logs')}); stop it with"
-                  " Ctrl-C or re-run make demo.")
+            print(
+                f"Airflow is still running (api-server: {getattr(stack, 'api_url', 'see logs')}); stop it "
+                "with"
+                " Ctrl-C or re-run make demo."
+            )
         return 0 if result.ok else 1
     except KeyboardInterrupt:
         say("interrupted")

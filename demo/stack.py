@@ -133,35 +133,41 @@ class AirflowStack:
     @property
     def env(self) -> dict[str, str]:
         """The environment of every Airflow process of this stack."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("AIRFLOW__") and k not in ("AIRFLOW_HOME", "AIRFLOW_CONFIG")}
-        env.update({
-            "AIRFLOW_HOME": str(self.home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}?timeout={SQLITE_BUSY_TIMEOUT_S}",
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "3",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
-            # Tasks' and triggers' calls to the execution API (default 5 s) also wait on the SQLite lock: cut
-            # off and retried, a state change already made comes back 409 and fails a healthy task.
-            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(API_TIMEOUT_S),
-            "AIRFLOW__API_AUTH__JWT_SECRET": f"jwt-{self.stack_id}-{self._password}",
-            "AIRFLOW__API__SECRET_KEY": f"api-{self.stack_id}-{self._password}",
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API__BASE_URL": self.api_url,
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{_USER}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
-            # The default (getfqdn) may ask a DNS server; the hostname is all a single machine needs.
-            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",
-            "NO_PROXY": "127.0.0.1,localhost",
-            "no_proxy": "127.0.0.1,localhost",
-            "PYTHONUNBUFFERED": "1",
-            STACK_ID_VAR: self.stack_id,
-        })
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("AIRFLOW__") and k not in ("AIRFLOW_HOME", "AIRFLOW_CONFIG")
+        }
+        env.update(
+            {
+                "AIRFLOW_HOME": str(self.home),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}?timeout={SQLITE_BUSY_TIMEOUT_S}",
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "3",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
+                # Tasks' and triggers' calls to the execution API (default 5 s) also wait on the SQLite lock:
+                # cut
+                # off and retried, a state change already made comes back 409 and fails a healthy task.
+                "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(API_TIMEOUT_S),
+                "AIRFLOW__API_AUTH__JWT_SECRET": f"jwt-{self.stack_id}-{self._password}",
+                "AIRFLOW__API__SECRET_KEY": f"api-{self.stack_id}-{self._password}",
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__API__BASE_URL": self.api_url,
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{_USER}:admin",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
+                # The default (getfqdn) may ask a DNS server; the hostname is all a single machine needs.
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",
+                "NO_PROXY": "127.0.0.1,localhost",
+                "no_proxy": "127.0.0.1,localhost",
+                "PYTHONUNBUFFERED": "1",
+                STACK_ID_VAR: self.stack_id,
+            }
+        )
         env.update(self.extra_env)
         return env
 
@@ -170,7 +176,8 @@ class AirflowStack:
 
         Waits for every ``*.py`` file of the DAGs folder that Airflow would parse (it mentions both
         'airflow' and 'dag') to yield a DAG or an import error, and for ``expect_dag_ids``. Raises
-        :class:`DagImportError` or :class:`AirflowStackError` (with the component logs) otherwise; nothing is left
+        :class:`DagImportError` or :class:`AirflowStackError` (with the component logs) otherwise; nothing is
+        left
         running when it raises.
         """
         if self._started:
@@ -193,17 +200,29 @@ class AirflowStack:
     def _migrate(self, timeout: float) -> None:
         log = self.logs_dir / "db-migrate.log"
         with log.open("ab") as out:
-            rc = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=self.env,
-                                cwd=self.home, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
-                                start_new_session=True).returncode
+            rc = subprocess.run(
+                [sys.executable, "-m", "airflow", "db", "migrate"],
+                env=self.env,
+                cwd=self.home,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                start_new_session=True,
+            ).returncode
         if rc != 0:
             raise AirflowStackError(f"airflow db migrate failed ({rc}):\n{self._tail(log, 60)}")
 
     def _spawn(self, name: str) -> None:
         with (self.logs_dir / f"{name}.log").open("ab") as out:
             self._procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *COMPONENTS[name]], env=self.env, cwd=self.home,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [sys.executable, "-m", "airflow", *COMPONENTS[name]],
+                env=self.env,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def _check_alive(self) -> None:
         dead = {n: p.returncode for n, p in self._procs.items() if p.poll() is not None}
@@ -221,14 +240,19 @@ class AirflowStack:
             if not waiting_for:
                 return
             if time.monotonic() > deadline:
-                raise AirflowStackError(f"Airflow not ready in time, waiting for {waiting_for}\n{self.dump_logs()}")
+                raise AirflowStackError(
+                    f"Airflow not ready in time, waiting for {waiting_for}\n{self.dump_logs()}"
+                )
             time.sleep(0.5)
 
     def _not_ready(self, expect_dag_ids: set[str]) -> str:
         """What the stack still waits for ('' when ready); raises on DAG import errors."""
         health = self._api("GET", "/api/v2/monitor/health", auth=False)
-        unhealthy = [c for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")
-                     if (health.get(c) or {}).get("status") != "healthy"]
+        unhealthy = [
+            c
+            for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+            if (health.get(c) or {}).get("status") != "healthy"
+        ]
         if unhealthy:
             return f"healthy components: {unhealthy}"
         errors = self._get_all("/api/v2/importErrors", "import_errors")
@@ -237,15 +261,23 @@ class AirflowStack:
             raise DagImportError(f"DAG import errors in {self.dags_folder}:\n{text}")
         dags = self._get_all("/api/v2/dags", "dags")
         parsed = {d.get("relative_fileloc") or "" for d in dags} | {d["fileloc"] for d in dags}
-        missing = [str(p.relative_to(self.dags_folder)) for p in self.dag_files()
-                   if str(p.relative_to(self.dags_folder)) not in parsed and str(p) not in parsed]
+        missing = [
+            str(p.relative_to(self.dags_folder))
+            for p in self.dag_files()
+            if str(p.relative_to(self.dags_folder)) not in parsed and str(p) not in parsed
+        ]
         missing += sorted(expect_dag_ids - {d["dag_id"] for d in dags})
         return f"DAGs parsed from {missing}" if missing else ""
 
     def dag_files(self) -> list[Path]:
         """The files of the DAGs folder the dag-processor parses (safe-mode heuristic, no .airflowignore)."""
-        files = (p for p in self.dags_folder.rglob("*.py")
-                 if not any(part.startswith((".", "__pycache__")) for part in p.relative_to(self.dags_folder).parts))
+        files = (
+            p
+            for p in self.dags_folder.rglob("*.py")
+            if not any(
+                part.startswith((".", "__pycache__")) for part in p.relative_to(self.dags_folder).parts
+            )
+        )
         return sorted(p for p in files if _might_contain_dag(p))
 
     def pids(self) -> dict[str, int]:
@@ -253,7 +285,8 @@ class AirflowStack:
         return {name: p.pid for name, p in self._procs.items()}
 
     def processes(self) -> list[psutil.Process]:
-        """Every live process of this stack: the components, their descendants, and anything carrying its id."""
+        """Every live process of this stack: the components, their descendants, and anything carrying its
+        id."""
         found: dict[int, psutil.Process] = {}
         for p in self._procs.values():
             if p.poll() is not None:  # reaped: its pid may belong to someone else by now
@@ -357,8 +390,9 @@ class AirflowStack:
     def __enter__(self) -> AirflowStack:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # ---------------------------------------------------------------------------------------- REST API
@@ -389,26 +423,30 @@ class AirflowStack:
                     self._token = None
                     return self._api(method, path, body, auth, _retry=False)
                 if exc.code == 500 and '"Database error"' in detail and attempt < API_DB_ERROR_RETRIES:
-                    time.sleep(2 ** attempt)
+                    time.sleep(2**attempt)
                     continue
-                raise ApiError(f"{method} {path}: HTTP {exc.code} {detail}{self._server_error(detail)}",
-                               exc.code) from None
+                raise ApiError(
+                    f"{method} {path}: HTTP {exc.code} {detail}{self._server_error(detail)}", exc.code
+                ) from None
         raise AssertionError("unreachable")
 
     def _server_error(self, detail: str) -> str:
-        """The api-server log's lines about the error id an HTTP 500 answer names ("look for ID ..."), if any."""
+        """The api-server log's lines about the error id an HTTP 500 answer names ("look for ID ..."), if
+        any."""
         match = re.search(r"look for ID (\w+)", detail)
         if not match:
             return ""
         lines = (self.logs_dir / "api-server.log").read_text(errors="replace").splitlines()
         for i, line in enumerate(lines):
             if f"Error with id {match.group(1)}" in line:
-                return "\napi-server log:\n" + "\n".join(lines[i:i + 40])
+                return "\napi-server log:\n" + "\n".join(lines[i : i + 40])
         return ""
 
     def _get_token(self) -> str:
         if self._token is None:
-            resp = self._api("POST", "/auth/token", {"username": _USER, "password": self._password}, auth=False)
+            resp = self._api(
+                "POST", "/auth/token", {"username": _USER, "password": self._password}, auth=False
+            )
             self._token = resp["access_token"]
         return self._token
 
@@ -429,8 +467,11 @@ class AirflowStack:
         """Unpause the DAG and start a manual run; returns its run_id."""
         self._api("PATCH", f"/api/v2/dags/{self._q(dag_id)}", {"is_paused": False})
         run_id = run_id or f"stack__{time.strftime('%Y%m%dT%H%M%S')}_{secrets.token_hex(3)}"
-        resp = self._api("POST", f"/api/v2/dags/{self._q(dag_id)}/dagRuns",
-                         {"dag_run_id": run_id, "logical_date": None, "conf": conf or {}})
+        resp = self._api(
+            "POST",
+            f"/api/v2/dags/{self._q(dag_id)}/dagRuns",
+            {"dag_run_id": run_id, "logical_date": None, "conf": conf or {}},
+        )
         return resp["dag_run_id"]
 
     def run_state(self, dag_id: str, run_id: str) -> str:
@@ -439,14 +480,24 @@ class AirflowStack:
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         """task_id (``task_id[i]`` for mapped instances) -> state; 'none' before the scheduler set one."""
-        tis = self._get_all(f"/api/v2/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}/taskInstances",
-                            "task_instances")
-        return {(ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]"):
-                (ti["state"] or "none") for ti in tis}
+        tis = self._get_all(
+            f"/api/v2/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}/taskInstances", "task_instances"
+        )
+        return {
+            (ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]"): (
+                ti["state"] or "none"
+            )
+            for ti in tis
+        }
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300,
-                     on_progress: Callable[[dict[str, str]], None] | None = None,
-                     poll_interval: float = 1.0) -> str:
+    def wait_for_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        timeout: float = 300,
+        on_progress: Callable[[dict[str, str]], None] | None = None,
+        poll_interval: float = 1.0,
+    ) -> str:
         """Poll until the run ends; returns its final state. ``on_progress(states)`` gets every change.
 
         An api-server that is down or answers 5xx (e.g. during a fault test) is waited for, not an error.
@@ -471,14 +522,19 @@ class AirflowStack:
                     raise
                 state = f"unknown ({exc})"
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{dag_id} run {run_id} still {state} after {timeout}s; tasks {last}\n"
-                                   f"{self.dump_logs()}")
+                raise TimeoutError(
+                    f"{dag_id} run {run_id} still {state} after {timeout}s; tasks {last}\n{self.dump_logs()}"
+                )
             time.sleep(poll_interval)
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+    def xcom(
+        self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1
+    ) -> Any:
         """The XCom value as stored (JSON); Airflow-serialized types (tuples, ...) come back in serde form."""
-        path = (f"/api/v2/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}/taskInstances/{self._q(task_id)}"
-                f"/xcomEntries/{self._q(key)}?map_index={map_index}")
+        path = (
+            f"/api/v2/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}/taskInstances/{self._q(task_id)}"
+            f"/xcomEntries/{self._q(key)}?map_index={map_index}"
+        )
         return self._api("GET", path)["value"]
 
     # -------------------------------------------------------------------------------------------- logs
@@ -514,5 +570,8 @@ class AirflowStack:
     def dump_logs(self, lines: int = 40) -> str:
         """The last ``lines`` lines of each component log, for failure messages."""
         logs = [self.logs_dir / f"{name}.log" for name in ("db-migrate", *COMPONENTS)]
-        return "\n".join(f"===== {log.name} (last {lines} lines) =====\n{self._tail(log, lines)}"
-                         for log in logs if log.exists())
+        return "\n".join(
+            f"===== {log.name} (last {lines} lines) =====\n{self._tail(log, lines)}"
+            for log in logs
+            if log.exists()
+        )

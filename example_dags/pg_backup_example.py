@@ -27,14 +27,27 @@ DESTINATION = BACKUP_ROOT + "/{{ dag_run.run_after | ts_nodash }}"
 # (PostgreSQL does the same in basebackup.c, and cannot check it on a standby).
 EXCLUDES = " ".join(
     f"--exclude={p}"
-    for p in ("/pg_wal/*", "/postmaster.pid", "/postmaster.opts", "/pg_replslot/*", "/pg_dynshmem/*",
-              "/pg_notify/*", "/pg_serial/*", "/pg_snapshots/*", "/pg_stat_tmp/*", "/pg_subtrans/*",
-              "pgsql_tmp*", "/global/pg_control")
+    for p in (
+        "/pg_wal/*",
+        "/postmaster.pid",
+        "/postmaster.opts",
+        "/pg_replslot/*",
+        "/pg_dynshmem/*",
+        "/pg_notify/*",
+        "/pg_serial/*",
+        "/pg_snapshots/*",
+        "/pg_stat_tmp/*",
+        "/pg_subtrans/*",
+        "pgsql_tmp*",
+        "/global/pg_control",
+    )
 )
 # --delete: a cleared run copies again into the same folder; what its earlier attempt left there (a
 # backup_label above all) must go. Excluded paths are kept, and pg_control is overwritten next.
-COPY = (f"mkdir -p {DESTINATION} && rsync -a --delete {EXCLUDES} {PGDATA}/ {DESTINATION}/"
-        f" && rsync -a {PGDATA}/global/pg_control {DESTINATION}/global/")
+COPY = (
+    f"mkdir -p {DESTINATION} && rsync -a --delete {EXCLUDES} {PGDATA}/ {DESTINATION}/"
+    f" && rsync -a {PGDATA}/global/pg_control {DESTINATION}/global/"
+)
 
 with DAG(
     "pg_backup_example",

@@ -24,19 +24,42 @@ ATTEMPT = attempt_of(OWNER)
 
 def req(owner: str = OWNER, **kw) -> HoldRequest:
     """A hold request; the fixture's cluster does not archive WAL, so by default it opts out of the wait."""
-    return HoldRequest(**{"owner": owner, "attempt": attempt_of(owner), "label": f"test {owner}",
-                          "fast_checkpoint": True, "poll_interval": 1.0, "wait_for_archive": False, **kw})
+    return HoldRequest(
+        **{
+            "owner": owner,
+            "attempt": attempt_of(owner),
+            "label": f"test {owner}",
+            "fast_checkpoint": True,
+            "poll_interval": 1.0,
+            "wait_for_archive": False,
+            **kw,
+        }
+    )
 
 
 def backup_starts(cluster: LocalCluster) -> int:
     """How many times the server was asked to enter backup mode (log_statement = all)."""
-    return sum(("pg_backup_start(" in line or "pg_start_backup(" in line)
-               for line in cluster.log_text().splitlines() if "LOG:" in line)
+    return sum(
+        ("pg_backup_start(" in line or "pg_start_backup(" in line)
+        for line in cluster.log_text().splitlines()
+        if "LOG:" in line
+    )
 
 
 def row(cluster: LocalCluster) -> dict:
-    cols = ["state", "pid", "owner", "attempt", "label", "start_lsn", "stop_lsn", "timeline", "backup_label",
-            "tablespace_map", "error"]
+    cols = [
+        "state",
+        "pid",
+        "owner",
+        "attempt",
+        "label",
+        "start_lsn",
+        "stop_lsn",
+        "timeline",
+        "backup_label",
+        "tablespace_map",
+        "error",
+    ]
     found = cluster.sql(f"SELECT state::text, {', '.join(cols[1:])} FROM backup")
     return dict(zip(cols, found[0], strict=True)) if found else {}
 
@@ -45,8 +68,12 @@ def session_alive(cluster: LocalCluster, pid: int) -> bool:
     return bool(cluster.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]))
 
 
-async def gate(hook: PostgresBackupHook, attempt: str = ATTEMPT, timeout: float = 60, gate_timeout: float = 3600) -> dict:
-    return await asyncio.wait_for(wait_for_start(hook, attempt, poll_interval=0.5, timeout=gate_timeout), timeout)
+async def gate(
+    hook: PostgresBackupHook, attempt: str = ATTEMPT, timeout: float = 60, gate_timeout: float = 3600
+) -> dict:
+    return await asyncio.wait_for(
+        wait_for_start(hook, attempt, poll_interval=0.5, timeout=gate_timeout), timeout
+    )
 
 
 async def started(hook: PostgresBackupHook, r: HoldRequest) -> tuple[asyncio.Task, dict]:
@@ -57,9 +84,11 @@ async def started(hook: PostgresBackupHook, r: HoldRequest) -> tuple[asyncio.Tas
     return holder, opened
 
 
-async def finish(hook: PostgresBackupHook, attempt: str = ATTEMPT, start_lsn: str | None = None, timeout: float = 60,
-                 **kw) -> dict:
-    """The finish of ``attempt``; the copy "began" under ``start_lsn`` (default: that attempt's, from the table)."""
+async def finish(
+    hook: PostgresBackupHook, attempt: str = ATTEMPT, start_lsn: str | None = None, timeout: float = 60, **kw
+) -> dict:
+    """The finish of ``attempt``; the copy "began" under ``start_lsn`` (default: that attempt's, from the
+    table)."""
     if start_lsn is None:
         async with hook.connect() as conn:
             found = await hook.read(conn)
@@ -67,12 +96,14 @@ async def finish(hook: PostgresBackupHook, attempt: str = ATTEMPT, start_lsn: st
     return await asyncio.wait_for(finish_backup(hook, attempt, start_lsn, poll_interval=0.5, **kw), timeout)
 
 
-def copy_data_dir(source: Path, dest: Path, pg_control_first: bool = False,
-                  meanwhile: Callable[[], None] = lambda: None) -> None:
+def copy_data_dir(
+    source: Path, dest: Path, pg_control_first: bool = False, meanwhile: Callable[[], None] = lambda: None
+) -> None:
     """A file-system copy of ``source`` in two steps: everything a backup keeps (not the contents of
     pg_wal, pg_replslot, pg_stat_tmp; no pid files), then global/pg_control alone, last, as the README
     says (``pg_control_first`` swaps the steps, to show what the rule prevents). ``meanwhile`` runs
     between the steps."""
+
     def ignore(folder: str, names: list[str]) -> set[str]:
         if Path(folder).name in ("pg_wal", "pg_replslot", "pg_stat_tmp"):
             return set(names)
@@ -93,8 +124,9 @@ def copy_data_dir(source: Path, dest: Path, pg_control_first: bool = False,
     last()
 
 
-async def backup_events(hook: PostgresBackupHook, r: HoldRequest, copy: Callable[[], None] = lambda: None,
-                        timeout: float = 60) -> tuple[dict, dict]:
+async def backup_events(
+    hook: PostgresBackupHook, r: HoldRequest, copy: Callable[[], None] = lambda: None, timeout: float = 60
+) -> tuple[dict, dict]:
     """One whole backup through the session functions (hold, gate, ``copy()`` in a thread, finish),
     whatever its outcome: the holder's and the finish's events."""
     holder, opened = await started(hook, r)

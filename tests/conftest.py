@@ -69,8 +69,9 @@ class PgBouncer:
         libpq options through pgbouncer configure it; without it pgbouncer refuses such a client.
     """
 
-    def __init__(self, cluster: LocalCluster, folder: Path, conn_id: str, pool_mode: str,
-                 ignore_options: bool = True) -> None:
+    def __init__(
+        self, cluster: LocalCluster, folder: Path, conn_id: str, pool_mode: str, ignore_options: bool = True
+    ) -> None:
         self.cluster, self.folder, self.conn_id, self.pool_mode = cluster, folder, conn_id, pool_mode
         self.ignore_options = ignore_options
         self.port = free_port()
@@ -93,8 +94,12 @@ class PgBouncer:
         )
         give_to_server_user(self.folder)
         # Its own process group, so stop() ends pgbouncer and not only the runuser in front of it.
-        self.proc = subprocess.Popen(as_server_user([binary, str(self.folder / "pgbouncer.ini")]),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            as_server_user([binary, str(self.folder / "pgbouncer.ini")]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while True:
             with socket.socket() as s:
@@ -125,15 +130,20 @@ class PgBouncer:
 
 
 @pytest.fixture
-def pgbouncer(cluster: LocalCluster, tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., PgBouncer]]:
+def pgbouncer(
+    cluster: LocalCluster, tmp_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., PgBouncer]]:
     """Start pgbouncers in front of ``cluster``: ``pgbouncer(pool_mode, conn_id=..., ignore_options=...,
     **extra)`` returns a running one, reachable through the Airflow connection ``conn_id`` (with
     ``extra``); all are stopped at the end."""
     started: list[PgBouncer] = []
 
-    def start(pool_mode: str = "session", conn_id: str = "pg_pooled", ignore_options: bool = True,
-              **extra: str) -> PgBouncer:
-        bouncer = PgBouncer(cluster, tmp_root / f"pgbouncer-{len(started)}", conn_id, pool_mode, ignore_options)
+    def start(
+        pool_mode: str = "session", conn_id: str = "pg_pooled", ignore_options: bool = True, **extra: str
+    ) -> PgBouncer:
+        bouncer = PgBouncer(
+            cluster, tmp_root / f"pgbouncer-{len(started)}", conn_id, pool_mode, ignore_options
+        )
         started.append(bouncer)
         bouncer.start()
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", bouncer.airflow_conn_uri(**extra))

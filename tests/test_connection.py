@@ -27,21 +27,37 @@ def register(
     monkeypatch: pytest.MonkeyPatch, cluster: LocalCluster, conn_id: str, extra: dict[str, str]
 ) -> None:
     """Register ``conn_id`` (type postgres, the test password) with ``extra`` as its extra field."""
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
-        "conn_type": "postgres", "host": "127.0.0.1", "port": cluster.port, "login": SERVER_USER,
-        "password": PASSWORD, "schema": "postgres", "extra": extra,
-    }))
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{conn_id.upper()}",
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": "127.0.0.1",
+                "port": cluster.port,
+                "login": SERVER_USER,
+                "password": PASSWORD,
+                "schema": "postgres",
+                "extra": extra,
+            }
+        ),
+    )
 
 
 async def session_facts(hook: PostgresBackupHook) -> dict[str, object]:
     """What libpq and the server say about a session the hook opens (no purpose: its own name stays)."""
     async with hook.connect() as conn:
         params = conn.info.get_parameters()
-        cur = await conn.execute("SELECT current_setting('work_mem'), current_setting('search_path'),"
-                                 " (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())")
+        cur = await conn.execute(
+            "SELECT current_setting('work_mem'), current_setting('search_path'),"
+            " (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())"
+        )
         row = await cur.fetchone()
-        return {"sslmode": params.get("sslmode"), "connect_timeout": params.get("connect_timeout"),
-                "application_name": conn.info.parameter_status("application_name"), "row": row}
+        return {
+            "sslmode": params.get("sslmode"),
+            "connect_timeout": params.get("connect_timeout"),
+            "application_name": conn.info.parameter_status("application_name"),
+            "row": row,
+        }
 
 
 def test_a_connection_s_extras_reach_libpq(cluster, monkeypatch):
@@ -53,12 +69,15 @@ def test_a_connection_s_extras_reach_libpq(cluster, monkeypatch):
     assert facts["row"] == ("1234kB", "pg_catalog,pg_temp", False)
 
 
-@pytest.mark.parametrize("extra, names", [
-    # PostgresHook.get_aws_iam_token: the amazon provider is not installed here
-    ({"iam": "true"}, "apache-airflow-providers-amazon"),
-    # PostgresHook.get_azure_iam_token looks up the Azure connection
-    ({"iam": "true", "azure_conn_id": "pg_no_azure"}, "pg_no_azure"),
-])
+@pytest.mark.parametrize(
+    "extra, names",
+    [
+        # PostgresHook.get_aws_iam_token: the amazon provider is not installed here
+        ({"iam": "true"}, "apache-airflow-providers-amazon"),
+        # PostgresHook.get_azure_iam_token looks up the Azure connection
+        ({"iam": "true", "azure_conn_id": "pg_no_azure"}, "pg_no_azure"),
+    ],
+)
 def test_iam_tokens_come_from_postgres_hook(cluster, monkeypatch, extra, names):
     register(monkeypatch, cluster, "pg_iam", extra)
     with pytest.raises(BackupError) as err:

@@ -46,10 +46,11 @@ def label_files(backup: dict) -> dict[str, str | None]:
 def test_pg_control_read_matches_the_server(cluster):
     cluster.sql("CHECKPOINT")
     control = read_pg_control(cluster.datadir)
-    (sysid, version, catalog), = cluster.sql(
-        "SELECT system_identifier, pg_control_version, catalog_version_no FROM pg_control_system()")
-    (checkpoint,), = cluster.sql("SELECT checkpoint_lsn::text FROM pg_control_checkpoint()")
-    (block_size,), = cluster.sql("SELECT database_block_size FROM pg_control_init()")
+    ((sysid, version, catalog),) = cluster.sql(
+        "SELECT system_identifier, pg_control_version, catalog_version_no FROM pg_control_system()"
+    )
+    ((checkpoint,),) = cluster.sql("SELECT checkpoint_lsn::text FROM pg_control_checkpoint()")
+    ((block_size,),) = cluster.sql("SELECT database_block_size FROM pg_control_init()")
     assert control.system_identifier == sysid % (1 << 64)
     assert control.pg_control_version == version
     assert control.catalog_version_no == catalog
@@ -59,7 +60,8 @@ def test_pg_control_read_matches_the_server(cluster):
 
 
 def test_pg_control_is_read_in_the_byte_order_of_the_file(cluster, tmp_root):
-    """A big-endian server's pg_control (the fields this reader uses swapped, CRC recomputed) reads the same."""
+    """A big-endian server's pg_control (the fields this reader uses swapped, CRC recomputed) reads the
+    same."""
     raw = bytearray((cluster.datadir / "global" / "pg_control").read_bytes())
     little = read_pg_control(cluster.datadir)
     for offset, fmt in ((0, "Q"), (8, "I"), (12, "I"), (32, "Q"), (216, "I")):
@@ -73,14 +75,21 @@ def test_pg_control_is_read_in_the_byte_order_of_the_file(cluster, tmp_root):
     big = read_pg_control(tmp_root / "big")
     assert big.byte_order == ">"
     assert (big.system_identifier, big.pg_control_version, big.checkpoint, big.blcksz) == (
-        little.system_identifier, little.pg_control_version, little.checkpoint, little.blcksz)
+        little.system_identifier,
+        little.pg_control_version,
+        little.checkpoint,
+        little.blcksz,
+    )
 
 
-@pytest.mark.parametrize("damage, error", [
-    ("flip a byte the CRC covers", "fails its CRC check"),
-    ("truncate", "not a whole pg_control"),
-    ("unknown version, CRC recomputed", "has pg_control_version 1100"),
-])
+@pytest.mark.parametrize(
+    "damage, error",
+    [
+        ("flip a byte the CRC covers", "fails its CRC check"),
+        ("truncate", "not a whole pg_control"),
+        ("unknown version, CRC recomputed", "has pg_control_version 1100"),
+    ],
+)
 def test_damaged_pg_control_is_refused(cluster, tmp_root, damage, error):
     cluster.sql("CHECKPOINT")
     copy = tmp_root / "copy"
@@ -132,8 +141,14 @@ def two_backups(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Two
     archive = tmp_root / "archive"
     archive.mkdir()
     give_to_server_user(archive)
-    cluster = LocalCluster(tmp_root / "data").init(password=PASSWORD, settings={
-        "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "autovacuum": "off"}).start()
+    cluster = (
+        LocalCluster(tmp_root / "data")
+        .init(
+            password=PASSWORD,
+            settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "autovacuum": "off"},
+        )
+        .start()
+    )
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
     try:
         cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
@@ -152,14 +167,27 @@ def two_backups(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Two
 def test_store_refuses_the_copy_of_a_later_backup_with_an_earlier_label(two_backups):
     b = two_backups
     with pytest.raises(CopyMismatch) as refused:
-        store_label(b.copy2, label_files(b.first), local_copy=b.copy2,
-                    system_identifier=b.first["system_identifier"], stop_lsn=b.first["stop_lsn"])
+        store_label(
+            b.copy2,
+            label_files(b.first),
+            local_copy=b.copy2,
+            system_identifier=b.first["system_identifier"],
+            stop_lsn=b.first["stop_lsn"],
+        )
     checkpoint = format_lsn(read_pg_control(b.copy2).checkpoint)
-    assert f"its last checkpoint is {checkpoint}, at or past this backup's stop LSN {b.first['stop_lsn']}" in str(refused.value)
+    assert (
+        f"its last checkpoint is {checkpoint}, at or past this backup's stop LSN {b.first['stop_lsn']}"
+        in str(refused.value)
+    )
     assert not (b.copy2 / "backup_label").exists()
     # Its own label is accepted.
-    store_label(b.copy2, label_files(b.second), local_copy=b.copy2,
-                system_identifier=b.second["system_identifier"], stop_lsn=b.second["stop_lsn"])
+    store_label(
+        b.copy2,
+        label_files(b.second),
+        local_copy=b.copy2,
+        system_identifier=b.second["system_identifier"],
+        stop_lsn=b.second["stop_lsn"],
+    )
     assert (b.copy2 / "backup_label").read_text() == b.second["backup_label"]
 
 
@@ -184,8 +212,13 @@ def test_store_removes_label_files_an_earlier_attempt_left_and_logs_it(two_backu
     (b.copy2 / "backup_label").write_text(b.first["backup_label"])
     (b.copy2 / "tablespace_map").write_text("16390 /srv/space1\n")
     with caplog.at_level(logging.INFO, logger="pg_safe_backup.files.label"):
-        written = store_label(b.copy2, label_files(b.second), local_copy=b.copy2,
-                              system_identifier=b.second["system_identifier"], stop_lsn=b.second["stop_lsn"])
+        written = store_label(
+            b.copy2,
+            label_files(b.second),
+            local_copy=b.copy2,
+            system_identifier=b.second["system_identifier"],
+            stop_lsn=b.second["stop_lsn"],
+        )
     assert written == {"backup_label": str(b.copy2 / "backup_label")}
     assert (b.copy2 / "backup_label").read_text() == b.second["backup_label"]
     assert not (b.copy2 / "tablespace_map").exists()
@@ -207,12 +240,15 @@ def test_store_says_why_it_skips_the_copy_check(two_backups, tmp_root, caplog):
     labels_only = tmp_root / "labels_only"
     with caplog.at_level(logging.INFO, logger="pg_safe_backup.files.label"):
         store_label(bucket, files, local_copy=None, system_identifier=None, stop_lsn=b.second["stop_lsn"])
-        store_label(labels_only, files, local_copy=labels_only, system_identifier=None, stop_lsn=b.second["stop_lsn"])
+        store_label(
+            labels_only, files, local_copy=labels_only, system_identifier=None, stop_lsn=b.second["stop_lsn"]
+        )
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not checking")]
     assert skipped == [
         f"not checking that the copy in {bucket} belongs to this backup: it is in an object store, whose"
         " global/pg_control is not read here",
-        f"not checking that the copy in {labels_only} belongs to this backup: it has no global/pg_control (is the"
+        f"not checking that the copy in {labels_only} belongs to this backup: it has no global/pg_control "
+        "(is the"
         " data directory copied somewhere else?)",
     ]
     assert (bucket / "backup_label").read_text() == b.second["backup_label"]

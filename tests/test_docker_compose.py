@@ -32,8 +32,9 @@ def test_volumes_are_declared_and_shared_where_the_backup_needs_them(compose):
     pgdata = services["postgres"]["environment"]["PGDATA"]
     data_volume = next(v for target, v in pg.items() if pgdata.startswith(target))
     copy_source = services["airflow"]["environment"]["PGDATA_SOURCE"]
-    assert any(copy_source.startswith(t) and v == data_volume for t, v in airflow.items()), \
+    assert any(copy_source.startswith(t) and v == data_volume for t, v in airflow.items()), (
         "the copy task cannot see the PostgreSQL data directory"
+    )
     archive_dir = re.search(r"cp %p (\S+)/%f", " ".join(services["postgres"]["command"])).group(1)
     assert pg.get(archive_dir) == "wal_archive" and airflow.get(archive_dir) == "wal_archive"
     assert "backups" in airflow.values()
@@ -54,8 +55,14 @@ def test_dependencies_exist_and_airflow_is_configured_for_the_example(compose):
     assert services["airflow"]["user"].split(":")[0] == "999"  # the postgres image's uid: reads PGDATA
 
 
-@pytest.mark.skipif(not shutil.which("docker-compose"), reason="docker-compose (Debian package) not installed")
+@pytest.mark.skipif(
+    not shutil.which("docker-compose"), reason="docker-compose (Debian package) not installed"
+)
 def test_docker_compose_config_accepts_the_file():
-    out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr

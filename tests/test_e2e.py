@@ -34,18 +34,27 @@ def env() -> Iterator[dict]:
     for d in (archive, space, backups):
         d.mkdir()
         give_to_server_user(d)
-    cluster = LocalCluster(root / "pg" / "data").init(password=PASSWORD, settings={
-        "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'"}).start()
+    cluster = (
+        LocalCluster(root / "pg" / "data")
+        .init(password=PASSWORD, settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'"})
+        .start()
+    )
     stack = None
     try:
         cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{space}'")
         cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text NOT NULL)")
         cluster.sql("CREATE TABLE spaced (id bigint PRIMARY KEY, v text NOT NULL) TABLESPACE space1")
-        stack = AirflowStack(root / "airflow", DAGS, extra_env={
-            "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
-            "E2E_PGDATA": str(cluster.datadir), "E2E_BACKUP_ROOT": str(backups), "E2E_WAL_ARCHIVE": str(archive),
-            "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
-        })
+        stack = AirflowStack(
+            root / "airflow",
+            DAGS,
+            extra_env={
+                "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
+                "E2E_PGDATA": str(cluster.datadir),
+                "E2E_BACKUP_ROOT": str(backups),
+                "E2E_WAL_ARCHIVE": str(archive),
+                "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
+            },
+        )
         stack.start(expect_dag_ids=["e2e_backup", "e2e_copy_fails"])
         yield {"cluster": cluster, "stack": stack, "archive": archive, "backups": backups, "root": root}
     finally:
@@ -68,9 +77,12 @@ def completed_backup(env) -> dict:
     stack = env["stack"]
     assert state == "success", failure_report(stack, "e2e_backup", "e2e_ok", tasks)
     wait_archived(cluster)
-    return {"dir": env["backups"] / "e2e_ok", "committed": committed,
-            "xcom": stack.xcom("e2e_backup", "e2e_ok", "backup.finish_backup"),
-            "verified": stack.xcom("e2e_backup", "e2e_ok", "verify_backup")}
+    return {
+        "dir": env["backups"] / "e2e_ok",
+        "committed": committed,
+        "xcom": stack.xcom("e2e_backup", "e2e_ok", "backup.finish_backup"),
+        "verified": stack.xcom("e2e_backup", "e2e_ok", "verify_backup"),
+    }
 
 
 def test_backup_under_write_load_with_tablespace_restores(env, completed_backup):
@@ -86,8 +98,12 @@ def test_backup_under_write_load_with_tablespace_restores(env, completed_backup)
     assert completed_backup["verified"]["ok"] and completed_backup["verified"]["summary"].startswith("PASS")
 
     # Replay the whole archive: every row committed before pg_backup_stop returned must be there.
-    result = verify_backup(backup_dir, env["archive"], recovery_target_immediate=False,
-                           invariant_sql=invariant_sql(TABLES, completed_backup["committed"]))
+    result = verify_backup(
+        backup_dir,
+        env["archive"],
+        recovery_target_immediate=False,
+        invariant_sql=invariant_sql(TABLES, completed_backup["committed"]),
+    )
     assert result.ok, result.summary()
 
 
@@ -98,8 +114,13 @@ def test_negative_control_same_copy_without_backup_label_fails(env, completed_ba
     (unlabeled / "backup_label").unlink()
     assert not verify_backup(unlabeled, env["archive"]).ok  # refused outright: no backup_label
     # And checked anyway, the data checks catch what recovery from the wrong checkpoint lost.
-    result = verify_backup(unlabeled, env["archive"], recovery_target_immediate=False, require_backup_label=False,
-                           invariant_sql=invariant_sql(TABLES, completed_backup["committed"]))
+    result = verify_backup(
+        unlabeled,
+        env["archive"],
+        recovery_target_immediate=False,
+        require_backup_label=False,
+        invariant_sql=invariant_sql(TABLES, completed_backup["committed"]),
+    )
     assert not result.ok, "a copy without its backup_label passed the restore check"
     assert "has no backup_label" not in result.summary(), result.summary()  # failed in recovery or the data
 
@@ -119,4 +140,5 @@ def test_copy_failure_ends_backup_and_fails_run(env, completed_backup):
     assert not (env["backups"] / "e2e_broken" / "backup_label").exists()
     assert holder_sessions(cluster) == 0
     assert "aborting backup" in cluster.log_text() or "backup mode ended" in env["stack"].task_log(
-        "e2e_copy_fails", "e2e_broken", "backup.hold_backup_session")
+        "e2e_copy_fails", "e2e_broken", "backup.hold_backup_session"
+    )

@@ -23,8 +23,12 @@ pytestmark = pytest.mark.e2e
 
 DAGS = Path(__file__).parent / "e2e_rerun_dags"
 PASSWORD = "e2e-Rerun-Pa55"
-HOLD, GATE, COPY, FINISH = ("backup.hold_backup_session", "backup.wait_for_backup_mode", "backup.copy_cluster",
-                            "backup.finish_backup")
+HOLD, GATE, COPY, FINISH = (
+    "backup.hold_backup_session",
+    "backup.wait_for_backup_mode",
+    "backup.copy_cluster",
+    "backup.finish_backup",
+)
 STORE, VERIFY = "store_backup_label", "verify_backup"
 CLUSTER_NAMES = ("main", "x", "y", "z")
 
@@ -44,19 +48,45 @@ def env() -> Iterator[dict]:
             archive = root / f"wal_archive_{name}"
             archive.mkdir()
             give_to_server_user(archive)
-            c = clusters[name] = LocalCluster(root / f"pg_{name}" / "data").init(password=PASSWORD, settings={
-                "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "log_statement": "'all'"}).start()
+            c = clusters[name] = (
+                LocalCluster(root / f"pg_{name}" / "data")
+                .init(
+                    password=PASSWORD,
+                    settings={
+                        "archive_mode": "on",
+                        "archive_command": f"'cp %p {archive}/%f'",
+                        "log_statement": "'all'",
+                    },
+                )
+                .start()
+            )
             c.sql("CREATE TABLE who (id int PRIMARY KEY, cluster text NOT NULL)")
             c.sql("INSERT INTO who SELECT g, %s FROM generate_series(1, 1000) g", [name])
             described[name] = {"conn_id": f"pg_{name}", "pgdata": str(c.datadir), "wal_archive": str(archive)}
-        stack = AirflowStack(root / "airflow", DAGS, extra_env={
-            **{f"AIRFLOW_CONN_PG_{n.upper()}": c.airflow_conn_uri(password=PASSWORD) for n, c in clusters.items()},
-            "E2E_CLUSTERS": json.dumps(described), "E2E_BACKUP_ROOT": str(backups),
-            "E2E_FAIL_ONCE": str(root / "fail_once"),
-            "AIRFLOW__CORE__PARALLELISM": "12",  # three mapped groups: gates and finishes wait in worker slots
-        })
-        stack.start(expect_dag_ids=["e2e_rerun_clear", "e2e_rerun_hold", "e2e_nested_groups", "e2e_mapped_group",
-                                    "e2e_wrong_gate"])
+        stack = AirflowStack(
+            root / "airflow",
+            DAGS,
+            extra_env={
+                **{
+                    f"AIRFLOW_CONN_PG_{n.upper()}": c.airflow_conn_uri(password=PASSWORD)
+                    for n, c in clusters.items()
+                },
+                "E2E_CLUSTERS": json.dumps(described),
+                "E2E_BACKUP_ROOT": str(backups),
+                "E2E_FAIL_ONCE": str(root / "fail_once"),
+                # three mapped groups: gates and finishes wait in worker slots
+                "AIRFLOW__CORE__PARALLELISM": "12",
+            },
+        )
+        stack.start(
+            expect_dag_ids=[
+                "e2e_rerun_clear",
+                "e2e_rerun_hold",
+                "e2e_nested_groups",
+                "e2e_mapped_group",
+                "e2e_wrong_gate",
+            ]
+        )
         yield {"clusters": clusters, "stack": stack, "backups": backups, "root": root}
     finally:
         if stack:
@@ -67,6 +97,7 @@ def env() -> Iterator[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
 
 def backup_starts(cluster: LocalCluster) -> int:
     """pg_backup_start calls in the server log (log_statement = all)."""
@@ -79,7 +110,9 @@ def system_identifier(cluster: LocalCluster) -> int:
 
 def backup_row(cluster: LocalCluster) -> dict:
     cols = ("state", "owner", "attempt", "error", "backup_label", "system_identifier")
-    rows = cluster.sql("SELECT state::text, owner, attempt, error, backup_label, system_identifier FROM backup")
+    rows = cluster.sql(
+        "SELECT state::text, owner, attempt, error, backup_label, system_identifier FROM backup"
+    )
     assert len(rows) == 1, rows
     return dict(zip(cols, rows[0], strict=True))
 
@@ -89,18 +122,31 @@ def run(stack: AirflowStack, dag_id: str, run_id: str) -> tuple[str, dict[str, s
     return stack.wait_for_run(dag_id, run_id, timeout=240), stack.task_states(dag_id, run_id)
 
 
-def clear(stack: AirflowStack, dag_id: str, run_id: str, task_ids: list[str] | None = None,
-          include_downstream: bool = False) -> list[str]:
-    """Clear task instances of one run as the UI does (POST clearTaskInstances); returns the cleared task ids."""
-    body: dict = {"dry_run": False, "dag_run_id": run_id, "only_failed": False, "reset_dag_runs": True,
-                  "include_downstream": include_downstream}
+def clear(
+    stack: AirflowStack,
+    dag_id: str,
+    run_id: str,
+    task_ids: list[str] | None = None,
+    include_downstream: bool = False,
+) -> list[str]:
+    """Clear task instances of one run as the UI does (POST clearTaskInstances); returns the cleared task
+    ids."""
+    body: dict = {
+        "dry_run": False,
+        "dag_run_id": run_id,
+        "only_failed": False,
+        "reset_dag_runs": True,
+        "include_downstream": include_downstream,
+    }
     if task_ids is not None:
         body["task_ids"] = task_ids
     resp = stack._api("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances", body)
     return sorted(ti["task_id"] for ti in resp["task_instances"])
 
 
-def wait_rerun(stack: AirflowStack, dag_id: str, run_id: str, timeout: float = 240) -> tuple[str, dict[str, str]]:
+def wait_rerun(
+    stack: AirflowStack, dag_id: str, run_id: str, timeout: float = 240
+) -> tuple[str, dict[str, str]]:
     """After a clear: wait until the run is running again, then until it ends."""
     deadline = time.monotonic() + 30
     while stack.run_state(dag_id, run_id) in FINAL_RUN_STATES and time.monotonic() < deadline:
@@ -108,7 +154,9 @@ def wait_rerun(stack: AirflowStack, dag_id: str, run_id: str, timeout: float = 2
     return stack.wait_for_run(dag_id, run_id, timeout=timeout), stack.task_states(dag_id, run_id)
 
 
-def log_of(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, expected: str, timeout: float = 15) -> str:
+def log_of(
+    stack: AirflowStack, dag_id: str, run_id: str, task_id: str, expected: str, timeout: float = 15
+) -> str:
     deadline = time.monotonic() + timeout
     while True:
         text = stack.task_log(dag_id, run_id, task_id)
@@ -117,8 +165,11 @@ def log_of(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, expected
         time.sleep(0.5)
 
 
-def restored(stack: AirflowStack, dag_id: str, run_id: str, task_id: str = VERIFY, map_index: int = -1) -> str:
-    """The DAG's own restore check passed: recovery, amcheck, and the invariant (the copy holds exactly the 1000
+def restored(
+    stack: AirflowStack, dag_id: str, run_id: str, task_id: str = VERIFY, map_index: int = -1
+) -> str:
+    """The DAG's own restore check passed: recovery, amcheck, and the invariant (the copy holds exactly the
+    1000
     rows of the cluster it belongs to, see e2e_rerun_dags.INVARIANT). Returns its summary."""
     result = stack.xcom(dag_id, run_id, task_id, map_index=map_index)
     summary = result["summary"] if isinstance(result, dict) else result
@@ -129,12 +180,16 @@ def restored(stack: AirflowStack, dag_id: str, run_id: str, task_id: str = VERIF
 def nothing_in_backup_mode(env: dict) -> None:
     for name, c in env["clusters"].items():
         assert holder_sessions(c) == 0, f"{name}: a holder session is still open"
-        live = c.sql("SELECT count(*) FROM backup WHERE state IN ('running', 'done')") if c.sql(
-            "SELECT to_regclass('backup')")[0][0] else [(0,)]
+        live = (
+            c.sql("SELECT count(*) FROM backup WHERE state IN ('running', 'done')")
+            if c.sql("SELECT to_regclass('backup')")[0][0]
+            else [(0,)]
+        )
         assert live == [(0,)], f"{name}: a backup is still running"
 
 
 # --------------------------------------------------------------------------------------------------- cases
+
 
 def test_clearing_a_failed_run_takes_a_new_backup_that_restores(env):
     stack, cluster = env["stack"], env["clusters"]["main"]
@@ -190,7 +245,8 @@ def test_clearing_only_the_hold_of_a_completed_run_leaves_nothing_in_backup_mode
 
 
 def test_re_running_the_copy_of_a_completed_run_reports_no_label(env):
-    """The copy re-runs after the backup ended: its gate cannot open, so the finish has no label to give and the
+    """The copy re-runs after the backup ended: its gate cannot open, so the finish has no label to give and
+    the
     store writes nothing (it wrote the right label the first time, and that one stays)."""
     stack, cluster = env["stack"], env["clusters"]["main"]
     dag_id, run_id = "e2e_rerun_hold", "completed_then_copy_cleared"
@@ -211,16 +267,27 @@ def test_re_running_the_copy_of_a_completed_run_reports_no_label(env):
     gate_log = log_of(stack, dag_id, run_id, GATE, "already complete")
     assert "this run's backup already complete before its copy could start" in gate_log, report
     finish_log = log_of(stack, dag_id, run_id, FINISH, "did not open")
-    assert f"the gate {GATE} did not open (failed), so no copy ran under a backup of this run" in finish_log, report
+    assert (
+        f"the gate {GATE} did not open (failed), so no copy ran under a backup of this run" in finish_log
+    ), report
     assert label_file.read_text() == first_label and label_file.stat().st_mtime_ns == first_mtime
     assert backup_row(cluster) == done
     assert backup_starts(cluster) == starts
     nothing_in_backup_mode(env)
 
 
-def assert_own_backup(env: dict, dag_id: str, run_id: str, cluster_name: str, key: str, map_index: int,
-                      destination: Path, check_task: str) -> int:
-    """Cluster ``cluster_name``'s backup is this group's (owner), complete, of this cluster (system identifier,
+def assert_own_backup(
+    env: dict,
+    dag_id: str,
+    run_id: str,
+    cluster_name: str,
+    key: str,
+    map_index: int,
+    destination: Path,
+    check_task: str,
+) -> int:
+    """Cluster ``cluster_name``'s backup is this group's (owner), complete, of this cluster (system
+    identifier,
     which the store task also checked against the copy's pg_control), stored with its own label, and restored.
     Returns the system identifier."""
     stack, cluster = env["stack"], env["clusters"][cluster_name]
@@ -240,9 +307,19 @@ def test_nested_groups_with_the_same_id_take_two_backups(env):
     dag_id, run_id = "e2e_nested_groups", "nested"
     state, tasks = run(stack, dag_id, run_id)
     assert state == "success", failure_report(stack, dag_id, run_id, tasks)
-    systems = {assert_own_backup(env, dag_id, run_id, name, f"{parent}.backup", -1,
-                                 env["backups"] / dag_id / run_id / parent, f"{parent}.{VERIFY}")
-               for parent, name in (("east", "x"), ("west", "y"))}
+    systems = {
+        assert_own_backup(
+            env,
+            dag_id,
+            run_id,
+            name,
+            f"{parent}.backup",
+            -1,
+            env["backups"] / dag_id / run_id / parent,
+            f"{parent}.{VERIFY}",
+        )
+        for parent, name in (("east", "x"), ("west", "y"))
+    }
     assert len(systems) == 2
     nothing_in_backup_mode(env)
 
@@ -252,28 +329,49 @@ def test_a_mapped_group_over_three_clusters_takes_three_backups(env):
     dag_id, run_id = "e2e_mapped_group", "mapped"
     state, tasks = run(stack, dag_id, run_id)
     assert state == "success", failure_report(stack, dag_id, run_id, tasks)
-    systems = {assert_own_backup(env, dag_id, run_id, name, "clusters.backup", index,
-                                 env["backups"] / dag_id / run_id / str(index), "clusters.check_restore")
-               for index, name in enumerate(("x", "y", "z"))}
+    systems = {
+        assert_own_backup(
+            env,
+            dag_id,
+            run_id,
+            name,
+            "clusters.backup",
+            index,
+            env["backups"] / dag_id / run_id / str(index),
+            "clusters.check_restore",
+        )
+        for index, name in enumerate(("x", "y", "z"))
+    }
     assert len(systems) == 3
     nothing_in_backup_mode(env)
 
 
 def test_a_finish_wired_to_the_wrong_gate_fails_naming_gate_task_id_and_the_backup_is_ended(env):
-    """Without the gate's start LSN and attempt the finish cannot tell which backup the copy ran under: it fails
+    """Without the gate's start LSN and attempt the finish cannot tell which backup the copy ran under: it
+    fails
     naming gate_task_id, and the holder, seeing its finish ended, fails the backup and ends backup mode."""
     stack, cluster = env["stack"], env["clusters"]["main"]
     dag_id, run_id = "e2e_wrong_gate", "wrong_gate"
     state, tasks = run(stack, dag_id, run_id)
     report = failure_report(stack, dag_id, run_id, tasks)
     assert state == "failed", report
-    assert tasks == {"hold": "failed", "gate": "success", "copy": "success", "not_the_gate": "success",
-                     "finish": "failed"}, report
+    assert tasks == {
+        "hold": "failed",
+        "gate": "success",
+        "copy": "success",
+        "not_the_gate": "success",
+        "finish": "failed",
+    }, report
     finish_log = log_of(stack, dag_id, run_id, "finish", "gate_task_id")
-    assert "gate_task_id='not_the_gate' succeeded but published no start_lsn and attempt" in finish_log, report
+    assert "gate_task_id='not_the_gate' succeeded but published no start_lsn and attempt" in finish_log, (
+        report
+    )
     hold_log = log_of(stack, dag_id, run_id, "hold", "nothing would end this backup")
-    assert "backup not taken: this run's finish already ended (failed): nothing would end this backup; backup mode" \
-        " ended" in hold_log, report
+    assert (
+        "backup not taken: this run's finish already ended (failed): nothing would end this backup; backup "
+        "mode"
+        " ended" in hold_log
+    ), report
     row = backup_row(cluster)
     assert row["state"] == "failed" and row["owner"] == f"{dag_id}/{run_id}/by_hand", row
     assert row["backup_label"] is None

@@ -26,8 +26,17 @@ NEXT = "nightly/run2/backup"
 
 def req(owner: str = OWNER, **kw) -> HoldRequest:
     """A hold request; the fixture's cluster does not archive WAL, so by default it opts out of the wait."""
-    return HoldRequest(**{"owner": owner, "attempt": attempt_of(owner), "label": f"faults {owner}",
-                          "fast_checkpoint": True, "poll_interval": 0.5, "wait_for_archive": False, **kw})
+    return HoldRequest(
+        **{
+            "owner": owner,
+            "attempt": attempt_of(owner),
+            "label": f"faults {owner}",
+            "fast_checkpoint": True,
+            "poll_interval": 0.5,
+            "wait_for_archive": False,
+            **kw,
+        }
+    )
 
 
 def table_row(cluster: LocalCluster) -> tuple:
@@ -35,7 +44,9 @@ def table_row(cluster: LocalCluster) -> tuple:
 
 
 def holder_sessions(cluster: LocalCluster) -> int:
-    return cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'")[0][0]
+    return cluster.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'"
+    )[0][0]
 
 
 async def gate(hook: PostgresBackupHook, owner: str = OWNER) -> dict:
@@ -67,16 +78,23 @@ async def wait_until(predicate, timeout: float = 15) -> None:
 
 # -- bad input ------------------------------------------------------------------------------------
 
+
 def test_unknown_connection_id_is_named():
-    for result in (asyncio.run(hold_backup(PostgresBackupHook("no_such_conn"), req())),
-                   asyncio.run(wait_for_start(PostgresBackupHook("no_such_conn"), attempt_of(OWNER)))):
+    for result in (
+        asyncio.run(hold_backup(PostgresBackupHook("no_such_conn"), req())),
+        asyncio.run(wait_for_start(PostgresBackupHook("no_such_conn"), attempt_of(OWNER))),
+    ):
         assert result["status"] == FAILED and "postgres_conn_id 'no_such_conn'" in result["message"]
 
 
 def test_unreachable_host(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_PG_DOWN", f"postgres://u:{PASSWORD}@127.0.0.1:{free_port()}/postgres")
     result = asyncio.run(hold_backup(PostgresBackupHook("pg_down"), req()))
-    assert result["status"] == FAILED and "cannot connect" in result["message"] and "'pg_down'" in result["message"]
+    assert (
+        result["status"] == FAILED
+        and "cannot connect" in result["message"]
+        and "'pg_down'" in result["message"]
+    )
     assert PASSWORD not in str(result)
 
 
@@ -88,16 +106,19 @@ def test_hostile_table_names_refused(table):
 
 def test_hostile_label_is_stored_verbatim(hook, cluster):
     label = """it's "quoted"; DROP TABLE backup; -- $$ \\ end"""
+
     async def go():
         holder = asyncio.create_task(hold_backup(hook, req(label=label)))
         await gate(hook)
         await finish(hook)
         return await holder
+
     assert asyncio.run(go())["status"] == COMPLETE
     assert parse_backup_label(table_row(cluster)[3])["LABEL"] == label
 
 
 # -- the holder's session or the server goes away -------------------------------------------------
+
 
 def test_server_restart_mid_backup_is_detected_and_next_backup_works(hook, cluster):
     async def go():
@@ -107,6 +128,7 @@ def test_server_restart_mid_backup_is_detected_and_next_backup_works(hook, clust
         lost = await asyncio.wait_for(holder, 30)
         await asyncio.to_thread(cluster.start)
         return lost, await finish(hook)
+
     lost, late_finish = asyncio.run(go())
     assert lost["status"] == FAILED and "session holding backup mode was lost" in lost["message"]
     assert late_finish["status"] == FAILED
@@ -127,12 +149,14 @@ class Proxy:
     async def _handle(self, reader, writer) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.writers += [writer, up_writer]
+
         async def pipe(src, dst):
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
                     dst.write(data)
                     await dst.drain()
             dst.close()
+
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     def cut(self) -> None:
@@ -146,18 +170,23 @@ def test_network_cut_detected_within_seconds(hook, cluster, monkeypatch):
     async def go():
         proxy = Proxy(cluster.port)
         await proxy.start()
-        monkeypatch.setenv("AIRFLOW_CONN_PG_PROXY", f"postgres://postgres:{PASSWORD}@127.0.0.1:{proxy.port}/postgres")
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_PG_PROXY", f"postgres://postgres:{PASSWORD}@127.0.0.1:{proxy.port}/postgres"
+        )
         holder = asyncio.create_task(hold_backup(PostgresBackupHook("pg_proxy"), req(backup_timeout=600)))
         await gate(hook)
         proxy.cut()
         lost = await asyncio.wait_for(holder, 30)  # the backup_timeout (600 s) plays no part
         await wait_until(lambda: holder_sessions(cluster) == 0)
         return lost, await finish(hook)
+
     lost, late_finish = asyncio.run(go())
     assert lost["status"] == FAILED and "lost" in lost["message"]
     assert late_finish["status"] == FAILED and table_row(cluster)[0] == "failed"
-    assert re.search("aborting backup due to backend exiting before pg_(backup_stop|stop_backup) was called",
-                     cluster.log_text())
+    assert re.search(
+        "aborting backup due to backend exiting before pg_(backup_stop|stop_backup) was called",
+        cluster.log_text(),
+    )
     assert_next_backup_runs(hook, cluster)
 
 
@@ -170,11 +199,15 @@ def test_lost_backup_session_wakes_a_holder_at_once(cluster, monkeypatch):
     async def go():
         holder = asyncio.create_task(hold_backup(hook, req(poll_interval=600)))
         await gate(hook)
-        killed = await asyncio.to_thread(cluster.sql, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                                         " WHERE application_name = 'pg_safe_backup holder backup session'")
+        killed = await asyncio.to_thread(
+            cluster.sql,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'pg_safe_backup holder backup session'",
+        )
         t0 = asyncio.get_running_loop().time()
         lost = await asyncio.wait_for(holder, 30)
         return killed, asyncio.get_running_loop().time() - t0, lost
+
     killed, took, lost = asyncio.run(go())
     assert killed == [(True,)]
     assert lost["status"] == FAILED and "lost" in lost["message"] and took < 5, (took, lost)
@@ -185,15 +218,21 @@ def test_lost_backup_session_wakes_a_holder_at_once(cluster, monkeypatch):
 def test_a_holder_whose_row_names_another_live_session_fails_its_own_row(hook, cluster):
     """What a pooler did to a holder: its row named a server session that is not its own, so it ended
     backup mode but left the row `running` with a live-looking holder, and the gate opened on it."""
+
     async def go():
         holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=0)))
         await gate(hook)
         async with await psycopg.AsyncConnection.connect(**cluster.conninfo(), autocommit=True) as other:
             await asyncio.to_thread(
-                hand_over_row, cluster, "attempt = %s, pid = a.pid, holder_started_at = a.backend_start"
-                " FROM pg_stat_activity a WHERE a.pid = %s", [attempt_of(OWNER), other.info.backend_pid])
+                hand_over_row,
+                cluster,
+                "attempt = %s, pid = a.pid, holder_started_at = a.backend_start"
+                " FROM pg_stat_activity a WHERE a.pid = %s",
+                [attempt_of(OWNER), other.info.backend_pid],
+            )
             held = await asyncio.wait_for(holder, 30)
             return held, await gate(hook)  # that other session still alive
+
     held, reopened = asyncio.run(go())
     assert held["status"] == FAILED and "taken over" in held["message"]
     state, error, owner, label = table_row(cluster)
@@ -204,14 +243,17 @@ def test_a_holder_whose_row_names_another_live_session_fails_its_own_row(hook, c
 
 
 def test_cancelled_holder_marks_failed_and_next_backup_starts(hook, cluster):
-    """A cleared holder task (or one marked failed by hand): Airflow cancels its trigger (no backup_timeout set).
+    """A cleared holder task (or one marked failed by hand): Airflow cancels its trigger (no backup_timeout
+    set).
     Pausing the DAG does not: the run and its backup go on."""
+
     async def go():
         holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=0)))
         await gate(hook)
         holder.cancel()
         with pytest.raises(asyncio.CancelledError):
             await holder
+
     asyncio.run(go())
     state, error, owner, _ = table_row(cluster)
     assert (state, owner) == ("failed", OWNER) and "cancelled" in error
@@ -221,16 +263,22 @@ def test_cancelled_holder_marks_failed_and_next_backup_starts(hook, cluster):
 
 # -- WAL archiving ------------------------------------------------------------------------------
 
+
 def test_broken_archiving_is_bounded_by_backup_timeout_and_named(tmp_root, monkeypatch):
-    cluster = LocalCluster(tmp_root / "noarchive").init(
-        password=PASSWORD, settings={"archive_mode": "on", "archive_command": "'/bin/false'"}).start()
+    cluster = (
+        LocalCluster(tmp_root / "noarchive")
+        .init(password=PASSWORD, settings={"archive_mode": "on", "archive_command": "'/bin/false'"})
+        .start()
+    )
     try:
         monkeypatch.setenv("AIRFLOW_CONN_PG_NOARCHIVE", cluster.airflow_conn_uri(password=PASSWORD))
         hook = PostgresBackupHook("pg_noarchive")
+
         async def go():
             holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=6, wait_for_archive=True)))
             await gate(hook)
             return await finish(hook), await asyncio.wait_for(holder, 30)
+
         done, held = asyncio.run(go())
         assert done["status"] == held["status"] == FAILED
         assert "WAL archiving is failing" in held["message"] and "failed attempts" in held["message"]
@@ -244,7 +292,9 @@ def test_broken_archiving_is_bounded_by_backup_timeout_and_named(tmp_root, monke
 
 def test_a_server_that_does_not_archive_is_refused_before_backup_mode(hook, cluster):
     """archive_mode=off and wait_for_archive=True: the WAL between start and stop would be in no archive."""
-    result = asyncio.run(asyncio.wait_for(hold_backup(hook, req(wait_for_archive=True, backup_timeout=5)), 30))
+    result = asyncio.run(
+        asyncio.wait_for(hold_backup(hook, req(wait_for_archive=True, backup_timeout=5)), 30)
+    )
     assert result["status"] == FAILED
     assert f"postgres_conn_id {CONN_ID!r}" in result["message"] and "archive_mode=off" in result["message"]
     assert "archive_command" in result["message"]  # the fix: enable archiving
@@ -267,11 +317,14 @@ def test_opting_out_of_archiving_completes_and_keeps_postgresql_s_notice(hook, c
 
 # -- privileges -----------------------------------------------------------------------------------
 
+
 def make_role(cluster: LocalCluster, monkeypatch, name: str, *grants: str) -> PostgresBackupHook:
     cluster.sql(f"CREATE ROLE {name} LOGIN PASSWORD '{PASSWORD}'")
     for grant in grants:
         cluster.sql(grant.format(role=name))
-    monkeypatch.setenv(f"AIRFLOW_CONN_PG_{name.upper()}", cluster.airflow_conn_uri(user=name, password=PASSWORD))
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_PG_{name.upper()}", cluster.airflow_conn_uri(user=name, password=PASSWORD)
+    )
     return PostgresBackupHook(f"pg_{name}")
 
 
@@ -279,6 +332,7 @@ def create_table_as_superuser(hook: PostgresBackupHook) -> None:
     async def go():
         async with hook.connect() as conn:
             await hook.ensure_table(conn)
+
     asyncio.run(go())
 
 
@@ -324,9 +378,16 @@ def test_least_privilege_role_does_the_whole_job(hook, cluster, monkeypatch, tab
         create_table_as_superuser(hook)
         op = make_role(cluster, monkeypatch, "backup_op", execute_grant(cluster), TABLE)
     else:
-        op = make_role(cluster, monkeypatch, "backup_op", execute_grant(cluster),
-                       "GRANT USAGE, CREATE ON SCHEMA public TO {role}")
-    assert cluster.sql("SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = 'backup_op'") == [(False, False)]
+        op = make_role(
+            cluster,
+            monkeypatch,
+            "backup_op",
+            execute_grant(cluster),
+            "GRANT USAGE, CREATE ON SCHEMA public TO {role}",
+        )
+    assert cluster.sql("SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = 'backup_op'") == [
+        (False, False)
+    ]
     assert asyncio.run(full_backup(op))["status"] == COMPLETE
     state, error, owner, label = table_row(cluster)
     assert (state, error, owner) == ("complete", None, NEXT) and label.startswith("START WAL LOCATION")

@@ -26,7 +26,8 @@ from backup_helpers import backup_starts, finish, req, row, started
 
 PRE_TERMINATE = "SELECT count(pg_terminate_backend(pid)) FROM backup WHERE state = 'running'"
 PRE_INSERT = (
-    "INSERT INTO backup (state, pid, backup_label, tablespace_map) VALUES ('running', pg_backend_pid(), NULL, NULL)"
+    "INSERT INTO backup (state, pid, backup_label, tablespace_map) VALUES ('running', pg_backend_pid(), "
+    "NULL, NULL)"
     " ON CONFLICT ON CONSTRAINT backup_pkey DO UPDATE SET state = 'running', pid = pg_backend_pid(),"
     " backup_label = NULL, tablespace_map = NULL"
 )
@@ -43,17 +44,21 @@ def complete_sql(cluster: LocalCluster) -> str:
     stop = "pg_backup_stop()" if cluster.server_version() >= 150000 else "pg_stop_backup(false)"
     # As quoted from the script, 'complete' in the sub-SELECT is text and PostgreSQL refuses the statement
     # (column "state" is of type backup_state): the script works with the enum cast, replayed here.
-    return (f"UPDATE backup SET (state, backup_label, tablespace_map) = (SELECT 'complete'::backup_state,"
-            f" labelfile, spcmapfile FROM {stop})")
+    return (
+        f"UPDATE backup SET (state, backup_label, tablespace_map) = (SELECT 'complete'::backup_state,"
+        f" labelfile, spcmapfile FROM {stop})"
+    )
 
 
 def airflow_backup(hook) -> dict:
     """One whole backup through our holder, gate and finish; the finish's event."""
+
     async def go():
         holder, _ = await started(hook, req())
         done = await finish(hook)
         assert (await holder)["status"] == COMPLETE
         return done
+
     done = asyncio.run(go())
     assert done["status"] == COMPLETE, done
     return done
@@ -79,7 +84,13 @@ def test_a_live_old_script_backup_is_left_alone_by_an_airflow_run(hook, cluster)
         old.execute(start_sql(cluster))
         old_pid = old.info.backend_pid
         r = row(cluster)
-        assert (r["state"], r["pid"], r["owner"], r["attempt"], r["start_lsn"]) == ("running", old_pid, None, None, None)
+        assert (r["state"], r["pid"], r["owner"], r["attempt"], r["start_lsn"]) == (
+            "running",
+            old_pid,
+            None,
+            None,
+            None,
+        )
 
         refused = asyncio.run(asyncio.wait_for(hold_backup(hook, req(owner="nightly/later/backup")), 30))
         assert refused["status"] == FAILED, refused
@@ -111,8 +122,12 @@ def test_an_old_script_completion_cannot_overwrite_a_complete_airflow_backup(hoo
 
 def test_a_complete_row_changes_only_by_a_new_backup_or_a_withdrawal(hook, cluster):
     done = airflow_backup(hook)
-    for stmt in ("UPDATE backup SET backup_label = 'forged'", "UPDATE backup SET stop_lsn = '0/1'",
-                 "UPDATE backup SET tablespace_map = 'x', state = 'complete'", "UPDATE backup SET pid = 1"):
+    for stmt in (
+        "UPDATE backup SET backup_label = 'forged'",
+        "UPDATE backup SET stop_lsn = '0/1'",
+        "UPDATE backup SET tablespace_map = 'x', state = 'complete'",
+        "UPDATE backup SET pid = 1",
+    ):
         with pytest.raises(psycopg.errors.CheckViolation):
             cluster.sql(stmt)
     assert row(cluster)["backup_label"] == done["backup"]["backup_label"]
@@ -127,6 +142,7 @@ def test_the_old_post_script_ends_an_airflow_backup_and_gets_its_label(hook, clu
         holder, _ = await started(hook, req(poll_interval=600))
         label = await asyncio.to_thread(post_script, cluster)
         return label, await asyncio.wait_for(holder, 30)
+
     label, held = asyncio.run(go())
     assert held["status"] == COMPLETE
     assert label == held["backup"]["backup_label"] and "START WAL LOCATION" in label
@@ -135,11 +151,16 @@ def test_the_old_post_script_ends_an_airflow_backup_and_gets_its_label(hook, clu
 
 def test_a_seed_enum_without_every_state_is_refused_before_backup_mode(hook, cluster):
     cluster.sql("CREATE TYPE backup_state AS ENUM ('running', 'done', 'failed')")
-    cluster.sql("CREATE TABLE backup (id integer PRIMARY KEY, state backup_state, pid integer, backup_label text,"
-                " tablespace_map text)")
+    cluster.sql(
+        "CREATE TABLE backup (id integer PRIMARY KEY, state backup_state, pid integer, backup_label text,"
+        " tablespace_map text)"
+    )
     result = asyncio.run(asyncio.wait_for(hold_backup(hook, req(backup_timeout=5)), 60))
     assert result["status"] == FAILED
-    assert 'type "public".backup_state' in result["message"] and "lacks the state(s) complete" in result["message"]
+    assert (
+        'type "public".backup_state' in result["message"]
+        and "lacks the state(s) complete" in result["message"]
+    )
     assert "ALTER TYPE \"public\".backup_state ADD VALUE 'complete';" in result["message"]
     assert backup_starts(cluster) == 0
     assert cluster.sql("SELECT count(*) FROM backup") == [(0,)]

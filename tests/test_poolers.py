@@ -30,20 +30,25 @@ def create_table(hook: PostgresBackupHook) -> None:
     async def go():
         async with hook.connect() as conn:
             await hook.ensure_table(conn)
+
     asyncio.run(go())
 
 
 def backup_directly(hook: PostgresBackupHook) -> tuple[dict, dict]:
     """A whole backup over the direct connection: (finish event, holder event)."""
+
     async def go():
         holder, _ = await started(hook, req())
         done = await finish(hook)
         return done, await asyncio.wait_for(holder, 30)
+
     return asyncio.run(go())
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_holder_through_pgbouncer_refuses_before_backup_mode_and_a_direct_one_works(pgbouncer, hook, cluster, mode):
+def test_a_holder_through_pgbouncer_refuses_before_backup_mode_and_a_direct_one_works(
+    pgbouncer, hook, cluster, mode
+):
     create_table(hook)
     pgbouncer(mode)
     result = asyncio.run(hold_backup(PostgresBackupHook(POOLED), req()))
@@ -58,7 +63,9 @@ def test_a_holder_through_pgbouncer_refuses_before_backup_mode_and_a_direct_one_
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_the_gate_and_the_finish_through_pgbouncer_refuse_and_leave_the_backup_alone(pgbouncer, hook, cluster, mode):
+def test_the_gate_and_the_finish_through_pgbouncer_refuse_and_leave_the_backup_alone(
+    pgbouncer, hook, cluster, mode
+):
     pgbouncer(mode)
     pooled = PostgresBackupHook(POOLED)
 

@@ -14,18 +14,28 @@ import pytest
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG
 
-from pg_safe_backup.operators.backup import PostgresBackupHoldOperator, PostgresStoreBackupLabelOperator
+from pg_safe_backup.operators.backup import PostgresStartBackupOperator, PostgresStoreBackupLabelOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
-from pg_safe_backup.triggers.backup import BackupFinishTrigger, BackupHolderTrigger, BackupStartedTrigger
+from pg_safe_backup.triggers.backup import (
+    PostgresBackupStartedTrigger,
+    PostgresFinishBackupTrigger,
+    PostgresHoldBackupTrigger,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_airflow_providers_list_shows_the_provider(tmp_path):
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    out = subprocess.run([str(Path(sys.executable).with_name("airflow")), "providers", "list", "-o", "json"],
-                         env=env, capture_output=True, text=True, timeout=120, check=True).stdout
-    names = {p["package_name"] for p in json.loads(out[out.index("["):])}
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "providers", "list", "-o", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    names = {p["package_name"] for p in json.loads(out[out.index("[") :])}
     assert "airflow-provider-pg-safe-backup" in names
 
 
@@ -79,15 +89,20 @@ def test_nested_groups_with_the_same_local_id_get_distinct_backup_keys():
     assert keys["east.backup.hold_backup_session"] == "east.backup"
     assert keys["west.backup.hold_backup_session"] == "west.backup"
     assert keys["west.backup.wait_for_backup_mode"] == keys["west.backup.finish_backup"] == "west.backup"
-    holds = {t.task_id: t.finish_task_id for t in dag.tasks if isinstance(t, PostgresBackupHoldOperator)}
-    assert holds == {"east.backup.hold_backup_session": "east.backup.finish_backup",
-                     "west.backup.hold_backup_session": "west.backup.finish_backup"}
+    holds = {t.task_id: t.finish_task_id for t in dag.tasks if isinstance(t, PostgresStartBackupOperator)}
+    assert holds == {
+        "east.backup.hold_backup_session": "east.backup.finish_backup",
+        "west.backup.hold_backup_session": "west.backup.finish_backup",
+    }
 
 
 def test_the_owner_carries_the_map_index():
     from pg_safe_backup.state import BackupRef
 
-    assert BackupRef("d", "scheduled__2026-11-24", "clusters.backup").owner == "d/scheduled__2026-11-24/clusters.backup"
+    assert (
+        BackupRef("d", "scheduled__2026-11-24", "clusters.backup").owner
+        == "d/scheduled__2026-11-24/clusters.backup"
+    )
     assert BackupRef("d", "r", "clusters.backup", map_index=2).owner == "d/r/clusters.backup[2]"
 
 
@@ -97,6 +112,7 @@ def test_a_mapped_group_over_connection_ids_parses_and_serializes():
     from airflow.serialization.serialized_objects import DagSerialization
 
     with DAG("mapped", schedule=None) as dag:
+
         @task_group(group_id="clusters")
         def one_cluster(conn_id: str):
             with PostgresOnlineBackup(group_id="backup", postgres_conn_id=conn_id):
@@ -130,11 +146,11 @@ def test_a_mapped_group_over_connection_ids_parses_and_serializes():
 )
 def test_bad_parameters_name_the_parameter(kwargs, param):
     with pytest.raises(ValueError, match=param):
-        PostgresBackupHoldOperator(task_id="hold", **kwargs)
+        PostgresStartBackupOperator(task_id="hold", **kwargs)
 
 
 def test_hostile_label_is_accepted_as_a_parameter_value():
-    op = PostgresBackupHoldOperator(task_id="hold", label="it's; DROP TABLE backup; --")
+    op = PostgresStartBackupOperator(task_id="hold", label="it's; DROP TABLE backup; --")
     assert op.pg_label == "it's; DROP TABLE backup; --"
 
 
@@ -147,14 +163,42 @@ def test_store_needs_a_backup():
 
 def test_triggers_serialize_to_their_own_classpath():
     hook_kwargs = {"postgres_conn_id": "c", "database": None, "table": "backup", "schema": "public"}
-    ref = {"dag_id": "d", "run_id": "r", "backup_key": "b", "map_index": 2, "hold_task_id": "b.hold",
-           "finish_task_id": "b.finish"}
-    for trig in (BackupHolderTrigger(hook_kwargs, request={"owner": "d/r/b[2]", "attempt": "0193-uuid", "label": "l"},
-                                     ref=ref),
-                 BackupStartedTrigger(hook_kwargs, ref=ref, timeout=60),
-                 BackupFinishTrigger(hook_kwargs, attempt="0193-uuid", start_lsn="0/2000028", copy_problem=None)):
+    ref = {
+        "dag_id": "d",
+        "run_id": "r",
+        "backup_key": "b",
+        "map_index": 2,
+        "hold_task_id": "b.hold",
+        "finish_task_id": "b.finish",
+    }
+    for trig in (
+        PostgresHoldBackupTrigger(
+            hook_kwargs, request={"owner": "d/r/b[2]", "attempt": "0193-uuid", "label": "l"}, ref=ref
+        ),
+        PostgresBackupStartedTrigger(hook_kwargs, ref=ref, timeout=60),
+        PostgresFinishBackupTrigger(
+            hook_kwargs, attempt="0193-uuid", start_lsn="0/2000028", copy_problem=None
+        ),
+    ):
         path, kwargs = trig.serialize()
         module, _, name = path.rpartition(".")
         again = getattr(importlib.import_module(module), name)(**kwargs)
         assert again.serialize() == (path, kwargs)
         assert "password" not in json.dumps(kwargs)
+
+
+def test_names_before_the_rename_still_work():
+    """Postgres<Verb><Object>: the old operator name warns, and a trigger row written with an old class path
+    still finds its class after an upgrade."""
+    from airflow.exceptions import AirflowProviderDeprecationWarning
+
+    import pg_safe_backup.operators.backup as operators
+    import pg_safe_backup.triggers.backup as triggers
+
+    with pytest.warns(AirflowProviderDeprecationWarning, match="PostgresStartBackupOperator"):
+        assert operators.PostgresBackupHoldOperator is PostgresStartBackupOperator
+    with pytest.raises(AttributeError):
+        operators.NoSuchOperator  # noqa: B018
+    assert triggers.BackupHolderTrigger is PostgresHoldBackupTrigger
+    assert triggers.BackupStartedTrigger is PostgresBackupStartedTrigger
+    assert triggers.BackupFinishTrigger is PostgresFinishBackupTrigger

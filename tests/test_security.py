@@ -48,8 +48,12 @@ PLANTED = [
 @pytest.fixture
 def mallory(cluster):
     """A login role with CREATE on public (every role has it on PostgreSQL 12-14) and a trace table."""
-    for stmt in (f"CREATE ROLE {ROLE} LOGIN", f"GRANT CREATE, USAGE ON SCHEMA public TO {ROLE}",
-                 "CREATE TABLE public.trace (what text, run_as text)", "GRANT INSERT ON public.trace TO PUBLIC"):
+    for stmt in (
+        f"CREATE ROLE {ROLE} LOGIN",
+        f"GRANT CREATE, USAGE ON SCHEMA public TO {ROLE}",
+        "CREATE TABLE public.trace (what text, run_as text)",
+        "GRANT INSERT ON public.trace TO PUBLIC",
+    ):
         cluster.sql(stmt)
 
     def plant(*statements: str) -> None:
@@ -73,6 +77,7 @@ def test_planted_operators_and_functions_never_run(hook, cluster, mallory):
     async def create_table():
         async with hook.connect() as conn:
             await hook.ensure_table(conn)
+
     asyncio.run(create_table())  # the enum type must exist for the planted = operator
     mallory(*PLANTED)
 
@@ -83,6 +88,7 @@ def test_planted_operators_and_functions_never_run(hook, cluster, mallory):
         await asyncio.to_thread(cluster.sql, "UPDATE backup SET state = 'done'")
         done = await finish(hook)
         return opened, done, await holder
+
     opened, done, held = asyncio.run(go())
 
     assert traces(cluster) == [], f"planted code ran: {sorted(set(traces(cluster)))}"
@@ -99,8 +105,10 @@ def test_planted_operators_and_functions_never_run(hook, cluster, mallory):
 def test_trigger_function_created_by_another_role_is_refused(hook, cluster, mallory, function):
     """A function the role created first under our name would keep its owner after CREATE OR REPLACE,
     who could then replace its body at any time: refused before backup mode, naming both."""
-    mallory(f"CREATE FUNCTION public.{function}() RETURNS trigger LANGUAGE plpgsql AS $$"
-            " BEGIN PERFORM public.payload('trigger function'); RETURN NEW; END $$")
+    mallory(
+        f"CREATE FUNCTION public.{function}() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN PERFORM public.payload('trigger function'); RETURN NEW; END $$"
+    )
     # (On a main that accepts the function, the backup is held until its backup_timeout.)
     result = asyncio.run(asyncio.wait_for(hold_backup(hook, req(backup_timeout=10)), 60))
     assert result["status"] == FAILED, result
@@ -117,12 +125,16 @@ def test_trigger_functions_pin_search_path_and_are_not_executable_by_public(hook
     async def create_table():
         async with hook.connect() as conn:
             await hook.ensure_table(conn)
+
     asyncio.run(create_table())
     found = cluster.sql(
         "SELECT proname, proconfig, has_function_privilege('public', oid, 'EXECUTE') FROM pg_proc"
-        " WHERE proname LIKE 'pg_safe_backup_%' ORDER BY proname")
-    assert found == [("pg_safe_backup_guard", ["search_path=pg_catalog, pg_temp"], False),
-                     ("pg_safe_backup_notify", ["search_path=pg_catalog, pg_temp"], False)], found
+        " WHERE proname LIKE 'pg_safe_backup_%' ORDER BY proname"
+    )
+    assert found == [
+        ("pg_safe_backup_guard", ["search_path=pg_catalog, pg_temp"], False),
+        ("pg_safe_backup_notify", ["search_path=pg_catalog, pg_temp"], False),
+    ], found
 
 
 def test_every_session_pins_search_path_and_outlives_the_role_s_timeouts(hook, cluster):
@@ -141,6 +153,7 @@ def test_every_session_pins_search_path_and_outlives_the_role_s_timeouts(hook, c
             await asyncio.sleep(1.5)  # idle longer than the role allows
             await conn.execute("SELECT pg_sleep(0.8)")  # a statement longer than the role allows
             return path, settings
+
     for purpose in ("holder", "gate", "finish", "failure report"):
         path, settings = asyncio.run(go(purpose))
         assert path.replace(" ", "") == "pg_catalog,pg_temp", (purpose, path)

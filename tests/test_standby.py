@@ -53,7 +53,8 @@ def archived_backup(hook: PostgresBackupHook, owner: str, **request) -> tuple[di
 
 
 def refused(hook: PostgresBackupHook, owner: str) -> dict:
-    """The holder's event of a backup that waits for its WAL to be archived, expected to fail before backup mode."""
+    """The holder's event of a backup that waits for its WAL to be archived, expected to fail before backup
+    mode."""
     r = req(owner, wait_for_archive=True, backup_timeout=5)
     return asyncio.run(asyncio.wait_for(hold_backup(hook, r), 30))
 
@@ -76,11 +77,13 @@ class Pair:
 
     def stop_segment(self, stop_lsn: str) -> str:
         """The primary's name of the WAL segment holding the last byte before ``stop_lsn``."""
-        return self.primary.sql("SELECT pg_walfile_name(%s::pg_lsn)", [format_lsn(parse_lsn(stop_lsn) - 1)])[0][0]
+        return self.primary.sql("SELECT pg_walfile_name(%s::pg_lsn)", [format_lsn(parse_lsn(stop_lsn) - 1)])[
+            0
+        ][0]
 
     def replayed(self, timeout: float = 60) -> None:
         """Wait until the standby replayed everything the primary wrote so far."""
-        (lsn,), = self.primary.sql("SELECT pg_current_wal_lsn()::text")
+        ((lsn,),) = self.primary.sql("SELECT pg_current_wal_lsn()::text")
         deadline = time.monotonic() + timeout
         while self.standby.sql("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [lsn]) != [(True,)]:
             assert time.monotonic() < deadline, f"the standby did not replay up to {lsn}"
@@ -114,20 +117,41 @@ def make_pair(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         archive = tmp_root / "archive"
         archive.mkdir()
         give_to_server_user(archive)
-        primary = LocalCluster(tmp_root / "primary").init(password=PASSWORD, settings={
-            "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "hot_standby": "on"}).start()
+        primary = (
+            LocalCluster(tmp_root / "primary")
+            .init(
+                password=PASSWORD,
+                settings={
+                    "archive_mode": "on",
+                    "archive_command": f"'cp %p {archive}/%f'",
+                    "hot_standby": "on",
+                },
+            )
+            .start()
+        )
         started.append(primary)
         writers.append(writer := Writer(primary))
         primary.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
         monkeypatch.setenv("AIRFLOW_CONN_PG_PRIMARY", primary.airflow_conn_uri(password=PASSWORD))
-        base = backup_into(PostgresBackupHook("pg_primary"), tmp_root / "standby", "make/standby/base",
-                           lambda: copy_data_dir(primary.datadir, tmp_root / "standby"))
+        base = backup_into(
+            PostgresBackupHook("pg_primary"),
+            tmp_root / "standby",
+            "make/standby/base",
+            lambda: copy_data_dir(primary.datadir, tmp_root / "standby"),
+        )
 
         standby = LocalCluster(tmp_root / "standby")
         (standby.datadir / "standby.signal").touch()
-        standby.configure({"primary_conninfo": f"'host={primary.socket_dir} port={primary.port} user=postgres'",
-                           "restore_command": f"'cp {archive}/%f %p'", "archive_mode": "off",
-                           "port": standby.port, "log_statement": "'all'", **standby_settings})
+        standby.configure(
+            {
+                "primary_conninfo": f"'host={primary.socket_dir} port={primary.port} user=postgres'",
+                "restore_command": f"'cp {archive}/%f %p'",
+                "archive_mode": "off",
+                "port": standby.port,
+                "log_statement": "'all'",
+                **standby_settings,
+            }
+        )
         give_to_server_user(standby.datadir)
         standby.start()
         started.append(standby)
@@ -157,24 +181,35 @@ def streaming(make_pair: Callable[..., Pair]) -> Pair:
     return make_pair(writing=True)
 
 
-def standby_backup(s: Pair, dest: Path, owner: str, pg_control_first: bool, meanwhile: Callable[[], None]) -> dict:
+def standby_backup(
+    s: Pair, dest: Path, owner: str, pg_control_first: bool, meanwhile: Callable[[], None]
+) -> dict:
     """The backup proper: session on the standby, state table on the primary; ``meanwhile`` runs
     between the two copy steps."""
-    return backup_into(s.hook, dest, owner, lambda: copy_data_dir(s.standby.datadir, dest, pg_control_first, meanwhile))
+    return backup_into(
+        s.hook, dest, owner, lambda: copy_data_dir(s.standby.datadir, dest, pg_control_first, meanwhile)
+    )
 
 
 def test_backup_of_a_streaming_standby_with_pg_control_copied_last_restores(streaming, tmp_root):
     time.sleep(1)  # some writes before the backup starts
     before = streaming.writer.committed
     streaming.replayed()
-    result = standby_backup(streaming, tmp_root / "copy", "nightly/run1/standby", pg_control_first=False,
-                            meanwhile=streaming.more_rows_on_disk)
+    result = standby_backup(
+        streaming,
+        tmp_root / "copy",
+        "nightly/run1/standby",
+        pg_control_first=False,
+        meanwhile=streaming.more_rows_on_disk,
+    )
     committed = streaming.writer.stop()
 
     fields = parse_backup_label(result["backup_label"])
     assert fields["BACKUP FROM"] == "standby"
     assert fields["LABEL"] == "test nightly/run1/standby"
-    assert streaming.primary.sql("SELECT state::text, owner FROM backup") == [("complete", "nightly/run1/standby")]
+    assert streaming.primary.sql("SELECT state::text, owner FROM backup") == [
+        ("complete", "nightly/run1/standby")
+    ]
     assert streaming.base["backup_label"] != result["backup_label"]
     # The store's check accepts it: a standby's stop LSN (its minimum recovery point) is past its checkpoint.
     check_copy(tmp_root / "copy", result["system_identifier"], result["backup_label"], result["stop_lsn"])
@@ -182,11 +217,17 @@ def test_backup_of_a_streaming_standby_with_pg_control_copied_last_restores(stre
     wait_archived(streaming.primary)
     assert committed > before + 300
     # Recovery to the backup's consistent point (the default target) has every row replayed before it began...
-    at_consistency = verify_backup(tmp_root / "copy", streaming.archive, invariant_sql=invariant_sql(("ledger",), before))
+    at_consistency = verify_backup(
+        tmp_root / "copy", streaming.archive, invariant_sql=invariant_sql(("ledger",), before)
+    )
     assert at_consistency.ok, at_consistency.summary()
     # ... and the whole archive, every row committed.
-    whole = verify_backup(tmp_root / "copy", streaming.archive, recovery_target_immediate=False,
-                          invariant_sql=invariant_sql(("ledger",), committed))
+    whole = verify_backup(
+        tmp_root / "copy",
+        streaming.archive,
+        recovery_target_immediate=False,
+        invariant_sql=invariant_sql(("ledger",), committed),
+    )
     assert whole.ok, whole.summary()
 
 
@@ -206,7 +247,9 @@ def test_standby_copy_with_pg_control_copied_first_fails_the_restore_check(strea
             streaming.write_to_disk()
 
         copy = tmp_root / "copy"
-        standby_backup(streaming, copy, "nightly/run2/standby", pg_control_first=True, meanwhile=rows_after_pg_control)
+        standby_backup(
+            streaming, copy, "nightly/run2/standby", pg_control_first=True, meanwhile=rows_after_pg_control
+        )
         open_tx.execute("COMMIT")
     wait_archived(streaming.primary)
 
@@ -225,7 +268,9 @@ def test_standby_copy_with_pg_control_copied_first_fails_the_restore_check(strea
 def test_standby_backup_is_complete_only_once_the_primary_archived_its_stop_segment(make_pair):
     """The standby's pg_backup_stop switches no WAL: the primary is made to, and its archiver waited for."""
     pair = make_pair()
-    pair.primary.sql("INSERT INTO ledger SELECT g, 'x' FROM generate_series(1, 1000) g")  # past a segment's start
+    pair.primary.sql(
+        "INSERT INTO ledger SELECT g, 'x' FROM generate_series(1, 1000) g"
+    )  # past a segment's start
     held, done = archived_backup(pair.hook, "nightly/run1/standby")
     archived = set(os.listdir(pair.archive))  # right at COMPLETE
     assert done["status"] == held["status"] == COMPLETE, (held, done)
@@ -258,7 +303,9 @@ def test_standby_backup_fails_naming_archiving_when_the_primary_cannot_archive(m
     assert took < 8 + 15, took
     state, error = pair.primary.sql("SELECT state::text, error FROM backup")[0]
     assert state == "failed" and "archiv" in error
-    assert pair.standby.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg_safe_backup%'") == [(0,)]
+    assert pair.standby.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg_safe_backup%'"
+    ) == [(0,)]
 
 
 def test_standby_backup_is_refused_when_neither_it_nor_its_primary_archives(make_pair):
@@ -278,16 +325,20 @@ def test_standby_backup_by_a_role_without_superuser_needs_pg_switch_wal(make_pai
     """The state connection's role switches WAL on the primary: without that right the backup is refused
     before backup mode, naming the GRANT; with it, the backup completes."""
     pair = make_pair()
-    for grant in (f"CREATE ROLE backup_op LOGIN PASSWORD '{PASSWORD}'",
-                  f"GRANT EXECUTE ON FUNCTION {backup_functions(pair.primary.server_version())} TO backup_op",
-                  "GRANT SELECT, INSERT, UPDATE ON backup TO backup_op"):
+    for grant in (
+        f"CREATE ROLE backup_op LOGIN PASSWORD '{PASSWORD}'",
+        f"GRANT EXECUTE ON FUNCTION {backup_functions(pair.primary.server_version())} TO backup_op",
+        "GRANT SELECT, INSERT, UPDATE ON backup TO backup_op",
+    ):
         pair.primary.sql(grant)
     deadline = time.monotonic() + 30
     while not pair.standby.sql("SELECT 1 FROM pg_roles WHERE rolname = 'backup_op'"):  # replayed there
         assert time.monotonic() < deadline
         time.sleep(0.2)
     for name, cluster in (("PRIMARY_OP", pair.primary), ("STANDBY_OP", pair.standby)):
-        monkeypatch.setenv(f"AIRFLOW_CONN_PG_{name}", cluster.airflow_conn_uri(user="backup_op", password=PASSWORD))
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_PG_{name}", cluster.airflow_conn_uri(user="backup_op", password=PASSWORD)
+        )
     hook = PostgresBackupHook("pg_standby_op", state_conn_id="pg_primary_op")
     result = refused(hook, "nightly/run1/standby")
     assert result["status"] == FAILED
@@ -300,10 +351,15 @@ def test_standby_backup_by_a_role_without_superuser_needs_pg_switch_wal(make_pai
 
 def test_wal_segment_names_match_the_server_s(cluster):
     """xlog_internal.h's naming: the segment holding the byte before an LSN, also at a segment's start."""
-    (name, size), = cluster.sql("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_size_bytes(current_setting("
-                                "'wal_segment_size'))")
+    ((name, size),) = cluster.sql(
+        "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_size_bytes(current_setting('wal_segment_size'))"
+    )
     timeline = int(name[:8], 16)
-    for lsn in (5 * size, 5 * size + 0x28, (1 << 32) + 3 * size + 0x1000):  # at a segment start, within, past 4 GB
+    for lsn in (
+        5 * size,
+        5 * size + 0x28,
+        (1 << 32) + 3 * size + 0x1000,
+    ):  # at a segment start, within, past 4 GB
         server = cluster.sql("SELECT pg_walfile_name(%s::pg_lsn)", [format_lsn(lsn - 1)])[0][0]
         assert wal_segment_name(format_lsn(lsn), timeline, size) == server
 

@@ -128,6 +128,7 @@ def test_a_backup_inside_an_expanded_task_group_composes_per_map_index():
     from airflow.serialization.serialized_objects import DagSerialization
 
     with DAG("mapped", schedule=None) as dag:
+
         @task_group(group_id="clusters")
         def one_cluster(conn_id: str):
             start = EmptyOperator(task_id="start")
@@ -183,7 +184,7 @@ def test_the_package_has_no_import_cycle_not_even_a_typing_only_one():
     def cycle_from(module: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
         for imported in sorted(graph.get(module, ())):
             if imported in path:
-                return (*path[path.index(imported):], imported)
+                return (*path[path.index(imported) :], imported)
             found = cycle_from(imported, (*path, imported))
             if found:
                 return found
@@ -195,16 +196,17 @@ def test_the_package_has_no_import_cycle_not_even_a_typing_only_one():
 
 
 def test_what_hold_gate_and_finish_share_lives_in_utils_mixins():
-    from pg_safe_backup.operators.backup import PostgresBackupHoldOperator, PostgresFinishBackupOperator
+    from pg_safe_backup.operators.backup import PostgresFinishBackupOperator, PostgresStartBackupOperator
     from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
     from pg_safe_backup.utils.mixins import BackupTaskMixin
 
-    for cls in (PostgresBackupHoldOperator, PostgresBackupStartedSensor, PostgresFinishBackupOperator):
+    for cls in (PostgresStartBackupOperator, PostgresBackupStartedSensor, PostgresFinishBackupOperator):
         assert issubclass(cls, BackupTaskMixin)
 
 
 @pytest.mark.parametrize("module", ["utils.mixins", "operators.backup", "sensors.backup", "task_group"])
 def test_each_module_imports_on_its_own(module):
-    result = subprocess.run([sys.executable, "-c", f"import pg_safe_backup.{module}"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import pg_safe_backup.{module}"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr

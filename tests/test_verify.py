@@ -59,8 +59,11 @@ class Inserter(threading.Thread):
                     lo, hi = self.committed + 1, self.committed + BATCH
                     with conn.transaction():
                         for table in self.tables:
-                            conn.execute(f"INSERT INTO {table} SELECT g, md5(g::text) || repeat('x', 150)"
-                                         " FROM generate_series(%s::bigint, %s) g", (lo, hi))
+                            conn.execute(
+                                f"INSERT INTO {table} SELECT g, md5(g::text) || repeat('x', 150)"
+                                " FROM generate_series(%s::bigint, %s) g",
+                                (lo, hi),
+                            )
                     self.committed = hi
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.error = exc
@@ -110,9 +113,15 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
     archive = root / "archive"
     archive.mkdir()
     give_to_server_user(archive)
-    source = LocalCluster(root / "src").init(settings={
-        "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "autovacuum": "off",
-        "checkpoint_timeout": "'1h'", "max_wal_size": "'1GB'"})
+    source = LocalCluster(root / "src").init(
+        settings={
+            "archive_mode": "on",
+            "archive_command": f"'cp %p {archive}/%f'",
+            "autovacuum": "off",
+            "checkpoint_timeout": "'1h'",
+            "max_wal_size": "'1GB'",
+        }
+    )
     source.start()
     tables = ["ledger"]
     location = oid = None
@@ -123,12 +132,16 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
         location.mkdir()
         give_to_server_user(location)
         source.sql(f"CREATE TABLESPACE space1 LOCATION '{location}'")
-        source.sql("CREATE TABLE spaced (id bigint PRIMARY KEY USING INDEX TABLESPACE space1, v text)"
-                   " TABLESPACE space1")
+        source.sql(
+            "CREATE TABLE spaced (id bigint PRIMARY KEY USING INDEX TABLESPACE space1, v text)"
+            " TABLESPACE space1"
+        )
         oid = source.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
         tables.append("spaced")
     for table in tables:
-        source.sql(f"INSERT INTO {table} SELECT g, md5(g::text) || repeat('x', 150) FROM generate_series(1, 5000) g")
+        source.sql(
+            f"INSERT INTO {table} SELECT g, md5(g::text) || repeat('x', 150) FROM generate_series(1, 5000) g"
+        )
     source.sql("CHECKPOINT")
 
     inserter = Inserter(source, tables, start_id=5000)
@@ -138,8 +151,11 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
         inserter.wait_for(5000 + 5 * BATCH)
         with source.connect() as session:
             pre15 = session.info.server_version < 150000  # the functions' names before PostgreSQL 15
-            session.execute("SELECT pg_start_backup('verify test', true, false)" if pre15
-                            else "SELECT pg_backup_start('verify test', true)")
+            session.execute(
+                "SELECT pg_start_backup('verify test', true, false)"
+                if pre15
+                else "SELECT pg_backup_start('verify test', true)"
+            )
             copy_data_dir(source.datadir, copy)
             if tablespace:
                 shutil.copytree(location, root / f"backup_tablespaces/{oid}", symlinks=True)
@@ -149,7 +165,8 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
             shutil.copy2(source.datadir / "global" / "pg_control", copy / "global" / "pg_control")
             committed = inserter.stop()
             labelfile, spcmapfile = session.execute(
-                "SELECT labelfile, spcmapfile FROM " + ("pg_stop_backup(false, true)" if pre15 else "pg_backup_stop(true)")
+                "SELECT labelfile, spcmapfile FROM "
+                + ("pg_stop_backup(false, true)" if pre15 else "pg_backup_stop(true)")
             ).fetchone()
     finally:
         if inserter.is_alive():
@@ -222,23 +239,41 @@ def test_backup_with_label_restores_with_every_committed_row(backup, tmp_root):
     marker = tmp_root / "archive_command_ran"
     (hostile / "pg_hba.conf").unlink()
     with open(hostile / "postgresql.conf", "a") as f:
-        f.write(f"data_directory = '/nonexistent/data'\nhba_file = '/nonexistent/pg_hba.conf'\n"
-                f"port = {b.source.port}\nunix_socket_directories = '{b.source.socket_dir}'\n"
-                f"listen_addresses = '*'\narchive_command = 'touch {marker}'\nlogging_collector = on\n"
-                "log_directory = '/nonexistent/log'\nshared_preload_libraries = 'no_such_library'\n")
+        f.write(
+            f"data_directory = '/nonexistent/data'\nhba_file = '/nonexistent/pg_hba.conf'\n"
+            f"port = {b.source.port}\nunix_socket_directories = '{b.source.socket_dir}'\n"
+            f"listen_addresses = '*'\narchive_command = 'touch {marker}'\nlogging_collector = on\n"
+            "log_directory = '/nonexistent/log'\nshared_preload_libraries = 'no_such_library'\n"
+        )
     with open(hostile / "postgresql.auto.conf", "a") as f:
-        f.write(f"recovery_target_time = '2000-01-01 00:00:00+00'\nsynchronous_standby_names = 'nobody'\n"
-                "default_transaction_read_only = on\n"
-                f"primary_conninfo = 'host={b.source.socket_dir} port={b.source.port}'\n")
+        f.write(
+            f"recovery_target_time = '2000-01-01 00:00:00+00'\nsynchronous_standby_names = 'nobody'\n"
+            "default_transaction_read_only = on\n"
+            f"primary_conninfo = 'host={b.source.socket_dir} port={b.source.port}'\n"
+        )
     assert_pass(verify_backup(hostile, b.archive, invariant_sql=invariant(b.committed, "ledger"), timeout=60))
     assert not marker.exists()
     assert b.source.sql("SELECT count(*) FROM pg_stat_replication")[0][0] == 0
 
     # The same through the CLI, replaying the whole archive this time, keeping the work dir.
     cli = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.verify", str(b.copy), str(b.archive), "--to-end-of-archive",
-         "--keep", "--work-dir", str(tmp_root), "--invariant-sql", invariant(b.committed, "ledger")],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pg_safe_backup.verify",
+            str(b.copy),
+            str(b.archive),
+            "--to-end-of-archive",
+            "--keep",
+            "--work-dir",
+            str(tmp_root),
+            "--invariant-sql",
+            invariant(b.committed, "ledger"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert cli.stdout.startswith("PASS: ") and "kept " in cli.stdout
     kept = Path(cli.stdout.split("kept ")[1].split(";")[0].strip())
@@ -256,13 +291,19 @@ def test_same_copy_without_backup_label_fails(backup, tmp_root):
     assert not refused.ok
     assert refused.summary().startswith("FAIL: ") and "has no backup_label" in refused.summary()
 
-    cli = subprocess.run([sys.executable, "-m", "pg_safe_backup.verify", str(unlabeled), str(b.archive)],
-                         capture_output=True, text=True, timeout=60)
+    cli = subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup.verify", str(unlabeled), str(b.archive)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 1 and cli.stdout.startswith("FAIL: ") and "no backup_label" in cli.stdout
 
     # Restored anyway with an empty pg_wal/ (the README's procedure), recovery looks for the checkpoint
     # of the copy's pg_control in pg_wal/ only (crash recovery first: no label) and gives up.
-    restored = verify_backup(unlabeled, b.archive, invariant_sql=check, timeout=60, require_backup_label=False)
+    restored = verify_backup(
+        unlabeled, b.archive, invariant_sql=check, timeout=60, require_backup_label=False
+    )
     print(f"\nwithout backup_label, empty pg_wal: {restored.summary()}")
     assert not restored.ok
     assert "PANIC:  could not locate a valid checkpoint record" in restored.summary()
@@ -270,20 +311,39 @@ def test_same_copy_without_backup_label_fails(backup, tmp_root):
     # With the WAL an rsync of pg_wal/ would have brought along, crash recovery starts at that later
     # checkpoint. Stopping at the earliest consistent point is refused (a target needs archive
     # recovery) ...
-    shutil.copytree(b.archive, unlabeled / "pg_wal", dirs_exist_ok=True,
-                    ignore=lambda folder, names: {n for n in names if not re.fullmatch("[0-9A-F]{24}", n)})
-    restored = verify_backup(unlabeled, b.archive, invariant_sql=check, timeout=60, require_backup_label=False,
-                             use_backup_pg_wal=True)
+    shutil.copytree(
+        b.archive,
+        unlabeled / "pg_wal",
+        dirs_exist_ok=True,
+        ignore=lambda folder, names: {n for n in names if not re.fullmatch("[0-9A-F]{24}", n)},
+    )
+    restored = verify_backup(
+        unlabeled,
+        b.archive,
+        invariant_sql=check,
+        timeout=60,
+        require_backup_label=False,
+        use_backup_pg_wal=True,
+    )
     print(f"without backup_label, copy's pg_wal, recovery_target='immediate': {restored.summary()}")
     assert not restored.ok
     # PostgreSQL 12 starts anyway, and then the data checks fail instead.
-    assert ("FATAL:  recovery ended before configured recovery target was reached" in restored.summary()
-            or "invariant violated" in restored.summary())
+    assert (
+        "FATAL:  recovery ended before configured recovery target was reached" in restored.summary()
+        or "invariant violated" in restored.summary()
+    )
 
     # ... but replaying to the end of the archive, the server starts and has silently lost committed
     # rows: the invariant notices (amcheck usually too: index entries whose heap pages were lost).
-    restored = verify_backup(unlabeled, b.archive, invariant_sql=check, timeout=60, require_backup_label=False,
-                             use_backup_pg_wal=True, recovery_target_immediate=False)
+    restored = verify_backup(
+        unlabeled,
+        b.archive,
+        invariant_sql=check,
+        timeout=60,
+        require_backup_label=False,
+        use_backup_pg_wal=True,
+        recovery_target_immediate=False,
+    )
     print(f"without backup_label, copy's pg_wal, to the end of the archive: {restored.summary()}")
     assert not restored.ok
     assert any(r.startswith("invariant violated: ledger: ") for r in restored.reasons), restored.reasons
@@ -301,7 +361,9 @@ def test_tablespace_restored_from_its_copy_never_from_the_original(backup, tmp_r
     before = snapshot(b.copy)
     assert (b.copy / "pg_tblspc" / str(b.tablespace_oid)).is_symlink()  # copied as the link rsync -a makes
 
-    result = verify_backup(b.copy, b.archive, invariant_sql=invariant(b.committed, "ledger", "spaced"), timeout=60)
+    result = verify_backup(
+        b.copy, b.archive, invariant_sql=invariant(b.committed, "ledger", "spaced"), timeout=60
+    )
 
     assert_pass(result)
     space = result.details["tablespaces"][str(b.tablespace_oid)]

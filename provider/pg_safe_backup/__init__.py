@@ -9,7 +9,6 @@ __version__ = "0.1.0"
 _INTEGRATION = "PostgreSQL safe online backup"
 
 
-
 def _modules(kind: str) -> list[dict]:
     """The provider metadata's entry for one kind of module (operators, sensors, hooks, triggers)."""
     return [{"integration-name": _INTEGRATION, "python-modules": [f"pg_safe_backup.{kind}.backup"]}]

@@ -31,7 +31,9 @@ def find_bindir(major: int | None = None) -> Path:
     on_path = shutil.which("pg_ctl")
     if on_path:
         return Path(on_path).parent
-    raise FileNotFoundError("no PostgreSQL server binaries: install Debian's postgresql package or set PG_BINDIR")
+    raise FileNotFoundError(
+        "no PostgreSQL server binaries: install Debian's postgresql package or set PG_BINDIR"
+    )
 
 
 def free_port() -> int:
@@ -63,9 +65,14 @@ class LocalCluster:
         self.socket_dir = self.datadir.parent
         self.logfile = self.datadir.parent / f"{self.datadir.name}.log"
 
-    def run(self, tool: str, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(
+        self, tool: str, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            as_server_user([str(self.bindir / tool), *args]), check=check, capture_output=True, text=True,
+            as_server_user([str(self.bindir / tool), *args]),
+            check=check,
+            capture_output=True,
+            text=True,
             timeout=timeout,
         )
 
@@ -73,8 +80,17 @@ class LocalCluster:
         """initdb with trust on the socket and scram on 127.0.0.1 (``password`` for ``postgres``)."""
         self.datadir.parent.mkdir(parents=True, exist_ok=True)
         give_to_server_user(self.datadir.parent)
-        args = ["-D", str(self.datadir), "-U", SERVER_USER, "--auth-local=trust", "--auth-host=scram-sha-256",
-                "-E", "UTF8", "--locale=C"]
+        args = [
+            "-D",
+            str(self.datadir),
+            "-U",
+            SERVER_USER,
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]
         pwfile = None
         if password is not None:
             pwfile = self.datadir.parent / f".{self.datadir.name}.pw"
@@ -86,9 +102,17 @@ class LocalCluster:
         finally:
             if pwfile:
                 pwfile.unlink()
-        self.configure({"listen_addresses": "'127.0.0.1'", "unix_socket_directories": f"'{self.socket_dir}'",
-                        "fsync": "off", "shared_buffers": "32MB", "max_wal_senders": 4, "wal_level": "replica",
-                        **(settings or {})})
+        self.configure(
+            {
+                "listen_addresses": "'127.0.0.1'",
+                "unix_socket_directories": f"'{self.socket_dir}'",
+                "fsync": "off",
+                "shared_buffers": "32MB",
+                "max_wal_senders": 4,
+                "wal_level": "replica",
+                **(settings or {}),
+            }
+        )
         return self
 
     def configure(self, settings: dict[str, Any]) -> None:
@@ -99,11 +123,25 @@ class LocalCluster:
 
     def start(self, timeout: float = 60) -> LocalCluster:
         try:
-            self.run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o", f"-p {self.port}",
-                     "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)
+            self.run(
+                "pg_ctl",
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-o",
+                f"-p {self.port}",
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
+                timeout=timeout + 10,
+            )
         except subprocess.CalledProcessError as err:
             tail = "\n".join(self.log_text().splitlines()[-15:])
-            raise RuntimeError(f"PostgreSQL in {self.datadir} did not start: {err.stderr.strip()}\n{tail}") from err
+            raise RuntimeError(
+                f"PostgreSQL in {self.datadir} did not start: {err.stderr.strip()}\n{tail}"
+            ) from err
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -132,7 +170,9 @@ class LocalCluster:
         """server_version_num of the running server, e.g. 150018."""
         return int(self.sql("SHOW server_version_num")[0][0])
 
-    def airflow_conn_uri(self, user: str = SERVER_USER, password: str | None = None, dbname: str = "postgres") -> str:
+    def airflow_conn_uri(
+        self, user: str = SERVER_USER, password: str | None = None, dbname: str = "postgres"
+    ) -> str:
         """An Airflow connection URI reaching this cluster over 127.0.0.1."""
         from urllib.parse import quote
 

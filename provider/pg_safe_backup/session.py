@@ -155,7 +155,9 @@ class _Notices:
 
         def handle(diag: psycopg.errors.Diagnostic) -> None:
             severity = diag.severity_nonlocalized or diag.severity or "NOTICE"
-            text = " ".join(part for part in (diag.message_primary, diag.message_detail, diag.message_hint) if part)
+            text = " ".join(
+                part for part in (diag.message_primary, diag.message_detail, diag.message_hint) if part
+            )
             keep = self.keeping and backup_session and not text.startswith(self.ALL_WELL)
             level = logging.WARNING if keep or severity == "WARNING" else logging.INFO
             log.log(level, "PostgreSQL %s on connection %r: %s", severity, conn_id, text)
@@ -175,8 +177,11 @@ class _Notices:
 
 # ------------------------------------------------------------------------------------------ the holder
 
+
 async def hold_backup(
-    hook: PostgresBackupHook, req: HoldRequest, clock: Callable[[], float] = time.monotonic,
+    hook: PostgresBackupHook,
+    req: HoldRequest,
+    clock: Callable[[], float] = time.monotonic,
     check: Check | None = None,
 ) -> dict[str, Any]:
     """Take one backup for ``req.attempt`` and hold its session until the finish asks to stop.
@@ -195,7 +200,9 @@ async def hold_backup(
             # (backup of a standby): then both stay open, and losing either fails the backup.
             bconn = conn
             if hook.separate_state:
-                bconn = await stack.enter_async_context(hook.connect("holder backup session", backup_server=True))
+                bconn = await stack.enter_async_context(
+                    hook.connect("holder backup session", backup_server=True)
+                )
             try:
                 return await _claim_and_run(hook, conn, bconn, req, deadline, check, clock)
             except psycopg.Error as err:  # before backup mode: nothing to end
@@ -205,8 +212,13 @@ async def hold_backup(
 
 
 async def _claim_and_run(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
-    deadline: _Deadline, check: Check | None, clock: Callable[[], float],
+    hook: PostgresBackupHook,
+    conn: psycopg.AsyncConnection,
+    bconn: psycopg.AsyncConnection,
+    req: HoldRequest,
+    deadline: _Deadline,
+    check: Check | None,
+    clock: Callable[[], float],
 ) -> dict[str, Any]:
     """Claim the row (see decide_claim), then run the backup, follow our earlier claim, or refuse."""
     notices = _Notices()
@@ -218,19 +230,31 @@ async def _claim_and_run(
     wal = await _plan_wal(hook, conn, bconn, req)  # may refuse: before the claim, nothing to undo
     patience = _Deadline(EARLIER_ATTEMPT_WAIT_S, clock)
     while True:
-        decision, row = await hook.claim(conn, req.owner, req.attempt, req.holder_try, req.label, req.terminate_live)
+        decision, row = await hook.claim(
+            conn, req.owner, req.attempt, req.holder_try, req.label, req.terminate_live
+        )
         if decision is not Claim.WAIT or patience.expired():
             break
-        log.info("an earlier attempt of %s (%s) still holds its backup; waiting for it to end", req.owner, row.attempt)
+        log.info(
+            "an earlier attempt of %s (%s) still holds its backup; waiting for it to end",
+            req.owner,
+            row.attempt,
+        )
         await hook.wait_for_change(conn, patience.cap(req.poll_interval))
     if decision in (Claim.REFUSE, Claim.WAIT):
-        whose = f"an earlier attempt ({row.attempt}) of this same backup" if decision is Claim.WAIT else (
-            f"a backup owned by {row.owner or 'another client'}")
+        whose = (
+            f"an earlier attempt ({row.attempt}) of this same backup"
+            if decision is Claim.WAIT
+            else (f"a backup owned by {row.owner or 'another client'}")
+        )
         return event(
             FAILED,
-            f"refused to start: {whose} (label {row.label!r}, holder pid {row.pid}) is {row.state.value} on this"
-            " cluster; it was left untouched. Wait for it to finish, or set terminate_live=True to end it. Each"
-            f" cluster needs a state table of its own: if that backup is of another cluster whose state shares"
+            f"refused to start: {whose} (label {row.label!r}, holder pid {row.pid}) is {row.state.value} on "
+            "this"
+            " cluster; it was left untouched. Wait for it to finish, or set terminate_live=True to end it. "
+            "Each"
+            " cluster needs a state table of its own: if that backup is of another cluster whose state "
+            "shares"
             f" {hook.table_description} (standbys of one primary), give each group its own table= option.",
         )
     if decision in (Claim.WATCH, Claim.FINISHED, Claim.LOST):
@@ -243,7 +267,10 @@ async def _claim_and_run(
 
 
 async def _plan_wal(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
+    hook: PostgresBackupHook,
+    conn: psycopg.AsyncConnection,
+    bconn: psycopg.AsyncConnection,
+    req: HoldRequest,
 ) -> WalPlan:
     """How this backup's WAL gets archived (see :func:`plan_wal`); refused when nothing would archive it
     and ``req.wait_for_archive``."""
@@ -256,7 +283,10 @@ async def _plan_wal(
 
 
 async def _until_ended(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, attempt: str, poll_interval: float,
+    hook: PostgresBackupHook,
+    conn: psycopg.AsyncConnection,
+    attempt: str,
+    poll_interval: float,
     vet: Callable[[BackupRow], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> dict[str, Any]:
     """Follow ``attempt``'s backup until it is complete or failed (its holder gone: marked failed).
@@ -267,8 +297,12 @@ async def _until_ended(
         row = await hook.read(conn)
         if row is None or row.attempt != attempt:
             whose = f"{row.owner} (attempt {row.attempt}, {row.state.value})" if row else "nothing"
-            return event(FAILED, f"the backup of attempt {attempt} is no longer in the table, which now holds"
-                         f" {whose}: its label cannot be reported", row)
+            return event(
+                FAILED,
+                f"the backup of attempt {attempt} is no longer in the table, which now holds"
+                f" {whose}: its label cannot be reported",
+                row,
+            )
         if vet is not None and (ended := await vet(row)):
             return ended
         if row.state is BackupState.FAILED:
@@ -282,13 +316,22 @@ async def _until_ended(
 
 
 def _session_gone(row: BackupRow) -> str:
-    return (f"the session holding backup mode (pid {row.pid}) is gone: triggerer stopped, connection killed or"
-            " server restarted; backup mode ended with it")
+    return (
+        f"the session holding backup mode (pid {row.pid}) is gone: triggerer stopped, connection killed or"
+        " server restarted; backup mode ended with it"
+    )
 
 
 async def _run_backup(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
-    deadline: _Deadline, check: Check | None, clock: Callable[[], float], wal: WalPlan, notices: _Notices,
+    hook: PostgresBackupHook,
+    conn: psycopg.AsyncConnection,
+    bconn: psycopg.AsyncConnection,
+    req: HoldRequest,
+    deadline: _Deadline,
+    check: Check | None,
+    clock: Callable[[], float],
+    wal: WalPlan,
+    notices: _Notices,
 ) -> dict[str, Any]:
     """The claimed backup (see :func:`_backup_mode`). Every end but complete, an exception included,
     marks this attempt's row failed (never another attempt's: ``mark_failed`` filters by attempt) and
@@ -313,15 +356,25 @@ async def _run_backup(
     except (asyncio.CancelledError, Exception) as err:
         # Cancelled by Airflow (task cleared or marked failed), or a bug: closing this session ends
         # backup mode, so say so in the table before it closes.
-        why = "the holder was cancelled by Airflow" if isinstance(err, asyncio.CancelledError) else (
-            f"the holder stopped on an unexpected error: {err!r}")
+        why = (
+            "the holder was cancelled by Airflow"
+            if isinstance(err, asyncio.CancelledError)
+            else (f"the holder stopped on an unexpected error: {err!r}")
+        )
         await asyncio.wait_for(_fail_elsewhere(hook, req.attempt, why), 10)
         raise
 
 
 async def _backup_mode(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
-    deadline: _Deadline, check: Check | None, clock: Callable[[], float], wal: WalPlan, notices: _Notices,
+    hook: PostgresBackupHook,
+    conn: psycopg.AsyncConnection,
+    bconn: psycopg.AsyncConnection,
+    req: HoldRequest,
+    deadline: _Deadline,
+    check: Check | None,
+    clock: Callable[[], float],
+    wal: WalPlan,
+    notices: _Notices,
 ) -> dict[str, Any]:
     """Backup mode from start to stop in ``bconn`` (state in ``conn``); returns the complete event, or
     a failed one saying why it must end (:func:`_run_backup` records that and ends backup mode)."""
@@ -329,9 +382,13 @@ async def _backup_mode(
     log.info("starting backup %r (fast checkpoint: %s)", req.label, req.fast_checkpoint)
     notices.keep()
     try:
-        start_lsn = await asyncio.wait_for(hook.start_backup(bconn, req.label, req.fast_checkpoint), deadline.remaining())
+        start_lsn = await asyncio.wait_for(
+            hook.start_backup(bconn, req.label, req.fast_checkpoint), deadline.remaining()
+        )
     except asyncio.TimeoutError:
-        return event(FAILED, f"the start checkpoint did not finish within backup_timeout={req.backup_timeout:g}s")
+        return event(
+            FAILED, f"the start checkpoint did not finish within backup_timeout={req.backup_timeout:g}s"
+        )
     if not await hook.record_start(conn, start_lsn):
         return event(FAILED, "the backup was marked failed or taken over while its checkpoint was running")
     log.info("backup mode entered at %s; holding session pid %s", start_lsn, my_pid)
@@ -340,8 +397,11 @@ async def _backup_mode(
     while True:
         row = await hook.read(conn)
         if row is None or row.attempt != req.attempt or row.pid != my_pid:
-            by = "another backup" if row is None or row.attempt != req.attempt else (
-                f"another session (pid {row.pid}, not this holder's {my_pid})")
+            by = (
+                "another backup"
+                if row is None or row.attempt != req.attempt
+                else (f"another session (pid {row.pid}, not this holder's {my_pid})")
+            )
             return event(FAILED, f"this backup's row was taken over by {by}")
         if row.state is BackupState.FAILED:
             return event(FAILED, f"backup marked failed: {row.error}")
@@ -368,15 +428,27 @@ async def _backup_mode(
             hook.stop_backup(bconn, wal.stop_wait), deadline.remaining()
         )
     except asyncio.TimeoutError:
-        return event(FAILED, await _archiving_failed(
-            hook, bconn, req, "pg_backup_stop (which waits until the WAL the backup needs is archived) did not return"))
-    if wal.follow and (problem := await _wait_archived(hook, conn, bconn, wal.follow, stop_lsn, req, deadline)):
+        return event(
+            FAILED,
+            await _archiving_failed(
+                hook,
+                bconn,
+                req,
+                "pg_backup_stop (which waits until the WAL the backup needs is archived) did not return",
+            ),
+        )
+    if wal.follow and (
+        problem := await _wait_archived(hook, conn, bconn, wal.follow, stop_lsn, req, deadline)
+    ):
         return event(FAILED, problem)
     timeline = parse_backup_label(label_file).get("START TIMELINE")
-    if not await hook.mark_complete(conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None,
-                                    notices.text):
+    if not await hook.mark_complete(
+        conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None, notices.text
+    ):
         row = await hook.read(conn)
-        return event(FAILED, f"backup stopped but no longer ours to complete: {row.error if row else 'row gone'}")
+        return event(
+            FAILED, f"backup stopped but no longer ours to complete: {row.error if row else 'row gone'}"
+        )
     row = await hook.read(conn)
     log.info("backup complete: %s .. %s", row.start_lsn, row.stop_lsn)
     warned = f"; PostgreSQL warned: {row.warnings}" if row.warnings else ""
@@ -384,8 +456,13 @@ async def _backup_mode(
 
 
 async def _wait_archived(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, archiver: WalArchiver,
-    stop_lsn: str, req: HoldRequest, deadline: _Deadline,
+    hook: PostgresBackupHook,
+    conn: psycopg.AsyncConnection,
+    bconn: psycopg.AsyncConnection,
+    archiver: WalArchiver,
+    stop_lsn: str,
+    req: HoldRequest,
+    deadline: _Deadline,
 ) -> str | None:
     """Get the WAL segment holding a standby backup's stop LSN archived: switch WAL on the primary
     (``conn``, the state connection), then wait for ``archiver`` (the standby's own, or the primary's).
@@ -394,18 +471,28 @@ async def _wait_archived(
     complete: by the primary when it switches past it, by an archive_mode=always standby once it has
     received it whole. Returns why it failed (backup_timeout), or None once archived.
     """
-    on, conn_id = (bconn, hook.postgres_conn_id) if archiver is WalArchiver.STANDBY else (conn, hook.state_conn_id)
+    on, conn_id = (
+        (bconn, hook.postgres_conn_id) if archiver is WalArchiver.STANDBY else (conn, hook.state_conn_id)
+    )
     timeline, segment_size = await hook.wal_timeline_and_segment_size(conn)
     segment = wal_segment_name(stop_lsn, timeline, segment_size)
     switched = False
     while not archived_through(await hook.last_archived_wal(on), segment):
         if deadline.expired():
             return await _archiving_failed(
-                hook, on, req, f"WAL segment {segment}, which holds the stop LSN {stop_lsn}, was not archived by"
-                f" connection {conn_id!r}")
+                hook,
+                on,
+                req,
+                f"WAL segment {segment}, which holds the stop LSN {stop_lsn}, was not archived by"
+                f" connection {conn_id!r}",
+            )
         if not switched:
-            log.info("switching WAL on connection %r so that segment %s (stop LSN %s) is archived", hook.state_conn_id,
-                     segment, stop_lsn)
+            log.info(
+                "switching WAL on connection %r so that segment %s (stop LSN %s) is archived",
+                hook.state_conn_id,
+                segment,
+                stop_lsn,
+            )
             await hook.switch_wal(conn)
             switched = True
         await asyncio.sleep(deadline.cap(ARCHIVE_POLL_S))
@@ -413,15 +500,23 @@ async def _wait_archived(
     return None
 
 
-async def _archiving_failed(hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest, what: str) -> str:
+async def _archiving_failed(
+    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest, what: str
+) -> str:
     """Why a backup failed when ``what`` did not happen within backup_timeout: WAL archiving, with
     pg_stat_archiver's account of the server of ``conn``."""
-    return (f"{what} within backup_timeout={req.backup_timeout:g}s, so WAL archiving is failing or too slow (check"
-            f" archive_command and the server log; {await hook.archiver_status(conn)})")
+    return (
+        f"{what} within backup_timeout={req.backup_timeout:g}s, so WAL archiving is failing or too slow "
+        "(check"
+        f" archive_command and the server log; {await hook.archiver_status(conn)})"
+    )
 
 
 async def _fail(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, bconn: psycopg.AsyncConnection, req: HoldRequest,
+    hook: PostgresBackupHook,
+    conn: psycopg.AsyncConnection,
+    bconn: psycopg.AsyncConnection,
+    req: HoldRequest,
     reason: str,
 ) -> dict[str, Any]:
     """Mark this holder's backup failed, then end backup mode without waiting for the archive."""
@@ -441,7 +536,12 @@ async def _fail_elsewhere(hook: PostgresBackupHook, attempt: str, reason: str) -
 
 # ----------------------------------------------------------------------------------- gate and finish
 
-async def _waiting(hook: PostgresBackupHook, purpose: str, body: Callable[[psycopg.AsyncConnection], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+
+async def _waiting(
+    hook: PostgresBackupHook,
+    purpose: str,
+    body: Callable[[psycopg.AsyncConnection], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
     """Run ``body`` in a LISTENing session; connection and SQL errors become FAILED events."""
     try:
         async with hook.connect(purpose) as conn:
@@ -486,7 +586,9 @@ async def wait_for_start(
             row = await hook.read(conn)
             # Ask Airflow again when the row names another attempt than the one we know, when that attempt
             # is not yet surely the current one, and now and then (has the hold task ended?).
-            unsure = view is None or row is None or row.attempt != view.attempt or (row.live and not view.current)
+            unsure = (
+                view is None or row is None or row.attempt != view.attempt or (row.live and not view.current)
+            )
             if hold_view is not None and (unsure or clock() - viewed_at >= poll_interval):
                 try:
                     view = await hold_view()
@@ -501,23 +603,36 @@ async def wait_for_start(
                 if row.state is BackupState.FAILED and view.current:
                     return event(FAILED, f"backup failed: {row.error}", row)
                 if row.state in (BackupState.DONE, BackupState.COMPLETE) and view.current:
-                    return event(FAILED, f"this run's backup already {row.state.value} before its copy could"
-                                 " start (copying now would not match its label)", row)
+                    return event(
+                        FAILED,
+                        f"this run's backup already {row.state.value} before its copy could"
+                        " start (copying now would not match its label)",
+                        row,
+                    )
                 if row.live and not row.holder_alive and view.current:
                     await hook.mark_failed(conn, row.attempt, _session_gone(row))
                     continue
                 if row.state is BackupState.RUNNING and row.start_lsn is None and clock() > hint_at:
                     hint_at = float("inf")
-                    log.info("backup %s is waiting for its start checkpoint. %s", row.owner, FAST_CHECKPOINT_HINT)
+                    log.info(
+                        "backup %s is waiting for its start checkpoint. %s", row.owner, FAST_CHECKPOINT_HINT
+                    )
             if view.ended:
                 reason = f" (its backup: {row.state.value}, {row.error})" if ours else ""
                 task = f" {view.task_id}" if view.task_id else ""
-                return event(FAILED, f"the backup holder task{task} ended ({view.ended}) without starting this run's"
-                             f" backup{reason}; see its log", row if ours else None)
+                return event(
+                    FAILED,
+                    f"the backup holder task{task} ended ({view.ended}) without starting this run's"
+                    f" backup{reason}; see its log",
+                    row if ours else None,
+                )
             if deadline.expired():
-                return event(FAILED, f"gate_timeout={timeout:g}s passed and this run's backup is not in backup"
-                             " mode yet (a start checkpoint still running, or no triggerer running the hold)",
-                             row if ours else None)
+                return event(
+                    FAILED,
+                    f"gate_timeout={timeout:g}s passed and this run's backup is not in backup"
+                    " mode yet (a start checkpoint still running, or no triggerer running the hold)",
+                    row if ours else None,
+                )
             # Not yet sure which attempt is current (the hold task is starting): look again soon.
             soon = ours and row.live and not view.current
             await hook.wait_for_change(conn, deadline.cap(min(poll_interval, 0.5) if soon else poll_interval))
@@ -540,6 +655,7 @@ async def finish_backup(
     waited for. Only that attempt's row is ever touched; a row of another attempt, or with another
     start LSN, fails the finish at once (the backup the copy ran under is gone).
     """
+
     async def body(conn: psycopg.AsyncConnection) -> dict[str, Any]:
         if copy_problem:
             await hook.mark_failed(conn, attempt, copy_problem, withdraw=True)
@@ -549,11 +665,18 @@ async def finish_backup(
         async def vet(row: BackupRow) -> dict[str, Any] | None:
             if row.start_lsn != start_lsn:
                 await hook.mark_failed(
-                    conn, attempt, f"the copy began under start LSN {start_lsn} but this backup started at"
-                    f" {row.start_lsn}: its label does not fit the copy", withdraw=True,
+                    conn,
+                    attempt,
+                    f"the copy began under start LSN {start_lsn} but this backup started at"
+                    f" {row.start_lsn}: its label does not fit the copy",
+                    withdraw=True,
                 )
-                return event(FAILED, f"backup failed: the copy began under start LSN {start_lsn}, not under"
-                             f" this backup's {row.start_lsn}", await hook.read(conn))
+                return event(
+                    FAILED,
+                    f"backup failed: the copy began under start LSN {start_lsn}, not under"
+                    f" this backup's {row.start_lsn}",
+                    await hook.read(conn),
+                )
             if row.state is BackupState.RUNNING and row.holder_alive:  # set back by hand, or raced: ask again
                 await hook.request_done(conn, attempt, start_lsn)
             return None

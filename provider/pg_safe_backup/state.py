@@ -33,7 +33,10 @@ TRANSITIONS: frozenset[tuple[BackupState, BackupState]] = frozenset(
         (BackupState.RUNNING, BackupState.FAILED),
         (BackupState.DONE, BackupState.COMPLETE),
         (BackupState.DONE, BackupState.FAILED),
-        (BackupState.COMPLETE, BackupState.FAILED),  # the same attempt's copy failed after all: label withdrawn
+        (
+            BackupState.COMPLETE,
+            BackupState.FAILED,
+        ),  # the same attempt's copy failed after all: label withdrawn
         (BackupState.COMPLETE, BackupState.RUNNING),
         (BackupState.FAILED, BackupState.RUNNING),
     }
@@ -49,8 +52,17 @@ TRANSITIONS: frozenset[tuple[BackupState, BackupState]] = frozenset(
 #:   that it is ours, and the liveness check goes by its pid alone.
 WITHDRAW_COLUMNS: tuple[str, ...] = ("state", "error", "finished_at", "updated_at")
 HOLDER_COLUMNS: tuple[str, ...] = (
-    "owner", "attempt", "holder_try", "label", "holder_started_at", "start_lsn", "stop_lsn", "timeline", "error",
-    "warnings", "system_identifier",
+    "owner",
+    "attempt",
+    "holder_try",
+    "label",
+    "holder_started_at",
+    "start_lsn",
+    "stop_lsn",
+    "timeline",
+    "error",
+    "warnings",
+    "system_identifier",
 )
 
 #: States in which a holder session is (or should be) in backup mode.
@@ -116,7 +128,8 @@ class Claim(str, enum.Enum):
     REPLACE_STALE = "replace_stale"  # a live-looking backup whose holder is gone: fail it, start ours
     TERMINATE_AND_START = "terminate_and_start"  # live backup of another owner, explicitly allowed
     REFUSE = "refuse"  # a live backup of another owner: leave it alone, fail ours
-    WAIT = "wait"  # a live backup of an EARLIER attempt of our owner (Airflow is cancelling it): wait, then decide
+    # a live backup of an EARLIER attempt of our owner (Airflow is cancelling it): wait, then decide
+    WAIT = "wait"
     WATCH = "watch"  # our own attempt's backup, held by another live session (a duplicate trigger)
     LOST = "lost"  # our own attempt's backup, but its session is gone: mark failed, never restart
     FINISHED = "finished"  # our own attempt already ended: report that outcome
@@ -152,7 +165,7 @@ class BackupRef:
     :param run_id: the DAG run.
     :param backup_key: the group's full id (unique in the DAG), or a hand-wired DAG's own key.
     :param map_index: the map index of a mapped group (-1: not mapped).
-    :param hold_task_id: the group's ``PostgresBackupHoldOperator``.
+    :param hold_task_id: the group's ``PostgresStartBackupOperator``.
     :param finish_task_id: the group's ``PostgresFinishBackupOperator``.
     """
 
@@ -191,6 +204,7 @@ def format_lsn(value: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- WAL archiving
+
 
 def wal_segment_name(end_lsn: str, timeline: int, segment_size: int) -> str:
     """The WAL file holding the last byte before ``end_lsn``: what a backup ending there needs last.
@@ -266,11 +280,19 @@ class ArchiveSettings:
         if self.archive_mode == "off":
             return f"{self.name} has archive_mode=off"
         if self.in_recovery and self.archive_mode != "always":
-            return f"{self.name} is a standby with archive_mode={self.archive_mode} (a standby archives only with archive_mode=always)"
+            return (
+                f"{self.name} is a standby with archive_mode={self.archive_mode} "
+                "(a standby archives only with archive_mode=always)"
+            )
         if self.archive_library and self.archive_command and self.server_version >= 160000:
-            return f"{self.name} has both archive_command and archive_library set, so its archiver does not run"
+            return (
+                f"{self.name} has both archive_command and archive_library set, so its archiver does not run"
+            )
         if not (self.archive_library or self.archive_command):
-            return f"{self.name} has archive_mode={self.archive_mode} but an empty archive_command, so nothing is archived"
+            return (
+                f"{self.name} has archive_mode={self.archive_mode} but an empty archive_command, "
+                "so nothing is archived"
+            )
         return None
 
     @property
@@ -303,9 +325,12 @@ def plan_wal(server: ArchiveSettings, state: ArchiveSettings | None, wait_for_ar
         if wait_for_archive:
             raise ValueError(
                 f"not started: wait_for_archive=True, but this backup's WAL would not be archived: {why_not}."
-                " Without all the WAL from its start to its stop a backup cannot be restored. Either enable WAL"
-                " archiving (archive_mode = on, which takes a restart, and an archive_command that copies %p into"
-                " the archive; for a standby, on its primary, or archive_mode = always on the standby), or pass"
+                " Without all the WAL from its start to its stop a backup cannot be restored. Either enable "
+                "WAL"
+                " archiving (archive_mode = on, which takes a restart, and an archive_command that copies %p "
+                "into"
+                " the archive; for a standby, on its primary, or archive_mode = always on the standby), or "
+                "pass"
                 " wait_for_archive=False if the WAL is copied another way (pg_wal copied after the stop,"
                 " pg_receivewal)"
             )
@@ -326,13 +351,17 @@ def _wal_archiver(server: ArchiveSettings, state: ArchiveSettings | None) -> tup
         return (WalArchiver.SERVER, "") if own is None else (None, own)
     # A standby: only its primary can switch WAL so that the segment holding the stop point is completed.
     if state is None or state.in_recovery or state.system_identifier != server.system_identifier:
-        return None, (f"{server.name} is a standby, and {state.name if state else 'no state_conn_id'} is not"
-                      " its primary (a writable server of the same system identifier), which must switch"
-                      " WAL for the backup's last segment to be archived")
+        return None, (
+            f"{server.name} is a standby, and {state.name if state else 'no state_conn_id'} is not"
+            " its primary (a writable server of the same system identifier), which must switch"
+            " WAL for the backup's last segment to be archived"
+        )
     if not state.can_switch_wal:
-        return None, (f"{state.name} may not run pg_switch_wal(), which completes the standby backup's last"
-                      " WAL segment so that it is archived (as a superuser: GRANT EXECUTE ON FUNCTION"
-                      f" pg_catalog.pg_switch_wal() TO {state.role})")
+        return None, (
+            f"{state.name} may not run pg_switch_wal(), which completes the standby backup's last"
+            " WAL segment so that it is archived (as a superuser: GRANT EXECUTE ON FUNCTION"
+            f" pg_catalog.pg_switch_wal() TO {state.role})"
+        )
     if own is None:
         return WalArchiver.STANDBY, ""
     primary = state.not_archiving()

@@ -9,8 +9,8 @@ from airflow.sdk import BaseOperator, TaskGroup, TriggerRule
 
 from pg_safe_backup.operators.backup import (
     DEFAULT_LABEL,
-    PostgresBackupHoldOperator,
     PostgresFinishBackupOperator,
+    PostgresStartBackupOperator,
 )
 from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
 from pg_safe_backup.session import ONE_DAY_S
@@ -21,7 +21,8 @@ class PostgresOnlineBackup(TaskGroup):
     A task group that backs up one cluster around the copy tasks created inside it::
 
         with PostgresOnlineBackup(group_id="backup", postgres_conn_id="pg_main") as backup:
-            copy = BashOperator(task_id="copy", bash_command="rsync -a --delete ... --exclude=/global/pg_control"
+            copy = BashOperator(task_id="copy", bash_command="rsync -a --delete ...
+            --exclude=/global/pg_control"
                                 " $PGDATA/ $DEST/ && rsync -a $PGDATA/global/pg_control $DEST/global/")
 
     Inside the group: ``hold`` starts the backup and keeps its session (deferred all along),
@@ -41,7 +42,7 @@ class PostgresOnlineBackup(TaskGroup):
     :param backup_timeout: seconds after which an unfinished backup is failed (0 = none; default a day).
     :param fast_checkpoint: immediate start checkpoint instead of a spread one.
     :param wait_for_archive: complete only once the needed WAL is archived (a server whose WAL nothing
-        archives is refused); False: the WAL is copied another way (see ``PostgresBackupHoldOperator``).
+        archives is refused); False: the WAL is copied another way (see ``PostgresStartBackupOperator``).
     :param label: backup label (templated).
     :param terminate_live: end another live backup instead of refusing to start.
     :param database, table, table_schema, poll_interval: see ``BackupTaskMixin``.
@@ -72,16 +73,32 @@ class PostgresOnlineBackup(TaskGroup):
     ) -> None:
         super().__init__(group_id=group_id, **group_kwargs)
         # The group's own tasks are made here, in it (task_group=self), before the user's copy tasks.
-        common = {"postgres_conn_id": postgres_conn_id, "state_conn_id": state_conn_id, "database": database, "table": table,
-                  "table_schema": table_schema, "backup_key": self.group_id, "poll_interval": poll_interval,
-                  "dag": self.dag, "task_group": self}
-        self.hold = PostgresBackupHoldOperator(
-            task_id="hold_backup_session", label=label, fast_checkpoint=fast_checkpoint,
-            wait_for_archive=wait_for_archive, backup_timeout=backup_timeout, terminate_live=terminate_live, **common,
+        common = {
+            "postgres_conn_id": postgres_conn_id,
+            "state_conn_id": state_conn_id,
+            "database": database,
+            "table": table,
+            "table_schema": table_schema,
+            "backup_key": self.group_id,
+            "poll_interval": poll_interval,
+            "dag": self.dag,
+            "task_group": self,
+        }
+        self.hold = PostgresStartBackupOperator(
+            task_id="hold_backup_session",
+            label=label,
+            fast_checkpoint=fast_checkpoint,
+            wait_for_archive=wait_for_archive,
+            backup_timeout=backup_timeout,
+            terminate_live=terminate_live,
+            **common,
         )
         self.gate = PostgresBackupStartedSensor(
-            task_id="wait_for_backup_mode", holder_task_id=self.hold.task_id, timeout=gate_timeout,
-            deferrable=deferrable, **common,
+            task_id="wait_for_backup_mode",
+            holder_task_id=self.hold.task_id,
+            timeout=gate_timeout,
+            deferrable=deferrable,
+            **common,
         )
         self.finish = PostgresFinishBackupOperator(
             task_id="finish_backup", gate_task_id=self.gate.task_id, deferrable=deferrable, **common
@@ -104,7 +121,9 @@ class PostgresOnlineBackup(TaskGroup):
         own = {self.hold.node_id, self.gate.node_id, self.finish.node_id}
         copies = [node for key, node in self.children.items() if key not in own]
         if not copies:
-            raise ValueError(f"PostgresOnlineBackup {self.group_id!r} has no copy task inside its 'with' block")
+            raise ValueError(
+                f"PostgresOnlineBackup {self.group_id!r} has no copy task inside its 'with' block"
+            )
         for node in copies:
             node.set_upstream(self.gate)
             node.set_downstream(self.finish)
@@ -114,7 +133,8 @@ class PostgresOnlineBackup(TaskGroup):
 
     def get_leaves(self) -> Generator[BaseOperator, None, None]:
         """
-        What ``backup >> task`` (and ``chain``, ``cross_downstream``) makes ``task`` downstream of: the finish.
+        What ``backup >> task`` (and ``chain``, ``cross_downstream``) makes ``task`` downstream of: the
+        finish.
 
         TaskGroup's own rule passes over a teardown leaf to the tasks before it (the copies, and the hold),
         so a task after the group could start before the backup ended and its label was in XCom.

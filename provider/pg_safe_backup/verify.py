@@ -81,8 +81,17 @@ from pg_safe_backup.state import parse_backup_label
 LSN = r"[0-9A-F]+/[0-9A-F]+"
 LOG_TAIL_LINES = 40
 # Never copied into the work dir: the server recreates / must not see them.
-_SKIP_TOP = {"postmaster.pid", "postmaster.opts", "pg_wal", "pg_xlog", "pg_tblspc", "standby.signal",
-             "recovery.signal", "recovery.conf", "recovery.done"}
+_SKIP_TOP = {
+    "postmaster.pid",
+    "postmaster.opts",
+    "pg_wal",
+    "pg_xlog",
+    "pg_tblspc",
+    "standby.signal",
+    "recovery.signal",
+    "recovery.conf",
+    "recovery.done",
+}
 # Lines of the log up to the end of recovery that mean trouble. Connection attempts refused while
 # the server is still recovering are expected (hot_standby is off).
 _BAD_LOG = re.compile(r"\bPANIC:|\b(?:LOG|WARNING|ERROR|FATAL):\s.*\bcould not\b")
@@ -98,14 +107,19 @@ class VerifyResult:
         if not self.ok:
             return "FAIL: " + "; ".join(self.reasons or ["unknown failure"])
         d = self.details
-        parts = [(f"backup {d['label']!r}" if d.get("label") else "the copy") + " recovered"
-                 + (f" to {d['recovery_end_lsn']}" if d.get("recovery_end_lsn") else "")
-                 + (f" on timeline {d['timeline']}" if d.get("timeline") else "")
-                 + f" ({d.get('wal_files_restored', 0)} WAL files from the archive)"]
+        parts = [
+            (f"backup {d['label']!r}" if d.get("label") else "the copy")
+            + " recovered"
+            + (f" to {d['recovery_end_lsn']}" if d.get("recovery_end_lsn") else "")
+            + (f" on timeline {d['timeline']}" if d.get("timeline") else "")
+            + f" ({d.get('wal_files_restored', 0)} WAL files from the archive)"
+        ]
         if "btree_indexes_checked" in d:
-            parts.append(f"amcheck: {d['btree_indexes_checked']} btree indexes"
-                         + (f", {d['tables_checked']} tables" if d.get("tables_checked") else "")
-                         + f" in {len(d.get('databases', []))} databases")
+            parts.append(
+                f"amcheck: {d['btree_indexes_checked']} btree indexes"
+                + (f", {d['tables_checked']} tables" if d.get("tables_checked") else "")
+                + f" in {len(d.get('databases', []))} databases"
+            )
         if "invariant_rows" in d:
             parts.append(f"invariant: {len(d['invariant_rows'])} rows ok")
         if d.get("kept_work_dir"):
@@ -174,8 +188,10 @@ def verify_backup(
         os.chmod(work, 0o700)
         os.chmod(data, 0o700)
         if subprocess.run(as_server_user(["test", "-w", str(data), "-a", "-x", str(data)])).returncode != 0:
-            raise _Refused(f"the work dir {work} is not reachable by the {SERVER_USER} OS user"
-                           " (pick another work_dir / --work-dir)")
+            raise _Refused(
+                f"the work dir {work} is not reachable by the {SERVER_USER} OS user"
+                " (pick another work_dir / --work-dir)"
+            )
 
         log_at_end = _start_and_recover(cluster, user, time.monotonic() + timeout, reasons, details)
         if log_at_end is None:
@@ -186,7 +202,7 @@ def verify_backup(
         if invariant_sql:
             _check_invariant(cluster, user, invariant_sql, invariant_db, details, reasons)
         # A backend that crashed while checking shows up as a PANIC / "terminated by signal".
-        tail = cluster.log_text()[len(log_at_end):]
+        tail = cluster.log_text()[len(log_at_end) :]
         for line in tail.splitlines():
             if "PANIC:" in line or "was terminated by signal" in line:
                 reasons.append(f"server log during the checks: {line.strip()}")
@@ -228,11 +244,16 @@ def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
 # --------------------------------------------------------------------------------------- preparation
 def _preflight(backup: Path, archive: Path, require_label: bool, details: dict[str, Any]) -> str | None:
     if not (backup / "PG_VERSION").is_file() or not (backup / "global" / "pg_control").is_file():
-        raise _Refused(f"{backup} is not a copy of a PostgreSQL data directory (no PG_VERSION or global/pg_control)")
+        raise _Refused(
+            f"{backup} is not a copy of a PostgreSQL data directory (no PG_VERSION or global/pg_control)"
+        )
     if not archive.is_dir():
         raise _Refused(f"the WAL archive {archive} is not a folder")
-    if os.geteuid() == 0 and subprocess.run(
-            as_server_user(["test", "-r", str(archive), "-a", "-x", str(archive)])).returncode != 0:
+    if (
+        os.geteuid() == 0
+        and subprocess.run(as_server_user(["test", "-r", str(archive), "-a", "-x", str(archive)])).returncode
+        != 0
+    ):
         raise _Refused(f"the WAL archive {archive} is not readable by the {SERVER_USER} OS user")
     label_file = backup / "backup_label"
     if not label_file.is_file():
@@ -241,7 +262,8 @@ def _preflight(backup: Path, archive: Path, require_label: bool, details: dict[s
             raise _Refused(
                 f"{backup} has no backup_label: an online backup restored without the label pg_backup_stop()"
                 " returned starts recovery from the wrong checkpoint and can silently lose committed rows"
-                " (require_backup_label=False checks it anyway, e.g. a copy of a stopped server)")
+                " (require_backup_label=False checks it anyway, e.g. a copy of a stopped server)"
+            )
         return None
     label_text = label_file.read_text()
     fields = parse_backup_label(label_text)
@@ -272,8 +294,13 @@ def _copy_backup(backup: Path, data: Path, use_backup_pg_wal: bool, details: dic
     if skipped:
         details["not_copied"] = skipped
     if use_backup_pg_wal and (backup / "pg_wal").is_dir():
-        shutil.copytree(backup / "pg_wal", data / "pg_wal", symlinks=False, ignore_dangling_symlinks=True,
-                        ignore=lambda folder, names: set(names) if Path(folder).name == "archive_status" else set())
+        shutil.copytree(
+            backup / "pg_wal",
+            data / "pg_wal",
+            symlinks=False,
+            ignore_dangling_symlinks=True,
+            ignore=lambda folder, names: set(names) if Path(folder).name == "archive_status" else set(),
+        )
         details["used_backup_pg_wal"] = sorted(p.name for p in (data / "pg_wal").iterdir() if p.is_file())
     (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
     (data / "pg_tblspc").mkdir()
@@ -308,8 +335,14 @@ def _escape_map_path(path: str) -> str:
     return "".join("\\" + c if c in "\\\n\r" else c for c in path)
 
 
-def _prepare_tablespaces(backup: Path, work: Path, data: Path, overrides: Mapping[str | int, Path | str],
-                         major: int | None, details: dict[str, Any]) -> None:
+def _prepare_tablespaces(
+    backup: Path,
+    work: Path,
+    data: Path,
+    overrides: Mapping[str | int, Path | str],
+    major: int | None,
+    details: dict[str, Any],
+) -> None:
     map_file = data / "tablespace_map"
     entries = _parse_tablespace_map(map_file.read_text()) if map_file.exists() else []
     listed = {oid for oid, _ in entries}
@@ -320,8 +353,10 @@ def _prepare_tablespaces(backup: Path, work: Path, data: Path, overrides: Mappin
                 continue
             if entry.is_symlink():
                 raise _Refused(
-                    f"pg_tblspc/{entry.name} in the backup is a link to {os.readlink(entry)} but no tablespace_map"
-                    " lists it; restoring it would use the original tablespace location")
+                    f"pg_tblspc/{entry.name} in the backup is a link to {os.readlink(entry)} but no "
+                    "tablespace_map"
+                    " lists it; restoring it would use the original tablespace location"
+                )
             if entry.is_dir():  # an in-place tablespace (allow_in_place_tablespaces): part of the copy
                 shutil.copytree(entry, data / "pg_tblspc" / entry.name, symlinks=False)
     if not entries:
@@ -329,11 +364,14 @@ def _prepare_tablespaces(backup: Path, work: Path, data: Path, overrides: Mappin
     tablespaces: dict[str, dict[str, str]] = {}
     lines = []
     for oid, original in entries:
-        candidates = ([Path(overrides[oid])] if oid in overrides else []) + \
-                     ([Path(overrides[int(oid)])] if oid.isdigit() and int(oid) in overrides else []) + [
-            backup.parent / f"{backup.name}_tablespaces" / oid,
-            backup.parent / f"{backup.name}.tablespaces" / oid,
-        ]
+        candidates = (
+            ([Path(overrides[oid])] if oid in overrides else [])
+            + ([Path(overrides[int(oid)])] if oid.isdigit() and int(oid) in overrides else [])
+            + [
+                backup.parent / f"{backup.name}_tablespaces" / oid,
+                backup.parent / f"{backup.name}.tablespaces" / oid,
+            ]
+        )
         inside = spc / oid
         if inside.is_dir() and not inside.is_symlink():
             candidates.append(inside)
@@ -342,10 +380,13 @@ def _prepare_tablespaces(backup: Path, work: Path, data: Path, overrides: Mappin
             raise _Refused(
                 f"tablespace {oid} ({original} in tablespace_map): no backup of it found in "
                 + ", ".join(str(c) for c in candidates)
-                + "; refusing to restore from the original location")
+                + "; refusing to restore from the original location"
+            )
         if major is not None and not any(p.name.startswith(f"PG_{major}_") for p in source.iterdir()):
-            raise _Refused(f"tablespace {oid}: {source} has no PG_{major}_* folder (it holds"
-                           f" {sorted(os.listdir(source))}) instead of the contents of {original}")
+            raise _Refused(
+                f"tablespace {oid}: {source} has no PG_{major}_* folder (it holds"
+                f" {sorted(os.listdir(source))}) instead of the contents of {original}"
+            )
         target = work / "tablespaces" / oid
         shutil.copytree(source, target, symlinks=False)
         os.chmod(target, 0o700)
@@ -372,8 +413,9 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _settings(work: Path, archive: Path, immediate: bool, major: int | None,
-              extra: Mapping[str, str] | None) -> dict[str, str]:
+def _settings(
+    work: Path, archive: Path, immediate: bool, major: int | None, extra: Mapping[str, str] | None
+) -> dict[str, str]:
     source = shlex.quote(str(archive).replace("%", "%%") + "/%f")
     settings = {
         "port": str(free_port()),
@@ -437,8 +479,9 @@ def _configure(work: Path, data: Path, settings: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- recovery
-def _start_and_recover(cluster: LocalCluster, user: str, deadline: float, reasons: list[str],
-                       details: dict[str, Any]) -> str | None:
+def _start_and_recover(
+    cluster: LocalCluster, user: str, deadline: float, reasons: list[str], details: dict[str, Any]
+) -> str | None:
     """Start the server and wait until it left recovery; the log up to then, or None (FAIL)."""
     try:
         cluster.start(timeout=max(5.0, deadline - time.monotonic()))
@@ -455,7 +498,8 @@ def _start_and_recover(cluster: LocalCluster, user: str, deadline: float, reason
                 if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                     (details["server_version"],) = conn.execute("SHOW server_version").fetchone()
                     tli, lsn = conn.execute(
-                        "SELECT timeline_id, checkpoint_lsn::text FROM pg_control_checkpoint()").fetchone()
+                        "SELECT timeline_id, checkpoint_lsn::text FROM pg_control_checkpoint()"
+                    ).fetchone()
                     details["timeline"] = tli
                     details["checkpoint_after_recovery"] = lsn
                     return cluster.log_text()
@@ -465,13 +509,19 @@ def _start_and_recover(cluster: LocalCluster, user: str, deadline: float, reason
             reasons.append("the server stopped during recovery" + _why(cluster.log_text()))
             return None
         if time.monotonic() > deadline:
-            reasons.append(f"recovery did not end in time (last: {last_error or 'still in recovery'})"
-                           + _why(cluster.log_text()))
+            reasons.append(
+                f"recovery did not end in time (last: {last_error or 'still in recovery'})"
+                + _why(cluster.log_text())
+            )
             return None
         time.sleep(0.2)
 
 
-_OUR_POLLING = ("not accepting connections", "Hot standby mode is disabled", "the database system is starting up")
+_OUR_POLLING = (
+    "not accepting connections",
+    "Hot standby mode is disabled",
+    "the database system is starting up",
+)
 
 
 def _why(log: str) -> str:
@@ -485,7 +535,9 @@ def _why(log: str) -> str:
     return (f": {key}" if key else "") + "; server log: " + _tail(log)
 
 
-def _check_recovery_log(log: str, label_text: str | None, details: dict[str, Any], reasons: list[str]) -> None:
+def _check_recovery_log(
+    log: str, label_text: str | None, details: dict[str, Any], reasons: list[str]
+) -> None:
     def first(pattern: str) -> str | None:
         m = re.search(pattern, log)
         return m.group(1) if m else None
@@ -499,13 +551,17 @@ def _check_recovery_log(log: str, label_text: str | None, details: dict[str, Any
     details["last_transaction_time"] = first(r"last completed transaction was at log time (.+)")
     details["wal_files_restored"] = len(re.findall(r'restored log file "[0-9A-F]{24}" from archive', log))
     if not details["consistent_lsn"] and not details["redo_done_lsn"]:
-        reasons.append("the server log shows neither 'consistent recovery state reached' nor 'redo done':"
-                       " " + _tail(log, 15))
+        reasons.append(
+            "the server log shows neither 'consistent recovery state reached' nor 'redo done':"
+            " " + _tail(log, 15)
+        )
     if label_text is not None:
         start = parse_backup_label(label_text).get("START WAL LOCATION", "").split(" ")[0]
         redo = details["redo_start_lsn"]
         if redo and start and redo != start:
-            reasons.append(f"recovery started at {redo}, not at the backup_label's START WAL LOCATION {start}")
+            reasons.append(
+                f"recovery started at {redo}, not at the backup_label's START WAL LOCATION {start}"
+            )
     bad = [line.strip() for line in log.splitlines() if _BAD_LOG.search(line)]
     if bad:
         details["bad_log_lines"] = bad
@@ -523,7 +579,9 @@ def _check_newest_page(newest: PageLSN | None, details: dict[str, Any], reasons:
         f"the copy holds pages newer than the point where its recovery became consistent: {newest.file} block"
         f" {newest.block} has LSN {format_lsn(newest.lsn)}, recovery was consistent at {consistent}. The copy"
         " does not match its backup_label: for a backup of a standby, global/pg_control must be copied last"
-        " (its minimum recovery point is where the backup ends); or the label is of an earlier backup than the copy")
+        " (its minimum recovery point is where the backup ends); or the label is of an earlier backup than "
+        "the copy"
+    )
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -533,8 +591,9 @@ def _databases(cluster: LocalCluster, user: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def _check_indexes(cluster: LocalCluster, user: str, check_heap: bool, details: dict[str, Any],
-                   reasons: list[str]) -> None:
+def _check_indexes(
+    cluster: LocalCluster, user: str, check_heap: bool, details: dict[str, Any], reasons: list[str]
+) -> None:
     dbs = _databases(cluster, user)
     details["databases"] = dbs
     indexes = tables = 0
@@ -547,9 +606,11 @@ def _check_indexes(cluster: LocalCluster, user: str, check_heap: bool, details: 
                 reasons.append(f"amcheck is not available in database {db}: {_one_line(exc)}")
                 continue
             (schema,) = conn.execute(
-                "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'amcheck'").fetchone()
+                "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'amcheck'"
+            ).fetchone()
             bt_check = pgsql.SQL("SELECT {}.bt_index_check(%s::regclass, heapallindexed => true)").format(
-                pgsql.Identifier(schema))
+                pgsql.Identifier(schema)
+            )
             rows = conn.execute("""
                 SELECT c.oid, c.oid::regclass::text FROM pg_index i
                 JOIN pg_class c ON c.oid = i.indexrelid
@@ -565,11 +626,14 @@ def _check_indexes(cluster: LocalCluster, user: str, check_heap: bool, details: 
                     problems.append(f"{db}: index {name}: {_one_line(exc)}")
             has_heapam = conn.execute(
                 "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = 'verify_heapam'"
-                " AND pronamespace = %s::regnamespace)", (schema,)).fetchone()[0]
+                " AND pronamespace = %s::regnamespace)",
+                (schema,),
+            ).fetchone()[0]
             if not (check_heap and has_heapam):
                 continue
-            heap_check = pgsql.SQL("SELECT blkno, offnum, msg FROM {}.verify_heapam(%s::regclass) LIMIT 5").format(
-                pgsql.Identifier(schema))
+            heap_check = pgsql.SQL(
+                "SELECT blkno, offnum, msg FROM {}.verify_heapam(%s::regclass) LIMIT 5"
+            ).format(pgsql.Identifier(schema))
             for oid, name in conn.execute("""
                     SELECT c.oid, c.oid::regclass::text FROM pg_class c JOIN pg_am am ON am.oid = c.relam
                     WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence <> 't' AND am.amname = 'heap'
@@ -589,8 +653,9 @@ def _check_indexes(cluster: LocalCluster, user: str, check_heap: bool, details: 
         reasons.append(f"amcheck found {len(problems)} problems: " + " | ".join(problems[:5]))
 
 
-def _check_invariant(cluster: LocalCluster, user: str, query: str, db: str, details: dict[str, Any],
-                     reasons: list[str]) -> None:
+def _check_invariant(
+    cluster: LocalCluster, user: str, query: str, db: str, details: dict[str, Any], reasons: list[str]
+) -> None:
     try:
         with cluster.connect(db, user=user) as conn:
             cur = conn.execute(query)
@@ -609,30 +674,51 @@ def _check_invariant(cluster: LocalCluster, user: str, query: str, db: str, deta
 
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pg_safe_backup.verify",
-                                     description="Restore a backup copy on a temporary server and check it.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pg_safe_backup.verify",
+        description="Restore a backup copy on a temporary server and check it.",
+    )
     parser.add_argument("backup_dir", type=Path)
     parser.add_argument("wal_archive", type=Path)
-    parser.add_argument("--invariant-sql", help="a query returning rows (ok boolean, detail text); all must be ok")
+    parser.add_argument(
+        "--invariant-sql", help="a query returning rows (ok boolean, detail text); all must be ok"
+    )
     parser.add_argument("--invariant-db", default="postgres")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (the server is stopped)")
     parser.add_argument("--work-dir", type=Path, help="where to make the temporary work dir")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to start and recover")
     parser.add_argument("--bindir", type=Path, help="PostgreSQL server binaries")
-    parser.add_argument("--to-end-of-archive", action="store_true",
-                        help="replay the whole archive instead of stopping at the backup's consistent point")
-    parser.add_argument("--allow-missing-label", action="store_true",
-                        help="check a copy without backup_label (only right for a copy of a stopped server)")
-    parser.add_argument("--use-backup-pg-wal", action="store_true",
-                        help="start with the backup's pg_wal/ files instead of an empty pg_wal/ (not recommended)")
+    parser.add_argument(
+        "--to-end-of-archive",
+        action="store_true",
+        help="replay the whole archive instead of stopping at the backup's consistent point",
+    )
+    parser.add_argument(
+        "--allow-missing-label",
+        action="store_true",
+        help="check a copy without backup_label (only right for a copy of a stopped server)",
+    )
+    parser.add_argument(
+        "--use-backup-pg-wal",
+        action="store_true",
+        help="start with the backup's pg_wal/ files instead of an empty pg_wal/ (not recommended)",
+    )
     parser.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the details too")
     args = parser.parse_args(argv)
     result = verify_backup(
-        args.backup_dir, args.wal_archive, invariant_sql=args.invariant_sql, invariant_db=args.invariant_db,
-        work_dir=args.work_dir, keep=args.keep, timeout=args.timeout, bindir=args.bindir,
-        recovery_target_immediate=not args.to_end_of_archive, require_backup_label=not args.allow_missing_label,
-        user=args.user, use_backup_pg_wal=args.use_backup_pg_wal,
+        args.backup_dir,
+        args.wal_archive,
+        invariant_sql=args.invariant_sql,
+        invariant_db=args.invariant_db,
+        work_dir=args.work_dir,
+        keep=args.keep,
+        timeout=args.timeout,
+        bindir=args.bindir,
+        recovery_target_immediate=not args.to_end_of_archive,
+        require_backup_label=not args.allow_missing_label,
+        user=args.user,
+        use_backup_pg_wal=args.use_backup_pg_wal,
     )
     print(result.summary())
     if args.verbose:

@@ -17,8 +17,14 @@ from pg_safe_backup.task_group import PostgresOnlineBackup
 
 PGDATA = os.environ.get("E2E_PGDATA", "/nonexistent")
 DESTINATION = os.environ.get("E2E_BACKUP_ROOT", "/tmp") + "/{{ run_id }}"
-EXCLUDES = ["--exclude=/pg_wal/*", "--exclude=/postmaster.pid", "--exclude=/postmaster.opts",
-            "--exclude=/pg_replslot/*", "--exclude=/pg_stat_tmp/*", "--exclude=pgsql_tmp*"]
+EXCLUDES = [
+    "--exclude=/pg_wal/*",
+    "--exclude=/postmaster.pid",
+    "--exclude=/postmaster.opts",
+    "--exclude=/pg_replslot/*",
+    "--exclude=/pg_stat_tmp/*",
+    "--exclude=pgsql_tmp*",
+]
 
 
 @task
@@ -32,8 +38,18 @@ def copy_data_directory(destination: str) -> None:
     time.sleep(float(os.environ.get("E2E_CHECKPOINT_DELAY", "3")))
     with psycopg.connect(os.environ["E2E_PG_DSN"], autocommit=True) as conn:
         conn.execute("CHECKPOINT")
-    subprocess.run(["rsync", "-a", *EXCLUDES, "--exclude=/base/", "--exclude=/global/pg_control",
-                    f"{PGDATA}/", f"{destination}/"], check=True)
+    subprocess.run(
+        [
+            "rsync",
+            "-a",
+            *EXCLUDES,
+            "--exclude=/base/",
+            "--exclude=/global/pg_control",
+            f"{PGDATA}/",
+            f"{destination}/",
+        ],
+        check=True,
+    )
     subprocess.run(["rsync", "-a", f"{PGDATA}/global/pg_control", f"{destination}/global/"], check=True)
 
 
@@ -42,22 +58,34 @@ def copy_tablespaces(destination: str) -> None:
     """Each tablespace (pg_tblspc/OID links) to DESTINATION_tablespaces/OID."""
     Path(f"{destination}_tablespaces").mkdir(parents=True)
     for link in sorted(Path(PGDATA, "pg_tblspc").iterdir()):
-        subprocess.run(["rsync", "-a", f"{link.resolve()}/", f"{destination}_tablespaces/{link.name}/"], check=True)
+        subprocess.run(
+            ["rsync", "-a", f"{link.resolve()}/", f"{destination}_tablespaces/{link.name}/"], check=True
+        )
 
 
 def backup_dag(dag_id: str, failing_copy: bool) -> DAG:
     with DAG(dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False) as dag:
-        with PostgresOnlineBackup(group_id="backup", postgres_conn_id="pg_e2e", fast_checkpoint=True,
-                                  backup_timeout=600, poll_interval=1.0) as backup:
+        with PostgresOnlineBackup(
+            group_id="backup",
+            postgres_conn_id="pg_e2e",
+            fast_checkpoint=True,
+            backup_timeout=600,
+            poll_interval=1.0,
+        ) as backup:
             if failing_copy:
                 BashOperator(task_id="copy_data_directory", bash_command="echo copy broke; exit 3")
             else:
                 copy_data_directory(DESTINATION)
                 copy_tablespaces(DESTINATION)
-        store = PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=DESTINATION)
+        store = PostgresStoreBackupLabelOperator(
+            task_id="store_backup_label", backup=backup, destination=DESTINATION
+        )
         # Verify every backup, in the DAG itself (the archive holds the WAL up to the stop point).
-        store >> PostgresVerifyBackupOperator(task_id="verify_backup", backup_dir=DESTINATION,
-                                              wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"))
+        store >> PostgresVerifyBackupOperator(
+            task_id="verify_backup",
+            backup_dir=DESTINATION,
+            wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"),
+        )
     return dag
 
 

@@ -1,4 +1,5 @@
-"""DAGs of the end-to-end fault tests (tests/test_e2e_faults.py sets the E2E_* environment and pg_e2e connection).
+"""DAGs of the end-to-end fault tests (tests/test_e2e_faults.py sets the E2E_* environment and pg_e2e
+connection).
 
 This folder holds only this file, so the fault suite's Airflow parses nothing else of tests/ on its own.
 The normal backup DAG is reused from tests/e2e_dags/e2e_backup_dags.py (``backup_dag``). Importing that
@@ -26,12 +27,24 @@ from e2e_backup_dags import DESTINATION, backup_dag  # noqa: E402
 CONN_ID = "pg_e2e"
 
 
-def fault_dag(dag_id: str, copy_command: str, destination: str = DESTINATION, max_active_runs: int = 1) -> DAG:
+def fault_dag(
+    dag_id: str, copy_command: str, destination: str = DESTINATION, max_active_runs: int = 1
+) -> DAG:
     """The provider's task group around one BashOperator copy stand-in, then the store task."""
-    with DAG(dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-             max_active_runs=max_active_runs) as dag:
-        with PostgresOnlineBackup(group_id="backup", postgres_conn_id=CONN_ID, fast_checkpoint=True,
-                                  backup_timeout=600, poll_interval=1.0) as backup:
+    with DAG(
+        dag_id,
+        schedule=None,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=max_active_runs,
+    ) as dag:
+        with PostgresOnlineBackup(
+            group_id="backup",
+            postgres_conn_id=CONN_ID,
+            fast_checkpoint=True,
+            backup_timeout=600,
+            poll_interval=1.0,
+        ) as backup:
             BashOperator(task_id="copy", bash_command=copy_command)
         PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=destination)
     return dag
@@ -46,7 +59,10 @@ e2e_fault_concurrent = fault_dag("e2e_fault_concurrent", "sleep 20", max_active_
 e2e_fault_other = fault_dag("e2e_fault_other", "sleep 1")
 # 4. the store task cannot write into its destination (a path under a regular file). The copy lasts 8 s so the
 #    holder's trigger cannot fire before the scheduler took in its deferral (see tests/test_e2e_faults.py).
-e2e_fault_unwritable = fault_dag("e2e_fault_unwritable", "sleep 8",
-                                 destination=os.environ.get("E2E_UNWRITABLE_DESTINATION", "/nonexistent/sub"))
+e2e_fault_unwritable = fault_dag(
+    "e2e_fault_unwritable",
+    "sleep 8",
+    destination=os.environ.get("E2E_UNWRITABLE_DESTINATION", "/nonexistent/sub"),
+)
 # 6. the next normal backup (real copy, label stored, restore check in the DAG)
 e2e_fault_final = backup_dag("e2e_fault_final", failing_copy=False)

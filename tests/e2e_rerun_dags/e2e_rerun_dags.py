@@ -20,41 +20,73 @@ from pg_safe_backup.task_group import PostgresOnlineBackup
 
 CLUSTERS: dict[str, dict[str, str]] = json.loads(os.environ.get("E2E_CLUSTERS", "{}"))
 ROOT = os.environ.get("E2E_BACKUP_ROOT", "/tmp")
-EXCLUDES = ["--exclude=/pg_wal/*", "--exclude=/postmaster.pid", "--exclude=/postmaster.opts",
-            "--exclude=/pg_replslot/*", "--exclude=/pg_stat_tmp/*", "--exclude=pgsql_tmp*"]
+EXCLUDES = [
+    "--exclude=/pg_wal/*",
+    "--exclude=/postmaster.pid",
+    "--exclude=/postmaster.opts",
+    "--exclude=/pg_replslot/*",
+    "--exclude=/pg_stat_tmp/*",
+    "--exclude=pgsql_tmp*",
+]
 #: Restore check of each copy: the table the test filled holds exactly that cluster's rows.
-INVARIANT = ("SELECT count(*) = 1000 AND bool_and(cluster = '{name}'), format('%s rows of %s', count(*),"
-             " string_agg(DISTINCT cluster, ',')) FROM who")
+INVARIANT = (
+    "SELECT count(*) = 1000 AND bool_and(cluster = '{name}'), format('%s rows of %s', count(*),"
+    " string_agg(DISTINCT cluster, ',')) FROM who"
+)
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 
 @task
 def copy_cluster(pgdata: str, destination: str) -> None:
-    """The data directory to ``destination`` (global/pg_control last); fails once while E2E_FAIL_ONCE exists."""
+    """The data directory to ``destination`` (global/pg_control last); fails once while E2E_FAIL_ONCE
+    exists."""
     flag = Path(os.environ.get("E2E_FAIL_ONCE", "/nonexistent/flag"))
     if flag.exists():
         flag.unlink()
         raise RuntimeError("the copy failed (E2E_FAIL_ONCE)")
     Path(destination).mkdir(parents=True, exist_ok=True)
-    subprocess.run(["rsync", "-a", "--delete", *EXCLUDES, "--exclude=/global/pg_control", f"{pgdata}/",
-                    f"{destination}/"], check=True)
+    subprocess.run(
+        [
+            "rsync",
+            "-a",
+            "--delete",
+            *EXCLUDES,
+            "--exclude=/global/pg_control",
+            f"{pgdata}/",
+            f"{destination}/",
+        ],
+        check=True,
+    )
     subprocess.run(["rsync", "-a", f"{pgdata}/global/pg_control", f"{destination}/global/"], check=True)
 
 
 def backup_and_check(name: str, conn_id: str, pgdata: str, wal_archive: str, destination: str) -> None:
     """One PostgresOnlineBackup group, its label stored into the copy, and the restore check."""
-    with PostgresOnlineBackup(group_id="backup", postgres_conn_id=conn_id, fast_checkpoint=True,
-                              backup_timeout=600, poll_interval=1.0) as backup:
+    with PostgresOnlineBackup(
+        group_id="backup",
+        postgres_conn_id=conn_id,
+        fast_checkpoint=True,
+        backup_timeout=600,
+        poll_interval=1.0,
+    ) as backup:
         copy_cluster(pgdata, destination)
-    store = PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=destination)
-    store >> PostgresVerifyBackupOperator(task_id="verify_backup", backup_dir=destination, wal_archive=wal_archive,
-                                          invariant_sql=INVARIANT.format(name=name))
+    store = PostgresStoreBackupLabelOperator(
+        task_id="store_backup_label", backup=backup, destination=destination
+    )
+    store >> PostgresVerifyBackupOperator(
+        task_id="verify_backup",
+        backup_dir=destination,
+        wal_archive=wal_archive,
+        invariant_sql=INVARIANT.format(name=name),
+    )
 
 
 def one_cluster_dag(dag_id: str, name: str) -> DAG:
     with DAG(dag_id, schedule=None, start_date=START, catchup=False) as dag:
         c = CLUSTERS.get(name, {"conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/nonexistent"})
-        backup_and_check(name, c["conn_id"], c["pgdata"], c["wal_archive"], f"{ROOT}/{dag_id}/{{{{ run_id }}}}")
+        backup_and_check(
+            name, c["conn_id"], c["pgdata"], c["wal_archive"], f"{ROOT}/{dag_id}/{{{{ run_id }}}}"
+        )
     return dag
 
 
@@ -67,19 +99,34 @@ e2e_rerun_hold = one_cluster_dag("e2e_rerun_hold", "main")
 with DAG("e2e_nested_groups", schedule=None, start_date=START, catchup=False) as e2e_nested_groups:
     for parent, name in (("east", "x"), ("west", "y")):
         with TaskGroup(parent):
-            c = CLUSTERS.get(name, {"conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/nonexistent"})
-            backup_and_check(name, c["conn_id"], c["pgdata"], c["wal_archive"],
-                             f"{ROOT}/e2e_nested_groups/{{{{ run_id }}}}/{parent}")
+            c = CLUSTERS.get(
+                name, {"conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/nonexistent"}
+            )
+            backup_and_check(
+                name,
+                c["conn_id"],
+                c["pgdata"],
+                c["wal_archive"],
+                f"{ROOT}/e2e_nested_groups/{{{{ run_id }}}}/{parent}",
+            )
 
 # 4. a mapped task group over three clusters' connection ids: each map index its own backup and copy
 with DAG("e2e_mapped_group", schedule=None, start_date=START, catchup=False) as e2e_mapped_group:
+
     @task_group(group_id="clusters")
     def one_cluster(name: str, conn_id: str, pgdata: str, wal_archive: str) -> None:
         destination = f"{ROOT}/e2e_mapped_group/{{{{ run_id }}}}/{{{{ ti.map_index }}}}"
-        with PostgresOnlineBackup(group_id="backup", postgres_conn_id=conn_id, fast_checkpoint=True,
-                                  backup_timeout=600, poll_interval=1.0) as backup:
+        with PostgresOnlineBackup(
+            group_id="backup",
+            postgres_conn_id=conn_id,
+            fast_checkpoint=True,
+            backup_timeout=600,
+            poll_interval=1.0,
+        ) as backup:
             copy_cluster(pgdata, destination)
-        store = PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=destination)
+        store = PostgresStoreBackupLabelOperator(
+            task_id="store_backup_label", backup=backup, destination=destination
+        )
         store >> check_restore(name, destination, wal_archive)
 
     @task
@@ -91,21 +138,27 @@ with DAG("e2e_mapped_group", schedule=None, start_date=START, catchup=False) as 
             raise RuntimeError(f"restore check of {destination} failed: {result.summary()}")
         return result.summary()
 
-    one_cluster.expand_kwargs([{"name": n, **CLUSTERS[n]} for n in ("x", "y", "z") if n in CLUSTERS] or
-                              [{"name": "none", "conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/x"}])
+    one_cluster.expand_kwargs(
+        [{"name": n, **CLUSTERS[n]} for n in ("x", "y", "z") if n in CLUSTERS]
+        or [{"name": "none", "conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/x"}]
+    )
 
 # 5. hand-wired, with the finish pointed at a task that is not the gate: no start LSN, no guard, so no label
 with DAG("e2e_wrong_gate", schedule=None, start_date=START, catchup=False) as e2e_wrong_gate:
     from airflow.providers.standard.operators.bash import BashOperator
     from airflow.providers.standard.operators.empty import EmptyOperator
 
-    from pg_safe_backup.operators.backup import PostgresBackupHoldOperator, PostgresFinishBackupOperator
+    from pg_safe_backup.operators.backup import PostgresFinishBackupOperator, PostgresStartBackupOperator
     from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
 
-    _common = {"postgres_conn_id": CLUSTERS.get("main", {}).get("conn_id", "none"), "backup_key": "by_hand",
-               "poll_interval": 1.0}
-    _hold = PostgresBackupHoldOperator(task_id="hold", finish_task_id="finish", fast_checkpoint=True,
-                                       backup_timeout=600, **_common)
+    _common = {
+        "postgres_conn_id": CLUSTERS.get("main", {}).get("conn_id", "none"),
+        "backup_key": "by_hand",
+        "poll_interval": 1.0,
+    }
+    _hold = PostgresStartBackupOperator(
+        task_id="hold", finish_task_id="finish", fast_checkpoint=True, backup_timeout=600, **_common
+    )
     _gate = PostgresBackupStartedSensor(task_id="gate", holder_task_id="hold", **_common)
     _finish = PostgresFinishBackupOperator(task_id="finish", gate_task_id="not_the_gate", **_common)
     _gate >> BashOperator(task_id="copy", bash_command="sleep 1") >> _finish

@@ -16,7 +16,8 @@ _log = logging.getLogger(__name__)
 
 
 class Destination(Protocol):
-    """What the store needs of a destination: ``pathlib.Path`` and Airflow's ``ObjectStoragePath`` both are one."""
+    """What the store needs of a destination: ``pathlib.Path`` and Airflow's ``ObjectStoragePath`` both are
+    one."""
 
     def __truediv__(self, name: str) -> Destination: ...
     def exists(self) -> bool: ...
@@ -26,9 +27,15 @@ class Destination(Protocol):
     def mkdir(self, parents: bool = ..., exist_ok: bool = ...) -> None: ...
 
 
-def store_label(destination: Destination, files: Mapping[str, str | None], *, local_copy: Path | None,
-                system_identifier: int | str | None, stop_lsn: str | None,
-                log: logging.Logger | Any = _log) -> dict[str, str]:
+def store_label(
+    destination: Destination,
+    files: Mapping[str, str | None],
+    *,
+    local_copy: Path | None,
+    system_identifier: int | str | None,
+    stop_lsn: str | None,
+    log: logging.Logger | Any = _log,
+) -> dict[str, str]:
     """Check the copy against the label, remove label files an earlier attempt left, write this backup's.
 
     A copy gets its label only when it can belong to this backup (:func:`check_copy`: system
@@ -52,24 +59,39 @@ def store_label(destination: Destination, files: Mapping[str, str | None], *, lo
     if not label:
         raise ValueError("store_label needs the backup_label text")
     if local_copy is None:
-        log.warning("not checking that the copy in %s belongs to this backup: it is in an object store, whose"
-                    " global/pg_control is not read here", destination)
+        log.warning(
+            "not checking that the copy in %s belongs to this backup: it is in an object store, whose"
+            " global/pg_control is not read here",
+            destination,
+        )
     elif not (local_copy / "global" / "pg_control").is_file():
-        log.warning("not checking that the copy in %s belongs to this backup: it has no global/pg_control (is the"
-                    " data directory copied somewhere else?)", local_copy)
+        log.warning(
+            "not checking that the copy in %s belongs to this backup: it has no global/pg_control (is the"
+            " data directory copied somewhere else?)",
+            local_copy,
+        )
     else:
         check_copy(local_copy, system_identifier, label, stop_lsn)
-        log.info("the copy in %s belongs to this backup (system identifier; checkpoint from its start, before its"
-                 " stop LSN %s)", local_copy, stop_lsn)
+        log.info(
+            "the copy in %s belongs to this backup (system identifier; checkpoint from its start, before its"
+            " stop LSN %s)",
+            local_copy,
+            stop_lsn,
+        )
     destination.mkdir(parents=True, exist_ok=True)
     for name in LABEL_FILES:
         stale = destination / name
         if stale.exists():
             fields = parse_backup_label(stale.read_text()) if name == "backup_label" else {}
             stale.unlink()
-            log.warning("removed the %s an earlier attempt left in %s%s", name, destination,
-                        f" (START WAL LOCATION {fields.get('START WAL LOCATION')}, LABEL {fields.get('LABEL')})"
-                        if fields else "")
+            log.warning(
+                "removed the %s an earlier attempt left in %s%s",
+                name,
+                destination,
+                f" (START WAL LOCATION {fields.get('START WAL LOCATION')}, LABEL {fields.get('LABEL')})"
+                if fields
+                else "",
+            )
     written = {}
     for name in LABEL_FILES:
         if files.get(name):

@@ -37,8 +37,13 @@ from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
 #: pg_control_version -> offset of ``crc`` (= the number of bytes the CRC covers).
 CRC_OFFSET = {1201: 288, 1300: 288, 1700: 288, 1800: 292}
 PG_CONTROL_FILE_SIZE = 8192
-_FIELDS = {"system_identifier": (0, "Q"), "pg_control_version": (8, "I"), "catalog_version_no": (12, "I"),
-           "checkpoint": (32, "Q"), "blcksz": (216, "I")}
+_FIELDS = {
+    "system_identifier": (0, "Q"),
+    "pg_control_version": (8, "I"),
+    "catalog_version_no": (12, "I"),
+    "checkpoint": (32, "Q"),
+    "blcksz": (216, "I"),
+}
 
 
 def _crc32c_table() -> list[int]:
@@ -110,24 +115,29 @@ def read_pg_control(datadir: Path) -> ControlFile:
     order = _byte_order(raw)
     if order is None:
         raise BadPgControl(f"{path} is not a pg_control file: no pg_control_version in either byte order")
-    values = {name: struct.unpack_from(order + fmt, raw, offset)[0] for name, (offset, fmt) in _FIELDS.items()}
+    values = {
+        name: struct.unpack_from(order + fmt, raw, offset)[0] for name, (offset, fmt) in _FIELDS.items()
+    }
     version = values["pg_control_version"]
     if version not in CRC_OFFSET:
         raise BadPgControl(
             f"{path} has pg_control_version {version}; this release reads {sorted(CRC_OFFSET)}"
-            " (PostgreSQL 12 to 18)")
+            " (PostgreSQL 12 to 18)"
+        )
     end = CRC_OFFSET[version]
     (stored,) = struct.unpack_from(order + "I", raw, end)
     computed = crc32c(raw[:end])
     if stored != computed:
         raise BadPgControl(
             f"{path} fails its CRC check (stored {stored:08X}, computed {computed:08X}): the copy of it is"
-            " torn or damaged (or it comes from a 32-bit server, whose layout this release does not read)")
+            " torn or damaged (or it comes from a 32-bit server, whose layout this release does not read)"
+        )
     return ControlFile(byte_order=order, **values)
 
 
-def check_copy(datadir: Path, system_identifier: int | str | None, backup_label: str,
-               stop_lsn: str | None = None) -> ControlFile:
+def check_copy(
+    datadir: Path, system_identifier: int | str | None, backup_label: str, stop_lsn: str | None = None
+) -> ControlFile:
     """Raise CopyMismatch unless the copy in ``datadir`` can belong to this backup.
 
     The copy's pg_control must be valid and its system identifier the source cluster's; its
@@ -146,21 +156,25 @@ def check_copy(datadir: Path, system_identifier: int | str | None, backup_label:
     control = read_pg_control(datadir)
     if system_identifier is not None and control.system_identifier != int(system_identifier) % (1 << 64):
         raise CopyMismatch(
-            f"the copy in {datadir} is of another cluster: its system identifier is {control.system_identifier},"
-            f" the backed up cluster's is {int(system_identifier) % (1 << 64)}; refusing to store this backup_label"
+            f"the copy in {datadir} is of another cluster: its system identifier is "
+            f"{control.system_identifier},"
+            f" the backed up cluster's is {int(system_identifier) % (1 << 64)}; refusing to store this "
+            "backup_label"
             " there"
         )
     label_checkpoint = parse_backup_label(backup_label).get("CHECKPOINT LOCATION")
     if label_checkpoint and control.checkpoint < parse_lsn(label_checkpoint):
         raise CopyMismatch(
             f"the copy in {datadir} was taken before this backup started: its last checkpoint is"
-            f" {format_lsn(control.checkpoint)}, older than the label's CHECKPOINT LOCATION {label_checkpoint};"
+            f" {format_lsn(control.checkpoint)}, older than the label's CHECKPOINT LOCATION "
+            f"{label_checkpoint};"
             " refusing to store this backup_label there"
         )
     if stop_lsn and control.checkpoint >= parse_lsn(stop_lsn):
         raise CopyMismatch(
             f"the copy in {datadir} was taken after this backup ended: its last checkpoint is"
-            f" {format_lsn(control.checkpoint)}, at or past this backup's stop LSN {stop_lsn} (a later backup's"
+            f" {format_lsn(control.checkpoint)}, at or past this backup's stop LSN {stop_lsn} (a later "
+            "backup's"
             " copy?); refusing to store this backup_label there"
         )
     return control
@@ -207,7 +221,9 @@ def _wal_logged_files(folder: Path) -> Iterator[Path]:
             yield folder / name
 
 
-def _database_folders(datadir: Path, control: ControlFile, tablespaces: Mapping[str, Path]) -> Iterator[tuple[str, Path]]:
+def _database_folders(
+    datadir: Path, control: ControlFile, tablespaces: Mapping[str, Path]
+) -> Iterator[tuple[str, Path]]:
     """(name relative to the data directory, folder) of global/, base/<db>/ and each tablespace's <db>/."""
     yield "global", datadir / "global"
     base = datadir / "base"
@@ -228,8 +244,9 @@ def _database_folders(datadir: Path, control: ControlFile, tablespaces: Mapping[
                 yield f"pg_tblspc/{oid}/{version_dir}/{db}", folder / db
 
 
-def newest_page(datadir: Path, control: ControlFile | None = None,
-                tablespaces: Mapping[str, Path] | None = None) -> PageLSN | None:
+def newest_page(
+    datadir: Path, control: ControlFile | None = None, tablespaces: Mapping[str, Path] | None = None
+) -> PageLSN | None:
     """The page with the highest LSN in a copy of a data directory (None when no page has one).
 
     Recovery of a backup must replay WAL at least up to this LSN before the copy is consistent.

@@ -59,7 +59,10 @@ EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
     ("updated_at", "timestamptz"),
     ("error", "text"),
     ("system_identifier", "bigint"),  # of the cluster backed up, to check copies against
-    ("warnings", "text"),  # PostgreSQL's NOTICEs and WARNINGs about the backup (WAL archiving not enabled, ...)
+    (
+        "warnings",
+        "text",
+    ),  # PostgreSQL's NOTICEs and WARNINGs about the backup (WAL archiving not enabled, ...)
 )
 
 _ROW_COLUMNS = sql.SQL(
@@ -204,13 +207,19 @@ class PostgresBackupHook(BaseHook):
         pinned = f"-c search_path={SEARCH_PATH.replace(' ', '')}"
         kwargs["options"] = f"{kwargs.get('options') or ''} {pinned}".strip()
         # A dropped network must end a held session within seconds, not at the next TCP timeout.
-        for key, value in (("keepalives", 1), ("keepalives_idle", 10), ("keepalives_interval", 5),
-                           ("keepalives_count", 3)):
+        for key, value in (
+            ("keepalives", 1),
+            ("keepalives_idle", 10),
+            ("keepalives_interval", 5),
+            ("keepalives_count", 3),
+        ):
             kwargs.setdefault(key, value)
         return {k: v for k, v in kwargs.items() if v not in (None, "")}
 
     @asynccontextmanager
-    async def connect(self, purpose: str = "", backup_server: bool = False) -> AsyncIterator[psycopg.AsyncConnection]:
+    async def connect(
+        self, purpose: str = "", backup_server: bool = False
+    ) -> AsyncIterator[psycopg.AsyncConnection]:
         """An autocommit session to the state table's server (or, ``backup_server``, the one backed
         up); ``purpose`` names it in pg_stat_activity.application_name."""
         conn_id = self.postgres_conn_id if backup_server else self.state_conn_id
@@ -246,18 +255,28 @@ class PostgresBackupHook(BaseHook):
         try:
             server_pid = await self.backend_pid(conn)
         except psycopg.Error as err:
-            raise BackupError(f"cannot use the session of connection {conn_id!r}: {self.explain(err, conn)}") from err
+            raise BackupError(
+                f"cannot use the session of connection {conn_id!r}: {self.explain(err, conn)}"
+            ) from err
         if server_pid != conn.info.backend_pid:
-            raise _through_pooler(conn_id, f"its statements run in server session {server_pid}, but the"
-                                  f" session it logged in to announced pid {conn.info.backend_pid}")
+            raise _through_pooler(
+                conn_id,
+                f"its statements run in server session {server_pid}, but the"
+                f" session it logged in to announced pid {conn.info.backend_pid}",
+            )
 
     @staticmethod
     async def prepare_session(conn: psycopg.AsyncConnection) -> None:
         """No session of a backup (holder, gate, finish) may be ended by the server's own timeouts,
         whatever the role's or database's settings say; over TCP, the server notices a vanished
         client within seconds (and ends its backup mode)."""
-        settings = ["statement_timeout = 0", "idle_in_transaction_session_timeout = 0", "tcp_keepalives_idle = 10",
-                    "tcp_keepalives_interval = 5", "tcp_keepalives_count = 3"]
+        settings = [
+            "statement_timeout = 0",
+            "idle_in_transaction_session_timeout = 0",
+            "tcp_keepalives_idle = 10",
+            "tcp_keepalives_interval = 5",
+            "tcp_keepalives_count = 3",
+        ]
         if conn.info.server_version >= 140000:
             settings.append("idle_session_timeout = 0")
         await conn.execute("; ".join(f"SET {s}" for s in settings))
@@ -296,8 +315,10 @@ class PostgresBackupHook(BaseHook):
 
     async def _lock(self, conn: psycopg.AsyncConnection) -> None:
         """Serialise, until the end of this transaction, everyone that creates or claims this table."""
-        await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext(%s))",
-                           [f"pg_safe_backup:{self.channel}"])
+        await conn.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext(%s))",
+            [f"pg_safe_backup:{self.channel}"],
+        )
 
     async def _ensure_state_type(self, conn: psycopg.AsyncConnection, state_type: sql.Composable) -> None:
         """Create the ``backup_state`` enum, or check that the seed scripts' one has every state."""
@@ -315,7 +336,8 @@ class PostgresBackupHook(BaseHook):
         elif missing:
             adds = " ".join(f"ALTER TYPE {name} ADD VALUE '{v}';" for v in missing)
             raise BackupError(
-                f"the type {name} of {self.table_description} lacks the state(s) {', '.join(missing)}: a backup"
+                f"the type {name} of {self.table_description} lacks the state(s) {', '.join(missing)}: a "
+                "backup"
                 f" could run its whole copy and then fail to be marked complete. Nothing was started. As the"
                 f" type's owner, run: {adds}"
             )
@@ -324,7 +346,8 @@ class PostgresBackupHook(BaseHook):
         if self._ready:
             return True
         cur = await conn.execute(
-            "SELECT pg_catalog.obj_description(pg_catalog.to_regclass(%s), 'pg_class') IS NOT DISTINCT FROM %s",
+            "SELECT pg_catalog.obj_description(pg_catalog.to_regclass(%s), 'pg_class') IS NOT DISTINCT FROM "
+            "%s",
             [f'"{self.schema}"."{self.table}"', SCHEMA_VERSION],
         )
         self._ready = (await cur.fetchone())[0]  # once current, it stays so: later reads skip this
@@ -344,7 +367,8 @@ class PostgresBackupHook(BaseHook):
         for name in ("pg_safe_backup_guard", "pg_safe_backup_notify"):
             await self._refuse_foreign_function(conn, name)
         allowed = sql.SQL(", ").join(
-            sql.SQL("({}, {})").format(sql.Literal(a.value), sql.Literal(b.value)) for a, b in sorted(TRANSITIONS)
+            sql.SQL("({}, {})").format(sql.Literal(a.value), sql.Literal(b.value))
+            for a, b in sorted(TRANSITIONS)
         )
         frozen = [c for c in SEED_COLUMNS + tuple(n for n, _ in EXTRA_COLUMNS) if c not in WITHDRAW_COLUMNS]
 
@@ -354,10 +378,12 @@ class PostgresBackupHook(BaseHook):
         pinned = sql.SQL("SET search_path = {}").format(sql.SQL(SEARCH_PATH))
         await conn.execute(
             sql.SQL(
-                "CREATE OR REPLACE FUNCTION {guard}() RETURNS trigger LANGUAGE plpgsql {pinned} AS $body$ BEGIN"
+                "CREATE OR REPLACE FUNCTION {guard}() RETURNS trigger LANGUAGE plpgsql {pinned} AS $body$ "
+                "BEGIN"
                 " IF TG_OP = 'UPDATE' THEN"
                 "  IF NEW.state::pg_catalog.text IS DISTINCT FROM OLD.state::pg_catalog.text"
-                "   AND (OLD.state::pg_catalog.text, NEW.state::pg_catalog.text) NOT IN (VALUES {allowed}) THEN"
+                "   AND (OLD.state::pg_catalog.text, NEW.state::pg_catalog.text) NOT IN (VALUES {allowed}) "
+                "THEN"
                 "   RAISE EXCEPTION 'backup state may not change from % to %', OLD.state, NEW.state"
                 "   USING ERRCODE = 'check_violation';"
                 "  END IF;"
@@ -365,7 +391,8 @@ class PostgresBackupHook(BaseHook):
                 "   AND {new_frozen} IS DISTINCT FROM {old_frozen} THEN"
                 "   RAISE EXCEPTION 'a complete backup may not be changed (only a new backup may start on it,"
                 " or its own finish withdraw it)' USING ERRCODE = 'check_violation',"
-                "   DETAIL = 'backup_label, tablespace_map and the LSNs of a complete backup stay as pg_backup_stop"
+                "   DETAIL = 'backup_label, tablespace_map and the LSNs of a complete backup stay as "
+                "pg_backup_stop"
                 " returned them';"
                 "  END IF;"
                 "  IF NEW.pid IS DISTINCT FROM OLD.pid AND NEW.owner IS NOT DISTINCT FROM OLD.owner"
@@ -376,9 +403,14 @@ class PostgresBackupHook(BaseHook):
                 " NEW.updated_at := pg_catalog.clock_timestamp();"
                 " RETURN NEW; END $body$"
             ).format(
-                guard=guard, pinned=pinned, allowed=allowed, new_frozen=row_of("new", frozen),
+                guard=guard,
+                pinned=pinned,
+                allowed=allowed,
+                new_frozen=row_of("new", frozen),
                 old_frozen=row_of("old", frozen),
-                clear=sql.SQL(" ").join(sql.SQL("{} := NULL;").format(sql.Identifier("new", c)) for c in HOLDER_COLUMNS),
+                clear=sql.SQL(" ").join(
+                    sql.SQL("{} := NULL;").format(sql.Identifier("new", c)) for c in HOLDER_COLUMNS
+                ),
             )
         )
         await conn.execute(
@@ -394,9 +426,9 @@ class PostgresBackupHook(BaseHook):
             name = sql.Identifier(f"{self.table}_{suffix}")
             await conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, self.qualified))
             await conn.execute(
-                sql.SQL("CREATE TRIGGER {} {} INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
-                    name, sql.SQL(when), self.qualified, func
-                )
+                sql.SQL(
+                    "CREATE TRIGGER {} {} INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()"
+                ).format(name, sql.SQL(when), self.qualified, func)
             )
 
     async def _refuse_foreign_function(self, conn: psycopg.AsyncConnection, name: str) -> None:
@@ -413,10 +445,14 @@ class PostgresBackupHook(BaseHook):
         if found:
             owner, table_owner = found
             raise BackupError(
-                f"refusing to use the function {function}: it is owned by role {owner}, not by role {table_owner},"
-                f" which owns {self.table_description}. It runs on every change of the table with the rights of"
-                f" whoever makes it, and its owner can rewrite it at any time. Nothing was started. Check what it"
-                f" does, then as a superuser: DROP FUNCTION {function}; (it is created anew), or ALTER FUNCTION"
+                f"refusing to use the function {function}: it is owned by role {owner}, not by role "
+                f"{table_owner},"
+                f" which owns {self.table_description}. It runs on every change of the table with the rights "
+                "of"
+                " whoever makes it, and its owner can rewrite it at any time. Nothing was started. Check "
+                "what it"
+                f" does, then as a superuser: DROP FUNCTION {function}; (it is created anew), or ALTER "
+                "FUNCTION"
                 f" {function} OWNER TO {table_owner};"
             )
 
@@ -438,7 +474,9 @@ class PostgresBackupHook(BaseHook):
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
 
     @staticmethod
-    async def wait_for_change(conn: psycopg.AsyncConnection, timeout: float, *also: psycopg.AsyncConnection) -> None:
+    async def wait_for_change(
+        conn: psycopg.AsyncConnection, timeout: float, *also: psycopg.AsyncConnection
+    ) -> None:
         """Sleep until a NOTIFY on a LISTENed channel of ``conn`` arrives, the server sends anything
         else on ``conn`` or on the ``also`` connections (an error, the end of a session), or
         ``timeout`` seconds pass.
@@ -464,7 +502,12 @@ class PostgresBackupHook(BaseHook):
     # -- the holder's statements ---------------------------------------------------------------
 
     async def claim(
-        self, conn: psycopg.AsyncConnection, owner: str, attempt: str, holder_try: int, label: str,
+        self,
+        conn: psycopg.AsyncConnection,
+        owner: str,
+        attempt: str,
+        holder_try: int,
+        label: str,
         terminate_live: bool,
     ) -> tuple[Claim, BackupRow | None]:
         """Decide (see :func:`decide_claim`) and, when starting, record this session as the holder.
@@ -478,19 +521,24 @@ class PostgresBackupHook(BaseHook):
             decision = decide_claim(row, owner, attempt, terminate_live)
             if decision is Claim.LOST:
                 await self._fail(
-                    conn, attempt, f"the session holding backup mode (pid {row.pid}) ended before the backup"
+                    conn,
+                    attempt,
+                    f"the session holding backup mode (pid {row.pid}) ended before the backup"
                     " finished (triggerer restarted or connection lost); this backup is unusable and was not"
                     " restarted, because a copy may already have begun under it",
                 )
             if decision is Claim.TERMINATE_AND_START:
                 await conn.execute("SELECT pg_terminate_backend(%s)", [row.pid])
             if decision in (Claim.REPLACE_STALE, Claim.TERMINATE_AND_START):
-                why = "its holder session is gone" if decision is Claim.REPLACE_STALE else "terminate_live=True"
+                why = (
+                    "its holder session is gone" if decision is Claim.REPLACE_STALE else "terminate_live=True"
+                )
                 await self._fail(conn, row.attempt, f"replaced by a backup of {owner} ({why})")
             if decision in (Claim.START, Claim.REPLACE_STALE, Claim.TERMINATE_AND_START):
                 await conn.execute(
                     sql.SQL(
-                        "INSERT INTO {t} AS b (id, state, pid, owner, attempt, holder_try, label, holder_started_at,"
+                        "INSERT INTO {t} AS b (id, state, pid, owner, attempt, holder_try, label, "
+                        "holder_started_at,"
                         " started_at, start_lsn, stop_lsn, timeline, finished_at, backup_label,"
                         " tablespace_map, error, system_identifier, warnings)"
                         " SELECT 1, 'running', pg_backend_pid(), %s, %s, %s, %s, backend_start, now(),"
@@ -498,7 +546,8 @@ class PostgresBackupHook(BaseHook):
                         " (SELECT system_identifier FROM pg_control_system()), NULL"
                         " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
                         " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, pid = EXCLUDED.pid,"
-                        " owner = EXCLUDED.owner, attempt = EXCLUDED.attempt, holder_try = EXCLUDED.holder_try,"
+                        " owner = EXCLUDED.owner, attempt = EXCLUDED.attempt, holder_try = "
+                        "EXCLUDED.holder_try,"
                         " label = EXCLUDED.label,"
                         " holder_started_at = EXCLUDED.holder_started_at, started_at = EXCLUDED.started_at,"
                         " start_lsn = NULL, stop_lsn = NULL, timeline = NULL, finished_at = NULL,"
@@ -527,7 +576,9 @@ class PostgresBackupHook(BaseHook):
         )
         return cur.rowcount == 1
 
-    async def stop_backup(self, conn: psycopg.AsyncConnection, wait_for_archive: bool) -> tuple[str, str, str | None]:
+    async def stop_backup(
+        self, conn: psycopg.AsyncConnection, wait_for_archive: bool
+    ) -> tuple[str, str, str | None]:
         """Leave backup mode; returns (stop LSN, backup_label, tablespace_map or None)."""
         if conn.info.server_version >= 150000:
             query = "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(%s)"
@@ -544,19 +595,30 @@ class PostgresBackupHook(BaseHook):
             pass  # not in backup mode (or never allowed to be): nothing to end
 
     async def archive_settings(self, conn: psycopg.AsyncConnection, backup_server: bool) -> ArchiveSettings:
-        """How the server of ``conn`` archives WAL (``backup_server``: the one backed up, else the state's)."""
+        """How the server of ``conn`` archives WAL (``backup_server``: the one backed up, else the
+        state's)."""
         cur = await conn.execute(
             "SELECT pg_is_in_recovery(), current_setting('archive_mode'), current_setting('archive_command'),"
             " current_setting('archive_library', true), (SELECT system_identifier FROM pg_control_system()),"
             " has_function_privilege('pg_catalog.pg_switch_wal()', 'EXECUTE')"
         )
         in_recovery, mode, command, library, system_identifier, can_switch = await cur.fetchone()
-        param, conn_id = ("postgres_conn_id", self.postgres_conn_id) if backup_server else (
-            "state_conn_id", self.state_conn_id)
+        param, conn_id = (
+            ("postgres_conn_id", self.postgres_conn_id)
+            if backup_server
+            else ("state_conn_id", self.state_conn_id)
+        )
         return ArchiveSettings(
-            conn_id=conn_id, param=param, role=sql.Identifier(conn.info.user).as_string(None), in_recovery=in_recovery,
-            archive_mode=mode, archive_command=command, archive_library=library,
-            server_version=conn.info.server_version, system_identifier=system_identifier, can_switch_wal=can_switch,
+            conn_id=conn_id,
+            param=param,
+            role=sql.Identifier(conn.info.user).as_string(None),
+            in_recovery=in_recovery,
+            archive_mode=mode,
+            archive_command=command,
+            archive_library=library,
+            server_version=conn.info.server_version,
+            system_identifier=system_identifier,
+            can_switch_wal=can_switch,
         )
 
     async def wal_timeline_and_segment_size(self, conn: psycopg.AsyncConnection) -> tuple[int, int]:
@@ -569,7 +631,8 @@ class PostgresBackupHook(BaseHook):
         return int(name[:8], 16), size
 
     async def switch_wal(self, conn: psycopg.AsyncConnection) -> None:
-        """Complete the primary's current WAL segment, so that it is archived (a no-op at a segment's start)."""
+        """Complete the primary's current WAL segment, so that it is archived (a no-op at a segment's
+        start)."""
         await conn.execute("SELECT pg_catalog.pg_switch_wal()")
 
     async def last_archived_wal(self, conn: psycopg.AsyncConnection) -> str | None:
@@ -583,7 +646,8 @@ class PostgresBackupHook(BaseHook):
         )
         mode, failed, failed_wal, failed_at, archived_wal, archived_at = await cur.fetchone()
         return (
-            f"archive_mode={mode}; archiver: {failed} failed attempts, last failed WAL {failed_wal} at {failed_at},"
+            f"archive_mode={mode}; archiver: {failed} failed attempts, last failed WAL {failed_wal} at "
+            f"{failed_at},"
             f" last archived WAL {archived_wal} at {archived_at}"
         )
 
@@ -595,23 +659,35 @@ class PostgresBackupHook(BaseHook):
         grantee = sql.Identifier(conn.info.user or "backup_role").as_string(None)
         table = f'"{self.schema}"."{self.table}"'
         if "pg_switch_wal" in text:
-            fix = f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO {grantee}; (a standby backup's last WAL segment)"
+            fix = (
+                f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO {grantee}; "
+                "(a standby backup's last WAL segment)"
+            )
         elif "function" in text:
             fix = f"GRANT EXECUTE ON FUNCTION {backup_functions(conn.info.server_version)} TO {grantee};"
         elif "terminate" in text or "signal" in text:
             fix = f"GRANT pg_signal_backend TO {grantee}; (needed for terminate_live=True)"
         elif "schema" in text:
             fix = (
-                f'GRANT USAGE, CREATE ON SCHEMA "{self.schema}" TO {grantee}; (CREATE only to create the table on'
-                f" first use; or create it once as its owner and GRANT SELECT, INSERT, UPDATE ON {table})"
+                f'GRANT USAGE, CREATE ON SCHEMA "{self.schema}" TO {grantee}; (CREATE only to create the '
+                "table on first use; or create it once as its owner and "
+                f"GRANT SELECT, INSERT, UPDATE ON {table})"
             )
         else:
-            fix = f'GRANT USAGE ON SCHEMA "{self.schema}" TO {grantee}; GRANT SELECT, INSERT, UPDATE ON {table} TO {grantee};'
+            fix = (
+                f'GRANT USAGE ON SCHEMA "{self.schema}" TO {grantee}; '
+                f"GRANT SELECT, INSERT, UPDATE ON {table} TO {grantee};"
+            )
         return f"{text}. Missing privilege for role {grantee}; as a superuser run: {fix}"
 
     async def mark_complete(
-        self, conn: psycopg.AsyncConnection, stop_lsn: str, backup_label: str, tablespace_map: str | None,
-        timeline: int | None, warnings: str | None = None,
+        self,
+        conn: psycopg.AsyncConnection,
+        stop_lsn: str,
+        backup_label: str,
+        tablespace_map: str | None,
+        timeline: int | None,
+        warnings: str | None = None,
     ) -> bool:
         """Record the label of the backup this session holds; False if it is no longer ours or done.
 
@@ -629,7 +705,9 @@ class PostgresBackupHook(BaseHook):
 
     # -- what the finish (and anyone else) may ask -----------------------------------------------
 
-    async def request_done(self, conn: psycopg.AsyncConnection, attempt: str, start_lsn: str) -> BackupRow | None:
+    async def request_done(
+        self, conn: psycopg.AsyncConnection, attempt: str, start_lsn: str
+    ) -> BackupRow | None:
         """Ask the holder of ``attempt``'s running backup to stop it, if it still has the start LSN the
         copy began under; returns the row as it is after."""
         await conn.execute(
@@ -641,8 +719,9 @@ class PostgresBackupHook(BaseHook):
         )
         return await self.read(conn)
 
-    async def mark_failed(self, conn: psycopg.AsyncConnection, attempt: str | None, reason: str,
-                          withdraw: bool = False) -> bool:
+    async def mark_failed(
+        self, conn: psycopg.AsyncConnection, attempt: str | None, reason: str, withdraw: bool = False
+    ) -> bool:
         """Fail ``attempt``'s live backup with ``reason``; its holder then ends backup mode.
 
         :param withdraw: also fail it when already ``complete`` (only the finish of that same attempt,
@@ -651,8 +730,9 @@ class PostgresBackupHook(BaseHook):
         async with conn.transaction():
             return await self._fail(conn, attempt, reason, withdraw)
 
-    async def _fail(self, conn: psycopg.AsyncConnection, attempt: str | None, reason: str,
-                    withdraw: bool = False) -> bool:
+    async def _fail(
+        self, conn: psycopg.AsyncConnection, attempt: str | None, reason: str, withdraw: bool = False
+    ) -> bool:
         states = ["running", "done", "complete"] if withdraw else ["running", "done"]
         cur = await conn.execute(
             sql.SQL(

@@ -14,15 +14,28 @@ from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import CopyMismatch
 from pg_safe_backup.params import check_label, check_number, check_text
 from pg_safe_backup.session import COMPLETE, ONE_DAY_S, HoldRequest
-from pg_safe_backup.triggers.backup import ATTEMPT_XCOM, BackupFinishTrigger, BackupHolderTrigger, task_states
+from pg_safe_backup.triggers.backup import (
+    ATTEMPT_XCOM,
+    PostgresFinishBackupTrigger,
+    PostgresHoldBackupTrigger,
+    task_states,
+)
 from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 #: XCom keys the finish pushes (plain values) besides its return value.
-RESULT_KEYS = ("backup_label", "tablespace_map", "start_lsn", "stop_lsn", "timeline", "label", "system_identifier",
-               "warnings")
+RESULT_KEYS = (
+    "backup_label",
+    "tablespace_map",
+    "start_lsn",
+    "stop_lsn",
+    "timeline",
+    "label",
+    "system_identifier",
+    "warnings",
+)
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
 
 
@@ -30,10 +43,12 @@ def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
     """The XCom ``key`` of ``task_id`` in this run, from the same map index as the calling task (a mapped
     group's tasks all have one; outside one it is -1): never another map index's backup."""
     ti = context["ti"]
-    return ti.xcom_pull(task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1)
+    return ti.xcom_pull(
+        task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1
+    )
 
 
-class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
+class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
     """
     Start a non-exclusive backup and hold its session until the finish ends it.
 
@@ -85,30 +100,57 @@ class PostgresBackupHoldOperator(BackupTaskMixin, BaseOperator):
     ) -> None:
         kwargs["retries"] = 0
         super().__init__(**kwargs)
-        self._init_backup(postgres_conn_id, state_conn_id, database, table, table_schema, backup_key, poll_interval, deferrable)
+        self._init_backup(
+            postgres_conn_id,
+            state_conn_id,
+            database,
+            table,
+            table_schema,
+            backup_key,
+            poll_interval,
+            deferrable,
+        )
         self.pg_label = check_label(label)
-        for name, value in (("fast_checkpoint", fast_checkpoint), ("wait_for_archive", wait_for_archive),
-                            ("terminate_live", terminate_live)):
+        for name, value in (
+            ("fast_checkpoint", fast_checkpoint),
+            ("wait_for_archive", wait_for_archive),
+            ("terminate_live", terminate_live),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         self.fast_checkpoint = fast_checkpoint
         self.wait_for_archive = wait_for_archive
         self.backup_timeout = check_number(backup_timeout, "backup_timeout")
         self.terminate_live = terminate_live
-        self.finish_task_id = finish_task_id if finish_task_id is None else check_text(finish_task_id, "finish_task_id")
+        self.finish_task_id = (
+            finish_task_id if finish_task_id is None else check_text(finish_task_id, "finish_task_id")
+        )
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
         ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
         request = HoldRequest(
-            owner=ref.owner, attempt=str(ti.id), holder_try=ti.try_number, label=check_label(self.pg_label),
-            fast_checkpoint=self.fast_checkpoint, wait_for_archive=self.wait_for_archive,
-            backup_timeout=self.backup_timeout, poll_interval=self.poll_interval, terminate_live=self.terminate_live,
+            owner=ref.owner,
+            attempt=str(ti.id),
+            holder_try=ti.try_number,
+            label=check_label(self.pg_label),
+            fast_checkpoint=self.fast_checkpoint,
+            wait_for_archive=self.wait_for_archive,
+            backup_timeout=self.backup_timeout,
+            poll_interval=self.poll_interval,
+            terminate_live=self.terminate_live,
         )
-        trigger = BackupHolderTrigger(self.hook_kwargs, request=asdict(request), ref=asdict(ref))
+        trigger = PostgresHoldBackupTrigger(self.hook_kwargs, request=asdict(request), ref=asdict(ref))
         # Before deferring: the gate takes this as the attempt to open on (see triggers.backup.hold_view).
-        ti.xcom_push(key=ATTEMPT_XCOM, value={"attempt": request.attempt, "try_number": ti.try_number,
-                                               "owner": ref.owner, "inline": not self.deferrable})
+        ti.xcom_push(
+            key=ATTEMPT_XCOM,
+            value={
+                "attempt": request.attempt,
+                "try_number": ti.try_number,
+                "owner": ref.owner,
+                "inline": not self.deferrable,
+            },
+        )
         self.log.info("backup of %s, attempt %s (try %s)", ref.owner, request.attempt, ti.try_number)
         return self.wait_on(context, trigger)
 
@@ -152,8 +194,16 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
     ) -> None:
         kwargs.setdefault("trigger_rule", TriggerRule.ALL_DONE)
         super().__init__(**kwargs)
-        self._init_backup(postgres_conn_id, state_conn_id, database, table, table_schema, backup_key, poll_interval,
-                          default_deferrable() if deferrable is None else deferrable)
+        self._init_backup(
+            postgres_conn_id,
+            state_conn_id,
+            database,
+            table,
+            table_schema,
+            backup_key,
+            poll_interval,
+            default_deferrable() if deferrable is None else deferrable,
+        )
         self.gate_task_id = check_text(gate_task_id, "gate_task_id")
 
     def _copy_problem(self, context: Context) -> str | None:
@@ -172,18 +222,26 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
             gate_state = task_states(self.backup_ref(context), [self.gate_task_id])[self.gate_task_id]
             if gate_state == "success":
                 raise AirflowException(
-                    f"gate_task_id={self.gate_task_id!r} succeeded but published no start_lsn and attempt: it must"
-                    " be this backup's PostgresBackupStartedSensor, or the finish cannot tell which backup the copy"
+                    f"gate_task_id={self.gate_task_id!r} succeeded but published no start_lsn and attempt: "
+                    "it must"
+                    " be this backup's PostgresBackupStartedSensor, or the finish cannot tell which backup "
+                    "the copy"
                     " ran under"
                 )
             raise AirflowException(
-                f"backup not usable: the gate {self.gate_task_id} did not open ({gate_state}), so no copy ran under"
+                f"backup not usable: the gate {self.gate_task_id} did not open ({gate_state}), so no copy "
+                "ran under"
                 " a backup of this run" + (f"; {problem}" if problem else "")
             )
         if problem:
             self.log.error("%s; failing the backup", problem)
-        trigger = BackupFinishTrigger(self.hook_kwargs, attempt=attempt, start_lsn=start_lsn, copy_problem=problem,
-                                      poll_interval=self.poll_interval)
+        trigger = PostgresFinishBackupTrigger(
+            self.hook_kwargs,
+            attempt=attempt,
+            start_lsn=start_lsn,
+            copy_problem=problem,
+            poll_interval=self.poll_interval,
+        )
         return self.wait_on(context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
@@ -192,8 +250,12 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         result = _public(event["backup"])
         for key in RESULT_KEYS:
             context["ti"].xcom_push(key=key, value=result[key])
-        self.log.info("backup complete: start %s, stop %s\n%s", result["start_lsn"], result["stop_lsn"],
-                      result["backup_label"])
+        self.log.info(
+            "backup complete: start %s, stop %s\n%s",
+            result["start_lsn"],
+            result["stop_lsn"],
+            result["backup_label"],
+        )
         if result["warnings"]:
             self.log.warning("PostgreSQL warned during this backup:\n%s", result["warnings"])
         return result
@@ -233,19 +295,27 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         label = same_map_index_xcom(context, self.finish_task_id, "backup_label")
         if not label:
             raise AirflowException(f"no backup_label from {self.finish_task_id}: the backup did not complete")
-        files = {"backup_label": label, "tablespace_map": same_map_index_xcom(context, self.finish_task_id, "tablespace_map")}
+        files = {
+            "backup_label": label,
+            "tablespace_map": same_map_index_xcom(context, self.finish_task_id, "tablespace_map"),
+        }
         target = ObjectStoragePath(self.destination)
         local_copy = Path(target.path) if target.protocol in ("", "file") else None
         try:
             written = store_label(
-                target, files, local_copy=local_copy, log=self.log,
+                target,
+                files,
+                local_copy=local_copy,
+                log=self.log,
                 system_identifier=same_map_index_xcom(context, self.finish_task_id, "system_identifier"),
                 stop_lsn=same_map_index_xcom(context, self.finish_task_id, "stop_lsn"),
             )
         except CopyMismatch as err:
             raise AirflowException(str(err)) from err
         except OSError as err:
-            raise AirflowException(f"cannot write the backup label into destination {self.destination!r}: {err}") from err
+            raise AirflowException(
+                f"cannot write the backup label into destination {self.destination!r}: {err}"
+            ) from err
         self.log.info("stored %s", ", ".join(written.values()))
         return written
 
@@ -294,10 +364,32 @@ class PostgresVerifyBackupOperator(BaseOperator):
         from pg_safe_backup.verify import verify_backup
 
         result = verify_backup(
-            self.backup_dir, self.wal_archive, invariant_sql=self.invariant_sql, invariant_db=self.invariant_db,
-            recovery_target_immediate=not self.to_end_of_archive, timeout=self.restore_timeout,
+            self.backup_dir,
+            self.wal_archive,
+            invariant_sql=self.invariant_sql,
+            invariant_db=self.invariant_db,
+            recovery_target_immediate=not self.to_end_of_archive,
+            timeout=self.restore_timeout,
         )
         self.log.info("restore check of %s: %s", self.backup_dir, result.summary())
         if not result.ok:
             raise AirflowException(f"restore check failed for {self.backup_dir}: {result.summary()}")
         return {"ok": True, "summary": result.summary()}
+
+
+_RENAMED = {"PostgresBackupHoldOperator": "PostgresStartBackupOperator"}
+
+
+def __getattr__(name: str) -> Any:
+    """The names before the rename to Postgres<Verb><Object>Operator, with a deprecation warning."""
+    if name in _RENAMED:
+        import warnings
+
+        from airflow.exceptions import AirflowProviderDeprecationWarning
+
+        new = _RENAMED[name]
+        warnings.warn(
+            f"{name} is deprecated; use {new} (same module).", AirflowProviderDeprecationWarning, stacklevel=2
+        )
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from pg_safe_backup.params import check_text
 from pg_safe_backup.session import STARTED
-from pg_safe_backup.triggers.backup import BackupStartedTrigger
+from pg_safe_backup.triggers.backup import PostgresBackupStartedTrigger
 from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
     ``label`` and ``attempt`` as XCom, so copy tasks can template them and the finish acts on that
     attempt only.
 
-    :param holder_task_id: the ``PostgresBackupHoldOperator`` of this backup.
+    :param holder_task_id: the ``PostgresStartBackupOperator`` of this backup.
     """
 
     template_fields: Sequence[str] = CONNECTION_FIELDS
@@ -56,14 +56,23 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._init_backup(postgres_conn_id, state_conn_id, database, table, table_schema, backup_key, poll_interval,
-                          default_deferrable() if deferrable is None else deferrable)
+        self._init_backup(
+            postgres_conn_id,
+            state_conn_id,
+            database,
+            table,
+            table_schema,
+            backup_key,
+            poll_interval,
+            default_deferrable() if deferrable is None else deferrable,
+        )
         self.holder_task_id = check_text(holder_task_id, "holder_task_id")
 
     def execute(self, context: Context) -> Any:
         ref = self.backup_ref(context, hold_task_id=self.holder_task_id)
-        trigger = BackupStartedTrigger(self.hook_kwargs, ref=asdict(ref), poll_interval=self.poll_interval,
-                                       timeout=self.timeout)
+        trigger = PostgresBackupStartedTrigger(
+            self.hook_kwargs, ref=asdict(ref), poll_interval=self.poll_interval, timeout=self.timeout
+        )
         return self.wait_on(context, trigger, timeout=timedelta(seconds=self.timeout + DEFERRAL_GRACE_S))
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:

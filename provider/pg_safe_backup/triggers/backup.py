@@ -34,12 +34,16 @@ ATTEMPT_XCOM = "backup_attempt"
 
 
 def task_states(ref: BackupRef, task_ids: list[str]) -> dict[str, str | None]:
-    """The states of ``task_ids`` in the ref's DAG run, at the ref's map index (from a worker or a trigger)."""
+    """The states of ``task_ids`` in the ref's DAG run, at the ref's map index (from a worker or a
+    trigger)."""
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     mapped = ref.map_index >= 0
     found = RuntimeTaskInstance.get_task_states(
-        dag_id=ref.dag_id, task_ids=task_ids, run_ids=[ref.run_id], map_index=ref.map_index if mapped else None
+        dag_id=ref.dag_id,
+        task_ids=task_ids,
+        run_ids=[ref.run_id],
+        map_index=ref.map_index if mapped else None,
     ).get(ref.run_id, {})
     return {t: found.get(f"{t}_{ref.map_index}" if mapped else t) for t in task_ids}
 
@@ -51,14 +55,23 @@ def hold_view(ref: BackupRef) -> HoldView:
     assert ref.hold_task_id
     state = task_states(ref, [ref.hold_task_id])[ref.hold_task_id]
     if state not in ("running", "deferred") and state not in ENDED_STATES:
-        return HoldView(None, current=False, task_id=ref.hold_task_id)  # current try not started: anything readable is older
-    published = XCom.get_one(key=ATTEMPT_XCOM, dag_id=ref.dag_id, task_id=ref.hold_task_id, run_id=ref.run_id,
-                             map_index=ref.map_index)
+        return HoldView(
+            None, current=False, task_id=ref.hold_task_id
+        )  # current try not started: anything readable is older
+    published = XCom.get_one(
+        key=ATTEMPT_XCOM,
+        dag_id=ref.dag_id,
+        task_id=ref.hold_task_id,
+        run_id=ref.run_id,
+        map_index=ref.map_index,
+    )
     attempt = published.get("attempt") if isinstance(published, dict) else None
     # A try publishes before it defers (a held-inline one stays running): until then a running task's
     # readable value may be the previous try's.
     current = state != "running" or bool(isinstance(published, dict) and published.get("inline"))
-    return HoldView(attempt, current=current, ended=state if state in ENDED_STATES else None, task_id=ref.hold_task_id)
+    return HoldView(
+        attempt, current=current, ended=state if state in ENDED_STATES else None, task_id=ref.hold_task_id
+    )
 
 
 def holder_problem(ref: BackupRef) -> str | None:
@@ -68,12 +81,15 @@ def holder_problem(ref: BackupRef) -> str | None:
     run_state = RuntimeTaskInstance.get_dagrun_state(dag_id=ref.dag_id, run_id=ref.run_id)
     if run_state not in RUN_GOING_STATES:
         return f"the DAG run {ref.run_id} is {run_state}"
-    if ref.finish_task_id and (state := task_states(ref, [ref.finish_task_id])[ref.finish_task_id]) in ENDED_STATES:
+    if (
+        ref.finish_task_id
+        and (state := task_states(ref, [ref.finish_task_id])[ref.finish_task_id]) in ENDED_STATES
+    ):
         return f"this run's {ref.finish_task_id} already ended ({state})"
     return None
 
 
-class BackupTriggerBase(BaseTrigger):
+class PostgresBackupTriggerBase(BaseTrigger):
     """Common part: the hook's arguments and the serialisation of plain keyword arguments."""
 
     def __init__(self, hook_kwargs: dict[str, Any], **kwargs: Any) -> None:
@@ -82,7 +98,10 @@ class BackupTriggerBase(BaseTrigger):
         self.kwargs = kwargs
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return f"{type(self).__module__}.{type(self).__qualname__}", {"hook_kwargs": self.hook_kwargs, **self.kwargs}
+        return f"{type(self).__module__}.{type(self).__qualname__}", {
+            "hook_kwargs": self.hook_kwargs,
+            **self.kwargs,
+        }
 
     @property
     def hook(self) -> PostgresBackupHook:
@@ -101,7 +120,7 @@ class BackupTriggerBase(BaseTrigger):
         yield TriggerEvent(await self.result())
 
 
-class BackupHolderTrigger(BackupTriggerBase):
+class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
     """
     Start a backup for one attempt of the hold task and hold its session until the finish marks it
     done, then stop it.
@@ -115,7 +134,9 @@ class BackupHolderTrigger(BackupTriggerBase):
         is failed, once the run's finish task or the run itself has ended. None: no such check.
     """
 
-    def __init__(self, hook_kwargs: dict[str, Any], request: dict[str, Any], ref: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, hook_kwargs: dict[str, Any], request: dict[str, Any], ref: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(hook_kwargs, request=request, ref=ref)
 
     async def result(self) -> dict[str, Any]:
@@ -136,7 +157,7 @@ class BackupHolderTrigger(BackupTriggerBase):
             yield TaskFailedEvent()
 
 
-class BackupStartedTrigger(BackupTriggerBase):
+class PostgresBackupStartedTrigger(PostgresBackupTriggerBase):
     """
     The gate's wait: until the hold's current attempt is in backup mode (see ``session.wait_for_start``).
 
@@ -146,17 +167,26 @@ class BackupStartedTrigger(BackupTriggerBase):
     :param timeout: seconds before the gate gives up (gate_timeout).
     """
 
-    def __init__(self, hook_kwargs: dict[str, Any], ref: dict[str, Any], poll_interval: float = 5.0,
-                 timeout: float = ONE_DAY_S) -> None:
+    def __init__(
+        self,
+        hook_kwargs: dict[str, Any],
+        ref: dict[str, Any],
+        poll_interval: float = 5.0,
+        timeout: float = ONE_DAY_S,
+    ) -> None:
         super().__init__(hook_kwargs, ref=ref, poll_interval=poll_interval, timeout=timeout)
 
     async def result(self) -> dict[str, Any]:
         ref = self.ref
-        return await wait_for_start(self.hook, hold_view=lambda: sync_to_async(hold_view)(ref),
-                                    poll_interval=self.kwargs["poll_interval"], timeout=self.kwargs["timeout"])
+        return await wait_for_start(
+            self.hook,
+            hold_view=lambda: sync_to_async(hold_view)(ref),
+            poll_interval=self.kwargs["poll_interval"],
+            timeout=self.kwargs["timeout"],
+        )
 
 
-class BackupFinishTrigger(BackupTriggerBase):
+class PostgresFinishBackupTrigger(PostgresBackupTriggerBase):
     """
     The finish's wait: end the backup the copy ran under and wait for the outcome (see
     ``session.finish_backup``).
@@ -168,10 +198,29 @@ class BackupFinishTrigger(BackupTriggerBase):
     :param poll_interval: seconds between safety re-reads (changes wake it at once via NOTIFY).
     """
 
-    def __init__(self, hook_kwargs: dict[str, Any], attempt: str, start_lsn: str, copy_problem: str | None = None,
-                 poll_interval: float = 5.0) -> None:
-        super().__init__(hook_kwargs, attempt=attempt, start_lsn=start_lsn, copy_problem=copy_problem,
-                         poll_interval=poll_interval)
+    def __init__(
+        self,
+        hook_kwargs: dict[str, Any],
+        attempt: str,
+        start_lsn: str,
+        copy_problem: str | None = None,
+        poll_interval: float = 5.0,
+    ) -> None:
+        super().__init__(
+            hook_kwargs,
+            attempt=attempt,
+            start_lsn=start_lsn,
+            copy_problem=copy_problem,
+            poll_interval=poll_interval,
+        )
 
     async def result(self) -> dict[str, Any]:
         return await finish_backup(self.hook, **self.kwargs)
+
+
+# The names before the rename to Postgres<Verb><Object>. A trigger row written by the old version names its
+# class path, and a triggerer
+# that picks it up after an upgrade must still find it.
+BackupHolderTrigger = PostgresHoldBackupTrigger
+BackupStartedTrigger = PostgresBackupStartedTrigger
+BackupFinishTrigger = PostgresFinishBackupTrigger

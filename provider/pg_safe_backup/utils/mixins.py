@@ -17,7 +17,7 @@ from pg_safe_backup.state import BackupRef
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from pg_safe_backup.triggers.backup import BackupTriggerBase
+    from pg_safe_backup.triggers.backup import PostgresBackupTriggerBase
 
 #: Fields rendered at run time, so that a mapped task group can map over connections.
 CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
@@ -87,18 +87,31 @@ class BackupTaskMixin:
         for name in ("state_conn_id", "database"):
             if getattr(self, name) is not None:
                 check_text(getattr(self, name), name)
-        return {"postgres_conn_id": self.postgres_conn_id, "state_conn_id": self.state_conn_id,
-                "database": self.database, "table": self.table, "schema": self.table_schema}
+        return {
+            "postgres_conn_id": self.postgres_conn_id,
+            "state_conn_id": self.state_conn_id,
+            "database": self.database,
+            "table": self.table,
+            "schema": self.table_schema,
+        }
 
-    def backup_ref(self, context: Context, hold_task_id: str | None = None,
-                   finish_task_id: str | None = None) -> BackupRef:
+    def backup_ref(
+        self, context: Context, hold_task_id: str | None = None, finish_task_id: str | None = None
+    ) -> BackupRef:
         """Which backup: this DAG run, this group (backup key), this map index."""
         ti = context["ti"]
-        return BackupRef(dag_id=ti.dag_id, run_id=ti.run_id, backup_key=self.backup_key,
-                         map_index=ti.map_index if ti.map_index is not None else -1,
-                         hold_task_id=hold_task_id, finish_task_id=finish_task_id)
+        return BackupRef(
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            backup_key=self.backup_key,
+            map_index=ti.map_index if ti.map_index is not None else -1,
+            hold_task_id=hold_task_id,
+            finish_task_id=finish_task_id,
+        )
 
-    def wait_on(self, context: Context, trigger: BackupTriggerBase, timeout: timedelta | None = None) -> Any:
+    def wait_on(
+        self, context: Context, trigger: PostgresBackupTriggerBase, timeout: timedelta | None = None
+    ) -> Any:
         """Defer on ``trigger``, or (deferrable=False) run its wait here; then ``execute_complete``."""
         if self.deferrable:
             self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)  # type: ignore[attr-defined]
