@@ -33,8 +33,10 @@ test: prereqs venv
 test-fast: prereqs venv
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
+# MATRIX_JOBS majors at a time: the tests mostly wait on their servers, so two fit on two cores.
+MATRIX_JOBS ?= 2
 test-matrix: prereqs venv
-	@set -e; for v in $(MATRIX); do echo "== PostgreSQL $$v"; PG_MAJOR=$$v $(PY) -m pytest -q -m "not e2e" $(MATRIX_TESTS); done
+	bash scripts/matrix.sh $(PY) "$(MATRIX)" "$(MATRIX_TESTS)" $(MATRIX_JOBS)
 
 # ruff, configured in pyproject.toml (Airflow's line length, 110).
 lint: venv
