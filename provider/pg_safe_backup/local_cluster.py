@@ -74,15 +74,20 @@ def unreachable_by_server_user(path: Path) -> str | None:
     path = Path(path).resolve()
     if _server_user_can_enter(path):
         return None
-    blocker = next(f for f in [*reversed(path.parents), path] if not _server_user_can_enter(f))
-    mode = blocker.stat().st_mode & 0o777
+    blocker = next((f for f in [*reversed(path.parents), path] if not _server_user_can_enter(f)), path)
+    mode = f" (mode {blocker.stat().st_mode & 0o777:04o})" if blocker.exists() else " (it does not exist)"
     return (
         f"PostgreSQL runs as the OS user {SERVER_USER!r} when started by root, and that user cannot enter"
-        f" {blocker} (mode {mode:04o})"
+        f" {blocker}{mode}"
     )
 
 
 def _server_user_can_enter(folder: Path) -> bool:
+    """
+    Whether the server's OS user can enter ``folder`` (and every folder above it).
+
+    :param folder: the folder to try.
+    """
     return subprocess.run(as_server_user(["test", "-x", str(folder)]), capture_output=True).returncode == 0
 
 
