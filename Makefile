@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 prereqs:
-	bash scripts/prereqs.sh
+	PYTHON=$(PYTHON) bash scripts/prereqs.sh
 
 demo: prereqs venv
 	$(PY) -m demo.run $(ARGS)

@@ -7,21 +7,33 @@ scheduler, dag-processor and triggerer (LocalExecutor, SQLite, loopback only); t
 Point it at a real cluster instead with DEMO_PG_URI (an Airflow connection URI), DEMO_PGDATA (its
 data directory, readable here) and DEMO_WAL_ARCHIVE (where its archive_command copies WAL).
 Everything it starts is stopped at the end (also on Ctrl-C or failure) unless --keep is given.
+
+Its files go to a work directory the PostgreSQL server's OS user can reach (as root, the server runs
+as ``postgres``, which cannot enter a private checkout such as one under /root): by default
+/var/tmp/pg-safe-backup-demo-<hash of the checkout's path>, or --workdir / DEMO_WORKDIR.
+--setup-only makes the work directory and the demo cluster, checks them, and removes them again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from demo.load import Writer, invariant_sql, wait_archived
 from demo.stack import AirflowStack
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import (
+    LocalCluster,
+    find_bindir,
+    give_to_server_user,
+    unreachable_by_server_user,
+)
 from pg_safe_backup.verify import verify_backup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +66,40 @@ def make_demo_cluster(work: Path) -> tuple[LocalCluster, Path]:
     return cluster, archive
 
 
+class DemoSetupError(Exception):
+    """The demo cannot run here; the message says why and how to fix it, in one line."""
+
+
+def default_workdir() -> Path:
+    """/var/tmp (or the temp folder) / pg-safe-backup-demo-<hash of this checkout's path>: a place the
+    server's OS user can reach wherever the checkout is, and one per checkout."""
+    base = Path("/var/tmp") if os.access("/var/tmp", os.W_OK | os.X_OK) else Path(tempfile.gettempdir())
+    return base / f"pg-safe-backup-demo-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
+
+
+def prepare_workdir(work: Path) -> None:
+    """
+    Wipe and create ``work`` (ours, mode 0755) and check the server's OS user can enter it.
+
+    :param work: the demo's work directory.
+    :raises DemoSetupError: it cannot be made, or the server cannot reach it.
+    """
+    fix = "set --workdir (make demo ARGS=--workdir=DIR) or DEMO_WORKDIR to a directory it can reach"
+    try:
+        find_bindir()
+        cleanup_previous(work)
+        work.mkdir(parents=True)
+    except FileNotFoundError as err:
+        raise DemoSetupError(f"{err} (`make prereqs` installs it)") from None
+    except OSError as err:
+        raise DemoSetupError(f"cannot make the work directory {work}: {err.strerror}; {fix}") from None
+    os.chmod(work, 0o755)
+    why = unreachable_by_server_user(work)
+    if why:
+        shutil.rmtree(work, ignore_errors=True)
+        raise DemoSetupError(f"cannot use the work directory {work}: {why}; {fix}, e.g. under /var/tmp")
+
+
 def cleanup_previous(work: Path) -> None:
     """A previous run killed hard may have left servers behind: stop them, then start afresh."""
     for datadir in (work / "pg" / "data",):
@@ -67,23 +113,39 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep", action="store_true", help="leave Airflow and the demo cluster running")
-    parser.add_argument("--workdir", default=str(ROOT / ".demo"), help="where everything goes (wiped first)")
+    parser.add_argument(
+        "--workdir",
+        default=os.environ.get("DEMO_WORKDIR") or str(default_workdir()),
+        help="where everything goes (wiped first); default $DEMO_WORKDIR or %(default)s",
+    )
+    parser.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="make the work directory and the demo cluster, check them, then remove them",
+    )
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
-    cleanup_previous(work)
-    work.mkdir(parents=True)
-    os.chmod(work, 0o755)
+    try:
+        prepare_workdir(work)
+    except DemoSetupError as err:
+        print(f"[demo] cannot run: {err}", file=sys.stderr)
+        return 2
+    say(f"work directory: {work}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
 
     cluster = writer = stack = None
     try:
-        if os.environ.get("DEMO_PG_URI"):
+        if os.environ.get("DEMO_PG_URI") and not args.setup_only:
             conn_uri, pgdata = os.environ["DEMO_PG_URI"], Path(os.environ["DEMO_PGDATA"])
             archive = Path(os.environ["DEMO_WAL_ARCHIVE"])
             say(f"using your cluster: data directory {pgdata}, WAL archive {archive}")
         else:
             say("creating the demo PostgreSQL cluster (WAL archiving on, 100k rows)")
             cluster, archive = make_demo_cluster(work)
+            if args.setup_only:
+                wait_archived(cluster)  # the server writes into the work directory's WAL archive
+                say(f"set-up OK: cluster in {cluster.datadir} started, WAL archived into {archive}")
+                return 0
             conn_uri, pgdata = cluster.airflow_conn_uri(password=PASSWORD), cluster.datadir
             writer = Writer(cluster)
             writer.start()
@@ -154,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
         if cluster:
             cluster.stop()
+        if args.setup_only:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _wait_for_ctrl_c() -> None:

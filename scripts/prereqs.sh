@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need from Debian when it is missing:
-# PostgreSQL server binaries (initdb/pg_ctl/postgres + contrib for amcheck), rsync and pgbouncer.
+# PostgreSQL server binaries (initdb/pg_ctl/postgres + contrib for amcheck), rsync, pgbouncer,
+# python3-venv (for `make venv`) and docker-compose.
 set -euo pipefail
 need=()
 if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null 2>&1; then
   need+=(postgresql postgresql-contrib)
 fi
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
+# `make venv` runs "$PYTHON -m venv", which needs ensurepip: Debian ships it in python3-venv.
+"${PYTHON:-python3}" -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # validates docker-compose.yml in the tests
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 command -v npm >/dev/null 2>&1 || need+=(npm)  # other PostgreSQL majors for `make test-matrix`

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -52,6 +53,44 @@ def give_to_server_user(path: Path) -> None:
         subprocess.run(["chown", "-R", f"{SERVER_USER}:", str(path)], check=True)
 
 
+def unreachable_by_server_user(path: Path) -> str | None:
+    """
+    Why the server's OS user cannot enter ``path`` (an existing folder), or None when it can.
+
+    Only root runs the server as another user (``postgres``); a folder under a private one (a root
+    user's home, ``/root``, is mode 0700) is out of its reach, and initdb fails there.
+
+    :param path: the folder the server's files are to go into.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(SERVER_USER)
+    except KeyError:
+        return (
+            f"PostgreSQL runs as the OS user {SERVER_USER!r} when started by root, and there is no such"
+            " user (`make prereqs` creates it)"
+        )
+    path = Path(path).resolve()
+    if _server_user_can_enter(path):
+        return None
+    blocker = next((f for f in [*reversed(path.parents), path] if not _server_user_can_enter(f)), path)
+    mode = f" (mode {blocker.stat().st_mode & 0o777:04o})" if blocker.exists() else " (it does not exist)"
+    return (
+        f"PostgreSQL runs as the OS user {SERVER_USER!r} when started by root, and that user cannot enter"
+        f" {blocker}{mode}"
+    )
+
+
+def _server_user_can_enter(folder: Path) -> bool:
+    """
+    Whether the server's OS user can enter ``folder`` (and every folder above it).
+
+    :param folder: the folder to try.
+    """
+    return subprocess.run(as_server_user(["test", "-x", str(folder)]), capture_output=True).returncode == 0
+
+
 class LocalCluster:
     """
     A PostgreSQL cluster in ``datadir`` listening on 127.0.0.1:``port`` and a unix socket in
@@ -80,6 +119,11 @@ class LocalCluster:
         """initdb with trust on the socket and scram on 127.0.0.1 (``password`` for ``postgres``)."""
         self.datadir.parent.mkdir(parents=True, exist_ok=True)
         give_to_server_user(self.datadir.parent)
+        why = unreachable_by_server_user(self.datadir.parent)
+        if why:
+            raise PermissionError(
+                f"cannot create a cluster in {self.datadir}: {why}; choose a folder it can enter"
+            )
         args = [
             "-D",
             str(self.datadir),
