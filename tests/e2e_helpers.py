@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from demo.stack import AirflowStack
+import time
+from collections.abc import Callable
+
+import pytest
+
+from demo.stack import FINAL_RUN_STATES, AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster
 
 
@@ -33,3 +38,72 @@ def holder_sessions(cluster: LocalCluster) -> int:
     return cluster.sql(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'"
     )[0][0]
+
+
+def log_offset(cluster: LocalCluster) -> int:
+    return cluster.logfile.stat().st_size
+
+
+def log_since(cluster: LocalCluster, offset: int) -> str:
+    with cluster.logfile.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def wait_for_tasks(
+    stack: AirflowStack,
+    dag_id: str,
+    run_id: str,
+    ready: Callable[[dict[str, str]], bool],
+    what: str,
+    timeout: float = 120,
+) -> dict[str, str]:
+    """Poll the run's task states until ``ready(states)``; fails if the run ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = stack.task_states(dag_id, run_id)
+        if ready(states):
+            return states
+        run_state = stack.run_state(dag_id, run_id)
+        if run_state in FINAL_RUN_STATES or time.monotonic() > deadline:
+            pytest.fail(f"never {what}: run {run_state}\n{failure_report(stack, dag_id, run_id, states)}")
+        time.sleep(0.5)
+
+
+def task_log(
+    stack: AirflowStack, dag_id: str, run_id: str, task_id: str, *expected: str, timeout: float = 15
+) -> str:
+    """The task's log, once it holds every ``expected`` text (or the timeout passed): a task's last log
+    lines may reach its file a moment after its state was set."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = stack.task_log(dag_id, run_id, task_id)
+        if all(e in text for e in expected) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def backup_row(cluster: LocalCluster) -> dict:
+    cols = ("state", "error", "owner", "backup_label", "pid")
+    rows = cluster.sql("SELECT state::text, error, owner, backup_label, pid FROM backup")
+    assert len(rows) == 1, rows
+    return dict(zip(cols, rows[0], strict=True))
+
+
+def assert_failed_cleanly(env: dict, dag_id: str, run_id: str, reason: str) -> dict:
+    """The backup table says failed with ``reason``, nothing holds backup mode, no label was stored."""
+    cluster = env["cluster"]
+    row = backup_row(cluster)
+    assert row["state"] == "failed" and row["owner"] == f"{dag_id}/{run_id}/backup", row
+    assert reason in (row["error"] or ""), row
+    assert row["backup_label"] is None
+    assert holder_sessions(cluster) == 0
+    assert (
+        cluster.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            " AND application_name LIKE 'pg_safe_backup%'"
+        )[0][0]
+        == 0
+    ), "a backup session was left open"
+    assert not (env["backups"] / run_id / "backup_label").exists()
+    return row

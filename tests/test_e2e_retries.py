@@ -1,0 +1,185 @@
+"""End to end, with retries on: a DAG whose default_args let every task retry twice never retries a dead
+backup into a confusing state. A real Airflow (tests/e2e_retries_dags/) and a real cluster, one of each for
+the module; the backup's parameters are templates of the run's params.
+
+A backup that died (its copy failed every try, or its session was ended on the server mid-copy) ends once:
+the hold is never retried, the finish fails on its first try with AirflowFailException, the ``backup`` table
+says why, nothing holds backup mode, no label reaches XCom or the destination, and the next run restores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from demo.stack import AirflowStack, ApiError
+from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+
+from e2e_helpers import (
+    assert_failed_cleanly,
+    backup_row,
+    failure_report,
+    holder_sessions,
+    log_offset,
+    log_since,
+    task_log,
+    wait_for_tasks,
+)
+
+pytestmark = pytest.mark.e2e
+
+DAGS = Path(__file__).parent / "e2e_retries_dags"  # holds only e2e_retry_dags.py
+DAG_ID = "e2e_retries"
+PASSWORD = "pgsbRetry-Kx83Vw"
+HOLD, GATE, COPY, FINISH, STORE, VERIFY = (
+    "backup.hold_backup_session",
+    "backup.wait_for_backup_mode",
+    "backup.copy",
+    "backup.finish_backup",
+    "store_backup_label",
+    "verify_backup",
+)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[dict]:
+    root = Path(tempfile.mkdtemp(prefix="pgsb-e2e-retries-"))
+    os.chmod(root, 0o755)
+    archive, backups = root / "wal_archive", root / "backups"
+    for d in (archive, backups):
+        d.mkdir()
+        give_to_server_user(d)
+    # log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
+    cluster = (
+        LocalCluster(root / "pg" / "data")
+        .init(
+            password=PASSWORD,
+            settings={
+                "archive_mode": "on",
+                "archive_command": f"'cp %p {archive}/%f'",
+                "log_statement": "'all'",
+            },
+        )
+        .start()
+    )
+    stack = None
+    try:
+        stack = AirflowStack(
+            root / "airflow",
+            DAGS,
+            extra_env={
+                "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
+                "E2E_PGDATA": str(cluster.datadir),
+                "E2E_BACKUP_ROOT": str(backups),
+                "E2E_WAL_ARCHIVE": str(archive),
+                "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
+                "E2E_CHECKPOINT_DELAY": "1",
+            },
+        )
+        stack.start(expect_dag_ids=[DAG_ID])
+        yield {"cluster": cluster, "stack": stack, "archive": archive, "backups": backups}
+    finally:
+        if stack:
+            stack.stop()
+        cluster.stop("immediate")
+        if os.environ.get("PGSB_KEEP_E2E"):  # keep the stack's files and logs to look at
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def try_numbers(stack: AirflowStack, run_id: str) -> dict[str, int]:
+    """task_id -> the try it ended on."""
+    tis = stack._get_all(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", "task_instances")
+    return {ti["task_id"]: ti["try_number"] for ti in tis}
+
+
+def assert_ended_once(env: dict, run_id: str, copy_state: str, copy_tries: int, reason: str) -> None:
+    """The dead backup's run: failed, the hold and the finish on their first try, the finish failed for good
+    (no retry) saying ``reason``, the backup failed cleanly, and no label anywhere."""
+    stack = env["stack"]
+    tasks = stack.task_states(DAG_ID, run_id)
+    report = failure_report(stack, DAG_ID, run_id, tasks)
+    assert tasks == {
+        HOLD: "failed",
+        GATE: "success",
+        COPY: copy_state,
+        FINISH: "failed",
+        STORE: "upstream_failed",
+        VERIFY: "upstream_failed",
+    }, report
+    tries = try_numbers(stack, run_id)
+    assert tries[COPY] == copy_tries, tries  # retries are on: a copy that fails is retried
+    assert tries[HOLD] == 1, tries
+    assert tries[GATE] == 1, tries
+    assert tries[FINISH] == 1, tries
+    assert [f.name for f in stack.task_log_files(DAG_ID, run_id, FINISH)] == ["attempt=1.log"]
+    finish_log = task_log(stack, DAG_ID, run_id, FINISH, "AirflowFailException")
+    assert f"backup not usable: backup failed: {reason}" in finish_log, report
+    assert "AirflowFailException" in finish_log, finish_log
+    assert_failed_cleanly(env, DAG_ID, run_id, reason)
+    with pytest.raises(ApiError) as no_label:
+        stack.xcom(DAG_ID, run_id, FINISH, key="backup_label")
+    assert no_label.value.status == 404
+
+
+def test_a_copy_failing_every_retry_fails_the_backup_once(env):
+    cluster, stack = env["cluster"], env["stack"]
+    run_id = "retries_copy_fails"
+    offset = log_offset(cluster)
+    stack.trigger(DAG_ID, conf={"mode": "fail"}, run_id=run_id)
+    state = stack.wait_for_run(DAG_ID, run_id, timeout=240)
+    assert state == "failed", failure_report(stack, DAG_ID, run_id, stack.task_states(DAG_ID, run_id))
+    assert_ended_once(env, run_id, "failed", 3, f"the copy did not succeed: {COPY} is failed")
+    server_log = log_since(cluster, offset)
+    assert server_log.count("pg_backup_start(") == 1, "a second backup was started"
+    assert "pg_backup_stop(" in server_log
+
+
+def test_the_backup_session_ended_mid_copy_fails_the_backup_once(env):
+    cluster, stack = env["cluster"], env["stack"]
+    run_id = "retries_session_ended"
+    offset = log_offset(cluster)
+    stack.trigger(DAG_ID, conf={"mode": "slow"}, run_id=run_id)
+    wait_for_tasks(
+        stack,
+        DAG_ID,
+        run_id,
+        lambda s: s.get(HOLD) == "deferred" and s.get(GATE) == "success" and s.get(COPY) == "running",
+        "copying in backup mode",
+    )
+    pid = backup_row(cluster)["pid"]
+    assert holder_sessions(cluster) == 1
+    assert cluster.sql("SELECT pg_terminate_backend(%s)", [pid]) == [(True,)]
+    state = stack.wait_for_run(DAG_ID, run_id, timeout=180)
+    assert state == "failed", failure_report(stack, DAG_ID, run_id, stack.task_states(DAG_ID, run_id))
+    lost = f"the session holding backup mode (pid {pid}) ended before the backup finished"
+    assert_ended_once(env, run_id, "success", 1, lost)
+    server_log = log_since(cluster, offset)
+    assert server_log.count("pg_backup_start(") == 1, "a second backup was started"
+    assert "aborting backup due to backend exiting before pg_backup_stop was called" in server_log
+
+
+def test_the_next_run_backs_up_and_restores(env):
+    cluster, stack = env["cluster"], env["stack"]
+    run_id = "retries_next"
+    offset = log_offset(cluster)
+    stack.trigger(DAG_ID, run_id=run_id)
+    state = stack.wait_for_run(DAG_ID, run_id, timeout=300)
+    assert state == "success", failure_report(stack, DAG_ID, run_id, stack.task_states(DAG_ID, run_id))
+    row = backup_row(cluster)
+    assert row["state"] == "complete", row
+    assert row["owner"] == f"{DAG_ID}/{run_id}/backup", row
+    assert f"LABEL: retries {run_id}\n" in row["backup_label"]  # the label, rendered from its template
+    assert (env["backups"] / run_id / "backup_label").read_text() == row["backup_label"]
+    assert stack.xcom(DAG_ID, run_id, FINISH, key="backup_label") == row["backup_label"]
+    verified = stack.xcom(DAG_ID, run_id, VERIFY)
+    assert verified["ok"], verified
+    assert verified["summary"].startswith("PASS"), verified
+    assert holder_sessions(cluster) == 0
+    assert log_since(cluster, offset).count("pg_backup_start(") == 1
