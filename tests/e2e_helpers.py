@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,32 @@ def assert_failed_cleanly(env: dict, dag_id: str, run_id: str, reason: str) -> d
     ), "a backup session was left open"
     assert not (env["backups"] / run_id / "backup_label").exists()
     return row
+
+
+def archiving_cluster(datadir: Path, archive: Path, password: str) -> LocalCluster:
+    """A started cluster that archives its WAL into ``archive`` and logs every statement (log_statement=all:
+    the tests count the pg_backup_start calls in its log)."""
+    return (
+        LocalCluster(datadir)
+        .init(
+            password=password,
+            settings={
+                "archive_mode": "on",
+                "archive_command": f"'cp %p {archive}/%f'",
+                "log_statement": "'all'",
+            },
+        )
+        .start()
+    )
+
+
+def backup_dag_env(cluster: LocalCluster, password: str, backups: Path, archive: Path) -> dict[str, str]:
+    """What the e2e backup DAGs read: the ``pg_e2e`` connection to ``cluster``, its data directory, where
+    copies go, the WAL archive and a DSN for the copy's own statements."""
+    return {
+        "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=password),
+        "E2E_PGDATA": str(cluster.datadir),
+        "E2E_BACKUP_ROOT": str(backups),
+        "E2E_WAL_ARCHIVE": str(archive),
+        "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
+    }

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from demo.stack import AirflowStack, ApiError
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import give_to_server_user
 
 from e2e_helpers import (
+    archiving_cluster,
     assert_failed_cleanly,
+    backup_dag_env,
     backup_row,
     failure_report,
     holder_sessions,
@@ -54,32 +56,13 @@ def env() -> Iterator[dict]:
     for d in (archive, backups):
         d.mkdir()
         give_to_server_user(d)
-    # log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
-    cluster = (
-        LocalCluster(root / "pg" / "data")
-        .init(
-            password=PASSWORD,
-            settings={
-                "archive_mode": "on",
-                "archive_command": f"'cp %p {archive}/%f'",
-                "log_statement": "'all'",
-            },
-        )
-        .start()
-    )
+    cluster = archiving_cluster(root / "pg" / "data", archive, PASSWORD)
     stack = None
     try:
         stack = AirflowStack(
             root / "airflow",
             DAGS,
-            extra_env={
-                "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
-                "E2E_PGDATA": str(cluster.datadir),
-                "E2E_BACKUP_ROOT": str(backups),
-                "E2E_WAL_ARCHIVE": str(archive),
-                "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
-                "E2E_CHECKPOINT_DELAY": "1",
-            },
+            extra_env={**backup_dag_env(cluster, PASSWORD, backups, archive), "E2E_CHECKPOINT_DELAY": "1"},
         )
         stack.start(expect_dag_ids=[DAG_ID])
         yield {"cluster": cluster, "stack": stack, "archive": archive, "backups": backups}
@@ -99,12 +82,17 @@ def try_numbers(stack: AirflowStack, run_id: str) -> dict[str, int]:
     return {ti["task_id"]: ti["try_number"] for ti in tis}
 
 
-def assert_ended_once(env: dict, run_id: str, copy_state: str, copy_tries: int, reason: str) -> None:
-    """The dead backup's run: failed, the hold and the finish on their first try, the finish failed for good
-    (no retry) saying ``reason``, the backup failed cleanly, and no label anywhere."""
+def assert_ended_once(
+    env: dict, run_id: str, offset: int, copy_state: str, copy_tries: int, reason: str
+) -> str:
+    """The dead backup's run ends: failed, one backup started (server log from ``offset``), the hold and
+    the finish on their first try, the finish failed for good (no retry) saying ``reason``, the backup
+    failed cleanly, and no label anywhere. Returns the server log of the run."""
     stack = env["stack"]
+    state = stack.wait_for_run(DAG_ID, run_id, timeout=240)
     tasks = stack.task_states(DAG_ID, run_id)
     report = failure_report(stack, DAG_ID, run_id, tasks)
+    assert state == "failed", report
     assert tasks == {
         HOLD: "failed",
         GATE: "success",
@@ -126,6 +114,9 @@ def assert_ended_once(env: dict, run_id: str, copy_state: str, copy_tries: int, 
     with pytest.raises(ApiError) as no_label:
         stack.xcom(DAG_ID, run_id, FINISH, key="backup_label")
     assert no_label.value.status == 404
+    server_log = log_since(env["cluster"], offset)
+    assert server_log.count("pg_backup_start(") == 1, "a second backup was started"
+    return server_log
 
 
 def test_a_copy_failing_every_retry_fails_the_backup_once(env):
@@ -133,11 +124,9 @@ def test_a_copy_failing_every_retry_fails_the_backup_once(env):
     run_id = "retries_copy_fails"
     offset = log_offset(cluster)
     stack.trigger(DAG_ID, conf={"mode": "fail"}, run_id=run_id)
-    state = stack.wait_for_run(DAG_ID, run_id, timeout=240)
-    assert state == "failed", failure_report(stack, DAG_ID, run_id, stack.task_states(DAG_ID, run_id))
-    assert_ended_once(env, run_id, "failed", 3, f"the copy did not succeed: {COPY} is failed")
-    server_log = log_since(cluster, offset)
-    assert server_log.count("pg_backup_start(") == 1, "a second backup was started"
+    server_log = assert_ended_once(
+        env, run_id, offset, "failed", 3, f"the copy did not succeed: {COPY} is failed"
+    )
     assert "pg_backup_stop(" in server_log
 
 
@@ -156,12 +145,9 @@ def test_the_backup_session_ended_mid_copy_fails_the_backup_once(env):
     pid = backup_row(cluster)["pid"]
     assert holder_sessions(cluster) == 1
     assert cluster.sql("SELECT pg_terminate_backend(%s)", [pid]) == [(True,)]
-    state = stack.wait_for_run(DAG_ID, run_id, timeout=180)
-    assert state == "failed", failure_report(stack, DAG_ID, run_id, stack.task_states(DAG_ID, run_id))
-    lost = f"the session holding backup mode (pid {pid}) ended before the backup finished"
-    assert_ended_once(env, run_id, "success", 1, lost)
-    server_log = log_since(cluster, offset)
-    assert server_log.count("pg_backup_start(") == 1, "a second backup was started"
+    server_log = assert_ended_once(
+        env, run_id, offset, "success", 1, "the session holding backup mode was lost"
+    )
     assert "aborting backup due to backend exiting before pg_backup_stop was called" in server_log
 
 
