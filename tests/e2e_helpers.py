@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from demo.stack import FINAL_RUN_STATES, AirflowStack
-from pg_safe_backup.local_cluster import LocalCluster
+from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 
 
 def run_dag(env: dict, dag_id: str, run_id: str) -> tuple[str, dict[str, str]]:
@@ -137,3 +141,33 @@ def backup_dag_env(cluster: LocalCluster, password: str, backups: Path, archive:
         "E2E_WAL_ARCHIVE": str(archive),
         "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
     }
+
+
+@contextmanager
+def backup_stack(
+    prefix: str, password: str, dags: Path, dag_ids: list[str], extra_env: dict[str, str] | None = None
+) -> Iterator[dict]:
+    """A cluster (:func:`archiving_cluster`) and an Airflow stack parsing ``dags`` with the environment of
+    :func:`backup_dag_env` (and ``extra_env``), in a fresh folder: ``{"cluster", "stack", "archive",
+    "backups", "root"}``. All is stopped and removed at the end (kept with PGSB_KEEP_E2E set)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(root, 0o755)
+    archive, backups = root / "wal_archive", root / "backups"
+    for d in (archive, backups):
+        d.mkdir()
+        give_to_server_user(d)
+    cluster = archiving_cluster(root / "pg" / "data", archive, password)
+    stack = None
+    try:
+        env = {**backup_dag_env(cluster, password, backups, archive), **(extra_env or {})}
+        stack = AirflowStack(root / "airflow", dags, extra_env=env)
+        stack.start(expect_dag_ids=dag_ids)
+        yield {"cluster": cluster, "stack": stack, "archive": archive, "backups": backups, "root": root}
+    finally:
+        if stack:
+            stack.stop()
+        cluster.stop("immediate")
+        if os.environ.get("PGSB_KEEP_E2E"):  # keep the stack's files and logs to look at
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)

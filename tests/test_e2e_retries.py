@@ -9,22 +9,17 @@ says why, nothing holds backup mode, no label reaches XCom or the destination, a
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from demo.stack import AirflowStack, ApiError
-from pg_safe_backup.local_cluster import give_to_server_user
 
 from e2e_helpers import (
-    archiving_cluster,
     assert_failed_cleanly,
-    backup_dag_env,
     backup_row,
+    backup_stack,
     failure_report,
     holder_sessions,
     log_offset,
@@ -50,30 +45,10 @@ HOLD, GATE, COPY, FINISH, STORE, VERIFY = (
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    root = Path(tempfile.mkdtemp(prefix="pgsb-e2e-retries-"))
-    os.chmod(root, 0o755)
-    archive, backups = root / "wal_archive", root / "backups"
-    for d in (archive, backups):
-        d.mkdir()
-        give_to_server_user(d)
-    cluster = archiving_cluster(root / "pg" / "data", archive, PASSWORD)
-    stack = None
-    try:
-        stack = AirflowStack(
-            root / "airflow",
-            DAGS,
-            extra_env={**backup_dag_env(cluster, PASSWORD, backups, archive), "E2E_CHECKPOINT_DELAY": "1"},
-        )
-        stack.start(expect_dag_ids=[DAG_ID])
-        yield {"cluster": cluster, "stack": stack, "archive": archive, "backups": backups}
-    finally:
-        if stack:
-            stack.stop()
-        cluster.stop("immediate")
-        if os.environ.get("PGSB_KEEP_E2E"):  # keep the stack's files and logs to look at
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    with backup_stack(
+        "pgsb-e2e-retries-", PASSWORD, DAGS, [DAG_ID], extra_env={"E2E_CHECKPOINT_DELAY": "1"}
+    ) as env:
+        yield env
 
 
 def try_numbers(stack: AirflowStack, run_id: str) -> dict[str, int]:
