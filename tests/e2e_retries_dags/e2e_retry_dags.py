@@ -11,7 +11,6 @@ paused and unused here).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from datetime import timedelta
@@ -21,11 +20,10 @@ import pendulum
 
 from airflow.sdk import DAG, task
 
-from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e_dags"))
-from e2e_backup_dags import DESTINATION, copy_data_directory  # noqa: E402
+from e2e_backup_dags import DESTINATION, copy_data_directory, store_and_verify  # noqa: E402
 
 #: Seconds the ``slow`` copy lasts: the test ends the backup's session meanwhile.
 SLOW_COPY_S = 20
@@ -59,11 +57,4 @@ with DAG(
         poll_interval=1.0,
     ) as backup:
         copy("{{ params.mode }}", DESTINATION)
-    store = PostgresStoreBackupLabelOperator(
-        task_id="store_backup_label", backup=backup, destination=DESTINATION
-    )
-    store >> PostgresVerifyBackupOperator(
-        task_id="verify_backup",
-        backup_dir=DESTINATION,
-        wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"),
-    )
+    store_and_verify(backup)
