@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -152,3 +153,51 @@ def pgbouncer(
     yield start
     for bouncer in started:
         bouncer.stop()
+
+
+@pytest.fixture
+def task_context() -> Callable[..., dict]:
+    """``task_context(task, conf=None, try_number=1)``: the context the Task SDK gives ``task`` when it runs
+    in a manual DAG run with ``conf`` (``params`` merged from it), built as the worker builds it, without a
+    server: templates render through it; XCom and task states, which ask the server, do not work."""
+    import uuid
+
+    import pendulum
+
+    from airflow.sdk.api.datamodels._generated import DagRun, DagRunState, DagRunType, TIRunContext
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    def make(task: Any, conf: dict | None = None, try_number: int = 1) -> dict:
+        now = pendulum.now("UTC")
+        run = DagRun(
+            dag_id=task.dag_id,
+            run_id="manual__templating",
+            logical_date=now,
+            data_interval_start=now,
+            data_interval_end=now,
+            run_after=now,
+            start_date=now,
+            end_date=None,
+            run_type=DagRunType.MANUAL,
+            state=DagRunState.RUNNING,
+            conf=conf or {},
+            consumed_asset_events=[],
+            partition_key=None,
+        )
+        ti = RuntimeTaskInstance.model_construct(
+            id=uuid.uuid4(),
+            task_id=task.task_id,
+            dag_id=task.dag_id,
+            run_id=run.run_id,
+            try_number=try_number,
+            dag_version_id=uuid.uuid4(),
+            map_index=-1,
+            task=task,
+            bundle_instance=None,
+            _ti_context_from_server=TIRunContext(dag_run=run, max_tries=task.retries),
+            max_tries=task.retries,
+            start_date=now,
+        )
+        return ti.get_template_context()
+
+    return make

@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,17 @@ from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 
 # Shared helpers of the end-to-end suite. pytest's default "prepend" import mode puts tests/ (no __init__.py)
 # on sys.path, which is also how tests/test_e2e.py itself is imported (as the module ``test_e2e``).
-from e2e_helpers import failure_report, holder_sessions, run_dag
+from e2e_helpers import (
+    assert_failed_cleanly,
+    backup_row,
+    failure_report,
+    holder_sessions,
+    log_offset,
+    log_since,
+    run_dag,
+    task_log,
+    wait_for_tasks,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -138,52 +148,9 @@ def no_backup_left_behind(env: dict) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def log_offset(cluster: LocalCluster) -> int:
-    return cluster.logfile.stat().st_size
-
-
-def log_since(cluster: LocalCluster, offset: int) -> str:
-    with cluster.logfile.open("rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
-
-
 def trigger(env: dict, dag_id: str, run_id: str) -> None:
     env["stack"].trigger(dag_id, run_id=run_id)
     env["runs"].append((dag_id, run_id))
-
-
-def wait_for_tasks(
-    stack: AirflowStack,
-    dag_id: str,
-    run_id: str,
-    ready: Callable[[dict[str, str]], bool],
-    what: str,
-    timeout: float = 120,
-) -> dict[str, str]:
-    """Poll the run's task states until ``ready(states)``; fails if the run ends first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = stack.task_states(dag_id, run_id)
-        if ready(states):
-            return states
-        run_state = stack.run_state(dag_id, run_id)
-        if run_state in FINAL_RUN_STATES or time.monotonic() > deadline:
-            pytest.fail(f"never {what}: run {run_state}\n{failure_report(stack, dag_id, run_id, states)}")
-        time.sleep(0.5)
-
-
-def task_log(
-    stack: AirflowStack, dag_id: str, run_id: str, task_id: str, *expected: str, timeout: float = 15
-) -> str:
-    """The task's log, once it holds every ``expected`` text (or the timeout passed): a task's last log
-    lines may reach its file a moment after its state was set."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = stack.task_log(dag_id, run_id, task_id)
-        if all(e in text for e in expected) or time.monotonic() > deadline:
-            return text
-        time.sleep(0.5)
 
 
 def holder_failed_with(stack: AirflowStack, dag_id: str, run_id: str, message: str) -> str:
@@ -210,32 +177,6 @@ def holder_failed_with(stack: AirflowStack, dag_id: str, run_id: str, message: s
 def backup_running(states: dict[str, str]) -> bool:
     """Backup mode on and the copy under way: holder deferred in the triggerer, gate open."""
     return states.get(HOLD) == "deferred" and states.get(GATE) == "success"
-
-
-def backup_row(cluster: LocalCluster) -> dict:
-    cols = ("state", "error", "owner", "backup_label", "pid")
-    rows = cluster.sql("SELECT state::text, error, owner, backup_label, pid FROM backup")
-    assert len(rows) == 1, rows
-    return dict(zip(cols, rows[0], strict=True))
-
-
-def assert_failed_cleanly(env: dict, dag_id: str, run_id: str, reason: str) -> dict:
-    """The backup table says failed with ``reason``, nothing holds backup mode, no label was stored."""
-    cluster = env["cluster"]
-    row = backup_row(cluster)
-    assert row["state"] == "failed" and row["owner"] == f"{dag_id}/{run_id}/backup", row
-    assert reason in (row["error"] or ""), row
-    assert row["backup_label"] is None
-    assert holder_sessions(cluster) == 0
-    assert (
-        cluster.sql(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
-            " AND application_name LIKE 'pg_safe_backup%'"
-        )[0][0]
-        == 0
-    ), "a backup session was left open"
-    assert not (env["backups"] / run_id / "backup_label").exists()
-    return row
 
 
 # --------------------------------------------------------------------------------------------------- cases

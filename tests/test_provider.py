@@ -131,7 +131,7 @@ def test_a_mapped_group_over_connection_ids_parses_and_serializes():
     ("kwargs", "param"),
     [
         ({"backup_timeout": -1}, "backup_timeout"),
-        ({"backup_timeout": "3600"}, "backup_timeout"),
+        ({"backup_timeout": "an hour"}, "backup_timeout"),
         ({"backup_timeout": True}, "backup_timeout"),
         ({"poll_interval": 0}, "poll_interval"),
         ({"table": ""}, "table"),

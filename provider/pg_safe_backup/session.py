@@ -6,7 +6,8 @@
 * :func:`finish_backup` (the finish) asks the attempt the copy ran under to stop (or fails it when
   the copy did not succeed) and waits for the outcome.
 
-Each returns an event dict: ``{"status": ..., "message": ..., "backup": {...row values...}}``.
+Each returns an event dict: ``{"status": ..., "message": ..., "backup": {...row values...},
+"retryable": ...}`` (``retryable``: the gate's or finish's server could not be reached or followed).
 What Airflow knows (the hold's current attempt, whether the finish or the run ended) comes in as
 callbacks, so this module runs, and is tested, without Airflow.
 """
@@ -48,8 +49,15 @@ FAST_CHECKPOINT_HINT = (
 )
 
 
-def event(status: str, message: str, row: BackupRow | None = None) -> dict[str, Any]:
-    return {"status": status, "message": message, "backup": row.result() if row else None}
+def event(status: str, message: str, row: BackupRow | None = None, retryable: bool = False) -> dict[str, Any]:
+    """:param retryable: the wait failed because the server could not be reached or followed, not
+    because of the backup: running the task again may succeed."""
+    return {
+        "status": status,
+        "message": message,
+        "backup": row.result() if row else None,
+        "retryable": retryable,
+    }
 
 
 #: Seconds between a holder's re-reads of its row when nothing woke it (NOTIFY and its sessions'
@@ -549,9 +557,9 @@ async def _waiting(
                 await hook.listen(conn)
                 return await body(conn)
             except psycopg.Error as err:
-                return event(FAILED, f"cannot follow the backup: {hook.explain(err, conn)}")
+                return event(FAILED, f"cannot follow the backup: {hook.explain(err, conn)}", retryable=True)
     except BackupError as err:
-        return event(FAILED, str(err))
+        return event(FAILED, str(err), retryable=True)
 
 
 async def wait_for_start(

@@ -37,13 +37,17 @@ class PostgresOnlineBackup(TaskGroup):
 
     :param group_id: task group id. The group's FULL id (with its parent groups') is this backup's key
         within the DAG run; in a mapped task group each map index is a backup of its own.
+    Templated (Jinja, params, XComArgs): ``postgres_conn_id``, ``state_conn_id``, ``database``,
+    ``backup_timeout``, ``fast_checkpoint``, ``wait_for_archive`` and ``label``; each is checked as
+    rendered when its task runs (see ``PostgresStartBackupOperator``).
+
     :param postgres_conn_id: Airflow connection of the server to back up (primary or hot standby).
     :param state_conn_id: where the backup table lives if not there (a standby's primary).
     :param backup_timeout: seconds after which an unfinished backup is failed (0 = none; default a day).
     :param fast_checkpoint: immediate start checkpoint instead of a spread one.
     :param wait_for_archive: complete only once the needed WAL is archived (a server whose WAL nothing
         archives is refused); False: the WAL is copied another way (see ``PostgresStartBackupOperator``).
-    :param label: backup label (templated).
+    :param label: backup label.
     :param terminate_live: end another live backup instead of refusing to start.
     :param database, table, table_schema, poll_interval: see ``BackupTaskMixin``.
     :param gate_timeout: seconds the gate waits for backup mode (start checkpoint included).

@@ -77,16 +77,21 @@ def backup_dag(dag_id: str, failing_copy: bool) -> DAG:
             else:
                 copy_data_directory(DESTINATION)
                 copy_tablespaces(DESTINATION)
-        store = PostgresStoreBackupLabelOperator(
-            task_id="store_backup_label", backup=backup, destination=DESTINATION
-        )
-        # Verify every backup, in the DAG itself (the archive holds the WAL up to the stop point).
-        store >> PostgresVerifyBackupOperator(
-            task_id="verify_backup",
-            backup_dir=DESTINATION,
-            wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"),
-        )
+        store_and_verify(backup)
     return dag
+
+
+def store_and_verify(backup: PostgresOnlineBackup) -> None:
+    """Store the group's label with the copy, then verify the backup, in the DAG itself (the archive holds
+    the WAL up to the stop point)."""
+    store = PostgresStoreBackupLabelOperator(
+        task_id="store_backup_label", backup=backup, destination=DESTINATION
+    )
+    store >> PostgresVerifyBackupOperator(
+        task_id="verify_backup",
+        backup_dir=DESTINATION,
+        wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"),
+    )
 
 
 e2e_backup = backup_dag("e2e_backup", failing_copy=False)

@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import CopyMismatch
-from pg_safe_backup.params import check_label, check_number, check_text
+from pg_safe_backup.params import (
+    check_flag,
+    check_label,
+    check_number,
+    check_seconds,
+    check_text,
+    unless_rendered_later,
+)
 from pg_safe_backup.session import COMPLETE, ONE_DAY_S, HoldRequest
 from pg_safe_backup.triggers.backup import (
     ATTEMPT_XCOM,
@@ -20,7 +27,13 @@ from pg_safe_backup.triggers.backup import (
     PostgresHoldBackupTrigger,
     task_states,
 )
-from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable
+from pg_safe_backup.utils.mixins import (
+    CONNECTION_FIELDS,
+    BackupTaskMixin,
+    default_deferrable,
+    fail_on,
+    rendered,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -62,6 +75,11 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
     backup is not started, or is failed and backup mode ended within seconds, once the run's finish
     (``finish_task_id``) or the DAG run itself has ended: nothing else would end it.
 
+    Templated: ``label``, ``fast_checkpoint``, ``wait_for_archive``, ``backup_timeout`` and the
+    connection fields. A template rendering to text is read as the bool or number it spells
+    (``"true"``, ``"3600"``); a value that is not fails the task, naming the parameter, before
+    backup mode.
+
     :param label: backup label (templated); the default names the DAG run.
     :param fast_checkpoint: ask for an immediate checkpoint (default: spread, as PostgreSQL does).
     :param wait_for_archive: the backup is complete only once the WAL it needs is archived
@@ -76,7 +94,13 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
     """
 
     # ``label`` is BaseOperator's display name, hence the attribute name pg_label.
-    template_fields: Sequence[str] = ("pg_label", *CONNECTION_FIELDS)
+    template_fields: Sequence[str] = (
+        "pg_label",
+        "fast_checkpoint",
+        "wait_for_archive",
+        "backup_timeout",
+        *CONNECTION_FIELDS,
+    )
     ui_color = "#d8e8f8"
 
     def __init__(
@@ -110,54 +134,57 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
             poll_interval,
             deferrable,
         )
-        self.pg_label = check_label(label)
-        for name, value in (
-            ("fast_checkpoint", fast_checkpoint),
-            ("wait_for_archive", wait_for_archive),
-            ("terminate_live", terminate_live),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
-        self.fast_checkpoint = fast_checkpoint
-        self.wait_for_archive = wait_for_archive
-        self.backup_timeout = check_number(backup_timeout, "backup_timeout")
+        self.pg_label = unless_rendered_later(check_label, label, "label")
+        self.fast_checkpoint = unless_rendered_later(check_flag, fast_checkpoint, "fast_checkpoint")
+        self.wait_for_archive = unless_rendered_later(check_flag, wait_for_archive, "wait_for_archive")
+        self.backup_timeout = unless_rendered_later(check_seconds, backup_timeout, "backup_timeout")
+        if not isinstance(terminate_live, bool):
+            raise ValueError(f"terminate_live must be True or False, got {terminate_live!r}")
         self.terminate_live = terminate_live
         self.finish_task_id = (
             finish_task_id if finish_task_id is None else check_text(finish_task_id, "finish_task_id")
         )
 
-    def execute(self, context: Context) -> Any:
+    def hold_trigger(self, context: Context) -> PostgresHoldBackupTrigger:
+        """The trigger that takes and holds this try's backup, from the fields as rendered for this run.
+        Each is checked first: a bad one fails the task (``AirflowFailException``) before backup mode."""
         ti = context["ti"]
+        hook_kwargs = self.hook_kwargs
         ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
         request = HoldRequest(
             owner=ref.owner,
             attempt=str(ti.id),
             holder_try=ti.try_number,
-            label=check_label(self.pg_label),
-            fast_checkpoint=self.fast_checkpoint,
-            wait_for_archive=self.wait_for_archive,
-            backup_timeout=self.backup_timeout,
+            label=rendered(check_label, self.pg_label, "label"),
+            fast_checkpoint=rendered(check_flag, self.fast_checkpoint, "fast_checkpoint"),
+            wait_for_archive=rendered(check_flag, self.wait_for_archive, "wait_for_archive"),
+            backup_timeout=rendered(check_seconds, self.backup_timeout, "backup_timeout"),
             poll_interval=self.poll_interval,
             terminate_live=self.terminate_live,
         )
-        trigger = PostgresHoldBackupTrigger(self.hook_kwargs, request=asdict(request), ref=asdict(ref))
+        return PostgresHoldBackupTrigger(hook_kwargs, request=asdict(request), ref=asdict(ref))
+
+    def execute(self, context: Context) -> Any:
+        ti = context["ti"]
+        trigger = self.hold_trigger(context)
+        request, ref = trigger.kwargs["request"], trigger.ref
         # Before deferring: the gate takes this as the attempt to open on (see triggers.backup.hold_view).
         ti.xcom_push(
             key=ATTEMPT_XCOM,
             value={
-                "attempt": request.attempt,
+                "attempt": request["attempt"],
                 "try_number": ti.try_number,
                 "owner": ref.owner,
                 "inline": not self.deferrable,
             },
         )
-        self.log.info("backup of %s, attempt %s (try %s)", ref.owner, request.attempt, ti.try_number)
+        self.log.info("backup of %s, attempt %s (try %s)", ref.owner, request["attempt"], ti.try_number)
         return self.wait_on(context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """The result of an inline hold (deferrable=False); deferred, the trigger ends the task itself."""
         if event["status"] != COMPLETE:
-            raise AirflowException(f"backup not taken: {event['message']}")
+            raise fail_on(event, f"backup not taken: {event['message']}")
         self.log.info("%s", event["message"])
         return _public(event["backup"])
 
@@ -171,6 +198,11 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
     Meant as the teardown of the gate, so it runs even when a copy fails. It acts only on the
     backup attempt the gate opened on, and only while it still has the start LSN the gate opened
     with; a copy that did not succeed never yields a label, whatever the table says.
+
+    A backup that failed (or a copy that did not succeed) fails the task without a retry
+    (``AirflowFailException``): the hold is never retried, so a retry could only fail again. Only a
+    server that cannot be reached or followed is retried (``AirflowException``); the backup stays
+    held meanwhile.
 
     :param gate_task_id: the ``PostgresBackupStartedSensor`` whose copy tasks this finishes.
     """
@@ -215,20 +247,21 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         return "the copy did not succeed: " + ", ".join(f"{t} is {s}" for t, s in bad.items())
 
     def execute(self, context: Context) -> Any:
+        hook_kwargs = self.hook_kwargs  # the rendered connection fields, checked first
         problem = self._copy_problem(context)
         start_lsn = same_map_index_xcom(context, self.gate_task_id, "start_lsn")
         attempt = same_map_index_xcom(context, self.gate_task_id, "attempt")
         if not start_lsn or not attempt:
             gate_state = task_states(self.backup_ref(context), [self.gate_task_id])[self.gate_task_id]
             if gate_state == "success":
-                raise AirflowException(
+                raise AirflowFailException(
                     f"gate_task_id={self.gate_task_id!r} succeeded but published no start_lsn and attempt: "
                     "it must"
                     " be this backup's PostgresBackupStartedSensor, or the finish cannot tell which backup "
                     "the copy"
                     " ran under"
                 )
-            raise AirflowException(
+            raise AirflowFailException(
                 f"backup not usable: the gate {self.gate_task_id} did not open ({gate_state}), so no copy "
                 "ran under"
                 " a backup of this run" + (f"; {problem}" if problem else "")
@@ -236,7 +269,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         if problem:
             self.log.error("%s; failing the backup", problem)
         trigger = PostgresFinishBackupTrigger(
-            self.hook_kwargs,
+            hook_kwargs,
             attempt=attempt,
             start_lsn=start_lsn,
             copy_problem=problem,
@@ -246,7 +279,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event["status"] != COMPLETE:
-            raise AirflowException(f"backup not usable: {event['message']}")
+            raise fail_on(event, f"backup not usable: {event['message']}")
         result = _public(event["backup"])
         for key in RESULT_KEYS:
             context["ti"].xcom_push(key=key, value=result[key])
@@ -273,6 +306,9 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     ``backup_label`` or ``tablespace_map`` an earlier attempt left in the destination is removed
     (and logged) before this backup's are written (see :func:`pg_safe_backup.files.label.store_label`).
 
+    A copy that does not match its label, or a backup without one, fails the task without a retry
+    (``AirflowFailException``); a destination that cannot be written to is retried.
+
     :param backup: the ``PostgresOnlineBackup`` group (or the finish task's id) whose label to store.
     :param destination: folder or URL of the copy (templated); any ObjectStoragePath location.
     """
@@ -281,7 +317,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     def __init__(self, *, backup: TaskGroup | str, destination: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.destination = check_text(destination, "destination")
+        self.destination = unless_rendered_later(check_text, destination, "destination")
         finish = getattr(backup, "finish", None)
         if isinstance(backup, str):
             self.finish_task_id = check_text(backup, "backup")
@@ -292,14 +328,24 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
 
     def execute(self, context: Context) -> dict[str, str]:
-        label = same_map_index_xcom(context, self.finish_task_id, "backup_label")
-        if not label:
-            raise AirflowException(f"no backup_label from {self.finish_task_id}: the backup did not complete")
-        files = {
-            "backup_label": label,
-            "tablespace_map": same_map_index_xcom(context, self.finish_task_id, "tablespace_map"),
-        }
-        target = ObjectStoragePath(self.destination)
+        destination = rendered(check_text, self.destination, "destination")
+        keys = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
+        return self.store(
+            destination, {key: same_map_index_xcom(context, self.finish_task_id, key) for key in keys}
+        )
+
+    def store(self, destination: str, backup: dict[str, Any]) -> dict[str, str]:
+        """Write ``backup``'s label files into ``destination`` (checked against the copy there).
+
+        :param destination: the rendered destination.
+        :param backup: the finish's XCom: backup_label, tablespace_map, system_identifier, stop_lsn.
+        """
+        if not backup.get("backup_label"):
+            raise AirflowFailException(
+                f"no backup_label from {self.finish_task_id}: the backup did not complete"
+            )
+        files = {"backup_label": backup["backup_label"], "tablespace_map": backup.get("tablespace_map")}
+        target = ObjectStoragePath(destination)
         local_copy = Path(target.path) if target.protocol in ("", "file") else None
         try:
             written = store_label(
@@ -307,14 +353,14 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 files,
                 local_copy=local_copy,
                 log=self.log,
-                system_identifier=same_map_index_xcom(context, self.finish_task_id, "system_identifier"),
-                stop_lsn=same_map_index_xcom(context, self.finish_task_id, "stop_lsn"),
+                system_identifier=backup.get("system_identifier"),
+                stop_lsn=backup.get("stop_lsn"),
             )
         except CopyMismatch as err:
-            raise AirflowException(str(err)) from err
+            raise AirflowFailException(str(err)) from err
         except OSError as err:
             raise AirflowException(
-                f"cannot write the backup label into destination {self.destination!r}: {err}"
+                f"cannot write the backup label into destination {destination!r}: {err}"
             ) from err
         self.log.info("stored %s", ", ".join(written.values()))
         return written
@@ -329,7 +375,8 @@ class PostgresVerifyBackupOperator(BaseOperator):
     Prove a stored backup restores: recover it on a temporary server from the WAL archive, then
     run amcheck and an optional data invariant (see :func:`pg_safe_backup.verify.verify_backup`).
 
-    Needs PostgreSQL server binaries of the backup's major version on the worker.
+    Needs PostgreSQL server binaries of the backup's major version on the worker. A failed check fails
+    the task without a retry (``AirflowFailException``): the same backup would fail it again.
 
     :param backup_dir: the copy with its backup_label (templated).
     :param wal_archive: the folder archive_command copies WAL into (templated).
@@ -353,8 +400,8 @@ class PostgresVerifyBackupOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.backup_dir = check_text(backup_dir, "backup_dir")
-        self.wal_archive = check_text(wal_archive, "wal_archive")
+        self.backup_dir = unless_rendered_later(check_text, backup_dir, "backup_dir")
+        self.wal_archive = unless_rendered_later(check_text, wal_archive, "wal_archive")
         self.invariant_sql = invariant_sql
         self.invariant_db = check_text(invariant_db, "invariant_db")
         self.to_end_of_archive = to_end_of_archive
@@ -363,17 +410,18 @@ class PostgresVerifyBackupOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from pg_safe_backup.verify import verify_backup
 
+        backup_dir = rendered(check_text, self.backup_dir, "backup_dir")
         result = verify_backup(
-            self.backup_dir,
-            self.wal_archive,
+            backup_dir,
+            rendered(check_text, self.wal_archive, "wal_archive"),
             invariant_sql=self.invariant_sql,
             invariant_db=self.invariant_db,
             recovery_target_immediate=not self.to_end_of_archive,
             timeout=self.restore_timeout,
         )
-        self.log.info("restore check of %s: %s", self.backup_dir, result.summary())
+        self.log.info("restore check of %s: %s", backup_dir, result.summary())
         if not result.ok:
-            raise AirflowException(f"restore check failed for {self.backup_dir}: {result.summary()}")
+            raise AirflowFailException(f"restore check failed for {backup_dir}: {result.summary()}")
         return {"ok": True, "summary": result.summary()}
 
 

@@ -8,12 +8,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator
-from airflow.sdk.exceptions import AirflowException
 
 from pg_safe_backup.params import check_text
 from pg_safe_backup.session import STARTED
 from pg_safe_backup.triggers.backup import PostgresBackupStartedTrigger
-from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable
+from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable, fail_on
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -33,7 +32,9 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
     gone, or the hold task ended without starting it (for instance refused because another backup
     is live); and after ``timeout`` seconds (gate_timeout), deferred or not. Pushes ``start_lsn``,
     ``label`` and ``attempt`` as XCom, so copy tasks can template them and the finish acts on that
-    attempt only.
+    attempt only. A backup that failed or did not start fails the gate without a retry
+    (``AirflowFailException``: the hold is never retried, so no other backup would come); a server
+    that cannot be reached is retried.
 
     :param holder_task_id: the ``PostgresStartBackupOperator`` of this backup.
     """
@@ -77,7 +78,7 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event["status"] != STARTED:
-            raise AirflowException(f"backup did not start: {event['message']}")
+            raise fail_on(event, f"backup did not start: {event['message']}")
         backup = event["backup"]
         for key in ("start_lsn", "label", "attempt"):
             context["ti"].xcom_push(key=key, value=backup[key])

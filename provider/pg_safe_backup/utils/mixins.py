@@ -8,10 +8,13 @@ the task group.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pg_safe_backup.params import check_number, check_text, validate_identifier
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from pg_safe_backup.params import check_number, check_text, unless_rendered_later, validate_identifier
 from pg_safe_backup.state import BackupRef
 
 if TYPE_CHECKING:
@@ -19,7 +22,10 @@ if TYPE_CHECKING:
 
     from pg_safe_backup.triggers.backup import PostgresBackupTriggerBase
 
-#: Fields rendered at run time, so that a mapped task group can map over connections.
+T = TypeVar("T")
+
+#: Fields rendered at run time (Jinja, params, XComArgs), so that a mapped task group can map over
+#: connections.
 CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
 
 
@@ -31,9 +37,25 @@ def default_deferrable() -> bool:
 
 
 def _text_or_template(value: Any, param: str) -> Any:
-    """A non-empty string, checked now; anything else (a mapped argument, an XComArg) is rendered
-    and checked at run time."""
-    return check_text(value, param) if isinstance(value, str) else value
+    """A non-empty string, checked now unless it renders at run time (then :func:`rendered` checks it)."""
+    return unless_rendered_later(check_text, value, param)
+
+
+def rendered(check: Callable[[Any, str], T], value: Any, param: str) -> T:
+    """``check(value, param)`` on a field as rendered for this run, in ``execute()``. A bad value fails
+    the task without a retry (a retry would render the same), with the check's message, which names
+    the parameter."""
+    try:
+        return check(value, param)
+    except ValueError as err:
+        raise AirflowFailException(f"invalid rendered parameter: {err}") from err
+
+
+def fail_on(event: dict[str, Any], message: str) -> AirflowException:
+    """The exception that ends a task on a failed wait: ``AirflowException`` (retried) when the event
+    says a retry could succeed (the server could not be reached or followed), else
+    ``AirflowFailException``: a backup failed or refused is not made good by running this task again."""
+    return AirflowException(message) if event.get("retryable") else AirflowFailException(message)
 
 
 class BackupTaskMixin:
@@ -44,7 +66,8 @@ class BackupTaskMixin:
         or a hot standby). Templated: a mapped task group can map over it.
     :param state_conn_id: connection of the server holding the backup table when it is not the one
         backed up (for a standby: its primary, since a standby is read-only). Default: the same.
-    :param database: database holding the backup table, instead of the connection's.
+        Templated.
+    :param database: database holding the backup table, instead of the connection's. Templated.
     :param table: backup state table (created on first use; the seed scripts' table is migrated).
     :param table_schema: schema of the backup state table.
     :param backup_key: tells apart several backups in one DAG run (one per cluster); the
@@ -83,10 +106,10 @@ class BackupTaskMixin:
     @property
     def hook_kwargs(self) -> dict[str, Any]:
         """The hook's arguments, from the rendered fields (checked again: they may come from a template)."""
-        check_text(self.postgres_conn_id, "postgres_conn_id")
+        rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
         for name in ("state_conn_id", "database"):
             if getattr(self, name) is not None:
-                check_text(getattr(self, name), name)
+                rendered(check_text, getattr(self, name), name)
         return {
             "postgres_conn_id": self.postgres_conn_id,
             "state_conn_id": self.state_conn_id,
