@@ -53,4 +53,4 @@ bench: prereqs venv
 	$(PY) -m bench.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) .demo dist build
+	rm -rf $(VENV) dist build
