@@ -34,7 +34,9 @@ DAG_FILE = textwrap.dedent("""
             return {"answer": 42, "marker": os.environ["STACK_SMOKE_MARKER"], "items": ["a", "b"]}
 
         # Pinned to the second worker's queue: only that worker may run it.
-        pinned = BashOperator(task_id="pinned", queue="pg-smoke", bash_command='echo "ran on $PGSB_AIRFLOW_COMPONENT"')
+        pinned = BashOperator(
+            task_id="pinned", queue="pg-smoke", bash_command='echo "ran on $PGSB_AIRFLOW_COMPONENT"'
+        )
 
         [wait, echo] >> result()
 """)
