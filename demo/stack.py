@@ -615,6 +615,13 @@ class AirflowStack:
             for ti in tis
         }
 
+    def task_queues(self, dag_id: str, run_id: str) -> dict[str, str]:
+        """task_id -> the queue its task instance was sent to (the Celery workers listening on it ran it)."""
+        tis = self._get_all(
+            f"/api/v2/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}/taskInstances", "task_instances"
+        )
+        return {ti["task_id"]: ti["queue"] for ti in tis}
+
     def wait_for_run(
         self,
         dag_id: str,

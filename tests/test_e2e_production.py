@@ -121,11 +121,6 @@ def no_backup_left_behind(env: dict) -> Iterator[None]:
     end_leftover_backups(env)
 
 
-def task_queues(stack: AirflowStack, dag_id: str, run_id: str) -> dict[str, str]:
-    tis = stack._get_all(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", "task_instances")
-    return {ti["task_id"]: ti["queue"] for ti in tis}
-
-
 def holding_triggerer(stack: AirflowStack, cluster: LocalCluster, backend_pid: int) -> str:
     """The stack component whose process holds the session of backend ``backend_pid`` (its client port)."""
     port = cluster.sql("SELECT client_port FROM pg_stat_activity WHERE pid = %s", [backend_pid])[0][0]
@@ -156,7 +151,7 @@ def test_backup_under_write_load_copies_on_the_db_host_worker_and_restores(env):
     assert_restores_with_every_commit(env, completed, TABLES)
 
     # The copies went through the database host's queue to its worker; everything else to the default one.
-    queues = task_queues(stack, "e2e_prod_backup", "under_load")
+    queues = stack.task_queues("e2e_prod_backup", "under_load")
     copies = {"backup.copy_data_directory", "backup.copy_tablespaces"}
     assert {t: q for t, q in queues.items() if t in copies} == dict.fromkeys(copies, QUEUE), queues
     assert {q for t, q in queues.items() if t not in copies} == {DEFAULT_QUEUE}, queues
