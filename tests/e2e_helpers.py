@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from demo.load import Writer, invariant_sql, wait_archived
 from demo.stack import FINAL_RUN_STATES, AirflowStack
-from pg_safe_backup.local_cluster import LocalCluster
+from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import verify_backup
 
 #: Task ids of tests/e2e_faults_dags' ``fault_dag`` (also used by tests/e2e_production_dags).
@@ -46,10 +50,79 @@ def failure_report(stack: AirflowStack, dag_id: str, run_id: str, tasks: dict[st
     return "\n".join(lines)
 
 
+def assert_run_ended(
+    stack: AirflowStack, dag_id: str, run_id: str, run_state: str, tasks: dict[str, str], timeout: float = 180
+) -> str:
+    """Wait for the run to end; assert its state and every task's. Returns the failure report."""
+    state = stack.wait_for_run(dag_id, run_id, timeout=timeout)
+    seen = stack.task_states(dag_id, run_id)
+    report = failure_report(stack, dag_id, run_id, seen)
+    assert state == run_state, report
+    assert seen == tasks, report
+    return report
+
+
 def holder_sessions(cluster: LocalCluster) -> int:
     return cluster.sql(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'"
     )[0][0]
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def archived_cluster(prefix: str, password: str) -> tuple[Path, LocalCluster, Path, Path]:
+    """A temp root the server's OS user can enter, and a running cluster under it whose WAL is archived
+    into ``root/wal_archive``, with ``root/backups`` for the copies.
+
+    :param prefix: the temp root's name prefix.
+    :param password: the password of the cluster's ``postgres`` role (scram on 127.0.0.1).
+    :return: (root, cluster, archive, backups).
+
+    log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(root, 0o755)
+    archive, backups = root / "wal_archive", root / "backups"
+    for d in (archive, backups):
+        d.mkdir()
+        give_to_server_user(d)
+    cluster = (
+        LocalCluster(root / "pg" / "data")
+        .init(
+            password=password,
+            settings={
+                "archive_mode": "on",
+                "archive_command": f"'cp %p {archive}/%f'",
+                "log_statement": "'all'",
+            },
+        )
+        .start()
+    )
+    return root, cluster, archive, backups
+
+
+def cluster_env(cluster: LocalCluster, password: str, archive: Path, backups: Path) -> dict[str, str]:
+    """The environment tests/e2e_dags' DAGs read: the ``pg_e2e`` connection, data directory, backup root,
+    WAL archive, and a DSN over the unix socket."""
+    return {
+        "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=password),
+        "E2E_PGDATA": str(cluster.datadir),
+        "E2E_BACKUP_ROOT": str(backups),
+        "E2E_WAL_ARCHIVE": str(archive),
+        "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
+    }
+
+
+def tear_down(stack: AirflowStack | None, cluster: LocalCluster, root: Path) -> None:
+    """Stop the stack and the cluster; remove ``root`` unless PGSB_KEEP_E2E is set (to look at the logs)."""
+    if stack:
+        stack.stop()
+    cluster.stop("immediate")
+    if os.environ.get("PGSB_KEEP_E2E"):
+        print(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- a backup under write load
@@ -198,13 +271,17 @@ def assert_failed_cleanly(env: dict, dag_id: str, run_id: str, reason: str) -> d
     return row
 
 
-def end_leftover_backups(env: dict) -> None:
-    """After a case, end what a failed case left running, so that it cannot fail the cases after it.
+@pytest.fixture(autouse=True)
+def no_backup_left_behind(env: dict) -> Iterator[None]:
+    """After each case, end what a failed case left running, so that it cannot fail the cases after it.
+
+    Autouse in the modules that import it (their ``env`` has ``cluster``, ``stack`` and ``runs``).
 
     A run still going is marked failed through the REST API (its holder's trigger is cancelled, marks the
     backup failed and closes its session); a holder session that survives that is terminated. A case that
     passed has nothing left to end: each one asserts that no holder session remains.
     """
+    yield
     stack, cluster = env["stack"], env["cluster"]
     for dag_id, run_id in env["runs"]:
         try:
@@ -254,17 +331,20 @@ def assert_concurrent_runs_refused(env: dict, dag_id: str, other_dag: str) -> No
             )
         assert time.monotonic() < deadline, f"the refused runs did not end: {refused}"
         time.sleep(0.5)
-    for (dag, run), state in refused.items():
-        tasks = stack.task_states(dag, run)
-        report = failure_report(stack, dag, run, tasks)
-        assert state == "failed", report
-        assert tasks == {
-            HOLD: "failed",
-            GATE: "failed",
-            COPY: "upstream_failed",
-            FINISH: "failed",
-            STORE: "upstream_failed",
-        }, report
+    for dag, run in refused:
+        report = assert_run_ended(
+            stack,
+            dag,
+            run,
+            "failed",
+            {
+                HOLD: "failed",
+                GATE: "failed",
+                COPY: "upstream_failed",
+                FINISH: "failed",
+                STORE: "upstream_failed",
+            },
+        )
         holder_failed_with(
             stack,
             dag,
@@ -300,17 +380,13 @@ def assert_lost_backup_failed_once(env: dict, dag_id: str, run_id: str, first_pi
     backend, ``offset``: the server log's size before the run): another triggerer job re-ran the trigger,
     which found its backup's session gone and failed the backup instead of starting a second one."""
     cluster, stack = env["cluster"], env["stack"]
-    state = stack.wait_for_run(dag_id, run_id, timeout=180)
-    tasks = stack.task_states(dag_id, run_id)
-    report = failure_report(stack, dag_id, run_id, tasks)
-    assert state == "failed", report
-    assert tasks == {
-        HOLD: "failed",
-        GATE: "success",
-        COPY: "success",
-        FINISH: "failed",
-        STORE: "upstream_failed",
-    }, report
+    report = assert_run_ended(
+        stack,
+        dag_id,
+        run_id,
+        "failed",
+        {HOLD: "failed", GATE: "success", COPY: "success", FINISH: "failed", STORE: "upstream_failed"},
+    )
 
     # The adopted (re-run) holder trigger found its own backup's session gone and failed it, while the copy
     # still ran; it did not start a second backup (a copy may already have begun under the first one).

@@ -16,7 +16,13 @@ from demo.stack import AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import verify_backup
 
-from e2e_helpers import assert_restores_with_every_commit, backup_under_write_load, holder_sessions, run_dag
+from e2e_helpers import (
+    assert_restores_with_every_commit,
+    backup_under_write_load,
+    cluster_env,
+    holder_sessions,
+    run_dag,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,11 +54,7 @@ def env() -> Iterator[dict]:
             root / "airflow",
             DAGS,
             extra_env={
-                "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
-                "E2E_PGDATA": str(cluster.datadir),
-                "E2E_BACKUP_ROOT": str(backups),
-                "E2E_WAL_ARCHIVE": str(archive),
-                "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
+                **cluster_env(cluster, PASSWORD, archive, backups),
             },
         )
         stack.start(expect_dag_ids=["e2e_backup", "e2e_copy_fails"])

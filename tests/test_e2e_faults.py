@@ -1,4 +1,4 @@
-"""End to end, under faults: a real Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor)
+"""End to end, under faults: a real Airflow (demo/stack.py: PostgreSQL metadata DB, CeleryExecutor)
 and a
 real cluster, one of each for the whole module. Each fault must end with a clear error naming its cause, the
 ``backup`` table saying why, no session left in backup mode, no backup_label stored, and the next backup able
@@ -7,9 +7,6 @@ to run (the module's last backup is a normal one, restore-checked in its DAG).""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from demo.stack import AirflowStack
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 
 # Shared helpers of the end-to-end suite. pytest's default "prepend" import mode puts tests/ (no __init__.py)
 # on sys.path, which is also how tests/test_e2e.py itself is imported (as the module ``test_e2e``).
@@ -27,19 +23,22 @@ from e2e_helpers import (
     GATE,
     HOLD,
     STORE,
+    archived_cluster,
     assert_concurrent_runs_refused,
     assert_failed_cleanly,
     assert_lost_backup_failed_once,
     backup_row,
     backup_running,
-    end_leftover_backups,
+    cluster_env,
     failure_report,
     holder_failed_with,
     holder_sessions,
     log_offset,
     log_since,
+    no_backup_left_behind,  # noqa: F401 - an autouse fixture
     run_dag,
     task_log,
+    tear_down,
     trigger,
     wait_for_tasks,
 )
@@ -60,38 +59,16 @@ DAG_IDS = [
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    root = Path(tempfile.mkdtemp(prefix="pgsb-e2e-faults-"))
-    os.chmod(root, 0o755)
-    archive, backups = root / "wal_archive", root / "backups"
-    for d in (archive, backups):
-        d.mkdir()
-        give_to_server_user(d)
+    root, cluster, archive, backups = archived_cluster("pgsb-e2e-faults-", PASSWORD)
     afile = root / "afile"
     afile.write_text("a regular file: nothing can be created under it\n")
-    # log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
-    cluster = (
-        LocalCluster(root / "pg" / "data")
-        .init(
-            password=PASSWORD,
-            settings={
-                "archive_mode": "on",
-                "archive_command": f"'cp %p {archive}/%f'",
-                "log_statement": "'all'",
-            },
-        )
-        .start()
-    )
     stack = None
     try:
         stack = AirflowStack(
             root / "airflow",
             DAGS,
             extra_env={
-                "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
-                "E2E_PGDATA": str(cluster.datadir),
-                "E2E_BACKUP_ROOT": str(backups),
-                "E2E_WAL_ARCHIVE": str(archive),
-                "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
+                **cluster_env(cluster, PASSWORD, archive, backups),
                 "E2E_UNWRITABLE_DESTINATION": str(afile / "sub"),
                 # Gates and finishes wait in worker slots (not deferrable by default): the concurrency case
                 # has
@@ -115,20 +92,7 @@ def env() -> Iterator[dict]:
             "runs": [],
         }
     finally:
-        if stack:
-            stack.stop()
-        cluster.stop("immediate")
-        if os.environ.get("PGSB_KEEP_E2E"):  # keep the stack's files and logs to look at
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def no_backup_left_behind(env: dict) -> Iterator[None]:
-    """After each case, end what a failed case left running (see e2e_helpers.end_leftover_backups)."""
-    yield
-    end_leftover_backups(env)
+        tear_down(stack, cluster, root)
 
 
 # --------------------------------------------------------------------------------------------------- cases

@@ -5,10 +5,7 @@ restored and its data checked."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,19 +14,22 @@ import psutil
 import pytest
 
 from demo.stack import COMPONENT_VAR, DEFAULT_QUEUE, AirflowStack
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster
 
 from e2e_helpers import (
     HOLD,
+    archived_cluster,
     assert_concurrent_runs_refused,
     assert_lost_backup_failed_once,
     assert_restores_with_every_commit,
     backup_row,
     backup_running,
     backup_under_write_load,
-    end_leftover_backups,
+    cluster_env,
     holder_sessions,
     log_offset,
+    no_backup_left_behind,  # noqa: F401 - an autouse fixture
+    tear_down,
     trigger,
     wait_for_tasks,
 )
@@ -49,25 +49,7 @@ TRIGGERERS = ("triggerer", "triggerer-2")
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    root = Path(tempfile.mkdtemp(prefix="pgsb-e2e-prod-"))
-    os.chmod(root, 0o755)
-    archive, backups = root / "wal_archive", root / "backups"
-    for d in (archive, backups):
-        d.mkdir()
-        give_to_server_user(d)
-    # log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
-    cluster = (
-        LocalCluster(root / "pg" / "data")
-        .init(
-            password=PASSWORD,
-            settings={
-                "archive_mode": "on",
-                "archive_command": f"'cp %p {archive}/%f'",
-                "log_statement": "'all'",
-            },
-        )
-        .start()
-    )
+    root, cluster, archive, backups = archived_cluster("pgsb-e2e-prod-", PASSWORD)
     stack = None
     try:
         for table in TABLES + TABLES_AFTER:
@@ -76,11 +58,7 @@ def env() -> Iterator[dict]:
             root / "airflow",
             DAGS,
             extra_env={
-                "AIRFLOW_CONN_PG_E2E": cluster.airflow_conn_uri(password=PASSWORD),
-                "E2E_PGDATA": str(cluster.datadir),
-                "E2E_BACKUP_ROOT": str(backups),
-                "E2E_WAL_ARCHIVE": str(archive),
-                "E2E_PG_DSN": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres",
+                **cluster_env(cluster, PASSWORD, archive, backups),
                 "E2E_COPY_QUEUE": QUEUE,
                 # Gates and finishes wait in worker slots: the concurrency case has five tasks at once.
                 "AIRFLOW__CORE__PARALLELISM": "8",
@@ -105,20 +83,7 @@ def env() -> Iterator[dict]:
             "runs": [],
         }
     finally:
-        if stack:
-            stack.stop()
-        cluster.stop("immediate")
-        if os.environ.get("PGSB_KEEP_E2E"):  # keep the stack's files and logs to look at
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def no_backup_left_behind(env: dict) -> Iterator[None]:
-    """After each case, end what a failed case left running (see e2e_helpers.end_leftover_backups)."""
-    yield
-    end_leftover_backups(env)
+        tear_down(stack, cluster, root)
 
 
 def holding_triggerer(stack: AirflowStack, cluster: LocalCluster, backend_pid: int) -> str:
