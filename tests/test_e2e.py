@@ -1,5 +1,5 @@
-"""End to end: a real Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) backs up
-a real cluster under write load, and every backup is restored and checked."""
+"""End to end: a real Airflow (demo/stack.py: PostgreSQL metadata DB, CeleryExecutor with a Redis broker)
+backs up a real cluster under write load, and every backup is restored and checked."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""End to end, under faults: a real Airflow (demo/stack.py: PostgreSQL metadata DB, CeleryExecutor)
-and a
+"""End to end, under faults: a real Airflow (demo/stack.py: PostgreSQL metadata DB, CeleryExecutor) and a
 real cluster, one of each for the whole module. Each fault must end with a clear error naming its cause, the
 ``backup`` table saying why, no session left in backup mode, no backup_label stored, and the next backup able
 to run (the module's last backup is a normal one, restore-checked in its DAG)."""
