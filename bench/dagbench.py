@@ -2,11 +2,11 @@
 
 A cluster is filled with ``pgbench -i -s SCALE`` (WAL level minimal while loading, so the load
 writes no WAL to archive; then WAL archiving is switched on). A real Airflow (demo/stack.py:
-api-server, scheduler, dag-processor, triggerer; LocalExecutor) runs ``bench/dags/pg_backup_bench.py``
-(the example DAG with ``cp -a`` as the copy). Timed alternately in the same run: ``cp -a DATA
-COPY`` on its own, and the DAG from trigger to success, which copies the same directory to the
-same disk with the same command. Each copy is deleted (the disk synced, then SETTLE_S seconds of
-rest) before the next.
+api-server, scheduler, dag-processor, triggerer; LocalExecutor, metadata in PostgreSQL) runs
+``bench/dags/pg_backup_bench.py`` (the example DAG with ``cp -a`` as the copy). Timed alternately in
+the same run: ``cp -a DATA COPY`` on its own, and the DAG from trigger to success, which copies the
+same directory to the same disk with the same command. Each copy is deleted (the disk synced, then
+SETTLE_S seconds of rest) before the next.
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ def run(work: Path, scale: int, runs: int, profile: bool = False) -> dict[str, A
                 "BENCH_PGDATA": str(cluster.datadir),
                 "BENCH_BACKUP_ROOT": str(copies),
             },
+            # Task processes are the scheduler's children, which the profile below samples with it.
+            executor="LocalExecutor",
         )
         stack.start(timeout=300, expect_dag_ids=[DAG_ID])
 

@@ -1,8 +1,10 @@
 """`make demo`: back up a local demo cluster through a real Airflow, then prove the backup restores.
 
-Steps: a demo PostgreSQL cluster with WAL archiving and a small write load; Airflow's api-server,
-scheduler, dag-processor and triggerer (LocalExecutor, SQLite, loopback only); the example DAG
-``pg_backup_example`` triggered and followed; the restore check on the stored backup.
+Steps: a demo PostgreSQL cluster with WAL archiving and a small write load; Airflow as production runs
+it (loopback only): api-server, scheduler, dag-processor, two triggerers, CeleryExecutor with a Redis
+broker, a default worker and a worker on the database host's queue, metadata in PostgreSQL; the example
+DAG ``pg_backup_example`` triggered and followed, its copy pinned to that queue; the restore check on the
+stored backup.
 
 Point it at a real cluster instead with DEMO_PG_URI (an Airflow connection URI), DEMO_PGDATA (its
 data directory, readable here) and DEMO_WAL_ARCHIVE (where its archive_command copies WAL).
@@ -21,13 +23,14 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from demo.load import Writer, invariant_sql, wait_archived
-from demo.stack import AirflowStack
+from demo.stack import DEFAULT_QUEUE, AirflowStack
 from pg_safe_backup.local_cluster import (
     LocalCluster,
     find_bindir,
@@ -39,6 +42,8 @@ from pg_safe_backup.verify import verify_backup
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "pg_backup_example"
 PASSWORD = "demo-password"
+#: The queue of the worker that sees the data directory, named for the database host (here: this machine).
+COPY_QUEUE = f"pg-{socket.gethostname()}"
 
 
 def say(text: str) -> None:
@@ -153,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
         backups = work / "backups"
         backups.mkdir()
-        say("starting Airflow: api-server, scheduler, dag-processor, triggerer (LocalExecutor, SQLite)")
+        say(
+            "starting Airflow: api-server, scheduler, dag-processor, 2 triggerers, CeleryExecutor (Redis)"
+            f" with workers on queues {DEFAULT_QUEUE!r} and {COPY_QUEUE!r}, metadata in PostgreSQL"
+        )
         stack = AirflowStack(
             work / "airflow",
             ROOT / "example_dags",
@@ -162,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                 "PGDATA_SOURCE": str(pgdata),
                 "BACKUP_ROOT": str(backups),
                 "PG_BACKUP_FAST_CHECKPOINT": "1",
+                "PG_BACKUP_COPY_QUEUE": COPY_QUEUE,
             },
+            triggerers=2,
+            workers={DEFAULT_QUEUE: [DEFAULT_QUEUE], COPY_QUEUE: [COPY_QUEUE]},
         )
         stack.start()
         run_id = stack.trigger(DAG_ID)
@@ -174,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         state = stack.wait_for_run(DAG_ID, run_id, timeout=600, on_progress=progress)
         committed = writer.stop() if writer else 0
         say(f"DAG run ended: {state}")
+        say(f"queues: {stack.task_queues(DAG_ID, run_id)}")
         if state != "success":
             for task in stack.task_states(DAG_ID, run_id):
                 print(stack.task_log(DAG_ID, run_id, task)[-3000:])

@@ -1,11 +1,18 @@
-"""A real local Airflow (api-server, scheduler, dag-processor, triggerer) for end-to-end tests and the demo.
+"""A real local Airflow for end-to-end tests and the demo, shaped as production runs it.
 
-LocalExecutor on a SQLite metadata DB under ``home``; every component is its own process (and process
-group) and logs to ``home/logs/<component>.log``. Everything listens on / talks to 127.0.0.1 only.
+The metadata DB is a throwaway PostgreSQL cluster (:class:`~pg_safe_backup.local_cluster.LocalCluster`,
+reached over 127.0.0.1 with ``postgresql+psycopg2``); the executor is CeleryExecutor with a real Redis broker
+(Debian's ``redis-server`` on 127.0.0.1, nothing persisted) and the metadata DB as result backend, or
+LocalExecutor. Components: api-server, scheduler, dag-processor, ``triggerers`` triggerers and one Celery
+worker per entry of ``workers`` (name -> the queues it listens on). Every component is its own process (and
+process group) and logs to ``home/logs/<component>.log``. Everything listens on / talks to 127.0.0.1 only.
 
     with AirflowStack(tmp / "airflow", dags_folder, extra_env={"AIRFLOW_CONN_PG": uri}) as stack:
         run_id = stack.trigger("my_dag")
         assert stack.wait_for_run("my_dag", run_id) == "success"
+
+    # production shape: two triggerers, the copy pinned to the worker of the database host's queue
+    AirflowStack(home, dags, triggerers=2, workers={"default": ["default"], "pg-db1": ["pg-db1"]})
 
 Reads and writes go through the public REST API (simple auth manager, a generated admin password);
 task logs are read from the files under ``home/logs``. Nothing here imports Airflow: the caller's process
@@ -19,10 +26,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -34,25 +43,28 @@ from typing import Any
 
 import psutil
 
-COMPONENTS: dict[str, list[str]] = {
+from pg_safe_backup.local_cluster import LocalCluster
+
+#: The Airflow CLI command of each kind of component. Task logs are read from the files; serve-logs would
+#: listen on all interfaces (8793/8794).
+COMMANDS: dict[str, list[str]] = {
     "api-server": ["api-server"],  # host/port/workers come from the AIRFLOW__API__* environment
-    # Task logs are read from the files; serve-logs would listen on all interfaces (8793/8794).
     "scheduler": ["scheduler", "--skip-serve-logs"],
     "dag-processor": ["dag-processor"],
     "triggerer": ["triggerer", "--skip-serve-logs"],
+    "worker": ["celery", "worker", "--skip-serve-logs", "--without-mingle", "--without-gossip"],
 }
 #: Environment variable set in every process of a stack (inherited by executors, task and bash processes),
 #: so that :meth:`AirflowStack.stop` finds processes that left the components' process groups.
 STACK_ID_VAR = "PGSB_AIRFLOW_STACK_ID"
+#: Environment variable naming the component a process belongs to (``worker-pg-db1``, ``triggerer-2``...):
+#: a task can tell which worker ran it.
+COMPONENT_VAR = "PGSB_AIRFLOW_COMPONENT"
 FINAL_RUN_STATES = frozenset({"success", "failed"})
-# SQLite busy timeout of every Airflow process (Python's default, 5 s, is short for four components and
-# LocalExecutor workers writing one file on a busy 2-core machine), and retries of an API call that still
-# hit a database error.
-SQLITE_BUSY_TIMEOUT_S = 60
-API_DB_ERROR_RETRIES = 3
-#: Seconds a REST call may take: longer than the SQLite busy timeout, so that a request the api-server
-#: holds while it waits for the database lock is answered (or fails with its database error), not cut off.
-API_TIMEOUT_S = SQLITE_BUSY_TIMEOUT_S + 30
+#: Seconds a REST call may take before it is given up.
+API_TIMEOUT_S = 60
+#: The queue of tasks that name none (Airflow's [operators] default_queue), and the default worker's.
+DEFAULT_QUEUE = "default"
 _USER = "admin"
 
 
@@ -110,25 +122,77 @@ def _render_log_line(line: str) -> str:
 
 
 class AirflowStack:
-    """Starts, drives and stops a local Airflow 3 (LocalExecutor, SQLite) rooted at ``home``."""
+    """Starts, drives and stops a local Airflow 3 rooted at ``home`` (metadata in a throwaway PostgreSQL).
 
-    def __init__(self, home: Path, dags_folder: Path, extra_env: dict[str, str] | None = None) -> None:
+    :param home: AIRFLOW_HOME (logs under ``home/logs``).
+    :param dags_folder: the DAGs folder.
+    :param extra_env: environment of every component (added last: it may override Airflow settings).
+    :param executor: ``CeleryExecutor`` (Redis broker, one Celery worker per entry of ``workers``) or
+        ``LocalExecutor``.
+    :param triggerers: how many triggerers run (named ``triggerer``, ``triggerer-2``, ...).
+    :param workers: Celery worker name -> the queues it listens on (component ``worker-<name>``); the
+        default is one worker on the default queue. Ignored with LocalExecutor.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        dags_folder: Path,
+        extra_env: dict[str, str] | None = None,
+        executor: str = "CeleryExecutor",
+        triggerers: int = 1,
+        workers: dict[str, list[str]] | None = None,
+    ) -> None:
+        if executor not in ("CeleryExecutor", "LocalExecutor"):
+            raise ValueError(f"executor must be CeleryExecutor or LocalExecutor, not {executor!r}")
+        if triggerers < 1:
+            raise ValueError(f"triggerers must be at least 1, not {triggerers}")
         self.home = Path(home).resolve()
         self.dags_folder = Path(dags_folder).resolve()
         self.extra_env = dict(extra_env or {})
+        self.executor = executor
         self.logs_dir = self.home / "logs"
-        self.db_path = self.home / "airflow.db"
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}"
         self.stack_id = secrets.token_hex(8)
         self._password = secrets.token_urlsafe(16)
+        self._db_password = secrets.token_hex(16)
         self._token: str | None = None
+        # Component name -> its command line after ``python -m airflow`` (redis-server: the whole line).
+        self.components: dict[str, list[str]] = {
+            name: COMMANDS[name] for name in ("api-server", "scheduler", "dag-processor")
+        }
+        for i in range(1, triggerers + 1):
+            self.components["triggerer" if i == 1 else f"triggerer-{i}"] = COMMANDS["triggerer"]
+        self.redis_port: int | None = None
+        if executor == "CeleryExecutor":
+            self.redis_port = _free_port()
+            for name, queues in (workers or {DEFAULT_QUEUE: [DEFAULT_QUEUE]}).items():
+                if not queues:
+                    raise ValueError(f"worker {name!r} listens on no queue")
+                self.components[f"worker-{name}"] = [
+                    *COMMANDS["worker"],
+                    "--queues",
+                    ",".join(queues),
+                    "--celery-hostname",
+                    f"{name}@%h",
+                ]
+        # The metadata DB's cluster lives in a folder of its own that the server's OS user can enter,
+        # wherever ``home`` is (a pytest tmp_path is private to root).
+        self._db_root: Path | None = None
+        self.metadata_db: LocalCluster | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._started = False
         # Loopback only, whatever proxy the caller's environment configures.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     # ----------------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def sql_alchemy_conn(self) -> str:
+        """The metadata DB's SQLAlchemy URL (psycopg2, 127.0.0.1); valid once :meth:`start` created it."""
+        port = self.metadata_db.port if self.metadata_db else 0
+        return f"postgresql+psycopg2://postgres:{self._db_password}@127.0.0.1:{port}/airflow"
 
     @property
     def env(self) -> dict[str, str]:
@@ -142,16 +206,12 @@ class AirflowStack:
             {
                 "AIRFLOW_HOME": str(self.home),
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
-                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}?timeout={SQLITE_BUSY_TIMEOUT_S}",
+                "AIRFLOW__CORE__EXECUTOR": self.executor,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.sql_alchemy_conn,
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__PARALLELISM": "4",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "3",
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
-                # Tasks' and triggers' calls to the execution API (default 5 s) also wait on the SQLite lock:
-                # cut
-                # off and retried, a state change already made comes back 409 and fails a healthy task.
-                "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(API_TIMEOUT_S),
                 "AIRFLOW__API_AUTH__JWT_SECRET": f"jwt-{self.stack_id}-{self._password}",
                 "AIRFLOW__API__SECRET_KEY": f"api-{self.stack_id}-{self._password}",
                 "AIRFLOW__API__HOST": "127.0.0.1",
@@ -162,23 +222,33 @@ class AirflowStack:
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
                 # The default (getfqdn) may ask a DNS server; the hostname is all a single machine needs.
                 "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",
+                "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
                 "NO_PROXY": "127.0.0.1,localhost",
                 "no_proxy": "127.0.0.1,localhost",
                 "PYTHONUNBUFFERED": "1",
                 STACK_ID_VAR: self.stack_id,
             }
         )
+        if self.redis_port:
+            env.update(
+                {
+                    "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+                    "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.sql_alchemy_conn,
+                }
+            )
         env.update(self.extra_env)
+        if self.redis_port and "AIRFLOW__CELERY__WORKER_CONCURRENCY" not in env:
+            # Each worker can run as many tasks at once as the whole stack may.
+            env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] = env["AIRFLOW__CORE__PARALLELISM"]
         return env
 
-    def start(self, timeout: float = 120, expect_dag_ids: Iterable[str] = ()) -> AirflowStack:
-        """Migrate the DB, start the four components and wait until the API answers and the DAGs are parsed.
+    def start(self, timeout: float = 180, expect_dag_ids: Iterable[str] = ()) -> AirflowStack:
+        """Create the metadata DB, start the broker and every component, wait until all are ready.
 
-        Waits for every ``*.py`` file of the DAGs folder that Airflow would parse (it mentions both
-        'airflow' and 'dag') to yield a DAG or an import error, and for ``expect_dag_ids``. Raises
-        :class:`DagImportError` or :class:`AirflowStackError` (with the component logs) otherwise; nothing is
-        left
-        running when it raises.
+        Waits for the API, every triggerer and Celery worker, and every ``*.py`` file of the DAGs folder
+        that Airflow would parse (it mentions both 'airflow' and 'dag') to yield a DAG or an import error,
+        and for ``expect_dag_ids``. Raises :class:`DagImportError` or :class:`AirflowStackError` (with the
+        component logs) otherwise; nothing is left running when it raises.
         """
         if self._started:
             return self
@@ -188,14 +258,60 @@ class AirflowStack:
             deadline = time.monotonic() + timeout
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             (self.home / "passwords.json").write_text(json.dumps({_USER: self._password}) + "\n")
+            self._start_metadata_db()
+            if self.redis_port:
+                self._spawn_redis()
             self._migrate(timeout)
-            for name in COMPONENTS:
-                self._spawn(name)
+            for name in self.components:
+                if name not in self._procs:  # redis already runs
+                    self._spawn(name)
             self._wait_ready(deadline, set(expect_dag_ids))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_metadata_db(self) -> None:
+        self._db_root = Path(tempfile.mkdtemp(prefix="pgsb-airflow-db-"))
+        os.chmod(self._db_root, 0o755)
+        # max_connections: every component's pool, the Celery result backend, and the tests' own queries.
+        self.metadata_db = (
+            LocalCluster(self._db_root / "data")
+            .init(password=self._db_password, settings={"max_connections": 200})
+            .start()
+        )
+        self.metadata_db.sql("CREATE DATABASE airflow")
+
+    def _spawn_redis(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            raise AirflowStackError("redis-server is not installed: run `make prereqs` (Debian redis-server)")
+        assert self._db_root is not None
+        redis_dir = self._db_root / "redis"
+        redis_dir.mkdir()
+        # Loopback only, nothing persisted (no RDB snapshots, no AOF), in the foreground.
+        self.components["redis"] = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(redis_dir),
+            "--daemonize",
+            "no",
+        ]
+        self._spawn("redis")
+
+    def metadata_sql(self, query: str, params: Any = None) -> list[tuple]:
+        """Rows of one query on the metadata DB (for checks the REST API does not offer)."""
+        if self.metadata_db is None:
+            raise AirflowStackError("the stack is not started: it has no metadata DB")
+        return self.metadata_db.sql(query, params, dbname="airflow")
 
     def _migrate(self, timeout: float) -> None:
         log = self.logs_dir / "db-migrate.log"
@@ -213,10 +329,13 @@ class AirflowStack:
             raise AirflowStackError(f"airflow db migrate failed ({rc}):\n{self._tail(log, 60)}")
 
     def _spawn(self, name: str) -> None:
+        command = self.components[name]
+        if name != "redis":
+            command = [sys.executable, "-m", "airflow", *command]
         with (self.logs_dir / f"{name}.log").open("ab") as out:
             self._procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *COMPONENTS[name]],
-                env=self.env,
+                command,
+                env={**self.env, COMPONENT_VAR: name},
                 cwd=self.home,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -255,6 +374,17 @@ class AirflowStack:
         ]
         if unhealthy:
             return f"healthy components: {unhealthy}"
+        triggerers = [n for n in self.components if n.startswith("triggerer")]
+        running = self.metadata_sql(
+            "SELECT count(*) FROM job WHERE job_type = 'TriggererJob' AND state = 'running'"
+        )[0][0]
+        if running < len(triggerers):
+            return f"triggerers: {running} of {len(triggerers)} running"
+        # Celery logs "<node name> ready." once the worker consumes its queues.
+        workers = [n for n in self.components if n.startswith("worker-")]
+        not_ready = [n for n in workers if " ready." not in self._tail(self.logs_dir / f"{n}.log", 10**6)]
+        if not_ready:
+            return f"Celery workers {not_ready}"
         errors = self._get_all("/api/v2/importErrors", "import_errors")
         if errors:
             text = "\n".join(f"--- {e['filename']}\n{e['stack_trace']}" for e in errors)
@@ -336,11 +466,10 @@ class AirflowStack:
                         raise AirflowStackError(f"api-server did not come back\n{self.dump_logs()}") from None
                     time.sleep(0.5)
 
-    @staticmethod
-    def _name(name: str) -> str:
+    def _name(self, name: str) -> str:
         name = name.replace("_", "-")
-        if name not in COMPONENTS:
-            raise ValueError(f"unknown component {name!r}, one of {list(COMPONENTS)}")
+        if name not in self.components:
+            raise ValueError(f"unknown component {name!r}, one of {list(self.components)}")
         return name
 
     def _terminate_groups(self, procs: list[subprocess.Popen[bytes]], grace: float = 10) -> None:
@@ -370,8 +499,6 @@ class AirflowStack:
     def stop(self) -> None:
         """Stop every component (SIGTERM to the groups, SIGKILL after ~10 s) and kill any leftover process."""
         atexit.unregister(self.stop)
-        if not self._procs:
-            return
         leftovers = self.processes()  # before the leaders die: task processes sit in groups of their own
         self._terminate_groups(list(self._procs.values()))
         for _ in range(3):
@@ -386,6 +513,13 @@ class AirflowStack:
             psutil.wait_procs(leftovers, timeout=10)
         self._token = None
         self._started = False
+        self._procs = {}
+        if self.metadata_db is not None:
+            self.metadata_db.stop("immediate")
+            self.metadata_db = None
+        if self._db_root is not None:
+            shutil.rmtree(self._db_root, ignore_errors=True)
+            self._db_root = None
 
     def __enter__(self) -> AirflowStack:
         return self.start()
@@ -398,37 +532,28 @@ class AirflowStack:
     # ---------------------------------------------------------------------------------------- REST API
 
     def _api(self, method: str, path: str, body: Any = None, auth: bool = True, _retry: bool = True) -> Any:
-        """One JSON request to the api-server; raises ApiError on HTTP errors, OSError if unreachable.
-
-        A "Database error" (HTTP 500: the api-server's transaction failed and was rolled back, e.g. SQLite
-        still locked by another component after its busy timeout) is retried a few times before it is raised,
-        with the api-server's own log of the error in the message.
-        """
+        """One JSON request to the api-server; raises ApiError on HTTP errors (an HTTP 500 with the
+        api-server's own log of the error), OSError if unreachable."""
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        for attempt in range(API_DB_ERROR_RETRIES + 1):
-            if auth:
-                headers["Authorization"] = f"Bearer {self._get_token()}"
-            req = urllib.request.Request(self.api_url + path, data=data, headers=headers, method=method)
-            try:
-                with self._opener.open(req, timeout=API_TIMEOUT_S) as resp:
-                    raw = resp.read()
-                return json.loads(raw) if raw else None
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode(errors="replace")
-                if exc.code == 401 and auth and _retry:
-                    self._token = None
-                    return self._api(method, path, body, auth, _retry=False)
-                if exc.code == 500 and '"Database error"' in detail and attempt < API_DB_ERROR_RETRIES:
-                    time.sleep(2**attempt)
-                    continue
-                raise ApiError(
-                    f"{method} {path}: HTTP {exc.code} {detail}{self._server_error(detail)}", exc.code
-                ) from None
-        raise AssertionError("unreachable")
+        if auth:
+            headers["Authorization"] = f"Bearer {self._get_token()}"
+        req = urllib.request.Request(self.api_url + path, data=data, headers=headers, method=method)
+        try:
+            with self._opener.open(req, timeout=API_TIMEOUT_S) as resp:
+                raw = resp.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            if exc.code == 401 and auth and _retry:
+                self._token = None
+                return self._api(method, path, body, auth, _retry=False)
+            raise ApiError(
+                f"{method} {path}: HTTP {exc.code} {detail}{self._server_error(detail)}", exc.code
+            ) from None
 
     def _server_error(self, detail: str) -> str:
         """The api-server log's lines about the error id an HTTP 500 answer names ("look for ID ..."), if
@@ -489,6 +614,13 @@ class AirflowStack:
             )
             for ti in tis
         }
+
+    def task_queues(self, dag_id: str, run_id: str) -> dict[str, str]:
+        """task_id -> the queue its task instance was sent to (the Celery workers listening on it ran it)."""
+        tis = self._get_all(
+            f"/api/v2/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}/taskInstances", "task_instances"
+        )
+        return {ti["task_id"]: ti["queue"] for ti in tis}
 
     def wait_for_run(
         self,
@@ -569,7 +701,7 @@ class AirflowStack:
 
     def dump_logs(self, lines: int = 40) -> str:
         """The last ``lines`` lines of each component log, for failure messages."""
-        logs = [self.logs_dir / f"{name}.log" for name in ("db-migrate", *COMPONENTS)]
+        logs = [self.logs_dir / f"{name}.log" for name in ("db-migrate", *self.components)]
         return "\n".join(
             f"===== {log.name} (last {lines} lines) =====\n{self._tail(log, lines)}"
             for log in logs

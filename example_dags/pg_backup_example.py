@@ -1,7 +1,9 @@
 """Nightly online backup of one PostgreSQL cluster: rsync the data directory, store backup_label.
 
 Set PGDATA_SOURCE (the cluster's data directory, readable by the worker) and BACKUP_ROOT, and
-create the Airflow connection ``pg_main`` (type postgres) for the cluster.
+create the Airflow connection ``pg_main`` (type postgres) for the cluster. With CeleryExecutor, set
+PG_BACKUP_COPY_QUEUE to the queue of the worker that sees the data directory (``airflow celery worker
+--queues pg-db1`` on the database host): the copy is pinned to it with ``queue=``.
 """
 
 from __future__ import annotations
@@ -64,5 +66,9 @@ with DAG(
         fast_checkpoint=os.environ.get("PG_BACKUP_FAST_CHECKPOINT", "") == "1",
         poll_interval=2.0,
     ) as backup:
-        BashOperator(task_id="copy_data_directory", bash_command=COPY)
+        BashOperator(
+            task_id="copy_data_directory",
+            bash_command=COPY,
+            queue=os.environ.get("PG_BACKUP_COPY_QUEUE", "default"),
+        )
     PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=DESTINATION)

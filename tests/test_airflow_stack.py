@@ -1,4 +1,5 @@
-"""demo.stack.AirflowStack drives a real Airflow: deferral through the triggerer, env, XCom, logs, clean
+"""demo.stack.AirflowStack drives a real Airflow (PostgreSQL metadata DB, Celery + Redis, two triggerers, a
+worker per queue): deferral through the triggerer, a task pinned to a queue, env, XCom, logs, clean
 stop."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from demo.stack import SQLITE_BUSY_TIMEOUT_S, STACK_ID_VAR, AirflowStack
+from demo.stack import STACK_ID_VAR, AirflowStack
 
 DAG_ID = "stack_smoke"
 DAG_FILE = textwrap.dedent("""
@@ -31,6 +32,11 @@ DAG_FILE = textwrap.dedent("""
         @task
         def result():
             return {"answer": 42, "marker": os.environ["STACK_SMOKE_MARKER"], "items": ["a", "b"]}
+
+        # Pinned to the second worker's queue: only that worker may run it.
+        pinned = BashOperator(
+            task_id="pinned", queue="pg-smoke", bash_command='echo "ran on $PGSB_AIRFLOW_COMPONENT"'
+        )
 
         [wait, echo] >> result()
 """)
@@ -69,13 +75,19 @@ def _survivors(seen: dict[int, float]) -> list[str]:
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
     dags = tmp_path / "dags"
     dags.mkdir()
     (dags / "stack_smoke.py").write_text(DAG_FILE)
     marker = f"env-reached-the-task-{time.time_ns()}"
-    stack = AirflowStack(tmp_path / "airflow", dags, extra_env={"STACK_SMOKE_MARKER": marker})
+    stack = AirflowStack(
+        tmp_path / "airflow",
+        dags,
+        extra_env={"STACK_SMOKE_MARKER": marker},
+        triggerers=2,
+        workers={"default": ["default"], "pg-smoke": ["pg-smoke"]},
+    )
 
     seen_states: dict[str, set[str]] = {}
     seen_pids: dict[int, float] = {}
@@ -87,11 +99,21 @@ def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
 
     with stack:
         seen_pids.update(_stack_pids(stack))
-        assert set(stack.pids()) == {"api-server", "scheduler", "dag-processor", "triggerer"}
+        assert set(stack.pids()) == {
+            "api-server",
+            "scheduler",
+            "dag-processor",
+            "triggerer",
+            "triggerer-2",
+            "worker-default",
+            "worker-pg-smoke",
+            "redis",
+        }
+        db_root = stack.metadata_db.datadir.parent
         run_id = stack.trigger(DAG_ID, conf={"k": "v"})
         state = stack.wait_for_run(DAG_ID, run_id, timeout=120, on_progress=progress, poll_interval=0.5)
         seen_pids.update(_stack_pids(stack))
-        logs = {t: stack.task_log(DAG_ID, run_id, t) for t in ("wait", "echo", "result")}
+        logs = {t: stack.task_log(DAG_ID, run_id, t) for t in ("wait", "echo", "result", "pinned")}
         assert state == "success", (
             f"run ended {state}: {stack.task_states(DAG_ID, run_id)}\n{logs}\n{stack.dump_logs()}"
         )
@@ -99,6 +121,7 @@ def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
             "wait": "success",
             "echo": "success",
             "result": "success",
+            "pinned": "success",
         }
         assert "deferred" in seen_states["wait"], f"the sensor never deferred: {seen_states}"
         assert "Trigger fired event" in logs["wait"], logs["wait"]  # the triggerer's part of the log
@@ -107,18 +130,30 @@ def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
         assert stack.task_log_files(DAG_ID, run_id, "echo")[0].name == "attempt=1.log"
         assert len(seen_pids) >= 5, seen_pids  # the four components and at least one child each
 
-        # Every component waits up to SQLITE_BUSY_TIMEOUT_S for a lock on the SQLite file (Python's default is
-        # 5 s, which a busy CI machine exceeded: the api-server answered a run's trigger with a database
-        # error).
+        assert "ran on worker-pg-smoke" in logs["pinned"], logs["pinned"]
+        # Celery ran the tasks (the workers' logs name them), with its result backend in the metadata DB.
+        workers_log = "".join(
+            (stack.logs_dir / f"worker-{w}.log").read_text(errors="replace") for w in ("default", "pg-smoke")
+        )
+        assert f"run_id='{run_id}'" in workers_log or run_id in workers_log, workers_log[-3000:]
+        assert stack.metadata_sql("SELECT count(*) FROM celery_taskmeta")[0][0] >= 4
+        # The metadata DB is the stack's PostgreSQL, through psycopg2.
         probe = (
             "from airflow import settings; settings.configure_orm(); e = settings.engine;"
-            " print(e.dialect.create_connect_args(e.url)[1]['timeout'])"
+            " print(e.dialect.name, e.dialect.driver, e.url.host, e.url.port)"
         )
         out = subprocess.run(
             [sys.executable, "-c", probe], env=stack.env, capture_output=True, text=True, timeout=60
         )
-        assert out.stdout.strip().splitlines()[-1:] == [str(float(SQLITE_BUSY_TIMEOUT_S))], out
+        assert out.stdout.strip().splitlines()[-1:] == [
+            f"postgresql psycopg2 127.0.0.1 {stack.metadata_db.port}"
+        ], out
+        # Both triggerers are running jobs.
+        assert stack.metadata_sql(
+            "SELECT count(*) FROM job WHERE job_type = 'TriggererJob' AND state = 'running'"
+        ) == [(2,)]
 
     assert not _survivors(seen_pids), _survivors(seen_pids)
     assert not stack.processes()
     assert not _stack_pids(stack), "a process carrying the stack id survived"
+    assert not db_root.exists(), "the metadata DB's cluster was left behind"

@@ -1,5 +1,5 @@
-"""End to end, as users clear and re-run: a real Airflow (api-server, scheduler, dag-processor, triggerer;
-LocalExecutor) clears task instances through the REST API as the UI does, and every backup taken is restored
+"""End to end, as users clear and re-run: a real Airflow (demo/stack.py: PostgreSQL metadata DB,
+CeleryExecutor) clears task instances through the REST API as the UI does, and every backup taken is restored
 and its data checked (each DAG's own restore check, with an invariant on that cluster's rows)."""
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ def copy_data_directory(destination: str) -> None:
     (global/pg_control last). Only backup_label makes recovery start early enough for such a copy."""
     import psycopg
 
+    # Which Celery worker ran the copy (demo/stack.py sets PGSB_AIRFLOW_COMPONENT in each component).
+    print(f"copy ran on {os.environ.get('PGSB_AIRFLOW_COMPONENT')}")
     Path(destination).mkdir(parents=True)
     subprocess.run(["rsync", "-a", f"{PGDATA}/base/", f"{destination}/base/"], check=True)
     time.sleep(float(os.environ.get("E2E_CHECKPOINT_DELAY", "3")))
@@ -63,7 +65,13 @@ def copy_tablespaces(destination: str) -> None:
         )
 
 
-def backup_dag(dag_id: str, failing_copy: bool) -> DAG:
+def backup_dag(dag_id: str, failing_copy: bool, copy_queue: str | None = None) -> DAG:
+    """The backup group (real copy, or one that fails), the store and the restore check.
+
+    :param copy_queue: the queue of the copy tasks (the worker that sees the data directory); the default
+        queue if None.
+    """
+    pinned = {"queue": copy_queue} if copy_queue else {}
     with DAG(dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False) as dag:
         with PostgresOnlineBackup(
             group_id="backup",
@@ -73,10 +81,10 @@ def backup_dag(dag_id: str, failing_copy: bool) -> DAG:
             poll_interval=1.0,
         ) as backup:
             if failing_copy:
-                BashOperator(task_id="copy_data_directory", bash_command="echo copy broke; exit 3")
+                BashOperator(task_id="copy_data_directory", bash_command="echo copy broke; exit 3", **pinned)
             else:
-                copy_data_directory(DESTINATION)
-                copy_tablespaces(DESTINATION)
+                copy_data_directory.override(**pinned)(DESTINATION)
+                copy_tablespaces.override(**pinned)(DESTINATION)
         store_and_verify(backup)
     return dag
 

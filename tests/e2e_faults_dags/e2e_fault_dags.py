@@ -28,9 +28,17 @@ CONN_ID = "pg_e2e"
 
 
 def fault_dag(
-    dag_id: str, copy_command: str, destination: str = DESTINATION, max_active_runs: int = 1
+    dag_id: str,
+    copy_command: str,
+    destination: str = DESTINATION,
+    max_active_runs: int = 1,
+    copy_queue: str | None = None,
 ) -> DAG:
-    """The provider's task group around one BashOperator copy stand-in, then the store task."""
+    """The provider's task group around one BashOperator copy stand-in, then the store task.
+
+    :param copy_queue: the copy's queue (the worker that sees the data directory); the default queue if None.
+    """
+    pinned = {"queue": copy_queue} if copy_queue else {}
     with DAG(
         dag_id,
         schedule=None,
@@ -45,7 +53,7 @@ def fault_dag(
             backup_timeout=600,
             poll_interval=1.0,
         ) as backup:
-            BashOperator(task_id="copy", bash_command=copy_command)
+            BashOperator(task_id="copy", bash_command=copy_command, **pinned)
         PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=destination)
     return dag
 
