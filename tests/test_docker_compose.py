@@ -22,7 +22,7 @@ COMPONENTS = {
     "airflow-scheduler": "scheduler",
     "airflow-dag-processor": "dag-processor",
     "airflow-triggerer": "triggerer",
-    "airflow-worker": "celery worker",
+    "airflow-worker": "celery worker --queues default,pg-main",
 }
 AIRFLOW_SERVICES = [*COMPONENTS, "airflow-init"]
 WORKER, TARGET, METADATA = "airflow-worker", "pg-main", "postgres"
@@ -163,6 +163,13 @@ def test_volumes_are_declared_and_shared_where_the_backup_needs_them(compose, se
         if name != WORKER:
             assert data_volume not in mounts(services[name]).values(), f"{name} mounts the data volume"
     assert mounts(services[METADATA])["/var/lib/postgresql/data"] != data_volume
+    # The copy is pinned (queue=) to a queue that only a worker seeing the data directory serves.
+    queue = services[WORKER]["environment"]["PG_BACKUP_COPY_QUEUE"]
+    for name in AIRFLOW_SERVICES:
+        serves = re.search(r"--queues (\S+)", command(services[name]))
+        if serves and queue in serves.group(1).split(","):
+            assert data_volume in mounts(services[name]).values(), f"{name} serves {queue} without the data"
+    assert queue in re.search(r"--queues (\S+)", command(services[WORKER])).group(1).split(",")
 
 
 def test_airflow_is_configured_for_the_example(services):
