@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -33,6 +34,18 @@ CONN_ID = "pg_test"
 
 def pytest_report_header() -> str:
     return _BINARIES
+
+
+def serialization_round_trip(dag: Any) -> Any:
+    """``dag`` serialized and read back as the scheduler reads it.
+
+    :param dag: the DAG to serialize.
+    """
+    try:
+        from airflow.serialization.serialized_objects import DagSerialization
+    except ImportError:  # Airflow < 3.2 names it SerializedDAG
+        from airflow.serialization.serialized_objects import SerializedDAG as DagSerialization
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag))
 
 
 @pytest.fixture
