@@ -1,4 +1,5 @@
-"""docker-compose.yml: no Docker engine runs here, so check what can be checked without one."""
+"""docker-compose.yml and docker/Dockerfile: no Docker engine runs here, so check what can be checked
+without one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.version import Version
+
+from conftest import airflow_floor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +70,18 @@ def test_docker_compose_config_accepts_the_file():
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_the_image_s_airflow_is_supported_and_installs_with_its_constraints():
+    """docker/Dockerfile: an Airflow at or above the floor pyproject.toml states, and the constraints file
+    CI tests that Airflow with (same Airflow, same Python)."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    base = re.search(r"^FROM apache/airflow:(\d+\.\d+\.\d+)-python(\d+\.\d+)$", dockerfile, re.M)
+    assert base, "the Dockerfile does not build on an apache/airflow:X.Y.Z-pythonA.B image"
+    airflow, python = Version(base.group(1)), base.group(2)
+    assert airflow >= airflow_floor(), f"the image's Airflow {airflow} is below the floor {airflow_floor()}"
+    used = re.search(r"pip install .*-c /opt/pg-safe-backup/(constraints/\w+\.txt)", dockerfile)
+    assert used, "the Dockerfile installs the package without a constraints file"
+    header = (ROOT / used.group(1)).read_text().splitlines()[0]
+    assert header.startswith(f"# pip constraints: Airflow {airflow} "), header
+    assert f", Python {python}." in header, header
