@@ -18,7 +18,7 @@ case $which in
     # provider and common-compat, psycopg), and the releases Airflow's own constraints of that time had
     # where a later one breaks that Airflow: its logging imports structlog.dev.Styles, gone in 25.5.
     floor) pins=("apache-airflow==$floor" "apache-airflow-providers-postgres==7.0.0"
-                 "apache-airflow-providers-common-compat==1.12.0" "psycopg[binary]==3.2.9"
+                 "apache-airflow-providers-common-compat==1.12.0" "psycopg[binary]==3.3.6"
                  "structlog<25.5") ;;
     *) echo "usage: $0 newest|floor" >&2; exit 2 ;;
 esac
