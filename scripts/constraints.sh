@@ -16,10 +16,11 @@ case $which in
     newest) pins=("apache-airflow>=$floor,<4") ;;
     # The lowest versions pyproject.toml allows of what the code calls into (Airflow, the Postgres
     # provider and common-compat, psycopg), and the releases Airflow's own constraints of that time had
-    # where a later one breaks that Airflow: its logging imports structlog.dev.Styles, gone in 25.5.
+    # where a later one breaks that Airflow: its logging imports structlog.dev.Styles, gone in 25.5;
+    # its api-server signs tokens with iss=None, which PyJWT 2.11 refuses ("Issuer (iss) must be a string").
     floor) pins=("apache-airflow==$floor" "apache-airflow-providers-postgres==7.0.0"
                  "apache-airflow-providers-common-compat==1.12.0" "psycopg[binary]==3.3.6"
-                 "structlog<25.5") ;;
+                 "structlog<25.5" "pyjwt<2.11") ;;
     *) echo "usage: $0 newest|floor" >&2; exit 2 ;;
 esac
 
