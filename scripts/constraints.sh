@@ -15,11 +15,12 @@ floor=$(sed -n 's/^ *"apache-airflow>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 case $which in
     newest) pins=("apache-airflow>=$floor,<4") ;;
     # The lowest versions pyproject.toml allows of what the code calls into (Airflow, the Postgres
-    # provider and common-compat, psycopg), and the releases Airflow's own constraints of that time had
+    # provider, psycopg; not common-compat, whose floor 1.12.0 the test extra's Celery provider may
+    # raise), and the releases Airflow's own constraints of that time had
     # where a later one breaks that Airflow: its logging imports structlog.dev.Styles, gone in 25.5;
     # its api-server signs tokens with iss=None, which PyJWT 2.11 refuses ("Issuer (iss) must be a string").
     floor) pins=("apache-airflow==$floor" "apache-airflow-providers-postgres==7.0.0"
-                 "apache-airflow-providers-common-compat==1.12.0" "psycopg[binary]==3.3.6"
+                 "psycopg[binary]==3.3.6"
                  "structlog<25.5" "pyjwt<2.11") ;;
     *) echo "usage: $0 newest|floor" >&2; exit 2 ;;
 esac
