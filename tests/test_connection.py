@@ -86,3 +86,12 @@ def test_iam_tokens_come_from_postgres_hook(cluster, monkeypatch, extra, names):
     assert names in str(err.value)
     assert PASSWORD not in str(err.value)
     assert quote(PASSWORD, safe="") not in str(err.value)
+
+
+def test_a_missing_connection_is_named(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_PG_NOWHERE", raising=False)
+    with pytest.raises(BackupError) as err:
+        asyncio.run(session_facts(PostgresBackupHook("pg_nowhere")))
+    assert str(err.value) == (
+        "postgres_conn_id 'pg_nowhere': no such Airflow connection; create it (type postgres)"
+    )

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from airflow.sdk import ObjectStoragePath
+from airflow.sdk.io import attach
 
 from demo.load import wait_archived
 from pg_safe_backup.files.label import store_label
@@ -234,6 +236,7 @@ def test_store_removes_label_files_an_earlier_attempt_left_and_logs_it(two_backu
 def test_store_says_why_it_skips_the_copy_check(two_backups, tmp_root, caplog):
     b = two_backups
     files = label_files(b.second)
+    attach("memory", fs=fsspec.filesystem("memory"))  # an object store (Airflow < 3.2 has no fallback)
     bucket = ObjectStoragePath(f"memory://pgsb-test/{tmp_root.name}")
     (bucket / "backup_label").parent.mkdir(parents=True, exist_ok=True)
     (bucket / "backup_label").write_text(b.first["backup_label"])

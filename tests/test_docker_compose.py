@@ -14,6 +14,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.version import Version
+
+from conftest import airflow_floor
 
 ROOT = Path(__file__).resolve().parents[1]
 # Airflow's long-running components and the command each one runs.
@@ -207,3 +210,18 @@ def test_docker_compose_config_accepts_the_file():
     assert resolved["airflow-scheduler"]["depends_on"]["airflow-init"]["condition"] == (
         "service_completed_successfully"
     )
+
+
+def test_the_image_s_airflow_is_supported_and_installs_with_its_constraints():
+    """docker/Dockerfile: an Airflow at or above the floor pyproject.toml states, and the constraints file
+    CI tests that Airflow with (same Airflow, same Python)."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    base = re.search(r"^FROM apache/airflow:(\d+\.\d+\.\d+)-python(\d+\.\d+)$", dockerfile, re.M)
+    assert base, "the Dockerfile does not build on an apache/airflow:X.Y.Z-pythonA.B image"
+    airflow, python = Version(base.group(1)), base.group(2)
+    assert airflow >= airflow_floor(), f"the image's Airflow {airflow} is below the floor {airflow_floor()}"
+    used = re.search(r"pip install .*-c /opt/pg-safe-backup/(constraints/\w+\.txt)", dockerfile)
+    assert used, "the Dockerfile installs the package without a constraints file"
+    header = (ROOT / used.group(1)).read_text().splitlines()[0]
+    assert header.startswith(f"# pip constraints: Airflow {airflow} "), header
+    assert f", Python {python}." in header, header

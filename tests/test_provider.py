@@ -22,6 +22,8 @@ from pg_safe_backup.triggers.backup import (
     PostgresHoldBackupTrigger,
 )
 
+from conftest import serialization_round_trip
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,6 @@ def test_airflow_providers_list_shows_the_provider(tmp_path):
 
 
 def test_example_dag_wiring_and_serialization():
-    from airflow.serialization.serialized_objects import DagSerialization
 
     sys.path.insert(0, str(ROOT / "example_dags"))
     try:
@@ -56,7 +57,7 @@ def test_example_dag_wiring_and_serialization():
     assert finish.upstream_task_ids == {gate.task_id, copy.task_id}
     assert hold.upstream_task_ids == set() and hold.retries == 0 and hold.deferrable
     assert tasks["store_backup_label"].upstream_task_ids == {finish.task_id}
-    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    restored = serialization_round_trip(dag)
     assert {t.task_id for t in restored.tasks} == set(tasks)
 
 
@@ -109,7 +110,6 @@ def test_the_owner_carries_the_map_index():
 def test_a_mapped_group_over_connection_ids_parses_and_serializes():
     """`@task_group` + `expand` over connection ids: the connection id is rendered per map index."""
     from airflow.sdk import task_group
-    from airflow.serialization.serialized_objects import DagSerialization
 
     with DAG("mapped", schedule=None) as dag:
 
@@ -123,7 +123,7 @@ def test_a_mapped_group_over_connection_ids_parses_and_serializes():
     hold = tasks["clusters.backup.hold_backup_session"]
     assert "postgres_conn_id" in hold.template_fields
     assert hold.backup_key == "clusters.backup"
-    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    restored = serialization_round_trip(dag)
     assert {t.task_id for t in restored.tasks} == set(tasks)
 
 

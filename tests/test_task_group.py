@@ -18,6 +18,8 @@ from airflow.sdk import DAG, TaskGroup, chain, cross_downstream, task_group
 
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
+from conftest import serialization_round_trip
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "provider" / "pg_safe_backup"
 HOLD, GATE, COPY, FINISH = "hold_backup_session", "wait_for_backup_mode", "copy", "finish_backup"
@@ -125,7 +127,6 @@ def test_nested_in_a_task_group_and_holding_a_group_of_copies():
 
 
 def test_a_backup_inside_an_expanded_task_group_composes_per_map_index():
-    from airflow.serialization.serialized_objects import DagSerialization
 
     with DAG("mapped", schedule=None) as dag:
 
@@ -138,7 +139,7 @@ def test_a_backup_inside_an_expanded_task_group_composes_per_map_index():
 
         mapped = one_cluster.expand_kwargs([{"conn_id": "pg_a"}, {"conn_id": "pg_b"}])
         mapped >> EmptyOperator(task_id="report")
-    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    restored = serialization_round_trip(dag)
     for parsed in (dag, restored):
         assert upstream(parsed, f"clusters.backup.{HOLD}") == {"clusters.start"}
         assert upstream(parsed, "clusters.after") == {f"clusters.backup.{FINISH}"}

@@ -13,16 +13,16 @@ from datetime import timedelta
 
 import pytest
 
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, task_group
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator
 from pg_safe_backup.session import FAILED, finish_backup, hold_backup, wait_for_start
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
 from backup_helpers import backup_starts, copy_data_dir, finish, gate, req, run_backup, started
-from conftest import CONN_ID
+from conftest import CONN_ID, serialization_round_trip
 
 #: Every templated parameter of the group, as a template of the run's conf (params).
 GROUP_TEMPLATES = {
@@ -117,8 +117,6 @@ def test_store_and_verify_paths_render(task_context):
 def test_a_mapped_group_maps_over_hold_parameters():
     """`@task_group` + `expand`: a per-cluster timeout and checkpoint are argument objects until run time,
     not values refused when the DAG is parsed."""
-    from airflow.serialization.serialized_objects import DagSerialization
-
     with DAG("mapped_hold", schedule=None) as dag:
 
         @task_group(group_id="clusters")
@@ -129,7 +127,7 @@ def test_a_mapped_group_maps_over_hold_parameters():
         one_cluster.expand(timeout=[60, 3600], fast=[True, False])
     hold = dag.get_task("clusters.backup.hold_backup_session")
     assert {"backup_timeout", "fast_checkpoint"} <= set(hold.template_fields)
-    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    restored = serialization_round_trip(dag)
     assert {t.task_id for t in restored.tasks} == {t.task_id for t in dag.tasks}
 
 

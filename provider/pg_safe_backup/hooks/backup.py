@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from airflow.providers.common.compat.sdk import AirflowNotFoundException  # airflow.sdk.exceptions: 3.2+
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
 
 from pg_safe_backup.state import (
     HOLDER_COLUMNS,

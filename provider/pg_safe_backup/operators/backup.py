@@ -7,8 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import CopyMismatch
