@@ -17,6 +17,11 @@ import pytest
 from demo.stack import AirflowStack, ApiError
 
 from e2e_helpers import (
+    COPY,
+    FINISH,
+    GATE,
+    HOLD,
+    STORE,
     assert_failed_cleanly,
     backup_row,
     backup_stack,
@@ -33,14 +38,7 @@ pytestmark = pytest.mark.e2e
 DAGS = Path(__file__).parent / "e2e_retries_dags"  # holds only e2e_retry_dags.py
 DAG_ID = "e2e_retries"
 PASSWORD = "pgsbRetry-Kx83Vw"
-HOLD, GATE, COPY, FINISH, STORE, VERIFY = (
-    "backup.hold_backup_session",
-    "backup.wait_for_backup_mode",
-    "backup.copy",
-    "backup.finish_backup",
-    "store_backup_label",
-    "verify_backup",
-)
+VERIFY = "verify_backup"
 
 
 @pytest.fixture(scope="module")
