@@ -157,12 +157,11 @@ def table(r: dict[str, Any]) -> str:
             row(
                 f"N={n} held by one process (poll_interval {v['poll_interval_s']:g} s)",
                 f"RSS {v['rss_idle_mb']:g} -> {v['rss_held_mb']:g} MB = {v['rss_mb_per_session']:g} "
-                "MB/session;"
-                f" idle CPU {v['idle_cpu_percent']:g} % over {v['idle_window_s']:g} s;"
+                f"MB/session; idle CPU {v['idle_cpu_percent']:g} % over {v['idle_window_s']:g} s;"
                 f" hand-off {f(v['handoff_ms_median'], ' ms')} median (p95 {f(v['handoff_ms_p95'], ' ms')},"
                 f" {v['handoff_sample']} finished)",
-                f"all started in {v['all_started_s']:g} s; idle server CPU {v['idle_server_cpu_percent']:g} "
-                "%",
+                f"all started in {v['all_started_s']:g} s; "
+                f"idle server CPU {v['idle_server_cpu_percent']:g} %",
                 None,
             )
         row(
@@ -178,8 +177,7 @@ def table(r: dict[str, Any]) -> str:
             f"({r['per_n'][str(r['held_sessions'])]['idle_context_switches_per_s']:g}"
             " wake-ups/s)",
             f"same holders waiting with psycopg's notifies() (wakes every 0.1 s): {dg['idle_cpu_percent']:g} "
-            "%"
-            f" ({dg['idle_context_switches_per_s']:g} wake-ups/s)"
+            f"% ({dg['idle_context_switches_per_s']:g} wake-ups/s)"
             if dg
             else "",
             "idle CPU at max N",

@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print(
                 f"Airflow is still running (api-server: {getattr(stack, 'api_url', 'see logs')}); stop it "
-                "with"
-                " Ctrl-C or re-run make demo."
+                "with Ctrl-C or re-run make demo."
             )
         return 0 if result.ok else 1
     except KeyboardInterrupt:

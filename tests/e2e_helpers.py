@@ -226,9 +226,8 @@ def holder_failed_with(stack: AirflowStack, dag_id: str, run_id: str, message: s
 
     The holder's trigger ends the task itself (TaskFailedEvent) after logging "backup not taken: ...". A task
     resumed on a worker instead could be failed by Airflow 3.3.2 when its trigger fires soon after the
-    deferral
-    (the executor's late success event of the deferral's exit; apache/airflow#67287): the scheduler must never
-    have said so about this task.
+    deferral (the executor's late success event of the deferral's exit; apache/airflow#67287): the scheduler
+    must never have said so about this task.
     """
     assert stack.task_states(dag_id, run_id)[HOLD] == "failed"
     stale = re.compile(

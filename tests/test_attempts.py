@@ -174,9 +174,8 @@ def test_the_current_attempt_that_already_ended_fails_the_gate(hook, cluster):
 
 def test_a_finish_whose_attempt_was_replaced_while_it_waits_fails_at_once(hook, cluster):
     """Only the hold was cleared mid-backup: the copy ran under attempt 1, the new attempt 2 has claimed the
-    row
-    and its checkpoint is still running (no start LSN yet). The finish must fail now, not wait for attempt 2,
-    and must not touch attempt 2's backup; its start LSN arriving later changes nothing."""
+    row and its checkpoint is still running (no start LSN yet). The finish must fail now, not wait for attempt
+    2, and must not touch attempt 2's backup; its start LSN arriving later changes nothing."""
 
     async def go():
         holder, opened = await started(hook, req())
@@ -347,8 +346,7 @@ def test_airflow_not_answering_never_ends_a_held_backup(hook, cluster, monkeypat
 
 def test_the_gate_never_opens_on_an_attempt_that_is_not_surely_the_current_one(hook, cluster):
     """A whole run cleared: the old try's trigger still holds its backup for a second or two, and while the
-    new
-    try starts on a worker its XCom still names the old attempt. The gate must not open on that backup."""
+    new try starts on a worker its XCom still names the old attempt. The gate must not open on that backup."""
 
     async def go():
         async with hook.connect() as conn:

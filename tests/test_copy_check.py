@@ -251,8 +251,7 @@ def test_store_says_why_it_skips_the_copy_check(two_backups, tmp_root, caplog):
         f"not checking that the copy in {bucket} belongs to this backup: it is in an object store, whose"
         " global/pg_control is not read here",
         f"not checking that the copy in {labels_only} belongs to this backup: it has no global/pg_control "
-        "(is the"
-        " data directory copied somewhere else?)",
+        "(is the data directory copied somewhere else?)",
     ]
     assert (bucket / "backup_label").read_text() == b.second["backup_label"]
     assert (labels_only / "backup_label").read_text() == b.second["backup_label"]

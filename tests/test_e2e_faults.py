@@ -70,12 +70,11 @@ def env() -> Iterator[dict]:
                 **cluster_env(cluster, PASSWORD, archive, backups),
                 "E2E_UNWRITABLE_DESTINATION": str(afile / "sub"),
                 # Gates and finishes wait in worker slots (not deferrable by default): the concurrency case
-                # has
-                # five tasks waiting or running at once.
+                # has five tasks waiting or running at once.
                 "AIRFLOW__CORE__PARALLELISM": "8",
                 # A restarted triggerer adopts the triggers of a dead one once that one's heartbeat is older
-                # than
-                # the threshold (default 30 s); shortened so the re-run holder runs while the copy still does.
+                # than the threshold (default 30 s); shortened so the re-run holder runs while the copy still
+                # does.
                 "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "6",
             },

@@ -246,8 +246,7 @@ def test_clearing_only_the_hold_of_a_completed_run_leaves_nothing_in_backup_mode
 
 def test_re_running_the_copy_of_a_completed_run_reports_no_label(env):
     """The copy re-runs after the backup ended: its gate cannot open, so the finish has no label to give and
-    the
-    store writes nothing (it wrote the right label the first time, and that one stays)."""
+    the store writes nothing (it wrote the right label the first time, and that one stays)."""
     stack, cluster = env["stack"], env["clusters"]["main"]
     dag_id, run_id = "e2e_rerun_hold", "completed_then_copy_cleared"
     state, tasks = run(stack, dag_id, run_id)
@@ -348,8 +347,8 @@ def test_a_mapped_group_over_three_clusters_takes_three_backups(env):
 
 def test_a_finish_wired_to_the_wrong_gate_fails_naming_gate_task_id_and_the_backup_is_ended(env):
     """Without the gate's start LSN and attempt the finish cannot tell which backup the copy ran under: it
-    fails
-    naming gate_task_id, and the holder, seeing its finish ended, fails the backup and ends backup mode."""
+    fails naming gate_task_id, and the holder, seeing its finish ended, fails the backup and ends backup
+    mode."""
     stack, cluster = env["stack"], env["clusters"]["main"]
     dag_id, run_id = "e2e_wrong_gate", "wrong_gate"
     state, tasks = run(stack, dag_id, run_id)

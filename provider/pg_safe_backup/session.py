@@ -258,12 +258,10 @@ async def _claim_and_run(
         return event(
             FAILED,
             f"refused to start: {whose} (label {row.label!r}, holder pid {row.pid}) is {row.state.value} on "
-            "this"
-            " cluster; it was left untouched. Wait for it to finish, or set terminate_live=True to end it. "
-            "Each"
-            " cluster needs a state table of its own: if that backup is of another cluster whose state "
-            "shares"
-            f" {hook.table_description} (standbys of one primary), give each group its own table= option.",
+            "this cluster; it was left untouched. Wait for it to finish, or set terminate_live=True to end "
+            "it. Each cluster needs a state table of its own: if that backup is of another cluster whose "
+            f"state shares {hook.table_description} (standbys of one primary), give each group its own "
+            "table= option.",
         )
     if decision in (Claim.WATCH, Claim.FINISHED, Claim.LOST):
         # Our attempt was claimed before (a duplicate trigger or a re-run): never start again.
@@ -515,8 +513,7 @@ async def _archiving_failed(
     pg_stat_archiver's account of the server of ``conn``."""
     return (
         f"{what} within backup_timeout={req.backup_timeout:g}s, so WAL archiving is failing or too slow "
-        "(check"
-        f" archive_command and the server log; {await hook.archiver_status(conn)})"
+        f"(check archive_command and the server log; {await hook.archiver_status(conn)})"
     )
 
 

@@ -324,15 +324,12 @@ def plan_wal(server: ArchiveSettings, state: ArchiveSettings | None, wait_for_ar
     if archiver is None:
         if wait_for_archive:
             raise ValueError(
-                f"not started: wait_for_archive=True, but this backup's WAL would not be archived: {why_not}."
-                " Without all the WAL from its start to its stop a backup cannot be restored. Either enable "
-                "WAL"
-                " archiving (archive_mode = on, which takes a restart, and an archive_command that copies %p "
-                "into"
-                " the archive; for a standby, on its primary, or archive_mode = always on the standby), or "
-                "pass"
-                " wait_for_archive=False if the WAL is copied another way (pg_wal copied after the stop,"
-                " pg_receivewal)"
+                "not started: wait_for_archive=True, but this backup's WAL would not be archived: "
+                f"{why_not}. Without all the WAL from its start to its stop a backup cannot be restored. "
+                "Either enable WAL archiving (archive_mode = on, which takes a restart, and an "
+                "archive_command that copies %p into the archive; for a standby, on its primary, or "
+                "archive_mode = always on the standby), or pass wait_for_archive=False if the WAL is copied "
+                "another way (pg_wal copied after the stop, pg_receivewal)"
             )
         # Where pg_backup_stop would return at once anyway, ask it to wait: it then says, in a NOTICE kept
         # in the row, that the WAL is not archived.

@@ -354,8 +354,7 @@ def _prepare_tablespaces(
             if entry.is_symlink():
                 raise _Refused(
                     f"pg_tblspc/{entry.name} in the backup is a link to {os.readlink(entry)} but no "
-                    "tablespace_map"
-                    " lists it; restoring it would use the original tablespace location"
+                    "tablespace_map lists it; restoring it would use the original tablespace location"
                 )
             if entry.is_dir():  # an in-place tablespace (allow_in_place_tablespaces): part of the copy
                 shutil.copytree(entry, data / "pg_tblspc" / entry.name, symlinks=False)

@@ -159,8 +159,7 @@ def check_copy(
             f"the copy in {datadir} is of another cluster: its system identifier is "
             f"{control.system_identifier},"
             f" the backed up cluster's is {int(system_identifier) % (1 << 64)}; refusing to store this "
-            "backup_label"
-            " there"
+            "backup_label there"
         )
     label_checkpoint = parse_backup_label(backup_label).get("CHECKPOINT LOCATION")
     if label_checkpoint and control.checkpoint < parse_lsn(label_checkpoint):
@@ -174,8 +173,7 @@ def check_copy(
         raise CopyMismatch(
             f"the copy in {datadir} was taken after this backup ended: its last checkpoint is"
             f" {format_lsn(control.checkpoint)}, at or past this backup's stop LSN {stop_lsn} (a later "
-            "backup's"
-            " copy?); refusing to store this backup_label there"
+            "backup's copy?); refusing to store this backup_label there"
         )
     return control
 

@@ -337,9 +337,8 @@ class PostgresBackupHook(BaseHook):
             adds = " ".join(f"ALTER TYPE {name} ADD VALUE '{v}';" for v in missing)
             raise BackupError(
                 f"the type {name} of {self.table_description} lacks the state(s) {', '.join(missing)}: a "
-                "backup"
-                f" could run its whole copy and then fail to be marked complete. Nothing was started. As the"
-                f" type's owner, run: {adds}"
+                "backup could run its whole copy and then fail to be marked complete. Nothing was started. "
+                f"As the type's owner, run: {adds}"
             )
 
     async def _table_ready(self, conn: psycopg.AsyncConnection) -> bool:
@@ -378,12 +377,12 @@ class PostgresBackupHook(BaseHook):
         pinned = sql.SQL("SET search_path = {}").format(sql.SQL(SEARCH_PATH))
         await conn.execute(
             sql.SQL(
-                "CREATE OR REPLACE FUNCTION {guard}() RETURNS trigger LANGUAGE plpgsql {pinned} AS $body$ "
-                "BEGIN"
+                "CREATE OR REPLACE FUNCTION {guard}() RETURNS trigger LANGUAGE plpgsql {pinned}"
+                " AS $body$ BEGIN"
                 " IF TG_OP = 'UPDATE' THEN"
                 "  IF NEW.state::pg_catalog.text IS DISTINCT FROM OLD.state::pg_catalog.text"
-                "   AND (OLD.state::pg_catalog.text, NEW.state::pg_catalog.text) NOT IN (VALUES {allowed}) "
-                "THEN"
+                "   AND (OLD.state::pg_catalog.text, NEW.state::pg_catalog.text)"
+                " NOT IN (VALUES {allowed}) THEN"
                 "   RAISE EXCEPTION 'backup state may not change from % to %', OLD.state, NEW.state"
                 "   USING ERRCODE = 'check_violation';"
                 "  END IF;"
@@ -392,8 +391,7 @@ class PostgresBackupHook(BaseHook):
                 "   RAISE EXCEPTION 'a complete backup may not be changed (only a new backup may start on it,"
                 " or its own finish withdraw it)' USING ERRCODE = 'check_violation',"
                 "   DETAIL = 'backup_label, tablespace_map and the LSNs of a complete backup stay as "
-                "pg_backup_stop"
-                " returned them';"
+                "pg_backup_stop returned them';"
                 "  END IF;"
                 "  IF NEW.pid IS DISTINCT FROM OLD.pid AND NEW.owner IS NOT DISTINCT FROM OLD.owner"
                 "   AND NEW.attempt IS NOT DISTINCT FROM OLD.attempt THEN"
@@ -446,14 +444,10 @@ class PostgresBackupHook(BaseHook):
             owner, table_owner = found
             raise BackupError(
                 f"refusing to use the function {function}: it is owned by role {owner}, not by role "
-                f"{table_owner},"
-                f" which owns {self.table_description}. It runs on every change of the table with the rights "
-                "of"
-                " whoever makes it, and its owner can rewrite it at any time. Nothing was started. Check "
-                "what it"
-                f" does, then as a superuser: DROP FUNCTION {function}; (it is created anew), or ALTER "
-                "FUNCTION"
-                f" {function} OWNER TO {table_owner};"
+                f"{table_owner}, which owns {self.table_description}. It runs on every change of the table "
+                "with the rights of whoever makes it, and its owner can rewrite it at any time. Nothing was "
+                f"started. Check what it does, then as a superuser: DROP FUNCTION {function}; (it is created "
+                f"anew), or ALTER FUNCTION {function} OWNER TO {table_owner};"
             )
 
     # -- reading -------------------------------------------------------------------------------
@@ -647,8 +641,7 @@ class PostgresBackupHook(BaseHook):
         mode, failed, failed_wal, failed_at, archived_wal, archived_at = await cur.fetchone()
         return (
             f"archive_mode={mode}; archiver: {failed} failed attempts, last failed WAL {failed_wal} at "
-            f"{failed_at},"
-            f" last archived WAL {archived_wal} at {archived_at}"
+            f"{failed_at}, last archived WAL {archived_wal} at {archived_at}"
         )
 
     def explain(self, err: psycopg.Error, conn: psycopg.AsyncConnection) -> str:

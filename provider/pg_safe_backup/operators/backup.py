@@ -256,15 +256,12 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
             if gate_state == "success":
                 raise AirflowFailException(
                     f"gate_task_id={self.gate_task_id!r} succeeded but published no start_lsn and attempt: "
-                    "it must"
-                    " be this backup's PostgresBackupStartedSensor, or the finish cannot tell which backup "
-                    "the copy"
-                    " ran under"
+                    "it must be this backup's PostgresBackupStartedSensor, or the finish cannot tell which "
+                    "backup the copy ran under"
                 )
             raise AirflowFailException(
                 f"backup not usable: the gate {self.gate_task_id} did not open ({gate_state}), so no copy "
-                "ran under"
-                " a backup of this run" + (f"; {problem}" if problem else "")
+                "ran under a backup of this run" + (f"; {problem}" if problem else "")
             )
         if problem:
             self.log.error("%s; failing the backup", problem)

@@ -219,8 +219,7 @@ class PostgresFinishBackupTrigger(PostgresBackupTriggerBase):
 
 
 # The names before the rename to Postgres<Verb><Object>. A trigger row written by the old version names its
-# class path, and a triggerer
-# that picks it up after an upgrade must still find it.
+# class path, and a triggerer that picks it up after an upgrade must still find it.
 BackupHolderTrigger = PostgresHoldBackupTrigger
 BackupStartedTrigger = PostgresBackupStartedTrigger
 BackupFinishTrigger = PostgresFinishBackupTrigger
