@@ -73,24 +73,27 @@ def holder_sessions(cluster: LocalCluster) -> int:
 # ------------------------------------------------------------------------------------------------ set-up
 
 
-def archived_cluster(prefix: str, password: str) -> tuple[Path, LocalCluster, Path, Path]:
-    """A temp root the server's OS user can enter, and a running cluster under it whose WAL is archived
-    into ``root/wal_archive``, with ``root/backups`` for the copies.
+def temp_root(prefix: str, *dirs: str) -> tuple[Path, ...]:
+    """A temp root the server's OS user can enter, and ``dirs`` under it, owned by that user.
 
-    :param prefix: the temp root's name prefix.
-    :param password: the password of the cluster's ``postgres`` role (scram on 127.0.0.1).
-    :return: (root, cluster, archive, backups).
-
-    log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
+    :return: (root, *dirs).
     """
     root = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(root, 0o755)
-    archive, backups = root / "wal_archive", root / "backups"
-    for d in (archive, backups):
+    made = [root / d for d in dirs]
+    for d in made:
         d.mkdir()
         give_to_server_user(d)
-    cluster = (
-        LocalCluster(root / "pg" / "data")
+    return (root, *made)
+
+
+def archiving_cluster(datadir: Path, archive: Path, password: str) -> LocalCluster:
+    """A started cluster in ``datadir`` whose WAL is archived into ``archive``.
+
+    log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
+    """
+    return (
+        LocalCluster(datadir)
         .init(
             password=password,
             settings={
@@ -101,7 +104,18 @@ def archived_cluster(prefix: str, password: str) -> tuple[Path, LocalCluster, Pa
         )
         .start()
     )
-    return root, cluster, archive, backups
+
+
+def archived_cluster(prefix: str, password: str) -> tuple[Path, LocalCluster, Path, Path]:
+    """A temp root the server's OS user can enter, and a running cluster under it whose WAL is archived
+    into ``root/wal_archive``, with ``root/backups`` for the copies.
+
+    :param prefix: the temp root's name prefix.
+    :param password: the password of the cluster's ``postgres`` role (scram on 127.0.0.1).
+    :return: (root, cluster, archive, backups).
+    """
+    root, archive, backups = temp_root(prefix, "wal_archive", "backups")
+    return root, archiving_cluster(root / "pg" / "data", archive, password), archive, backups
 
 
 def cluster_env(cluster: LocalCluster, password: str, archive: Path, backups: Path) -> dict[str, str]:
@@ -412,19 +426,21 @@ def backup_stack(
     password: str,
     dags: Path,
     dag_ids: list[str],
-    extra_env: dict[str, str] | None = None,
+    extra_env: dict[str, str] | Callable[[Path], dict[str, str]] | None = None,
     **stack_kwargs: Any,
 ) -> Iterator[dict]:
     """A cluster (:func:`archived_cluster`) and an Airflow stack parsing ``dags`` with the environment of
     :func:`cluster_env` (and ``extra_env``): ``{"cluster", "stack", "archive", "backups", "root", "runs"}``.
     All is stopped and removed at the end (:func:`tear_down`).
 
+    :param extra_env: more environment, or a function of the temp root that makes it (for files under it).
     :param stack_kwargs: passed to :class:`AirflowStack` (``executor``, ``triggerers``, ``workers``).
     """
     root, cluster, archive, backups = archived_cluster(prefix, password)
     stack = None
     try:
-        env = {**cluster_env(cluster, password, archive, backups), **(extra_env or {})}
+        more = extra_env(root) if callable(extra_env) else extra_env or {}
+        env = {**cluster_env(cluster, password, archive, backups), **more}
         stack = AirflowStack(root / "airflow", dags, extra_env=env, **stack_kwargs)
         stack.start(expect_dag_ids=dag_ids)
         yield {

@@ -3,23 +3,20 @@ backs up a real cluster under write load, and every backup is restored and check
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from demo.load import invariant_sql
-from demo.stack import AirflowStack
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import give_to_server_user
 from pg_safe_backup.verify import verify_backup
 
 from e2e_helpers import (
     assert_restores_with_every_commit,
+    backup_stack,
     backup_under_write_load,
-    cluster_env,
     holder_sessions,
     run_dag,
 )
@@ -34,36 +31,14 @@ TABLES = ("ledger", "spaced")
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    root = Path(tempfile.mkdtemp(prefix="pgsb-e2e-"))
-    os.chmod(root, 0o755)
-    archive, space, backups = root / "wal_archive", root / "space1", root / "backups"
-    for d in (archive, space, backups):
-        d.mkdir()
-        give_to_server_user(d)
-    cluster = (
-        LocalCluster(root / "pg" / "data")
-        .init(password=PASSWORD, settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'"})
-        .start()
-    )
-    stack = None
-    try:
+    with backup_stack("pgsb-e2e-", PASSWORD, DAGS, ["e2e_backup", "e2e_copy_fails"]) as env:
+        cluster, space = env["cluster"], env["root"] / "space1"
+        space.mkdir()
+        give_to_server_user(space)
         cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{space}'")
         cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text NOT NULL)")
         cluster.sql("CREATE TABLE spaced (id bigint PRIMARY KEY, v text NOT NULL) TABLESPACE space1")
-        stack = AirflowStack(
-            root / "airflow",
-            DAGS,
-            extra_env={
-                **cluster_env(cluster, PASSWORD, archive, backups),
-            },
-        )
-        stack.start(expect_dag_ids=["e2e_backup", "e2e_copy_fails"])
-        yield {"cluster": cluster, "stack": stack, "archive": archive, "backups": backups, "root": root}
-    finally:
-        if stack:
-            stack.stop()
-        cluster.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
+        yield env
 
 
 @pytest.fixture(scope="module")

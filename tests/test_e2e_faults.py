@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from demo.stack import AirflowStack
-
 # Shared helpers of the end-to-end suite. pytest's default "prepend" import mode puts tests/ (no __init__.py)
 # on sys.path, which is also how tests/test_e2e.py itself is imported (as the module ``test_e2e``).
 from e2e_helpers import (
@@ -22,13 +20,12 @@ from e2e_helpers import (
     GATE,
     HOLD,
     STORE,
-    archived_cluster,
     assert_concurrent_runs_refused,
     assert_failed_cleanly,
     assert_lost_backup_failed_once,
     backup_row,
     backup_running,
-    cluster_env,
+    backup_stack,
     failure_report,
     holder_failed_with,
     holder_sessions,
@@ -37,7 +34,6 @@ from e2e_helpers import (
     no_backup_left_behind,  # noqa: F401 - an autouse fixture
     run_dag,
     task_log,
-    tear_down,
     trigger,
     wait_for_tasks,
 )
@@ -58,39 +54,30 @@ DAG_IDS = [
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    root, cluster, archive, backups = archived_cluster("pgsb-e2e-faults-", PASSWORD)
-    afile = root / "afile"
-    afile.write_text("a regular file: nothing can be created under it\n")
-    stack = None
-    try:
-        stack = AirflowStack(
-            root / "airflow",
-            DAGS,
-            extra_env={
-                **cluster_env(cluster, PASSWORD, archive, backups),
-                "E2E_UNWRITABLE_DESTINATION": str(afile / "sub"),
-                # Gates and finishes wait in worker slots (not deferrable by default): the concurrency case
-                # has five tasks waiting or running at once.
-                "AIRFLOW__CORE__PARALLELISM": "8",
-                # A restarted triggerer adopts the triggers of a dead one once that one's heartbeat is older
-                # than the threshold (default 30 s); shortened so the re-run holder runs while the copy still
-                # does.
-                "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-                "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "6",
-            },
-        )
-        stack.start(expect_dag_ids=DAG_IDS)
-        yield {
-            "cluster": cluster,
-            "stack": stack,
-            "archive": archive,
-            "backups": backups,
-            "root": root,
-            "afile": afile,
-            "runs": [],
+    def faults_env(root: Path) -> dict[str, str]:
+        afile = root / "afile"
+        afile.write_text("a regular file: nothing can be created under it\n")
+        return {
+            "E2E_UNWRITABLE_DESTINATION": str(afile / "sub"),
+            # Gates and finishes wait in worker slots (not deferrable by default): the concurrency case
+            # has five tasks waiting or running at once.
+            "AIRFLOW__CORE__PARALLELISM": "8",
+            # A restarted triggerer adopts the triggers of a dead one once that one's heartbeat is older
+            # than the threshold (default 30 s); shortened so the re-run holder runs while the copy still
+            # does.
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+            "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "6",
         }
-    finally:
-        tear_down(stack, cluster, root)
+
+    with backup_stack(
+        "pgsb-e2e-faults-",
+        PASSWORD,
+        DAGS,
+        DAG_IDS,
+        extra_env=faults_env,
+    ) as env:
+        env["afile"] = env["root"] / "afile"
+        yield env
 
 
 # --------------------------------------------------------------------------------------------------- cases

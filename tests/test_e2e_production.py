@@ -18,18 +18,16 @@ from pg_safe_backup.local_cluster import LocalCluster
 
 from e2e_helpers import (
     HOLD,
-    archived_cluster,
     assert_concurrent_runs_refused,
     assert_lost_backup_failed_once,
     assert_restores_with_every_commit,
     backup_row,
     backup_running,
+    backup_stack,
     backup_under_write_load,
-    cluster_env,
     holder_sessions,
     log_offset,
     no_backup_left_behind,  # noqa: F401 - an autouse fixture
-    tear_down,
     trigger,
     wait_for_tasks,
 )
@@ -49,41 +47,27 @@ TRIGGERERS = ("triggerer", "triggerer-2")
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    root, cluster, archive, backups = archived_cluster("pgsb-e2e-prod-", PASSWORD)
-    stack = None
-    try:
+    with backup_stack(
+        "pgsb-e2e-prod-",
+        PASSWORD,
+        DAGS,
+        ["e2e_prod_backup", "e2e_prod_failover", "e2e_prod_concurrent", "e2e_prod_other"],
+        extra_env={
+            "E2E_COPY_QUEUE": QUEUE,
+            # Gates and finishes wait in worker slots: the concurrency case has five tasks at once.
+            "AIRFLOW__CORE__PARALLELISM": "8",
+            # A triggerer takes over the triggers of another one whose heartbeat is older than the
+            # threshold (default 30 s); shortened so that the failover happens while the copy still runs.
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+            "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "6",
+        },
+        executor="CeleryExecutor",
+        triggerers=len(TRIGGERERS),
+        workers={DEFAULT_QUEUE: [DEFAULT_QUEUE], QUEUE: [QUEUE]},
+    ) as env:
         for table in TABLES + TABLES_AFTER:
-            cluster.sql(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text NOT NULL)")
-        stack = AirflowStack(
-            root / "airflow",
-            DAGS,
-            extra_env={
-                **cluster_env(cluster, PASSWORD, archive, backups),
-                "E2E_COPY_QUEUE": QUEUE,
-                # Gates and finishes wait in worker slots: the concurrency case has five tasks at once.
-                "AIRFLOW__CORE__PARALLELISM": "8",
-                # A triggerer takes over the triggers of another one whose heartbeat is older than the
-                # threshold (default 30 s); shortened so that the failover happens while the copy still runs.
-                "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-                "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "6",
-            },
-            executor="CeleryExecutor",
-            triggerers=len(TRIGGERERS),
-            workers={DEFAULT_QUEUE: [DEFAULT_QUEUE], QUEUE: [QUEUE]},
-        )
-        stack.start(
-            expect_dag_ids=["e2e_prod_backup", "e2e_prod_failover", "e2e_prod_concurrent", "e2e_prod_other"]
-        )
-        yield {
-            "cluster": cluster,
-            "stack": stack,
-            "archive": archive,
-            "backups": backups,
-            "root": root,
-            "runs": [],
-        }
-    finally:
-        tear_down(stack, cluster, root)
+            env["cluster"].sql(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text NOT NULL)")
+        yield env
 
 
 def holding_triggerer(stack: AirflowStack, cluster: LocalCluster, backend_pid: int) -> str:

@@ -5,9 +5,7 @@ and its data checked (each DAG's own restore check, with an invariant on that cl
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from demo.stack import FINAL_RUN_STATES, AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 
-from e2e_helpers import failure_report, holder_sessions
+from e2e_helpers import archiving_cluster, failure_report, holder_sessions, temp_root
 
 pytestmark = pytest.mark.e2e
 
@@ -35,11 +33,7 @@ CLUSTER_NAMES = ("main", "x", "y", "z")
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    root = Path(tempfile.mkdtemp(prefix="pgsb-e2e-rerun-"))
-    os.chmod(root, 0o755)
-    backups = root / "backups"
-    backups.mkdir()
-    give_to_server_user(backups)
+    root, backups = temp_root("pgsb-e2e-rerun-", "backups")
     clusters: dict[str, LocalCluster] = {}
     stack = None
     try:
@@ -48,18 +42,7 @@ def env() -> Iterator[dict]:
             archive = root / f"wal_archive_{name}"
             archive.mkdir()
             give_to_server_user(archive)
-            c = clusters[name] = (
-                LocalCluster(root / f"pg_{name}" / "data")
-                .init(
-                    password=PASSWORD,
-                    settings={
-                        "archive_mode": "on",
-                        "archive_command": f"'cp %p {archive}/%f'",
-                        "log_statement": "'all'",
-                    },
-                )
-                .start()
-            )
+            c = clusters[name] = archiving_cluster(root / f"pg_{name}" / "data", archive, PASSWORD)
             c.sql("CREATE TABLE who (id int PRIMARY KEY, cluster text NOT NULL)")
             c.sql("INSERT INTO who SELECT g, %s FROM generate_series(1, 1000) g", [name])
             described[name] = {"conn_id": f"pg_{name}", "pgdata": str(c.datadir), "wal_archive": str(archive)}
