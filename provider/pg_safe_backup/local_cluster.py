@@ -119,11 +119,6 @@ class LocalCluster:
         """initdb with trust on the socket and scram on 127.0.0.1 (``password`` for ``postgres``)."""
         self.datadir.parent.mkdir(parents=True, exist_ok=True)
         give_to_server_user(self.datadir.parent)
-        why = unreachable_by_server_user(self.datadir.parent)
-        if why:
-            raise PermissionError(
-                f"cannot create a cluster in {self.datadir}: {why}; choose a folder it can enter"
-            )
         args = [
             "-D",
             str(self.datadir),
@@ -143,6 +138,14 @@ class LocalCluster:
             args.append(f"--pwfile={pwfile}")
         try:
             self.run("initdb", *args)
+        except subprocess.CalledProcessError:
+            # Explain the usual cause only when initdb failed: no extra look-up on every cluster made.
+            why = unreachable_by_server_user(self.datadir.parent)
+            if why:
+                raise PermissionError(
+                    f"cannot create a cluster in {self.datadir}: {why}; choose a folder it can enter"
+                ) from None
+            raise
         finally:
             if pwfile:
                 pwfile.unlink()
