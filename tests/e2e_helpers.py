@@ -314,7 +314,8 @@ def no_backup_left_behind(env: dict) -> Iterator[None]:
 
 def assert_concurrent_runs_refused(env: dict, dag_id: str, other_dag: str) -> None:
     """A run of ``dag_id`` (max_active_runs=2) holds backup mode; a second run of it and a run of
-    ``other_dag`` (same cluster) are refused and leave the live backup alone; the first one completes."""
+    ``other_dag`` (same cluster) are refused and leave the live backup alone; the first one completes, and
+    its copy (the DAG's copy is real) restores with the backup table as it was in backup mode."""
     cluster, stack, backups = env["cluster"], env["stack"], env["backups"]
     first, second, third = "concurrent_first", "concurrent_second", "concurrent_other_dag"
     owner = f"{dag_id}/{first}/backup"
@@ -388,6 +389,14 @@ def assert_concurrent_runs_refused(env: dict, dag_id: str, other_dag: str) -> No
     assert stack.xcom(dag_id, first, FINISH)["owner"] == owner
     assert holder_sessions(cluster) == 0
     assert log_since(cluster, offset).count("pg_backup_start(") == 1, "a refused run started a backup"
+    # The copy taken under the first run's backup restores, and holds that backup's own row.
+    restored = verify_backup(
+        backups / first,
+        env["archive"],
+        invariant_sql=f"SELECT count(*) = 1, format('%s rows of {owner}', count(*)) FROM public.backup"
+        f" WHERE owner = '{owner}'",
+    )
+    assert restored.ok, restored.summary()
 
 
 def assert_lost_backup_failed_once(env: dict, dag_id: str, run_id: str, first_pid: int, offset: int) -> None:

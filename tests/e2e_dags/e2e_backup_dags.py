@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,11 @@ EXCLUDES = [
     "--exclude=/pg_stat_tmp/*",
     "--exclude=pgsql_tmp*",
 ]
+#: The copy as one shell command, for DAGs whose copy is a BashOperator (global/pg_control last).
+COPY_COMMAND = (
+    f"mkdir -p {DESTINATION} && rsync -a {shlex.join(EXCLUDES)} --exclude=/global/pg_control {PGDATA}/"
+    f" {DESTINATION}/ && rsync -a {PGDATA}/global/pg_control {DESTINATION}/global/"
+)
 
 
 @task

@@ -22,7 +22,7 @@ from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e_dags"))
-from e2e_backup_dags import DESTINATION, backup_dag  # noqa: E402
+from e2e_backup_dags import COPY_COMMAND, DESTINATION, backup_dag  # noqa: E402
 
 CONN_ID = "pg_e2e"
 
@@ -63,7 +63,8 @@ e2e_fault_triggerer = fault_dag("e2e_fault_triggerer", "sleep 25")
 # 2. the copy is marked failed by hand (REST API) while it runs
 e2e_fault_mark_failed = fault_dag("e2e_fault_mark_failed", "sleep 30")
 # 3. two runs of one DAG at once, and a run of another DAG, against the same cluster
-e2e_fault_concurrent = fault_dag("e2e_fault_concurrent", "sleep 20", max_active_runs=2)
+#    The first run's copy is real: its backup completes, and the test restores it.
+e2e_fault_concurrent = fault_dag("e2e_fault_concurrent", "sleep 20 && " + COPY_COMMAND, max_active_runs=2)
 e2e_fault_other = fault_dag("e2e_fault_other", "sleep 1")
 # 4. the store task cannot write into its destination (a path under a regular file). The copy lasts 8 s so the
 #    holder's trigger cannot fire before the scheduler took in its deferral (see tests/test_e2e_faults.py).

@@ -15,7 +15,7 @@ from airflow.sdk import DAG  # noqa: F401 - marks this file as one the dag-proce
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS / "e2e_dags"), str(TESTS / "e2e_faults_dags")]
-from e2e_backup_dags import backup_dag  # noqa: E402
+from e2e_backup_dags import COPY_COMMAND, backup_dag  # noqa: E402
 from e2e_fault_dags import fault_dag  # noqa: E402
 
 QUEUE = os.environ.get("E2E_COPY_QUEUE", "pg-localhost")
@@ -28,6 +28,6 @@ e2e_prod_backup = backup_dag("e2e_prod_backup", failing_copy=False, copy_queue=Q
 e2e_prod_failover = fault_dag("e2e_prod_failover", WHERE + "sleep 25", copy_queue=QUEUE)
 # 3. two runs of one DAG at once, and a run of another DAG, against the same cluster
 e2e_prod_concurrent = fault_dag(
-    "e2e_prod_concurrent", WHERE + "sleep 20", max_active_runs=2, copy_queue=QUEUE
+    "e2e_prod_concurrent", WHERE + "sleep 20 && " + COPY_COMMAND, max_active_runs=2, copy_queue=QUEUE
 )
 e2e_prod_other = fault_dag("e2e_prod_other", WHERE + "sleep 1", copy_queue=QUEUE)
