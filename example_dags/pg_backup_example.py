@@ -9,12 +9,14 @@ PG_BACKUP_COPY_QUEUE to the queue of the worker that sees the data directory (``
 from __future__ import annotations
 
 import os
+import shlex
 
 import pendulum
 
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
 
+from pg_safe_backup.files.layout import RSYNC_VANISHED, rsync_exclude_args
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
@@ -22,33 +24,17 @@ PGDATA = os.environ.get("PGDATA_SOURCE", "/var/lib/postgresql/15/main")
 BACKUP_ROOT = os.environ.get("BACKUP_ROOT", "/backups")
 # run_after, not ts_nodash: manual runs have no logical date in Airflow 3.
 DESTINATION = BACKUP_ROOT + "/{{ dag_run.run_after | ts_nodash }}"
-# What a file-system backup may omit (PostgreSQL docs, "Making a Base Backup Using the Low Level
-# API"): pg_wal contents, the server's pid/opts files, replication slots and temporary state.
-# global/pg_control is copied on its own, last: a backup of a standby ends at the minimum recovery
-# point of the pg_control in the copy, which is only right when it was copied after everything else
-# (PostgreSQL does the same in basebackup.c, and cannot check it on a standby).
-EXCLUDES = " ".join(
-    f"--exclude={p}"
-    for p in (
-        "/pg_wal/*",
-        "/postmaster.pid",
-        "/postmaster.opts",
-        "/pg_replslot/*",
-        "/pg_dynshmem/*",
-        "/pg_notify/*",
-        "/pg_serial/*",
-        "/pg_snapshots/*",
-        "/pg_stat_tmp/*",
-        "/pg_subtrans/*",
-        "pgsql_tmp*",
-        "/global/pg_control",
-    )
-)
-# --delete: a cleared run copies again into the same folder; what its earlier attempt left there (a
-# backup_label above all) must go. Excluded paths are kept, and pg_control is overwritten next.
+# What a base backup leaves out: pg_basebackup's own list (pg_safe_backup.files.layout), as rsync options.
+# global/pg_control is among them: it is copied on its own, last. A backup of a standby ends at the
+# minimum recovery point of the pg_control in the copy, which is only right when it was copied after
+# everything else (PostgreSQL does the same in basebackup.c, and cannot check it on a standby).
+EXCLUDES = shlex.join(rsync_exclude_args())
+# --delete-excluded: a cleared run copies again into the same folder; what its earlier attempt left
+# there (an old backup_label or backup_manifest above all) must go. Exit status 24 (a file vanished
+# during the copy) is normal on a live cluster: WAL replay covers it.
 COPY = (
-    f"mkdir -p {DESTINATION} && rsync -a --delete {EXCLUDES} {PGDATA}/ {DESTINATION}/"
-    f" && rsync -a {PGDATA}/global/pg_control {DESTINATION}/global/"
+    f"mkdir -p {DESTINATION} && {{ rsync -a --delete-excluded {EXCLUDES} {PGDATA}/ {DESTINATION}/"
+    f" || [ $? -eq {RSYNC_VANISHED} ]; }} && rsync -a {PGDATA}/global/pg_control {DESTINATION}/global/"
 )
 
 with DAG(

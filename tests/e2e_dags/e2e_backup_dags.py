@@ -13,23 +13,27 @@ import pendulum
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, task
 
+from pg_safe_backup.files.layout import RSYNC_VANISHED, rsync_exclude_args
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
 PGDATA = os.environ.get("E2E_PGDATA", "/nonexistent")
 DESTINATION = os.environ.get("E2E_BACKUP_ROOT", "/tmp") + "/{{ run_id }}"
-EXCLUDES = [
-    "--exclude=/pg_wal/*",
-    "--exclude=/postmaster.pid",
-    "--exclude=/postmaster.opts",
-    "--exclude=/pg_replslot/*",
-    "--exclude=/pg_stat_tmp/*",
-    "--exclude=pgsql_tmp*",
-]
+#: pg_basebackup's exclusions (global/pg_control among them: it is copied last, on its own).
+EXCLUDES = rsync_exclude_args()
+
+
+def rsync(*args: str) -> None:
+    """rsync -a; a file vanishing during the copy (exit 24) is normal on a live cluster."""
+    done = subprocess.run(["rsync", "-a", *args])
+    if done.returncode not in (0, RSYNC_VANISHED):
+        raise subprocess.CalledProcessError(done.returncode, ["rsync", "-a", *args])
+
+
 #: The copy as one shell command, for DAGs whose copy is a BashOperator (global/pg_control last).
 COPY_COMMAND = (
-    f"mkdir -p {DESTINATION} && rsync -a {shlex.join(EXCLUDES)} --exclude=/global/pg_control {PGDATA}/"
-    f" {DESTINATION}/ && rsync -a {PGDATA}/global/pg_control {DESTINATION}/global/"
+    f"mkdir -p {DESTINATION} && {{ rsync -a {shlex.join(EXCLUDES)} {PGDATA}/ {DESTINATION}/"
+    f" || [ $? -eq {RSYNC_VANISHED} ]; }} && rsync -a {PGDATA}/global/pg_control {DESTINATION}/global/"
 )
 
 
@@ -42,23 +46,12 @@ def copy_data_directory(destination: str) -> None:
     # Which Celery worker ran the copy (demo/stack.py sets PGSB_AIRFLOW_COMPONENT in each component).
     print(f"copy ran on {os.environ.get('PGSB_AIRFLOW_COMPONENT')}")
     Path(destination).mkdir(parents=True)
-    subprocess.run(["rsync", "-a", f"{PGDATA}/base/", f"{destination}/base/"], check=True)
+    rsync(*EXCLUDES, f"{PGDATA}/base/", f"{destination}/base/")
     time.sleep(float(os.environ.get("E2E_CHECKPOINT_DELAY", "3")))
     with psycopg.connect(os.environ["E2E_PG_DSN"], autocommit=True) as conn:
         conn.execute("CHECKPOINT")
-    subprocess.run(
-        [
-            "rsync",
-            "-a",
-            *EXCLUDES,
-            "--exclude=/base/",
-            "--exclude=/global/pg_control",
-            f"{PGDATA}/",
-            f"{destination}/",
-        ],
-        check=True,
-    )
-    subprocess.run(["rsync", "-a", f"{PGDATA}/global/pg_control", f"{destination}/global/"], check=True)
+    rsync(*EXCLUDES, "--exclude=/base/", f"{PGDATA}/", f"{destination}/")
+    rsync(f"{PGDATA}/global/pg_control", f"{destination}/global/")
 
 
 @task
@@ -66,9 +59,7 @@ def copy_tablespaces(destination: str) -> None:
     """Each tablespace (pg_tblspc/OID links) to DESTINATION_tablespaces/OID."""
     Path(f"{destination}_tablespaces").mkdir(parents=True)
     for link in sorted(Path(PGDATA, "pg_tblspc").iterdir()):
-        subprocess.run(
-            ["rsync", "-a", f"{link.resolve()}/", f"{destination}_tablespaces/{link.name}/"], check=True
-        )
+        rsync(*EXCLUDES, f"{link.resolve()}/", f"{destination}_tablespaces/{link.name}/")
 
 
 def backup_dag(dag_id: str, failing_copy: bool, copy_queue: str | None = None) -> DAG:

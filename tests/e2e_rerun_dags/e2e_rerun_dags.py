@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import sys
 from pathlib import Path
 
 import pendulum
@@ -18,16 +18,11 @@ from airflow.sdk import DAG, TaskGroup, task, task_group
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e_dags"))
+from e2e_backup_dags import EXCLUDES, rsync  # noqa: E402
+
 CLUSTERS: dict[str, dict[str, str]] = json.loads(os.environ.get("E2E_CLUSTERS", "{}"))
 ROOT = os.environ.get("E2E_BACKUP_ROOT", "/tmp")
-EXCLUDES = [
-    "--exclude=/pg_wal/*",
-    "--exclude=/postmaster.pid",
-    "--exclude=/postmaster.opts",
-    "--exclude=/pg_replslot/*",
-    "--exclude=/pg_stat_tmp/*",
-    "--exclude=pgsql_tmp*",
-]
 #: Restore check of each copy: the table the test filled holds exactly that cluster's rows.
 INVARIANT = (
     "SELECT count(*) = 1000 AND bool_and(cluster = '{name}'), format('%s rows of %s', count(*),"
@@ -45,19 +40,8 @@ def copy_cluster(pgdata: str, destination: str) -> None:
         flag.unlink()
         raise RuntimeError("the copy failed (E2E_FAIL_ONCE)")
     Path(destination).mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "rsync",
-            "-a",
-            "--delete",
-            *EXCLUDES,
-            "--exclude=/global/pg_control",
-            f"{pgdata}/",
-            f"{destination}/",
-        ],
-        check=True,
-    )
-    subprocess.run(["rsync", "-a", f"{pgdata}/global/pg_control", f"{destination}/global/"], check=True)
+    rsync("--delete", *EXCLUDES, f"{pgdata}/", f"{destination}/")
+    rsync(f"{pgdata}/global/pg_control", f"{destination}/global/")
 
 
 def backup_and_check(name: str, conn_id: str, pgdata: str, wal_archive: str, destination: str) -> None:
