@@ -19,8 +19,11 @@ Rules, as sendDir() applies them to every entry of every folder:
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 #: Copied after everything else: a backup of a standby ends at the minimum recovery point of the
 #: pg_control in the copy, which is only right when it was read last (basebackup.c does the same).
@@ -127,3 +130,66 @@ def rsync_exclude_args() -> list[str]:
 
 #: rsync's exit status when source files vanished during the transfer (normal on a live cluster).
 RSYNC_VANISHED = 24
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a base backup: where it goes in the backup, and where it is read from."""
+
+    path: str  # in the backup, '/'-separated: base/5/16384, pg_tblspc/16390/PG_15_202209061/5/16391
+    source: Path
+    is_dir: bool
+
+
+def walk(datadir: Path, tablespace_dir: str | None = None) -> Iterator[Entry]:
+    """The entries of a base backup of ``datadir``, folders before their contents, pg_control last.
+
+    Tablespaces (``pg_tblspc/<oid>`` links) are followed into their ``PG_<major>_<catversion>`` folder,
+    which the backup holds as ``pg_tblspc/<oid>/PG_...``: one tree, restored with tablespace_map. A file
+    or folder that vanishes while it is walked is left out (the server dropped it: WAL replay agrees).
+
+    :param datadir: the data directory (of a running server: everything is read as it is now).
+    :param tablespace_dir: the tablespaces' version folder name; default: ``PG_<major>_<catversion>``
+        from PG_VERSION and global/pg_control.
+    """
+    datadir = Path(datadir)
+    if tablespace_dir is None:
+        from pg_safe_backup.files.pgcontrol import read_pg_control
+
+        major = (datadir / "PG_VERSION").read_text().strip()
+        tablespace_dir = f"PG_{major}_{read_pg_control(datadir).catalog_version_no}"
+    yield from _walk_dir(datadir, "", tablespace_dir)
+    control = datadir / CONTROL_FILE
+    if control.exists():
+        yield Entry(CONTROL_FILE, control, False)
+
+
+def _walk_dir(folder: Path, rel: str, tablespace_dir: str) -> Iterator[Entry]:
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return
+    siblings = set(names)
+    for name in names:
+        path = folder / name
+        relpath = f"{rel}/{name}" if rel else name
+        try:
+            is_dir = path.is_dir()  # follows a pg_tblspc link
+        except OSError:
+            continue
+        if not path.exists() or excluded(rel, name, is_dir, siblings) or relpath == CONTROL_FILE:
+            continue
+        if not is_dir:
+            yield Entry(relpath, path, False)
+            continue
+        yield Entry(relpath, path, True)
+        if contents_excluded(rel, name):
+            if rel == "" and name == WAL_DIR:
+                yield Entry(f"{WAL_DIR}/archive_status", path / "archive_status", True)
+        elif rel == "pg_tblspc":
+            version = path / tablespace_dir
+            if version.is_dir():
+                yield Entry(f"{relpath}/{tablespace_dir}", version, True)
+                yield from _walk_dir(version, f"{relpath}/{tablespace_dir}", tablespace_dir)
+        else:
+            yield from _walk_dir(path, relpath, tablespace_dir)
