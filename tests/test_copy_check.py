@@ -52,12 +52,15 @@ def test_pg_control_read_matches_the_server(cluster):
         "SELECT system_identifier, pg_control_version, catalog_version_no FROM pg_control_system()"
     )
     ((checkpoint,),) = cluster.sql("SELECT checkpoint_lsn::text FROM pg_control_checkpoint()")
-    ((block_size,),) = cluster.sql("SELECT database_block_size FROM pg_control_init()")
+    ((block_size, segment_size),) = cluster.sql(
+        "SELECT database_block_size, bytes_per_wal_segment FROM pg_control_init()"
+    )
     assert control.system_identifier == sysid % (1 << 64)
     assert control.pg_control_version == version
     assert control.catalog_version_no == catalog
     assert control.checkpoint == parse_lsn(checkpoint)
     assert control.blcksz == block_size
+    assert control.xlog_seg_size == segment_size
     assert control.byte_order == "<"  # this machine's servers write little-endian files
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from pg_safe_backup.files.wal import WalMissing, include_wal
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import VerifyResult, verify_backup
 
@@ -90,6 +91,7 @@ class Backup:
     source: LocalCluster
     tablespace_location: Path | None = None
     tablespace_oid: int | None = None
+    stop_lsn: str | None = None
 
 
 def copy_data_dir(datadir: Path, copy: Path) -> None:
@@ -164,8 +166,8 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
             inserter.wait_for(inserter.committed + 5 * BATCH)
             shutil.copy2(source.datadir / "global" / "pg_control", copy / "global" / "pg_control")
             committed = inserter.stop()
-            labelfile, spcmapfile = session.execute(
-                "SELECT labelfile, spcmapfile FROM "
+            stop_lsn, labelfile, spcmapfile = session.execute(
+                "SELECT lsn::text, labelfile, spcmapfile FROM "
                 + ("pg_stop_backup(false, true)" if pre15 else "pg_backup_stop(true)")
             ).fetchone()
     finally:
@@ -177,7 +179,7 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
         (copy / "tablespace_map").write_text(spcmapfile)
     else:
         assert not spcmapfile
-    return Backup(copy, archive, committed, source, location, oid)
+    return Backup(copy, archive, committed, source, location, oid, stop_lsn)
 
 
 def snapshot(path: Path) -> dict[str, tuple]:
@@ -388,3 +390,30 @@ def test_tablespace_map_paths_with_escapes_round_trip():
     odd = "/srv/with space/back\\slash/new\nline"
     text = f"16384 /srv/ts1\n16385 {_escape_map_path(odd)}\n"
     assert _parse_tablespace_map(text) == [("16384", "/srv/ts1"), ("16385", odd)]
+
+
+def test_self_contained_backup_restores_without_an_archive(backup, tmp_root):
+    """include_wal copies the backup's WAL (start segment through the one before the stop LSN) from the
+    archive into the copy's pg_wal/: it then recovers with no restore_command, every row there."""
+    b = backup()
+    label = (b.copy / "backup_label").read_text()
+    archive_only = tmp_root / "archive_without_one"
+    shutil.copytree(b.archive, archive_only)
+    copied = include_wal(b.copy, b.archive, backup_label=label, stop_lsn=b.stop_lsn)
+    segments = [n for n in copied if not n.endswith(".history")]
+    assert segments and all((b.copy / "pg_wal" / n).is_file() for n in copied)
+    assert segments[0][8:] in label.split("(file ")[1], "the first segment holds the START WAL LOCATION"
+
+    result = verify_backup(b.copy, None, invariant_sql=invariant(b.committed, "ledger"), timeout=60)
+
+    assert_pass(result)
+    assert result.details["wal_archive"] is None and result.details["wal_files_restored"] == 0
+
+    (archive_only / segments[-1]).unlink()
+    bare = tmp_root / "bare"
+    shutil.copytree(b.copy, bare, ignore=lambda folder, names: names if folder.endswith("pg_wal") else [])
+    with pytest.raises(WalMissing, match=f"WAL segment {segments[-1]}, which the backup needs"):
+        include_wal(bare, archive_only, backup_label=label, stop_lsn=b.stop_lsn)
+    assert not any((bare / "pg_wal").glob("0*")), "nothing is copied when a segment is missing"
+    refused = verify_backup(bare, None, timeout=60)
+    assert not refused.ok and "only a self-contained backup" in refused.summary()

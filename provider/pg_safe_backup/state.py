@@ -212,7 +212,19 @@ def wal_segment_name(end_lsn: str, timeline: int, segment_size: int) -> str:
     xlog_internal.h's ``XLByteToPrevSeg`` and ``XLogFileName``, as do_pg_backup_stop names the segment
     it waits for (pg_walfile_name switched from PrevSeg to Seg in PostgreSQL 17, so it is not used).
     """
-    segment = (parse_lsn(end_lsn) - 1) // segment_size
+    return _wal_file_name(timeline, (parse_lsn(end_lsn) - 1) // segment_size, segment_size)
+
+
+def wal_segment_names(start_lsn: str, end_lsn: str, timeline: int, segment_size: int) -> list[str]:
+    """The WAL files from the one holding ``start_lsn`` through the one before ``end_lsn``: the WAL a backup
+    needs to become consistent (basebackup.c's range for ``-X fetch``: XLByteToSeg, XLByteToPrevSeg)."""
+    first = parse_lsn(start_lsn) // segment_size
+    last = (parse_lsn(end_lsn) - 1) // segment_size
+    return [_wal_file_name(timeline, segment, segment_size) for segment in range(first, last + 1)]
+
+
+def _wal_file_name(timeline: int, segment: int, segment_size: int) -> str:
+    """xlog_internal.h's XLogFileName."""
     per_id = 0x1_0000_0000 // segment_size
     return f"{timeline:08X}{segment // per_id:08X}{segment % per_id:08X}"
 

@@ -33,6 +33,10 @@ through ``restore_command``) or the backed-up tablespace locations:
    available), and an optional application invariant: a query returning rows ``(ok boolean, detail
    text)``.
 
+``WAL_ARCHIVE`` None: a self-contained backup (its WAL copied into its ``pg_wal/`` by
+:func:`pg_safe_backup.files.wal.include_wal`) recovers from that WAL alone, as one pg_basebackup
+``-X fetch`` made: no ``recovery.signal``, no ``restore_command``, crash recovery from backup_label.
+
 A backup without ``backup_label`` is refused (``require_backup_label=False`` checks it anyway, e.g.
 a cold copy of a stopped server). The result is a ``VerifyResult``; a server that does not start or
 recover is a FAIL with the end of its log, never an exception.
@@ -133,7 +137,7 @@ class _Refused(Exception):
 
 def verify_backup(
     backup_dir: Path | str,
-    wal_archive: Path | str,
+    wal_archive: Path | str | None,
     *,
     invariant_sql: str | None = None,
     invariant_db: str = "postgres",
@@ -161,9 +165,9 @@ def verify_backup(
     """
     started = time.monotonic()
     backup = Path(backup_dir).absolute()
-    archive = Path(wal_archive).absolute()
+    archive = Path(wal_archive).absolute() if wal_archive is not None else None
     reasons: list[str] = []
-    details: dict[str, Any] = {"backup_dir": str(backup), "wal_archive": str(archive)}
+    details: dict[str, Any] = {"backup_dir": str(backup), "wal_archive": str(archive) if archive else None}
     work: Path | None = None
     cluster: LocalCluster | None = None
     try:
@@ -178,11 +182,11 @@ def verify_backup(
         work = Path(tempfile.mkdtemp(prefix="pgsb-verify-", dir=work_dir))
         details["work_dir"] = str(work)
         data = work / "data"
-        _copy_backup(backup, data, use_backup_pg_wal, details)
+        _copy_backup(backup, data, use_backup_pg_wal or archive is None, details)
         _prepare_tablespaces(backup, work, data, tablespace_dirs or {}, major, details)
         newest = _newest_page(data, details)
         settings = _settings(work, archive, recovery_target_immediate, major, extra_settings)
-        _configure(work, data, settings)
+        _configure(work, data, settings, archive_recovery=archive is not None)
         cluster = LocalCluster(data, port=int(settings["port"]), bindir=bin_path)
         give_to_server_user(work)
         os.chmod(work, 0o700)
@@ -242,14 +246,22 @@ def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
 
 
 # --------------------------------------------------------------------------------------- preparation
-def _preflight(backup: Path, archive: Path, require_label: bool, details: dict[str, Any]) -> str | None:
+def _preflight(
+    backup: Path, archive: Path | None, require_label: bool, details: dict[str, Any]
+) -> str | None:
     if not (backup / "PG_VERSION").is_file() or not (backup / "global" / "pg_control").is_file():
         raise _Refused(
             f"{backup} is not a copy of a PostgreSQL data directory (no PG_VERSION or global/pg_control)"
         )
-    if not archive.is_dir():
+    if archive is None:
+        if not any((backup / "pg_wal").glob("[0-9A-F]" * 24)):
+            raise _Refused(
+                f"no WAL archive given and {backup}/pg_wal holds no WAL: only a self-contained backup"
+                " (include_wal) restores without an archive"
+            )
+    elif not archive.is_dir():
         raise _Refused(f"the WAL archive {archive} is not a folder")
-    if (
+    elif (
         os.geteuid() == 0
         and subprocess.run(as_server_user(["test", "-r", str(archive), "-a", "-x", str(archive)])).returncode
         != 0
@@ -413,9 +425,10 @@ def _quote(value: str) -> str:
 
 
 def _settings(
-    work: Path, archive: Path, immediate: bool, major: int | None, extra: Mapping[str, str] | None
+    work: Path, archive: Path | None, immediate: bool, major: int | None, extra: Mapping[str, str] | None
 ) -> dict[str, str]:
-    source = shlex.quote(str(archive).replace("%", "%%") + "/%f")
+    # No archive: a self-contained backup recovers from the WAL in its own pg_wal/.
+    source = shlex.quote(str(archive).replace("%", "%%") + "/%f") if archive else None
     settings = {
         "port": str(free_port()),
         "listen_addresses": "''",
@@ -426,7 +439,7 @@ def _settings(
         "ident_file": _quote(str(work / "pg_ident.conf")),
         "external_pid_file": _quote(str(work / "external.pid")),
         "ssl": "off",
-        "restore_command": _quote(f'cp {source} "%p"'),
+        "restore_command": _quote(f'cp {source} "%p"') if source else "''",
         # Clear any other target first: setting one while another is set is an error, even to ''.
         "recovery_target_lsn": "''",
         "recovery_target_name": "''",
@@ -464,7 +477,7 @@ def _settings(
     return settings
 
 
-def _configure(work: Path, data: Path, settings: dict[str, str]) -> None:
+def _configure(work: Path, data: Path, settings: dict[str, str], archive_recovery: bool) -> None:
     (work / "pg_hba.conf").write_text("local all all trust\n")
     (work / "pg_ident.conf").write_text("")
     # data_directory is only honoured from postgresql.conf (first pass), so pin it there.
@@ -474,7 +487,10 @@ def _configure(work: Path, data: Path, settings: dict[str, str]) -> None:
         f.write("\n# pg_safe_backup.verify: restore check of a backup copy\n")
         for key, value in settings.items():
             f.write(f"{key} = {value}\n")
-    (data / "recovery.signal").write_text("")
+    if archive_recovery:
+        (data / "recovery.signal").write_text("")
+    # else: a self-contained backup recovers as pg_basebackup -X fetch's does, from backup_label and the
+    # WAL in its pg_wal/ (archive recovery would insist on a restore_command).
 
 
 # ---------------------------------------------------------------------------------------- recovery

@@ -43,6 +43,7 @@ _FIELDS = {
     "catalog_version_no": (12, "I"),
     "checkpoint": (32, "Q"),
     "blcksz": (216, "I"),
+    "xlog_seg_size": (228, "I"),
 }
 
 
@@ -85,6 +86,7 @@ class ControlFile:
     catalog_version_no: int
     checkpoint: int
     blcksz: int
+    xlog_seg_size: int  # bytes per WAL segment (initdb --wal-segsize)
 
 
 def _byte_order(raw: bytes) -> str | None:
