@@ -37,7 +37,7 @@ from pg_safe_backup.local_cluster import (
     give_to_server_user,
     unreachable_by_server_user,
 )
-from pg_safe_backup.verify import verify_backup
+from pg_safe_backup.verify import check_backup
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "pg_backup_example"
@@ -196,16 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         if cluster:
             wait_archived(cluster)
         say(
-            "restore check: a temporary server recovers the copy from the archive, then amcheck + data checks"
+            "checks: page LSNs, pg_verifybackup against the backup_manifest, then a temporary server recovers"
+            " the copy from the archive (amcheck + data checks)"
         )
-        result = verify_backup(
+        result = check_backup(
             backup_dir,
             archive,
             recovery_target_immediate=not writer,
             invariant_sql=invariant_sql(writer.tables, committed) if writer else None,
         )
         print("\nbackup_label stored with the backup:\n" + label)
-        print(f"restore check: {result.summary()}")
+        for step in result.steps:
+            print(step.line())
+        print(f"verdict: {result.summary().splitlines()[0]}")
         print(f"backup: {backup_dir}")
         print(f"wal archive: {archive}")
         if args.keep:

@@ -175,6 +175,13 @@ def assert_restores_with_every_commit(env: dict, completed: dict, tables: tuple[
     assert completed["committed"] > 500, "the write load did not run during the backup"
     # The DAG's own restore check (PostgresVerifyBackupOperator, recovery to the consistent point).
     assert completed["verified"]["ok"] and completed["verified"]["summary"].startswith("PASS")
+    # ... after its page-LSN check and PostgreSQL's pg_verifybackup (WAL parsed) of the manifest it stored.
+    checks = completed["verified"]["checks"]
+    assert checks["page-LSN check"]["status"] == "PASS", checks
+    assert (
+        checks["pg_verifybackup"]["status"] == "PASS" and checks["pg_verifybackup"]["details"]["wal_parsed"]
+    )
+    assert (backup_dir / "backup_manifest").is_file()
     result = verify_backup(
         backup_dir,
         env["archive"],

@@ -385,11 +385,11 @@ def test_tablespace_restored_from_its_copy_never_from_the_original(backup, tmp_r
 
 
 def test_tablespace_map_paths_with_escapes_round_trip():
-    from pg_safe_backup.verify import _escape_map_path, _parse_tablespace_map
+    from pg_safe_backup.files.tablespaces import escape_map_path, parse_tablespace_map
 
     odd = "/srv/with space/back\\slash/new\nline"
-    text = f"16384 /srv/ts1\n16385 {_escape_map_path(odd)}\n"
-    assert _parse_tablespace_map(text) == [("16384", "/srv/ts1"), ("16385", odd)]
+    text = f"16384 /srv/ts1\n16385 {escape_map_path(odd)}\n"
+    assert parse_tablespace_map(text) == [("16384", "/srv/ts1"), ("16385", odd)]
 
 
 def test_self_contained_backup_restores_without_an_archive(backup, tmp_root):

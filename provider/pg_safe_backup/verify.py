@@ -47,7 +47,6 @@ CLI: ``python -m pg_safe_backup.verify BACKUP_DIR WAL_ARCHIVE [--invariant-sql S
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -66,11 +65,21 @@ from psycopg import sql as pgsql
 
 from pg_safe_backup.files.pgcontrol import (
     CopyMismatch,
+    MissingStopLsn,
     PageLSN,
     check_copy,
+    check_page_lsns,
     format_lsn,
     newest_page,
     parse_lsn,
+    stop_lsn_from_manifest,
+)
+from pg_safe_backup.files.tablespaces import (
+    TablespaceNotCopied,
+    escape_map_path,
+    find_tablespace_copy,
+    parse_tablespace_map,
+    tablespace_copies,
 )
 from pg_safe_backup.local_cluster import (
     SERVER_USER,
@@ -80,6 +89,7 @@ from pg_safe_backup.local_cluster import (
     free_port,
     give_to_server_user,
 )
+from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
 from pg_safe_backup.state import parse_backup_label
 
 LSN = r"[0-9A-F]+/[0-9A-F]+"
@@ -318,35 +328,6 @@ def _copy_backup(backup: Path, data: Path, use_backup_pg_wal: bool, details: dic
     (data / "pg_tblspc").mkdir()
 
 
-def _parse_tablespace_map(text: str) -> list[tuple[str, str]]:
-    """``OID PATH`` lines; PATH may contain backslash-escaped newlines/backslashes (PostgreSQL 13+)."""
-    entries: list[tuple[str, str]] = []
-    buf: list[str] = []
-    escaped = False
-    for ch in text:
-        if escaped:
-            buf.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch in "\n\r":
-            line = "".join(buf)
-            buf = []
-            if line.strip():
-                oid, _, path = line.partition(" ")
-                entries.append((oid, path))
-        else:
-            buf.append(ch)
-    if "".join(buf).strip():
-        oid, _, path = "".join(buf).partition(" ")
-        entries.append((oid, path))
-    return entries
-
-
-def _escape_map_path(path: str) -> str:
-    return "".join("\\" + c if c in "\\\n\r" else c for c in path)
-
-
 def _prepare_tablespaces(
     backup: Path,
     work: Path,
@@ -356,7 +337,7 @@ def _prepare_tablespaces(
     details: dict[str, Any],
 ) -> None:
     map_file = data / "tablespace_map"
-    entries = _parse_tablespace_map(map_file.read_text()) if map_file.exists() else []
+    entries = parse_tablespace_map(map_file.read_text()) if map_file.exists() else []
     listed = {oid for oid, _ in entries}
     spc = backup / "pg_tblspc"
     if spc.is_dir():
@@ -375,34 +356,15 @@ def _prepare_tablespaces(
     tablespaces: dict[str, dict[str, str]] = {}
     lines = []
     for oid, original in entries:
-        candidates = (
-            ([Path(overrides[oid])] if oid in overrides else [])
-            + ([Path(overrides[int(oid)])] if oid.isdigit() and int(oid) in overrides else [])
-            + [
-                backup.parent / f"{backup.name}_tablespaces" / oid,
-                backup.parent / f"{backup.name}.tablespaces" / oid,
-            ]
-        )
-        inside = spc / oid
-        if inside.is_dir() and not inside.is_symlink():
-            candidates.append(inside)
-        source = next((c for c in candidates if c.is_dir()), None)
-        if source is None:
-            raise _Refused(
-                f"tablespace {oid} ({original} in tablespace_map): no backup of it found in "
-                + ", ".join(str(c) for c in candidates)
-                + "; refusing to restore from the original location"
-            )
-        if major is not None and not any(p.name.startswith(f"PG_{major}_") for p in source.iterdir()):
-            raise _Refused(
-                f"tablespace {oid}: {source} has no PG_{major}_* folder (it holds"
-                f" {sorted(os.listdir(source))}) instead of the contents of {original}"
-            )
+        try:
+            source = find_tablespace_copy(backup, oid, original, overrides, major)
+        except TablespaceNotCopied as err:
+            raise _Refused(str(err)) from err
         target = work / "tablespaces" / oid
         shutil.copytree(source, target, symlinks=False)
         os.chmod(target, 0o700)
         tablespaces[oid] = {"original": original, "backup": str(source), "restored_to": str(target)}
-        lines.append(f"{oid} {_escape_map_path(str(target))}\n")
+        lines.append(f"{oid} {escape_map_path(str(target))}\n")
     map_file.write_text("".join(lines))
     details["tablespaces"] = tablespaces
 
@@ -687,59 +649,181 @@ def _check_invariant(
         reasons.append("invariant violated: " + (str(r[1]) if len(r) > 1 else repr(tuple(r))))
 
 
+# ------------------------------------------------------------------------------ every check of a backup
+PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
+#: The checks :func:`check_backup` runs, cheapest first.
+CHECKS = ("page-LSN check", "pg_verifybackup", "restore check")
+
+
+@dataclass
+class CheckStep:
+    """One check of a backup: PASS, FAIL or SKIPPED, and why, naming the file or page at fault."""
+
+    name: str
+    status: str
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"{self.name}: {self.status}: {self.summary}"
+
+
+@dataclass
+class BackupCheck:
+    """The checks of one backup, in the order they ran."""
+
+    steps: list[CheckStep]
+
+    @property
+    def ok(self) -> bool:
+        return all(step.status != FAIL for step in self.steps)
+
+    def step(self, name: str) -> CheckStep | None:
+        return next((step for step in self.steps if step.name == name), None)
+
+    def summary(self) -> str:
+        """One verdict line (``PASS: ...`` or ``FAIL: ...``, naming each check), then a line per check."""
+        verdict = ", ".join(f"{step.name} {step.status.lower()}" for step in self.steps)
+        failed = [step.line() for step in self.steps if step.status == FAIL]
+        head = f"{PASS if self.ok else FAIL}: {verdict}" + (f" ({'; '.join(failed)})" if failed else "")
+        return "\n".join([head, *(f"  {step.line()}" for step in self.steps)])
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for XCom: ok, summary and each check's status, summary and details."""
+        return {
+            "ok": self.ok,
+            "summary": self.summary(),
+            "checks": {
+                s.name: {"status": s.status, "summary": s.summary, "details": s.details} for s in self.steps
+            },
+        }
+
+
+def check_backup(
+    backup_dir: Path | str,
+    wal_archive: Path | str | None,
+    *,
+    stop_lsn: str | None = None,
+    page_lsns: bool = True,
+    manifest: bool = True,
+    restore: bool = True,
+    verifier_bindir: Path | str | None = None,
+    tablespace_dirs: Mapping[str | int, Path | str] | None = None,
+    **restore_options: Any,
+) -> BackupCheck:
+    """Check a stored backup, cheapest first: its page LSNs, ``pg_verifybackup``, then the restore check.
+
+    Each check runs whatever the one before found, so one report names every problem.
+
+    :param backup_dir: the copy, with its backup_label (and backup_manifest, tablespace_map).
+    :param wal_archive: the WAL archive; None for a self-contained backup (its WAL in its pg_wal/).
+    :param stop_lsn: the backup's stop LSN, for the page-LSN check of a backup of a primary; default:
+        the End-LSN of its backup_manifest, else the backup history file in the archive.
+    :param page_lsns: run the page-LSN check (seconds per GB, no server).
+    :param manifest: run pg_verifybackup when the copy has a backup_manifest.
+    :param restore: run the restore check (a temporary server: minutes per GB).
+    :param verifier_bindir: the folder of pg_verifybackup; default: the backup's major's binaries.
+    :param tablespace_dirs: tablespace OID -> its backup, when not where the module docstring looks.
+    :param restore_options: :func:`verify_backup`'s keyword arguments.
+    """
+    backup = Path(backup_dir).absolute()
+    archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    steps = []
+    if page_lsns:
+        steps.append(_page_lsn_step(backup, archive, stop_lsn, tablespace_dirs))
+    if manifest:
+        steps.append(_verifybackup_step(backup, archive, verifier_bindir))
+    if restore:
+        result = verify_backup(backup, archive, tablespace_dirs=tablespace_dirs, **restore_options)
+        steps.append(CheckStep(CHECKS[2], PASS if result.ok else FAIL, result.summary()[6:], result.details))
+    return BackupCheck(steps)
+
+
+def backup_stop_lsn(backup: Path, wal_archive: Path | None) -> tuple[str, str] | None:
+    """The backup's stop LSN and where it was read: its backup_manifest's WAL-Ranges, else the backup
+    history file (``<segment>.<offset>.backup``) pg_backup_stop wrote into the archive; None if neither."""
+    manifest_file = backup / "backup_manifest"
+    if manifest_file.is_file():
+        try:
+            return stop_lsn_from_manifest(manifest_file.read_text()), str(manifest_file)
+        except ValueError:
+            pass
+    label = backup / "backup_label"
+    if wal_archive is None or not label.is_file():
+        return None
+    start = parse_backup_label(label.read_text()).get("START WAL LOCATION", "")
+    m = re.match(r"(\S+) \(file ([0-9A-F]{24})\)", start)
+    if not m:
+        return None
+    for history in sorted(wal_archive.glob(f"{m.group(2)}.*.backup")):
+        fields = parse_backup_label(history.read_text(errors="replace"))
+        if fields.get("START WAL LOCATION") == start and fields.get("STOP WAL LOCATION"):
+            return fields["STOP WAL LOCATION"].split(" ")[0], str(history)
+    return None
+
+
+def _page_lsn_step(
+    backup: Path, archive: Path | None, stop_lsn: str | None, overrides: Mapping[str | int, Path | str] | None
+) -> CheckStep:
+    name = CHECKS[0]
+    label = backup / "backup_label"
+    if not label.is_file():
+        return CheckStep(name, SKIPPED, f"{backup} has no backup_label: no backup to hold its pages against")
+    details: dict[str, Any] = {}
+    if stop_lsn:
+        details["stop_lsn_from"] = "given"
+    elif found := backup_stop_lsn(backup, archive):
+        stop_lsn, details["stop_lsn_from"] = found
+    try:
+        spaces = tablespace_copies(backup, overrides, _major(backup))
+        result = check_page_lsns(
+            backup, backup_label=label.read_text(), stop_lsn=stop_lsn, tablespaces=spaces
+        )
+    except MissingStopLsn as err:
+        return CheckStep(name, SKIPPED, str(err), details)
+    except (ValueError, CopyMismatch, OSError) as err:
+        return CheckStep(name, FAIL, _one_line(err), details)
+    details.update(
+        newest_page=str(result.newest) if result.newest else None,
+        consistency_lsn=format_lsn(result.consistency_lsn),
+        consistency_from=result.source,
+        bytes_scanned=result.bytes_scanned,
+        files=result.files,
+        seconds=round(result.seconds, 2),
+    )
+    return CheckStep(name, PASS if result.ok else FAIL, result.message, details)
+
+
+def _verifybackup_step(backup: Path, archive: Path | None, bindir: Path | str | None) -> CheckStep:
+    name = CHECKS[1]
+    major = _major(backup)
+    if not (backup / "backup_manifest").is_file():
+        why = "PostgreSQL 12 has no backup manifests" if major == 12 else "the store task wrote none"
+        return CheckStep(name, SKIPPED, f"no backup_manifest in {backup} ({why})")
+    try:
+        folder = Path(bindir) if bindir else find_bindir(major)
+    except (FileNotFoundError, ValueError) as err:
+        return CheckStep(name, SKIPPED, f"no PostgreSQL {major} binaries here: {_one_line(err)}")
+    if not (folder / "pg_verifybackup").is_file():
+        return CheckStep(name, SKIPPED, f"no pg_verifybackup in {folder}")
+    verifier_major = tool_major(folder / "pg_verifybackup")
+    same = verifier_major == major
+    run = run_pg_verifybackup(backup, bindir=folder, wal_path=archive, skip_wal=not same)
+    details = {"command": run.cmd, "verifier_major": verifier_major, "wal_parsed": same}
+    note = "" if same else f" (WAL not parsed: pg_waldump {verifier_major} reads only its own major's WAL)"
+    if run.ok:
+        return CheckStep(
+            name, PASS, run.output.splitlines()[-1] + note if run.output else "ok" + note, details
+        )
+    return CheckStep(name, FAIL, " | ".join(run.output.splitlines()[:10]) + note, details)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pg_safe_backup.verify",
-        description="Restore a backup copy on a temporary server and check it.",
-    )
-    parser.add_argument("backup_dir", type=Path)
-    parser.add_argument("wal_archive", type=Path)
-    parser.add_argument(
-        "--invariant-sql", help="a query returning rows (ok boolean, detail text); all must be ok"
-    )
-    parser.add_argument("--invariant-db", default="postgres")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (the server is stopped)")
-    parser.add_argument("--work-dir", type=Path, help="where to make the temporary work dir")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to start and recover")
-    parser.add_argument("--bindir", type=Path, help="PostgreSQL server binaries")
-    parser.add_argument(
-        "--to-end-of-archive",
-        action="store_true",
-        help="replay the whole archive instead of stopping at the backup's consistent point",
-    )
-    parser.add_argument(
-        "--allow-missing-label",
-        action="store_true",
-        help="check a copy without backup_label (only right for a copy of a stopped server)",
-    )
-    parser.add_argument(
-        "--use-backup-pg-wal",
-        action="store_true",
-        help="start with the backup's pg_wal/ files instead of an empty pg_wal/ (not recommended)",
-    )
-    parser.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print the details too")
-    args = parser.parse_args(argv)
-    result = verify_backup(
-        args.backup_dir,
-        args.wal_archive,
-        invariant_sql=args.invariant_sql,
-        invariant_db=args.invariant_db,
-        work_dir=args.work_dir,
-        keep=args.keep,
-        timeout=args.timeout,
-        bindir=args.bindir,
-        recovery_target_immediate=not args.to_end_of_archive,
-        require_backup_label=not args.allow_missing_label,
-        user=args.user,
-        use_backup_pg_wal=args.use_backup_pg_wal,
-    )
-    print(result.summary())
-    if args.verbose:
-        for key, value in result.details.items():
-            print(f"  {key}: {value}")
-    return 0 if result.ok else 1
+    """``python -m pg_safe_backup.verify ...``: the same as ``pg-safe-backup verify ...``."""
+    from pg_safe_backup.cli import main as cli_main
+
+    return cli_main(["verify", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 
 from pg_safe_backup.files.label import store_label
+from pg_safe_backup.files.manifest import DIGEST_SIZES, ManifestError, write_backup_manifest
 from pg_safe_backup.files.pgcontrol import CopyMismatch
+from pg_safe_backup.files.tablespaces import TablespaceNotCopied
+from pg_safe_backup.files.wal import WalMissing, include_wal
 from pg_safe_backup.params import (
     check_flag,
     check_label,
@@ -293,9 +296,10 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
 
 class PostgresStoreBackupLabelOperator(BaseOperator):
     """
-    Write backup_label (and tablespace_map, when the backup has one) into the backup destination.
+    Write backup_label (and tablespace_map, when the backup has one) into the backup destination, then,
+    into a local or mounted copy, the backup's WAL (``include_wal``) and its ``backup_manifest``.
 
-    Without these files in place a restored copy can start and silently lose data, so they must
+    Without the label files in place a restored copy can start and silently lose data, so they must
     be stored with every backup. Where the destination is a local (or mounted) copy of the data
     directory, the label is refused unless the copy's pg_control is valid, its system identifier is
     the backed up cluster's and its checkpoint lies between the label's CHECKPOINT LOCATION and the
@@ -303,18 +307,50 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     ``backup_label`` or ``tablespace_map`` an earlier attempt left in the destination is removed
     (and logged) before this backup's are written (see :func:`pg_safe_backup.files.label.store_label`).
 
+    The ``backup_manifest`` (PostgreSQL 13+) lists every file of the copy with its size and checksum and
+    the WAL the backup needs, as pg_basebackup writes it: ``pg_verifybackup`` then checks the backup at
+    rest, in seconds. The copy's ``pg_tblspc/<oid>`` links are pointed at the tablespaces' copies first
+    (``<destination>_tablespaces/<oid>``, ...: see :mod:`pg_safe_backup.files.tablespaces`), never at the
+    live tablespaces. An object store destination gets no manifest (the log says so).
+
     A copy that does not match its label, or a backup without one, fails the task without a retry
     (``AirflowFailException``); a destination that cannot be written to is retried.
 
     :param backup: the ``PostgresOnlineBackup`` group (or the finish task's id) whose label to store.
     :param destination: folder or URL of the copy (templated); any ObjectStoragePath location.
+    :param manifest: write ``backup_manifest`` into a local or mounted copy (PostgreSQL 13+).
+    :param manifest_checksums: the manifest's checksum algorithm: SHA256 (default), SHA224, SHA384,
+        SHA512, CRC32C, or NONE (sizes only: for huge copies checked some other way).
+    :param include_wal: copy the WAL the backup needs from ``wal_archive`` into the copy's pg_wal/, so it
+        restores with no archive at all (as pg_basebackup ``-X fetch`` backups do).
+    :param wal_archive: the folder archive_command copies WAL into (templated); needed by ``include_wal``.
     """
 
-    template_fields: Sequence[str] = ("destination",)
+    template_fields: Sequence[str] = ("destination", "wal_archive")
 
-    def __init__(self, *, backup: TaskGroup | str, destination: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        backup: TaskGroup | str,
+        destination: str,
+        manifest: bool = True,
+        manifest_checksums: str = "SHA256",
+        include_wal: bool = False,
+        wal_archive: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.destination = unless_rendered_later(check_text, destination, "destination")
+        self.manifest = check_flag(manifest, "manifest")
+        if str(manifest_checksums).upper() not in DIGEST_SIZES:
+            raise ValueError(
+                f"manifest_checksums must be one of {', '.join(DIGEST_SIZES)}, got {manifest_checksums!r}"
+            )
+        self.manifest_checksums = str(manifest_checksums).upper()
+        self.include_wal = check_flag(include_wal, "include_wal")
+        if self.include_wal and not wal_archive:
+            raise ValueError("include_wal=True needs wal_archive: the folder the WAL is copied from")
+        self.wal_archive = wal_archive
         finish = getattr(backup, "finish", None)
         if isinstance(backup, str):
             self.finish_task_id = check_text(backup, "backup")
@@ -324,18 +360,21 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         else:
             raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
 
-    def execute(self, context: Context) -> dict[str, str]:
+    def execute(self, context: Context) -> dict[str, Any]:
         destination = rendered(check_text, self.destination, "destination")
         keys = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
         return self.store(
             destination, {key: same_map_index_xcom(context, self.finish_task_id, key) for key in keys}
         )
 
-    def store(self, destination: str, backup: dict[str, Any]) -> dict[str, str]:
-        """Write ``backup``'s label files into ``destination`` (checked against the copy there).
+    def store(self, destination: str, backup: dict[str, Any]) -> dict[str, Any]:
+        """Write ``backup``'s label files into ``destination`` (checked against the copy there), then its
+        WAL (``include_wal``) and its backup_manifest.
 
         :param destination: the rendered destination.
         :param backup: the finish's XCom: backup_label, tablespace_map, system_identifier, stop_lsn.
+        :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest),
+            and ``wal``: the WAL files copied.
         """
         if not backup.get("backup_label"):
             raise AirflowFailException(
@@ -344,8 +383,13 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         files = {"backup_label": backup["backup_label"], "tablespace_map": backup.get("tablespace_map")}
         target = ObjectStoragePath(destination)
         local_copy = Path(target.path) if target.protocol in ("", "file") else None
+        wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
+        if self.include_wal and local_copy is None:
+            raise AirflowFailException(
+                f"include_wal needs a local or mounted destination; {destination!r} is an object store"
+            )
         try:
-            written = store_label(
+            written: dict[str, Any] = store_label(
                 target,
                 files,
                 local_copy=local_copy,
@@ -353,14 +397,62 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 system_identifier=backup.get("system_identifier"),
                 stop_lsn=backup.get("stop_lsn"),
             )
-        except CopyMismatch as err:
+            self.log.info("stored %s", ", ".join(written.values()))
+            if self.include_wal and local_copy is not None and wal_archive:
+                written["wal"] = include_wal(
+                    local_copy,
+                    Path(wal_archive),
+                    backup_label=backup["backup_label"],
+                    stop_lsn=backup["stop_lsn"],
+                    log=self.log,
+                )
+            if self.manifest:
+                manifest = self._write_manifest(local_copy, destination, backup)
+                if manifest:
+                    written["backup_manifest"] = manifest
+        except (CopyMismatch, ManifestError, TablespaceNotCopied) as err:
             raise AirflowFailException(str(err)) from err
-        except OSError as err:
+        except (OSError, WalMissing) as err:
             raise AirflowException(
-                f"cannot write the backup label into destination {destination!r}: {err}"
+                f"cannot complete the backup in destination {destination!r}: {err}"
             ) from err
-        self.log.info("stored %s", ", ".join(written.values()))
         return written
+
+    def _write_manifest(
+        self, local_copy: Path | None, destination: str, backup: dict[str, Any]
+    ) -> str | None:
+        """Write the copy's backup_manifest; None (and a log line saying why) when there is none to write."""
+        if local_copy is None:
+            self.log.warning(
+                "no backup_manifest: %s is an object store, whose files are not read back here to checksum"
+                " them",
+                destination,
+            )
+            return None
+        major = int((local_copy / "PG_VERSION").read_text().strip())
+        if major < 13:
+            self.log.info(
+                "no backup_manifest: PostgreSQL %s has no manifest format (pg_verifybackup came with 13)",
+                major,
+            )
+            return None
+        summary = write_backup_manifest(
+            local_copy,
+            backup_label=backup["backup_label"],
+            stop_lsn=backup["stop_lsn"],
+            system_identifier=backup.get("system_identifier"),
+            checksum_algorithm=self.manifest_checksums,
+        )
+        self.log.info(
+            "wrote %s: %d files, %.1f MB, %s checksums, in %.1f s; check it with: pg_verifybackup %s",
+            summary.path,
+            summary.files,
+            summary.bytes / 1e6,
+            summary.checksum_algorithm,
+            summary.seconds,
+            local_copy,
+        )
+        return str(summary.path)
 
 
 def _public(backup: dict[str, Any]) -> dict[str, Any]:
@@ -369,57 +461,88 @@ def _public(backup: dict[str, Any]) -> dict[str, Any]:
 
 class PostgresVerifyBackupOperator(BaseOperator):
     """
-    Prove a stored backup restores: recover it on a temporary server from the WAL archive, then
-    run amcheck and an optional data invariant (see :func:`pg_safe_backup.verify.verify_backup`).
+    Prove a stored backup sound, cheapest check first (see :func:`pg_safe_backup.verify.check_backup`):
 
-    Needs PostgreSQL server binaries of the backup's major version on the worker. A failed check fails
-    the task without a retry (``AirflowFailException``): the same backup would fail it again.
+    1. the page-LSN check: no page of the copy is newer than the point where its recovery becomes
+       consistent (catches a label older than the copy, a standby's pg_control copied too early);
+    2. ``pg_verifybackup`` against the copy's backup_manifest (every file's presence, size and
+       checksum, and the WAL the backup needs), when the copy has one;
+    3. the restore check: recover the copy on a temporary server from the WAL archive, then run amcheck
+       and an optional data invariant.
+
+    Each result goes to the task log and to XCom (``checks``: status, summary, details). Needs PostgreSQL
+    binaries of the backup's major version on the worker for 2 and 3. A failed check fails the task
+    without a retry (``AirflowFailException``): the same backup would fail it again.
 
     :param backup_dir: the copy with its backup_label (templated).
-    :param wal_archive: the folder archive_command copies WAL into (templated).
+    :param wal_archive: the folder archive_command copies WAL into (templated); None for a self-contained
+        backup (stored with ``include_wal=True``).
+    :param stop_lsn: the backup's stop LSN (templated), for the page-LSN check of a backup of a primary;
+        default: from the copy's backup_manifest, else the backup history file in the archive.
     :param invariant_sql: query returning rows ``(ok boolean, detail text)``; all must be ok.
     :param invariant_db: database the invariant runs in.
     :param to_end_of_archive: replay the whole archive instead of stopping at the consistent point.
     :param timeout: seconds for the temporary server to start and recover.
+    :param page_lsn_check: run check 1.
+    :param verify_manifest: run check 2 (when the copy has a backup_manifest).
+    :param restore: run check 3, the slow one.
     """
 
-    template_fields: Sequence[str] = ("backup_dir", "wal_archive", "invariant_sql")
+    template_fields: Sequence[str] = ("backup_dir", "wal_archive", "stop_lsn", "invariant_sql")
 
     def __init__(
         self,
         *,
         backup_dir: str,
-        wal_archive: str,
+        wal_archive: str | None,
+        stop_lsn: str | None = None,
         invariant_sql: str | None = None,
         invariant_db: str = "postgres",
         to_end_of_archive: bool = False,
         timeout: float = 600,
+        page_lsn_check: bool = True,
+        verify_manifest: bool = True,
+        restore: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.backup_dir = unless_rendered_later(check_text, backup_dir, "backup_dir")
-        self.wal_archive = unless_rendered_later(check_text, wal_archive, "wal_archive")
+        self.wal_archive = (
+            unless_rendered_later(check_text, wal_archive, "wal_archive") if wal_archive is not None else None
+        )
+        self.stop_lsn = stop_lsn
         self.invariant_sql = invariant_sql
         self.invariant_db = check_text(invariant_db, "invariant_db")
         self.to_end_of_archive = to_end_of_archive
         self.restore_timeout = check_number(timeout, "timeout", 0, allow_min=False)
+        self.page_lsn_check = check_flag(page_lsn_check, "page_lsn_check")
+        self.verify_manifest = check_flag(verify_manifest, "verify_manifest")
+        self.restore = check_flag(restore, "restore")
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from pg_safe_backup.verify import verify_backup
+        from pg_safe_backup.verify import check_backup
 
         backup_dir = rendered(check_text, self.backup_dir, "backup_dir")
-        result = verify_backup(
+        wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
+        report = check_backup(
             backup_dir,
-            rendered(check_text, self.wal_archive, "wal_archive"),
+            wal_archive,
+            stop_lsn=self.stop_lsn or None,
+            page_lsns=self.page_lsn_check,
+            manifest=self.verify_manifest,
+            restore=self.restore,
             invariant_sql=self.invariant_sql,
             invariant_db=self.invariant_db,
             recovery_target_immediate=not self.to_end_of_archive,
             timeout=self.restore_timeout,
         )
-        self.log.info("restore check of %s: %s", backup_dir, result.summary())
-        if not result.ok:
-            raise AirflowFailException(f"restore check failed for {backup_dir}: {result.summary()}")
-        return {"ok": True, "summary": result.summary()}
+        for step in report.steps:
+            (self.log.error if step.status == "FAIL" else self.log.info)(
+                "%s of %s: %s", step.name, backup_dir, step.line()
+            )
+        if not report.ok:
+            raise AirflowFailException(f"checks failed for {backup_dir}: {report.summary().splitlines()[0]}")
+        return report.as_dict()
 
 
 _RENAMED = {"PostgresBackupHoldOperator": "PostgresStartBackupOperator"}
