@@ -26,6 +26,7 @@ from demo.load import wait_archived
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.manifest import (
     ManifestError,
+    ManifestSummary,
     ManifestUnsupported,
     WalRange,
     escape_json,
@@ -73,11 +74,11 @@ class Taken:
             timeout=120,
         )
 
-    def write(self, copy: Path | None = None, **kwargs) -> None:
+    def write(self, copy: Path | None = None, **kwargs) -> ManifestSummary:
         """Write the manifest of ``copy`` (default: the backup's) for this backup."""
         b = self.backup
         ranges = wal_ranges_for(b["start_lsn"], b["timeline"], b["stop_lsn"], b["timeline"], None, self.major)
-        write_manifest(
+        return write_manifest(
             copy or self.copy,
             major=self.major,
             system_identifier=b["system_identifier"],
@@ -260,7 +261,9 @@ def test_names_that_need_escaping_or_hex_encoding_are_found_by_pg_verifybackup(t
     assert not (small / "backup_manifest.tmp").exists()
     text = (small / "backup_manifest").read_text(errors="strict")
     assert '"Encoded-Path": "626173652f6c6174696e312de9"' in text
-    assert '"Path": "base/ctrl\\u0001char"' in text and "\\t" in text and '\\"' in text
+    assert '"Path": "base/ctrl\\u0001char"' in text
+    assert '"Path": "base/tab\\tnew\\nline"' in text
+    assert '"Path": "base/quote\\"back\\\\slash"' in text
     run = taken.verify(small)
     assert run.ok, run
     assert "backup successfully verified" in run.output
@@ -272,8 +275,9 @@ def test_given_checksums_are_written_without_reading_the_files(taken, tmp_root):
     computed = {
         f["Path"]: f["Checksum"] for f in json.loads((small / "backup_manifest").read_text())["Files"]
     }
-    # A value no read of the file gives: written as given.
-    taken.write(small, checksums={"PG_VERSION": "00" * 32})
+    # A value no read of the file gives: written as given, and the file is not read.
+    summary = taken.write(small, checksums={"PG_VERSION": "00" * 32})
+    assert summary.hashed_bytes == summary.bytes - (small / "PG_VERSION").stat().st_size
     again = {f["Path"]: f["Checksum"] for f in json.loads((small / "backup_manifest").read_text())["Files"]}
     assert again["PG_VERSION"] == "00" * 32
     assert {k: v for k, v in again.items() if k != "PG_VERSION"} == {
