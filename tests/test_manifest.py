@@ -34,6 +34,7 @@ from pg_safe_backup.files.manifest import (
     wal_ranges_for,
     write_manifest,
 )
+from pg_safe_backup.files.wal import include_wal
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.pgverify import VerifyRun, run_pg_verifybackup
@@ -384,3 +385,17 @@ def test_a_copy_with_a_fifo_or_a_link_loop_is_refused(tmp_root):
     with pytest.raises(ManifestError, match="fifo is not a regular file or directory"):
         write_manifest(tmp_root, major=15, system_identifier=None, wal_ranges=ranges)
     assert not (tmp_root / "backup_manifest").exists()
+
+
+def test_a_self_contained_copy_is_verified_with_its_own_pg_wal(taken, damaged):
+    """With the backup's WAL in the copy (include_wal, like pg_basebackup -X fetch) pg_verifybackup parses
+    the copy's pg_wal/, which the manifest leaves out: no archive needed."""
+    bindir, same_major = verifier_for(taken.major)
+    if not same_major:
+        pytest.skip(f"no pg_waldump of PostgreSQL {taken.major} installed to read its WAL")
+    b = taken.backup
+    copied = include_wal(damaged, taken.archive, backup_label=b["backup_label"], stop_lsn=b["stop_lsn"])
+    assert copied, "no WAL copied"
+    run = run_pg_verifybackup(damaged, bindir=bindir, wal_path=None, skip_wal=False)
+    assert run.ok, run
+    assert "-w" not in run.cmd
