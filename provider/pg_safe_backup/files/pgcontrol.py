@@ -60,9 +60,13 @@ def _crc32c_table() -> list[int]:
 _CRC32C = _crc32c_table()
 
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli, reflected), as PostgreSQL's INIT/COMP/FIN_CRC32C compute it."""
-    crc = 0xFFFFFFFF
+def crc32c(data: bytes, value: int = 0) -> int:
+    """CRC-32C (Castagnoli, reflected), as PostgreSQL's INIT/COMP/FIN_CRC32C compute it.
+
+    :param data: the bytes.
+    :param value: the CRC of the bytes before ``data``, to continue it (like ``zlib.crc32``).
+    """
+    crc = value ^ 0xFFFFFFFF
     for byte in data:
         crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF

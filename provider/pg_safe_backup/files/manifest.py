@@ -1,0 +1,485 @@
+"""Write a ``backup_manifest`` into a backup's copy, byte for byte as the server writes it.
+
+After PostgreSQL's src/backend/backup/backup_manifest.c (the writer), src/common/parse_manifest.c (the
+reader) and src/bin/pg_verifybackup/pg_verifybackup.c (what the verifier checks), so that
+``pg_verifybackup`` accepts a file-system backup taken with pg_backup_start()/pg_backup_stop():
+
+* one line per file of the copy, except what pg_verifybackup itself skips on disk
+  (:data:`~pg_safe_backup.files.layout.MANIFEST_IGNORED`); links are followed, as its ``stat()`` does,
+  so a tablespace is listed as ``pg_tblspc/<oid>/PG_<major>_<catversion>/...`` either way;
+* ``Path`` when the name is valid UTF-8 (JSON-escaped like the server's ``escape_json``), else
+  ``Encoded-Path`` (hex); ``Size``; ``Last-Modified`` (UTC); the checksum of the file's bytes;
+* the WAL the backup needs to be consistent (``WAL-Ranges``, newest timeline first);
+* ``Manifest-Checksum``: SHA-256 of every byte before its own line, which is the last.
+
+Version 1 for PostgreSQL 13 to 16; version 2 (with the ``System-Identifier`` that pg_verifybackup
+compares with global/pg_control) from 17. PostgreSQL 12 has no manifests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pg_safe_backup.files.layout import CONTROL_FILE, MANIFEST_IGNORED
+from pg_safe_backup.files.pgcontrol import crc32c
+from pg_safe_backup.state import format_lsn, parse_lsn
+
+MANIFEST_NAME = "backup_manifest"
+#: Written first, then renamed to MANIFEST_NAME; never listed (one a crash left is overwritten).
+MANIFEST_TMP = "backup_manifest.tmp"
+#: Bytes per digest of each algorithm pg_verifybackup knows (pg_checksum_parse_type), "NONE" has none.
+DIGEST_SIZES: dict[str, int] = {
+    "NONE": 0,
+    "CRC32C": 4,
+    "SHA224": 28,
+    "SHA256": 32,
+    "SHA384": 48,
+    "SHA512": 64,
+}
+#: Large reads: hashlib releases the GIL for them, so a few threads hash files side by side.
+CHUNK = 1 << 20
+_SHA = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
+
+
+class ManifestError(ValueError):
+    """No manifest can be written for this copy (the message says why)."""
+
+
+class ManifestUnsupported(ManifestError):
+    """The server's major version has no backup manifests (PostgreSQL 12)."""
+
+
+@dataclass(frozen=True)
+class WalRange:
+    """The WAL of one timeline that a backup needs: ``Start-LSN`` to ``End-LSN`` (``X/Y`` text)."""
+
+    timeline: int
+    start_lsn: str
+    end_lsn: str
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """What :func:`write_manifest` wrote."""
+
+    path: Path
+    version: int
+    checksum_algorithm: str
+    files: int  # files listed
+    bytes: int  # their total size
+    hashed_bytes: int  # bytes read here (files whose checksum was not given)
+    seconds: float
+
+
+def manifest_version(major: int) -> int:
+    """The manifest version the server of ``major`` writes: 1 for 13 to 16, 2 from 17.
+
+    :param major: the server's major version (13, 14, ...).
+    :raises ManifestUnsupported: before 13, which has no manifests.
+    """
+    if major < 13:
+        raise ManifestUnsupported(
+            f"PostgreSQL {major} has no backup manifests (they came with 13): no backup_manifest is written"
+        )
+    return 1 if major < 17 else 2
+
+
+def manifest_lsn(lsn: int, major: int) -> str:
+    """``lsn`` as the server of ``major`` prints it in a manifest: ``%X/%X``, zero-padded (``%X/%08X``)
+    from 19, where LSN_FORMAT_ARGS' users changed.
+
+    :param lsn: the LSN as an integer.
+    :param major: the server's major version.
+    """
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:08X}" if major >= 19 else format_lsn(lsn)
+
+
+def _parse_history(history_text: str, end_tli: int) -> list[tuple[int, int, int | None]]:
+    """(timeline, begin, end) of each timeline in a history file of ``end_tli``, newest first, as
+    readTimeLineHistory() builds them; ``end`` None for ``end_tli`` itself (it has not ended)."""
+    entries: list[tuple[int, int, int | None]] = []
+    begin = 0
+    for number, line in enumerate(history_text.splitlines(), 1):
+        # timeline.c skips blank lines and comments; a line is "tli<TAB>switchpoint<TAB>reason".
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split()
+        try:
+            tli, switchpoint = int(fields[0]), parse_lsn(fields[1])
+        except (IndexError, ValueError):
+            raise ValueError(f"timeline history of {end_tli}, line {number}: cannot read {line!r}") from None
+        if entries and tli <= entries[0][0]:
+            raise ValueError(
+                f"timeline history of {end_tli}, line {number}: timeline {tli} is not increasing"
+            )
+        entries.insert(0, (tli, begin, switchpoint))
+        begin = switchpoint
+    if entries and entries[0][0] >= end_tli:
+        raise ValueError(f"the timeline history of {end_tli} lists timeline {entries[0][0]}")
+    entries.insert(0, (end_tli, begin, None))
+    return entries
+
+
+def wal_ranges_for(
+    start_lsn: str, start_tli: int, end_lsn: str, end_tli: int, history_text: str | None, major: int = 13
+) -> list[WalRange]:
+    """The ``WAL-Ranges`` of a backup, newest timeline first, as AddWALInfoToBackupManifest() computes them.
+
+    :param start_lsn: the backup's start (the label's START WAL LOCATION).
+    :param start_tli: the timeline it started on (START TIMELINE).
+    :param end_lsn: the backup's stop LSN.
+    :param end_tli: the timeline it ended on.
+    :param history_text: the content of ``<end_tli>.history`` (``tli<TAB>switchpoint<TAB>reason`` lines);
+        needed only when the timelines differ.
+    :param major: the server's major version (how LSNs are printed).
+    :raises ValueError: the timelines differ and the history is missing, or does not lead from start_tli.
+    """
+    start, end = parse_lsn(start_lsn), parse_lsn(end_lsn)
+    if start_tli == end_tli:
+        return [WalRange(end_tli, manifest_lsn(start, major), manifest_lsn(end, major))]
+    if not history_text:
+        raise ValueError(
+            f"the backup started on timeline {start_tli} and ended on {end_tli}: the WAL ranges need the"
+            f" timeline history file of {end_tli}"
+        )
+    ranges = []
+    for tli, begin, tl_end in _parse_history(history_text, end_tli):
+        if tl_end is not None and tl_end < start:
+            continue  # ended before the backup started
+        if not ranges and tli != end_tli:
+            raise ValueError(f"expected end timeline {end_tli} but found timeline {tli}")
+        if tli != start_tli and begin == 0:
+            raise ValueError(f"expected start timeline {start_tli} but found timeline {tli}")
+        ranges.append(
+            WalRange(tli, manifest_lsn(start if tli == start_tli else begin, major), manifest_lsn(end, major))
+        )
+        if tli == start_tli:
+            return ranges
+        end = begin
+    raise ValueError(f"start timeline {start_tli} not found in history of timeline {end_tli}")
+
+
+def escape_json(text: str) -> str:
+    """``text`` as a JSON string literal, escaped as PostgreSQL's escape_json() does it.
+
+    :param text: the string.
+    """
+    out = ['"']
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch < " ":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
+
+
+class _Crc32c:
+    """CRC-32C with hashlib's update()/digest() face. digest() is in the host's byte order, as
+    pg_checksum_final() memcpy()s the uint32: little-endian on x86 and ARM, NOT the big-endian
+    order a CRC is usually printed in.
+
+    Pure Python (no C library is required): far slower than SHA-256, which is the default for that
+    reason.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = crc32c(bytes(data), self.value)
+
+    def digest(self) -> bytes:
+        return struct.pack("=I", self.value)
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+    def digest(self) -> bytes: ...
+
+
+def _hasher(algorithm: str) -> Callable[[], _Hash]:
+    if algorithm == "CRC32C":
+        return _Crc32c
+    return lambda: hashlib.new(_SHA[algorithm])
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file a manifest lists."""
+
+    relpath: bytes  # '/'-separated, relative to the data directory
+    path: bytes  # where the file is on disk
+
+
+def _walk(
+    top: bytes, rel: bytes, skip: AbstractSet[bytes], seen: set[tuple[int, int]], out: list[FileEntry]
+) -> None:
+    """Every regular file under ``top`` (links followed), its path relative to the data directory
+    prefixed with ``rel``."""
+    st = os.stat(top)
+    if (st.st_dev, st.st_ino) in seen:
+        raise ManifestError(f"{os.fsdecode(top)}: a link loop (a folder reached twice)")
+    seen.add((st.st_dev, st.st_ino))
+    with os.scandir(top) as entries:
+        for entry in entries:
+            relpath = rel + entry.name if not rel else rel + b"/" + entry.name
+            if relpath in skip:
+                continue
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links, as stat() does
+            except OSError as exc:
+                raise ManifestError(f"cannot stat {os.fsdecode(entry.path)}: {exc}") from exc
+            if is_dir:
+                _walk(entry.path, relpath, skip, seen, out)
+            elif is_file:
+                out.append(FileEntry(relpath, entry.path))
+            else:
+                # pg_verifybackup reports it ("is not a regular file or directory"): a broken link,
+                # a socket or a FIFO has no place in a backup.
+                raise ManifestError(f"{os.fsdecode(entry.path)} is not a regular file or directory")
+
+
+def list_files(copy_dir: Path, tablespaces: Mapping[int | str, Path] | None = None) -> list[FileEntry]:
+    """The files a manifest of ``copy_dir`` lists, in the order it lists them.
+
+    Sorted by path, ``global/pg_control`` last (as a base backup sends it last).
+
+    :param copy_dir: the copy of the data directory.
+    :param tablespaces: OID -> folder holding that tablespace's copy, for a tablespace kept outside
+        ``copy_dir/pg_tblspc/<oid>`` (which is then not read); its files are listed as
+        ``pg_tblspc/<oid>/...``.
+    """
+    spaces = {str(oid).encode(): os.fsencode(folder) for oid, folder in (tablespaces or {}).items()}
+    skip = {name.encode() for name in (*MANIFEST_IGNORED, MANIFEST_TMP)} | {
+        b"pg_tblspc/" + oid for oid in spaces
+    }
+    out: list[FileEntry] = []
+    seen: set[tuple[int, int]] = set()
+    _walk(os.fsencode(copy_dir), b"", skip, seen, out)
+    for oid, folder in spaces.items():
+        if not os.path.isdir(folder):
+            raise ManifestError(f"tablespace {oid.decode()}: {os.fsdecode(folder)} is not a folder")
+        _walk(folder, b"pg_tblspc/" + oid, skip, seen, out)
+    control = CONTROL_FILE.encode()
+    out.sort(key=lambda e: (e.relpath == control, e.relpath))
+    return out
+
+
+def _path_field(relpath: bytes) -> str:
+    try:
+        return f'"Path": {escape_json(relpath.decode("utf-8"))}'
+    except UnicodeDecodeError:
+        # The manifest is UTF-8: the server hex-encodes a name that is not (pg_verify_mbstr()).
+        return f'"Encoded-Path": "{relpath.hex()}"'
+
+
+def _checksum_file(entry: FileEntry, new_hash: Callable[[], _Hash] | None) -> tuple[os.stat_result, str]:
+    """The file's stat and hex digest (empty without ``new_hash``), both from one open file."""
+    if new_hash is None:
+        return os.stat(entry.path), ""
+    digest = new_hash()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    read = 0
+    with open(entry.path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            read += n
+    if read != st.st_size:
+        raise ManifestError(
+            f"{os.fsdecode(entry.path)} changed while it was read ({read} bytes read, {st.st_size} stated)"
+        )
+    return st, digest.digest().hex()
+
+
+def _file_line(relpath: bytes, st: os.stat_result, algorithm: str, checksum: str) -> str:
+    # pg_gmtime() of the whole seconds of the file's mtime, printed with %Z: always "GMT".
+    modified = time.strftime("%Y-%m-%d %H:%M:%S GMT", time.gmtime(st.st_mtime_ns // 1_000_000_000))
+    line = f'{{ {_path_field(relpath)}, "Size": {st.st_size}, "Last-Modified": "{modified}"'
+    if algorithm != "NONE":
+        line += f', "Checksum-Algorithm": "{algorithm}", "Checksum": "{checksum}"'
+    return line + " }"
+
+
+def render_manifest(
+    version: int,
+    system_identifier: int | str | None,
+    file_lines: Sequence[str],
+    wal_ranges: Sequence[WalRange],
+) -> bytes:
+    """The whole manifest, its checksum line included.
+
+    :param version: 1 or 2.
+    :param system_identifier: the cluster's (required by version 2).
+    :param file_lines: one ``{ "Path": ... }`` object per file.
+    :param wal_ranges: the WAL-Ranges, newest timeline first.
+    """
+    if version == 2 and system_identifier is None:
+        raise ManifestError("a version 2 manifest (PostgreSQL 17+) needs the cluster's system identifier")
+    if not wal_ranges:
+        raise ManifestError("a manifest needs at least one WAL range")
+    head = f'{{ "PostgreSQL-Backup-Manifest-Version": {version},\n'
+    if version == 2:
+        # uint64 (UINT64_FORMAT): a negative bigint from pg_control_system() wraps.
+        head += f'"System-Identifier": {int(system_identifier) % (1 << 64)},\n'
+    head += '"Files": ['
+    files = "".join(("\n" if i == 0 else ",\n") + line for i, line in enumerate(file_lines))
+    ranges = ",\n".join(
+        f'{{ "Timeline": {r.timeline}, "Start-LSN": "{r.start_lsn}", "End-LSN": "{r.end_lsn}" }}'
+        for r in wal_ranges
+    )
+    body = (head + files + '\n],\n"WAL-Ranges": [\n' + ranges + "\n],\n").encode("utf-8")
+    return body + b'"Manifest-Checksum": "' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+
+
+def _check_given(checksums: Mapping[str, str], algorithm: str) -> dict[bytes, str]:
+    size = DIGEST_SIZES[algorithm] * 2
+    given = {}
+    for relpath, digest in checksums.items():
+        digest = digest.lower()
+        if len(digest) != size or any(c not in "0123456789abcdef" for c in digest):
+            raise ManifestError(
+                f"the given {algorithm} checksum of {relpath} is not {size} hex digits: {digest!r}"
+            )
+        given[os.fsencode(relpath)] = digest
+    return given
+
+
+def write_manifest(
+    copy_dir: Path,
+    *,
+    major: int,
+    system_identifier: int | str | None,
+    wal_ranges: Sequence[WalRange],
+    checksum_algorithm: str = "SHA256",
+    checksums: Mapping[str, str] | None = None,
+    tablespaces: Mapping[int | str, Path] | None = None,
+    threads: int | None = None,
+) -> ManifestSummary:
+    """Write ``copy_dir/backup_manifest`` for the copy as it is now; atomically (a temporary file renamed),
+    and synced to disk.
+
+    Run it after everything is in the copy, backup_label and tablespace_map included: a file added
+    later is reported by pg_verifybackup as not in the manifest.
+
+    :param copy_dir: the copy of the data directory (a local folder).
+    :param major: the backed up server's major version: chooses the manifest version.
+    :param system_identifier: the backed up cluster's (written from 17 on, where pg_verifybackup compares
+        it with the copy's global/pg_control).
+    :param wal_ranges: the WAL the backup needs (:func:`wal_ranges_for`), newest timeline first.
+    :param checksum_algorithm: SHA256 (default), SHA224, SHA384, SHA512, CRC32C (pure Python here: slow)
+        or NONE.
+    :param checksums: relative path (``/``-separated) -> hex digest of ``checksum_algorithm`` computed
+        while copying: those files are not read again (their size and time still come from ``stat``).
+    :param tablespaces: OID -> folder, for tablespaces copied outside ``copy_dir/pg_tblspc/<oid>``
+        (see :func:`list_files`).
+    :param threads: files hashed side by side (default: up to 4, by CPU count).
+    :raises ManifestUnsupported: ``major`` is 12 or older.
+    :raises ManifestError: the copy cannot be described (see the message); no manifest is written.
+    """
+    began = time.monotonic()
+    version = manifest_version(major)
+    algorithm = checksum_algorithm.upper()
+    if algorithm not in DIGEST_SIZES:
+        raise ManifestError(
+            f"unknown checksum algorithm {checksum_algorithm!r}: one of {', '.join(DIGEST_SIZES)}"
+        )
+    if version == 2 and system_identifier is None:
+        raise ManifestError(
+            f"a PostgreSQL {major} manifest (version 2) needs the cluster's system identifier"
+        )
+    given = _check_given(checksums or {}, algorithm)
+    entries = list_files(Path(copy_dir), tablespaces)
+    new_hash = None if algorithm == "NONE" else _hasher(algorithm)
+
+    def one(entry: FileEntry) -> tuple[os.stat_result, str, int]:
+        if entry.relpath in given:
+            return os.stat(entry.path), given[entry.relpath], 0
+        st, digest = _checksum_file(entry, new_hash)
+        return st, digest, st.st_size if new_hash else 0
+
+    workers = threads or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, entries))
+    lines = [
+        _file_line(e.relpath, st, algorithm, digest)
+        for e, (st, digest, _) in zip(entries, results, strict=True)
+    ]
+    content = render_manifest(version, system_identifier, lines, wal_ranges)
+    path = Path(copy_dir) / MANIFEST_NAME
+    _write_atomically(path, content)
+    return ManifestSummary(
+        path=path,
+        version=version,
+        checksum_algorithm=algorithm,
+        files=len(entries),
+        bytes=sum(st.st_size for st, _, _ in results),
+        hashed_bytes=sum(n for _, _, n in results),
+        seconds=time.monotonic() - began,
+    )
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` through a temporary file beside it, renamed once synced: a reader
+    sees the old file or the whole new one. Mode and owner follow the copy's PG_VERSION (the data
+    directory's), so a restore run as the server's user can read it."""
+    tmp = path.with_name(MANIFEST_TMP)
+    like = path.parent / "PG_VERSION"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(content)
+                f.flush()
+            if like.exists():
+                st = like.stat()
+                os.fchmod(fd, st.st_mode & 0o777)
+                if os.geteuid() == 0:
+                    os.fchown(fd, st.st_uid, st.st_gid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+__all__ = [
+    "DIGEST_SIZES",
+    "FileEntry",
+    "MANIFEST_TMP",
+    "MANIFEST_NAME",
+    "ManifestError",
+    "ManifestSummary",
+    "ManifestUnsupported",
+    "WalRange",
+    "escape_json",
+    "manifest_lsn",
+    "list_files",
+    "manifest_version",
+    "render_manifest",
+    "wal_ranges_for",
+    "write_manifest",
+]
