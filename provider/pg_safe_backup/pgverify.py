@@ -8,6 +8,7 @@ directory owned by the server's user, so it runs as whoever runs this.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,3 +55,17 @@ def run_pg_verifybackup(
     cmd.append(str(copy_dir))
     done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
     return VerifyRun(done.returncode == 0, (done.stdout + done.stderr).strip(), cmd)
+
+
+def tool_major(tool: Path) -> int | None:
+    """The PostgreSQL major version of a client tool, from ``tool --version`` (e.g. ``pg_verifybackup
+    (PostgreSQL) 15.18 (Debian ...)`` -> 15); None when it does not say.
+
+    :param tool: the tool's path.
+    """
+    try:
+        out = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        return None
+    m = re.search(r"\(PostgreSQL\) (\d+)", out)
+    return int(m.group(1)) if m else None

@@ -31,7 +31,8 @@ from typing import Protocol
 
 from pg_safe_backup.files.layout import CONTROL_FILE, MANIFEST_IGNORED
 from pg_safe_backup.files.pgcontrol import crc32c
-from pg_safe_backup.state import format_lsn, parse_lsn
+from pg_safe_backup.files.tablespaces import link_tablespace_copies
+from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
 
 MANIFEST_NAME = "backup_manifest"
 #: Written first, then renamed to MANIFEST_NAME; never listed (one a crash left is overwritten).
@@ -483,3 +484,49 @@ __all__ = [
     "wal_ranges_for",
     "write_manifest",
 ]
+
+
+def write_backup_manifest(
+    copy_dir: Path,
+    *,
+    backup_label: str,
+    stop_lsn: str,
+    system_identifier: int | str | None,
+    checksum_algorithm: str = "SHA256",
+    checksums: Mapping[str, str] | None = None,
+) -> ManifestSummary:
+    """Write the backup_manifest of a stored backup: the copy with its label files, and its tablespaces.
+
+    The copy's ``pg_tblspc/<oid>`` links are first pointed at the tablespaces' copies
+    (:func:`~pg_safe_backup.files.tablespaces.link_tablespace_copies`): a manifest never describes a live
+    tablespace. The WAL range runs from the label's START WAL LOCATION to ``stop_lsn`` on the label's
+    START TIMELINE: the timeline a primary's backup ends on (a standby that switched timelines during
+    the backup is not told apart here).
+
+    :param copy_dir: the copy, with backup_label and tablespace_map already in it.
+    :param backup_label: the label pg_backup_stop returned.
+    :param stop_lsn: the backup's stop LSN.
+    :param system_identifier: the backed up cluster's (required from PostgreSQL 17).
+    :param checksum_algorithm: see :func:`write_manifest`.
+    :param checksums: see :func:`write_manifest`.
+    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestError: the copy cannot be described.
+    :raises TablespaceNotCopied: a tablespace of the backup has no copy.
+    """
+    copy_dir = Path(copy_dir)
+    major = int((copy_dir / "PG_VERSION").read_text().strip())
+    fields = parse_backup_label(backup_label)
+    start = fields.get("START WAL LOCATION", "").split(" ")[0]
+    if not start:
+        raise ManifestError("the backup_label has no START WAL LOCATION")
+    timeline = int(fields.get("START TIMELINE") or 1)
+    tablespaces = link_tablespace_copies(copy_dir)
+    return write_manifest(
+        copy_dir,
+        major=major,
+        system_identifier=system_identifier,
+        wal_ranges=wal_ranges_for(start, timeline, stop_lsn, timeline, None, major),
+        checksum_algorithm=checksum_algorithm,
+        checksums=checksums,
+        tablespaces=tablespaces,
+    )

@@ -1,0 +1,124 @@
+"""Every check of a stored backup together: the store task writing label, WAL and manifest into a real copy,
+then check_backup (page-LSN check, pg_verifybackup, restore check) and the ``pg-safe-backup verify`` CLI,
+on good and damaged copies."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
+from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup
+
+from pg_versions import verifier_for
+from test_manifest import Taken, taken  # noqa: F401 - the module's backup fixture
+
+KEYS = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
+
+
+def _unstored(taken: Taken, folder: Path) -> Path:  # noqa: F811
+    """The backup's copy as the copy task left it: no label files, no manifest."""
+    shutil.copytree(taken.copy, folder, symlinks=True)
+    for name in ("backup_label", "tablespace_map", "backup_manifest"):
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_root):  # noqa: F811
+    copy = _unstored(taken, tmp_root / "stored")
+    store = PostgresStoreBackupLabelOperator(
+        task_id="store",
+        backup="backup.finish_backup",
+        destination=str(copy),
+        include_wal=True,
+        wal_archive=str(taken.archive),
+    )
+
+    written = store.store(str(copy), {key: taken.backup[key] for key in KEYS})
+
+    assert Path(written["backup_label"]).read_text() == taken.backup["backup_label"]
+    assert written["backup_manifest"] == str(copy / "backup_manifest")
+    assert written["wal"] and all((copy / "pg_wal" / name).is_file() for name in written["wal"])
+    bindir, same_major = verifier_for(taken.major)
+    # Self-contained: no archive for any of the three checks.
+    report = check_backup(copy, None, verifier_bindir=bindir, timeout=60)
+    assert report.ok, report.summary()
+    assert [(s.name, s.status) for s in report.steps] == [
+        ("page-LSN check", PASS),
+        ("pg_verifybackup", PASS),
+        ("restore check", PASS),
+    ], report.summary()
+    assert report.summary().startswith("PASS: page-LSN check pass, pg_verifybackup pass, restore check pass")
+    verified = report.step("pg_verifybackup")
+    assert verified.details["wal_parsed"] == same_major, "WAL parsed from the copy's pg_wal/ (same major)"
+    assert report.step("page-LSN check").details["stop_lsn_from"] == str(copy / "backup_manifest")
+    xcom = report.as_dict()
+    assert xcom["ok"] and set(xcom["checks"]) == {"page-LSN check", "pg_verifybackup", "restore check"}
+
+
+def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  # noqa: F811
+    damaged = tmp_root / "damaged"
+    shutil.copytree(taken.copy, damaged, symlinks=True)
+    relation = damaged / taken.relation
+    data = bytearray(relation.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a page, not its header: only the checksum can tell
+    relation.write_bytes(bytes(data))
+    bindir, _ = verifier_for(taken.major)
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup.cli", "verify", str(damaged), str(taken.archive)]
+        + ["--no-restore", "--verifier-bindir", str(bindir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    first, *lines = cli.stdout.splitlines()
+    assert first.startswith("FAIL: page-LSN check pass, pg_verifybackup fail"), cli.stdout
+    assert taken.relation in first, "the verdict names the damaged file"
+    assert any(line.strip().startswith("page-LSN check: PASS") for line in lines), cli.stdout
+    assert not any("restore check" in line for line in lines), "--no-restore skips it"
+
+
+def test_a_page_newer_than_the_stop_lsn_fails_the_page_lsn_check_naming_it(taken):  # noqa: F811
+    """A stop LSN before the copy's newest page (the label or stop LSN of an earlier backup than the copy):
+    the check names the file, block and both LSNs; the other checks still run."""
+    bindir, _ = verifier_for(taken.major)
+    report = check_backup(taken.copy, taken.archive, stop_lsn="0/1000000", restore=False, verifier_bindir=bindir)
+    page = report.step("page-LSN check")
+    assert page.status == FAIL and not report.ok
+    assert " block " in page.summary and "0/1000000" in page.summary, page.summary
+    assert page.details["stop_lsn_from"] == "given"
+    assert report.step("pg_verifybackup").status == PASS
+
+
+def test_stop_lsn_read_from_the_manifest_else_from_the_archive(taken, tmp_root):  # noqa: F811
+    stop = taken.backup["stop_lsn"]
+    assert backup_stop_lsn(taken.copy, None) == (stop, str(taken.copy / "backup_manifest"))
+    bare = _unstored(taken, tmp_root / "bare")
+    (bare / "backup_label").write_text(taken.backup["backup_label"])
+    lsn, source = backup_stop_lsn(bare, taken.archive)
+    assert lsn == stop and source.endswith(".backup") and Path(source).parent == taken.archive
+    assert backup_stop_lsn(bare, None) is None
+    report = check_backup(bare, None, manifest=True, restore=False)
+    assert [s.status for s in report.steps] == [SKIPPED, SKIPPED], report.summary()
+    assert "needs the backup's stop LSN" in report.steps[0].summary
+    assert "no backup_manifest" in report.steps[1].summary
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"include_wal": True}, "include_wal=True needs wal_archive"),
+        ({"manifest_checksums": "MD5"}, "manifest_checksums must be one of"),
+        ({"manifest": "yes"}, "manifest"),
+    ],
+)
+def test_store_parameters_are_checked_naming_them(kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        PostgresStoreBackupLabelOperator(task_id="s", backup="b.finish_backup", destination="/x", **kwargs)
