@@ -259,6 +259,20 @@ def _database_folders(
                 yield f"pg_tblspc/{oid}/{version_dir}/{db}", folder / db
 
 
+def page_files(
+    datadir: Path, control: ControlFile, tablespaces: Mapping[str, Path] | None = None
+) -> Iterator[tuple[str, Path]]:
+    """(name relative to the data directory, path) of every file :func:`scan_pages` reads.
+
+    :param datadir: the copy of a data directory.
+    :param control: its pg_control.
+    :param tablespaces: tablespace OID -> its copy, when not under ``pg_tblspc/``.
+    """
+    for name, folder in _database_folders(Path(datadir), control, tablespaces or {}):
+        for path in _wal_logged_files(folder):
+            yield f"{name}/{path.name}", path
+
+
 @dataclass(frozen=True)
 class PageScan:
     """What :func:`scan_pages` read: the newest page, and how much it read to find it."""
@@ -284,7 +298,7 @@ def scan_pages(
 
     Fast in plain Python: each file is read in 1 MB chunks (small enough to stay in the CPU cache)
     into one buffer, seen as uint32 words; a strided slice picks each page's two pd_lsn words and
-    ``max(zip(xlogid, xrecoff, strict=True))`` compares the pages in C. Only a chunk holding a new maximum is
+    ``max(zip(xlogid, xrecoff))`` compares the pages in C. Only a chunk holding a new maximum is
     searched again for its block number. A partial page at the end of a file is not read.
 
     :param datadir: the copy; its ``pg_tblspc/<oid>`` links or folders are followed.
@@ -301,24 +315,20 @@ def scan_pages(
     words = memoryview(buffer).cast("I")
     best, where = (0, 0), ("", 0)
     scanned = files = 0
-    for name, folder in _database_folders(Path(datadir), control, tablespaces or {}):
-        for path in _wal_logged_files(folder):
-            files += 1
-            block = 0
-            with open(path, "rb") as f:  # buffered: readinto fills the chunk up to the end of the file
-                while got := f.readinto(buffer):
-                    end = got // size * stride
-                    xlogid = _native_order(words[0:end:stride], swap)
-                    xrecoff = _native_order(words[1:end:stride], swap)
-                    top = max(zip(xlogid, xrecoff, strict=True), default=best)
-                    if top > best:
-                        best = top
-                        where = (
-                            f"{name}/{path.name}",
-                            block + list(zip(xlogid, xrecoff, strict=True)).index(top),
-                        )
-                    block += got // size
-                    scanned += got
+    for name, path in page_files(datadir, control, tablespaces):
+        files += 1
+        block = 0
+        with open(path, "rb") as f:  # buffered: readinto fills the chunk up to the end of the file
+            while got := f.readinto(buffer):
+                end = got // size * stride
+                xlogid = _native_order(words[0:end:stride], swap)
+                xrecoff = _native_order(words[1:end:stride], swap)
+                top = max(zip(xlogid, xrecoff, strict=True), default=best)
+                if top > best:
+                    best = top
+                    where = (name, block + list(zip(xlogid, xrecoff, strict=True)).index(top))
+                block += got // size
+                scanned += got
     newest = PageLSN((best[0] << 32) | best[1], *where) if best != (0, 0) else None
     return PageScan(newest, scanned, files)
 
