@@ -48,12 +48,20 @@ def check_disk(work: Path, data_bytes: float, what: str) -> None:
         )
 
 
-def make_big_cluster(work: Path, scale: int) -> tuple[LocalCluster, Path]:
+def load_pgbench(datadir: Path, scale: int) -> LocalCluster:
+    """A running cluster in ``datadir`` filled by ``pgbench -i -s scale``; WAL level minimal, so the load
+    writes (almost) no WAL.
+
+    :param datadir: where to initdb (its parent must be reachable by the postgres OS user).
+    :param scale: pgbench's scale (~15.5 MB each).
+    """
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     check_disk(
-        work, scale * MB_PER_SCALE * 2**20, f"pgbench scale {scale} (~{scale * MB_PER_SCALE / 1024:.1f} GB)"
+        datadir.parent,
+        scale * MB_PER_SCALE * 2**20,
+        f"pgbench scale {scale} (~{scale * MB_PER_SCALE / 1024:.1f} GB)",
     )
-    archive = make_archive(work / "big_wal_archive")
-    cluster = LocalCluster(work / "big" / "data").init(
+    cluster = LocalCluster(datadir).init(
         password=PASSWORD,
         settings={
             "wal_level": "minimal",
@@ -83,6 +91,13 @@ def make_big_cluster(work: Path, scale: int) -> tuple[LocalCluster, Path]:
         timeout=7200,
     )
     say(f"  loaded in {time.monotonic() - t0:.0f} s")
+    return cluster
+
+
+def make_big_cluster(work: Path, scale: int) -> tuple[LocalCluster, Path]:
+    """:func:`load_pgbench` in WORK/big, then restarted with WAL archiving (WORK/big_wal_archive)."""
+    archive = make_archive(work / "big_wal_archive")
+    cluster = load_pgbench(work / "big" / "data", scale)
     cluster.stop()
     cluster.configure({"wal_level": "replica", "max_wal_senders": 4, **archive_settings(archive)})
     cluster.start()

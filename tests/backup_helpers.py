@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from demo.load import Writer
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster
+from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
+from pg_safe_backup.state import format_lsn, parse_lsn
+
+from conftest import PASSWORD
 
 OWNER = "nightly/scheduled__2026-11-24/backup"
 
@@ -151,3 +160,155 @@ def hand_over_row(cluster: LocalCluster, sets: str, params: list) -> None:
     with cluster.connect() as conn, conn.transaction():
         conn.execute("UPDATE backup SET attempt = NULL")
         conn.execute(f"UPDATE backup SET {sets}", params)
+
+
+# ------------------------------------------------------------------------------ a primary and a standby
+def archiving_cluster(datadir: Path, archive: Path, password: str, **settings: str) -> LocalCluster:
+    """A started cluster in ``datadir`` whose WAL is archived into ``archive``.
+
+    log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
+
+    :param settings: more postgresql.conf settings.
+    """
+    return (
+        LocalCluster(datadir)
+        .init(
+            password=password,
+            settings={
+                "archive_mode": "on",
+                "archive_command": f"'cp %p {archive}/%f'",
+                "log_statement": "'all'",
+                **settings,
+            },
+        )
+        .start()
+    )
+
+
+def backup_into(hook: PostgresBackupHook, dest: Path, owner: str, copy: Callable[[], None]) -> dict:
+    """One backup through the hook, ``copy()`` while it is held; its backup_label written into ``dest``."""
+    backup = run_backup(hook, owner, copy)
+    (dest / "backup_label").write_text(backup["backup_label"])
+    return backup
+
+
+@dataclass
+class Pair:
+    """A primary archiving into ``archive``, a streaming hot standby made from it, and a writer on the
+    primary (started only if the pair was made with one)."""
+
+    primary: LocalCluster
+    standby: LocalCluster
+    archive: Path
+    writer: Writer
+    base: dict  # the backup of the primary the standby was made from
+
+    @property
+    def hook(self) -> PostgresBackupHook:
+        """The standby backed up, its state on the primary."""
+        return PostgresBackupHook("pg_standby", state_conn_id="pg_primary")
+
+    def stop_segment(self, stop_lsn: str) -> str:
+        """The primary's name of the WAL segment holding the last byte before ``stop_lsn``."""
+        return self.primary.sql("SELECT pg_walfile_name(%s::pg_lsn)", [format_lsn(parse_lsn(stop_lsn) - 1)])[
+            0
+        ][0]
+
+    def replayed(self, timeout: float = 60) -> None:
+        """Wait until the standby replayed everything the primary wrote so far."""
+        ((lsn,),) = self.primary.sql("SELECT pg_current_wal_lsn()::text")
+        deadline = time.monotonic() + timeout
+        while self.standby.sql("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [lsn]) != [(True,)]:
+            assert time.monotonic() < deadline, f"the standby did not replay up to {lsn}"
+            time.sleep(0.1)
+
+    def write_to_disk(self) -> None:
+        """A checkpoint on the primary, replayed, then one on the standby: a restartpoint, which writes
+        every page the standby changed so far to its disk (and moves its minimum recovery point)."""
+        self.primary.sql("CHECKPOINT")
+        self.replayed()
+        self.standby.sql("CHECKPOINT")
+
+    def more_rows_on_disk(self) -> None:
+        """Let the writer commit 300 more rows, then write them to the standby's disk."""
+        target = self.writer.committed + 300
+        deadline = time.monotonic() + 60
+        while self.writer.committed < target:
+            assert self.writer.is_alive() and time.monotonic() < deadline, "the writer stopped"
+            time.sleep(0.05)
+        self.write_to_disk()
+
+
+@contextlib.contextmanager
+def pair_maker(root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Pair]]:
+    """Make a :class:`Pair` in ``root`` (connections ``pg_primary``, ``pg_standby``); everything it started
+    is stopped on leaving.
+
+    The maker's ``writing=True`` starts the pair's writer once the standby runs; its other keywords go into
+    the standby's configuration.
+
+    :param root: a folder the postgres OS user can enter.
+    :param monkeypatch: where the two Airflow connections are set.
+    """
+    started: list[LocalCluster] = []
+    writers: list[Writer] = []
+
+    def make(writing: bool = False, **standby_settings: str) -> Pair:
+        archive = root / "archive"
+        archive.mkdir()
+        give_to_server_user(archive)
+        primary = archiving_cluster(root / "primary", archive, PASSWORD)
+        started.append(primary)
+        writers.append(writer := Writer(primary))
+        primary.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
+        monkeypatch.setenv("AIRFLOW_CONN_PG_PRIMARY", primary.airflow_conn_uri(password=PASSWORD))
+        base = backup_into(
+            PostgresBackupHook("pg_primary"),
+            root / "standby",
+            "make/standby/base",
+            lambda: copy_data_dir(primary.datadir, root / "standby"),
+        )
+
+        standby = LocalCluster(root / "standby")
+        (standby.datadir / "standby.signal").touch()
+        standby.configure(
+            {
+                "primary_conninfo": f"'host={primary.socket_dir} port={primary.port} user=postgres'",
+                "restore_command": f"'cp {archive}/%f %p'",
+                "archive_mode": "off",
+                "port": standby.port,
+                "log_statement": "'all'",
+                **standby_settings,
+            }
+        )
+        give_to_server_user(standby.datadir)
+        standby.start()
+        started.append(standby)
+        if writing:
+            writer.start()
+        deadline = time.monotonic() + 60
+        while standby.sql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'") != [(1,)]:
+            assert time.monotonic() < deadline, "the standby does not stream"
+            time.sleep(0.2)
+        assert standby.sql("SELECT pg_is_in_recovery()") == [(True,)]
+        monkeypatch.setenv("AIRFLOW_CONN_PG_STANDBY", standby.airflow_conn_uri(password=PASSWORD))
+        return Pair(primary, standby, archive, writer, base)
+
+    try:
+        yield make
+    finally:
+        for writer in writers:
+            if writer.is_alive():
+                writer.stop()
+        for cluster in reversed(started):
+            cluster.stop("immediate")
+
+
+def standby_backup(
+    s: Pair, dest: Path, owner: str, pg_control_first: bool, meanwhile: Callable[[], None]
+) -> dict:
+    """The backup proper: session on the standby, state table on the primary; ``meanwhile`` runs
+    between the two copy steps."""
+    return backup_into(
+        s.hook, dest, owner, lambda: copy_data_dir(s.standby.datadir, dest, pg_control_first, meanwhile)
+    )

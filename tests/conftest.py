@@ -72,13 +72,23 @@ def serialization_round_trip(dag: Any) -> Any:
     return DagSerialization.from_dict(DagSerialization.to_dict(dag))
 
 
-@pytest.fixture
-def tmp_root() -> Iterator[Path]:
+def _server_reachable_root() -> Iterator[Path]:
     """A temp folder the postgres OS user can enter (pytest's tmp_path lives under /tmp/pytest-of-root)."""
     root = Path(tempfile.mkdtemp(prefix="pgsb-test-"))
     os.chmod(root, 0o755)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_root() -> Iterator[Path]:
+    yield from _server_reachable_root()
+
+
+@pytest.fixture(scope="module")
+def module_tmp_root() -> Iterator[Path]:
+    """The same, shared by the tests of a module (for the clusters and copies they only read)."""
+    yield from _server_reachable_root()
 
 
 @pytest.fixture

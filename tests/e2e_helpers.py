@@ -19,6 +19,8 @@ from demo.stack import FINAL_RUN_STATES, AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import verify_backup
 
+from backup_helpers import archiving_cluster
+
 #: Task ids of tests/e2e_faults_dags' ``fault_dag`` (also used by tests/e2e_production_dags).
 HOLD, GATE, COPY, FINISH, STORE = (
     "backup.hold_backup_session",
@@ -85,25 +87,6 @@ def temp_root(prefix: str, *dirs: str) -> tuple[Path, ...]:
         d.mkdir()
         give_to_server_user(d)
     return (root, *made)
-
-
-def archiving_cluster(datadir: Path, archive: Path, password: str) -> LocalCluster:
-    """A started cluster in ``datadir`` whose WAL is archived into ``archive``.
-
-    log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
-    """
-    return (
-        LocalCluster(datadir)
-        .init(
-            password=password,
-            settings={
-                "archive_mode": "on",
-                "archive_command": f"'cp %p {archive}/%f'",
-                "log_statement": "'all'",
-            },
-        )
-        .start()
-    )
 
 
 def archived_cluster(prefix: str, password: str) -> tuple[Path, LocalCluster, Path, Path]:

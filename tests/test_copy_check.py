@@ -35,7 +35,7 @@ from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.state import parse_backup_label
 from pg_safe_backup.verify import verify_backup
 
-from backup_helpers import copy_data_dir, run_backup
+from backup_helpers import archiving_cluster, copy_data_dir, run_backup
 from conftest import CONN_ID, PASSWORD
 
 SKIP = shutil.ignore_patterns("postmaster.pid", "postmaster.opts", "pg_wal", "*.log")
@@ -146,14 +146,7 @@ def two_backups(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Two
     archive = tmp_root / "archive"
     archive.mkdir()
     give_to_server_user(archive)
-    cluster = (
-        LocalCluster(tmp_root / "data")
-        .init(
-            password=PASSWORD,
-            settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "autovacuum": "off"},
-        )
-        .start()
-    )
+    cluster = archiving_cluster(tmp_root / "data", archive, PASSWORD, autovacuum="off")
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
     try:
         cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
