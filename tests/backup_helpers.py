@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from demo.load import Writer
+from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
@@ -160,6 +162,22 @@ def hand_over_row(cluster: LocalCluster, sets: str, params: list) -> None:
     with cluster.connect() as conn, conn.transaction():
         conn.execute("UPDATE backup SET attempt = NULL")
         conn.execute(f"UPDATE backup SET {sets}", params)
+
+
+def big_endian_pg_control(raw: bytes, pg_control_version: int) -> bytes:
+    """A little-endian pg_control as a big-endian server would write it, as far as the byte-order tests
+    need: system identifier, versions, checkpoint and blcksz swapped, the CRC recomputed.
+
+    :param raw: the little-endian file.
+    :param pg_control_version: its version (where its CRC is).
+    """
+    swapped = bytearray(raw)
+    for offset, fmt in ((0, "Q"), (8, "I"), (12, "I"), (32, "Q"), (216, "I")):
+        (value,) = struct.unpack_from("<" + fmt, swapped, offset)
+        struct.pack_into(">" + fmt, swapped, offset, value)
+    end = CRC_OFFSET[pg_control_version]
+    struct.pack_into(">I", swapped, end, crc32c(bytes(swapped[:end])))
+    return bytes(swapped)
 
 
 # ------------------------------------------------------------------------------ a primary and a standby

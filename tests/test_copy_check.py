@@ -20,7 +20,6 @@ from airflow.sdk.io import attach
 from demo.load import wait_archived
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import (
-    CRC_OFFSET,
     BadPgControl,
     CopyMismatch,
     check_copy,
@@ -35,7 +34,7 @@ from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.state import parse_backup_label
 from pg_safe_backup.verify import verify_backup
 
-from backup_helpers import archiving_cluster, copy_data_dir, run_backup
+from backup_helpers import archiving_cluster, big_endian_pg_control, copy_data_dir, run_backup
 from conftest import CONN_ID, PASSWORD
 
 SKIP = shutil.ignore_patterns("postmaster.pid", "postmaster.opts", "pg_wal", "*.log")
@@ -67,15 +66,11 @@ def test_pg_control_read_matches_the_server(cluster):
 def test_pg_control_is_read_in_the_byte_order_of_the_file(cluster, tmp_root):
     """A big-endian server's pg_control (the fields this reader uses swapped, CRC recomputed) reads the
     same."""
-    raw = bytearray((cluster.datadir / "global" / "pg_control").read_bytes())
+    raw = (cluster.datadir / "global" / "pg_control").read_bytes()
     little = read_pg_control(cluster.datadir)
-    for offset, fmt in ((0, "Q"), (8, "I"), (12, "I"), (32, "Q"), (216, "I")):
-        (value,) = struct.unpack_from("<" + fmt, raw, offset)
-        struct.pack_into(">" + fmt, raw, offset, value)
-    end = CRC_OFFSET[little.pg_control_version]
-    struct.pack_into(">I", raw, end, crc32c(bytes(raw[:end])))
     (tmp_root / "big" / "global").mkdir(parents=True)
-    (tmp_root / "big" / "global" / "pg_control").write_bytes(bytes(raw))
+    big_control = big_endian_pg_control(raw, little.pg_control_version)
+    (tmp_root / "big" / "global" / "pg_control").write_bytes(big_control)
 
     big = read_pg_control(tmp_root / "big")
     assert big.byte_order == ">"

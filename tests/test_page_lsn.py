@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 
 from pg_safe_backup.files.pgcontrol import (
-    CRC_OFFSET,
     PRIMARY_SOURCE,
     STANDBY_SOURCE,
+    STANDBY_STOP_SOURCE,
     CopyMismatch,
     MissingStopLsn,
     check_page_lsns,
     consistency_point,
-    crc32c,
     read_pg_control,
     scan_pages,
     stop_lsn_from_manifest,
@@ -34,7 +33,14 @@ from pg_safe_backup.files.pgcontrol import (
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.state import format_lsn, parse_lsn
 
-from backup_helpers import Pair, backup_into, copy_data_dir, pair_maker, standby_backup
+from backup_helpers import (
+    Pair,
+    backup_into,
+    big_endian_pg_control,
+    copy_data_dir,
+    pair_maker,
+    standby_backup,
+)
 
 
 @dataclass
@@ -87,7 +93,10 @@ def copies(module_tmp_root: Path) -> Iterator[Copies]:
                 dest,
                 standby_backup(pair, dest, f"d/{name}/standby", first, more_rows_on_standby_disk),
             )
-            pair.primary.sql("DELETE FROM ledger WHERE id > 30000")  # the next backup's rows are new again
+            # The next backup's rows are new again; on the standby's disk before its start, they move its
+            # minimum recovery point past this backup's stop LSN.
+            pair.primary.sql("DELETE FROM ledger WHERE id > 30000")
+            pair.write_to_disk()
         yield Copies(pair, primary, standby)
 
 
@@ -139,6 +148,18 @@ def test_a_standby_s_copy_with_pg_control_copied_first_fails(copies):
         f" {format_lsn(point)}" in result.message
     )
     assert "global/pg_control must be copied last" in result.message
+
+
+def test_a_standby_s_label_older_than_the_copy_fails(copies):
+    """The first standby backup's label and stop LSN on the second one's copy: its pg_control's minimum
+    recovery point is past that stop LSN, which is then the point (the pages after it are newer)."""
+    copy, _ = copies.standby["pg_control_first"]
+    _, first = copies.standby["pg_control_last"]
+    result = check_page_lsns(copy, backup_label=first["backup_label"], stop_lsn=first["stop_lsn"])
+    assert not result.ok
+    assert result.consistency_lsn == parse_lsn(first["stop_lsn"])
+    assert result.source == STANDBY_STOP_SOURCE
+    assert "the label (or the stop LSN) is of an earlier backup than the copy" in result.message
 
 
 def test_min_recovery_point_read_matches_the_server_s(copies):
@@ -199,13 +220,8 @@ def test_pages_of_a_big_endian_copy_read_the_same(copies, module_tmp_root):
     (big / "global").mkdir(exist_ok=True)
     shutil.copy2(copy / "PG_VERSION", big / "PG_VERSION")
     control = read_pg_control(copy)
-    raw = bytearray((copy / "global" / "pg_control").read_bytes())
-    for offset, fmt in ((0, "Q"), (8, "I"), (12, "I"), (32, "Q"), (216, "I")):
-        (value,) = struct.unpack_from("<" + fmt, raw, offset)
-        struct.pack_into(">" + fmt, raw, offset, value)
-    end = CRC_OFFSET[control.pg_control_version]
-    struct.pack_into(">I", raw, end, crc32c(bytes(raw[:end])))
-    (big / "global" / "pg_control").write_bytes(bytes(raw))
+    raw = (copy / "global" / "pg_control").read_bytes()
+    (big / "global" / "pg_control").write_bytes(big_endian_pg_control(raw, control.pg_control_version))
     pages = bytearray((copy / relation).read_bytes())
     for offset in range(0, len(pages), control.blcksz):
         struct.pack_into(">II", pages, offset, *struct.unpack_from("<II", pages, offset))

@@ -358,6 +358,11 @@ class MissingStopLsn(ValueError):
 #: Where recovery of a backup becomes consistent, by the label's BACKUP FROM.
 PRIMARY_SOURCE = "the backup's stop LSN (a backup of a primary)"
 STANDBY_SOURCE = "the minimum recovery point of the copy's global/pg_control (a backup of a standby)"
+#: A standby's stop LSN below its copy's minimum recovery point: the copy is of a later backup.
+STANDBY_STOP_SOURCE = (
+    "the backup's stop LSN (a backup of a standby, whose copied global/pg_control has a later minimum"
+    " recovery point)"
+)
 
 
 def consistency_point(
@@ -368,12 +373,15 @@ def consistency_point(
     A backup of a primary ends at its stop LSN, where pg_backup_stop wrote the end-of-backup record.
     A standby writes no such record: recovery of its copy ends at the minimum recovery point of the
     copied global/pg_control (xlog.c, do_pg_backup_stop), which is right only when pg_control was
-    copied last.
+    copied last. A standby's stop LSN is its minimum recovery point when pg_backup_stop ran, which
+    only moves forward: a copied one past it (given ``stop_lsn``) is of a copy taken after this backup
+    ended, and the stop LSN is then the point.
 
     :param datadir: the copy of the data directory.
     :param backup_label: the backup's label; its ``BACKUP FROM`` says standby, or primary (master
         before PostgreSQL 13).
-    :param stop_lsn: the backup's stop LSN (needed for a primary; see :func:`stop_lsn_from_manifest`).
+    :param stop_lsn: the backup's stop LSN (needed for a primary; see :func:`stop_lsn_from_manifest`),
+        or None (a standby: the copy's minimum recovery point alone).
     :param control: the copy's pg_control (default: read from ``datadir``).
     :raises MissingStopLsn: a backup of a primary, and no stop LSN.
     :raises CopyMismatch: a backup of a standby whose copied pg_control has no minimum recovery point.
@@ -387,6 +395,8 @@ def consistency_point(
                 " the standby promoted during the backup), so nothing tells where recovery of this copy"
                 " becomes consistent"
             )
+        if stop_lsn and parse_lsn(stop_lsn) < control.min_recovery_point:
+            return parse_lsn(stop_lsn), STANDBY_STOP_SOURCE
         return control.min_recovery_point, STANDBY_SOURCE
     if not stop_lsn:
         raise MissingStopLsn(
@@ -423,7 +433,7 @@ class PageLsnResult:
     ok: bool
     newest: PageLSN | None
     consistency_lsn: int
-    source: str  # where consistency_lsn comes from: PRIMARY_SOURCE or STANDBY_SOURCE
+    source: str  # where consistency_lsn comes from: one of the *_SOURCE texts above
     bytes_scanned: int
     seconds: float
     files: int
