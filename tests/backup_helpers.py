@@ -166,13 +166,13 @@ def hand_over_row(cluster: LocalCluster, sets: str, params: list) -> None:
 
 def big_endian_pg_control(raw: bytes, pg_control_version: int) -> bytes:
     """A little-endian pg_control as a big-endian server would write it, as far as the byte-order tests
-    need: system identifier, versions, checkpoint and blcksz swapped, the CRC recomputed.
+    need: system identifier, versions, checkpoint, blcksz and WAL segment size swapped, the CRC recomputed.
 
     :param raw: the little-endian file.
     :param pg_control_version: its version (where its CRC is).
     """
     swapped = bytearray(raw)
-    for offset, fmt in ((0, "Q"), (8, "I"), (12, "I"), (32, "Q"), (216, "I")):
+    for offset, fmt in ((0, "Q"), (8, "I"), (12, "I"), (32, "Q"), (216, "I"), (228, "I")):
         (value,) = struct.unpack_from("<" + fmt, swapped, offset)
         struct.pack_into(">" + fmt, swapped, offset, value)
     end = CRC_OFFSET[pg_control_version]

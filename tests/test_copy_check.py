@@ -74,11 +74,12 @@ def test_pg_control_is_read_in_the_byte_order_of_the_file(cluster, tmp_root):
 
     big = read_pg_control(tmp_root / "big")
     assert big.byte_order == ">"
-    assert (big.system_identifier, big.pg_control_version, big.checkpoint, big.blcksz) == (
+    assert (big.system_identifier, big.pg_control_version, big.checkpoint, big.blcksz, big.xlog_seg_size) == (
         little.system_identifier,
         little.pg_control_version,
         little.checkpoint,
         little.blcksz,
+        little.xlog_seg_size,
     )
 
 
