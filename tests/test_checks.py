@@ -89,7 +89,9 @@ def test_a_page_newer_than_the_stop_lsn_fails_the_page_lsn_check_naming_it(taken
     """A stop LSN before the copy's newest page (the label or stop LSN of an earlier backup than the copy):
     the check names the file, block and both LSNs; the other checks still run."""
     bindir, _ = verifier_for(taken.major)
-    report = check_backup(taken.copy, taken.archive, stop_lsn="0/1000000", restore=False, verifier_bindir=bindir)
+    report = check_backup(
+        taken.copy, taken.archive, stop_lsn="0/1000000", restore=False, verifier_bindir=bindir
+    )
     page = report.step("page-LSN check")
     assert page.status == FAIL and not report.ok
     assert " block " in page.summary and "0/1000000" in page.summary, page.summary
@@ -122,3 +124,10 @@ def test_stop_lsn_read_from_the_manifest_else_from_the_archive(taken, tmp_root):
 def test_store_parameters_are_checked_naming_them(kwargs, error):
     with pytest.raises((ValueError, TypeError), match=error):
         PostgresStoreBackupLabelOperator(task_id="s", backup="b.finish_backup", destination="/x", **kwargs)
+
+
+def test_the_cli_needs_nothing_of_airflow():
+    """pg-safe-backup runs where only this package and PostgreSQL are installed."""
+    code = "import sys, pg_safe_backup.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -266,5 +266,5 @@ def test_a_failed_restore_check_fails_verify_for_good(cluster, tmp_root, task_co
     verify, context = rendered_task(
         task_context, templated_dag(), "verify_backup", {"dir": str(copy), "archive_dir": str(archive)}
     )
-    with pytest.raises(AirflowFailException, match=f"restore check failed for {copy}: .*has no backup_label"):
+    with pytest.raises(AirflowFailException, match=f"checks failed for {copy}: .*has no backup_label"):
         verify.execute(context)

@@ -47,6 +47,7 @@ CLI: ``python -m pg_safe_backup.verify BACKUP_DIR WAL_ARCHIVE [--invariant-sql S
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -825,11 +826,87 @@ def _verifybackup_step(backup: Path, archive: Path | None, bindir: Path | str | 
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+VERIFY_DESCRIPTION = (
+    "Check a stored backup: the page-LSN check, pg_verifybackup against its backup_manifest, then the"
+    " restore check (recover it on a temporary server, amcheck, an optional invariant)."
+)
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup verify`` (and ``python -m pg_safe_backup.verify``).
+
+    :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the checks.
+    """
+    p.add_argument("backup_dir", type=Path)
+    p.add_argument(
+        "wal_archive", type=Path, nargs="?", help="the WAL archive; omit for a self-contained backup"
+    )
+    p.add_argument("--stop-lsn", help="the backup's stop LSN (default: from backup_manifest or the archive)")
+    p.add_argument("--no-page-lsn", action="store_true", help="skip the page-LSN check")
+    p.add_argument("--no-verifybackup", action="store_true", help="skip pg_verifybackup")
+    p.add_argument("--no-restore", action="store_true", help="skip the restore check (the slow one)")
+    p.add_argument("--verifier-bindir", type=Path, help="folder of pg_verifybackup (default: --bindir)")
+    p.add_argument("--invariant-sql", help="a query returning rows (ok boolean, detail text); all must be ok")
+    p.add_argument("--invariant-db", default="postgres")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (the server is stopped)")
+    p.add_argument("--work-dir", type=Path, help="where to make the temporary work dir")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to start and recover")
+    p.add_argument("--bindir", type=Path, help="PostgreSQL server binaries (default: the backup's major's)")
+    p.add_argument(
+        "--to-end-of-archive",
+        action="store_true",
+        help="replay the whole archive instead of stopping at the backup's consistent point",
+    )
+    p.add_argument(
+        "--allow-missing-label",
+        action="store_true",
+        help="check a copy without backup_label (only right for a copy of a stopped server)",
+    )
+    p.add_argument(
+        "--use-backup-pg-wal",
+        action="store_true",
+        help="start with the backup's pg_wal/ files instead of an empty pg_wal/ (not recommended)",
+    )
+    p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
+    p.set_defaults(run=_verify)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = check_backup(
+        args.backup_dir,
+        args.wal_archive,
+        stop_lsn=args.stop_lsn,
+        page_lsns=not args.no_page_lsn,
+        manifest=not args.no_verifybackup,
+        restore=not args.no_restore,
+        verifier_bindir=args.verifier_bindir or args.bindir,
+        invariant_sql=args.invariant_sql,
+        invariant_db=args.invariant_db,
+        work_dir=args.work_dir,
+        keep=args.keep,
+        timeout=args.timeout,
+        bindir=args.bindir,
+        recovery_target_immediate=not args.to_end_of_archive,
+        require_backup_label=not args.allow_missing_label,
+        user=args.user,
+        use_backup_pg_wal=args.use_backup_pg_wal,
+    )
+    print(report.summary())
+    if args.verbose:
+        for step in report.steps:
+            print(f"{step.name}:")
+            for key, value in step.details.items():
+                print(f"  {key}: {value}")
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pg_safe_backup.verify ...``: the same as ``pg-safe-backup verify ...``."""
-    from pg_safe_backup.cli import main as cli_main
-
-    return cli_main(["verify", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="python -m pg_safe_backup.verify", description=VERIFY_DESCRIPTION)
+    add_verify_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":
