@@ -128,6 +128,9 @@ def test_store_parameters_are_checked_naming_them(kwargs, error):
 
 def test_the_cli_needs_nothing_of_airflow():
     """pg-safe-backup runs where only this package and PostgreSQL are installed."""
-    code = "import sys, pg_safe_backup.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))"
+    code = (
+        "import sys, pg_safe_backup.cli;"
+        " print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
