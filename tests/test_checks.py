@@ -134,3 +134,15 @@ def test_the_cli_needs_nothing_of_airflow():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
+    """PostgreSQL 12 (no manifest format) and an object store (nothing read back): a log line, no manifest."""
+    store = PostgresStoreBackupLabelOperator(task_id="s", backup="b.finish_backup", destination="/x")
+    (tmp_root / "PG_VERSION").write_text("12\n")
+    assert store._write_manifest(tmp_root, str(tmp_root), {}) is None
+    assert store._write_manifest(None, "s3://bucket/backups/1", {}) is None
+    logged = "".join(capfd.readouterr())  # the task logger (structlog) writes to the console here
+    assert "no backup_manifest: PostgreSQL 12 has no manifest format" in logged
+    assert "no backup_manifest: s3://bucket/backups/1 is an object store" in logged
+    assert not (tmp_root / "backup_manifest").exists()
