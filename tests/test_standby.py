@@ -25,15 +25,17 @@ from pathlib import Path
 import pytest
 
 from demo.load import invariant_sql, wait_archived
+from pg_safe_backup.files.manifest import write_backup_manifest
 from pg_safe_backup.files.pgcontrol import check_copy
 from pg_safe_backup.hooks.backup import PostgresBackupHook, backup_functions
 from pg_safe_backup.local_cluster import give_to_server_user
 from pg_safe_backup.session import COMPLETE, FAILED, hold_backup
 from pg_safe_backup.state import archived_through, format_lsn, parse_backup_label, parse_lsn, wal_segment_name
-from pg_safe_backup.verify import verify_backup
+from pg_safe_backup.verify import check_backup, verify_backup
 
 from backup_helpers import Pair, backup_events, backup_starts, pair_maker, req, standby_backup
 from conftest import PASSWORD
+from pg_versions import verifier_for
 
 
 def archived_backup(hook: PostgresBackupHook, owner: str, **request) -> tuple[dict, dict]:
@@ -90,6 +92,25 @@ def test_backup_of_a_streaming_standby_with_pg_control_copied_last_restores(stre
     # WAL up to the end of the backup (and everything committed since) is in the primary's archive.
     wait_archived(streaming.primary)
     assert committed > before + 300
+    # At rest: no page past the copied pg_control's minimum recovery point, and (13+) pg_verifybackup
+    # accepts the manifest of a standby's backup, its WAL range parsed from the primary's archive.
+    major = streaming.standby.server_version() // 10000
+    if major >= 13:
+        write_backup_manifest(
+            tmp_root / "copy",
+            backup_label=result["backup_label"],
+            stop_lsn=result["stop_lsn"],
+            system_identifier=result["system_identifier"],
+        )
+    report = check_backup(
+        tmp_root / "copy",
+        streaming.archive,
+        restore=False,
+        verifier_bindir=(verifier_for(major) or [None])[0],
+    )
+    page, verified = report.steps
+    assert page.status == "PASS" and "minimum recovery point" in page.details["consistency_from"], page
+    assert verified.status == ("PASS" if major >= 13 else "SKIPPED"), verified
     # Recovery to the backup's consistent point (the default target) has every row replayed before it began...
     at_consistency = verify_backup(
         tmp_root / "copy", streaming.archive, invariant_sql=invariant_sql(("ledger",), before)
