@@ -397,7 +397,14 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 system_identifier=backup.get("system_identifier"),
                 stop_lsn=backup.get("stop_lsn"),
             )
-            self.log.info("stored %s", ", ".join(written.values()))
+        except CopyMismatch as err:
+            raise AirflowFailException(str(err)) from err
+        except OSError as err:
+            raise AirflowException(
+                f"cannot write the backup label into destination {destination!r}: {err}"
+            ) from err
+        self.log.info("stored %s", ", ".join(written.values()))
+        try:
             if self.include_wal and local_copy is not None and wal_archive:
                 written["wal"] = include_wal(
                     local_copy,
@@ -406,11 +413,9 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                     stop_lsn=backup["stop_lsn"],
                     log=self.log,
                 )
-            if self.manifest:
-                manifest = self._write_manifest(local_copy, destination, backup)
-                if manifest:
-                    written["backup_manifest"] = manifest
-        except (CopyMismatch, ManifestError, TablespaceNotCopied) as err:
+            if self.manifest and (manifest := self._write_manifest(local_copy, destination, backup)):
+                written["backup_manifest"] = manifest
+        except (ManifestError, TablespaceNotCopied) as err:
             raise AirflowFailException(str(err)) from err
         except (OSError, WalMissing) as err:
             raise AirflowException(
