@@ -9,11 +9,13 @@
    against a raw `cp -a` of the same directory.
 5. the page-LSN check of a copy (every page's LSN against the backup's end), in GB/s, on a
    pgbench -i -s LSN_SCALE data directory, against `cat` reading the same files.
+6. writing the backup_manifest of a copy (SHA-256) in s/GB on a pgbench -i -s MANIFEST_SCALE data
+   directory, against `sha256sum` of the same files and `pg_basebackup` with and without its manifest.
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
-the end. `--quick` is a smoke run (small scale, few backups). Full run: ~15 minutes on 2 cores.
-`--skip` leaves phases out (`--skip latency,sessions,dag` measures figure 5 alone); the results file
+the end. `--quick` is a smoke run (small scale, few backups). Full run: ~17 minutes on 2 cores.
+`--skip` leaves phases out (`--skip latency,sessions,dag,manifest` measures figure 5 alone); the results file
 then holds only what was measured (see `--output`).
 """
 
@@ -27,12 +29,15 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_WORKDIR, ROOT, machine_info, make_small_cluster, prepare_workdir, say
 
 RESULTS = ROOT / "bench" / "results.json"
+#: pg-safe-backup issue 13's goal for figure 6: the manifest pass within this many times sha256sum's time.
+MANIFEST_TARGET_RATIO = 1.2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +66,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lsn-scale", type=int, default=None, help="pgbench scale of figure 5 (default 65, ~1 GB)"
     )
     p.add_argument("--lsn-runs", type=int, default=None, help="timed page-LSN checks of figure 5 (default 5)")
-    p.add_argument("--skip", default="", help="phases to skip, comma separated: latency, sessions, dag, lsn")
+    p.add_argument(
+        "--manifest-scale",
+        type=int,
+        default=None,
+        help="pgbench scale of figure 6 (default 150, ~2.3 GB; 65 with --quick)",
+    )
+    p.add_argument(
+        "--manifest-runs", type=int, default=None, help="timed runs of each in figure 6 (default 3)"
+    )
+    p.add_argument(
+        "--skip",
+        default="",
+        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest",
+    )
     p.add_argument(
         "--no-reference",
         action="store_true",
@@ -87,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.dag_runs = a.dag_runs or (1 if quick else 5)
     a.lsn_scale = a.lsn_scale or (10 if quick else 65)
     a.lsn_runs = a.lsn_runs or (2 if quick else 5)
+    a.manifest_scale = a.manifest_scale or (65 if quick else 150)
+    a.manifest_runs = a.manifest_runs or 3
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -124,6 +144,10 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
         out["DAG wall time"] = t(
             r["dag_wall_s"], f"<= raw_copy_s x 1.05 + 10 s = {limit} s", r["dag_wall_s"] <= limit
         )
+    if r.get("manifest_vs_sha256sum") is not None:
+        ratio = r["manifest_vs_sha256sum"]
+        goal = f"<= {MANIFEST_TARGET_RATIO:g} x sha256sum"
+        out["manifest pass vs sha256sum"] = t(ratio, goal, ratio <= MANIFEST_TARGET_RATIO)
     return out
 
 
@@ -217,7 +241,45 @@ def table(r: dict[str, Any]) -> str:
             f"cat to /dev/null: {r['cat_gb_s']:g} GB/s, {r['cat_cold_gb_s']:g} GB/s from disk",
             None,
         )
+    if r.get("manifest_s_per_gb") is not None:
+        md = r["manifest_detail"]
+        pg_basebackup = (
+            f"pg_basebackup -X none: {r['pg_basebackup_manifest_s_per_gb']:g} s/GB with its SHA-256"
+            f" manifest, {r['pg_basebackup_nomanifest_s_per_gb']:g} s/GB without"
+        )
+        ours = (
+            f"{r['manifest_s_per_gb']:g} s/GB with {md['threads']} threads"
+            f" ({md['manifest_1_thread_s_per_gb']:g} s/GB with 1)"
+            f" = {r['manifest_vs_sha256sum']:g} x sha256sum"
+        )
+        what = f"{md['data_gb']} GB in {md['files']} files, pgbench -s {md['scale']}"
+        row(
+            f"backup_manifest of a copy, SHA-256 ({what}; warm cache, median of {md['runs']})",
+            ours,
+            f"sha256sum: {r['sha256sum_s_per_gb']:g} s/GB (openssl dgst -sha256:"
+            f" {md['openssl_sha256_s_per_gb']:g} s/GB); {pg_basebackup}",
+            "manifest pass vs sha256sum",
+        )
     return "\n".join(lines)
+
+
+def measure_phase(
+    results: dict[str, Any], phase: str, detail_key: str, measure: Callable[[], dict[str, Any]]
+) -> None:
+    """Run one figure's phase: its figures merged into ``results``, its ``detail`` under ``detail_key``,
+    the load average before and after it under ``load_avg_1min_per_phase``.
+
+    :param results: the results being built.
+    :param phase: the phase's name (as ``--skip`` names it).
+    :param detail_key: where its details go.
+    :param measure: runs the phase; returns its figures and a ``detail`` dict.
+    """
+    loads = results["load_avg_1min_per_phase"]
+    loads[phase] = [round(os.getloadavg()[0], 2)]
+    out = measure()
+    loads[phase].append(round(os.getloadavg()[0], 2))
+    results[detail_key] = out.pop("detail")
+    results.update(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,19 +354,27 @@ def main(argv: list[str] | None = None) -> int:
         if "dag" not in args.skip:
             from bench import dagbench
 
-            loads["dag"] = [round(os.getloadavg()[0], 2)]
-            dag = dagbench.run(work, args.scale, args.dag_runs, profile=args.profile)
-            loads["dag"].append(round(os.getloadavg()[0], 2))
-            results["dag_detail"] = dag.pop("detail")
-            results.update(dag)
+            measure_phase(
+                results,
+                "dag",
+                "dag_detail",
+                lambda: dagbench.run(work, args.scale, args.dag_runs, profile=args.profile),
+            )
         if "lsn" not in args.skip:
             from bench import lsnscan
 
-            loads["lsn"] = [round(os.getloadavg()[0], 2)]
-            lsn = lsnscan.run(work, args.lsn_scale, args.lsn_runs)
-            loads["lsn"].append(round(os.getloadavg()[0], 2))
-            results["lsn_scan_detail"] = lsn.pop("detail")
-            results.update(lsn)
+            measure_phase(
+                results, "lsn", "lsn_scan_detail", lambda: lsnscan.run(work, args.lsn_scale, args.lsn_runs)
+            )
+        if "manifest" not in args.skip:
+            from bench import manifest
+
+            measure_phase(
+                results,
+                "manifest",
+                "manifest_detail",
+                lambda: manifest.run(work, args.manifest_scale, args.manifest_runs),
+            )
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)
         results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
