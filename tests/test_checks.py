@@ -107,6 +107,14 @@ def test_stop_lsn_read_from_the_manifest_else_from_the_archive(taken, tmp_root):
     lsn, source = backup_stop_lsn(bare, taken.archive)
     assert lsn == stop and source.endswith(".backup") and Path(source).parent == taken.archive
     assert backup_stop_lsn(bare, None) is None
+    # Another backup starting at the same point (a standby's, or a relabelled one) is not this one.
+    label = taken.backup["backup_label"]
+    (bare / "backup_label").write_text(label.replace("LABEL: ", "LABEL: another "))
+    assert backup_stop_lsn(bare, taken.archive) is None
+    (bare / "backup_label").write_text(label.replace("BACKUP FROM: primary", "BACKUP FROM: standby"))
+    assert "BACKUP FROM: standby" in (bare / "backup_label").read_text()
+    assert backup_stop_lsn(bare, taken.archive) is None
+    (bare / "backup_label").write_text(label)
     report = check_backup(bare, None, manifest=True, restore=False)
     assert [s.status for s in report.steps] == [SKIPPED, SKIPPED], report.summary()
     assert "needs the backup's stop LSN" in report.steps[0].summary

@@ -743,7 +743,8 @@ def check_backup(
 
 def backup_stop_lsn(backup: Path, wal_archive: Path | None) -> tuple[str, str] | None:
     """The backup's stop LSN and where it was read: its backup_manifest's WAL-Ranges, else the backup
-    history file (``<segment>.<offset>.backup``) pg_backup_stop wrote into the archive; None if neither."""
+    history file (``<segment>.<offset>.backup``) pg_backup_stop wrote into the archive for this very backup
+    (same start, label and start time; a standby writes none); None if neither."""
     manifest_file = backup / "backup_manifest"
     if manifest_file.is_file():
         try:
@@ -753,13 +754,17 @@ def backup_stop_lsn(backup: Path, wal_archive: Path | None) -> tuple[str, str] |
     label = backup / "backup_label"
     if wal_archive is None or not label.is_file():
         return None
-    start = parse_backup_label(label.read_text()).get("START WAL LOCATION", "")
+    ours = parse_backup_label(label.read_text())
+    start = ours.get("START WAL LOCATION", "")
     m = re.match(r"(\S+) \(file ([0-9A-F]{24})\)", start)
-    if not m:
+    # A standby writes no backup history file; one with the same start is another backup's (the primary's
+    # backup a standby was made from starts at the same point until the standby's first restartpoint).
+    if not m or ours.get("BACKUP FROM") == "standby":
         return None
     for history in sorted(wal_archive.glob(f"{m.group(2)}.*.backup")):
         fields = parse_backup_label(history.read_text(errors="replace"))
-        if fields.get("START WAL LOCATION") == start and fields.get("STOP WAL LOCATION"):
+        same = all(fields.get(key) == ours.get(key) for key in ("START WAL LOCATION", "LABEL", "START TIME"))
+        if same and fields.get("STOP WAL LOCATION"):
             return fields["STOP WAL LOCATION"].split(" ")[0], str(history)
     return None
 
