@@ -26,14 +26,14 @@ from pg_safe_backup.files.copier import (
     Progress,
     copy_data_directory,
 )
-from pg_safe_backup.files.label import LABEL_FILES, store_label
+from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE
-from pg_safe_backup.files.manifest import write_backup_manifest
+from pg_safe_backup.files.manifest import ManifestSummary, write_backup_manifest
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
-from pg_safe_backup.verify import check_backup
+from pg_safe_backup.verify import BackupCheck, check_backup
 
-from backup_helpers import archiving_cluster, pair_maker, run_backup
+from backup_helpers import archiving_cluster, pair_maker, run_backup, store_backup_label
 from conftest import CONN_ID, PASSWORD
 from pg_versions import verifier_for
 
@@ -73,6 +73,24 @@ def _setup_sql(cluster: LocalCluster, location: Path) -> None:
         cluster.sql(f"CREATE TABLE {table} (id bigint, v text){space}")
         cluster.sql(f"INSERT INTO {table} SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g")
     cluster.sql("CHECKPOINT")
+
+
+def _manifest_and_checks(
+    copy: Path, backup: dict, archive: Path, result: CopyResult, invariant: str
+) -> tuple[BackupCheck, ManifestSummary | None]:
+    """Write the copy's backup_manifest from the engine's checksums (13+), then run every check of it."""
+    major = int((copy / "PG_VERSION").read_text())
+    summary = None
+    if major >= 13:
+        summary = write_backup_manifest(
+            copy,
+            backup_label=backup["backup_label"],
+            stop_lsn=backup["stop_lsn"],
+            system_identifier=backup["system_identifier"],
+            checksums=result.checksums,
+        )
+    verifier = (verifier_for(major) or [None])[0]
+    return check_backup(copy, archive, verifier_bindir=verifier, invariant_sql=invariant), summary
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +143,7 @@ def copied(live: Live) -> Copied:
         backup = run_backup(PostgresBackupHook(CONN_ID), "nightly/run1/engine", copy_it)
     finally:
         writer.stop()
-    store_label(
-        copy,
-        {"backup_label": backup["backup_label"], "tablespace_map": backup["tablespace_map"]},
-        local_copy=copy,
-        system_identifier=backup["system_identifier"],
-        stop_lsn=backup["stop_lsn"],
-    )
+    store_backup_label(copy, backup)
     wait_archived(cluster)
     return Copied(copy, done["result"], backup, done["committed"], listed["size"], calls)
 
@@ -148,28 +160,16 @@ def test_a_backup_under_load_with_a_drop_and_a_truncation_passes_every_check(liv
     assert first.files_done == 0 and first.done_bytes == 0
     assert last.files_done == last.files_total
     assert last.done_bytes == result.bytes
-    if live.major >= 13:
-        summary = write_backup_manifest(
-            copied.copy,
-            backup_label=copied.backup["backup_label"],
-            stop_lsn=copied.backup["stop_lsn"],
-            system_identifier=copied.backup["system_identifier"],
-            checksums=result.checksums,
-        )
+    invariant = invariant_sql(("ledger",), copied.committed) + (
+        f"\nUNION ALL\nSELECT count(*) = {KEPT}, format('shrinking: %s rows', count(*)) FROM shrinking"
+    )
+    report, summary = _manifest_and_checks(copied.copy, copied.backup, live.archive, result, invariant)
+    if summary is not None:
         # Only the label files, written after the copy, are read: every copied file's checksum was given.
         labels = sum(
             (copied.copy / name).stat().st_size for name in LABEL_FILES if (copied.copy / name).exists()
         )
         assert summary.hashed_bytes == labels
-    invariant = invariant_sql(("ledger",), copied.committed) + (
-        f"\nUNION ALL\nSELECT count(*) = {KEPT}, format('shrinking: %s rows', count(*)) FROM shrinking"
-    )
-    report = check_backup(
-        copied.copy,
-        live.archive,
-        verifier_bindir=(verifier_for(live.major) or [None])[0],
-        invariant_sql=invariant,
-    )
     assert report.ok, report.summary()
     statuses = [step.status for step in report.steps]
     assert statuses == ["PASS", "PASS" if live.major >= 13 else "SKIPPED", "PASS"], report.summary()
@@ -205,28 +205,10 @@ def test_a_standby_copied_by_the_engine_restores(tmp_root, monkeypatch):
 
         backup = run_backup(pair.hook, "nightly/run1/standby-engine", copy_it)
         pair.writer.stop()
-        store_label(
-            copy,
-            {"backup_label": backup["backup_label"], "tablespace_map": backup["tablespace_map"]},
-            local_copy=copy,
-            system_identifier=backup["system_identifier"],
-            stop_lsn=backup["stop_lsn"],
-        )
+        store_backup_label(copy, backup)
         wait_archived(pair.primary)
-        major = pair.standby.server_version() // 10000
-        if major >= 13:
-            write_backup_manifest(
-                copy,
-                backup_label=backup["backup_label"],
-                stop_lsn=backup["stop_lsn"],
-                system_identifier=backup["system_identifier"],
-                checksums=done["result"].checksums,
-            )
-        report = check_backup(
-            copy,
-            pair.archive,
-            verifier_bindir=(verifier_for(major) or [None])[0],
-            invariant_sql=invariant_sql(("ledger",), before + 300),
+        report, _ = _manifest_and_checks(
+            copy, backup, pair.archive, done["result"], invariant_sql(("ledger",), before + 300)
         )
     assert list(done["result"].checksums)[-1] == CONTROL_FILE
     assert report.ok, report.summary()
