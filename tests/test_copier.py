@@ -78,7 +78,12 @@ def _setup_sql(cluster: LocalCluster, location: Path) -> None:
 def _manifest_and_checks(
     copy: Path, backup: dict, archive: Path, result: CopyResult, invariant: str
 ) -> tuple[BackupCheck, ManifestSummary | None]:
-    """Write the copy's backup_manifest from the engine's checksums (13+), then run every check of it."""
+    """Write the copy's backup_manifest from the engine's checksums (13+), then run every check of it.
+
+    The stop LSN is given, as the store task has it: without a manifest (12) the check would look for
+    it in the archive's backup history files, and a standby writes none (the one found with the same
+    START WAL LOCATION is the primary's backup the standby was made from).
+    """
     major = int((copy / "PG_VERSION").read_text())
     summary = None
     if major >= 13:
@@ -90,7 +95,10 @@ def _manifest_and_checks(
             checksums=result.checksums,
         )
     verifier = (verifier_for(major) or [None])[0]
-    return check_backup(copy, archive, verifier_bindir=verifier, invariant_sql=invariant), summary
+    checked = check_backup(
+        copy, archive, stop_lsn=backup["stop_lsn"], verifier_bindir=verifier, invariant_sql=invariant
+    )
+    return checked, summary
 
 
 @pytest.fixture(scope="module")
