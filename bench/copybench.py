@@ -1,10 +1,14 @@
-"""The copy engine against ``cp -a`` and ``rsync -a`` on one data directory, side by side in one run.
+"""The copy engine against ``cp -a``, ``rsync -a`` and ``pg_basebackup`` on one cluster, side by side.
 
-``python -m bench.copybench DATADIR WORKDIR [ROUNDS]``: each round copies DATADIR into WORKDIR/copy with
-each tool in turn (the copy deleted and the disk synced before the next): ours with checksums and fsync
-(its default), ours without fsync (as cp and rsync, which sync nothing), ``cp -a``, ``rsync -a``. Ours runs
-in a child process, whose maximum RSS is reported. Prints one JSON object: MB/s (MB = 2**20 bytes) per
-tool, the median over the rounds, and the machine.
+``python -m bench.copybench WORKDIR SCALE [ROUNDS]``: a cluster filled by ``pgbench -i -s SCALE`` in
+WORKDIR/sSCALE/data (kept, and reused by the next run), then each round copies it into WORKDIR/copy with
+each tool in turn (the copy deleted and the disk synced before the next): ours with checksums and
+fsync (its default), ours without fsync (as cp and rsync, which sync nothing), ``cp -a``, ``cp -a``
+then the manifest's checksums read from the copy (the read ours saves), ``rsync -a``, and
+``pg_basebackup -Fp -X none --manifest-checksums=SHA256`` (a fast checkpoint first, as a backup's). Ours
+runs in a child process, whose maximum RSS is reported; its MB/s is from the child's wall time (the
+interpreter's start included). Prints one JSON object: MB/s (MB = 2**20 bytes) per tool, the median
+over the rounds, and the machine.
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ print(json.dumps({"bytes": r.bytes, "seconds": r.seconds,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
+#: ``cp -a``, then the checksums ours computes while copying: write_manifest() reading the copy (its
+#: default threads), as a user of cp gets a manifest.
+_CP_THEN_MANIFEST = """
+import subprocess, sys
+from pathlib import Path
+from pg_safe_backup.files.manifest import WalRange, write_manifest
+subprocess.run(["cp", "-a", sys.argv[1], sys.argv[2]], check=True)
+write_manifest(Path(sys.argv[2]), major=15, system_identifier=None, wal_ranges=[WalRange(1, "0/1", "0/2")])
+"""
+
 
 def _du(path: Path) -> int:
     return int(
@@ -47,12 +61,13 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
     return time.monotonic() - began, done.stdout
 
 
-def run(datadir: Path, work: Path, rounds: int = 3) -> dict:
+def run(datadir: Path, work: Path, rounds: int = 3, basebackup: list[str] | None = None) -> dict:
     """Median MB/s of each tool over ``rounds`` rounds, and our copy's maximum RSS.
 
     :param datadir: the data directory to copy.
     :param work: a folder on the disk to copy to.
-    :param rounds: rounds of the four copies.
+    :param rounds: rounds of the copies.
+    :param basebackup: the pg_basebackup command (without ``-D``), or None to leave it out.
     """
     copy = work / "copy"
     size_mb = _du(datadir) / 2**20
@@ -60,8 +75,11 @@ def run(datadir: Path, work: Path, rounds: int = 3) -> dict:
         "copy_mb_s": [sys.executable, "-c", _OURS, str(datadir), str(copy), "1"],
         "copy_nofsync_mb_s": [sys.executable, "-c", _OURS, str(datadir), str(copy), "0"],
         "cp_a_mb_s": ["cp", "-a", str(datadir), str(copy)],
+        "cp_a_then_manifest_mb_s": [sys.executable, "-c", _CP_THEN_MANIFEST, str(datadir), str(copy)],
         "rsync_mb_s": ["rsync", "-a", f"{datadir}/", f"{copy}/"],
     }
+    if basebackup:
+        tools["pg_basebackup_mb_s"] = [*basebackup, "-D", str(copy)]
     speeds: dict[str, list[float]] = {name: [] for name in tools}
     rss: list[float] = []
     for _ in range(rounds):
@@ -87,9 +105,34 @@ def run(datadir: Path, work: Path, rounds: int = 3) -> dict:
     }
 
 
-if __name__ == "__main__":
-    print(
-        json.dumps(
-            run(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3), indent=1
-        )
+def main(work: Path, scale: int, rounds: int) -> dict:
+    """The figures of :func:`run` on a pgbench cluster of ``scale`` in ``work``, WAL level replica (for
+    pg_basebackup)."""
+    from bench.dagbench import load_pgbench
+    from pg_safe_backup.local_cluster import LocalCluster, find_bindir
+
+    datadir = work / f"s{scale}" / "data"
+    cluster = LocalCluster(datadir) if datadir.exists() else load_pgbench(datadir, scale)
+    if cluster.is_running():
+        cluster.stop()
+    cluster.configure(
+        {"wal_level": "replica", "max_wal_senders": 4, "unix_socket_directories": f"'{cluster.socket_dir}'"}
     )
+    cluster.start()
+    try:
+        cluster.sql("CHECKPOINT")
+        client = find_bindir(int((datadir / "PG_VERSION").read_text()))
+        basebackup = [
+            str(client / "pg_basebackup"),
+            *("-h", str(cluster.socket_dir), "-p", str(cluster.port), "-U", "postgres"),
+            *("-Fp", "-X", "none", "--manifest-checksums=SHA256", "-c", "fast"),
+        ]
+        found = (client / "pg_basebackup").exists()
+        return {"scale": scale, **run(datadir, work, rounds, basebackup if found else None)}
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    print(json.dumps(main(Path(sys.argv[1]), int(sys.argv[2]), rounds), indent=1))

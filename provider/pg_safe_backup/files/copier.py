@@ -177,8 +177,10 @@ class _Pipe:
             if buf is None:
                 self.digests.put(digest.hexdigest())
                 continue
-            digest.update(memoryview(buf)[:n])  # releases the GIL
-            self.free.put(buf)
+            try:
+                digest.update(memoryview(buf)[:n])  # releases the GIL
+            finally:
+                self.free.put(buf)  # whatever happens: the worker waits for its buffers
 
 
 class _Worker(threading.Thread):
