@@ -30,6 +30,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +42,10 @@ CHUNK = 1 << 20
 #: Chunks per worker: read and written ahead of the hash of a large file.
 DEPTH = 4
 MB = 1 << 20
+#: Files this large are synced as soon as copied; smaller ones all at the end, by SYNC_THREADS threads
+#: (one by one, each small fsync would wait for a journal commit of its own).
+SYNC_INLINE = 8 << 20
+SYNC_THREADS = 16
 #: Names that say a folder holds a backup (or a data directory): the refusal names them.
 BACKUP_MARKERS = ("PG_VERSION", "backup_label", "backup_manifest", "global/pg_control")
 
@@ -301,8 +306,8 @@ def _copy_file(item: _File, destination: Path, pipe: _Pipe, fsync: bool, keep_ow
             if keep_owner:
                 os.fchown(fd_out, st.st_uid, st.st_gid)
             os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            if fsync:
-                os.fsync(fd_out)
+            if fsync and item.size >= SYNC_INLINE:
+                os.fsync(fd_out)  # now, while the other workers copy: the rest is synced at the end
         except OSError as exc:
             raise CopyError(f"cannot write {target}: {exc.strerror or exc}") from exc
         finally:
@@ -424,19 +429,24 @@ def _make_folders(folders: list[tuple[str, Path]], destination: Path, keep_owner
             raise CopyError(f"cannot create the folder {target}: {exc.strerror or exc}") from exc
 
 
-def _sync_folders(destination: Path, folders: list[tuple[str, Path]]) -> None:
-    """fsync every folder of the copy (their entries), then the destination's parent (the destination's)."""
-    for folder in [destination / relpath for relpath, _ in reversed(folders)] + [
-        destination,
-        destination.parent,
-    ]:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _sync(paths: list[Path]) -> None:
+    """fsync ``paths`` (files and folders) side by side: a journal commit then covers many of them."""
+
+    def one(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CopyError(f"cannot open {path} to sync it: {exc.strerror or exc}") from exc
         try:
             os.fsync(fd)
         except OSError as exc:
-            raise CopyError(f"cannot sync the folder {folder}: {exc.strerror or exc}") from exc
+            raise CopyError(f"cannot sync {path}: {exc.strerror or exc}") from exc
         finally:
             os.close(fd)
+
+    with ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="pgsb-copier-sync") as pool:
+        for _ in pool.map(one, paths):
+            pass
 
 
 def copy_data_directory(
@@ -516,7 +526,10 @@ def copy_data_directory(
             last.close()
         job.record(control, copied)
     if fsync:
-        _sync_folders(destination, folders)
+        # Small files, then every folder (their entries), the destination and its parent (its entry).
+        small = [destination / c.relpath for c in job.copied if c.size < SYNC_INLINE]
+        folder_paths = [destination / relpath for relpath, _ in folders]
+        _sync(small + folder_paths + [destination, destination.parent])
     report()
     return CopyResult(
         files=len(job.copied),
