@@ -122,14 +122,16 @@ class _Hash(Protocol):
     def hexdigest(self) -> str: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _File:
+    """A file to copy; plain strings, no Path: a cluster may have a million files, each listed at once."""
+
     relpath: str
-    source: Path
+    source: str
     size: int  # at listing: the most that is read (sendFile() reads up to the size sendDir() saw)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Copied:
     relpath: str
     checksum: str
@@ -401,7 +403,7 @@ def _list(source: Path) -> tuple[list[tuple[str, Path]], list[_File], _File | No
         if not stat.S_ISREG(st.st_mode):
             special.append(entry.path)  # sendDir(): "skipping special file"
             continue
-        item = _File(entry.path, entry.source, st.st_size)
+        item = _File(entry.path, str(entry.source), st.st_size)
         if entry.path == CONTROL_FILE:
             control = item
         else:
