@@ -44,7 +44,7 @@ KEPT = 2_000  # rows of the truncated table that stay
 @dataclass
 class Live:
     """An archiving cluster with a tablespace: ``ledger`` (written by a writer during the backup), and
-    ``doomed`` and ``shrinking`` (in the tablespace), dropped and truncated during the copy."""
+    ``doomed`` and ``shrinking`` (in the tablespace), dropped and truncated by VACUUM during the copy."""
 
     cluster: LocalCluster
     archive: Path

@@ -46,6 +46,8 @@ MB = 1 << 20
 #: (one by one, each small fsync would wait for a journal commit of its own).
 SYNC_INLINE = 8 << 20
 SYNC_THREADS = 16
+#: Bytes of a file written between two requests to write them back.
+FLUSH_EVERY = 8 << 20
 #: Names that say a folder holds a backup (or a data directory): the refusal names them.
 BACKUP_MARKERS = ("PG_VERSION", "backup_label", "backup_manifest", "global/pg_control")
 
@@ -303,6 +305,11 @@ def _copy_file(item: _File, destination: Path, pipe: _Pipe, fsync: bool, keep_ow
                     pipe.hash_later(digest, buf, n)
                 left -= n
                 pipe.done_bytes += n
+                written = item.size - left
+                if fsync and written % FLUSH_EVERY < n:
+                    # Start writing back what is written so far (PostgreSQL's pg_flush_data() does it
+                    # so): the final fsync then finds little left, and the disk works during the copy.
+                    os.posix_fadvise(fd_out, 0, written, os.POSIX_FADV_DONTNEED)
             checksum = pipe.hexdigest(digest)
             os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
             if keep_owner:
