@@ -3,19 +3,26 @@
 What is copied comes from :func:`pg_safe_backup.files.layout.walk` (the one table of exclusions). How,
 after PostgreSQL's src/backend/backup/basebackup.c (``sendDir()``, ``sendFile()``):
 
-* folders first, with their modes (and owners, when run as root); tablespaces (``pg_tblspc/<oid>`` links)
+* folders first, with their modes; tablespaces (``pg_tblspc/<oid>`` links)
   become real folders ``pg_tblspc/<oid>/PG_<major>_<catversion>/``: one destination holds the whole
   backup, and a restore places them with tablespace_map;
-* files by ``workers`` threads, largest first; each is read once, into a fixed buffer per thread, hashed
-  (SHA-256) and written from that buffer: the checksums go to the manifest writer, which then reads
-  nothing again; memory stays bounded whatever the data size;
+* files by ``workers`` threads, largest first; each is read once, into fixed buffers per thread, written
+  from them and hashed (SHA-256; a large file's chunks by a thread of their own while the next are
+  copied): the checksums go to the manifest writer, which then reads nothing again; memory stays
+  bounded whatever the data size (about half a KB a file is kept, for the checksums);
+* the copies keep their sources' modes and times (and owners, when run as root); what is written is
+  handed to writeback every few MB, so no pile of dirty pages stalls the host;
 * a file is read up to the size it had when listed: bytes it grew by later are left out and a file that
   shrank is copied as read, which is safe, as WAL replay from the backup's start rewrites every page
   changed since (torn or not); a file that vanished (the server dropped it) is skipped and counted;
   any other error fails the copy, naming the file;
 * ``global/pg_control`` is copied last, alone, once every other file is in the copy: a standby's backup
   ends at the minimum recovery point of the pg_control in the copy, which is only right when read last;
-* every file and folder of the copy is synced to disk before the copy returns (``fsync=False`` not).
+* every file and folder of the copy is synced to disk before the copy returns (``fsync=False`` not):
+  large files as soon as they are copied, small ones and the folders at the end, side by side.
+
+Unlike pg_basebackup, a file that shrank is not padded with zeros to its listed size: that is a need of
+the tar format (its header holds the size), not of a plain copy.
 
 Sizes are in MB of 2**20 bytes, as the rest of the project counts them.
 """
@@ -306,9 +313,10 @@ def _copy_file(item: _File, destination: Path, pipe: _Pipe, fsync: bool, keep_ow
                 left -= n
                 pipe.done_bytes += n
                 written = item.size - left
-                if fsync and written % FLUSH_EVERY < n:
-                    # Start writing back what is written so far (PostgreSQL's pg_flush_data() does it
-                    # so): the final fsync then finds little left, and the disk works during the copy.
+                if written % FLUSH_EVERY < n:
+                    # Start writing back what is written so far (as PostgreSQL's pg_flush_data()): the
+                    # disk works during the copy, the final fsync finds little left, and gigabytes of
+                    # dirty pages never pile up to stall every writer of the host, the server included.
                     os.posix_fadvise(fd_out, 0, written, os.POSIX_FADV_DONTNEED)
             checksum = pipe.hexdigest(digest)
             os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
