@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from demo.load import Writer
+from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
@@ -152,6 +153,21 @@ def run_backup(hook: PostgresBackupHook, owner: str, copy: Callable[[], None]) -
     held, done = asyncio.run(backup_events(hook, req(owner, poll_interval=0.5), copy))
     assert done["status"] == held["status"] == COMPLETE, (held, done)
     return done["backup"]
+
+
+def store_backup_label(copy: Path, backup: dict) -> None:
+    """Store a completed backup's label files into its local ``copy``, checked against the copy.
+
+    :param copy: the copy of the data directory.
+    :param backup: the backup's row, as :func:`run_backup` returns it.
+    """
+    store_label(
+        copy,
+        {"backup_label": backup["backup_label"], "tablespace_map": backup["tablespace_map"]},
+        local_copy=copy,
+        system_identifier=backup["system_identifier"],
+        stop_lsn=backup["stop_lsn"],
+    )
 
 
 def hand_over_row(cluster: LocalCluster, sets: str, params: list) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from demo.load import wait_archived
-from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.manifest import (
     ManifestError,
     ManifestSummary,
@@ -39,7 +38,7 @@ from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.pgverify import VerifyRun, run_pg_verifybackup
 
-from backup_helpers import copy_data_dir, run_backup
+from backup_helpers import copy_data_dir, run_backup, store_backup_label
 from conftest import CONN_ID, PASSWORD
 from pg_versions import client_bindir, verifier_for
 
@@ -125,13 +124,7 @@ def taken() -> Iterator[Taken]:
         backup = run_backup(
             PostgresBackupHook(CONN_ID), "d/r/backup", lambda: copy_data_dir(cluster.datadir, copy)
         )
-        store_label(
-            copy,
-            {"backup_label": backup["backup_label"], "tablespace_map": backup["tablespace_map"]},
-            local_copy=copy,
-            system_identifier=backup["system_identifier"],
-            stop_lsn=backup["stop_lsn"],
-        )
+        store_backup_label(copy, backup)
         wait_archived(cluster)
         t = Taken(
             cluster,

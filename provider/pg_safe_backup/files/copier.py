@@ -1,0 +1,564 @@
+"""Copy a data directory for a base backup: what pg_basebackup sends, in parallel, checksummed as copied.
+
+What is copied comes from :func:`pg_safe_backup.files.layout.walk` (the one table of exclusions). How,
+after PostgreSQL's src/backend/backup/basebackup.c (``sendDir()``, ``sendFile()``):
+
+* folders first, with their modes; tablespaces (``pg_tblspc/<oid>`` links)
+  become real folders ``pg_tblspc/<oid>/PG_<major>_<catversion>/``: one destination holds the whole
+  backup, and a restore places them with tablespace_map;
+* files by ``workers`` threads, largest first; each is read once, into fixed buffers per thread, written
+  from them and hashed (SHA-256; a large file's chunks by a thread of their own while the next are
+  copied): the checksums go to the manifest writer, which then reads nothing again; memory stays
+  bounded whatever the data size (about half a KB a file is kept, for the checksums);
+* the copies keep their sources' modes and times (and owners, when run as root); what is written is
+  handed to writeback every few MB, so no pile of dirty pages stalls the host;
+* a file is read up to the size it had when listed: bytes it grew by later are left out and a file that
+  shrank is copied as read, which is safe, as WAL replay from the backup's start rewrites every page
+  changed since (torn or not); a file that vanished (the server dropped it) is skipped and counted;
+  any other error fails the copy, naming the file;
+* ``global/pg_control`` is copied last, alone, once every other file is in the copy: a standby's backup
+  ends at the minimum recovery point of the pg_control in the copy, which is only right when read last;
+* every file and folder of the copy is synced to disk before the copy returns (``fsync=False`` not):
+  large files as soon as they are copied, small ones and the folders at the end, side by side.
+
+Unlike pg_basebackup, a file that shrank is not padded with zeros to its listed size: that is a need of
+the tar format (its header holds the size), not of a plain copy.
+
+Sizes are in MB of 2**20 bytes, as the rest of the project counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pg_safe_backup.files.layout import CONTROL_FILE, walk
+
+#: Bytes read at a time per worker: large enough that hashlib and os.write release the GIL for long.
+CHUNK = 1 << 20
+#: Chunks per worker: read and written ahead of the hash of a large file.
+DEPTH = 4
+MB = 1 << 20
+#: Files this large are synced as soon as copied; smaller ones all at the end, by SYNC_THREADS threads
+#: (one by one, each small fsync would wait for a journal commit of its own).
+SYNC_INLINE = 8 << 20
+SYNC_THREADS = 16
+#: Bytes of a file written between two requests to write them back.
+FLUSH_EVERY = 8 << 20
+#: Names that say a folder holds a backup (or a data directory): the refusal names them.
+BACKUP_MARKERS = ("PG_VERSION", "backup_label", "backup_manifest", "global/pg_control")
+
+
+class CopyError(RuntimeError):
+    """The copy failed; the message names the file or folder at fault."""
+
+
+class DestinationNotEmpty(CopyError):
+    """The destination already holds files (a backup, or anything else) and ``overwrite`` was not given."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a copy is: bytes and files done of those listed, the speed so far and the time left."""
+
+    done_bytes: int
+    total_bytes: int
+    files_done: int
+    files_total: int
+    mb_s: float
+    eta_s: float | None  # None before anything was copied
+
+    def line(self) -> str:
+        """One log line: ``copied 512 of 1024 MB (50%), 300 of 900 files, 210.5 MB/s, 2 s left``."""
+        pct = 100 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
+        eta = f"{self.eta_s:.0f} s left" if self.eta_s is not None else "time left unknown"
+        return (
+            f"copied {self.done_bytes / MB:.0f} of {self.total_bytes / MB:.0f} MB ({pct:.0f}%),"
+            f" {self.files_done} of {self.files_total} files, {self.mb_s:.1f} MB/s, {eta}"
+        )
+
+
+@dataclass
+class CopyResult:
+    """What :func:`copy_data_directory` copied.
+
+    ``checksums``, ``sizes`` and ``mtimes_ns`` are keyed by the path in the backup (``/``-separated, a
+    tablespace's as ``pg_tblspc/<oid>/PG_...``), in the order the copies finished: ``global/pg_control``
+    is the last key. ``sizes`` are the copies' sizes (what was read), ``mtimes_ns`` the sources' times,
+    which the copies keep.
+    """
+
+    files: int
+    bytes: int
+    vanished: list[str]  # listed, then gone before they were read: dropped by the server
+    seconds: float
+    checksums: dict[str, str]  # SHA-256, hex
+    sizes: dict[str, int]
+    mtimes_ns: dict[str, int] = field(default_factory=dict)
+    special: list[str] = field(default_factory=list)  # sockets, FIFOs, devices: skipped, as basebackup.c
+    folders: int = 0
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / MB / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """``copied N files, X MB in T s (Y MB/s); K vanished during the copy``."""
+        line = (
+            f"copied {self.files} files, {self.bytes / MB:.1f} MB in {self.seconds:.1f} s"
+            f" ({self.mb_s:.1f} MB/s); {len(self.vanished)} vanished during the copy"
+        )
+        if self.vanished:
+            shown = ", ".join(self.vanished[:5]) + (", ..." if len(self.vanished) > 5 else "")
+            line += f" ({shown})"
+        if self.special:
+            line += f"; {len(self.special)} special files skipped ({', '.join(self.special[:5])})"
+        return line
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    """A file to copy; plain strings, no Path: a cluster may have a million files, each listed at once."""
+
+    relpath: str
+    source: str
+    size: int  # at listing: the most that is read (sendFile() reads up to the size sendDir() saw)
+
+
+@dataclass(slots=True)
+class _Copied:
+    relpath: str
+    checksum: str
+    size: int
+    mtime_ns: int
+
+
+class _Pipe:
+    """One worker's buffers, its count of bytes copied, and the thread that hashes what it wrote.
+
+    SHA-256 is sequential: one file is hashed on one core. Handing each chunk, once written, to a thread
+    of its own lets the next chunk be read and written while this one is hashed: a large file is copied
+    at the speed of the hash alone, not of the hash plus the reads and writes. Small files are hashed
+    inline (a hand-over costs more than their hash). Memory: :data:`DEPTH` chunks per worker.
+    """
+
+    def __init__(self) -> None:
+        self.done_bytes = 0  # read by the progress reporter: an int assignment needs no lock
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(DEPTH):
+            self.free.put(bytearray(CHUNK))
+        self.chunks: queue.SimpleQueue[tuple[_Hash, bytearray | None, int]] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.digests: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def hash_later(self, digest: _Hash, buf: bytearray, n: int) -> None:
+        """Hash ``buf[:n]`` into ``digest`` in the hashing thread; ``buf`` comes back to :attr:`free`."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._hash, daemon=True, name="pgsb-copier-hash")
+            self.thread.start()
+        self.chunks.put((digest, buf, n))
+
+    def hexdigest(self, digest: _Hash) -> str:
+        """``digest`` once every chunk handed over is in it."""
+        if self.thread is None:
+            return digest.hexdigest()
+        self.chunks.put((digest, None, 0))
+        return self.digests.get()
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.chunks.put((None, None, -1))  # type: ignore[arg-type]
+            self.thread.join()
+
+    def _hash(self) -> None:
+        while True:
+            digest, buf, n = self.chunks.get()
+            if n < 0:
+                return
+            if buf is None:
+                self.digests.put(digest.hexdigest())
+                continue
+            try:
+                digest.update(memoryview(buf)[:n])  # releases the GIL
+            finally:
+                self.free.put(buf)  # whatever happens: the worker waits for its buffers
+
+
+class _Worker(threading.Thread):
+    """Copies files taken from a shared iterator until it is empty, or until the copy failed."""
+
+    def __init__(self, job: _Job) -> None:
+        super().__init__(daemon=True, name="pgsb-copier")
+        self.job = job
+        self.pipe = _Pipe()
+
+    def run(self) -> None:
+        job = self.job
+        try:
+            while not job.stop.is_set():
+                with job.lock:
+                    item = next(job.todo, None)
+                if item is None:
+                    return
+                copied = _copy_file(item, job.destination, self.pipe, job.fsync, job.keep_owner)
+                job.record(item, copied)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            job.fail(exc)
+        finally:
+            self.pipe.close()
+            job.worker_finished()
+
+
+class _Job:
+    """The state the workers share: what is left to copy, what was copied, the first error."""
+
+    def __init__(
+        self, files: list[_File], destination: Path, fsync: bool, keep_owner: bool, workers: int
+    ) -> None:
+        self.todo: Iterator[_File] = iter(files)
+        self.destination, self.fsync, self.keep_owner = destination, fsync, keep_owner
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.all_finished = threading.Event()
+        self.running = workers
+        self.error: BaseException | None = None
+        self.copied: list[_Copied] = []
+        self.vanished: list[str] = []
+        self.files_done = 0
+
+    def record(self, item: _File, copied: _Copied | None) -> None:
+        with self.lock:
+            self.files_done += 1
+            if copied is None:
+                self.vanished.append(item.relpath)
+            else:
+                self.copied.append(copied)
+
+    def fail(self, exc: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = exc
+        self.stop.set()
+
+    def worker_finished(self) -> None:
+        with self.lock:
+            self.running -= 1
+            if self.running == 0:
+                self.all_finished.set()
+
+
+def _open_source(item: _File) -> int | None:
+    """The source opened for reading, or None when it vanished. O_NONBLOCK: a FIFO put in its place
+    must not block the copy (it is refused below, as not a regular file)."""
+    try:
+        return os.open(item.source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CopyError(f"cannot open {item.source} ({item.relpath}): {exc.strerror or exc}") from exc
+
+
+def _copy_file(item: _File, destination: Path, pipe: _Pipe, fsync: bool, keep_owner: bool) -> _Copied | None:
+    """Copy one file through ``pipe``'s buffers, hashing what is read; None when the source vanished."""
+    fd_in = _open_source(item)
+    if fd_in is None:
+        return None
+    target = destination / item.relpath
+    try:
+        st = os.fstat(fd_in)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise CopyError(f"{item.source} ({item.relpath}) is {kind} now: it was a file when listed")
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd_in, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+        try:
+            fd_out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CopyError(f"cannot create {target}: {exc.strerror or exc}") from exc
+        try:
+            digest = hashlib.sha256()
+            inline = item.size <= CHUNK
+            left = item.size
+            while left > 0:
+                buf = pipe.free.get()  # waits while the hashing thread holds every buffer
+                view = memoryview(buf)
+                try:
+                    n = os.readv(fd_in, [view[: min(CHUNK, left)]])
+                except OSError as exc:
+                    raise CopyError(f"cannot read {item.source} ({item.relpath}): {exc.strerror}") from exc
+                if n == 0:
+                    pipe.free.put(buf)
+                    break  # it shrank: copied as read, WAL replay repairs it
+                _write_all(fd_out, view[:n], target)
+                if inline:
+                    digest.update(view[:n])
+                    pipe.free.put(buf)
+                else:
+                    pipe.hash_later(digest, buf, n)
+                left -= n
+                pipe.done_bytes += n
+                written = item.size - left
+                if written % FLUSH_EVERY < n:
+                    # Start writing back what is written so far (as PostgreSQL's pg_flush_data()): the
+                    # disk works during the copy, the final fsync finds little left, and gigabytes of
+                    # dirty pages never pile up to stall every writer of the host, the server included.
+                    os.posix_fadvise(fd_out, 0, written, os.POSIX_FADV_DONTNEED)
+            checksum = pipe.hexdigest(digest)
+            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
+            if keep_owner:
+                os.fchown(fd_out, st.st_uid, st.st_gid)
+            os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if fsync and item.size >= SYNC_INLINE:
+                os.fsync(fd_out)  # now, while the other workers copy: the rest is synced at the end
+        except OSError as exc:
+            raise CopyError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+    return _Copied(item.relpath, checksum, item.size - left, st.st_mtime_ns)
+
+
+def _write_all(fd: int, data: memoryview, target: Path) -> None:
+    while data:
+        written = os.write(fd, data)
+        if written == 0:
+            raise CopyError(f"cannot write {target}: nothing written (disk full?)")
+        data = data[written:]
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_paths(source: Path, destination: Path) -> None:
+    """Refuse a destination that is, or is inside, the source or one of its tablespaces, or that holds
+    them: the copy would copy itself, and ``overwrite`` would delete live data."""
+    live = [source.resolve()]
+    spc = source / "pg_tblspc"
+    if spc.is_dir():
+        live += [link.resolve() for link in spc.iterdir()]
+    dest = destination.resolve()
+    for folder in live:
+        if _inside(dest, folder) or _inside(folder, dest):
+            raise CopyError(
+                f"the destination {destination} and the live data in {folder} overlap: copy elsewhere"
+            )
+
+
+def _prepare_destination(
+    destination: Path, overwrite: bool, mode: int, owner: tuple[int, int] | None
+) -> None:
+    """Create the destination, or check it is empty; ``overwrite`` empties it (its contents only, links
+    removed, never followed)."""
+    if not destination.exists():
+        destination.mkdir(parents=True, mode=mode)
+        os.chmod(destination, mode)  # mkdir's mode is masked by the umask
+        if owner is not None:
+            os.chown(destination, *owner)
+        return
+    if not destination.is_dir():
+        raise CopyError(f"the destination {destination} is not a folder")
+    names = sorted(os.listdir(destination))
+    if not names:
+        return
+    if not overwrite:
+        markers = [m for m in BACKUP_MARKERS if (destination / m).exists()]
+        what = (
+            f"already holds a backup or data directory ({', '.join(markers)})"
+            if markers
+            else f"is not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+        )
+        raise DestinationNotEmpty(
+            f"the destination {destination} {what}: refusing to copy into it"
+            " (overwrite=True empties it first)"
+        )
+    for name in names:
+        path = destination / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # its fd-based version: links inside are removed, not followed
+        else:
+            path.unlink()
+
+
+def _list(source: Path) -> tuple[list[tuple[str, Path]], list[_File], _File | None, list[str], list[str]]:
+    """Folders, files (largest first), pg_control, vanished and special files of a base backup of
+    ``source``, as it is now."""
+    folders: list[tuple[str, Path]] = []
+    files: list[_File] = []
+    control: _File | None = None
+    vanished: list[str] = []
+    special: list[str] = []
+    for entry in walk(source):
+        if entry.is_dir:
+            folders.append((entry.path, entry.source))
+            continue
+        try:
+            st = os.stat(entry.source)
+        except FileNotFoundError:
+            vanished.append(entry.path)
+            continue
+        except OSError as exc:
+            raise CopyError(f"cannot stat {entry.source} ({entry.path}): {exc.strerror or exc}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            special.append(entry.path)  # sendDir(): "skipping special file"
+            continue
+        item = _File(entry.path, str(entry.source), st.st_size)
+        if entry.path == CONTROL_FILE:
+            control = item
+        else:
+            files.append(item)
+    # The largest first: the last files to finish are small, so the workers end together.
+    files.sort(key=lambda f: f.size, reverse=True)
+    return folders, files, control, vanished, special
+
+
+def _make_folders(folders: list[tuple[str, Path]], destination: Path, keep_owner: bool) -> None:
+    for relpath, source in folders:
+        target = destination / relpath
+        try:
+            st = os.stat(source)
+            mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+        except FileNotFoundError:
+            # Dropped since it was listed (a database): an empty folder, which WAL replay removes.
+            mode, owner = 0o700, None
+        try:
+            os.mkdir(target, mode)
+            os.chmod(target, mode)  # mkdir's mode is masked by the umask
+            if keep_owner and owner is not None:
+                os.chown(target, *owner)
+        except OSError as exc:
+            raise CopyError(f"cannot create the folder {target}: {exc.strerror or exc}") from exc
+
+
+def _sync(paths: list[Path]) -> None:
+    """fsync ``paths`` (files and folders) side by side: a journal commit then covers many of them."""
+
+    def one(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CopyError(f"cannot open {path} to sync it: {exc.strerror or exc}") from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise CopyError(f"cannot sync {path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="pgsb-copier-sync") as pool:
+        for _ in pool.map(one, paths):
+            pass
+
+
+def copy_data_directory(
+    source: Path | str,
+    destination: Path | str,
+    *,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    progress_interval: float = 5.0,
+    fsync: bool = True,
+) -> CopyResult:
+    """Copy what a base backup of the data directory ``source`` holds into the local folder ``destination``.
+
+    Run it while the server is in backup mode (between pg_backup_start and pg_backup_stop). The label
+    files and the manifest are written into the copy afterwards
+    (:func:`~pg_safe_backup.files.label.store_label`,
+    :func:`~pg_safe_backup.files.manifest.write_backup_manifest` with ``checksums=result.checksums``).
+
+    :param source: the data directory (of a running server).
+    :param destination: a local folder: created, or empty (see ``overwrite``).
+    :param workers: files copied side by side (default: the CPU count).
+    :param overwrite: empty a destination that holds anything first (its contents only: links in it are
+        removed, never followed); without it such a destination is refused.
+    :param progress: called in the caller's thread with a :class:`Progress`: once the files are listed,
+        every ``progress_interval`` seconds while they are copied, and once at the end.
+    :param progress_interval: seconds between two progress calls.
+    :param fsync: sync every file and folder of the copy to disk before returning.
+    :raises DestinationNotEmpty: the destination holds something and ``overwrite`` is false.
+    :raises CopyError: a file or folder cannot be read or written (the message names it), or the
+        destination overlaps the live data; the copy is then incomplete.
+    """
+    began = time.monotonic()
+    source, destination = Path(source).absolute(), Path(destination).absolute()
+    if not (source / "PG_VERSION").is_file():
+        raise CopyError(f"{source} is not a data directory (no PG_VERSION)")
+    _check_paths(source, destination)
+    keep_owner = os.geteuid() == 0
+    top = source.stat()
+    owner = (top.st_uid, top.st_gid) if keep_owner else None
+    _prepare_destination(destination, overwrite, stat.S_IMODE(top.st_mode), owner)
+    folders, files, control, vanished, special = _list(source)
+    _make_folders(folders, destination, keep_owner)
+    total = sum(f.size for f in files) + (control.size if control else 0)
+    files_total = len(files) + (control is not None)
+
+    count = max(1, min(workers or os.cpu_count() or 1, len(files) or 1))
+    job = _Job(files, destination, fsync, keep_owner, count)
+    threads = [_Worker(job) for _ in range(count)]
+    pipes = [t.pipe for t in threads]
+
+    def report() -> None:
+        if progress is None:
+            return
+        done = sum(p.done_bytes for p in pipes)
+        elapsed = time.monotonic() - began
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else None
+        progress(Progress(done, total, job.files_done, files_total, rate / MB, eta))
+
+    report()
+    for t in threads:
+        t.start()
+    try:
+        while not job.all_finished.wait(progress_interval):
+            report()
+    finally:
+        job.stop.set()  # an exception here (the task killed): the workers stop after their file
+    if job.error is not None:
+        raise job.error
+    if control is not None:
+        # Last, alone, once everything else is in the copy (basebackup.c sends it last too).
+        pipes.append(last := _Pipe())
+        try:
+            copied = _copy_file(control, destination, last, fsync, keep_owner)
+        finally:
+            last.close()
+        job.record(control, copied)
+    if fsync:
+        # Small files, then every folder (their entries), the destination and its parent (its entry).
+        small = [destination / c.relpath for c in job.copied if c.size < SYNC_INLINE]
+        folder_paths = [destination / relpath for relpath, _ in folders]
+        _sync(small + folder_paths + [destination, destination.parent])
+    report()
+    return CopyResult(
+        files=len(job.copied),
+        bytes=sum(c.size for c in job.copied),
+        vanished=vanished + job.vanished,
+        seconds=time.monotonic() - began,
+        checksums={c.relpath: c.checksum for c in job.copied},
+        sizes={c.relpath: c.size for c in job.copied},
+        mtimes_ns={c.relpath: c.mtime_ns for c in job.copied},
+        special=special,
+        folders=len(folders),
+    )
+
+
+__all__ = ["CHUNK", "CopyError", "CopyResult", "DestinationNotEmpty", "Progress", "copy_data_directory"]
