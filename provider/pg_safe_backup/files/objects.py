@@ -68,6 +68,21 @@ class CopyResult:
     #: tar format: archive name -> bytes stored (after compression).
     archives: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, path: str, copied: tuple[int, str] | None) -> None:
+        """Count one file (thread-safe).
+
+        :param path: its backup path.
+        :param copied: its size and SHA-256 (hex), or None when it vanished before it was read.
+        """
+        with self._lock:
+            if copied is None:
+                self.vanished.append(path)
+                return
+            self.files += 1
+            self.bytes += copied[0]
+            self.sizes[path], self.checksums[path] = copied
 
     def summary(self) -> str:
         """One line for the task log."""
@@ -89,6 +104,31 @@ def open_for_writing(target: Target) -> IO[bytes]:
     return target.open("wb", block_size=PART_SIZE)
 
 
+def close_durably(out: IO[bytes], local: bool) -> None:
+    """Close ``out``; a local file is synced to disk first (an object exists once its upload closed).
+
+    :param out: the file written.
+    :param local: whether it is a local file (``pathlib.Path`` destination).
+    """
+    if local:
+        out.flush()
+        os.fsync(out.fileno())
+    out.close()
+
+
+def sync_folders(folders: Iterable[Path]) -> None:
+    """fsync local folders, so the names of the files in them survive a crash.
+
+    :param folders: the folders.
+    """
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def open_source(entry: Entry) -> IO[bytes] | None:
     """The file of ``entry`` opened for reading, or None when it vanished (the server dropped it: WAL
     replay agrees). Any other error (permissions, I/O) is raised, naming the file.
@@ -107,12 +147,17 @@ def _upload(entry: Entry, destination: Target) -> tuple[int, str] | None:
         return None
     digest = hashlib.sha256()
     size = 0
-    with source, open_for_writing(destination / entry.path) as out:
+    with source:
+        out = open_for_writing(destination / entry.path)
         # A file that grows or shrinks meanwhile is copied as read: WAL replay repairs it.
         while chunk := source.read(CHUNK_SIZE):
             digest.update(chunk)
             out.write(chunk)
             size += len(chunk)
+        # Not closed after a failure; fsspec still finishes the upload of a file it collects, so a failed
+        # copy can leave a cut object: the copy is no backup before its label is stored (the store
+        # task), and a new attempt empties the destination first.
+        close_durably(out, isinstance(destination, Path))
     return size, digest.hexdigest()
 
 
@@ -160,35 +205,26 @@ def upload_tree(
             copied = _upload(entry, destination)
         except OSError as exc:
             raise OSError(f"copying {entry.source} to {destination / entry.path}: {exc}") from exc
-        _record(result, entry.path, copied)
+        result.record(entry.path, copied)
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    try:
         for done in [pool.submit(one, entry) for entry in files]:
             done.result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, copy no more
     if control is not None:
         one(control)  # last: a standby's backup ends at the minimum recovery point of this pg_control
     result.empty_folders = _unkept_folders(destination, folders, result.sizes)
     if result.empty_folders:
-        with open_for_writing(destination / FOLDERS_NAME) as out:
-            out.write(json.dumps({"folders": result.empty_folders}, indent=1).encode())
+        out = open_for_writing(destination / FOLDERS_NAME)
+        out.write(json.dumps({"folders": result.empty_folders}, indent=1).encode())
+        close_durably(out, isinstance(destination, Path))
+    if isinstance(destination, Path):
+        sync_folders([destination, *(destination / folder for folder in folders)])
     result.seconds = time.monotonic() - began
     log.info("copied %s into %s: %s", datadir, destination, result.summary())
     return result
-
-
-_record_lock = threading.Lock()
-
-
-def _record(result: CopyResult, path: str, copied: tuple[int, str] | None) -> None:
-    with _record_lock:
-        if copied is None:
-            result.vanished.append(path)
-            return
-        size, digest = copied
-        result.files += 1
-        result.bytes += size
-        result.sizes[path] = size
-        result.checksums[path] = digest
 
 
 def _unkept_folders(destination: Target, folders: list[str], files: Iterable[str]) -> list[str]:
@@ -275,8 +311,8 @@ class BackgroundWriter:
     def close(self, commit: bool = True) -> None:
         """Wait until every chunk is written, then close ``out``; raise what writing raised.
 
-        :param commit: False after a failure: stop, and leave ``out`` unclosed (an object store then
-            never finishes the upload, so no cut object appears).
+        :param commit: False after a failure: stop the thread, write no more, raise nothing, and leave
+            ``out`` to the caller.
         """
         if not commit:
             self._error = self._error or RuntimeError("abandoned")
@@ -297,7 +333,9 @@ __all__ = [
     "CopyResult",
     "Target",
     "download_tree",
+    "close_durably",
     "open_for_writing",
     "open_source",
+    "sync_folders",
     "upload_tree",
 ]

@@ -37,8 +37,10 @@ from pg_safe_backup.files.objects import (
     BackgroundWriter,
     CopyResult,
     Target,
+    close_durably,
     open_for_writing,
     open_source,
+    sync_folders,
 )
 
 #: compression -> suffix of the archives' names (pg_basebackup's).
@@ -183,20 +185,22 @@ class _Archive:
 
     def __init__(self, destination: Target, name: str, compression: str, level: int | None, threads: int):
         self.name = name
-        raw = open_for_writing(destination / name)
+        self.local = isinstance(destination, Path)
+        self.raw = open_for_writing(destination / name)
         # An object's upload part is sent while the next files are read and compressed.
-        self.out: IO[bytes] | BackgroundWriter = (
-            raw if isinstance(destination, Path) else BackgroundWriter(raw)
-        )
+        self.out = self.raw if self.local else BackgroundWriter(self.raw)
         self.tar = TarWriter(self.out, compression, level, threads)  # type: ignore[arg-type]
 
     def close(self) -> int:
         stored = self.tar.close()
-        self.out.close()
+        if isinstance(self.out, BackgroundWriter):
+            self.out.close()
+        else:
+            close_durably(self.raw, self.local)
         return stored
 
     def abandon(self) -> None:
-        """After a failure: stop writing; an object's upload is left unfinished (never a cut archive)."""
+        """After a failure: stop writing, raising nothing over the first error."""
         if isinstance(self.out, BackgroundWriter):
             self.out.close(commit=False)
         else:
@@ -257,6 +261,8 @@ def write_tar_backup(
         if space is not None:
             result.archives[space.name] = space.close()
         result.archives[base.name] = base.close()
+        if isinstance(destination, Path):
+            sync_folders([destination])
     except BaseException:
         for archive in (space, base):
             if archive is not None and archive.name not in result.archives:
@@ -284,14 +290,11 @@ def _add(tar: TarWriter, entry: Entry, member: str, result: CopyResult) -> None:
         return
     source = open_source(entry)
     if source is None:
-        result.vanished.append(entry.path)
+        result.record(entry.path, None)
         return
     with source:
         size, digest, shrunk = tar.add_file(member, source)
-    result.files += 1
-    result.bytes += size
-    result.sizes[entry.path] = size
-    result.checksums[entry.path] = digest
+    result.record(entry.path, (size, digest))
     if shrunk:
         result.shrunk.append(entry.path)
 
