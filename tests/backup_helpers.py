@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from demo.load import Writer
+from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
@@ -152,6 +154,22 @@ def run_backup(hook: PostgresBackupHook, owner: str, copy: Callable[[], None]) -
     held, done = asyncio.run(backup_events(hook, req(owner, poll_interval=0.5), copy))
     assert done["status"] == held["status"] == COMPLETE, (held, done)
     return done["backup"]
+
+
+def store_backup_label(destination: Any, backup: dict, local_copy: Path | None = None) -> dict[str, str]:
+    """:func:`store_label` of a completed backup's row (see :func:`run_backup`) into ``destination``.
+
+    :param destination: the copy's folder, or an ObjectStoragePath.
+    :param backup: the completed backup's row.
+    :param local_copy: the copy as a local folder, to check its pg_control; None for an object store.
+    """
+    return store_label(
+        destination,
+        {"backup_label": backup["backup_label"], "tablespace_map": backup["tablespace_map"]},
+        local_copy=local_copy,
+        system_identifier=backup["system_identifier"],
+        stop_lsn=backup["stop_lsn"],
+    )
 
 
 def hand_over_row(cluster: LocalCluster, sets: str, params: list) -> None:

@@ -27,7 +27,7 @@ from airflow.sdk import ObjectStoragePath
 from airflow.sdk.io import attach
 
 from demo.load import wait_archived
-from pg_safe_backup.files.label import LABEL_FILES, store_label
+from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry
 from pg_safe_backup.files.manifest import manifest_version, wal_ranges_for, write_manifest
 from pg_safe_backup.files.objects import FOLDERS_NAME, CopyResult, download_tree, upload_tree
@@ -37,7 +37,7 @@ from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server
 from pg_safe_backup.pgverify import run_pg_verifybackup
 from pg_safe_backup.verify import check_backup
 
-from backup_helpers import archiving_cluster, run_backup
+from backup_helpers import archiving_cluster, run_backup, store_backup_label
 from conftest import CONN_ID, PASSWORD
 from pg_versions import client_bindir
 
@@ -130,13 +130,7 @@ def stored(s3: ObjectStoragePath, module_tmp_root: Path) -> Iterator[Stored]:
 
         backup = run_backup(PostgresBackupHook(CONN_ID), "objstore/run/backup", copy)
         for prefix in prefixes.values():
-            store_label(
-                prefix,
-                {"backup_label": backup["backup_label"], "tablespace_map": backup["tablespace_map"]},
-                local_copy=None,
-                system_identifier=backup["system_identifier"],
-                stop_lsn=backup["stop_lsn"],
-            )
+            store_backup_label(prefix, backup)
         wait_archived(cluster)
         major = cluster.server_version() // 10000
         yield Stored(cluster, major, archive, backup, root, results, prefixes)
