@@ -293,53 +293,75 @@ def test_pg_verifybackup_names_a_damaged_member_of_a_stored_tar(stored, tmp_root
 
 
 # ------------------------------------------------------------------ the tar writer alone, no server
-class ShrinkingFile(io.FileIO):
-    """A file whose first read finds it cut to ``keep`` bytes, as VACUUM truncates a relation while a
-    copy reads it (after its size went into the tar header)."""
+PAGE = 8192
 
-    def __init__(self, path: Path, keep: int) -> None:
+
+class ChangingFile(io.FileIO):
+    """A file that, at its first read, is cut to or grown to ``pages`` pages, as VACUUM truncates a
+    relation or an INSERT extends it while a copy reads it (its size already in the tar header)."""
+
+    def __init__(self, path: Path, pages: int) -> None:
         super().__init__(path, "rb")
-        self.keep = keep
+        self.pages: int | None = pages
 
     def read(self, size: int = -1) -> bytes:
-        if self.keep is not None:
-            os.truncate(self.name, self.keep)
-            self.keep = None
+        if self.pages is not None:
+            with open(self.name, "r+b") as f:
+                f.truncate(min(self.pages * PAGE, os.fstat(f.fileno()).st_size))
+                f.seek(0, os.SEEK_END)
+                f.write(b"\x03" * (self.pages * PAGE - f.tell()))
+            self.pages = None
         return super().read(size)
 
 
-def test_a_file_that_shrinks_while_written_into_a_tar_is_padded_with_zeros_and_hashed_as_written(tmp_root):
+@pytest.mark.parametrize(
+    "pages, stored, padded",
+    [
+        (1, b"\x01" * PAGE + bytes(2 * PAGE), True),  # shrunk: padded with zeros to the header's size
+        (4, b"\x01" * 3 * PAGE, False),  # grown: cut at the header's size
+    ],
+    ids=["shrinks", "grows"],
+)
+def test_a_file_that_changes_size_while_written_into_a_tar_keeps_its_header_size_and_is_hashed_as_written(
+    tmp_root, pages, stored, padded
+):
     relation = tmp_root / "16384"
-    relation.write_bytes(b"\x01" * 3 * 8192)
+    relation.write_bytes(b"\x01" * 3 * PAGE)
     out = io.BytesIO()
     tar = TarWriter(out)
-    with ShrinkingFile(relation, keep=8192) as source:
+    with ChangingFile(relation, pages) as source:
         size, digest, shrunk = tar.add_file("base/5/16384", source)
     tar.close()
-    written = b"\x01" * 8192 + bytes(2 * 8192)
-    assert (size, shrunk) == (3 * 8192, True)
-    assert digest == hashlib.sha256(written).hexdigest()
+    assert size == 3 * PAGE
+    assert shrunk is padded
+    assert digest == hashlib.sha256(stored).hexdigest()
     with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as archive:
-        assert archive.extractfile("base/5/16384").read() == written
+        assert archive.extractfile("base/5/16384").read() == stored
     assert len(out.getvalue()) % BLOCK == 0
 
 
-def test_a_file_that_vanished_before_it_was_read_is_left_out_of_the_tar_and_counted(tmp_root):
+@pytest.mark.parametrize("fmt", ["tar", "plain"])
+def test_a_file_that_vanished_before_it_was_read_is_left_out_and_counted(tmp_root, fmt):
     data = tmp_root / "data"
     (data / "base" / "5").mkdir(parents=True)
-    (data / "base" / "5" / "1259").write_bytes(b"\x02" * 8192)
+    (data / "base" / "5" / "1259").write_bytes(b"\x02" * PAGE)
     entries = [
         Entry("base", data / "base", True),
         Entry("base/5", data / "base" / "5", True),
         Entry("base/5/1259", data / "base" / "5" / "1259", False),
         Entry("base/5/16390", data / "base" / "5" / "16390", False),  # dropped by the server meanwhile
     ]
-    out = tmp_root / "tar"
-    result = write_tar_backup(data, out, entries=entries)
+    out = tmp_root / "out"
+    copy = write_tar_backup if fmt == "tar" else upload_tree
+    result = copy(data, out, entries=entries)
     assert result.vanished == ["base/5/16390"]
     assert result.files == 1
-    with tarfile.open(out / "base.tar") as archive:
-        assert archive.getnames() == ["base", "base/5", "base/5/1259"]
+    assert result.checksums == {"base/5/1259": hashlib.sha256(b"\x02" * PAGE).hexdigest()}
+    if fmt == "tar":
+        with tarfile.open(out / "base.tar") as archive:
+            assert archive.getnames() == ["base", "base/5", "base/5/1259"]
+    else:
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["base", "base/5", "base/5/1259"]
 
 
 def test_a_tablespace_path_goes_into_its_own_archive_under_its_version_folder():
