@@ -64,6 +64,24 @@ def archive_name(tablespace_oid: str | None, compression: str = "none") -> str:
     return f"{tablespace_oid or 'base'}.tar{COMPRESSIONS[compression]}"
 
 
+def check_compression(compression: str) -> None:
+    """Fail early, before anything is written, on a compression that is unknown or not installed.
+
+    :param compression: none, gzip or zstd.
+    :raises ValueError: unknown.
+    :raises ImportError: zstd without the ``zstandard`` package.
+    """
+    archive_name(None, compression)
+    if compression == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "zstd compression needs the zstandard package:"
+                " pip install 'airflow-provider-pg-safe-backup[zstd]'"
+            ) from exc
+
+
 def split_path(path: str) -> tuple[str | None, str]:
     """The archive (tablespace OID, or None for base.tar) and the member name of a backup path.
 
@@ -105,19 +123,14 @@ class TarWriter:
     def __init__(
         self, out: IO[bytes], compression: str = "none", level: int | None = None, threads: int | None = None
     ) -> None:
-        archive_name(None, compression)  # checks the name
+        check_compression(compression)
         self.stored = _Counted(out)
         self._stream: Any
         if compression == "gzip":
             self._stream = gzip.GzipFile(fileobj=self.stored, mode="wb", compresslevel=level or 6, mtime=0)
         elif compression == "zstd":
-            try:
-                import zstandard
-            except ImportError as exc:
-                raise ImportError(
-                    "zstd compression needs the zstandard package: pip install"
-                    " 'airflow-provider-pg-safe-backup[zstd]'"
-                ) from exc
+            import zstandard
+
             compressor = zstandard.ZstdCompressor(level=level or 3, threads=threads or os.cpu_count() or 1)
             self._stream = compressor.stream_writer(self.stored, closefd=False)
         else:
@@ -237,7 +250,7 @@ def write_tar_backup(
     """
     began = time.monotonic()
     result = CopyResult()
-    archive_name(None, compression)
+    check_compression(compression)
     destination.mkdir(parents=True, exist_ok=True)
     threads = threads or os.cpu_count() or 1
     base = _Archive(destination, archive_name(None, compression), compression, level, threads)
@@ -299,4 +312,13 @@ def _add(tar: TarWriter, entry: Entry, member: str, result: CopyResult) -> None:
         result.shrunk.append(entry.path)
 
 
-__all__ = ["BLOCK", "COMPRESSIONS", "TRAILER", "TarWriter", "archive_name", "split_path", "write_tar_backup"]
+__all__ = [
+    "BLOCK",
+    "COMPRESSIONS",
+    "TRAILER",
+    "TarWriter",
+    "archive_name",
+    "check_compression",
+    "split_path",
+    "write_tar_backup",
+]
