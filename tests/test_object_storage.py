@@ -330,11 +330,11 @@ def test_a_file_that_changes_size_while_written_into_a_tar_keeps_its_header_size
     out = io.BytesIO()
     tar = TarWriter(out)
     with ChangingFile(relation, pages) as source:
-        size, digest, shrunk = tar.add_file("base/5/16384", source)
+        copied, shrunk = tar.add_file("base/5/16384", source)
     tar.close()
-    assert size == 3 * PAGE
+    assert copied.size == 3 * PAGE
     assert shrunk is padded
-    assert digest == hashlib.sha256(stored).hexdigest()
+    assert copied.sha256 == hashlib.sha256(stored).hexdigest()
     with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as archive:
         assert archive.extractfile("base/5/16384").read() == stored
     assert len(out.getvalue()) % BLOCK == 0
@@ -357,6 +357,7 @@ def test_a_file_that_vanished_before_it_was_read_is_left_out_and_counted(tmp_roo
     assert result.vanished == ["base/5/16390"]
     assert result.files == 1
     assert result.checksums == {"base/5/1259": hashlib.sha256(b"\x02" * PAGE).hexdigest()}
+    assert result.mtimes == {"base/5/1259": (data / "base" / "5" / "1259").stat().st_mtime}
     if fmt == "tar":
         with tarfile.open(out / "base.tar") as archive:
             assert archive.getnames() == ["base", "base/5", "base/5/1259"]

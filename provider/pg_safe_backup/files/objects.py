@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 
@@ -50,6 +50,14 @@ class Target(Protocol):
     def iterdir(self) -> Iterable[Target]: ...
 
 
+class Copied(NamedTuple):
+    """One file as copied."""
+
+    size: int
+    sha256: str  # hex, of the bytes written
+    mtime: float  # the source's modification time when it was opened (a manifest's Last-Modified)
+
+
 @dataclass
 class CopyResult:
     """What a copy did: files, bytes, the files skipped because they vanished, and each file's SHA-256."""
@@ -61,6 +69,9 @@ class CopyResult:
     checksums: dict[str, str] = field(default_factory=dict)
     #: backup path -> size written.
     sizes: dict[str, int] = field(default_factory=dict)
+    #: backup path -> the source's modification time when it was opened: with sizes and checksums, what
+    #: a manifest of a copy that is not local needs.
+    mtimes: dict[str, float] = field(default_factory=dict)
     #: files that ended before the size first seen (tar: padded with zeros, as pg_basebackup does).
     shrunk: list[str] = field(default_factory=list)
     #: folders the destination could not keep (listed in :data:`FOLDERS_NAME`).
@@ -70,19 +81,21 @@ class CopyResult:
     seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def record(self, path: str, copied: tuple[int, str] | None) -> None:
+    def record(self, path: str, copied: Copied | None) -> None:
         """Count one file (thread-safe).
 
         :param path: its backup path.
-        :param copied: its size and SHA-256 (hex), or None when it vanished before it was read.
+        :param copied: what was copied, or None when it vanished before it was opened.
         """
         with self._lock:
             if copied is None:
                 self.vanished.append(path)
                 return
             self.files += 1
-            self.bytes += copied[0]
-            self.sizes[path], self.checksums[path] = copied
+            self.bytes += copied.size
+            self.sizes[path] = copied.size
+            self.checksums[path] = copied.sha256
+            self.mtimes[path] = copied.mtime
 
     def summary(self) -> str:
         """One line for the task log."""
@@ -141,13 +154,14 @@ def open_source(entry: Entry) -> IO[bytes] | None:
         return None
 
 
-def _upload(entry: Entry, destination: Target) -> tuple[int, str] | None:
+def _upload(entry: Entry, destination: Target) -> Copied | None:
     source = open_source(entry)
     if source is None:
         return None
     digest = hashlib.sha256()
     size = 0
     with source:
+        mtime = os.fstat(source.fileno()).st_mtime
         out = open_for_writing(destination / entry.path)
         # A file that grows or shrinks meanwhile is copied as read: WAL replay repairs it.
         while chunk := source.read(CHUNK_SIZE):
@@ -158,7 +172,7 @@ def _upload(entry: Entry, destination: Target) -> tuple[int, str] | None:
         # copy can leave a cut object: the copy is no backup before its label is stored (the store
         # task), and a new attempt empties the destination first.
         close_durably(out, isinstance(destination, Path))
-    return size, digest.hexdigest()
+    return Copied(size, digest.hexdigest(), mtime)
 
 
 def upload_tree(
@@ -330,6 +344,7 @@ __all__ = [
     "FOLDERS_NAME",
     "PART_SIZE",
     "BackgroundWriter",
+    "Copied",
     "CopyResult",
     "Target",
     "download_tree",

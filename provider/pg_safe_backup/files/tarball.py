@@ -35,6 +35,7 @@ from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import (
     CHUNK_SIZE,
     BackgroundWriter,
+    Copied,
     CopyResult,
     Target,
     close_durably,
@@ -154,12 +155,12 @@ class TarWriter:
         """
         self._header(name, st, 0, tarfile.DIRTYPE)
 
-    def add_file(self, name: str, source: IO[bytes]) -> tuple[int, str, bool]:
+    def add_file(self, name: str, source: IO[bytes]) -> tuple[Copied, bool]:
         """A file member: ``source`` from where it is, as long as its size when this is called.
 
         :param name: its name in the archive.
         :param source: the file, open for reading.
-        :returns: the member's size, the SHA-256 (hex) of its bytes, whether it was padded (shrunk).
+        :returns: the member's size, SHA-256 of its bytes and time; whether it was padded (it shrank).
         """
         st = os.fstat(source.fileno())
         self._header(name, st, st.st_size, tarfile.REGTYPE)
@@ -179,7 +180,7 @@ class TarWriter:
             self._stream.write(zeros)
             remaining -= len(zeros)
         self._stream.write(bytes(-st.st_size % BLOCK))
-        return st.st_size, digest.hexdigest(), shrunk
+        return Copied(st.st_size, digest.hexdigest(), st.st_mtime), shrunk
 
     def close(self) -> int:
         """Write the archive's end and flush the compressor.
@@ -306,8 +307,8 @@ def _add(tar: TarWriter, entry: Entry, member: str, result: CopyResult) -> None:
         result.record(entry.path, None)
         return
     with source:
-        size, digest, shrunk = tar.add_file(member, source)
-    result.record(entry.path, (size, digest))
+        copied, shrunk = tar.add_file(member, source)
+    result.record(entry.path, copied)
     if shrunk:
         result.shrunk.append(entry.path)
 
