@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,16 +156,20 @@ def run_backup(hook: PostgresBackupHook, owner: str, copy: Callable[[], None]) -
     return done["backup"]
 
 
-def store_backup_label(copy: Path, backup: dict) -> None:
-    """Store a completed backup's label files into its local ``copy``, checked against the copy.
+def store_backup_label(destination: Any, backup: dict, local_copy: Path | None = None) -> dict[str, str]:
+    """:func:`store_label` of a completed backup's row (see :func:`run_backup`) into ``destination``.
 
-    :param copy: the copy of the data directory.
-    :param backup: the backup's row, as :func:`run_backup` returns it.
+    :param destination: the copy's folder, or an ObjectStoragePath.
+    :param backup: the completed backup's row.
+    :param local_copy: the copy as a local folder, to check its pg_control (default: ``destination`` when it
+        is a local ``Path``; None for an object store).
     """
-    store_label(
-        copy,
+    if local_copy is None and isinstance(destination, Path):
+        local_copy = destination
+    return store_label(
+        destination,
         {"backup_label": backup["backup_label"], "tablespace_map": backup["tablespace_map"]},
-        local_copy=copy,
+        local_copy=local_copy,
         system_identifier=backup["system_identifier"],
         stop_lsn=backup["stop_lsn"],
     )

@@ -1,0 +1,356 @@
+"""A base backup copied into an object store (or a local folder), file by file: the plain format.
+
+The destination is anything with the :class:`Target` protocol: ``pathlib.Path`` and Airflow's
+``ObjectStoragePath`` (s3://, gs://, abfs://, file://) both are one, so this module imports nothing from
+Airflow. Files are streamed (fsspec uploads big ones in parts), several side by side, each hashed with
+SHA-256 as it is read, so the manifest costs no second read. What is copied, and in which order, comes
+from :func:`pg_safe_backup.files.layout.walk`: global/pg_control is uploaded after every other file.
+
+An object store keeps no empty folders, and a restored data directory needs them (pg_notify/,
+pg_replslot/, pg_wal/archive_status/, ...): the folders the store cannot keep are listed in
+:data:`FOLDERS_NAME` at the top of the copy, which :func:`download_tree` reads to make them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, NamedTuple, Protocol
+
+from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
+
+#: Bytes read (and hashed) at a time.
+CHUNK_SIZE = 1 << 20
+#: The part size of a streamed upload (S3 takes parts of 5 MiB and more): the write buffer of one file.
+PART_SIZE = 8 << 20
+#: Folders an object store cannot keep (they hold no file), as JSON, at the top of a plain copy.
+FOLDERS_NAME = "backup_folders.json"
+_log = logging.getLogger(__name__)
+
+
+class Target(Protocol):
+    """A folder, local or in an object store: ``pathlib.Path`` and ``ObjectStoragePath`` both are one."""
+
+    @property
+    def name(self) -> str: ...
+    def __truediv__(self, name: str) -> Target: ...
+    def open(self, mode: str = ..., **kwargs: Any) -> IO[Any]: ...
+    def mkdir(self, parents: bool = ..., exist_ok: bool = ...) -> None: ...
+    def exists(self) -> bool: ...
+    def is_dir(self) -> bool: ...
+    def iterdir(self) -> Iterable[Target]: ...
+
+
+class Copied(NamedTuple):
+    """One file as copied."""
+
+    size: int
+    sha256: str  # hex, of the bytes written
+    mtime: float  # the source's modification time when it was opened (a manifest's Last-Modified)
+
+
+@dataclass
+class CopyResult:
+    """What a copy did: files, bytes, the files skipped because they vanished, and each file's SHA-256."""
+
+    files: int = 0
+    bytes: int = 0
+    vanished: list[str] = field(default_factory=list)
+    #: backup path -> SHA-256 (hex) of the bytes written, for the manifest (``write_manifest(checksums=)``).
+    checksums: dict[str, str] = field(default_factory=dict)
+    #: backup path -> size written.
+    sizes: dict[str, int] = field(default_factory=dict)
+    #: backup path -> the source's modification time when it was opened: with sizes and checksums, what
+    #: a manifest of a copy that is not local needs.
+    mtimes: dict[str, float] = field(default_factory=dict)
+    #: files that ended before the size first seen (tar: padded with zeros, as pg_basebackup does).
+    shrunk: list[str] = field(default_factory=list)
+    #: folders the destination could not keep (listed in :data:`FOLDERS_NAME`).
+    empty_folders: list[str] = field(default_factory=list)
+    #: tar format: archive name -> bytes stored (after compression).
+    archives: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, path: str, copied: Copied | None) -> None:
+        """Count one file (thread-safe).
+
+        :param path: its backup path.
+        :param copied: what was copied, or None when it vanished before it was opened.
+        """
+        with self._lock:
+            if copied is None:
+                self.vanished.append(path)
+                return
+            self.files += 1
+            self.bytes += copied.size
+            self.sizes[path] = copied.size
+            self.checksums[path] = copied.sha256
+            self.mtimes[path] = copied.mtime
+
+    def summary(self) -> str:
+        """One line for the task log."""
+        rate = self.bytes / (1 << 20) / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.files} files, {self.bytes} bytes in {self.seconds:.1f} s ({rate:.1f} MB/s),"
+            f" {len(self.vanished)} vanished files skipped"
+        )
+
+
+def open_for_writing(target: Target) -> IO[bytes]:
+    """``target`` opened to be written from the start, in parts of :data:`PART_SIZE` when it is an object.
+
+    :param target: a file path or object.
+    """
+    if isinstance(target, Path):
+        return target.open("wb")
+    # fsspec's default block (s3fs: 50 MiB) times the workers would be the copy's memory.
+    return target.open("wb", block_size=PART_SIZE)
+
+
+def close_durably(out: IO[bytes], local: bool) -> None:
+    """Close ``out``; a local file is synced to disk first (an object exists once its upload closed).
+
+    :param out: the file written.
+    :param local: whether it is a local file (``pathlib.Path`` destination).
+    """
+    if local:
+        out.flush()
+        os.fsync(out.fileno())
+    out.close()
+
+
+def sync_folders(folders: Iterable[Path]) -> None:
+    """fsync local folders, so the names of the files in them survive a crash.
+
+    :param folders: the folders.
+    """
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def open_source(entry: Entry) -> IO[bytes] | None:
+    """The file of ``entry`` opened for reading, or None when it vanished (the server dropped it: WAL
+    replay agrees). Any other error (permissions, I/O) is raised, naming the file.
+
+    :param entry: a file of :func:`~pg_safe_backup.files.layout.walk`.
+    """
+    try:
+        return open(entry.source, "rb")
+    except FileNotFoundError:
+        return None
+
+
+def _upload(entry: Entry, destination: Target) -> Copied | None:
+    source = open_source(entry)
+    if source is None:
+        return None
+    digest = hashlib.sha256()
+    size = 0
+    with source:
+        mtime = os.fstat(source.fileno()).st_mtime
+        out = open_for_writing(destination / entry.path)
+        # A file that grows or shrinks meanwhile is copied as read: WAL replay repairs it.
+        while chunk := source.read(CHUNK_SIZE):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        # Not closed after a failure; fsspec still finishes the upload of a file it collects, so a failed
+        # copy can leave a cut object: the copy is no backup before its label is stored (the store
+        # task), and a new attempt empties the destination first.
+        close_durably(out, isinstance(destination, Path))
+    return Copied(size, digest.hexdigest(), mtime)
+
+
+def upload_tree(
+    datadir: Path,
+    destination: Target,
+    *,
+    workers: int | None = None,
+    tablespace_dir: str | None = None,
+    entries: Iterable[Entry] | None = None,
+    log: logging.Logger | Any = _log,
+) -> CopyResult:
+    """Copy the base backup of ``datadir`` into ``destination`` as files (objects), the plain format.
+
+    Folders are made first (a no-op in an object store), files are copied ``workers`` at a time,
+    global/pg_control alone after all of them. Memory: ``workers`` x (:data:`CHUNK_SIZE` +
+    :data:`PART_SIZE`), whatever the data size.
+
+    :param datadir: the data directory (of a running server).
+    :param destination: the copy's top folder (prefix); emptying it first is the caller's business.
+    :param workers: files copied side by side (default: the CPU count).
+    :param tablespace_dir: see :func:`~pg_safe_backup.files.layout.walk`.
+    :param entries: what to copy (default: ``walk(datadir, tablespace_dir)``); pg_control is copied last
+        whatever its place.
+    :param log: where the summary goes.
+    :returns: counts, vanished files and each file's SHA-256.
+    :raises OSError: a file could not be read or written (the message names it).
+    """
+    began = time.monotonic()
+    result = CopyResult()
+    folders: list[str] = []
+    files: list[Entry] = []
+    control: Entry | None = None
+    for entry in walk(datadir, tablespace_dir) if entries is None else entries:
+        if entry.is_dir:
+            (destination / entry.path).mkdir(parents=True, exist_ok=True)
+            folders.append(entry.path)
+        elif entry.path == CONTROL_FILE:
+            control = entry
+        else:
+            files.append(entry)
+
+    def one(entry: Entry) -> None:
+        try:
+            copied = _upload(entry, destination)
+        except OSError as exc:
+            raise OSError(f"copying {entry.source} to {destination / entry.path}: {exc}") from exc
+        result.record(entry.path, copied)
+
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    try:
+        for done in [pool.submit(one, entry) for entry in files]:
+            done.result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, copy no more
+    if control is not None:
+        one(control)  # last: a standby's backup ends at the minimum recovery point of this pg_control
+    result.empty_folders = _unkept_folders(destination, folders, result.sizes)
+    if result.empty_folders:
+        out = open_for_writing(destination / FOLDERS_NAME)
+        out.write(json.dumps({"folders": result.empty_folders}, indent=1).encode())
+        close_durably(out, isinstance(destination, Path))
+    if isinstance(destination, Path):
+        sync_folders([destination, *(destination / folder for folder in folders)])
+    result.seconds = time.monotonic() - began
+    log.info("copied %s into %s: %s", datadir, destination, result.summary())
+    return result
+
+
+def _unkept_folders(destination: Target, folders: list[str], files: Iterable[str]) -> list[str]:
+    """The folders that hold nothing copied and that ``destination`` does not keep as empty folders."""
+    holding = {os.path.dirname(path) for path in [*files, *folders]}
+    empty = [folder for folder in folders if folder not in holding]
+    return [folder for folder in empty if not (destination / folder).exists()]
+
+
+def download_tree(source: Target, local: Path, *, workers: int | None = None) -> list[str]:
+    """Copy a backup from ``source`` (a plain copy, its label files, or tar archives) into the local
+    folder ``local``, making again the folders listed in :data:`FOLDERS_NAME` (which is not copied).
+
+    :param source: the copy's top folder (prefix).
+    :param local: the local folder to fill (made if missing).
+    :param workers: files copied side by side (default: the CPU count).
+    :returns: the paths copied, relative to ``local``.
+    """
+    local.mkdir(parents=True, exist_ok=True)
+    listing = source / FOLDERS_NAME
+    if listing.exists():
+        with listing.open("rb") as f:
+            for folder in json.load(f)["folders"]:
+                (local / folder).mkdir(parents=True, exist_ok=True)
+    files = [(rel, item) for rel, item in _files_under(source, "") if rel != FOLDERS_NAME]
+
+    def one(rel_item: tuple[str, Target]) -> None:
+        rel, item = rel_item
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        with item.open("rb") as f, open(local / rel, "wb") as out:
+            while chunk := f.read(CHUNK_SIZE):
+                out.write(chunk)
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        list(pool.map(one, files))
+    return [rel for rel, _ in files]
+
+
+def _files_under(folder: Target, rel: str) -> Iterator[tuple[str, Target]]:
+    for item in folder.iterdir():
+        path = f"{rel}/{item.name}" if rel else item.name
+        if item.is_dir():
+            yield from _files_under(item, path)
+        else:
+            yield path, item
+
+
+class BackgroundWriter:
+    """A write-only file that hands its chunks to a thread writing them to ``out``: reading, hashing and
+    compressing go on while an upload part is sent. At most ``depth`` chunks wait (bounded memory).
+
+    :param out: the file to write to (closed by :meth:`close`).
+    :param depth: chunks that may wait.
+    """
+
+    def __init__(self, out: IO[bytes], depth: int = 4) -> None:
+        self._out = out
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pgsb-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._out.write(chunk)
+                except BaseException as exc:  # handed to the producer at its next write or close
+                    self._error = exc
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue ``data`` (copied) to be written.
+
+        :param data: the bytes.
+        """
+        if self._error is not None:
+            raise self._error
+        self._queue.put(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to do: :meth:`close` waits for every chunk."""
+
+    def close(self, commit: bool = True) -> None:
+        """Wait until every chunk is written, then close ``out``; raise what writing raised.
+
+        :param commit: False after a failure: stop the thread, write no more, raise nothing, and leave
+            ``out`` to the caller.
+        """
+        if not commit:
+            self._error = self._error or RuntimeError("abandoned")
+        self._queue.put(None)
+        self._thread.join()
+        if not commit:
+            return
+        if self._error is not None:
+            raise self._error
+        self._out.close()
+
+
+__all__ = [
+    "CHUNK_SIZE",
+    "FOLDERS_NAME",
+    "PART_SIZE",
+    "BackgroundWriter",
+    "Copied",
+    "CopyResult",
+    "Target",
+    "download_tree",
+    "close_durably",
+    "open_for_writing",
+    "open_source",
+    "sync_folders",
+    "upload_tree",
+]

@@ -1,0 +1,325 @@
+"""A base backup written as tar archives, as ``pg_basebackup -Ft`` writes them: the tar format.
+
+Layout (what ``pg_verifybackup -F t`` of PostgreSQL 18 reads, beside a ``backup_manifest``):
+
+* ``base.tar`` (``.gz``, ``.zst``): the data directory, ``global/pg_control`` its last member;
+* ``<oid>.tar`` (``.gz``, ``.zst``) per tablespace: the tablespace's ``PG_<major>_<catversion>/`` folder,
+  as ``pg_tblspc/<oid>/`` holds it in the plain format.
+
+``backup_label`` and ``tablespace_map`` come from pg_backup_stop(), after the copy, so they are not in
+base.tar (pg_basebackup, whose server knows them first, puts them in): the store writes them beside
+the archives. A restore extracts base.tar, then each ``<oid>.tar`` into ``pg_tblspc/<oid>/``, then
+places the two label files in the top folder; that tree is exactly the plain format's. The verifier
+is told to pass over the two files beside the archives: ``pg_verifybackup -F t -i backup_label -i
+tablespace_map`` (they are checked against the manifest once extracted).
+
+A member's tar header holds its size, taken when the file is opened: a file that shrinks meanwhile is
+padded with zeros to that size and one that grows is cut at it (basebackup.c ``sendFile()`` does the
+same); WAL replay repairs both. A file that vanished before it was opened is left out and counted.
+The SHA-256 of each member's bytes as written (padding included) is returned for the manifest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import tarfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any
+
+from pg_safe_backup.files.layout import Entry, walk
+from pg_safe_backup.files.objects import (
+    CHUNK_SIZE,
+    BackgroundWriter,
+    Copied,
+    CopyResult,
+    Target,
+    close_durably,
+    open_for_writing,
+    open_source,
+    sync_folders,
+)
+
+#: compression -> suffix of the archives' names (pg_basebackup's).
+COMPRESSIONS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
+#: The tar format's block; every member is padded to it.
+BLOCK = 512
+#: The end of an archive: two zero blocks (pg_basebackup writes no more).
+TRAILER = bytes(2 * BLOCK)
+_ZEROS = bytes(CHUNK_SIZE)
+_log = logging.getLogger(__name__)
+
+
+def archive_name(tablespace_oid: str | None, compression: str = "none") -> str:
+    """``base.tar`` or ``<oid>.tar``, with the compression's suffix.
+
+    :param tablespace_oid: the tablespace's OID, or None for the data directory.
+    :param compression: none, gzip or zstd.
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}: one of {', '.join(COMPRESSIONS)}")
+    return f"{tablespace_oid or 'base'}.tar{COMPRESSIONS[compression]}"
+
+
+def check_compression(compression: str) -> None:
+    """Fail early, before anything is written, on a compression that is unknown or not installed.
+
+    :param compression: none, gzip or zstd.
+    :raises ValueError: unknown.
+    :raises ImportError: zstd without the ``zstandard`` package.
+    """
+    archive_name(None, compression)
+    if compression == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "zstd compression needs the zstandard package:"
+                " pip install 'airflow-provider-pg-safe-backup[zstd]'"
+            ) from exc
+
+
+def split_path(path: str) -> tuple[str | None, str]:
+    """The archive (tablespace OID, or None for base.tar) and the member name of a backup path.
+
+    :param path: ``/``-separated, relative to the data directory (``pg_tblspc/<oid>/PG_.../...``).
+    """
+    parts = path.split("/", 2)
+    if parts[0] == "pg_tblspc" and len(parts) == 3:
+        return parts[1], parts[2]
+    return None, path
+
+
+class _Counted:
+    """Counts the bytes written through it (an archive's stored size)."""
+
+    def __init__(self, out: IO[bytes] | BackgroundWriter) -> None:
+        self.out = out
+        self.count = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.out.write(data)
+        self.count += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class TarWriter:
+    """One tar archive streamed into ``out``, compressed on the way; :meth:`close` ends it.
+
+    Memory is bounded: files are read :data:`~pg_safe_backup.files.objects.CHUNK_SIZE` at a time.
+
+    :param out: where the archive goes (a local file, or an object opened ``"wb"``); not closed here.
+    :param compression: none, gzip or zstd (the ``zstandard`` package: ``pip install ...[zstd]``).
+    :param level: the compression level (default: gzip 6, zstd 3).
+    :param threads: zstd's compression threads (default: the CPU count); gzip uses one.
+    """
+
+    def __init__(
+        self, out: IO[bytes], compression: str = "none", level: int | None = None, threads: int | None = None
+    ) -> None:
+        check_compression(compression)
+        self.stored = _Counted(out)
+        self._stream: Any
+        if compression == "gzip":
+            self._stream = gzip.GzipFile(fileobj=self.stored, mode="wb", compresslevel=level or 6, mtime=0)
+        elif compression == "zstd":
+            import zstandard
+
+            compressor = zstandard.ZstdCompressor(level=level or 3, threads=threads or os.cpu_count() or 1)
+            self._stream = compressor.stream_writer(self.stored, closefd=False)
+        else:
+            self._stream = self.stored
+
+    def _header(self, name: str, st: os.stat_result, size: int, kind: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.size = size
+        info.mode = st.st_mode & 0o7777
+        info.mtime = int(st.st_mtime)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        # ustar, as pg_basebackup writes: its readers (pg_verifybackup) know no pax or GNU headers.
+        self._stream.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+
+    def add_folder(self, name: str, st: os.stat_result) -> None:
+        """A folder member.
+
+        :param name: its name in the archive.
+        :param st: its ``stat`` (mode, time, owner).
+        """
+        self._header(name, st, 0, tarfile.DIRTYPE)
+
+    def add_file(self, name: str, source: IO[bytes]) -> tuple[Copied, bool]:
+        """A file member: ``source`` from where it is, as long as its size when this is called.
+
+        :param name: its name in the archive.
+        :param source: the file, open for reading.
+        :returns: the member's size, SHA-256 of its bytes and time; whether it was padded (it shrank).
+        """
+        st = os.fstat(source.fileno())
+        self._header(name, st, st.st_size, tarfile.REGTYPE)
+        digest = hashlib.sha256()
+        remaining = st.st_size
+        while remaining:
+            chunk = source.read(min(CHUNK_SIZE, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            self._stream.write(chunk)
+            remaining -= len(chunk)
+        shrunk = remaining > 0
+        while remaining:  # the header says how long the member is: pad with zeros (sendFile)
+            zeros = _ZEROS[: min(CHUNK_SIZE, remaining)]
+            digest.update(zeros)
+            self._stream.write(zeros)
+            remaining -= len(zeros)
+        self._stream.write(bytes(-st.st_size % BLOCK))
+        return Copied(st.st_size, digest.hexdigest(), st.st_mtime), shrunk
+
+    def close(self) -> int:
+        """Write the archive's end and flush the compressor.
+
+        :returns: the bytes stored (after compression).
+        """
+        self._stream.write(TRAILER)
+        if self._stream is not self.stored:
+            self._stream.close()
+        self.stored.flush()
+        return self.stored.count
+
+
+class _Archive:
+    """An archive being written into the destination: its writer and the file or object under it."""
+
+    def __init__(self, destination: Target, name: str, compression: str, level: int | None, threads: int):
+        self.name = name
+        self.local = isinstance(destination, Path)
+        self.raw = open_for_writing(destination / name)
+        # An object's upload part is sent while the next files are read and compressed.
+        self.out = self.raw if self.local else BackgroundWriter(self.raw)
+        self.tar = TarWriter(self.out, compression, level, threads)  # type: ignore[arg-type]
+
+    def close(self) -> int:
+        stored = self.tar.close()
+        if isinstance(self.out, BackgroundWriter):
+            self.out.close()
+        else:
+            close_durably(self.raw, self.local)
+        return stored
+
+    def abandon(self) -> None:
+        """After a failure: stop writing, raising nothing over the first error."""
+        if isinstance(self.out, BackgroundWriter):
+            self.out.close(commit=False)
+        else:
+            self.out.close()
+
+
+def write_tar_backup(
+    datadir: Path,
+    destination: Target,
+    *,
+    compression: str = "none",
+    level: int | None = None,
+    threads: int | None = None,
+    tablespace_dir: str | None = None,
+    entries: Iterable[Entry] | None = None,
+    log: logging.Logger | Any = _log,
+) -> CopyResult:
+    """Write the base backup of ``datadir`` into ``destination`` as ``base.tar`` and one ``<oid>.tar``
+    per tablespace (see the module docstring), in the order of
+    :func:`~pg_safe_backup.files.layout.walk`: global/pg_control is base.tar's last member, read after
+    every other file.
+
+    :param datadir: the data directory (of a running server).
+    :param destination: the folder (prefix) of the archives; made if missing.
+    :param compression: none, gzip or zstd.
+    :param level: the compression level (see :class:`TarWriter`).
+    :param threads: zstd's compression threads (default: the CPU count).
+    :param tablespace_dir: see :func:`~pg_safe_backup.files.layout.walk`.
+    :param entries: what to write (default: ``walk(datadir, tablespace_dir)``), in that order.
+    :param log: where the summary goes.
+    :returns: counts, vanished and padded files, each file's SHA-256 (by backup path, as a manifest
+        lists it) and each archive's stored size.
+    :raises OSError: a file could not be read or written (the message names it).
+    """
+    began = time.monotonic()
+    result = CopyResult()
+    check_compression(compression)
+    destination.mkdir(parents=True, exist_ok=True)
+    threads = threads or os.cpu_count() or 1
+    base = _Archive(destination, archive_name(None, compression), compression, level, threads)
+    space: _Archive | None = None
+    try:
+        for entry in walk(datadir, tablespace_dir) if entries is None else entries:
+            oid, member = split_path(entry.path)
+            if oid is None:
+                tar = base
+            else:
+                if space is not None and space.name != archive_name(oid, compression):
+                    result.archives[space.name] = space.close()  # the walk left that tablespace
+                    space = None
+                if space is None:
+                    space = _Archive(destination, archive_name(oid, compression), compression, level, threads)
+                tar = space
+            try:
+                _add(tar.tar, entry, member, result)
+            except OSError as exc:
+                raise OSError(f"writing {entry.source} into {destination / tar.name}: {exc}") from exc
+        if space is not None:
+            result.archives[space.name] = space.close()
+        result.archives[base.name] = base.close()
+        if isinstance(destination, Path):
+            sync_folders([destination])
+    except BaseException:
+        for archive in (space, base):
+            if archive is not None and archive.name not in result.archives:
+                archive.abandon()
+        raise
+    result.seconds = time.monotonic() - began
+    log.info(
+        "wrote %s into %s as %s: %s%s",
+        datadir,
+        destination,
+        ", ".join(result.archives),
+        result.summary(),
+        f", {len(result.shrunk)} shrunk files padded with zeros" if result.shrunk else "",
+    )
+    return result
+
+
+def _add(tar: TarWriter, entry: Entry, member: str, result: CopyResult) -> None:
+    if entry.is_dir:
+        try:
+            st = entry.source.stat()
+        except FileNotFoundError:
+            return  # dropped with its database or tablespace: WAL replay agrees
+        tar.add_folder(member, st)
+        return
+    source = open_source(entry)
+    if source is None:
+        result.record(entry.path, None)
+        return
+    with source:
+        copied, shrunk = tar.add_file(member, source)
+    result.record(entry.path, copied)
+    if shrunk:
+        result.shrunk.append(entry.path)
+
+
+__all__ = [
+    "BLOCK",
+    "COMPRESSIONS",
+    "TRAILER",
+    "TarWriter",
+    "archive_name",
+    "check_compression",
+    "split_path",
+    "write_tar_backup",
+]
