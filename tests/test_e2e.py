@@ -19,6 +19,7 @@ from e2e_helpers import (
     backup_under_write_load,
     holder_sessions,
     run_dag,
+    task_log,
 )
 
 pytestmark = pytest.mark.e2e
@@ -31,7 +32,9 @@ TABLES = ("ledger", "spaced")
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
-    with backup_stack("pgsb-e2e-", PASSWORD, DAGS, ["e2e_backup", "e2e_copy_fails"]) as env:
+    with backup_stack(
+        "pgsb-e2e-", PASSWORD, DAGS, ["e2e_backup", "e2e_copy_fails", "e2e_copy_operator"]
+    ) as env:
         cluster, space = env["cluster"], env["root"] / "space1"
         space.mkdir()
         give_to_server_user(space)
@@ -56,6 +59,20 @@ def test_backup_under_write_load_with_tablespace_restores(env, completed_backup)
     assert (backup_dir / "tablespace_map").read_text() == row[2] and row[2].startswith(f"{oid} ")
     # The DAG's own restore check, and a replay of the whole archive with every committed row.
     assert_restores_with_every_commit(env, completed_backup, TABLES)
+
+
+def test_copy_operator_backup_under_write_load_with_tablespace_restores(env):
+    """PostgresCopyDataDirectoryOperator: the tablespace inside the copy, the manifest from the copy's
+    checksums, the DAG's page-LSN check, pg_verifybackup and restore check, and every committed row."""
+    completed = backup_under_write_load(env, "e2e_copy_operator", "e2e_copier", TABLES)
+    assert_restores_with_every_commit(env, completed, TABLES)
+    oid = env["cluster"].sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
+    inside = completed["dir"] / "pg_tblspc" / str(oid)
+    assert inside.is_dir() and not inside.is_symlink(), "the tablespace is in the copy, not a link to it"
+    copied = env["stack"].xcom("e2e_copy_operator", "e2e_copier", "backup.copy_data_directory")
+    assert copied["format"] == "plain" and copied["files"] > 500 and copied["bytes"] > 0, copied
+    log = task_log(env["stack"], "e2e_copy_operator", "e2e_copier", "store_backup_label", "backup_manifest")
+    assert "from the copy's checksums" in log, log[-2000:]
 
 
 def test_negative_control_same_copy_without_backup_label_fails(env, completed_backup, tmp_path):

@@ -202,3 +202,21 @@ def test_names_before_the_rename_still_work():
     assert triggers.BackupHolderTrigger is PostgresHoldBackupTrigger
     assert triggers.BackupStartedTrigger is PostgresBackupStartedTrigger
     assert triggers.BackupFinishTrigger is PostgresFinishBackupTrigger
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"format": "zip"}, "format must be one of plain, tar"),
+        ({"compression": "gzip"}, "compression='gzip' needs format='tar'"),
+        ({"format": "tar", "compression": "lz4"}, "compression"),
+        ({"parallel": 0}, "parallel"),
+        ({"overwrite": "yes"}, "overwrite"),
+        ({"source": ""}, "source"),
+    ],
+)
+def test_copy_operator_parameters_are_checked_naming_them(kwargs, error):
+    from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
+
+    with pytest.raises((ValueError, TypeError), match=error):
+        PostgresCopyDataDirectoryOperator(task_id="c", **{"source": "/pgdata", "destination": "/b", **kwargs})

@@ -160,6 +160,9 @@ def test_the_readme_dag_parses_and_stores_the_label_after_the_finish():
     assert upstream(dag, "backup.copy") == {f"backup.{GATE}"}
     assert upstream(dag, f"backup.{FINISH}") == {f"backup.{GATE}", "backup.copy"}
     assert upstream(dag, "store_label") == {f"backup.{FINISH}"}
+    assert dag.get_task("store_label").copy_task_ids == ["backup.copy"], (
+        "the manifest uses the copy's checksums"
+    )
 
 
 def module_name(path: Path) -> str:

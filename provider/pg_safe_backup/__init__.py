@@ -9,9 +9,10 @@ __version__ = "0.1.0"
 _INTEGRATION = "PostgreSQL safe online backup"
 
 
-def _modules(kind: str) -> list[dict]:
+def _modules(kind: str, *names: str) -> list[dict]:
     """The provider metadata's entry for one kind of module (operators, sensors, hooks, triggers)."""
-    return [{"integration-name": _INTEGRATION, "python-modules": [f"pg_safe_backup.{kind}.backup"]}]
+    modules = [f"pg_safe_backup.{kind}.{name}" for name in ("backup", *names)]
+    return [{"integration-name": _INTEGRATION, "python-modules": modules}]
 
 
 def get_provider_info() -> dict:
@@ -31,7 +32,7 @@ def get_provider_info() -> dict:
                 "tags": ["software"],
             }
         ],
-        "operators": _modules("operators"),
+        "operators": _modules("operators", "copy"),
         "sensors": _modules("sensors"),
         "hooks": _modules("hooks"),
         "triggers": _modules("triggers"),

@@ -15,6 +15,7 @@ from airflow.sdk import DAG, task
 
 from pg_safe_backup.files.layout import RSYNC_VANISHED, rsync_exclude_args
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator
+from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
 PGDATA = os.environ.get("E2E_PGDATA", "/nonexistent")
@@ -98,6 +99,21 @@ def store_and_verify(backup: PostgresOnlineBackup) -> None:
         wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"),
     )
 
+
+with DAG(
+    "e2e_copy_operator", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False
+) as e2e_copy_operator:
+    with PostgresOnlineBackup(
+        group_id="backup",
+        postgres_conn_id="pg_e2e",
+        fast_checkpoint=True,
+        backup_timeout=600,
+        poll_interval=1.0,
+    ) as operator_backup:
+        PostgresCopyDataDirectoryOperator(
+            task_id="copy_data_directory", source=PGDATA, destination=DESTINATION, progress_interval=1.0
+        )
+    store_and_verify(operator_backup)
 
 e2e_backup = backup_dag("e2e_backup", failing_copy=False)
 e2e_copy_fails = backup_dag("e2e_copy_fails", failing_copy=True)

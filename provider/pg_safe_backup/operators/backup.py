@@ -15,6 +15,7 @@ from pg_safe_backup.files.manifest import DIGEST_SIZES, ManifestError, write_bac
 from pg_safe_backup.files.pgcontrol import CopyMismatch
 from pg_safe_backup.files.tablespaces import TablespaceNotCopied
 from pg_safe_backup.files.wal import WalMissing, include_wal
+from pg_safe_backup.operators.copy import CHECKSUMS_XCOM, PostgresCopyDataDirectoryOperator
 from pg_safe_backup.params import (
     check_flag,
     check_label,
@@ -359,20 +360,31 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             finish >> self
         else:
             raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
+        #: The group's copy operators: their checksums spare the manifest a second read of the copy.
+        self.copy_task_ids = (
+            [t.task_id for t in backup.iter_tasks() if isinstance(t, PostgresCopyDataDirectoryOperator)]
+            if isinstance(backup, TaskGroup)
+            else []
+        )
 
     def execute(self, context: Context) -> dict[str, Any]:
         destination = rendered(check_text, self.destination, "destination")
         keys = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
-        return self.store(
-            destination, {key: same_map_index_xcom(context, self.finish_task_id, key) for key in keys}
-        )
+        backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in keys}
+        checksums: dict[str, str] = {}
+        for task_id in self.copy_task_ids:
+            checksums.update(same_map_index_xcom(context, task_id, CHECKSUMS_XCOM) or {})
+        return self.store(destination, backup, checksums)
 
-    def store(self, destination: str, backup: dict[str, Any]) -> dict[str, Any]:
+    def store(
+        self, destination: str, backup: dict[str, Any], checksums: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """Write ``backup``'s label files into ``destination`` (checked against the copy there), then its
         WAL (``include_wal``) and its backup_manifest.
 
         :param destination: the rendered destination.
         :param backup: the finish's XCom: backup_label, tablespace_map, system_identifier, stop_lsn.
+        :param checksums: SHA-256 of the copy's files, from the copy task: not read again for the manifest.
         :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest),
             and ``wal``: the WAL files copied.
         """
@@ -413,7 +425,8 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                     stop_lsn=backup["stop_lsn"],
                     log=self.log,
                 )
-            if self.manifest and (manifest := self._write_manifest(local_copy, destination, backup)):
+            manifest = self.manifest and self._write_manifest(local_copy, destination, backup, checksums)
+            if manifest:
                 written["backup_manifest"] = manifest
         except (ManifestError, TablespaceNotCopied) as err:
             raise AirflowFailException(str(err)) from err
@@ -424,7 +437,11 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         return written
 
     def _write_manifest(
-        self, local_copy: Path | None, destination: str, backup: dict[str, Any]
+        self,
+        local_copy: Path | None,
+        destination: str,
+        backup: dict[str, Any],
+        checksums: dict[str, str] | None = None,
     ) -> str | None:
         """Write the copy's backup_manifest; None (and a log line saying why) when there is none to write."""
         if local_copy is None:
@@ -432,6 +449,13 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 "no backup_manifest: %s is an object store, whose files are not read back here to checksum"
                 " them",
                 destination,
+            )
+            return None
+        if not (local_copy / "PG_VERSION").is_file():
+            self.log.warning(
+                "no backup_manifest: %s holds no data directory tree (a tar-format copy: its manifest is not"
+                " written yet)",
+                local_copy,
             )
             return None
         major = int((local_copy / "PG_VERSION").read_text().strip())
@@ -447,13 +471,16 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             stop_lsn=backup["stop_lsn"],
             system_identifier=backup.get("system_identifier"),
             checksum_algorithm=self.manifest_checksums,
+            checksums=checksums if self.manifest_checksums == "SHA256" else None,
         )
         self.log.info(
-            "wrote %s: %d files, %.1f MB, %s checksums, in %.1f s; check it with: pg_verifybackup %s",
+            "wrote %s: %d files, %.1f MB, %s checksums (%.1f MB read here, the rest from the copy's"
+            " checksums), in %.1f s; check it with: pg_verifybackup %s",
             summary.path,
             summary.files,
             summary.bytes / 1e6,
             summary.checksum_algorithm,
+            summary.hashed_bytes / 1e6,
             summary.seconds,
             local_copy,
         )

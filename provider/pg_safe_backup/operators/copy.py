@@ -1,0 +1,152 @@
+"""The copy of the data directory, as pg_basebackup makes it, inside a ``PostgresOnlineBackup``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+from airflow.sdk import BaseOperator, ObjectStoragePath
+
+from pg_safe_backup.files.copier import CopyError, DestinationNotEmpty, Progress, copy_data_directory
+from pg_safe_backup.files.objects import upload_tree
+from pg_safe_backup.files.tarball import check_compression, write_tar_backup
+from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
+from pg_safe_backup.utils.mixins import rendered
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: XCom key of the copy's per-file SHA-256, which the store task's manifest uses instead of reading the
+#: copy again; pushed only up to this many files (beyond, the manifest reads the copy: XCom lives in
+#: Airflow's metadata database).
+CHECKSUMS_XCOM = "checksums"
+MAX_XCOM_CHECKSUMS = 50_000
+FORMATS = ("plain", "tar")
+
+
+class PostgresCopyDataDirectoryOperator(BaseOperator):
+    """
+    Copy a PostgreSQL data directory into a backup destination, as pg_basebackup would, while the
+    ``PostgresOnlineBackup`` it is placed in holds backup mode.
+
+    Run it on a worker that sees the data directory (a Celery queue on the database host, or a pod with
+    the volume mounted): ``queue=`` pins it.
+
+    * Leaves out exactly what pg_basebackup leaves out (:mod:`pg_safe_backup.files.layout`), and copies
+      ``global/pg_control`` last (a backup of a standby needs it).
+    * Tablespaces (``pg_tblspc`` links) go into the copy as ``pg_tblspc/<oid>/`` folders: one destination
+      holds the whole backup; a restore uses the stored tablespace_map.
+    * A file that vanishes during the copy (the server dropped it) is skipped and counted; one that
+      shrinks or grows is copied as read: WAL replay repairs it. Any other I/O error fails the task,
+      naming the file.
+    * SHA-256 of every file as it is copied, handed to the store task's backup_manifest (XCom
+      ``checksums``), so nothing is read twice.
+    * A local copy is fsynced, files and folders. A destination that already holds anything is refused
+      unless ``overwrite=True``, which empties it first.
+    * The task log shows done/total bytes, MB/s and ETA every ``progress_interval`` seconds, then a
+      summary: files, bytes, vanished files, time.
+
+    :param source: the data directory (templated).
+    :param destination: a local folder or any ``ObjectStoragePath`` URL: s3://, gs://, abfs://, file://
+        (templated); ``conn_id@`` in the URL names the connection of an object store.
+    :param format: ``plain`` (the tree as files or objects) or ``tar`` (``base.tar`` and one
+        ``<oid>.tar`` per tablespace, like pg_basebackup ``-Ft``).
+    :param compression: with ``tar``: None, ``gzip`` or ``zstd`` (``pip install
+        airflow-provider-pg-safe-backup[zstd]``).
+    :param parallel: files copied side by side (default: the worker's CPU count).
+    :param overwrite: empty a destination that is not empty instead of refusing it.
+    :param progress_interval: seconds between progress lines.
+    """
+
+    template_fields: Sequence[str] = ("source", "destination")
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        destination: str,
+        format: str = "plain",
+        compression: str | None = None,
+        parallel: int | None = None,
+        overwrite: bool = False,
+        progress_interval: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source = unless_rendered_later(check_text, source, "source")
+        self.destination = unless_rendered_later(check_text, destination, "destination")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        self.format = format
+        if compression is not None:
+            if format != "tar":
+                raise ValueError(f"compression={compression!r} needs format='tar'")
+            try:
+                check_compression(compression)
+            except ValueError as err:
+                raise ValueError(f"compression: {err}") from err
+        self.compression = compression or "none"
+        self.parallel = int(check_number(parallel, "parallel", 1)) if parallel is not None else None
+        self.overwrite = check_flag(overwrite, "overwrite")
+        self.progress_interval = check_number(progress_interval, "progress_interval", 0, allow_min=False)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        source = Path(rendered(check_text, self.source, "source"))
+        destination = rendered(check_text, self.destination, "destination")
+        if not (source / "PG_VERSION").is_file():
+            raise AirflowFailException(
+                f"source {str(source)!r} is not a PostgreSQL data directory (no PG_VERSION): is this task"
+                " on a worker that sees it (queue=)?"
+            )
+        target = ObjectStoragePath(destination)
+        local = Path(target.path) if target.protocol in ("", "file") else None
+        options: dict[str, Any] = {
+            "overwrite": self.overwrite,
+            "progress": self._progress,
+            "progress_interval": self.progress_interval,
+        }
+        self.log.info(
+            "copying %s into %s (%s%s, %s workers)",
+            source,
+            destination,
+            self.format,
+            f", {self.compression}" if self.format == "tar" else "",
+            self.parallel or os.cpu_count(),
+        )
+        try:
+            if self.format == "tar":
+                result = write_tar_backup(
+                    source, local or target, compression=self.compression, threads=self.parallel, **options
+                )
+            elif local is not None:
+                result = copy_data_directory(source, local, workers=self.parallel, **options)
+            else:
+                result = upload_tree(source, target, workers=self.parallel, **options)
+        except DestinationNotEmpty as err:
+            raise AirflowFailException(
+                f"destination {destination!r}: {err} (overwrite=True empties it)"
+            ) from err
+        except CopyError as err:
+            raise AirflowException(f"the copy into {destination!r} failed: {err}") from err
+        self.log.info("%s", result.summary())
+        if len(result.checksums) <= MAX_XCOM_CHECKSUMS and self.format == "plain":
+            context["ti"].xcom_push(key=CHECKSUMS_XCOM, value=result.checksums)
+        else:
+            self.log.info(
+                "not handing %d checksums to the manifest through XCom: it will read the copy",
+                len(result.checksums),
+            )
+        return {
+            "destination": destination,
+            "format": self.format,
+            "files": result.files,
+            "bytes": result.bytes,
+            "vanished": len(result.vanished),
+            "seconds": round(result.seconds, 2),
+        }
+
+    def _progress(self, progress: Progress) -> None:
+        self.log.info("copy: %s", progress.line())
