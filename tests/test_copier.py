@@ -277,6 +277,7 @@ def test_vanished_grown_and_special_files_are_copied_as_pg_basebackup_sends_them
     assert result.checksums["postgresql.conf"] == hashlib.sha256(original).hexdigest()
     assert (tmp_root / "copy" / "postgresql.conf").read_bytes() == original
     assert result.special == ["base/fifo"]
+    assert "; 1 special files skipped (base/fifo)" in result.summary()
     assert not (tmp_root / "copy" / "base" / "fifo").exists()
 
 
@@ -290,3 +291,14 @@ def test_a_file_replaced_by_a_folder_fails_the_copy_naming_it(cold, tmp_root):
 
     with pytest.raises(CopyError, match=rf"{re.escape(str(victim))} \(base/.*\) is a folder now"):
         copy_data_directory(cold, tmp_root / "copy", progress=during, progress_interval=60)
+
+
+def test_the_summary_names_what_was_left_out_or_changed():
+    result = CopyResult(files=3, bytes=3 << 20, seconds=2.0, vanished=[f"base/5/{n}" for n in range(6)])
+    result.shrunk, result.empty_folders = ["base/5/16384"], ["pg_notify", "pg_replslot"]
+    assert result.summary() == (
+        "copied 3 files, 3.0 MB in 2.0 s (1.5 MB/s); 6 vanished during the copy"
+        " (base/5/0, base/5/1, base/5/2, base/5/3, base/5/4, ...); 1 shrank while copied (base/5/16384);"
+        " 2 empty folders listed (pg_notify, pg_replslot)"
+    )
+    assert CopyResult().summary() == "copied 0 files, 0.0 MB in 0.0 s (0.0 MB/s); 0 vanished during the copy"

@@ -27,6 +27,7 @@ from airflow.sdk import ObjectStoragePath
 from airflow.sdk.io import attach
 
 from demo.load import wait_archived
+from pg_safe_backup.files.copier import DestinationNotEmpty, Progress
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry
 from pg_safe_backup.files.manifest import manifest_version, wal_ranges_for, write_manifest
@@ -64,6 +65,7 @@ class Stored:
     root: Path
     results: dict[str, CopyResult]
     prefixes: dict[str, ObjectStoragePath]
+    calls: list[Progress]  # the plain copy's progress calls
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +122,12 @@ def stored(s3: ObjectStoragePath, module_tmp_root: Path) -> Iterator[Stored]:
         cluster.sql("CHECKPOINT")
         prefixes = {fmt: s3 / fmt for fmt in FORMATS}
         results: dict[str, CopyResult] = {}
+        calls: list[Progress] = []
 
         def copy() -> None:
-            results["plain"] = upload_tree(cluster.datadir, prefixes["plain"], workers=4)
+            results["plain"] = upload_tree(
+                cluster.datadir, prefixes["plain"], workers=4, progress=calls.append, progress_interval=0.05
+            )
             for compression in ("zstd", "gzip"):
                 results[compression] = write_tar_backup(
                     cluster.datadir, prefixes[compression], compression=compression
@@ -133,7 +138,7 @@ def stored(s3: ObjectStoragePath, module_tmp_root: Path) -> Iterator[Stored]:
             store_backup_label(prefix, backup)
         wait_archived(cluster)
         major = cluster.server_version() // 10000
-        yield Stored(cluster, major, archive, backup, root, results, prefixes)
+        yield Stored(cluster, major, archive, backup, root, results, prefixes, calls)
     finally:
         env.undo()
         cluster.stop("immediate")
@@ -217,6 +222,9 @@ def test_a_plain_copy_in_s3_is_downloaded_and_restores_with_its_rows(stored, tmp
     assert {"pg_notify", "pg_wal/archive_status", "pg_replslot"} <= set(result.empty_folders)
     assert (copy / "pg_notify").is_dir()  # made again from backup_folders.json, which is not copied
     assert not (copy / FOLDERS_NAME).exists()
+    first, last = stored.calls[0], stored.calls[-1]
+    assert first.files_done == 0 and first.done_bytes == 0 and first.total_bytes > 0
+    assert last.files_done == last.files_total == result.files and last.done_bytes == result.bytes
     assert (copy / "backup_label").read_text() == stored.backup["backup_label"]
     spaced = stored.cluster.sql("SELECT pg_relation_filepath('spaced')")[0][0]
     assert spaced.startswith("pg_tblspc/") and (copy / spaced).is_file()
@@ -340,24 +348,36 @@ def test_a_file_that_changes_size_while_written_into_a_tar_keeps_its_header_size
     assert len(out.getvalue()) % BLOCK == 0
 
 
-@pytest.mark.parametrize("fmt", ["tar", "plain"])
-def test_a_file_that_vanished_before_it_was_read_is_left_out_and_counted(tmp_root, fmt):
-    data = tmp_root / "data"
+def tiny_datadir(root: Path) -> tuple[Path, list[Entry]]:
+    """``root/data`` holding one page in ``base/5/1259``, and the entries of a walk of it."""
+    data = root / "data"
     (data / "base" / "5").mkdir(parents=True)
     (data / "base" / "5" / "1259").write_bytes(b"\x02" * PAGE)
     entries = [
         Entry("base", data / "base", True),
         Entry("base/5", data / "base" / "5", True),
         Entry("base/5/1259", data / "base" / "5" / "1259", False),
-        Entry("base/5/16390", data / "base" / "5" / "16390", False),  # dropped by the server meanwhile
     ]
+    return data, entries
+
+
+@pytest.mark.parametrize("fmt", ["tar", "plain"])
+def test_a_file_that_vanished_before_it_was_read_is_left_out_and_counted(tmp_root, fmt):
+    data, entries = tiny_datadir(tmp_root)
+    # Dropped by the server after the walk listed it.
+    entries.append(Entry("base/5/16390", data / "base" / "5" / "16390", False))
     out = tmp_root / "out"
     copy = write_tar_backup if fmt == "tar" else upload_tree
-    result = copy(data, out, entries=entries)
+    calls: list[Progress] = []
+    result = copy(data, out, entries=entries, progress=calls.append)
     assert result.vanished == ["base/5/16390"]
     assert result.files == 1
     assert result.checksums == {"base/5/1259": hashlib.sha256(b"\x02" * PAGE).hexdigest()}
-    assert result.mtimes == {"base/5/1259": (data / "base" / "5" / "1259").stat().st_mtime}
+    assert result.mtimes_ns == {"base/5/1259": (data / "base" / "5" / "1259").stat().st_mtime_ns}
+    assert [(p.files_done, p.files_total, p.done_bytes, p.total_bytes) for p in calls] == [
+        (0, 2, 0, PAGE),  # once listed: the file that vanished meanwhile counts no byte
+        (2, 2, PAGE, PAGE),  # at the end (the interval, 5 s, did not pass in between)
+    ]
     if fmt == "tar":
         with tarfile.open(out / "base.tar") as archive:
             assert archive.getnames() == ["base", "base/5", "base/5/1259"]
@@ -372,3 +392,15 @@ def test_a_tablespace_path_goes_into_its_own_archive_under_its_version_folder():
     assert archive_name("16390", "zstd") == "16390.tar.zst"
     with pytest.raises(ValueError, match="unknown compression 'lz4'"):
         archive_name(None, "lz4")
+
+
+def test_an_object_store_destination_holding_anything_is_refused_and_overwrite_empties_it(s3, tmp_root):
+    data, entries = tiny_datadir(tmp_root)
+    dest = s3 / "refused"
+    upload_tree(data, dest, entries=entries)
+    for copy in (upload_tree, write_tar_backup):
+        with pytest.raises(DestinationNotEmpty, match=r"s3://.*/refused is not empty \(base\): refusing"):
+            copy(data, dest, entries=entries)
+    assert (dest / "base" / "5" / "1259").read_bytes() == b"\x02" * PAGE  # untouched
+    write_tar_backup(data, dest, entries=entries, overwrite=True)
+    assert [p.name for p in dest.iterdir()] == ["base.tar"]  # the plain copy is gone

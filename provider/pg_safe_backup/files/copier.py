@@ -36,13 +36,13 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
-from pg_safe_backup.files.layout import CONTROL_FILE, walk
+from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 
 #: Bytes read at a time per worker: large enough that hashlib and os.write release the GIL for long.
 CHUNK = 1 << 20
@@ -88,42 +88,174 @@ class Progress:
         )
 
 
+class Copied(NamedTuple):
+    """One file as copied."""
+
+    size: int  # the bytes written
+    sha256: str  # hex, of the bytes written
+    mtime_ns: int  # the source's modification time when it was opened (a manifest's Last-Modified)
+
+
 @dataclass
 class CopyResult:
-    """What :func:`copy_data_directory` copied.
+    """What a copy did, whichever engine made it (this module, :mod:`~pg_safe_backup.files.objects`,
+    :mod:`~pg_safe_backup.files.tarball`).
 
     ``checksums``, ``sizes`` and ``mtimes_ns`` are keyed by the path in the backup (``/``-separated, a
     tablespace's as ``pg_tblspc/<oid>/PG_...``), in the order the copies finished: ``global/pg_control``
-    is the last key. ``sizes`` are the copies' sizes (what was read), ``mtimes_ns`` the sources' times,
-    which the copies keep.
+    is the last key. ``sizes`` are the copies' sizes (what was written), ``mtimes_ns`` the sources' times
+    when opened: with the checksums, what a manifest of a copy that is not local needs.
     """
 
-    files: int
-    bytes: int
-    vanished: list[str]  # listed, then gone before they were read: dropped by the server
-    seconds: float
-    checksums: dict[str, str]  # SHA-256, hex
-    sizes: dict[str, int]
+    files: int = 0
+    bytes: int = 0
+    vanished: list[str] = field(default_factory=list)  # listed, then gone before read: dropped by the server
+    seconds: float = 0.0
+    checksums: dict[str, str] = field(default_factory=dict)  # SHA-256, hex: ``write_manifest(checksums=)``
+    sizes: dict[str, int] = field(default_factory=dict)
     mtimes_ns: dict[str, int] = field(default_factory=dict)
     special: list[str] = field(default_factory=list)  # sockets, FIFOs, devices: skipped, as basebackup.c
     folders: int = 0
+    #: files that ended before the size first seen (tar: padded with zeros, as pg_basebackup does).
+    shrunk: list[str] = field(default_factory=list)
+    #: folders the destination could not keep (an object store: listed in ``objects.FOLDERS_NAME``).
+    empty_folders: list[str] = field(default_factory=list)
+    #: tar format: archive name -> bytes stored (after compression).
+    archives: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, path: str, copied: Copied | None) -> None:
+        """Count one file (thread-safe).
+
+        :param path: its backup path.
+        :param copied: what was copied, or None when it vanished before it was opened.
+        """
+        with self._lock:
+            if copied is None:
+                self.vanished.append(path)
+                return
+            self.files += 1
+            self.bytes += copied.size
+            self.sizes[path] = copied.size
+            self.checksums[path] = copied.sha256
+            self.mtimes_ns[path] = copied.mtime_ns
+
+    @property
+    def files_done(self) -> int:
+        """Files copied or found vanished so far."""
+        return self.files + len(self.vanished)
 
     @property
     def mb_s(self) -> float:
         return self.bytes / MB / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        """``copied N files, X MB in T s (Y MB/s); K vanished during the copy``."""
+        """``copied N files, X MB in T s (Y MB/s); K vanished during the copy``, then the special files
+        skipped, the files that shrank and the folders the destination could not keep, if any."""
         line = (
             f"copied {self.files} files, {self.bytes / MB:.1f} MB in {self.seconds:.1f} s"
-            f" ({self.mb_s:.1f} MB/s); {len(self.vanished)} vanished during the copy"
+            f" ({self.mb_s:.1f} MB/s); {len(self.vanished)} vanished during the copy{_some(self.vanished)}"
         )
-        if self.vanished:
-            shown = ", ".join(self.vanished[:5]) + (", ..." if len(self.vanished) > 5 else "")
-            line += f" ({shown})"
         if self.special:
-            line += f"; {len(self.special)} special files skipped ({', '.join(self.special[:5])})"
+            line += f"; {len(self.special)} special files skipped{_some(self.special)}"
+        if self.shrunk:
+            line += f"; {len(self.shrunk)} shrank while copied{_some(self.shrunk)}"
+        if self.empty_folders:
+            line += f"; {len(self.empty_folders)} empty folders listed{_some(self.empty_folders)}"
         return line
+
+
+def _some(paths: list[str]) -> str:
+    """`` (a, b, c, d, e, ...)``: the first five of ``paths``, or nothing when there are none."""
+    if not paths:
+        return ""
+    return f" ({', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''})"
+
+
+class ProgressReporter:
+    """Calls ``progress`` with a :class:`Progress` of a copy, in the caller's thread: :meth:`report` now,
+    :meth:`tick` when ``interval`` seconds passed since the last call, :meth:`wait` until the copy ends.
+
+    :param progress: the callback, or None (then nothing is reported).
+    :param interval: seconds between two calls.
+    :param total_bytes: the bytes listed to copy.
+    :param files_total: the files listed to copy.
+    :param counts: the bytes and files done so far (read from any thread: no lock needed for ints).
+    """
+
+    def __init__(
+        self,
+        progress: Callable[[Progress], None] | None,
+        interval: float,
+        total_bytes: int,
+        files_total: int,
+        counts: Callable[[], tuple[int, int]],
+    ) -> None:
+        self.progress, self.interval = progress, interval
+        self.total_bytes, self.files_total, self.counts = total_bytes, files_total, counts
+        self.began = self.last = time.monotonic()
+
+    @classmethod
+    def started(
+        cls,
+        progress: Callable[[Progress], None] | None,
+        interval: float,
+        entries: list[Entry],
+        result: CopyResult,
+    ) -> ProgressReporter:
+        """A reporter of a copy of ``entries`` into ``result``, which has reported once (nothing done).
+
+        :param progress: the callback, or None.
+        :param interval: seconds between two calls.
+        :param entries: what is to be copied; their sizes are read only when ``progress`` is given (a
+            million files are not stat()ed twice for nothing).
+        :param result: what the copy records: its bytes and files are the ones done.
+        """
+        total, files_total = listed_size(entries) if progress is not None else (0, 0)
+        reporter = cls(progress, interval, total, files_total, lambda: (result.bytes, result.files_done))
+        reporter.report()
+        return reporter
+
+    def report(self) -> None:
+        """Call ``progress`` now."""
+        self.last = now = time.monotonic()
+        if self.progress is None:
+            return
+        done, files_done = self.counts()
+        elapsed = now - self.began
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total_bytes - done) / rate if rate > 0 else None
+        self.progress(Progress(done, self.total_bytes, files_done, self.files_total, rate / MB, eta))
+
+    def tick(self) -> None:
+        """Call ``progress`` if ``interval`` seconds passed since the last call."""
+        if time.monotonic() - self.last >= self.interval:
+            self.report()
+
+    def wait(self, finished: Callable[[float], bool]) -> None:
+        """Report every ``interval`` seconds until ``finished(timeout)`` (which waits up to ``timeout``
+        seconds) is true.
+
+        :param finished: e.g. ``threading.Event.wait``.
+        """
+        while not finished(self.interval):
+            self.report()
+
+
+def listed_size(entries: Iterable[Entry]) -> tuple[int, int]:
+    """The bytes and the number of the files among ``entries``, as they are now (a file gone counts 0).
+
+    :param entries: what a copy is to copy (:func:`~pg_safe_backup.files.layout.walk`).
+    """
+    total = files = 0
+    for entry in entries:
+        if not entry.is_dir:
+            files += 1
+            try:
+                total += os.stat(entry.source).st_size
+            except FileNotFoundError:
+                pass  # vanished: counted as such when copied
+    return total, files
 
 
 class _Hash(Protocol):
@@ -138,14 +270,6 @@ class _File:
     relpath: str
     source: str
     size: int  # at listing: the most that is read (sendFile() reads up to the size sendDir() saw)
-
-
-@dataclass(slots=True)
-class _Copied:
-    relpath: str
-    checksum: str
-    size: int
-    mtime_ns: int
 
 
 class _Pipe:
@@ -216,7 +340,7 @@ class _Worker(threading.Thread):
                 if item is None:
                     return
                 copied = _copy_file(item, job.destination, self.pipe, job.fsync, job.keep_owner)
-                job.record(item, copied)
+                job.result.record(item.relpath, copied)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
             job.fail(exc)
         finally:
@@ -237,17 +361,7 @@ class _Job:
         self.all_finished = threading.Event()
         self.running = workers
         self.error: BaseException | None = None
-        self.copied: list[_Copied] = []
-        self.vanished: list[str] = []
-        self.files_done = 0
-
-    def record(self, item: _File, copied: _Copied | None) -> None:
-        with self.lock:
-            self.files_done += 1
-            if copied is None:
-                self.vanished.append(item.relpath)
-            else:
-                self.copied.append(copied)
+        self.result = CopyResult()
 
     def fail(self, exc: BaseException) -> None:
         with self.lock:
@@ -273,7 +387,7 @@ def _open_source(item: _File) -> int | None:
         raise CopyError(f"cannot open {item.source} ({item.relpath}): {exc.strerror or exc}") from exc
 
 
-def _copy_file(item: _File, destination: Path, pipe: _Pipe, fsync: bool, keep_owner: bool) -> _Copied | None:
+def _copy_file(item: _File, destination: Path, pipe: _Pipe, fsync: bool, keep_owner: bool) -> Copied | None:
     """Copy one file through ``pipe``'s buffers, hashing what is read; None when the source vanished."""
     fd_in = _open_source(item)
     if fd_in is None:
@@ -331,7 +445,7 @@ def _copy_file(item: _File, destination: Path, pipe: _Pipe, fsync: bool, keep_ow
             os.close(fd_out)
     finally:
         os.close(fd_in)
-    return _Copied(item.relpath, checksum, item.size - left, st.st_mtime_ns)
+    return Copied(item.size - left, checksum, st.st_mtime_ns)
 
 
 def _write_all(fd: int, data: memoryview, target: Path) -> None:
@@ -372,28 +486,44 @@ def _prepare_destination(
         if owner is not None:
             os.chown(destination, *owner)
         return
+    empty_destination(destination, overwrite)
+
+
+def empty_destination(destination: Path | Any, overwrite: bool) -> None:
+    """Refuse a destination that holds anything, or empty it with ``overwrite`` (its contents only: local
+    links are removed, never followed); a destination that does not exist is left to be made.
+
+    :param destination: a local folder, or a folder (prefix) of an object store
+        (:class:`~pg_safe_backup.files.objects.Target`, e.g. ``ObjectStoragePath``).
+    :param overwrite: empty it instead of refusing it.
+    :raises DestinationNotEmpty: it holds something and ``overwrite`` is false.
+    :raises CopyError: it is a file.
+    """
+    if not destination.exists():
+        return
     if not destination.is_dir():
         raise CopyError(f"the destination {destination} is not a folder")
-    names = sorted(os.listdir(destination))
-    if not names:
+    items = sorted(destination.iterdir(), key=lambda item: item.name)
+    if not items:
         return
     if not overwrite:
         markers = [m for m in BACKUP_MARKERS if (destination / m).exists()]
         what = (
             f"already holds a backup or data directory ({', '.join(markers)})"
             if markers
-            else f"is not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+            else f"is not empty{_some([item.name for item in items])}"
         )
         raise DestinationNotEmpty(
             f"the destination {destination} {what}: refusing to copy into it"
             " (overwrite=True empties it first)"
         )
-    for name in names:
-        path = destination / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)  # its fd-based version: links inside are removed, not followed
+    for item in items:
+        if isinstance(item, Path) and item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)  # its fd-based version: links inside are removed, not followed
+        elif not isinstance(item, Path) and item.is_dir():
+            item.rmdir(recursive=True)  # an object store's prefix: every object under it
         else:
-            path.unlink()
+            item.unlink()
 
 
 def _list(source: Path) -> tuple[list[tuple[str, Path]], list[_File], _File | None, list[str], list[str]]:
@@ -514,22 +644,19 @@ def copy_data_directory(
     job = _Job(files, destination, fsync, keep_owner, count)
     threads = [_Worker(job) for _ in range(count)]
     pipes = [t.pipe for t in threads]
-
-    def report() -> None:
-        if progress is None:
-            return
-        done = sum(p.done_bytes for p in pipes)
-        elapsed = time.monotonic() - began
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else None
-        progress(Progress(done, total, job.files_done, files_total, rate / MB, eta))
-
-    report()
+    result = job.result
+    reporter = ProgressReporter(
+        progress,
+        progress_interval,
+        total,
+        files_total,
+        lambda: (sum(p.done_bytes for p in pipes), result.files_done),
+    )
+    reporter.report()
     for t in threads:
         t.start()
     try:
-        while not job.all_finished.wait(progress_interval):
-            report()
+        reporter.wait(job.all_finished.wait)
     finally:
         job.stop.set()  # an exception here (the task killed): the workers stop after their file
     if job.error is not None:
@@ -541,24 +668,29 @@ def copy_data_directory(
             copied = _copy_file(control, destination, last, fsync, keep_owner)
         finally:
             last.close()
-        job.record(control, copied)
+        result.record(control.relpath, copied)
     if fsync:
         # Small files, then every folder (their entries), the destination and its parent (its entry).
-        small = [destination / c.relpath for c in job.copied if c.size < SYNC_INLINE]
+        small = [destination / path for path, size in result.sizes.items() if size < SYNC_INLINE]
         folder_paths = [destination / relpath for relpath, _ in folders]
         _sync(small + folder_paths + [destination, destination.parent])
-    report()
-    return CopyResult(
-        files=len(job.copied),
-        bytes=sum(c.size for c in job.copied),
-        vanished=vanished + job.vanished,
-        seconds=time.monotonic() - began,
-        checksums={c.relpath: c.checksum for c in job.copied},
-        sizes={c.relpath: c.size for c in job.copied},
-        mtimes_ns={c.relpath: c.mtime_ns for c in job.copied},
-        special=special,
-        folders=len(folders),
-    )
+    reporter.report()
+    result.vanished[:0] = vanished  # those gone before they were listed, first
+    result.seconds = time.monotonic() - began
+    result.special = special
+    result.folders = len(folders)
+    return result
 
 
-__all__ = ["CHUNK", "CopyError", "CopyResult", "DestinationNotEmpty", "Progress", "copy_data_directory"]
+__all__ = [
+    "CHUNK",
+    "Copied",
+    "CopyError",
+    "CopyResult",
+    "DestinationNotEmpty",
+    "Progress",
+    "ProgressReporter",
+    "copy_data_directory",
+    "empty_destination",
+    "listed_size",
+]

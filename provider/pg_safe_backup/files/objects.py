@@ -20,12 +20,18 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import IO, Any, NamedTuple, Protocol
+from typing import IO, Any, Protocol
 
+from pg_safe_backup.files.copier import (
+    Copied,
+    CopyResult,
+    Progress,
+    ProgressReporter,
+    empty_destination,
+)
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 
 #: Bytes read (and hashed) at a time.
@@ -48,62 +54,6 @@ class Target(Protocol):
     def exists(self) -> bool: ...
     def is_dir(self) -> bool: ...
     def iterdir(self) -> Iterable[Target]: ...
-
-
-class Copied(NamedTuple):
-    """One file as copied."""
-
-    size: int
-    sha256: str  # hex, of the bytes written
-    mtime: float  # the source's modification time when it was opened (a manifest's Last-Modified)
-
-
-@dataclass
-class CopyResult:
-    """What a copy did: files, bytes, the files skipped because they vanished, and each file's SHA-256."""
-
-    files: int = 0
-    bytes: int = 0
-    vanished: list[str] = field(default_factory=list)
-    #: backup path -> SHA-256 (hex) of the bytes written, for the manifest (``write_manifest(checksums=)``).
-    checksums: dict[str, str] = field(default_factory=dict)
-    #: backup path -> size written.
-    sizes: dict[str, int] = field(default_factory=dict)
-    #: backup path -> the source's modification time when it was opened: with sizes and checksums, what
-    #: a manifest of a copy that is not local needs.
-    mtimes: dict[str, float] = field(default_factory=dict)
-    #: files that ended before the size first seen (tar: padded with zeros, as pg_basebackup does).
-    shrunk: list[str] = field(default_factory=list)
-    #: folders the destination could not keep (listed in :data:`FOLDERS_NAME`).
-    empty_folders: list[str] = field(default_factory=list)
-    #: tar format: archive name -> bytes stored (after compression).
-    archives: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def record(self, path: str, copied: Copied | None) -> None:
-        """Count one file (thread-safe).
-
-        :param path: its backup path.
-        :param copied: what was copied, or None when it vanished before it was opened.
-        """
-        with self._lock:
-            if copied is None:
-                self.vanished.append(path)
-                return
-            self.files += 1
-            self.bytes += copied.size
-            self.sizes[path] = copied.size
-            self.checksums[path] = copied.sha256
-            self.mtimes[path] = copied.mtime
-
-    def summary(self) -> str:
-        """One line for the task log."""
-        rate = self.bytes / (1 << 20) / self.seconds if self.seconds else 0.0
-        return (
-            f"{self.files} files, {self.bytes} bytes in {self.seconds:.1f} s ({rate:.1f} MB/s),"
-            f" {len(self.vanished)} vanished files skipped"
-        )
 
 
 def open_for_writing(target: Target) -> IO[bytes]:
@@ -161,7 +111,7 @@ def _upload(entry: Entry, destination: Target) -> Copied | None:
     digest = hashlib.sha256()
     size = 0
     with source:
-        mtime = os.fstat(source.fileno()).st_mtime
+        mtime_ns = os.fstat(source.fileno()).st_mtime_ns
         out = open_for_writing(destination / entry.path)
         # A file that grows or shrinks meanwhile is copied as read: WAL replay repairs it.
         while chunk := source.read(CHUNK_SIZE):
@@ -172,7 +122,7 @@ def _upload(entry: Entry, destination: Target) -> Copied | None:
         # copy can leave a cut object: the copy is no backup before its label is stored (the store
         # task), and a new attempt empties the destination first.
         close_durably(out, isinstance(destination, Path))
-    return Copied(size, digest.hexdigest(), mtime)
+    return Copied(size, digest.hexdigest(), mtime_ns)
 
 
 def upload_tree(
@@ -182,6 +132,9 @@ def upload_tree(
     workers: int | None = None,
     tablespace_dir: str | None = None,
     entries: Iterable[Entry] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    progress_interval: float = 5.0,
     log: logging.Logger | Any = _log,
 ) -> CopyResult:
     """Copy the base backup of ``datadir`` into ``destination`` as files (objects), the plain format.
@@ -191,21 +144,30 @@ def upload_tree(
     :data:`PART_SIZE`), whatever the data size.
 
     :param datadir: the data directory (of a running server).
-    :param destination: the copy's top folder (prefix); emptying it first is the caller's business.
+    :param destination: the copy's top folder (prefix): missing, or empty (see ``overwrite``).
     :param workers: files copied side by side (default: the CPU count).
     :param tablespace_dir: see :func:`~pg_safe_backup.files.layout.walk`.
     :param entries: what to copy (default: ``walk(datadir, tablespace_dir)``); pg_control is copied last
         whatever its place.
+    :param overwrite: empty a destination that holds anything first; without it such a destination is
+        refused (:func:`~pg_safe_backup.files.copier.empty_destination`).
+    :param progress: called in the caller's thread with a :class:`~pg_safe_backup.files.copier.Progress`:
+        once the files are listed, every ``progress_interval`` seconds while they are copied (counting
+        the files done), and once at the end.
+    :param progress_interval: seconds between two progress calls.
     :param log: where the summary goes.
     :returns: counts, vanished files and each file's SHA-256.
+    :raises DestinationNotEmpty: the destination holds something and ``overwrite`` is false.
     :raises OSError: a file could not be read or written (the message names it).
     """
     began = time.monotonic()
     result = CopyResult()
+    empty_destination(destination, overwrite)
+    listed = list(walk(datadir, tablespace_dir) if entries is None else entries)
     folders: list[str] = []
     files: list[Entry] = []
     control: Entry | None = None
-    for entry in walk(datadir, tablespace_dir) if entries is None else entries:
+    for entry in listed:
         if entry.is_dir:
             (destination / entry.path).mkdir(parents=True, exist_ok=True)
             folders.append(entry.path)
@@ -221,10 +183,18 @@ def upload_tree(
             raise OSError(f"copying {entry.source} to {destination / entry.path}: {exc}") from exc
         result.record(entry.path, copied)
 
+    reporter = ProgressReporter.started(progress, progress_interval, listed, result)
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
     try:
-        for done in [pool.submit(one, entry) for entry in files]:
-            done.result()
+        futures = [pool.submit(one, entry) for entry in files]
+
+        def finished(timeout: float) -> bool:
+            done, pending = wait(futures, timeout, return_when=FIRST_EXCEPTION)
+            return not pending or any(future.exception() for future in done)
+
+        reporter.wait(finished)
+        for future in futures:
+            future.result()
     finally:
         pool.shutdown(cancel_futures=True)  # after a failure, copy no more
     if control is not None:
@@ -236,6 +206,8 @@ def upload_tree(
         close_durably(out, isinstance(destination, Path))
     if isinstance(destination, Path):
         sync_folders([destination, *(destination / folder for folder in folders)])
+    reporter.report()
+    result.folders = len(folders)
     result.seconds = time.monotonic() - began
     log.info("copied %s into %s: %s", datadir, destination, result.summary())
     return result

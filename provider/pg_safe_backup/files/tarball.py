@@ -27,16 +27,21 @@ import logging
 import os
 import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from pg_safe_backup.files.copier import (
+    Copied,
+    CopyResult,
+    Progress,
+    ProgressReporter,
+    empty_destination,
+)
 from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import (
     CHUNK_SIZE,
     BackgroundWriter,
-    Copied,
-    CopyResult,
     Target,
     close_durably,
     open_for_writing,
@@ -180,7 +185,7 @@ class TarWriter:
             self._stream.write(zeros)
             remaining -= len(zeros)
         self._stream.write(bytes(-st.st_size % BLOCK))
-        return Copied(st.st_size, digest.hexdigest(), st.st_mtime), shrunk
+        return Copied(st.st_size, digest.hexdigest(), st.st_mtime_ns), shrunk
 
     def close(self) -> int:
         """Write the archive's end and flush the compressor.
@@ -225,9 +230,12 @@ def write_tar_backup(
     datadir: Path,
     destination: Target,
     *,
+    overwrite: bool = False,
     compression: str = "none",
     level: int | None = None,
     threads: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    progress_interval: float = 5.0,
     tablespace_dir: str | None = None,
     entries: Iterable[Entry] | None = None,
     log: logging.Logger | Any = _log,
@@ -238,26 +246,37 @@ def write_tar_backup(
     every other file.
 
     :param datadir: the data directory (of a running server).
-    :param destination: the folder (prefix) of the archives; made if missing.
+    :param destination: the folder (prefix) of the archives: made if missing, else empty (see
+        ``overwrite``).
+    :param overwrite: empty a destination that holds anything first; without it such a destination is
+        refused (:func:`~pg_safe_backup.files.copier.empty_destination`).
     :param compression: none, gzip or zstd.
     :param level: the compression level (see :class:`TarWriter`).
     :param threads: zstd's compression threads (default: the CPU count).
+    :param progress: called in the caller's thread with a :class:`~pg_safe_backup.files.copier.Progress`:
+        once the files are listed, then after a file when ``progress_interval`` seconds passed since the
+        last call, and once at the end.
+    :param progress_interval: seconds between two progress calls.
     :param tablespace_dir: see :func:`~pg_safe_backup.files.layout.walk`.
     :param entries: what to write (default: ``walk(datadir, tablespace_dir)``), in that order.
     :param log: where the summary goes.
     :returns: counts, vanished and padded files, each file's SHA-256 (by backup path, as a manifest
         lists it) and each archive's stored size.
+    :raises DestinationNotEmpty: the destination holds something and ``overwrite`` is false.
     :raises OSError: a file could not be read or written (the message names it).
     """
     began = time.monotonic()
     result = CopyResult()
     check_compression(compression)
+    empty_destination(destination, overwrite)
     destination.mkdir(parents=True, exist_ok=True)
+    listed = list(walk(datadir, tablespace_dir) if entries is None else entries)
+    reporter = ProgressReporter.started(progress, progress_interval, listed, result)
     threads = threads or os.cpu_count() or 1
     base = _Archive(destination, archive_name(None, compression), compression, level, threads)
     space: _Archive | None = None
     try:
-        for entry in walk(datadir, tablespace_dir) if entries is None else entries:
+        for entry in listed:
             oid, member = split_path(entry.path)
             if oid is None:
                 tar = base
@@ -272,6 +291,7 @@ def write_tar_backup(
                 _add(tar.tar, entry, member, result)
             except OSError as exc:
                 raise OSError(f"writing {entry.source} into {destination / tar.name}: {exc}") from exc
+            reporter.tick()
         if space is not None:
             result.archives[space.name] = space.close()
         result.archives[base.name] = base.close()
@@ -282,15 +302,9 @@ def write_tar_backup(
             if archive is not None and archive.name not in result.archives:
                 archive.abandon()
         raise
+    reporter.report()
     result.seconds = time.monotonic() - began
-    log.info(
-        "wrote %s into %s as %s: %s%s",
-        datadir,
-        destination,
-        ", ".join(result.archives),
-        result.summary(),
-        f", {len(result.shrunk)} shrunk files padded with zeros" if result.shrunk else "",
-    )
+    log.info("wrote %s into %s as %s: %s", datadir, destination, ", ".join(result.archives), result.summary())
     return result
 
 
@@ -301,6 +315,7 @@ def _add(tar: TarWriter, entry: Entry, member: str, result: CopyResult) -> None:
         except FileNotFoundError:
             return  # dropped with its database or tablespace: WAL replay agrees
         tar.add_folder(member, st)
+        result.folders += 1
         return
     source = open_source(entry)
     if source is None:
