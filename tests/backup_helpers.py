@@ -81,6 +81,17 @@ def session_alive(cluster: LocalCluster, pid: int) -> bool:
     return bool(cluster.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]))
 
 
+def session_ended(cluster: LocalCluster, pid: int, timeout: float = 10) -> bool:
+    """Whether the backend ``pid`` is gone within ``timeout`` s: a backend exits a moment after its client
+    closed the connection (it has to notice), so a check right after the close can still see it."""
+    deadline = time.monotonic() + timeout
+    while session_alive(cluster, pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 async def gate(
     hook: PostgresBackupHook, attempt: str = ATTEMPT, timeout: float = 60, gate_timeout: float = 3600
 ) -> dict:

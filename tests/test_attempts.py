@@ -24,6 +24,7 @@ from backup_helpers import (
     req,
     row,
     session_alive,
+    session_ended,
     started,
 )
 
@@ -268,7 +269,7 @@ def test_a_holder_ends_its_backup_once_its_finish_ended(hook, cluster, monkeypat
     assert "already ended (failed): nothing would end this backup; backup mode ended" in result["message"]
     assert took < 5
     assert row(cluster)["state"] == "failed"
-    assert not session_alive(cluster, pid)
+    assert session_ended(cluster, pid)
 
 
 def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook, cluster):

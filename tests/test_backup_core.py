@@ -15,7 +15,18 @@ from pg_safe_backup.session import COMPLETE, FAILED, HoldView, hold_backup, wait
 from pg_safe_backup.state import parse_backup_label
 
 # tests/ is on sys.path (pytest's default "prepend" import mode)
-from backup_helpers import ATTEMPT, OWNER, attempt_of, backup_starts, finish, req, row, session_alive, started
+from backup_helpers import (
+    ATTEMPT,
+    OWNER,
+    attempt_of,
+    backup_starts,
+    finish,
+    req,
+    row,
+    session_alive,
+    session_ended,
+    started,
+)
 
 # -- schema -------------------------------------------------------------------------------------
 
@@ -122,7 +133,7 @@ def test_full_cycle_label_matches_backup(hook, cluster):
     assert done["backup"]["backup_label"] == r["backup_label"] and r["tablespace_map"] is None
     lsn = cluster.sql("SELECT %s::pg_lsn >= %s::pg_lsn", [r["stop_lsn"], r["start_lsn"]])
     assert lsn == [(True,)]
-    assert not session_alive(cluster, holder_pid)
+    assert session_ended(cluster, holder_pid)
     assert backup_starts(cluster) == 1
 
 
@@ -224,7 +235,7 @@ def test_timeout_fails_and_ends_backup_mode(hook, cluster):
     assert result["status"] == FAILED and "backup_timeout=2s expired" in result["message"]
     r = row(cluster)
     assert r["state"] == "failed" and "backup_timeout" in r["error"] and r["backup_label"] is None
-    assert not session_alive(cluster, pid)
+    assert session_ended(cluster, pid)
     assert late_finish["status"] == FAILED and "backup_timeout" in late_finish["message"]
 
 
@@ -341,7 +352,7 @@ def test_copy_failed_marks_failed_and_ends_backup(hook, cluster):
     assert failed["status"] == held["status"] == FAILED
     r = row(cluster)
     assert r["state"] == "failed" and r["error"] == "copy_data failed" and r["backup_label"] is None
-    assert not session_alive(cluster, pid)
+    assert session_ended(cluster, pid)
 
 
 def test_finish_refuses_backup_restarted_after_copy_began(hook, cluster):
