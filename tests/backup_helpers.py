@@ -22,7 +22,7 @@ from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
 from pg_safe_backup.state import format_lsn, parse_lsn
 
-from conftest import PASSWORD
+from conftest import CONN_ID, PASSWORD
 
 OWNER = "nightly/scheduled__2026-11-24/backup"
 
@@ -362,3 +362,25 @@ def standby_backup(
     return backup_into(
         s.hook, dest, owner, lambda: copy_data_dir(s.standby.datadir, dest, pg_control_first, meanwhile)
     )
+
+
+@contextlib.contextmanager
+def cluster_with_space(root: Path) -> Iterator[tuple[LocalCluster, Path, Path]]:
+    """An archiving cluster in ``root``/data (autovacuum off), reachable as the ``pg_test`` connection, with
+    its WAL archive ``root``/archive and an empty tablespace location ``root``/space1; stopped on leaving.
+
+    :param root: a folder the postgres OS user can enter.
+    :returns: the cluster, its archive and the tablespace location.
+    """
+    archive, location = root / "archive", root / "space1"
+    for folder in (archive, location):
+        folder.mkdir()
+        give_to_server_user(folder)
+    cluster = archiving_cluster(root / "data", archive, PASSWORD, autovacuum="off")
+    env = pytest.MonkeyPatch()
+    env.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
+    try:
+        yield cluster, archive, location
+    finally:
+        env.undo()
+        cluster.stop("immediate")

@@ -30,11 +30,11 @@ from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.manifest import ManifestSummary, write_backup_manifest
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster
 from pg_safe_backup.verify import BackupCheck, check_backup
 
-from backup_helpers import archiving_cluster, pair_maker, run_backup, store_backup_label
-from conftest import CONN_ID, PASSWORD
+from backup_helpers import cluster_with_space, pair_maker, run_backup, store_backup_label
+from conftest import CONN_ID
 from pg_versions import verifier_for
 
 ROWS = 20_000
@@ -103,23 +103,13 @@ def _manifest_and_checks(
 
 @pytest.fixture(scope="module")
 def live(module_tmp_root: Path) -> Iterator[Live]:
-    archive, location = module_tmp_root / "archive", module_tmp_root / "space1"
-    for folder in (archive, location):
-        folder.mkdir()
-        give_to_server_user(folder)
-    cluster = archiving_cluster(module_tmp_root / "data", archive, PASSWORD, autovacuum="off")
-    env = pytest.MonkeyPatch()
-    env.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
-    try:
+    with cluster_with_space(module_tmp_root) as (cluster, archive, location):
         _setup_sql(cluster, location)
         paths = {
             t: cluster.sql("SELECT pg_relation_filepath(%s)", [t])[0][0] for t in ("doomed", "shrinking")
         }
         major = cluster.server_version() // 10000
         yield Live(cluster, archive, module_tmp_root, major, paths["doomed"], paths["shrinking"])
-    finally:
-        env.undo()
-        cluster.stop("immediate")
 
 
 @pytest.fixture(scope="module")

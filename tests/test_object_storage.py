@@ -38,8 +38,8 @@ from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server
 from pg_safe_backup.pgverify import run_pg_verifybackup
 from pg_safe_backup.verify import check_backup
 
-from backup_helpers import archiving_cluster, run_backup, store_backup_label
-from conftest import CONN_ID, PASSWORD
+from backup_helpers import cluster_with_space, run_backup, store_backup_label
+from conftest import CONN_ID
 from pg_versions import client_bindir
 
 BUCKET = "pgsb-backups"
@@ -106,14 +106,7 @@ def stored(s3: ObjectStoragePath, module_tmp_root: Path) -> Iterator[Stored]:
     """An archiving cluster with a tablespace, backed up once; during the backup its data directory is
     copied into the S3 server three times: plain, tar+zstd and tar+gzip; then each copy gets the label."""
     root = module_tmp_root
-    archive, location = root / "archive", root / "space1"
-    for folder in (archive, location):
-        folder.mkdir()
-        give_to_server_user(folder)
-    cluster = archiving_cluster(root / "data", archive, PASSWORD, autovacuum="off")
-    env = pytest.MonkeyPatch()
-    env.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
-    try:
+    with cluster_with_space(root) as (cluster, archive, location):
         cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{location}'")
         cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
         cluster.sql("CREATE TABLE spaced (id bigint, v text) TABLESPACE space1")
@@ -139,9 +132,6 @@ def stored(s3: ObjectStoragePath, module_tmp_root: Path) -> Iterator[Stored]:
         wait_archived(cluster)
         major = cluster.server_version() // 10000
         yield Stored(cluster, major, archive, backup, root, results, prefixes, calls)
-    finally:
-        env.undo()
-        cluster.stop("immediate")
 
 
 def extract(folder: Path, into: Path) -> list[str]:

@@ -63,11 +63,14 @@ def copy_tablespaces(destination: str) -> None:
         rsync(*EXCLUDES, f"{link.resolve()}/", f"{destination}_tablespaces/{link.name}/")
 
 
-def backup_dag(dag_id: str, failing_copy: bool, copy_queue: str | None = None) -> DAG:
+def backup_dag(
+    dag_id: str, failing_copy: bool, copy_queue: str | None = None, copy_operator: bool = False
+) -> DAG:
     """The backup group (real copy, or one that fails), the store and the restore check.
 
     :param copy_queue: the queue of the copy tasks (the worker that sees the data directory); the default
         queue if None.
+    :param copy_operator: copy with PostgresCopyDataDirectoryOperator instead of the rsync tasks.
     """
     pinned = {"queue": copy_queue} if copy_queue else {}
     with DAG(dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False) as dag:
@@ -80,6 +83,14 @@ def backup_dag(dag_id: str, failing_copy: bool, copy_queue: str | None = None) -
         ) as backup:
             if failing_copy:
                 BashOperator(task_id="copy_data_directory", bash_command="echo copy broke; exit 3", **pinned)
+            elif copy_operator:
+                PostgresCopyDataDirectoryOperator(
+                    task_id="copy_data_directory",
+                    source=PGDATA,
+                    destination=DESTINATION,
+                    progress_interval=1.0,
+                    **pinned,
+                )
             else:
                 copy_data_directory.override(**pinned)(DESTINATION)
                 copy_tablespaces.override(**pinned)(DESTINATION)
@@ -100,20 +111,6 @@ def store_and_verify(backup: PostgresOnlineBackup) -> None:
     )
 
 
-with DAG(
-    "e2e_copy_operator", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False
-) as e2e_copy_operator:
-    with PostgresOnlineBackup(
-        group_id="backup",
-        postgres_conn_id="pg_e2e",
-        fast_checkpoint=True,
-        backup_timeout=600,
-        poll_interval=1.0,
-    ) as operator_backup:
-        PostgresCopyDataDirectoryOperator(
-            task_id="copy_data_directory", source=PGDATA, destination=DESTINATION, progress_interval=1.0
-        )
-    store_and_verify(operator_backup)
-
 e2e_backup = backup_dag("e2e_backup", failing_copy=False)
+e2e_copy_operator = backup_dag("e2e_copy_operator", failing_copy=False, copy_operator=True)
 e2e_copy_fails = backup_dag("e2e_copy_fails", failing_copy=True)
