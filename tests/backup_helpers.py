@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from demo.load import Writer
+from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
 from pg_safe_backup.hooks.backup import PostgresBackupHook
@@ -175,7 +176,7 @@ def store_backup_label(destination: Any, backup: dict, local_copy: Path | None =
     :param local_copy: the copy as a local folder, to check its pg_control (default: ``destination`` when it
         is a local ``Path``; None for an object store).
     """
-    if local_copy is None and isinstance(destination, Path):
+    if local_copy is None and is_local_path(destination):
         local_copy = destination
     return store_label(
         destination,

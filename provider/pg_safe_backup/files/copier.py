@@ -59,6 +59,16 @@ FLUSH_EVERY = 8 << 20
 BACKUP_MARKERS = ("PG_VERSION", "backup_label", "backup_manifest", "global/pg_control")
 
 
+def is_local_path(target: Any) -> bool:
+    """Whether ``target`` is a plain local path, not an object-store path: ObjectStoragePath (a
+    universal_pathlib path) is a ``pathlib.Path`` subclass on some Airflow releases (3.1), so ``isinstance``
+    alone cannot tell; only object-store paths have a ``protocol``.
+
+    :param target: a ``pathlib.Path``, an ``ObjectStoragePath`` or the like.
+    """
+    return isinstance(target, Path) and not hasattr(target, "protocol")
+
+
 class CopyError(RuntimeError):
     """The copy failed; the message names the file or folder at fault."""
 
@@ -518,9 +528,9 @@ def empty_destination(destination: Path | Any, overwrite: bool) -> None:
             " (overwrite=True empties it first)"
         )
     for item in items:
-        if isinstance(item, Path) and item.is_dir() and not item.is_symlink():
+        if is_local_path(item) and item.is_dir() and not item.is_symlink():
             shutil.rmtree(item)  # its fd-based version: links inside are removed, not followed
-        elif not isinstance(item, Path) and item.is_dir():
+        elif not is_local_path(item) and item.is_dir():
             item.rmdir(recursive=True)  # an object store's prefix: every object under it
         else:
             item.unlink()

@@ -31,6 +31,7 @@ from pg_safe_backup.files.copier import (
     Progress,
     ProgressReporter,
     empty_destination,
+    is_local_path,
 )
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 
@@ -61,7 +62,7 @@ def open_for_writing(target: Target) -> IO[bytes]:
 
     :param target: a file path or object.
     """
-    if isinstance(target, Path):
+    if is_local_path(target):
         return target.open("wb")
     # fsspec's default block (s3fs: 50 MiB) times the workers would be the copy's memory.
     return target.open("wb", block_size=PART_SIZE)
@@ -121,7 +122,7 @@ def _upload(entry: Entry, destination: Target) -> Copied | None:
         # Not closed after a failure; fsspec still finishes the upload of a file it collects, so a failed
         # copy can leave a cut object: the copy is no backup before its label is stored (the store
         # task), and a new attempt empties the destination first.
-        close_durably(out, isinstance(destination, Path))
+        close_durably(out, is_local_path(destination))
     return Copied(size, digest.hexdigest(), mtime_ns)
 
 
@@ -203,8 +204,8 @@ def upload_tree(
     if result.empty_folders:
         out = open_for_writing(destination / FOLDERS_NAME)
         out.write(json.dumps({"folders": result.empty_folders}, indent=1).encode())
-        close_durably(out, isinstance(destination, Path))
-    if isinstance(destination, Path):
+        close_durably(out, is_local_path(destination))
+    if is_local_path(destination):
         sync_folders([destination, *(destination / folder for folder in folders)])
     reporter.report()
     result.folders = len(folders)

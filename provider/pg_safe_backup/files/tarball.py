@@ -37,6 +37,7 @@ from pg_safe_backup.files.copier import (
     Progress,
     ProgressReporter,
     empty_destination,
+    is_local_path,
 )
 from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import (
@@ -204,7 +205,7 @@ class _Archive:
 
     def __init__(self, destination: Target, name: str, compression: str, level: int | None, threads: int):
         self.name = name
-        self.local = isinstance(destination, Path)
+        self.local = is_local_path(destination)
         self.raw = open_for_writing(destination / name)
         # An object's upload part is sent while the next files are read and compressed.
         self.out = self.raw if self.local else BackgroundWriter(self.raw)
@@ -295,7 +296,7 @@ def write_tar_backup(
         if space is not None:
             result.archives[space.name] = space.close()
         result.archives[base.name] = base.close()
-        if isinstance(destination, Path):
+        if is_local_path(destination):
             sync_folders([destination])
     except BaseException:
         for archive in (space, base):
