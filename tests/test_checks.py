@@ -4,6 +4,7 @@ on good and damaged copies."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def test_stop_lsn_read_from_the_manifest_else_from_the_archive(taken, tmp_root):
     label = taken.backup["backup_label"]
     (bare / "backup_label").write_text(label.replace("LABEL: ", "LABEL: another "))
     assert backup_stop_lsn(bare, taken.archive) is None
-    (bare / "backup_label").write_text(label.replace("BACKUP FROM: primary", "BACKUP FROM: standby"))
+    # (PostgreSQL 12 and 13 write "BACKUP FROM: master", later ones "primary".)
+    (bare / "backup_label").write_text(re.sub(r"BACKUP FROM: \w+", "BACKUP FROM: standby", label))
     assert "BACKUP FROM: standby" in (bare / "backup_label").read_text()
     assert backup_stop_lsn(bare, taken.archive) is None
     (bare / "backup_label").write_text(label)
