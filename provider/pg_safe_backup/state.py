@@ -193,6 +193,19 @@ def parse_backup_label(text: str | None) -> dict[str, str]:
     return fields
 
 
+def backup_start(backup_label: str) -> tuple[str, int]:
+    """The backup's start LSN (START WAL LOCATION) and START TIMELINE (1 when the label has none).
+
+    :param backup_label: the label pg_backup_stop returned.
+    :raises ValueError: the label has no START WAL LOCATION.
+    """
+    fields = parse_backup_label(backup_label)
+    start = fields.get("START WAL LOCATION", "").split(" ")[0]
+    if not start:
+        raise ValueError("the backup_label has no START WAL LOCATION")
+    return start, int(fields.get("START TIMELINE") or 1)
+
+
 def parse_lsn(text: str) -> int:
     """'16/B374D848' -> integer position."""
     hi, _, lo = text.strip().split()[0].partition("/")

@@ -586,8 +586,12 @@ def _make_folders(folders: list[tuple[str, Path]], destination: Path, keep_owner
             raise CopyError(f"cannot create the folder {target}: {exc.strerror or exc}") from exc
 
 
-def _sync(paths: list[Path]) -> None:
-    """fsync ``paths`` (files and folders) side by side: a journal commit then covers many of them."""
+def sync_paths(paths: list[Path]) -> None:
+    """fsync ``paths`` (files and folders) side by side: a journal commit then covers many of them.
+
+    :param paths: local files and folders.
+    :raises CopyError: one cannot be opened or synced (named).
+    """
 
     def one(path: Path) -> None:
         try:
@@ -683,7 +687,7 @@ def copy_data_directory(
         # Small files, then every folder (their entries), the destination and its parent (its entry).
         small = [destination / path for path, size in result.sizes.items() if size < SYNC_INLINE]
         folder_paths = [destination / relpath for relpath, _ in folders]
-        _sync(small + folder_paths + [destination, destination.parent])
+        sync_paths(small + folder_paths + [destination, destination.parent])
     reporter.report()
     result.vanished[:0] = vanished  # those gone before they were listed, first
     result.seconds = time.monotonic() - began

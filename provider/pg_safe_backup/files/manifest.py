@@ -32,7 +32,7 @@ from typing import Protocol
 from pg_safe_backup.files.layout import CONTROL_FILE, MANIFEST_IGNORED
 from pg_safe_backup.files.pgcontrol import crc32c
 from pg_safe_backup.files.tablespaces import link_tablespace_copies
-from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
+from pg_safe_backup.state import backup_start, format_lsn, parse_lsn
 
 MANIFEST_NAME = "backup_manifest"
 #: Written first, then renamed to MANIFEST_NAME; never listed (one a crash left is overwritten).
@@ -515,11 +515,10 @@ def write_backup_manifest(
     """
     copy_dir = Path(copy_dir)
     major = int((copy_dir / "PG_VERSION").read_text().strip())
-    fields = parse_backup_label(backup_label)
-    start = fields.get("START WAL LOCATION", "").split(" ")[0]
-    if not start:
-        raise ManifestError("the backup_label has no START WAL LOCATION")
-    timeline = int(fields.get("START TIMELINE") or 1)
+    try:
+        start, timeline = backup_start(backup_label)
+    except ValueError as err:
+        raise ManifestError(str(err)) from err
     tablespaces = link_tablespace_copies(copy_dir)
     return write_manifest(
         copy_dir,

@@ -32,6 +32,7 @@ from pg_safe_backup.files.copier import (
     ProgressReporter,
     empty_destination,
     is_local_path,
+    sync_paths,
 )
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 
@@ -78,19 +79,6 @@ def close_durably(out: IO[bytes], local: bool) -> None:
         out.flush()
         os.fsync(out.fileno())
     out.close()
-
-
-def sync_folders(folders: Iterable[Path]) -> None:
-    """fsync local folders, so the names of the files in them survive a crash.
-
-    :param folders: the folders.
-    """
-    for folder in folders:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def open_source(entry: Entry) -> IO[bytes] | None:
@@ -206,7 +194,7 @@ def upload_tree(
         out.write(json.dumps({"folders": result.empty_folders}, indent=1).encode())
         close_durably(out, is_local_path(destination))
     if is_local_path(destination):
-        sync_folders([destination, *(destination / folder for folder in folders)])
+        sync_paths([destination, *(destination / folder for folder in folders)])
     reporter.report()
     result.folders = len(folders)
     result.seconds = time.monotonic() - began
@@ -324,6 +312,5 @@ __all__ = [
     "close_durably",
     "open_for_writing",
     "open_source",
-    "sync_folders",
     "upload_tree",
 ]

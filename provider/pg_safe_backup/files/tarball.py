@@ -38,6 +38,7 @@ from pg_safe_backup.files.copier import (
     ProgressReporter,
     empty_destination,
     is_local_path,
+    sync_paths,
 )
 from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import (
@@ -47,7 +48,6 @@ from pg_safe_backup.files.objects import (
     close_durably,
     open_for_writing,
     open_source,
-    sync_folders,
 )
 
 #: compression -> suffix of the archives' names (pg_basebackup's).
@@ -297,7 +297,7 @@ def write_tar_backup(
             result.archives[space.name] = space.close()
         result.archives[base.name] = base.close()
         if is_local_path(destination):
-            sync_folders([destination])
+            sync_paths([destination])
     except BaseException:
         for archive in (space, base):
             if archive is not None and archive.name not in result.archives:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.files.pgcontrol import read_pg_control
-from pg_safe_backup.state import parse_backup_label, wal_segment_names
+from pg_safe_backup.state import backup_start, wal_segment_names
 
 _log = logging.getLogger(__name__)
 
@@ -31,11 +31,7 @@ def backup_wal_names(copy_dir: Path, backup_label: str, stop_lsn: str) -> list[s
     :param backup_label: the label pg_backup_stop returned.
     :param stop_lsn: the backup's stop LSN.
     """
-    fields = parse_backup_label(backup_label)
-    start = fields.get("START WAL LOCATION", "").split(" ")[0]
-    timeline = int(fields.get("START TIMELINE") or 1)
-    if not start:
-        raise ValueError("backup_label has no START WAL LOCATION")
+    start, timeline = backup_start(backup_label)
     return wal_segment_names(start, stop_lsn, timeline, read_pg_control(Path(copy_dir)).xlog_seg_size)
 
 
