@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
+from airflow.sdk import ObjectStoragePath
+
+from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
 from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup
 
 from pg_versions import verifier_for
@@ -147,12 +149,22 @@ def test_the_cli_needs_nothing_of_airflow():
 
 
 def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
-    """PostgreSQL 12 (no manifest format) and an object store (nothing read back): a log line, no manifest."""
+    """PostgreSQL 12 (no manifest format), an object store or tar archives with no copy task's records (not
+    read back), another algorithm than the records' SHA256: a log line each, no manifest."""
     store = PostgresStoreBackupLabelOperator(task_id="s", backup="b.finish_backup", destination="/x")
     (tmp_root / "PG_VERSION").write_text("12\n")
-    assert store._write_manifest(tmp_root, str(tmp_root), {}) is None
-    assert store._write_manifest(None, "s3://bucket/backups/1", {}) is None
+    assert store._write_manifest(ObjectStoragePath(f"file://{tmp_root}"), tmp_root, {}, None) is None
+    s3 = ObjectStoragePath("s3://bucket/backups/1")
+    assert store._write_manifest(s3, None, {}, None) is None
+    sha512 = PostgresStoreBackupLabelOperator(
+        task_id="s", backup="b.finish_backup", destination="/x", manifest_checksums="sha512"
+    )
+    assert sha512._write_manifest(s3, None, {}, Copied(16, {})) is None
     logged = "".join(capfd.readouterr())  # the task logger (structlog) writes to the console here
     assert "no backup_manifest: PostgreSQL 12 has no manifest format" in logged
-    assert "no backup_manifest: s3://bucket/backups/1 is an object store" in logged
+    assert (
+        "no backup_manifest: s3://bucket/backups/1 is an object store or tar archives, and no copy task"
+        in logged
+    )
+    assert "its copier's checksums are SHA256 (manifest_checksums=SHA512)" in logged
     assert not (tmp_root / "backup_manifest").exists()

@@ -28,7 +28,15 @@ from pg_safe_backup.files.copier import (
 )
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE
-from pg_safe_backup.files.manifest import ManifestSummary, write_backup_manifest
+from pg_safe_backup.files.manifest import (
+    FileRecord,
+    ManifestError,
+    ManifestSummary,
+    WalRange,
+    manifest_of_records,
+    write_backup_manifest,
+    write_manifest,
+)
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster
 from pg_safe_backup.verify import BackupCheck, check_backup
@@ -292,3 +300,26 @@ def test_the_summary_names_what_was_left_out_or_changed():
         " 2 empty folders listed (pg_notify, pg_replslot)"
     )
     assert CopyResult().summary() == "copied 0 files, 0.0 MB in 0.0 s (0.0 MB/s); 0 vanished during the copy"
+
+
+def test_the_manifest_of_the_records_is_the_manifest_of_the_copy_byte_for_byte(live, cold, tmp_root):
+    """What an object store or tar copy gets (no file read back) is what write_manifest() writes of the same
+    copy on disk: same files, order, sizes, times and checksums."""
+    if live.major < 13:
+        pytest.skip(f"PostgreSQL {live.major} has no backup manifests")
+    copy = tmp_root / "copy"
+    result = copy_data_directory(cold, copy, fsync=False)
+    (copy / "postgresql.auto.conf").write_text("# passed over by pg_verifybackup: not listed\n")
+    ranges = [WalRange(1, "0/2000028", "0/2000100")]
+    records = {
+        path: FileRecord(result.sizes[path], result.mtimes_ns[path], digest)
+        for path, digest in result.checksums.items()
+    }
+    from_records = manifest_of_records(records, major=live.major, system_identifier=7, wal_ranges=ranges)
+    write_manifest(copy, major=live.major, system_identifier=7, wal_ranges=ranges)
+    assert from_records == (copy / "backup_manifest").read_bytes()
+    assert from_records.count(b'"Path": ') == result.files - 1  # postgresql.auto.conf passed over
+    with pytest.raises(ManifestError, match="SHA256 or NONE checksums, not 'SHA512'"):
+        manifest_of_records(
+            records, major=live.major, system_identifier=7, wal_ranges=ranges, checksum_algorithm="sha512"
+        )

