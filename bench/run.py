@@ -11,10 +11,14 @@
    pgbench -i -s LSN_SCALE data directory, against `cat` reading the same files.
 6. writing the backup_manifest of a copy (SHA-256) in s/GB on a pgbench -i -s MANIFEST_SCALE data
    directory, against `sha256sum` of the same files and `pg_basebackup` with and without its manifest.
+7. the copy operator's engine (plain, local, SHA-256 and fsync) in MB/s on a pgbench -i -s COPY_SCALE
+   data directory, against `cp -a`, `rsync -a` and `pg_basebackup -Fp -X none --manifest-checksums=SHA256`;
+   as tar + zstd into a local S3 server (moto) against `tar | zstd` into a file; its maximum RSS at two
+   data sizes (bench/copybench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
-the end. `--quick` is a smoke run (small scale, few backups). Full run: ~17 minutes on 2 cores.
+the end. `--quick` is a smoke run (small scale, few backups). Full run: ~20 minutes on 2 cores.
 `--skip` leaves phases out (`--skip latency,sessions,dag,manifest` measures figure 5 alone); the results file
 then holds only what was measured (see `--output`).
 """
@@ -38,6 +42,8 @@ from bench.common import DEFAULT_WORKDIR, ROOT, machine_info, make_small_cluster
 RESULTS = ROOT / "bench" / "results.json"
 #: pg-safe-backup issue 13's goal for figure 6: the manifest pass within this many times sha256sum's time.
 MANIFEST_TARGET_RATIO = 1.2
+#: Issue 14's goal for figure 7: the copy's maximum RSS, whatever the data size.
+COPY_RSS_LIMIT_MB = 256
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,9 +82,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--manifest-runs", type=int, default=None, help="timed runs of each in figure 6 (default 3)"
     )
     p.add_argument(
+        "--copy-scale",
+        type=int,
+        default=None,
+        help="pgbench scale of figure 7 (default 150; 20 with --quick)",
+    )
+    p.add_argument(
+        "--copy-small-scale",
+        type=int,
+        default=None,
+        help="figure 7's second data size, for the RSS (default 30; 5 with --quick)",
+    )
+    p.add_argument("--copy-rounds", type=int, default=None, help="rounds of figure 7's copies (default 3)")
+    p.add_argument(
         "--skip",
         default="",
-        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest",
+        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy",
     )
     p.add_argument(
         "--no-reference",
@@ -107,6 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.lsn_runs = a.lsn_runs or (2 if quick else 5)
     a.manifest_scale = a.manifest_scale or (65 if quick else 150)
     a.manifest_runs = a.manifest_runs or 3
+    a.copy_scale = a.copy_scale or (20 if quick else 150)
+    a.copy_small_scale = a.copy_small_scale or (5 if quick else 30)
+    a.copy_rounds = a.copy_rounds or (1 if quick else 3)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -148,6 +170,19 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
         ratio = r["manifest_vs_sha256sum"]
         goal = f"<= {MANIFEST_TARGET_RATIO:g} x sha256sum"
         out["manifest pass vs sha256sum"] = t(ratio, goal, ratio <= MANIFEST_TARGET_RATIO)
+    if r.get("copy_mb_s") is not None:
+        refs = {k: r[k] for k in ("cp_a_mb_s", "rsync_mb_s", "pg_basebackup_mb_s") if r.get(k) is not None}
+        fastest = max(refs, key=lambda k: refs[k])
+        out["plain copy vs the fastest of cp -a, rsync -a, pg_basebackup"] = t(
+            r["copy_mb_s"],
+            f">= {fastest.removesuffix('_mb_s')} {refs[fastest]:g} MB/s",
+            r["copy_mb_s"] >= refs[fastest],
+        )
+        out["copy RSS"] = t(
+            r["copy_rss_mb"],
+            f"< {COPY_RSS_LIMIT_MB} MB at every data size",
+            r["copy_rss_mb"] < COPY_RSS_LIMIT_MB,
+        )
     return out
 
 
@@ -259,6 +294,36 @@ def table(r: dict[str, Any]) -> str:
             f"sha256sum: {r['sha256sum_s_per_gb']:g} s/GB (openssl dgst -sha256:"
             f" {md['openssl_sha256_s_per_gb']:g} s/GB); {pg_basebackup}",
             "manifest pass vs sha256sum",
+        )
+    if r.get("copy_mb_s") is not None:
+        cd = r["copy_detail"]
+        what = f"{cd['data_mb'] / 1024:.1f} GB, pgbench -s {cd['scale']}; median of {cd['rounds']}"
+        row(
+            f"plain local copy, SHA-256 + fsync ({what})",
+            f"{r['copy_mb_s']:g} MB/s ({cd['copy_nofsync_mb_s']:g} MB/s without fsync)",
+            f"cp -a {f(r['cp_a_mb_s'])} MB/s (then sync {f(cd.get('cp_a_sync_mb_s'))}, then the manifest's"
+            f" read {f(cd.get('cp_a_then_manifest_mb_s'))}); rsync -a {f(r['rsync_mb_s'])} MB/s;"
+            f" pg_basebackup {f(r.get('pg_basebackup_mb_s'))} MB/s",
+            "plain copy vs the fastest of cp -a, rsync -a, pg_basebackup",
+        )
+        row(
+            "tar + zstd into a local S3 server (moto)",
+            f"{f(r['copy_tar_zstd_s3_mb_s'])} MB/s ({cd['tar_zstd_stored_mb']:g} MB stored;"
+            f" {f(cd['copy_alone_mb_s'].get('copy_tar_zstd_s3_mb_s'))} MB/s without the process's start"
+            " and Airflow's import)",
+            f"tar piped to zstd -T0 -3, into a file: {f(r['tar_zstd_mb_s'])} MB/s",
+            None,
+        )
+        sizes = "; ".join(
+            f"{mb} MB of data: plain {rss.get('plain', 0):g} MB,"
+            f" tar + zstd into S3 {rss.get('tar_zstd_s3', 0):g} MB"
+            for mb, rss in cd.get("rss_by_data_mb", {}).items()
+        )
+        row(
+            "maximum RSS of our copy (the tar + S3 child imports Airflow)",
+            f"{r['copy_rss_mb']:g} MB ({sizes})",
+            "",
+            "copy RSS",
         )
     return "\n".join(lines)
 
@@ -374,6 +439,15 @@ def main(argv: list[str] | None = None) -> int:
                 "manifest",
                 "manifest_detail",
                 lambda: manifest.run(work, args.manifest_scale, args.manifest_runs),
+            )
+        if "copy" not in args.skip:
+            from bench import copybench
+
+            measure_phase(
+                results,
+                "copy",
+                "copy_detail",
+                lambda: copybench.main(work, args.copy_scale, args.copy_rounds, args.copy_small_scale),
             )
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need from Debian when it is missing:
 # PostgreSQL server binaries (initdb/pg_ctl/postgres + contrib for amcheck), rsync, pgbouncer,
-# redis-server, python3-venv (for `make venv`) and docker-compose.
+# redis-server, zstd, python3-venv (for `make venv`) and docker-compose.
 set -euo pipefail
 need=()
 if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null 2>&1; then
@@ -15,6 +15,7 @@ command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 command -v npm >/dev/null 2>&1 || need+=(npm)  # other PostgreSQL majors for `make test-matrix`
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)  # tests/test_poolers.py
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # the Celery broker of demo/stack.py
+command -v zstd >/dev/null 2>&1 || need+=(zstd)  # `make bench`: tar | zstd, the tar format's reference
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing with apt: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

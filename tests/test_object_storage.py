@@ -11,23 +11,18 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import s3fs
 import zstandard
 
 from airflow.sdk import ObjectStoragePath
-from airflow.sdk.io import attach
 
 from demo.load import wait_archived
+from demo.s3 import local_s3
 from pg_safe_backup.files.copier import DestinationNotEmpty, Progress
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry
@@ -35,7 +30,7 @@ from pg_safe_backup.files.manifest import manifest_version, wal_ranges_for, writ
 from pg_safe_backup.files.objects import FOLDERS_NAME, CopyResult, download_tree, upload_tree
 from pg_safe_backup.files.tarball import BLOCK, TarWriter, archive_name, split_path, write_tar_backup
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
 from pg_safe_backup.operators.copy import files_xcom
 from pg_safe_backup.pgverify import run_pg_verifybackup
@@ -77,34 +72,8 @@ class Stored:
 @pytest.fixture(scope="module")
 def s3() -> Iterator[ObjectStoragePath]:
     """A moto S3 server on 127.0.0.1 (its own process), attached as ``s3://pgsb_moto@``; its bucket."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
-                time.sleep(0.1)
-        fs = s3fs.S3FileSystem(
-            endpoint_url=f"http://127.0.0.1:{port}",
-            key="testing",
-            secret="testing",
-            client_kwargs={"region_name": "us-east-1"},
-            skip_instance_cache=True,
-        )
-        fs.call_s3("create_bucket", Bucket=BUCKET)
-        attach("s3", conn_id=S3_CONN, fs=fs)
-        yield ObjectStoragePath(f"s3://{S3_CONN}@{BUCKET}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with local_s3(BUCKET) as server:
+        yield server.attach(S3_CONN)
 
 
 @pytest.fixture(scope="module")
