@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from demo.load import Writer
-from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.catalog import BackupInfo, info_for_backup, write_info
+from pg_safe_backup.files.copier import copy_data_directory, is_local_path
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
 from pg_safe_backup.hooks.backup import PostgresBackupHook
@@ -185,6 +186,34 @@ def store_backup_label(destination: Any, backup: dict, local_copy: Path | None =
         system_identifier=backup["system_identifier"],
         stop_lsn=backup["stop_lsn"],
     )
+
+
+def catalogued_backup(cluster: LocalCluster, destination: Path, owner: str) -> tuple[dict, BackupInfo]:
+    """A whole backup of ``cluster`` copied into ``destination`` by the copy engine, its label stored and
+    its ``backup_info.json`` written, as the store task leaves a backup: the backup's row and its info.
+
+    :param cluster: the cluster (reachable as the ``pg_test`` connection, e.g. :func:`cluster_with_space`).
+    :param destination: a new local folder.
+    :param owner: the backup's owner (its DAG run and group).
+    """
+    copied = {}
+
+    def copy() -> None:
+        copied["result"] = copy_data_directory(cluster.datadir, destination, fsync=False)
+
+    backup = run_backup(PostgresBackupHook(CONN_ID), owner, copy)
+    store_backup_label(destination, backup)
+    info = info_for_backup(
+        backup_label=backup["backup_label"],
+        stop_lsn=backup["stop_lsn"],
+        tablespace_map=backup["tablespace_map"],
+        system_identifier=backup["system_identifier"],
+        pg_major=cluster.server_version() // 10000,
+        bytes=copied["result"].bytes,
+        files=copied["result"].files,
+    )
+    write_info(destination, info)
+    return backup, info
 
 
 def hand_over_row(cluster: LocalCluster, sets: str, params: list) -> None:
