@@ -28,6 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from pg_safe_backup.files.layout import BACKUP_INFO
 from pg_safe_backup.state import (
     backup_start,
     format_lsn,
@@ -37,7 +38,7 @@ from pg_safe_backup.state import (
 )
 
 #: The sidecar in a backup's top folder.
-INFO_NAME = "backup_info.json"
+INFO_NAME = BACKUP_INFO
 #: Written first, then renamed to INFO_NAME (local folders).
 INFO_TMP = "backup_info.json.tmp"
 #: The version of backup_info.json's layout; a reader refuses a newer one.

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from pg_safe_backup.files.layout import BACKUP_INFO
+
 
 class VerifyRun(NamedTuple):
     """One run of pg_verifybackup: whether it passed, what it printed (stdout then stderr), its command."""
@@ -50,7 +52,9 @@ def run_pg_verifybackup(
     elif wal_path is not None:
         # -w: "--wal-directory" up to 18, "--wal-path" from 19; the short option is both.
         cmd += ["-w", str(wal_path)]
-    for path in ignore:
+    # The catalog's sidecar is never in the manifest (files/layout.py).
+    sidecar = [BACKUP_INFO] if (Path(copy_dir) / BACKUP_INFO).exists() else []
+    for path in [*ignore, *sidecar]:
         cmd += ["-i", path]
     cmd.append(str(copy_dir))
     done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)

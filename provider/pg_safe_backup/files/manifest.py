@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from pg_safe_backup.files.layout import CONTROL_FILE, MANIFEST_IGNORED
+from pg_safe_backup.files.layout import BACKUP_INFO, CONTROL_FILE, MANIFEST_IGNORED
 from pg_safe_backup.files.pgcontrol import crc32c
 from pg_safe_backup.files.tablespaces import link_tablespace_copies
 from pg_safe_backup.state import backup_start, format_lsn, parse_lsn
@@ -266,7 +267,7 @@ def list_files(copy_dir: Path, tablespaces: Mapping[int | str, Path] | None = No
         ``pg_tblspc/<oid>/...``.
     """
     spaces = {str(oid).encode(): os.fsencode(folder) for oid, folder in (tablespaces or {}).items()}
-    skip = {name.encode() for name in (*MANIFEST_IGNORED, MANIFEST_TMP)} | {
+    skip = {name.encode() for name in (*MANIFEST_IGNORED, MANIFEST_TMP, BACKUP_INFO)} | {
         b"pg_tblspc/" + oid for oid in spaces
     }
     out: list[FileEntry] = []
@@ -480,6 +481,7 @@ __all__ = [
     "backup_manifest_of_records",
     "backup_wal_ranges",
     "escape_json",
+    "manifest_checksum",
     "manifest_lsn",
     "manifest_of_records",
     "list_files",
@@ -562,7 +564,8 @@ class FileRecord(NamedTuple):
 def _listed(relpath: str) -> bool:
     """Whether a manifest lists ``relpath``: not what pg_verifybackup passes over (nor anything in it)."""
     return not any(
-        relpath == name or relpath.startswith(name + "/") for name in (*MANIFEST_IGNORED, MANIFEST_TMP)
+        relpath == name or relpath.startswith(name + "/")
+        for name in (*MANIFEST_IGNORED, MANIFEST_TMP, BACKUP_INFO)
     )
 
 
@@ -636,6 +639,19 @@ def backup_manifest_of_records(
         wal_ranges=backup_wal_ranges(label_files["backup_label"] or "", stop_lsn, major),
         checksum_algorithm=checksum_algorithm,
     )
+
+
+def manifest_checksum(content: bytes) -> str:
+    """The ``Manifest-Checksum`` of a manifest (its last line).
+
+    :param content: the manifest.
+    :raises ManifestError: it has none.
+    """
+    last = content.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    found = re.fullmatch(rb'"Manifest-Checksum": "([0-9a-f]{64})"\}', last)
+    if not found:
+        raise ManifestError("the manifest's last line is not its Manifest-Checksum")
+    return found.group(1).decode()
 
 
 def write_manifest_file(folder: Path, content: bytes) -> Path:
