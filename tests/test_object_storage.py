@@ -23,6 +23,7 @@ from airflow.sdk import ObjectStoragePath
 
 from demo.load import wait_archived
 from demo.s3 import local_s3
+from pg_safe_backup.catalog import INFO_NAME, list_backups
 from pg_safe_backup.files.copier import DestinationNotEmpty, Progress
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry
@@ -108,7 +109,8 @@ def stored(s3: ObjectStoragePath, module_tmp_root: Path) -> Iterator[Stored]:
         store = PostgresStoreBackupLabelOperator(task_id="store", backup="finish", destination="unused")
         written = {}
         for fmt, prefix in prefixes.items():
-            pushed = json.loads(json.dumps(files_xcom(results[fmt], major)))
+            kind = ("plain", "none") if fmt == "plain" else ("tar", fmt)
+            pushed = json.loads(json.dumps(files_xcom(results[fmt], major, *kind)))
             finished = {key: backup[key] for key in FINISH_KEYS}
             written[fmt] = store.store(str(prefix), finished, Copied.from_xcom([None, pushed]))
         wait_archived(cluster)
@@ -249,7 +251,8 @@ def test_a_tar_copy_in_s3_is_extracted_and_restores_with_its_rows(stored, tmp_ro
     names = {archive_name(None, compression), archive_name(str(oid), compression)}
     assert set(result.archives) == names
     manifest = {"backup_manifest"} if stored.major >= 13 else set()
-    assert {p.name for p in stored.prefixes[compression].iterdir()} == names | set(LABEL_FILES) | manifest
+    stored_names = {p.name for p in stored.prefixes[compression].iterdir()}
+    assert stored_names == names | set(LABEL_FILES) | manifest | {INFO_NAME}
     fetched = fetch_tar(stored, compression, tmp_root)
     assert fetched.base_members[-1] == CONTROL_FILE  # read after every other file, the tablespace's too
     check = restore_check(stored, fetched.copy)
@@ -409,3 +412,22 @@ def test_an_object_store_destination_holding_anything_is_refused_and_overwrite_e
     assert (dest / "base" / "5" / "1259").read_bytes() == b"\x02" * PAGE  # untouched
     write_tar_backup(data, dest, entries=entries, overwrite=True)
     assert [p.name for p in dest.iterdir()] == ["base.tar"]  # the plain copy is gone
+
+
+def test_the_object_store_is_the_catalog(stored):
+    """Each stored copy has its backup_info.json beside it, and list_backups() finds the three."""
+    entries = {Path(e.folder.path).name: e.info for e in list_backups(stored.prefixes["plain"].parent)}
+    assert set(entries) == set(FORMATS)
+    for fmt, info in entries.items():
+        assert info.stop_lsn == stored.backup["stop_lsn"] and info.start_lsn == stored.backup["start_lsn"]
+        assert info.system_identifier == str(stored.backup["system_identifier"])
+        assert info.format == ("plain" if fmt == "plain" else "tar")
+        assert info.compression == (None if fmt == "plain" else fmt)
+        assert info.files == stored.results[fmt].files and info.bytes == sum(
+            stored.results[fmt].sizes.values()
+        )
+        assert info.pg_major == stored.major and info.has_tablespace_map
+        assert stored.written[fmt]["backup_info"] == str(stored.prefixes[fmt] / INFO_NAME)
+        if stored.major >= 13:
+            manifest = (stored.prefixes[fmt] / "backup_manifest").read_bytes()
+            assert manifest.endswith(f'"Manifest-Checksum": "{info.manifest_checksum}"}}\n'.encode())

@@ -19,9 +19,11 @@ the backups.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -388,13 +390,93 @@ def latest_before(entries: Sequence[CatalogEntry], when: datetime) -> CatalogEnt
     return max(before, key=lambda e: (e.info.stopped, parse_lsn(e.info.stop_lsn)), default=None)
 
 
+def _size(info: BackupInfo) -> str:
+    if info.bytes is None:
+        return "?"
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if info.bytes >= scale:
+            return f"{info.bytes / scale:.1f} {unit}"
+    return f"{info.bytes} B"
+
+
+def _verified(info: BackupInfo) -> str:
+    """``yes`` / ``FAILED`` (the newest check) with its time, or ``never``."""
+    if not info.verifications:
+        return "never"
+    last = info.verifications[-1]
+    return f"{'yes' if last.get('ok') else 'FAILED'} {str(last.get('at', ''))[:16].replace('T', ' ')}"
+
+
+def format_listing(entries: Sequence[CatalogEntry]) -> str:
+    """The table ``pg-safe-backup list`` prints: a line per backup, oldest first.
+
+    :param entries: :func:`list_backups` of a root.
+    """
+    head = ("stopped (UTC)", "size", "start LSN", "stop LSN", "TLI", "format", "verified", "label", "folder")
+    rows = [
+        (
+            e.info.stop_time[:19].replace("T", " "),
+            _size(e.info),
+            e.info.start_lsn,
+            e.info.stop_lsn,
+            str(e.info.timeline),
+            e.info.format + (f"+{e.info.compression}" if e.info.compression else ""),
+            _verified(e.info),
+            e.info.label,
+            e.name,
+        )
+        for e in entries
+    ]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [head, *rows]
+    ]
+    return "\n".join(lines) + f"\n{len(rows)} backup{'s' if len(rows) != 1 else ''}"
+
+
+LIST_DESCRIPTION = """List the backups under ROOT (each folder holding a backup_info.json), oldest first: when each
+stopped, its size, start and stop LSN, timeline, format, and whether its newest check passed."""
+LIST_EPILOG = """example:
+  pg-safe-backup list /backups/main
+  pg-safe-backup list /backups/main --json | jq '.[-1].info.stop_lsn'"""
+
+
+def add_list_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``pg-safe-backup list`` command's arguments (the CLI and ``python -m pg_safe_backup``).
+
+    :param p: the subcommand's parser.
+    """
+    p.add_argument("root", type=Path, help="the folder the backups are stored under")
+    p.add_argument("--json", action="store_true", help="print JSON: a list of {folder, info}")
+    p.set_defaults(run=_list)
+
+
+def _list(args: argparse.Namespace) -> int:
+    if not args.root.is_dir():
+        print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        entries = list_backups(args.root)
+    except CatalogError as err:
+        print(f"pg-safe-backup list: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([{"folder": e.name, "info": asdict(e.info)} for e in entries], indent=1))
+    else:
+        print(format_listing(entries))
+    return 0
+
+
 __all__ = [
     "INFO_NAME",
     "BackupInfo",
     "CatalogEntry",
     "CatalogError",
     "RetentionPlan",
+    "add_list_arguments",
     "append_verification",
+    "format_listing",
     "info_for_backup",
     "label_time",
     "latest_before",

@@ -2,6 +2,8 @@
 
 Needs only this package and PostgreSQL's binaries (nothing of Airflow is imported).
 
+``pg-safe-backup list ROOT`` lists the backups stored under ROOT (their backup_info.json), oldest first.
+
 ``pg-safe-backup verify BACKUP_DIR [WAL_ARCHIVE]`` runs, in order, the page-LSN check, ``pg_verifybackup``
 (when the copy has a backup_manifest) and the restore check, prints a verdict line and a line per check,
 and exits 0 when none failed, 1 otherwise. Without WAL_ARCHIVE the backup must be self-contained (its
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pg_safe_backup.catalog import LIST_DESCRIPTION, LIST_EPILOG, add_list_arguments
 from pg_safe_backup.verify import VERIFY_DESCRIPTION, add_verify_arguments
 
 
@@ -25,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
             "verify",
             help="check a stored backup: page LSNs, pg_verifybackup, restore on a temporary server",
             description=VERIFY_DESCRIPTION,
+        )
+    )
+    add_list_arguments(
+        sub.add_parser(
+            "list",
+            help="list the backups under a folder: when, size, LSNs, timeline, verified",
+            description=LIST_DESCRIPTION,
+            epilog=LIST_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
     args = parser.parse_args(argv)

@@ -64,6 +64,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
+from pg_safe_backup.catalog import INFO_NAME, append_verification
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.pgcontrol import (
     CopyMismatch,
@@ -741,6 +742,31 @@ def check_backup(
     return BackupCheck(steps)
 
 
+def record_check(backup_dir: Path | str, report: BackupCheck, seconds: float, by: str) -> bool:
+    """Append the outcome of the checks to the backup's ``backup_info.json`` (the catalog), when it has one.
+
+    :param backup_dir: the backup checked.
+    :param report: what the checks found.
+    :param seconds: how long they took (a drill's restore time).
+    :param by: who checked: ``pg-safe-backup verify``, a task's id, ...
+    :returns: whether the catalog had the backup.
+    """
+    folder = Path(backup_dir)
+    if not (folder / INFO_NAME).is_file():
+        return False
+    append_verification(
+        folder,
+        {
+            "ok": report.ok,
+            "by": by,
+            "seconds": round(seconds, 1),
+            "checks": {step.name: step.status for step in report.steps},
+            "summary": report.summary().splitlines()[0],
+        },
+    )
+    return True
+
+
 def backup_stop_lsn(backup: Path, wal_archive: Path | None) -> tuple[str, str] | None:
     """The backup's stop LSN and where it was read: its backup_manifest's WAL-Ranges, else the backup
     history file (``<segment>.<offset>.backup``) pg_backup_stop wrote into the archive for this very backup
@@ -878,6 +904,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    began = time.monotonic()
     report = check_backup(
         args.backup_dir,
         args.wal_archive,
@@ -898,6 +925,8 @@ def _verify(args: argparse.Namespace) -> int:
         use_backup_pg_wal=args.use_backup_pg_wal,
     )
     print(report.summary())
+    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify"):
+        print(f"recorded in {Path(args.backup_dir) / INFO_NAME}")
     if args.verbose:
         for step in report.steps:
             print(f"{step.name}:")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 
+from pg_safe_backup.catalog import info_for_backup, write_info
 from pg_safe_backup.files.label import LABEL_FILES, store_label
 from pg_safe_backup.files.manifest import (
     DIGEST_SIZES,
@@ -17,10 +19,11 @@ from pg_safe_backup.files.manifest import (
     FileRecord,
     ManifestError,
     backup_manifest_of_records,
+    manifest_checksum,
     write_backup_manifest,
     write_manifest_file,
 )
-from pg_safe_backup.files.pgcontrol import CopyMismatch
+from pg_safe_backup.files.pgcontrol import CopyMismatch, read_pg_control
 from pg_safe_backup.files.tablespaces import TablespaceNotCopied
 from pg_safe_backup.files.wal import WalMissing, include_wal
 from pg_safe_backup.operators.copy import FILES_XCOM, PostgresCopyDataDirectoryOperator
@@ -383,15 +386,31 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         destination = rendered(check_text, self.destination, "destination")
         keys = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
         backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in keys}
-        return self.store(destination, backup, copied_records(context, self.copy_task_ids))
+        finished = same_map_index_xcom(context, self.finish_task_id, "return_value") or {}
+        ti = context["ti"]
+        run = {
+            "dag_id": ti.dag_id,
+            "run_id": ti.run_id,
+            "task_id": ti.task_id,
+            "map_index": ti.map_index if ti.map_index is not None and ti.map_index >= 0 else None,
+            "attempt": finished.get("attempt") if isinstance(finished, dict) else None,
+        }
+        return self.store(destination, backup, copied_records(context, self.copy_task_ids), run)
 
-    def store(self, destination: str, backup: dict[str, Any], copied: Copied | None = None) -> dict[str, Any]:
+    def store(
+        self,
+        destination: str,
+        backup: dict[str, Any],
+        copied: Copied | None = None,
+        run: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Write ``backup``'s label files into ``destination`` (checked against the copy there), then its
-        WAL (``include_wal``) and its backup_manifest.
+        WAL (``include_wal``), its backup_manifest and its ``backup_info.json`` (the catalog's entry).
 
         :param destination: the rendered destination.
         :param backup: the finish's XCom: backup_label, tablespace_map, system_identifier, stop_lsn.
         :param copied: the copy tasks' records (:func:`copied_records`): the manifest reads no file of them.
+        :param run: the backup's DAG run: dag_id, run_id, task_id, map_index, attempt (for backup_info.json).
         :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest),
             and ``wal``: the WAL files copied.
         """
@@ -432,9 +451,12 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                     stop_lsn=backup["stop_lsn"],
                     log=self.log,
                 )
-            manifest = self.manifest and self._write_manifest(target, local_copy, backup, copied)
+            manifest = self._write_manifest(target, local_copy, backup, copied) if self.manifest else None
             if manifest:
-                written["backup_manifest"] = manifest
+                written["backup_manifest"] = manifest[0]
+            written["backup_info"] = self._write_info(
+                target, local_copy, backup, copied, run or {}, manifest[1] if manifest else None
+            )
         except (ManifestError, TablespaceNotCopied) as err:
             raise AirflowFailException(str(err)) from err
         except (OSError, WalMissing) as err:
@@ -449,8 +471,9 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         local_copy: Path | None,
         backup: dict[str, Any],
         copied: Copied | None,
-    ) -> str | None:
-        """Write the copy's backup_manifest; None (and a log line saying why) when there is none to write."""
+    ) -> tuple[str, str] | None:
+        """Write the copy's backup_manifest: where, and its Manifest-Checksum; None (and a log line saying
+        why) when there is none to write."""
         plain_local = local_copy is not None and (local_copy / "PG_VERSION").is_file()
         if plain_local:
             major = int((local_copy / "PG_VERSION").read_text().strip())
@@ -496,7 +519,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 where,
                 len(copied.files),
             )
-            return where
+            return where, manifest_checksum(content)
         summary = write_backup_manifest(
             local_copy,
             backup_label=backup["backup_label"],
@@ -516,7 +539,44 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             summary.seconds,
             local_copy,
         )
-        return str(summary.path)
+        return str(summary.path), manifest_checksum(summary.path.read_bytes())
+
+    def _write_info(
+        self,
+        target: ObjectStoragePath,
+        local_copy: Path | None,
+        backup: dict[str, Any],
+        copied: Copied | None,
+        run: Mapping[str, Any],
+        manifest_sum: str | None,
+    ) -> str:
+        """Write the backup's ``backup_info.json`` (the catalog's entry, :mod:`pg_safe_backup.catalog`),
+        last: a backup is listed once everything else of it is stored."""
+        segment_size = None  # names the stop WAL file: 16 MB unless the copy's pg_control says otherwise
+        major = copied.major if copied else None
+        if local_copy is not None and (local_copy / "PG_VERSION").is_file():
+            major = int((local_copy / "PG_VERSION").read_text().strip())
+            try:
+                segment_size = read_pg_control(local_copy).xlog_seg_size
+            except (CopyMismatch, OSError):
+                pass  # the label was checked against it already, or there is none to check
+        info = info_for_backup(
+            backup_label=backup["backup_label"],
+            stop_lsn=backup["stop_lsn"],
+            tablespace_map=backup.get("tablespace_map"),
+            system_identifier=backup.get("system_identifier"),
+            pg_major=major,
+            wal_segment_size=segment_size,
+            format=copied.format if copied else ("plain" if major else "unknown"),
+            compression=copied.compression if copied and copied.compression != "none" else None,
+            bytes=sum(r.size for r in copied.files.values()) if copied else None,
+            files=len(copied.files) if copied else None,
+            manifest_checksum=manifest_sum,
+            **{key: run.get(key) for key in ("dag_id", "run_id", "task_id", "map_index", "attempt")},
+        )
+        where = write_info(local_copy if local_copy is not None else target, info)
+        self.log.info("catalogued the backup in %s (list them with: pg-safe-backup list ROOT)", where)
+        return where
 
 
 @dataclass(frozen=True)
@@ -525,6 +585,8 @@ class Copied:
 
     major: int
     files: dict[str, FileRecord]
+    format: str = "plain"
+    compression: str = "none"
 
     def checksums(self) -> dict[str, str]:
         """Backup path -> SHA-256."""
@@ -537,12 +599,13 @@ class Copied:
 
         :param pushed: each copy task's XCom ``files`` (None: it pushed none).
         """
-        major, files = None, {}
+        major, files, kind = None, {}, ("plain", "none")
         for value in pushed:
             if value:
                 major = value["major"]
+                kind = (value.get("format", "plain"), value.get("compression", "none"))
                 files.update({path: FileRecord(*record) for path, record in value["files"].items()})
-        return cls(major, files) if major is not None else None
+        return cls(major, files, *kind) if major is not None else None
 
 
 def copied_records(context: Context, copy_task_ids: Sequence[str]) -> Copied | None:
@@ -620,8 +683,9 @@ class PostgresVerifyBackupOperator(BaseOperator):
         self.restore = check_flag(restore, "restore")
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from pg_safe_backup.verify import check_backup
+        from pg_safe_backup.verify import check_backup, record_check
 
+        began = time.monotonic()
         backup_dir = rendered(check_text, self.backup_dir, "backup_dir")
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
         report = check_backup(
@@ -640,6 +704,11 @@ class PostgresVerifyBackupOperator(BaseOperator):
             (self.log.error if step.status == "FAIL" else self.log.info)(
                 "%s of %s: %s", step.name, backup_dir, step.line()
             )
+        ti = context["ti"]
+        if record_check(
+            backup_dir, report, time.monotonic() - began, f"{ti.dag_id}/{ti.run_id}/{ti.task_id}"
+        ):
+            self.log.info("recorded the checks in the catalog (%s/backup_info.json)", backup_dir)
         if not report.ok:
             raise AirflowFailException(f"checks failed for {backup_dir}: {report.summary().splitlines()[0]}")
         return report.as_dict()

@@ -25,7 +25,7 @@ from pg_safe_backup.utils.mixins import rendered
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: XCom key of the copy's record: ``{"major": N, "files": {path: [size, mtime_ns, sha256]}}``, from which
+#: XCom key of the copy's record (:func:`files_xcom`): every file's size, time and SHA-256, from which
 #: the store task writes the backup_manifest without reading the copy again (and of an object store or
 #: tar copy, which it cannot read). Pushed only up to MAX_XCOM_FILES files: XCom lives in Airflow's
 #: metadata database (about 100 bytes a file); beyond, a local plain copy's manifest reads the copy, and
@@ -143,7 +143,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         self.log.info("%s", result.summary())
         if len(result.checksums) <= MAX_XCOM_FILES:
             major = int((source / "PG_VERSION").read_text().strip())
-            context["ti"].xcom_push(key=FILES_XCOM, value=files_xcom(result, major))
+            records = files_xcom(result, major, self.format, self.compression)
+            context["ti"].xcom_push(key=FILES_XCOM, value=records)
         else:
             self.log.warning(
                 "not handing the records of %d files (over %d) to the manifest through XCom: a local plain"
@@ -164,14 +165,21 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         self.log.info("copy: %s", progress.line())
 
 
-def files_xcom(result: CopyResult, major: int) -> dict[str, Any]:
-    """The XCom ``files`` of a copy (JSON): ``{"major": N, "files": {path: [size, mtime_ns, sha256]}}``.
+def files_xcom(
+    result: CopyResult, major: int, format: str = "plain", compression: str = "none"
+) -> dict[str, Any]:
+    """The XCom ``files`` of a copy (JSON): ``{"major": N, "format": ..., "compression": ..., "files":
+    {path: [size, mtime_ns, sha256]}}``.
 
     :param result: the copy's result.
     :param major: the copied server's major version.
+    :param format: ``plain`` or ``tar``.
+    :param compression: the tar archives' (``none`` for plain).
     """
     return {
         "major": major,
+        "format": format,
+        "compression": compression,
         "files": {
             path: [result.sizes[path], result.mtimes_ns[path], digest]
             for path, digest in result.checksums.items()
