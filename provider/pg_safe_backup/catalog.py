@@ -435,8 +435,8 @@ def format_listing(entries: Sequence[CatalogEntry]) -> str:
     return "\n".join(lines) + f"\n{len(rows)} backup{'s' if len(rows) != 1 else ''}"
 
 
-LIST_DESCRIPTION = """List the backups under ROOT (each folder holding a backup_info.json), oldest first: when each
-stopped, its size, start and stop LSN, timeline, format, and whether its newest check passed."""
+LIST_DESCRIPTION = """List the backups under ROOT (each folder holding a backup_info.json), oldest first:
+when each stopped, its size, start and stop LSN, timeline, format, and whether its newest check passed."""
 LIST_EPILOG = """example:
   pg-safe-backup list /backups/main
   pg-safe-backup list /backups/main --json | jq '.[-1].info.stop_lsn'"""
