@@ -4,6 +4,7 @@ on good and damaged copies."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -14,8 +15,10 @@ import pytest
 
 from airflow.sdk import ObjectStoragePath
 
+from pg_safe_backup.catalog import INFO_NAME, read_info
 from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
-from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup
+from pg_safe_backup.state import parse_backup_label, wal_segment_name
+from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup, record_check
 
 from pg_versions import verifier_for
 from test_manifest import Taken, taken  # noqa: F401 - the module's backup fixture
@@ -61,6 +64,34 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     assert report.step("page-LSN check").details["stop_lsn_from"] == str(copy / "backup_manifest")
     xcom = report.as_dict()
     assert xcom["ok"] and set(xcom["checks"]) == {"page-LSN check", "pg_verifybackup", "restore check"}
+    # The catalog: backup_info.json beside the copy, passed over by pg_verifybackup (it passed above),
+    # then the checks recorded in it, and the listing of the root.
+    assert written["backup_info"] == str(copy / INFO_NAME)
+    info = read_info(copy)
+    label = parse_backup_label(taken.backup["backup_label"])
+    assert (info.start_lsn, info.stop_lsn) == (taken.backup["start_lsn"], taken.backup["stop_lsn"])
+    assert label["START WAL LOCATION"].endswith(f"(file {info.start_wal})")
+    assert info.stop_wal == wal_segment_name(info.stop_lsn, info.timeline, 16 << 20)
+    assert info.pg_major == taken.major and info.system_identifier == str(taken.backup["system_identifier"])
+    assert info.label == label["LABEL"] and info.verifications == []
+    manifest = (copy / "backup_manifest").read_text()
+    assert (info.manifest_checksum is not None) == (taken.major >= 13)
+    assert info.manifest_checksum is None or manifest.endswith(f'"{info.manifest_checksum}"}}\n')
+    assert record_check(copy, report, 12.34, "test")
+    assert read_info(copy).verifications[-1]["ok"] and read_info(copy).verified
+    listed = subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup", "list", str(tmp_root)], capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    head, row, count = listed.stdout.splitlines()
+    assert head.split()[:3] == ["stopped", "(UTC)", "size"] and count == "1 backup"
+    assert info.start_lsn in row and info.stop_lsn in row and " yes " in row and str(copy) in row
+    as_json = subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup.cli", "list", str(tmp_root), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert json.loads(as_json.stdout)[0]["info"]["stop_lsn"] == info.stop_lsn
 
 
 def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  # noqa: F811
