@@ -1,0 +1,138 @@
+"""Day two: the backups a destination holds, restored on a schedule to prove they still restore."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import AirflowFailException
+from airflow.sdk import BaseOperator
+
+from pg_safe_backup.catalog import CatalogError, list_backups
+from pg_safe_backup.params import check_number, check_seconds, check_text, unless_rendered_later
+from pg_safe_backup.utils.mixins import rendered
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class PostgresRestoreDrillOperator(BaseOperator):
+    """
+    A restore drill: take the newest backup under ``root`` (its catalog, ``backup_info.json``), restore it on
+    a temporary server in a scratch folder and check it (:func:`pg_safe_backup.verify.check_backup`: the
+    page-LSN check, ``pg_verifybackup``, recovery, amcheck, and ``invariant_sql`` when given), and record
+    how long the restore took: the recovery time objective a real incident would meet.
+
+    Fails, naming the age, when the newest backup stopped more than ``max_age`` ago (or there is none):
+    a drill that passes on an old backup hides that the nightly backups stopped. Fails when a check fails.
+    The outcome is appended to the backup's ``backup_info.json`` (``pg-safe-backup list`` shows it).
+
+    XCom: ``backup`` (its folder), ``age_s``, ``restore_s`` (the restore check: copy, recovery, amcheck),
+    ``checks_s`` (the checks before it), ``rto_s`` (both), ``ok`` and each check's result.
+
+    :param root: the folder the backups are stored under (templated); a local or mounted path.
+    :param wal_archive: the WAL archive (templated); None for self-contained backups.
+    :param max_age: the oldest the newest backup may be (templated): a ``timedelta`` or seconds; None: any.
+    :param invariant_sql: a query the restored server must answer with true in every row (templated).
+    :param invariant_db: the database ``invariant_sql`` runs in.
+    :param restore_timeout: seconds the restore's recovery may take.
+    :param work_dir: the scratch folder (default: a temporary folder, removed afterwards).
+    """
+
+    template_fields: Sequence[str] = ("root", "wal_archive", "max_age", "invariant_sql", "work_dir")
+    ui_color = "#d6eaf8"
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        wal_archive: str | None = None,
+        max_age: timedelta | float | str | None = timedelta(days=1, hours=6),
+        invariant_sql: str | None = None,
+        invariant_db: str = "postgres",
+        restore_timeout: float = 3600,
+        work_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = unless_rendered_later(check_text, root, "root")
+        self.wal_archive = wal_archive
+        self.max_age = max_age if max_age is None else unless_rendered_later(_seconds, max_age, "max_age")
+        self.invariant_sql = invariant_sql
+        self.invariant_db = check_text(invariant_db, "invariant_db")
+        self.restore_timeout = check_number(restore_timeout, "restore_timeout", 0, allow_min=False)
+        self.work_dir = work_dir
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from pg_safe_backup.verify import BackupCheck, check_backup, record_check
+
+        root = Path(rendered(check_text, self.root, "root"))
+        wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
+        max_age = None if self.max_age in (None, "", "None") else rendered(_seconds, self.max_age, "max_age")
+        try:
+            entries = list_backups(root)
+        except CatalogError as err:
+            raise AirflowFailException(f"root {str(root)!r}: {err}") from err
+        if not entries:
+            raise AirflowFailException(f"root {str(root)!r} holds no catalogued backup (no backup_info.json)")
+        newest = entries[-1]
+        age = (datetime.now(timezone.utc) - newest.info.stopped).total_seconds()
+        self.log.info(
+            "drill of %s: the newest of %d backups, stopped %s (%s ago)",
+            newest.name,
+            len(entries),
+            newest.info.stop_time,
+            timedelta(seconds=round(age)),
+        )
+        if max_age is not None and age > max_age:
+            raise AirflowFailException(
+                f"the newest backup under {root} ({newest.name}) is {timedelta(seconds=round(age))} old,"
+                f" older than max_age {timedelta(seconds=max_age)}: are the backups still running?"
+            )
+        began = time.monotonic()
+        checks = check_backup(newest.folder, wal_archive, restore=False)
+        checks_s = time.monotonic() - began
+        restored = check_backup(
+            newest.folder,
+            wal_archive,
+            page_lsns=False,
+            manifest=False,
+            invariant_sql=self.invariant_sql,
+            invariant_db=self.invariant_db,
+            timeout=self.restore_timeout,
+            work_dir=self.work_dir,
+        )
+        restore_s = time.monotonic() - began - checks_s
+        report = BackupCheck(checks.steps + restored.steps)
+        for step in report.steps:
+            (self.log.error if step.status == "FAIL" else self.log.info)("%s: %s", step.name, step.line())
+        ti = context["ti"]
+        record_check(newest.folder, report, checks_s + restore_s, f"drill {ti.dag_id}/{ti.run_id}")
+        self.log.info(
+            "drill: the restore took %.1f s (RTO: %.1f s with the checks before it) for %s",
+            restore_s,
+            checks_s + restore_s,
+            newest.name,
+        )
+        if not report.ok:
+            raise AirflowFailException(
+                f"the drill of {newest.name} failed: {report.summary().splitlines()[0]}"
+            )
+        return {
+            "backup": newest.name,
+            "age_s": round(age, 1),
+            "checks_s": round(checks_s, 1),
+            "restore_s": round(restore_s, 1),
+            "rto_s": round(checks_s + restore_s, 1),
+            **report.as_dict(),
+        }
+
+
+def _seconds(value: Any, name: str) -> float:
+    """``value`` (a timedelta, a number, or text spelling one) as seconds; ValueError names ``name``."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return float(check_seconds(value, name))
