@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from demo.load import invariant_sql
+from pg_safe_backup.catalog import read_info
 from pg_safe_backup.local_cluster import give_to_server_user
 from pg_safe_backup.verify import verify_backup
 
@@ -33,7 +34,7 @@ TABLES = ("ledger", "spaced")
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict]:
     with backup_stack(
-        "pgsb-e2e-", PASSWORD, DAGS, ["e2e_backup", "e2e_copy_fails", "e2e_copy_operator"]
+        "pgsb-e2e-", PASSWORD, DAGS, ["e2e_backup", "e2e_copy_fails", "e2e_copy_operator", "e2e_drill"]
     ) as env:
         cluster, space = env["cluster"], env["root"] / "space1"
         space.mkdir()
@@ -111,3 +112,28 @@ def test_copy_operator_backup_under_write_load_with_tablespace_restores(env):
     assert copied["format"] == "plain" and copied["files"] > 500 and copied["bytes"] > 0, copied
     log = task_log(env["stack"], "e2e_copy_operator", "e2e_copier", "store_backup_label", "backup_manifest")
     assert "from the copy's checksums" in log, log[-2000:]
+
+
+def test_restore_drill_of_the_newest_backup_records_its_rto(env):
+    """After the copy operator's backup (the newest under the root): the drill DAG restores it and records
+    how long that took; a max_age shorter than its age fails the drill, naming the age."""
+    stack = env["stack"]
+    stack.trigger("e2e_drill", run_id="drill_ok")
+    assert stack.wait_for_run("e2e_drill", "drill_ok", timeout=300) == "success", stack.task_log(
+        "e2e_drill", "drill_ok", "restore_drill"
+    )[-3000:]
+    drilled = stack.xcom("e2e_drill", "drill_ok", "restore_drill")
+    newest = env["backups"] / "e2e_copier"
+    assert drilled["backup"] == str(newest) and drilled["ok"], drilled
+    assert (
+        0 < drilled["restore_s"] <= drilled["rto_s"]
+        and drilled["checks"]["restore check"]["status"] == "PASS"
+    )
+    recorded = read_info(newest).verifications[-1]
+    assert recorded["by"] == "drill e2e_drill/drill_ok" and recorded["ok"] and recorded["seconds"] > 0
+    log = task_log(stack, "e2e_drill", "drill_ok", "restore_drill", "drill: the restore took")
+    assert f"drill: the restore took {drilled['restore_s']:.1f} s (RTO: {drilled['rto_s']:.1f} s" in log
+    stack.trigger("e2e_drill", conf={"max_age": 0.5}, run_id="drill_too_old")
+    assert stack.wait_for_run("e2e_drill", "drill_too_old", timeout=300) == "failed"
+    log = task_log(stack, "e2e_drill", "drill_too_old", "restore_drill", "older than max_age")
+    assert "older than max_age 0:00:00.500000: are the backups still running?" in log, log[-3000:]

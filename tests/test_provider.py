@@ -220,3 +220,15 @@ def test_copy_operator_parameters_are_checked_naming_them(kwargs, error):
 
     with pytest.raises((ValueError, TypeError), match=error):
         PostgresCopyDataDirectoryOperator(task_id="c", **{"source": "/pgdata", "destination": "/b", **kwargs})
+
+
+def test_restore_drill_example_dag_serializes():
+    sys.path.insert(0, str(ROOT / "example_dags"))
+    try:
+        dag = importlib.import_module("pg_restore_drill_example").dag
+    finally:
+        sys.path.pop(0)
+    drill = dag.get_task("restore_drill")
+    assert drill.max_age == 30 * 3600 and drill.template_fields[:2] == ("root", "wal_archive")
+    restored = serialization_round_trip(dag)
+    assert [t.task_id for t in restored.tasks] == ["restore_drill"]

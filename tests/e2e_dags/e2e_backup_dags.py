@@ -16,6 +16,7 @@ from airflow.sdk import DAG, task
 from pg_safe_backup.files.layout import RSYNC_VANISHED, rsync_exclude_args
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, PostgresVerifyBackupOperator
 from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
+from pg_safe_backup.operators.lifecycle import PostgresRestoreDrillOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
 
 PGDATA = os.environ.get("E2E_PGDATA", "/nonexistent")
@@ -114,3 +115,15 @@ def store_and_verify(backup: PostgresOnlineBackup) -> None:
 e2e_backup = backup_dag("e2e_backup", failing_copy=False)
 e2e_copy_operator = backup_dag("e2e_copy_operator", failing_copy=False, copy_operator=True)
 e2e_copy_fails = backup_dag("e2e_copy_fails", failing_copy=True)
+
+# The restore drill of the newest backup under the backups root (catalogued by the store task).
+with DAG(
+    "e2e_drill", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False
+) as e2e_drill:
+    PostgresRestoreDrillOperator(
+        task_id="restore_drill",
+        root=os.environ.get("E2E_BACKUP_ROOT", "/nonexistent"),
+        wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"),
+        max_age="{{ dag_run.conf.get('max_age', 3600) }}",
+        invariant_sql="SELECT count(*) > 0 FROM ledger",
+    )

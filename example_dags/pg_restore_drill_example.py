@@ -1,0 +1,41 @@
+"""A nightly restore drill: prove the newest backup under BACKUP_ROOT still restores, and how long it takes.
+
+``pg_backup_example`` stores each backup in its own folder under BACKUP_ROOT with a ``backup_info.json``
+beside it (the catalog). This DAG takes the newest, restores it on a temporary server in a scratch
+folder, runs every check (page LSNs, ``pg_verifybackup``, recovery with the WAL archive, amcheck,
+and the invariant below), and records the restore time (the RTO) in XCom, its log and the backup's
+``backup_info.json``. It fails, naming the age, when the newest backup is older than
+DRILL_MAX_AGE_HOURS: the backups have stopped.
+
+Run it on a worker with PostgreSQL binaries of the backup's major and room for one more copy
+(``queue=``, PG_DRILL_QUEUE). Set WAL_ARCHIVE to the folder archive_command copies into.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+
+from airflow.sdk import DAG
+
+from pg_safe_backup.operators.lifecycle import PostgresRestoreDrillOperator
+
+with DAG(
+    "pg_restore_drill_example",
+    schedule=os.environ.get("PG_DRILL_SCHEDULE", "0 7 * * *"),  # after the night's backup
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["postgres", "backup", "drill"],
+) as dag:
+    PostgresRestoreDrillOperator(
+        task_id="restore_drill",
+        root=os.environ.get("BACKUP_ROOT", "/backups"),
+        wal_archive=os.environ.get("WAL_ARCHIVE", "/var/lib/postgresql/wal_archive"),
+        max_age=timedelta(hours=float(os.environ.get("DRILL_MAX_AGE_HOURS", "30"))),
+        # Rows every restore must show: adapt to your data (true in every row, or the drill fails).
+        invariant_sql="SELECT count(*) > 0 FROM pg_catalog.pg_database WHERE datname = current_database()",
+        queue=os.environ.get("PG_DRILL_QUEUE", "default"),
+    )
