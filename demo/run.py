@@ -4,7 +4,7 @@ Steps: a demo PostgreSQL cluster with WAL archiving and a small write load; Airf
 it (loopback only): api-server, scheduler, dag-processor, two triggerers, CeleryExecutor with a Redis
 broker, a default worker and a worker on the database host's queue, metadata in PostgreSQL; the example
 DAG ``pg_backup_example`` triggered and followed, its copy pinned to that queue; the restore check on the
-stored backup.
+stored backup, recorded in its ``backup_info.json``; last, ``pg-safe-backup list`` of the demo's backups.
 
 Point it at a real cluster instead with DEMO_PG_URI (an Airflow connection URI), DEMO_PGDATA (its
 data directory, readable here) and DEMO_WAL_ARCHIVE (where its archive_command copies WAL).
@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from pg_safe_backup.local_cluster import (
     give_to_server_user,
     unreachable_by_server_user,
 )
-from pg_safe_backup.verify import check_backup
+from pg_safe_backup.verify import check_backup, record_check
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "pg_backup_example"
@@ -199,12 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             "checks: page LSNs, pg_verifybackup against the backup_manifest, then a temporary server recovers"
             " the copy from the archive (amcheck + data checks)"
         )
+        began = time.monotonic()
         result = check_backup(
             backup_dir,
             archive,
             recovery_target_immediate=not writer,
             invariant_sql=invariant_sql(writer.tables, committed) if writer else None,
         )
+        record_check(backup_dir, result, time.monotonic() - began, "make demo")
         print("\nbackup_label stored with the backup:\n" + label)
         for step in result.steps:
             print(step.line())
@@ -216,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"Airflow is still running (api-server: {getattr(stack, 'api_url', 'see logs')}); stop it "
                 "with Ctrl-C or re-run make demo."
             )
-        return 0 if result.ok else 1
+        listed = list_command(backups)
+        print(f"\n$ {' '.join(listed)}", flush=True)
+        return 0 if subprocess.run(listed).returncode == 0 and result.ok else 1
     except KeyboardInterrupt:
         say("interrupted")
         return 130
@@ -232,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop()
         if args.setup_only:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def list_command(root: Path) -> list[str]:
+    """``pg-safe-backup list ROOT``: the console script pip installed beside this Python, else the module."""
+    script = Path(sys.executable).parent / "pg-safe-backup"
+    return (
+        [str(script), "list", str(root)]
+        if script.is_file()
+        else [sys.executable, "-m", "pg_safe_backup", "list", str(root)]
+    )
 
 
 def _wait_for_ctrl_c() -> None:
