@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from pg_safe_backup.catalog import LIST_DESCRIPTION, LIST_EPILOG, add_list_arguments
-from pg_safe_backup.verify import VERIFY_DESCRIPTION, add_verify_arguments
+from pg_safe_backup.verify import VERIFY_DESCRIPTION, VERIFY_EPILOG, add_verify_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
             "verify",
             help="check a stored backup: page LSNs, pg_verifybackup, restore on a temporary server",
             description=VERIFY_DESCRIPTION,
+            epilog=VERIFY_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
     add_list_arguments(

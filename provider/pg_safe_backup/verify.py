@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -712,6 +712,7 @@ def check_backup(
     restore: bool = True,
     verifier_bindir: Path | str | None = None,
     tablespace_dirs: Mapping[str | int, Path | str] | None = None,
+    progress: Callable[[str], None] | None = None,
     **restore_options: Any,
 ) -> BackupCheck:
     """Check a stored backup, cheapest first: its page LSNs, ``pg_verifybackup``, then the restore check.
@@ -727,16 +728,21 @@ def check_backup(
     :param restore: run the restore check (a temporary server: minutes per GB).
     :param verifier_bindir: the folder of pg_verifybackup; default: the backup's major's binaries.
     :param tablespace_dirs: tablespace OID -> its backup, when not where the module docstring looks.
+    :param progress: called with a line as each check starts (the CLI prints it).
     :param restore_options: :func:`verify_backup`'s keyword arguments.
     """
     backup = Path(backup_dir).absolute()
     archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    say = progress or (lambda line: None)
     steps = []
     if page_lsns:
+        say(f"{CHECKS[0]}: reading every page of {backup} ...")
         steps.append(_page_lsn_step(backup, archive, stop_lsn, tablespace_dirs))
     if manifest:
+        say(f"{CHECKS[1]}: checking {backup} against its backup_manifest ...")
         steps.append(_verifybackup_step(backup, archive, verifier_bindir))
     if restore:
+        say(f"{CHECKS[2]}: copying {backup} and recovering it on a temporary server ...")
         result = verify_backup(backup, archive, tablespace_dirs=tablespace_dirs, **restore_options)
         steps.append(CheckStep(CHECKS[2], PASS if result.ok else FAIL, result.summary()[6:], result.details))
     return BackupCheck(steps)
@@ -862,6 +868,12 @@ VERIFY_DESCRIPTION = (
     " restore check (recover it on a temporary server, amcheck, an optional invariant)."
 )
 
+VERIFY_EPILOG = """examples:
+  pg-safe-backup verify /backups/main/20261126T010000 /var/lib/postgresql/wal_archive
+  pg-safe-backup verify /backups/main/20261126T010000        # self-contained (include_wal=True)
+  pg-safe-backup verify BACKUP ARCHIVE --invariant-sql "SELECT count(*) > 0, 'orders' FROM orders"
+"""
+
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``pg-safe-backup verify`` (and ``python -m pg_safe_backup.verify``).
@@ -923,6 +935,7 @@ def _verify(args: argparse.Namespace) -> int:
         require_backup_label=not args.allow_missing_label,
         user=args.user,
         use_backup_pg_wal=args.use_backup_pg_wal,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(report.summary())
     if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify"):
