@@ -232,3 +232,21 @@ def test_restore_drill_example_dag_serializes():
     assert drill.max_age == 30 * 3600 and drill.template_fields[:2] == ("root", "wal_archive")
     restored = serialization_round_trip(dag)
     assert [t.task_id for t in restored.tasks] == ["restore_drill"]
+
+
+def test_pip_installs_the_pg_safe_backup_console_script(tmp_path):
+    """`pip install` (here: the venv's editable install) puts `pg-safe-backup` beside the interpreter."""
+    from importlib.metadata import entry_points
+
+    scripts = {
+        ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "pg-safe-backup"
+    }
+    assert scripts == {"pg-safe-backup": "pg_safe_backup.cli:main"}
+    script = Path(sys.executable).with_name("pg-safe-backup")
+    listed = subprocess.run([str(script), "list", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and listed.stdout.strip().endswith("0 backups"), (
+        listed.stdout + listed.stderr
+    )
+    for command in ("list", "verify"):
+        shown = subprocess.run([str(script), command, "--help"], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and "example" in shown.stdout, shown.stdout
