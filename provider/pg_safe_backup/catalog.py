@@ -41,6 +41,8 @@ from pg_safe_backup.state import (
 
 #: The sidecar in a backup's top folder.
 INFO_NAME = BACKUP_INFO
+#: What pg_backup_stop returned, stored in the backup's top folder: a backup without it is incomplete.
+LABEL_NAME = "backup_label"
 #: Written first, then renamed to INFO_NAME (local folders).
 INFO_TMP = "backup_info.json.tmp"
 #: The version of backup_info.json's layout; a reader refuses a newer one.
@@ -289,8 +291,24 @@ def list_backups(root: Folder, max_depth: int = MAX_DEPTH) -> list[CatalogEntry]
 
     if root.exists():
         visit(root, 0)
-    found.sort(key=lambda e: (e.info.stopped, e.info.stop_lsn))
+    found.sort(key=_age)
     return found
+
+
+def _age(entry: CatalogEntry) -> tuple[datetime, int]:
+    """Oldest first: by stop time, then by stop LSN as a number (as text, 0/A000000 sorts after
+    0/10000000)."""
+    return entry.info.stopped, parse_lsn(entry.info.stop_lsn)
+
+
+def is_complete(folder: Folder) -> bool:
+    """Whether the backup in ``folder`` can be restored as far as the catalog can tell: it has its
+    backup_info.json AND its backup_label (without the label, recovery would start from the copy's
+    pg_control checkpoint, not the backup's start: a restore and the checks refuse it).
+
+    :param folder: the backup's top folder, local or an ObjectStoragePath.
+    """
+    return (folder / INFO_NAME).exists() and (folder / LABEL_NAME).exists()
 
 
 @dataclass(frozen=True)
@@ -303,6 +321,10 @@ class RetentionPlan:
     wal_cutoff: str | None
     #: Why each kept backup is kept: folder -> reasons.
     reasons: dict[str, list[str]]
+    #: What is kept, in words ("the newest 2 and those within 7 days"): why the others go.
+    policy: str = ""
+    #: Backups neither kept nor deleted, left for a person to look at: folder -> why.
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def plan_retention(
@@ -330,7 +352,7 @@ def plan_retention(
     if keep_days is not None and keep_days < 0:
         raise ValueError(f"keep_days must not be negative, got {keep_days}")
     now = now or datetime.now(timezone.utc)
-    ordered = sorted(entries, key=lambda e: (e.info.stopped, e.info.stop_lsn))
+    ordered = sorted(entries, key=_age)
     reasons: dict[str, list[str]] = {}
     if keep_last is not None:
         for entry in ordered[-keep_last:]:
@@ -348,7 +370,10 @@ def plan_retention(
     keep = [e for e in ordered if e.name in reasons]
     delete = [e for e in ordered if e.name not in reasons]
     cutoff = min((e.info.start_wal for e in keep), key=lambda name: name[8:]) if keep else None
-    return RetentionPlan(keep, delete, cutoff, reasons)
+    rules = ([f"the newest {keep_last}"] if keep_last is not None else []) + (
+        [f"those within {keep_days:g} days"] if keep_days is not None else []
+    )
+    return RetentionPlan(keep, delete, cutoff, reasons, policy=" and ".join(rules))
 
 
 def wal_to_remove(names: Iterable[str], cutoff: str | None) -> list[str]:
@@ -478,6 +503,7 @@ __all__ = [
     "append_verification",
     "format_listing",
     "info_for_backup",
+    "is_complete",
     "label_time",
     "latest_before",
     "list_backups",

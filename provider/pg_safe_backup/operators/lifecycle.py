@@ -1,4 +1,5 @@
-"""Day two: the backups a destination holds, restored on a schedule to prove they still restore."""
+"""Day two of the backups a destination holds: restored on a schedule to prove they still restore
+(the drill), and kept to a policy with the WAL they need (retention)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from pg_safe_backup.catalog import CatalogError, list_backups
-from pg_safe_backup.params import check_number, check_seconds, check_text, unless_rendered_later
+from pg_safe_backup.params import (
+    check_flag,
+    check_number,
+    check_seconds,
+    check_text,
+    renders_later,
+    unless_rendered_later,
+)
+from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root
 from pg_safe_backup.utils.mixins import rendered
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+#: What a template renders an unset value to (``{{ params.keep_days }}`` of None): not given.
+_UNSET_TEXT = ("", "none", "null")
 
 
 class PostgresRestoreDrillOperator(BaseOperator):
@@ -136,3 +148,130 @@ def _seconds(value: Any, name: str) -> float:
     if isinstance(value, timedelta):
         return value.total_seconds()
     return float(check_seconds(value, name))
+
+
+class PostgresBackupRetentionOperator(BaseOperator):
+    """
+    Keep the newest ``keep_last`` backups under ``root`` and/or those that stopped within ``keep_days``
+    days, always the newest verified one; delete the others, then the files of the WAL archive older than
+    the oldest kept backup's START WAL file, as ``pg_archivecleanup`` does (never a ``.history`` or
+    ``.backup`` file). See :mod:`pg_safe_backup.retention` for the order that keeps a crash safe.
+
+    A backup is found by its ``backup_info.json``; one without its ``backup_label`` is incomplete: neither
+    counted nor deleted, named in the log and XCom. Nothing is removed when no complete backup would be
+    kept: the task fails (``AirflowFailException``), as it does for a bad rendered parameter.
+
+    XCom: ``kept`` (folder -> reasons), ``deleted``, ``skipped``, ``wal_cutoff``, ``wal_removed`` (a
+    count) with ``wal_first_removed`` and ``wal_last_removed``, and ``dry_run``.
+
+    :param root: the folder holding the backups: a local path or an ``ObjectStoragePath`` URL such as
+        ``s3://conn_id@bucket/prefix`` (templated).
+    :param wal_archive: the WAL archive, local or a URL (templated); None: no WAL is removed.
+    :param keep_last: how many of the newest backups to keep, at least 1 (templated).
+    :param keep_days: keep the backups stopped within this many days (templated). At least one of
+        ``keep_last`` and ``keep_days`` is required.
+    :param dry_run: only log and return what would go.
+    """
+
+    template_fields: Sequence[str] = ("root", "wal_archive", "keep_last", "keep_days")
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        wal_archive: str | None = None,
+        keep_last: int | str | None = None,
+        keep_days: float | str | None = None,
+        dry_run: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = unless_rendered_later(check_text, root, "root")
+        self.wal_archive = (
+            unless_rendered_later(check_text, wal_archive, "wal_archive") if wal_archive is not None else None
+        )
+        self.keep_last = keep_last if renders_later(keep_last) else check_keep_last(keep_last, "keep_last")
+        self.keep_days = keep_days if renders_later(keep_days) else check_keep_days(keep_days, "keep_days")
+        if self.keep_last is None and self.keep_days is None:
+            raise ValueError("retention needs keep_last and/or keep_days; neither was given")
+        self.dry_run = check_flag(dry_run, "dry_run")
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        keep_last = rendered(check_keep_last, self.keep_last, "keep_last")
+        keep_days = rendered(check_keep_days, self.keep_days, "keep_days")
+        if keep_last is None and keep_days is None:
+            raise AirflowFailException("retention needs keep_last and/or keep_days; both rendered empty")
+        return self.run_retention(
+            rendered(check_text, self.root, "root"),
+            rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None,
+            keep_last,
+            keep_days,
+        )
+
+    def run_retention(
+        self,
+        root: str,
+        wal_archive: str | None,
+        keep_last: int | None,
+        keep_days: float | None,
+        now: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Retention of the rendered values (what ``execute()`` runs); the XCom.
+
+        :param root: the backups' folder or URL.
+        :param wal_archive: the WAL archive's folder or URL, or None.
+        :param keep_last: how many of the newest to keep, or None.
+        :param keep_days: keep those within this many days, or None.
+        :param now: the time to count days from (default: now).
+        """
+        try:
+            plan = plan_root(storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now)
+            report = carry_out_retention(
+                plan,
+                wal_archive=storage_path(wal_archive) if wal_archive else None,
+                dry_run=self.dry_run,
+                log=self.log.info,
+            )
+        except (RetentionRefused, CatalogError) as err:
+            raise AirflowFailException(f"retention of {root}: {err}") from err
+        except ValueError as err:  # plan_retention's check of keep_last / keep_days
+            raise AirflowFailException(f"invalid rendered parameter: {err}") from err
+        return report.as_dict()
+
+
+def storage_path(location: str) -> Path | ObjectStoragePath:
+    """A local ``Path`` for a plain or ``file://`` location (``shutil.rmtree``, no fsspec), else the
+    ``ObjectStoragePath`` of the URL."""
+    target = ObjectStoragePath(location)
+    return Path(target.path) if target.protocol in ("", "file") else target
+
+
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _UNSET_TEXT)
+
+
+def check_keep_last(value: Any, param: str) -> int | None:
+    """A count of backups >= 1, or its text (a template renders to text); None or empty: not given."""
+    if _unset(value):
+        return None
+    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, bool) or not (isinstance(value, int) or (text and text.isdigit())):
+        raise ValueError(f"{param} must be a whole number of backups, got {value!r}")
+    if int(value) < 1:
+        raise ValueError(f"{param} must be at least 1, got {value!r}")
+    return int(value)
+
+
+def check_keep_days(value: Any, param: str) -> float | None:
+    """A number of days >= 0, or its text; None or empty: not given."""
+    if _unset(value):
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        days = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{param} must be a number of days, got {value!r}") from None
+    if not days >= 0 or days == float("inf"):
+        raise ValueError(f"{param} must be a number of days >= 0, got {value!r}")
+    return days

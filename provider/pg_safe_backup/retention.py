@@ -1,0 +1,260 @@
+"""Retention carried out: the backups a :class:`~pg_safe_backup.catalog.RetentionPlan` lets go are deleted,
+then the WAL archive files older than the oldest kept backup's start (pg_archivecleanup's rule).
+
+One place for the ``PostgresBackupRetentionOperator`` and ``pg-safe-backup retention``. Folders are local
+``pathlib.Path`` or anything with its API (Airflow's ``ObjectStoragePath``): nothing of Airflow is imported.
+
+The order is what keeps a crash in the middle safe:
+
+1. Nothing at all goes unless a kept backup is complete on disk (backup_info.json and backup_label),
+   checked when the plan is carried out, not only when it was made.
+2. Backups go first, oldest first; in each, backup_label goes first, so a half-deleted copy is never taken
+   for a restorable backup (a restore and the checks refuse a copy without it).
+3. WAL goes last, oldest first, and only below the oldest kept backup's START WAL file: a crash anywhere
+   leaves every kept backup with all of its WAL (and perhaps WAL that nothing needs any more, which the
+   next run removes).
+
+A dry run goes through the same steps, logs the same lines ("would delete") and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from pg_safe_backup.catalog import (
+    LABEL_NAME,
+    CatalogError,
+    RetentionPlan,
+    is_complete,
+    list_backups,
+    plan_retention,
+    wal_to_remove,
+)
+from pg_safe_backup.files.copier import is_local_path
+
+#: Where the copies of a backup's tablespaces may be kept beside it (files/tablespaces.py looks there).
+TABLESPACE_SUFFIXES = ("_tablespaces", ".tablespaces")
+
+RETENTION_DESCRIPTION = (
+    "Keep the newest N backups of ROOT and/or those within D days (always the newest verified one),"
+    " delete the others, then the WAL archive's files older than the oldest kept backup's start"
+    " (as pg_archivecleanup)."
+)
+RETENTION_EPILOG = """example:
+  pg-safe-backup retention /backups/main --keep-last 7 --wal-archive /wal/main --dry-run
+  pg-safe-backup retention /backups/main --keep-last 7 --keep-days 30 --wal-archive /wal/main
+
+A backup without backup_label (incomplete) is neither counted nor deleted: it is listed for a person to
+look at. Nothing is deleted when no complete backup would be kept. Exits 0 when done, 1 otherwise."""
+
+
+class Place(Protocol):
+    """A folder or file, local or in an object store (``pathlib.Path``, ``ObjectStoragePath``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def parent(self) -> Place: ...
+    def __truediv__(self, name: str) -> Place: ...
+    def exists(self) -> bool: ...
+    def is_dir(self) -> bool: ...
+    def iterdir(self) -> Iterator[Place]: ...
+    def unlink(self) -> None: ...
+
+
+class RetentionRefused(RuntimeError):
+    """Retention removed nothing, for the reason given (no complete backup kept, a plan at odds with the
+    disk)."""
+
+
+@dataclass
+class RetentionReport:
+    """What a retention run kept, deleted (or, dry, would delete) and left alone."""
+
+    dry_run: bool
+    #: Kept backup -> why.
+    kept: dict[str, list[str]] = field(default_factory=dict)
+    #: Deleted backup -> the folders removed (the backup's and its tablespace copies').
+    deleted: dict[str, list[str]] = field(default_factory=dict)
+    #: Backup left alone -> why.
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: The first WAL file kept; None: no WAL archive was given, or no WAL may go.
+    wal_cutoff: str | None = None
+    #: The WAL archive's files removed, oldest first.
+    wal_removed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON for XCom: the WAL as a count and its first and last names, not a list of thousands."""
+        return {
+            "dry_run": self.dry_run,
+            "kept": self.kept,
+            "deleted": sorted(self.deleted),
+            "skipped": self.skipped,
+            "wal_cutoff": self.wal_cutoff,
+            "wal_removed": len(self.wal_removed),
+            "wal_first_removed": self.wal_removed[0] if self.wal_removed else None,
+            "wal_last_removed": self.wal_removed[-1] if self.wal_removed else None,
+        }
+
+
+def plan_root(
+    root: Any, *, keep_last: int | None, keep_days: float | None, now: datetime | None = None
+) -> RetentionPlan:
+    """The retention plan of the backups under ``root``: :func:`~pg_safe_backup.catalog.plan_retention` of
+    its complete backups; the incomplete ones are neither counted nor deleted (``skipped``).
+
+    :param root: a local folder or an ObjectStoragePath.
+    :param keep_last: how many of the newest to keep (None: not by count).
+    :param keep_days: keep those stopped within this many days (None: not by age).
+    :param now: the time to count days from (default: now).
+    :raises ValueError: neither ``keep_last`` nor ``keep_days``, or a bad one (named).
+    :raises CatalogError: a backup_info.json cannot be read (named).
+    """
+    entries = list_backups(root)
+    complete = [e for e in entries if is_complete(e.folder)]
+    plan = plan_retention(complete, keep_last=keep_last, keep_days=keep_days, now=now)
+    counted = {e.name for e in complete}
+    skipped = {
+        e.name: f"incomplete: no {LABEL_NAME}; left alone, check or delete it by hand"
+        for e in entries
+        if e.name not in counted
+    }
+    return replace(plan, skipped=skipped)
+
+
+def carry_out_retention(
+    plan: RetentionPlan, *, wal_archive: Any | None, dry_run: bool, log: Callable[[str], Any]
+) -> RetentionReport:
+    """Delete the backups ``plan`` lets go, then the WAL archive's files older than its cut-off (see the
+    module docstring for the order and why).
+
+    :param plan: :func:`plan_root` of the root (or :func:`~pg_safe_backup.catalog.plan_retention`).
+    :param wal_archive: the archive folder (local or ObjectStoragePath); None: no WAL is removed.
+    :param dry_run: change nothing; log and report what would go.
+    :param log: called with one line per backup kept, deleted or left alone, and for the WAL.
+    :raises RetentionRefused: no kept backup is complete, or the plan would delete a kept backup or the WAL
+        archive: nothing was removed.
+    :raises OSError: a deletion failed (what was deleted before it is logged).
+    """
+    _check_plan(plan, wal_archive)
+    report = RetentionReport(dry_run=dry_run, skipped=dict(plan.skipped))
+    deleted, removed = ("would delete", "would remove") if dry_run else ("deleted", "removed")
+    for entry in plan.keep:
+        report.kept[entry.name] = plan.reasons[entry.name]
+        log(f"keep      {entry.name}: {'; '.join(plan.reasons[entry.name])}")
+    for name, why in plan.skipped.items():
+        log(f"skip      {name}: {why}")
+    for entry in plan.delete:
+        folders = [entry.folder, *_tablespace_copies(entry.folder)]
+        if not dry_run:
+            for folder in folders:
+                _remove_folder(folder)
+        report.deleted[entry.name] = [str(f) for f in folders]
+        also = f" (and {', '.join(str(f) for f in folders[1:])})" if folders[1:] else ""
+        log(f"{deleted:<9} {entry.name}{also}: not among {plan.policy or 'the kept'}")
+    if wal_archive is None:
+        log("WAL: no archive given, none removed")
+        return report
+    report.wal_cutoff = plan.wal_cutoff
+    files = {p.name: p for p in wal_archive.iterdir()} if wal_archive.exists() else {}
+    report.wal_removed = wal_to_remove(files, plan.wal_cutoff)
+    for name in report.wal_removed:
+        if dry_run:
+            log(f"would remove WAL {name}")
+        else:
+            files[name].unlink()
+    first_last = f": {report.wal_removed[0]} .. {report.wal_removed[-1]}" if report.wal_removed else ""
+    log(
+        f"WAL: {removed} {len(report.wal_removed)} files of {wal_archive}{first_last}"
+        f" (keeping from {plan.wal_cutoff}, the oldest kept backup's start)"
+    )
+    return report
+
+
+def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
+    """Refuse a plan that would leave no complete backup, cut WAL a kept backup needs, or delete a kept
+    backup or the WAL archive (one inside a folder to delete)."""
+    if not any(is_complete(e.folder) for e in plan.keep):
+        raise RetentionRefused(
+            "no complete backup (backup_info.json and backup_label) would be kept: removing nothing"
+            + (f"; incomplete: {', '.join(plan.skipped)}" if plan.skipped else "")
+        )
+    cutoff = plan.wal_cutoff
+    if cutoff is None or any(e.info.start_wal[8:] < cutoff[8:] for e in plan.keep):
+        raise RetentionRefused(
+            f"the WAL cut-off {cutoff} is not at or before every kept backup's start: removing nothing"
+        )
+    kept = [str(e.folder) for e in plan.keep] + ([str(wal_archive)] if wal_archive is not None else [])
+    for entry in plan.delete:
+        for folder in [entry.folder, *_tablespace_copies(entry.folder)]:
+            inside = [k for k in kept if k == str(folder) or k.startswith(str(folder).rstrip("/") + "/")]
+            if inside:
+                raise RetentionRefused(
+                    f"deleting {folder} would delete {', '.join(inside)}, which is kept: removing nothing"
+                )
+
+
+def _tablespace_copies(folder: Any) -> list[Any]:
+    """The folders beside a backup holding copies of its tablespaces (files/tablespaces.py), existing."""
+    return [c for s in TABLESPACE_SUFFIXES if (c := folder.parent / f"{folder.name}{s}").is_dir()]
+
+
+def _remove_folder(folder: Any) -> None:
+    """Remove a backup's folder, its backup_label first (see the module docstring)."""
+    label = folder / LABEL_NAME
+    if label.exists():
+        label.unlink()
+    if is_local_path(folder):
+        shutil.rmtree(folder)  # links inside (pg_tblspc) are removed, never followed
+    elif folder.exists():
+        folder.rmdir(recursive=True)
+
+
+def add_retention_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup retention``.
+
+    :param p: the (sub)parser to add them to; its ``run`` default carries retention out.
+    """
+    p.add_argument("root", type=Path, help="the folder holding the backups (searched for backup_info.json)")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N backups")
+    p.add_argument("--keep-days", type=float, metavar="D", help="keep the backups stopped within D days")
+    p.add_argument(
+        "--wal-archive",
+        type=Path,
+        metavar="DIR",
+        help="the WAL archive to clean up below the oldest kept backup's start (default: leave WAL alone)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
+    p.set_defaults(run=_retention, parser=p)
+
+
+def _retention(args: argparse.Namespace) -> int:
+    if args.keep_last is None and args.keep_days is None:
+        args.parser.error("give --keep-last N and/or --keep-days D")
+    try:
+        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days)
+        carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print)
+    except ValueError as err:  # a bad --keep-last/--keep-days, or CatalogError
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, CatalogError) else 2
+    except (RetentionRefused, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = [
+    "RETENTION_DESCRIPTION",
+    "RetentionRefused",
+    "RetentionReport",
+    "add_retention_arguments",
+    "carry_out_retention",
+    "plan_root",
+]
