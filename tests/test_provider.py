@@ -247,6 +247,22 @@ def test_pip_installs_the_pg_safe_backup_console_script(tmp_path):
     assert listed.returncode == 0 and listed.stdout.strip().endswith("0 backups"), (
         listed.stdout + listed.stderr
     )
-    for command in ("list", "verify"):
+    for command in ("list", "verify", "retention"):
         shown = subprocess.run([str(script), command, "--help"], capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0 and "example" in shown.stdout, shown.stdout
+
+
+def test_every_module_the_provider_metadata_lists_imports():
+    """Airflow's ProvidersManager imports what get_provider_info lists; the retention operator is there."""
+    from pg_safe_backup import get_provider_info
+
+    info = get_provider_info()
+    modules = [
+        m for kind in ("operators", "sensors", "hooks", "triggers") for m in info[kind][0]["python-modules"]
+    ]
+    assert "pg_safe_backup.operators.lifecycle" in modules
+    for module in modules:
+        importlib.import_module(module)
+    assert hasattr(
+        importlib.import_module("pg_safe_backup.operators.lifecycle"), "PostgresBackupRetentionOperator"
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from pg_safe_backup.catalog import (
     INFO_NAME,
     LABEL_NAME,
     BackupInfo,
+    CatalogEntry,
     append_verification,
     list_backups,
     plan_retention,
@@ -169,6 +170,8 @@ def test_keep_last_two_deletes_three_backups_and_only_the_wal_before_the_oldest_
 def test_the_newest_verified_backup_is_kept_even_when_not_among_the_newest(five, tmp_root):
     folders = catalog_only(five, tmp_root / "backups")
     archive = fake_archive(five, tmp_root / "archive")
+    spaces = tmp_root / "backups" / "b0_tablespaces"  # where an rsync-style copy keeps b0's tablespaces
+    (spaces / "16384").mkdir(parents=True)
     append_verification(folders[1], {"ok": True, "checks": "restore check"})
     append_verification(folders[2], {"ok": False})  # failed: no reason to keep it
 
@@ -178,6 +181,8 @@ def test_the_newest_verified_backup_is_kept_even_when_not_among_the_newest(five,
     assert sorted(report.kept) == [str(folders[i]) for i in (1, 3, 4)]
     assert report.kept[str(folders[1])] == ["the newest verified backup"]
     assert sorted(report.deleted) == [str(folders[i]) for i in (0, 2)]
+    assert report.deleted[str(folders[0])] == [str(folders[0]), str(spaces)]
+    assert not spaces.exists()
     assert [f.exists() for f in folders] == [False, True, False, True, True]
     assert report.wal_cutoff == five.infos[1].start_wal
     assert sorted(p.name for p in archive.iterdir()) == expected_after(
@@ -220,6 +225,52 @@ def test_incomplete_backups_are_neither_counted_nor_deleted(five, tmp_root):
     assert [f.exists() for f in folders] == [True, False, True, True, True]
     assert f"skip      {folders[4]}: incomplete: no backup_label" in "\n".join(lines)
     assert report.wal_removed == []
+
+
+def test_keep_days_through_the_operator_dry_run_changes_nothing(five, tmp_root):
+    root = tmp_root / "backups"
+    folders = catalog_only(five, root)
+    archive = fake_archive(five, tmp_root / "archive")
+    before = listing(root, archive)
+    op = PostgresBackupRetentionOperator(
+        task_id="retention", root=str(root), wal_archive=str(archive), keep_days=0, dry_run=True
+    )
+
+    xcom = op.run_retention(str(root), str(archive), None, 0.0, now=five.infos[3].stopped)
+
+    assert listing(root, archive) == before
+    assert xcom["dry_run"]
+    assert xcom["deleted"] == [str(f) for f in folders[:3]]
+    assert xcom["kept"][str(folders[3])] == ["within 0 days"]
+    assert xcom["wal_cutoff"] == five.infos[3].start_wal
+    assert xcom["wal_removed"] == len(
+        set(five.wal_names) - set(expected_after(five.wal_names, xcom["wal_cutoff"]))
+    )
+
+
+def test_nothing_goes_when_a_folder_to_delete_holds_the_wal_archive(five, tmp_root):
+    root = tmp_root / "backups"
+    folders = catalog_only(five, root)
+    archive = fake_archive(five, folders[0] / "wal")
+    before = listing(root)
+
+    with pytest.raises(RetentionRefused, match="would delete .*wal, which is kept"):
+        carry_out_retention(
+            plan_root(root, keep_last=2, keep_days=None), wal_archive=archive, dry_run=False, log=print
+        )
+    assert listing(root) == before
+
+
+def test_backups_stopped_at_the_same_time_are_ordered_by_stop_lsn_as_a_number(five):
+    """0/A000000 is before 0/10000000, though not as text."""
+    same = five.infos[0].stop_time
+    early = CatalogEntry(Path("/early"), replace(five.infos[0], stop_time=same, stop_lsn="0/A000000"))
+    late = CatalogEntry(Path("/late"), replace(five.infos[1], stop_time=same, stop_lsn="0/10000000"))
+
+    plan = plan_retention([late, early], keep_last=1)
+
+    assert [e.folder for e in plan.keep] == [Path("/late")]
+    assert [e.folder for e in plan.delete] == [Path("/early")]
 
 
 def test_retention_refuses_to_run_without_a_policy(tmp_root):

@@ -42,10 +42,11 @@ from pg_safe_backup.files.copier import is_local_path
 #: Where the copies of a backup's tablespaces may be kept beside it (files/tablespaces.py looks there).
 TABLESPACE_SUFFIXES = ("_tablespaces", ".tablespaces")
 
+#: Broken into lines: the subcommand's help keeps its layout (for the epilog's example).
 RETENTION_DESCRIPTION = (
-    "Keep the newest N backups of ROOT and/or those within D days (always the newest verified one),"
-    " delete the others, then the WAL archive's files older than the oldest kept backup's start"
-    " (as pg_archivecleanup)."
+    "Keep the newest N backups of ROOT and/or those within D days (always the newest verified one),\n"
+    "delete the others, then the WAL archive's files older than the oldest kept backup's start\n"
+    "(as pg_archivecleanup)."
 )
 RETENTION_EPILOG = """example:
   pg-safe-backup retention /backups/main --keep-last 7 --wal-archive /wal/main --dry-run
