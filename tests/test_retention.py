@@ -273,6 +273,21 @@ def test_backups_stopped_at_the_same_time_are_ordered_by_stop_lsn_as_a_number(fi
     assert [e.folder for e in plan.delete] == [Path("/early")]
 
 
+def test_a_missing_wal_archive_or_root_removes_nothing(five, tmp_root):
+    root = tmp_root / "backups"
+    catalog_only(five, root)
+    before = listing(root)
+
+    done = retention_cli(str(root), "--keep-last", "1", "--wal-archive", str(tmp_root / "typo"))
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"the WAL archive {tmp_root / 'typo'} is not a folder" in done.stderr
+    assert listing(root) == before
+    empty = retention_cli(str(tmp_root / "nothing-here"), "--keep-last", "1")
+    assert empty.returncode == 1
+    assert "no backup (backup_info.json) found under" in empty.stderr
+
+
 def test_retention_refuses_to_run_without_a_policy(tmp_root):
     done = retention_cli(str(tmp_root))
     assert done.returncode == 2

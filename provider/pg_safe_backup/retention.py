@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pg_safe_backup.catalog import (
+    INFO_NAME,
     LABEL_NAME,
     CatalogError,
     RetentionPlan,
@@ -117,10 +118,13 @@ def plan_root(
     :param now: the time to count days from (default: now).
     :raises ValueError: neither ``keep_last`` nor ``keep_days``, or a bad one (named).
     :raises CatalogError: a backup_info.json cannot be read (named).
+    :raises RetentionRefused: no backup under ``root`` (a mistyped root must not pass for an empty one).
     """
     entries = list_backups(root)
     complete = [e for e in entries if is_complete(e.folder)]
-    plan = plan_retention(complete, keep_last=keep_last, keep_days=keep_days, now=now)
+    plan = plan_retention(complete, keep_last=keep_last, keep_days=keep_days, now=now)  # checks keep_*
+    if not entries:
+        raise RetentionRefused(f"no backup ({INFO_NAME}) found under {root}: removing nothing")
     counted = {e.name for e in complete}
     skipped = {
         e.name: f"incomplete: no {LABEL_NAME}; left alone, check or delete it by hand"
@@ -164,7 +168,7 @@ def carry_out_retention(
         log("WAL: no archive given, none removed")
         return report
     report.wal_cutoff = plan.wal_cutoff
-    files = {p.name: p for p in wal_archive.iterdir()} if wal_archive.exists() else {}
+    files = {p.name: p for p in wal_archive.iterdir()}
     report.wal_removed = wal_to_remove(files, plan.wal_cutoff)
     for name in report.wal_removed:
         if dry_run:
@@ -181,7 +185,13 @@ def carry_out_retention(
 
 def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
     """Refuse a plan that would leave no complete backup, cut WAL a kept backup needs, or delete a kept
-    backup or the WAL archive (one inside a folder to delete)."""
+    backup or the WAL archive (one inside a folder to delete); and an archive that is not there (a
+    mistyped one), before anything goes."""
+    if wal_archive is not None and not wal_archive.is_dir():
+        raise RetentionRefused(
+            f"the WAL archive {wal_archive} is not a folder: removing nothing"
+            " (without --wal-archive / wal_archive, no WAL is removed)"
+        )
     if not any(is_complete(e.folder) for e in plan.keep):
         raise RetentionRefused(
             "no complete backup (backup_info.json and backup_label) would be kept: removing nothing"
