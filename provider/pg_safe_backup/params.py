@@ -20,6 +20,7 @@ __all__ = [
     "check_number",
     "check_seconds",
     "check_text",
+    "optional_unless_rendered_later",
     "renders_later",
     "unless_rendered_later",
     "validate_identifier",
@@ -47,6 +48,11 @@ def unless_rendered_later(check: Callable[[Any, str], T], value: Any, param: str
     """``check(value, param)`` now (parse time), or ``value`` as it is when it renders later: then
     ``execute()`` checks what it rendered to."""
     return value if renders_later(value) else check(value, param)
+
+
+def optional_unless_rendered_later(check: Callable[[Any, str], T], value: Any, param: str) -> T | Any | None:
+    """None for a parameter not given (None), else :func:`unless_rendered_later` of it."""
+    return None if value is None else unless_rendered_later(check, value, param)
 
 
 def check_number(value: Any, param: str, minimum: float = 0, allow_min: bool = True) -> float:

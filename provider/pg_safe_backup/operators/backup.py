@@ -33,6 +33,7 @@ from pg_safe_backup.params import (
     check_number,
     check_seconds,
     check_text,
+    optional_unless_rendered_later,
     unless_rendered_later,
 )
 from pg_safe_backup.session import COMPLETE, ONE_DAY_S, HoldRequest
@@ -670,9 +671,7 @@ class PostgresVerifyBackupOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.backup_dir = unless_rendered_later(check_text, backup_dir, "backup_dir")
-        self.wal_archive = (
-            unless_rendered_later(check_text, wal_archive, "wal_archive") if wal_archive is not None else None
-        )
+        self.wal_archive = optional_unless_rendered_later(check_text, wal_archive, "wal_archive")
         self.stop_lsn = stop_lsn
         self.invariant_sql = invariant_sql
         self.invariant_db = check_text(invariant_db, "invariant_db")

@@ -18,6 +18,7 @@ from pg_safe_backup.params import (
     check_number,
     check_seconds,
     check_text,
+    optional_unless_rendered_later,
     renders_later,
     unless_rendered_later,
 )
@@ -187,9 +188,7 @@ class PostgresBackupRetentionOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.root = unless_rendered_later(check_text, root, "root")
-        self.wal_archive = (
-            unless_rendered_later(check_text, wal_archive, "wal_archive") if wal_archive is not None else None
-        )
+        self.wal_archive = optional_unless_rendered_later(check_text, wal_archive, "wal_archive")
         self.keep_last = keep_last if renders_later(keep_last) else check_keep_last(keep_last, "keep_last")
         self.keep_days = keep_days if renders_later(keep_days) else check_keep_days(keep_days, "keep_days")
         if self.keep_last is None and self.keep_days is None:
