@@ -79,12 +79,13 @@ def listing(*folders: Path) -> dict[str, int]:
     return {str(p): p.lstat().st_size for f in folders for p in sorted(f.rglob("*"))}
 
 
-def retention_cli(*args: str) -> subprocess.CompletedProcess:
+def retention_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pg_safe_backup.cli", "retention", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=cwd,
     )
 
 
@@ -251,13 +252,14 @@ def test_keep_days_through_the_operator_dry_run_changes_nothing(five, tmp_root):
 def test_nothing_goes_when_a_folder_to_delete_holds_the_wal_archive(five, tmp_root):
     root = tmp_root / "backups"
     folders = catalog_only(five, root)
-    archive = fake_archive(five, folders[0] / "wal")
+    fake_archive(five, folders[0] / "wal")
     before = listing(root)
 
-    with pytest.raises(RetentionRefused, match="would delete .*wal, which is kept"):
-        carry_out_retention(
-            plan_root(root, keep_last=2, keep_days=None), wal_archive=archive, dry_run=False, log=print
-        )
+    # The archive named relative to the working directory, the root not: still seen inside b0.
+    done = retention_cli(str(root), "--keep-last", "2", "--wal-archive", "wal", cwd=folders[0])
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"deleting {folders[0]} would delete {folders[0] / 'wal'}, which is kept" in done.stderr
     assert listing(root) == before
 
 

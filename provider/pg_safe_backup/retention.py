@@ -9,7 +9,8 @@ The order is what keeps a crash in the middle safe:
 1. Nothing at all goes unless a kept backup is complete on disk (backup_info.json and backup_label),
    checked when the plan is carried out, not only when it was made.
 2. Backups go first, oldest first; in each, backup_label goes first, so a half-deleted copy is never taken
-   for a restorable backup (a restore and the checks refuse a copy without it).
+   for a restorable backup (a restore and the checks refuse a copy without it); the next run names it as
+   incomplete and leaves it for a person.
 3. WAL goes last, oldest first, and only below the oldest kept backup's START WAL file: a crash anywhere
    leaves every kept backup with all of its WAL (and perhaps WAL that nothing needs any more, which the
    next run removes).
@@ -202,14 +203,20 @@ def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
         raise RetentionRefused(
             f"the WAL cut-off {cutoff} is not at or before every kept backup's start: removing nothing"
         )
-    kept = [str(e.folder) for e in plan.keep] + ([str(wal_archive)] if wal_archive is not None else [])
+    kept = [_where(e.folder) for e in plan.keep] + ([_where(wal_archive)] if wal_archive is not None else [])
     for entry in plan.delete:
         for folder in [entry.folder, *_tablespace_copies(entry.folder)]:
-            inside = [k for k in kept if k == str(folder) or k.startswith(str(folder).rstrip("/") + "/")]
+            where = _where(folder)
+            inside = [k for k in kept if k == where or k.startswith(where.rstrip("/") + "/")]
             if inside:
                 raise RetentionRefused(
                     f"deleting {folder} would delete {', '.join(inside)}, which is kept: removing nothing"
                 )
+
+
+def _where(place: Any) -> str:
+    """A place as text to compare: a local path absolute, links resolved (``--wal-archive ../wal``)."""
+    return str(place.resolve()) if is_local_path(place) else str(place)
 
 
 def _tablespace_copies(folder: Any) -> list[Any]:
