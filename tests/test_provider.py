@@ -41,13 +41,17 @@ def test_airflow_providers_list_shows_the_provider(tmp_path):
     assert "airflow-provider-pg-safe-backup" in names
 
 
-def test_example_dag_wiring_and_serialization():
-
+def example_dag(module: str) -> DAG:
+    """The ``dag`` of ``example_dags/<module>.py``."""
     sys.path.insert(0, str(ROOT / "example_dags"))
     try:
-        dag = importlib.import_module("pg_backup_example").dag
+        return importlib.import_module(module).dag
     finally:
         sys.path.pop(0)
+
+
+def test_example_dag_wiring_and_serialization():
+    dag = example_dag("pg_backup_example")
     tasks = {t.task_id: t for t in dag.tasks}
     gate, finish = tasks["backup.wait_for_backup_mode"], tasks["backup.finish_backup"]
     copy, hold = tasks["backup.copy_data_directory"], tasks["backup.hold_backup_session"]
@@ -223,11 +227,7 @@ def test_copy_operator_parameters_are_checked_naming_them(kwargs, error):
 
 
 def test_restore_drill_example_dag_serializes():
-    sys.path.insert(0, str(ROOT / "example_dags"))
-    try:
-        dag = importlib.import_module("pg_restore_drill_example").dag
-    finally:
-        sys.path.pop(0)
+    dag = example_dag("pg_restore_drill_example")
     drill = dag.get_task("restore_drill")
     assert drill.max_age == 30 * 3600 and drill.template_fields[:2] == ("root", "wal_archive")
     restored = serialization_round_trip(dag)
