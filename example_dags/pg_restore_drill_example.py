@@ -1,4 +1,5 @@
-"""A nightly restore drill: prove the newest backup under BACKUP_ROOT still restores, and how long it takes.
+"""A nightly restore drill, then retention: prove the newest backup under BACKUP_ROOT still restores, and
+how long it takes; then delete what the retention policy lets go.
 
 ``pg_backup_example`` stores each backup in its own folder under BACKUP_ROOT with a ``backup_info.json``
 beside it (the catalog). This DAG takes the newest, restores it on a temporary server in a scratch
@@ -6,6 +7,10 @@ folder, runs every check (page LSNs, ``pg_verifybackup``, recovery with the WAL 
 and the invariant below), and records the restore time (the RTO) in XCom, its log and the backup's
 ``backup_info.json``. It fails, naming the age, when the newest backup is older than
 DRILL_MAX_AGE_HOURS: the backups have stopped.
+
+Once the drill passed, retention keeps the newest KEEP_LAST backups (and always the newest verified
+one: the drill just verified it), deletes the others, then the WAL files older than the oldest kept
+backup's start (as pg_archivecleanup); a failed drill deletes nothing.
 
 Run it on a worker with PostgreSQL binaries of the backup's major and room for one more copy
 (``queue=``, PG_DRILL_QUEUE). Set WAL_ARCHIVE to the folder archive_command copies into.
@@ -20,7 +25,7 @@ import pendulum
 
 from airflow.sdk import DAG
 
-from pg_safe_backup.operators.lifecycle import PostgresRestoreDrillOperator
+from pg_safe_backup.operators.lifecycle import PostgresBackupRetentionOperator, PostgresRestoreDrillOperator
 
 with DAG(
     "pg_restore_drill_example",
@@ -30,7 +35,7 @@ with DAG(
     max_active_runs=1,
     tags=["postgres", "backup", "drill"],
 ) as dag:
-    PostgresRestoreDrillOperator(
+    drill = PostgresRestoreDrillOperator(
         task_id="restore_drill",
         root=os.environ.get("BACKUP_ROOT", "/backups"),
         wal_archive=os.environ.get("WAL_ARCHIVE", "/var/lib/postgresql/wal_archive"),
@@ -38,4 +43,10 @@ with DAG(
         # Rows every restore must show: adapt to your data (true in every row, or the drill fails).
         invariant_sql="SELECT count(*) > 0 FROM pg_catalog.pg_database WHERE datname = current_database()",
         queue=os.environ.get("PG_DRILL_QUEUE", "default"),
+    )
+    drill >> PostgresBackupRetentionOperator(
+        task_id="retention",
+        root=os.environ.get("BACKUP_ROOT", "/backups"),
+        wal_archive=os.environ.get("WAL_ARCHIVE", "/var/lib/postgresql/wal_archive"),
+        keep_last=int(os.environ.get("KEEP_LAST", "7")),
     )

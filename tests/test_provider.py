@@ -230,8 +230,9 @@ def test_restore_drill_example_dag_serializes():
     dag = example_dag("pg_restore_drill_example")
     drill = dag.get_task("restore_drill")
     assert drill.max_age == 30 * 3600 and drill.template_fields[:2] == ("root", "wal_archive")
+    assert dag.get_task("retention").upstream_task_ids == {"restore_drill"}  # a failed drill deletes nothing
     restored = serialization_round_trip(dag)
-    assert [t.task_id for t in restored.tasks] == ["restore_drill"]
+    assert sorted(t.task_id for t in restored.tasks) == ["restore_drill", "retention"]
 
 
 def test_pip_installs_the_pg_safe_backup_console_script(tmp_path):
