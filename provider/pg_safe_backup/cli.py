@@ -8,6 +8,10 @@ Needs only this package and PostgreSQL's binaries (nothing of Airflow is importe
 (when the copy has a backup_manifest) and the restore check, prints a verdict line and a line per check,
 and exits 0 when none failed, 1 otherwise. Without WAL_ARCHIVE the backup must be self-contained (its
 WAL in its pg_wal/).
+
+``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR [--target-time T | --target-lsn L |
+--target-name N | --target-immediate] [--latest-before TIME]`` prepares TARGET_DIR so that ``pg_ctl start``
+recovers the backup (see :mod:`pg_safe_backup.restore`), then prints that command.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import sys
 
 from pg_safe_backup.catalog import LIST_DESCRIPTION, LIST_EPILOG, add_list_arguments
+from pg_safe_backup.restore import RESTORE_DESCRIPTION, RESTORE_EPILOG, add_restore_arguments
 from pg_safe_backup.verify import VERIFY_DESCRIPTION, VERIFY_EPILOG, add_verify_arguments
 
 
@@ -38,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
             help="list the backups under a folder: when, size, LSNs, timeline, verified",
             description=LIST_DESCRIPTION,
             epilog=LIST_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    add_restore_arguments(
+        sub.add_parser(
+            "restore",
+            help="prepare a data directory from a backup so that pg_ctl start recovers it (PITR)",
+            description=RESTORE_DESCRIPTION,
+            epilog=RESTORE_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
