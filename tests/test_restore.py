@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -21,9 +22,12 @@ from pathlib import Path
 import pytest
 
 from demo.load import wait_archived
-from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server_user
+from pg_safe_backup.files.tarball import write_tar_backup
+from pg_safe_backup.hooks.backup import PostgresBackupHook
+from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, free_port, give_to_server_user
 
-from backup_helpers import catalogued_backup, cluster_with_space
+from backup_helpers import catalogued_backup, cluster_with_space, run_backup
+from conftest import CONN_ID
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
@@ -92,7 +96,6 @@ def recovered(target: Path, timeout: float = 120) -> Iterator[LocalCluster]:
     server = LocalCluster(target, port=free_port())
     with open(target / "postgresql.auto.conf", "a") as f:
         f.write(f"unix_socket_directories = '{server.socket_dir}'\n")
-    give_to_server_user(target)
     server.start()
     try:
         deadline = time.monotonic() + timeout
@@ -131,6 +134,7 @@ def test_a_point_in_time_restore_holds_exactly_the_rows_committed_before_its_tar
     assert done.returncode == 0, done.stderr
     assert f"picked {backups.first} " in done.stdout, "--latest-before picks the backup before the target"
     assert f"pg_ctl -D {target} start" in done.stdout, "it says how to start the server"
+    assert " MB of " in done.stdout, "it reports the copy's progress"
     with recovered(target) as server:
         assert count_and_sum(server, "t") == (200, sum(range(1, 201)))
         assert count_and_sum(server, "s") == (200, sum(range(1, 201)))
@@ -155,6 +159,7 @@ def test_the_newest_backup_replays_to_the_end_of_the_archive_with_its_tablespace
     assert (target / "recovery.signal").is_file()
     assert not (target / "backup_info.json").exists(), "the catalog's sidecar stays with the backup"
     assert (target.stat().st_mode & 0o777) == 0o700
+    assert target.stat().st_uid == space.stat().st_uid == pwd.getpwnam(SERVER_USER).pw_uid
     with recovered(target) as server:
         assert count_and_sum(server, "t") == (400, sum(range(1, 401)))
         assert count_and_sum(server, "s") == (400, sum(range(1, 401)))
@@ -224,3 +229,30 @@ def test_the_live_tablespace_location_is_refused_unless_remapped(backups: Backup
 def test_a_missing_wal_archive_is_refused(backups: Backups) -> None:
     error = refused(backups.second, backups.scratch / "never5", "--wal-archive", backups.scratch / "nowhere")
     assert "--wal-archive" in error
+
+
+def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(backups: Backups) -> None:
+    stored = backups.scratch / "tar"
+    backup = run_backup(
+        PostgresBackupHook(CONN_ID),
+        "nightly/run3/tar",
+        lambda: write_tar_backup(backups.cluster.datadir, stored, compression="zstd"),
+    )
+    (stored / "backup_label").write_text(backup["backup_label"])
+    (stored / "tablespace_map").write_text(backup["tablespace_map"])
+    wait_archived(backups.cluster)
+    target, space = backups.scratch / "from_tar", backups.scratch / "from_tar_space"
+    done = restore(
+        stored,
+        target,
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={space}",
+        "--archive-mode",
+        "off",
+    )
+    assert done.returncode == 0, done.stderr
+    with recovered(target) as server:
+        assert count_and_sum(server, "t") == (400, sum(range(1, 401)))
+        assert count_and_sum(server, "s") == (400, sum(range(1, 401)))

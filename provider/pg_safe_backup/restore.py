@@ -7,7 +7,9 @@ restore check (:mod:`pg_safe_backup.verify`) both use it.
 1. The backup is copied into TARGET (new or empty), following links. ``pg_wal`` is not copied (an empty
    ``pg_wal/archive_status`` is made: the WAL comes from the archive), nor are ``postmaster.pid`` /
    ``postmaster.opts``, ``standby.signal``, ``recovery.signal``, ``recovery.conf``, ``backup_manifest``
-   or ``backup_info.json`` (they describe the backup, not the restored cluster).
+   or ``backup_info.json`` (they describe the backup, not the restored cluster). A tar-format backup
+   (``base.tar[.gz|.zst]`` and ``<OID>.tar[...]``, files/tarball.py) is extracted instead, its
+   ``backup_label`` and ``tablespace_map``, stored beside the archives, copied in.
 2. Tablespaces. Each ``OID PATH`` line of the backup's ``tablespace_map`` names a tablespace; its backup
    is found as :mod:`pg_safe_backup.files.tablespaces` says and copied to ``tablespaces[OID]`` (a remap),
    else under ``tablespace_root`` when given, else back to PATH, its original location, as pgBackRest
@@ -35,16 +37,19 @@ CLI: ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR ...`` (see :fu
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import IO, Any
 
 from pg_safe_backup.catalog import INFO_NAME, INFO_TMP, CatalogError, latest_before, list_backups, parse_when
 from pg_safe_backup.catalog import read_info as read_backup_info
@@ -75,6 +80,8 @@ SKIP_TOP = {
 }
 #: PostgreSQL's recovery_target_action values; 'pause' is its default.
 TARGET_ACTIONS = ("pause", "promote", "shutdown")
+#: The archives of a tar-format backup: none, gzip, zstd (files/tarball.py writes them).
+TAR_SUFFIXES = ("", ".gz", ".zst")
 #: Seconds between two progress reports of the copy.
 PROGRESS_EVERY = 3.0
 
@@ -125,10 +132,14 @@ def check_backup_dir(
     :returns: the backup_label's text, or None when there is none (and none is required).
     :raises RestoreError: the reason, naming the file or folder.
     """
-    if not (backup / "PG_VERSION").is_file() or not (backup / "global" / "pg_control").is_file():
+    tar = bool(tar_archives(backup))
+    if not tar and not ((backup / "PG_VERSION").is_file() and (backup / "global" / "pg_control").is_file()):
         raise RestoreError(
             f"{backup} is not a copy of a PostgreSQL data directory (no PG_VERSION or global/pg_control)"
+            " nor a tar backup (no base.tar)"
         )
+    if archive is None and tar:
+        raise RestoreError(f"{backup} is a tar backup: it restores with a WAL archive (--wal-archive)")
     if archive is None:
         if not any((backup / "pg_wal").glob("[0-9A-F]" * 24)):
             raise RestoreError(
@@ -262,14 +273,64 @@ class _Progress:
         self.done = self.files = 0
         self.last = time.monotonic()
 
-    def copy(self, src: str, dst: str) -> str:
-        shutil.copy2(src, dst)
-        self.done += os.path.getsize(dst)
-        self.files += 1
+    def add(self, size: int, files: int = 1) -> None:
+        """Count ``size`` more bytes and ``files`` more files; report when it is time."""
+        self.done += size
+        self.files += files
         if self.callback and time.monotonic() - self.last >= PROGRESS_EVERY:
             self.last = time.monotonic()
             self.callback(self.done, self.total)
+
+    def copy(self, src: str, dst: str) -> str:
+        """shutil.copytree's copy_function, counted."""
+        shutil.copy2(src, dst)
+        self.add(os.path.getsize(dst))
         return dst
+
+
+# ------------------------------------------------------------------------------------------ tar format
+def tar_archives(backup: Path) -> dict[str | None, Path]:
+    """The archives of a tar-format backup (``base.tar[.gz|.zst]``, ``<oid>.tar[...]``): tablespace OID (None
+    for base.tar) -> file; empty for a plain backup."""
+    found: dict[str | None, Path] = {}
+    for path in sorted(backup.glob("*.tar*")) if backup.is_dir() else []:
+        stem, _, suffix = path.name.partition(".tar")
+        if suffix in TAR_SUFFIXES and (stem == "base" or stem.isdigit()):
+            found[None if stem == "base" else stem] = path
+    return found if None in found else {}
+
+
+class _CountedReader(io.RawIOBase):
+    """A file read through it counts its bytes into the progress (the archive's stored size)."""
+
+    def __init__(self, raw: IO[bytes], progress: _Progress) -> None:
+        self.raw, self.progress = raw, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)
+        self.progress.add(n or 0, files=0)
+        return n or 0
+
+
+def _extract(archive: Path, into: Path, skip_top: set[str], progress: _Progress) -> None:
+    """Extract one archive of a tar backup into ``into``, leaving out members under ``skip_top``."""
+    with open(archive, "rb") as raw:
+        counted: IO[bytes] = io.BufferedReader(_CountedReader(raw, progress))  # type: ignore[arg-type]
+        if archive.name.endswith(".zst"):
+            import zstandard  # only a zstd backup needs it (the [zstd] extra)
+
+            counted = zstandard.ZstdDecompressor().stream_reader(counted)  # type: ignore[assignment]
+        mode = "r|gz" if archive.name.endswith(".gz") else "r|"
+        with tarfile.open(fileobj=counted, mode=mode) as tar:
+            for member in tar:
+                if member.name.split("/", 1)[0] in skip_top:
+                    continue
+                # 'data': no absolute paths, no links out of ``into``, no device files, no owners.
+                tar.extract(member, into, filter="data")
+                progress.files += member.isfile()
 
 
 def _size(folder: Path, skip: set[str]) -> int:
@@ -284,9 +345,23 @@ def _size(folder: Path, skip: set[str]) -> int:
 
 
 def _copy_backup(
-    backup: Path, data: Path, use_backup_pg_wal: bool, progress: _Progress, result: RestoreResult
+    backup: Path,
+    data: Path,
+    archives: Mapping[str | None, Path],
+    use_backup_pg_wal: bool,
+    progress: _Progress,
+    result: RestoreResult,
 ) -> None:
-    """Copy the backup to ``data``, following links (nothing in the copy points back at the backup)."""
+    """Copy the backup to ``data``, following links (nothing in the copy points back at the backup); a
+    tar backup's base.tar is extracted, and its label files, stored beside the archives, copied."""
+    if archives:
+        _extract(archives[None], data, SKIP_TOP, progress)
+        for name in ("backup_label", "tablespace_map"):
+            if (backup / name).is_file():
+                shutil.copy2(backup / name, data / name)
+        (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+        (data / "pg_tblspc").mkdir(exist_ok=True)
+        return
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         if Path(folder) == backup:
@@ -334,6 +409,7 @@ def _plan_tablespaces(
     tablespace_root: Path | None,
     sources: Mapping[str | int, Path | str],
     major: int | None,
+    archives: Mapping[str | None, Path],
 ) -> list[_Placement]:
     """Where each tablespace of the backup goes, checked before anything is copied.
 
@@ -358,8 +434,10 @@ def _plan_tablespaces(
             )
     plan = []
     for oid, original in entries:
+        if archives and oid not in archives:
+            raise RestoreError(f"tablespace {oid} ({original} in tablespace_map): no {oid}.tar in {backup}")
         try:
-            source = find_tablespace_copy(backup, oid, original, sources, major)
+            source = archives.get(oid) or find_tablespace_copy(backup, oid, original, sources, major)
         except TablespaceNotCopied as err:
             raise RestoreError(str(err)) from err
         where = remap.get(oid) or (tablespace_root / oid if tablespace_root else Path(original))
@@ -386,7 +464,12 @@ def _place_tablespaces(
                 entry, data / "pg_tblspc" / entry.name, symlinks=False, copy_function=progress.copy
             )
     for p in plan:
-        shutil.copytree(p.source, p.where, symlinks=False, copy_function=progress.copy, dirs_exist_ok=True)
+        if p.source.is_file():  # <oid>.tar of a tar backup
+            _extract(p.source, p.where, set(), progress)
+        else:
+            shutil.copytree(
+                p.source, p.where, symlinks=False, copy_function=progress.copy, dirs_exist_ok=True
+            )
         os.chmod(p.where, 0o700)
         (data / "pg_tblspc" / p.oid).symlink_to(p.where)
         result.tablespaces[p.oid] = {
@@ -448,7 +531,7 @@ def prepare_restore(
 ) -> RestoreResult:
     """Turn ``backup`` into the data directory ``target`` that recovers when started (module docstring).
 
-    :param backup: the stored backup (a plain folder with backup_label).
+    :param backup: the stored backup: a plain folder with backup_label, or a tar backup's folder.
     :param target: the new data directory: absent or empty.
     :param wal_archive: the WAL archive; None only for a self-contained backup.
     :param recovery: where recovery stops (default: the end of the archive, then pause... as PostgreSQL:
@@ -477,6 +560,7 @@ def prepare_restore(
         raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
     if owner is not None and os.geteuid() != 0:
         owner = None  # only root can give files away; they stay the caller's
+    archives = tar_archives(backup)
     label = check_backup_dir(backup, archive, require_backup_label=require_backup_label, reader=owner)
     _check_not_before_backup(backup, recovery)
     remap = {str(oid): Path(where) for oid, where in (tablespaces or {}).items()}
@@ -487,12 +571,17 @@ def prepare_restore(
         Path(tablespace_root) if tablespace_root else None,
         tablespace_sources or {},
         backup_major(backup),
+        archives,
     )
-    meter = _Progress(_size(backup, SKIP_TOP) + sum(_size(p.source, set()) for p in plan), progress)
+    if archives:  # the archives' stored (compressed) bytes, as they are read
+        total = sum(path.stat().st_size for path in archives.values())
+    else:
+        total = _size(backup, SKIP_TOP) + sum(_size(p.source, set()) for p in plan)
+    meter = _Progress(total, progress)
     made = [(folder, folder.exists()) for folder in [data, *(p.where for p in plan)]]
     try:
         data.mkdir(parents=True, exist_ok=True)
-        _copy_backup(backup, data, use_backup_pg_wal or archive is None, meter, result)
+        _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result)
         _place_tablespaces(backup, data, plan, meter, result)
         command = restore_command or (archive_restore_command(archive) if archive else "")
         settings = recovery.settings(command)
@@ -563,9 +652,16 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     """
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = RESTORE_EPILOG
-    p.add_argument("backup", type=Path, help="the backup folder (with --latest-before: the backups' root)")
-    p.add_argument("target_dir", type=Path, help="the new data directory (absent or empty)")
-    p.add_argument("--wal-archive", type=Path, required=True, help="the WAL archive folder")
+    p.add_argument(
+        "backup",
+        type=Path,
+        metavar="BACKUP",
+        help="the backup folder (with --latest-before: the backups' root)",
+    )
+    p.add_argument(
+        "target_dir", type=Path, metavar="TARGET_DIR", help="the new data directory (absent or empty)"
+    )
+    p.add_argument("--wal-archive", type=Path, required=True, metavar="DIR", help="the WAL archive folder")
     p.add_argument(
         "--tablespace",
         type=_tablespace_flag,

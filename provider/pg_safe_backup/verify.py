@@ -3,10 +3,13 @@
 ``verify_backup(BACKUP_DIR, WAL_ARCHIVE)`` never touches the backup, the WAL archive (read only,
 through ``restore_command``) or the backed-up tablespace locations:
 
+Steps 1-3 are :func:`pg_safe_backup.restore.prepare_restore`'s, the same as ``pg-safe-backup restore``,
+into a sandbox:
+
 1. The backup is copied into a fresh work dir (owned by the server's OS user, mode 0700).
    ``pg_wal`` is not copied (an empty ``pg_wal/archive_status`` is created), nor are
-   ``postmaster.pid``/``postmaster.opts``, ``standby.signal``, ``recovery.conf`` or the
-   ``pg_tblspc`` links.
+   ``postmaster.pid``/``postmaster.opts``, ``standby.signal``, ``recovery.conf``, ``backup_manifest``,
+   ``backup_info.json`` or the ``pg_tblspc`` links. A tar backup's archives are extracted.
 2. Tablespaces. For each ``OID PATH`` line of the backup's ``tablespace_map`` the tablespace's
    backup (what was in PATH, i.e. the ``PG_<major>_<catversion>`` folder) is looked up, first found
    wins, in:
@@ -16,7 +19,8 @@ through ``restore_command``) or the backed-up tablespace locations:
    * ``<BACKUP_DIR>.tablespaces/<OID>/``,
    * ``<BACKUP_DIR>/pg_tblspc/<OID>/`` when it is a real folder (not a link).
 
-   It is copied into the work dir and ``tablespace_map`` is rewritten to point at the copy, so
+   It is copied into the work dir (``tablespaces/<OID>``, never its original location) and
+   ``tablespace_map`` is rewritten to point at the copy, so
    PostgreSQL recreates the ``pg_tblspc`` links to the copies. A tablespace without a backup, or a
    ``pg_tblspc`` link the map does not list, is a FAIL: the original location is never used.
 3. ``recovery.signal`` is written and settings are appended to ``postgresql.auto.conf`` (read
