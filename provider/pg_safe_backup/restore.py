@@ -316,7 +316,21 @@ class _CountedReader(io.RawIOBase):
 
 
 def _extract(archive: Path, into: Path, skip_top: set[str], progress: _Progress) -> None:
-    """Extract one archive of a tar backup into ``into``, leaving out members under ``skip_top``."""
+    """Extract one archive of a tar backup into ``into``, leaving out members under ``skip_top``.
+
+    :raises RestoreError: the archive is damaged, cut short or needs a missing decompressor (named).
+    """
+    try:
+        _extract_members(archive, into, skip_top, progress)
+    except (OSError, EOFError, ImportError, tarfile.TarError) as err:
+        raise RestoreError(f"cannot extract {archive}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # zstandard.ZstdError, without importing zstandard for every backup
+        if type(err).__module__.split(".")[0] != "zstandard":
+            raise
+        raise RestoreError(f"cannot extract {archive}: {err}") from err
+
+
+def _extract_members(archive: Path, into: Path, skip_top: set[str], progress: _Progress) -> None:
     with open(archive, "rb") as raw:
         counted: IO[bytes] = io.BufferedReader(_CountedReader(raw, progress))  # type: ignore[arg-type]
         if archive.name.endswith(".zst"):
@@ -689,6 +703,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         help=f"OS user to own the data directory (as root; default {SERVER_USER})",
     )
     p.add_argument(
+        "--restore-command",
+        metavar="CMD",
+        help="restore_command to fetch WAL with (default: cp from --wal-archive), e.g. for a compressed"
+        " archive",
+    )
+    p.add_argument(
         "--archive-mode",
         choices=("off",),
         help="'off': the restored server does not archive (default: the backup's setting)",
@@ -723,6 +743,7 @@ def _restore(args: argparse.Namespace) -> int:
                 action=args.target_action,
             ),
             tablespaces=dict(args.tablespace),
+            restore_command=args.restore_command,
             archive_mode=args.archive_mode,
             owner=args.owner,
             progress=report,
@@ -736,6 +757,18 @@ def _restore(args: argparse.Namespace) -> int:
         f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
         f" {result.seconds:.1f} s"
     )
+    if args.archive_mode is None:
+        print(
+            "note: the restored server archives WAL as the backed up one was configured to; pass"
+            " --archive-mode off to keep it from writing into that server's archive"
+        )
+    if args.target_action == "pause" and (
+        args.target_time or args.target_lsn or args.target_name or args.target_immediate
+    ):
+        print(
+            "note: recovery pauses at the target (--target-action pause): check the data, then run"
+            " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
+        )
     print(f"start it with:\n  {start_command(result.target, result.owner)}")
     return 0
 
