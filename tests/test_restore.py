@@ -140,12 +140,12 @@ def test_a_point_in_time_restore_holds_exactly_the_rows_committed_before_its_tar
         assert count_and_sum(server, "s") == (200, sum(range(1, 201)))
 
 
-def test_the_newest_backup_replays_to_the_end_of_the_archive_with_its_tablespace_remapped(
-    backups: Backups,
-) -> None:
-    target, space = backups.scratch / "newest", backups.scratch / "newest_space"
+def restored_to_the_end(backups: Backups, stored: Path, name: str) -> tuple[Path, Path]:
+    """``stored`` restored (to the end of the archive) into ``scratch/<name>``, its tablespace remapped to
+    ``scratch/<name>_space``: the two folders."""
+    target, space = backups.scratch / name, backups.scratch / f"{name}_space"
     done = restore(
-        backups.second,
+        stored,
         target,
         "--wal-archive",
         backups.archive,
@@ -155,14 +155,26 @@ def test_the_newest_backup_replays_to_the_end_of_the_archive_with_its_tablespace
         "off",
     )
     assert done.returncode == 0, done.stderr
+    return target, space
+
+
+def assert_every_row(server: LocalCluster) -> None:
+    """All 400 rows of both tables, as the cluster holds them at the end of the archive."""
+    assert count_and_sum(server, "t") == (400, sum(range(1, 401)))
+    assert count_and_sum(server, "s") == (400, sum(range(1, 401)))
+
+
+def test_the_newest_backup_replays_to_the_end_of_the_archive_with_its_tablespace_remapped(
+    backups: Backups,
+) -> None:
+    target, space = restored_to_the_end(backups, backups.second, "newest")
     assert (target / "pg_tblspc" / backups.tablespace_oid).readlink() == space
     assert (target / "recovery.signal").is_file()
     assert not (target / "backup_info.json").exists(), "the catalog's sidecar stays with the backup"
     assert (target.stat().st_mode & 0o777) == 0o700
     assert target.stat().st_uid == space.stat().st_uid == pwd.getpwnam(SERVER_USER).pw_uid
     with recovered(target) as server:
-        assert count_and_sum(server, "t") == (400, sum(range(1, 401)))
-        assert count_and_sum(server, "s") == (400, sum(range(1, 401)))
+        assert_every_row(server)
         (location,) = server.sql("SELECT pg_tablespace_location(%s::oid)", [backups.tablespace_oid])[0]
         assert location == str(space)
 
@@ -241,18 +253,6 @@ def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(backup
     (stored / "backup_label").write_text(backup["backup_label"])
     (stored / "tablespace_map").write_text(backup["tablespace_map"])
     wait_archived(backups.cluster)
-    target, space = backups.scratch / "from_tar", backups.scratch / "from_tar_space"
-    done = restore(
-        stored,
-        target,
-        "--wal-archive",
-        backups.archive,
-        "--tablespace",
-        f"{backups.tablespace_oid}={space}",
-        "--archive-mode",
-        "off",
-    )
-    assert done.returncode == 0, done.stderr
+    target, _ = restored_to_the_end(backups, stored, "from_tar")
     with recovered(target) as server:
-        assert count_and_sum(server, "t") == (400, sum(range(1, 401)))
-        assert count_and_sum(server, "s") == (400, sum(range(1, 401)))
+        assert_every_row(server)
