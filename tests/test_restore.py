@@ -256,3 +256,16 @@ def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(backup
     target, _ = restored_to_the_end(backups, stored, "from_tar")
     with recovered(target) as server:
         assert_every_row(server)
+
+
+def test_a_target_dir_inside_the_backup_is_refused(backups: Backups) -> None:
+    error = refused(
+        backups.second,
+        backups.second / "restored",
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={backups.scratch / 'never6_space'}",
+    )
+    assert "overlaps BACKUP" in error
+    assert not (backups.second / "restored").exists()

@@ -465,6 +465,23 @@ def _plan_tablespaces(
     return plan
 
 
+def _check_apart(backup: Path, data: Path, plan: list[_Placement]) -> None:
+    """Every place written is apart from the others and from what is read: two tablespaces in one folder
+    would merge, and a target inside what is copied would be copied into itself.
+
+    :raises RestoreError: two places overlap (named).
+    """
+    written = [("TARGET_DIR", data)] + [(f"--tablespace {p.oid}", p.where) for p in plan]
+    read = [("BACKUP", backup)] + [(f"the backup of tablespace {p.oid}", p.source) for p in plan]
+    for i, (name, place) in enumerate(written):
+        others = written[i + 1 :] + read
+        for other_name, other in others:
+            if place == other or place.is_relative_to(other) or other.is_relative_to(place):
+                raise RestoreError(
+                    f"{name} ({place}) overlaps {other_name} ({other}): give them apart folders"
+                )
+
+
 def _place_tablespaces(
     backup: Path, data: Path, plan: list[_Placement], progress: _Progress, result: RestoreResult
 ) -> None:
@@ -587,6 +604,7 @@ def prepare_restore(
         backup_major(backup),
         archives,
     )
+    _check_apart(backup, data, plan)
     if archives:  # the archives' stored (compressed) bytes, as they are read
         total = sum(path.stat().st_size for path in archives.values())
     else:
