@@ -14,7 +14,7 @@ import pwd
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -204,38 +204,25 @@ def test_a_backup_without_backup_label_is_refused(backups: Backups) -> None:
     assert "no backup_label" in error
 
 
-def test_two_recovery_targets_at_once_are_refused(backups: Backups) -> None:
-    error = refused(
-        backups.second,
-        backups.scratch / "never2",
-        "--wal-archive",
-        backups.archive,
-        "--target-time",
-        datetime.now(timezone.utc).isoformat(),
-        "--target-lsn",
-        "0/0",
-    )
-    assert "--target-time and --target-lsn" in error
-    assert not (backups.scratch / "never2").exists()
-
-
-def test_a_target_time_before_the_backup_ended_is_refused(backups: Backups) -> None:
-    error = refused(
-        backups.second,
-        backups.scratch / "never3",
-        "--wal-archive",
-        backups.archive,
-        "--target-time",
-        (backups.between - timedelta(seconds=1)).isoformat(),
-    )
-    assert "--target-time" in error
-    assert "--latest-before" in error
-
-
-def test_the_live_tablespace_location_is_refused_unless_remapped(backups: Backups) -> None:
-    error = refused(backups.second, backups.scratch / "never4", "--wal-archive", backups.archive)
-    assert f"--tablespace {backups.tablespace_oid}=DIR" in error
-    assert not (backups.scratch / "never4").exists()
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (
+            lambda b: ["--target-time", b.between.isoformat(), "--target-lsn", "0/0"],
+            "--target-time and --target-lsn",
+        ),
+        (lambda b: ["--target-time", (b.between - timedelta(seconds=1)).isoformat()], "use --latest-before"),
+        (lambda b: [], "--tablespace {oid}=DIR"),
+    ],
+    ids=["two recovery targets at once", "a target time before the backup ended", "the live tablespace"],
+)
+def test_a_restore_that_cannot_be_done_safely_is_refused_naming_the_flag(
+    backups: Backups, flags: Callable[[Backups], list[str]], named: str, request: pytest.FixtureRequest
+) -> None:
+    target = backups.scratch / f"never_{request.node.callspec.id.replace(' ', '_')}"
+    error = refused(backups.second, target, "--wal-archive", backups.archive, *flags(backups))
+    assert named.format(oid=backups.tablespace_oid) in error
+    assert not target.exists(), "nothing was written"
 
 
 def test_a_missing_wal_archive_is_refused(backups: Backups) -> None:

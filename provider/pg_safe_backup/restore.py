@@ -255,7 +255,7 @@ def _check_not_before_backup(backup: Path, target: RecoveryTarget) -> None:
     if target.time is not None and target.time < info.stopped:
         raise RestoreError(
             f"--target-time {target.time.isoformat()} is before the end of this backup ({info.stop_time});"
-            " restore an earlier one (--latest-before picks it from the backups' root)"
+            " restore an earlier one: use --latest-before with the backups' root"
         )
     if target.lsn is not None and parse_lsn(target.lsn) < parse_lsn(info.stop_lsn):
         raise RestoreError(
