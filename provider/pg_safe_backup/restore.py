@@ -657,9 +657,13 @@ RESTORE_DESCRIPTION = (
     "Prepare TARGET_DIR from a stored backup so that `pg_ctl -D TARGET_DIR start` recovers it: the copy, its"
     " tablespaces, an empty pg_wal/, recovery.signal, restore_command and the recovery target."
 )
-RESTORE_EPILOG = """example: a point-in-time restore from the newest backup before 06:00 UTC
+RESTORE_EPILOG = """examples:
+  # a point-in-time restore from the newest backup that ended before 06:00 UTC
   pg-safe-backup restore /backups/main /srv/pg-restored --latest-before 2026-11-26T06:00:00Z \\
       --target-time 2026-11-26T06:00:00Z --target-action promote --wal-archive /backups/wal
+  # one backup to the end of the archive, tablespace 16384 into a new folder
+  pg-safe-backup restore /backups/main/20261126T010000 /srv/pg-restored --wal-archive /backups/wal \\
+      --tablespace 16384=/srv/pg-restored-space1
 """
 
 
@@ -682,8 +686,6 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
 
     :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the restore.
     """
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = RESTORE_EPILOG
     p.add_argument(
         "backup",
         type=Path,
