@@ -23,38 +23,46 @@ from pg_safe_backup.catalog import LIST_DESCRIPTION, LIST_EPILOG, add_list_argum
 from pg_safe_backup.restore import RESTORE_DESCRIPTION, RESTORE_EPILOG, add_restore_arguments
 from pg_safe_backup.verify import VERIFY_DESCRIPTION, VERIFY_EPILOG, add_verify_arguments
 
+#: Each subcommand: name, one-line help, description, --help examples, and what adds its arguments.
+COMMANDS = (
+    (
+        "verify",
+        "check a stored backup: page LSNs, pg_verifybackup, restore on a temporary server",
+        VERIFY_DESCRIPTION,
+        VERIFY_EPILOG,
+        add_verify_arguments,
+    ),
+    (
+        "list",
+        "list the backups under a folder: when, size, LSNs, timeline, verified",
+        LIST_DESCRIPTION,
+        LIST_EPILOG,
+        add_list_arguments,
+    ),
+    (
+        "restore",
+        "prepare a data directory from a backup so that pg_ctl start recovers it (PITR)",
+        RESTORE_DESCRIPTION,
+        RESTORE_EPILOG,
+        add_restore_arguments,
+    ),
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``pg-safe-backup`` command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog="pg-safe-backup", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_verify_arguments(
-        sub.add_parser(
-            "verify",
-            help="check a stored backup: page LSNs, pg_verifybackup, restore on a temporary server",
-            description=VERIFY_DESCRIPTION,
-            epilog=VERIFY_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+    for name, summary, description, epilog, add_arguments in COMMANDS:
+        add_arguments(
+            sub.add_parser(
+                name,
+                help=summary,
+                description=description,
+                epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
         )
-    )
-    add_list_arguments(
-        sub.add_parser(
-            "list",
-            help="list the backups under a folder: when, size, LSNs, timeline, verified",
-            description=LIST_DESCRIPTION,
-            epilog=LIST_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    add_restore_arguments(
-        sub.add_parser(
-            "restore",
-            help="prepare a data directory from a backup so that pg_ctl start recovers it (PITR)",
-            description=RESTORE_DESCRIPTION,
-            epilog=RESTORE_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
     args = parser.parse_args(argv)
     return args.run(args)
 
