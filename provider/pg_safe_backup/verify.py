@@ -3,10 +3,13 @@
 ``verify_backup(BACKUP_DIR, WAL_ARCHIVE)`` never touches the backup, the WAL archive (read only,
 through ``restore_command``) or the backed-up tablespace locations:
 
+Steps 1-3 are :func:`pg_safe_backup.restore.prepare_restore`'s, the same as ``pg-safe-backup restore``,
+into a sandbox:
+
 1. The backup is copied into a fresh work dir (owned by the server's OS user, mode 0700).
    ``pg_wal`` is not copied (an empty ``pg_wal/archive_status`` is created), nor are
-   ``postmaster.pid``/``postmaster.opts``, ``standby.signal``, ``recovery.conf`` or the
-   ``pg_tblspc`` links.
+   ``postmaster.pid``/``postmaster.opts``, ``standby.signal``, ``recovery.conf``, ``backup_manifest``,
+   ``backup_info.json`` or the ``pg_tblspc`` links. A tar backup's archives are extracted.
 2. Tablespaces. For each ``OID PATH`` line of the backup's ``tablespace_map`` the tablespace's
    backup (what was in PATH, i.e. the ``PG_<major>_<catversion>`` folder) is looked up, first found
    wins, in:
@@ -16,7 +19,8 @@ through ``restore_command``) or the backed-up tablespace locations:
    * ``<BACKUP_DIR>.tablespaces/<OID>/``,
    * ``<BACKUP_DIR>/pg_tblspc/<OID>/`` when it is a real folder (not a link).
 
-   It is copied into the work dir and ``tablespace_map`` is rewritten to point at the copy, so
+   It is copied into the work dir (``tablespaces/<OID>``, never its original location) and
+   ``tablespace_map`` is rewritten to point at the copy, so
    PostgreSQL recreates the ``pg_tblspc`` links to the copies. A tablespace without a backup, or a
    ``pg_tblspc`` link the map does not list, is a FAIL: the original location is never used.
 3. ``recovery.signal`` is written and settings are appended to ``postgresql.auto.conf`` (read
@@ -50,7 +54,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -77,13 +80,7 @@ from pg_safe_backup.files.pgcontrol import (
     parse_lsn,
     stop_lsn_from_manifest,
 )
-from pg_safe_backup.files.tablespaces import (
-    TablespaceNotCopied,
-    escape_map_path,
-    find_tablespace_copy,
-    parse_tablespace_map,
-    tablespace_copies,
-)
+from pg_safe_backup.files.tablespaces import tablespace_copies
 from pg_safe_backup.local_cluster import (
     SERVER_USER,
     LocalCluster,
@@ -93,22 +90,18 @@ from pg_safe_backup.local_cluster import (
     give_to_server_user,
 )
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
+from pg_safe_backup.restore import (
+    RecoveryTarget,
+    RestoreError,
+    backup_major,
+    check_backup_dir,
+    prepare_restore,
+    quote_setting,
+)
 from pg_safe_backup.state import parse_backup_label
 
 LSN = r"[0-9A-F]+/[0-9A-F]+"
 LOG_TAIL_LINES = 40
-# Never copied into the work dir: the server recreates / must not see them.
-_SKIP_TOP = {
-    "postmaster.pid",
-    "postmaster.opts",
-    "pg_wal",
-    "pg_xlog",
-    "pg_tblspc",
-    "standby.signal",
-    "recovery.signal",
-    "recovery.conf",
-    "recovery.done",
-}
 # Lines of the log up to the end of recovery that mean trouble. Connection attempts refused while
 # the server is still recovering are expected (hot_standby is off).
 _BAD_LOG = re.compile(r"\bPANIC:|\b(?:LOG|WARNING|ERROR|FATAL):\s.*\bcould not\b")
@@ -142,10 +135,6 @@ class VerifyResult:
         if d.get("kept_work_dir"):
             parts.append(f"kept {d['kept_work_dir']}")
         return "PASS: " + "; ".join(parts)
-
-
-class _Refused(Exception):
-    """The backup cannot be restored safely here; the message is the FAIL reason."""
 
 
 def verify_backup(
@@ -184,28 +173,51 @@ def verify_backup(
     work: Path | None = None
     cluster: LocalCluster | None = None
     try:
-        label_text = _preflight(backup, archive, require_backup_label, details)
-        if label_text is not None:
+        label_text = check_backup_dir(backup, archive, require_backup_label=require_backup_label)
+        fields = parse_backup_label(label_text) if label_text is not None else None
+        details["backup_label"] = fields
+        if fields is not None:
+            details["label"] = fields.get("LABEL")
             try:
                 check_copy(backup, None, label_text)
             except CopyMismatch as exc:
                 reasons.append(str(exc))
-        major = _major(backup)
+        major = backup_major(backup)
         bin_path = Path(bindir) if bindir else find_bindir(major)
         work = Path(tempfile.mkdtemp(prefix="pgsb-verify-", dir=work_dir))
         details["work_dir"] = str(work)
         data = work / "data"
-        _copy_backup(backup, data, use_backup_pg_wal or archive is None, details)
-        _prepare_tablespaces(backup, work, data, tablespace_dirs or {}, major, details)
+        settings = _sandbox_settings(work, major, extra_settings)
+        prepared = prepare_restore(
+            backup,
+            data,
+            wal_archive=archive,
+            recovery=RecoveryTarget(
+                immediate=recovery_target_immediate,
+                action="promote",
+                timeline="current" if recovery_target_immediate else "latest",
+            ),
+            tablespace_root=work / "tablespaces",
+            tablespace_sources=tablespace_dirs,
+            extra_settings=settings,
+            owner=None,
+            require_backup_label=require_backup_label,
+            use_backup_pg_wal=use_backup_pg_wal,
+        )
+        if prepared.not_copied:
+            details["not_copied"] = prepared.not_copied
+        if prepared.used_backup_pg_wal:
+            details["used_backup_pg_wal"] = prepared.used_backup_pg_wal
+        if prepared.tablespaces:
+            details["tablespaces"] = prepared.tablespaces
         newest = _newest_page(data, details)
-        settings = _settings(work, archive, recovery_target_immediate, major, extra_settings)
-        _configure(work, data, settings, archive_recovery=archive is not None)
+        (work / "pg_hba.conf").write_text("local all all trust\n")
+        (work / "pg_ident.conf").write_text("")
         cluster = LocalCluster(data, port=int(settings["port"]), bindir=bin_path)
         give_to_server_user(work)
         os.chmod(work, 0o700)
-        os.chmod(data, 0o700)
         if subprocess.run(as_server_user(["test", "-w", str(data), "-a", "-x", str(data)])).returncode != 0:
-            raise _Refused(
+            raise RestoreError(
                 f"the work dir {work} is not reachable by the {SERVER_USER} OS user"
                 " (pick another work_dir / --work-dir)"
             )
@@ -224,7 +236,7 @@ def verify_backup(
             if "PANIC:" in line or "was terminated by signal" in line:
                 reasons.append(f"server log during the checks: {line.strip()}")
         return _result(reasons, details, started)
-    except _Refused as exc:
+    except RestoreError as exc:  # the backup cannot be restored safely here: a FAIL reason
         reasons.append(str(exc))
         return _result(reasons, details, started)
     except Exception as exc:  # anything unexpected is a FAIL of the check, with what we know
@@ -259,119 +271,6 @@ def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
 
 
 # --------------------------------------------------------------------------------------- preparation
-def _preflight(
-    backup: Path, archive: Path | None, require_label: bool, details: dict[str, Any]
-) -> str | None:
-    if not (backup / "PG_VERSION").is_file() or not (backup / "global" / "pg_control").is_file():
-        raise _Refused(
-            f"{backup} is not a copy of a PostgreSQL data directory (no PG_VERSION or global/pg_control)"
-        )
-    if archive is None:
-        if not any((backup / "pg_wal").glob("[0-9A-F]" * 24)):
-            raise _Refused(
-                f"no WAL archive given and {backup}/pg_wal holds no WAL: only a self-contained backup"
-                " (include_wal) restores without an archive"
-            )
-    elif not archive.is_dir():
-        raise _Refused(f"the WAL archive {archive} is not a folder")
-    elif (
-        os.geteuid() == 0
-        and subprocess.run(as_server_user(["test", "-r", str(archive), "-a", "-x", str(archive)])).returncode
-        != 0
-    ):
-        raise _Refused(f"the WAL archive {archive} is not readable by the {SERVER_USER} OS user")
-    label_file = backup / "backup_label"
-    if not label_file.is_file():
-        details["backup_label"] = None
-        if require_label:
-            raise _Refused(
-                f"{backup} has no backup_label: an online backup restored without the label pg_backup_stop()"
-                " returned starts recovery from the wrong checkpoint and can silently lose committed rows"
-                " (require_backup_label=False checks it anyway, e.g. a copy of a stopped server)"
-            )
-        return None
-    label_text = label_file.read_text()
-    fields = parse_backup_label(label_text)
-    details["backup_label"] = fields
-    details["label"] = fields.get("LABEL")
-    if "START WAL LOCATION" not in fields:
-        raise _Refused(f"{label_file} is not a backup_label (no START WAL LOCATION line)")
-    return label_text
-
-
-def _major(backup: Path) -> int | None:
-    try:
-        return int((backup / "PG_VERSION").read_text().strip().split(".")[0])
-    except ValueError:
-        return None
-
-
-def _copy_backup(backup: Path, data: Path, use_backup_pg_wal: bool, details: dict[str, Any]) -> None:
-    """Copy the backup to ``data``, following links (so nothing in the copy points outside the work dir)."""
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        if Path(folder) == backup:
-            return {n for n in names if n in _SKIP_TOP}
-        return set()
-
-    shutil.copytree(backup, data, symlinks=False, ignore=ignore, ignore_dangling_symlinks=True)
-    skipped = sorted(n for n in os.listdir(backup) if n in _SKIP_TOP and n not in ("pg_wal", "pg_tblspc"))
-    if skipped:
-        details["not_copied"] = skipped
-    if use_backup_pg_wal and (backup / "pg_wal").is_dir():
-        shutil.copytree(
-            backup / "pg_wal",
-            data / "pg_wal",
-            symlinks=False,
-            ignore_dangling_symlinks=True,
-            ignore=lambda folder, names: set(names) if Path(folder).name == "archive_status" else set(),
-        )
-        details["used_backup_pg_wal"] = sorted(p.name for p in (data / "pg_wal").iterdir() if p.is_file())
-    (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
-    (data / "pg_tblspc").mkdir()
-
-
-def _prepare_tablespaces(
-    backup: Path,
-    work: Path,
-    data: Path,
-    overrides: Mapping[str | int, Path | str],
-    major: int | None,
-    details: dict[str, Any],
-) -> None:
-    map_file = data / "tablespace_map"
-    entries = parse_tablespace_map(map_file.read_text()) if map_file.exists() else []
-    listed = {oid for oid, _ in entries}
-    spc = backup / "pg_tblspc"
-    if spc.is_dir():
-        for entry in sorted(spc.iterdir()):
-            if entry.name in listed:
-                continue
-            if entry.is_symlink():
-                raise _Refused(
-                    f"pg_tblspc/{entry.name} in the backup is a link to {os.readlink(entry)} but no "
-                    "tablespace_map lists it; restoring it would use the original tablespace location"
-                )
-            if entry.is_dir():  # an in-place tablespace (allow_in_place_tablespaces): part of the copy
-                shutil.copytree(entry, data / "pg_tblspc" / entry.name, symlinks=False)
-    if not entries:
-        return
-    tablespaces: dict[str, dict[str, str]] = {}
-    lines = []
-    for oid, original in entries:
-        try:
-            source = find_tablespace_copy(backup, oid, original, overrides, major)
-        except TablespaceNotCopied as err:
-            raise _Refused(str(err)) from err
-        target = work / "tablespaces" / oid
-        shutil.copytree(source, target, symlinks=False)
-        os.chmod(target, 0o700)
-        tablespaces[oid] = {"original": original, "backup": str(source), "restored_to": str(target)}
-        lines.append(f"{oid} {escape_map_path(str(target))}\n")
-    map_file.write_text("".join(lines))
-    details["tablespaces"] = tablespaces
-
-
 def _newest_page(data: Path, details: dict[str, Any]) -> PageLSN | None:
     """The newest page of the copy (in the work dir, tablespaces included), before recovery changes it."""
     spaces = {oid: Path(t["restored_to"]) for oid, t in details.get("tablespaces", {}).items()}
@@ -385,34 +284,19 @@ def _newest_page(data: Path, details: dict[str, Any]) -> PageLSN | None:
     return newest
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _settings(
-    work: Path, archive: Path | None, immediate: bool, major: int | None, extra: Mapping[str, str] | None
-) -> dict[str, str]:
-    # No archive: a self-contained backup recovers from the WAL in its own pg_wal/.
-    source = shlex.quote(str(archive).replace("%", "%%") + "/%f") if archive else None
+def _sandbox_settings(work: Path, major: int | None, extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The temporary server's settings: its own socket, port and pg_hba.conf, nothing it could reach or
+    send out (no TCP, archiving, replication, preload libraries), cheap on resources."""
     settings = {
         "port": str(free_port()),
         "listen_addresses": "''",
-        "unix_socket_directories": _quote(str(work)),
+        "unix_socket_directories": quote_setting(str(work)),
         "unix_socket_group": "''",
         "unix_socket_permissions": "0700",
-        "hba_file": _quote(str(work / "pg_hba.conf")),
-        "ident_file": _quote(str(work / "pg_ident.conf")),
-        "external_pid_file": _quote(str(work / "external.pid")),
+        "hba_file": quote_setting(str(work / "pg_hba.conf")),
+        "ident_file": quote_setting(str(work / "pg_ident.conf")),
+        "external_pid_file": quote_setting(str(work / "external.pid")),
         "ssl": "off",
-        "restore_command": _quote(f'cp {source} "%p"') if source else "''",
-        # Clear any other target first: setting one while another is set is an error, even to ''.
-        "recovery_target_lsn": "''",
-        "recovery_target_name": "''",
-        "recovery_target_time": "''",
-        "recovery_target_xid": "''",
-        "recovery_target": "'immediate'" if immediate else "''",
-        "recovery_target_timeline": "'current'" if immediate else "'latest'",
-        "recovery_target_action": "'promote'",
         "recovery_end_command": "''",
         "archive_cleanup_command": "''",
         "primary_conninfo": "''",
@@ -440,22 +324,6 @@ def _settings(
         settings["stats_temp_directory"] = "'pg_stat_tmp'"
     settings.update(extra or {})
     return settings
-
-
-def _configure(work: Path, data: Path, settings: dict[str, str], archive_recovery: bool) -> None:
-    (work / "pg_hba.conf").write_text("local all all trust\n")
-    (work / "pg_ident.conf").write_text("")
-    # data_directory is only honoured from postgresql.conf (first pass), so pin it there.
-    with open(data / "postgresql.conf", "a") as f:
-        f.write(f"\n# pg_safe_backup.verify\ndata_directory = {_quote(str(data))}\n")
-    with open(data / "postgresql.auto.conf", "a") as f:
-        f.write("\n# pg_safe_backup.verify: restore check of a backup copy\n")
-        for key, value in settings.items():
-            f.write(f"{key} = {value}\n")
-    if archive_recovery:
-        (data / "recovery.signal").write_text("")
-    # else: a self-contained backup recovers as pg_basebackup -X fetch's does, from backup_label and the
-    # WAL in its pg_wal/ (archive recovery would insist on a restore_command).
 
 
 # ---------------------------------------------------------------------------------------- recovery
@@ -814,7 +682,7 @@ def _page_lsn_step(
     elif found := backup_stop_lsn(backup, archive):
         stop_lsn, details["stop_lsn_from"] = found
     try:
-        spaces = tablespace_copies(backup, overrides, _major(backup))
+        spaces = tablespace_copies(backup, overrides, backup_major(backup))
         result = check_page_lsns(
             backup, backup_label=label.read_text(), stop_lsn=stop_lsn, tablespaces=spaces
         )
@@ -835,7 +703,7 @@ def _page_lsn_step(
 
 def _verifybackup_step(backup: Path, archive: Path | None, bindir: Path | str | None) -> CheckStep:
     name = CHECKS[1]
-    major = _major(backup)
+    major = backup_major(backup)
     if not (backup / "backup_manifest").is_file():
         why = "PostgreSQL 12 has no backup manifests" if major == 12 else "the store task wrote none"
         return CheckStep(name, SKIPPED, f"no backup_manifest in {backup} ({why})")

@@ -1,0 +1,806 @@
+"""One way to turn a stored backup into a data directory that recovers: ``pg-safe-backup restore`` and the
+restore check (:mod:`pg_safe_backup.verify`) both use it.
+
+:func:`prepare_restore` never changes the backup or the WAL archive (read only, through
+``restore_command``):
+
+1. The backup is copied into TARGET (new or empty), following links. ``pg_wal`` is not copied (an empty
+   ``pg_wal/archive_status`` is made: the WAL comes from the archive), nor are ``postmaster.pid`` /
+   ``postmaster.opts``, ``standby.signal``, ``recovery.signal``, ``recovery.conf``, ``backup_manifest``
+   or ``backup_info.json`` (they describe the backup, not the restored cluster). A tar-format backup
+   (``base.tar[.gz|.zst]`` and ``<OID>.tar[...]``, files/tarball.py) is extracted instead, its
+   ``backup_label`` and ``tablespace_map``, stored beside the archives, copied in.
+2. Tablespaces. Each ``OID PATH`` line of the backup's ``tablespace_map`` names a tablespace; its backup
+   is found as :mod:`pg_safe_backup.files.tablespaces` says and copied to ``tablespaces[OID]`` (a remap),
+   else under ``tablespace_root`` when given, else back to PATH, its original location, as pgBackRest
+   does. A location that is not empty is refused: it may be the live tablespace. ``tablespace_map`` is
+   rewritten to name the new locations, because PostgreSQL, when recovery starts from backup_label,
+   recreates the ``pg_tblspc/<OID>`` links from it (read_tablespace_map in xlogrecovery.c); the links are
+   made now too, so the folder looks right before the server starts.
+3. ``recovery.signal`` is written, and settings are APPENDED to ``postgresql.auto.conf`` (read last, the
+   user's lines stay): ``restore_command`` (default: ``cp`` from the archive), the recovery target (every
+   other target cleared: two set at once is an error) and ``recovery_target_action``. ``data_directory``
+   is pinned in ``postgresql.conf``: one copied from the backed up server would start the server on its
+   LIVE data directory.
+4. TARGET and the tablespace locations are given to ``owner`` (as root; the server's OS user by default),
+   mode 0700.
+
+Without a WAL archive only a self-contained backup (its WAL in its own ``pg_wal/``) restores: crash
+recovery from backup_label, no ``recovery.signal``.
+
+A backup without ``backup_label`` is refused: recovery would start from the checkpoint in pg_control
+instead of the backup's, and can silently lose committed rows.
+
+CLI: ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR ...`` (see :func:`add_restore_arguments`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from pg_safe_backup.catalog import INFO_NAME, INFO_TMP, CatalogError, latest_before, list_backups, parse_when
+from pg_safe_backup.catalog import read_info as read_backup_info
+from pg_safe_backup.files.tablespaces import (
+    TablespaceNotCopied,
+    escape_map_path,
+    find_tablespace_copy,
+    parse_tablespace_map,
+)
+from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
+from pg_safe_backup.state import parse_backup_label, parse_lsn
+
+# Never copied into the data directory: the server recreates them, must not see them, or they describe
+# the backup rather than the restored cluster.
+SKIP_TOP = {
+    "postmaster.pid",
+    "postmaster.opts",
+    "pg_wal",
+    "pg_xlog",
+    "pg_tblspc",
+    "standby.signal",
+    "recovery.signal",
+    "recovery.conf",
+    "recovery.done",
+    "backup_manifest",
+    INFO_NAME,
+    INFO_TMP,
+}
+#: PostgreSQL's recovery_target_action values; 'pause' is its default.
+TARGET_ACTIONS = ("pause", "promote", "shutdown")
+#: The archives of a tar-format backup: none, gzip, zstd (files/tarball.py writes them).
+TAR_SUFFIXES = ("", ".gz", ".zst")
+#: Seconds between two progress reports of the copy.
+PROGRESS_EVERY = 3.0
+
+
+class RestoreError(ValueError):
+    """The backup cannot be restored as asked; the message names the parameter (or flag) at fault."""
+
+
+@dataclass
+class RestoreResult:
+    """What :func:`prepare_restore` did."""
+
+    target: Path
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    #: OID -> {"original", "backup", "restored_to"}.
+    tablespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: The lines appended to postgresql.auto.conf.
+    settings: dict[str, str] = field(default_factory=dict)
+    #: Top-level files of the backup left out (pid files, signal files, the manifest ...).
+    not_copied: list[str] = field(default_factory=list)
+    #: The backup's own pg_wal/ files used (only with ``use_backup_pg_wal``).
+    used_backup_pg_wal: list[str] = field(default_factory=list)
+    backup_label: str | None = None
+    owner: str | None = None
+    archive_recovery: bool = True
+
+
+# ------------------------------------------------------------------------------------------ checks
+def backup_major(backup: Path) -> int | None:
+    """The PostgreSQL major of a copy (its PG_VERSION), None when unreadable."""
+    try:
+        return int((backup / "PG_VERSION").read_text().strip().split(".")[0])
+    except (OSError, ValueError):
+        return None
+
+
+def check_backup_dir(
+    backup: Path, archive: Path | None, *, require_backup_label: bool = True, reader: str | None = SERVER_USER
+) -> str | None:
+    """Refuse what cannot be restored: not a data directory, no WAL to recover from, no backup_label.
+
+    :param backup: the copy.
+    :param archive: the WAL archive (None: the backup must hold its own WAL in pg_wal/).
+    :param require_backup_label: refuse a copy without backup_label (False: e.g. a copy of a stopped server).
+    :param reader: the OS user the server runs as, who must read the archive (checked as root only).
+    :returns: the backup_label's text, or None when there is none (and none is required).
+    :raises RestoreError: the reason, naming the file or folder.
+    """
+    tar = bool(tar_archives(backup))
+    if not tar and not ((backup / "PG_VERSION").is_file() and (backup / "global" / "pg_control").is_file()):
+        raise RestoreError(
+            f"{backup} is not a copy of a PostgreSQL data directory (no PG_VERSION or global/pg_control)"
+            " nor a tar backup (no base.tar)"
+        )
+    if archive is None and tar:
+        raise RestoreError(f"{backup} is a tar backup: it restores with a WAL archive (--wal-archive)")
+    if archive is None:
+        if not any((backup / "pg_wal").glob("[0-9A-F]" * 24)):
+            raise RestoreError(
+                f"no WAL archive given and {backup}/pg_wal holds no WAL: only a self-contained backup"
+                " (include_wal) restores without an archive"
+            )
+    elif not archive.is_dir():
+        raise RestoreError(f"the WAL archive {archive} (--wal-archive) is not a folder")
+    elif os.geteuid() == 0 and reader and not _user_can(reader, "-r", archive):
+        raise RestoreError(f"the WAL archive {archive} is not readable by the {reader} OS user")
+    label_file = backup / "backup_label"
+    if not label_file.is_file():
+        if require_backup_label:
+            raise RestoreError(
+                f"{backup} has no backup_label: an online backup restored without the label pg_backup_stop()"
+                " returned starts recovery from the wrong checkpoint and can silently lose committed rows"
+                " (require_backup_label=False checks it anyway, e.g. a copy of a stopped server)"
+            )
+        return None
+    label_text = label_file.read_text()
+    if "START WAL LOCATION" not in parse_backup_label(label_text):
+        raise RestoreError(f"{label_file} is not a backup_label (no START WAL LOCATION line)")
+    return label_text
+
+
+def _user_can(user: str, test: str, folder: Path) -> bool:
+    """Whether OS ``user`` passes ``test <test> folder -a -x folder`` (root only asks)."""
+    cmd = ["test", test, str(folder), "-a", "-x", str(folder)]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+# ------------------------------------------------------------------------------- the recovery target
+@dataclass(frozen=True)
+class RecoveryTarget:
+    """Where recovery stops: at most one of time, LSN, restore point name, or the backup's consistent
+    point (``immediate``); none of them: the end of the archive.
+
+    :param time: recovery_target_time (an aware datetime).
+    :param lsn: recovery_target_lsn.
+    :param name: recovery_target_name (a pg_create_restore_point name).
+    :param immediate: recovery_target = 'immediate'.
+    :param action: recovery_target_action: pause (PostgreSQL's default), promote or shutdown.
+    :param timeline: recovery_target_timeline ('latest', 'current' or a number).
+    """
+
+    time: datetime | None = None
+    lsn: str | None = None
+    name: str | None = None
+    immediate: bool = False
+    action: str = "pause"
+    timeline: str = "latest"
+
+    def check(self) -> None:
+        """:raises RestoreError: two targets at once, an unknown action, a malformed LSN."""
+        given = [
+            flag
+            for flag, value in (
+                ("--target-time", self.time),
+                ("--target-lsn", self.lsn),
+                ("--target-name", self.name),
+                ("--target-immediate", self.immediate or None),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise RestoreError(f"one recovery target at a time: {' and '.join(given)} were both given")
+        if self.action not in TARGET_ACTIONS:
+            raise RestoreError(
+                f"--target-action must be one of {', '.join(TARGET_ACTIONS)}, not {self.action!r}"
+            )
+        if self.lsn is not None:
+            try:
+                parse_lsn(self.lsn)
+            except ValueError:
+                raise RestoreError(f"--target-lsn {self.lsn!r} is not an LSN like 0/3000060") from None
+
+    def settings(self, restore_command: str) -> dict[str, str]:
+        """The postgresql.auto.conf lines (values quoted as written in the file)."""
+        chosen = {
+            "recovery_target_lsn": self.lsn,
+            "recovery_target_name": self.name,
+            "recovery_target_time": self.time.isoformat(sep=" ") if self.time else None,
+            "recovery_target": "immediate" if self.immediate else None,
+        }
+        # Every target cleared first (one the backed up server set too), the chosen one last: PostgreSQL
+        # refuses a target line, even '', while another target is set (error_multiple_recovery_targets).
+        settings = {"restore_command": quote_setting(restore_command), "recovery_target_xid": "''"}
+        settings.update({name: "''" for name, value in chosen.items() if value is None})
+        settings.update({name: quote_setting(value) for name, value in chosen.items() if value is not None})
+        settings["recovery_target_timeline"] = quote_setting(self.timeline)
+        settings["recovery_target_action"] = quote_setting(self.action)
+        return settings
+
+
+def quote_setting(value: str) -> str:
+    """A string as a postgresql.conf value: single quotes, doubled inside."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def archive_restore_command(archive: Path) -> str:
+    """``cp ARCHIVE/%f "%p"``, the archive's path shell-quoted and its ``%`` doubled."""
+    return f'cp {shlex.quote(str(archive).replace("%", "%%") + "/%f")} "%p"'
+
+
+def _check_not_before_backup(backup: Path, target: RecoveryTarget) -> None:
+    """A target before the end of the backup cannot be reached from it (recovery stops with FATAL)."""
+    try:
+        info = read_backup_info(backup)
+    except CatalogError:
+        return  # no backup_info.json: PostgreSQL itself refuses a target before the backup's end
+    if target.time is not None and target.time < info.stopped:
+        raise RestoreError(
+            f"--target-time {target.time.isoformat()} is before the end of this backup ({info.stop_time});"
+            " restore an earlier one: use --latest-before with the backups' root"
+        )
+    if target.lsn is not None and parse_lsn(target.lsn) < parse_lsn(info.stop_lsn):
+        raise RestoreError(
+            f"--target-lsn {target.lsn} is before the end of this backup ({info.stop_lsn}); restore an"
+            " earlier one"
+        )
+
+
+# ------------------------------------------------------------------------------------------- the copy
+class _Progress:
+    """Bytes copied so far, reported through ``callback(done, total)`` at most every few seconds."""
+
+    def __init__(self, total: int, callback: Callable[[int, int], None] | None) -> None:
+        self.total, self.callback = total, callback
+        self.done = self.files = 0
+        self.last = time.monotonic()
+
+    def add(self, size: int, files: int = 1) -> None:
+        """Count ``size`` more bytes and ``files`` more files; report when it is time."""
+        self.done += size
+        self.files += files
+        if self.callback and time.monotonic() - self.last >= PROGRESS_EVERY:
+            self.last = time.monotonic()
+            self.callback(self.done, self.total)
+
+    def copy(self, src: str, dst: str) -> str:
+        """shutil.copytree's copy_function, counted."""
+        shutil.copy2(src, dst)
+        self.add(os.path.getsize(dst))
+        return dst
+
+
+# ------------------------------------------------------------------------------------------ tar format
+def tar_archives(backup: Path) -> dict[str | None, Path]:
+    """The archives of a tar-format backup (``base.tar[.gz|.zst]``, ``<oid>.tar[...]``): tablespace OID (None
+    for base.tar) -> file; empty for a plain backup."""
+    found: dict[str | None, Path] = {}
+    for path in sorted(backup.glob("*.tar*")) if backup.is_dir() else []:
+        stem, _, suffix = path.name.partition(".tar")
+        if suffix in TAR_SUFFIXES and (stem == "base" or stem.isdigit()):
+            found[None if stem == "base" else stem] = path
+    return found if None in found else {}
+
+
+class _CountedReader(io.RawIOBase):
+    """A file read through it counts its bytes into the progress (the archive's stored size)."""
+
+    def __init__(self, raw: IO[bytes], progress: _Progress) -> None:
+        self.raw, self.progress = raw, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)
+        self.progress.add(n or 0, files=0)
+        return n or 0
+
+
+def _extract(archive: Path, into: Path, skip_top: set[str], progress: _Progress) -> None:
+    """Extract one archive of a tar backup into ``into``, leaving out members under ``skip_top``.
+
+    :raises RestoreError: the archive is damaged, cut short or needs a missing decompressor (named).
+    """
+    try:
+        _extract_members(archive, into, skip_top, progress)
+    except (OSError, EOFError, ImportError, tarfile.TarError) as err:
+        raise RestoreError(f"cannot extract {archive}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # zstandard.ZstdError, without importing zstandard for every backup
+        if type(err).__module__.split(".")[0] != "zstandard":
+            raise
+        raise RestoreError(f"cannot extract {archive}: {err}") from err
+
+
+def _extract_members(archive: Path, into: Path, skip_top: set[str], progress: _Progress) -> None:
+    with open(archive, "rb") as raw:
+        counted: IO[bytes] = io.BufferedReader(_CountedReader(raw, progress))  # type: ignore[arg-type]
+        if archive.name.endswith(".zst"):
+            import zstandard  # only a zstd backup needs it (the [zstd] extra)
+
+            counted = zstandard.ZstdDecompressor().stream_reader(counted)  # type: ignore[assignment]
+        mode = "r|gz" if archive.name.endswith(".gz") else "r|"
+        with tarfile.open(fileobj=counted, mode=mode) as tar:
+            for member in tar:
+                if member.name.split("/", 1)[0] in skip_top:
+                    continue
+                # 'data': no absolute paths, no links out of ``into``, no device files, no owners.
+                tar.extract(member, into, filter="data")
+                progress.files += member.isfile()
+
+
+def _size(folder: Path, skip: set[str]) -> int:
+    total = 0
+    for top, _dirs, names in os.walk(folder, followlinks=True):
+        if Path(top) == folder:
+            names = [n for n in names if n not in skip]
+        total += sum(
+            os.path.getsize(os.path.join(top, n)) for n in names if os.path.isfile(os.path.join(top, n))
+        )
+    return total
+
+
+def _copy_backup(
+    backup: Path,
+    data: Path,
+    archives: Mapping[str | None, Path],
+    use_backup_pg_wal: bool,
+    progress: _Progress,
+    result: RestoreResult,
+) -> None:
+    """Copy the backup to ``data``, following links (nothing in the copy points back at the backup); a
+    tar backup's base.tar is extracted, and its label files, stored beside the archives, copied."""
+    if archives:
+        _extract(archives[None], data, SKIP_TOP, progress)
+        for name in ("backup_label", "tablespace_map"):
+            if (backup / name).is_file():
+                shutil.copy2(backup / name, data / name)
+        (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+        (data / "pg_tblspc").mkdir(exist_ok=True)
+        return
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        if Path(folder) == backup:
+            return {n for n in names if n in SKIP_TOP}
+        return set()
+
+    shutil.copytree(
+        backup,
+        data,
+        symlinks=False,
+        ignore=ignore,
+        ignore_dangling_symlinks=True,
+        copy_function=progress.copy,
+        dirs_exist_ok=True,
+    )
+    result.not_copied = sorted(
+        n for n in os.listdir(backup) if n in SKIP_TOP and n not in ("pg_wal", "pg_tblspc")
+    )
+    if use_backup_pg_wal and (backup / "pg_wal").is_dir():
+        shutil.copytree(
+            backup / "pg_wal",
+            data / "pg_wal",
+            symlinks=False,
+            ignore_dangling_symlinks=True,
+            ignore=lambda folder, names: set(names) if Path(folder).name == "archive_status" else set(),
+        )
+        result.used_backup_pg_wal = sorted(p.name for p in (data / "pg_wal").iterdir() if p.is_file())
+    (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+    (data / "pg_tblspc").mkdir()
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """One tablespace of the backup: its OID and location in tablespace_map, its backup, where it goes."""
+
+    oid: str
+    original: str
+    source: Path
+    where: Path
+
+
+def _plan_tablespaces(
+    backup: Path,
+    remap: Mapping[str, Path],
+    tablespace_root: Path | None,
+    sources: Mapping[str | int, Path | str],
+    major: int | None,
+    archives: Mapping[str | None, Path],
+) -> list[_Placement]:
+    """Where each tablespace of the backup goes, checked before anything is copied.
+
+    :raises RestoreError: a remap of an unknown OID, a tablespace without a backup, a location not empty,
+        a pg_tblspc link no tablespace_map line explains.
+    """
+    map_file = backup / "tablespace_map"
+    entries = parse_tablespace_map(map_file.read_text()) if map_file.exists() else []
+    listed = {oid for oid, _ in entries}
+    unknown = sorted(set(remap) - listed)
+    if unknown:
+        raise RestoreError(
+            f"--tablespace {', '.join(unknown)}: the backup has no such tablespace"
+            f" (its tablespace_map lists {', '.join(sorted(listed)) or 'none'})"
+        )
+    spc = backup / "pg_tblspc"
+    for entry in sorted(spc.iterdir()) if spc.is_dir() else []:
+        if entry.name not in listed and entry.is_symlink():
+            raise RestoreError(
+                f"pg_tblspc/{entry.name} in the backup is a link to {os.readlink(entry)} but no "
+                "tablespace_map lists it; restoring it would use the original tablespace location"
+            )
+    plan = []
+    for oid, original in entries:
+        if archives and oid not in archives:
+            raise RestoreError(f"tablespace {oid} ({original} in tablespace_map): no {oid}.tar in {backup}")
+        try:
+            source = archives.get(oid) or find_tablespace_copy(backup, oid, original, sources, major)
+        except TablespaceNotCopied as err:
+            raise RestoreError(str(err)) from err
+        where = remap.get(oid) or (tablespace_root / oid if tablespace_root else Path(original))
+        where = Path(where).absolute()
+        if where.exists() and (not where.is_dir() or any(where.iterdir())):
+            raise RestoreError(
+                f"tablespace {oid} would be restored to {where}, which is not empty (it may be the live"
+                f" tablespace); give it an empty folder with --tablespace {oid}=DIR"
+            )
+        plan.append(_Placement(oid, original, source, where))
+    return plan
+
+
+def _check_apart(backup: Path, data: Path, plan: list[_Placement]) -> None:
+    """Every place written is apart from the others and from what is read: two tablespaces in one folder
+    would merge, and a target inside what is copied would be copied into itself.
+
+    :raises RestoreError: two places overlap (named).
+    """
+    written = [("TARGET_DIR", data)] + [(f"--tablespace {p.oid}", p.where) for p in plan]
+    read = [("BACKUP", backup)] + [(f"the backup of tablespace {p.oid}", p.source) for p in plan]
+    for i, (name, place) in enumerate(written):
+        others = written[i + 1 :] + read
+        for other_name, other in others:
+            if place == other or place.is_relative_to(other) or other.is_relative_to(place):
+                raise RestoreError(
+                    f"{name} ({place}) overlaps {other_name} ({other}): give them apart folders"
+                )
+
+
+def _place_tablespaces(
+    backup: Path, data: Path, plan: list[_Placement], progress: _Progress, result: RestoreResult
+) -> None:
+    """Copy each tablespace to its place, link it from pg_tblspc/ and name it in tablespace_map."""
+    listed = {p.oid for p in plan}
+    spc = backup / "pg_tblspc"
+    for entry in sorted(spc.iterdir()) if spc.is_dir() else []:
+        # An in-place tablespace (allow_in_place_tablespaces) is part of the data directory's copy.
+        if entry.name not in listed and entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(
+                entry, data / "pg_tblspc" / entry.name, symlinks=False, copy_function=progress.copy
+            )
+    for p in plan:
+        if p.source.is_file():  # <oid>.tar of a tar backup
+            _extract(p.source, p.where, set(), progress)
+        else:
+            shutil.copytree(
+                p.source, p.where, symlinks=False, copy_function=progress.copy, dirs_exist_ok=True
+            )
+        os.chmod(p.where, 0o700)
+        (data / "pg_tblspc" / p.oid).symlink_to(p.where)
+        result.tablespaces[p.oid] = {
+            "original": p.original,
+            "backup": str(p.source),
+            "restored_to": str(p.where),
+        }
+    if plan:
+        (data / "tablespace_map").write_text(
+            "".join(f"{p.oid} {escape_map_path(str(p.where))}\n" for p in plan)
+        )
+
+
+def _undo(made: list[tuple[Path, bool]]) -> None:
+    """Take back a restore that failed half way, so it can be run again: remove the folders it made and
+    empty those that were empty."""
+    for folder, existed in made:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        for child in folder.iterdir() if folder.is_dir() else []:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
+def _configure(data: Path, settings: Mapping[str, str], archive_recovery: bool) -> None:
+    # data_directory is only honoured from postgresql.conf (first pass), so pin it there.
+    if (data / "postgresql.conf").exists():
+        with open(data / "postgresql.conf", "a") as f:
+            f.write(f"\n# pg_safe_backup.restore\ndata_directory = {quote_setting(str(data))}\n")
+    with open(data / "postgresql.auto.conf", "a") as f:
+        f.write("\n# pg_safe_backup.restore: recovery of a backup\n")
+        for key, value in settings.items():
+            f.write(f"{key} = {value}\n")
+    if archive_recovery:
+        (data / "recovery.signal").write_text("")
+    # else: a self-contained backup recovers as pg_basebackup -X fetch's does, from backup_label and the
+    # WAL in its pg_wal/ (archive recovery would insist on a restore_command).
+
+
+def prepare_restore(
+    backup: Path | str,
+    target: Path | str,
+    *,
+    wal_archive: Path | str | None,
+    recovery: RecoveryTarget | None = None,
+    tablespaces: Mapping[str | int, Path | str] | None = None,
+    tablespace_root: Path | str | None = None,
+    tablespace_sources: Mapping[str | int, Path | str] | None = None,
+    restore_command: str | None = None,
+    archive_mode: str | None = None,
+    extra_settings: Mapping[str, str] | None = None,
+    owner: str | None = SERVER_USER,
+    require_backup_label: bool = True,
+    use_backup_pg_wal: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> RestoreResult:
+    """Turn ``backup`` into the data directory ``target`` that recovers when started (module docstring).
+
+    :param backup: the stored backup: a plain folder with backup_label, or a tar backup's folder.
+    :param target: the new data directory: absent or empty.
+    :param wal_archive: the WAL archive; None only for a self-contained backup.
+    :param recovery: where recovery stops (default: the end of the archive, then pause... as PostgreSQL:
+        with no target the server promotes at the end of the archive).
+    :param tablespaces: OID -> where to restore that tablespace (default: its original location).
+    :param tablespace_root: restore every tablespace not in ``tablespaces`` to ``<root>/<OID>`` instead of
+        its original location (the restore check's sandbox).
+    :param tablespace_sources: OID -> the tablespace's backup, when not where files.tablespaces looks.
+    :param restore_command: default ``cp`` from ``wal_archive``.
+    :param archive_mode: 'off' to keep the restored server from archiving into the backed up cluster's
+        archive (None: keep the backup's setting, as pgBackRest does).
+    :param extra_settings: more postgresql.auto.conf lines (values as written in the file).
+    :param owner: the OS user to own it all (as root only; None: leave as copied).
+    :param require_backup_label: refuse a backup without backup_label.
+    :param use_backup_pg_wal: restore with the backup's own pg_wal/ files (only to show what it leads to).
+    :param progress: called with (bytes done, bytes total) every few seconds of the copy.
+    :raises RestoreError: what makes the restore impossible or unsafe, named.
+    """
+    started = time.monotonic()
+    backup = Path(backup).absolute()
+    data = Path(target).absolute()
+    archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    recovery = recovery or RecoveryTarget()
+    recovery.check()
+    if data.exists() and (not data.is_dir() or any(data.iterdir())):
+        raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
+    if owner is not None and os.geteuid() != 0:
+        owner = None  # only root can give files away; they stay the caller's
+    archives = tar_archives(backup)
+    label = check_backup_dir(backup, archive, require_backup_label=require_backup_label, reader=owner)
+    _check_not_before_backup(backup, recovery)
+    remap = {str(oid): Path(where) for oid, where in (tablespaces or {}).items()}
+    result = RestoreResult(target=data, backup_label=label, owner=owner, archive_recovery=archive is not None)
+    plan = _plan_tablespaces(
+        backup,
+        remap,
+        Path(tablespace_root) if tablespace_root else None,
+        tablespace_sources or {},
+        backup_major(backup),
+        archives,
+    )
+    _check_apart(backup, data, plan)
+    if archives:  # the archives' stored (compressed) bytes, as they are read
+        total = sum(path.stat().st_size for path in archives.values())
+    else:
+        total = _size(backup, SKIP_TOP) + sum(_size(p.source, set()) for p in plan)
+    meter = _Progress(total, progress)
+    made = [(folder, folder.exists()) for folder in [data, *(p.where for p in plan)]]
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result)
+        _place_tablespaces(backup, data, plan, meter, result)
+        command = restore_command or (archive_restore_command(archive) if archive else "")
+        settings = recovery.settings(command)
+        if archive_mode is not None:
+            settings["archive_mode"] = archive_mode
+        settings.update(extra_settings or {})
+        _configure(data, settings, archive_recovery=archive is not None)
+        os.chmod(data, 0o700)
+        if owner is not None:
+            for folder in [data, *(p.where for p in plan)]:
+                subprocess.run(["chown", "-R", f"{owner}:", str(folder)], check=True)
+            if not _user_can(owner, "-w", data):
+                raise RestoreError(
+                    f"the target {data} is not reachable by the {owner} OS user (--owner): a folder above"
+                    " it is closed to that user"
+                )
+    except BaseException:
+        _undo(made)
+        raise
+    result.settings = settings
+    result.files, result.bytes = meter.files, meter.done
+    if progress and meter.total:
+        progress(meter.done, meter.total)
+    result.seconds = round(time.monotonic() - started, 2)
+    return result
+
+
+def start_command(data: Path, owner: str | None) -> str:
+    """The command that starts the restored server (as ``owner`` when we are root)."""
+    major = backup_major(data)
+    try:
+        pg_ctl = str(find_bindir(major) / "pg_ctl")
+    except FileNotFoundError:
+        pg_ctl = "pg_ctl"
+    cmd = f"{shlex.quote(pg_ctl)} -D {shlex.quote(str(data))} start"
+    return f"runuser -u {shlex.quote(owner)} -- {cmd}" if owner and os.geteuid() == 0 else cmd
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+RESTORE_DESCRIPTION = (
+    "Prepare TARGET_DIR from a stored backup so that `pg_ctl -D TARGET_DIR start` recovers it: the copy, its"
+    " tablespaces, an empty pg_wal/, recovery.signal, restore_command and the recovery target."
+)
+RESTORE_EPILOG = """examples:
+  # a point-in-time restore from the newest backup that ended before 06:00 UTC
+  pg-safe-backup restore /backups/main /srv/pg-restored --latest-before 2026-11-26T06:00:00Z \\
+      --target-time 2026-11-26T06:00:00Z --target-action promote --wal-archive /backups/wal
+  # one backup to the end of the archive, tablespace 16384 into a new folder
+  pg-safe-backup restore /backups/main/20261126T010000 /srv/pg-restored --wal-archive /backups/wal \\
+      --tablespace 16384=/srv/pg-restored-space1
+"""
+
+
+def _tablespace_flag(text: str) -> tuple[str, Path]:
+    oid, sep, folder = text.partition("=")
+    if not sep or not oid.isdigit() or not folder:
+        raise argparse.ArgumentTypeError(f"--tablespace wants OID=DIR, got {text!r}")
+    return oid, Path(folder)
+
+
+def _time_flag(text: str) -> datetime:
+    try:
+        return parse_when(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_restore_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup restore``.
+
+    :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the restore.
+    """
+    p.add_argument(
+        "backup",
+        type=Path,
+        metavar="BACKUP",
+        help="the backup folder (with --latest-before: the backups' root)",
+    )
+    p.add_argument(
+        "target_dir", type=Path, metavar="TARGET_DIR", help="the new data directory (absent or empty)"
+    )
+    p.add_argument("--wal-archive", type=Path, required=True, metavar="DIR", help="the WAL archive folder")
+    p.add_argument(
+        "--tablespace",
+        type=_tablespace_flag,
+        action="append",
+        default=[],
+        metavar="OID=DIR",
+        help="restore tablespace OID to DIR instead of its original location (repeatable)",
+    )
+    p.add_argument("--target-time", type=_time_flag, help="stop at this time (ISO 8601; no zone: UTC)")
+    p.add_argument("--target-lsn", help="stop at this LSN")
+    p.add_argument("--target-name", help="stop at this restore point (pg_create_restore_point)")
+    p.add_argument("--target-immediate", action="store_true", help="stop as soon as the backup is consistent")
+    p.add_argument(
+        "--target-action", choices=TARGET_ACTIONS, default="pause", help="at the target (default: pause)"
+    )
+    p.add_argument(
+        "--latest-before",
+        type=_time_flag,
+        metavar="TIME",
+        help="BACKUP is a root: use its newest backup that ended before TIME",
+    )
+    p.add_argument(
+        "--owner",
+        default=SERVER_USER if os.geteuid() == 0 else None,
+        help=f"OS user to own the data directory (as root; default {SERVER_USER})",
+    )
+    p.add_argument(
+        "--restore-command",
+        metavar="CMD",
+        help="restore_command to fetch WAL with (default: cp from --wal-archive), e.g. for a compressed"
+        " archive",
+    )
+    p.add_argument(
+        "--archive-mode",
+        choices=("off",),
+        help="'off': the restored server does not archive (default: the backup's setting)",
+    )
+    p.set_defaults(run=_restore)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    backup = args.backup
+    try:
+        if args.latest_before is not None:
+            picked = latest_before(list_backups(backup.absolute()), args.latest_before)
+            if picked is None:
+                raise RestoreError(
+                    f"--latest-before: no backup under {backup} ended before {args.latest_before.isoformat()}"
+                )
+            backup = Path(picked.folder)
+            print(f"picked {backup} (label {picked.info.label!r}, ended {picked.info.stop_time})", flush=True)
+
+        def report(done: int, total: int) -> None:
+            print(f"copied {done / 2**20:.1f} MB of {total / 2**20:.1f} MB", flush=True)
+
+        result = prepare_restore(
+            backup,
+            args.target_dir,
+            wal_archive=args.wal_archive,
+            recovery=RecoveryTarget(
+                time=args.target_time,
+                lsn=args.target_lsn,
+                name=args.target_name,
+                immediate=args.target_immediate,
+                action=args.target_action,
+            ),
+            tablespaces=dict(args.tablespace),
+            restore_command=args.restore_command,
+            archive_mode=args.archive_mode,
+            owner=args.owner,
+            progress=report,
+        )
+    except (RestoreError, CatalogError, OSError) as err:
+        print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    for oid, place in result.tablespaces.items():
+        print(f"tablespace {oid} ({place['original']}) restored to {place['restored_to']}")
+    print(
+        f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
+        f" {result.seconds:.1f} s"
+    )
+    if args.archive_mode is None:
+        print(
+            "note: the restored server archives WAL as the backed up one was configured to; pass"
+            " --archive-mode off to keep it from writing into that server's archive"
+        )
+    if args.target_action == "pause" and (
+        args.target_time or args.target_lsn or args.target_name or args.target_immediate
+    ):
+        print(
+            "note: recovery pauses at the target (--target-action pause): check the data, then run"
+            " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
+        )
+    print(f"start it with:\n  {start_command(result.target, result.owner)}")
+    return 0
+
+
+__all__ = [
+    "RecoveryTarget",
+    "RestoreError",
+    "RestoreResult",
+    "add_restore_arguments",
+    "archive_restore_command",
+    "check_backup_dir",
+    "prepare_restore",
+    "quote_setting",
+    "start_command",
+]

@@ -1,0 +1,258 @@
+"""``pg-safe-backup restore`` on real clusters with a real WAL archive: a point-in-time restore holds exactly
+the rows committed before its target, the newest backup replays to the end of the archive, a tablespace
+goes where ``--tablespace`` says, and what cannot be restored safely is refused.
+
+One cluster, two catalogued backups with writes between them; each restore is started with pg_ctl and
+checked with data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from demo.load import wait_archived
+from pg_safe_backup.files.tarball import write_tar_backup
+from pg_safe_backup.hooks.backup import PostgresBackupHook
+from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, free_port, give_to_server_user
+
+from backup_helpers import catalogued_backup, cluster_with_space, run_backup
+from conftest import CONN_ID
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Backups:
+    """Two backups of one cluster under ``root``, and the time ``between`` them (rows 1-200 committed
+    before it; 201-400 after)."""
+
+    cluster: LocalCluster
+    archive: Path
+    root: Path
+    first: Path
+    second: Path
+    between: datetime
+    tablespace_oid: str
+    scratch: Path
+
+
+def _rows(cluster: LocalCluster, first: int, last: int) -> None:
+    """Rows ``first``..``last`` into ``t`` (default tablespace) and ``s`` (tablespace space1), committed."""
+    cluster.sql("INSERT INTO t SELECT g FROM generate_series(%s::int, %s::int) g", [first, last])
+    cluster.sql("INSERT INTO s SELECT g FROM generate_series(%s::int, %s::int) g", [first, last])
+
+
+@pytest.fixture(scope="module")
+def backups(module_tmp_root: Path) -> Iterator[Backups]:
+    root = module_tmp_root / "backups"
+    root.mkdir()
+    with cluster_with_space(module_tmp_root) as (cluster, archive, location):
+        cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{location}'")
+        cluster.sql("CREATE TABLE t (n int)")
+        cluster.sql("CREATE TABLE s (n int) TABLESPACE space1")
+        ((oid,),) = cluster.sql("SELECT oid::text FROM pg_tablespace WHERE spcname = 'space1'")
+        _rows(cluster, 1, 100)
+        catalogued_backup(cluster, root / "first", "nightly/run1/backup")
+        _rows(cluster, 101, 200)
+        time.sleep(1)
+        between = datetime.now(timezone.utc)
+        time.sleep(1)
+        _rows(cluster, 201, 300)
+        catalogued_backup(cluster, root / "second", "nightly/run2/backup")
+        _rows(cluster, 301, 400)
+        wait_archived(cluster)
+        scratch = module_tmp_root / "restores"
+        scratch.mkdir()
+        give_to_server_user(scratch)  # the restored servers write their logs beside their data
+        yield Backups(cluster, archive, root, root / "first", root / "second", between, oid, scratch)
+
+
+def restore(*args: str | Path) -> subprocess.CompletedProcess:
+    """``python -m pg_safe_backup.cli restore ARGS`` as a DBA runs it."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT_DIR / 'provider'}:{ROOT_DIR}"}
+    return subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup.cli", "restore", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@contextlib.contextmanager
+def recovered(target: Path, timeout: float = 120) -> Iterator[LocalCluster]:
+    """The restored data directory started (a free port, its socket beside it) and out of recovery."""
+    server = LocalCluster(target, port=free_port())
+    with open(target / "postgresql.auto.conf", "a") as f:
+        f.write(f"unix_socket_directories = '{server.socket_dir}'\n")
+    server.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while server.sql("SELECT pg_is_in_recovery()") != [(False,)]:
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            time.sleep(0.2)
+        yield server
+    finally:
+        server.stop("immediate")
+
+
+def count_and_sum(server: LocalCluster, table: str) -> tuple[int, int]:
+    ((count, total),) = server.sql(f"SELECT count(*), coalesce(sum(n), 0) FROM {table}")
+    return count, total
+
+
+def test_a_point_in_time_restore_holds_exactly_the_rows_committed_before_its_target(backups: Backups) -> None:
+    target = backups.scratch / "pitr"
+    when = backups.between.isoformat()
+    done = restore(
+        backups.root,
+        target,
+        "--latest-before",
+        when,
+        "--target-time",
+        when,
+        "--target-action",
+        "promote",
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={backups.scratch / 'pitr_space'}",
+        "--archive-mode",
+        "off",
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"picked {backups.first} " in done.stdout, "--latest-before picks the backup before the target"
+    assert f"pg_ctl -D {target} start" in done.stdout, "it says how to start the server"
+    assert " MB of " in done.stdout, "it reports the copy's progress"
+    with recovered(target) as server:
+        assert count_and_sum(server, "t") == (200, sum(range(1, 201)))
+        assert count_and_sum(server, "s") == (200, sum(range(1, 201)))
+
+
+def restored_to_the_end(backups: Backups, stored: Path, name: str) -> tuple[Path, Path]:
+    """``stored`` restored (to the end of the archive) into ``scratch/<name>``, its tablespace remapped to
+    ``scratch/<name>_space``: the two folders."""
+    target, space = backups.scratch / name, backups.scratch / f"{name}_space"
+    done = restore(
+        stored,
+        target,
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={space}",
+        "--archive-mode",
+        "off",
+    )
+    assert done.returncode == 0, done.stderr
+    return target, space
+
+
+def assert_every_row(server: LocalCluster) -> None:
+    """All 400 rows of both tables, as the cluster holds them at the end of the archive."""
+    assert count_and_sum(server, "t") == (400, sum(range(1, 401)))
+    assert count_and_sum(server, "s") == (400, sum(range(1, 401)))
+
+
+def test_the_newest_backup_replays_to_the_end_of_the_archive_with_its_tablespace_remapped(
+    backups: Backups,
+) -> None:
+    target, space = restored_to_the_end(backups, backups.second, "newest")
+    assert (target / "pg_tblspc" / backups.tablespace_oid).readlink() == space
+    assert (target / "recovery.signal").is_file()
+    assert not (target / "backup_info.json").exists(), "the catalog's sidecar stays with the backup"
+    assert (target.stat().st_mode & 0o777) == 0o700
+    assert target.stat().st_uid == space.stat().st_uid == pwd.getpwnam(SERVER_USER).pw_uid
+    with recovered(target) as server:
+        assert_every_row(server)
+        (location,) = server.sql("SELECT pg_tablespace_location(%s::oid)", [backups.tablespace_oid])[0]
+        assert location == str(space)
+
+
+def refused(*args: str | Path) -> str:
+    """The one-line error of a restore that must fail."""
+    done = restore(*args)
+    assert done.returncode == 1, done.stdout
+    return done.stderr.strip()
+
+
+def test_a_target_dir_that_is_not_empty_is_refused(backups: Backups) -> None:
+    target = backups.scratch / "busy"
+    target.mkdir()
+    (target / "something").write_text("")
+    error = refused(backups.second, target, "--wal-archive", backups.archive)
+    assert "TARGET_DIR" in error
+    assert sorted(p.name for p in target.iterdir()) == ["something"], "nothing was written into it"
+
+
+def test_a_backup_without_backup_label_is_refused(backups: Backups) -> None:
+    fake = backups.scratch / "no_label"
+    (fake / "global").mkdir(parents=True)
+    (fake / "PG_VERSION").write_text("15\n")
+    (fake / "global" / "pg_control").write_bytes(b"")
+    error = refused(fake, backups.scratch / "never1", "--wal-archive", backups.archive)
+    assert "no backup_label" in error
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (
+            lambda b: ["--target-time", b.between.isoformat(), "--target-lsn", "0/0"],
+            "--target-time and --target-lsn",
+        ),
+        (lambda b: ["--target-time", (b.between - timedelta(seconds=1)).isoformat()], "use --latest-before"),
+        (lambda b: [], "--tablespace {oid}=DIR"),
+    ],
+    ids=["two recovery targets at once", "a target time before the backup ended", "the live tablespace"],
+)
+def test_a_restore_that_cannot_be_done_safely_is_refused_naming_the_flag(
+    backups: Backups, flags: Callable[[Backups], list[str]], named: str, request: pytest.FixtureRequest
+) -> None:
+    target = backups.scratch / f"never_{request.node.callspec.id.replace(' ', '_')}"
+    error = refused(backups.second, target, "--wal-archive", backups.archive, *flags(backups))
+    assert named.format(oid=backups.tablespace_oid) in error
+    assert not target.exists(), "nothing was written"
+
+
+def test_a_missing_wal_archive_is_refused(backups: Backups) -> None:
+    error = refused(backups.second, backups.scratch / "never5", "--wal-archive", backups.scratch / "nowhere")
+    assert "--wal-archive" in error
+
+
+def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(backups: Backups) -> None:
+    stored = backups.scratch / "tar"
+    backup = run_backup(
+        PostgresBackupHook(CONN_ID),
+        "nightly/run3/tar",
+        lambda: write_tar_backup(backups.cluster.datadir, stored, compression="zstd"),
+    )
+    (stored / "backup_label").write_text(backup["backup_label"])
+    (stored / "tablespace_map").write_text(backup["tablespace_map"])
+    wait_archived(backups.cluster)
+    target, _ = restored_to_the_end(backups, stored, "from_tar")
+    with recovered(target) as server:
+        assert_every_row(server)
+
+
+def test_a_target_dir_inside_the_backup_is_refused(backups: Backups) -> None:
+    error = refused(
+        backups.second,
+        backups.second / "restored",
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={backups.scratch / 'never6_space'}",
+    )
+    assert "overlaps BACKUP" in error
+    assert not (backups.second / "restored").exists()
