@@ -15,6 +15,9 @@
    data directory, against `cp -a`, `rsync -a` and `pg_basebackup -Fp -X none --manifest-checksums=SHA256`;
    as tar + zstd into a local S3 server (moto) against `tar | zstd` into a file; its maximum RSS at two
    data sizes (bench/copybench.py).
+8. one backup of a pgbench -i -s RESTORE_SCALE cluster: its restore (`pg-safe-backup restore`'s
+   prepare_restore, then recovery to the backup's end and promotion) per GB beside its copy per GB
+   (bench/restorebench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -95,9 +98,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--copy-rounds", type=int, default=None, help="rounds of figure 7's copies (default 3)")
     p.add_argument(
+        "--restore-scale",
+        type=int,
+        default=None,
+        help="pgbench scale of figure 8 (default 150; 20 with --quick)",
+    )
+    p.add_argument(
         "--skip",
         default="",
-        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy",
+        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore",
     )
     p.add_argument(
         "--no-reference",
@@ -129,6 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.copy_scale = a.copy_scale or (20 if quick else 150)
     a.copy_small_scale = a.copy_small_scale or (5 if quick else 30)
     a.copy_rounds = a.copy_rounds or (1 if quick else 3)
+    a.restore_scale = a.restore_scale or (20 if quick else 150)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -325,6 +335,16 @@ def table(r: dict[str, Any]) -> str:
             "",
             "copy RSS",
         )
+    if r.get("restore_s_per_gb") is not None:
+        rd = r["restore_detail"]
+        row(
+            f"restore of one backup to its end, promoted ({rd['data_gb']} GB, pgbench -s {rd['scale']})",
+            f"{r['restore_s_per_gb']:g} s/GB ({rd['restore_s']:g} s:"
+            f" {rd['restore_prepare_s']:g} s to prepare,"
+            f" {rd['restore_recovery_s']:g} s to recover and promote)",
+            f"its copy: {r['copy_s_per_gb']:g} s/GB ({rd['copy_s']:g} s)",
+            None,
+        )
     return "\n".join(lines)
 
 
@@ -448,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
                 "copy",
                 "copy_detail",
                 lambda: copybench.main(work, args.copy_scale, args.copy_rounds, args.copy_small_scale),
+            )
+        if "restore" not in args.skip:
+            from bench import restorebench
+
+            measure_phase(
+                results, "restore", "restore_detail", lambda: restorebench.run(work, args.restore_scale)
             )
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)
