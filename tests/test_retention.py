@@ -89,6 +89,20 @@ def retention_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedPr
     )
 
 
+def listed_folders(root: Path) -> list[str]:
+    """The folders ``pg-safe-backup list ROOT`` prints (the last column), oldest first."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup", "list", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    *rows, count = done.stdout.splitlines()[1:]
+    assert count == f"{len(rows)} backup{'s' if len(rows) != 1 else ''}"
+    return [row.split()[-1] for row in rows]
+
+
 def printed(stdout: str, verb: str) -> list[str]:
     """What the lines starting with ``verb`` name (a backup's folder, a WAL file)."""
     return [
@@ -131,6 +145,7 @@ def test_keep_last_two_deletes_three_backups_and_only_the_wal_before_the_oldest_
     before = listing(five.root, five.archive)
     assert any(n.endswith(".backup") for n in five.wal_names), "the archive holds backup history files"
     args = [str(five.root), "--keep-last", "2", "--wal-archive", str(five.archive)]
+    assert listed_folders(five.root) == [str(b) for b in five.backups]  # pg-safe-backup list: all five
 
     dry = retention_cli(*args, "--dry-run")
 
@@ -145,6 +160,7 @@ def test_keep_last_two_deletes_three_backups_and_only_the_wal_before_the_oldest_
     assert would_delete == [str(b) for b in deleted], dry.stdout
     assert [b for b in five.backups if b.exists()] == kept
     assert printed(done.stdout, "deleted") == [str(b) for b in deleted]
+    assert listed_folders(five.root) == [str(b) for b in kept]
     assert all(f"keep      {b}: one of the newest 2" in done.stdout for b in kept), done.stdout
     cutoff = five.infos[3].start_wal
     remaining = sorted(p.name for p in five.archive.iterdir())
