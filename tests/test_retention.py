@@ -26,6 +26,7 @@ from pg_safe_backup.catalog import (
     append_verification,
     list_backups,
     plan_retention,
+    read_info,
     write_info,
 )
 from pg_safe_backup.local_cluster import give_to_server_user
@@ -226,6 +227,23 @@ def test_nothing_is_removed_without_a_complete_backup_to_keep(five, tmp_root):
     with pytest.raises(RetentionRefused, match="no complete backup"):
         carry_out_retention(plan, wal_archive=archive, dry_run=False, log=print)
     assert listing(root, archive) == {**before, **listing(folders[0])}
+
+
+def test_a_root_holding_two_clusters_backups_is_refused(five, tmp_root):
+    root = tmp_root / "backups"
+    folders = catalog_only(five, root)
+    other = read_info(folders[2])
+    other.system_identifier = "7000000000000000001"
+    write_info(folders[2], other)
+    before = listing(root)
+
+    done = retention_cli(str(root), "--keep-last", "1")
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "holds backups of 2 clusters" in done.stderr, done.stderr
+    assert "7000000000000000001" in done.stderr and five.infos[0].system_identifier in done.stderr
+    assert "run retention on each cluster's own folder" in done.stderr, done.stderr
+    assert listing(root) == before
 
 
 def test_incomplete_backups_are_neither_counted_nor_deleted(five, tmp_root):
