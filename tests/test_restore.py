@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from demo.load import wait_archived
+from pg_safe_backup.catalog import read_info, write_info
 from pg_safe_backup.files.tarball import write_tar_backup
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, free_port, give_to_server_user
@@ -256,3 +258,48 @@ def test_a_target_dir_inside_the_backup_is_refused(backups: Backups) -> None:
     )
     assert "overlaps BACKUP" in error
     assert not (backups.second / "restored").exists()
+
+
+def test_latest_before_refuses_a_root_holding_two_clusters_backups(backups: Backups, tmp_path: Path) -> None:
+    """--latest-before picks "the newest" of one cluster only: never another cluster's backup."""
+    root = tmp_path / "two_clusters"
+    for name, sysid in (("a", None), ("b", "7000000000000000001")):
+        shutil.copytree(backups.first, root / name, symlinks=True)
+        if sysid:
+            info = read_info(root / name)
+            info.system_identifier = sysid
+            write_info(root / name, info)
+    target = tmp_path / "target"
+    done = restore(root, target, "--latest-before", "2100-01-01T00:00:00", "--wal-archive", backups.archive)
+    assert done.returncode != 0 and "holds backups of 2 clusters" in done.stderr, done.stdout + done.stderr
+    assert not target.exists()
+
+
+def test_the_drill_refuses_before_restoring_anything(backups: Backups, tmp_path: Path) -> None:
+    """The drill's refusals, before any restore: no backup, two clusters' backups, a newest backup too old."""
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    from pg_safe_backup.operators.lifecycle import PostgresRestoreDrillOperator
+
+    def drill(root: Path, **kwargs: object) -> str:
+        op = PostgresRestoreDrillOperator(task_id="drill", root=str(root), **kwargs)
+        with pytest.raises(AirflowFailException) as failed:
+            op.execute({})  # each refusal comes before the task instance is needed
+        return str(failed.value)
+
+    (tmp_path / "empty").mkdir()
+    assert "holds no catalogued backup" in drill(tmp_path / "empty")
+    root = tmp_path / "two_clusters"
+    for name in ("a", "b"):
+        shutil.copytree(backups.first, root / name, symlinks=True)
+    info = read_info(root / "b")
+    info.system_identifier = "7000000000000000001"
+    write_info(root / "b", info)
+    assert "holds backups of 2 clusters" in drill(root)
+    old = tmp_path / "old"
+    shutil.copytree(backups.first, old / "a", symlinks=True)
+    info = read_info(old / "a")
+    info.stop_time = (datetime.now(timezone.utc) - timedelta(days=3)).isoformat()
+    write_info(old / "a", info)
+    refused = drill(old)
+    assert " is 3 days, 0:00:0" in refused and "old, older than max_age 1 day, 6:00:00" in refused, refused

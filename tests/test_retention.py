@@ -242,7 +242,7 @@ def test_a_root_holding_two_clusters_backups_is_refused(five, tmp_root):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "holds backups of 2 clusters" in done.stderr, done.stderr
     assert "7000000000000000001" in done.stderr and five.infos[0].system_identifier in done.stderr
-    assert "run retention on each cluster's own folder" in done.stderr, done.stderr
+    assert "name the folder of one cluster's backups; removing nothing" in done.stderr, done.stderr
     assert listing(root) == before
 
 

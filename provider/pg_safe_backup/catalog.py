@@ -301,6 +301,22 @@ def _age(entry: CatalogEntry) -> tuple[datetime, int]:
     return entry.info.stopped, parse_lsn(entry.info.stop_lsn)
 
 
+def one_cluster(entries: Sequence[CatalogEntry], root: Any) -> None:
+    """Refuse a root that holds backups of more than one cluster: "the newest", a retention policy and a
+    WAL cut-off are each a cluster's own (another cluster's backup would be restored, or kept instead).
+
+    :param entries: :func:`list_backups` of ``root``.
+    :param root: what to name in the error.
+    :raises CatalogError: more than one system identifier among ``entries``.
+    """
+    clusters = sorted({e.info.system_identifier for e in entries if e.info.system_identifier})
+    if len(clusters) > 1:
+        raise CatalogError(
+            f"{root} holds backups of {len(clusters)} clusters (system identifiers {', '.join(clusters)}):"
+            " name the folder of one cluster's backups"
+        )
+
+
 def is_complete(folder: Folder) -> bool:
     """Whether the backup in ``folder`` can be restored as far as the catalog can tell: it has its
     backup_info.json AND its backup_label (without the label, recovery would start from the copy's
@@ -507,6 +523,7 @@ __all__ = [
     "label_time",
     "latest_before",
     "list_backups",
+    "one_cluster",
     "parse_when",
     "plan_retention",
     "read_info",

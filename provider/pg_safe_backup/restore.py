@@ -51,7 +51,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from pg_safe_backup.catalog import INFO_NAME, INFO_TMP, CatalogError, latest_before, list_backups, parse_when
+from pg_safe_backup.catalog import (
+    INFO_NAME,
+    INFO_TMP,
+    CatalogError,
+    latest_before,
+    list_backups,
+    one_cluster,
+    parse_when,
+)
 from pg_safe_backup.catalog import read_info as read_backup_info
 from pg_safe_backup.files.tablespaces import (
     TablespaceNotCopied,
@@ -740,7 +748,9 @@ def _restore(args: argparse.Namespace) -> int:
     backup = args.backup
     try:
         if args.latest_before is not None:
-            picked = latest_before(list_backups(backup.absolute()), args.latest_before)
+            entries = list_backups(backup.absolute())
+            one_cluster(entries, backup)  # never another cluster's backup
+            picked = latest_before(entries, args.latest_before)
             if picked is None:
                 raise RestoreError(
                     f"--latest-before: no backup under {backup} ended before {args.latest_before.isoformat()}"

@@ -36,6 +36,7 @@ from pg_safe_backup.catalog import (
     RetentionPlan,
     is_complete,
     list_backups,
+    one_cluster,
     plan_retention,
     wal_to_remove,
 )
@@ -126,14 +127,10 @@ def plan_root(
     plan = plan_retention(complete, keep_last=keep_last, keep_days=keep_days, now=now)  # checks keep_*
     if not entries:
         raise RetentionRefused(f"no backup ({INFO_NAME}) found under {root}: removing nothing")
-    clusters = sorted({e.info.system_identifier for e in entries if e.info.system_identifier})
-    if len(clusters) > 1:
-        # One policy and one WAL cut-off over several clusters would keep the wrong ones (the newest N of
-        # all) and cut WAL by another cluster's positions: each cluster needs a root of its own.
-        raise RetentionRefused(
-            f"{root} holds backups of {len(clusters)} clusters (system identifiers {', '.join(clusters)}):"
-            " run retention on each cluster's own folder, removing nothing"
-        )
+    try:
+        one_cluster(entries, root)  # one policy and one WAL cut-off are a cluster's own
+    except CatalogError as err:
+        raise RetentionRefused(f"{err}; removing nothing") from err
     counted = {e.name for e in complete}
     skipped = {
         e.name: f"incomplete: no {LABEL_NAME}; left alone, check or delete it by hand"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
-from pg_safe_backup.catalog import CatalogError, list_backups
+from pg_safe_backup.catalog import CatalogError, list_backups, one_cluster
 from pg_safe_backup.params import (
     check_flag,
     check_number,
@@ -87,6 +87,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
         max_age = None if self.max_age in (None, "", "None") else rendered(_seconds, self.max_age, "max_age")
         try:
             entries = list_backups(root)
+            one_cluster(entries, root)  # "the newest" is a cluster's own
         except CatalogError as err:
             raise AirflowFailException(f"root {str(root)!r}: {err}") from err
         if not entries:
