@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,7 +29,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.layout import BACKUP_INFO
+from pg_safe_backup.files.manifest import write_atomically
 from pg_safe_backup.state import (
     backup_start,
     format_lsn,
@@ -214,21 +215,10 @@ def write_info(folder: Folder, info: BackupInfo) -> str:
     :returns: where it was written.
     """
     target = folder / INFO_NAME
-    content = info.to_json()
-    if isinstance(folder, Path) and not hasattr(folder, "protocol"):
-        tmp = folder / INFO_TMP
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    if is_local_path(folder):
+        write_atomically(target, info.to_json(), INFO_TMP)
     else:
-        target.write_bytes(content)
+        target.write_bytes(info.to_json())
     return str(target)
 
 
@@ -280,8 +270,9 @@ def list_backups(root: Folder, max_depth: int = MAX_DEPTH) -> list[CatalogEntry]
     found: list[CatalogEntry] = []
 
     def visit(folder: Folder, depth: int) -> None:
-        if (folder / INFO_NAME).exists():
-            found.append(CatalogEntry(folder, read_info(folder)))
+        info = folder / INFO_NAME
+        if info.exists():  # one look (a request, in an object store), then the read
+            found.append(CatalogEntry(folder, BackupInfo.from_json(info.read_text(), str(info))))
             return
         if depth >= max_depth or (folder / "PG_VERSION").exists():
             return

@@ -80,6 +80,7 @@ class ManifestSummary:
     bytes: int  # their total size
     hashed_bytes: int  # bytes read here (files whose checksum was not given)
     seconds: float
+    checksum: str  # its Manifest-Checksum
 
 
 def manifest_version(major: int) -> int:
@@ -425,7 +426,7 @@ def write_manifest(
     ]
     content = render_manifest(version, system_identifier, lines, wal_ranges)
     path = Path(copy_dir) / MANIFEST_NAME
-    _write_atomically(path, content)
+    write_atomically(path, content)
     return ManifestSummary(
         path=path,
         version=version,
@@ -434,14 +435,20 @@ def write_manifest(
         bytes=sum(st.st_size for st, _, _ in results),
         hashed_bytes=sum(n for _, _, n in results),
         seconds=time.monotonic() - began,
+        checksum=manifest_checksum(content),
     )
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` through a temporary file beside it, renamed once synced: a reader
-    sees the old file or the whole new one. Mode and owner follow the copy's PG_VERSION (the data
-    directory's), so a restore run as the server's user can read it."""
-    tmp = path.with_name(MANIFEST_TMP)
+def write_atomically(path: Path, content: bytes, tmp_name: str = MANIFEST_TMP) -> None:
+    """Write ``content`` to ``path`` through a temporary file beside it, renamed once synced, then the
+    folder synced: a reader sees the old file or the whole new one. Mode and owner follow the copy's
+    PG_VERSION (the data directory's), so a restore run as the server's user can read it.
+
+    :param path: the file to write.
+    :param content: its bytes.
+    :param tmp_name: the temporary file's name (one a crash left is overwritten).
+    """
+    tmp = path.with_name(tmp_name)
     like = path.parent / "PG_VERSION"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -490,6 +497,7 @@ __all__ = [
     "wal_ranges_for",
     "write_backup_manifest",
     "write_manifest",
+    "write_atomically",
     "write_manifest_file",
 ]
 
@@ -661,5 +669,5 @@ def write_manifest_file(folder: Path, content: bytes) -> Path:
     :returns: the manifest's path.
     """
     path = Path(folder) / MANIFEST_NAME
-    _write_atomically(path, content)
+    write_atomically(path, content)
     return path

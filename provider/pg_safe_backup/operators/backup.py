@@ -475,12 +475,8 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     ) -> tuple[str, str] | None:
         """Write the copy's backup_manifest: where, and its Manifest-Checksum; None (and a log line saying
         why) when there is none to write."""
-        plain_local = local_copy is not None and (local_copy / "PG_VERSION").is_file()
-        if plain_local:
-            major = int((local_copy / "PG_VERSION").read_text().strip())
-        elif copied is not None:
-            major = copied.major
-        else:
+        plain_local, major = _copy_kind(local_copy, copied)
+        if major is None:
             self.log.warning(
                 "no backup_manifest: %s is an object store or tar archives, and no copy task of this group"
                 " (PostgresCopyDataDirectoryOperator) handed over the records of its files",
@@ -540,7 +536,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             summary.seconds,
             local_copy,
         )
-        return str(summary.path), manifest_checksum(summary.path.read_bytes())
+        return str(summary.path), summary.checksum
 
     def _write_info(
         self,
@@ -553,10 +549,9 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     ) -> str:
         """Write the backup's ``backup_info.json`` (the catalog's entry, :mod:`pg_safe_backup.catalog`),
         last: a backup is listed once everything else of it is stored."""
+        plain_local, major = _copy_kind(local_copy, copied)
         segment_size = None  # names the stop WAL file: 16 MB unless the copy's pg_control says otherwise
-        major = copied.major if copied else None
-        if local_copy is not None and (local_copy / "PG_VERSION").is_file():
-            major = int((local_copy / "PG_VERSION").read_text().strip())
+        if plain_local:
             try:
                 segment_size = read_pg_control(local_copy).xlog_seg_size
             except (CopyMismatch, OSError):
@@ -578,6 +573,14 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         where = write_info(local_copy if local_copy is not None else target, info)
         self.log.info("catalogued the backup in %s (list them with: pg-safe-backup list ROOT)", where)
         return where
+
+
+def _copy_kind(local_copy: Path | None, copied: Copied | None) -> tuple[bool, int | None]:
+    """Whether the copy is a local data directory tree, and the copied server's major: its PG_VERSION,
+    else the copy task's records (None: unknown)."""
+    if local_copy is not None and (local_copy / "PG_VERSION").is_file():
+        return True, int((local_copy / "PG_VERSION").read_text().strip())
+    return False, copied.major if copied else None
 
 
 @dataclass(frozen=True)
