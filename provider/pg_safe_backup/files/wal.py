@@ -8,9 +8,12 @@ stop LSN (basebackup.c's range), on the label's START TIMELINE, and the timeline
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,60 @@ _log = logging.getLogger(__name__)
 
 class WalMissing(Exception):
     """The archive lacks (a whole copy of) a WAL file the backup needs."""
+
+
+#: A WAL segment as archived (not partial), compressed or not: what carries a long page header.
+WAL_SEGMENT = re.compile(r"^[0-9A-F]{24}(\.gz|\.zst)?$")
+#: XLogLongPageHeaderData (access/xlog_internal.h): xlp_magic u16, xlp_info u16, xlp_tli u32, xlp_pageaddr
+#: u64, xlp_rem_len u32, padding to 24, xlp_sysid u64, xlp_seg_size u32, xlp_xlog_blcksz u32.
+_LONG_HEADER = struct.Struct("<HHIQI4xQII")
+#: xlp_info's XLP_LONG_HEADER bit: set on the first page of every segment.
+_XLP_LONG_HEADER = 0x0002
+
+
+class NotWal(ValueError):
+    """A file is not a WAL segment with a long page header (the message names it)."""
+
+
+def segment_system_identifier(path: Path) -> int:
+    """The system identifier in a WAL segment's first page (its long page header): which cluster wrote it.
+
+    :param path: a WAL segment file, plain, ``.gz`` or ``.zst`` (the ``[zstd]`` extra).
+    :raises NotWal: the file is too short or its first page has no long header.
+    :raises OSError: it cannot be read.
+    """
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            head = f.read(_LONG_HEADER.size)
+    elif path.name.endswith(".zst"):
+        import zstandard  # only a zstd archive needs it
+
+        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
+            head = f.read(_LONG_HEADER.size)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(_LONG_HEADER.size)
+    if len(head) < _LONG_HEADER.size:
+        raise NotWal(f"{path} is not a WAL segment: {len(head)} bytes")
+    _magic, info, _tli, _addr, _rem, sysid, _seg, _blck = _LONG_HEADER.unpack(head)
+    if not info & _XLP_LONG_HEADER:
+        raise NotWal(f"{path} is not a WAL segment: its first page has no long header")
+    return sysid
+
+
+def archive_system_identifier(archive: Path) -> tuple[int, str] | None:
+    """The system identifier of the cluster whose WAL ``archive`` holds, read from its oldest segment, and
+    that segment's name; None when it holds no segment (an empty archive proves nothing).
+
+    :param archive: the WAL archive folder.
+    :raises NotWal: its oldest segment is not WAL.
+    :raises OSError: the folder or the segment cannot be read.
+    """
+    names = sorted((n for n in os.listdir(archive) if WAL_SEGMENT.match(n)), key=lambda n: n[8:24] + n[:8])
+    if not names:
+        return None
+    return segment_system_identifier(Path(archive) / names[0]), names[0]
 
 
 def backup_wal_names(copy_dir: Path, backup_label: str, stop_lsn: str) -> list[str]:
