@@ -34,6 +34,7 @@ from pg_safe_backup.state import parse_backup_label, parse_lsn
 LABEL_NAME = "backup_label"
 MAP_NAME = "tablespace_map"
 MANIFEST_NAME = "backup_manifest"
+CONTROL = "global/pg_control"
 #: A tar backup's data directory archive, by compression (files/tarball.py's archive_name).
 BASE_TARS = ("base.tar", "base.tar.gz", "base.tar.zst")
 #: What the label must say: without them recovery cannot start from it (xlogrecovery.c's read_backup_label).
@@ -197,7 +198,9 @@ def _check_listed(manifest: dict[str, Any], name: str, raw: bytes) -> None:
         raise _Unproven(f"{MANIFEST_NAME} does not list {name}")
     size = entry.get("Size")
     if isinstance(size, int) and len(raw) < size:
-        raise _Unproven(f"{name} is {len(raw)} bytes, {MANIFEST_NAME} lists {size}: truncated", incomplete=True)
+        raise _Unproven(
+            f"{name} is {len(raw)} bytes, {MANIFEST_NAME} lists {size}: truncated", incomplete=True
+        )
     if size != len(raw):
         raise _Unproven(f"{name} is {len(raw)} bytes, {MANIFEST_NAME} lists {size}")
     algorithm = str(entry.get("Checksum-Algorithm", "NONE")).upper()
@@ -240,13 +243,15 @@ def _system_identifier(folder: Any, manifest: dict[str, Any], fmt: str) -> str |
     control = None
     if fmt == "plain" and is_local_path(folder):
         try:
+            # The file read must be the one listed, or a copied-in pg_control would name the cluster.
+            _check_listed(manifest, CONTROL, (Path(folder) / CONTROL).read_bytes())
             control = read_pg_control(Path(folder)).system_identifier
         except BadPgControl as err:
             raise _Unproven(" ".join(str(err).split())) from None
+        except FileNotFoundError:
+            raise _Unproven(f"no {CONTROL}", incomplete=True) from None
     if said is not None and control is not None and said != control:
-        raise _Unproven(
-            f"{MANIFEST_NAME}'s System-Identifier {said} is not global/pg_control's {control}"
-        )
+        raise _Unproven(f"{MANIFEST_NAME}'s System-Identifier {said} is not global/pg_control's {control}")
     found = said if said is not None else control
     return None if found is None else str(found)
 

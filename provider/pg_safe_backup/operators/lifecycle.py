@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
-from pg_safe_backup.catalog import CatalogError, list_backups, one_cluster
+from pg_safe_backup.catalog import CatalogError, choose_backup, list_backups, one_cluster
 from pg_safe_backup.params import (
     check_flag,
     check_number,
@@ -34,14 +34,16 @@ _UNSET_TEXT = ("", "none", "null")
 
 class PostgresRestoreDrillOperator(BaseOperator):
     """
-    A restore drill: take the newest backup under ``root`` (its catalog, ``backup_info.json``), restore it on
+    A restore drill: take the newest backup under ``root`` that proves itself (by stop LSN; incomplete,
+    unverifiable and, unless ``allow_failed``, failed backups are passed over, each named), restore it on
     a temporary server in a scratch folder and check it (:func:`pg_safe_backup.verify.check_backup`: the
     page-LSN check, ``pg_verifybackup``, recovery, amcheck, and ``invariant_sql`` when given), and record
     how long the restore took: the recovery time objective a real incident would meet.
 
-    Fails, naming the age, when the newest backup stopped more than ``max_age`` ago (or there is none):
+    Fails, naming the age, when the newest backup started (its label's START TIME) more than ``max_age``
+    ago (or there is none, or its age is unknown):
     a drill that passes on an old backup hides that the nightly backups stopped. Fails when a check fails.
-    The outcome is appended to the backup's ``backup_info.json`` (``pg-safe-backup list`` shows it).
+    The outcome is appended to the backup's catalog entry (``pg-safe-backup list`` shows it).
 
     XCom: ``backup`` (its folder), ``age_s``, ``restore_s`` (the restore check: copy, recovery, amcheck),
     ``checks_s`` (the checks before it), ``rto_s`` (both), ``ok`` and each check's result.
@@ -53,6 +55,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
     :param invariant_db: the database ``invariant_sql`` runs in.
     :param restore_timeout: seconds the restore's recovery may take.
     :param work_dir: the scratch folder (default: a temporary folder, removed afterwards).
+    :param allow_failed: also take a backup whose newest check failed.
     """
 
     template_fields: Sequence[str] = ("root", "wal_archive", "max_age", "invariant_sql", "work_dir")
@@ -68,10 +71,12 @@ class PostgresRestoreDrillOperator(BaseOperator):
         invariant_db: str = "postgres",
         restore_timeout: float = 3600,
         work_dir: str | None = None,
+        allow_failed: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root = unless_rendered_later(check_text, root, "root")
+        self.allow_failed = check_flag(allow_failed, "allow_failed")
         self.wal_archive = wal_archive
         self.max_age = max_age if max_age is None else unless_rendered_later(_seconds, max_age, "max_age")
         self.invariant_sql = invariant_sql
@@ -90,15 +95,26 @@ class PostgresRestoreDrillOperator(BaseOperator):
             one_cluster(entries, root)  # "the newest" is a cluster's own
         except CatalogError as err:
             raise AirflowFailException(f"root {str(root)!r}: {err}") from err
-        if not entries:
-            raise AirflowFailException(f"root {str(root)!r} holds no catalogued backup (no backup_info.json)")
-        newest = entries[-1]
-        age = (datetime.now(timezone.utc) - newest.info.stopped).total_seconds()
+        choice = choose_backup(entries, allow_failed=self.allow_failed)
+        for name, why in choice.skipped:
+            self.log.warning("drill: passing over %s: %s", name, why)
+        if choice.picked is None:
+            raise AirflowFailException(
+                f"root {str(root)!r} holds no backup that proves itself"
+                + (f" ({len(choice.skipped)} passed over, named in the log)" if choice.skipped else "")
+            )
+        newest = choice.picked
+        if newest.proof.start_time is None:
+            raise AirflowFailException(
+                f"the age of {newest.name} is unknown: its label's START TIME has no UTC offset"
+                " (set log_timezone to UTC on the server)"
+            )
+        age = (datetime.now(timezone.utc) - newest.proof.start_time).total_seconds()
         self.log.info(
-            "drill of %s: the newest of %d backups, stopped %s (%s ago)",
+            "drill of %s: the newest of %d backups that proves itself, started %s (%s ago)",
             newest.name,
             len(entries),
-            newest.info.stop_time,
+            newest.proof.start_time.isoformat(),
             timedelta(seconds=round(age)),
         )
         if max_age is not None and age > max_age:
@@ -159,9 +175,10 @@ class PostgresBackupRetentionOperator(BaseOperator):
     the oldest kept backup's START WAL file, as ``pg_archivecleanup`` does (never a ``.history`` or
     ``.backup`` file). See :mod:`pg_safe_backup.retention` for the order that keeps a crash safe.
 
-    A backup is found by its ``backup_info.json``; one without its ``backup_label`` is incomplete: neither
-    counted nor deleted, named in the log and XCom. Nothing is removed when no complete backup would be
-    kept: the task fails (``AirflowFailException``), as it does for a bad rendered parameter.
+    Only backups that prove themselves (:mod:`pg_safe_backup.proof`) are counted, kept or deleted; an
+    unverifiable or incomplete one is neither counted nor deleted, named in the log and XCom. Nothing is
+    removed when no proven backup would be kept: the task fails (``AirflowFailException``), as it does for
+    a bad rendered parameter.
 
     XCom: ``kept`` (folder -> reasons), ``deleted``, ``skipped``, ``wal_cutoff``, ``wal_removed`` (a
     count) with ``wal_first_removed`` and ``wal_last_removed``, and ``dry_run``.
