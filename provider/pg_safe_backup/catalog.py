@@ -593,19 +593,22 @@ def choose_backup(
     timeline, passing over incomplete and unverifiable backups, and those whose newest check failed
     (unless ``allow_failed``); with ``before``, also those that started at or after it (the label's START
     TIME) or whose catalog entry says they stopped at or after it (recovery cannot stop before the
-    backup's end, so such a choice would fail). Each one passed over is named in ``skipped``.
+    backup's end, so such a choice would fail). Each one passed over is named in ``skipped``, and every
+    unproven one (it has no place in WAL to say whether it is newer).
 
     :param entries: :func:`list_backups` of a root.
     :param before: the restore target's time (None: the newest).
     :param allow_failed: take a backup whose newest check failed.
     """
     skipped: list[tuple[str, str]] = []
+    picked = None
     for entry in sorted(entries, key=_order, reverse=True):
         why = _unfit(entry, before, allow_failed)
-        if why is None:
-            return Choice(entry, skipped)
-        skipped.append((entry.name, why))
-    return Choice(None, skipped)
+        if why is None and picked is None:
+            picked = entry
+        elif why is not None and (picked is None or not entry.proof.ok):
+            skipped.append((entry.name, why))  # an unproven one has no place in WAL: named wherever it is
+    return Choice(picked, skipped)
 
 
 def _unfit(entry: CatalogEntry, before: datetime | None, allow_failed: bool) -> str | None:

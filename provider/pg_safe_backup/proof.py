@@ -243,9 +243,14 @@ def _system_identifier(folder: Any, manifest: dict[str, Any], fmt: str) -> str |
     control = None
     if fmt == "plain" and is_local_path(folder):
         try:
-            # The file read must be the one listed, or a copied-in pg_control would name the cluster.
-            _check_listed(manifest, CONTROL, (Path(folder) / CONTROL).read_bytes())
-            control = read_pg_control(Path(folder)).system_identifier
+            # The file read must be the one listed, or a copied-in pg_control would name the cluster;
+            # listed without a checksum (manifest_checksums=NONE before this release), it names none.
+            entry = _listed(manifest, CONTROL)
+            if entry is not None and entry.get("Checksum-Algorithm", "NONE") != "NONE":
+                _check_listed(manifest, CONTROL, (Path(folder) / CONTROL).read_bytes())
+                control = read_pg_control(Path(folder)).system_identifier
+            elif entry is None:
+                raise _Unproven(f"{MANIFEST_NAME} does not list {CONTROL}")
         except BadPgControl as err:
             raise _Unproven(" ".join(str(err).split())) from None
         except FileNotFoundError:

@@ -51,7 +51,7 @@ DIGEST_SIZES: dict[str, int] = {
 CHUNK = 1 << 20
 _SHA = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
 #: Always given a checksum, whatever the manifest's algorithm: what proves a stored backup (proof.py).
-LABEL_FILES = (b"backup_label", b"tablespace_map")
+LABEL_FILES = (b"backup_label", b"tablespace_map", b"global/pg_control")
 
 
 class ManifestError(ValueError):
@@ -286,9 +286,9 @@ def list_files(copy_dir: Path, tablespaces: Mapping[int | str, Path] | None = No
 
 
 def _algorithm_of(relpath: bytes, algorithm: str) -> str:
-    """The checksum algorithm of one file: the manifest's, but SHA256 for the label files when it is NONE,
-    so a backup can still prove its label is the one listed (a per-file Checksum-Algorithm is valid for
-    pg_verifybackup)."""
+    """The checksum algorithm of one file: the manifest's, but SHA256 for the label files and pg_control
+    when it is NONE, so a backup can still prove its label and its cluster (a per-file Checksum-Algorithm
+    is valid for pg_verifybackup)."""
     return "SHA256" if algorithm == "NONE" and relpath in LABEL_FILES else algorithm
 
 
