@@ -253,19 +253,11 @@ def write_info(folder: Folder, info: BackupInfo) -> str:
     else:
         target.write_bytes(info.to_json())
     legacy = folder / INFO_NAME
-    if legacy.exists():  # only after the new entry is durable
+    if legacy.exists():
+        # Only after the new entry is durable; a removal a crash undoes leaves a stale copy that
+        # read_info never prefers, and the next write removes it again.
         legacy.unlink()
-        if is_local_path(folder):
-            _sync_folder(Path(folder))
     return str(target)
-
-
-def _sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_info(folder: Folder) -> BackupInfo:
