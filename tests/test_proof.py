@@ -336,3 +336,29 @@ def test_the_drill_chooses_as_latest_before_does(
         op.execute({})
     assert f"the newest backup under {root} ({root / 'first'}) is " in str(refused.value), refused.value
     assert f"passing over {root / 'second'}: incomplete: backup_label is empty" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda entry: "{not json", "is not JSON"),
+        (lambda entry: json.dumps({**entry, "stop_time": "2026-11-26 06:00:00"}), "has no time zone"),
+        (lambda entry: json.dumps({**entry, "stop_time": "yesterday"}), "is not an ISO 8601 time"),
+        (lambda entry: json.dumps({**entry, "stop_lsn": 5}), "stop_lsn is 5, not str"),
+        (lambda entry: json.dumps({**entry, "timeline": "1"}), "timeline is '1', not int"),
+        (lambda entry: json.dumps({**entry, "verifications": {"ok": True}}), "verifications is not a list"),
+        (lambda entry: json.dumps([entry]), "is not a JSON object"),
+    ],
+)
+def test_a_malformed_entry_is_named_and_its_backup_still_proven_from_disk(
+    two: Two, tmp_root: Path, change, named
+):
+    root = copy_root(two, tmp_root / "b")
+    entry = json.loads(entry_path(root / "first").read_text())
+    entry_path(root / "first").write_text(change(entry))
+
+    first, second = list_backups(root)
+
+    assert first.info is None and named in str(first.info_error), first.info_error
+    assert first.proof.ok and first.proof.stop_lsn == two.infos[0].stop_lsn, first.proof.status
+    assert second.info == two.infos[1]

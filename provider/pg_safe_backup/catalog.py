@@ -62,6 +62,10 @@ MAX_DEPTH = 4
 _WAL_FILE = re.compile(r"^([0-9A-F]{24})(\.partial)?(\.(?:gz|zst|lz4|bz2|xz|br))?$")
 
 
+#: The JSON type of each of BackupInfo's field types (checked when read).
+_TYPES: dict[str, type] = {"str": str, "int": int, "bool": bool}
+
+
 class CatalogError(ValueError):
     """A backup_info.json cannot be read or written (the message names it and says why)."""
 
@@ -147,7 +151,9 @@ class BackupInfo:
             raise CatalogError(f"{where} is not JSON: {err}") from err
         if not isinstance(data, dict):
             raise CatalogError(f"{where} is not a JSON object")
-        if int(data.get("version", 0)) > INFO_VERSION:
+        if not isinstance(data.get("version", 0), int):
+            raise CatalogError(f"{where}: version is {data['version']!r}, not a number")
+        if data.get("version", 0) > INFO_VERSION:
             raise CatalogError(
                 f"{where} has version {data['version']}, newer than this pg-safe-backup reads"
                 f" ({INFO_VERSION})"
@@ -157,6 +163,13 @@ class BackupInfo:
             info = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:
             raise CatalogError(f"{where} lacks a field: {err}") from err
+        for f in fields(cls):  # a crafted or damaged type is named here, never a crash further on
+            value, kind = getattr(info, f.name), str(f.type)
+            wanted = _TYPES.get(kind.removesuffix(" | None"))
+            if value is None and kind.endswith(" | None"):
+                continue
+            if wanted and (not isinstance(value, wanted) or (wanted is int and isinstance(value, bool))):
+                raise CatalogError(f"{where}: {f.name} is {value!r}, not {kind}")
         if not isinstance(info.verifications, list) or not all(
             isinstance(v, dict) for v in info.verifications
         ):

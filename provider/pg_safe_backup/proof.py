@@ -29,7 +29,7 @@ from typing import Any
 
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.pgcontrol import BadPgControl, crc32c, read_pg_control
-from pg_safe_backup.state import parse_backup_label, parse_lsn
+from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
 
 LABEL_NAME = "backup_label"
 MAP_NAME = "tablespace_map"
@@ -228,10 +228,10 @@ def _wal_ranges(manifest: dict[str, Any], start_lsn: str, start_tli: int) -> tup
         raise _Unproven(
             f"{MANIFEST_NAME}'s WAL-Ranges do not start at the label's {start_lsn} on timeline {start_tli}"
         )
-    stop_tli, _, stop, newest = max(parsed, key=lambda p: p[0])
+    stop_tli, _, stop, _ = max(parsed, key=lambda p: p[0])
     if stop < parse_lsn(start_lsn) or any(p[2] < p[1] for p in parsed):
         raise _Unproven(f"{MANIFEST_NAME}'s WAL-Ranges end before they start")
-    return newest["End-LSN"], stop_tli
+    return format_lsn(stop), stop_tli  # as the label and pg_backup_stop print it, whatever the major
 
 
 def _system_identifier(folder: Any, manifest: dict[str, Any], fmt: str) -> str | None:
