@@ -624,10 +624,11 @@ def _unfit(entry: CatalogEntry, before: datetime | None, allow_failed: bool) -> 
         return "its newest check FAILED (--allow-failed / allow_failed takes it)"
     if before is None:
         return None
-    if entry.proof.start_time is None:
-        return "its label's START TIME has no offset: cannot tell whether it is before the target"
-    if entry.proof.start_time >= before:
+    if entry.proof.start_time is None and entry.info is None:
+        return "its label's START TIME has no UTC offset and it has no catalog entry: no time to compare"
+    if entry.proof.start_time is not None and entry.proof.start_time >= before:
         return f"started {entry.proof.start_time.isoformat()}, not before the target"
+    # The entry's clock only narrows the choice among proven backups: a wrong pick is refused by recovery.
     if entry.info is not None and entry.info.stopped >= before:
         return f"stopped {entry.info.stop_time} (its catalog entry), not before the target"
     return None

@@ -104,17 +104,24 @@ class PostgresRestoreDrillOperator(BaseOperator):
                 + (f" ({len(choice.skipped)} passed over, named in the log)" if choice.skipped else "")
             )
         newest = choice.picked
-        if newest.proof.start_time is None:
-            raise AirflowFailException(
-                f"the age of {newest.name} is unknown: its label's START TIME has no UTC offset"
-                " (set log_timezone to UTC on the server)"
+        started = newest.proof.start_time
+        if started is None and newest.info is not None:
+            # An age, not a deletion: the store's clock serves when the label's zone is an abbreviation.
+            self.log.warning(
+                "%s: its label's START TIME has no UTC offset; age from its catalog entry", newest.name
             )
-        age = (datetime.now(timezone.utc) - newest.proof.start_time).total_seconds()
+            started = newest.info.stopped
+        if started is None:
+            raise AirflowFailException(
+                f"the age of {newest.name} is unknown: its label's START TIME has no UTC offset and it has"
+                " no catalog entry (set log_timezone to UTC on the server)"
+            )
+        age = (datetime.now(timezone.utc) - started).total_seconds()
         self.log.info(
             "drill of %s: the newest of %d backups that proves itself, started %s (%s ago)",
             newest.name,
             len(entries),
-            newest.proof.start_time.isoformat(),
+            started.isoformat(),
             timedelta(seconds=round(age)),
         )
         if max_age is not None and age > max_age:
