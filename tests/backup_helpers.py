@@ -225,14 +225,22 @@ def catalogued_backup(cluster: LocalCluster, destination: Path, owner: str) -> t
     return backup, info
 
 
-def reforge_backup(folder: Path, *, label: str | None = None, system_identifier: int | None = None) -> None:
+def reforge_backup(
+    folder: Path,
+    *,
+    label: str | None = None,
+    system_identifier: int | None = None,
+    stop_lsn: str | None = None,
+) -> None:
     """Change a stored local plain backup as another cluster or another time would have made it, and write
-    its backup_manifest again, so that it still proves itself: ``label`` as its backup_label, and/or
-    ``system_identifier`` in its global/pg_control (CRC recomputed; a little-endian host).
+    its backup_manifest again, so that it still proves itself: ``label`` as its backup_label,
+    ``system_identifier`` in its global/pg_control (CRC recomputed; a little-endian host), ``stop_lsn`` as
+    its manifest's End-LSN.
 
     :param folder: the backup's folder (a copy of a :func:`catalogued_backup`).
     :param label: the new backup_label.
     :param system_identifier: the new system identifier.
+    :param stop_lsn: the new stop LSN.
     """
     from pg_safe_backup.proof import prove_backup
 
@@ -252,7 +260,7 @@ def reforge_backup(folder: Path, *, label: str | None = None, system_identifier:
     write_backup_manifest(
         folder,
         backup_label=(folder / "backup_label").read_text(),
-        stop_lsn=str(before.stop_lsn),
+        stop_lsn=stop_lsn or str(before.stop_lsn),
         system_identifier=system_identifier or before.system_identifier,
     )
 

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from airflow.providers.common.compat.sdk import AirflowFailException
 
@@ -40,6 +41,7 @@ from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan
 from pg_safe_backup.verify import PASS, check_backup
 
 from backup_helpers import catalogued_backup, cluster_with_space, reforge_backup
+from conftest import CONN_ID
 
 BACKUPS = 5
 ROWS = 1000  # committed before each backup
@@ -58,6 +60,7 @@ class Five:
     infos: list[BackupInfo]
     labels: list[str]
     wal_names: list[str]  # the archive's files once all five were archived
+    dsn: str  # the live cluster
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,8 @@ def five(module_tmp_root: Path) -> Iterator[Five]:
             infos.append(info)
             labels.append(backup["backup_label"])
         wait_archived(cluster)
-        yield Five(root, archive, backups, infos, labels, sorted(p.name for p in archive.iterdir()))
+        names = sorted(p.name for p in archive.iterdir())
+        yield Five(root, archive, backups, infos, labels, names, make_conninfo(**cluster.conninfo()))
 
 
 def listing(*folders: Path) -> dict[str, int]:
@@ -544,3 +548,29 @@ def test_a_passed_check_counts_only_for_the_manifest_it_was_of(five, tmp_root):
 
     assert plan.reasons[str(folders[2])] == ["the newest verified backup"]
     assert str(folders[1]) not in plan.reasons
+
+
+def test_with_the_live_cluster_backups_it_disowns_are_left_alone(five, tmp_root):
+    """Optional check (--dsn / postgres_conn_id): a self-consistent crafted backup ending beyond the
+    server's WAL, or a backup of another cluster, is never counted: without it the crafted one would be
+    "the newest" and b4 would go."""
+    root, archive, folders = real_copy(five, tmp_root)
+    future = linked_copy(five.backups[0], root / "future")
+    reforge_backup(future, stop_lsn="FF/0")
+    args = [str(root), "--keep-last", "1", "--wal-archive", str(archive)]
+    assert f"would delete {folders[4]}" in retention_cli(*args, "--dry-run").stdout  # what --dsn prevents
+
+    done = retention_cli(*args, "--dsn", five.dsn)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"skip      {future}: UNVERIFIABLE: its stop LSN FF/0 is beyond the server's" in done.stdout
+    assert [f.exists() for f in folders] == [False, False, False, False, True] and future.exists()
+    other = linked_copy(five.backups[4], root / "other")
+    reforge_backup(other, system_identifier=7000000000000000001)
+    op = PostgresBackupRetentionOperator(task_id="r", root=str(root), keep_last=1, postgres_conn_id=CONN_ID)
+    xcom = op.run_retention(str(root), str(archive), 1, None)
+    assert xcom["skipped"][str(other)].startswith("UNVERIFIABLE: of another cluster (7000000000000000001;")
+    assert list(xcom["kept"]) == [str(folders[4])] and xcom["deleted"] == []
+    refused = retention_cli(*args, "--dsn", "host=/nonexistent port=1")
+    assert refused.returncode == 1 and "--dsn: cannot ask the server" in refused.stderr, refused.stderr
+    assert_restores(five, folders[4], archive, tmp_root)

@@ -26,7 +26,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -467,6 +467,28 @@ def one_cluster(entries: Sequence[CatalogEntry], root: Any) -> None:
         )
 
 
+def against_server(
+    entries: Sequence[CatalogEntry], system_identifier: str, wal_position: int
+) -> list[CatalogEntry]:
+    """``entries`` with those the live cluster disowns made unverifiable: a backup proving another system
+    identifier, or a stop LSN beyond the cluster's current WAL position (no backup of it can end where its
+    WAL has not been yet: a crafted or foreign one).
+
+    :param entries: :func:`list_backups` of a root.
+    :param system_identifier: the live cluster's.
+    :param wal_position: its current WAL position (an integer LSN).
+    """
+    checked = []
+    for e in entries:
+        p, why = e.proof, None
+        if p.ok and p.system_identifier and p.system_identifier != system_identifier:
+            why = f"of another cluster ({p.system_identifier}; the server is {system_identifier})"
+        elif p.ok and p.position[0] > wal_position:
+            why = f"its stop LSN {p.stop_lsn} is beyond the server's current WAL position"
+        checked.append(replace(e, proof=replace(p, ok=False, why=why)) if why else e)
+    return checked
+
+
 @dataclass(frozen=True)
 class RetentionPlan:
     """What a retention run keeps and deletes, and the WAL it lets go."""
@@ -740,6 +762,7 @@ __all__ = [
     "Choice",
     "RetentionPlan",
     "add_list_arguments",
+    "against_server",
     "append_verification",
     "choose_backup",
     "entry_path",

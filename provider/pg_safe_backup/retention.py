@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from pg_safe_backup.catalog import (
     CatalogError,
     RetentionPlan,
+    against_server,
     entry_path,
     list_backups,
     one_cluster,
@@ -44,6 +45,7 @@ from pg_safe_backup.catalog import (
     wal_to_remove,
 )
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.hooks.server import ServerPosition, ServerUnreachable, server_position
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
 
 #: Where the copies of a backup's tablespaces may be kept beside it (files/tablespaces.py looks there).
@@ -115,7 +117,12 @@ class RetentionReport:
 
 
 def plan_root(
-    root: Any, *, keep_last: int | None, keep_days: float | None, now: datetime | None = None
+    root: Any,
+    *,
+    keep_last: int | None,
+    keep_days: float | None,
+    now: datetime | None = None,
+    server: ServerPosition | None = None,
 ) -> RetentionPlan:
     """The retention plan of the backups under ``root``: :func:`~pg_safe_backup.catalog.plan_retention` of
     what :func:`~pg_safe_backup.catalog.list_backups` finds; those that do not prove themselves are
@@ -125,11 +132,15 @@ def plan_root(
     :param keep_last: how many of the newest to keep (None: not by count).
     :param keep_days: keep those stopped within this many days (None: not by age).
     :param now: the time to count days from (default: now).
+    :param server: the live cluster's identity and WAL position (``--dsn``): a backup it disowns (another
+        system identifier, a stop LSN beyond its WAL) is left alone as unverifiable.
     :raises ValueError: neither ``keep_last`` nor ``keep_days``, or a bad one (named).
     :raises RetentionRefused: no backup under ``root`` (a mistyped root must not pass for an empty one),
         or backups of several clusters.
     """
     entries = list_backups(root)
+    if server is not None:
+        entries = against_server(entries, server.system_identifier, server.wal_position)
     plan = plan_retention(entries, keep_last=keep_last, keep_days=keep_days, now=now)  # checks keep_*
     if not entries:
         raise RetentionRefused(f"no backup found under {root}: removing nothing")
@@ -274,6 +285,12 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the WAL archive to clean up below the oldest kept backup's start (default: leave WAL alone)",
     )
+    p.add_argument(
+        "--dsn",
+        metavar="CONNINFO",
+        help="the live cluster (libpq string or URI): leave alone backups of another system identifier or"
+        " ending beyond its current WAL position",
+    )
     p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
     p.set_defaults(run=_retention, parser=p)
 
@@ -282,11 +299,15 @@ def _retention(args: argparse.Namespace) -> int:
     if args.keep_last is None and args.keep_days is None:
         args.parser.error("give --keep-last N and/or --keep-days D")
     try:
-        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days)
+        server = server_position(args.dsn) if args.dsn else None
+        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server)
         carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print)
     except ValueError as err:  # a bad --keep-last/--keep-days
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ServerUnreachable as err:
+        print(f"error: --dsn: {err}; removing nothing", file=sys.stderr)
+        return 1
     except (RetentionRefused, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -300,4 +321,5 @@ __all__ = [
     "add_retention_arguments",
     "carry_out_retention",
     "plan_root",
+    "server_position",
 ]

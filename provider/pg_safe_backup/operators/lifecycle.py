@@ -9,10 +9,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from pg_safe_backup.catalog import CatalogError, choose_backup, list_backups, one_cluster
+from pg_safe_backup.hooks.server import ServerPosition, ServerUnreachable, server_position
 from pg_safe_backup.params import (
     check_flag,
     check_number,
@@ -197,9 +198,11 @@ class PostgresBackupRetentionOperator(BaseOperator):
     :param keep_days: keep the backups stopped within this many days (templated). At least one of
         ``keep_last`` and ``keep_days`` is required.
     :param dry_run: only log and return what would go.
+    :param postgres_conn_id: the live cluster (templated; optional): backups of another system identifier,
+        or ending beyond its current WAL position, are left alone as unverifiable.
     """
 
-    template_fields: Sequence[str] = ("root", "wal_archive", "keep_last", "keep_days")
+    template_fields: Sequence[str] = ("root", "wal_archive", "keep_last", "keep_days", "postgres_conn_id")
 
     def __init__(
         self,
@@ -209,11 +212,15 @@ class PostgresBackupRetentionOperator(BaseOperator):
         keep_last: int | str | None = None,
         keep_days: float | str | None = None,
         dry_run: bool = False,
+        postgres_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root = unless_rendered_later(check_text, root, "root")
         self.wal_archive = optional_unless_rendered_later(check_text, wal_archive, "wal_archive")
+        self.postgres_conn_id = optional_unless_rendered_later(
+            check_text, postgres_conn_id, "postgres_conn_id"
+        )
         self.keep_last = keep_last if renders_later(keep_last) else check_keep_last(keep_last, "keep_last")
         self.keep_days = keep_days if renders_later(keep_days) else check_keep_days(keep_days, "keep_days")
         if self.keep_last is None and self.keep_days is None:
@@ -249,7 +256,15 @@ class PostgresBackupRetentionOperator(BaseOperator):
         :param now: the time to count days from (default: now).
         """
         try:
-            plan = plan_root(storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now)
+            server = self._server() if self.postgres_conn_id else None
+        except ServerUnreachable as err:
+            raise AirflowException(
+                f"postgres_conn_id {self.postgres_conn_id!r}: {err}; removing nothing"
+            ) from err
+        try:
+            plan = plan_root(
+                storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now, server=server
+            )
             report = carry_out_retention(
                 plan,
                 wal_archive=storage_path(wal_archive) if wal_archive else None,
@@ -261,6 +276,21 @@ class PostgresBackupRetentionOperator(BaseOperator):
         except ValueError as err:  # plan_retention's check of keep_last / keep_days
             raise AirflowFailException(f"invalid rendered parameter: {err}") from err
         return report.as_dict()
+
+    def _server(self) -> ServerPosition:
+        """The live cluster's identity and WAL position, through the connection as the backup uses it."""
+        import asyncio
+
+        from psycopg.conninfo import make_conninfo
+
+        from pg_safe_backup.hooks.backup import PostgresBackupHook
+
+        conn_id = rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
+        try:
+            kwargs = asyncio.run(PostgresBackupHook(conn_id).connection_kwargs(conn_id))
+        except Exception as err:  # BackupError: no such connection, or its arguments cannot be made
+            raise AirflowFailException(str(err)) from err
+        return server_position(make_conninfo(**{k: str(v) for k, v in kwargs.items()}))
 
 
 def storage_path(location: str) -> Path | ObjectStoragePath:
