@@ -26,6 +26,7 @@ A dry run goes through the same steps, logs the same lines ("would delete") and 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -130,7 +131,7 @@ def plan_root(
 
     :param root: a local folder or an ObjectStoragePath.
     :param keep_last: how many of the newest to keep (None: not by count).
-    :param keep_days: keep those stopped within this many days (None: not by age).
+    :param keep_days: keep those started within this many days (None: not by age).
     :param now: the time to count days from (default: now).
     :param server: the live cluster's identity and WAL position (``--dsn``): a backup it disowns (another
         system identifier, a stop LSN beyond its WAL) is left alone as unverifiable.
@@ -229,6 +230,9 @@ def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
             f"the WAL cut-off {cutoff} is not at or before every kept backup's start: removing nothing"
         )
     kept = [_where(e.folder) for e in plan.keep] + ([_where(wal_archive)] if wal_archive is not None else [])
+    # What is left alone stays too: an unproven folder inside a tablespace copy to delete is not deleted.
+    # A link among them is compared as the link (abspath), not what it points to: never followed.
+    kept += [os.path.abspath(name) if name.startswith("/") else name for name in plan.skipped]
     for entry in plan.delete:
         for folder in [entry.folder, *_tablespace_copies(entry.folder)]:
             where = _where(folder)
@@ -278,7 +282,7 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
     """
     p.add_argument("root", type=Path, help="the folder holding the backups (searched for backups on disk)")
     p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N backups")
-    p.add_argument("--keep-days", type=float, metavar="D", help="keep the backups stopped within D days")
+    p.add_argument("--keep-days", type=float, metavar="D", help="keep the backups started within D days")
     p.add_argument(
         "--wal-archive",
         type=Path,

@@ -178,10 +178,11 @@ def _seconds(value: Any, name: str) -> float:
 
 class PostgresBackupRetentionOperator(BaseOperator):
     """
-    Keep the newest ``keep_last`` backups under ``root`` and/or those that stopped within ``keep_days``
-    days, always the newest verified one; delete the others, then the files of the WAL archive older than
-    the oldest kept backup's START WAL file, as ``pg_archivecleanup`` does (never a ``.history`` or
-    ``.backup`` file). See :mod:`pg_safe_backup.retention` for the order that keeps a crash safe.
+    Keep the newest ``keep_last`` backups under ``root`` and/or those that started within ``keep_days``
+    days (their label's START TIME), always the newest verified one; delete the others, then the files of
+    the WAL archive older than the oldest kept backup's START WAL file, as ``pg_archivecleanup`` does
+    (never a ``.history`` or ``.backup`` file). See :mod:`pg_safe_backup.retention` for the order that
+    keeps a crash safe.
 
     Only backups that prove themselves (:mod:`pg_safe_backup.proof`) are counted, kept or deleted; an
     unverifiable or incomplete one is neither counted nor deleted, named in the log and XCom. Nothing is
@@ -195,7 +196,7 @@ class PostgresBackupRetentionOperator(BaseOperator):
         ``s3://conn_id@bucket/prefix`` (templated).
     :param wal_archive: the WAL archive, local or a URL (templated); None: no WAL is removed.
     :param keep_last: how many of the newest backups to keep, at least 1 (templated).
-    :param keep_days: keep the backups stopped within this many days (templated). At least one of
+    :param keep_days: keep the backups started within this many days (templated). At least one of
         ``keep_last`` and ``keep_days`` is required.
     :param dry_run: only log and return what would go.
     :param postgres_conn_id: the live cluster (templated; optional): backups of another system identifier,
