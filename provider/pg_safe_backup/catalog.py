@@ -409,7 +409,12 @@ def list_backups(root: Folder, max_depth: int = MAX_DEPTH) -> list[CatalogEntry]
             if not child.is_dir():
                 continue
             folders.add(child.name)
-            inside = {c.name for c in child.iterdir()}
+            try:
+                inside = {c.name for c in child.iterdir()}
+            except OSError as err:  # one unreadable folder is named, never the end of the listing
+                why = f"cannot read it: {' '.join(str(err).split())}"
+                found.append(CatalogEntry(child, None, Proof(ok=False, why=why)))
+                continue
             if _looks_like_backup(inside) or f"{child.name}{ENTRY_SUFFIX}" in names:
                 backup(child)
             elif depth + 1 < max_depth and "PG_VERSION" not in inside:
