@@ -8,7 +8,6 @@ nothing; the bare ``pg_verifybackup BACKUP`` passes on a stored backup (its cata
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pg_safe_backup.files.wal import include_wal
 from pg_safe_backup.local_cluster import LocalCluster, find_bindir, give_to_server_user
 from pg_safe_backup.proof import label_start_time, prove_backup
 
-from backup_helpers import catalogued_backup, cluster_with_space
+from backup_helpers import catalogued_backup, cluster_with_space, linked_copy
 
 
 @dataclass
@@ -73,19 +72,12 @@ def two(module_tmp_root: Path) -> Iterator[Two]:
         yield Two(cluster, root, archive, infos, labels, scratch)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def copy_root(two: Two, root: Path) -> Path:
     """The two backups and their catalog entries under ``root`` (hard links: cheap; a test replaces a file
     rather than write into it)."""
     root.mkdir(parents=True)
     for name in ("first", "second"):
-        shutil.copytree(two.root / name, root / name, symlinks=True, copy_function=_link_or_copy)
+        linked_copy(two.root / name, root / name)
         shutil.copy2(entry_path(two.root / name), entry_path(root / name))
     return root
 

@@ -8,7 +8,6 @@ S3-compatible server. Each test works on hard-linked copies of the five backups 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pg_safe_backup.proof import LABEL_NAME, prove_backup
 from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root
 from pg_safe_backup.verify import PASS, check_backup
 
-from backup_helpers import catalogued_backup, cluster_with_space, reforge_backup
+from backup_helpers import catalogued_backup, cluster_with_space, linked_copy, reforge_backup
 from conftest import CONN_ID
 
 BACKUPS = 5
@@ -127,19 +126,6 @@ def expected_after(names: list[str], cutoff: str) -> list[str]:
     """The archive as pg_archivecleanup leaves it: segments from ``cutoff``'s position on, and every
     history and backup history file."""
     return sorted(n for n in names if not (len(n) == 24 and n[8:] < cutoff[8:]))
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def linked_copy(source: Path, target: Path) -> Path:
-    """``source`` copied as hard links (cheap; a test replaces a file rather than write into it)."""
-    shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
-    return target
 
 
 def catalog_only(five: Five, root: Path, labelled: range = range(BACKUPS)) -> list[Path]:
