@@ -15,7 +15,7 @@ import pytest
 
 from airflow.sdk import ObjectStoragePath
 
-from pg_safe_backup.catalog import INFO_NAME, read_info
+from pg_safe_backup.catalog import INFO_NAME, entry_path, read_info
 from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
 from pg_safe_backup.state import parse_backup_label, wal_segment_name
 from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup, record_check
@@ -64,9 +64,10 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     assert report.step("page-LSN check").details["stop_lsn_from"] == str(copy / "backup_manifest")
     xcom = report.as_dict()
     assert xcom["ok"] and set(xcom["checks"]) == {"page-LSN check", "pg_verifybackup", "restore check"}
-    # The catalog: backup_info.json beside the copy, passed over by pg_verifybackup (it passed above),
+    # The catalog: <copy>.backup_info.json beside the copy, never in it (pg_verifybackup passed above),
     # then the checks recorded in it, and the listing of the root.
-    assert written["backup_info"] == str(copy / INFO_NAME)
+    assert written["backup_info"] == str(entry_path(copy))
+    assert not (copy / INFO_NAME).exists()
     info = read_info(copy)
     label = parse_backup_label(taken.backup["backup_label"])
     assert (info.start_lsn, info.stop_lsn) == (taken.backup["start_lsn"], taken.backup["stop_lsn"])
@@ -83,15 +84,18 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
         [sys.executable, "-m", "pg_safe_backup", "list", str(tmp_root)], capture_output=True, text=True
     )
     assert listed.returncode == 0, listed.stderr
-    head, row, count = listed.stdout.splitlines()
-    assert head.split()[:3] == ["stopped", "(UTC)", "size"] and count == "1 backup"
+    head, row, *notes, count = listed.stdout.splitlines()
+    assert head.split()[:2] == ["started", "size"] and count == "1 backup"
     assert info.start_lsn in row and info.stop_lsn in row and " yes " in row and str(copy) in row
+    assert (" proven " in row) == (taken.major >= 13), listed.stdout
     as_json = subprocess.run(
         [sys.executable, "-m", "pg_safe_backup.cli", "list", str(tmp_root), "--json"],
         capture_output=True,
         text=True,
     )
     assert json.loads(as_json.stdout)[0]["info"]["stop_lsn"] == info.stop_lsn
+    status = json.loads(as_json.stdout)[0]["status"]
+    assert status == "proven" if taken.major >= 13 else status.startswith("UNVERIFIABLE: no backup_manifest")
 
 
 def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  # noqa: F811

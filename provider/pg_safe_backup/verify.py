@@ -67,7 +67,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
-from pg_safe_backup.catalog import INFO_NAME, append_verification
+from pg_safe_backup.catalog import INFO_NAME, append_verification, has_info
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.pgcontrol import (
     CopyMismatch,
@@ -626,7 +626,7 @@ def record_check(backup_dir: Path | str, report: BackupCheck, seconds: float, by
     :returns: whether the catalog had the backup.
     """
     folder = Path(backup_dir)
-    if not (folder / INFO_NAME).is_file():
+    if not has_info(folder):  # beside the folder, or inside it (an earlier release's)
         return False
     append_verification(
         folder,
