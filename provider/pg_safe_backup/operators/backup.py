@@ -49,6 +49,7 @@ from pg_safe_backup.utils.mixins import (
     default_deferrable,
     fail_on,
     rendered,
+    same_map_index_xcom,
 )
 
 if TYPE_CHECKING:
@@ -66,15 +67,6 @@ RESULT_KEYS = (
     "warnings",
 )
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
-
-
-def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
-    """The XCom ``key`` of ``task_id`` in this run, from the same map index as the calling task (a mapped
-    group's tasks all have one; outside one it is -1): never another map index's backup."""
-    ti = context["ti"]
-    return ti.xcom_pull(
-        task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1
-    )
 
 
 class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
