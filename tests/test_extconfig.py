@@ -23,7 +23,13 @@ from airflow.sdk import DAG
 
 from demo.load import wait_archived
 from pg_safe_backup import cli
-from pg_safe_backup.files.extconfig import ServerConfig, capture_entries
+from pg_safe_backup.files.extconfig import (
+    ConfigCaptureError,
+    ServerConfig,
+    capture_entries,
+    files_to_capture,
+    restore_config,
+)
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, find_bindir, free_port, give_to_server_user
 from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
@@ -250,3 +256,53 @@ def test_a_plain_cluster_captures_nothing(cluster: LocalCluster, hook: PostgresB
     assert server["config_file"] == str(cluster.datadir / "postgresql.conf")
     assert server["unreadable"] is None
     assert capture_entries(ServerConfig.from_dict(server), cluster.datadir) == []
+
+
+def test_includes_are_found_as_the_server_reads_them_and_one_outside_is_named_by_the_restore(tmp_root):
+    etc, shared, data = tmp_root / "etc" / "main", tmp_root / "shared", tmp_root / "data"
+    for folder in (etc / "conf.d", shared, data):
+        folder.mkdir(parents=True)
+    (etc / "postgresql.conf").write_text(
+        "include_dir = 'conf.d'   # as Debian's\n"
+        "include 'extra.conf'\n"
+        "include_if_exists = 'absent.conf'\n"
+        f"include '{shared}/tuning.conf'\n"
+        "#include 'commented.conf'\n"
+    )
+    (etc / "extra.conf").write_text("")  # no setting in it: pg_file_settings does not name it
+    (etc / "conf.d" / ".hidden.conf").write_text("")  # the server reads neither
+    (etc / "conf.d" / "notes.txt").write_text("")
+    (shared / "tuning.conf").write_text("work_mem = '7MB'\n")
+    server = ServerConfig(
+        data_directory=str(data),
+        config_file=str(etc / "postgresql.conf"),
+        hba_file=str(data / "pg_hba.conf"),
+        ident_file=str(data / "pg_ident.conf"),
+        sources=tuple(str(f) for f in (etc / "postgresql.conf", shared / "tuning.conf", data / "x.conf")),
+    )
+    assert set(files_to_capture(server, data)) == {
+        f"{CAPTURED}/config_file{etc}/postgresql.conf",
+        f"{CAPTURED}/include_dir{etc}/conf.d",
+        f"{CAPTURED}/include{etc}/extra.conf",
+        f"{CAPTURED}/include{shared}/tuning.conf",
+    }
+    restored = tmp_root / "restored"  # what a copy engine makes of the entries
+    for entry in capture_entries(server, data):
+        if entry.is_dir:
+            (restored / entry.path).mkdir(parents=True)
+        else:
+            shutil.copy2(entry.source, restored / entry.path)
+    done = restore_config(restored, "/backups/b1")
+    assert (restored / "conf.d").is_dir()
+    assert (restored / "extra.conf").read_text() == ""
+    assert (restored / "postgresql.conf").read_text().endswith("external_pid_file = ''\n")
+    assert not (restored / CAPTURED).exists()
+    (note,) = done.notes
+    assert f"includes {shared}/tuning.conf, outside {etc}" in note
+    assert f"{CAPTURED}/include{shared}/tuning.conf in /backups/b1" in note
+
+
+def test_a_configuration_file_the_copy_cannot_read_is_named(tmp_root):
+    server = ServerConfig(data_directory=str(tmp_root), config_file="/nonexistent/main/postgresql.conf")
+    with pytest.raises(ConfigCaptureError, match="config_file /nonexistent/main/postgresql.conf"):
+        capture_entries(server, tmp_root)

@@ -160,10 +160,10 @@ def files_to_capture(server: ServerConfig, datadir: Path | str) -> dict[str, tup
         if not is_there:
             if not required:
                 continue
-            what = "folder" if kind == INCLUDE_DIR else "file"
+            what = {INCLUDE: "included file", INCLUDE_DIR: "included folder"}.get(kind, kind)
             raise ConfigCaptureError(
-                f"the server's {kind.replace('_', ' ')} {what} {path} (outside its data directory) is not"
-                " readable here: run the copy where the server's configuration files are (or mount them)"
+                f"the server's {what} {path} (outside its data directory) is not readable here: run the"
+                " copy where the server's configuration files are (or mount them)"
             )
         captured[f"{CONFIG_DIR}/{kind}{path}"] = (kind, path)
     return dict(sorted(captured.items()))
