@@ -306,3 +306,28 @@ def test_a_configuration_file_the_copy_cannot_read_is_named(tmp_root):
     server = ServerConfig(data_directory=str(tmp_root), config_file="/nonexistent/main/postgresql.conf")
     with pytest.raises(ConfigCaptureError, match="config_file /nonexistent/main/postgresql.conf"):
         capture_entries(server, tmp_root)
+
+
+def test_a_role_that_may_not_read_the_settings_is_told_the_grant(cluster: LocalCluster, hook):
+    cluster.sql("CREATE ROLE backup_role LOGIN PASSWORD 'x'")
+
+    async def asked() -> ServerConfig:
+        conninfo = {**cluster.conninfo(), "user": "backup_role", "password": "x"}
+        async with await psycopg.AsyncConnection.connect(**conninfo, autocommit=True) as conn:
+            return await hook.config_files(conn)
+
+    refused = asyncio.run(asked())
+    assert refused.config_file is None
+    assert refused.unreadable == (
+        'role "backup_role" may not read data_directory, config_file, hba_file, ident_file, pg_file_settings;'
+        ' as a superuser run: GRANT pg_read_all_settings TO "backup_role";'
+        ' GRANT SELECT ON pg_catalog.pg_file_settings TO "backup_role";'
+        ' GRANT EXECUTE ON FUNCTION pg_catalog.pg_show_all_file_settings() TO "backup_role";'
+    )
+    cluster.sql("GRANT pg_read_all_settings TO backup_role")
+    cluster.sql("GRANT SELECT ON pg_catalog.pg_file_settings TO backup_role")
+    cluster.sql("GRANT EXECUTE ON FUNCTION pg_catalog.pg_show_all_file_settings() TO backup_role")
+    granted = asyncio.run(asked())
+    assert granted.config_file == str(cluster.datadir / "postgresql.conf")
+    assert granted.unreadable is None
+    assert str(cluster.datadir / "postgresql.conf") in granted.sources

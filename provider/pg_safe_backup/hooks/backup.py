@@ -624,7 +624,9 @@ class PostgresBackupHook(BaseHook):
             "SELECT name, setting FROM pg_catalog.pg_settings WHERE name = ANY(%s)", [list(SERVER_SETTINGS)]
         )
         found = dict(await cur.fetchall())
+        role = sql.Identifier(conn.info.user or "backup_role").as_string(None)
         hidden = [name for name in SERVER_SETTINGS if not found.get(name)]
+        fixes = [f"GRANT pg_read_all_settings TO {role};"] if hidden else []
         try:
             cur = await conn.execute(
                 "SELECT DISTINCT sourcefile FROM pg_catalog.pg_file_settings WHERE sourcefile IS NOT NULL"
@@ -632,14 +634,17 @@ class PostgresBackupHook(BaseHook):
             )
             sources = tuple(row[0] for row in await cur.fetchall())
         except psycopg.errors.InsufficientPrivilege:
+            # Superusers' alone by default, pg_read_all_settings or not.
             sources, hidden = (), [*hidden, "pg_file_settings"]
-        unreadable = None
-        if hidden:
-            role = sql.Identifier(conn.info.user or "backup_role").as_string(None)
-            unreadable = (
-                f"role {role} may not read {', '.join(hidden)}; as a superuser run:"
-                f" GRANT pg_read_all_settings TO {role};"
+            fixes.append(
+                f"GRANT SELECT ON pg_catalog.pg_file_settings TO {role};"
+                f" GRANT EXECUTE ON FUNCTION pg_catalog.pg_show_all_file_settings() TO {role};"
             )
+        unreadable = (
+            f"role {role} may not read {', '.join(hidden)}; as a superuser run: {' '.join(fixes)}"
+            if hidden
+            else None
+        )
         return ServerConfig(
             **{name: found.get(name) for name in SERVER_SETTINGS}, sources=sources, unreadable=unreadable
         )
