@@ -156,14 +156,14 @@ def files_to_capture(server: ServerConfig, datadir: Path | str) -> dict[str, tup
     for value, (kind, path, required) in found.items():
         if not path.is_absolute() or _inside(value, inside):
             continue
-        is_there = path.is_dir() if kind == INCLUDE_DIR else path.is_file()
+        is_there = path.is_dir() if kind == INCLUDE_DIR else path.is_file() and os.access(path, os.R_OK)
         if not is_there:
             if not required:
                 continue
             what = {INCLUDE: "included file", INCLUDE_DIR: "included folder"}.get(kind, kind)
             raise ConfigCaptureError(
-                f"the server's {what} {path} (outside its data directory) is not readable here: run the"
-                " copy where the server's configuration files are (or mount them)"
+                f"the server's {what} {path} (outside its data directory) is not readable here: run the copy"
+                " where the server's configuration files are (or mount them), as an OS user who may read them"
             )
         captured[f"{CONFIG_DIR}/{kind}{path}"] = (kind, path)
     return dict(sorted(captured.items()))
