@@ -21,7 +21,9 @@ restore check (:mod:`pg_safe_backup.verify`) both use it.
    user's lines stay): ``restore_command`` (default: ``cp`` from the archive), the recovery target (every
    other target cleared: two set at once is an error) and ``recovery_target_action``. ``data_directory``
    is pinned in ``postgresql.conf``: one copied from the backed up server would start the server on its
-   LIVE data directory.
+   LIVE data directory. The server's configuration files the backup captured from outside its data
+   directory (a Debian cluster's /etc/postgresql/...: :mod:`pg_safe_backup.files.extconfig`) are put in
+   TARGET first, ``hba_file``, ``ident_file`` and ``external_pid_file`` pinned to TARGET's.
 4. TARGET and the tablespace locations are given to ``owner`` (as root; the server's OS user by default),
    mode 0700.
 
@@ -61,6 +63,7 @@ from pg_safe_backup.catalog import (
     parse_when,
 )
 from pg_safe_backup.catalog import read_info as read_backup_info
+from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.tablespaces import (
     TablespaceNotCopied,
     escape_map_path,
@@ -117,6 +120,8 @@ class RestoreResult:
     backup_label: str | None = None
     owner: str | None = None
     archive_recovery: bool = True
+    #: The server's configuration files the backup captured from outside its data directory, put back.
+    config: RestoredConfig | None = None
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -623,6 +628,7 @@ def prepare_restore(
         data.mkdir(parents=True, exist_ok=True)
         _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result)
         _place_tablespaces(backup, data, plan, meter, result)
+        result.config = restore_config(data, backup)
         command = restore_command or (archive_restore_command(archive) if archive else "")
         settings = recovery.settings(command)
         if archive_mode is not None:
@@ -797,6 +803,10 @@ def _restore(args: argparse.Namespace) -> int:
         return 1
     for oid, place in result.tablespaces.items():
         print(f"tablespace {oid} ({place['original']}) restored to {place['restored_to']}")
+    for original, place in (result.config.placed if result.config else {}).items():
+        print(f"configuration {original} restored to {place}")
+    for note in result.config.notes if result.config else []:
+        print(f"note: {note}")
     print(
         f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
         f" {result.seconds:.1f} s"

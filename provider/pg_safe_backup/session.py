@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 
+from pg_safe_backup.files.extconfig import ServerConfig
 from pg_safe_backup.hooks.backup import BackupError, PostgresBackupHook
 from pg_safe_backup.state import (
     BackupRow,
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Statuses of events.
 STARTED, COMPLETE, FAILED = "started", "complete", "failed"
+#: The gate's STARTED event's key (and its XCom's): the server's configuration files (ServerConfig.as_dict).
+CONFIG_FILES = "server_config_files"
 
 FAST_CHECKPOINT_HINT = (
     "pg_backup_start is waiting for a spread checkpoint (checkpoint_completion_target of"
@@ -574,6 +577,9 @@ async def wait_for_start(
     nor fails the gate; it waits for its own attempt. It fails when that attempt's backup failed or
     already ended, when the hold task ended without it, or after ``timeout`` seconds (gate_timeout).
 
+    Once open, it asks the server backed up where its configuration files are (:func:`server_config`):
+    the STARTED event carries them as ``server_config_files``, for the copy.
+
     :param attempt: the attempt to wait for, when known up front (tests, benchmarks).
     :param hold_view: asked for the hold's current attempt (see :class:`HoldView`), at the start,
         whenever the row names another attempt, and every ``poll_interval`` seconds.
@@ -642,7 +648,25 @@ async def wait_for_start(
             soon = ours and row.live and not view.current
             await hook.wait_for_change(conn, deadline.cap(min(poll_interval, 0.5) if soon else poll_interval))
 
-    return await _waiting(hook, "gate", body)
+    opened = await _waiting(hook, "gate", body)
+    if opened["status"] == STARTED:
+        try:
+            opened[CONFIG_FILES] = (await server_config(hook)).as_dict()
+        except (BackupError, psycopg.Error) as err:
+            return event(
+                FAILED,
+                f"cannot ask the server backed up where its configuration files are: {err}",
+                retryable=True,
+            )
+    return opened
+
+
+async def server_config(hook: PostgresBackupHook) -> ServerConfig:
+    """Where the server backed up keeps its configuration files (asked in a session of its own, as the
+    gate opens: the copy captures those outside the data directory, :mod:`pg_safe_backup.files.extconfig`).
+    """
+    async with hook.connect("gate configuration files", backup_server=True) as bconn:
+        return await hook.config_files(bconn)
 
 
 async def finish_backup(

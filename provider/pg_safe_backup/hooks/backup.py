@@ -20,6 +20,7 @@ from airflow.providers.common.compat.sdk import AirflowNotFoundException  # airf
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseHook
 
+from pg_safe_backup.files.extconfig import SERVER_SETTINGS, ServerConfig
 from pg_safe_backup.state import (
     HOLDER_COLUMNS,
     TRANSITIONS,
@@ -613,6 +614,39 @@ class PostgresBackupHook(BaseHook):
             server_version=conn.info.server_version,
             system_identifier=system_identifier,
             can_switch_wal=can_switch,
+        )
+
+    async def config_files(self, conn: psycopg.AsyncConnection) -> ServerConfig:
+        """Where the server of ``conn`` keeps its configuration: data_directory, config_file, hba_file and
+        ident_file (pg_settings shows them to superusers and pg_read_all_settings only), and the files it
+        read settings from (pg_file_settings: the same roles)."""
+        cur = await conn.execute(
+            "SELECT name, setting FROM pg_catalog.pg_settings WHERE name = ANY(%s)", [list(SERVER_SETTINGS)]
+        )
+        found = dict(await cur.fetchall())
+        role = sql.Identifier(conn.info.user or "backup_role").as_string(None)
+        hidden = [name for name in SERVER_SETTINGS if not found.get(name)]
+        fixes = [f"GRANT pg_read_all_settings TO {role};"] if hidden else []
+        try:
+            cur = await conn.execute(
+                "SELECT DISTINCT sourcefile FROM pg_catalog.pg_file_settings WHERE sourcefile IS NOT NULL"
+                " ORDER BY 1"
+            )
+            sources = tuple(row[0] for row in await cur.fetchall())
+        except psycopg.errors.InsufficientPrivilege:
+            # Superusers' alone by default, pg_read_all_settings or not.
+            sources, hidden = (), [*hidden, "pg_file_settings"]
+            fixes.append(
+                f"GRANT SELECT ON pg_catalog.pg_file_settings TO {role};"
+                f" GRANT EXECUTE ON FUNCTION pg_catalog.pg_show_all_file_settings() TO {role};"
+            )
+        unreadable = (
+            f"role {role} may not read {', '.join(hidden)}; as a superuser run: {' '.join(fixes)}"
+            if hidden
+            else None
+        )
+        return ServerConfig(
+            **{name: found.get(name) for name in SERVER_SETTINGS}, sources=sources, unreadable=unreadable
         )
 
     async def wal_timeline_and_segment_size(self, conn: psycopg.AsyncConnection) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from pg_safe_backup.utils.mixins import (
     default_deferrable,
     fail_on,
     rendered,
+    same_map_index_xcom,
 )
 
 if TYPE_CHECKING:
@@ -66,15 +67,6 @@ RESULT_KEYS = (
     "warnings",
 )
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
-
-
-def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
-    """The XCom ``key`` of ``task_id`` in this run, from the same map index as the calling task (a mapped
-    group's tasks all have one; outside one it is -1): never another map index's backup."""
-    ti = context["ti"]
-    return ti.xcom_pull(
-        task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1
-    )
 
 
 class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
@@ -329,6 +321,17 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     object store, or as tar archives, gets its manifest from them alone (SHA256 or NONE), beside the
     archives as pg_basebackup ``-Ft`` puts it. Without them, such a copy gets no manifest (the log says
     why).
+
+    The server's configuration files that live outside the data directory (a Debian/Ubuntu cluster's
+    ``/etc/postgresql/<major>/<name>/``) are part of the backup: a ``PostgresCopyDataDirectoryOperator``
+    copies them into ``pg_safe_backup_config/`` (:mod:`pg_safe_backup.files.extconfig`). A copy of your own
+    (rsync in a BashOperator) must put them there itself, before this task, for the manifest to list them
+    and ``pg-safe-backup restore`` to put them back: each file under ``pg_safe_backup_config/<setting>``
+    followed by its absolute path (``config_file``, ``hba_file``, ``ident_file``; ``include`` for an
+    included file, ``include_dir`` for an included folder; rsync ``-R`` keeps the path), e.g.
+    ``mkdir -p DEST/pg_safe_backup_config/config_file`` then
+    ``rsync -aR /etc/postgresql/15/main/postgresql.conf DEST/pg_safe_backup_config/config_file/``, and
+    ``mkdir -p DEST/pg_safe_backup_config/include_dir/etc/postgresql/15/main/conf.d``.
 
     A copy that does not match its label, or a backup without one, fails the task without a retry
     (``AirflowFailException``); a destination that cannot be written to is retried.
