@@ -23,10 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from demo.load import invariant_sql, wait_archived
 from pg_safe_backup.files.copier import copy_data_directory
+from pg_safe_backup.files.manifest import ManifestError, backup_wal_ranges, timeline_at
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
 from pg_safe_backup.operators.backup import TIMELINE_KEYS, PostgresStoreBackupLabelOperator
@@ -354,3 +356,75 @@ def test_restored_to_the_end_of_the_archive_it_has_the_rows_written_on_timeline_
     )
     assert whole.ok, whole.summary()
     assert whole.details["timeline"] == 3  # promoted at the end of timeline 2
+
+
+# ------------------------------------------------------------------------- the stop's timeline, no server
+HISTORY_3 = "1\t0/3000000\tno recovery target specified\n\n2\t0/5000000\tno recovery target specified\n"
+
+
+@pytest.mark.parametrize(
+    ("stop", "timeline", "history"),
+    [
+        ("0/2000000", 1, None),  # before the first switch: timeline 1 has no history file
+        ("0/3000000", 1, None),  # at the switch: the WAL before it is timeline 1's
+        ("0/3000001", 2, "1\t0/3000000\tno recovery target specified\n"),
+        ("0/5000000", 2, "1\t0/3000000\tno recovery target specified\n"),
+        ("0/5000001", 3, HISTORY_3),
+    ],
+)
+def test_the_stop_timeline_is_the_one_holding_the_wal_before_the_stop(stop, timeline, history):
+    assert timeline_at(stop, 3, HISTORY_3) == (timeline, history)
+
+
+def test_the_stop_timeline_of_timeline_1_needs_no_history_but_of_another_one_does():
+    assert timeline_at("0/5000000", 1, None) == (1, None)
+    with pytest.raises(ValueError, match="needs its history file"):
+        timeline_at("0/5000000", 2, None)
+
+
+def test_the_ranges_of_a_backup_that_stopped_on_the_next_timeline_end_where_each_timeline_ends():
+    label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTART TIMELINE: 1\n"
+    stop_timeline, history = timeline_at("0/6000100", 3, HISTORY_3)
+    ranges = backup_wal_ranges(label, "0/6000100", 15, stop_timeline, history)
+    assert [(r.timeline, r.start_lsn, r.end_lsn) for r in ranges] == [
+        (3, "0/5000000", "0/6000100"),
+        (2, "0/3000000", "0/5000000"),
+        (1, "0/2000028", "0/3000000"),
+    ]
+    with pytest.raises(ManifestError, match="timeline history file of 3"):
+        backup_wal_ranges(label, "0/6000100", 15, 3, None)
+
+
+def test_the_standby_s_timeline_history_is_read_by_a_role_granted_pg_read_file(switched, tmp_root):
+    """The holder reads the new timeline's history file on the standby only when it changed timeline:
+    a role without the right gets the GRANT that fixes it."""
+    s1, s2 = switched.pair.standby, switched.s2
+    s1.sql(f"CREATE ROLE timeline_op LOGIN PASSWORD '{PASSWORD}'")
+    _replayed(s2, s1)
+    env = pytest.MonkeyPatch()
+    env.setenv("AIRFLOW_CONN_PG_S2_OP", s2.airflow_conn_uri(user="timeline_op", password=PASSWORD))
+    hook = PostgresBackupHook("pg_s2_op")
+
+    async def replay_timeline() -> tuple[int | None, str | None]:
+        async with hook.connect(backup_server=True) as conn:
+            try:
+                return await hook.replay_timeline(conn, 1)
+            except psycopg.errors.InsufficientPrivilege as err:
+                return None, hook.explain(err, conn)
+
+    try:
+        timeline, refused = asyncio.run(replay_timeline())
+        assert timeline is None
+        assert 'GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_file(text) TO "timeline_op"' in refused, refused
+        s1.sql("GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_file(text) TO timeline_op")
+        _replayed(s2, s1)
+        history = (switched.archive / "00000002.history").read_text()
+        assert asyncio.run(replay_timeline()) == (2, history)
+        assert asyncio.run(_known(hook)) == (2, None)  # the history of the timeline known is not read
+    finally:
+        env.undo()
+
+
+async def _known(hook: PostgresBackupHook) -> tuple[int | None, str | None]:
+    async with hook.connect(backup_server=True) as conn:
+        return await hook.replay_timeline(conn, 2)

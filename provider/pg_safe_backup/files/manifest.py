@@ -193,12 +193,14 @@ def timeline_at(lsn: str, tli: int, history_text: str | None) -> tuple[int, str 
     found = next((t for t, begin, end in entries if begin <= point and (end is None or point < end)), tli)
     if found == tli:
         return tli, history_text
-    kept = [line for line in history_text.splitlines(keepends=True) if _history_tli(line) < found]
-    return found, "".join(kept) or None
+    if found == 1:
+        return 1, None
+    kept = [line for line in history_text.splitlines(keepends=True) if 0 < _history_tli(line) < found]
+    return found, "".join(kept)
 
 
 def _history_tli(line: str) -> int:
-    """The timeline a history file's line is about; a blank line or comment counts as timeline 0."""
+    """The timeline a history file's line is about; 0 for a blank line or a comment (not kept)."""
     fields = line.split()
     return int(fields[0]) if fields and not fields[0].startswith("#") else 0
 
