@@ -204,6 +204,8 @@ def switched(module_tmp_root: Path) -> Iterator[Switched]:
                 s2.sql("CHECKPOINT")
                 copy_data_directory(s2.datadir, copy, fsync=False)
                 result["control"] = _controldata(copy)
+                # The stop in a later segment than the switch: timeline 1 has no WAL there at all.
+                s1.sql("SELECT pg_switch_wal()")
                 last = _insert(s1, last + 1, last + 1000)
                 s1.sql("CHECKPOINT")
                 _replayed(s2, s1)
@@ -297,8 +299,8 @@ def test_the_manifest_has_one_wal_range_per_timeline_as_pg_basebackup_writes_the
     ranges = _wal_ranges(json.loads((folder / "backup_manifest").read_text()))
     switch = (switched.archive / "00000002.history").read_text().split()[1]
     start, stop = switched.backup["start_lsn"], switched.backup["stop_lsn"]
-    assert switched.backup["stop_timeline"] == 2
     assert ranges == [(2, switch, stop), (1, start, switch)]
+    assert switched.backup["stop_timeline"] == 2
     # pg_basebackup of the same standby, across the same promotion: the same ranges but for its own
     # start and stop.
     theirs = _wal_ranges(json.loads((switched.basebackup / "backup_manifest").read_text()))
@@ -328,7 +330,7 @@ def test_without_the_old_timeline_s_last_segment_pg_verifybackup_fails_alike_for
     assert f'could not find file "{segment}"' in theirs.stderr, theirs.stderr
 
 
-def test_verify_recovers_it_to_its_stop_on_timeline_2(switched, tmp_root):
+def test_verify_passes_it_page_lsns_pg_verifybackup_and_restore_check(switched, tmp_root):
     folder, _ = _stored(switched, tmp_root / "stored")
     _every_check_passes(switched, folder, switched.archive)
 
