@@ -102,6 +102,7 @@ def backup_wal_names(
     :raises ValueError: the label has no start, or the history does not lead from its timeline.
     """
     size = read_pg_control(Path(copy_dir)).xlog_seg_size
+    # The major only chooses how a manifest prints LSNs; they are read back here.
     ranges = backup_wal_ranges(backup_label, stop_lsn, 13, stop_timeline, timeline_history)
     return [
         name
