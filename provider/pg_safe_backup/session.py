@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 
 from pg_safe_backup.files.extconfig import ServerConfig
+from pg_safe_backup.files.manifest import timeline_at
 from pg_safe_backup.hooks.backup import BackupError, PostgresBackupHook
 from pg_safe_backup.state import (
     BackupRow,
@@ -446,13 +447,17 @@ async def _backup_mode(
                 "pg_backup_stop (which waits until the WAL the backup needs is archived) did not return",
             ),
         )
+    timeline = int(parse_backup_label(label_file).get("START TIMELINE") or 1)
+    try:
+        stop_timeline, history = await _stop_timeline(hook, bconn, stop_lsn, timeline)
+    except ValueError as err:
+        return event(FAILED, f"cannot tell the timeline of the stop LSN {stop_lsn}: {err}")
     if wal.follow and (
         problem := await _wait_archived(hook, conn, bconn, wal.follow, stop_lsn, req, deadline)
     ):
         return event(FAILED, problem)
-    timeline = parse_backup_label(label_file).get("START TIMELINE")
     if not await hook.mark_complete(
-        conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None, notices.text
+        conn, stop_lsn, label_file, spcmap, timeline, notices.text, stop_timeline, history
     ):
         row = await hook.read(conn)
         return event(
@@ -462,6 +467,31 @@ async def _backup_mode(
     log.info("backup complete: %s .. %s", row.start_lsn, row.stop_lsn)
     warned = f"; PostgreSQL warned: {row.warnings}" if row.warnings else ""
     return event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn}){warned}", row)
+
+
+async def _stop_timeline(
+    hook: PostgresBackupHook, bconn: psycopg.AsyncConnection, stop_lsn: str, start_timeline: int
+) -> tuple[int, str | None]:
+    """The timeline a backup stopped on, and its history file when it is not ``start_timeline``.
+
+    A primary's backup stops on the timeline it started on (pg_backup_stop fails a backup whose standby
+    was promoted meanwhile). A standby follows its upstream's promotion onto a new timeline, and its
+    stop point (its minimum recovery point) may then lie on it: asked right after the stop, the timeline
+    it has replayed up to tells, through its history, which timeline holds the stop point.
+
+    :raises ValueError: that history is malformed.
+    """
+    current, history = await hook.replay_timeline(bconn, start_timeline)
+    if current is None or current == start_timeline:
+        return start_timeline, None
+    stop_timeline, history = timeline_at(stop_lsn, current, history)
+    if stop_timeline != start_timeline:
+        log.info(
+            "the backup started on timeline %s and stopped on timeline %s (its server followed a promotion)",
+            start_timeline,
+            stop_timeline,
+        )
+    return stop_timeline, history if stop_timeline != start_timeline else None
 
 
 async def _wait_archived(
