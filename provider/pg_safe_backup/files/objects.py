@@ -194,7 +194,7 @@ def upload_tree(
         out.write(json.dumps({"folders": result.empty_folders}, indent=1).encode())
         close_durably(out, is_local_path(destination))
     if is_local_path(destination):
-        sync_paths([destination, *(destination / folder for folder in folders)])
+        sync_paths([destination, destination.parent, *(destination / folder for folder in folders)])
     reporter.report()
     result.folders = len(folders)
     result.seconds = time.monotonic() - began

@@ -297,7 +297,7 @@ def write_tar_backup(
             result.archives[space.name] = space.close()
         result.archives[base.name] = base.close()
         if is_local_path(destination):
-            sync_paths([destination])
+            sync_paths([destination, destination.parent])  # the archives' entries, and the folder's own
     except BaseException:
         for archive in (space, base):
             if archive is not None and archive.name not in result.archives:
