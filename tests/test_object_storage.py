@@ -11,7 +11,10 @@ import io
 import json
 import os
 import shutil
+import socket
+import stat
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from airflow.sdk import ObjectStoragePath
 from demo.load import wait_archived
 from demo.s3 import local_s3
 from pg_safe_backup.catalog import INFO_NAME, list_backups
-from pg_safe_backup.files.copier import DestinationNotEmpty, Progress
+from pg_safe_backup.files.copier import DestinationNotEmpty, Progress, copy_data_directory
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry
 from pg_safe_backup.files.manifest import manifest_version, wal_ranges_for, write_manifest
@@ -431,3 +434,52 @@ def test_the_object_store_is_the_catalog(stored):
         if stored.major >= 13:
             manifest = (stored.prefixes[fmt] / "backup_manifest").read_bytes()
             assert manifest.endswith(f'"Manifest-Checksum": "{info.manifest_checksum}"}}\n'.encode())
+
+
+#: The special files planted in a live data directory: backup path -> how it is made.
+SPECIAL_FILES = {
+    "base/pgsb_fifo": lambda path: os.mkfifo(path),  # a plain open() waits for a writer for ever
+    "pgsb_socket": lambda path: socket.socket(socket.AF_UNIX).bind(str(path)),
+    "global/pgsb_null": lambda path: os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3)),  # /dev/null
+}
+
+
+def copy_with(engine: str, datadir: Path, s3: ObjectStoragePath, root: Path) -> CopyResult:
+    """``datadir`` copied by ``engine``: plain or tar into a local folder, into the S3 server, or through
+    a ``file://`` ObjectStoragePath (the object engine on a local disk)."""
+    if engine == "plain":
+        return copy_data_directory(datadir, root / engine, fsync=False)
+    if engine == "tar":
+        return write_tar_backup(datadir, root / engine)
+    if engine == "s3-plain":
+        return upload_tree(datadir, s3 / "special" / engine)
+    if engine == "s3-tar":
+        return write_tar_backup(datadir, s3 / "special" / engine, compression="zstd")
+    return upload_tree(datadir, ObjectStoragePath(f"file://{root / engine}"))
+
+
+@pytest.mark.parametrize("engine", ["plain", "tar", "s3-plain", "s3-tar", "file-plain"])
+def test_a_fifo_socket_or_device_in_the_data_directory_is_skipped_and_counted_by_every_engine(
+    stored, s3, tmp_root, engine
+):
+    datadir = stored.cluster.datadir
+    for path, make in SPECIAL_FILES.items():
+        make(datadir / path)
+    done: dict[str, CopyResult] = {}
+    copying = threading.Thread(target=lambda: done.update(result=copy_with(engine, datadir, s3, tmp_root)))
+    copying.daemon = True  # a copy stuck on the FIFO must not keep the tests from ending
+    try:
+        copying.start()
+        copying.join(timeout=90)  # a copy of this small cluster takes seconds
+        assert not copying.is_alive(), f"the {engine} copy did not finish in 90 s (stuck on base/pgsb_fifo?)"
+    finally:
+        if copying.is_alive():  # a writer opening the FIFO ends the reader's wait
+            os.close(os.open(datadir / "base" / "pgsb_fifo", os.O_WRONLY | os.O_NONBLOCK))
+            copying.join(timeout=30)
+        for path in SPECIAL_FILES:
+            (datadir / path).unlink()
+    result = done["result"]
+    assert sorted(result.special) == sorted(SPECIAL_FILES)
+    assert set(result.checksums) & set(SPECIAL_FILES) == set()
+    assert "; 3 special files skipped (" in result.summary()
+    assert CONTROL_FILE in result.checksums  # the copy went on to its end

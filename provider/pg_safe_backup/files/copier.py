@@ -543,8 +543,8 @@ def _list(source: Path) -> tuple[list[tuple[str, Path]], list[_File], _File | No
     files: list[_File] = []
     control: _File | None = None
     vanished: list[str] = []
-    special: list[str] = []
-    for entry in walk(source):
+    special: list[str] = []  # sockets, FIFOs, devices: left out by the walk
+    for entry in walk(source, special=special):
         if entry.is_dir:
             folders.append((entry.path, entry.source))
             continue
@@ -555,9 +555,6 @@ def _list(source: Path) -> tuple[list[tuple[str, Path]], list[_File], _File | No
             continue
         except OSError as exc:
             raise CopyError(f"cannot stat {entry.source} ({entry.path}): {exc.strerror or exc}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            special.append(entry.path)  # sendDir(): "skipping special file"
-            continue
         item = _File(entry.path, str(entry.source), st.st_size)
         if entry.path == CONTROL_FILE:
             control = item

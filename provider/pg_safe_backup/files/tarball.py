@@ -271,7 +271,7 @@ def write_tar_backup(
     check_compression(compression)
     empty_destination(destination, overwrite)
     destination.mkdir(parents=True, exist_ok=True)
-    listed = list(walk(datadir, tablespace_dir) if entries is None else entries)
+    listed = list(walk(datadir, tablespace_dir, result.special) if entries is None else entries)
     reporter = ProgressReporter.started(progress, progress_interval, listed, result)
     threads = threads or os.cpu_count() or 1
     base = _Archive(destination, archive_name(None, compression), compression, level, threads)
