@@ -149,13 +149,11 @@ def durable(calls: list[Call]) -> dict[str, int]:
 
 def first_write_open(calls: list[Call], matches: Callable[[str], bool]) -> int:
     """Where the first file ``matches`` accepts was opened to be written (or made)."""
-    return next(
-        c.at
-        for c in calls
-        if c.name in ("openat", "mkdir", "mkdirat")
-        and matches(c.paths[0])
-        and (c.name != "openat" or re.search(r"O_WRONLY|O_RDWR|O_CREAT", c.args))
-    )
+    for c in calls:
+        if c.name in ("openat", "mkdir", "mkdirat") and matches(c.paths[0]):
+            if c.name != "openat" or re.search(r"O_WRONLY|O_RDWR|O_CREAT", c.args):
+                return c.at
+    raise AssertionError("no such file was opened to be written")
 
 
 def traced(script: str, args: list[str], trace: Path) -> list[Call]:
@@ -241,6 +239,7 @@ def test_label_and_map_then_wal_then_manifest_then_catalog_entry_each_durable_be
     assert bool(wal) == (engine == "plain")  # include_wal: only into a plain local copy
     for segment in wal:
         assert segment in done, f"{segment} was never fsynced with its folder"
+    if wal:
         assert labelled < first_write_open(calls, lambda path: path.startswith(wal_dir))
     walled = max([labelled, *(done[segment] for segment in wal)])
     assert walled < first_write_open(calls, lambda path: path.startswith(manifest))
