@@ -77,8 +77,8 @@ class Call:
     args: str
 
 
-_START = re.compile(r"^(\d+) (\w+)\((.*)$")
-_RESUMED = re.compile(r"^(\d+) <\.\.\. (\w+) resumed>(.*)$")
+_START = re.compile(r"^(\d+)\s+(\w+)\((.*)$")  # strace pads a short pid
+_RESUMED = re.compile(r"^(\d+)\s+<\.\.\. (\w+) resumed>(.*)$")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _RETURNED = re.compile(r"^(.*)\)\s+= (.*)$")  # strace pads the " = " of a resumed call
 _FD_PATH = re.compile(r"^\s*-?\d+<(.*)>")
