@@ -1,4 +1,4 @@
-"""Times from the command line (``--target-time``, ``--latest-before``, retention's ``--now``) are read as
+"""Times from the command line (``--target-time``, ``--latest-before``) are read as
 PostgreSQL reads a timestamptz, on every Python from 3.10: ISO 8601 with 'T' or a space, fractional
 seconds, and a zone written Z, +00, +0530, +05:30, -08, UTC or GMT; no zone is UTC. Anything else is one
 line naming the flag and the accepted forms. The value restore writes as recovery_target_time is one
