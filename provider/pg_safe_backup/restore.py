@@ -690,7 +690,7 @@ def _tablespace_flag(text: str) -> tuple[str, Path]:
 
 def _time_flag(text: str) -> datetime:
     try:
-        return parse_when(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+        return parse_when(text)  # Z, +00, UTC...: the forms PostgreSQL reads, on every Python
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

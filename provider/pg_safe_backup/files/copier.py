@@ -545,8 +545,8 @@ def _list(
     files: list[_File] = []
     control: _File | None = None
     vanished: list[str] = []
-    special: list[str] = []
-    for entry in walk(source) if entries is None else entries:
+    special: list[str] = []  # sockets, FIFOs, devices: left out by the walk
+    for entry in walk(source, special=special) if entries is None else entries:
         if entry.is_dir:
             folders.append((entry.path, entry.source))
             continue
@@ -557,9 +557,6 @@ def _list(
             continue
         except OSError as exc:
             raise CopyError(f"cannot stat {entry.source} ({entry.path}): {exc.strerror or exc}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            special.append(entry.path)  # sendDir(): "skipping special file"
-            continue
         item = _File(entry.path, str(entry.source), st.st_size)
         if entry.path == CONTROL_FILE:
             control = item

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.files.manifest import write_atomically
 from pg_safe_backup.files.pgcontrol import check_copy
 from pg_safe_backup.state import parse_backup_label
 
@@ -43,7 +45,8 @@ def store_label(
     as far as its global/pg_control can be read here: when it cannot, the log says why. A
     ``backup_label`` or ``tablespace_map`` already in the destination is an earlier attempt's (a run
     cleared and copied again into the same folder): it is removed, and logged, before the new ones
-    are written, so a tablespace_map this backup does not have never stays beside its label.
+    are written, so a tablespace_map this backup does not have never stays beside its label. In a
+    local folder each file is written whole and synced with its folder before this returns.
 
     :param destination: the folder (or object store prefix) of the copy.
     :param files: ``backup_label`` (required) and ``tablespace_map`` (None or empty when the backup has none).
@@ -92,10 +95,17 @@ def store_label(
                 if fields
                 else "",
             )
+    folder = local_copy if local_copy is not None else destination
     written = {}
     for name in LABEL_FILES:
         if files.get(name):
             # UTF-8 whatever the locale: the manifest's checksum of it is of these bytes.
-            (destination / name).write_bytes(files[name].encode("utf-8"))
+            content = files[name].encode("utf-8")
+            if is_local_path(folder):
+                # Synced under a temporary name, renamed, its folder synced (with the removals above): on
+                # disk before the manifest and the catalog say the backup exists.
+                write_atomically(folder / name, content, f"{name}.tmp")
+            else:
+                (destination / name).write_bytes(content)  # an object exists whole once its put returned
             written[name] = str(destination / name)
     return written

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,16 +147,26 @@ class Entry:
     is_dir: bool
 
 
-def walk(datadir: Path, tablespace_dir: str | None = None, extra: Iterable[Entry] = ()) -> Iterator[Entry]:
+def walk(
+    datadir: Path,
+    tablespace_dir: str | None = None,
+    special: list[str] | None = None,
+    extra: Iterable[Entry] = (),
+) -> Iterator[Entry]:
     """The entries of a base backup of ``datadir``, folders before their contents, pg_control last.
 
     Tablespaces (``pg_tblspc/<oid>`` links) are followed into their ``PG_<major>_<catversion>`` folder,
     which the backup holds as ``pg_tblspc/<oid>/PG_...``: one tree, restored with tablespace_map. A file
     or folder that vanishes while it is walked is left out (the server dropped it: WAL replay agrees).
+    A socket, FIFO or device is left out too, and counted in ``special``: sendDir() skips it ("skipping
+    special file"), and opening a FIFO would wait for a writer for ever. Every copy engine lists through
+    here, so none of them opens one.
 
     :param datadir: the data directory (of a running server: everything is read as it is now).
     :param tablespace_dir: the tablespaces' version folder name; default: ``PG_<major>_<catversion>``
         from PG_VERSION and global/pg_control.
+    :param special: where the backup paths of the special files left out are appended (a copy's
+        ``CopyResult.special``); None: not counted.
     :param extra: more entries, read from outside the data directory, yielded before pg_control (the
         server's configuration files: :mod:`pg_safe_backup.files.extconfig`).
     """
@@ -165,14 +176,14 @@ def walk(datadir: Path, tablespace_dir: str | None = None, extra: Iterable[Entry
 
         major = (datadir / "PG_VERSION").read_text().strip()
         tablespace_dir = f"PG_{major}_{read_pg_control(datadir).catalog_version_no}"
-    yield from _walk_dir(datadir, "", tablespace_dir)
+    yield from _walk_dir(datadir, "", tablespace_dir, special)
     yield from extra
     control = datadir / CONTROL_FILE
     if control.exists():
         yield Entry(CONTROL_FILE, control, False)
 
 
-def _walk_dir(folder: Path, rel: str, tablespace_dir: str) -> Iterator[Entry]:
+def _walk_dir(folder: Path, rel: str, tablespace_dir: str, special: list[str] | None) -> Iterator[Entry]:
     try:
         names = sorted(os.listdir(folder))
     except FileNotFoundError:
@@ -182,10 +193,15 @@ def _walk_dir(folder: Path, rel: str, tablespace_dir: str) -> Iterator[Entry]:
         path = folder / name
         relpath = f"{rel}/{name}" if rel else name
         try:
-            is_dir = path.is_dir()  # follows a pg_tblspc link
+            mode = path.stat().st_mode  # follows a pg_tblspc link
         except OSError:
+            continue  # vanished, or a link to nothing
+        is_dir = stat.S_ISDIR(mode)
+        if excluded(rel, name, is_dir, siblings) or relpath == CONTROL_FILE:
             continue
-        if not path.exists() or excluded(rel, name, is_dir, siblings) or relpath == CONTROL_FILE:
+        if not is_dir and not stat.S_ISREG(mode):
+            if special is not None:
+                special.append(relpath)
             continue
         if not is_dir:
             yield Entry(relpath, path, False)
@@ -198,6 +214,6 @@ def _walk_dir(folder: Path, rel: str, tablespace_dir: str) -> Iterator[Entry]:
             version = path / tablespace_dir
             if version.is_dir():
                 yield Entry(f"{relpath}/{tablespace_dir}", version, True)
-                yield from _walk_dir(version, f"{relpath}/{tablespace_dir}", tablespace_dir)
+                yield from _walk_dir(version, f"{relpath}/{tablespace_dir}", tablespace_dir, special)
         else:
-            yield from _walk_dir(path, relpath, tablespace_dir)
+            yield from _walk_dir(path, relpath, tablespace_dir, special)

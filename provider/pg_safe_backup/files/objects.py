@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -86,11 +87,18 @@ def open_source(entry: Entry) -> IO[bytes] | None:
     replay agrees). Any other error (permissions, I/O) is raised, naming the file.
 
     :param entry: a file of :func:`~pg_safe_backup.files.layout.walk`.
+    :raises OSError: it is no regular file now (the walk left out those it found: see
+        :func:`~pg_safe_backup.files.layout.walk`), or it cannot be read.
     """
     try:
-        return open(entry.source, "rb")
+        # O_NONBLOCK: a FIFO put in a file's place since the walk must not block the copy for ever.
+        fd = os.open(entry.source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{entry.source} ({entry.path}) is not a regular file now: it was one when listed")
+    return os.fdopen(fd, "rb")
 
 
 def _upload(entry: Entry, destination: Target) -> Copied | None:
@@ -152,7 +160,7 @@ def upload_tree(
     began = time.monotonic()
     result = CopyResult()
     empty_destination(destination, overwrite)
-    listed = list(walk(datadir, tablespace_dir) if entries is None else entries)
+    listed = list(walk(datadir, tablespace_dir, result.special) if entries is None else entries)
     folders: list[str] = []
     files: list[Entry] = []
     control: Entry | None = None
@@ -194,7 +202,7 @@ def upload_tree(
         out.write(json.dumps({"folders": result.empty_folders}, indent=1).encode())
         close_durably(out, is_local_path(destination))
     if is_local_path(destination):
-        sync_paths([destination, *(destination / folder for folder in folders)])
+        sync_paths([destination, destination.parent, *(destination / folder for folder in folders)])
     reporter.report()
     result.folders = len(folders)
     result.seconds = time.monotonic() - began

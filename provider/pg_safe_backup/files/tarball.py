@@ -13,7 +13,8 @@ places the two label files in the top folder; that tree is exactly the plain for
 is told to pass over the two files beside the archives: ``pg_verifybackup -F t -i backup_label -i
 tablespace_map`` (they are checked against the manifest once extracted).
 
-A member's tar header holds its size, taken when the file is opened: a file that shrinks meanwhile is
+A member's tar header holds its size (of 8 GiB or more in GNU's base-256 form, as pg_basebackup writes
+it), taken when the file is opened: a file that shrinks meanwhile is
 padded with zeros to that size and one that grows is cut at it (basebackup.c ``sendFile()`` does the
 same); WAL replay repairs both. A file that vanished before it was opened is left out and counted.
 The SHA-256 of each member's bytes as written (padding included) is returned for the manifest.
@@ -54,6 +55,8 @@ from pg_safe_backup.files.objects import (
 COMPRESSIONS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 #: The tar format's block; every member is padded to it.
 BLOCK = 512
+#: The largest member size a ustar header holds in octal; larger ones: :func:`with_base256_size`.
+USTAR_SIZE_MAX = 8**11 - 1
 #: The end of an archive: two zero blocks (pg_basebackup writes no more).
 TRAILER = bytes(2 * BLOCK)
 _ZEROS = bytes(CHUNK_SIZE)
@@ -98,6 +101,24 @@ def split_path(path: str) -> tuple[str | None, str]:
     if parts[0] == "pg_tblspc" and len(parts) == 3:
         return parts[1], parts[2]
     return None, path
+
+
+def with_base256_size(header: bytes, size: int) -> bytes:
+    """``header`` (a ustar header block) with its size field in GNU's base-256 form, its checksum redone.
+
+    A ustar size field holds 11 octal digits: less than 8 GiB. For a larger member PostgreSQL's
+    ``print_tar_number()`` (src/port/tar.c, which pg_basebackup's tar writer uses) writes ``\\200``, then
+    the size in binary, big-endian, in the rest of the field; its ``read_tar_number()`` (pg_verifybackup),
+    GNU tar and Python's tarfile all read that back.
+
+    :param header: one 512-byte header block.
+    :param size: the member's size.
+    """
+    block = bytearray(header)
+    block[124:136] = b"\x80" + size.to_bytes(11, "big")
+    block[148:156] = b" " * 8  # the checksum is of the block with its own field as spaces
+    block[148:155] = b"%06o\0" % sum(block[:BLOCK])
+    return bytes(block)
 
 
 class _Counted:
@@ -151,7 +172,11 @@ class TarWriter:
         info.mtime = int(st.st_mtime)
         info.uid, info.gid = st.st_uid, st.st_gid
         # ustar, as pg_basebackup writes: its readers (pg_verifybackup) know no pax or GNU headers.
-        self._stream.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        large = size > USTAR_SIZE_MAX
+        if large:
+            info.size = 0  # written below, in base-256
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        self._stream.write(with_base256_size(header, size) if large else header)
 
     def add_folder(self, name: str, st: os.stat_result) -> None:
         """A folder member.
@@ -271,7 +296,7 @@ def write_tar_backup(
     check_compression(compression)
     empty_destination(destination, overwrite)
     destination.mkdir(parents=True, exist_ok=True)
-    listed = list(walk(datadir, tablespace_dir) if entries is None else entries)
+    listed = list(walk(datadir, tablespace_dir, result.special) if entries is None else entries)
     reporter = ProgressReporter.started(progress, progress_interval, listed, result)
     threads = threads or os.cpu_count() or 1
     base = _Archive(destination, archive_name(None, compression), compression, level, threads)
@@ -297,7 +322,7 @@ def write_tar_backup(
             result.archives[space.name] = space.close()
         result.archives[base.name] = base.close()
         if is_local_path(destination):
-            sync_paths([destination])
+            sync_paths([destination, destination.parent])  # the archives' entries, and the folder's own
     except BaseException:
         for archive in (space, base):
             if archive is not None and archive.name not in result.archives:
@@ -333,9 +358,11 @@ __all__ = [
     "BLOCK",
     "COMPRESSIONS",
     "TRAILER",
+    "USTAR_SIZE_MAX",
     "TarWriter",
     "archive_name",
     "check_compression",
     "split_path",
+    "with_base256_size",
     "write_tar_backup",
 ]

@@ -125,8 +125,9 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         target = ObjectStoragePath(destination)
         local = Path(target.path) if target.protocol in ("", "file") else None
         extra = self._configuration(context, source) if self.config_files else []
+        special: list[str] = []  # left out by the walk when it is ours (with the configuration files)
         options: dict[str, Any] = {
-            "entries": walk(source, extra=extra) if extra else None,
+            "entries": walk(source, special=special, extra=extra) if extra else None,
             "overwrite": self.overwrite,
             "progress": self._progress,
             "progress_interval": self.progress_interval,
@@ -154,6 +155,7 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             ) from err
         except CopyError as err:
             raise AirflowException(f"the copy into {destination!r} failed: {err}") from err
+        result.special.extend(special)
         self.log.info("%s", result.summary())
         if len(result.checksums) <= MAX_XCOM_FILES:
             major = int((source / "PG_VERSION").read_text().strip())
