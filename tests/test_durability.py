@@ -244,7 +244,7 @@ def test_label_and_map_then_wal_then_manifest_then_catalog_entry_each_durable_be
     walled = max([labelled, *(done[segment] for segment in wal)])
     assert walled < first_write_open(calls, lambda path: path.startswith(manifest))
     assert manifest in done, f"{manifest} was never fsynced with its folder"
-    catalogued = first_write_open(calls, lambda path: os.path.basename(path).startswith(entry.name))
+    catalogued = first_write_open(calls, lambda path: entry.name in os.path.basename(path))
     assert done[manifest] < catalogued
     assert str(entry) in done, f"{entry} was never fsynced with its folder"
 
