@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -22,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from demo.load import wait_archived
+from pg_safe_backup.files.wal import include_wal
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import give_to_server_user
+from pg_safe_backup.local_cluster import find_bindir, give_to_server_user
 from pg_safe_backup.verify import check_backup
 
 from backup_helpers import cluster_with_space, run_backup
@@ -175,6 +177,8 @@ class Traced:
     copy_calls: dict[str, list[Call]]
     store_calls: dict[str, list[Call]]
     written: dict[str, dict]  # engine -> what the store wrote (its XCom)
+    archive: Path
+    backup: dict  # the finish's XCom
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +215,7 @@ def backed_up(module_tmp_root: Path) -> Iterator[Traced]:
             args = [str(destination), str(archive), str(given), str(out)]
             store_calls[engine] = traced(STORE, args, root / f"{engine}.store.trace")
             written[engine] = json.loads(out.read_text())
-        yield Traced(root, copies, copy_calls, store_calls, written)
+        yield Traced(root, copies, copy_calls, store_calls, written, archive, backup)
 
 
 def catalog_entry(folder: Path) -> Path:
@@ -268,3 +272,32 @@ def test_the_traced_backup_restores_with_its_rows(backed_up):
     give_to_server_user(copy)
     check = check_backup(copy, None, invariant_sql=INVARIANT, work_dir=backed_up.root)
     assert check.ok, check
+
+
+def test_the_bare_pg_verifybackup_passes_on_an_extracted_tar_copy(backed_up, tmp_path):
+    """Item 12: the tar copy's archives extracted as a plain data directory (each tablespace's into
+    pg_tblspc/<oid>), its label files and manifest beside them copied in, its WAL fetched into pg_wal/:
+    ``pg_verifybackup DIR`` with no option passes (nothing of ours lies among the backup's files)."""
+    stored = backed_up.copies["tar"]
+    extracted = tmp_path / "extracted"
+    for archive in sorted(stored.glob("*.tar.zst")):
+        oid = archive.name.split(".")[0]
+        into = extracted if oid == "base" else extracted / "pg_tblspc" / oid
+        into.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "--zstd", "-xf", str(archive), "-C", str(into)], check=True)
+    for name in ("backup_label", "tablespace_map", "backup_manifest"):
+        shutil.copy2(stored / name, extracted / name)
+    assert sorted(p.name for p in stored.iterdir() if not p.name.endswith(".tar.zst")) == [
+        "backup_label",
+        "backup_manifest",
+        "tablespace_map",
+    ], "the tar copy's folder holds the archives, the label files and the manifest, nothing else"
+    include_wal(
+        extracted,
+        backed_up.archive,
+        backup_label=backed_up.backup["backup_label"],
+        stop_lsn=backed_up.backup["stop_lsn"],
+    )
+    verifier = str(find_bindir(None) / "pg_verifybackup")
+    bare = subprocess.run([verifier, str(extracted)], capture_output=True, text=True, timeout=300)
+    assert bare.returncode == 0, bare.stdout + bare.stderr
