@@ -235,7 +235,9 @@ def test_a_missing_wal_archive_is_refused(backups: Backups) -> None:
     assert "--wal-archive" in error
 
 
-def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(backups: Backups) -> None:
+@pytest.fixture(scope="module")
+def tar_backup(backups: Backups) -> Path:
+    """A tar-format backup (zstd, no manifest) of the module's cluster, its WAL archived."""
     stored = backups.scratch / "tar"
     backup = run_backup(
         PostgresBackupHook(CONN_ID),
@@ -245,7 +247,13 @@ def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(backup
     (stored / "backup_label").write_text(backup["backup_label"])
     (stored / "tablespace_map").write_text(backup["tablespace_map"])
     wait_archived(backups.cluster)
-    target, _ = restored_to_the_end(backups, stored, "from_tar")
+    return stored
+
+
+def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(
+    backups: Backups, tar_backup: Path
+) -> None:
+    target, _ = restored_to_the_end(backups, tar_backup, "from_tar")
     with recovered(target) as server:
         assert_every_row(server)
 
@@ -420,6 +428,23 @@ def test_another_clusters_archive_is_refused_before_copying(backups: Backups, ot
     assert str(_system_identifier(backups.cluster)) in error, "it names the backup's system identifier"
     assert not target.exists()
     assert not (backups.scratch / "never_other_archive_space").exists()
+
+
+def test_another_clusters_archive_is_refused_for_a_tar_backup_once_extracted(
+    backups: Backups, tar_backup: Path, other_archive: Path
+) -> None:
+    """A tar backup without a version 2 manifest tells its cluster only in the pg_control it holds."""
+    target, space = backups.scratch / "never_tar_other", backups.scratch / "never_tar_other_space"
+    error = refused(
+        tar_backup,
+        target,
+        "--wal-archive",
+        other_archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={space}",
+    )
+    assert "another cluster" in error and str(target / "global" / "pg_control") in error, error
+    assert not target.exists() and not space.exists(), "the extracted copy is taken back"
 
 
 @pytest.mark.parametrize("where", ["TARGET_DIR", "--tablespace"])

@@ -684,24 +684,21 @@ def _manifest_sizes(backup: Path) -> list[tuple[str, int]] | None:
 
 def _bytes_needed(
     backup: Path, archives: Mapping[str | None, Path], plan: list[_Placement], with_pg_wal: bool
-) -> tuple[int, dict[str, int]]:
-    """The bytes the restore writes into TARGET_DIR and into each tablespace's place (OID -> bytes): a tar
+) -> dict[str | None, int]:
+    """The bytes the restore writes into TARGET_DIR (None) and into each tablespace's place (its OID): a tar
     backup's from its backup_manifest, else its archives' stored size (all a compressed one shows unread)."""
     if not archives:
         wal = _size(backup / "pg_wal", set()) if with_pg_wal and (backup / "pg_wal").is_dir() else 0
-        return _size(backup, SKIP_TOP) + wal, {p.oid: _size(p.source, set()) for p in plan}
+        return {None: _size(backup, SKIP_TOP) + wal, **{p.oid: _size(p.source, set()) for p in plan}}
     listed = _manifest_sizes(backup)
     if listed is None:
-        return archives[None].stat().st_size, {p.oid: p.source.stat().st_size for p in plan}
-    spaces = {p.oid: 0 for p in plan}
-    data = 0
+        return {None: archives[None].stat().st_size, **{p.oid: p.source.stat().st_size for p in plan}}
+    needed: dict[str | None, int] = {None: 0, **{p.oid: 0 for p in plan}}
     for path, size in listed:
         parts = path.split("/")
-        if parts[0] == "pg_tblspc" and len(parts) > 2 and parts[1] in spaces:
-            spaces[parts[1]] += size
-        else:
-            data += size
-    return data, spaces
+        tablespace = parts[0] == "pg_tblspc" and len(parts) > 2 and parts[1] in needed
+        needed[parts[1] if tablespace else None] += size
+    return needed
 
 
 def _check_room(needs: list[tuple[str, Path, int]]) -> None:
@@ -835,19 +832,15 @@ def prepare_restore(
         archives,
     )
     _check_apart(backup, data, plan)
-    places = [("TARGET_DIR", data), *((f"--tablespace {p.oid}", p.where) for p in plan)]
-    _check_reachable(places, owner)
-    data_bytes, space_bytes = _bytes_needed(backup, archives, plan, use_backup_pg_wal or archive is None)
-    _check_room(
-        [
-            ("TARGET_DIR", data, data_bytes),
-            *((f"--tablespace {p.oid}", p.where, space_bytes[p.oid]) for p in plan),
-        ]
-    )
+    # Each place written, keyed as tar_archives keys the archives: None for TARGET_DIR, else the OID.
+    places = {None: ("TARGET_DIR", data), **{p.oid: (f"--tablespace {p.oid}", p.where) for p in plan}}
+    _check_reachable(list(places.values()), owner)
+    needed = _bytes_needed(backup, archives, plan, use_backup_pg_wal or archive is None)
+    _check_room([(name, where, needed[key]) for key, (name, where) in places.items()])
     if archives:  # the archives' stored (compressed) bytes, as they are read
         total = sum(path.stat().st_size for path in archives.values())
     else:
-        total = data_bytes + sum(space_bytes.values())
+        total = sum(needed.values())
     meter = _Progress(total, progress)
     made = [(folder, folder.exists()) for folder in [data, *(p.where for p in plan)]]
     try:

@@ -844,10 +844,14 @@ def _verifybackup_step(backup: Path, archive: Path | None, folder: Path | None) 
     verifier_major = tool_major(folder / "pg_verifybackup")
     # Another major's verifier of a version 2 manifest refuses the copy's pg_control version.
     ignore = () if verifier_major == major or (major or 0) < 17 else (CONTROL_FILE,)
-    same = verifier_major == major and (folder / "pg_waldump").is_file()
-    notes = [] if same else [f"WAL not parsed: pg_waldump {verifier_major} reads only its own major's WAL"]
-    if verifier_major == major and not same:
-        notes = [f"WAL not parsed: no pg_waldump in {folder}"]
+    same = verifier_major == major and (folder / "pg_waldump").is_file()  # pg_waldump parses the WAL
+    notes = []
+    if not same:
+        notes.append(
+            f"WAL not parsed: no pg_waldump in {folder}"
+            if verifier_major == major
+            else f"WAL not parsed: pg_waldump {verifier_major} reads only its own major's WAL"
+        )
     if ignore:
         notes.append(f"{CONTROL_FILE} not checked: pg_verifybackup {verifier_major} refuses another major's")
     note = f" ({'; '.join(notes)})" if notes else ""
@@ -926,8 +930,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
         return 2
     print(report.summary())
-    warn = lambda line: print(f"warning: {line}", file=sys.stderr)  # noqa: E731
-    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", warn):
+    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", _warn):
         print(f"recorded in {Path(args.backup_dir) / INFO_NAME}")
     if args.verbose:
         for step in report.steps:
@@ -935,6 +938,10 @@ def _verify(args: argparse.Namespace) -> int:
             for key, value in step.details.items():
                 print(f"  {key}: {value}")
     return 0 if report.ok else 1
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
 
 
 def _check(args: argparse.Namespace) -> BackupCheck:
