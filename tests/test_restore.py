@@ -374,6 +374,29 @@ def test_a_bad_target_timeline_is_refused_naming_the_flag(backups: Backups, time
     assert not target.exists()
 
 
+def test_archive_mode_on_and_a_target_timeline_are_written_as_asked(backups: Backups) -> None:
+    """For a real replacement: archiving as the backed up server did (not started here: it would archive
+    into the module's archive)."""
+    target = backups.scratch / "replacement"
+    done = restore(
+        backups.second,
+        target,
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={backups.scratch / 'replacement_space'}",
+        "--archive-mode",
+        "on",
+        "--target-timeline",
+        "current",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "archiving is on (--archive-mode on)" in done.stdout, done.stdout
+    ours = (target / "postgresql.auto.conf").read_text().split("# pg_safe_backup.restore")[-1]
+    assert "archive_mode = on\n" in ours and "archive_command" not in ours, ours
+    assert "recovery_target_timeline = 'current'\n" in ours, ours
+
+
 # ---------------------------------------------------------------------- restore refuses before copying
 @pytest.fixture(scope="module")
 def other_archive(module_tmp_root: Path) -> Path:
