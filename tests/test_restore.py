@@ -317,6 +317,15 @@ def test_the_drill_refuses_before_restoring_anything(backups: Backups, tmp_path:
 
 
 # ------------------------------------------------------------------- a test restore never costs a row
+def restore_newest(backups: Backups, target: Path, space: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``pg-safe-backup restore`` of the newest backup into ``target`` from the module's archive, its
+    tablespace into ``space``, with ``flags``."""
+    tablespace = f"{backups.tablespace_oid}={space}"
+    return restore(
+        backups.second, target, "--wal-archive", backups.archive, "--tablespace", tablespace, *flags
+    )
+
+
 def _day2_rows(server: LocalCluster) -> tuple[int, int, int]:
     """Rows, sum and largest value of ``day2``."""
     ((count, total, top),) = server.sql("SELECT count(*), coalesce(sum(n), 0), coalesce(max(n), 0) FROM day2")
@@ -335,17 +344,14 @@ def test_a_test_restore_never_writes_into_the_archive_so_a_later_restore_has_eve
     source.sql("INSERT INTO day2 SELECT g FROM generate_series(101, 200) g")
     wait_archived(source)
     target = backups.scratch / "tested"
-    done = restore(
-        backups.second,
+    done = restore_newest(
+        backups,
         target,
-        "--wal-archive",
-        backups.archive,
+        backups.scratch / "tested_space",
         "--target-time",
         when.isoformat(),
         "--target-action",
         "promote",
-        "--tablespace",
-        f"{backups.tablespace_oid}={backups.scratch / 'tested_space'}",
     )
     assert done.returncode == 0, done.stderr
     with recovered(target) as copy:
@@ -378,18 +384,8 @@ def test_archive_mode_on_and_a_target_timeline_are_written_as_asked(backups: Bac
     """For a real replacement: archiving as the backed up server did (not started here: it would archive
     into the module's archive)."""
     target = backups.scratch / "replacement"
-    done = restore(
-        backups.second,
-        target,
-        "--wal-archive",
-        backups.archive,
-        "--tablespace",
-        f"{backups.tablespace_oid}={backups.scratch / 'replacement_space'}",
-        "--archive-mode",
-        "on",
-        "--target-timeline",
-        "current",
-    )
+    space = backups.scratch / "replacement_space"
+    done = restore_newest(backups, target, space, "--archive-mode", "on", "--target-timeline", "current")
     assert done.returncode == 0, done.stderr
     assert "archiving is on (--archive-mode on)" in done.stdout, done.stdout
     ours = (target / "postgresql.auto.conf").read_text().split("# pg_safe_backup.restore")[-1]
@@ -481,14 +477,7 @@ def test_a_place_the_owner_cannot_reach_is_refused_before_copying(backups: Backu
         target = closed / "restored"
     else:
         space = closed / "space"
-    done = restore(
-        backups.second,
-        target,
-        "--wal-archive",
-        backups.archive,
-        "--tablespace",
-        f"{backups.tablespace_oid}={space}",
-    )
+    done = restore_newest(backups, target, space)
     assert done.returncode == 1, done.stdout
     error = done.stderr.strip()
     assert closed.stat().st_mtime_ns == untouched, "nothing was made in it, even for a moment"
