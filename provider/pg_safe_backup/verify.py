@@ -305,8 +305,8 @@ def server_bindir(major: int | None, bindir: Path | str | None = None) -> Path:
     missing = [tool for tool in SERVER_TOOLS if not (folder / tool).is_file()]
     if missing:
         raise CheckNotRun(
-            f"no {' or '.join(missing)} in {folder} (--bindir): the restore check starts the copy with its"
-            " major's server"
+            f"no {' or '.join(missing)} in {folder} (--bindir): the restore check starts the copy with"
+            f" {f'PostgreSQL {major}' if major else 'its major'}'s server"
         )
     found = tool_major(folder / "postgres")
     if major is not None and found is not None and found != major:
