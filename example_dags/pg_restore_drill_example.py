@@ -1,11 +1,12 @@
 """A nightly restore drill, then retention: prove the newest backup under BACKUP_ROOT still restores, and
 how long it takes; then delete what the retention policy lets go.
 
-``pg_backup_example`` stores each backup in its own folder under BACKUP_ROOT with a ``backup_info.json``
-beside it (the catalog). This DAG takes the newest, restores it on a temporary server in a scratch
+``pg_backup_example`` stores each backup in its own folder under BACKUP_ROOT with a catalog entry
+(``<folder>.backup_info.json``) beside it. This DAG takes the newest that proves itself (its label and
+manifest agree), restores it on a temporary server in a scratch
 folder, runs every check (page LSNs, ``pg_verifybackup``, recovery with the WAL archive, amcheck,
 and the invariant below), and records the restore time (the RTO) in XCom, its log and the backup's
-``backup_info.json``. It fails, naming the age, when the newest backup is older than
+catalog entry. It fails, naming the age, when the newest backup is older than
 DRILL_MAX_AGE_HOURS: the backups have stopped.
 
 Once the drill passed, retention keeps the newest KEEP_LAST backups (and always the newest verified

@@ -20,7 +20,7 @@ for v in $majors; do
         sleep 2
         for m in "${!pids[@]}"; do kill -0 "${pids[$m]}" 2>/dev/null || finish "$m"; done
     done
-    PG_MAJOR=$v $py -m pytest -q -p no:cacheprovider -m "not e2e" $tests >"$logs/$v.log" 2>&1 &
+    PG_MAJOR=$v $py -m pytest -q -rs --durations=5 -p no:cacheprovider -m "not e2e" $tests >"$logs/$v.log" 2>&1 &
     pids[$v]=$!
 done
 for m in "${!pids[@]}"; do finish "$m"; done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import struct
 import time
@@ -18,6 +19,7 @@ from demo.load import Writer
 from pg_safe_backup.catalog import BackupInfo, info_for_backup, write_info
 from pg_safe_backup.files.copier import copy_data_directory, is_local_path
 from pg_safe_backup.files.label import store_label
+from pg_safe_backup.files.manifest import write_backup_manifest
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
@@ -189,8 +191,9 @@ def store_backup_label(destination: Any, backup: dict, local_copy: Path | None =
 
 
 def catalogued_backup(cluster: LocalCluster, destination: Path, owner: str) -> tuple[dict, BackupInfo]:
-    """A whole backup of ``cluster`` copied into ``destination`` by the copy engine, its label stored and
-    its ``backup_info.json`` written, as the store task leaves a backup: the backup's row and its info.
+    """A whole backup of ``cluster`` copied into ``destination`` by the copy engine, its label stored, its
+    backup_manifest and catalog entry written, as the store task leaves a backup: the backup's row and its
+    info.
 
     :param cluster: the cluster (reachable as the ``pg_test`` connection, e.g. :func:`cluster_with_space`).
     :param destination: a new local folder.
@@ -203,6 +206,12 @@ def catalogued_backup(cluster: LocalCluster, destination: Path, owner: str) -> t
 
     backup = run_backup(PostgresBackupHook(CONN_ID), owner, copy)
     store_backup_label(destination, backup)
+    manifest = write_backup_manifest(
+        destination,
+        backup_label=backup["backup_label"],
+        stop_lsn=backup["stop_lsn"],
+        system_identifier=backup["system_identifier"],
+    )
     info = info_for_backup(
         backup_label=backup["backup_label"],
         stop_lsn=backup["stop_lsn"],
@@ -211,9 +220,68 @@ def catalogued_backup(cluster: LocalCluster, destination: Path, owner: str) -> t
         pg_major=cluster.server_version() // 10000,
         bytes=copied["result"].bytes,
         files=copied["result"].files,
+        manifest_checksum=manifest.checksum,
     )
     write_info(destination, info)
     return backup, info
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
+def linked_copy(source: Path, target: Path) -> Path:
+    """``source`` copied as hard links (cheap; a test replaces a file rather than write into it, see
+    :func:`reforge_backup`), links inside kept as links.
+
+    :param source: a folder.
+    :param target: a new folder.
+    """
+    shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+    return target
+
+
+def reforge_backup(
+    folder: Path,
+    *,
+    label: str | None = None,
+    system_identifier: int | None = None,
+    stop_lsn: str | None = None,
+) -> None:
+    """Change a stored local plain backup as another cluster or another time would have made it, and write
+    its backup_manifest again, so that it still proves itself: ``label`` as its backup_label,
+    ``system_identifier`` in its global/pg_control (CRC recomputed; a little-endian host), ``stop_lsn`` as
+    its manifest's End-LSN.
+
+    :param folder: the backup's folder (a copy of a :func:`catalogued_backup`).
+    :param label: the new backup_label.
+    :param system_identifier: the new system identifier.
+    :param stop_lsn: the new stop LSN.
+    """
+    from pg_safe_backup.proof import prove_backup
+
+    before = prove_backup(folder)
+    assert before.ok, before.status
+    if label is not None:
+        (folder / "backup_label").unlink()  # never through a hard link into the original
+        (folder / "backup_label").write_text(label)
+    control = folder / "global" / "pg_control"
+    if system_identifier is not None:
+        raw = bytearray(control.read_bytes())
+        struct.pack_into("<Q", raw, 0, system_identifier)
+        end = CRC_OFFSET[struct.unpack_from("<I", raw, 8)[0]]
+        struct.pack_into("<I", raw, end, crc32c(bytes(raw[:end])))
+        control.unlink()
+        control.write_bytes(bytes(raw))
+    write_backup_manifest(
+        folder,
+        backup_label=(folder / "backup_label").read_text(),
+        stop_lsn=stop_lsn or str(before.stop_lsn),
+        system_identifier=system_identifier or before.system_identifier,
+    )
 
 
 def hand_over_row(cluster: LocalCluster, sets: str, params: list) -> None:

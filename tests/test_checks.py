@@ -17,7 +17,7 @@ import pytest
 
 from airflow.sdk import ObjectStoragePath
 
-from pg_safe_backup.catalog import INFO_NAME, read_info
+from pg_safe_backup.catalog import INFO_NAME, entry_path, read_info
 from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
 from pg_safe_backup.state import parse_backup_label, wal_segment_name
 from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup, record_check
@@ -67,9 +67,10 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     assert report.step("page-LSN check").details["stop_lsn_from"] == str(copy / "backup_manifest")
     xcom = report.as_dict()
     assert xcom["ok"] and set(xcom["checks"]) == {"page-LSN check", "pg_verifybackup", "restore check"}
-    # The catalog: backup_info.json beside the copy, passed over by pg_verifybackup (it passed above),
+    # The catalog: <copy>.backup_info.json beside the copy, never in it (pg_verifybackup passed above),
     # then the checks recorded in it, and the listing of the root.
-    assert written["backup_info"] == str(copy / INFO_NAME)
+    assert written["backup_info"] == str(entry_path(copy))
+    assert not (copy / INFO_NAME).exists()
     info = read_info(copy)
     label = parse_backup_label(taken.backup["backup_label"])
     assert (info.start_lsn, info.stop_lsn) == (taken.backup["start_lsn"], taken.backup["stop_lsn"])
@@ -86,15 +87,18 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
         [sys.executable, "-m", "pg_safe_backup", "list", str(tmp_root)], capture_output=True, text=True
     )
     assert listed.returncode == 0, listed.stderr
-    head, row, count = listed.stdout.splitlines()
-    assert head.split()[:3] == ["stopped", "(UTC)", "size"] and count == "1 backup"
+    head, row, *notes, count = listed.stdout.splitlines()
+    assert head.split()[:2] == ["started", "size"] and count == "1 backup"
     assert info.start_lsn in row and info.stop_lsn in row and " yes " in row and str(copy) in row
+    assert (" proven " in row) == (taken.major >= 13), listed.stdout
     as_json = subprocess.run(
         [sys.executable, "-m", "pg_safe_backup.cli", "list", str(tmp_root), "--json"],
         capture_output=True,
         text=True,
     )
     assert json.loads(as_json.stdout)[0]["info"]["stop_lsn"] == info.stop_lsn
+    status = json.loads(as_json.stdout)[0]["status"]
+    assert status == "proven" if taken.major >= 13 else status.startswith("UNVERIFIABLE: no backup_manifest")
 
 
 def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  # noqa: F811
@@ -207,8 +211,9 @@ def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
 # ------------------------------------------------------------------- a check that could not run
 @pytest.fixture(scope="module")
 def stored(taken) -> Path:  # noqa: F811
-    """The module's backup stored as the store task leaves it: label, manifest and backup_info.json."""
-    copy = _unstored(taken, taken.root / "stored_for_checks")
+    """The module's backup stored as the store task leaves it (label, manifest, its catalog entry beside it),
+    alone in its storage folder."""
+    copy = _unstored(taken, taken.root / "storage" / "stored_for_checks")
     store = PostgresStoreBackupLabelOperator(task_id="store", backup="b.finish_backup", destination=str(copy))
     store.store(str(copy), {key: taken.backup[key] for key in KEYS})
     return copy
@@ -246,13 +251,13 @@ def verify(*args: str | Path) -> subprocess.CompletedProcess:
 )
 def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, other_archive, flags, named):  # noqa: F811
     (taken.root / "no_binaries").mkdir(exist_ok=True)
-    before = (stored / INFO_NAME).read_bytes()
+    before = entry_path(stored).read_bytes()
     done = verify(stored, *flags(taken, other_archive))
     assert done.returncode == 2, done.stdout + done.stderr
     error = done.stderr.strip()
     assert len(error.splitlines()) == 1 and named in error, error
     assert done.stdout == "", "no verdict"
-    assert (stored / INFO_NAME).read_bytes() == before, "nothing recorded in the catalog"
+    assert entry_path(stored).read_bytes() == before, "nothing recorded in the catalog"
 
 
 def test_the_verify_task_retries_a_check_that_could_not_run(taken, stored):  # noqa: F811
@@ -260,27 +265,28 @@ def test_the_verify_task_retries_a_check_that_could_not_run(taken, stored):  # n
 
     from pg_safe_backup.operators.backup import PostgresVerifyBackupOperator
 
-    before = (stored / INFO_NAME).read_bytes()
+    before = entry_path(stored).read_bytes()
     op = PostgresVerifyBackupOperator(
         task_id="verify", backup_dir=str(stored), wal_archive=str(taken.root / "no_such_archive")
     )
     with pytest.raises(AirflowException, match="no_such_archive") as raised:
         op.execute({})  # refused before the checks: no task instance needed
     assert not isinstance(raised.value, AirflowFailException), "a retry may find the archive mounted"
-    assert (stored / INFO_NAME).read_bytes() == before
+    assert entry_path(stored).read_bytes() == before
 
 
 @contextlib.contextmanager
 def read_only(folder: Path) -> Iterator[None]:
-    """``folder`` read-only: a read-only bind mount over it (as root), else chattr +i."""
+    """``folder`` read-only: a read-only bind mount over it (as root), else chattr +i on it and its files."""
     mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
     if mounted.returncode == 0:
         remounted = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True)
         assert remounted.returncode == 0, remounted.stderr
         undo = ["umount", str(folder)]
     else:
-        subprocess.run(["chattr", "+i", str(folder), str(folder / INFO_NAME)], check=True)
-        undo = ["chattr", "-i", str(folder), str(folder / INFO_NAME)]
+        files = [str(folder), *(str(p) for p in folder.iterdir() if p.is_file())]
+        subprocess.run(["chattr", "+i", *files], check=True)
+        undo = ["chattr", "-i", *files]
     try:
         yield
     finally:
@@ -289,12 +295,12 @@ def read_only(folder: Path) -> Iterator[None]:
 
 def test_verify_of_a_backup_on_read_only_storage_warns_and_exits_with_the_verdict(taken, stored):  # noqa: F811
     bindir, _ = verifier_for(taken.major)
-    before = (stored / INFO_NAME).read_bytes()
-    with read_only(stored):
+    before = entry_path(stored).read_bytes()
+    with read_only(stored.parent):  # the backup and its catalog entry
         done = verify(stored, taken.archive, "--verifier-bindir", bindir, "--timeout", "60")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("PASS: page-LSN check pass, pg_verifybackup pass, restore check pass")
     assert "Traceback" not in done.stderr
     warning = [line for line in done.stderr.splitlines() if "not recorded" in line]
-    assert len(warning) == 1 and str(stored / INFO_NAME) in warning[0], done.stderr
-    assert (stored / INFO_NAME).read_bytes() == before
+    assert len(warning) == 1 and str(entry_path(stored)) in warning[0], done.stderr
+    assert entry_path(stored).read_bytes() == before

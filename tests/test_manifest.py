@@ -225,6 +225,11 @@ def test_each_checksum_algorithm_is_accepted_by_pg_verifybackup(taken, tmp_root,
     assert (f'"Checksum-Algorithm": "{algorithm}"' in text) == (algorithm != "NONE")
     run = taken.verify(small)
     assert run.ok, run
+    if algorithm == "NONE":
+        # The label is always checksummed: what proves a stored backup (proof.py); the rest is not.
+        lines = {line.split('"')[3]: line for line in text.splitlines() if line.startswith('{ "Path"')}
+        assert '"Checksum-Algorithm": "SHA256"' in lines["backup_label"]
+        assert '"Checksum"' not in lines["PG_VERSION"]
     if algorithm == "CRC32C":
         # pg_checksum_final() stores the CRC in the host's byte order: a big-endian one is refused.
         line = next(line for line in text.splitlines() if '"PG_VERSION"' in line)

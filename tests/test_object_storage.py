@@ -23,7 +23,7 @@ from airflow.sdk import ObjectStoragePath
 
 from demo.load import wait_archived
 from demo.s3 import local_s3
-from pg_safe_backup.catalog import INFO_NAME, list_backups
+from pg_safe_backup.catalog import entry_path, list_backups
 from pg_safe_backup.files.copier import DestinationNotEmpty, Progress
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry
@@ -252,7 +252,8 @@ def test_a_tar_copy_in_s3_is_extracted_and_restores_with_its_rows(stored, tmp_ro
     assert set(result.archives) == names
     manifest = {"backup_manifest"} if stored.major >= 13 else set()
     stored_names = {p.name for p in stored.prefixes[compression].iterdir()}
-    assert stored_names == names | set(LABEL_FILES) | manifest | {INFO_NAME}
+    assert stored_names == names | set(LABEL_FILES) | manifest
+    assert entry_path(stored.prefixes[compression]).exists(), "the catalog entry is beside the backup"
     fetched = fetch_tar(stored, compression, tmp_root)
     assert fetched.base_members[-1] == CONTROL_FILE  # read after every other file, the tablespace's too
     check = restore_check(stored, fetched.copy)
@@ -415,9 +416,13 @@ def test_an_object_store_destination_holding_anything_is_refused_and_overwrite_e
 
 
 def test_the_object_store_is_the_catalog(stored):
-    """Each stored copy has its backup_info.json beside it, and list_backups() finds the three."""
-    entries = {Path(e.folder.path).name: e.info for e in list_backups(stored.prefixes["plain"].parent)}
+    """Each stored copy has its catalog entry beside it, and list_backups() finds the three, proven."""
+    listed = [e for e in list_backups(stored.prefixes["plain"].parent) if e.info is not None]  # not 'refused'
+    entries = {Path(e.folder.path).name: e.info for e in listed}
     assert set(entries) == set(FORMATS)
+    for entry in listed:  # each proves itself from its label and manifest in the store
+        assert entry.proof.ok == (stored.major >= 13), entry.proof.status
+        assert entry.proof.ok is False or entry.proof.stop_lsn == stored.backup["stop_lsn"]
     for fmt, info in entries.items():
         assert info.stop_lsn == stored.backup["stop_lsn"] and info.start_lsn == stored.backup["start_lsn"]
         assert info.system_identifier == str(stored.backup["system_identifier"])
@@ -427,7 +432,7 @@ def test_the_object_store_is_the_catalog(stored):
             stored.results[fmt].sizes.values()
         )
         assert info.pg_major == stored.major and info.has_tablespace_map
-        assert stored.written[fmt]["backup_info"] == str(stored.prefixes[fmt] / INFO_NAME)
+        assert stored.written[fmt]["backup_info"] == str(entry_path(stored.prefixes[fmt]))
         if stored.major >= 13:
             manifest = (stored.prefixes[fmt] / "backup_manifest").read_bytes()
             assert manifest.endswith(f'"Manifest-Checksum": "{info.manifest_checksum}"}}\n'.encode())

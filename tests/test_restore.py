@@ -25,13 +25,13 @@ from pathlib import Path
 import pytest
 
 from demo.load import wait_archived
-from pg_safe_backup.catalog import read_info, write_info
+from pg_safe_backup.catalog import entry_path
 from pg_safe_backup.files.tarball import write_tar_backup
 from pg_safe_backup.files.wal import WAL_SEGMENT, NotWal, archive_system_identifier, segment_system_identifier
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, free_port, give_to_server_user
 
-from backup_helpers import catalogued_backup, cluster_with_space, run_backup
+from backup_helpers import catalogued_backup, cluster_with_space, reforge_backup, run_backup
 from conftest import CONN_ID
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -274,12 +274,10 @@ def test_a_target_dir_inside_the_backup_is_refused(backups: Backups) -> None:
 def test_latest_before_refuses_a_root_holding_two_clusters_backups(backups: Backups, tmp_path: Path) -> None:
     """--latest-before picks "the newest" of one cluster only: never another cluster's backup."""
     root = tmp_path / "two_clusters"
-    for name, sysid in (("a", None), ("b", "7000000000000000001")):
+    for name in ("a", "b"):
         shutil.copytree(backups.first, root / name, symlinks=True)
-        if sysid:
-            info = read_info(root / name)
-            info.system_identifier = sysid
-            write_info(root / name, info)
+        shutil.copy2(entry_path(backups.first), entry_path(root / name))
+    reforge_backup(root / "b", system_identifier=7000000000000000001)  # its pg_control and manifest say so
     target = tmp_path / "target"
     done = restore(root, target, "--latest-before", "2100-01-01T00:00:00", "--wal-archive", backups.archive)
     assert done.returncode != 0 and "holds backups of 2 clusters" in done.stderr, done.stdout + done.stderr
@@ -299,19 +297,18 @@ def test_the_drill_refuses_before_restoring_anything(backups: Backups, tmp_path:
         return str(failed.value)
 
     (tmp_path / "empty").mkdir()
-    assert "holds no catalogued backup" in drill(tmp_path / "empty")
+    assert "holds no backup that proves itself" in drill(tmp_path / "empty")
     root = tmp_path / "two_clusters"
     for name in ("a", "b"):
         shutil.copytree(backups.first, root / name, symlinks=True)
-    info = read_info(root / "b")
-    info.system_identifier = "7000000000000000001"
-    write_info(root / "b", info)
+    reforge_backup(root / "b", system_identifier=7000000000000000001)
     assert "holds backups of 2 clusters" in drill(root)
     old = tmp_path / "old"
     shutil.copytree(backups.first, old / "a", symlinks=True)
-    info = read_info(old / "a")
-    info.stop_time = (datetime.now(timezone.utc) - timedelta(days=3)).isoformat()
-    write_info(old / "a", info)
+    label = (old / "a" / "backup_label").read_text()
+    started = (datetime.now(timezone.utc) - timedelta(days=3)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    label = re.sub(r"START TIME: .*", f"START TIME: {started}", label)
+    reforge_backup(old / "a", label=label)  # the age is the label's, not a clock in the JSON
     refused = drill(old)
     assert " is 3 days, 0:00:0" in refused and "old, older than max_age 1 day, 6:00:00" in refused, refused
 

@@ -1,18 +1,23 @@
 """Retention on real backups and a real WAL archive: five backups of one archiving cluster, writes between
 them; ``pg-safe-backup retention --keep-last 2`` (dry, then for real) deletes three and only the WAL before
 the oldest kept backup's start, and both kept backups still restore. Then the rules around it (the newest
-verified backup stays, nothing goes without a complete backup) and the operator against a local
-S3-compatible server."""
+verified backup stays, nothing goes without a backup that proves itself), crafted catalogs that must change
+nothing (a planted folder, a late store, a link, a malformed entry), and the operator against a local
+S3-compatible server. Each test works on hard-linked copies of the five backups and their archive."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from airflow.providers.common.compat.sdk import AirflowFailException
 
@@ -20,26 +25,28 @@ from demo.load import wait_archived
 from demo.s3 import local_s3
 from pg_safe_backup.catalog import (
     INFO_NAME,
-    LABEL_NAME,
     BackupInfo,
-    CatalogEntry,
+    RetentionPlan,
     append_verification,
+    entry_path,
     list_backups,
-    plan_retention,
     read_info,
     write_info,
 )
 from pg_safe_backup.local_cluster import give_to_server_user
 from pg_safe_backup.operators.lifecycle import PostgresBackupRetentionOperator
+from pg_safe_backup.proof import LABEL_NAME, prove_backup
 from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root
 from pg_safe_backup.verify import PASS, check_backup
 
-from backup_helpers import catalogued_backup, cluster_with_space
+from backup_helpers import catalogued_backup, cluster_with_space, linked_copy, reforge_backup
+from conftest import CONN_ID
 
 BACKUPS = 5
 ROWS = 1000  # committed before each backup
 #: A timeline history file, older by name than any segment: never removed.
 HISTORY = "00000002.history"
+ENTRY = ".backup_info.json"
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Five:
     infos: list[BackupInfo]
     labels: list[str]
     wal_names: list[str]  # the archive's files once all five were archived
+    dsn: str  # the live cluster
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +80,8 @@ def five(module_tmp_root: Path) -> Iterator[Five]:
             infos.append(info)
             labels.append(backup["backup_label"])
         wait_archived(cluster)
-        yield Five(root, archive, backups, infos, labels, sorted(p.name for p in archive.iterdir()))
+        names = sorted(p.name for p in archive.iterdir())
+        yield Five(root, archive, backups, infos, labels, names, make_conninfo(**cluster.conninfo()))
 
 
 def listing(*folders: Path) -> dict[str, int]:
@@ -120,17 +129,40 @@ def expected_after(names: list[str], cutoff: str) -> list[str]:
 
 
 def catalog_only(five: Five, root: Path, labelled: range = range(BACKUPS)) -> list[Path]:
-    """The five backups' catalogs (backup_info.json, and backup_label for those in ``labelled``) in
-    ``root``, without their data: what retention reads."""
+    """The five backups and their catalog entries in ``root`` (hard-linked copies), backup_label only in
+    those in ``labelled``."""
     folders = []
-    for i, info in enumerate(five.infos):
-        folder = root / f"b{i}"
-        folder.mkdir(parents=True)
-        write_info(folder, info)
-        if i in labelled:
-            (folder / LABEL_NAME).write_text(five.labels[i])
+    for i, backup in enumerate(five.backups):
+        folder = linked_copy(backup, root / f"b{i}")
+        shutil.copy2(entry_path(backup), entry_path(folder))
+        if i not in labelled:
+            (folder / LABEL_NAME).unlink()
         folders.append(folder)
     return folders
+
+
+def real_copy(five: Five, tmp_root: Path) -> tuple[Path, Path, list[Path]]:
+    """The five backups under ``tmp_root/backups`` and the real WAL archive in ``tmp_root/archive``
+    (hard-linked copies): the root, the archive and the backups' folders."""
+    folders = catalog_only(five, tmp_root / "backups")
+    return tmp_root / "backups", linked_copy(five.archive, tmp_root / "archive"), folders
+
+
+def assert_restores(five: Five, backup: Path, archive: Path, tmp_root: Path) -> None:
+    """``backup`` (b<i>) restores from ``archive`` on a temporary server, with every row committed before
+    it."""
+    i = five.backups.index(five.root / backup.name)
+    give_to_server_user(backup)
+    report = check_backup(
+        backup,
+        archive,
+        manifest=False,
+        page_lsns=False,
+        invariant_sql=f"SELECT count(*) = {(i + 1) * ROWS}, format('ledger: %s rows', count(*)) FROM ledger",
+        work_dir=tmp_root,
+    )
+    assert report.ok, report.summary()
+    assert report.step("restore check").status == PASS, report.summary()
 
 
 def fake_archive(five: Five, folder: Path) -> Path:
@@ -143,46 +175,38 @@ def fake_archive(five: Five, folder: Path) -> Path:
 
 
 def test_keep_last_two_deletes_three_backups_and_only_the_wal_before_the_oldest_kept_start(five, tmp_root):
-    before = listing(five.root, five.archive)
+    root, archive, backups = real_copy(five, tmp_root)
+    before = listing(root, archive)
     assert any(n.endswith(".backup") for n in five.wal_names), "the archive holds backup history files"
-    args = [str(five.root), "--keep-last", "2", "--wal-archive", str(five.archive)]
-    assert listed_folders(five.root) == [str(b) for b in five.backups]  # pg-safe-backup list: all five
+    args = [str(root), "--keep-last", "2", "--wal-archive", str(archive)]
+    assert listed_folders(root) == [str(b) for b in backups]  # pg-safe-backup list: all five
 
     dry = retention_cli(*args, "--dry-run")
 
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert listing(five.root, five.archive) == before, "--dry-run changed nothing"
+    assert listing(root, archive) == before, "--dry-run changed nothing"
     would_delete, would_remove = printed(dry.stdout, "would delete"), printed(dry.stdout, "would remove WAL")
 
     done = retention_cli(*args)
 
     assert done.returncode == 0, done.stdout + done.stderr
-    kept, deleted = five.backups[3:], five.backups[:3]
+    kept, deleted = backups[3:], backups[:3]
     assert would_delete == [str(b) for b in deleted], dry.stdout
-    assert [b for b in five.backups if b.exists()] == kept
+    assert [b for b in backups if b.exists()] == kept
+    assert [b for b in backups if entry_path(b).exists()] == kept, "each catalog entry went with its backup"
     assert printed(done.stdout, "deleted") == [str(b) for b in deleted]
-    assert listed_folders(five.root) == [str(b) for b in kept]
+    assert listed_folders(root) == [str(b) for b in kept]
     assert all(f"keep      {b}: one of the newest 2" in done.stdout for b in kept), done.stdout
     cutoff = five.infos[3].start_wal
-    remaining = sorted(p.name for p in five.archive.iterdir())
+    remaining = sorted(p.name for p in archive.iterdir())
     assert remaining == expected_after(five.wal_names, cutoff)
     gone = sorted(set(five.wal_names) - set(remaining))
     assert gone, "WAL older than the oldest kept backup was removed"
     assert would_remove == gone, "the dry run printed exactly the WAL the real run removed"
     assert f"keeping from {cutoff}" in done.stdout
     # Both kept backups still restore from what is left of the archive, with the rows committed before them.
-    for i, backup in zip((3, 4), kept, strict=True):
-        give_to_server_user(backup)
-        rows = (i + 1) * ROWS
-        report = check_backup(
-            backup,
-            five.archive,
-            manifest=False,
-            invariant_sql=f"SELECT count(*) = {rows}, format('ledger: %s rows', count(*)) FROM ledger",
-            work_dir=tmp_root,
-        )
-        assert report.ok, report.summary()
-        assert report.step("restore check").status == PASS, report.summary()
+    for backup in kept:
+        assert_restores(five, backup, archive, tmp_root)
 
 
 def test_the_newest_verified_backup_is_kept_even_when_not_among_the_newest(five, tmp_root):
@@ -218,13 +242,13 @@ def test_nothing_is_removed_without_a_complete_backup_to_keep(five, tmp_root):
     done = retention_cli(str(root), "--keep-last", "1", "--wal-archive", str(archive))
 
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "no complete backup" in done.stderr
+    assert "no backup that proves itself" in done.stderr
     assert listing(root, archive) == before
-    # A plan made over every listed backup, the newest incomplete: carrying it out still removes nothing.
+    # A plan whose kept backup is incomplete and deletes a proven one: carrying it out removes nothing.
     (folders[0] / LABEL_NAME).write_text(five.labels[0])
-    plan = plan_retention(list_backups(root), keep_last=1)
-    assert [e.folder for e in plan.keep] == [folders[4]]
-    with pytest.raises(RetentionRefused, match="no complete backup"):
+    entries = {e.name: e for e in list_backups(root)}
+    plan = RetentionPlan([entries[str(folders[4])]], [entries[str(folders[0])]], five.infos[4].start_wal, {})
+    with pytest.raises(RetentionRefused, match="no backup that proves itself"):
         carry_out_retention(plan, wal_archive=archive, dry_run=False, log=print)
     assert listing(root, archive) == {**before, **listing(folders[0])}
 
@@ -232,9 +256,7 @@ def test_nothing_is_removed_without_a_complete_backup_to_keep(five, tmp_root):
 def test_a_root_holding_two_clusters_backups_is_refused(five, tmp_root):
     root = tmp_root / "backups"
     folders = catalog_only(five, root)
-    other = read_info(folders[2])
-    other.system_identifier = "7000000000000000001"
-    write_info(folders[2], other)
+    reforge_backup(folders[2], system_identifier=7000000000000000001)  # its pg_control and manifest say so
     before = listing(root)
 
     done = retention_cli(str(root), "--keep-last", "1")
@@ -271,7 +293,7 @@ def test_keep_days_through_the_operator_dry_run_changes_nothing(five, tmp_root):
         task_id="retention", root=str(root), wal_archive=str(archive), keep_days=0, dry_run=True
     )
 
-    xcom = op.run_retention(str(root), str(archive), None, 0.0, now=five.infos[3].stopped)
+    xcom = op.run_retention(str(root), str(archive), None, 0.0, now=prove_backup(folders[3]).start_time)
 
     assert listing(root, archive) == before
     assert xcom["dry_run"]
@@ -297,16 +319,21 @@ def test_nothing_goes_when_a_folder_to_delete_holds_the_wal_archive(five, tmp_ro
     assert listing(root) == before
 
 
-def test_backups_stopped_at_the_same_time_are_ordered_by_stop_lsn_as_a_number(five):
-    """0/A000000 is before 0/10000000, though not as text."""
-    same = five.infos[0].stop_time
-    early = CatalogEntry(Path("/early"), replace(five.infos[0], stop_time=same, stop_lsn="0/A000000"))
-    late = CatalogEntry(Path("/late"), replace(five.infos[1], stop_time=same, stop_lsn="0/10000000"))
+def test_a_store_that_ran_late_does_not_make_an_older_backup_the_newest(five, tmp_root):
+    """Item 7: b3's entry says it stopped after b4 (a cleared, retried store task): --keep-last 1 keeps b4,
+    the newest in WAL; the order is by proven stop LSN (as a number: 0/A000000 is before 0/10000000)."""
+    root, archive, folders = real_copy(five, tmp_root)
+    late = read_info(folders[3])
+    late.stop_time = (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()
+    late.stop_lsn = "FF/FFFFFFFF"
+    write_info(folders[3], late)
 
-    plan = plan_retention([late, early], keep_last=1)
+    done = retention_cli(str(root), "--keep-last", "1", "--wal-archive", str(archive))
 
-    assert [e.folder for e in plan.keep] == [Path("/late")]
-    assert [e.folder for e in plan.delete] == [Path("/early")]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [f.exists() for f in folders] == [False, False, False, False, True]
+    assert f"keeping from {five.infos[4].start_wal}" in done.stdout
+    assert_restores(five, folders[4], archive, tmp_root)
 
 
 def test_a_missing_wal_archive_or_root_removes_nothing(five, tmp_root):
@@ -321,7 +348,7 @@ def test_a_missing_wal_archive_or_root_removes_nothing(five, tmp_root):
     assert listing(root) == before
     empty = retention_cli(str(tmp_root / "nothing-here"), "--keep-last", "1")
     assert empty.returncode == 1
-    assert "no backup (backup_info.json) found under" in empty.stderr
+    assert "no backup found under" in empty.stderr
 
 
 def test_retention_refuses_to_run_without_a_policy(tmp_root):
@@ -338,8 +365,8 @@ def test_the_operator_carries_retention_out_in_an_object_store(five):
         root, archive = bucket / "backups", bucket / "wal"
         for i, info in enumerate(five.infos):
             folder = root / f"b{i}"
-            (folder / LABEL_NAME).write_text(five.labels[i])
-            (folder / "global" / "pg_control").write_bytes(b"\0" * 512)
+            for name in (LABEL_NAME, "backup_manifest", "PG_VERSION", "global/pg_control"):
+                (folder / name).write_bytes((five.backups[i] / name).read_bytes())  # what proves it
             write_info(folder, info)
         (root / "b0_tablespaces" / "16384" / "PG_VERSION").write_text("15\n")
         for name in [*five.wal_names, HISTORY]:
@@ -350,8 +377,8 @@ def test_the_operator_carries_retention_out_in_an_object_store(five):
 
         xcom = op.run_retention(str(root), str(archive), 2, None)
 
-        assert sorted(p.name for p in root.iterdir()) == ["b3", "b4"]
-        assert (root / "b3" / INFO_NAME).exists()
+        assert sorted(p.name for p in root.iterdir()) == ["b3", "b3" + ENTRY, "b4", "b4" + ENTRY]
+        assert not (root / "b3" / INFO_NAME).exists()
         cutoff = five.infos[3].start_wal
         remaining = sorted(p.name for p in archive.iterdir())
         assert remaining == expected_after([*five.wal_names, HISTORY], cutoff)
@@ -391,3 +418,145 @@ def test_a_bad_rendered_parameter_fails_the_task_naming_it(tmp_root):
     op.keep_days = "None"  # an unset param: neither keep_last nor keep_days
     with pytest.raises(AirflowFailException, match="keep_last and/or keep_days"):
         op.execute({})
+
+
+def planted(root: Path, name: str, label: str, **crafted: object) -> Path:
+    """A folder under ``root`` that is no backup: a file named backup_label and a crafted catalog entry
+    (inside, as an earlier release stored it, and beside)."""
+    folder = root / name
+    folder.mkdir()
+    (folder / LABEL_NAME).write_text(label)
+    entry = json.dumps(
+        {
+            "label": "planted",
+            "start_lsn": "FF/FF000028",
+            "stop_lsn": "FF/FFFFFFFF",
+            "timeline": 1,
+            "start_wal": "00000001000000FF000000FF",
+            "stop_wal": "00000001000000FF000000FF",
+            "start_time": None,
+            "stop_time": (datetime.now(timezone.utc) + timedelta(days=365)).isoformat(),
+            "system_identifier": None,
+            "verifications": [{"ok": True, "at": datetime.now(timezone.utc).isoformat()}],
+            **crafted,
+        }
+    )
+    (folder / INFO_NAME).write_text(entry)
+    entry_path(folder).write_text(entry)
+    return folder
+
+
+def test_a_planted_folder_with_a_crafted_entry_deletes_no_proven_backup_and_no_needed_wal(five, tmp_root):
+    """Item 2: a newer stop_time, a forward start_wal, no system identifier, a passed check and any
+    backup_label (one of them even a real backup's label) change nothing: the run is the one without them."""
+    root, archive, folders = real_copy(five, tmp_root)
+    craft = [planted(root, "zz", "anything"), planted(root, "zzz", five.labels[4])]
+    (craft[1] / "PG_VERSION").write_text("15\n")
+    args = [str(root), "--keep-last", "1", "--wal-archive", str(archive)]
+
+    done = retention_cli(*args)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [f.exists() for f in folders] == [False, False, False, False, True]
+    assert all(f.exists() for f in craft), "never deleted automatically"
+    assert f"keep      {folders[4]}: one of the newest 1" in done.stdout
+    assert f"skip      {craft[0]}: incomplete: " in done.stdout, done.stdout
+    assert f"skip      {craft[1]}: UNVERIFIABLE: no backup_manifest" in done.stdout, done.stdout
+    cutoff = five.infos[4].start_wal
+    assert f"keeping from {cutoff}" in done.stdout
+    assert sorted(p.name for p in archive.iterdir()) == expected_after(five.wal_names, cutoff)
+    again = retention_cli(*args)
+    assert again.returncode == 0 and "deleted" not in again.stdout, again.stdout + again.stderr
+    assert_restores(five, folders[4], archive, tmp_root)
+
+
+def test_a_linked_folder_under_the_root_is_named_and_never_followed(five, tmp_root):
+    """Item 8: a link to a real backup outside ROOT: named as unverifiable; nothing outside is touched, and
+    the next run still works."""
+    root, archive, folders = real_copy(five, tmp_root)
+    outside = linked_copy(five.backups[0], tmp_root / "elsewhere")
+    shutil.copy2(entry_path(five.backups[0]), entry_path(outside))
+    (root / "b9").symlink_to(outside)
+    before = listing(outside)
+
+    for _ in range(2):
+        done = retention_cli(str(root), "--keep-last", "2", "--wal-archive", str(archive))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"skip      {root / 'b9'}: UNVERIFIABLE: a link to {outside}: never followed" in done.stdout
+
+    assert listing(outside) == before
+    assert (root / "b9").is_symlink()
+    assert [f.exists() for f in folders] == [False, False, False, True, True]
+    assert (
+        f"{root / 'b9'}: UNVERIFIABLE: a link to"
+        in subprocess.run(
+            [sys.executable, "-m", "pg_safe_backup", "list", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )
+    for backup in folders[3:]:
+        assert_restores(five, backup, archive, tmp_root)
+
+
+def test_a_malformed_catalog_entry_stops_nothing_and_its_backup_is_still_counted(five, tmp_root):
+    """Item 9: the newest backup's entry has a naive stop_time, another's is not JSON: both backups prove
+    themselves from disk and are counted as any other."""
+    root, archive, folders = real_copy(five, tmp_root)
+    naive = json.loads(entry_path(folders[4]).read_text())
+    naive["stop_time"] = "2026-11-26 06:00:00"
+    entry_path(folders[4]).write_text(json.dumps(naive))
+    entry_path(folders[0]).write_text("{not json")
+
+    done = retention_cli(str(root), "--keep-last", "2", "--wal-archive", str(archive))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [f.exists() for f in folders] == [False, False, False, True, True]
+    assert f"keep      {folders[4]}: one of the newest 2" in done.stdout
+    for backup in folders[3:]:
+        assert_restores(five, backup, archive, tmp_root)
+
+
+def test_a_passed_check_counts_only_for_the_manifest_it_was_of(five, tmp_root):
+    """A verification record without the proven manifest's checksum (an earlier release's, or crafted) is
+    no reason to keep a backup."""
+    root = tmp_root / "backups"
+    folders = catalog_only(five, root)
+    info = read_info(folders[1])
+    info.verifications.append({"ok": True, "at": datetime.now(timezone.utc).isoformat()})
+    write_info(folders[1], info)
+    append_verification(folders[2], {"ok": True})
+    info = read_info(folders[2])
+    assert info.verifications[-1]["manifest_checksum"] == five.infos[2].manifest_checksum
+
+    plan = plan_root(root, keep_last=1, keep_days=None)
+
+    assert plan.reasons[str(folders[2])] == ["the newest verified backup"]
+    assert str(folders[1]) not in plan.reasons
+
+
+def test_with_the_live_cluster_backups_it_disowns_are_left_alone(five, tmp_root):
+    """Optional check (--dsn / postgres_conn_id): a self-consistent crafted backup ending beyond the
+    server's WAL, or a backup of another cluster, is never counted: without it the crafted one would be
+    "the newest" and b4 would go."""
+    root, archive, folders = real_copy(five, tmp_root)
+    future = linked_copy(five.backups[0], root / "future")
+    reforge_backup(future, stop_lsn="FF/0")
+    args = [str(root), "--keep-last", "1", "--wal-archive", str(archive)]
+    assert f"would delete {folders[4]}" in retention_cli(*args, "--dry-run").stdout  # what --dsn prevents
+
+    done = retention_cli(*args, "--dsn", five.dsn)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"skip      {future}: UNVERIFIABLE: its stop LSN FF/0 is beyond the server's" in done.stdout
+    assert [f.exists() for f in folders] == [False, False, False, False, True] and future.exists()
+    other = linked_copy(five.backups[4], root / "other")
+    reforge_backup(other, system_identifier=7000000000000000001)
+    op = PostgresBackupRetentionOperator(task_id="r", root=str(root), keep_last=1, postgres_conn_id=CONN_ID)
+    xcom = op.run_retention(str(root), str(archive), 1, None)
+    assert xcom["skipped"][str(other)].startswith("UNVERIFIABLE: of another cluster (7000000000000000001;")
+    assert list(xcom["kept"]) == [str(folders[4])] and xcom["deleted"] == []
+    refused = retention_cli(*args, "--dsn", "host=/nonexistent port=1")
+    assert refused.returncode == 1 and "--dsn: cannot ask the server" in refused.stderr, refused.stderr
+    assert_restores(five, folders[4], archive, tmp_root)

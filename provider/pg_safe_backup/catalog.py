@@ -1,17 +1,18 @@
-"""The backups as their destination holds them: ``backup_info.json`` beside each, a listing of a root, and
+"""The backups as their destination holds them: a catalog entry beside each, a listing of a root, and
 the retention plan.
 
-Every stored backup gets a sidecar :data:`INFO_NAME` in its top folder (never inside backup_manifest,
-which pg_verifybackup would then have to list): what the backup is (label, DAG run and attempt, the
-cluster's system identifier, PostgreSQL major, timeline, start and stop LSN and WAL file, start and stop
-time), what it holds (format, bytes, files, the manifest's checksum) and how every later check of it
-went. The destination tree is the catalog: :func:`list_backups` needs nothing else, local folder or
-object store (``ObjectStoragePath``).
+Every stored backup gets a catalog entry ``<folder>.backup_info.json`` BESIDE its top folder (never inside
+it: the bare ``pg_verifybackup BACKUP`` would report a file the manifest does not list): what the backup
+is (label, DAG run and attempt, system identifier, PostgreSQL major, start and stop LSN, times), what it
+holds (format, bytes, files, the manifest's checksum) and how every later check of it went. A backup of
+an earlier release keeps it inside its folder as ``backup_info.json``: it is read there too, and moved
+beside the folder when a check is recorded.
 
-:func:`plan_retention` is a pure function over that listing: which backups to keep and delete, and the
-first WAL file of the archive to keep (pg_archivecleanup's cut-off); :func:`wal_to_remove` applies the
-cut-off to a list of archive file names. Nothing here deletes: the retention operator and the CLI carry
-a plan out.
+The entry is a cache, never the authority: :func:`list_backups` finds backups by what is on disk and
+proves each one from its own label and manifest (:mod:`pg_safe_backup.proof`); ordering, retention
+(:func:`plan_retention`), ``--latest-before`` and the drill (:func:`choose_backup`) decide from the proof.
+A malformed entry is named, never fatal. Nothing here deletes: the retention operator and the CLI carry a
+plan out.
 
 Nothing of Airflow is imported: the ``pg-safe-backup`` command uses this module on a machine with only
 the backups.
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.layout import BACKUP_INFO
 from pg_safe_backup.files.manifest import write_atomically
+from pg_safe_backup.proof import LABEL_NAME, MANIFEST_NAME, Proof, label_start_time, prove_backup
 from pg_safe_backup.state import (
     backup_start,
     format_lsn,
@@ -40,12 +43,14 @@ from pg_safe_backup.state import (
     wal_segment_name,
 )
 
-#: The sidecar in a backup's top folder.
+#: The catalog entry of an earlier release, inside a backup's top folder (still read; moved on a write).
 INFO_NAME = BACKUP_INFO
-#: What pg_backup_stop returned, stored in the backup's top folder: a backup without it is incomplete.
-LABEL_NAME = "backup_label"
-#: Written first, then renamed to INFO_NAME (local folders).
+#: The catalog entry beside a backup's top folder: ``<folder name>.backup_info.json``.
+ENTRY_SUFFIX = "." + BACKUP_INFO
+#: Written first, then renamed to INFO_NAME (the earlier release's local folders; a restore skips it).
 INFO_TMP = "backup_info.json.tmp"
+#: What marks a folder as a backup on disk (a tar backup's base.tar has a compression suffix or none).
+BACKUP_MARKS = (LABEL_NAME, MANIFEST_NAME, INFO_NAME)
 #: The version of backup_info.json's layout; a reader refuses a newer one.
 INFO_VERSION = 1
 #: The WAL segment size when none is known (PostgreSQL's default).
@@ -55,8 +60,10 @@ MAX_DEPTH = 4
 #: A WAL segment, or a partial one, as archived, with an optional compression suffix (pg_archivecleanup's
 #: IsXLogFileName / IsPartialXLogFileName, plus what archive_command may add).
 _WAL_FILE = re.compile(r"^([0-9A-F]{24})(\.partial)?(\.(?:gz|zst|lz4|bz2|xz|br))?$")
-#: backup_label's START TIME: '2026-11-26 06:14:54 UTC'.
-_LABEL_TIME = "%Y-%m-%d %H:%M:%S %Z"
+
+
+#: The JSON type of each of BackupInfo's field types (checked when read).
+_TYPES: dict[str, type] = {"str": str, "int": int, "bool": bool}
 
 
 class CatalogError(ValueError):
@@ -115,8 +122,17 @@ class BackupInfo:
 
     @property
     def stopped(self) -> datetime:
-        """``stop_time`` as a datetime."""
-        return datetime.fromisoformat(self.stop_time)
+        """``stop_time`` as an aware datetime.
+
+        :raises CatalogError: it is not an ISO 8601 time with a zone.
+        """
+        try:
+            when = datetime.fromisoformat(self.stop_time)
+        except (TypeError, ValueError):
+            raise CatalogError(f"stop_time {self.stop_time!r} is not an ISO 8601 time") from None
+        if when.tzinfo is None:
+            raise CatalogError(f"stop_time {self.stop_time!r} has no time zone")
+        return when
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode("utf-8")
@@ -135,30 +151,41 @@ class BackupInfo:
             raise CatalogError(f"{where} is not JSON: {err}") from err
         if not isinstance(data, dict):
             raise CatalogError(f"{where} is not a JSON object")
-        if int(data.get("version", 0)) > INFO_VERSION:
+        if not isinstance(data.get("version", 0), int):
+            raise CatalogError(f"{where}: version is {data['version']!r}, not a number")
+        if data.get("version", 0) > INFO_VERSION:
             raise CatalogError(
                 f"{where} has version {data['version']}, newer than this pg-safe-backup reads"
                 f" ({INFO_VERSION})"
             )
         known = {f.name for f in fields(cls)}
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
+            info = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:
             raise CatalogError(f"{where} lacks a field: {err}") from err
+        for f in fields(cls):  # a crafted or damaged type is named here, never a crash further on
+            value, kind = getattr(info, f.name), str(f.type)
+            wanted = _TYPES.get(kind.removesuffix(" | None"))
+            if value is None and kind.endswith(" | None"):
+                continue
+            if wanted and (not isinstance(value, wanted) or (wanted is int and isinstance(value, bool))):
+                raise CatalogError(f"{where}: {f.name} is {value!r}, not {kind}")
+        if not isinstance(info.verifications, list) or not all(
+            isinstance(v, dict) for v in info.verifications
+        ):
+            raise CatalogError(f"{where}: verifications is not a list of objects")
+        try:
+            info.stopped  # noqa: B018 - a naive or unparsable time is named here, not deep in a listing
+        except CatalogError as err:
+            raise CatalogError(f"{where}: {err}") from None
+        return info
 
 
 def label_time(backup_label: str) -> str | None:
-    """The label's START TIME as ISO 8601 UTC, or None when it has none or another zone than UTC/GMT."""
-    text = parse_backup_label(backup_label).get("START TIME")
-    if not text:
-        return None
-    try:
-        parsed = datetime.strptime(text, _LABEL_TIME)
-    except ValueError:
-        return None
-    if not text.endswith(("UTC", "GMT")):
-        return None  # the server's log_timezone: an offset we cannot know from its abbreviation
-    return parsed.replace(tzinfo=timezone.utc).isoformat()
+    """The label's START TIME as ISO 8601 UTC, or None when it has none or a zone named only by an
+    abbreviation (:func:`~pg_safe_backup.proof.label_start_time`)."""
+    when = label_start_time(parse_backup_label(backup_label).get("START TIME"))
+    return when.astimezone(timezone.utc).isoformat() if when else None
 
 
 def info_for_backup(
@@ -206,101 +233,238 @@ def info_for_backup(
     )
 
 
+def entry_path(folder: Folder) -> Folder:
+    """Where the catalog entry of the backup in ``folder`` lives: ``<folder name>.backup_info.json`` beside
+    it (local or object store).
+
+    :param folder: the backup's top folder.
+    """
+    return folder.parent / f"{folder.name}{ENTRY_SUFFIX}"
+
+
+def has_info(folder: Folder) -> bool:
+    """Whether the backup in ``folder`` has a catalog entry (beside it, or inside it as before).
+
+    :param folder: the backup's top folder.
+    """
+    return entry_path(folder).exists() or (folder / INFO_NAME).exists()
+
+
 def write_info(folder: Folder, info: BackupInfo) -> str:
-    """Write ``folder/backup_info.json``: a local one through a temporary file, synced and renamed (a
-    reader sees the old or the whole new file); an object in one put, which is atomic.
+    """Write the catalog entry of the backup in ``folder``, beside it: a local one through a temporary
+    file, synced and renamed, the parent folder synced (a reader sees the old or the whole new file); an
+    object in one put, which is atomic. An entry of an earlier release inside ``folder`` is then removed:
+    the bare ``pg_verifybackup`` passes on the backup from then on.
 
     :param folder: the backup's top folder.
     :param info: what to write.
     :returns: where it was written.
     """
-    target = folder / INFO_NAME
+    target = entry_path(folder)
     if is_local_path(folder):
-        write_atomically(target, info.to_json(), INFO_TMP)
+        write_atomically(Path(target), info.to_json(), f".{target.name}.tmp")
     else:
         target.write_bytes(info.to_json())
+    legacy = folder / INFO_NAME
+    if legacy.exists():
+        # Only after the new entry is durable; a removal a crash undoes leaves a stale copy that
+        # read_info never prefers, and the next write removes it again.
+        legacy.unlink()
     return str(target)
 
 
 def read_info(folder: Folder) -> BackupInfo:
-    """The backup_info.json of the backup in ``folder``.
+    """The catalog entry of the backup in ``folder``: beside it, else inside it (an earlier release's).
 
     :raises CatalogError: there is none, or it cannot be read.
     """
-    target = folder / INFO_NAME
-    if not target.exists():
-        raise CatalogError(f"{folder} has no {INFO_NAME}: not a backup stored by pg-safe-backup")
-    return BackupInfo.from_json(target.read_text(), str(target))
+    for target in (entry_path(folder), folder / INFO_NAME):
+        if target.exists():
+            try:
+                text = target.read_text()
+            except (OSError, UnicodeDecodeError) as err:
+                raise CatalogError(f"cannot read {target}: {err}") from err
+            return BackupInfo.from_json(text, str(target))
+    raise CatalogError(
+        f"{folder} has no catalog entry ({entry_path(folder).name} beside it): not a backup stored by"
+        " pg-safe-backup"
+    )
 
 
 def append_verification(folder: Folder, record: dict[str, Any]) -> BackupInfo:
-    """Add the result of a check of the backup in ``folder`` to its backup_info.json.
+    """Add the result of a check of the backup in ``folder`` to its catalog entry, with the manifest
+    checksum the backup proves now: "the newest verified" honours a record only for that manifest.
 
     :param folder: the backup's top folder.
     :param record: JSON-able: at least ``ok`` (bool); ``at`` (ISO UTC) is added when missing.
     :returns: the updated info.
-    :raises CatalogError: the backup has no backup_info.json.
+    :raises CatalogError: the backup has no catalog entry.
     """
     info = read_info(folder)
-    info.verifications.append({"at": datetime.now(timezone.utc).isoformat(), **record})
+    proof = prove_backup(folder)
+    info.verifications.append(
+        {
+            "at": datetime.now(timezone.utc).isoformat(),
+            "manifest_checksum": proof.manifest_checksum,
+            **record,
+        }
+    )
     write_info(folder, info)
     return info
 
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """A backup found under a root: its folder and its info."""
+    """A backup found under a root: its folder, what it proves (:func:`~pg_safe_backup.proof.prove_backup`)
+    and its catalog entry when it has a readable one (``info_error`` says why not)."""
 
     folder: Any  # Path or ObjectStoragePath
-    info: BackupInfo
+    info: BackupInfo | None
+    proof: Proof = field(default_factory=lambda: Proof(ok=False, why="not proven"))
+    info_error: str | None = None
 
     @property
     def name(self) -> str:
         return str(self.folder)
 
+    @property
+    def verified(self) -> bool:
+        """Its newest check passed AND was of the manifest it proves now (a record of another manifest, or
+        one without a checksum, proves nothing about this one)."""
+        if not self.proof.ok or self.info is None or not self.info.verifications:
+            return False
+        last = self.info.verifications[-1]
+        return bool(last.get("ok")) and last.get("manifest_checksum") == self.proof.manifest_checksum
+
+    @property
+    def failed(self) -> bool:
+        """Its newest check failed."""
+        return bool(self.info and self.info.verifications and not self.info.verifications[-1].get("ok"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON for ``list --json``: folder, status, proof, info (or its error)."""
+        return {
+            "folder": self.name,
+            "status": self.proof.status,
+            "verified": _verified(self),
+            "proof": self.proof.as_dict(),
+            "info": asdict(self.info) if self.info else None,
+            "info_error": self.info_error,
+        }
+
+
+def _is_link(place: Any) -> bool:
+    """A local symbolic link (an object store has none)."""
+    return is_local_path(place) and Path(place).is_symlink()
+
+
+def _odd_name(name: str) -> bool:
+    """A name no backup has: empty, ``.``, ``..`` or holding a separator (an object key can)."""
+    return name in ("", ".", "..") or "/" in name or "\\" in name
+
+
+def _looks_like_backup(names: set[str]) -> bool:
+    return bool(names & set(BACKUP_MARKS)) or any(n.startswith("base.tar") for n in names)
+
 
 def list_backups(root: Folder, max_depth: int = MAX_DEPTH) -> list[CatalogEntry]:
-    """Every backup under ``root`` (a folder holding backup_info.json, ``root`` itself included), oldest
-    first (by stop time). A folder holding one is not searched further, nor a data directory.
+    """Every backup under ``root`` (``root`` itself included), found by what is on disk: a folder holding
+    backup_label, backup_manifest, base.tar* or a catalog entry, or with a catalog entry beside it. Each is
+    proven from its own files; its catalog entry is read when it has one, and a malformed one is named in
+    ``info_error``, never fatal. A symbolic link is never followed: it is listed as unverifiable. A catalog
+    entry whose folder is gone is listed as incomplete. A backup's folder is not searched further, nor a
+    data directory.
+
+    Order: unproven first (by name), then proven by stop LSN and timeline (what the backup proves, never a
+    clock in the JSON).
 
     :param root: a local folder or an ObjectStoragePath.
     :param max_depth: folders below ``root`` to search.
-    :raises CatalogError: a backup_info.json cannot be read (named).
     """
     found: list[CatalogEntry] = []
 
-    def visit(folder: Folder, depth: int) -> None:
-        info = folder / INFO_NAME
-        if info.exists():  # one look (a request, in an object store), then the read
-            found.append(CatalogEntry(folder, BackupInfo.from_json(info.read_text(), str(info))))
-            return
-        if depth >= max_depth or (folder / "PG_VERSION").exists():
-            return
-        for child in sorted(folder.iterdir(), key=lambda c: c.name):
-            if child.is_dir():
-                visit(child, depth + 1)
+    def backup(folder: Folder) -> None:
+        info, error = None, None
+        if has_info(folder):
+            try:
+                info = read_info(folder)
+            except CatalogError as err:
+                error = " ".join(str(err).split())
+        found.append(CatalogEntry(folder, info, prove_backup(folder), error))
 
-    if root.exists():
-        visit(root, 0)
-    found.sort(key=_age)
+    def visit(folder: Folder, depth: int) -> None:
+        children = sorted(folder.iterdir(), key=lambda c: c.name)
+        names = {c.name for c in children}
+        folders = set()
+        for child in children:
+            if _odd_name(child.name):
+                continue
+            if _is_link(child):
+                if child.is_dir():
+                    target = os.readlink(child)
+                    found.append(
+                        CatalogEntry(child, None, Proof(ok=False, why=f"a link to {target}: never followed"))
+                    )
+                continue
+            if not child.is_dir():
+                continue
+            folders.add(child.name)
+            try:
+                inside = {c.name for c in child.iterdir()}
+            except OSError as err:  # one unreadable folder is named, never the end of the listing
+                why = f"cannot read it: {' '.join(str(err).split())}"
+                found.append(CatalogEntry(child, None, Proof(ok=False, why=why)))
+                continue
+            if _looks_like_backup(inside) or f"{child.name}{ENTRY_SUFFIX}" in names:
+                backup(child)
+            elif depth + 1 < max_depth and "PG_VERSION" not in inside:
+                visit(child, depth + 1)
+        for name in sorted(names):
+            if name.endswith(ENTRY_SUFFIX) and name[: -len(ENTRY_SUFFIX)] not in folders:
+                gone = name[: -len(ENTRY_SUFFIX)]
+                if gone and not _odd_name(gone) and not _is_link(folder / gone):
+                    found.append(
+                        CatalogEntry(
+                            folder / gone,
+                            None,
+                            Proof(
+                                ok=False, why=f"a catalog entry ({name}) without its backup", incomplete=True
+                            ),
+                        )
+                    )
+
+    if root.exists() and root.is_dir():
+        if _looks_like_backup({c.name for c in root.iterdir()}) or entry_path(root).exists():
+            backup(root)
+        elif max_depth > 0:
+            visit(root, 0)
+    found.sort(key=_order)
     return found
 
 
-def _age(entry: CatalogEntry) -> tuple[datetime, int]:
-    """Oldest first: by stop time, then by stop LSN as a number (as text, 0/A000000 sorts after
-    0/10000000)."""
-    return entry.info.stopped, parse_lsn(entry.info.stop_lsn)
+def _order(entry: CatalogEntry) -> tuple[tuple[int, int], str]:
+    """Unproven first, then by the proven stop LSN (as a number: as text, 0/A000000 sorts after
+    0/10000000) and timeline."""
+    return entry.proof.position, entry.name
+
+
+def proven(entries: Sequence[CatalogEntry]) -> list[CatalogEntry]:
+    """The entries that prove themselves, oldest first (by stop LSN and timeline).
+
+    :param entries: :func:`list_backups` of a root.
+    """
+    return sorted((e for e in entries if e.proof.ok), key=_order)
 
 
 def one_cluster(entries: Sequence[CatalogEntry], root: Any) -> None:
-    """Refuse a root that holds backups of more than one cluster: "the newest", a retention policy and a
-    WAL cut-off are each a cluster's own (another cluster's backup would be restored, or kept instead).
+    """Refuse a root that holds backups of more than one cluster, as their own files prove them: "the
+    newest", a retention policy and a WAL cut-off are each a cluster's own.
 
     :param entries: :func:`list_backups` of ``root``.
     :param root: what to name in the error.
-    :raises CatalogError: more than one system identifier among ``entries``.
+    :raises CatalogError: more than one proven system identifier among ``entries``.
     """
-    clusters = sorted({e.info.system_identifier for e in entries if e.info.system_identifier})
+    clusters = sorted({e.proof.system_identifier for e in proven(entries) if e.proof.system_identifier})
     if len(clusters) > 1:
         raise CatalogError(
             f"{root} holds backups of {len(clusters)} clusters (system identifiers {', '.join(clusters)}):"
@@ -308,14 +472,26 @@ def one_cluster(entries: Sequence[CatalogEntry], root: Any) -> None:
         )
 
 
-def is_complete(folder: Folder) -> bool:
-    """Whether the backup in ``folder`` can be restored as far as the catalog can tell: it has its
-    backup_info.json AND its backup_label (without the label, recovery would start from the copy's
-    pg_control checkpoint, not the backup's start: a restore and the checks refuse it).
+def against_server(
+    entries: Sequence[CatalogEntry], system_identifier: str, wal_position: int
+) -> list[CatalogEntry]:
+    """``entries`` with those the live cluster disowns made unverifiable: a backup proving another system
+    identifier, or a stop LSN beyond the cluster's current WAL position (no backup of it can end where its
+    WAL has not been yet: a crafted or foreign one).
 
-    :param folder: the backup's top folder, local or an ObjectStoragePath.
+    :param entries: :func:`list_backups` of a root.
+    :param system_identifier: the live cluster's.
+    :param wal_position: its current WAL position (an integer LSN).
     """
-    return (folder / INFO_NAME).exists() and (folder / LABEL_NAME).exists()
+    checked = []
+    for e in entries:
+        p, why = e.proof, None
+        if p.ok and p.system_identifier and p.system_identifier != system_identifier:
+            why = f"of another cluster ({p.system_identifier}; the server is {system_identifier})"
+        elif p.ok and p.position[0] > wal_position:
+            why = f"its stop LSN {p.stop_lsn} is beyond the server's current WAL position"
+        checked.append(replace(e, proof=replace(p, ok=False, why=why)) if why else e)
+    return checked
 
 
 @dataclass(frozen=True)
@@ -324,13 +500,13 @@ class RetentionPlan:
 
     keep: list[CatalogEntry]
     delete: list[CatalogEntry]
-    #: The first WAL file to keep (the oldest kept backup's START WAL file); None: remove no WAL.
+    #: The first WAL file to keep (the oldest kept backup's proven START WAL file); None: remove no WAL.
     wal_cutoff: str | None
     #: Why each kept backup is kept: folder -> reasons.
     reasons: dict[str, list[str]]
     #: What is kept, in words ("the newest 2 and those within 7 days"): why the others go.
     policy: str = ""
-    #: Backups neither kept nor deleted, left for a person to look at: folder -> why.
+    #: Backups neither kept nor deleted nor counted (unverifiable, incomplete), for a person: folder -> why.
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -341,14 +517,19 @@ def plan_retention(
     keep_days: float | None = None,
     now: datetime | None = None,
 ) -> RetentionPlan:
-    """Which backups to keep: the newest ``keep_last`` and/or those stopped within ``keep_days`` days,
-    and always the newest verified one (the newest one, if none was ever verified): at least one complete
-    backup stays. The rest go, and the WAL archive keeps files from the oldest kept backup's START WAL
-    file on (pg_archivecleanup's rule). With no backup at all, nothing goes.
+    """Which backups to keep, among those that prove themselves: the newest ``keep_last`` (by proven stop
+    LSN and timeline) and/or those whose label's START TIME is within ``keep_days`` days (an unknown age
+    is kept), and always the newest verified one (a passed check recorded for the manifest it proves; the
+    newest one if none): at least one proven backup stays. The other proven ones go, and the WAL archive
+    keeps files from the oldest kept backup's proven START WAL file on (pg_archivecleanup's rule).
+
+    Unverifiable and incomplete backups are never counted, kept, deleted, nor move the cut-off: they are
+    in ``skipped``, named. Two folders proving the same backup (same start and stop) are both skipped:
+    a copy must not stand in for the backup. With no proven backup, nothing goes.
 
     :param entries: :func:`list_backups` of the root.
     :param keep_last: how many of the newest to keep (None: not by count).
-    :param keep_days: keep those stopped within this many days of ``now`` (None: not by age).
+    :param keep_days: keep those started within this many days of ``now`` (None: not by age).
     :param now: the time to count days from (default: now; a test may fix it).
     :raises ValueError: neither ``keep_last`` nor ``keep_days`` is given, or one is negative.
     """
@@ -359,7 +540,17 @@ def plan_retention(
     if keep_days is not None and keep_days < 0:
         raise ValueError(f"keep_days must not be negative, got {keep_days}")
     now = now or datetime.now(timezone.utc)
-    ordered = sorted(entries, key=_age)
+    skipped = {e.name: _why_skipped(e) for e in entries if not e.proof.ok}
+    twins: dict[tuple[Any, ...], list[CatalogEntry]] = {}
+    for e in proven(entries):
+        twins.setdefault(
+            (e.proof.start_lsn, e.proof.start_tli, e.proof.stop_lsn, e.proof.stop_tli), []
+        ).append(e)
+    for same in (group for group in twins.values() if len(group) > 1):
+        for e in same:
+            others = ", ".join(o.name for o in same if o is not e)
+            skipped[e.name] = f"UNVERIFIABLE: proves the same backup as {others}; left alone, check by hand"
+    ordered = [e for e in proven(entries) if e.name not in skipped]
     reasons: dict[str, list[str]] = {}
     if keep_last is not None:
         for entry in ordered[-keep_last:]:
@@ -367,20 +558,28 @@ def plan_retention(
     if keep_days is not None:
         since = now - timedelta(days=keep_days)
         for entry in ordered:
-            if entry.info.stopped >= since:
+            if entry.proof.start_time is None:
+                reasons.setdefault(entry.name, []).append(
+                    "age unknown (its label's START TIME has no offset)"
+                )
+            elif entry.proof.start_time >= since:
                 reasons.setdefault(entry.name, []).append(f"within {keep_days:g} days")
-    verified = [e for e in ordered if e.info.verified]
+    verified = [e for e in ordered if e.verified]
     if verified:
         reasons.setdefault(verified[-1].name, []).append("the newest verified backup")
     elif ordered:
         reasons.setdefault(ordered[-1].name, []).append("the newest backup (none was verified)")
     keep = [e for e in ordered if e.name in reasons]
     delete = [e for e in ordered if e.name not in reasons]
-    cutoff = min((e.info.start_wal for e in keep), key=lambda name: name[8:]) if keep else None
+    cutoff = min((str(e.proof.start_wal) for e in keep), key=lambda name: name[8:]) if keep else None
     rules = ([f"the newest {keep_last}"] if keep_last is not None else []) + (
         [f"those within {keep_days:g} days"] if keep_days is not None else []
     )
-    return RetentionPlan(keep, delete, cutoff, reasons, policy=" and ".join(rules))
+    return RetentionPlan(keep, delete, cutoff, reasons, policy=" and ".join(rules), skipped=skipped)
+
+
+def _why_skipped(entry: CatalogEntry) -> str:
+    return f"{entry.proof.status}; left alone, check or delete it by hand"
 
 
 def wal_to_remove(names: Iterable[str], cutoff: str | None) -> list[str]:
@@ -411,19 +610,68 @@ def parse_when(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The backup :func:`choose_backup` picked (None: none fits), and each newer one it passed over, why."""
+
+    picked: CatalogEntry | None
+    skipped: list[tuple[str, str]]
+
+
+def choose_backup(
+    entries: Sequence[CatalogEntry], *, before: datetime | None = None, allow_failed: bool = False
+) -> Choice:
+    """The newest backup to restore (``restore --latest-before``, the drill): by proven stop LSN and
+    timeline, passing over incomplete and unverifiable backups, and those whose newest check failed
+    (unless ``allow_failed``); with ``before``, also those that started at or after it (the label's START
+    TIME) or whose catalog entry says they stopped at or after it (recovery cannot stop before the
+    backup's end, so such a choice would fail). Each one passed over is named in ``skipped``, and every
+    unproven one (it has no place in WAL to say whether it is newer).
+
+    :param entries: :func:`list_backups` of a root.
+    :param before: the restore target's time (None: the newest).
+    :param allow_failed: take a backup whose newest check failed.
+    """
+    skipped: list[tuple[str, str]] = []
+    picked = None
+    for entry in sorted(entries, key=_order, reverse=True):
+        why = _unfit(entry, before, allow_failed)
+        if why is None and picked is None:
+            picked = entry
+        elif why is not None and (picked is None or not entry.proof.ok):
+            skipped.append((entry.name, why))  # an unproven one has no place in WAL: named wherever it is
+    return Choice(picked, skipped)
+
+
+def _unfit(entry: CatalogEntry, before: datetime | None, allow_failed: bool) -> str | None:
+    """Why ``entry`` cannot be chosen, or None."""
+    if not entry.proof.ok:
+        return entry.proof.status
+    if entry.failed and not allow_failed:
+        return "its newest check FAILED (--allow-failed / allow_failed takes it)"
+    if before is None:
+        return None
+    if entry.proof.start_time is None and entry.info is None:
+        return "its label's START TIME has no UTC offset and it has no catalog entry: no time to compare"
+    if entry.proof.start_time is not None and entry.proof.start_time >= before:
+        return f"started {entry.proof.start_time.isoformat()}, not before the target"
+    # The entry's clock only narrows the choice among proven backups: a wrong pick is refused by recovery.
+    if entry.info is not None and entry.info.stopped >= before:
+        return f"stopped {entry.info.stop_time} (its catalog entry), not before the target"
+    return None
+
+
 def latest_before(entries: Sequence[CatalogEntry], when: datetime) -> CatalogEntry | None:
-    """The newest backup that stopped before ``when``: the one a point-in-time restore to ``when`` starts
-    from (recovery cannot stop before the backup's end).
+    """The newest backup fit to restore before ``when``: :func:`choose_backup`'s pick.
 
     :param entries: :func:`list_backups` of a root.
     :param when: the restore target's time.
     """
-    before = [e for e in entries if e.info.stopped < when]
-    return max(before, key=lambda e: (e.info.stopped, parse_lsn(e.info.stop_lsn)), default=None)
+    return choose_backup(entries, before=when).picked
 
 
-def _size(info: BackupInfo) -> str:
-    if info.bytes is None:
+def _size(info: BackupInfo | None) -> str:
+    if info is None or not isinstance(info.bytes, int):
         return "?"
     for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
         if info.bytes >= scale:
@@ -431,47 +679,59 @@ def _size(info: BackupInfo) -> str:
     return f"{info.bytes} B"
 
 
-def _verified(info: BackupInfo) -> str:
-    """``yes`` / ``FAILED`` (the newest check) with its time, or ``never``."""
-    if not info.verifications:
+def _verified(entry: CatalogEntry) -> str:
+    """``yes`` / ``FAILED`` (the newest check) with its time, ``never``; ``yes, of another manifest`` when
+    the passed check was not of the manifest the backup proves now."""
+    if entry.info is None or not entry.info.verifications:
         return "never"
-    last = info.verifications[-1]
-    return f"{'yes' if last.get('ok') else 'FAILED'} {str(last.get('at', ''))[:16].replace('T', ' ')}"
+    last = entry.info.verifications[-1]
+    at = str(last.get("at", ""))[:16].replace("T", " ")
+    if not last.get("ok"):
+        return f"FAILED {at}"
+    return f"yes {at}" if entry.verified else f"yes {at} (not of this manifest)"
 
 
 def format_listing(entries: Sequence[CatalogEntry]) -> str:
-    """The table ``pg-safe-backup list`` prints: a line per backup, oldest first.
+    """The table ``pg-safe-backup list`` prints: a line per backup, unproven first, then oldest first;
+    then each unproven backup's status and each unreadable catalog entry, named.
 
     :param entries: :func:`list_backups` of a root.
     """
-    head = ("stopped (UTC)", "size", "start LSN", "stop LSN", "TLI", "format", "verified", "label", "folder")
-    rows = [
-        (
-            e.info.stop_time[:19].replace("T", " "),
-            _size(e.info),
-            e.info.start_lsn,
-            e.info.stop_lsn,
-            str(e.info.timeline),
-            e.info.format + (f"+{e.info.compression}" if e.info.compression else ""),
-            _verified(e.info),
-            e.info.label,
-            e.name,
+    head = ("started", "size", "start LSN", "stop LSN", "TLI", "format", "status", "verified", "folder")
+    rows = []
+    for e in entries:
+        p = e.proof
+        rows.append(
+            (
+                p.start_time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if p.start_time else "?",
+                _size(e.info),
+                p.start_lsn or "?",
+                p.stop_lsn or "?",
+                str(p.stop_tli) if p.stop_tli is not None else "?",
+                p.format + (f"+{e.info.compression}" if e.info and e.info.compression else ""),
+                "proven" if p.ok else ("incomplete" if p.incomplete else "UNVERIFIABLE"),
+                _verified(e),
+                e.name,
+            )
         )
-        for e in entries
-    ]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [head, *rows]
     ]
-    return "\n".join(lines) + f"\n{len(rows)} backup{'s' if len(rows) != 1 else ''}"
+    notes = [f"{e.name}: {e.proof.status}" for e in entries if not e.proof.ok]
+    notes += [f"{e.name}: catalog entry ignored: {e.info_error}" for e in entries if e.info_error]
+    count = f"{len(rows)} backup{'s' if len(rows) != 1 else ''}"
+    return "\n".join([*lines, *notes, count])
 
 
-LIST_DESCRIPTION = """List the backups under ROOT (each folder holding a backup_info.json), oldest first:
-when each stopped, its size, start and stop LSN, timeline, format, and whether its newest check passed."""
+LIST_DESCRIPTION = """List the backups under ROOT (folders holding backup_label, backup_manifest or base.tar,
+or with a catalog entry beside them), unproven first, then oldest first by stop LSN: when each started,
+its size, start and stop LSN, timeline, format, whether it proves itself (proven / UNVERIFIABLE /
+incomplete, each reason named) and whether its newest check passed."""
 LIST_EPILOG = """example:
   pg-safe-backup list /backups/main
-  pg-safe-backup list /backups/main --json | jq '.[-1].info.stop_lsn'"""
+  pg-safe-backup list /backups/main --json | jq '.[-1].proof.stop_lsn'"""
 
 
 def add_list_arguments(p: argparse.ArgumentParser) -> None:
@@ -480,7 +740,9 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
     :param p: the subcommand's parser.
     """
     p.add_argument("root", type=Path, help="the folder the backups are stored under")
-    p.add_argument("--json", action="store_true", help="print JSON: a list of {folder, info}")
+    p.add_argument(
+        "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
+    )
     p.set_defaults(run=_list)
 
 
@@ -488,35 +750,37 @@ def _list(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
         return 2
-    try:
-        entries = list_backups(args.root)
-    except CatalogError as err:
-        print(f"pg-safe-backup list: {err}", file=sys.stderr)
-        return 1
+    entries = list_backups(args.root)
     if args.json:
-        print(json.dumps([{"folder": e.name, "info": asdict(e.info)} for e in entries], indent=1))
+        print(json.dumps([e.as_dict() for e in entries], indent=1))
     else:
         print(format_listing(entries))
     return 0
 
 
 __all__ = [
+    "ENTRY_SUFFIX",
     "INFO_NAME",
     "BackupInfo",
     "CatalogEntry",
     "CatalogError",
+    "Choice",
     "RetentionPlan",
     "add_list_arguments",
+    "against_server",
     "append_verification",
+    "choose_backup",
+    "entry_path",
     "format_listing",
+    "has_info",
     "info_for_backup",
-    "is_complete",
     "label_time",
     "latest_before",
     "list_backups",
     "one_cluster",
     "parse_when",
     "plan_retention",
+    "proven",
     "read_info",
     "wal_to_remove",
     "write_info",

@@ -2,7 +2,7 @@
 
 Needs only this package and PostgreSQL's binaries (nothing of Airflow is imported).
 
-``pg-safe-backup list ROOT`` lists the backups stored under ROOT (their backup_info.json), oldest first.
+``pg-safe-backup list ROOT`` lists the backups under ROOT, each proven from its own files, oldest first.
 
 ``pg-safe-backup verify BACKUP_DIR [WAL_ARCHIVE]`` runs, in order, the page-LSN check, ``pg_verifybackup``
 (when the copy has a backup_manifest) and the restore check, prints a verdict line and a line per check,

@@ -66,7 +66,7 @@ from pg_safe_backup.catalog import (
     INFO_NAME,
     INFO_TMP,
     CatalogError,
-    latest_before,
+    choose_backup,
     list_backups,
     one_cluster,
     parse_when,
@@ -956,7 +956,13 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         "--latest-before",
         type=_time_flag,
         metavar="TIME",
-        help="BACKUP is a root: use its newest backup that ended before TIME",
+        help="BACKUP is a root: use its newest backup that proves itself and ended before TIME (incomplete,"
+        " unverifiable and failed ones are passed over, each named)",
+    )
+    p.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="with --latest-before: also take a backup whose newest check FAILED",
     )
     p.add_argument(
         "--owner",
@@ -986,13 +992,21 @@ def _restore(args: argparse.Namespace) -> int:
         if args.latest_before is not None:
             entries = list_backups(backup.absolute())
             one_cluster(entries, backup)  # never another cluster's backup
-            picked = latest_before(entries, args.latest_before)
+            choice = choose_backup(entries, before=args.latest_before, allow_failed=args.allow_failed)
+            for name, why in choice.skipped:
+                print(f"skipped {name}: {why}", flush=True)
+            picked = choice.picked
             if picked is None:
                 raise RestoreError(
-                    f"--latest-before: no backup under {backup} ended before {args.latest_before.isoformat()}"
+                    f"--latest-before: no backup under {backup} that proves itself ended before"
+                    f" {args.latest_before.isoformat()}"
                 )
             backup = Path(picked.folder)
-            print(f"picked {backup} (label {picked.info.label!r}, ended {picked.info.stop_time})", flush=True)
+            print(
+                f"picked {backup} (label {picked.proof.label!r}, stop LSN {picked.proof.stop_lsn} on timeline"
+                f" {picked.proof.stop_tli})",
+                flush=True,
+            )
 
         def report(done: int, total: int) -> None:
             print(f"copied {done / 2**20:.1f} MB of {total / 2**20:.1f} MB", flush=True)

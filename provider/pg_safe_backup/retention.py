@@ -1,16 +1,21 @@
 """Retention carried out: the backups a :class:`~pg_safe_backup.catalog.RetentionPlan` lets go are deleted,
 then the WAL archive files older than the oldest kept backup's start (pg_archivecleanup's rule).
 
+Only backups that prove themselves (:mod:`pg_safe_backup.proof`: label, manifest, checksums, LSNs) are
+counted, kept or deleted; the catalog entries are a cache and decide nothing. An unverifiable or
+incomplete backup is named in every run and left alone, and never moves the WAL cut-off.
+
 One place for the ``PostgresBackupRetentionOperator`` and ``pg-safe-backup retention``. Folders are local
 ``pathlib.Path`` or anything with its API (Airflow's ``ObjectStoragePath``): nothing of Airflow is imported.
 
 The order is what keeps a crash in the middle safe:
 
-1. Nothing at all goes unless a kept backup is complete on disk (backup_info.json and backup_label),
-   checked when the plan is carried out, not only when it was made.
+1. Nothing at all goes unless a kept backup still proves itself, checked when the plan is carried out,
+   not only when it was made.
 2. Backups go first, oldest first; in each, backup_label goes first, so a half-deleted copy is never taken
    for a restorable backup (a restore and the checks refuse a copy without it); the next run names it as
-   incomplete and leaves it for a person.
+   incomplete and leaves it for a person. Its catalog entry beside it goes after its folder. Nothing is
+   deleted through a symbolic link.
 3. WAL goes last, oldest first, and only below the oldest kept backup's START WAL file: a crash anywhere
    leaves every kept backup with all of its WAL (and perhaps WAL that nothing needs any more, which the
    next run removes).
@@ -21,26 +26,28 @@ A dry run goes through the same steps, logs the same lines ("would delete") and 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from pg_safe_backup.catalog import (
-    INFO_NAME,
-    LABEL_NAME,
     CatalogError,
     RetentionPlan,
-    is_complete,
+    against_server,
+    entry_path,
     list_backups,
     one_cluster,
     plan_retention,
     wal_to_remove,
 )
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.hooks.server import ServerPosition, ServerUnreachable, server_position
+from pg_safe_backup.proof import LABEL_NAME, prove_backup
 
 #: Where the copies of a backup's tablespaces may be kept beside it (files/tablespaces.py looks there).
 TABLESPACE_SUFFIXES = ("_tablespaces", ".tablespaces")
@@ -55,8 +62,10 @@ RETENTION_EPILOG = """example:
   pg-safe-backup retention /backups/main --keep-last 7 --wal-archive /wal/main --dry-run
   pg-safe-backup retention /backups/main --keep-last 7 --keep-days 30 --wal-archive /wal/main
 
-A backup without backup_label (incomplete) is neither counted nor deleted: it is listed for a person to
-look at. Nothing is deleted when no complete backup would be kept. Exits 0 when done, 1 otherwise."""
+Only backups that prove themselves (backup_label listed with its checksum in a backup_manifest whose own
+checksum holds, WAL-Ranges agreeing with the label) are counted: an unverifiable or incomplete one is
+neither counted nor deleted, it is listed for a person to look at. Nothing is deleted when no proven
+backup would be kept. Exits 0 when done, 1 otherwise."""
 
 
 class Place(Protocol):
@@ -74,7 +83,7 @@ class Place(Protocol):
 
 
 class RetentionRefused(RuntimeError):
-    """Retention removed nothing, for the reason given (no complete backup kept, a plan at odds with the
+    """Retention removed nothing, for the reason given (no proven backup kept, a plan at odds with the
     disk)."""
 
 
@@ -109,35 +118,38 @@ class RetentionReport:
 
 
 def plan_root(
-    root: Any, *, keep_last: int | None, keep_days: float | None, now: datetime | None = None
+    root: Any,
+    *,
+    keep_last: int | None,
+    keep_days: float | None,
+    now: datetime | None = None,
+    server: ServerPosition | None = None,
 ) -> RetentionPlan:
     """The retention plan of the backups under ``root``: :func:`~pg_safe_backup.catalog.plan_retention` of
-    its complete backups; the incomplete ones are neither counted nor deleted (``skipped``).
+    what :func:`~pg_safe_backup.catalog.list_backups` finds; those that do not prove themselves are
+    neither counted nor deleted (``skipped``).
 
     :param root: a local folder or an ObjectStoragePath.
     :param keep_last: how many of the newest to keep (None: not by count).
-    :param keep_days: keep those stopped within this many days (None: not by age).
+    :param keep_days: keep those started within this many days (None: not by age).
     :param now: the time to count days from (default: now).
+    :param server: the live cluster's identity and WAL position (``--dsn``): a backup it disowns (another
+        system identifier, a stop LSN beyond its WAL) is left alone as unverifiable.
     :raises ValueError: neither ``keep_last`` nor ``keep_days``, or a bad one (named).
-    :raises CatalogError: a backup_info.json cannot be read (named).
-    :raises RetentionRefused: no backup under ``root`` (a mistyped root must not pass for an empty one).
+    :raises RetentionRefused: no backup under ``root`` (a mistyped root must not pass for an empty one),
+        or backups of several clusters.
     """
     entries = list_backups(root)
-    complete = [e for e in entries if is_complete(e.folder)]
-    plan = plan_retention(complete, keep_last=keep_last, keep_days=keep_days, now=now)  # checks keep_*
+    if server is not None:
+        entries = against_server(entries, server.system_identifier, server.wal_position)
+    plan = plan_retention(entries, keep_last=keep_last, keep_days=keep_days, now=now)  # checks keep_*
     if not entries:
-        raise RetentionRefused(f"no backup ({INFO_NAME}) found under {root}: removing nothing")
+        raise RetentionRefused(f"no backup found under {root}: removing nothing")
     try:
         one_cluster(entries, root)  # one policy and one WAL cut-off are a cluster's own
     except CatalogError as err:
         raise RetentionRefused(f"{err}; removing nothing") from err
-    counted = {e.name for e in complete}
-    skipped = {
-        e.name: f"incomplete: no {LABEL_NAME}; left alone, check or delete it by hand"
-        for e in entries
-        if e.name not in counted
-    }
-    return replace(plan, skipped=skipped)
+    return plan
 
 
 def carry_out_retention(
@@ -150,8 +162,8 @@ def carry_out_retention(
     :param wal_archive: the archive folder (local or ObjectStoragePath); None: no WAL is removed.
     :param dry_run: change nothing; log and report what would go.
     :param log: called with one line per backup kept, deleted or left alone, and for the WAL.
-    :raises RetentionRefused: no kept backup is complete, or the plan would delete a kept backup or the WAL
-        archive: nothing was removed.
+    :raises RetentionRefused: no kept backup proves itself, or the plan would delete a kept backup or the
+        WAL archive, or a backup through a link: nothing was removed.
     :raises OSError: a deletion failed (what was deleted before it is logged).
     """
     _check_plan(plan, wal_archive)
@@ -168,6 +180,8 @@ def carry_out_retention(
             for folder in folders:
                 _remove_folder(folder)
         report.deleted[entry.name] = [str(f) for f in folders]
+        if not dry_run and (info := entry_path(entry.folder)).exists():
+            info.unlink()  # after its folder: a half-deleted backup stays listed, as incomplete
         also = f" (and {', '.join(str(f) for f in folders[1:])})" if folders[1:] else ""
         log(f"{deleted:<9} {entry.name}{also}: not among {plan.policy or 'the kept'}")
     if wal_archive is None:
@@ -190,25 +204,35 @@ def carry_out_retention(
 
 
 def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
-    """Refuse a plan that would leave no complete backup, cut WAL a kept backup needs, or delete a kept
-    backup or the WAL archive (one inside a folder to delete); and an archive that is not there (a
-    mistyped one), before anything goes."""
+    """Refuse a plan that would leave no proven backup, cut WAL a kept backup needs, delete an unproven
+    backup, a kept one or the WAL archive (one inside a folder to delete), or delete through a link; and
+    an archive that is not there (a mistyped one), before anything goes. Kept backups are proven again
+    now: the disk may have changed since the plan was made."""
     if wal_archive is not None and not wal_archive.is_dir():
         raise RetentionRefused(
             f"the WAL archive {wal_archive} is not a folder: removing nothing"
             " (without --wal-archive / wal_archive, no WAL is removed)"
         )
-    if not any(is_complete(e.folder) for e in plan.keep):
+    if not any(prove_backup(e.folder).ok for e in plan.keep):
         raise RetentionRefused(
-            "no complete backup (backup_info.json and backup_label) would be kept: removing nothing"
-            + (f"; incomplete: {', '.join(plan.skipped)}" if plan.skipped else "")
+            "no backup that proves itself (backup_label and backup_manifest agreeing) would be kept:"
+            " removing nothing" + (f"; left alone: {', '.join(plan.skipped)}" if plan.skipped else "")
         )
+    unproven = [e.name for e in plan.delete if not e.proof.ok]
+    if unproven:
+        raise RetentionRefused(f"the plan deletes unproven backups ({', '.join(unproven)}): removing nothing")
+    links = [str(f) for e in plan.delete for f in (e.folder, entry_path(e.folder)) if _is_link(f)]
+    if links:
+        raise RetentionRefused(f"{', '.join(links)} is a link, never deleted through: removing nothing")
     cutoff = plan.wal_cutoff
-    if cutoff is None or any(e.info.start_wal[8:] < cutoff[8:] for e in plan.keep):
+    if cutoff is None or any(not e.proof.start_wal or e.proof.start_wal[8:] < cutoff[8:] for e in plan.keep):
         raise RetentionRefused(
             f"the WAL cut-off {cutoff} is not at or before every kept backup's start: removing nothing"
         )
     kept = [_where(e.folder) for e in plan.keep] + ([_where(wal_archive)] if wal_archive is not None else [])
+    # What is left alone stays too: an unproven folder inside a tablespace copy to delete is not deleted.
+    # A link among them is compared as the link (abspath), not what it points to: never followed.
+    kept += [os.path.abspath(name) if name.startswith("/") else name for name in plan.skipped]
     for entry in plan.delete:
         for folder in [entry.folder, *_tablespace_copies(entry.folder)]:
             where = _where(folder)
@@ -224,13 +248,24 @@ def _where(place: Any) -> str:
     return str(place.resolve()) if is_local_path(place) else str(place)
 
 
+def _is_link(place: Any) -> bool:
+    return is_local_path(place) and Path(place).is_symlink()
+
+
 def _tablespace_copies(folder: Any) -> list[Any]:
-    """The folders beside a backup holding copies of its tablespaces (files/tablespaces.py), existing."""
-    return [c for s in TABLESPACE_SUFFIXES if (c := folder.parent / f"{folder.name}{s}").is_dir()]
+    """The folders beside a backup holding copies of its tablespaces (files/tablespaces.py), existing; a
+    link there is left alone (never deleted through)."""
+    return [
+        c
+        for s in TABLESPACE_SUFFIXES
+        if (c := folder.parent / f"{folder.name}{s}").is_dir() and not _is_link(c)
+    ]
 
 
 def _remove_folder(folder: Any) -> None:
-    """Remove a backup's folder, its backup_label first (see the module docstring)."""
+    """Remove a backup's folder, its backup_label first (see the module docstring); never a link."""
+    if _is_link(folder):
+        raise RetentionRefused(f"{folder} is a link: never deleted through")
     label = folder / LABEL_NAME
     if label.exists():
         label.unlink()
@@ -245,14 +280,20 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
 
     :param p: the (sub)parser to add them to; its ``run`` default carries retention out.
     """
-    p.add_argument("root", type=Path, help="the folder holding the backups (searched for backup_info.json)")
+    p.add_argument("root", type=Path, help="the folder holding the backups (searched for backups on disk)")
     p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N backups")
-    p.add_argument("--keep-days", type=float, metavar="D", help="keep the backups stopped within D days")
+    p.add_argument("--keep-days", type=float, metavar="D", help="keep the backups started within D days")
     p.add_argument(
         "--wal-archive",
         type=Path,
         metavar="DIR",
         help="the WAL archive to clean up below the oldest kept backup's start (default: leave WAL alone)",
+    )
+    p.add_argument(
+        "--dsn",
+        metavar="CONNINFO",
+        help="the live cluster (libpq string or URI): leave alone backups of another system identifier or"
+        " ending beyond its current WAL position",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
     p.set_defaults(run=_retention, parser=p)
@@ -262,11 +303,15 @@ def _retention(args: argparse.Namespace) -> int:
     if args.keep_last is None and args.keep_days is None:
         args.parser.error("give --keep-last N and/or --keep-days D")
     try:
-        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days)
+        server = server_position(args.dsn) if args.dsn else None
+        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server)
         carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print)
-    except ValueError as err:  # a bad --keep-last/--keep-days, or CatalogError
+    except ValueError as err:  # a bad --keep-last/--keep-days
         print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, CatalogError) else 2
+        return 2
+    except ServerUnreachable as err:
+        print(f"error: --dsn: {err}; removing nothing", file=sys.stderr)
+        return 1
     except (RetentionRefused, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -280,4 +325,5 @@ __all__ = [
     "add_retention_arguments",
     "carry_out_retention",
     "plan_root",
+    "server_position",
 ]

@@ -76,7 +76,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
-from pg_safe_backup.catalog import INFO_NAME, CatalogError, append_verification
+from pg_safe_backup.catalog import CatalogError, append_verification, entry_path, has_info
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.pgcontrol import (
     CopyMismatch,
@@ -755,7 +755,7 @@ def record_check(
     :returns: whether it was recorded.
     """
     folder = Path(backup_dir)
-    if not (folder / INFO_NAME).is_file():
+    if not has_info(folder):  # beside the folder, or inside it (an earlier release's)
         return False
     try:
         append_verification(
@@ -769,7 +769,7 @@ def record_check(
             },
         )
     except (OSError, CatalogError) as err:
-        (warn or _log.warning)(f"the verdict was not recorded in {folder / INFO_NAME}: {_one_line(err)}")
+        (warn or _log.warning)(f"the verdict was not recorded in {entry_path(folder)}: {_one_line(err)}")
         return False
     return True
 
@@ -931,7 +931,7 @@ def _verify(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", _warn):
-        print(f"recorded in {Path(args.backup_dir) / INFO_NAME}")
+        print(f"recorded in {entry_path(Path(args.backup_dir))}")
     if args.verbose:
         for step in report.steps:
             print(f"{step.name}:")

@@ -56,9 +56,9 @@ EXCLUDED_FILES: dict[str, tuple[bool, str]] = {
     "postmaster.opts": (False, "the running server's command line"),
 }
 
-#: The catalog's sidecar in a stored backup's top folder (:mod:`pg_safe_backup.catalog`): written after
-#: the manifest and rewritten by every later check, so never listed in it; pg_verifybackup is told to
-#: pass over it (``-i backup_info.json``), and a restore leaves it out.
+#: The catalog entry's name: ``<folder>.backup_info.json`` beside a stored backup's top folder
+#: (:mod:`pg_safe_backup.catalog`), never in it; an earlier release kept it in the folder, where
+#: pg_verifybackup is told to pass over it (``-i backup_info.json``) and a restore leaves it out.
 BACKUP_INFO = "backup_info.json"
 
 #: Files the verifier (pg_verifybackup) ignores on disk, so a backup_manifest does not list them.

@@ -50,6 +50,8 @@ DIGEST_SIZES: dict[str, int] = {
 #: Large reads: hashlib releases the GIL for them, so a few threads hash files side by side.
 CHUNK = 1 << 20
 _SHA = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
+#: Always given a checksum, whatever the manifest's algorithm: what proves a stored backup (proof.py).
+LABEL_FILES = (b"backup_label", b"tablespace_map", b"global/pg_control")
 
 
 class ManifestError(ValueError):
@@ -283,6 +285,13 @@ def list_files(copy_dir: Path, tablespaces: Mapping[int | str, Path] | None = No
     return out
 
 
+def _algorithm_of(relpath: bytes, algorithm: str) -> str:
+    """The checksum algorithm of one file: the manifest's, but SHA256 for the label files and pg_control
+    when it is NONE, so a backup can still prove its label and its cluster (a per-file Checksum-Algorithm
+    is valid for pg_verifybackup)."""
+    return "SHA256" if algorithm == "NONE" and relpath in LABEL_FILES else algorithm
+
+
 def _path_field(relpath: bytes) -> str:
     try:
         return f'"Path": {escape_json(relpath.decode("utf-8"))}'
@@ -409,11 +418,12 @@ def write_manifest(
         )
     given = _check_given(checksums or {}, algorithm)
     entries = list_files(Path(copy_dir), tablespaces)
-    new_hash = None if algorithm == "NONE" else _hasher(algorithm)
 
     def one(entry: FileEntry) -> tuple[os.stat_result, str, int]:
-        if entry.relpath in given:
+        if entry.relpath in given and _algorithm_of(entry.relpath, algorithm) == algorithm:
             return os.stat(entry.path), given[entry.relpath], 0
+        file_algorithm = _algorithm_of(entry.relpath, algorithm)
+        new_hash = None if file_algorithm == "NONE" else _hasher(file_algorithm)
         st, digest = _checksum_file(entry, new_hash)
         return st, digest, st.st_size if new_hash else 0
 
@@ -421,7 +431,7 @@ def write_manifest(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(one, entries))
     lines = [
-        _file_line(e.relpath, st.st_size, st.st_mtime_ns, algorithm, digest)
+        _file_line(e.relpath, st.st_size, st.st_mtime_ns, _algorithm_of(e.relpath, algorithm), digest)
         for e, (st, digest, _) in zip(entries, results, strict=True)
     ]
     content = render_manifest(version, system_identifier, lines, wal_ranges)
@@ -608,7 +618,13 @@ def manifest_of_records(
     for path in paths:
         relpath = os.fsencode(path)
         lines.append(
-            _file_line(relpath, records[path].size, records[path].mtime_ns, algorithm, given[relpath])
+            _file_line(
+                relpath,
+                records[path].size,
+                records[path].mtime_ns,
+                _algorithm_of(relpath, algorithm),
+                given[relpath],
+            )
         )
     return render_manifest(version, system_identifier, lines, wal_ranges)
 

@@ -9,10 +9,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
-from pg_safe_backup.catalog import CatalogError, list_backups, one_cluster
+from pg_safe_backup.catalog import CatalogError, choose_backup, list_backups, one_cluster
+from pg_safe_backup.hooks.server import ServerPosition, ServerUnreachable, server_position
 from pg_safe_backup.params import (
     check_flag,
     check_number,
@@ -34,14 +35,16 @@ _UNSET_TEXT = ("", "none", "null")
 
 class PostgresRestoreDrillOperator(BaseOperator):
     """
-    A restore drill: take the newest backup under ``root`` (its catalog, ``backup_info.json``), restore it on
+    A restore drill: take the newest backup under ``root`` that proves itself (by stop LSN; incomplete,
+    unverifiable and, unless ``allow_failed``, failed backups are passed over, each named), restore it on
     a temporary server in a scratch folder and check it (:func:`pg_safe_backup.verify.check_backup`: the
     page-LSN check, ``pg_verifybackup``, recovery, amcheck, and ``invariant_sql`` when given), and record
     how long the restore took: the recovery time objective a real incident would meet.
 
-    Fails, naming the age, when the newest backup stopped more than ``max_age`` ago (or there is none):
+    Fails, naming the age, when the newest backup started (its label's START TIME) more than ``max_age``
+    ago (or there is none, or its age is unknown):
     a drill that passes on an old backup hides that the nightly backups stopped. Fails when a check fails.
-    The outcome is appended to the backup's ``backup_info.json`` (``pg-safe-backup list`` shows it).
+    The outcome is appended to the backup's catalog entry (``pg-safe-backup list`` shows it).
 
     XCom: ``backup`` (its folder), ``age_s``, ``restore_s`` (the restore check: copy, recovery, amcheck),
     ``checks_s`` (the checks before it), ``rto_s`` (both), ``ok`` and each check's result.
@@ -53,6 +56,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
     :param invariant_db: the database ``invariant_sql`` runs in.
     :param restore_timeout: seconds the restore's recovery may take.
     :param work_dir: the scratch folder (default: a temporary folder, removed afterwards).
+    :param allow_failed: also take a backup whose newest check failed.
     """
 
     template_fields: Sequence[str] = ("root", "wal_archive", "max_age", "invariant_sql", "work_dir")
@@ -68,10 +72,12 @@ class PostgresRestoreDrillOperator(BaseOperator):
         invariant_db: str = "postgres",
         restore_timeout: float = 3600,
         work_dir: str | None = None,
+        allow_failed: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root = unless_rendered_later(check_text, root, "root")
+        self.allow_failed = check_flag(allow_failed, "allow_failed")
         self.wal_archive = wal_archive
         self.max_age = max_age if max_age is None else unless_rendered_later(_seconds, max_age, "max_age")
         self.invariant_sql = invariant_sql
@@ -90,15 +96,33 @@ class PostgresRestoreDrillOperator(BaseOperator):
             one_cluster(entries, root)  # "the newest" is a cluster's own
         except CatalogError as err:
             raise AirflowFailException(f"root {str(root)!r}: {err}") from err
-        if not entries:
-            raise AirflowFailException(f"root {str(root)!r} holds no catalogued backup (no backup_info.json)")
-        newest = entries[-1]
-        age = (datetime.now(timezone.utc) - newest.info.stopped).total_seconds()
+        choice = choose_backup(entries, allow_failed=self.allow_failed)
+        for name, why in choice.skipped:
+            self.log.warning("drill: passing over %s: %s", name, why)
+        if choice.picked is None:
+            raise AirflowFailException(
+                f"root {str(root)!r} holds no backup that proves itself"
+                + (f" ({len(choice.skipped)} passed over, named in the log)" if choice.skipped else "")
+            )
+        newest = choice.picked
+        started = newest.proof.start_time
+        if started is None and newest.info is not None:
+            # An age, not a deletion: the store's clock serves when the label's zone is an abbreviation.
+            self.log.warning(
+                "%s: its label's START TIME has no UTC offset; age from its catalog entry", newest.name
+            )
+            started = newest.info.stopped
+        if started is None:
+            raise AirflowFailException(
+                f"the age of {newest.name} is unknown: its label's START TIME has no UTC offset and it has"
+                " no catalog entry (set log_timezone to UTC on the server)"
+            )
+        age = (datetime.now(timezone.utc) - started).total_seconds()
         self.log.info(
-            "drill of %s: the newest of %d backups, stopped %s (%s ago)",
+            "drill of %s: the newest of %d backups that proves itself, started %s (%s ago)",
             newest.name,
             len(entries),
-            newest.info.stop_time,
+            started.isoformat(),
             timedelta(seconds=round(age)),
         )
         if max_age is not None and age > max_age:
@@ -154,14 +178,16 @@ def _seconds(value: Any, name: str) -> float:
 
 class PostgresBackupRetentionOperator(BaseOperator):
     """
-    Keep the newest ``keep_last`` backups under ``root`` and/or those that stopped within ``keep_days``
-    days, always the newest verified one; delete the others, then the files of the WAL archive older than
-    the oldest kept backup's START WAL file, as ``pg_archivecleanup`` does (never a ``.history`` or
-    ``.backup`` file). See :mod:`pg_safe_backup.retention` for the order that keeps a crash safe.
+    Keep the newest ``keep_last`` backups under ``root`` and/or those that started within ``keep_days``
+    days (their label's START TIME), always the newest verified one; delete the others, then the files of
+    the WAL archive older than the oldest kept backup's START WAL file, as ``pg_archivecleanup`` does
+    (never a ``.history`` or ``.backup`` file). See :mod:`pg_safe_backup.retention` for the order that
+    keeps a crash safe.
 
-    A backup is found by its ``backup_info.json``; one without its ``backup_label`` is incomplete: neither
-    counted nor deleted, named in the log and XCom. Nothing is removed when no complete backup would be
-    kept: the task fails (``AirflowFailException``), as it does for a bad rendered parameter.
+    Only backups that prove themselves (:mod:`pg_safe_backup.proof`) are counted, kept or deleted; an
+    unverifiable or incomplete one is neither counted nor deleted, named in the log and XCom. Nothing is
+    removed when no proven backup would be kept: the task fails (``AirflowFailException``), as it does for
+    a bad rendered parameter.
 
     XCom: ``kept`` (folder -> reasons), ``deleted``, ``skipped``, ``wal_cutoff``, ``wal_removed`` (a
     count) with ``wal_first_removed`` and ``wal_last_removed``, and ``dry_run``.
@@ -170,12 +196,14 @@ class PostgresBackupRetentionOperator(BaseOperator):
         ``s3://conn_id@bucket/prefix`` (templated).
     :param wal_archive: the WAL archive, local or a URL (templated); None: no WAL is removed.
     :param keep_last: how many of the newest backups to keep, at least 1 (templated).
-    :param keep_days: keep the backups stopped within this many days (templated). At least one of
+    :param keep_days: keep the backups started within this many days (templated). At least one of
         ``keep_last`` and ``keep_days`` is required.
     :param dry_run: only log and return what would go.
+    :param postgres_conn_id: the live cluster (templated; optional): backups of another system identifier,
+        or ending beyond its current WAL position, are left alone as unverifiable.
     """
 
-    template_fields: Sequence[str] = ("root", "wal_archive", "keep_last", "keep_days")
+    template_fields: Sequence[str] = ("root", "wal_archive", "keep_last", "keep_days", "postgres_conn_id")
 
     def __init__(
         self,
@@ -185,11 +213,15 @@ class PostgresBackupRetentionOperator(BaseOperator):
         keep_last: int | str | None = None,
         keep_days: float | str | None = None,
         dry_run: bool = False,
+        postgres_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root = unless_rendered_later(check_text, root, "root")
         self.wal_archive = optional_unless_rendered_later(check_text, wal_archive, "wal_archive")
+        self.postgres_conn_id = optional_unless_rendered_later(
+            check_text, postgres_conn_id, "postgres_conn_id"
+        )
         self.keep_last = keep_last if renders_later(keep_last) else check_keep_last(keep_last, "keep_last")
         self.keep_days = keep_days if renders_later(keep_days) else check_keep_days(keep_days, "keep_days")
         if self.keep_last is None and self.keep_days is None:
@@ -225,7 +257,15 @@ class PostgresBackupRetentionOperator(BaseOperator):
         :param now: the time to count days from (default: now).
         """
         try:
-            plan = plan_root(storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now)
+            server = self._server() if self.postgres_conn_id else None
+        except ServerUnreachable as err:
+            raise AirflowException(
+                f"postgres_conn_id {self.postgres_conn_id!r}: {err}; removing nothing"
+            ) from err
+        try:
+            plan = plan_root(
+                storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now, server=server
+            )
             report = carry_out_retention(
                 plan,
                 wal_archive=storage_path(wal_archive) if wal_archive else None,
@@ -237,6 +277,21 @@ class PostgresBackupRetentionOperator(BaseOperator):
         except ValueError as err:  # plan_retention's check of keep_last / keep_days
             raise AirflowFailException(f"invalid rendered parameter: {err}") from err
         return report.as_dict()
+
+    def _server(self) -> ServerPosition:
+        """The live cluster's identity and WAL position, through the connection as the backup uses it."""
+        import asyncio
+
+        from psycopg.conninfo import make_conninfo
+
+        from pg_safe_backup.hooks.backup import PostgresBackupHook
+
+        conn_id = rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
+        try:
+            kwargs = asyncio.run(PostgresBackupHook(conn_id).connection_kwargs(conn_id))
+        except Exception as err:  # BackupError: no such connection, or its arguments cannot be made
+            raise AirflowFailException(str(err)) from err
+        return server_position(make_conninfo(**{k: str(v) for k, v in kwargs.items()}))
 
 
 def storage_path(location: str) -> Path | ObjectStoragePath:
