@@ -25,7 +25,9 @@ restore check (:mod:`pg_safe_backup.verify`) both use it.
    new timeline into the backed up cluster's archive, where a later restore to the end of the archive
    (``recovery_target_timeline = latest``) would follow it and stop short. ``data_directory`` is pinned in
    ``postgresql.conf``: one copied from the backed up server would start the server on its LIVE data
-   directory.
+   directory. The server's configuration files the backup captured from outside its data directory (a
+   Debian cluster's /etc/postgresql/...: :mod:`pg_safe_backup.files.extconfig`) are put in TARGET first,
+   ``hba_file``, ``ident_file`` and ``external_pid_file`` pinned to TARGET's.
 4. TARGET and the tablespace locations are given to ``owner`` (as root; the server's OS user by default),
    mode 0700.
 
@@ -72,6 +74,7 @@ from pg_safe_backup.catalog import (
     parse_when,
 )
 from pg_safe_backup.catalog import read_info as read_backup_info
+from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
     TablespaceNotCopied,
@@ -143,6 +146,8 @@ class RestoreResult:
     archive_recovery: bool = True
     #: 'off': the restored server does not archive; 'on': it archives as the backed up server did.
     archive_mode: str = "off"
+    #: The server's configuration files the backup captured from outside its data directory, put back.
+    config: RestoredConfig | None = None
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -850,6 +855,7 @@ def prepare_restore(
             if (extracted := backup_system_identifier(data)) is not None:
                 check_archive_cluster(archive, *extracted)
         _place_tablespaces(backup, data, plan, meter, result)
+        result.config = restore_config(data, backup)
         command = restore_command or (archive_restore_command(archive) if archive else "")
         settings = recovery.settings(command)
         settings.update(_archive_settings(archive_mode, backup_major(data)))
@@ -1034,6 +1040,10 @@ def _restore(args: argparse.Namespace) -> int:
         return 1
     for oid, place in result.tablespaces.items():
         print(f"tablespace {oid} ({place['original']}) restored to {place['restored_to']}")
+    for original, place in (result.config.placed if result.config else {}).items():
+        print(f"configuration {original} restored to {place}")
+    for note in result.config.notes if result.config else []:
+        print(f"note: {note}")
     print(
         f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
         f" {result.seconds:.1f} s"

@@ -24,6 +24,8 @@ from typing import Any
 
 import psycopg
 
+from pg_safe_backup.files.extconfig import ServerConfig
+from pg_safe_backup.files.manifest import timeline_at
 from pg_safe_backup.hooks.backup import BackupError, PostgresBackupHook
 from pg_safe_backup.state import (
     BackupRow,
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Statuses of events.
 STARTED, COMPLETE, FAILED = "started", "complete", "failed"
+#: The gate's STARTED event's key (and its XCom's): the server's configuration files (ServerConfig.as_dict).
+CONFIG_FILES = "server_config_files"
 
 FAST_CHECKPOINT_HINT = (
     "pg_backup_start is waiting for a spread checkpoint (checkpoint_completion_target of"
@@ -443,13 +447,17 @@ async def _backup_mode(
                 "pg_backup_stop (which waits until the WAL the backup needs is archived) did not return",
             ),
         )
+    timeline = int(parse_backup_label(label_file).get("START TIMELINE") or 1)
+    try:
+        stop_timeline, history = await _stop_timeline(hook, bconn, stop_lsn, timeline)
+    except ValueError as err:
+        return event(FAILED, f"cannot tell the timeline of the stop LSN {stop_lsn}: {err}")
     if wal.follow and (
         problem := await _wait_archived(hook, conn, bconn, wal.follow, stop_lsn, req, deadline)
     ):
         return event(FAILED, problem)
-    timeline = parse_backup_label(label_file).get("START TIMELINE")
     if not await hook.mark_complete(
-        conn, stop_lsn, label_file, spcmap, int(timeline) if timeline else None, notices.text
+        conn, stop_lsn, label_file, spcmap, timeline, notices.text, stop_timeline, history
     ):
         row = await hook.read(conn)
         return event(
@@ -459,6 +467,31 @@ async def _backup_mode(
     log.info("backup complete: %s .. %s", row.start_lsn, row.stop_lsn)
     warned = f"; PostgreSQL warned: {row.warnings}" if row.warnings else ""
     return event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn}){warned}", row)
+
+
+async def _stop_timeline(
+    hook: PostgresBackupHook, bconn: psycopg.AsyncConnection, stop_lsn: str, start_timeline: int
+) -> tuple[int, str | None]:
+    """The timeline a backup stopped on, and its history file when it is not ``start_timeline``.
+
+    A primary's backup stops on the timeline it started on (pg_backup_stop fails a backup whose standby
+    was promoted meanwhile). A standby follows its upstream's promotion onto a new timeline, and its
+    stop point (its minimum recovery point) may then lie on it: asked right after the stop, the timeline
+    it has replayed up to tells, through its history, which timeline holds the stop point.
+
+    :raises ValueError: that history is malformed.
+    """
+    current, history = await hook.replay_timeline(bconn, start_timeline)
+    if current is None or current == start_timeline:
+        return start_timeline, None
+    stop_timeline, history = timeline_at(stop_lsn, current, history)
+    if stop_timeline != start_timeline:
+        log.info(
+            "the backup started on timeline %s and stopped on timeline %s (its server followed a promotion)",
+            start_timeline,
+            stop_timeline,
+        )
+    return stop_timeline, history if stop_timeline != start_timeline else None
 
 
 async def _wait_archived(
@@ -574,6 +607,9 @@ async def wait_for_start(
     nor fails the gate; it waits for its own attempt. It fails when that attempt's backup failed or
     already ended, when the hold task ended without it, or after ``timeout`` seconds (gate_timeout).
 
+    Once open, it asks the server backed up where its configuration files are (:func:`server_config`):
+    the STARTED event carries them as ``server_config_files``, for the copy.
+
     :param attempt: the attempt to wait for, when known up front (tests, benchmarks).
     :param hold_view: asked for the hold's current attempt (see :class:`HoldView`), at the start,
         whenever the row names another attempt, and every ``poll_interval`` seconds.
@@ -642,7 +678,25 @@ async def wait_for_start(
             soon = ours and row.live and not view.current
             await hook.wait_for_change(conn, deadline.cap(min(poll_interval, 0.5) if soon else poll_interval))
 
-    return await _waiting(hook, "gate", body)
+    opened = await _waiting(hook, "gate", body)
+    if opened["status"] == STARTED:
+        try:
+            opened[CONFIG_FILES] = (await server_config(hook)).as_dict()
+        except (BackupError, psycopg.Error) as err:
+            return event(
+                FAILED,
+                f"cannot ask the server backed up where its configuration files are: {err}",
+                retryable=True,
+            )
+    return opened
+
+
+async def server_config(hook: PostgresBackupHook) -> ServerConfig:
+    """Where the server backed up keeps its configuration files (asked in a session of its own, as the
+    gate opens: the copy captures those outside the data directory, :mod:`pg_safe_backup.files.extconfig`).
+    """
+    async with hook.connect("gate configuration files", backup_server=True) as bconn:
+        return await hook.config_files(bconn)
 
 
 async def finish_backup(

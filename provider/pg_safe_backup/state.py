@@ -63,6 +63,8 @@ HOLDER_COLUMNS: tuple[str, ...] = (
     "error",
     "warnings",
     "system_identifier",
+    "stop_timeline",
+    "timeline_history",
 )
 
 #: States in which a holder session is (or should be) in backup mode.
@@ -88,6 +90,8 @@ class BackupRow:
     error: str | None
     system_identifier: int | None
     warnings: str | None  # what PostgreSQL warned about during the backup (see session._Notices)
+    stop_timeline: int | None  # the timeline it stopped on (a standby may follow a promotion meanwhile)
+    timeline_history: str | None  # the history file of stop_timeline, when it is not the start's
     holder_alive: bool
 
     @property
@@ -118,6 +122,8 @@ class BackupRow:
             # a string: XCom is JSON, and 64-bit integers do not survive every JSON reader
             "system_identifier": None if self.system_identifier is None else str(self.system_identifier),
             "warnings": self.warnings,
+            "stop_timeline": self.stop_timeline,
+            "timeline_history": self.timeline_history,
         }
 
 

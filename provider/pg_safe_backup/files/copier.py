@@ -536,15 +536,17 @@ def empty_destination(destination: Path | Any, overwrite: bool) -> None:
             item.unlink()
 
 
-def _list(source: Path) -> tuple[list[tuple[str, Path]], list[_File], _File | None, list[str], list[str]]:
+def _list(
+    source: Path, entries: Iterable[Entry] | None = None
+) -> tuple[list[tuple[str, Path]], list[_File], _File | None, list[str], list[str]]:
     """Folders, files (largest first), pg_control, vanished and special files of a base backup of
-    ``source``, as it is now."""
+    ``source`` (or of ``entries``), as it is now."""
     folders: list[tuple[str, Path]] = []
     files: list[_File] = []
     control: _File | None = None
     vanished: list[str] = []
     special: list[str] = []
-    for entry in walk(source):
+    for entry in walk(source) if entries is None else entries:
         if entry.is_dir:
             folders.append((entry.path, entry.source))
             continue
@@ -619,6 +621,7 @@ def copy_data_directory(
     progress: Callable[[Progress], None] | None = None,
     progress_interval: float = 5.0,
     fsync: bool = True,
+    entries: Iterable[Entry] | None = None,
 ) -> CopyResult:
     """Copy what a base backup of the data directory ``source`` holds into the local folder ``destination``.
 
@@ -636,6 +639,7 @@ def copy_data_directory(
         every ``progress_interval`` seconds while they are copied, and once at the end.
     :param progress_interval: seconds between two progress calls.
     :param fsync: sync every file and folder of the copy to disk before returning.
+    :param entries: what to copy (default: ``walk(source)``); pg_control is copied last whatever its place.
     :raises DestinationNotEmpty: the destination holds something and ``overwrite`` is false.
     :raises CopyError: a file or folder cannot be read or written (the message names it), or the
         destination overlaps the live data; the copy is then incomplete.
@@ -649,7 +653,7 @@ def copy_data_directory(
     top = source.stat()
     owner = (top.st_uid, top.st_gid) if keep_owner else None
     _prepare_destination(destination, overwrite, stat.S_IMODE(top.st_mode), owner)
-    folders, files, control, vanished, special = _list(source)
+    folders, files, control, vanished, special = _list(source, entries)
     _make_folders(folders, destination, keep_owner)
     total = sum(f.size for f in files) + (control.size if control else 0)
     files_total = len(files) + (control is not None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +146,7 @@ class Entry:
     is_dir: bool
 
 
-def walk(datadir: Path, tablespace_dir: str | None = None) -> Iterator[Entry]:
+def walk(datadir: Path, tablespace_dir: str | None = None, extra: Iterable[Entry] = ()) -> Iterator[Entry]:
     """The entries of a base backup of ``datadir``, folders before their contents, pg_control last.
 
     Tablespaces (``pg_tblspc/<oid>`` links) are followed into their ``PG_<major>_<catversion>`` folder,
@@ -156,6 +156,8 @@ def walk(datadir: Path, tablespace_dir: str | None = None) -> Iterator[Entry]:
     :param datadir: the data directory (of a running server: everything is read as it is now).
     :param tablespace_dir: the tablespaces' version folder name; default: ``PG_<major>_<catversion>``
         from PG_VERSION and global/pg_control.
+    :param extra: more entries, read from outside the data directory, yielded before pg_control (the
+        server's configuration files: :mod:`pg_safe_backup.files.extconfig`).
     """
     datadir = Path(datadir)
     if tablespace_dir is None:
@@ -164,6 +166,7 @@ def walk(datadir: Path, tablespace_dir: str | None = None) -> Iterator[Entry]:
         major = (datadir / "PG_VERSION").read_text().strip()
         tablespace_dir = f"PG_{major}_{read_pg_control(datadir).catalog_version_no}"
     yield from _walk_dir(datadir, "", tablespace_dir)
+    yield from extra
     control = datadir / CONTROL_FILE
     if control.exists():
         yield Entry(CONTROL_FILE, control, False)

@@ -173,6 +173,40 @@ def wal_ranges_for(
     raise ValueError(f"start timeline {start_tli} not found in history of timeline {end_tli}")
 
 
+def timeline_at(lsn: str, tli: int, history_text: str | None) -> tuple[int, str | None]:
+    """The timeline of ``tli``'s history that holds the WAL just before ``lsn`` (where a backup stopping at
+    ``lsn`` ends, as tliOfPointInHistory() tells it), and that timeline's own history file.
+
+    A history file repeats its parent's lines and adds one, so the history of an older timeline of
+    ``tli``'s history is ``history_text`` without the lines of that timeline and newer.
+
+    :param lsn: the point (a backup's stop LSN).
+    :param tli: a timeline whose history holds ``lsn`` (the timeline a standby replays now).
+    :param history_text: the content of ``<tli>.history``; None for timeline 1, which has none.
+    :returns: (timeline, its history file's content, or None for timeline 1).
+    :raises ValueError: ``tli`` is not 1 and there is no history, or the history is malformed.
+    """
+    if tli == 1:
+        return 1, None
+    if not history_text:
+        raise ValueError(f"where {lsn} lies in the history of timeline {tli} needs its history file")
+    point = parse_lsn(lsn) - 1
+    entries = _parse_history(history_text, tli)
+    found = next((t for t, begin, end in entries if begin <= point and (end is None or point < end)), tli)
+    if found == tli:
+        return tli, history_text
+    if found == 1:
+        return 1, None
+    kept = [line for line in history_text.splitlines(keepends=True) if 0 < _history_tli(line) < found]
+    return found, "".join(kept)
+
+
+def _history_tli(line: str) -> int:
+    """The timeline a history file's line is about; 0 for a blank line or a comment (not kept)."""
+    fields = line.split()
+    return int(fields[0]) if fields and not fields[0].startswith("#") else 0
+
+
 def escape_json(text: str) -> str:
     """``text`` as a JSON string literal, escaped as PostgreSQL's escape_json() does it.
 
@@ -504,6 +538,7 @@ __all__ = [
     "list_files",
     "manifest_version",
     "render_manifest",
+    "timeline_at",
     "wal_ranges_for",
     "write_backup_manifest",
     "write_manifest",
@@ -520,14 +555,15 @@ def write_backup_manifest(
     system_identifier: int | str | None,
     checksum_algorithm: str = "SHA256",
     checksums: Mapping[str, str] | None = None,
+    stop_timeline: int | None = None,
+    timeline_history: str | None = None,
 ) -> ManifestSummary:
     """Write the backup_manifest of a stored backup: the copy with its label files, and its tablespaces.
 
     The copy's ``pg_tblspc/<oid>`` links are first pointed at the tablespaces' copies
     (:func:`~pg_safe_backup.files.tablespaces.link_tablespace_copies`): a manifest never describes a live
-    tablespace. The WAL range runs from the label's START WAL LOCATION to ``stop_lsn`` on the label's
-    START TIMELINE: the timeline a primary's backup ends on (a standby that switched timelines during
-    the backup is not told apart here).
+    tablespace. The WAL ranges run from the label's START WAL LOCATION to ``stop_lsn``, one per timeline
+    (see :func:`backup_wal_ranges`).
 
     :param copy_dir: the copy, with backup_label and tablespace_map already in it.
     :param backup_label: the label pg_backup_stop returned.
@@ -535,13 +571,15 @@ def write_backup_manifest(
     :param system_identifier: the backed up cluster's (required from PostgreSQL 17).
     :param checksum_algorithm: see :func:`write_manifest`.
     :param checksums: see :func:`write_manifest`.
+    :param stop_timeline: see :func:`backup_wal_ranges`.
+    :param timeline_history: see :func:`backup_wal_ranges`.
     :raises ManifestUnsupported: PostgreSQL 12.
     :raises ManifestError: the copy cannot be described.
     :raises TablespaceNotCopied: a tablespace of the backup has no copy.
     """
     copy_dir = Path(copy_dir)
     major = int((copy_dir / "PG_VERSION").read_text().strip())
-    wal_ranges = backup_wal_ranges(backup_label, stop_lsn, major)
+    wal_ranges = backup_wal_ranges(backup_label, stop_lsn, major, stop_timeline, timeline_history)
     tablespaces = link_tablespace_copies(copy_dir)
     return write_manifest(
         copy_dir,
@@ -554,20 +592,30 @@ def write_backup_manifest(
     )
 
 
-def backup_wal_ranges(backup_label: str, stop_lsn: str, major: int) -> list[WalRange]:
-    """The WAL-Ranges of a backup: from the label's START WAL LOCATION to ``stop_lsn``, on the label's
-    START TIMELINE (see :func:`write_backup_manifest`).
+def backup_wal_ranges(
+    backup_label: str,
+    stop_lsn: str,
+    major: int,
+    stop_timeline: int | None = None,
+    timeline_history: str | None = None,
+) -> list[WalRange]:
+    """The WAL-Ranges of a backup, newest timeline first: from the label's START WAL LOCATION on its START
+    TIMELINE to ``stop_lsn`` on ``stop_timeline``, one range per timeline of ``timeline_history`` between
+    (a standby whose upstream was promoted during the backup follows it onto the new timeline).
 
     :param backup_label: the label pg_backup_stop returned.
     :param stop_lsn: the backup's stop LSN.
     :param major: the server's major version.
-    :raises ManifestError: the label has no start.
+    :param stop_timeline: the timeline the backup stopped on (default: the start's; a backup of a primary
+        always stops on the timeline it started on).
+    :param timeline_history: the history file of ``stop_timeline``, needed when it is not the start's.
+    :raises ManifestError: the label has no start, or the history does not lead from the start's timeline.
     """
     try:
         start, timeline = backup_start(backup_label)
+        return wal_ranges_for(start, timeline, stop_lsn, stop_timeline or timeline, timeline_history, major)
     except ValueError as err:
-        raise ManifestError(str(err)) from err
-    return wal_ranges_for(start, timeline, stop_lsn, timeline, None, major)
+        raise ManifestError(f"the WAL ranges of this backup: {err}") from err
 
 
 class FileRecord(NamedTuple):
@@ -637,6 +685,8 @@ def backup_manifest_of_records(
     system_identifier: int | str | None,
     major: int,
     checksum_algorithm: str = "SHA256",
+    stop_timeline: int | None = None,
+    timeline_history: str | None = None,
 ) -> bytes:
     """The backup_manifest of a stored backup whose copy is described by ``records`` (an object store's,
     or tar archives): its files, plus the label files as stored (UTF-8), written now.
@@ -647,6 +697,8 @@ def backup_manifest_of_records(
     :param system_identifier: the cluster's (required from 17).
     :param major: the server's major version.
     :param checksum_algorithm: SHA256 or NONE.
+    :param stop_timeline: see :func:`backup_wal_ranges`.
+    :param timeline_history: see :func:`backup_wal_ranges`.
     :raises ManifestUnsupported: PostgreSQL 12.
     :raises ManifestError: the label has no start, or see :func:`manifest_of_records`.
     """
@@ -660,7 +712,9 @@ def backup_manifest_of_records(
         everything,
         major=major,
         system_identifier=system_identifier,
-        wal_ranges=backup_wal_ranges(label_files["backup_label"] or "", stop_lsn, major),
+        wal_ranges=backup_wal_ranges(
+            label_files["backup_label"] or "", stop_lsn, major, stop_timeline, timeline_history
+        ),
         checksum_algorithm=checksum_algorithm,
     )
 

@@ -3,7 +3,8 @@
 pg_basebackup's ``-X fetch`` makes the same kind of backup: the copy then recovers to consistency with no
 archive at all (no restore_command), and ``pg_verifybackup`` parses that WAL from the copy's own pg_wal/.
 The segments are those from the one holding the label's START WAL LOCATION through the one before the
-stop LSN (basebackup.c's range), on the label's START TIMELINE, and the timeline history files up to it.
+stop LSN (basebackup.c's range), on each timeline of the backup's WAL ranges (a standby's backup that
+followed a promotion spans two), and the timeline history files up to the stop's.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pg_safe_backup.files.manifest import ManifestError, backup_wal_ranges
 from pg_safe_backup.files.pgcontrol import read_pg_control
-from pg_safe_backup.state import backup_start, wal_segment_names
+from pg_safe_backup.state import wal_segment_names
 
 _log = logging.getLogger(__name__)
 
@@ -81,65 +83,121 @@ def archive_system_identifier(archive: Path) -> tuple[int, str] | None:
     return segment_system_identifier(Path(archive) / names[0]), names[0]
 
 
-def backup_wal_names(copy_dir: Path, backup_label: str, stop_lsn: str) -> list[str]:
-    """The WAL segment file names the backup in ``copy_dir`` needs to become consistent.
+def backup_wal_names(
+    copy_dir: Path,
+    backup_label: str,
+    stop_lsn: str,
+    stop_timeline: int | None = None,
+    timeline_history: str | None = None,
+) -> list[str]:
+    """The WAL segment file names the backup in ``copy_dir`` needs to become consistent, oldest first:
+    those of each of its WAL ranges (:func:`~pg_safe_backup.files.manifest.backup_wal_ranges`), so a
+    segment where the timeline changed is named on both timelines, as pg_verifybackup reads each.
 
     :param copy_dir: the copy (its global/pg_control gives the WAL segment size).
     :param backup_label: the label pg_backup_stop returned.
     :param stop_lsn: the backup's stop LSN.
+    :param stop_timeline: the timeline it stopped on (default: the label's START TIMELINE).
+    :param timeline_history: the history file of ``stop_timeline`` when it is not the start's.
+    :raises ValueError: the label has no start, or the history does not lead from its timeline.
     """
-    start, timeline = backup_start(backup_label)
-    return wal_segment_names(start, stop_lsn, timeline, read_pg_control(Path(copy_dir)).xlog_seg_size)
+    size = read_pg_control(Path(copy_dir)).xlog_seg_size
+    # The major only chooses how a manifest prints LSNs; they are read back here.
+    ranges = backup_wal_ranges(backup_label, stop_lsn, 13, stop_timeline, timeline_history)
+    return [
+        name
+        for r in reversed(ranges)
+        if r.start_lsn != r.end_lsn  # a range that ends where it begins needs no WAL
+        for name in wal_segment_names(r.start_lsn, r.end_lsn, r.timeline, size)
+    ]
 
 
 def include_wal(
-    copy_dir: Path, wal_archive: Path, *, backup_label: str, stop_lsn: str, log: logging.Logger | Any = _log
+    copy_dir: Path,
+    wal_archive: Path,
+    *,
+    backup_label: str,
+    stop_lsn: str,
+    stop_timeline: int | None = None,
+    timeline_history: str | None = None,
+    log: logging.Logger | Any = _log,
 ) -> list[str]:
     """Copy the WAL the backup needs from ``wal_archive`` into ``copy_dir``/pg_wal, fsynced.
 
     Each segment must be in the archive whole (a file of the segment size: a compressed archive is not
-    read here). What is already in the copy's pg_wal/ under the same name is replaced.
+    read here). The last segment of a timeline that ended during the backup may be there only as the
+    ``.partial`` file the promoted server archived: it holds that timeline's WAL up to the switch, all
+    the backup needs of it, and is copied under the segment's own name (what pg_verifybackup reads). The
+    history file of the stop's timeline must be there when the backup changed timeline. What is already
+    in the copy's pg_wal/ under the same name is replaced.
 
     :param copy_dir: the copy, with its global/pg_control.
     :param wal_archive: the folder archive_command copies WAL into.
     :param backup_label: the label pg_backup_stop returned.
     :param stop_lsn: the backup's stop LSN.
+    :param stop_timeline: the timeline it stopped on (default: the label's START TIMELINE).
+    :param timeline_history: the history file of ``stop_timeline`` when it is not the start's.
     :param log: where to say what was copied.
     :returns: the names of the files copied, segments first, then history files.
-    :raises WalMissing: a segment is missing from the archive or not whole; nothing was copied.
+    :raises WalMissing: a file is missing from the archive or a segment is not whole; nothing was copied.
+    :raises ManifestError: the label has no start, or the history does not lead from its timeline.
     """
     copy_dir, wal_archive = Path(copy_dir), Path(wal_archive)
     segment_size = read_pg_control(copy_dir).xlog_seg_size
-    names = backup_wal_names(copy_dir, backup_label, stop_lsn)
-    for name in names:
-        source = wal_archive / name
-        if not source.is_file():
-            raise WalMissing(
-                f"WAL segment {name}, which the backup needs, is not in the archive {wal_archive}"
-            )
+    try:
+        names = backup_wal_names(copy_dir, backup_label, stop_lsn, stop_timeline, timeline_history)
+    except ValueError as err:
+        raise ManifestError(str(err)) from err
+    # The last segment of each timeline that ended during the backup (the next one is on another).
+    ends = {name for name, after in zip(names, names[1:], strict=False) if name[:8] != after[:8]}
+    sources = {name: _archived(wal_archive, name, ended=name in ends) for name in names}
+    for source in sources.values():
         if source.stat().st_size != segment_size:
             raise WalMissing(
                 f"{source} is {source.stat().st_size} bytes, not a whole {segment_size}-byte WAL segment"
                 " (a compressed archive is not read here)"
             )
-    timeline = int(names[0][:8], 16)
+    timeline = int(names[-1][:8], 16)
     history = [f"{t:08X}.history" for t in range(2, timeline + 1)]
+    if timeline != int(names[0][:8], 16) and not (wal_archive / history[-1]).is_file():
+        raise WalMissing(
+            f"the timeline history file {history[-1]}, which the backup needs to follow timeline {timeline},"
+            f" is not in the archive {wal_archive}"
+        )
     history = [name for name in history if (wal_archive / name).is_file()]
+    sources.update({name: wal_archive / name for name in history})
     target = copy_dir / "pg_wal"
     (target / "archive_status").mkdir(parents=True, exist_ok=True)
-    for name in names + history:
-        _copy_synced(wal_archive / name, target / name)
+    for name, source in sources.items():
+        _copy_synced(source, target / name)
     _fsync(target)
+    partial = [source.name for source in sources.values() if source.name.endswith(".partial")]
     log.info(
-        "copied %d WAL segments (%s .. %s)%s from %s into %s: the backup recovers without an archive",
+        "copied %d WAL segments (%s .. %s)%s from %s into %s%s: the backup recovers without an archive",
         len(names),
         names[0],
         names[-1],
         f" and {', '.join(history)}" if history else "",
         wal_archive,
         target,
+        f" ({', '.join(partial)} under its segment's name)" if partial else "",
     )
     return names + history
+
+
+def _archived(wal_archive: Path, name: str, ended: bool) -> Path:
+    """Where the archive holds segment ``name``: the segment, or (``ended``: the last segment of a timeline
+    that ended during the backup) its ``.partial``.
+
+    :raises WalMissing: neither is there.
+    """
+    source = wal_archive / name
+    if source.is_file():
+        return source
+    partial = wal_archive / f"{name}.partial"
+    if ended and partial.is_file():
+        return partial
+    raise WalMissing(f"WAL segment {name}, which the backup needs, is not in the archive {wal_archive}")
 
 
 def _copy_synced(source: Path, target: Path) -> None:

@@ -20,6 +20,7 @@ from airflow.providers.common.compat.sdk import AirflowNotFoundException  # airf
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseHook
 
+from pg_safe_backup.files.extconfig import SERVER_SETTINGS, ServerConfig
 from pg_safe_backup.state import (
     HOLDER_COLUMNS,
     TRANSITIONS,
@@ -32,10 +33,10 @@ from pg_safe_backup.state import (
 )
 
 #: Marker stored as the table's comment once the schema below is in place (cheap re-check).
-SCHEMA_VERSION = "pg_safe_backup schema 3"
+SCHEMA_VERSION = "pg_safe_backup schema 4"
 # 2: attempt column, complete -> failed. 3: warnings column; trigger functions with a pinned search_path,
 #    not executable by PUBLIC; the guard freezes complete rows and clears our columns when another client
-#    takes the row (state.HOLDER_COLUMNS).
+#    takes the row (state.HOLDER_COLUMNS). 4: stop_timeline and timeline_history columns.
 
 #: What every session of ours runs with: nothing on the search_path but the system catalog (an object
 #: planted in a schema another role can write never resolves), and none of the server's timeouts.
@@ -63,11 +64,14 @@ EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
         "warnings",
         "text",
     ),  # PostgreSQL's NOTICEs and WARNINGs about the backup (WAL archiving not enabled, ...)
+    ("stop_timeline", "integer"),  # where the backup stopped: a standby may follow a promotion meanwhile
+    ("timeline_history", "text"),  # the history file of stop_timeline, when it is not the start's
 )
 
 _ROW_COLUMNS = sql.SQL(
     "b.state::text, b.pid, b.owner, b.attempt, b.holder_try, b.label, b.start_lsn::text, b.stop_lsn::text,"
     " b.timeline, b.backup_label, b.tablespace_map, b.error, b.system_identifier, b.warnings,"
+    " b.stop_timeline, b.timeline_history,"
     # The holder is alive while its backend is connected; backend_start guards against a
     # pid reused after a server restart (it reads NULL for other roles' sessions without
     # pg_read_all_stats, where the pid alone has to do).
@@ -546,6 +550,7 @@ class PostgresBackupHook(BaseHook):
                         " holder_started_at = EXCLUDED.holder_started_at, started_at = EXCLUDED.started_at,"
                         " start_lsn = NULL, stop_lsn = NULL, timeline = NULL, finished_at = NULL,"
                         " backup_label = NULL, tablespace_map = NULL, error = NULL, warnings = NULL,"
+                        " stop_timeline = NULL, timeline_history = NULL,"
                         " system_identifier = EXCLUDED.system_identifier"
                     ).format(t=self.qualified),
                     [owner, attempt, holder_try, label],
@@ -581,6 +586,32 @@ class PostgresBackupHook(BaseHook):
         lsn, labelfile, spcmap = await (await conn.execute(query, [wait_for_archive])).fetchone()
         return lsn, labelfile, (spcmap or None)
 
+    async def replay_timeline(
+        self, conn: psycopg.AsyncConnection, known_timeline: int
+    ) -> tuple[int | None, str | None]:
+        """The timeline a standby has replayed WAL up to (its minimum recovery point's, in pg_control), and
+        that timeline's history file unless it is ``known_timeline``; (None, None) out of recovery.
+
+        do_pg_backup_stop ends a standby's backup at its minimum recovery point, on minRecoveryPointTLI,
+        and returns the point alone; both only move forward, so asked right after the stop this timeline
+        holds the stop point in its history (:func:`~pg_safe_backup.files.manifest.timeline_at`).
+        Reading the history needs ``GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_file(text)`` (asked only
+        when the standby changed timeline).
+
+        :param known_timeline: the timeline whose history is not needed (the backup's start timeline).
+        """
+        cur = await conn.execute(
+            "SELECT pg_catalog.pg_is_in_recovery(), min_recovery_end_timeline"
+            " FROM pg_catalog.pg_control_recovery()"
+        )
+        in_recovery, timeline = await cur.fetchone()
+        if not in_recovery or not timeline:
+            return None, None
+        if timeline == known_timeline or timeline == 1:
+            return timeline, None
+        cur = await conn.execute("SELECT pg_catalog.pg_read_file(%s)", [f"pg_wal/{timeline:08X}.history"])
+        return timeline, (await cur.fetchone())[0]
+
     async def abort_backup(self, conn: psycopg.AsyncConnection) -> None:
         """End backup mode without waiting for WAL archiving; the result is discarded."""
         try:
@@ -613,6 +644,39 @@ class PostgresBackupHook(BaseHook):
             server_version=conn.info.server_version,
             system_identifier=system_identifier,
             can_switch_wal=can_switch,
+        )
+
+    async def config_files(self, conn: psycopg.AsyncConnection) -> ServerConfig:
+        """Where the server of ``conn`` keeps its configuration: data_directory, config_file, hba_file and
+        ident_file (pg_settings shows them to superusers and pg_read_all_settings only), and the files it
+        read settings from (pg_file_settings: the same roles)."""
+        cur = await conn.execute(
+            "SELECT name, setting FROM pg_catalog.pg_settings WHERE name = ANY(%s)", [list(SERVER_SETTINGS)]
+        )
+        found = dict(await cur.fetchall())
+        role = sql.Identifier(conn.info.user or "backup_role").as_string(None)
+        hidden = [name for name in SERVER_SETTINGS if not found.get(name)]
+        fixes = [f"GRANT pg_read_all_settings TO {role};"] if hidden else []
+        try:
+            cur = await conn.execute(
+                "SELECT DISTINCT sourcefile FROM pg_catalog.pg_file_settings WHERE sourcefile IS NOT NULL"
+                " ORDER BY 1"
+            )
+            sources = tuple(row[0] for row in await cur.fetchall())
+        except psycopg.errors.InsufficientPrivilege:
+            # Superusers' alone by default, pg_read_all_settings or not.
+            sources, hidden = (), [*hidden, "pg_file_settings"]
+            fixes.append(
+                f"GRANT SELECT ON pg_catalog.pg_file_settings TO {role};"
+                f" GRANT EXECUTE ON FUNCTION pg_catalog.pg_show_all_file_settings() TO {role};"
+            )
+        unreadable = (
+            f"role {role} may not read {', '.join(hidden)}; as a superuser run: {' '.join(fixes)}"
+            if hidden
+            else None
+        )
+        return ServerConfig(
+            **{name: found.get(name) for name in SERVER_SETTINGS}, sources=sources, unreadable=unreadable
         )
 
     async def wal_timeline_and_segment_size(self, conn: psycopg.AsyncConnection) -> tuple[int, int]:
@@ -651,7 +715,12 @@ class PostgresBackupHook(BaseHook):
             return text
         grantee = sql.Identifier(conn.info.user or "backup_role").as_string(None)
         table = f'"{self.schema}"."{self.table}"'
-        if "pg_switch_wal" in text:
+        if "pg_read_file" in text:
+            fix = (
+                f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_file(text) TO {grantee}; (the timeline history"
+                " of a standby that followed a promotion during the backup)"
+            )
+        elif "pg_switch_wal" in text:
             fix = (
                 f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO {grantee}; "
                 "(a standby backup's last WAL segment)"
@@ -681,18 +750,24 @@ class PostgresBackupHook(BaseHook):
         tablespace_map: str | None,
         timeline: int | None,
         warnings: str | None = None,
+        stop_timeline: int | None = None,
+        timeline_history: str | None = None,
     ) -> bool:
         """Record the label of the backup this session holds; False if it is no longer ours or done.
 
+        :param timeline: the timeline it started on.
         :param warnings: what PostgreSQL warned about during the backup, kept in the row.
+        :param stop_timeline: the timeline it stopped on.
+        :param timeline_history: the history file of ``stop_timeline`` when it is not ``timeline``.
         """
         cur = await conn.execute(
             sql.SQL(
                 "UPDATE {} SET state = 'complete', stop_lsn = %s, backup_label = %s, tablespace_map = %s,"
-                " timeline = %s, warnings = %s, finished_at = now()"
+                " timeline = %s, warnings = %s, stop_timeline = %s, timeline_history = %s,"
+                " finished_at = now()"
                 " WHERE id = 1 AND pid = pg_backend_pid() AND state = 'done'"
             ).format(self.qualified),
-            [stop_lsn, backup_label, tablespace_map, timeline, warnings],
+            [stop_lsn, backup_label, tablespace_map, timeline, warnings, stop_timeline, timeline_history],
         )
         return cur.rowcount == 1
 

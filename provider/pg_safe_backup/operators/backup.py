@@ -49,6 +49,7 @@ from pg_safe_backup.utils.mixins import (
     default_deferrable,
     fail_on,
     rendered,
+    same_map_index_xcom,
 )
 
 if TYPE_CHECKING:
@@ -64,17 +65,10 @@ RESULT_KEYS = (
     "label",
     "system_identifier",
     "warnings",
+    "stop_timeline",
+    "timeline_history",
 )
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
-
-
-def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
-    """The XCom ``key`` of ``task_id`` in this run, from the same map index as the calling task (a mapped
-    group's tasks all have one; outside one it is -1): never another map index's backup."""
-    ti = context["ti"]
-    return ti.xcom_pull(
-        task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1
-    )
 
 
 class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
@@ -208,8 +202,10 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
 class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
     """
     End this run's backup: mark it done (or failed when a copy task did not succeed), wait for
-    pg_backup_stop, and push backup_label, tablespace_map, start/stop LSN, timeline, label and
-    warnings (what PostgreSQL warned about during the backup, e.g. that WAL archiving is not enabled).
+    pg_backup_stop, and push backup_label, tablespace_map, start/stop LSN, timeline (the start's),
+    stop_timeline and timeline_history (a standby that followed a promotion during the backup stops on
+    a newer timeline: its history file), label and warnings (what PostgreSQL warned about during the
+    backup, e.g. that WAL archiving is not enabled).
 
     Meant as the teardown of the gate, so it runs even when a copy fails. It acts only on the
     backup attempt the gate opened on, and only while it still has the start LSN the gate opened
@@ -330,6 +326,17 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     archives as pg_basebackup ``-Ft`` puts it. Without them, such a copy gets no manifest (the log says
     why).
 
+    The server's configuration files that live outside the data directory (a Debian/Ubuntu cluster's
+    ``/etc/postgresql/<major>/<name>/``) are part of the backup: a ``PostgresCopyDataDirectoryOperator``
+    copies them into ``pg_safe_backup_config/`` (:mod:`pg_safe_backup.files.extconfig`). A copy of your own
+    (rsync in a BashOperator) must put them there itself, before this task, for the manifest to list them
+    and ``pg-safe-backup restore`` to put them back: each file under ``pg_safe_backup_config/<setting>``
+    followed by its absolute path (``config_file``, ``hba_file``, ``ident_file``; ``include`` for an
+    included file, ``include_dir`` for an included folder; rsync ``-R`` keeps the path), e.g.
+    ``mkdir -p DEST/pg_safe_backup_config/config_file`` then
+    ``rsync -aR /etc/postgresql/15/main/postgresql.conf DEST/pg_safe_backup_config/config_file/``, and
+    ``mkdir -p DEST/pg_safe_backup_config/include_dir/etc/postgresql/15/main/conf.d``.
+
     A copy that does not match its label, or a backup without one, fails the task without a retry
     (``AirflowFailException``); a destination that cannot be written to is retried.
 
@@ -385,7 +392,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         destination = rendered(check_text, self.destination, "destination")
-        keys = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
+        keys = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn", *TIMELINE_KEYS)
         backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in keys}
         finished = same_map_index_xcom(context, self.finish_task_id, "return_value") or {}
         ti = context["ti"]
@@ -409,7 +416,8 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         WAL (``include_wal``), its backup_manifest and its ``backup_info.json`` (the catalog's entry).
 
         :param destination: the rendered destination.
-        :param backup: the finish's XCom: backup_label, tablespace_map, system_identifier, stop_lsn.
+        :param backup: the finish's XCom: backup_label, tablespace_map, system_identifier, stop_lsn, and
+            stop_timeline and timeline_history (absent: the backup stopped on its start's timeline).
         :param copied: the copy tasks' records (:func:`copied_records`): the manifest reads no file of them.
         :param run: the backup's DAG run: dag_id, run_id, task_id, map_index, attempt (for backup_info.json).
         :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest),
@@ -450,6 +458,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                     Path(wal_archive),
                     backup_label=backup["backup_label"],
                     stop_lsn=backup["stop_lsn"],
+                    **_timelines(backup),
                     log=self.log,
                 )
             manifest = self._write_manifest(target, local_copy, backup, copied) if self.manifest else None
@@ -505,6 +514,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 system_identifier=backup.get("system_identifier"),
                 major=major,
                 checksum_algorithm=self.manifest_checksums,
+                **_timelines(backup),
             )
             if local_copy is not None:
                 where = str(write_manifest_file(local_copy, content))
@@ -524,6 +534,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             system_identifier=backup.get("system_identifier"),
             checksum_algorithm=self.manifest_checksums,
             checksums=copied.checksums() if copied and self.manifest_checksums == "SHA256" else None,
+            **_timelines(backup),
         )
         self.log.info(
             "wrote %s: %d files, %.1f MB, %s checksums (%.1f MB read here, the rest from the copy's"
@@ -573,6 +584,15 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         where = write_info(local_copy if local_copy is not None else target, info)
         self.log.info("catalogued the backup in %s (list them with: pg-safe-backup list ROOT)", where)
         return where
+
+
+#: The finish's XCom keys of the timeline a backup stopped on (a standby may follow a promotion).
+TIMELINE_KEYS = ("stop_timeline", "timeline_history")
+
+
+def _timelines(backup: Mapping[str, Any]) -> dict[str, Any]:
+    """The stop's timeline and its history, as the manifest and include_wal take them."""
+    return {key: backup.get(key) for key in TIMELINE_KEYS}
 
 
 def _copy_kind(local_copy: Path | None, copied: Copied | None) -> tuple[bool, int | None]:

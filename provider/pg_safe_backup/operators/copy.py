@@ -17,10 +17,13 @@ from pg_safe_backup.files.copier import (
     Progress,
     copy_data_directory,
 )
+from pg_safe_backup.files.extconfig import CONFIG_DIR, ConfigCaptureError, ServerConfig, capture_entries
+from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import upload_tree
 from pg_safe_backup.files.tarball import check_compression, write_tar_backup
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
-from pg_safe_backup.utils.mixins import rendered
+from pg_safe_backup.session import CONFIG_FILES
+from pg_safe_backup.utils.mixins import rendered, same_map_index_xcom
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -53,6 +56,11 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
     * SHA-256 of every file as it is copied, handed with its size and time to the store task's
       backup_manifest (XCom ``files``), so nothing is read twice, and an object store or tar copy gets
       its manifest too.
+    * The server's configuration files that live outside the data directory (a Debian/Ubuntu cluster's
+      ``/etc/postgresql/<major>/<name>/``: ``config_file``, ``hba_file``, ``ident_file`` and what the
+      configuration includes), as the group's gate names them, go into the copy under
+      ``pg_safe_backup_config/`` (:mod:`pg_safe_backup.files.extconfig`): the manifest lists them and
+      ``pg-safe-backup restore`` puts them back. One the worker cannot read fails the task, naming it.
     * A local copy is fsynced, files and folders. A destination that already holds anything is refused
       unless ``overwrite=True``, which empties it first.
     * The task log shows done/total bytes, MB/s and ETA every ``progress_interval`` seconds, then a
@@ -68,6 +76,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
     :param parallel: files copied side by side (default: the worker's CPU count).
     :param overwrite: empty a destination that is not empty instead of refusing it.
     :param progress_interval: seconds between progress lines.
+    :param config_files: capture the server's configuration files that live outside the data directory
+        (False: you back them up another way).
     """
 
     template_fields: Sequence[str] = ("source", "destination")
@@ -82,6 +92,7 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         parallel: int | None = None,
         overwrite: bool = False,
         progress_interval: float = 10.0,
+        config_files: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -101,6 +112,7 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         self.parallel = int(check_number(parallel, "parallel", 1)) if parallel is not None else None
         self.overwrite = check_flag(overwrite, "overwrite")
         self.progress_interval = check_number(progress_interval, "progress_interval", 0, allow_min=False)
+        self.config_files = check_flag(config_files, "config_files")
 
     def execute(self, context: Context) -> dict[str, Any]:
         source = Path(rendered(check_text, self.source, "source"))
@@ -112,7 +124,9 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             )
         target = ObjectStoragePath(destination)
         local = Path(target.path) if target.protocol in ("", "file") else None
+        extra = self._configuration(context, source) if self.config_files else []
         options: dict[str, Any] = {
+            "entries": walk(source, extra=extra) if extra else None,
             "overwrite": self.overwrite,
             "progress": self._progress,
             "progress_interval": self.progress_interval,
@@ -160,6 +174,36 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             "vanished": len(result.vanished),
             "seconds": round(result.seconds, 2),
         }
+
+    def _configuration(self, context: Context, source: Path) -> list[Entry]:
+        """The server's configuration files outside the data directory, as the copy takes them; the gate
+        upstream (``PostgresBackupStartedSensor``) pushed where they are."""
+        pushed = (same_map_index_xcom(context, task, CONFIG_FILES) for task in sorted(self.upstream_task_ids))
+        server = next((value for value in pushed if value), None)
+        if server is None:
+            self.log.info(
+                "no gate upstream named the server's configuration files: the copy holds the data directory"
+                " alone"
+            )
+            return []
+        config = ServerConfig.from_dict(server)
+        if config.unreadable:
+            self.log.warning(
+                "configuration files outside the data directory may be missed: %s", config.unreadable
+            )
+        try:
+            entries = capture_entries(config, source)
+        except ConfigCaptureError as err:
+            raise AirflowFailException(f"{err} (config_files=False leaves them out)") from err
+        files = [entry.source for entry in entries if not entry.is_dir]
+        if files:
+            self.log.info(
+                "capturing %d configuration files from outside the data directory into %s/: %s",
+                len(files),
+                CONFIG_DIR,
+                ", ".join(map(str, files)),
+            )
+        return entries
 
     def _progress(self, progress: Progress) -> None:
         self.log.info("copy: %s", progress.line())

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator
 
 from pg_safe_backup.params import check_text
-from pg_safe_backup.session import STARTED
+from pg_safe_backup.session import CONFIG_FILES, STARTED
 from pg_safe_backup.triggers.backup import PostgresBackupStartedTrigger
 from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable, fail_on
 
@@ -32,7 +32,9 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
     gone, or the hold task ended without starting it (for instance refused because another backup
     is live); and after ``timeout`` seconds (gate_timeout), deferred or not. Pushes ``start_lsn``,
     ``label`` and ``attempt`` as XCom, so copy tasks can template them and the finish acts on that
-    attempt only. A backup that failed or did not start fails the gate without a retry
+    attempt only. It pushes ``server_config_files`` too: where the server keeps its configuration files
+    (asked as the gate opens), from which a ``PostgresCopyDataDirectoryOperator`` after it captures those
+    outside the data directory. A backup that failed or did not start fails the gate without a retry
     (``AirflowFailException``: the hold is never retried, so no other backup would come); a server
     that cannot be reached is retried.
 
@@ -82,5 +84,11 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
         backup = event["backup"]
         for key in ("start_lsn", "label", "attempt"):
             context["ti"].xcom_push(key=key, value=backup[key])
+        server = event.get(CONFIG_FILES)
+        context["ti"].xcom_push(key=CONFIG_FILES, value=server)
+        if server and server.get("unreadable"):
+            self.log.warning(
+                "the copy may miss configuration files outside the data directory: %s", server["unreadable"]
+            )
         self.log.info("%s; the copy may begin", event["message"])
         return {"start_lsn": backup["start_lsn"], "label": backup["label"], "attempt": backup["attempt"]}

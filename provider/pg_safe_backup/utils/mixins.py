@@ -58,6 +58,15 @@ def fail_on(event: dict[str, Any], message: str) -> AirflowException:
     return AirflowException(message) if event.get("retryable") else AirflowFailException(message)
 
 
+def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
+    """The XCom ``key`` of ``task_id`` in this run, from the same map index as the calling task (a mapped
+    group's tasks all have one; outside one it is -1): never another map index's backup."""
+    ti = context["ti"]
+    return ti.xcom_pull(
+        task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1
+    )
+
+
 class BackupTaskMixin:
     """
     What the holder, gate and finish share: which backup table, which backup of the run, how to wait.
