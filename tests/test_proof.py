@@ -17,8 +17,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from test_restore import recovered
-from test_restore import restore as restore_cli
 
 from demo.load import wait_archived
 from pg_safe_backup.catalog import (
@@ -36,6 +34,8 @@ from pg_safe_backup.local_cluster import LocalCluster, find_bindir, give_to_serv
 from pg_safe_backup.proof import label_start_time, prove_backup
 
 from backup_helpers import catalogued_backup, cluster_with_space, linked_copy
+from test_restore import recovered
+from test_restore import restore as restore_cli
 
 
 @dataclass

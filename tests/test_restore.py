@@ -9,6 +9,7 @@ checked with data.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import pwd
 import re
@@ -26,6 +27,7 @@ import pytest
 from demo.load import wait_archived
 from pg_safe_backup.catalog import entry_path
 from pg_safe_backup.files.tarball import write_tar_backup
+from pg_safe_backup.files.wal import WAL_SEGMENT, NotWal, archive_system_identifier, segment_system_identifier
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, free_port, give_to_server_user
 
@@ -233,7 +235,9 @@ def test_a_missing_wal_archive_is_refused(backups: Backups) -> None:
     assert "--wal-archive" in error
 
 
-def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(backups: Backups) -> None:
+@pytest.fixture(scope="module")
+def tar_backup(backups: Backups) -> Path:
+    """A tar-format backup (zstd, no manifest) of the module's cluster, its WAL archived."""
     stored = backups.scratch / "tar"
     backup = run_backup(
         PostgresBackupHook(CONN_ID),
@@ -243,7 +247,13 @@ def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(backup
     (stored / "backup_label").write_text(backup["backup_label"])
     (stored / "tablespace_map").write_text(backup["tablespace_map"])
     wait_archived(backups.cluster)
-    target, _ = restored_to_the_end(backups, stored, "from_tar")
+    return stored
+
+
+def test_a_tar_backup_with_zstd_restores_its_base_and_tablespace_archives(
+    backups: Backups, tar_backup: Path
+) -> None:
+    target, _ = restored_to_the_end(backups, tar_backup, "from_tar")
     with recovered(target) as server:
         assert_every_row(server)
 
@@ -301,3 +311,203 @@ def test_the_drill_refuses_before_restoring_anything(backups: Backups, tmp_path:
     reforge_backup(old / "a", label=label)  # the age is the label's, not a clock in the JSON
     refused = drill(old)
     assert " is 3 days, 0:00:0" in refused and "old, older than max_age 1 day, 6:00:00" in refused, refused
+
+
+# ------------------------------------------------------------------- a test restore never costs a row
+def restore_newest(backups: Backups, target: Path, space: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``pg-safe-backup restore`` of the newest backup into ``target`` from the module's archive, its
+    tablespace into ``space``, with ``flags``."""
+    tablespace = f"{backups.tablespace_oid}={space}"
+    return restore(
+        backups.second, target, "--wal-archive", backups.archive, "--tablespace", tablespace, *flags
+    )
+
+
+def _day2_rows(server: LocalCluster) -> tuple[int, int, int]:
+    """Rows, sum and largest value of ``day2``."""
+    ((count, total, top),) = server.sql("SELECT count(*), coalesce(sum(n), 0), coalesce(max(n), 0) FROM day2")
+    return count, total, top
+
+
+def test_a_test_restore_never_writes_into_the_archive_so_a_later_restore_has_every_row(
+    backups: Backups,
+) -> None:
+    """The README's point-in-time example, started, promoted and written into, then more commits on the
+    source: a restore to the end of the archive holds every row the source committed (none of the copy's)."""
+    source = backups.cluster
+    source.sql("CREATE TABLE day2 (n int)")
+    source.sql("INSERT INTO day2 SELECT g FROM generate_series(1, 100) g")
+    ((when,),) = source.sql("SELECT clock_timestamp()")  # after rows 1-100 committed, before 101-200
+    source.sql("INSERT INTO day2 SELECT g FROM generate_series(101, 200) g")
+    wait_archived(source)
+    target = backups.scratch / "tested"
+    done = restore_newest(
+        backups,
+        target,
+        backups.scratch / "tested_space",
+        "--target-time",
+        when.isoformat(),
+        "--target-action",
+        "promote",
+    )
+    assert done.returncode == 0, done.stderr
+    with recovered(target) as copy:
+        assert _day2_rows(copy) == (100, sum(range(1, 101)), 100)
+        assert_every_row(copy)
+        copy.sql("INSERT INTO day2 VALUES (100001)")
+        archive_mode = copy.sql("SHOW archive_mode")
+        copy.sql("SELECT pg_switch_wal()")
+        copy.stop("fast")  # a fast shutdown archives what is ready: the copy's WAL, if it archived
+    source.sql("INSERT INTO day2 SELECT g FROM generate_series(201, 300) g")
+    wait_archived(source)
+    again, _ = restored_to_the_end(backups, backups.second, "after_tested")
+    with recovered(again) as server:
+        assert _day2_rows(server) == (300, sum(range(1, 301)), 300)
+        assert_every_row(server)
+    assert archive_mode == [("off",)]
+    assert "archiving is off" in done.stdout, done.stdout
+    assert not any(p.name.startswith("00000002") for p in backups.archive.iterdir()), "the copy's timeline"
+
+
+@pytest.mark.parametrize("timeline", ["0", "-1", "two", "latest,current"])
+def test_a_bad_target_timeline_is_refused_naming_the_flag(backups: Backups, timeline: str) -> None:
+    target = backups.scratch / "never_timeline"
+    error = refused(backups.second, target, "--wal-archive", backups.archive, "--target-timeline", timeline)
+    assert "--target-timeline" in error and len(error.splitlines()) == 1, error
+    assert not target.exists()
+
+
+def test_archive_mode_on_and_a_target_timeline_are_written_as_asked(backups: Backups) -> None:
+    """For a real replacement: archiving as the backed up server did (not started here: it would archive
+    into the module's archive)."""
+    target = backups.scratch / "replacement"
+    space = backups.scratch / "replacement_space"
+    done = restore_newest(backups, target, space, "--archive-mode", "on", "--target-timeline", "current")
+    assert done.returncode == 0, done.stderr
+    assert "archiving is on (--archive-mode on)" in done.stdout, done.stdout
+    ours = (target / "postgresql.auto.conf").read_text().split("# pg_safe_backup.restore")[-1]
+    assert "archive_mode = on\n" in ours and "archive_command" not in ours, ours
+    assert "recovery_target_timeline = 'current'\n" in ours, ours
+
+
+# ---------------------------------------------------------------------- restore refuses before copying
+@pytest.fixture(scope="module")
+def other_archive(module_tmp_root: Path) -> Path:
+    """A WAL archive of another cluster: the first segment initdb wrote for a new one."""
+    other = LocalCluster(module_tmp_root / "other" / "data").init()
+    archive = module_tmp_root / "other" / "archive"
+    archive.mkdir()
+    first = min(p.name for p in (other.datadir / "pg_wal").iterdir() if WAL_SEGMENT.match(p.name))
+    shutil.copy2(other.datadir / "pg_wal" / first, archive / first)
+    give_to_server_user(archive)
+    return archive
+
+
+def _system_identifier(cluster: LocalCluster) -> int:
+    return int(cluster.sql("SELECT system_identifier::text FROM pg_control_system()")[0][0])
+
+
+def test_an_archive_is_known_by_the_system_identifier_of_its_oldest_segment(
+    backups: Backups, other_archive: Path, tmp_path: Path
+) -> None:
+    ours = _system_identifier(backups.cluster)
+    found = archive_system_identifier(backups.archive)
+    assert found is not None
+    assert found[0] == ours
+    assert found[1] == min(p.name for p in backups.archive.iterdir() if WAL_SEGMENT.match(p.name))
+    packed = tmp_path / f"{found[1]}.gz"
+    with open(backups.archive / found[1], "rb") as raw, gzip.open(packed, "wb") as out:
+        shutil.copyfileobj(raw, out)
+    assert segment_system_identifier(packed) == ours
+    theirs = archive_system_identifier(other_archive)
+    assert theirs is not None and theirs[0] != ours
+    (tmp_path / "empty").mkdir()
+    assert archive_system_identifier(tmp_path / "empty") is None
+    (tmp_path / "000000010000000000000001").write_bytes(b"\0" * 100)
+    with pytest.raises(NotWal, match="000000010000000000000001"):
+        segment_system_identifier(tmp_path / "000000010000000000000001")
+
+
+def test_another_clusters_archive_is_refused_before_copying(backups: Backups, other_archive: Path) -> None:
+    target = backups.scratch / "never_other_archive"
+    done = restore(
+        backups.second,
+        target,
+        "--wal-archive",
+        other_archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={backups.scratch / 'never_other_archive_space'}",
+    )
+    assert done.returncode != 0, done.stdout
+    error = done.stderr.strip()
+    assert len(error.splitlines()) == 1 and "another cluster" in error, error
+    assert str(_system_identifier(backups.cluster)) in error, "it names the backup's system identifier"
+    assert not target.exists()
+    assert not (backups.scratch / "never_other_archive_space").exists()
+
+
+def test_another_clusters_archive_is_refused_for_a_tar_backup_once_extracted(
+    backups: Backups, tar_backup: Path, other_archive: Path
+) -> None:
+    """A tar backup without a version 2 manifest tells its cluster only in the pg_control it holds."""
+    target, space = backups.scratch / "never_tar_other", backups.scratch / "never_tar_other_space"
+    error = refused(
+        tar_backup,
+        target,
+        "--wal-archive",
+        other_archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={space}",
+    )
+    assert "another cluster" in error and str(target / "global" / "pg_control") in error, error
+    assert not target.exists() and not space.exists(), "the extracted copy is taken back"
+
+
+@pytest.mark.parametrize("where", ["TARGET_DIR", "--tablespace"])
+def test_a_place_the_owner_cannot_reach_is_refused_before_copying(backups: Backups, where: str) -> None:
+    closed = backups.scratch / f"closed_{where.strip('-')}"
+    closed.mkdir(mode=0o700)
+    os.chmod(closed, 0o700)  # root's, closed to the server's OS user
+    untouched = closed.stat().st_mtime_ns
+    target, space = backups.scratch / f"never_reach_{where.strip('-')}", backups.scratch / f"reach_{where}"
+    if where == "TARGET_DIR":
+        target = closed / "restored"
+    else:
+        space = closed / "space"
+    done = restore_newest(backups, target, space)
+    assert done.returncode == 1, done.stdout
+    error = done.stderr.strip()
+    assert closed.stat().st_mtime_ns == untouched, "nothing was made in it, even for a moment"
+    assert not target.exists() and not space.exists()
+    assert len(error.splitlines()) == 1 and where in error and f"cannot enter {closed}" in error, error
+
+
+@pytest.fixture
+def tiny_file_system(backups: Backups) -> Iterator[Path]:
+    """A 1 MB tmpfs mounted under the scratch folder."""
+    place = backups.scratch / "tiny"
+    place.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(place)], check=True)
+    try:
+        yield place
+    finally:
+        subprocess.run(["umount", str(place)], check=True)
+
+
+def test_a_target_without_room_for_the_backup_is_refused_with_both_numbers(
+    backups: Backups, tiny_file_system: Path
+) -> None:
+    target = tiny_file_system / "restored"
+    error = refused(
+        backups.second,
+        target,
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={backups.scratch / 'never_room_space'}",
+    )
+    free = shutil.disk_usage(tiny_file_system).free
+    needs = re.search(r"needs (\d+) bytes", error)
+    assert needs and int(needs.group(1)) > free, error
+    assert f"{free} bytes free" in error and "TARGET_DIR" in error, error
+    assert not target.exists() and not (backups.scratch / "never_room_space").exists()

@@ -19,13 +19,22 @@ restore check (:mod:`pg_safe_backup.verify`) both use it.
    made now too, so the folder looks right before the server starts.
 3. ``recovery.signal`` is written, and settings are APPENDED to ``postgresql.auto.conf`` (read last, the
    user's lines stay): ``restore_command`` (default: ``cp`` from the archive), the recovery target (every
-   other target cleared: two set at once is an error) and ``recovery_target_action``. ``data_directory``
-   is pinned in ``postgresql.conf``: one copied from the backed up server would start the server on its
-   LIVE data directory. The server's configuration files the backup captured from outside its data
-   directory (a Debian cluster's /etc/postgresql/...: :mod:`pg_safe_backup.files.extconfig`) are put in
-   TARGET first, ``hba_file``, ``ident_file`` and ``external_pid_file`` pinned to TARGET's.
+   other target cleared: two set at once is an error), ``recovery_target_timeline`` and
+   ``recovery_target_action``; and archiving off (``archive_mode = off``, ``archive_command = ''``) unless
+   asked for (``archive_mode='on'``, a real replacement): a test restore that promotes must never write its
+   new timeline into the backed up cluster's archive, where a later restore to the end of the archive
+   (``recovery_target_timeline = latest``) would follow it and stop short. ``data_directory`` is pinned in
+   ``postgresql.conf``: one copied from the backed up server would start the server on its LIVE data
+   directory. The server's configuration files the backup captured from outside its data directory (a
+   Debian cluster's /etc/postgresql/...: :mod:`pg_safe_backup.files.extconfig`) are put in TARGET first,
+   ``hba_file``, ``ident_file`` and ``external_pid_file`` pinned to TARGET's.
 4. TARGET and the tablespace locations are given to ``owner`` (as root; the server's OS user by default),
    mode 0700.
+
+Before anything is copied it refuses, naming the flag: a WAL archive of another cluster (its oldest
+segment's system identifier against the backup's pg_control or version 2 manifest; a tar backup without
+either is checked once base.tar is extracted), a target or tablespace location the owner cannot reach or
+that cannot be written, and a file system without room for the backup's bytes.
 
 Without a WAL archive only a self-contained backup (its WAL in its own ``pg_wal/``) restores: crash
 recovery from backup_label, no ``recovery.signal``.
@@ -40,7 +49,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -64,12 +75,14 @@ from pg_safe_backup.catalog import (
 )
 from pg_safe_backup.catalog import read_info as read_backup_info
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
+from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
     TablespaceNotCopied,
     escape_map_path,
     find_tablespace_copy,
     parse_tablespace_map,
 )
+from pg_safe_backup.files.wal import NotWal, archive_system_identifier
 from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
 from pg_safe_backup.state import parse_backup_label, parse_lsn
 
@@ -91,6 +104,12 @@ SKIP_TOP = {
 }
 #: PostgreSQL's recovery_target_action values; 'pause' is its default.
 TARGET_ACTIONS = ("pause", "promote", "shutdown")
+#: recovery_target_timeline's words; otherwise a timeline number.
+TIMELINE_WORDS = ("current", "latest")
+#: Whether the restored server archives WAL: 'off' (a test restore) or 'on' (a real replacement).
+ARCHIVE_MODES = ("off", "on")
+#: Bytes of a backup_manifest's start that hold its version and System-Identifier.
+MANIFEST_HEAD = 256
 #: The archives of a tar-format backup: none, gzip, zstd (files/tarball.py writes them).
 TAR_SUFFIXES = ("", ".gz", ".zst")
 #: Seconds between two progress reports of the copy.
@@ -99,6 +118,11 @@ PROGRESS_EVERY = 3.0
 
 class RestoreError(ValueError):
     """The backup cannot be restored as asked; the message names the parameter (or flag) at fault."""
+
+
+class ArchiveNotUsable(RestoreError):
+    """The WAL archive cannot serve this backup: not a folder, closed to the server's OS user, or another
+    cluster's. Nothing of the backup can be restored or checked with it."""
 
 
 @dataclass
@@ -120,6 +144,8 @@ class RestoreResult:
     backup_label: str | None = None
     owner: str | None = None
     archive_recovery: bool = True
+    #: 'off': the restored server does not archive; 'on': it archives as the backed up server did.
+    archive_mode: str = "off"
     #: The server's configuration files the backup captured from outside its data directory, put back.
     config: RestoredConfig | None = None
 
@@ -134,7 +160,12 @@ def backup_major(backup: Path) -> int | None:
 
 
 def check_backup_dir(
-    backup: Path, archive: Path | None, *, require_backup_label: bool = True, reader: str | None = SERVER_USER
+    backup: Path,
+    archive: Path | None,
+    *,
+    require_backup_label: bool = True,
+    reader: str | None = SERVER_USER,
+    archive_flag: str = "--wal-archive",
 ) -> str | None:
     """Refuse what cannot be restored: not a data directory, no WAL to recover from, no backup_label.
 
@@ -142,7 +173,9 @@ def check_backup_dir(
     :param archive: the WAL archive (None: the backup must hold its own WAL in pg_wal/).
     :param require_backup_label: refuse a copy without backup_label (False: e.g. a copy of a stopped server).
     :param reader: the OS user the server runs as, who must read the archive (checked as root only).
+    :param archive_flag: how the caller's user names the archive, for the messages.
     :returns: the backup_label's text, or None when there is none (and none is required).
+    :raises ArchiveNotUsable: the archive is not a folder, closed to ``reader`` or another cluster's.
     :raises RestoreError: the reason, naming the file or folder.
     """
     tar = bool(tar_archives(backup))
@@ -159,10 +192,8 @@ def check_backup_dir(
                 f"no WAL archive given and {backup}/pg_wal holds no WAL: only a self-contained backup"
                 " (include_wal) restores without an archive"
             )
-    elif not archive.is_dir():
-        raise RestoreError(f"the WAL archive {archive} (--wal-archive) is not a folder")
-    elif os.geteuid() == 0 and reader and not _user_can(reader, "-r", archive):
-        raise RestoreError(f"the WAL archive {archive} is not readable by the {reader} OS user")
+    else:
+        check_archive(backup, archive, reader=reader, flag=archive_flag)
     label_file = backup / "backup_label"
     if not label_file.is_file():
         if require_backup_label:
@@ -176,6 +207,85 @@ def check_backup_dir(
     if "START WAL LOCATION" not in parse_backup_label(label_text):
         raise RestoreError(f"{label_file} is not a backup_label (no START WAL LOCATION line)")
     return label_text
+
+
+def check_archive(
+    backup: Path, archive: Path, *, reader: str | None = SERVER_USER, flag: str = "--wal-archive"
+) -> None:
+    """The WAL archive is a folder ``reader`` can read, holding WAL of the backup's cluster when the backup
+    tells which (:func:`backup_system_identifier`).
+
+    :param backup: the backup.
+    :param archive: the WAL archive.
+    :param reader: the OS user the server runs as (checked as root only).
+    :param flag: how the caller's user names the archive.
+    :raises ArchiveNotUsable: named, with the flag.
+    """
+    if not archive.is_dir():
+        raise ArchiveNotUsable(f"the WAL archive {archive} ({flag}) is not a folder")
+    if os.geteuid() == 0 and reader and not _user_can(reader, "-r", archive):
+        raise ArchiveNotUsable(f"the WAL archive {archive} ({flag}) is not readable by the {reader} OS user")
+    known = backup_system_identifier(backup)
+    if known is not None:
+        check_archive_cluster(archive, *known, flag=flag)
+
+
+def backup_system_identifier(backup: Path) -> tuple[int, str] | None:
+    """Which cluster a backup is of, and where that was read: a plain copy's global/pg_control, else a
+    version 2 backup_manifest's System-Identifier; None when neither tells (a tar backup without a version 2
+    manifest: its pg_control is read once extracted).
+
+    :param backup: the backup (or a restored data directory).
+    """
+    control = backup / "global" / "pg_control"
+    if control.is_file():
+        try:
+            return read_pg_control(backup).system_identifier, str(control)
+        except BadPgControl:
+            pass  # a damaged copy: the checks of the copy name it
+    found = manifest_field(backup, "System-Identifier")
+    return (found, str(backup / "backup_manifest")) if found is not None else None
+
+
+def manifest_field(backup: Path, name: str) -> int | None:
+    """A number the backup's backup_manifest gives before its file list
+    (``PostgreSQL-Backup-Manifest-Version``, ``System-Identifier``); None when it has none or no readable one.
+
+    :param backup: the backup.
+    :param name: the field.
+    """
+    try:
+        with open(backup / "backup_manifest", "rb") as f:
+            head = f.read(MANIFEST_HEAD).decode("utf-8", "replace")
+    except OSError:
+        return None
+    m = re.search(rf'"{re.escape(name)}":\s*(\d+)', head)
+    return int(m.group(1)) if m else None
+
+
+def check_archive_cluster(
+    archive: Path, system_identifier: int, source: str, flag: str = "--wal-archive"
+) -> None:
+    """The archive's oldest WAL segment was written by the backup's cluster; an archive without segments
+    proves nothing and passes.
+
+    :param archive: the WAL archive.
+    :param system_identifier: the backup's cluster's.
+    :param source: where it was read (for the message).
+    :param flag: how the caller's user names the archive.
+    :raises ArchiveNotUsable: another cluster's archive, or its oldest segment cannot be read (named).
+    """
+    try:
+        found = archive_system_identifier(archive)
+    except (OSError, NotWal, ImportError) as err:
+        raise ArchiveNotUsable(
+            f"cannot tell which cluster the WAL archive {archive} ({flag}) is of: {err}"
+        ) from err
+    if found is not None and found[0] != system_identifier:
+        raise ArchiveNotUsable(
+            f"the WAL archive {archive} ({flag}) is another cluster's: its oldest segment {found[1]} has"
+            f" system identifier {found[0]}, the backup's ({source}) is {system_identifier}"
+        )
 
 
 def _user_can(user: str, test: str, folder: Path) -> bool:
@@ -224,6 +334,12 @@ class RecoveryTarget:
         if self.action not in TARGET_ACTIONS:
             raise RestoreError(
                 f"--target-action must be one of {', '.join(TARGET_ACTIONS)}, not {self.action!r}"
+            )
+        if self.timeline not in TIMELINE_WORDS and not (
+            re.fullmatch(r"[0-9]{1,10}", self.timeline) and 0 < int(self.timeline) < 2**32
+        ):
+            raise RestoreError(
+                f"--target-timeline must be current, latest or a timeline number, not {self.timeline!r}"
             )
         if self.lsn is not None:
             try:
@@ -527,6 +643,100 @@ def _place_tablespaces(
         )
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest folder above that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_reachable(places: list[tuple[str, Path]], owner: str | None) -> None:
+    """Each place the restore writes (TARGET_DIR, each tablespace's) can be made and written here, and the
+    server's OS user can reach it: checked before the copy, not found out once the server starts.
+
+    :param places: (its flag, its folder).
+    :param owner: the OS user to own it (None: the caller, who must write it).
+    :raises RestoreError: the flag, the place and the folder in the way.
+    """
+    for name, place in places:
+        existing = _nearest_existing(place)
+        if not existing.is_dir():
+            raise RestoreError(f"{name} {place}: {existing} is not a folder")
+        if os.statvfs(existing).f_flag & os.ST_RDONLY or not os.access(existing, os.W_OK | os.X_OK):
+            raise RestoreError(f"{name} {place} cannot be written: {existing} is read-only or closed to us")
+        above = _nearest_existing(place.parent)  # the restore makes and owns the rest
+        if owner is None or _user_can(owner, "-x", above):
+            continue
+        blocker = next(f for f in [*reversed(above.parents), above] if not _user_can(owner, "-x", f))
+        st = blocker.stat()
+        raise RestoreError(
+            f"{name} {place} is not reachable by the {owner} OS user (--owner): it cannot enter {blocker}"
+            f" (mode {st.st_mode & 0o777:04o}, uid {st.st_uid})"
+        )
+
+
+def _manifest_sizes(backup: Path) -> list[tuple[str, int]] | None:
+    """(path, size) of every file the backup_manifest lists; None without a readable one."""
+    try:
+        files = json.loads((backup / "backup_manifest").read_bytes())["Files"]
+        return [
+            (f.get("Path") or bytes.fromhex(f["Encoded-Path"]).decode(errors="replace"), f["Size"])
+            for f in files
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _bytes_needed(
+    backup: Path, archives: Mapping[str | None, Path], plan: list[_Placement], with_pg_wal: bool
+) -> dict[str | None, int]:
+    """The bytes the restore writes into TARGET_DIR (None) and into each tablespace's place (its OID): a tar
+    backup's from its backup_manifest, else its archives' stored size (all a compressed one shows unread)."""
+    if not archives:
+        wal = _size(backup / "pg_wal", set()) if with_pg_wal and (backup / "pg_wal").is_dir() else 0
+        return {None: _size(backup, SKIP_TOP) + wal, **{p.oid: _size(p.source, set()) for p in plan}}
+    listed = _manifest_sizes(backup)
+    if listed is None:
+        return {None: archives[None].stat().st_size, **{p.oid: p.source.stat().st_size for p in plan}}
+    needed: dict[str | None, int] = {None: 0, **{p.oid: 0 for p in plan}}
+    for path, size in listed:
+        parts = path.split("/")
+        tablespace = parts[0] == "pg_tblspc" and len(parts) > 2 and parts[1] in needed
+        needed[parts[1] if tablespace else None] += size
+    return needed
+
+
+def _check_room(needs: list[tuple[str, Path, int]]) -> None:
+    """Each file system written has room for the bytes that go there (places on one file system summed).
+
+    :param needs: (its flag, its folder, bytes).
+    :raises RestoreError: the flags, the bytes needed and the bytes free.
+    """
+    by_fs: dict[int, tuple[list[str], Path, int]] = {}
+    for name, place, size in needs:
+        existing = _nearest_existing(place)
+        names, _, total = by_fs.get(os.stat(existing).st_dev, ([], existing, 0))
+        by_fs[os.stat(existing).st_dev] = ([*names, name], existing, total + size)
+    for names, existing, size in by_fs.values():
+        free = shutil.disk_usage(existing).free
+        if size > free:
+            raise RestoreError(
+                f"{' and '.join(names)}: the backup needs {size} bytes ({size / 2**20:.1f} MB), the file"
+                f" system of {existing} has {free} bytes free ({free / 2**20:.1f} MB)"
+            )
+
+
+def _archive_settings(mode: str, major: int | None) -> dict[str, str]:
+    """The postgresql.auto.conf lines of ``archive_mode``: 'off' empties the commands too, so that turning
+    archive_mode on later does not resume archiving into the backed up cluster's archive."""
+    if mode == "on":
+        return {"archive_mode": "on"}
+    settings = {"archive_mode": "off", "archive_command": "''"}
+    if major is not None and major >= 15:  # archive_library is PostgreSQL 15's; an older server refuses it
+        settings["archive_library"] = "''"
+    return settings
+
+
 def _undo(made: list[tuple[Path, bool]]) -> None:
     """Take back a restore that failed half way, so it can be run again: remove the folders it made and
     empty those that were empty."""
@@ -566,7 +776,7 @@ def prepare_restore(
     tablespace_root: Path | str | None = None,
     tablespace_sources: Mapping[str | int, Path | str] | None = None,
     restore_command: str | None = None,
-    archive_mode: str | None = None,
+    archive_mode: str = "off",
     extra_settings: Mapping[str, str] | None = None,
     owner: str | None = SERVER_USER,
     require_backup_label: bool = True,
@@ -585,8 +795,9 @@ def prepare_restore(
         its original location (the restore check's sandbox).
     :param tablespace_sources: OID -> the tablespace's backup, when not where files.tablespaces looks.
     :param restore_command: default ``cp`` from ``wal_archive``.
-    :param archive_mode: 'off' to keep the restored server from archiving into the backed up cluster's
-        archive (None: keep the backup's setting, as pgBackRest does).
+    :param archive_mode: 'off' (default): the restored server does not archive, so it never writes into the
+        backed up cluster's archive (a test restore, the restore check, the drill); 'on': it archives with
+        the backed up server's archive_command (a real replacement).
     :param extra_settings: more postgresql.auto.conf lines (values as written in the file).
     :param owner: the OS user to own it all (as root only; None: leave as copied).
     :param require_backup_label: refuse a backup without backup_label.
@@ -600,6 +811,8 @@ def prepare_restore(
     archive = Path(wal_archive).absolute() if wal_archive is not None else None
     recovery = recovery or RecoveryTarget()
     recovery.check()
+    if archive_mode not in ARCHIVE_MODES:
+        raise RestoreError(f"--archive-mode must be off or on, not {archive_mode!r}")
     if data.exists() and (not data.is_dir() or any(data.iterdir())):
         raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
     if owner is not None and os.geteuid() != 0:
@@ -608,7 +821,13 @@ def prepare_restore(
     label = check_backup_dir(backup, archive, require_backup_label=require_backup_label, reader=owner)
     _check_not_before_backup(backup, recovery)
     remap = {str(oid): Path(where) for oid, where in (tablespaces or {}).items()}
-    result = RestoreResult(target=data, backup_label=label, owner=owner, archive_recovery=archive is not None)
+    result = RestoreResult(
+        target=data,
+        backup_label=label,
+        owner=owner,
+        archive_recovery=archive is not None,
+        archive_mode=archive_mode,
+    )
     plan = _plan_tablespaces(
         backup,
         remap,
@@ -618,21 +837,28 @@ def prepare_restore(
         archives,
     )
     _check_apart(backup, data, plan)
+    # Each place written, keyed as tar_archives keys the archives: None for TARGET_DIR, else the OID.
+    places = {None: ("TARGET_DIR", data), **{p.oid: (f"--tablespace {p.oid}", p.where) for p in plan}}
+    _check_reachable(list(places.values()), owner)
+    needed = _bytes_needed(backup, archives, plan, use_backup_pg_wal or archive is None)
+    _check_room([(name, where, needed[key]) for key, (name, where) in places.items()])
     if archives:  # the archives' stored (compressed) bytes, as they are read
         total = sum(path.stat().st_size for path in archives.values())
     else:
-        total = _size(backup, SKIP_TOP) + sum(_size(p.source, set()) for p in plan)
+        total = sum(needed.values())
     meter = _Progress(total, progress)
     made = [(folder, folder.exists()) for folder in [data, *(p.where for p in plan)]]
     try:
         data.mkdir(parents=True, exist_ok=True)
         _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result)
+        if archive is not None and backup_system_identifier(backup) is None:  # a tar backup, now extracted
+            if (extracted := backup_system_identifier(data)) is not None:
+                check_archive_cluster(archive, *extracted)
         _place_tablespaces(backup, data, plan, meter, result)
         result.config = restore_config(data, backup)
         command = restore_command or (archive_restore_command(archive) if archive else "")
         settings = recovery.settings(command)
-        if archive_mode is not None:
-            settings["archive_mode"] = archive_mode
+        settings.update(_archive_settings(archive_mode, backup_major(data)))
         settings.update(extra_settings or {})
         _configure(data, settings, archive_recovery=archive is not None)
         os.chmod(data, 0o700)
@@ -726,6 +952,13 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         "--target-action", choices=TARGET_ACTIONS, default="pause", help="at the target (default: pause)"
     )
     p.add_argument(
+        "--target-timeline",
+        default="latest",
+        metavar="TIMELINE",
+        help="the timeline to recover along: current (the backup's), latest (default, as PostgreSQL) or a"
+        " number",
+    )
+    p.add_argument(
         "--latest-before",
         type=_time_flag,
         metavar="TIME",
@@ -750,8 +983,11 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--archive-mode",
-        choices=("off",),
-        help="'off': the restored server does not archive (default: the backup's setting)",
+        choices=ARCHIVE_MODES,
+        default="off",
+        help="off (default): the restored server does not archive, so a test restore never writes into the"
+        " backed up cluster's archive; on: it archives with the backed up server's archive_command (a real"
+        " replacement)",
     )
     p.set_defaults(run=_restore)
 
@@ -791,6 +1027,7 @@ def _restore(args: argparse.Namespace) -> int:
                 name=args.target_name,
                 immediate=args.target_immediate,
                 action=args.target_action,
+                timeline=args.target_timeline,
             ),
             tablespaces=dict(args.tablespace),
             restore_command=args.restore_command,
@@ -811,10 +1048,15 @@ def _restore(args: argparse.Namespace) -> int:
         f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
         f" {result.seconds:.1f} s"
     )
-    if args.archive_mode is None:
+    if result.archive_mode == "off":
         print(
-            "note: the restored server archives WAL as the backed up one was configured to; pass"
-            " --archive-mode off to keep it from writing into that server's archive"
+            "archiving is off in the restored server (archive_mode = off, archive_command = ''): it never"
+            " writes into the backed up cluster's archive; --archive-mode on for a real replacement"
+        )
+    else:
+        print(
+            "archiving is on (--archive-mode on): the restored server archives with the backed up server's"
+            " archive_command, into that server's archive"
         )
     if args.target_action == "pause" and (
         args.target_time or args.target_lsn or args.target_name or args.target_immediate
@@ -828,12 +1070,17 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "ArchiveNotUsable",
     "RecoveryTarget",
     "RestoreError",
     "RestoreResult",
     "add_restore_arguments",
     "archive_restore_command",
+    "backup_system_identifier",
+    "check_archive",
+    "check_archive_cluster",
     "check_backup_dir",
+    "manifest_field",
     "prepare_restore",
     "quote_setting",
     "start_command",

@@ -45,13 +45,22 @@ A backup without ``backup_label`` is refused (``require_backup_label=False`` che
 a cold copy of a stopped server). The result is a ``VerifyResult``; a server that does not start or
 recover is a FAIL with the end of its log, never an exception.
 
+A check that could not run is not a verdict: a WAL archive that is missing, closed to the server's OS
+user or another cluster's (its oldest segment's system identifier against the backup's), or no usable
+binary (the backup's major's ``postgres`` and ``pg_ctl``; a ``pg_verifybackup`` of any installed major
+that reads the backup's manifest), raises :class:`CheckNotRun` before any check, and nothing is recorded.
+Recording a verdict (:func:`record_check`) is best-effort: storage it cannot write gets a warning.
+
 CLI: ``python -m pg_safe_backup.verify BACKUP_DIR WAL_ARCHIVE [--invariant-sql SQL]
-[--invariant-db DB] [--keep]`` prints the summary and exits 0 on PASS, 1 on FAIL.
+[--invariant-db DB] [--keep]`` prints the summary and exits 0 on PASS, 1 on FAIL, 2 when the checks could
+not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import logging
 import os
 import re
 import shutil
@@ -67,7 +76,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
-from pg_safe_backup.catalog import INFO_NAME, append_verification, has_info
+from pg_safe_backup.catalog import CatalogError, append_verification, entry_path, has_info
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.pgcontrol import (
     CopyMismatch,
@@ -91,10 +100,13 @@ from pg_safe_backup.local_cluster import (
 )
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
 from pg_safe_backup.restore import (
+    ArchiveNotUsable,
     RecoveryTarget,
     RestoreError,
     backup_major,
+    check_archive,
     check_backup_dir,
+    manifest_field,
     prepare_restore,
     quote_setting,
 )
@@ -105,6 +117,18 @@ LOG_TAIL_LINES = 40
 # Lines of the log up to the end of recovery that mean trouble. Connection attempts refused while
 # the server is still recovering are expected (hot_standby is off).
 _BAD_LOG = re.compile(r"\bPANIC:|\b(?:LOG|WARNING|ERROR|FATAL):\s.*\bcould not\b")
+#: How the CLI names the archive in its messages (the library and the operator: ``wal_archive``).
+ARCHIVE_ARG = "WAL_ARCHIVE"
+#: What the restore check runs of a server's binaries.
+SERVER_TOOLS = ("postgres", "pg_ctl")
+#: The first major whose pg_verifybackup reads each backup_manifest version.
+MANIFEST_READERS = {1: 13, 2: 17}
+_log = logging.getLogger(__name__)
+
+
+class CheckNotRun(Exception):
+    """A check could not run here (a missing or another cluster's WAL archive, no usable binary): an error
+    before any check, never a verdict; the message names the flag or file."""
 
 
 @dataclass
@@ -164,16 +188,23 @@ def verify_backup(
     written in the file, e.g. ``{"shared_preload_libraries": "'timescaledb'"}``).
     ``use_backup_pg_wal``: restore with the backup's own ``pg_wal/`` files instead of an empty
     ``pg_wal/`` (what a careless restore of an rsync copy does; only to show what it leads to).
+
+    :raises CheckNotRun: the WAL archive is missing, closed or another cluster's, or no usable server
+        binaries: before anything is copied (a tar backup's cluster: once extracted).
     """
     started = time.monotonic()
     backup = Path(backup_dir).absolute()
     archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    major = backup_major(backup)
+    bin_path = server_bindir(major, bindir)
     reasons: list[str] = []
     details: dict[str, Any] = {"backup_dir": str(backup), "wal_archive": str(archive) if archive else None}
     work: Path | None = None
     cluster: LocalCluster | None = None
     try:
-        label_text = check_backup_dir(backup, archive, require_backup_label=require_backup_label)
+        label_text = check_backup_dir(
+            backup, archive, require_backup_label=require_backup_label, archive_flag=ARCHIVE_ARG
+        )
         fields = parse_backup_label(label_text) if label_text is not None else None
         details["backup_label"] = fields
         if fields is not None:
@@ -182,8 +213,6 @@ def verify_backup(
                 check_copy(backup, None, label_text)
             except CopyMismatch as exc:
                 reasons.append(str(exc))
-        major = backup_major(backup)
-        bin_path = Path(bindir) if bindir else find_bindir(major)
         work = Path(tempfile.mkdtemp(prefix="pgsb-verify-", dir=work_dir))
         details["work_dir"] = str(work)
         data = work / "data"
@@ -236,6 +265,8 @@ def verify_backup(
             if "PANIC:" in line or "was terminated by signal" in line:
                 reasons.append(f"server log during the checks: {line.strip()}")
         return _result(reasons, details, started)
+    except ArchiveNotUsable as exc:  # the check cannot run with this archive: no verdict
+        raise CheckNotRun(str(exc)) from exc
     except RestoreError as exc:  # the backup cannot be restored safely here: a FAIL reason
         reasons.append(str(exc))
         return _result(reasons, details, started)
@@ -255,6 +286,83 @@ def verify_backup(
                 details["kept_work_dir"] = str(work)
             else:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def server_bindir(major: int | None, bindir: Path | str | None = None) -> Path:
+    """The server binaries the restore check starts the copy with: ``bindir``, else the backup's major's.
+
+    :param major: the backup's PostgreSQL major (None: unknown, e.g. a tar backup before extraction).
+    :param bindir: the folder given (--bindir), if any.
+    :raises CheckNotRun: none found, one missing, or of another major (which refuses the copy's files).
+    """
+    try:
+        folder = Path(bindir) if bindir else find_bindir(major)
+    except FileNotFoundError:
+        raise CheckNotRun(
+            f"no PostgreSQL {major or ''} server binaries for the restore check: install them, set PG_BINDIR"
+            " or pass --bindir"
+        ) from None
+    missing = [tool for tool in SERVER_TOOLS if not (folder / tool).is_file()]
+    if missing:
+        raise CheckNotRun(
+            f"no {' or '.join(missing)} in {folder} (--bindir): the restore check starts the copy with"
+            f" {f'PostgreSQL {major}' if major else 'its major'}'s server"
+        )
+    found = tool_major(folder / "postgres")
+    if major is not None and found is not None and found != major:
+        raise CheckNotRun(
+            f"{folder}/postgres is PostgreSQL {found} and the backup {major}: pass --bindir with PostgreSQL"
+            f" {major}'s server binaries"
+        )
+    return folder
+
+
+def find_verifier(
+    backup: Path, verifier_bindir: Path | str | None = None, bindir: Path | str | None = None
+) -> Path:
+    """The folder of the pg_verifybackup that checks the backup's manifest: ``verifier_bindir``; else, of
+    ``bindir``, the backup's major's binaries and every installed PostgreSQL's, one whose verifier reads the
+    manifest's version (13+ reads version 1, 17+ version 2): the backup's own major, else the nearest.
+
+    :param backup: the backup, with its backup_manifest.
+    :param verifier_bindir: the folder given (--verifier-bindir), if any: it is used or refused.
+    :param bindir: the server binaries given (--bindir), if any: tried first.
+    :raises CheckNotRun: ``verifier_bindir`` has no verifier that reads the manifest, or none is installed.
+    """
+    # Unreadable: any verifier runs and says what is wrong with it.
+    version = manifest_field(backup, "PostgreSQL-Backup-Manifest-Version") or 1
+    lowest = MANIFEST_READERS.get(version, max(MANIFEST_READERS.values()))
+    if verifier_bindir:
+        folder = Path(verifier_bindir)
+        found = tool_major(folder / "pg_verifybackup") if (folder / "pg_verifybackup").is_file() else None
+        if found is None or found < lowest:
+            raise CheckNotRun(
+                f"no pg_verifybackup of PostgreSQL {lowest} or later in {folder} (--verifier-bindir): the"
+                f" backup_manifest is of version {version}"
+            )
+        return folder
+    major = backup_major(backup)
+    candidates = [Path(bindir)] if bindir else []
+    try:
+        candidates.append(find_bindir(major))
+    except FileNotFoundError:
+        pass
+    candidates += [Path(folder) for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"))]
+    if on_path := shutil.which("pg_verifybackup"):
+        candidates.append(Path(on_path).parent)
+    usable: dict[Path, int] = {}
+    for folder in candidates:
+        if folder not in usable and (folder / "pg_verifybackup").is_file():
+            found = tool_major(folder / "pg_verifybackup")
+            if found is not None and found >= lowest:
+                usable[folder] = found
+    if not usable:
+        raise CheckNotRun(
+            f"no installed pg_verifybackup reads {backup}/backup_manifest (version {version}: PostgreSQL"
+            f" {lowest} or later): install one, pass --verifier-bindir, or skip it (--no-verifybackup)"
+        )
+    # The same major parses the WAL too; else the nearest, the newer of two as near.
+    return min(usable, key=lambda f: (usable[f] != major, abs(usable[f] - (major or usable[f])), -usable[f]))
 
 
 def _result(reasons: list[str], details: dict[str, Any], started: float) -> VerifyResult:
@@ -598,9 +706,22 @@ def check_backup(
     :param tablespace_dirs: tablespace OID -> its backup, when not where the module docstring looks.
     :param progress: called with a line as each check starts (the CLI prints it).
     :param restore_options: :func:`verify_backup`'s keyword arguments.
+    :raises CheckNotRun: before any check: the WAL archive is missing, closed to the server's OS user or
+        another cluster's; no pg_verifybackup reads the manifest (``manifest``); no server binaries of the
+        backup's major (``restore``).
     """
     backup = Path(backup_dir).absolute()
     archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    if archive is not None:
+        try:
+            check_archive(backup, archive, flag=ARCHIVE_ARG)
+        except ArchiveNotUsable as err:
+            raise CheckNotRun(str(err)) from err
+    verifier = None
+    if manifest and (backup / "backup_manifest").is_file():
+        verifier = find_verifier(backup, verifier_bindir, restore_options.get("bindir"))
+    if restore:
+        server_bindir(backup_major(backup), restore_options.get("bindir"))
     say = progress or (lambda line: None)
     steps = []
     if page_lsns:
@@ -608,7 +729,7 @@ def check_backup(
         steps.append(_page_lsn_step(backup, archive, stop_lsn, tablespace_dirs))
     if manifest:
         say(f"{CHECKS[1]}: checking {backup} against its backup_manifest ...")
-        steps.append(_verifybackup_step(backup, archive, verifier_bindir))
+        steps.append(_verifybackup_step(backup, archive, verifier))
     if restore:
         say(f"{CHECKS[2]}: copying {backup} and recovering it on a temporary server ...")
         result = verify_backup(backup, archive, tablespace_dirs=tablespace_dirs, **restore_options)
@@ -616,28 +737,40 @@ def check_backup(
     return BackupCheck(steps)
 
 
-def record_check(backup_dir: Path | str, report: BackupCheck, seconds: float, by: str) -> bool:
+def record_check(
+    backup_dir: Path | str,
+    report: BackupCheck,
+    seconds: float,
+    by: str,
+    warn: Callable[[str], None] | None = None,
+) -> bool:
     """Append the outcome of the checks to the backup's ``backup_info.json`` (the catalog), when it has one.
+    Best-effort: the verdict stands when it cannot be written (read-only storage), with a warning.
 
     :param backup_dir: the backup checked.
     :param report: what the checks found.
     :param seconds: how long they took (a drill's restore time).
     :param by: who checked: ``pg-safe-backup verify``, a task's id, ...
-    :returns: whether the catalog had the backup.
+    :param warn: where to say it was not recorded (default: this module's logger).
+    :returns: whether it was recorded.
     """
     folder = Path(backup_dir)
     if not has_info(folder):  # beside the folder, or inside it (an earlier release's)
         return False
-    append_verification(
-        folder,
-        {
-            "ok": report.ok,
-            "by": by,
-            "seconds": round(seconds, 1),
-            "checks": {step.name: step.status for step in report.steps},
-            "summary": report.summary().splitlines()[0],
-        },
-    )
+    try:
+        append_verification(
+            folder,
+            {
+                "ok": report.ok,
+                "by": by,
+                "seconds": round(seconds, 1),
+                "checks": {step.name: step.status for step in report.steps},
+                "summary": report.summary().splitlines()[0],
+            },
+        )
+    except (OSError, CatalogError) as err:
+        (warn or _log.warning)(f"the verdict was not recorded in {entry_path(folder)}: {_one_line(err)}")
+        return False
     return True
 
 
@@ -701,23 +834,24 @@ def _page_lsn_step(
     return CheckStep(name, PASS if result.ok else FAIL, result.message, details)
 
 
-def _verifybackup_step(backup: Path, archive: Path | None, bindir: Path | str | None) -> CheckStep:
+def _verifybackup_step(backup: Path, archive: Path | None, folder: Path | None) -> CheckStep:
+    """pg_verifybackup of ``folder`` (:func:`find_verifier`; None: the backup has no manifest)."""
     name = CHECKS[1]
     major = backup_major(backup)
-    if not (backup / "backup_manifest").is_file():
+    if folder is None:
         why = "PostgreSQL 12 has no backup manifests" if major == 12 else "the store task wrote none"
         return CheckStep(name, SKIPPED, f"no backup_manifest in {backup} ({why})")
-    try:
-        folder = Path(bindir) if bindir else find_bindir(major)
-    except (FileNotFoundError, ValueError) as err:
-        return CheckStep(name, SKIPPED, f"no PostgreSQL {major} binaries here: {_one_line(err)}")
-    if not (folder / "pg_verifybackup").is_file():
-        return CheckStep(name, SKIPPED, f"no pg_verifybackup in {folder}")
     verifier_major = tool_major(folder / "pg_verifybackup")
-    same = verifier_major == major
     # Another major's verifier of a version 2 manifest refuses the copy's pg_control version.
-    ignore = () if same or (major or 0) < 17 else (CONTROL_FILE,)
-    notes = [] if same else [f"WAL not parsed: pg_waldump {verifier_major} reads only its own major's WAL"]
+    ignore = () if verifier_major == major or (major or 0) < 17 else (CONTROL_FILE,)
+    same = verifier_major == major and (folder / "pg_waldump").is_file()  # pg_waldump parses the WAL
+    notes = []
+    if not same:
+        notes.append(
+            f"WAL not parsed: no pg_waldump in {folder}"
+            if verifier_major == major
+            else f"WAL not parsed: pg_waldump {verifier_major} reads only its own major's WAL"
+        )
     if ignore:
         notes.append(f"{CONTROL_FILE} not checked: pg_verifybackup {verifier_major} refuses another major's")
     note = f" ({'; '.join(notes)})" if notes else ""
@@ -756,7 +890,12 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-page-lsn", action="store_true", help="skip the page-LSN check")
     p.add_argument("--no-verifybackup", action="store_true", help="skip pg_verifybackup")
     p.add_argument("--no-restore", action="store_true", help="skip the restore check (the slow one)")
-    p.add_argument("--verifier-bindir", type=Path, help="folder of pg_verifybackup (default: --bindir)")
+    p.add_argument(
+        "--verifier-bindir",
+        type=Path,
+        help="folder of pg_verifybackup (default: --bindir's, the backup's major's, else the nearest"
+        " installed)",
+    )
     p.add_argument("--invariant-sql", help="a query returning rows (ok boolean, detail text); all must be ok")
     p.add_argument("--invariant-db", default="postgres")
     p.add_argument("--keep", action="store_true", help="keep the work dir (the server is stopped)")
@@ -785,14 +924,36 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     began = time.monotonic()
-    report = check_backup(
+    try:
+        report = _check(args)
+    except CheckNotRun as err:
+        print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", _warn):
+        print(f"recorded in {entry_path(Path(args.backup_dir))}")
+    if args.verbose:
+        for step in report.steps:
+            print(f"{step.name}:")
+            for key, value in step.details.items():
+                print(f"  {key}: {value}")
+    return 0 if report.ok else 1
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def _check(args: argparse.Namespace) -> BackupCheck:
+    """:func:`check_backup` as the CLI's flags say."""
+    return check_backup(
         args.backup_dir,
         args.wal_archive,
         stop_lsn=args.stop_lsn,
         page_lsns=not args.no_page_lsn,
         manifest=not args.no_verifybackup,
         restore=not args.no_restore,
-        verifier_bindir=args.verifier_bindir or args.bindir,
+        verifier_bindir=args.verifier_bindir,
         invariant_sql=args.invariant_sql,
         invariant_db=args.invariant_db,
         work_dir=args.work_dir,
@@ -805,15 +966,6 @@ def _verify(args: argparse.Namespace) -> int:
         use_backup_pg_wal=args.use_backup_pg_wal,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    print(report.summary())
-    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify"):
-        print(f"recorded in {Path(args.backup_dir) / INFO_NAME}")
-    if args.verbose:
-        for step in report.steps:
-            print(f"{step.name}:")
-            for key, value in step.details.items():
-                print(f"  {key}: {value}")
-    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -659,7 +659,10 @@ class PostgresVerifyBackupOperator(BaseOperator):
 
     Each result goes to the task log and to XCom (``checks``: status, summary, details). Needs PostgreSQL
     binaries of the backup's major version on the worker for 2 and 3. A failed check fails the task
-    without a retry (``AirflowFailException``): the same backup would fail it again.
+    without a retry (``AirflowFailException``): the same backup would fail it again. A check that could
+    not run (the WAL archive missing or another cluster's, no binaries) is no verdict: nothing is recorded
+    and the task fails with a plain ``AirflowException``, which Airflow retries. Recording the verdict in
+    the catalog is best-effort (read-only storage: a warning).
 
     :param backup_dir: the copy with its backup_label (templated).
     :param wal_archive: the folder archive_command copies WAL into (templated); None for a self-contained
@@ -705,30 +708,37 @@ class PostgresVerifyBackupOperator(BaseOperator):
         self.restore = check_flag(restore, "restore")
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from pg_safe_backup.verify import check_backup, record_check
+        from pg_safe_backup.verify import CheckNotRun, check_backup, record_check
 
         began = time.monotonic()
         backup_dir = rendered(check_text, self.backup_dir, "backup_dir")
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
-        report = check_backup(
-            backup_dir,
-            wal_archive,
-            stop_lsn=self.stop_lsn or None,
-            page_lsns=self.page_lsn_check,
-            manifest=self.verify_manifest,
-            restore=self.restore,
-            invariant_sql=self.invariant_sql,
-            invariant_db=self.invariant_db,
-            recovery_target_immediate=not self.to_end_of_archive,
-            timeout=self.restore_timeout,
-        )
+        try:
+            report = check_backup(
+                backup_dir,
+                wal_archive,
+                stop_lsn=self.stop_lsn or None,
+                page_lsns=self.page_lsn_check,
+                manifest=self.verify_manifest,
+                restore=self.restore,
+                invariant_sql=self.invariant_sql,
+                invariant_db=self.invariant_db,
+                recovery_target_immediate=not self.to_end_of_archive,
+                timeout=self.restore_timeout,
+            )
+        except CheckNotRun as err:  # no verdict: a retry may find the archive mounted, the binaries installed
+            raise AirflowException(f"the checks of {backup_dir} could not run: {err}") from err
         for step in report.steps:
             (self.log.error if step.status == "FAIL" else self.log.info)(
                 "%s of %s: %s", step.name, backup_dir, step.line()
             )
         ti = context["ti"]
         if record_check(
-            backup_dir, report, time.monotonic() - began, f"{ti.dag_id}/{ti.run_id}/{ti.task_id}"
+            backup_dir,
+            report,
+            time.monotonic() - began,
+            f"{ti.dag_id}/{ti.run_id}/{ti.task_id}",
+            self.log.warning,
         ):
             self.log.info("recorded the checks in the catalog (%s/backup_info.json)", backup_dir)
         if not report.ok:
