@@ -313,6 +313,28 @@ def test_the_drill_refuses_before_restoring_anything(backups: Backups, tmp_path:
     assert " is 3 days, 0:00:0" in refused and "old, older than max_age 1 day, 6:00:00" in refused, refused
 
 
+def test_a_drill_that_could_not_run_is_retried_and_records_nothing(backups: Backups, tmp_path: Path) -> None:
+    """A missing WAL archive is no verdict on the backup: a plain AirflowException (retried), and its
+    catalog entry gains no check."""
+    from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+
+    from pg_safe_backup.catalog import read_info
+    from pg_safe_backup.operators.lifecycle import PostgresRestoreDrillOperator
+
+    root = tmp_path / "root"
+    shutil.copytree(backups.first, root / "a", symlinks=True)
+    shutil.copy2(entry_path(backups.first), entry_path(root / "a"))
+    before = read_info(root / "a").verifications
+    op = PostgresRestoreDrillOperator(
+        task_id="drill", root=str(root), wal_archive=str(tmp_path / "no_archive")
+    )
+    with pytest.raises(AirflowException) as failed:
+        op.execute({})
+    assert not isinstance(failed.value, AirflowFailException), failed.value
+    assert "could not run" in str(failed.value) and "no_archive" in str(failed.value), failed.value
+    assert read_info(root / "a").verifications == before
+
+
 # ------------------------------------------------------------------- a test restore never costs a row
 def restore_newest(backups: Backups, target: Path, space: Path, *flags: str) -> subprocess.CompletedProcess:
     """``pg-safe-backup restore`` of the newest backup into ``target`` from the module's archive, its

@@ -86,7 +86,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
         self.work_dir = work_dir
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from pg_safe_backup.verify import BackupCheck, check_backup, record_check
+        from pg_safe_backup.verify import BackupCheck, CheckNotRun, check_backup, record_check
 
         root = Path(rendered(check_text, self.root, "root"))
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
@@ -131,18 +131,21 @@ class PostgresRestoreDrillOperator(BaseOperator):
                 f" older than max_age {timedelta(seconds=max_age)}: are the backups still running?"
             )
         began = time.monotonic()
-        checks = check_backup(newest.folder, wal_archive, restore=False)
-        checks_s = time.monotonic() - began
-        restored = check_backup(
-            newest.folder,
-            wal_archive,
-            page_lsns=False,
-            manifest=False,
-            invariant_sql=self.invariant_sql,
-            invariant_db=self.invariant_db,
-            timeout=self.restore_timeout,
-            work_dir=self.work_dir,
-        )
+        try:
+            checks = check_backup(newest.folder, wal_archive, restore=False)
+            checks_s = time.monotonic() - began
+            restored = check_backup(
+                newest.folder,
+                wal_archive,
+                page_lsns=False,
+                manifest=False,
+                invariant_sql=self.invariant_sql,
+                invariant_db=self.invariant_db,
+                timeout=self.restore_timeout,
+                work_dir=self.work_dir,
+            )
+        except CheckNotRun as err:  # no verdict, nothing recorded: a retry may find the archive mounted
+            raise AirflowException(f"the drill of {newest.name} could not run: {err}") from err
         restore_s = time.monotonic() - began - checks_s
         report = BackupCheck(checks.steps + restored.steps)
         for step in report.steps:
