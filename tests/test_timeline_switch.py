@@ -27,6 +27,7 @@ import psycopg
 import pytest
 
 from demo.load import invariant_sql, wait_archived
+from pg_safe_backup.catalog import list_backups
 from pg_safe_backup.files.copier import copy_data_directory
 from pg_safe_backup.files.manifest import ManifestError, backup_wal_ranges, timeline_at
 from pg_safe_backup.hooks.backup import PostgresBackupHook
@@ -301,6 +302,9 @@ def test_the_manifest_has_one_wal_range_per_timeline_as_pg_basebackup_writes_the
     start, stop = switched.backup["start_lsn"], switched.backup["stop_lsn"]
     assert ranges == [(2, switch, stop), (1, start, switch)]
     assert switched.backup["stop_timeline"] == 2
+    (listed,) = list_backups(tmp_root)
+    assert (listed.proof.ok, listed.proof.start_tli, listed.proof.stop_tli) == (True, 1, 2), listed.proof
+    assert listed.info.stop_wal.startswith("00000002"), "the catalog names the stop WAL on timeline 2"
     # pg_basebackup of the same standby, across the same promotion: the same ranges but for its own
     # start and stop.
     theirs = _wal_ranges(json.loads((switched.basebackup / "backup_manifest").read_text()))

@@ -197,6 +197,7 @@ def info_for_backup(
     pg_major: int | None = None,
     wal_segment_size: int | None = None,
     stop_time: datetime | None = None,
+    stop_timeline: int | None = None,
     **extra: Any,
 ) -> BackupInfo:
     """The BackupInfo of a backup pg_backup_stop ended: what its label and stop LSN say, plus ``extra``
@@ -209,6 +210,8 @@ def info_for_backup(
     :param pg_major: the server's major version.
     :param wal_segment_size: the cluster's (default 16 MB): names the stop WAL file.
     :param stop_time: when the backup was recorded (default: now).
+    :param stop_timeline: the timeline it stopped on, when not its start's (a standby that followed a
+        promotion during the backup): names the stop WAL file.
     :raises ValueError: the label has no START WAL LOCATION.
     """
     start_lsn, timeline = backup_start(backup_label)
@@ -223,7 +226,7 @@ def info_for_backup(
         timeline=timeline,
         # The segment holding start_lsn: the one before start_lsn + 1.
         start_wal=named or wal_segment_name(format_lsn(parse_lsn(start_lsn) + 1), timeline, size),
-        stop_wal=wal_segment_name(stop_lsn, timeline, size),
+        stop_wal=wal_segment_name(stop_lsn, stop_timeline or timeline, size),
         start_time=label_time(backup_label),
         stop_time=(stop_time or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(),
         system_identifier=None if system_identifier is None else str(system_identifier),

@@ -84,6 +84,7 @@ from pg_safe_backup.files.tablespaces import (
 )
 from pg_safe_backup.files.wal import NotWal, archive_system_identifier
 from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
+from pg_safe_backup.proof import prove_backup
 from pg_safe_backup.state import parse_backup_label, parse_lsn
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
@@ -376,19 +377,26 @@ def archive_restore_command(archive: Path) -> str:
 
 
 def _check_not_before_backup(backup: Path, target: RecoveryTarget) -> None:
-    """A target before the end of the backup cannot be reached from it (recovery stops with FATAL)."""
+    """A target before the end of the backup cannot be reached from it (recovery stops with FATAL): refuse
+    what the backup proves (its start time, its stop LSN); the catalog entry's stop time only when the
+    entry is this backup's (its stop LSN the proven one). Otherwise PostgreSQL itself refuses."""
+    proof = prove_backup(backup)
+    if not proof.ok:
+        return
     try:
         info = read_backup_info(backup)
     except CatalogError:
-        return  # no backup_info.json: PostgreSQL itself refuses a target before the backup's end
-    if target.time is not None and target.time < info.stopped:
+        info = None
+    ended = info.stopped if info is not None and info.stop_lsn == proof.stop_lsn else None
+    before = max((t for t in (proof.start_time, ended) if t is not None), default=None)
+    if target.time is not None and before is not None and target.time < before:
         raise RestoreError(
-            f"--target-time {target.time.isoformat()} is before the end of this backup ({info.stop_time});"
-            " restore an earlier one: use --latest-before with the backups' root"
+            f"--target-time {target.time.isoformat()} is before the end of this backup"
+            f" ({before.isoformat()}); restore an earlier one: use --latest-before with the backups' root"
         )
-    if target.lsn is not None and parse_lsn(target.lsn) < parse_lsn(info.stop_lsn):
+    if target.lsn is not None and parse_lsn(target.lsn) < parse_lsn(proof.stop_lsn):
         raise RestoreError(
-            f"--target-lsn {target.lsn} is before the end of this backup ({info.stop_lsn}); restore an"
+            f"--target-lsn {target.lsn} is before the end of this backup ({proof.stop_lsn}); restore an"
             " earlier one"
         )
 

@@ -574,6 +574,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             system_identifier=backup.get("system_identifier"),
             pg_major=major,
             wal_segment_size=segment_size,
+            stop_timeline=backup.get("stop_timeline"),
             format=copied.format if copied else ("plain" if major else "unknown"),
             compression=copied.compression if copied and copied.compression != "none" else None,
             bytes=sum(r.size for r in copied.files.values()) if copied else None,
