@@ -84,9 +84,9 @@ from pg_safe_backup.files.tablespaces import (
     parse_tablespace_map,
 )
 from pg_safe_backup.files.wal import NotWal, archive_system_identifier
+from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn
 from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
 from pg_safe_backup.proof import prove_backup
-from pg_safe_backup.state import parse_backup_label, parse_lsn
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
 # the backup rather than the restored cluster.

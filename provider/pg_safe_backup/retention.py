@@ -47,6 +47,7 @@ from pg_safe_backup.catalog import (
 )
 from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.files.xlog import wal_file_position
 from pg_safe_backup.hooks.server import ServerPosition, ServerUnreachable, server_position
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
 
@@ -226,7 +227,10 @@ def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
     if links:
         raise RetentionRefused(f"{', '.join(links)} is a link, never deleted through: removing nothing")
     cutoff = plan.wal_cutoff
-    if cutoff is None or any(not e.proof.start_wal or e.proof.start_wal[8:] < cutoff[8:] for e in plan.keep):
+    if cutoff is None or any(
+        not e.proof.start_wal or wal_file_position(e.proof.start_wal) < wal_file_position(cutoff)
+        for e in plan.keep
+    ):
         raise RetentionRefused(
             f"the WAL cut-off {cutoff} is not at or before every kept backup's start: removing nothing"
         )

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pg_safe_backup.errors import PermanentError
-from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
+from pg_safe_backup.files.xlog import format_lsn, parse_backup_label, parse_lsn
 
 #: pg_control_version -> offset of ``crc`` (= the number of bytes the CRC covers).
 CRC_OFFSET = {1201: 288, 1300: 288, 1700: 288, 1800: 292}
