@@ -68,7 +68,7 @@ def test_an_lsn_in_other_spellings_parses_too(text: str, position: int) -> None:
     assert parse_lsn(text) == position
 
 
-@pytest.mark.parametrize("text", ["1/", "/1", "G/0", "0/0/0", "12345"])
+@pytest.mark.parametrize("text", ["", "  ", "1/", "/1", "G/0", "0/0/0", "12345"])
 def test_what_is_not_an_lsn_is_a_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         parse_lsn(text)

@@ -21,7 +21,10 @@ def parse_lsn(text: str) -> int:
     :param text: an LSN as PostgreSQL prints it.
     :raises ValueError: it is not ``X/Y`` in hexadecimal.
     """
-    hi, _, lo = text.strip().split()[0].partition("/")
+    words = text.split()
+    if not words:  # an empty --target-lsn was an IndexError, not the one-line error callers give
+        raise ValueError(f"{text!r} is not an LSN")
+    hi, _, lo = words[0].partition("/")
     return (int(hi, 16) << 32) | int(lo, 16)
 
 
