@@ -23,16 +23,17 @@ from pg_safe_backup.files.objects import upload_tree
 from pg_safe_backup.files.tarball import check_compression, write_tar_backup
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
 from pg_safe_backup.session import CONFIG_FILES
+from pg_safe_backup.store import CopyRecords
 from pg_safe_backup.utils.mixins import rendered, same_map_index_xcom
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: XCom key of the copy's record (:func:`files_xcom`): every file's size, time and SHA-256, from which
-#: the store task writes the backup_manifest without reading the copy again (and of an object store or
-#: tar copy, which it cannot read). Pushed only up to MAX_XCOM_FILES files: XCom lives in Airflow's
-#: metadata database (about 100 bytes a file); beyond, a local plain copy's manifest reads the copy, and
-#: other copies get none (the log says so).
+#: XCom key of the copy's records (:class:`~pg_safe_backup.store.CopyRecords`): every file's size, time and
+#: SHA-256, from which the store task writes the backup_manifest without reading the copy again (and of an
+#: object store or tar copy, which it cannot read). Pushed only up to MAX_XCOM_FILES files: XCom lives in
+#: Airflow's metadata database (about 100 bytes a file); beyond, a local plain copy's manifest reads the
+#: copy, and other copies get none (the log says so).
 FILES_XCOM = "files"
 MAX_XCOM_FILES = 50_000
 FORMATS = ("plain", "tar")
@@ -159,8 +160,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         self.log.info("%s", result.summary())
         if len(result.checksums) <= MAX_XCOM_FILES:
             major = int((source / "PG_VERSION").read_text().strip())
-            records = files_xcom(result, major, self.format, self.compression)
-            context["ti"].xcom_push(key=FILES_XCOM, value=records)
+            records = CopyRecords.of_copy(result, major, self.format, self.compression)
+            context["ti"].xcom_push(key=FILES_XCOM, value=records.to_xcom())
         else:
             self.log.warning(
                 "not handing the records of %d files (over %d) to the manifest through XCom: a local plain"
@@ -214,20 +215,12 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
 def files_xcom(
     result: CopyResult, major: int, format: str = "plain", compression: str = "none"
 ) -> dict[str, Any]:
-    """The XCom ``files`` of a copy (JSON): ``{"major": N, "format": ..., "compression": ..., "files":
-    {path: [size, mtime_ns, sha256]}}``.
+    """The XCom ``files`` of a copy (:meth:`CopyRecords.to_xcom <pg_safe_backup.store.CopyRecords.to_xcom>`
+    of :meth:`~pg_safe_backup.store.CopyRecords.of_copy`).
 
     :param result: the copy's result.
     :param major: the copied server's major version.
     :param format: ``plain`` or ``tar``.
     :param compression: the tar archives' (``none`` for plain).
     """
-    return {
-        "major": major,
-        "format": format,
-        "compression": compression,
-        "files": {
-            path: [result.sizes[path], result.mtimes_ns[path], digest]
-            for path, digest in result.checksums.items()
-        },
-    }
+    return CopyRecords.of_copy(result, major, format, compression).to_xcom()
