@@ -74,6 +74,7 @@ from pg_safe_backup.catalog import (
     parse_when,
 )
 from pg_safe_backup.catalog import read_info as read_backup_info
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
@@ -83,9 +84,9 @@ from pg_safe_backup.files.tablespaces import (
     parse_tablespace_map,
 )
 from pg_safe_backup.files.wal import NotWal, archive_system_identifier
+from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn
 from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
 from pg_safe_backup.proof import prove_backup
-from pg_safe_backup.state import parse_backup_label, parse_lsn
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
 # the backup rather than the restored cluster.
@@ -117,7 +118,7 @@ TAR_SUFFIXES = ("", ".gz", ".zst")
 PROGRESS_EVERY = 3.0
 
 
-class RestoreError(ValueError):
+class RestoreError(PermanentError, ValueError):
     """The backup cannot be restored as asked; the message names the parameter (or flag) at fault."""
 
 

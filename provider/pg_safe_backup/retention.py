@@ -45,7 +45,9 @@ from pg_safe_backup.catalog import (
     plan_retention,
     wal_to_remove,
 )
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.files.xlog import wal_file_position
 from pg_safe_backup.hooks.server import ServerPosition, ServerUnreachable, server_position
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
 
@@ -82,7 +84,7 @@ class Place(Protocol):
     def unlink(self) -> None: ...
 
 
-class RetentionRefused(RuntimeError):
+class RetentionRefused(PermanentError, RuntimeError):
     """Retention removed nothing, for the reason given (no proven backup kept, a plan at odds with the
     disk)."""
 
@@ -225,7 +227,10 @@ def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
     if links:
         raise RetentionRefused(f"{', '.join(links)} is a link, never deleted through: removing nothing")
     cutoff = plan.wal_cutoff
-    if cutoff is None or any(not e.proof.start_wal or e.proof.start_wal[8:] < cutoff[8:] for e in plan.keep):
+    if cutoff is None or any(
+        not e.proof.start_wal or wal_file_position(e.proof.start_wal) < wal_file_position(cutoff)
+        for e in plan.keep
+    ):
         raise RetentionRefused(
             f"the WAL cut-off {cutoff} is not at or before every kept backup's start: removing nothing"
         )
