@@ -38,9 +38,8 @@ from pg_safe_backup.triggers.backup import (
     task_states,
 )
 from pg_safe_backup.utils.mixins import (
-    CONNECTION_FIELDS,
-    BackupTaskMixin,
-    default_deferrable,
+    PostgresBackupBaseOperator,
+    backup_template_fields,
     fail_on,
     rendered,
     same_map_index_xcom,
@@ -65,9 +64,11 @@ RESULT_KEYS = (
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
 
 
-class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
+class PostgresStartBackupOperator(PostgresBackupBaseOperator):
     """
-    Start a non-exclusive backup and hold its session until the finish ends it.
+    The hold task (``hold_backup_session`` in a ``PostgresOnlineBackup``): start a non-exclusive backup and
+    hold its session until the finish ends it. Its trigger, the holder (``PostgresHoldBackupTrigger``),
+    holds that session; the gate names this task ``holder_task_id``.
 
     The task stays deferred for the whole backup (its trigger holds the session, which PostgreSQL
     requires); it runs beside the copy tasks, which wait on a ``PostgresBackupStartedSensor``.
@@ -98,46 +99,25 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
     """
 
     # ``label`` is BaseOperator's display name, hence the attribute name pg_label.
-    template_fields: Sequence[str] = (
-        "pg_label",
-        "fast_checkpoint",
-        "wait_for_archive",
-        "backup_timeout",
-        *CONNECTION_FIELDS,
+    template_fields: Sequence[str] = backup_template_fields(
+        "pg_label", "fast_checkpoint", "wait_for_archive", "backup_timeout"
     )
     ui_color = "#d8e8f8"
 
     def __init__(
         self,
         *,
-        postgres_conn_id: str = "postgres_default",
-        state_conn_id: str | None = None,
-        database: str | None = None,
-        table: str = "backup",
-        table_schema: str = "public",
-        backup_key: str = "backup",
         label: str = DEFAULT_LABEL,
         fast_checkpoint: bool = False,
         wait_for_archive: bool = True,
         backup_timeout: float = ONE_DAY_S,
         terminate_live: bool = False,
-        poll_interval: float = 5.0,
         finish_task_id: str | None = None,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs["retries"] = 0
-        super().__init__(**kwargs)
-        self._init_backup(
-            postgres_conn_id,
-            state_conn_id,
-            database,
-            table,
-            table_schema,
-            backup_key,
-            poll_interval,
-            deferrable,
-        )
+        super().__init__(deferrable=deferrable, **kwargs)
         self.pg_label = unless_rendered_later(check_label, label, "label")
         self.fast_checkpoint = unless_rendered_later(check_flag, fast_checkpoint, "fast_checkpoint")
         self.wait_for_archive = unless_rendered_later(check_flag, wait_for_archive, "wait_for_archive")
@@ -153,7 +133,7 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
         """The trigger that takes and holds this try's backup, from the fields as rendered for this run.
         Each is checked first: a bad one fails the task (``AirflowFailException``) before backup mode."""
         ti = context["ti"]
-        hook_kwargs = self.hook_kwargs
+        target = self.backup_target
         ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
         request = HoldRequest(
             owner=ref.owner,
@@ -166,7 +146,7 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
             poll_interval=self.poll_interval,
             terminate_live=self.terminate_live,
         )
-        return PostgresHoldBackupTrigger(hook_kwargs, request=asdict(request), ref=asdict(ref))
+        return PostgresHoldBackupTrigger(target.hook_kwargs, request=asdict(request), ref=asdict(ref))
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
@@ -193,7 +173,7 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
         return _public(event["backup"])
 
 
-class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
+class PostgresFinishBackupOperator(PostgresBackupBaseOperator):
     """
     End this run's backup: mark it done (or failed when a copy task did not succeed), wait for
     pg_backup_stop, and push backup_label, tablespace_map, start/stop LSN, timeline (the start's),
@@ -213,35 +193,11 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
     :param gate_task_id: the ``PostgresBackupStartedSensor`` whose copy tasks this finishes.
     """
 
-    template_fields: Sequence[str] = CONNECTION_FIELDS
     ui_color = "#d8f0d8"
 
-    def __init__(
-        self,
-        *,
-        gate_task_id: str,
-        postgres_conn_id: str = "postgres_default",
-        state_conn_id: str | None = None,
-        database: str | None = None,
-        table: str = "backup",
-        table_schema: str = "public",
-        backup_key: str = "backup",
-        poll_interval: float = 5.0,
-        deferrable: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, gate_task_id: str, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", TriggerRule.ALL_DONE)
         super().__init__(**kwargs)
-        self._init_backup(
-            postgres_conn_id,
-            state_conn_id,
-            database,
-            table,
-            table_schema,
-            backup_key,
-            poll_interval,
-            default_deferrable() if deferrable is None else deferrable,
-        )
         self.gate_task_id = check_text(gate_task_id, "gate_task_id")
 
     def _copy_problem(self, context: Context) -> str | None:
@@ -253,7 +209,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         return "the copy did not succeed: " + ", ".join(f"{t} is {s}" for t, s in bad.items())
 
     def execute(self, context: Context) -> Any:
-        hook_kwargs = self.hook_kwargs  # the rendered connection fields, checked first
+        target = self.backup_target  # the rendered connection fields, checked first
         problem = self._copy_problem(context)
         start_lsn = same_map_index_xcom(context, self.gate_task_id, "start_lsn")
         attempt = same_map_index_xcom(context, self.gate_task_id, "attempt")
@@ -272,7 +228,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         if problem:
             self.log.error("%s; failing the backup", problem)
         trigger = PostgresFinishBackupTrigger(
-            hook_kwargs,
+            target.hook_kwargs,
             attempt=attempt,
             start_lsn=start_lsn,
             copy_problem=problem,
