@@ -3,9 +3,10 @@
 everything else of it is stored.
 
 Airflow-free: :class:`~pg_safe_backup.operators.backup.PostgresStoreBackupLabelOperator` renders its fields,
-calls :func:`store_backup` and maps its two errors (:class:`StoreRefused`, never retried;
-:class:`StoreFailed`, a retry may succeed). A folder is a :class:`pathlib.Path` or an object-store path
-(``ObjectStoragePath``: ``protocol``, ``path``, ``/``).
+calls :func:`store_backup` and maps its errors by their branch of :mod:`pg_safe_backup.errors` (a
+:class:`~pg_safe_backup.errors.PermanentError` is never retried; :class:`StoreFailed`, a retry may
+succeed). A folder is a :class:`pathlib.Path` or an object-store path (``ObjectStoragePath``:
+``protocol``, ``path``, ``/``).
 
 :class:`CopyRecords` is what the copy tasks hand the store through XCom: every file's size, time and SHA-256,
 from which the manifest is written without reading the copy again (and for an object store or tar copy,
@@ -21,19 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.catalog import info_for_backup, write_info
+from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.copier import CopyResult, is_local_path
 from pg_safe_backup.files.label import LABEL_FILES, store_label
 from pg_safe_backup.files.manifest import (
     MANIFEST_NAME,
     FileRecord,
-    ManifestError,
     backup_manifest_of_records,
     manifest_checksum,
     write_backup_manifest,
     write_manifest_file,
 )
 from pg_safe_backup.files.pgcontrol import CopyMismatch, read_pg_control
-from pg_safe_backup.files.tablespaces import TablespaceNotCopied
 from pg_safe_backup.files.wal import WalMissing, include_wal
 
 _log = logging.getLogger(__name__)
@@ -48,12 +48,13 @@ RUN_KEYS = ("dag_id", "run_id", "task_id", "map_index", "attempt")
 RECORDED_CHECKSUMS = ("SHA256", "NONE")
 
 
-class StoreRefused(ValueError):
-    """The backup cannot be stored as it is (its copy does not match its label, a tablespace has no copy, a
-    manifest cannot be made, WAL asked into an object store): storing it again would fail the same way."""
+class StoreRefused(PermanentError):
+    """The backup cannot be stored as asked (its WAL into an object store): storing it again would fail the
+    same way. The copy's own refusals (:class:`~pg_safe_backup.files.pgcontrol.CopyMismatch`, a manifest
+    that cannot be made, a tablespace without a copy) are permanent errors of their own."""
 
 
-class StoreFailed(OSError):
+class StoreFailed(TransientError):
     """The destination could not be written, or the WAL the backup needs is not in the archive (yet): a
     retry may succeed."""
 
@@ -149,7 +150,8 @@ def store_backup(
     :param log: where to say what was written, checked and skipped.
     :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest,
         backup_info), and ``wal``: the WAL files copied.
-    :raises StoreRefused: the backup cannot be stored as it is.
+    :raises PermanentError: the backup cannot be stored as it is (:class:`StoreRefused`, ``CopyMismatch``,
+        ``ManifestError``, ``TablespaceNotCopied``): never retried.
     :raises StoreFailed: the folder cannot be written, or the WAL is not archived.
     """
     where = where if where is not None else str(folder)
@@ -166,9 +168,7 @@ def store_backup(
             system_identifier=backup.get("system_identifier"),
             stop_lsn=backup.get("stop_lsn"),
         )
-    except CopyMismatch as err:
-        raise StoreRefused(str(err)) from err
-    except OSError as err:
+    except OSError as err:  # CopyMismatch, a PermanentError, goes up as it is
         raise StoreFailed(f"cannot write the backup label into destination {where!r}: {err}") from err
     log.info("stored %s", ", ".join(written.values()))
     try:
@@ -187,9 +187,7 @@ def store_backup(
         written["backup_info"] = write_entry(
             folder, backup, copied, run or {}, made[1] if made else None, log
         )
-    except (ManifestError, TablespaceNotCopied) as err:
-        raise StoreRefused(str(err)) from err
-    except (OSError, WalMissing) as err:
+    except (OSError, WalMissing) as err:  # ManifestError, TablespaceNotCopied: PermanentErrors, as they are
         raise StoreFailed(f"cannot complete the backup in destination {where!r}: {err}") from err
     return written
 

@@ -8,9 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 
+from pg_safe_backup.errors import PgSafeBackupError
 from pg_safe_backup.files.manifest import DIGEST_SIZES
 from pg_safe_backup.operators.copy import FILES_XCOM, PostgresCopyDataDirectoryOperator
 from pg_safe_backup.params import (
@@ -27,8 +28,6 @@ from pg_safe_backup.store import (
     BACKUP_KEYS,
     TIMELINE_KEYS,  # noqa: F401 - importable from here, as before
     CopyRecords,
-    StoreFailed,
-    StoreRefused,
     store_backup,
 )
 from pg_safe_backup.triggers.backup import (
@@ -43,6 +42,7 @@ from pg_safe_backup.utils.mixins import (
     fail_on,
     rendered,
     same_map_index_xcom,
+    task_error,
 )
 
 if TYPE_CHECKING:
@@ -389,10 +389,8 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 where=destination,
                 log=self.log,
             )
-        except StoreRefused as err:
-            raise AirflowFailException(str(err)) from err
-        except StoreFailed as err:
-            raise AirflowException(str(err)) from err
+        except PgSafeBackupError as err:
+            raise task_error(err) from err
 
 
 def copied_records(context: Context, copy_task_ids: Sequence[str]) -> CopyRecords | None:
@@ -473,7 +471,7 @@ class PostgresVerifyBackupOperator(BaseOperator):
         self.restore = check_flag(restore, "restore")
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from pg_safe_backup.verify import CheckNotRun, check_backup, record_check
+        from pg_safe_backup.verify import check_backup, record_check
 
         began = time.monotonic()
         backup_dir = rendered(check_text, self.backup_dir, "backup_dir")
@@ -491,8 +489,8 @@ class PostgresVerifyBackupOperator(BaseOperator):
                 recovery_target_immediate=not self.to_end_of_archive,
                 timeout=self.restore_timeout,
             )
-        except CheckNotRun as err:  # no verdict: a retry may find the archive mounted, the binaries installed
-            raise AirflowException(f"the checks of {backup_dir} could not run: {err}") from err
+        except PgSafeBackupError as err:  # CheckNotRun, no verdict: a retry may find the archive mounted
+            raise task_error(err, f"the checks of {backup_dir} could not run: {err}") from err
         for step in report.steps:
             (self.log.error if step.status == "FAIL" else self.log.info)(
                 "%s of %s: %s", step.name, backup_dir, step.line()

@@ -7,24 +7,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
-from pg_safe_backup.files.copier import (
-    CopyError,
-    CopyResult,
-    DestinationNotEmpty,
-    Progress,
-    copy_data_directory,
-)
-from pg_safe_backup.files.extconfig import CONFIG_DIR, ConfigCaptureError, ServerConfig, capture_entries
+from pg_safe_backup.errors import PgSafeBackupError
+from pg_safe_backup.files.copier import CopyResult, Progress, copy_data_directory
+from pg_safe_backup.files.extconfig import CONFIG_DIR, ServerConfig, capture_entries
 from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import upload_tree
 from pg_safe_backup.files.tarball import check_compression, write_tar_backup
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
 from pg_safe_backup.session import CONFIG_FILES
 from pg_safe_backup.store import CopyRecords
-from pg_safe_backup.utils.mixins import rendered, same_map_index_xcom
+from pg_safe_backup.utils.mixins import rendered, same_map_index_xcom, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -150,12 +145,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
                 result = copy_data_directory(source, local, workers=self.parallel, **options)
             else:
                 result = upload_tree(source, target, workers=self.parallel, **options)
-        except DestinationNotEmpty as err:
-            raise AirflowFailException(
-                f"destination {destination!r}: {err} (overwrite=True empties it)"
-            ) from err
-        except CopyError as err:
-            raise AirflowException(f"the copy into {destination!r} failed: {err}") from err
+        except PgSafeBackupError as err:  # a destination not empty is refused for good; the rest retried
+            raise task_error(err, f"the copy into {destination!r} failed: {err}") from err
         result.special.extend(special)
         self.log.info("%s", result.summary())
         if len(result.checksums) <= MAX_XCOM_FILES:
@@ -196,8 +187,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             )
         try:
             entries = capture_entries(config, source)
-        except ConfigCaptureError as err:
-            raise AirflowFailException(f"{err} (config_files=False leaves them out)") from err
+        except PgSafeBackupError as err:
+            raise task_error(err, f"{err} (config_files=False leaves them out)") from err
         files = [entry.source for entry in entries if not entry.is_dir]
         if files:
             self.log.info(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk import BaseOperator, BaseSensorOperator
 
+from pg_safe_backup.errors import PgSafeBackupError, retryable
 from pg_safe_backup.params import check_number, check_text, unless_rendered_later, validate_identifier
 from pg_safe_backup.state import BackupRef, BackupTarget
 
@@ -51,14 +52,37 @@ def rendered(check: Callable[[Any, str], T], value: Any, param: str) -> T:
     try:
         return check(value, param)
     except ValueError as err:
-        raise AirflowFailException(f"invalid rendered parameter: {err}") from err
+        raise airflow_error(f"invalid rendered parameter: {err}", retry=False) from err
+
+
+def airflow_error(message: str, *, retry: bool) -> AirflowException:
+    """The one mapping from the package's two kinds of failure to Airflow's: ``AirflowException``, which
+    Airflow retries (try again: :class:`~pg_safe_backup.errors.TransientError`), or
+    ``AirflowFailException``, never retried (:class:`~pg_safe_backup.errors.PermanentError`: the backup is
+    unusable or the request wrong, and running the task again gives the same answer).
+
+    :param message: the task's failure, in one line.
+    :param retry: whether running the task again may succeed.
+    """
+    return AirflowException(message) if retry else AirflowFailException(message)
+
+
+def task_error(err: PgSafeBackupError, message: str | None = None) -> AirflowException:
+    """The Airflow exception that ends a task on a domain error, by its branch of the error tree
+    (:func:`pg_safe_backup.errors.retryable`). Raise it ``from err`` at an operator's error boundary, which
+    catches :class:`~pg_safe_backup.errors.PgSafeBackupError`, never a list of classes.
+
+    :param err: the domain error.
+    :param message: the task's failure (default: the error's own message).
+    """
+    return airflow_error(str(err) if message is None else message, retry=retryable(err))
 
 
 def fail_on(event: dict[str, Any], message: str) -> AirflowException:
-    """The exception that ends a task on a failed wait: ``AirflowException`` (retried) when the event
-    says a retry could succeed (the server could not be reached or followed), else
-    ``AirflowFailException``: a backup failed or refused is not made good by running this task again."""
-    return AirflowException(message) if event.get("retryable") else AirflowFailException(message)
+    """The exception that ends a task on a failed wait: retried when the event says a retry could succeed
+    (the server could not be reached or followed), never when a backup failed or was refused: that is not
+    made good by running this task again."""
+    return airflow_error(message, retry=bool(event.get("retryable")))
 
 
 def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
