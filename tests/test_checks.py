@@ -18,8 +18,9 @@ import pytest
 from airflow.sdk import ObjectStoragePath
 
 from pg_safe_backup.catalog import INFO_NAME, entry_path, read_info
-from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
+from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
 from pg_safe_backup.state import parse_backup_label, wal_segment_name
+from pg_safe_backup.store import CopyRecords, write_manifest
 from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup, record_check
 
 from pg_versions import verifier_for
@@ -191,13 +192,14 @@ def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
     read back), another algorithm than the records' SHA256: a log line each, no manifest."""
     store = PostgresStoreBackupLabelOperator(task_id="s", backup="b.finish_backup", destination="/x")
     (tmp_root / "PG_VERSION").write_text("12\n")
-    assert store._write_manifest(ObjectStoragePath(f"file://{tmp_root}"), tmp_root, {}, None) is None
+    local = ObjectStoragePath(f"file://{tmp_root}")
+    assert write_manifest(local, {}, None, store.manifest_checksums, store.log) is None
     s3 = ObjectStoragePath("s3://bucket/backups/1")
-    assert store._write_manifest(s3, None, {}, None) is None
+    assert write_manifest(s3, {}, None, store.manifest_checksums, store.log) is None
     sha512 = PostgresStoreBackupLabelOperator(
         task_id="s", backup="b.finish_backup", destination="/x", manifest_checksums="sha512"
     )
-    assert sha512._write_manifest(s3, None, {}, Copied(16, {})) is None
+    assert write_manifest(s3, {}, CopyRecords(16, {}), sha512.manifest_checksums, sha512.log) is None
     logged = "".join(capfd.readouterr())  # the task logger (structlog) writes to the console here
     assert "no backup_manifest: PostgreSQL 12 has no manifest format" in logged
     assert (

@@ -202,6 +202,38 @@ class BackupRef:
         return f"{self.dag_id}/{self.run_id}/{self.backup_key}{suffix}"
 
 
+@dataclass(frozen=True)
+class BackupTarget:
+    """Which server is backed up and which table records it: what the hold, the gate, the finish and their
+    triggers share besides :class:`BackupRef` ("which backup"). Plain values: :attr:`hook_kwargs` is its one
+    serialised form (the triggers' ``hook_kwargs``, the backup hook's arguments).
+
+    :param postgres_conn_id: Airflow connection of the server backed up (a primary or a hot standby).
+    :param state_conn_id: connection of the server holding the backup table, when it is not that one (for a
+        standby: its primary). None: the same.
+    :param database: database holding the backup table, instead of the connection's.
+    :param table: the backup table.
+    :param schema: its schema.
+    """
+
+    postgres_conn_id: str
+    state_conn_id: str | None = None
+    database: str | None = None
+    table: str = "backup"
+    schema: str = "public"
+
+    @property
+    def hook_kwargs(self) -> dict[str, Any]:
+        """The serialised form, the backup hook's keyword arguments: ``BackupTarget(**hook_kwargs)``."""
+        return {
+            "postgres_conn_id": self.postgres_conn_id,
+            "state_conn_id": self.state_conn_id,
+            "database": self.database,
+            "table": self.table,
+            "schema": self.schema,
+        }
+
+
 # ------------------------------------------------------------------------------------- WAL archiving
 
 
