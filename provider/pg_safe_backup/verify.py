@@ -51,21 +51,19 @@ binary (the backup's major's ``postgres`` and ``pg_ctl``; a ``pg_verifybackup`` 
 that reads the backup's manifest), raises :class:`CheckNotRun` before any check, and nothing is recorded.
 Recording a verdict (:func:`record_check`) is best-effort: storage it cannot write gets a warning.
 
-CLI: ``python -m pg_safe_backup.verify BACKUP_DIR WAL_ARCHIVE [--invariant-sql SQL]
-[--invariant-db DB] [--keep]`` prints the summary and exits 0 on PASS, 1 on FAIL, 2 when the checks could
-not run.
+CLI: ``pg-safe-backup verify BACKUP_DIR WAL_ARCHIVE [--invariant-sql SQL] [--invariant-db DB] [--keep]``
+(:mod:`pg_safe_backup.cli`) prints the summary and exits 0 on PASS, 1 on FAIL, 2 when the checks could not
+run. ``python -m pg_safe_backup.verify ...``, the older spelling, runs the same.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import logging
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -864,117 +862,9 @@ def _verifybackup_step(backup: Path, archive: Path | None, folder: Path | None) 
     return CheckStep(name, FAIL, " | ".join(run.output.splitlines()[:10]) + note, details)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-VERIFY_DESCRIPTION = (
-    "Check a stored backup: the page-LSN check, pg_verifybackup against its backup_manifest, then the"
-    " restore check (recover it on a temporary server, amcheck, an optional invariant)."
-)
+if __name__ == "__main__":  # the older entry point, kept for scripts that call it: ``pg-safe-backup verify``
+    import sys
 
-VERIFY_EPILOG = """examples:
-  pg-safe-backup verify /backups/main/20261126T010000 /var/lib/postgresql/wal_archive
-  pg-safe-backup verify /backups/main/20261126T010000        # self-contained (include_wal=True)
-  pg-safe-backup verify BACKUP ARCHIVE --invariant-sql "SELECT count(*) > 0, 'orders' FROM orders"
-"""
+    from pg_safe_backup.cli import main
 
-
-def add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``pg-safe-backup verify`` (and ``python -m pg_safe_backup.verify``).
-
-    :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the checks.
-    """
-    p.add_argument("backup_dir", type=Path)
-    p.add_argument(
-        "wal_archive", type=Path, nargs="?", help="the WAL archive; omit for a self-contained backup"
-    )
-    p.add_argument("--stop-lsn", help="the backup's stop LSN (default: from backup_manifest or the archive)")
-    p.add_argument("--no-page-lsn", action="store_true", help="skip the page-LSN check")
-    p.add_argument("--no-verifybackup", action="store_true", help="skip pg_verifybackup")
-    p.add_argument("--no-restore", action="store_true", help="skip the restore check (the slow one)")
-    p.add_argument(
-        "--verifier-bindir",
-        type=Path,
-        help="folder of pg_verifybackup (default: --bindir's, the backup's major's, else the nearest"
-        " installed)",
-    )
-    p.add_argument("--invariant-sql", help="a query returning rows (ok boolean, detail text); all must be ok")
-    p.add_argument("--invariant-db", default="postgres")
-    p.add_argument("--keep", action="store_true", help="keep the work dir (the server is stopped)")
-    p.add_argument("--work-dir", type=Path, help="where to make the temporary work dir")
-    p.add_argument("--timeout", type=float, default=300, help="seconds to start and recover")
-    p.add_argument("--bindir", type=Path, help="PostgreSQL server binaries (default: the backup's major's)")
-    p.add_argument(
-        "--to-end-of-archive",
-        action="store_true",
-        help="replay the whole archive instead of stopping at the backup's consistent point",
-    )
-    p.add_argument(
-        "--allow-missing-label",
-        action="store_true",
-        help="check a copy without backup_label (only right for a copy of a stopped server)",
-    )
-    p.add_argument(
-        "--use-backup-pg-wal",
-        action="store_true",
-        help="start with the backup's pg_wal/ files instead of an empty pg_wal/ (not recommended)",
-    )
-    p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
-    p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
-    p.set_defaults(run=_verify)
-
-
-def _verify(args: argparse.Namespace) -> int:
-    began = time.monotonic()
-    try:
-        report = _check(args)
-    except CheckNotRun as err:
-        print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", _warn):
-        print(f"recorded in {entry_path(Path(args.backup_dir))}")
-    if args.verbose:
-        for step in report.steps:
-            print(f"{step.name}:")
-            for key, value in step.details.items():
-                print(f"  {key}: {value}")
-    return 0 if report.ok else 1
-
-
-def _warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr)
-
-
-def _check(args: argparse.Namespace) -> BackupCheck:
-    """:func:`check_backup` as the CLI's flags say."""
-    return check_backup(
-        args.backup_dir,
-        args.wal_archive,
-        stop_lsn=args.stop_lsn,
-        page_lsns=not args.no_page_lsn,
-        manifest=not args.no_verifybackup,
-        restore=not args.no_restore,
-        verifier_bindir=args.verifier_bindir,
-        invariant_sql=args.invariant_sql,
-        invariant_db=args.invariant_db,
-        work_dir=args.work_dir,
-        keep=args.keep,
-        timeout=args.timeout,
-        bindir=args.bindir,
-        recovery_target_immediate=not args.to_end_of_archive,
-        require_backup_label=not args.allow_missing_label,
-        user=args.user,
-        use_backup_pg_wal=args.use_backup_pg_wal,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pg_safe_backup.verify ...``: the same as ``pg-safe-backup verify ...``."""
-    parser = argparse.ArgumentParser(prog="python -m pg_safe_backup.verify", description=VERIFY_DESCRIPTION)
-    add_verify_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["verify", *sys.argv[1:]]))
