@@ -29,6 +29,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.layout import BACKUP_INFO
 from pg_safe_backup.files.manifest import write_atomically
@@ -64,7 +65,7 @@ _WAL_FILE = re.compile(r"^([0-9A-F]{24})(\.partial)?(\.(?:gz|zst|lz4|bz2|xz|br))
 _TYPES: dict[str, type] = {"str": str, "int": int, "bool": bool}
 
 
-class CatalogError(ValueError):
+class CatalogError(PermanentError, ValueError):
     """A backup_info.json cannot be read or written (the message names it and says why)."""
 
 

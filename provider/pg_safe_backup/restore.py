@@ -68,6 +68,7 @@ from pg_safe_backup.catalog import (
     CatalogError,
 )
 from pg_safe_backup.catalog import read_info as read_backup_info
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
@@ -111,7 +112,7 @@ TAR_SUFFIXES = ("", ".gz", ".zst")
 PROGRESS_EVERY = 3.0
 
 
-class RestoreError(ValueError):
+class RestoreError(PermanentError, ValueError):
     """The backup cannot be restored as asked; the message names the parameter (or flag) at fault."""
 
 

@@ -43,6 +43,7 @@ from pg_safe_backup.catalog import (
     plan_retention,
     wal_to_remove,
 )
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.hooks.server import ServerPosition, server_position
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
@@ -65,7 +66,7 @@ class Place(Protocol):
     def unlink(self) -> None: ...
 
 
-class RetentionRefused(RuntimeError):
+class RetentionRefused(PermanentError, RuntimeError):
     """Retention removed nothing, for the reason given (no proven backup kept, a plan at odds with the
     disk)."""
 

@@ -75,6 +75,7 @@ import psycopg
 from psycopg import sql as pgsql
 
 from pg_safe_backup.catalog import CatalogError, append_verification, entry_path, has_info
+from pg_safe_backup.errors import TransientError
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.pgcontrol import (
     CopyMismatch,
@@ -124,7 +125,7 @@ MANIFEST_READERS = {1: 13, 2: 17}
 _log = logging.getLogger(__name__)
 
 
-class CheckNotRun(Exception):
+class CheckNotRun(TransientError):
     """A check could not run here (a missing or another cluster's WAL archive, no usable binary): an error
     before any check, never a verdict; the message names the flag or file."""
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.layout import BACKUP_INFO, CONTROL_FILE, MANIFEST_IGNORED
 from pg_safe_backup.files.pgcontrol import crc32c
 from pg_safe_backup.files.tablespaces import link_tablespace_copies
@@ -54,7 +55,7 @@ _SHA = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "s
 LABEL_FILES = (b"backup_label", b"tablespace_map", b"global/pg_control")
 
 
-class ManifestError(ValueError):
+class ManifestError(PermanentError, ValueError):
     """No manifest can be written for this copy (the message says why)."""
 
 

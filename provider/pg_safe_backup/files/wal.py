@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.manifest import ManifestError, backup_wal_ranges
 from pg_safe_backup.files.pgcontrol import read_pg_control
 from pg_safe_backup.state import wal_segment_names
@@ -25,7 +26,7 @@ from pg_safe_backup.state import wal_segment_names
 _log = logging.getLogger(__name__)
 
 
-class WalMissing(Exception):
+class WalMissing(TransientError):
     """The archive lacks (a whole copy of) a WAL file the backup needs."""
 
 
@@ -38,7 +39,7 @@ _LONG_HEADER = struct.Struct("<HHIQI4xQII")
 _XLP_LONG_HEADER = 0x0002
 
 
-class NotWal(ValueError):
+class NotWal(PermanentError, ValueError):
     """A file is not a WAL segment with a long page header (the message names it)."""
 
 
