@@ -50,8 +50,9 @@ from pg_safe_backup.restore import (
     prepare_restore,
     start_command,
 )
+from pg_safe_backup.restore_check import _one_line
 from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
-from pg_safe_backup.verify import BackupCheck, CheckNotRun, _one_line, check_backup, record_check
+from pg_safe_backup.verify import BackupCheck, CheckNotRun, check_backup, record_check
 
 # -------------------------------------------------------------------------------------------- verify
 VERIFY_DESCRIPTION = (

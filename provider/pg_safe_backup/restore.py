@@ -1,5 +1,5 @@
 """One way to turn a stored backup into a data directory that recovers: ``pg-safe-backup restore`` and the
-restore check (:mod:`pg_safe_backup.verify`) both use it.
+restore check (:mod:`pg_safe_backup.restore_check`) both use it.
 
 :func:`prepare_restore` never changes the backup or the WAL archive (read only, through
 ``restore_command``):
