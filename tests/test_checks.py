@@ -187,6 +187,18 @@ def test_the_cli_needs_nothing_of_airflow():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
+def test_the_domain_modules_leave_the_command_line_to_cli():
+    """Every subcommand's arguments and handler are in pg_safe_backup.cli: the modules it calls need no
+    argparse."""
+    code = (
+        "import sys, pg_safe_backup.catalog, pg_safe_backup.restore, pg_safe_backup.retention,"
+        " pg_safe_backup.verify; print('argparse' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
     """PostgreSQL 12 (no manifest format), an object store or tar archives with no copy task's records (not
     read back), another algorithm than the records' SHA256: a log line each, no manifest."""

@@ -20,11 +20,9 @@ the backups.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
@@ -747,39 +745,6 @@ def format_listing(entries: Sequence[CatalogEntry]) -> str:
     return "\n".join([*lines, *notes, count])
 
 
-LIST_DESCRIPTION = """List the backups under ROOT (folders holding backup_label, backup_manifest or base.tar,
-or with a catalog entry beside them), unproven first, then oldest first by stop LSN: when each started,
-its size, start and stop LSN, timeline, format, whether it proves itself (proven / UNVERIFIABLE /
-incomplete, each reason named) and whether its newest check passed."""
-LIST_EPILOG = """example:
-  pg-safe-backup list /backups/main
-  pg-safe-backup list /backups/main --json | jq '.[-1].proof.stop_lsn'"""
-
-
-def add_list_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pg-safe-backup list`` command's arguments (the CLI and ``python -m pg_safe_backup``).
-
-    :param p: the subcommand's parser.
-    """
-    p.add_argument("root", type=Path, help="the folder the backups are stored under")
-    p.add_argument(
-        "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
-    )
-    p.set_defaults(run=_list)
-
-
-def _list(args: argparse.Namespace) -> int:
-    if not args.root.is_dir():
-        print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
-        return 2
-    entries = list_backups(args.root)
-    if args.json:
-        print(json.dumps([e.as_dict() for e in entries], indent=1))
-    else:
-        print(format_listing(entries))
-    return 0
-
-
 __all__ = [
     "ENTRY_SUFFIX",
     "INFO_NAME",
@@ -788,7 +753,6 @@ __all__ = [
     "CatalogError",
     "Choice",
     "RetentionPlan",
-    "add_list_arguments",
     "against_server",
     "append_verification",
     "choose_backup",
