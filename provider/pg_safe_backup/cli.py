@@ -2,8 +2,8 @@
 
 Needs only this package and PostgreSQL's binaries (nothing of Airflow is imported). Every subcommand's
 arguments and handler are here; the domain modules they call define no command line. The one entry point:
-this console script, also ``python -m pg_safe_backup`` (``python -m pg_safe_backup.verify ...``, the older
-spelling, runs ``pg-safe-backup verify ...``).
+this console script, also ``python -m pg_safe_backup`` (the older ``python -m pg_safe_backup.verify ...`` is
+``python -m pg_safe_backup verify ...``).
 
 ``pg-safe-backup list ROOT`` lists the backups under ROOT, each proven from its own files, oldest first.
 

@@ -17,7 +17,7 @@ are importable from here too, where they were first.
 
 CLI: ``pg-safe-backup verify BACKUP_DIR [WAL_ARCHIVE] [--invariant-sql SQL] [--invariant-db DB] [--keep]``
 (:mod:`pg_safe_backup.cli`) prints the summary and exits 0 on PASS, 1 on FAIL, 2 when the checks could not
-run. ``python -m pg_safe_backup.verify ...``, the older spelling, runs the same.
+run.
 """
 
 from __future__ import annotations
@@ -367,11 +367,3 @@ __all__ = [
     "server_bindir",
     "verify_backup",
 ]
-
-
-if __name__ == "__main__":  # the older entry point, kept for scripts that call it: ``pg-safe-backup verify``
-    import sys
-
-    from pg_safe_backup.cli import main
-
-    sys.exit(main(["verify", *sys.argv[1:]]))
