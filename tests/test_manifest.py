@@ -111,8 +111,6 @@ def taken() -> Iterator[Taken]:
     env.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
     try:
         major = cluster.server_version() // 10000
-        if major < 13:
-            pytest.skip(f"PostgreSQL {major} has no backup manifests (test_postgresql_12_is_refused)")
         cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{location}'")
         cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
         cluster.sql("CREATE TABLE spaced (id bigint, v text) TABLESPACE space1")
@@ -152,9 +150,10 @@ def damaged(taken: Taken, tmp_root: Path) -> Path:
     return copy
 
 
-def test_postgresql_12_is_refused_with_a_clear_message(tmp_root):
-    with pytest.raises(ManifestUnsupported, match="PostgreSQL 12 has no backup manifests"):
-        write_manifest(tmp_root, major=12, system_identifier=1, wal_ranges=[WalRange(1, "0/1", "0/2")])
+def test_a_major_older_than_12_is_refused_with_a_clear_message_and_12_gets_version_1(tmp_root):
+    assert manifest_version(12) == 1  # PostgreSQL 12 writes none of its own: the first format
+    with pytest.raises(ManifestUnsupported, match="PostgreSQL 11 is older than 12"):
+        write_manifest(tmp_root, major=11, system_identifier=1, wal_ranges=[WalRange(1, "0/1", "0/2")])
     assert not (tmp_root / "backup_manifest").exists()
 
 

@@ -134,7 +134,11 @@ def _label(raw: bytes | None) -> tuple[dict[str, str], str, int, str]:
 def _manifest(raw: bytes | None, plain_major: int | None) -> tuple[dict[str, Any], str]:
     """The manifest, parsed, and its checksum, once its own checksum holds."""
     if raw is None:
-        pg12 = " (PostgreSQL 12 writes none: nothing proves its label)" if plain_major == 12 else ""
+        pg12 = (
+            " (an earlier release wrote none for PostgreSQL 12: nothing proves its label)"
+            if plain_major == 12
+            else ""
+        )
         raise _Unproven(f"no {MANIFEST_NAME}{pg12}")
     at = raw.rfind(_CHECKSUM_LINE)
     found = re.fullmatch(rb'"Manifest-Checksum": "([0-9a-f]{64})"\}\n?', raw[at + 1 :]) if at >= 0 else None

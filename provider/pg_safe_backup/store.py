@@ -143,7 +143,7 @@ def store_backup(
         on its start's timeline).
     :param copied: the copy tasks' records: the manifest reads no file of them.
     :param run: the backup's DAG run (:data:`RUN_KEYS`), for the catalog entry.
-    :param manifest: write a backup_manifest (PostgreSQL 13+).
+    :param manifest: write a backup_manifest.
     :param manifest_checksums: its checksum algorithm (SHA256, SHA224, SHA384, SHA512, CRC32C, NONE).
     :param wal_archive: copy the WAL the backup needs from this archive into the copy (local folders only).
     :param where: how messages name the folder (default: the folder).
@@ -202,8 +202,8 @@ def write_manifest(
     """Write the copy's backup_manifest: a local data directory's from the copy itself (its records' checksums
     spare a second read), any other's from the records alone. Which one, if any:
 
-    * no manifest where the major is unknown (an object store or tar archives, and no records), nor before
-      PostgreSQL 13 (no manifest format);
+    * no manifest where the major is unknown (an object store or tar archives, and no records); a copy of
+      PostgreSQL 12, which has no manifest of its own, gets version 1 (it proves itself from it);
     * a copy not read back gets one only with the records' algorithm, SHA256, or NONE.
 
     :param folder: the copy's folder: a path, or an object-store path.
@@ -221,11 +221,6 @@ def write_manifest(
             "no backup_manifest: %s is an object store or tar archives, and no copy task of this group"
             " (PostgresCopyDataDirectoryOperator) handed over the records of its files",
             folder,
-        )
-        return None
-    if major < 13:
-        log.info(
-            "no backup_manifest: PostgreSQL %s has no manifest format (pg_verifybackup came with 13)", major
         )
         return None
     if not plain_local:

@@ -321,7 +321,9 @@ def _verifybackup_step(backup: Path, archive: Path | None, folder: Path | None) 
     name = CHECKS[1]
     major = backup_major(backup)
     if folder is None:
-        why = "PostgreSQL 12 has no backup manifests" if major == 12 else "the store task wrote none"
+        why = (
+            "an earlier release wrote none for PostgreSQL 12" if major == 12 else "the store task wrote none"
+        )
         return CheckStep(name, SKIPPED, f"no backup_manifest in {backup} ({why})")
     verifier_major = tool_major(folder / "pg_verifybackup")
     # Another major's verifier of a version 2 manifest refuses the copy's pg_control version.

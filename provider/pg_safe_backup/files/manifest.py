@@ -13,7 +13,8 @@ reader) and src/bin/pg_verifybackup/pg_verifybackup.c (what the verifier checks)
 * ``Manifest-Checksum``: SHA-256 of every byte before its own line, which is the last.
 
 Version 1 for PostgreSQL 13 to 16; version 2 (with the ``System-Identifier`` that pg_verifybackup
-compares with global/pg_control) from 17. PostgreSQL 12 has no manifests.
+compares with global/pg_control) from 17. PostgreSQL 12 has none of its own: its copies get version 1,
+the first format (what pg_verifybackup 13 and later read), so that they too prove themselves.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class ManifestError(PermanentError, ValueError):
 
 
 class ManifestUnsupported(ManifestError):
-    """The server's major version has no backup manifests (PostgreSQL 12)."""
+    """The server's major version is older than any this package backs up (before 12)."""
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,14 @@ class ManifestSummary:
 
 
 def manifest_version(major: int) -> int:
-    """The manifest version the server of ``major`` writes: 1 for 13 to 16, 2 from 17.
+    """The manifest version the server of ``major`` writes: 1 for 13 to 16, 2 from 17; 1 for a copy of 12,
+    which writes none of its own (the first format: a backup proves itself from its manifest).
 
-    :param major: the server's major version (13, 14, ...).
-    :raises ManifestUnsupported: before 13, which has no manifests.
+    :param major: the server's major version (12, 13, ...).
+    :raises ManifestUnsupported: before 12, which this package does not back up.
     """
-    if major < 13:
-        raise ManifestUnsupported(
-            f"PostgreSQL {major} has no backup manifests (they came with 13): no backup_manifest is written"
-        )
+    if major < 12:
+        raise ManifestUnsupported(f"PostgreSQL {major} is older than 12: no backup_manifest is written")
     return 1 if major < 17 else 2
 
 
@@ -377,7 +377,7 @@ def write_manifest(
     :param tablespaces: OID -> folder, for tablespaces copied outside ``copy_dir/pg_tblspc/<oid>``
         (see :func:`list_files`).
     :param threads: files hashed side by side (default: up to 4, by CPU count).
-    :raises ManifestUnsupported: ``major`` is 12 or older.
+    :raises ManifestUnsupported: ``major`` is older than 12.
     :raises ManifestError: the copy cannot be described (see the message); no manifest is written.
     """
     began = time.monotonic()
@@ -514,7 +514,7 @@ def write_backup_manifest(
     :param checksums: see :func:`write_manifest`.
     :param stop_timeline: see :func:`backup_wal_ranges`.
     :param timeline_history: see :func:`backup_wal_ranges`.
-    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestUnsupported: a major older than 12.
     :raises ManifestError: the copy cannot be described.
     :raises TablespaceNotCopied: a tablespace of the backup has no copy.
     """
@@ -592,7 +592,7 @@ def manifest_of_records(
     :param system_identifier: the cluster's (required from 17).
     :param wal_ranges: the WAL the backup needs, newest timeline first.
     :param checksum_algorithm: SHA256 (the records') or NONE.
-    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestUnsupported: a major older than 12.
     :raises ManifestError: another algorithm, or a malformed checksum.
     """
     version = manifest_version(major)
@@ -640,7 +640,7 @@ def backup_manifest_of_records(
     :param checksum_algorithm: SHA256 or NONE.
     :param stop_timeline: see :func:`backup_wal_ranges`.
     :param timeline_history: see :func:`backup_wal_ranges`.
-    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestUnsupported: a major older than 12.
     :raises ManifestError: the label has no start, or see :func:`manifest_of_records`.
     """
     now = time.time_ns()

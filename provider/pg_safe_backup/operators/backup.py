@@ -266,15 +266,15 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     ``backup_label`` or ``tablespace_map`` an earlier attempt left in the destination is removed
     (and logged) before this backup's are written (see :func:`pg_safe_backup.files.label.store_label`).
 
-    The ``backup_manifest`` (PostgreSQL 13+) lists every file of the copy with its size and checksum and
-    the WAL the backup needs, as pg_basebackup writes it: ``pg_verifybackup`` then checks the backup at
-    rest, in seconds. The copy's ``pg_tblspc/<oid>`` links are pointed at the tablespaces' copies first
-    (``<destination>_tablespaces/<oid>``, ...: see :mod:`pg_safe_backup.files.tablespaces`), never at the
-    live tablespaces. The checksums, sizes and times come from the group's
-    ``PostgresCopyDataDirectoryOperator`` (XCom ``files``), so the copy is not read again; a copy in an
-    object store, or as tar archives, gets its manifest from them alone (SHA256 or NONE), beside the
-    archives as pg_basebackup ``-Ft`` puts it. Without them, such a copy gets no manifest (the log says
-    why).
+    The ``backup_manifest`` (a copy of PostgreSQL 12 gets version 1, the first format) lists every file of
+    the copy with its size and checksum and the WAL the backup needs, as pg_basebackup writes it:
+    ``pg_verifybackup`` then checks the backup at rest, in seconds. The copy's ``pg_tblspc/<oid>`` links
+    are pointed at the tablespaces' copies first (``<destination>_tablespaces/<oid>``, ...: see
+    :mod:`pg_safe_backup.files.tablespaces`), never at the live tablespaces. The checksums, sizes and
+    times come from the group's ``PostgresCopyDataDirectoryOperator`` (XCom ``files``), so the copy is not
+    read again; a copy in an object store, or as tar archives, gets its manifest from them alone (SHA256
+    or NONE), beside the archives as pg_basebackup ``-Ft`` puts it. Without them, such a copy gets no
+    manifest (the log says why).
 
     The server's configuration files that live outside the data directory (a Debian/Ubuntu cluster's
     ``/etc/postgresql/<major>/<name>/``) are part of the backup: a ``PostgresCopyDataDirectoryOperator``
@@ -292,7 +292,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     :param backup: the ``PostgresOnlineBackup`` group (or the finish task's id) whose label to store.
     :param destination: folder or URL of the copy (templated); any ObjectStoragePath location.
-    :param manifest: write ``backup_manifest`` into a local or mounted copy (PostgreSQL 13+).
+    :param manifest: write ``backup_manifest`` into a local or mounted copy.
     :param manifest_checksums: the manifest's checksum algorithm: SHA256 (default), SHA224, SHA384,
         SHA512, CRC32C, or NONE (sizes only: for huge copies checked some other way).
     :param include_wal: copy the WAL the backup needs from ``wal_archive`` into the copy's pg_wal/, so it
