@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 from demo.load import Writer
 from pg_safe_backup.catalog import BackupInfo, info_for_backup, write_info
 from pg_safe_backup.files.copier import copy_data_directory, is_local_path
 from pg_safe_backup.files.label import store_label
-from pg_safe_backup.files.manifest import write_backup_manifest
+from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
+from pg_safe_backup.files.manifest import (
+    write_backup_manifest,
+)
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
@@ -54,31 +58,61 @@ def req(owner: str = OWNER, **kw) -> HoldRequest:
     )
 
 
-def backup_starts(cluster: LocalCluster) -> int:
-    """How many times the server was asked to enter backup mode (log_statement = all)."""
+def backup_starts_in(log: str) -> int:
+    """How many times a server log (log_statement = all) shows a request to enter backup mode, in either
+    spelling: pg_backup_start (PostgreSQL 15+) or pg_start_backup (12-14).
+
+    :param log: the server log, or a part of it (see e2e_helpers.log_since).
+    """
     return sum(
         ("pg_backup_start(" in line or "pg_start_backup(" in line)
-        for line in cluster.log_text().splitlines()
-        if "LOG:" in line
+        for line in log.splitlines()
+        if "LOG:" in line  # the statement as logged, not an ERROR's "STATEMENT:" echo of it
     )
 
 
-def row(cluster: LocalCluster) -> dict:
-    cols = [
-        "state",
-        "pid",
-        "owner",
-        "attempt",
-        "label",
-        "start_lsn",
-        "stop_lsn",
-        "timeline",
-        "backup_label",
-        "tablespace_map",
-        "error",
-    ]
-    found = cluster.sql(f"SELECT state::text, {', '.join(cols[1:])} FROM backup")
-    return dict(zip(cols, found[0], strict=True)) if found else {}
+def backup_starts(cluster: LocalCluster) -> int:
+    """How many times ``cluster`` was asked to enter backup mode (log_statement = all; both spellings)."""
+    return backup_starts_in(cluster.log_text())
+
+
+#: What :func:`backup_row` reads: the backup's identity and outcome (no timestamps, which a heartbeat moves).
+ROW_COLUMNS = (
+    "state",
+    "pid",
+    "owner",
+    "attempt",
+    "label",
+    "start_lsn",
+    "stop_lsn",
+    "timeline",
+    "backup_label",
+    "tablespace_map",
+    "error",
+    "system_identifier",
+)
+
+
+def backup_row(cluster: LocalCluster, table: str = "backup") -> dict:
+    """The backup table's row (it holds one at most) by column name, state as text; {} when it is empty.
+
+    :param cluster: the cluster the table is on.
+    :param table: the table's name.
+    """
+    query = sql.SQL("SELECT {}::text, {} FROM {}").format(
+        sql.Identifier(ROW_COLUMNS[0]),
+        sql.SQL(", ").join(map(sql.Identifier, ROW_COLUMNS[1:])),
+        sql.Identifier(table),
+    )
+    found = cluster.sql(query)
+    return dict(zip(ROW_COLUMNS, found[0], strict=True)) if found else {}
+
+
+def holder_sessions(cluster: LocalCluster) -> int:
+    """How many holder sessions (application_name 'pg_safe_backup holder') are connected to ``cluster``."""
+    return cluster.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'"
+    )[0][0]
 
 
 def session_alive(cluster: LocalCluster, pid: int) -> bool:
@@ -125,31 +159,50 @@ async def finish(
 
 
 def copy_data_dir(
-    source: Path, dest: Path, pg_control_first: bool = False, meanwhile: Callable[[], None] = lambda: None
+    source: Path,
+    dest: Path,
+    pg_control_first: bool = False,
+    meanwhile: Callable[[], None] = lambda: None,
+    tablespace_links: bool = False,
 ) -> None:
-    """A file-system copy of ``source`` in two steps: everything a backup keeps (not the contents of
-    pg_wal, pg_replslot, pg_stat_tmp; no pid files), then global/pg_control alone, last, as the README
-    says (``pg_control_first`` swaps the steps, to show what the rule prevents). ``meanwhile`` runs
-    between the steps."""
+    """A file-system copy of what a base backup of ``source`` holds, as a user's script makes it, in two
+    steps: every entry of :func:`~pg_safe_backup.files.layout.walk` (the table of what a backup leaves out,
+    which every copy engine reads) but global/pg_control, then pg_control alone, last, as the README says
+    (``pg_control_first`` swaps the steps, to show what the rule prevents). ``meanwhile`` runs between them.
 
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        if Path(folder).name in ("pg_wal", "pg_replslot", "pg_stat_tmp"):
-            return set(names)
-        if Path(folder) == source / "global":
-            return {"pg_control"} & set(names)
-        return {n for n in names if n in ("postmaster.pid", "postmaster.opts") or n.endswith(".log")}
+    :param source: a data directory (of a running server: files that vanish meanwhile are left out).
+    :param dest: the copy's folder, created.
+    :param pg_control_first: copy pg_control first instead of last.
+    :param meanwhile: what happens between the two steps.
+    :param tablespace_links: keep each ``pg_tblspc/<oid>`` link as a link, as ``rsync -a`` does (the
+        caller copies the tablespace), instead of copying the tablespace into the copy's tree.
+    """
+    rest = [e for e in walk(source) if e.path != CONTROL_FILE]
+    links = {e.path for e in rest if tablespace_links and e.is_dir and e.source.is_symlink()}
 
-    def rest() -> None:
-        shutil.copytree(source, dest, ignore=ignore, dirs_exist_ok=True)
+    def put(entries: list[Entry]) -> None:
+        for entry in entries:
+            target = dest / entry.path
+            if entry.path in links:
+                target.symlink_to(os.readlink(entry.source))
+            elif any(entry.path.startswith(f"{link}/") for link in links):
+                continue  # inside a tablespace kept as a link
+            elif entry.is_dir:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copystat(entry.source, target)
+            else:
+                with contextlib.suppress(FileNotFoundError):  # dropped meanwhile: WAL replay agrees
+                    shutil.copy2(entry.source, target)
 
-    def pg_control() -> None:
-        (dest / "global").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / "global" / "pg_control", dest / "global" / "pg_control")
-
-    first, last = (pg_control, rest) if pg_control_first else (rest, pg_control)
-    first()
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copystat(source, dest)  # the server refuses a data directory others may read
+    control = [Entry(CONTROL_FILE, source / CONTROL_FILE, False)]
+    first, last = (control, rest) if pg_control_first else (rest, control)
+    if pg_control_first:
+        (dest / "global").mkdir(exist_ok=True)
+    put(first)
     meanwhile()
-    last()
+    put(last)
 
 
 async def backup_events(

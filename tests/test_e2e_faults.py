@@ -14,6 +14,7 @@ import pytest
 
 # Shared helpers of the end-to-end suite. pytest's default "prepend" import mode puts tests/ (no __init__.py)
 # on sys.path, which is also how tests/test_e2e.py itself is imported (as the module ``test_e2e``).
+from backup_helpers import backup_starts_in
 from e2e_helpers import (
     COPY,
     FINISH,
@@ -135,7 +136,7 @@ def test_copy_marked_failed_by_hand_fails_and_ends_the_backup(env):
     )
     holder_failed_with(stack, dag_id, run_id, f"backup marked failed: {reason}; backup mode ended")
     server_log = log_since(cluster, offset)
-    assert server_log.count("pg_backup_start(") == 1 and "pg_backup_stop(" in server_log
+    assert backup_starts_in(server_log) == 1 and "pg_backup_stop(" in server_log
 
 
 def test_concurrent_runs_are_refused_and_leave_the_live_backup_alone(env):
@@ -182,7 +183,7 @@ def test_next_backup_runs_and_restores(env):
     verified = stack.xcom(dag_id, run_id, "verify_backup")
     assert verified["ok"] and verified["summary"].startswith("PASS"), verified
     assert holder_sessions(cluster) == 0
-    assert log_since(cluster, offset).count("pg_backup_start(") == 1
+    assert backup_starts_in(log_since(cluster, offset)) == 1
 
 
 def test_cluster_password_leaks_nowhere(env):
