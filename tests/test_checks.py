@@ -22,14 +22,13 @@ from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOper
 from pg_safe_backup.state import parse_backup_label, wal_segment_name
 from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup, record_check
 
+from backup_helpers import Taken
 from pg_versions import verifier_for
-from test_manifest import Taken, taken  # noqa: F401 - the module's backup fixture
-from test_restore import other_archive  # noqa: F401 - another cluster's WAL archive
 
 KEYS = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
 
 
-def _unstored(taken: Taken, folder: Path) -> Path:  # noqa: F811
+def _unstored(taken: Taken, folder: Path) -> Path:
     """The backup's copy as the copy task left it: no label files, no manifest."""
     shutil.copytree(taken.copy, folder, symlinks=True)
     for name in ("backup_label", "tablespace_map", "backup_manifest"):
@@ -37,7 +36,7 @@ def _unstored(taken: Taken, folder: Path) -> Path:  # noqa: F811
     return folder
 
 
-def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_root):  # noqa: F811
+def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_root):
     copy = _unstored(taken, tmp_root / "stored")
     store = PostgresStoreBackupLabelOperator(
         task_id="store",
@@ -101,7 +100,7 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     assert status == "proven" if taken.major >= 13 else status.startswith("UNVERIFIABLE: no backup_manifest")
 
 
-def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  # noqa: F811
+def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):
     damaged = tmp_root / "damaged"
     shutil.copytree(taken.copy, damaged, symlinks=True)
     relation = damaged / taken.relation
@@ -126,7 +125,7 @@ def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  #
     assert not any("restore check" in line for line in lines), "--no-restore skips it"
 
 
-def test_a_page_newer_than_the_stop_lsn_fails_the_page_lsn_check_naming_it(taken):  # noqa: F811
+def test_a_page_newer_than_the_stop_lsn_fails_the_page_lsn_check_naming_it(taken):
     """A stop LSN before the copy's newest page (the label or stop LSN of an earlier backup than the copy):
     the check names the file, block and both LSNs; the other checks still run."""
     bindir, _ = verifier_for(taken.major)
@@ -140,7 +139,7 @@ def test_a_page_newer_than_the_stop_lsn_fails_the_page_lsn_check_naming_it(taken
     assert report.step("pg_verifybackup").status == PASS
 
 
-def test_stop_lsn_read_from_the_manifest_else_from_the_archive(taken, tmp_root):  # noqa: F811
+def test_stop_lsn_read_from_the_manifest_else_from_the_archive(taken, tmp_root):
     stop = taken.backup["stop_lsn"]
     assert backup_stop_lsn(taken.copy, None) == (stop, str(taken.copy / "backup_manifest"))
     bare = _unstored(taken, tmp_root / "bare")
@@ -210,7 +209,7 @@ def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
 
 # ------------------------------------------------------------------- a check that could not run
 @pytest.fixture(scope="module")
-def stored(taken) -> Path:  # noqa: F811
+def stored(taken) -> Path:
     """The module's backup stored as the store task leaves it (label, manifest, its catalog entry beside it),
     alone in its storage folder."""
     copy = _unstored(taken, taken.root / "storage" / "stored_for_checks")
@@ -249,7 +248,7 @@ def verify(*args: str | Path) -> subprocess.CompletedProcess:
     ],
     ids=["a missing archive", "another cluster's archive", "no server binaries", "no pg_verifybackup"],
 )
-def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, other_archive, flags, named):  # noqa: F811
+def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, other_archive, flags, named):
     (taken.root / "no_binaries").mkdir(exist_ok=True)
     before = entry_path(stored).read_bytes()
     done = verify(stored, *flags(taken, other_archive))
@@ -260,7 +259,7 @@ def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, 
     assert entry_path(stored).read_bytes() == before, "nothing recorded in the catalog"
 
 
-def test_the_verify_task_retries_a_check_that_could_not_run(taken, stored):  # noqa: F811
+def test_the_verify_task_retries_a_check_that_could_not_run(taken, stored):
     from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
     from pg_safe_backup.operators.backup import PostgresVerifyBackupOperator
@@ -293,7 +292,7 @@ def read_only(folder: Path) -> Iterator[None]:
         subprocess.run(undo, check=True)
 
 
-def test_verify_of_a_backup_on_read_only_storage_warns_and_exits_with_the_verdict(taken, stored):  # noqa: F811
+def test_verify_of_a_backup_on_read_only_storage_warns_and_exits_with_the_verdict(taken, stored):
     bindir, _ = verifier_for(taken.major)
     before = entry_path(stored).read_bytes()
     with read_only(stored.parent):  # the backup and its catalog entry

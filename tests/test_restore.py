@@ -413,18 +413,6 @@ def test_archive_mode_on_and_a_target_timeline_are_written_as_asked(backups: Bac
 
 
 # ---------------------------------------------------------------------- restore refuses before copying
-@pytest.fixture(scope="module")
-def other_archive(module_tmp_root: Path) -> Path:
-    """A WAL archive of another cluster: the first segment initdb wrote for a new one."""
-    other = LocalCluster(module_tmp_root / "other" / "data").init()
-    archive = module_tmp_root / "other" / "archive"
-    archive.mkdir()
-    first = min(p.name for p in (other.datadir / "pg_wal").iterdir() if WAL_SEGMENT.match(p.name))
-    shutil.copy2(other.datadir / "pg_wal" / first, archive / first)
-    give_to_server_user(archive)
-    return archive
-
-
 def _system_identifier(cluster: LocalCluster) -> int:
     return int(cluster.sql("SELECT system_identifier::text FROM pg_control_system()")[0][0])
 
