@@ -138,6 +138,27 @@ def session_ended(cluster: LocalCluster, pid: int, timeout: float = 10) -> bool:
     return True
 
 
+async def wait_until(predicate: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
+    """Wait, in the event loop, until ``predicate()`` (run in a thread: it may query a server) holds.
+
+    :param predicate: the condition.
+    :param timeout: seconds before the test fails, naming ``what``.
+    :param what: what is waited for.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert asyncio.get_running_loop().time() < deadline, f"{what} not reached in {timeout} s"
+        await asyncio.sleep(0.1)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """The same for a plain test: poll ``predicate()`` until it holds, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.1)
+
+
 async def gate(
     hook: PostgresBackupHook, attempt: str = ATTEMPT, timeout: float = 60, gate_timeout: float = 3600
 ) -> dict:

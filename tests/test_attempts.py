@@ -5,6 +5,7 @@ on real PostgreSQL (no Airflow; what Airflow knows comes in as the same callback
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import psycopg
@@ -26,6 +27,7 @@ from backup_helpers import (
     session_alive,
     session_ended,
     started,
+    wait_until,
 )
 
 RETRY = attempt_of(OWNER, 2)  # the next try of the same hold task: same owner, another attempt
@@ -272,14 +274,15 @@ def test_a_holder_ends_its_backup_once_its_finish_ended(hook, cluster, monkeypat
     assert session_ended(cluster, pid)
 
 
-def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook, cluster):
+def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook, cluster, caplog):
     """Only the hold was cleared mid-backup: the new try's trigger may run before the old one is cancelled.
     It waits for the old attempt to end (it never acts on it), then starts its own backup."""
+    caplog.set_level(logging.INFO, logger="pg_safe_backup.session")
 
     async def go():
         old, _ = await started(hook, req())
         new = asyncio.create_task(hold_backup(hook, req(attempt=RETRY)))
-        await asyncio.sleep(2)
+        await wait_until(lambda: "still holds its backup; waiting" in caplog.text, what="the new try waiting")
         assert backup_row(cluster)["attempt"] == ATTEMPT and backup_row(cluster)["state"] == "running"
         old.cancel()
         with pytest.raises(asyncio.CancelledError):

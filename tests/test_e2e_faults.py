@@ -60,6 +60,8 @@ def env() -> Iterator[dict]:
         afile.write_text("a regular file: nothing can be created under it\n")
         return {
             "E2E_UNWRITABLE_DESTINATION": str(afile / "sub"),
+            # written by the mark-failed case's copy (a 120 s sleep) only if it ran to its end
+            "E2E_COPY_ENDED": str(root / "copy_ended"),
             # Gates and finishes wait in worker slots (not deferrable by default): the concurrency case
             # has five tasks waiting or running at once.
             "AIRFLOW__CORE__PARALLELISM": "8",
@@ -113,6 +115,9 @@ def test_copy_marked_failed_by_hand_fails_and_ends_the_backup(env):
     assert [ti["state"] for ti in resp["task_instances"]] == ["failed"], resp
     marked = time.monotonic()
     state = stack.wait_for_run(dag_id, run_id, timeout=120)
+    # Read at once: the copy's command (sleep 120, then this file) had not ended when the run did.
+    copy_ended = (env["root"] / "copy_ended").exists()
+    took = time.monotonic() - marked
     tasks = stack.task_states(dag_id, run_id)
     report = failure_report(stack, dag_id, run_id, tasks)
     assert state == "failed", report
@@ -123,9 +128,10 @@ def test_copy_marked_failed_by_hand_fails_and_ends_the_backup(env):
         FINISH: "failed",
         STORE: "upstream_failed",
     }, report
-    assert time.monotonic() - marked < 28, (
-        "the teardown waited for the (30 s) copy instead of its failed state"
-    )
+    # The order (the file), and a bound with a minute of headroom under a slow scheduler: the teardown
+    # acted on the failed state, it did not wait for the (120 s) copy.
+    assert not copy_ended, "the teardown waited for the (120 s) copy instead of its failed state"
+    assert took < 90, f"the run took {took:.0f} s to end after its copy was marked failed"
 
     reason = f"the copy did not succeed: {COPY} is failed"
     assert_failed_cleanly(env, dag_id, run_id, reason)

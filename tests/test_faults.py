@@ -18,7 +18,7 @@ from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_
 from pg_safe_backup.state import parse_backup_label
 
 import backup_helpers
-from backup_helpers import attempt_of, backup_row, hand_over_row, holder_sessions
+from backup_helpers import attempt_of, backup_row, hand_over_row, holder_sessions, wait_until
 from conftest import CONN_ID, PASSWORD
 
 OWNER = "nightly/run1/backup"
@@ -27,18 +27,8 @@ TABLE_ROW = ("state", "error", "owner", "backup_label")  # what a case reads of 
 
 
 def req(owner: str = OWNER, **kw) -> HoldRequest:
-    """A hold request; the fixture's cluster does not archive WAL, so by default it opts out of the wait."""
-    return HoldRequest(
-        **{
-            "owner": owner,
-            "attempt": attempt_of(owner),
-            "label": f"faults {owner}",
-            "fast_checkpoint": True,
-            "poll_interval": 0.5,
-            "wait_for_archive": False,
-            **kw,
-        }
-    )
+    """:func:`backup_helpers.req` with this module's owner, its label and a shorter poll."""
+    return backup_helpers.req(owner, **{"label": f"faults {owner}", "poll_interval": 0.5, **kw})
 
 
 async def gate(hook: PostgresBackupHook, owner: str = OWNER) -> dict:
@@ -59,13 +49,6 @@ async def full_backup(hook: PostgresBackupHook, owner: str = NEXT, **kw) -> dict
 def assert_next_backup_runs(hook: PostgresBackupHook, cluster: LocalCluster, **kw) -> None:
     assert asyncio.run(full_backup(hook, **kw))["status"] == COMPLETE
     assert itemgetter("state", "error", "owner")(backup_row(cluster)) == ("complete", None, NEXT)
-
-
-async def wait_until(predicate, timeout: float = 15) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await asyncio.to_thread(predicate):
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.2)
 
 
 # -- bad input ------------------------------------------------------------------------------------
