@@ -7,6 +7,8 @@ import contextlib
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +34,7 @@ from pg_safe_backup.files.manifest import (
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
 from pg_safe_backup.files.wal import WAL_SEGMENT
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server_user
 from pg_safe_backup.pgverify import VerifyRun, run_pg_verifybackup
 from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
 from pg_safe_backup.state import format_lsn, parse_lsn
@@ -390,6 +392,53 @@ def big_endian_pg_control(raw: bytes, pg_control_version: int) -> bytes:
     end = CRC_OFFSET[pg_control_version]
     struct.pack_into(">I", swapped, end, crc32c(bytes(swapped[:end])))
     return bytes(swapped)
+
+
+# ------------------------------------------------------------------------------ the command line
+#: The checkout: its provider/ (the package) and demo/ go first on a command's PYTHONPATH.
+ROOT_DIR = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str | Path, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``pg-safe-backup ARGS`` (``python -m pg_safe_backup``) as a DBA runs it, this checkout's package first.
+
+    :param args: the subcommand and its arguments.
+    :param timeout: seconds before the test fails.
+    :param cwd: where it runs.
+    """
+    path = os.pathsep.join(
+        p for p in (f"{ROOT_DIR / 'provider'}", f"{ROOT_DIR}", os.environ.get("PYTHONPATH")) if p
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def restore(*args: str | Path) -> subprocess.CompletedProcess:
+    """``pg-safe-backup restore ARGS``."""
+    return run_cli("restore", *args)
+
+
+@contextlib.contextmanager
+def recovered(target: Path, timeout: float = 120) -> Iterator[LocalCluster]:
+    """The restored data directory started (a free port, its socket beside it) and out of recovery."""
+    server = LocalCluster(target, port=free_port())
+    with open(target / "postgresql.auto.conf", "a") as f:
+        f.write(f"unix_socket_directories = '{server.socket_dir}'\n")
+    server.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while server.sql("SELECT pg_is_in_recovery()") != [(False,)]:
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            time.sleep(0.2)
+        yield server
+    finally:
+        server.stop("immediate")
 
 
 # ------------------------------------------------------------------------- a backup with its manifest

@@ -22,7 +22,7 @@ from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOper
 from pg_safe_backup.state import parse_backup_label, wal_segment_name
 from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup, record_check
 
-from backup_helpers import Taken
+from backup_helpers import Taken, run_cli
 from pg_versions import verifier_for
 
 KEYS = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
@@ -82,19 +82,13 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     assert info.manifest_checksum is None or manifest.endswith(f'"{info.manifest_checksum}"}}\n')
     assert record_check(copy, report, 12.34, "test")
     assert read_info(copy).verifications[-1]["ok"] and read_info(copy).verified
-    listed = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup", "list", str(tmp_root)], capture_output=True, text=True
-    )
+    listed = run_cli("list", tmp_root)
     assert listed.returncode == 0, listed.stderr
     head, row, *notes, count = listed.stdout.splitlines()
     assert head.split()[:2] == ["started", "size"] and count == "1 backup"
     assert info.start_lsn in row and info.stop_lsn in row and " yes " in row and str(copy) in row
     assert (" proven " in row) == (taken.major >= 13), listed.stdout
-    as_json = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.cli", "list", str(tmp_root), "--json"],
-        capture_output=True,
-        text=True,
-    )
+    as_json = run_cli("list", tmp_root, "--json")
     assert json.loads(as_json.stdout)[0]["info"]["stop_lsn"] == info.stop_lsn
     status = json.loads(as_json.stdout)[0]["status"]
     assert status == "proven" if taken.major >= 13 else status.startswith("UNVERIFIABLE: no backup_manifest")
@@ -109,13 +103,7 @@ def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):
     relation.write_bytes(bytes(data))
     bindir, _ = verifier_for(taken.major)
 
-    cli = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.cli", "verify", str(damaged), str(taken.archive)]
-        + ["--no-restore", "--verifier-bindir", str(bindir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    cli = run_cli("verify", damaged, taken.archive, "--no-restore", "--verifier-bindir", bindir, timeout=120)
 
     assert cli.returncode == 1, cli.stdout + cli.stderr
     first, *lines = cli.stdout.splitlines()
@@ -220,12 +208,7 @@ def stored(taken) -> Path:
 
 def verify(*args: str | Path) -> subprocess.CompletedProcess:
     """``pg-safe-backup verify ARGS`` as a DBA runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.cli", "verify", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli("verify", *args)
 
 
 @pytest.mark.parametrize(
