@@ -98,14 +98,12 @@ def verifier_for(major: int) -> tuple[Path, bool] | None:
     """The pg_verifybackup to check a backup of ``major`` with: (its folder, whether of the same major).
 
     The same major when installed; else the nearest installed one that reads the manifest version
-    ``major`` writes (any 13+ reads version 1, 17+ version 2); None for 12 (no manifests) or when no
+    ``major`` writes (any 13+ reads version 1, which a copy of 12 gets, 17+ version 2); None when no
     installed verifier reads it.
 
     :param major: the backed up server's major version.
     """
-    if major < 13:
-        return None
-    same = client_bindir(major)
+    same = client_bindir(major) if major >= 13 else None  # 12 has no pg_verifybackup
     if same is not None:
         return same, True
     lowest = 13 if major < 17 else 17

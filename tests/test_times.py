@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 import pytest
 
 from pg_safe_backup.catalog import parse_when
-from pg_safe_backup.restore import RecoveryTarget, add_restore_arguments
+from pg_safe_backup.cli import add_restore_arguments
+from pg_safe_backup.restore import RecoveryTarget
 
 UTC = timezone.utc
 #: text -> the instant it names (no zone: UTC).

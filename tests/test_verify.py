@@ -250,7 +250,8 @@ def test_backup_with_label_restores_with_every_committed_row(backup, tmp_root):
         [
             sys.executable,
             "-m",
-            "pg_safe_backup.verify",
+            "pg_safe_backup",
+            "verify",
             str(b.copy),
             str(b.archive),
             "--to-end-of-archive",
@@ -282,7 +283,7 @@ def test_same_copy_without_backup_label_fails(backup, tmp_root):
     assert refused.summary().startswith("FAIL: ") and "has no backup_label" in refused.summary()
 
     cli = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.verify", str(unlabeled), str(b.archive)],
+        [sys.executable, "-m", "pg_safe_backup", "verify", str(unlabeled), str(b.archive)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -20,28 +20,30 @@ the backups.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.layout import BACKUP_INFO
 from pg_safe_backup.files.manifest import write_atomically
-from pg_safe_backup.proof import LABEL_NAME, MANIFEST_NAME, Proof, label_start_time, prove_backup
-from pg_safe_backup.state import (
+from pg_safe_backup.files.xlog import (
+    WAL_FILE,
     backup_start,
-    format_lsn,
+    label_start_time,
     parse_backup_label,
-    parse_lsn,
+    start_wal_location,
+    wal_file_holding,
+    wal_file_position,
     wal_segment_name,
 )
+from pg_safe_backup.proof import LABEL_NAME, MANIFEST_NAME, Proof, prove_backup
 
 #: The catalog entry of an earlier release, inside a backup's top folder (still read; moved on a write).
 INFO_NAME = BACKUP_INFO
@@ -57,16 +59,13 @@ INFO_VERSION = 1
 DEFAULT_WAL_SEGMENT_SIZE = 16 << 20
 #: Folders below a root searched for backups (root/cluster/date/backup is 3).
 MAX_DEPTH = 4
-#: A WAL segment, or a partial one, as archived, with an optional compression suffix (pg_archivecleanup's
-#: IsXLogFileName / IsPartialXLogFileName, plus what archive_command may add).
-_WAL_FILE = re.compile(r"^([0-9A-F]{24})(\.partial)?(\.(?:gz|zst|lz4|bz2|xz|br))?$")
 
 
 #: The JSON type of each of BackupInfo's field types (checked when read).
 _TYPES: dict[str, type] = {"str": str, "int": int, "bool": bool}
 
 
-class CatalogError(ValueError):
+class CatalogError(PermanentError, ValueError):
     """A backup_info.json cannot be read or written (the message names it and says why)."""
 
 
@@ -183,7 +182,7 @@ class BackupInfo:
 
 def label_time(backup_label: str) -> str | None:
     """The label's START TIME as ISO 8601 UTC, or None when it has none or a zone named only by an
-    abbreviation (:func:`~pg_safe_backup.proof.label_start_time`)."""
+    abbreviation (:func:`~pg_safe_backup.files.xlog.label_start_time`)."""
     when = label_start_time(parse_backup_label(backup_label).get("START TIME"))
     return when.astimezone(timezone.utc).isoformat() if when else None
 
@@ -217,15 +216,13 @@ def info_for_backup(
     start_lsn, timeline = backup_start(backup_label)
     label = parse_backup_label(backup_label)
     size = wal_segment_size or DEFAULT_WAL_SEGMENT_SIZE
-    # 'START WAL LOCATION: 0/2000028 (file 000000010000000000000002)'
-    named = label["START WAL LOCATION"].partition("(file ")[2].rstrip(")")
+    named = start_wal_location(label["START WAL LOCATION"])
     return BackupInfo(
         label=label.get("LABEL", ""),
         start_lsn=start_lsn,
         stop_lsn=stop_lsn,
         timeline=timeline,
-        # The segment holding start_lsn: the one before start_lsn + 1.
-        start_wal=named or wal_segment_name(format_lsn(parse_lsn(start_lsn) + 1), timeline, size),
+        start_wal=named[1] if named else wal_file_holding(start_lsn, timeline, size),
         stop_wal=wal_segment_name(stop_lsn, stop_timeline or timeline, size),
         start_time=label_time(backup_label),
         stop_time=(stop_time or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(),
@@ -574,7 +571,7 @@ def plan_retention(
         reasons.setdefault(ordered[-1].name, []).append("the newest backup (none was verified)")
     keep = [e for e in ordered if e.name in reasons]
     delete = [e for e in ordered if e.name not in reasons]
-    cutoff = min((str(e.proof.start_wal) for e in keep), key=lambda name: name[8:]) if keep else None
+    cutoff = min((str(e.proof.start_wal) for e in keep), key=wal_file_position) if keep else None
     rules = ([f"the newest {keep_last}"] if keep_last is not None else []) + (
         [f"those within {keep_days:g} days"] if keep_days is not None else []
     )
@@ -595,9 +592,10 @@ def wal_to_remove(names: Iterable[str], cutoff: str | None) -> list[str]:
     """
     if cutoff is None:
         return []
-    if not _WAL_FILE.match(cutoff):
+    if not WAL_FILE.match(cutoff):
         raise ValueError(f"{cutoff!r} is not a WAL file name")
-    return sorted(n for n in names if (m := _WAL_FILE.match(n)) and m.group(1)[8:] < cutoff[8:])
+    keep_from = wal_file_position(cutoff)
+    return sorted(n for n in names if (m := WAL_FILE.match(n)) and wal_file_position(m.group(1)) < keep_from)
 
 
 def parse_when(text: str) -> datetime:
@@ -747,39 +745,6 @@ def format_listing(entries: Sequence[CatalogEntry]) -> str:
     return "\n".join([*lines, *notes, count])
 
 
-LIST_DESCRIPTION = """List the backups under ROOT (folders holding backup_label, backup_manifest or base.tar,
-or with a catalog entry beside them), unproven first, then oldest first by stop LSN: when each started,
-its size, start and stop LSN, timeline, format, whether it proves itself (proven / UNVERIFIABLE /
-incomplete, each reason named) and whether its newest check passed."""
-LIST_EPILOG = """example:
-  pg-safe-backup list /backups/main
-  pg-safe-backup list /backups/main --json | jq '.[-1].proof.stop_lsn'"""
-
-
-def add_list_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pg-safe-backup list`` command's arguments (the CLI and ``python -m pg_safe_backup``).
-
-    :param p: the subcommand's parser.
-    """
-    p.add_argument("root", type=Path, help="the folder the backups are stored under")
-    p.add_argument(
-        "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
-    )
-    p.set_defaults(run=_list)
-
-
-def _list(args: argparse.Namespace) -> int:
-    if not args.root.is_dir():
-        print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
-        return 2
-    entries = list_backups(args.root)
-    if args.json:
-        print(json.dumps([e.as_dict() for e in entries], indent=1))
-    else:
-        print(format_listing(entries))
-    return 0
-
-
 __all__ = [
     "ENTRY_SUFFIX",
     "INFO_NAME",
@@ -788,7 +753,6 @@ __all__ = [
     "CatalogError",
     "Choice",
     "RetentionPlan",
-    "add_list_arguments",
     "against_server",
     "append_verification",
     "choose_backup",

@@ -1,6 +1,9 @@
 """The ``pg-safe-backup`` console script: what a DBA runs on a machine with the backups.
 
-Needs only this package and PostgreSQL's binaries (nothing of Airflow is imported).
+Needs only this package and PostgreSQL's binaries (nothing of Airflow is imported). Every subcommand's
+arguments and handler are here; the domain modules they call define no command line. The one entry point:
+this console script, also ``python -m pg_safe_backup`` (the older ``python -m pg_safe_backup.verify ...`` is
+``python -m pg_safe_backup verify ...``).
 
 ``pg-safe-backup list ROOT`` lists the backups under ROOT, each proven from its own files, oldest first.
 
@@ -21,13 +24,412 @@ recovers the backup (see :mod:`pg_safe_backup.restore`), then prints that comman
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from datetime import datetime
+from pathlib import Path
 
-from pg_safe_backup.catalog import LIST_DESCRIPTION, LIST_EPILOG, add_list_arguments
-from pg_safe_backup.restore import RESTORE_DESCRIPTION, RESTORE_EPILOG, add_restore_arguments
-from pg_safe_backup.retention import RETENTION_DESCRIPTION, RETENTION_EPILOG, add_retention_arguments
-from pg_safe_backup.verify import VERIFY_DESCRIPTION, VERIFY_EPILOG, add_verify_arguments
+from pg_safe_backup.catalog import (
+    CatalogError,
+    choose_backup,
+    entry_path,
+    format_listing,
+    list_backups,
+    one_cluster,
+    parse_when,
+)
+from pg_safe_backup.hooks.server import ServerUnreachable
+from pg_safe_backup.local_cluster import SERVER_USER
+from pg_safe_backup.restore import (
+    ARCHIVE_MODES,
+    TARGET_ACTIONS,
+    RecoveryTarget,
+    RestoreError,
+    prepare_restore,
+    start_command,
+)
+from pg_safe_backup.restore_check import _one_line
+from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
+from pg_safe_backup.verify import BackupCheck, CheckNotRun, check_backup, record_check
 
+# -------------------------------------------------------------------------------------------- verify
+VERIFY_DESCRIPTION = (
+    "Check a stored backup: the page-LSN check, pg_verifybackup against its backup_manifest, then the"
+    " restore check (recover it on a temporary server, amcheck, an optional invariant)."
+)
+
+VERIFY_EPILOG = """examples:
+  pg-safe-backup verify /backups/main/20261126T010000 /var/lib/postgresql/wal_archive
+  pg-safe-backup verify /backups/main/20261126T010000        # self-contained (include_wal=True)
+  pg-safe-backup verify BACKUP ARCHIVE --invariant-sql "SELECT count(*) > 0, 'orders' FROM orders"
+"""
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup verify``.
+
+    :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the checks.
+    """
+    p.add_argument("backup_dir", type=Path)
+    p.add_argument(
+        "wal_archive", type=Path, nargs="?", help="the WAL archive; omit for a self-contained backup"
+    )
+    p.add_argument("--stop-lsn", help="the backup's stop LSN (default: from backup_manifest or the archive)")
+    p.add_argument("--no-page-lsn", action="store_true", help="skip the page-LSN check")
+    p.add_argument("--no-verifybackup", action="store_true", help="skip pg_verifybackup")
+    p.add_argument("--no-restore", action="store_true", help="skip the restore check (the slow one)")
+    p.add_argument(
+        "--verifier-bindir",
+        type=Path,
+        help="folder of pg_verifybackup (default: --bindir's, the backup's major's, else the nearest"
+        " installed)",
+    )
+    p.add_argument("--invariant-sql", help="a query returning rows (ok boolean, detail text); all must be ok")
+    p.add_argument("--invariant-db", default="postgres")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (the server is stopped)")
+    p.add_argument("--work-dir", type=Path, help="where to make the temporary work dir")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to start and recover")
+    p.add_argument("--bindir", type=Path, help="PostgreSQL server binaries (default: the backup's major's)")
+    p.add_argument(
+        "--to-end-of-archive",
+        action="store_true",
+        help="replay the whole archive instead of stopping at the backup's consistent point",
+    )
+    p.add_argument(
+        "--allow-missing-label",
+        action="store_true",
+        help="check a copy without backup_label (only right for a copy of a stopped server)",
+    )
+    p.add_argument(
+        "--use-backup-pg-wal",
+        action="store_true",
+        help="start with the backup's pg_wal/ files instead of an empty pg_wal/ (not recommended)",
+    )
+    p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
+    p.set_defaults(run=_verify)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    began = time.monotonic()
+    try:
+        report = _check(args)
+    except CheckNotRun as err:
+        print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", _warn):
+        print(f"recorded in {entry_path(Path(args.backup_dir))}")
+    if args.verbose:
+        for step in report.steps:
+            print(f"{step.name}:")
+            for key, value in step.details.items():
+                print(f"  {key}: {value}")
+    return 0 if report.ok else 1
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def _check(args: argparse.Namespace) -> BackupCheck:
+    """:func:`check_backup` as the CLI's flags say."""
+    return check_backup(
+        args.backup_dir,
+        args.wal_archive,
+        stop_lsn=args.stop_lsn,
+        page_lsns=not args.no_page_lsn,
+        manifest=not args.no_verifybackup,
+        restore=not args.no_restore,
+        verifier_bindir=args.verifier_bindir,
+        invariant_sql=args.invariant_sql,
+        invariant_db=args.invariant_db,
+        work_dir=args.work_dir,
+        keep=args.keep,
+        timeout=args.timeout,
+        bindir=args.bindir,
+        recovery_target_immediate=not args.to_end_of_archive,
+        require_backup_label=not args.allow_missing_label,
+        user=args.user,
+        use_backup_pg_wal=args.use_backup_pg_wal,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- list
+LIST_DESCRIPTION = """List the backups under ROOT (folders holding backup_label, backup_manifest or base.tar,
+or with a catalog entry beside them), unproven first, then oldest first by stop LSN: when each started,
+its size, start and stop LSN, timeline, format, whether it proves itself (proven / UNVERIFIABLE /
+incomplete, each reason named) and whether its newest check passed."""
+LIST_EPILOG = """example:
+  pg-safe-backup list /backups/main
+  pg-safe-backup list /backups/main --json | jq '.[-1].proof.stop_lsn'"""
+
+
+def add_list_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``pg-safe-backup list`` command's arguments (the CLI and ``python -m pg_safe_backup``).
+
+    :param p: the subcommand's parser.
+    """
+    p.add_argument("root", type=Path, help="the folder the backups are stored under")
+    p.add_argument(
+        "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
+    )
+    p.set_defaults(run=_list)
+
+
+def _list(args: argparse.Namespace) -> int:
+    if not args.root.is_dir():
+        print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
+        return 2
+    entries = list_backups(args.root)
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=1))
+    else:
+        print(format_listing(entries))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- retention
+#: Broken into lines: the subcommand's help keeps its layout (for the epilog's example).
+RETENTION_DESCRIPTION = (
+    "Keep the newest N backups of ROOT and/or those within D days (always the newest verified one),\n"
+    "delete the others, then the WAL archive's files older than the oldest kept backup's start\n"
+    "(as pg_archivecleanup)."
+)
+RETENTION_EPILOG = """example:
+  pg-safe-backup retention /backups/main --keep-last 7 --wal-archive /wal/main --dry-run
+  pg-safe-backup retention /backups/main --keep-last 7 --keep-days 30 --wal-archive /wal/main
+
+Only backups that prove themselves (backup_label listed with its checksum in a backup_manifest whose own
+checksum holds, WAL-Ranges agreeing with the label) are counted: an unverifiable or incomplete one is
+neither counted nor deleted, it is listed for a person to look at. Nothing is deleted when no proven
+backup would be kept. Exits 0 when done, 1 otherwise."""
+
+
+def add_retention_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup retention``.
+
+    :param p: the (sub)parser to add them to; its ``run`` default carries retention out.
+    """
+    p.add_argument("root", type=Path, help="the folder holding the backups (searched for backups on disk)")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N backups")
+    p.add_argument("--keep-days", type=float, metavar="D", help="keep the backups started within D days")
+    p.add_argument(
+        "--wal-archive",
+        type=Path,
+        metavar="DIR",
+        help="the WAL archive to clean up below the oldest kept backup's start (default: leave WAL alone)",
+    )
+    p.add_argument(
+        "--dsn",
+        metavar="CONNINFO",
+        help="the live cluster (libpq string or URI): leave alone backups of another system identifier or"
+        " ending beyond its current WAL position",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
+    p.set_defaults(run=_retention, parser=p)
+
+
+def _retention(args: argparse.Namespace) -> int:
+    if args.keep_last is None and args.keep_days is None:
+        args.parser.error("give --keep-last N and/or --keep-days D")
+    try:
+        server = server_position(args.dsn) if args.dsn else None
+        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server)
+        carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print)
+    except ValueError as err:  # a bad --keep-last/--keep-days
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ServerUnreachable as err:
+        print(f"error: --dsn: {err}; removing nothing", file=sys.stderr)
+        return 1
+    except (RetentionRefused, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- restore
+RESTORE_DESCRIPTION = (
+    "Prepare TARGET_DIR from a stored backup so that `pg_ctl -D TARGET_DIR start` recovers it: the copy, its"
+    " tablespaces, an empty pg_wal/, recovery.signal, restore_command and the recovery target."
+)
+RESTORE_EPILOG = """examples:
+  # a point-in-time restore from the newest backup that ended before 06:00 UTC
+  pg-safe-backup restore /backups/main /srv/pg-restored --latest-before 2026-11-26T06:00:00Z \\
+      --target-time 2026-11-26T06:00:00Z --target-action promote --wal-archive /backups/wal
+  # one backup to the end of the archive, tablespace 16384 into a new folder
+  pg-safe-backup restore /backups/main/20261126T010000 /srv/pg-restored --wal-archive /backups/wal \\
+      --tablespace 16384=/srv/pg-restored-space1
+"""
+
+
+def _tablespace_flag(text: str) -> tuple[str, Path]:
+    oid, sep, folder = text.partition("=")
+    if not sep or not oid.isdigit() or not folder:
+        raise argparse.ArgumentTypeError(f"--tablespace wants OID=DIR, got {text!r}")
+    return oid, Path(folder)
+
+
+def _time_flag(text: str) -> datetime:
+    try:
+        return parse_when(text)  # Z, +00, UTC...: the forms PostgreSQL reads, on every Python
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_restore_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup restore``.
+
+    :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the restore.
+    """
+    p.add_argument(
+        "backup",
+        type=Path,
+        metavar="BACKUP",
+        help="the backup folder (with --latest-before: the backups' root)",
+    )
+    p.add_argument(
+        "target_dir", type=Path, metavar="TARGET_DIR", help="the new data directory (absent or empty)"
+    )
+    p.add_argument("--wal-archive", type=Path, required=True, metavar="DIR", help="the WAL archive folder")
+    p.add_argument(
+        "--tablespace",
+        type=_tablespace_flag,
+        action="append",
+        default=[],
+        metavar="OID=DIR",
+        help="restore tablespace OID to DIR instead of its original location (repeatable)",
+    )
+    p.add_argument("--target-time", type=_time_flag, help="stop at this time (ISO 8601; no zone: UTC)")
+    p.add_argument("--target-lsn", help="stop at this LSN")
+    p.add_argument("--target-name", help="stop at this restore point (pg_create_restore_point)")
+    p.add_argument("--target-immediate", action="store_true", help="stop as soon as the backup is consistent")
+    p.add_argument(
+        "--target-action", choices=TARGET_ACTIONS, default="pause", help="at the target (default: pause)"
+    )
+    p.add_argument(
+        "--target-timeline",
+        default="latest",
+        metavar="TIMELINE",
+        help="the timeline to recover along: current (the backup's), latest (default, as PostgreSQL) or a"
+        " number",
+    )
+    p.add_argument(
+        "--latest-before",
+        type=_time_flag,
+        metavar="TIME",
+        help="BACKUP is a root: use its newest backup that proves itself and ended before TIME (incomplete,"
+        " unverifiable and failed ones are passed over, each named)",
+    )
+    p.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="with --latest-before: also take a backup whose newest check FAILED",
+    )
+    p.add_argument(
+        "--owner",
+        default=SERVER_USER if os.geteuid() == 0 else None,
+        help=f"OS user to own the data directory (as root; default {SERVER_USER})",
+    )
+    p.add_argument(
+        "--restore-command",
+        metavar="CMD",
+        help="restore_command to fetch WAL with (default: cp from --wal-archive), e.g. for a compressed"
+        " archive",
+    )
+    p.add_argument(
+        "--archive-mode",
+        choices=ARCHIVE_MODES,
+        default="off",
+        help="off (default): the restored server does not archive, so a test restore never writes into the"
+        " backed up cluster's archive; on: it archives with the backed up server's archive_command (a real"
+        " replacement)",
+    )
+    p.set_defaults(run=_restore)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    backup = args.backup
+    try:
+        if args.latest_before is not None:
+            entries = list_backups(backup.absolute())
+            one_cluster(entries, backup)  # never another cluster's backup
+            choice = choose_backup(entries, before=args.latest_before, allow_failed=args.allow_failed)
+            for name, why in choice.skipped:
+                print(f"skipped {name}: {why}", flush=True)
+            picked = choice.picked
+            if picked is None:
+                raise RestoreError(
+                    f"--latest-before: no backup under {backup} that proves itself ended before"
+                    f" {args.latest_before.isoformat()}"
+                )
+            backup = Path(picked.folder)
+            print(
+                f"picked {backup} (label {picked.proof.label!r}, stop LSN {picked.proof.stop_lsn} on timeline"
+                f" {picked.proof.stop_tli})",
+                flush=True,
+            )
+
+        def report(done: int, total: int) -> None:
+            print(f"copied {done / 2**20:.1f} MB of {total / 2**20:.1f} MB", flush=True)
+
+        result = prepare_restore(
+            backup,
+            args.target_dir,
+            wal_archive=args.wal_archive,
+            recovery=RecoveryTarget(
+                time=args.target_time,
+                lsn=args.target_lsn,
+                name=args.target_name,
+                immediate=args.target_immediate,
+                action=args.target_action,
+                timeline=args.target_timeline,
+            ),
+            tablespaces=dict(args.tablespace),
+            restore_command=args.restore_command,
+            archive_mode=args.archive_mode,
+            owner=args.owner,
+            progress=report,
+        )
+    except (RestoreError, CatalogError, OSError) as err:
+        print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    for oid, place in result.tablespaces.items():
+        print(f"tablespace {oid} ({place['original']}) restored to {place['restored_to']}")
+    for original, place in (result.config.placed if result.config else {}).items():
+        print(f"configuration {original} restored to {place}")
+    for note in result.config.notes if result.config else []:
+        print(f"note: {note}")
+    print(
+        f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
+        f" {result.seconds:.1f} s"
+    )
+    if result.archive_mode == "off":
+        print(
+            "archiving is off in the restored server (archive_mode = off, archive_command = ''): it never"
+            " writes into the backed up cluster's archive; --archive-mode on for a real replacement"
+        )
+    else:
+        print(
+            "archiving is on (--archive-mode on): the restored server archives with the backed up server's"
+            " archive_command, into that server's archive"
+        )
+    if args.target_action == "pause" and (
+        args.target_time or args.target_lsn or args.target_name or args.target_immediate
+    ):
+        print(
+            "note: recovery pauses at the target (--target-action pause): check the data, then run"
+            " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
+        )
+    print(f"start it with:\n  {start_command(result.target, result.owner)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- the command
 #: Each subcommand: name, what adds its arguments, its line in the overview, its description and its
 #: epilog (examples, kept as written).
 SUBCOMMANDS = (

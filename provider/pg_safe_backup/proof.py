@@ -23,13 +23,22 @@ import json
 import re
 import struct
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.pgcontrol import BadPgControl, crc32c, read_pg_control
-from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
+from pg_safe_backup.files.xlog import (
+    LABEL_KEYS,
+    SEGMENT_SIZES,
+    format_lsn,
+    label_start_time,
+    parse_backup_label,
+    parse_lsn,
+    start_wal_location,
+    wal_file_holding,
+)
 
 LABEL_NAME = "backup_label"
 MAP_NAME = "tablespace_map"
@@ -37,15 +46,6 @@ MANIFEST_NAME = "backup_manifest"
 CONTROL = "global/pg_control"
 #: A tar backup's data directory archive, by compression (files/tarball.py's archive_name).
 BASE_TARS = ("base.tar", "base.tar.gz", "base.tar.zst")
-#: What the label must say: without them recovery cannot start from it (xlogrecovery.c's read_backup_label).
-LABEL_KEYS = ("START WAL LOCATION", "CHECKPOINT LOCATION", "START TIMELINE")
-#: 'START WAL LOCATION: 0/2000028 (file 000000010000000000000002)'
-_START = re.compile(r"^([0-9A-F]{1,8}/[0-9A-F]{1,8}) \(file ([0-9A-F]{24})\)$")
-#: 'START TIME: 2026-11-26 06:14:54 UTC' (log_timezone's abbreviation, or an offset such as '+01').
-_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (\S+)$")
-_OFFSET = re.compile(r"^([+-])(\d\d)(?::?(\d\d))?$")
-#: initdb --wal-segsize: powers of two from 1 MB to 1 GB.
-_SEGMENT_SIZES = tuple(1 << n for n in range(20, 31))
 _CHECKSUM_LINE = b'\n"Manifest-Checksum": "'
 _DIGESTS = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
 
@@ -97,30 +97,6 @@ class _Unproven(Exception):
         self.why, self.incomplete = why, incomplete
 
 
-def label_start_time(text: str | None) -> datetime | None:
-    """The label's START TIME as an aware datetime, or None: PostgreSQL prints it in log_timezone, whose
-    abbreviation (CET, EST) names no offset; UTC, GMT and numeric offsets (``+01``, ``-0330``) are read.
-
-    :param text: the START TIME value, e.g. ``2026-11-26 06:14:54 UTC``.
-    """
-    found = _TIME.match((text or "").strip())
-    if not found:
-        return None
-    try:
-        local = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S")
-    except ValueError:
-        return None
-    zone = found.group(2)
-    if zone in ("UTC", "GMT", "Z"):
-        return local.replace(tzinfo=timezone.utc)
-    offset = _OFFSET.match(zone)
-    if not offset:
-        return None
-    sign = -1 if offset.group(1) == "-" else 1
-    delta = timedelta(hours=int(offset.group(2)), minutes=int(offset.group(3) or 0))
-    return local.replace(tzinfo=timezone(sign * delta))
-
-
 def _read(folder: Any, name: str) -> bytes | None:
     place = folder / name
     return place.read_bytes() if place.exists() else None
@@ -145,16 +121,12 @@ def _label(raw: bytes | None) -> tuple[dict[str, str], str, int, str]:
     missing = [key for key in LABEL_KEYS if not fields.get(key)]
     if missing:
         raise _Unproven(f"{LABEL_NAME} is truncated or damaged: no {', '.join(missing)}", incomplete=True)
-    start = _START.match(fields["START WAL LOCATION"])
+    start = start_wal_location(fields["START WAL LOCATION"])
     if not start or not fields["START TIMELINE"].isdigit():
         raise _Unproven(f"{LABEL_NAME} is damaged: cannot read its START WAL LOCATION / START TIMELINE")
-    lsn, wal, tli = start.group(1), start.group(2), int(fields["START TIMELINE"])
-    position = parse_lsn(lsn)
+    (lsn, wal), tli = start, int(fields["START TIMELINE"])
     # The file must hold the LSN on the label's timeline, for some segment size (it moves the WAL cut-off).
-    if wal[:8] != f"{tli:08X}" or not any(
-        wal[8:] == f"{position // s // (0x1_0000_0000 // s):08X}{position // s % (0x1_0000_0000 // s):08X}"
-        for s in _SEGMENT_SIZES
-    ):
+    if not any(wal == wal_file_holding(lsn, tli, size) for size in SEGMENT_SIZES):
         raise _Unproven(f"{LABEL_NAME}'s START WAL file {wal} does not hold {lsn} on timeline {tli}")
     return fields, lsn, tli, wal
 
@@ -162,7 +134,11 @@ def _label(raw: bytes | None) -> tuple[dict[str, str], str, int, str]:
 def _manifest(raw: bytes | None, plain_major: int | None) -> tuple[dict[str, Any], str]:
     """The manifest, parsed, and its checksum, once its own checksum holds."""
     if raw is None:
-        pg12 = " (PostgreSQL 12 writes none: nothing proves its label)" if plain_major == 12 else ""
+        pg12 = (
+            " (an earlier release wrote none for PostgreSQL 12: nothing proves its label)"
+            if plain_major == 12
+            else ""
+        )
         raise _Unproven(f"no {MANIFEST_NAME}{pg12}")
     at = raw.rfind(_CHECKSUM_LINE)
     found = re.fullmatch(rb'"Manifest-Checksum": "([0-9a-f]{64})"\}\n?', raw[at + 1 :]) if at >= 0 else None

@@ -1,5 +1,5 @@
 """One way to turn a stored backup into a data directory that recovers: ``pg-safe-backup restore`` and the
-restore check (:mod:`pg_safe_backup.verify`) both use it.
+restore check (:mod:`pg_safe_backup.restore_check`) both use it.
 
 :func:`prepare_restore` never changes the backup or the WAL archive (read only, through
 ``restore_command``):
@@ -42,12 +42,11 @@ recovery from backup_label, no ``recovery.signal``.
 A backup without ``backup_label`` is refused: recovery would start from the checkpoint in pg_control
 instead of the backup's, and can silently lose committed rows.
 
-CLI: ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR ...`` (see :func:`add_restore_arguments`).
+CLI: ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR ...`` (:mod:`pg_safe_backup.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -55,7 +54,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Mapping
@@ -68,12 +66,9 @@ from pg_safe_backup.catalog import (
     INFO_NAME,
     INFO_TMP,
     CatalogError,
-    choose_backup,
-    list_backups,
-    one_cluster,
-    parse_when,
 )
 from pg_safe_backup.catalog import read_info as read_backup_info
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
@@ -83,9 +78,9 @@ from pg_safe_backup.files.tablespaces import (
     parse_tablespace_map,
 )
 from pg_safe_backup.files.wal import NotWal, archive_system_identifier
+from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn
 from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
 from pg_safe_backup.proof import prove_backup
-from pg_safe_backup.state import parse_backup_label, parse_lsn
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
 # the backup rather than the restored cluster.
@@ -117,7 +112,7 @@ TAR_SUFFIXES = ("", ".gz", ".zst")
 PROGRESS_EVERY = 3.0
 
 
-class RestoreError(ValueError):
+class RestoreError(PermanentError, ValueError):
     """The backup cannot be restored as asked; the message names the parameter (or flag) at fault."""
 
 
@@ -900,189 +895,11 @@ def start_command(data: Path, owner: str | None) -> str:
     return f"runuser -u {shlex.quote(owner)} -- {cmd}" if owner and os.geteuid() == 0 else cmd
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-RESTORE_DESCRIPTION = (
-    "Prepare TARGET_DIR from a stored backup so that `pg_ctl -D TARGET_DIR start` recovers it: the copy, its"
-    " tablespaces, an empty pg_wal/, recovery.signal, restore_command and the recovery target."
-)
-RESTORE_EPILOG = """examples:
-  # a point-in-time restore from the newest backup that ended before 06:00 UTC
-  pg-safe-backup restore /backups/main /srv/pg-restored --latest-before 2026-11-26T06:00:00Z \\
-      --target-time 2026-11-26T06:00:00Z --target-action promote --wal-archive /backups/wal
-  # one backup to the end of the archive, tablespace 16384 into a new folder
-  pg-safe-backup restore /backups/main/20261126T010000 /srv/pg-restored --wal-archive /backups/wal \\
-      --tablespace 16384=/srv/pg-restored-space1
-"""
-
-
-def _tablespace_flag(text: str) -> tuple[str, Path]:
-    oid, sep, folder = text.partition("=")
-    if not sep or not oid.isdigit() or not folder:
-        raise argparse.ArgumentTypeError(f"--tablespace wants OID=DIR, got {text!r}")
-    return oid, Path(folder)
-
-
-def _time_flag(text: str) -> datetime:
-    try:
-        return parse_when(text)  # Z, +00, UTC...: the forms PostgreSQL reads, on every Python
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def add_restore_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``pg-safe-backup restore``.
-
-    :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the restore.
-    """
-    p.add_argument(
-        "backup",
-        type=Path,
-        metavar="BACKUP",
-        help="the backup folder (with --latest-before: the backups' root)",
-    )
-    p.add_argument(
-        "target_dir", type=Path, metavar="TARGET_DIR", help="the new data directory (absent or empty)"
-    )
-    p.add_argument("--wal-archive", type=Path, required=True, metavar="DIR", help="the WAL archive folder")
-    p.add_argument(
-        "--tablespace",
-        type=_tablespace_flag,
-        action="append",
-        default=[],
-        metavar="OID=DIR",
-        help="restore tablespace OID to DIR instead of its original location (repeatable)",
-    )
-    p.add_argument("--target-time", type=_time_flag, help="stop at this time (ISO 8601; no zone: UTC)")
-    p.add_argument("--target-lsn", help="stop at this LSN")
-    p.add_argument("--target-name", help="stop at this restore point (pg_create_restore_point)")
-    p.add_argument("--target-immediate", action="store_true", help="stop as soon as the backup is consistent")
-    p.add_argument(
-        "--target-action", choices=TARGET_ACTIONS, default="pause", help="at the target (default: pause)"
-    )
-    p.add_argument(
-        "--target-timeline",
-        default="latest",
-        metavar="TIMELINE",
-        help="the timeline to recover along: current (the backup's), latest (default, as PostgreSQL) or a"
-        " number",
-    )
-    p.add_argument(
-        "--latest-before",
-        type=_time_flag,
-        metavar="TIME",
-        help="BACKUP is a root: use its newest backup that proves itself and ended before TIME (incomplete,"
-        " unverifiable and failed ones are passed over, each named)",
-    )
-    p.add_argument(
-        "--allow-failed",
-        action="store_true",
-        help="with --latest-before: also take a backup whose newest check FAILED",
-    )
-    p.add_argument(
-        "--owner",
-        default=SERVER_USER if os.geteuid() == 0 else None,
-        help=f"OS user to own the data directory (as root; default {SERVER_USER})",
-    )
-    p.add_argument(
-        "--restore-command",
-        metavar="CMD",
-        help="restore_command to fetch WAL with (default: cp from --wal-archive), e.g. for a compressed"
-        " archive",
-    )
-    p.add_argument(
-        "--archive-mode",
-        choices=ARCHIVE_MODES,
-        default="off",
-        help="off (default): the restored server does not archive, so a test restore never writes into the"
-        " backed up cluster's archive; on: it archives with the backed up server's archive_command (a real"
-        " replacement)",
-    )
-    p.set_defaults(run=_restore)
-
-
-def _restore(args: argparse.Namespace) -> int:
-    backup = args.backup
-    try:
-        if args.latest_before is not None:
-            entries = list_backups(backup.absolute())
-            one_cluster(entries, backup)  # never another cluster's backup
-            choice = choose_backup(entries, before=args.latest_before, allow_failed=args.allow_failed)
-            for name, why in choice.skipped:
-                print(f"skipped {name}: {why}", flush=True)
-            picked = choice.picked
-            if picked is None:
-                raise RestoreError(
-                    f"--latest-before: no backup under {backup} that proves itself ended before"
-                    f" {args.latest_before.isoformat()}"
-                )
-            backup = Path(picked.folder)
-            print(
-                f"picked {backup} (label {picked.proof.label!r}, stop LSN {picked.proof.stop_lsn} on timeline"
-                f" {picked.proof.stop_tli})",
-                flush=True,
-            )
-
-        def report(done: int, total: int) -> None:
-            print(f"copied {done / 2**20:.1f} MB of {total / 2**20:.1f} MB", flush=True)
-
-        result = prepare_restore(
-            backup,
-            args.target_dir,
-            wal_archive=args.wal_archive,
-            recovery=RecoveryTarget(
-                time=args.target_time,
-                lsn=args.target_lsn,
-                name=args.target_name,
-                immediate=args.target_immediate,
-                action=args.target_action,
-                timeline=args.target_timeline,
-            ),
-            tablespaces=dict(args.tablespace),
-            restore_command=args.restore_command,
-            archive_mode=args.archive_mode,
-            owner=args.owner,
-            progress=report,
-        )
-    except (RestoreError, CatalogError, OSError) as err:
-        print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
-    for oid, place in result.tablespaces.items():
-        print(f"tablespace {oid} ({place['original']}) restored to {place['restored_to']}")
-    for original, place in (result.config.placed if result.config else {}).items():
-        print(f"configuration {original} restored to {place}")
-    for note in result.config.notes if result.config else []:
-        print(f"note: {note}")
-    print(
-        f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
-        f" {result.seconds:.1f} s"
-    )
-    if result.archive_mode == "off":
-        print(
-            "archiving is off in the restored server (archive_mode = off, archive_command = ''): it never"
-            " writes into the backed up cluster's archive; --archive-mode on for a real replacement"
-        )
-    else:
-        print(
-            "archiving is on (--archive-mode on): the restored server archives with the backed up server's"
-            " archive_command, into that server's archive"
-        )
-    if args.target_action == "pause" and (
-        args.target_time or args.target_lsn or args.target_name or args.target_immediate
-    ):
-        print(
-            "note: recovery pauses at the target (--target-action pause): check the data, then run"
-            " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
-        )
-    print(f"start it with:\n  {start_command(result.target, result.owner)}")
-    return 0
-
-
 __all__ = [
     "ArchiveNotUsable",
     "RecoveryTarget",
     "RestoreError",
     "RestoreResult",
-    "add_restore_arguments",
     "archive_restore_command",
     "backup_system_identifier",
     "check_archive",

@@ -25,10 +25,8 @@ A dry run goes through the same steps, logs the same lines ("would delete") and 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,27 +43,14 @@ from pg_safe_backup.catalog import (
     plan_retention,
     wal_to_remove,
 )
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
-from pg_safe_backup.hooks.server import ServerPosition, ServerUnreachable, server_position
+from pg_safe_backup.files.xlog import wal_file_position
+from pg_safe_backup.hooks.server import ServerPosition, server_position
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
 
 #: Where the copies of a backup's tablespaces may be kept beside it (files/tablespaces.py looks there).
 TABLESPACE_SUFFIXES = ("_tablespaces", ".tablespaces")
-
-#: Broken into lines: the subcommand's help keeps its layout (for the epilog's example).
-RETENTION_DESCRIPTION = (
-    "Keep the newest N backups of ROOT and/or those within D days (always the newest verified one),\n"
-    "delete the others, then the WAL archive's files older than the oldest kept backup's start\n"
-    "(as pg_archivecleanup)."
-)
-RETENTION_EPILOG = """example:
-  pg-safe-backup retention /backups/main --keep-last 7 --wal-archive /wal/main --dry-run
-  pg-safe-backup retention /backups/main --keep-last 7 --keep-days 30 --wal-archive /wal/main
-
-Only backups that prove themselves (backup_label listed with its checksum in a backup_manifest whose own
-checksum holds, WAL-Ranges agreeing with the label) are counted: an unverifiable or incomplete one is
-neither counted nor deleted, it is listed for a person to look at. Nothing is deleted when no proven
-backup would be kept. Exits 0 when done, 1 otherwise."""
 
 
 class Place(Protocol):
@@ -82,7 +67,7 @@ class Place(Protocol):
     def unlink(self) -> None: ...
 
 
-class RetentionRefused(RuntimeError):
+class RetentionRefused(PermanentError, RuntimeError):
     """Retention removed nothing, for the reason given (no proven backup kept, a plan at odds with the
     disk)."""
 
@@ -225,7 +210,10 @@ def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
     if links:
         raise RetentionRefused(f"{', '.join(links)} is a link, never deleted through: removing nothing")
     cutoff = plan.wal_cutoff
-    if cutoff is None or any(not e.proof.start_wal or e.proof.start_wal[8:] < cutoff[8:] for e in plan.keep):
+    if cutoff is None or any(
+        not e.proof.start_wal or wal_file_position(e.proof.start_wal) < wal_file_position(cutoff)
+        for e in plan.keep
+    ):
         raise RetentionRefused(
             f"the WAL cut-off {cutoff} is not at or before every kept backup's start: removing nothing"
         )
@@ -275,54 +263,9 @@ def _remove_folder(folder: Any) -> None:
         folder.rmdir(recursive=True)
 
 
-def add_retention_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``pg-safe-backup retention``.
-
-    :param p: the (sub)parser to add them to; its ``run`` default carries retention out.
-    """
-    p.add_argument("root", type=Path, help="the folder holding the backups (searched for backups on disk)")
-    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N backups")
-    p.add_argument("--keep-days", type=float, metavar="D", help="keep the backups started within D days")
-    p.add_argument(
-        "--wal-archive",
-        type=Path,
-        metavar="DIR",
-        help="the WAL archive to clean up below the oldest kept backup's start (default: leave WAL alone)",
-    )
-    p.add_argument(
-        "--dsn",
-        metavar="CONNINFO",
-        help="the live cluster (libpq string or URI): leave alone backups of another system identifier or"
-        " ending beyond its current WAL position",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
-    p.set_defaults(run=_retention, parser=p)
-
-
-def _retention(args: argparse.Namespace) -> int:
-    if args.keep_last is None and args.keep_days is None:
-        args.parser.error("give --keep-last N and/or --keep-days D")
-    try:
-        server = server_position(args.dsn) if args.dsn else None
-        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server)
-        carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print)
-    except ValueError as err:  # a bad --keep-last/--keep-days
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ServerUnreachable as err:
-        print(f"error: --dsn: {err}; removing nothing", file=sys.stderr)
-        return 1
-    except (RetentionRefused, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
 __all__ = [
-    "RETENTION_DESCRIPTION",
     "RetentionRefused",
     "RetentionReport",
-    "add_retention_arguments",
     "carry_out_retention",
     "plan_root",
     "server_position",

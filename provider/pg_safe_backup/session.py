@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -190,6 +190,29 @@ class _Notices:
 # ------------------------------------------------------------------------------------------ the holder
 
 
+@dataclass
+class _Holding:
+    """One hold attempt as its steps pass it along: the request, the sessions, the clock, Airflow's side.
+
+    :param conn: the state session (the backup table's server).
+    :param bconn: the backup session: ``conn`` itself unless the table lives elsewhere (backup of a standby).
+    :param deadline: ``req.backup_timeout`` from the start.
+    :param check: Airflow's side (see :func:`hold_backup`), or None.
+    :param notices: the server's notices; those of backup mode are kept in the row.
+    :param wal: how this backup's WAL gets archived (:func:`_plan_wal`), once planned.
+    """
+
+    hook: PostgresBackupHook
+    req: HoldRequest
+    conn: psycopg.AsyncConnection
+    bconn: psycopg.AsyncConnection
+    deadline: _Deadline
+    clock: Callable[[], float]
+    check: Check | None = None
+    notices: _Notices = field(default_factory=_Notices)
+    wal: WalPlan | None = None
+
+
 async def hold_backup(
     hook: PostgresBackupHook,
     req: HoldRequest,
@@ -216,31 +239,23 @@ async def hold_backup(
                     hook.connect("holder backup session", backup_server=True)
                 )
             try:
-                return await _claim_and_run(hook, conn, bconn, req, deadline, check, clock)
+                return await _claim_and_run(_Holding(hook, req, conn, bconn, deadline, clock, check))
             except psycopg.Error as err:  # before backup mode: nothing to end
                 return event(FAILED, f"cannot start the backup: {hook.explain(err, conn)}")
     except BackupError as err:
         return event(FAILED, str(err))
 
 
-async def _claim_and_run(
-    hook: PostgresBackupHook,
-    conn: psycopg.AsyncConnection,
-    bconn: psycopg.AsyncConnection,
-    req: HoldRequest,
-    deadline: _Deadline,
-    check: Check | None,
-    clock: Callable[[], float],
-) -> dict[str, Any]:
+async def _claim_and_run(h: _Holding) -> dict[str, Any]:
     """Claim the row (see decide_claim), then run the backup, follow our earlier claim, or refuse."""
-    notices = _Notices()
-    notices.watch(bconn, hook.postgres_conn_id, backup_session=True)
-    if bconn is not conn:
-        notices.watch(conn, hook.state_conn_id, backup_session=False)
+    hook, conn, req = h.hook, h.conn, h.req
+    h.notices.watch(h.bconn, hook.postgres_conn_id, backup_session=True)
+    if h.bconn is not conn:
+        h.notices.watch(conn, hook.state_conn_id, backup_session=False)
     await hook.ensure_table(conn)
     await hook.listen(conn)
-    wal = await _plan_wal(hook, conn, bconn, req)  # may refuse: before the claim, nothing to undo
-    patience = _Deadline(EARLIER_ATTEMPT_WAIT_S, clock)
+    h.wal = await _plan_wal(h)  # may refuse: before the claim, nothing to undo
+    patience = _Deadline(EARLIER_ATTEMPT_WAIT_S, h.clock)
     while True:
         decision, row = await hook.claim(
             conn, req.owner, req.attempt, req.holder_try, req.label, req.terminate_live
@@ -273,21 +288,16 @@ async def _claim_and_run(
         return await _until_ended(hook, conn, req.attempt, req.poll_interval)
     if decision is not Claim.START:
         log.warning("previous backup of %s replaced (%s)", row.owner, decision.value)
-    return await _run_backup(hook, conn, bconn, req, deadline, check, clock, wal, notices)
+    return await _run_backup(h)
 
 
-async def _plan_wal(
-    hook: PostgresBackupHook,
-    conn: psycopg.AsyncConnection,
-    bconn: psycopg.AsyncConnection,
-    req: HoldRequest,
-) -> WalPlan:
+async def _plan_wal(h: _Holding) -> WalPlan:
     """How this backup's WAL gets archived (see :func:`plan_wal`); refused when nothing would archive it
     and ``req.wait_for_archive``."""
-    server = await hook.archive_settings(bconn, backup_server=True)
-    state = await hook.archive_settings(conn, backup_server=False) if bconn is not conn else None
+    server = await h.hook.archive_settings(h.bconn, backup_server=True)
+    state = await h.hook.archive_settings(h.conn, backup_server=False) if h.bconn is not h.conn else None
     try:
-        return plan_wal(server, state, req.wait_for_archive)
+        return plan_wal(server, state, h.req.wait_for_archive)
     except ValueError as err:
         raise BackupError(str(err)) from err
 
@@ -332,34 +342,22 @@ def _session_gone(row: BackupRow) -> str:
     )
 
 
-async def _run_backup(
-    hook: PostgresBackupHook,
-    conn: psycopg.AsyncConnection,
-    bconn: psycopg.AsyncConnection,
-    req: HoldRequest,
-    deadline: _Deadline,
-    check: Check | None,
-    clock: Callable[[], float],
-    wal: WalPlan,
-    notices: _Notices,
-) -> dict[str, Any]:
+async def _run_backup(h: _Holding) -> dict[str, Any]:
     """The claimed backup (see :func:`_backup_mode`). Every end but complete, an exception included,
     marks this attempt's row failed (never another attempt's: ``mark_failed`` filters by attempt) and
     ends backup mode: none leaves its row ``running`` or ``done``.
-
-    :param wal: how the WAL gets archived before the backup is complete.
-    :param notices: the server's notices; those of backup mode are kept in the row.
     """
+    hook, req = h.hook, h.req
     try:
         try:
-            held = await _backup_mode(hook, conn, bconn, req, deadline, check, clock, wal, notices)
+            held = await _backup_mode(h)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except psycopg.Error as err:
-            held = event(FAILED, f"PostgreSQL refused the backup: {hook.explain(err, bconn)}")
+            held = event(FAILED, f"PostgreSQL refused the backup: {hook.explain(err, h.bconn)}")
         if held["status"] == COMPLETE:
             return held
-        return await _fail(hook, conn, bconn, req, held["message"])
+        return await _fail(h, held["message"])
     except (psycopg.OperationalError, psycopg.InterfaceError) as err:
         # The session is gone, and PostgreSQL ended its backup mode with it; record why elsewhere.
         return await _fail_elsewhere(hook, req.attempt, f"the session holding backup mode was lost: {err}")
@@ -375,25 +373,17 @@ async def _run_backup(
         raise
 
 
-async def _backup_mode(
-    hook: PostgresBackupHook,
-    conn: psycopg.AsyncConnection,
-    bconn: psycopg.AsyncConnection,
-    req: HoldRequest,
-    deadline: _Deadline,
-    check: Check | None,
-    clock: Callable[[], float],
-    wal: WalPlan,
-    notices: _Notices,
-) -> dict[str, Any]:
-    """Backup mode from start to stop in ``bconn`` (state in ``conn``); returns the complete event, or
+async def _backup_mode(h: _Holding) -> dict[str, Any]:
+    """Backup mode from start to stop in ``h.bconn`` (state in ``h.conn``); returns the complete event, or
     a failed one saying why it must end (:func:`_run_backup` records that and ends backup mode)."""
+    hook, conn, bconn, req = h.hook, h.conn, h.bconn, h.req
+    assert h.wal is not None  # planned before the claim
     my_pid = conn.info.backend_pid  # the server's: connect() refused a session where it is a pooler's key
     log.info("starting backup %r (fast checkpoint: %s)", req.label, req.fast_checkpoint)
-    notices.keep()
+    h.notices.keep()
     try:
         start_lsn = await asyncio.wait_for(
-            hook.start_backup(bconn, req.label, req.fast_checkpoint), deadline.remaining()
+            hook.start_backup(bconn, req.label, req.fast_checkpoint), h.deadline.remaining()
         )
     except asyncio.TimeoutError:
         return event(
@@ -403,7 +393,7 @@ async def _backup_mode(
         return event(FAILED, "the backup was marked failed or taken over while its checkpoint was running")
     log.info("backup mode entered at %s; holding session pid %s", start_lsn, my_pid)
     check_every = max(req.poll_interval, HOLDER_AIRFLOW_CHECK_S)
-    next_check = clock() + check_every
+    next_check = h.clock() + check_every
     while True:
         row = await hook.read(conn)
         if row is None or row.attempt != req.attempt or row.pid != my_pid:
@@ -417,11 +407,11 @@ async def _backup_mode(
             return event(FAILED, f"backup marked failed: {row.error}")
         if row.state is BackupState.DONE:
             break
-        if deadline.expired():
+        if h.deadline.expired():
             return event(FAILED, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished")
-        if check is not None and clock() >= next_check:
-            next_check = clock() + check_every
-            if problem := await _ask_airflow(check):
+        if h.check is not None and h.clock() >= next_check:
+            next_check = h.clock() + check_every
+            if problem := await _ask_airflow(h.check):
                 return event(FAILED, f"{problem}: nothing would end this backup")
         # Woken by NOTIFY (any change of the row), by either session's socket (the server or
         # the network ending it), or by backup_timeout; re-read now and then regardless.
@@ -429,21 +419,20 @@ async def _backup_mode(
         for session in standby:
             await session.execute("SELECT 1")  # still there (and whatever it sent is read)
         wait = max(req.poll_interval, HOLDER_RECHECK_S)
-        if check is not None:
-            wait = min(wait, max(0.0, next_check - clock()))
-        await hook.wait_for_change(conn, deadline.cap(wait), *standby)
+        if h.check is not None:
+            wait = min(wait, max(0.0, next_check - h.clock()))
+        await hook.wait_for_change(conn, h.deadline.cap(wait), *standby)
     log.info("copy reported done; stopping backup (wait_for_archive: %s)", req.wait_for_archive)
     try:
         stop_lsn, label_file, spcmap = await asyncio.wait_for(
-            hook.stop_backup(bconn, wal.stop_wait), deadline.remaining()
+            hook.stop_backup(bconn, h.wal.stop_wait), h.deadline.remaining()
         )
     except asyncio.TimeoutError:
         return event(
             FAILED,
             await _archiving_failed(
-                hook,
+                h,
                 bconn,
-                req,
                 "pg_backup_stop (which waits until the WAL the backup needs is archived) did not return",
             ),
         )
@@ -452,12 +441,10 @@ async def _backup_mode(
         stop_timeline, history = await _stop_timeline(hook, bconn, stop_lsn, timeline)
     except ValueError as err:
         return event(FAILED, f"cannot tell the timeline of the stop LSN {stop_lsn}: {err}")
-    if wal.follow and (
-        problem := await _wait_archived(hook, conn, bconn, wal.follow, stop_lsn, req, deadline)
-    ):
+    if h.wal.follow and (problem := await _wait_archived(h, h.wal.follow, stop_lsn)):
         return event(FAILED, problem)
     if not await hook.mark_complete(
-        conn, stop_lsn, label_file, spcmap, timeline, notices.text, stop_timeline, history
+        conn, stop_lsn, label_file, spcmap, timeline, h.notices.text, stop_timeline, history
     ):
         row = await hook.read(conn)
         return event(
@@ -494,15 +481,7 @@ async def _stop_timeline(
     return stop_timeline, history if stop_timeline != start_timeline else None
 
 
-async def _wait_archived(
-    hook: PostgresBackupHook,
-    conn: psycopg.AsyncConnection,
-    bconn: psycopg.AsyncConnection,
-    archiver: WalArchiver,
-    stop_lsn: str,
-    req: HoldRequest,
-    deadline: _Deadline,
-) -> str | None:
+async def _wait_archived(h: _Holding, archiver: WalArchiver, stop_lsn: str) -> str | None:
     """Get the WAL segment holding a standby backup's stop LSN archived: switch WAL on the primary
     (``conn``, the state connection), then wait for ``archiver`` (the standby's own, or the primary's).
 
@@ -510,6 +489,7 @@ async def _wait_archived(
     complete: by the primary when it switches past it, by an archive_mode=always standby once it has
     received it whole. Returns why it failed (backup_timeout), or None once archived.
     """
+    hook, conn, bconn, deadline = h.hook, h.conn, h.bconn, h.deadline
     on, conn_id = (
         (bconn, hook.postgres_conn_id) if archiver is WalArchiver.STANDBY else (conn, hook.state_conn_id)
     )
@@ -519,9 +499,8 @@ async def _wait_archived(
     while not archived_through(await hook.last_archived_wal(on), segment):
         if deadline.expired():
             return await _archiving_failed(
-                hook,
+                h,
                 on,
-                req,
                 f"WAL segment {segment}, which holds the stop LSN {stop_lsn}, was not archived by"
                 f" connection {conn_id!r}",
             )
@@ -539,28 +518,20 @@ async def _wait_archived(
     return None
 
 
-async def _archiving_failed(
-    hook: PostgresBackupHook, conn: psycopg.AsyncConnection, req: HoldRequest, what: str
-) -> str:
+async def _archiving_failed(h: _Holding, conn: psycopg.AsyncConnection, what: str) -> str:
     """Why a backup failed when ``what`` did not happen within backup_timeout: WAL archiving, with
     pg_stat_archiver's account of the server of ``conn``."""
     return (
-        f"{what} within backup_timeout={req.backup_timeout:g}s, so WAL archiving is failing or too slow "
-        f"(check archive_command and the server log; {await hook.archiver_status(conn)})"
+        f"{what} within backup_timeout={h.req.backup_timeout:g}s, so WAL archiving is failing or too slow "
+        f"(check archive_command and the server log; {await h.hook.archiver_status(conn)})"
     )
 
 
-async def _fail(
-    hook: PostgresBackupHook,
-    conn: psycopg.AsyncConnection,
-    bconn: psycopg.AsyncConnection,
-    req: HoldRequest,
-    reason: str,
-) -> dict[str, Any]:
-    """Mark this holder's backup failed, then end backup mode without waiting for the archive."""
-    await hook.mark_failed(conn, req.attempt, reason)
-    await hook.abort_backup(bconn)
-    return event(FAILED, reason + "; backup mode ended", await hook.read(conn))
+async def _fail(h: _Holding, reason: str) -> dict[str, Any]:
+    """Mark this hold attempt's backup failed, then end backup mode without waiting for the archive."""
+    await h.hook.mark_failed(h.conn, h.req.attempt, reason)
+    await h.hook.abort_backup(h.bconn)
+    return event(FAILED, reason + "; backup mode ended", await h.hook.read(h.conn))
 
 
 async def _fail_elsewhere(hook: PostgresBackupHook, attempt: str, reason: str) -> dict[str, Any]:

@@ -8,6 +8,9 @@ from :data:`TRANSITIONS`.
 
 A backup belongs to one *attempt*: one try of one hold task (its task-instance UUID) of one group of
 one DAG run (the *owner*, ``dag_id/run_id/group[map_index]``).  Nothing acts on another attempt's row.
+
+Here too: the claim rule (:func:`decide_claim`), which backup a task deals with (:class:`BackupRef`) and
+how its WAL gets archived (:func:`plan_wal`). LSNs, WAL file names and the label are in files/xlog.py.
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Any
+
+# Re-exported: LSNs, WAL file names and the label are format knowledge (files/xlog.py); imported from
+# here before, they still are.
+from pg_safe_backup.files.xlog import archived_through as archived_through
+from pg_safe_backup.files.xlog import backup_start as backup_start
+from pg_safe_backup.files.xlog import format_lsn as format_lsn
+from pg_safe_backup.files.xlog import parse_backup_label as parse_backup_label
+from pg_safe_backup.files.xlog import parse_lsn as parse_lsn
+from pg_safe_backup.files.xlog import wal_segment_name as wal_segment_name
+from pg_safe_backup.files.xlog import wal_segment_names as wal_segment_names
 
 
 class BackupState(str, enum.Enum):
@@ -189,77 +202,39 @@ class BackupRef:
         return f"{self.dag_id}/{self.run_id}/{self.backup_key}{suffix}"
 
 
-def parse_backup_label(text: str | None) -> dict[str, str]:
-    """Parse backup_label's ``KEY: value`` lines (START WAL LOCATION, CHECKPOINT LOCATION, ...)."""
-    fields: dict[str, str] = {}
-    for line in (text or "").splitlines():
-        key, sep, value = line.partition(": ")
-        if sep:
-            fields[key.strip()] = value.strip()
-    return fields
+@dataclass(frozen=True)
+class BackupTarget:
+    """Which server is backed up and which table records it: what the hold, the gate, the finish and their
+    triggers share besides :class:`BackupRef` ("which backup"). Plain values: :attr:`hook_kwargs` is its one
+    serialised form (the triggers' ``hook_kwargs``, the backup hook's arguments).
 
-
-def backup_start(backup_label: str) -> tuple[str, int]:
-    """The backup's start LSN (START WAL LOCATION) and START TIMELINE (1 when the label has none).
-
-    :param backup_label: the label pg_backup_stop returned.
-    :raises ValueError: the label has no START WAL LOCATION.
+    :param postgres_conn_id: Airflow connection of the server backed up (a primary or a hot standby).
+    :param state_conn_id: connection of the server holding the backup table, when it is not that one (for a
+        standby: its primary). None: the same.
+    :param database: database holding the backup table, instead of the connection's.
+    :param table: the backup table.
+    :param schema: its schema.
     """
-    fields = parse_backup_label(backup_label)
-    start = fields.get("START WAL LOCATION", "").split(" ")[0]
-    if not start:
-        raise ValueError("the backup_label has no START WAL LOCATION")
-    return start, int(fields.get("START TIMELINE") or 1)
 
+    postgres_conn_id: str
+    state_conn_id: str | None = None
+    database: str | None = None
+    table: str = "backup"
+    schema: str = "public"
 
-def parse_lsn(text: str) -> int:
-    """'16/B374D848' -> integer position."""
-    hi, _, lo = text.strip().split()[0].partition("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+    @property
+    def hook_kwargs(self) -> dict[str, Any]:
+        """The serialised form, the backup hook's keyword arguments: ``BackupTarget(**hook_kwargs)``."""
+        return {
+            "postgres_conn_id": self.postgres_conn_id,
+            "state_conn_id": self.state_conn_id,
+            "database": self.database,
+            "table": self.table,
+            "schema": self.schema,
+        }
 
 
 # ------------------------------------------------------------------------------------- WAL archiving
-
-
-def wal_segment_name(end_lsn: str, timeline: int, segment_size: int) -> str:
-    """The WAL file holding the last byte before ``end_lsn``: what a backup ending there needs last.
-
-    xlog_internal.h's ``XLByteToPrevSeg`` and ``XLogFileName``, as do_pg_backup_stop names the segment
-    it waits for (pg_walfile_name switched from PrevSeg to Seg in PostgreSQL 17, so it is not used).
-    """
-    return _wal_file_name(timeline, (parse_lsn(end_lsn) - 1) // segment_size, segment_size)
-
-
-def wal_segment_names(start_lsn: str, end_lsn: str, timeline: int, segment_size: int) -> list[str]:
-    """The WAL files from the one holding ``start_lsn`` through the one before ``end_lsn``: the WAL a backup
-    needs to become consistent (basebackup.c's range for ``-X fetch``: XLByteToSeg, XLByteToPrevSeg)."""
-    first = parse_lsn(start_lsn) // segment_size
-    last = (parse_lsn(end_lsn) - 1) // segment_size
-    return [_wal_file_name(timeline, segment, segment_size) for segment in range(first, last + 1)]
-
-
-def _wal_file_name(timeline: int, segment: int, segment_size: int) -> str:
-    """xlog_internal.h's XLogFileName."""
-    per_id = 0x1_0000_0000 // segment_size
-    return f"{timeline:08X}{segment // per_id:08X}{segment % per_id:08X}"
-
-
-def archived_through(last_archived_wal: str | None, segment: str) -> bool:
-    """Whether pg_stat_archiver's ``last_archived_wal`` shows ``segment`` archived.
-
-    The archiver takes ready files oldest name first and retries a failing one rather than skip it,
-    so the WAL before the last archived file is archived too (do_pg_backup_stop relies on the same
-    order). A ``.partial`` or ``.backup`` file counts as the segment its name starts with (a backup
-    history file is written after pg_backup_stop switched past that segment); a timeline ``.history``
-    file tells nothing.
-    """
-    if not last_archived_wal or len(last_archived_wal) < 24 or last_archived_wal.endswith(".history"):
-        return False
-    return last_archived_wal[:24].upper() >= segment
 
 
 class WalArchiver(str, enum.Enum):

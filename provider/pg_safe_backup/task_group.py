@@ -49,9 +49,9 @@ class PostgresOnlineBackup(TaskGroup):
         archives is refused); False: the WAL is copied another way (see ``PostgresStartBackupOperator``).
     :param label: backup label.
     :param terminate_live: end another live backup instead of refusing to start.
-    :param database, table, table_schema, poll_interval: see ``BackupTaskMixin``.
+    :param database, table, table_schema, poll_interval: see ``PostgresBackupBaseOperator``.
     :param gate_timeout: seconds the gate waits for backup mode (start checkpoint included).
-    :param deferrable: gate and finish wait in the triggerer (the holder always does).
+    :param deferrable: gate and finish wait in the triggerer (the hold always does).
     :param group_kwargs: further ``TaskGroup`` arguments (``prefix_group_id``, ``parent_group``, ``dag``,
         ``default_args``, ``tooltip``, ...).
     """

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 
 #: Bytes read at a time per worker: large enough that hashlib and os.write release the GIL for long.
@@ -69,12 +70,13 @@ def is_local_path(target: Any) -> bool:
     return isinstance(target, Path) and not hasattr(target, "protocol")
 
 
-class CopyError(RuntimeError):
+class CopyError(TransientError, RuntimeError):
     """The copy failed; the message names the file or folder at fault."""
 
 
-class DestinationNotEmpty(CopyError):
-    """The destination already holds files (a backup, or anything else) and ``overwrite`` was not given."""
+class DestinationNotEmpty(PermanentError, CopyError):
+    """The destination already holds files (a backup, or anything else) and ``overwrite`` was not given.
+    Unlike the copy's other errors, never retried: the same destination would refuse again."""
 
 
 @dataclass(frozen=True)

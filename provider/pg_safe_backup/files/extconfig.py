@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.layout import Entry
 
 #: The copy's folder of the captured files.
@@ -57,7 +58,7 @@ _DIRECTIVE = re.compile(
 )
 
 
-class ConfigCaptureError(ValueError):
+class ConfigCaptureError(PermanentError, ValueError):
     """A configuration file the server uses cannot be read here; the message names it."""
 
 

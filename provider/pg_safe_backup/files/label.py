@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.manifest import write_atomically
 from pg_safe_backup.files.pgcontrol import check_copy
-from pg_safe_backup.state import parse_backup_label
+from pg_safe_backup.files.xlog import parse_backup_label
 
 #: The files pg_backup_stop() returns, which a restore needs in the copy's top folder.
 LABEL_FILES = ("backup_label", "tablespace_map")

@@ -13,7 +13,8 @@ reader) and src/bin/pg_verifybackup/pg_verifybackup.c (what the verifier checks)
 * ``Manifest-Checksum``: SHA-256 of every byte before its own line, which is the last.
 
 Version 1 for PostgreSQL 13 to 16; version 2 (with the ``System-Identifier`` that pg_verifybackup
-compares with global/pg_control) from 17. PostgreSQL 12 has no manifests.
+compares with global/pg_control) from 17. PostgreSQL 12 has none of its own: its copies get version 1,
+the first format (what pg_verifybackup 13 and later read), so that they too prove themselves.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.layout import BACKUP_INFO, CONTROL_FILE, MANIFEST_IGNORED
 from pg_safe_backup.files.pgcontrol import crc32c
 from pg_safe_backup.files.tablespaces import link_tablespace_copies
-from pg_safe_backup.state import backup_start, format_lsn, parse_lsn
+from pg_safe_backup.files.xlog import backup_start, format_lsn, parse_history, parse_lsn, timeline_at
 
 MANIFEST_NAME = "backup_manifest"
 #: Written first, then renamed to MANIFEST_NAME; never listed (one a crash left is overwritten).
@@ -54,12 +56,12 @@ _SHA = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "s
 LABEL_FILES = (b"backup_label", b"tablespace_map", b"global/pg_control")
 
 
-class ManifestError(ValueError):
+class ManifestError(PermanentError, ValueError):
     """No manifest can be written for this copy (the message says why)."""
 
 
 class ManifestUnsupported(ManifestError):
-    """The server's major version has no backup manifests (PostgreSQL 12)."""
+    """The server's major version is older than any this package backs up (before 12)."""
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,14 @@ class ManifestSummary:
 
 
 def manifest_version(major: int) -> int:
-    """The manifest version the server of ``major`` writes: 1 for 13 to 16, 2 from 17.
+    """The manifest version the server of ``major`` writes: 1 for 13 to 16, 2 from 17; 1 for a copy of 12,
+    which writes none of its own (the first format: a backup proves itself from its manifest).
 
-    :param major: the server's major version (13, 14, ...).
-    :raises ManifestUnsupported: before 13, which has no manifests.
+    :param major: the server's major version (12, 13, ...).
+    :raises ManifestUnsupported: before 12, which this package does not back up.
     """
-    if major < 13:
-        raise ManifestUnsupported(
-            f"PostgreSQL {major} has no backup manifests (they came with 13): no backup_manifest is written"
-        )
+    if major < 12:
+        raise ManifestUnsupported(f"PostgreSQL {major} is older than 12: no backup_manifest is written")
     return 1 if major < 17 else 2
 
 
@@ -106,32 +107,6 @@ def manifest_lsn(lsn: int, major: int) -> str:
     :param major: the server's major version.
     """
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:08X}" if major >= 19 else format_lsn(lsn)
-
-
-def _parse_history(history_text: str, end_tli: int) -> list[tuple[int, int, int | None]]:
-    """(timeline, begin, end) of each timeline in a history file of ``end_tli``, newest first, as
-    readTimeLineHistory() builds them; ``end`` None for ``end_tli`` itself (it has not ended)."""
-    entries: list[tuple[int, int, int | None]] = []
-    begin = 0
-    for number, line in enumerate(history_text.splitlines(), 1):
-        # timeline.c skips blank lines and comments; a line is "tli<TAB>switchpoint<TAB>reason".
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields = line.split()
-        try:
-            tli, switchpoint = int(fields[0]), parse_lsn(fields[1])
-        except (IndexError, ValueError):
-            raise ValueError(f"timeline history of {end_tli}, line {number}: cannot read {line!r}") from None
-        if entries and tli <= entries[0][0]:
-            raise ValueError(
-                f"timeline history of {end_tli}, line {number}: timeline {tli} is not increasing"
-            )
-        entries.insert(0, (tli, begin, switchpoint))
-        begin = switchpoint
-    if entries and entries[0][0] >= end_tli:
-        raise ValueError(f"the timeline history of {end_tli} lists timeline {entries[0][0]}")
-    entries.insert(0, (end_tli, begin, None))
-    return entries
 
 
 def wal_ranges_for(
@@ -157,7 +132,7 @@ def wal_ranges_for(
             f" timeline history file of {end_tli}"
         )
     ranges = []
-    for tli, begin, tl_end in _parse_history(history_text, end_tli):
+    for tli, begin, tl_end in parse_history(history_text, end_tli):
         if tl_end is not None and tl_end < start:
             continue  # ended before the backup started
         if not ranges and tli != end_tli:
@@ -171,40 +146,6 @@ def wal_ranges_for(
             return ranges
         end = begin
     raise ValueError(f"start timeline {start_tli} not found in history of timeline {end_tli}")
-
-
-def timeline_at(lsn: str, tli: int, history_text: str | None) -> tuple[int, str | None]:
-    """The timeline of ``tli``'s history that holds the WAL just before ``lsn`` (where a backup stopping at
-    ``lsn`` ends, as tliOfPointInHistory() tells it), and that timeline's own history file.
-
-    A history file repeats its parent's lines and adds one, so the history of an older timeline of
-    ``tli``'s history is ``history_text`` without the lines of that timeline and newer.
-
-    :param lsn: the point (a backup's stop LSN).
-    :param tli: a timeline whose history holds ``lsn`` (the timeline a standby replays now).
-    :param history_text: the content of ``<tli>.history``; None for timeline 1, which has none.
-    :returns: (timeline, its history file's content, or None for timeline 1).
-    :raises ValueError: ``tli`` is not 1 and there is no history, or the history is malformed.
-    """
-    if tli == 1:
-        return 1, None
-    if not history_text:
-        raise ValueError(f"where {lsn} lies in the history of timeline {tli} needs its history file")
-    point = parse_lsn(lsn) - 1
-    entries = _parse_history(history_text, tli)
-    found = next((t for t, begin, end in entries if begin <= point and (end is None or point < end)), tli)
-    if found == tli:
-        return tli, history_text
-    if found == 1:
-        return 1, None
-    kept = [line for line in history_text.splitlines(keepends=True) if 0 < _history_tli(line) < found]
-    return found, "".join(kept)
-
-
-def _history_tli(line: str) -> int:
-    """The timeline a history file's line is about; 0 for a blank line or a comment (not kept)."""
-    fields = line.split()
-    return int(fields[0]) if fields and not fields[0].startswith("#") else 0
 
 
 def escape_json(text: str) -> str:
@@ -436,7 +377,7 @@ def write_manifest(
     :param tablespaces: OID -> folder, for tablespaces copied outside ``copy_dir/pg_tblspc/<oid>``
         (see :func:`list_files`).
     :param threads: files hashed side by side (default: up to 4, by CPU count).
-    :raises ManifestUnsupported: ``major`` is 12 or older.
+    :raises ManifestUnsupported: ``major`` is older than 12.
     :raises ManifestError: the copy cannot be described (see the message); no manifest is written.
     """
     began = time.monotonic()
@@ -573,7 +514,7 @@ def write_backup_manifest(
     :param checksums: see :func:`write_manifest`.
     :param stop_timeline: see :func:`backup_wal_ranges`.
     :param timeline_history: see :func:`backup_wal_ranges`.
-    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestUnsupported: a major older than 12.
     :raises ManifestError: the copy cannot be described.
     :raises TablespaceNotCopied: a tablespace of the backup has no copy.
     """
@@ -651,7 +592,7 @@ def manifest_of_records(
     :param system_identifier: the cluster's (required from 17).
     :param wal_ranges: the WAL the backup needs, newest timeline first.
     :param checksum_algorithm: SHA256 (the records') or NONE.
-    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestUnsupported: a major older than 12.
     :raises ManifestError: another algorithm, or a malformed checksum.
     """
     version = manifest_version(major)
@@ -699,7 +640,7 @@ def backup_manifest_of_records(
     :param checksum_algorithm: SHA256 or NONE.
     :param stop_timeline: see :func:`backup_wal_ranges`.
     :param timeline_history: see :func:`backup_wal_ranges`.
-    :raises ManifestUnsupported: PostgreSQL 12.
+    :raises ManifestUnsupported: a major older than 12.
     :raises ManifestError: the label has no start, or see :func:`manifest_of_records`.
     """
     now = time.time_ns()

@@ -40,7 +40,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pg_safe_backup.state import format_lsn, parse_backup_label, parse_lsn
+from pg_safe_backup.errors import PermanentError
+from pg_safe_backup.files.xlog import format_lsn, parse_backup_label, parse_lsn
 
 #: pg_control_version -> offset of ``crc`` (= the number of bytes the CRC covers).
 CRC_OFFSET = {1201: 288, 1300: 288, 1700: 288, 1800: 292}
@@ -83,7 +84,7 @@ def crc32c(data: bytes, value: int = 0) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-class CopyMismatch(Exception):
+class CopyMismatch(PermanentError):
     """The copy cannot belong to this backup; storing its label would make a corrupt restore."""
 
 
@@ -351,7 +352,7 @@ def newest_page(
 
 
 # ------------------------------------------------------------------------------- consistency point
-class MissingStopLsn(ValueError):
+class MissingStopLsn(PermanentError, ValueError):
     """A backup of a primary is consistent at its stop LSN, and none was given."""
 
 

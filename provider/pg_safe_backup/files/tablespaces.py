@@ -18,8 +18,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from pg_safe_backup.errors import PermanentError
 
-class TablespaceNotCopied(ValueError):
+
+class TablespaceNotCopied(PermanentError, ValueError):
     """A tablespace of the backup has no copy: only its live location is known."""
 
 

@@ -18,19 +18,26 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.manifest import ManifestError, backup_wal_ranges
 from pg_safe_backup.files.pgcontrol import read_pg_control
-from pg_safe_backup.state import wal_segment_names
+from pg_safe_backup.files.xlog import (
+    WAL_NAME,
+    history_file_name,
+    wal_file_position,
+    wal_file_timeline,
+    wal_segment_names,
+)
 
 _log = logging.getLogger(__name__)
 
 
-class WalMissing(Exception):
+class WalMissing(TransientError):
     """The archive lacks (a whole copy of) a WAL file the backup needs."""
 
 
 #: A WAL segment as archived (not partial), compressed or not: what carries a long page header.
-WAL_SEGMENT = re.compile(r"^[0-9A-F]{24}(\.gz|\.zst)?$")
+WAL_SEGMENT = re.compile(rf"^{WAL_NAME}(\.gz|\.zst)?$")
 #: XLogLongPageHeaderData (access/xlog_internal.h): xlp_magic u16, xlp_info u16, xlp_tli u32, xlp_pageaddr
 #: u64, xlp_rem_len u32, padding to 24, xlp_sysid u64, xlp_seg_size u32, xlp_xlog_blcksz u32.
 _LONG_HEADER = struct.Struct("<HHIQI4xQII")
@@ -38,7 +45,7 @@ _LONG_HEADER = struct.Struct("<HHIQI4xQII")
 _XLP_LONG_HEADER = 0x0002
 
 
-class NotWal(ValueError):
+class NotWal(PermanentError, ValueError):
     """A file is not a WAL segment with a long page header (the message names it)."""
 
 
@@ -77,7 +84,10 @@ def archive_system_identifier(archive: Path) -> tuple[int, str] | None:
     :raises NotWal: its oldest segment is not WAL.
     :raises OSError: the folder or the segment cannot be read.
     """
-    names = sorted((n for n in os.listdir(archive) if WAL_SEGMENT.match(n)), key=lambda n: n[8:24] + n[:8])
+    names = sorted(
+        (n for n in os.listdir(archive) if WAL_SEGMENT.match(n)),
+        key=lambda n: (wal_file_position(n), wal_file_timeline(n)),
+    )
     if not names:
         return None
     return segment_system_identifier(Path(archive) / names[0]), names[0]
@@ -149,7 +159,11 @@ def include_wal(
     except ValueError as err:
         raise ManifestError(str(err)) from err
     # The last segment of each timeline that ended during the backup (the next one is on another).
-    ends = {name for name, after in zip(names, names[1:], strict=False) if name[:8] != after[:8]}
+    ends = {
+        name
+        for name, after in zip(names, names[1:], strict=False)
+        if wal_file_timeline(name) != wal_file_timeline(after)
+    }
     sources = {name: _archived(wal_archive, name, ended=name in ends) for name in names}
     for source in sources.values():
         if source.stat().st_size != segment_size:
@@ -157,9 +171,9 @@ def include_wal(
                 f"{source} is {source.stat().st_size} bytes, not a whole {segment_size}-byte WAL segment"
                 " (a compressed archive is not read here)"
             )
-    timeline = int(names[-1][:8], 16)
-    history = [f"{t:08X}.history" for t in range(2, timeline + 1)]
-    if timeline != int(names[0][:8], 16) and not (wal_archive / history[-1]).is_file():
+    timeline = wal_file_timeline(names[-1])
+    history = [history_file_name(t) for t in range(2, timeline + 1)]
+    if timeline != wal_file_timeline(names[0]) and not (wal_archive / history[-1]).is_file():
         raise WalMissing(
             f"the timeline history file {history[-1]}, which the backup needs to follow timeline {timeline},"
             f" is not in the archive {wal_archive}"

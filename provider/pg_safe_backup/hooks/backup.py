@@ -20,6 +20,7 @@ from airflow.providers.common.compat.sdk import AirflowNotFoundException  # airf
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk import BaseHook
 
+from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.extconfig import SERVER_SETTINGS, ServerConfig
 from pg_safe_backup.state import (
     HOLDER_COLUMNS,
@@ -89,7 +90,7 @@ def backup_functions(server_version: int) -> str:
     return "pg_start_backup(text, boolean, boolean), pg_stop_backup(boolean, boolean)"
 
 
-class BackupError(Exception):
+class BackupError(PermanentError):
     """A backup could not be started, held or finished; the message says why."""
 
 

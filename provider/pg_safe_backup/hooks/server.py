@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from pg_safe_backup.state import parse_lsn
+from pg_safe_backup.errors import TransientError
+from pg_safe_backup.files.xlog import parse_lsn
 
 #: The cluster's identity and how far its WAL goes: a standby's replayed position, a primary's written one.
 POSITION_SQL = (
@@ -19,7 +20,7 @@ POSITION_SQL = (
 )
 
 
-class ServerUnreachable(RuntimeError):
+class ServerUnreachable(TransientError, RuntimeError):
     """The live cluster could not be asked (the message names the DSN's server and why)."""
 
 

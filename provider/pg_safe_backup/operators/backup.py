@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 
-from pg_safe_backup.catalog import info_for_backup, write_info
-from pg_safe_backup.files.label import LABEL_FILES, store_label
-from pg_safe_backup.files.manifest import (
-    DIGEST_SIZES,
-    MANIFEST_NAME,
-    FileRecord,
-    ManifestError,
-    backup_manifest_of_records,
-    manifest_checksum,
-    write_backup_manifest,
-    write_manifest_file,
-)
-from pg_safe_backup.files.pgcontrol import CopyMismatch, read_pg_control
-from pg_safe_backup.files.tablespaces import TablespaceNotCopied
-from pg_safe_backup.files.wal import WalMissing, include_wal
+from pg_safe_backup.errors import PgSafeBackupError
+from pg_safe_backup.files.manifest import DIGEST_SIZES
 from pg_safe_backup.operators.copy import FILES_XCOM, PostgresCopyDataDirectoryOperator
 from pg_safe_backup.params import (
     check_flag,
@@ -37,6 +24,12 @@ from pg_safe_backup.params import (
     unless_rendered_later,
 )
 from pg_safe_backup.session import COMPLETE, ONE_DAY_S, HoldRequest
+from pg_safe_backup.store import (
+    BACKUP_KEYS,
+    TIMELINE_KEYS,  # noqa: F401 - importable from here, as before
+    CopyRecords,
+    store_backup,
+)
 from pg_safe_backup.triggers.backup import (
     ATTEMPT_XCOM,
     PostgresFinishBackupTrigger,
@@ -44,12 +37,12 @@ from pg_safe_backup.triggers.backup import (
     task_states,
 )
 from pg_safe_backup.utils.mixins import (
-    CONNECTION_FIELDS,
-    BackupTaskMixin,
-    default_deferrable,
+    PostgresBackupBaseOperator,
+    backup_template_fields,
     fail_on,
     rendered,
     same_map_index_xcom,
+    task_error,
 )
 
 if TYPE_CHECKING:
@@ -71,9 +64,11 @@ RESULT_KEYS = (
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
 
 
-class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
+class PostgresStartBackupOperator(PostgresBackupBaseOperator):
     """
-    Start a non-exclusive backup and hold its session until the finish ends it.
+    The hold task (``hold_backup_session`` in a ``PostgresOnlineBackup``): start a non-exclusive backup and
+    hold its session until the finish ends it. Its trigger, the holder (``PostgresHoldBackupTrigger``),
+    holds that session; the gate names this task ``holder_task_id``.
 
     The task stays deferred for the whole backup (its trigger holds the session, which PostgreSQL
     requires); it runs beside the copy tasks, which wait on a ``PostgresBackupStartedSensor``.
@@ -104,46 +99,25 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
     """
 
     # ``label`` is BaseOperator's display name, hence the attribute name pg_label.
-    template_fields: Sequence[str] = (
-        "pg_label",
-        "fast_checkpoint",
-        "wait_for_archive",
-        "backup_timeout",
-        *CONNECTION_FIELDS,
+    template_fields: Sequence[str] = backup_template_fields(
+        "pg_label", "fast_checkpoint", "wait_for_archive", "backup_timeout"
     )
     ui_color = "#d8e8f8"
 
     def __init__(
         self,
         *,
-        postgres_conn_id: str = "postgres_default",
-        state_conn_id: str | None = None,
-        database: str | None = None,
-        table: str = "backup",
-        table_schema: str = "public",
-        backup_key: str = "backup",
         label: str = DEFAULT_LABEL,
         fast_checkpoint: bool = False,
         wait_for_archive: bool = True,
         backup_timeout: float = ONE_DAY_S,
         terminate_live: bool = False,
-        poll_interval: float = 5.0,
         finish_task_id: str | None = None,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs["retries"] = 0
-        super().__init__(**kwargs)
-        self._init_backup(
-            postgres_conn_id,
-            state_conn_id,
-            database,
-            table,
-            table_schema,
-            backup_key,
-            poll_interval,
-            deferrable,
-        )
+        super().__init__(deferrable=deferrable, **kwargs)
         self.pg_label = unless_rendered_later(check_label, label, "label")
         self.fast_checkpoint = unless_rendered_later(check_flag, fast_checkpoint, "fast_checkpoint")
         self.wait_for_archive = unless_rendered_later(check_flag, wait_for_archive, "wait_for_archive")
@@ -159,7 +133,7 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
         """The trigger that takes and holds this try's backup, from the fields as rendered for this run.
         Each is checked first: a bad one fails the task (``AirflowFailException``) before backup mode."""
         ti = context["ti"]
-        hook_kwargs = self.hook_kwargs
+        target = self.backup_target
         ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
         request = HoldRequest(
             owner=ref.owner,
@@ -172,7 +146,7 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
             poll_interval=self.poll_interval,
             terminate_live=self.terminate_live,
         )
-        return PostgresHoldBackupTrigger(hook_kwargs, request=asdict(request), ref=asdict(ref))
+        return PostgresHoldBackupTrigger(target.hook_kwargs, request=asdict(request), ref=asdict(ref))
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
@@ -199,7 +173,7 @@ class PostgresStartBackupOperator(BackupTaskMixin, BaseOperator):
         return _public(event["backup"])
 
 
-class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
+class PostgresFinishBackupOperator(PostgresBackupBaseOperator):
     """
     End this run's backup: mark it done (or failed when a copy task did not succeed), wait for
     pg_backup_stop, and push backup_label, tablespace_map, start/stop LSN, timeline (the start's),
@@ -219,35 +193,11 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
     :param gate_task_id: the ``PostgresBackupStartedSensor`` whose copy tasks this finishes.
     """
 
-    template_fields: Sequence[str] = CONNECTION_FIELDS
     ui_color = "#d8f0d8"
 
-    def __init__(
-        self,
-        *,
-        gate_task_id: str,
-        postgres_conn_id: str = "postgres_default",
-        state_conn_id: str | None = None,
-        database: str | None = None,
-        table: str = "backup",
-        table_schema: str = "public",
-        backup_key: str = "backup",
-        poll_interval: float = 5.0,
-        deferrable: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, gate_task_id: str, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", TriggerRule.ALL_DONE)
         super().__init__(**kwargs)
-        self._init_backup(
-            postgres_conn_id,
-            state_conn_id,
-            database,
-            table,
-            table_schema,
-            backup_key,
-            poll_interval,
-            default_deferrable() if deferrable is None else deferrable,
-        )
         self.gate_task_id = check_text(gate_task_id, "gate_task_id")
 
     def _copy_problem(self, context: Context) -> str | None:
@@ -259,7 +209,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         return "the copy did not succeed: " + ", ".join(f"{t} is {s}" for t, s in bad.items())
 
     def execute(self, context: Context) -> Any:
-        hook_kwargs = self.hook_kwargs  # the rendered connection fields, checked first
+        target = self.backup_target  # the rendered connection fields, checked first
         problem = self._copy_problem(context)
         start_lsn = same_map_index_xcom(context, self.gate_task_id, "start_lsn")
         attempt = same_map_index_xcom(context, self.gate_task_id, "attempt")
@@ -278,7 +228,7 @@ class PostgresFinishBackupOperator(BackupTaskMixin, BaseOperator):
         if problem:
             self.log.error("%s; failing the backup", problem)
         trigger = PostgresFinishBackupTrigger(
-            hook_kwargs,
+            target.hook_kwargs,
             attempt=attempt,
             start_lsn=start_lsn,
             copy_problem=problem,
@@ -316,15 +266,15 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     ``backup_label`` or ``tablespace_map`` an earlier attempt left in the destination is removed
     (and logged) before this backup's are written (see :func:`pg_safe_backup.files.label.store_label`).
 
-    The ``backup_manifest`` (PostgreSQL 13+) lists every file of the copy with its size and checksum and
-    the WAL the backup needs, as pg_basebackup writes it: ``pg_verifybackup`` then checks the backup at
-    rest, in seconds. The copy's ``pg_tblspc/<oid>`` links are pointed at the tablespaces' copies first
-    (``<destination>_tablespaces/<oid>``, ...: see :mod:`pg_safe_backup.files.tablespaces`), never at the
-    live tablespaces. The checksums, sizes and times come from the group's
-    ``PostgresCopyDataDirectoryOperator`` (XCom ``files``), so the copy is not read again; a copy in an
-    object store, or as tar archives, gets its manifest from them alone (SHA256 or NONE), beside the
-    archives as pg_basebackup ``-Ft`` puts it. Without them, such a copy gets no manifest (the log says
-    why).
+    The ``backup_manifest`` (a copy of PostgreSQL 12 gets version 1, the first format) lists every file of
+    the copy with its size and checksum and the WAL the backup needs, as pg_basebackup writes it:
+    ``pg_verifybackup`` then checks the backup at rest, in seconds. The copy's ``pg_tblspc/<oid>`` links
+    are pointed at the tablespaces' copies first (``<destination>_tablespaces/<oid>``, ...: see
+    :mod:`pg_safe_backup.files.tablespaces`), never at the live tablespaces. The checksums, sizes and
+    times come from the group's ``PostgresCopyDataDirectoryOperator`` (XCom ``files``), so the copy is not
+    read again; a copy in an object store, or as tar archives, gets its manifest from them alone (SHA256
+    or NONE), beside the archives as pg_basebackup ``-Ft`` puts it. Without them, such a copy gets no
+    manifest (the log says why).
 
     The server's configuration files that live outside the data directory (a Debian/Ubuntu cluster's
     ``/etc/postgresql/<major>/<name>/``) are part of the backup: a ``PostgresCopyDataDirectoryOperator``
@@ -342,7 +292,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     :param backup: the ``PostgresOnlineBackup`` group (or the finish task's id) whose label to store.
     :param destination: folder or URL of the copy (templated); any ObjectStoragePath location.
-    :param manifest: write ``backup_manifest`` into a local or mounted copy (PostgreSQL 13+).
+    :param manifest: write ``backup_manifest`` into a local or mounted copy.
     :param manifest_checksums: the manifest's checksum algorithm: SHA256 (default), SHA224, SHA384,
         SHA512, CRC32C, or NONE (sizes only: for huge copies checked some other way).
     :param include_wal: copy the WAL the backup needs from ``wal_archive`` into the copy's pg_wal/, so it
@@ -392,8 +342,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         destination = rendered(check_text, self.destination, "destination")
-        keys = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn", *TIMELINE_KEYS)
-        backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in keys}
+        backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in BACKUP_KEYS}
         finished = same_map_index_xcom(context, self.finish_task_id, "return_value") or {}
         ti = context["ti"]
         run = {
@@ -409,238 +358,51 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         self,
         destination: str,
         backup: dict[str, Any],
-        copied: Copied | None = None,
+        copied: CopyRecords | None = None,
         run: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write ``backup``'s label files into ``destination`` (checked against the copy there), then its
-        WAL (``include_wal``), its backup_manifest and its ``backup_info.json`` (the catalog's entry).
+        """Store ``backup`` into ``destination`` (see :func:`pg_safe_backup.store.store_backup`): its label
+        files, checked against the copy there, then its WAL (``include_wal``), its backup_manifest and its
+        catalog entry.
 
         :param destination: the rendered destination.
-        :param backup: the finish's XCom: backup_label, tablespace_map, system_identifier, stop_lsn, and
-            stop_timeline and timeline_history (absent: the backup stopped on its start's timeline).
+        :param backup: the finish's XCom (:data:`~pg_safe_backup.store.BACKUP_KEYS`).
         :param copied: the copy tasks' records (:func:`copied_records`): the manifest reads no file of them.
         :param run: the backup's DAG run: dag_id, run_id, task_id, map_index, attempt (for backup_info.json).
-        :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest),
-            and ``wal``: the WAL files copied.
+        :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest,
+            backup_info), and ``wal``: the WAL files copied.
         """
         if not backup.get("backup_label"):
             raise AirflowFailException(
                 f"no backup_label from {self.finish_task_id}: the backup did not complete"
             )
-        files = {"backup_label": backup["backup_label"], "tablespace_map": backup.get("tablespace_map")}
-        target = ObjectStoragePath(destination)
-        local_copy = Path(target.path) if target.protocol in ("", "file") else None
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
-        if self.include_wal and local_copy is None:
-            raise AirflowFailException(
-                f"include_wal needs a local or mounted destination; {destination!r} is an object store"
-            )
         try:
-            written: dict[str, Any] = store_label(
-                target,
-                files,
-                local_copy=local_copy,
+            return store_backup(
+                ObjectStoragePath(destination),
+                backup,
+                copied,
+                run,
+                manifest=self.manifest,
+                manifest_checksums=self.manifest_checksums,
+                wal_archive=Path(wal_archive) if self.include_wal and wal_archive else None,
+                where=destination,
                 log=self.log,
-                system_identifier=backup.get("system_identifier"),
-                stop_lsn=backup.get("stop_lsn"),
             )
-        except CopyMismatch as err:
-            raise AirflowFailException(str(err)) from err
-        except OSError as err:
-            raise AirflowException(
-                f"cannot write the backup label into destination {destination!r}: {err}"
-            ) from err
-        self.log.info("stored %s", ", ".join(written.values()))
-        try:
-            if self.include_wal and local_copy is not None and wal_archive:
-                written["wal"] = include_wal(
-                    local_copy,
-                    Path(wal_archive),
-                    backup_label=backup["backup_label"],
-                    stop_lsn=backup["stop_lsn"],
-                    **_timelines(backup),
-                    log=self.log,
-                )
-            manifest = self._write_manifest(target, local_copy, backup, copied) if self.manifest else None
-            if manifest:
-                written["backup_manifest"] = manifest[0]
-            written["backup_info"] = self._write_info(
-                target, local_copy, backup, copied, run or {}, manifest[1] if manifest else None
-            )
-        except (ManifestError, TablespaceNotCopied) as err:
-            raise AirflowFailException(str(err)) from err
-        except (OSError, WalMissing) as err:
-            raise AirflowException(
-                f"cannot complete the backup in destination {destination!r}: {err}"
-            ) from err
-        return written
-
-    def _write_manifest(
-        self,
-        target: ObjectStoragePath,
-        local_copy: Path | None,
-        backup: dict[str, Any],
-        copied: Copied | None,
-    ) -> tuple[str, str] | None:
-        """Write the copy's backup_manifest: where, and its Manifest-Checksum; None (and a log line saying
-        why) when there is none to write."""
-        plain_local, major = _copy_kind(local_copy, copied)
-        if major is None:
-            self.log.warning(
-                "no backup_manifest: %s is an object store or tar archives, and no copy task of this group"
-                " (PostgresCopyDataDirectoryOperator) handed over the records of its files",
-                target,
-            )
-            return None
-        if major < 13:
-            self.log.info(
-                "no backup_manifest: PostgreSQL %s has no manifest format (pg_verifybackup came with 13)",
-                major,
-            )
-            return None
-        if not plain_local:
-            if self.manifest_checksums not in ("SHA256", "NONE"):
-                self.log.warning(
-                    "no backup_manifest: the copy in %s is not read back, and its copier's checksums are"
-                    " SHA256 (manifest_checksums=%s)",
-                    target,
-                    self.manifest_checksums,
-                )
-                return None
-            content = backup_manifest_of_records(
-                copied.files,
-                label_files={name: backup.get(name) for name in LABEL_FILES},
-                stop_lsn=backup["stop_lsn"],
-                system_identifier=backup.get("system_identifier"),
-                major=major,
-                checksum_algorithm=self.manifest_checksums,
-                **_timelines(backup),
-            )
-            if local_copy is not None:
-                where = str(write_manifest_file(local_copy, content))
-            else:
-                (target / MANIFEST_NAME).write_bytes(content)
-                where = str(target / MANIFEST_NAME)
-            self.log.info(
-                "wrote %s: %d files, from the copy's records; check it with pg_verifybackup",
-                where,
-                len(copied.files),
-            )
-            return where, manifest_checksum(content)
-        summary = write_backup_manifest(
-            local_copy,
-            backup_label=backup["backup_label"],
-            stop_lsn=backup["stop_lsn"],
-            system_identifier=backup.get("system_identifier"),
-            checksum_algorithm=self.manifest_checksums,
-            checksums=copied.checksums() if copied and self.manifest_checksums == "SHA256" else None,
-            **_timelines(backup),
-        )
-        self.log.info(
-            "wrote %s: %d files, %.1f MB, %s checksums (%.1f MB read here, the rest from the copy's"
-            " checksums), in %.1f s; check it with: pg_verifybackup %s",
-            summary.path,
-            summary.files,
-            summary.bytes / 1e6,
-            summary.checksum_algorithm,
-            summary.hashed_bytes / 1e6,
-            summary.seconds,
-            local_copy,
-        )
-        return str(summary.path), summary.checksum
-
-    def _write_info(
-        self,
-        target: ObjectStoragePath,
-        local_copy: Path | None,
-        backup: dict[str, Any],
-        copied: Copied | None,
-        run: Mapping[str, Any],
-        manifest_sum: str | None,
-    ) -> str:
-        """Write the backup's ``backup_info.json`` (the catalog's entry, :mod:`pg_safe_backup.catalog`),
-        last: a backup is listed once everything else of it is stored."""
-        plain_local, major = _copy_kind(local_copy, copied)
-        segment_size = None  # names the stop WAL file: 16 MB unless the copy's pg_control says otherwise
-        if plain_local:
-            try:
-                segment_size = read_pg_control(local_copy).xlog_seg_size
-            except (CopyMismatch, OSError):
-                pass  # the label was checked against it already, or there is none to check
-        info = info_for_backup(
-            backup_label=backup["backup_label"],
-            stop_lsn=backup["stop_lsn"],
-            tablespace_map=backup.get("tablespace_map"),
-            system_identifier=backup.get("system_identifier"),
-            pg_major=major,
-            wal_segment_size=segment_size,
-            stop_timeline=backup.get("stop_timeline"),
-            format=copied.format if copied else ("plain" if major else "unknown"),
-            compression=copied.compression if copied and copied.compression != "none" else None,
-            bytes=sum(r.size for r in copied.files.values()) if copied else None,
-            files=len(copied.files) if copied else None,
-            manifest_checksum=manifest_sum,
-            **{key: run.get(key) for key in ("dag_id", "run_id", "task_id", "map_index", "attempt")},
-        )
-        where = write_info(local_copy if local_copy is not None else target, info)
-        self.log.info("catalogued the backup in %s (list them with: pg-safe-backup list ROOT)", where)
-        return where
+        except PgSafeBackupError as err:
+            raise task_error(err) from err
 
 
-#: The finish's XCom keys of the timeline a backup stopped on (a standby may follow a promotion).
-TIMELINE_KEYS = ("stop_timeline", "timeline_history")
-
-
-def _timelines(backup: Mapping[str, Any]) -> dict[str, Any]:
-    """The stop's timeline and its history, as the manifest and include_wal take them."""
-    return {key: backup.get(key) for key in TIMELINE_KEYS}
-
-
-def _copy_kind(local_copy: Path | None, copied: Copied | None) -> tuple[bool, int | None]:
-    """Whether the copy is a local data directory tree, and the copied server's major: its PG_VERSION,
-    else the copy task's records (None: unknown)."""
-    if local_copy is not None and (local_copy / "PG_VERSION").is_file():
-        return True, int((local_copy / "PG_VERSION").read_text().strip())
-    return False, copied.major if copied else None
-
-
-@dataclass(frozen=True)
-class Copied:
-    """What the group's copy tasks recorded of the copy (their XCom ``files``)."""
-
-    major: int
-    files: dict[str, FileRecord]
-    format: str = "plain"
-    compression: str = "none"
-
-    def checksums(self) -> dict[str, str]:
-        """Backup path -> SHA-256."""
-        return {path: record.sha256 for path, record in self.files.items()}
-
-    @classmethod
-    def from_xcom(cls, pushed: Iterable[dict[str, Any] | None]) -> Copied | None:
-        """The records the copy tasks pushed (:func:`~pg_safe_backup.operators.copy.files_xcom`), merged;
-        None when none pushed any.
-
-        :param pushed: each copy task's XCom ``files`` (None: it pushed none).
-        """
-        major, files, kind = None, {}, ("plain", "none")
-        for value in pushed:
-            if value:
-                major = value["major"]
-                kind = (value.get("format", "plain"), value.get("compression", "none"))
-                files.update({path: FileRecord(*record) for path, record in value["files"].items()})
-        return cls(major, files, *kind) if major is not None else None
-
-
-def copied_records(context: Context, copy_task_ids: Sequence[str]) -> Copied | None:
+def copied_records(context: Context, copy_task_ids: Sequence[str]) -> CopyRecords | None:
     """The records the group's copy tasks pushed, of the store task's map index (see
-    :meth:`Copied.from_xcom`).
+    :meth:`CopyRecords.from_xcom`).
 
     :param context: the store task's context.
     :param copy_task_ids: the group's copy tasks.
     """
-    return Copied.from_xcom(same_map_index_xcom(context, task_id, FILES_XCOM) for task_id in copy_task_ids)
+    return CopyRecords.from_xcom(
+        same_map_index_xcom(context, task_id, FILES_XCOM) for task_id in copy_task_ids
+    )
 
 
 def _public(backup: dict[str, Any]) -> dict[str, Any]:
@@ -709,7 +471,7 @@ class PostgresVerifyBackupOperator(BaseOperator):
         self.restore = check_flag(restore, "restore")
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from pg_safe_backup.verify import CheckNotRun, check_backup, record_check
+        from pg_safe_backup.verify import check_backup, record_check
 
         began = time.monotonic()
         backup_dir = rendered(check_text, self.backup_dir, "backup_dir")
@@ -727,8 +489,8 @@ class PostgresVerifyBackupOperator(BaseOperator):
                 recovery_target_immediate=not self.to_end_of_archive,
                 timeout=self.restore_timeout,
             )
-        except CheckNotRun as err:  # no verdict: a retry may find the archive mounted, the binaries installed
-            raise AirflowException(f"the checks of {backup_dir} could not run: {err}") from err
+        except PgSafeBackupError as err:  # CheckNotRun, no verdict: a retry may find the archive mounted
+            raise task_error(err, f"the checks of {backup_dir} could not run: {err}") from err
         for step in report.steps:
             (self.log.error if step.status == "FAIL" else self.log.info)(
                 "%s of %s: %s", step.name, backup_dir, step.line()
@@ -747,11 +509,16 @@ class PostgresVerifyBackupOperator(BaseOperator):
         return report.as_dict()
 
 
-_RENAMED = {"PostgresBackupHoldOperator": "PostgresStartBackupOperator"}
+#: Old name -> new name, each importable from this module.
+_RENAMED = {
+    "PostgresBackupHoldOperator": "PostgresStartBackupOperator",
+    "Copied": "CopyRecords",  # of pg_safe_backup.store (files.copier has a Copied of its own: one file)
+}
 
 
 def __getattr__(name: str) -> Any:
-    """The names before the rename to Postgres<Verb><Object>Operator, with a deprecation warning."""
+    """The names before the renames (to Postgres<Verb><Object>Operator; the copy's records to
+    :class:`~pg_safe_backup.store.CopyRecords`), with a deprecation warning."""
     if name in _RENAMED:
         import warnings
 

@@ -7,32 +7,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
-from pg_safe_backup.files.copier import (
-    CopyError,
-    CopyResult,
-    DestinationNotEmpty,
-    Progress,
-    copy_data_directory,
-)
-from pg_safe_backup.files.extconfig import CONFIG_DIR, ConfigCaptureError, ServerConfig, capture_entries
+from pg_safe_backup.errors import PgSafeBackupError
+from pg_safe_backup.files.copier import CopyResult, Progress, copy_data_directory
+from pg_safe_backup.files.extconfig import CONFIG_DIR, ServerConfig, capture_entries
 from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import upload_tree
 from pg_safe_backup.files.tarball import check_compression, write_tar_backup
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
 from pg_safe_backup.session import CONFIG_FILES
-from pg_safe_backup.utils.mixins import rendered, same_map_index_xcom
+from pg_safe_backup.store import CopyRecords
+from pg_safe_backup.utils.mixins import rendered, same_map_index_xcom, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: XCom key of the copy's record (:func:`files_xcom`): every file's size, time and SHA-256, from which
-#: the store task writes the backup_manifest without reading the copy again (and of an object store or
-#: tar copy, which it cannot read). Pushed only up to MAX_XCOM_FILES files: XCom lives in Airflow's
-#: metadata database (about 100 bytes a file); beyond, a local plain copy's manifest reads the copy, and
-#: other copies get none (the log says so).
+#: XCom key of the copy's records (:class:`~pg_safe_backup.store.CopyRecords`): every file's size, time and
+#: SHA-256, from which the store task writes the backup_manifest without reading the copy again (and of an
+#: object store or tar copy, which it cannot read). Pushed only up to MAX_XCOM_FILES files: XCom lives in
+#: Airflow's metadata database (about 100 bytes a file); beyond, a local plain copy's manifest reads the
+#: copy, and other copies get none (the log says so).
 FILES_XCOM = "files"
 MAX_XCOM_FILES = 50_000
 FORMATS = ("plain", "tar")
@@ -149,18 +145,14 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
                 result = copy_data_directory(source, local, workers=self.parallel, **options)
             else:
                 result = upload_tree(source, target, workers=self.parallel, **options)
-        except DestinationNotEmpty as err:
-            raise AirflowFailException(
-                f"destination {destination!r}: {err} (overwrite=True empties it)"
-            ) from err
-        except CopyError as err:
-            raise AirflowException(f"the copy into {destination!r} failed: {err}") from err
+        except PgSafeBackupError as err:  # a destination not empty is refused for good; the rest retried
+            raise task_error(err, f"the copy into {destination!r} failed: {err}") from err
         result.special.extend(special)
         self.log.info("%s", result.summary())
         if len(result.checksums) <= MAX_XCOM_FILES:
             major = int((source / "PG_VERSION").read_text().strip())
-            records = files_xcom(result, major, self.format, self.compression)
-            context["ti"].xcom_push(key=FILES_XCOM, value=records)
+            records = CopyRecords.of_copy(result, major, self.format, self.compression)
+            context["ti"].xcom_push(key=FILES_XCOM, value=records.to_xcom())
         else:
             self.log.warning(
                 "not handing the records of %d files (over %d) to the manifest through XCom: a local plain"
@@ -195,8 +187,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             )
         try:
             entries = capture_entries(config, source)
-        except ConfigCaptureError as err:
-            raise AirflowFailException(f"{err} (config_files=False leaves them out)") from err
+        except PgSafeBackupError as err:
+            raise task_error(err, f"{err} (config_files=False leaves them out)") from err
         files = [entry.source for entry in entries if not entry.is_dir]
         if files:
             self.log.info(
@@ -214,20 +206,12 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
 def files_xcom(
     result: CopyResult, major: int, format: str = "plain", compression: str = "none"
 ) -> dict[str, Any]:
-    """The XCom ``files`` of a copy (JSON): ``{"major": N, "format": ..., "compression": ..., "files":
-    {path: [size, mtime_ns, sha256]}}``.
+    """The XCom ``files`` of a copy (:meth:`CopyRecords.to_xcom <pg_safe_backup.store.CopyRecords.to_xcom>`
+    of :meth:`~pg_safe_backup.store.CopyRecords.of_copy`).
 
     :param result: the copy's result.
     :param major: the copied server's major version.
     :param format: ``plain`` or ``tar``.
     :param compression: the tar archives' (``none`` for plain).
     """
-    return {
-        "major": major,
-        "format": format,
-        "compression": compression,
-        "files": {
-            path: [result.sizes[path], result.mtimes_ns[path], digest]
-            for path, digest in result.checksums.items()
-        },
-    }
+    return CopyRecords.of_copy(result, major, format, compression).to_xcom()

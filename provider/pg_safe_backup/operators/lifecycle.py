@@ -9,11 +9,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
-from pg_safe_backup.catalog import CatalogError, choose_backup, list_backups, one_cluster
-from pg_safe_backup.hooks.server import ServerPosition, ServerUnreachable, server_position
+from pg_safe_backup.catalog import choose_backup, list_backups, one_cluster
+from pg_safe_backup.errors import PgSafeBackupError
+from pg_safe_backup.hooks.server import ServerPosition, server_position
 from pg_safe_backup.params import (
     check_flag,
     check_number,
@@ -23,8 +24,8 @@ from pg_safe_backup.params import (
     renders_later,
     unless_rendered_later,
 )
-from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root
-from pg_safe_backup.utils.mixins import rendered
+from pg_safe_backup.retention import carry_out_retention, plan_root
+from pg_safe_backup.utils.mixins import rendered, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -86,7 +87,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
         self.work_dir = work_dir
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from pg_safe_backup.verify import BackupCheck, CheckNotRun, check_backup, record_check
+        from pg_safe_backup.verify import BackupCheck, check_backup, record_check
 
         root = Path(rendered(check_text, self.root, "root"))
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
@@ -94,8 +95,8 @@ class PostgresRestoreDrillOperator(BaseOperator):
         try:
             entries = list_backups(root)
             one_cluster(entries, root)  # "the newest" is a cluster's own
-        except CatalogError as err:
-            raise AirflowFailException(f"root {str(root)!r}: {err}") from err
+        except PgSafeBackupError as err:
+            raise task_error(err, f"root {str(root)!r}: {err}") from err
         choice = choose_backup(entries, allow_failed=self.allow_failed)
         for name, why in choice.skipped:
             self.log.warning("drill: passing over %s: %s", name, why)
@@ -144,8 +145,8 @@ class PostgresRestoreDrillOperator(BaseOperator):
                 timeout=self.restore_timeout,
                 work_dir=self.work_dir,
             )
-        except CheckNotRun as err:  # no verdict, nothing recorded: a retry may find the archive mounted
-            raise AirflowException(f"the drill of {newest.name} could not run: {err}") from err
+        except PgSafeBackupError as err:  # CheckNotRun: no verdict, nothing recorded; retried
+            raise task_error(err, f"the drill of {newest.name} could not run: {err}") from err
         restore_s = time.monotonic() - began - checks_s
         report = BackupCheck(checks.steps + restored.steps)
         for step in report.steps:
@@ -261,9 +262,9 @@ class PostgresBackupRetentionOperator(BaseOperator):
         """
         try:
             server = self._server() if self.postgres_conn_id else None
-        except ServerUnreachable as err:
-            raise AirflowException(
-                f"postgres_conn_id {self.postgres_conn_id!r}: {err}; removing nothing"
+        except PgSafeBackupError as err:  # ServerUnreachable: retried
+            raise task_error(
+                err, f"postgres_conn_id {self.postgres_conn_id!r}: {err}; removing nothing"
             ) from err
         try:
             plan = plan_root(
@@ -275,8 +276,8 @@ class PostgresBackupRetentionOperator(BaseOperator):
                 dry_run=self.dry_run,
                 log=self.log.info,
             )
-        except (RetentionRefused, CatalogError) as err:
-            raise AirflowFailException(f"retention of {root}: {err}") from err
+        except PgSafeBackupError as err:  # RetentionRefused, CatalogError: never retried
+            raise task_error(err, f"retention of {root}: {err}") from err
         except ValueError as err:  # plan_retention's check of keep_last / keep_days
             raise AirflowFailException(f"invalid rendered parameter: {err}") from err
         return report.as_dict()

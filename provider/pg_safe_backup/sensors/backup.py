@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator
-
 from pg_safe_backup.params import check_text
 from pg_safe_backup.session import CONFIG_FILES, STARTED
 from pg_safe_backup.triggers.backup import PostgresBackupStartedTrigger
-from pg_safe_backup.utils.mixins import CONNECTION_FIELDS, BackupTaskMixin, default_deferrable, fail_on
+from pg_safe_backup.utils.mixins import PostgresBackupBaseSensor, fail_on
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -22,7 +19,7 @@ if TYPE_CHECKING:
 DEFERRAL_GRACE_S = 60
 
 
-class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
+class PostgresBackupStartedSensor(PostgresBackupBaseSensor):
     """
     Wait until this run's backup is running (pg_backup_start returned), then let the copy begin.
 
@@ -38,43 +35,23 @@ class PostgresBackupStartedSensor(BackupTaskMixin, BaseSensorOperator):
     (``AirflowFailException``: the hold is never retried, so no other backup would come); a server
     that cannot be reached is retried.
 
-    :param holder_task_id: the ``PostgresStartBackupOperator`` of this backup.
+    :param holder_task_id: the hold task of this backup (its ``PostgresStartBackupOperator``,
+        ``hold_backup_session`` in a ``PostgresOnlineBackup``).
     """
 
-    template_fields: Sequence[str] = CONNECTION_FIELDS
     ui_color = "#f0e8c8"
 
-    def __init__(
-        self,
-        *,
-        holder_task_id: str,
-        postgres_conn_id: str = "postgres_default",
-        state_conn_id: str | None = None,
-        database: str | None = None,
-        table: str = "backup",
-        table_schema: str = "public",
-        backup_key: str = "backup",
-        poll_interval: float = 5.0,
-        deferrable: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, holder_task_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._init_backup(
-            postgres_conn_id,
-            state_conn_id,
-            database,
-            table,
-            table_schema,
-            backup_key,
-            poll_interval,
-            default_deferrable() if deferrable is None else deferrable,
-        )
-        self.holder_task_id = check_text(holder_task_id, "holder_task_id")
+        self.hold_task_id = check_text(holder_task_id, "holder_task_id")
 
     def execute(self, context: Context) -> Any:
-        ref = self.backup_ref(context, hold_task_id=self.holder_task_id)
+        ref = self.backup_ref(context, hold_task_id=self.hold_task_id)
         trigger = PostgresBackupStartedTrigger(
-            self.hook_kwargs, ref=asdict(ref), poll_interval=self.poll_interval, timeout=self.timeout
+            self.backup_target.hook_kwargs,
+            ref=asdict(ref),
+            poll_interval=self.poll_interval,
+            timeout=self.timeout,
         )
         return self.wait_on(context, trigger, timeout=timedelta(seconds=self.timeout + DEFERRAL_GRACE_S))
 

@@ -23,7 +23,7 @@ from pg_safe_backup.session import (
     hold_backup,
     wait_for_start,
 )
-from pg_safe_backup.state import BackupRef
+from pg_safe_backup.state import BackupRef, BackupTarget
 
 #: Task states in which a task has ended (it will not run again unless cleared).
 ENDED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed", "success"})
@@ -90,22 +90,27 @@ def holder_problem(ref: BackupRef) -> str | None:
 
 
 class PostgresBackupTriggerBase(BaseTrigger):
-    """Common part: the hook's arguments and the serialisation of plain keyword arguments."""
+    """Common part: which server and table (:class:`BackupTarget`, serialised as ``hook_kwargs``), and
+    the serialisation of plain keyword arguments.
+
+    :param hook_kwargs: :attr:`BackupTarget.hook_kwargs`, the backup hook's arguments (the name trigger rows
+        written by earlier releases carry).
+    """
 
     def __init__(self, hook_kwargs: dict[str, Any], **kwargs: Any) -> None:
         super().__init__()
-        self.hook_kwargs = hook_kwargs
+        self.target = BackupTarget(**hook_kwargs)
         self.kwargs = kwargs
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return f"{type(self).__module__}.{type(self).__qualname__}", {
-            "hook_kwargs": self.hook_kwargs,
+            "hook_kwargs": self.target.hook_kwargs,
             **self.kwargs,
         }
 
     @property
     def hook(self) -> PostgresBackupHook:
-        return PostgresBackupHook(**self.hook_kwargs)
+        return PostgresBackupHook(**self.target.hook_kwargs)
 
     @property
     def ref(self) -> BackupRef | None:

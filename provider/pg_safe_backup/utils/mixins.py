@@ -1,6 +1,8 @@
-"""What the hold, the gate and the finish share: which backup table, which backup of the run, how to wait.
+"""What the hold, the gate and the finish share: which server and table, which backup of the run, how to
+wait, and how a failure ends a task.
 
-Below ``operators/`` and ``sensors/``, which both import it from here (as amazon's
+The base operator and sensor (amazon's ``AwsBaseOperator`` / ``aws_template_fields`` shape) declare the
+shared keywords once. Below ``operators/`` and ``sensors/``, which both import it from here (as amazon's
 ``utils/mixins.py``), so the sensor does not import the operators' module, nor the operators' module
 the task group.
 """
@@ -8,14 +10,16 @@ the task group.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+from airflow.sdk import BaseOperator, BaseSensorOperator
 
+from pg_safe_backup.errors import PgSafeBackupError, retryable
 from pg_safe_backup.params import check_number, check_text, unless_rendered_later, validate_identifier
-from pg_safe_backup.state import BackupRef
+from pg_safe_backup.state import BackupRef, BackupTarget
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -48,14 +52,37 @@ def rendered(check: Callable[[Any, str], T], value: Any, param: str) -> T:
     try:
         return check(value, param)
     except ValueError as err:
-        raise AirflowFailException(f"invalid rendered parameter: {err}") from err
+        raise airflow_error(f"invalid rendered parameter: {err}", retry=False) from err
+
+
+def airflow_error(message: str, *, retry: bool) -> AirflowException:
+    """The one mapping from the package's two kinds of failure to Airflow's: ``AirflowException``, which
+    Airflow retries (try again: :class:`~pg_safe_backup.errors.TransientError`), or
+    ``AirflowFailException``, never retried (:class:`~pg_safe_backup.errors.PermanentError`: the backup is
+    unusable or the request wrong, and running the task again gives the same answer).
+
+    :param message: the task's failure, in one line.
+    :param retry: whether running the task again may succeed.
+    """
+    return AirflowException(message) if retry else AirflowFailException(message)
+
+
+def task_error(err: PgSafeBackupError, message: str | None = None) -> AirflowException:
+    """The Airflow exception that ends a task on a domain error, by its branch of the error tree
+    (:func:`pg_safe_backup.errors.retryable`). Raise it ``from err`` at an operator's error boundary, which
+    catches :class:`~pg_safe_backup.errors.PgSafeBackupError`, never a list of classes.
+
+    :param err: the domain error.
+    :param message: the task's failure (default: the error's own message).
+    """
+    return airflow_error(str(err) if message is None else message, retry=retryable(err))
 
 
 def fail_on(event: dict[str, Any], message: str) -> AirflowException:
-    """The exception that ends a task on a failed wait: ``AirflowException`` (retried) when the event
-    says a retry could succeed (the server could not be reached or followed), else
-    ``AirflowFailException``: a backup failed or refused is not made good by running this task again."""
-    return AirflowException(message) if event.get("retryable") else AirflowFailException(message)
+    """The exception that ends a task on a failed wait: retried when the event says a retry could succeed
+    (the server could not be reached or followed), never when a backup failed or was refused: that is not
+    made good by running this task again."""
+    return airflow_error(message, retry=bool(event.get("retryable")))
 
 
 def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
@@ -67,9 +94,17 @@ def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
     )
 
 
-class BackupTaskMixin:
+def backup_template_fields(*fields: str) -> tuple[str, ...]:
+    """A backup task's ``template_fields``: its own ``fields``, then :data:`CONNECTION_FIELDS` (as amazon's
+    ``aws_template_fields``)."""
+    return (*fields, *CONNECTION_FIELDS)
+
+
+class PostgresBackupBaseOperator(BaseOperator):
     """
-    What the holder, gate and finish share: which backup table, which backup of the run, how to wait.
+    What the hold, gate and finish share, declared once: which server and table (:class:`BackupTarget`),
+    which backup of the run (:class:`BackupRef`), how to wait. The gate has it through
+    :class:`PostgresBackupBaseSensor`.
 
     :param postgres_conn_id: Airflow connection (type postgres) of the server to back up (a primary
         or a hot standby). Templated: a mapped task group can map over it.
@@ -83,24 +118,27 @@ class BackupTaskMixin:
         ``PostgresOnlineBackup`` group sets it to its full group id. With the map index of a mapped
         group, the DAG id and the run id it makes the backup's owner.
     :param poll_interval: seconds between the gate's and finish's re-reads (state changes wake them
-        at once); the holder, woken by NOTIFY and its sessions' sockets, re-reads every max(this, 60 s).
-    :param deferrable: wait in the triggerer instead of a worker slot.
+        at once); the hold, woken by NOTIFY and its sessions' sockets, re-reads every max(this, 60 s).
+    :param deferrable: wait in the triggerer instead of a worker slot (default:
+        ``[operators] default_deferrable``).
     """
 
-    deferrable: bool
-    task_id: str
+    template_fields: Sequence[str] = backup_template_fields()
 
-    def _init_backup(
+    def __init__(
         self,
-        postgres_conn_id: str,
-        state_conn_id: str | None,
-        database: str | None,
-        table: str,
-        table_schema: str,
-        backup_key: str,
-        poll_interval: float,
-        deferrable: bool,
+        *,
+        postgres_conn_id: str = "postgres_default",
+        state_conn_id: str | None = None,
+        database: str | None = None,
+        table: str = "backup",
+        table_schema: str = "public",
+        backup_key: str = "backup",
+        poll_interval: float = 5.0,
+        deferrable: bool | None = None,
+        **kwargs: Any,
     ) -> None:
+        super().__init__(**kwargs)
         self.postgres_conn_id = _text_or_template(postgres_conn_id, "postgres_conn_id")
         self.state_conn_id = (
             state_conn_id if state_conn_id is None else _text_or_template(state_conn_id, "state_conn_id")
@@ -110,22 +148,22 @@ class BackupTaskMixin:
         self.table_schema = validate_identifier(table_schema, "table_schema")
         self.backup_key = check_text(backup_key, "backup_key")
         self.poll_interval = check_number(poll_interval, "poll_interval", 0, allow_min=False)
-        self.deferrable = deferrable
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
 
     @property
-    def hook_kwargs(self) -> dict[str, Any]:
-        """The hook's arguments, from the rendered fields (checked again: they may come from a template)."""
+    def backup_target(self) -> BackupTarget:
+        """Which server and table, from the rendered fields (checked again: they may come from a template)."""
         rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
         for name in ("state_conn_id", "database"):
             if getattr(self, name) is not None:
                 rendered(check_text, getattr(self, name), name)
-        return {
-            "postgres_conn_id": self.postgres_conn_id,
-            "state_conn_id": self.state_conn_id,
-            "database": self.database,
-            "table": self.table,
-            "schema": self.table_schema,
-        }
+        return BackupTarget(
+            postgres_conn_id=self.postgres_conn_id,
+            state_conn_id=self.state_conn_id,
+            database=self.database,
+            table=self.table,
+            schema=self.table_schema,
+        )
 
     def backup_ref(
         self, context: Context, hold_task_id: str | None = None, finish_task_id: str | None = None
@@ -146,5 +184,15 @@ class BackupTaskMixin:
     ) -> Any:
         """Defer on ``trigger``, or (deferrable=False) run its wait here; then ``execute_complete``."""
         if self.deferrable:
-            self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)  # type: ignore[attr-defined]
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
         return self.execute_complete(context, asyncio.run(trigger.result()))  # type: ignore[attr-defined]
+
+
+class PostgresBackupBaseSensor(BaseSensorOperator, PostgresBackupBaseOperator):
+    """The base operator's keywords and methods on a sensor (``timeout``, ``soft_fail``, ...)."""
+
+    template_fields: Sequence[str] = backup_template_fields()
+
+
+#: The name before the base operator (its tests and imports): the hold, gate and finish all derive from it.
+BackupTaskMixin = PostgresBackupBaseOperator
