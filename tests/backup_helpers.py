@@ -7,6 +7,9 @@ import contextlib
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,19 +17,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import sql
 
-from demo.load import Writer
+from demo.load import Writer, wait_archived
 from pg_safe_backup.catalog import BackupInfo, info_for_backup, write_info
 from pg_safe_backup.files.copier import copy_data_directory, is_local_path
 from pg_safe_backup.files.label import store_label
-from pg_safe_backup.files.manifest import write_backup_manifest
+from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
+from pg_safe_backup.files.manifest import (
+    ManifestSummary,
+    manifest_version,
+    wal_ranges_for,
+    write_backup_manifest,
+    write_manifest,
+)
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
+from pg_safe_backup.files.wal import WAL_SEGMENT
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server_user
+from pg_safe_backup.pgverify import VerifyRun, run_pg_verifybackup
 from pg_safe_backup.session import COMPLETE, STARTED, HoldRequest, finish_backup, hold_backup, wait_for_start
 from pg_safe_backup.state import format_lsn, parse_lsn
 
 from conftest import CONN_ID, PASSWORD
+from pg_versions import verifier_for
 
 OWNER = "nightly/scheduled__2026-11-24/backup"
 
@@ -54,31 +68,61 @@ def req(owner: str = OWNER, **kw) -> HoldRequest:
     )
 
 
-def backup_starts(cluster: LocalCluster) -> int:
-    """How many times the server was asked to enter backup mode (log_statement = all)."""
+def backup_starts_in(log: str) -> int:
+    """How many times a server log (log_statement = all) shows a request to enter backup mode, in either
+    spelling: pg_backup_start (PostgreSQL 15+) or pg_start_backup (12-14).
+
+    :param log: the server log, or a part of it (see e2e_helpers.log_since).
+    """
     return sum(
         ("pg_backup_start(" in line or "pg_start_backup(" in line)
-        for line in cluster.log_text().splitlines()
-        if "LOG:" in line
+        for line in log.splitlines()
+        if "LOG:" in line  # the statement as logged, not an ERROR's "STATEMENT:" echo of it
     )
 
 
-def row(cluster: LocalCluster) -> dict:
-    cols = [
-        "state",
-        "pid",
-        "owner",
-        "attempt",
-        "label",
-        "start_lsn",
-        "stop_lsn",
-        "timeline",
-        "backup_label",
-        "tablespace_map",
-        "error",
-    ]
-    found = cluster.sql(f"SELECT state::text, {', '.join(cols[1:])} FROM backup")
-    return dict(zip(cols, found[0], strict=True)) if found else {}
+def backup_starts(cluster: LocalCluster) -> int:
+    """How many times ``cluster`` was asked to enter backup mode (log_statement = all; both spellings)."""
+    return backup_starts_in(cluster.log_text())
+
+
+#: What :func:`backup_row` reads: the backup's identity and outcome (no timestamps, which a heartbeat moves).
+ROW_COLUMNS = (
+    "state",
+    "pid",
+    "owner",
+    "attempt",
+    "label",
+    "start_lsn",
+    "stop_lsn",
+    "timeline",
+    "backup_label",
+    "tablespace_map",
+    "error",
+    "system_identifier",
+)
+
+
+def backup_row(cluster: LocalCluster, table: str = "backup") -> dict:
+    """The backup table's row (it holds one at most) by column name, state as text; {} when it is empty.
+
+    :param cluster: the cluster the table is on.
+    :param table: the table's name.
+    """
+    query = sql.SQL("SELECT {}::text, {} FROM {}").format(
+        sql.Identifier(ROW_COLUMNS[0]),
+        sql.SQL(", ").join(map(sql.Identifier, ROW_COLUMNS[1:])),
+        sql.Identifier(table),
+    )
+    found = cluster.sql(query)
+    return dict(zip(ROW_COLUMNS, found[0], strict=True)) if found else {}
+
+
+def holder_sessions(cluster: LocalCluster) -> int:
+    """How many holder sessions (application_name 'pg_safe_backup holder') are connected to ``cluster``."""
+    return cluster.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'"
+    )[0][0]
 
 
 def session_alive(cluster: LocalCluster, pid: int) -> bool:
@@ -94,6 +138,27 @@ def session_ended(cluster: LocalCluster, pid: int, timeout: float = 10) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
+    """Wait, in the event loop, until ``predicate()`` (run in a thread: it may query a server) holds.
+
+    :param predicate: the condition.
+    :param timeout: seconds before the test fails, naming ``what``.
+    :param what: what is waited for.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert asyncio.get_running_loop().time() < deadline, f"{what} not reached in {timeout} s"
+        await asyncio.sleep(0.1)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """The same for a plain test: poll ``predicate()`` until it holds, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.1)
 
 
 async def gate(
@@ -125,31 +190,50 @@ async def finish(
 
 
 def copy_data_dir(
-    source: Path, dest: Path, pg_control_first: bool = False, meanwhile: Callable[[], None] = lambda: None
+    source: Path,
+    dest: Path,
+    pg_control_first: bool = False,
+    meanwhile: Callable[[], None] = lambda: None,
+    tablespace_links: bool = False,
 ) -> None:
-    """A file-system copy of ``source`` in two steps: everything a backup keeps (not the contents of
-    pg_wal, pg_replslot, pg_stat_tmp; no pid files), then global/pg_control alone, last, as the README
-    says (``pg_control_first`` swaps the steps, to show what the rule prevents). ``meanwhile`` runs
-    between the steps."""
+    """A file-system copy of what a base backup of ``source`` holds, as a user's script makes it, in two
+    steps: every entry of :func:`~pg_safe_backup.files.layout.walk` (the table of what a backup leaves out,
+    which every copy engine reads) but global/pg_control, then pg_control alone, last, as the README says
+    (``pg_control_first`` swaps the steps, to show what the rule prevents). ``meanwhile`` runs between them.
 
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        if Path(folder).name in ("pg_wal", "pg_replslot", "pg_stat_tmp"):
-            return set(names)
-        if Path(folder) == source / "global":
-            return {"pg_control"} & set(names)
-        return {n for n in names if n in ("postmaster.pid", "postmaster.opts") or n.endswith(".log")}
+    :param source: a data directory (of a running server: files that vanish meanwhile are left out).
+    :param dest: the copy's folder, created.
+    :param pg_control_first: copy pg_control first instead of last.
+    :param meanwhile: what happens between the two steps.
+    :param tablespace_links: keep each ``pg_tblspc/<oid>`` link as a link, as ``rsync -a`` does (the
+        caller copies the tablespace), instead of copying the tablespace into the copy's tree.
+    """
+    rest = [e for e in walk(source) if e.path != CONTROL_FILE]
+    links = {e.path for e in rest if tablespace_links and e.is_dir and e.source.is_symlink()}
 
-    def rest() -> None:
-        shutil.copytree(source, dest, ignore=ignore, dirs_exist_ok=True)
+    def put(entries: list[Entry]) -> None:
+        for entry in entries:
+            target = dest / entry.path
+            if entry.path in links:
+                target.symlink_to(os.readlink(entry.source))
+            elif any(entry.path.startswith(f"{link}/") for link in links):
+                continue  # inside a tablespace kept as a link
+            elif entry.is_dir:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copystat(entry.source, target)
+            else:
+                with contextlib.suppress(FileNotFoundError):  # dropped meanwhile: WAL replay agrees
+                    shutil.copy2(entry.source, target)
 
-    def pg_control() -> None:
-        (dest / "global").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / "global" / "pg_control", dest / "global" / "pg_control")
-
-    first, last = (pg_control, rest) if pg_control_first else (rest, pg_control)
-    first()
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copystat(source, dest)  # the server refuses a data directory others may read
+    control = [Entry(CONTROL_FILE, source / CONTROL_FILE, False)]
+    first, last = (control, rest) if pg_control_first else (rest, control)
+    if pg_control_first:
+        (dest / "global").mkdir(exist_ok=True)
+    put(first)
     meanwhile()
-    last()
+    put(last)
 
 
 async def backup_events(
@@ -308,6 +392,169 @@ def big_endian_pg_control(raw: bytes, pg_control_version: int) -> bytes:
     end = CRC_OFFSET[pg_control_version]
     struct.pack_into(">I", swapped, end, crc32c(bytes(swapped[:end])))
     return bytes(swapped)
+
+
+# ------------------------------------------------------------------------------ the command line
+#: The checkout: its provider/ (the package) and demo/ go first on a command's PYTHONPATH.
+ROOT_DIR = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str | Path, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``pg-safe-backup ARGS`` (``python -m pg_safe_backup``) as a DBA runs it, this checkout's package first.
+
+    :param args: the subcommand and its arguments.
+    :param timeout: seconds before the test fails.
+    :param cwd: where it runs.
+    """
+    path = os.pathsep.join(
+        p for p in (f"{ROOT_DIR / 'provider'}", f"{ROOT_DIR}", os.environ.get("PYTHONPATH")) if p
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "pg_safe_backup", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def restore(*args: str | Path) -> subprocess.CompletedProcess:
+    """``pg-safe-backup restore ARGS``."""
+    return run_cli("restore", *args)
+
+
+@contextlib.contextmanager
+def recovered(target: Path, timeout: float = 120) -> Iterator[LocalCluster]:
+    """The restored data directory started (a free port, its socket beside it) and out of recovery."""
+    server = LocalCluster(target, port=free_port())
+    with open(target / "postgresql.auto.conf", "a") as f:
+        f.write(f"unix_socket_directories = '{server.socket_dir}'\n")
+    server.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while server.sql("SELECT pg_is_in_recovery()") != [(False,)]:
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            time.sleep(0.2)
+        yield server
+    finally:
+        server.stop("immediate")
+
+
+# ------------------------------------------------------------------------- a backup with its manifest
+@dataclass
+class Taken:
+    """A backup's copy with its manifest, and what checks it."""
+
+    cluster: LocalCluster
+    major: int
+    copy: Path
+    archive: Path
+    backup: dict
+    root: Path
+    relation: str  # a table's file in the default tablespace, relative to the copy
+    spaced_relation: str  # a table's file in the tablespace space1, relative to the copy
+
+    def verify(self, copy: Path | None = None, *, wal: bool = False) -> VerifyRun:
+        """pg_verifybackup of ``copy`` (default: the backup's) by :func:`verifier_for`; the WAL is parsed
+        only when ``wal`` and the verifier is of the same major."""
+        found = verifier_for(self.major)
+        assert found is not None, f"no pg_verifybackup reads a PostgreSQL {self.major} manifest"
+        bindir, same_major = found
+        # A newer verifier refuses another release's pg_control in a version 2 manifest ("unexpected
+        # control file version"), before comparing anything: leave that one file out.
+        ignore = () if same_major or manifest_version(self.major) == 1 else ("global/pg_control",)
+        return run_pg_verifybackup(
+            copy or self.copy,
+            bindir=bindir,
+            wal_path=self.archive,
+            skip_wal=not (wal and same_major),
+            ignore=ignore,
+            timeout=120,
+        )
+
+    def write(self, copy: Path | None = None, **kwargs) -> ManifestSummary:
+        """Write the manifest of ``copy`` (default: the backup's) for this backup."""
+        b = self.backup
+        ranges = wal_ranges_for(b["start_lsn"], b["timeline"], b["stop_lsn"], b["timeline"], None, self.major)
+        return write_manifest(
+            copy or self.copy,
+            major=self.major,
+            system_identifier=b["system_identifier"],
+            wal_ranges=ranges,
+            **kwargs,
+        )
+
+
+def _relation(cluster: LocalCluster, table: str) -> str:
+    """``table``'s first file relative to the data directory; a tablespace's through pg_tblspc."""
+    return cluster.sql("SELECT pg_relation_filepath(%s)", [table])[0][0]
+
+
+@contextlib.contextmanager
+def taken_backup() -> Iterator[Taken]:
+    """One backup (conftest.py's session fixture ``taken``): an archiving cluster with a tablespace, backed
+    up through the session functions, copied with the tablespace as a real folder under pg_tblspc/<oid>,
+    label stored, manifest written; stopped and removed on leaving."""
+    root = Path(tempfile.mkdtemp(prefix="pgsb-manifest-"))
+    os.chmod(root, 0o755)
+    archive, location = root / "archive", root / "space1"
+    for folder in (archive, location):
+        folder.mkdir()
+        give_to_server_user(folder)
+    cluster = LocalCluster(root / "data").init(
+        password=PASSWORD,
+        settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "autovacuum": "off"},
+    )
+    cluster.start()
+    env = pytest.MonkeyPatch()
+    env.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
+    try:
+        major = cluster.server_version() // 10000
+        cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{location}'")
+        cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
+        cluster.sql("CREATE TABLE spaced (id bigint, v text) TABLESPACE space1")
+        for table in ("ledger", "spaced"):
+            cluster.sql(f"INSERT INTO {table} SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+        cluster.sql("CHECKPOINT")
+        copy = root / "backup"
+        # copy_data_dir follows the pg_tblspc link: the tablespace lands in the copy as a folder.
+        backup = run_backup(
+            PostgresBackupHook(CONN_ID), "d/r/backup", lambda: copy_data_dir(cluster.datadir, copy)
+        )
+        env.undo()  # the connection was for the backup only: the fixture lives for the whole session
+        store_backup_label(copy, backup)
+        wait_archived(cluster)
+        t = Taken(
+            cluster,
+            major,
+            copy,
+            archive,
+            backup,
+            root,
+            _relation(cluster, "ledger"),
+            _relation(cluster, "spaced"),
+        )
+        t.write()
+        yield t
+    finally:
+        env.undo()
+        cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def another_clusters_archive(root: Path) -> Path:
+    """A WAL archive of another cluster in ``root``: the first segment initdb wrote for a new one.
+
+    :param root: a folder the postgres OS user can enter.
+    """
+    other = LocalCluster(root / "other" / "data").init()
+    archive = root / "other" / "archive"
+    archive.mkdir()
+    first = min(p.name for p in (other.datadir / "pg_wal").iterdir() if WAL_SEGMENT.match(p.name))
+    shutil.copy2(other.datadir / "pg_wal" / first, archive / first)
+    give_to_server_user(archive)
+    return archive
 
 
 # ------------------------------------------------------------------------------ a primary and a standby

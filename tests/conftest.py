@@ -91,6 +91,30 @@ def module_tmp_root() -> Iterator[Path]:
     yield from _server_reachable_root()
 
 
+@pytest.fixture(scope="session")
+def session_tmp_root() -> Iterator[Path]:
+    """The same, shared by the whole session (for what several modules read and none changes)."""
+    yield from _server_reachable_root()
+
+
+@pytest.fixture(scope="session")
+def taken() -> Iterator[Any]:
+    """One backup with its manifest, shared by test_manifest and test_checks (a
+    :class:`backup_helpers.Taken`; see :func:`backup_helpers.taken_backup`): built once per session."""
+    from backup_helpers import taken_backup  # backup_helpers imports this module
+
+    with taken_backup() as backup:
+        yield backup
+
+
+@pytest.fixture(scope="session")
+def other_archive(session_tmp_root: Path) -> Path:
+    """A WAL archive of another cluster (test_restore, test_checks): the first segment initdb wrote."""
+    from backup_helpers import another_clusters_archive
+
+    return another_clusters_archive(session_tmp_root)
+
+
 @pytest.fixture
 def cluster(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCluster]:
     """A running cluster, reachable through the Airflow connection ``pg_test``; logs every statement."""

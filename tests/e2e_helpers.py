@@ -19,7 +19,7 @@ from demo.stack import FINAL_RUN_STATES, AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import verify_backup
 
-from backup_helpers import archiving_cluster
+from backup_helpers import archiving_cluster, backup_row, backup_starts_in, holder_sessions
 
 #: Task ids of tests/e2e_faults_dags' ``fault_dag`` (also used by tests/e2e_production_dags).
 HOLD, GATE, COPY, FINISH, STORE = (
@@ -64,12 +64,6 @@ def assert_run_ended(
     assert state == run_state, report
     assert seen == tasks, report
     return report
-
-
-def holder_sessions(cluster: LocalCluster) -> int:
-    return cluster.sql(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'"
-    )[0][0]
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -250,13 +244,6 @@ def backup_running(states: dict[str, str]) -> bool:
     return states.get(HOLD) == "deferred" and states.get(GATE) == "success"
 
 
-def backup_row(cluster: LocalCluster) -> dict:
-    cols = ("state", "error", "owner", "backup_label", "pid")
-    rows = cluster.sql("SELECT state::text, error, owner, backup_label, pid FROM backup")
-    assert len(rows) == 1, rows
-    return dict(zip(cols, rows[0], strict=True))
-
-
 def assert_failed_cleanly(env: dict, dag_id: str, run_id: str, reason: str) -> dict:
     """The backup table says failed with ``reason``, nothing holds backup mode, no label was stored."""
     cluster = env["cluster"]
@@ -378,7 +365,7 @@ def assert_concurrent_runs_refused(env: dict, dag_id: str, other_dag: str) -> No
     assert (backups / first / "backup_label").read_text() == row["backup_label"]
     assert stack.xcom(dag_id, first, FINISH)["owner"] == owner
     assert holder_sessions(cluster) == 0
-    assert log_since(cluster, offset).count("pg_backup_start(") == 1, "a refused run started a backup"
+    assert backup_starts_in(log_since(cluster, offset)) == 1, "a refused run started a backup"
     # The copy taken under the first run's backup restores, and holds that backup's own row.
     restored = verify_backup(
         backups / first,
@@ -415,7 +402,7 @@ def assert_lost_backup_failed_once(env: dict, dag_id: str, run_id: str, first_pi
     finish_log = task_log(stack, dag_id, run_id, FINISH, f"backup not usable: backup failed: {lost}")
     assert f"backup not usable: backup failed: {lost}" in finish_log, report
     server_log = log_since(cluster, offset)
-    assert server_log.count("pg_backup_start(") == 1, "a second backup was started"
+    assert backup_starts_in(server_log) == 1, "a second backup was started"
     assert "aborting backup due to backend exiting before pg_backup_stop was called" in server_log
 
 

@@ -5,6 +5,7 @@ on real PostgreSQL (no Airflow; what Airflow knows comes in as the same callback
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import psycopg
@@ -17,15 +18,16 @@ from backup_helpers import (
     ATTEMPT,
     OWNER,
     attempt_of,
+    backup_row,
     backup_starts,
     finish,
     gate,
     hand_over_row,
     req,
-    row,
     session_alive,
     session_ended,
     started,
+    wait_until,
 )
 
 RETRY = attempt_of(OWNER, 2)  # the next try of the same hold task: same owner, another attempt
@@ -39,7 +41,7 @@ def test_a_finish_whose_copy_failed_never_reports_complete_even_when_the_row_say
         holder, opened = await started(hook, req())
         await asyncio.to_thread(cluster.sql, "UPDATE backup SET state = 'done'")
         held = await asyncio.wait_for(holder, 30)
-        assert held["status"] == COMPLETE and row(cluster)["state"] == "complete"
+        assert held["status"] == COMPLETE and backup_row(cluster)["state"] == "complete"
         return await finish(
             hook, start_lsn=opened["backup"]["start_lsn"], copy_problem="backup.copy is failed"
         )
@@ -47,7 +49,7 @@ def test_a_finish_whose_copy_failed_never_reports_complete_even_when_the_row_say
     result = asyncio.run(go())
     assert result["status"] == FAILED
     assert result["message"] == "backup failed: backup.copy is failed"
-    r = row(cluster)
+    r = backup_row(cluster)
     assert r["state"] == "failed"
     assert r["error"] == "backup.copy is failed"
 
@@ -62,7 +64,7 @@ def test_a_second_finish_of_a_failed_copy_fails_too(hook, cluster):
     first, second = asyncio.run(go())
     assert first["status"] == FAILED
     assert second["status"] == FAILED
-    assert row(cluster)["backup_label"] is None
+    assert backup_row(cluster)["backup_label"] is None
 
 
 def test_a_reused_run_id_takes_a_new_backup(hook, cluster):
@@ -74,7 +76,7 @@ def test_a_reused_run_id_takes_a_new_backup(hook, cluster):
         first, _ = await started(hook, req(attempt=other_installation))
         assert (await finish(hook, attempt=other_installation))["status"] == COMPLETE
         await asyncio.wait_for(first, 30)
-        old_label = row(cluster)["backup_label"]
+        old_label = backup_row(cluster)["backup_label"]
         again, opened = await started(hook, req())  # try 1 again, same owner
         assert opened["backup"]["attempt"] == ATTEMPT
         done = await finish(hook)
@@ -84,7 +86,7 @@ def test_a_reused_run_id_takes_a_new_backup(hook, cluster):
     assert held["status"] == COMPLETE
     assert done["status"] == COMPLETE
     assert done["backup"]["backup_label"] != old_label
-    assert row(cluster)["attempt"] == ATTEMPT
+    assert backup_row(cluster)["attempt"] == ATTEMPT
     assert backup_starts(cluster) == 2
 
 
@@ -184,7 +186,7 @@ def test_a_finish_whose_attempt_was_replaced_while_it_waits_fails_at_once(hook, 
         holder.cancel()  # Airflow cancels the cleared hold's trigger
         with pytest.raises(asyncio.CancelledError):
             await holder
-        assert row(cluster)["state"] == "failed"
+        assert backup_row(cluster)["state"] == "failed"
         # attempt 2 claims; its checkpoint "still runs": a live session, start_lsn not recorded yet
         async with await psycopg.AsyncConnection.connect(**cluster.conninfo(), autocommit=True) as other:
             await asyncio.to_thread(cluster.sql, "UPDATE backup SET state = 'running'")  # failed -> running
@@ -192,7 +194,7 @@ def test_a_finish_whose_attempt_was_replaced_while_it_waits_fails_at_once(hook, 
             t0 = time.monotonic()
             result = await finish(hook, attempt=ATTEMPT, start_lsn=old_lsn, timeout=15)
             took = time.monotonic() - t0
-            after = row(cluster)
+            after = backup_row(cluster)
         return result, took, after
 
     result, took, after = asyncio.run(go())
@@ -221,7 +223,7 @@ def test_a_second_group_sharing_the_state_table_is_refused_naming_the_table_opti
     async def go():
         first, _ = await started(hook, req(owner="nightly/scheduled__2026-11-24/standby_a.backup"))
         refused = await asyncio.wait_for(hold_backup(hook, req(owner=sibling)), 30)
-        assert session_alive(cluster, row(cluster)["pid"])
+        assert session_alive(cluster, backup_row(cluster)["pid"])
         await finish(hook, attempt=attempt_of("nightly/scheduled__2026-11-24/standby_a.backup"))
         return refused, await asyncio.wait_for(first, 30)
 
@@ -258,7 +260,7 @@ def test_a_holder_ends_its_backup_once_its_finish_ended(hook, cluster, monkeypat
     async def go():
         holder = asyncio.create_task(hold_backup(hook, req(), check=check))
         assert (await gate(hook))["status"] == STARTED
-        pid = row(cluster)["pid"]
+        pid = backup_row(cluster)["pid"]
         ended["finish"] = "this run's backup.finish_backup already ended (failed)"
         t0 = time.monotonic()
         result = await asyncio.wait_for(holder, 30)
@@ -268,19 +270,20 @@ def test_a_holder_ends_its_backup_once_its_finish_ended(hook, cluster, monkeypat
     assert result["status"] == FAILED
     assert "already ended (failed): nothing would end this backup; backup mode ended" in result["message"]
     assert took < 5
-    assert row(cluster)["state"] == "failed"
+    assert backup_row(cluster)["state"] == "failed"
     assert session_ended(cluster, pid)
 
 
-def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook, cluster):
+def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook, cluster, caplog):
     """Only the hold was cleared mid-backup: the new try's trigger may run before the old one is cancelled.
     It waits for the old attempt to end (it never acts on it), then starts its own backup."""
+    caplog.set_level(logging.INFO, logger="pg_safe_backup.session")
 
     async def go():
         old, _ = await started(hook, req())
         new = asyncio.create_task(hold_backup(hook, req(attempt=RETRY)))
-        await asyncio.sleep(2)
-        assert row(cluster)["attempt"] == ATTEMPT and row(cluster)["state"] == "running"
+        await wait_until(lambda: "still holds its backup; waiting" in caplog.text, what="the new try waiting")
+        assert backup_row(cluster)["attempt"] == ATTEMPT and backup_row(cluster)["state"] == "running"
         old.cancel()
         with pytest.raises(asyncio.CancelledError):
             await old
@@ -291,7 +294,7 @@ def test_a_new_attempt_waits_for_the_earlier_attempt_airflow_is_cancelling(hook,
     opened, done, held = asyncio.run(go())
     assert opened["status"] == STARTED
     assert done["status"] == held["status"] == COMPLETE
-    assert row(cluster)["attempt"] == RETRY
+    assert backup_row(cluster)["attempt"] == RETRY
     assert backup_starts(cluster) == 2
 
 
@@ -302,7 +305,7 @@ def test_an_earlier_attempt_that_stays_held_refuses_the_new_one(hook, cluster, m
     async def go():
         old, _ = await started(hook, req())
         refused = await asyncio.wait_for(hold_backup(hook, req(attempt=RETRY)), 30)
-        assert row(cluster)["attempt"] == ATTEMPT and row(cluster)["state"] == "running"
+        assert backup_row(cluster)["attempt"] == ATTEMPT and backup_row(cluster)["state"] == "running"
         await finish(hook)
         return refused, await asyncio.wait_for(old, 30)
 

@@ -23,14 +23,13 @@ from pg_safe_backup.state import parse_backup_label, wal_segment_name
 from pg_safe_backup.store import CopyRecords, write_manifest
 from pg_safe_backup.verify import FAIL, PASS, SKIPPED, backup_stop_lsn, check_backup, record_check
 
+from backup_helpers import Taken, run_cli
 from pg_versions import verifier_for
-from test_manifest import Taken, taken  # noqa: F401 - the module's backup fixture
-from test_restore import other_archive  # noqa: F401 - another cluster's WAL archive
 
 KEYS = ("backup_label", "tablespace_map", "system_identifier", "stop_lsn")
 
 
-def _unstored(taken: Taken, folder: Path) -> Path:  # noqa: F811
+def _unstored(taken: Taken, folder: Path) -> Path:
     """The backup's copy as the copy task left it: no label files, no manifest."""
     shutil.copytree(taken.copy, folder, symlinks=True)
     for name in ("backup_label", "tablespace_map", "backup_manifest"):
@@ -38,7 +37,7 @@ def _unstored(taken: Taken, folder: Path) -> Path:  # noqa: F811
     return folder
 
 
-def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_root):  # noqa: F811
+def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_root):
     copy = _unstored(taken, tmp_root / "stored")
     store = PostgresStoreBackupLabelOperator(
         task_id="store",
@@ -84,25 +83,19 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     assert manifest.endswith(f'"{info.manifest_checksum}"}}\n')
     assert record_check(copy, report, 12.34, "test")
     assert read_info(copy).verifications[-1]["ok"] and read_info(copy).verified
-    listed = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup", "list", str(tmp_root)], capture_output=True, text=True
-    )
+    listed = run_cli("list", tmp_root)
     assert listed.returncode == 0, listed.stderr
     head, row, *notes, count = listed.stdout.splitlines()
     assert head.split()[:2] == ["started", "size"] and count == "1 backup"
     assert info.start_lsn in row and info.stop_lsn in row and " yes " in row and str(copy) in row
     assert " proven " in row, listed.stdout
-    as_json = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.cli", "list", str(tmp_root), "--json"],
-        capture_output=True,
-        text=True,
-    )
+    as_json = run_cli("list", tmp_root, "--json")
     assert json.loads(as_json.stdout)[0]["info"]["stop_lsn"] == info.stop_lsn
     status = json.loads(as_json.stdout)[0]["status"]
     assert status == "proven"
 
 
-def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  # noqa: F811
+def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):
     damaged = tmp_root / "damaged"
     shutil.copytree(taken.copy, damaged, symlinks=True)
     relation = damaged / taken.relation
@@ -111,13 +104,7 @@ def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  #
     relation.write_bytes(bytes(data))
     bindir, _ = verifier_for(taken.major)
 
-    cli = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.cli", "verify", str(damaged), str(taken.archive)]
-        + ["--no-restore", "--verifier-bindir", str(bindir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    cli = run_cli("verify", damaged, taken.archive, "--no-restore", "--verifier-bindir", bindir, timeout=120)
 
     assert cli.returncode == 1, cli.stdout + cli.stderr
     first, *lines = cli.stdout.splitlines()
@@ -127,7 +114,7 @@ def test_damaged_copy_fails_naming_the_file_through_the_cli(taken, tmp_root):  #
     assert not any("restore check" in line for line in lines), "--no-restore skips it"
 
 
-def test_a_page_newer_than_the_stop_lsn_fails_the_page_lsn_check_naming_it(taken):  # noqa: F811
+def test_a_page_newer_than_the_stop_lsn_fails_the_page_lsn_check_naming_it(taken):
     """A stop LSN before the copy's newest page (the label or stop LSN of an earlier backup than the copy):
     the check names the file, block and both LSNs; the other checks still run."""
     bindir, _ = verifier_for(taken.major)
@@ -141,7 +128,7 @@ def test_a_page_newer_than_the_stop_lsn_fails_the_page_lsn_check_naming_it(taken
     assert report.step("pg_verifybackup").status == PASS
 
 
-def test_stop_lsn_read_from_the_manifest_else_from_the_archive(taken, tmp_root):  # noqa: F811
+def test_stop_lsn_read_from_the_manifest_else_from_the_archive(taken, tmp_root):
     stop = taken.backup["stop_lsn"]
     assert backup_stop_lsn(taken.copy, None) == (stop, str(taken.copy / "backup_manifest"))
     bare = _unstored(taken, tmp_root / "bare")
@@ -220,7 +207,7 @@ def test_store_says_why_it_writes_no_manifest(tmp_root, capfd):
 
 # ------------------------------------------------------------------- a check that could not run
 @pytest.fixture(scope="module")
-def stored(taken) -> Path:  # noqa: F811
+def stored(taken) -> Path:
     """The module's backup stored as the store task leaves it (label, manifest, its catalog entry beside it),
     alone in its storage folder."""
     copy = _unstored(taken, taken.root / "storage" / "stored_for_checks")
@@ -231,12 +218,7 @@ def stored(taken) -> Path:  # noqa: F811
 
 def verify(*args: str | Path) -> subprocess.CompletedProcess:
     """``pg-safe-backup verify ARGS`` as a DBA runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.cli", "verify", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli("verify", *args)
 
 
 @pytest.mark.parametrize(
@@ -259,7 +241,7 @@ def verify(*args: str | Path) -> subprocess.CompletedProcess:
     ],
     ids=["a missing archive", "another cluster's archive", "no server binaries", "no pg_verifybackup"],
 )
-def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, other_archive, flags, named):  # noqa: F811
+def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, other_archive, flags, named):
     (taken.root / "no_binaries").mkdir(exist_ok=True)
     before = entry_path(stored).read_bytes()
     done = verify(stored, *flags(taken, other_archive))
@@ -270,7 +252,7 @@ def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, 
     assert entry_path(stored).read_bytes() == before, "nothing recorded in the catalog"
 
 
-def test_the_verify_task_retries_a_check_that_could_not_run(taken, stored):  # noqa: F811
+def test_the_verify_task_retries_a_check_that_could_not_run(taken, stored):
     from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
     from pg_safe_backup.operators.backup import PostgresVerifyBackupOperator
@@ -303,7 +285,7 @@ def read_only(folder: Path) -> Iterator[None]:
         subprocess.run(undo, check=True)
 
 
-def test_verify_of_a_backup_on_read_only_storage_warns_and_exits_with_the_verdict(taken, stored):  # noqa: F811
+def test_verify_of_a_backup_on_read_only_storage_warns_and_exits_with_the_verdict(taken, stored):
     bindir, _ = verifier_for(taken.major)
     before = entry_path(stored).read_bytes()
     with read_only(stored.parent):  # the backup and its catalog entry

@@ -5,7 +5,6 @@ and the restore check of a copy newer than its label."""
 from __future__ import annotations
 
 import logging
-import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ from pg_safe_backup.verify import verify_backup
 
 from backup_helpers import archiving_cluster, big_endian_pg_control, copy_data_dir, run_backup
 from conftest import CONN_ID, PASSWORD
-
-SKIP = shutil.ignore_patterns("postmaster.pid", "postmaster.opts", "pg_wal", "*.log")
 
 
 def label_files(backup: dict) -> dict[str, str | None]:
@@ -94,7 +91,7 @@ def test_pg_control_is_read_in_the_byte_order_of_the_file(cluster, tmp_root):
 def test_damaged_pg_control_is_refused(cluster, tmp_root, damage, error):
     cluster.sql("CHECKPOINT")
     copy = tmp_root / "copy"
-    shutil.copytree(cluster.datadir, copy, ignore=SKIP)
+    copy_data_dir(cluster.datadir, copy)
     label = f"CHECKPOINT LOCATION: {format_lsn(read_pg_control(copy).checkpoint)}\n"
     check_copy(copy, None, label)  # undamaged: accepted
     path = copy / "global" / "pg_control"
@@ -112,7 +109,7 @@ def test_damaged_pg_control_is_refused(cluster, tmp_root, damage, error):
 
 
 def test_copy_during_backup_accepted_older_copy_and_other_cluster_refused(hook, cluster, tmp_root):
-    shutil.copytree(cluster.datadir, tmp_root / "before", ignore=SKIP)
+    copy_data_dir(cluster.datadir, tmp_root / "before")
     backup = run_backup(hook, "d/r/backup", lambda: copy_data_dir(cluster.datadir, tmp_root / "during"))
     check_copy(tmp_root / "during", backup["system_identifier"], backup["backup_label"], backup["stop_lsn"])
 

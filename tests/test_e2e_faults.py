@@ -14,6 +14,7 @@ import pytest
 
 # Shared helpers of the end-to-end suite. pytest's default "prepend" import mode puts tests/ (no __init__.py)
 # on sys.path, which is also how tests/test_e2e.py itself is imported (as the module ``test_e2e``).
+from backup_helpers import backup_starts_in
 from e2e_helpers import (
     COPY,
     FINISH,
@@ -59,6 +60,8 @@ def env() -> Iterator[dict]:
         afile.write_text("a regular file: nothing can be created under it\n")
         return {
             "E2E_UNWRITABLE_DESTINATION": str(afile / "sub"),
+            # written by the mark-failed case's copy (a 120 s sleep) only if it ran to its end
+            "E2E_COPY_ENDED": str(root / "copy_ended"),
             # Gates and finishes wait in worker slots (not deferrable by default): the concurrency case
             # has five tasks waiting or running at once.
             "AIRFLOW__CORE__PARALLELISM": "8",
@@ -112,6 +115,9 @@ def test_copy_marked_failed_by_hand_fails_and_ends_the_backup(env):
     assert [ti["state"] for ti in resp["task_instances"]] == ["failed"], resp
     marked = time.monotonic()
     state = stack.wait_for_run(dag_id, run_id, timeout=120)
+    # Read at once: the copy's command (sleep 120, then this file) had not ended when the run did.
+    copy_ended = (env["root"] / "copy_ended").exists()
+    took = time.monotonic() - marked
     tasks = stack.task_states(dag_id, run_id)
     report = failure_report(stack, dag_id, run_id, tasks)
     assert state == "failed", report
@@ -122,9 +128,10 @@ def test_copy_marked_failed_by_hand_fails_and_ends_the_backup(env):
         FINISH: "failed",
         STORE: "upstream_failed",
     }, report
-    assert time.monotonic() - marked < 28, (
-        "the teardown waited for the (30 s) copy instead of its failed state"
-    )
+    # The order (the file), and a bound with a minute of headroom under a slow scheduler: the teardown
+    # acted on the failed state, it did not wait for the (120 s) copy.
+    assert not copy_ended, "the teardown waited for the (120 s) copy instead of its failed state"
+    assert took < 90, f"the run took {took:.0f} s to end after its copy was marked failed"
 
     reason = f"the copy did not succeed: {COPY} is failed"
     assert_failed_cleanly(env, dag_id, run_id, reason)
@@ -135,7 +142,7 @@ def test_copy_marked_failed_by_hand_fails_and_ends_the_backup(env):
     )
     holder_failed_with(stack, dag_id, run_id, f"backup marked failed: {reason}; backup mode ended")
     server_log = log_since(cluster, offset)
-    assert server_log.count("pg_backup_start(") == 1 and "pg_backup_stop(" in server_log
+    assert backup_starts_in(server_log) == 1 and "pg_backup_stop(" in server_log
 
 
 def test_concurrent_runs_are_refused_and_leave_the_live_backup_alone(env):
@@ -182,7 +189,7 @@ def test_next_backup_runs_and_restores(env):
     verified = stack.xcom(dag_id, run_id, "verify_backup")
     assert verified["ok"] and verified["summary"].startswith("PASS"), verified
     assert holder_sessions(cluster) == 0
-    assert log_since(cluster, offset).count("pg_backup_start(") == 1
+    assert backup_starts_in(log_since(cluster, offset)) == 1
 
 
 def test_cluster_password_leaks_nowhere(env):

@@ -15,6 +15,7 @@ import pytest
 from demo.stack import FINAL_RUN_STATES, AirflowStack
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 
+from backup_helpers import backup_row, backup_starts
 from e2e_helpers import archiving_cluster, failure_report, holder_sessions, temp_root
 
 pytestmark = pytest.mark.e2e
@@ -82,22 +83,8 @@ def env() -> Iterator[dict]:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def backup_starts(cluster: LocalCluster) -> int:
-    """pg_backup_start calls in the server log (log_statement = all)."""
-    return cluster.log_text().count("pg_backup_start(")
-
-
 def system_identifier(cluster: LocalCluster) -> int:
     return cluster.sql("SELECT system_identifier FROM pg_control_system()")[0][0]
-
-
-def backup_row(cluster: LocalCluster) -> dict:
-    cols = ("state", "owner", "attempt", "error", "backup_label", "system_identifier")
-    rows = cluster.sql(
-        "SELECT state::text, owner, attempt, error, backup_label, system_identifier FROM backup"
-    )
-    assert len(rows) == 1, rows
-    return dict(zip(cols, rows[0], strict=True))
 
 
 def run(stack: AirflowStack, dag_id: str, run_id: str) -> tuple[str, dict[str, str]]:

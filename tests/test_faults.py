@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from operator import itemgetter
 
 import psycopg
 import pytest
@@ -17,36 +18,17 @@ from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_
 from pg_safe_backup.state import parse_backup_label
 
 import backup_helpers
-from backup_helpers import attempt_of, hand_over_row
+from backup_helpers import attempt_of, backup_row, hand_over_row, holder_sessions, wait_until
 from conftest import CONN_ID, PASSWORD
 
 OWNER = "nightly/run1/backup"
 NEXT = "nightly/run2/backup"
+TABLE_ROW = ("state", "error", "owner", "backup_label")  # what a case reads of the backup row
 
 
 def req(owner: str = OWNER, **kw) -> HoldRequest:
-    """A hold request; the fixture's cluster does not archive WAL, so by default it opts out of the wait."""
-    return HoldRequest(
-        **{
-            "owner": owner,
-            "attempt": attempt_of(owner),
-            "label": f"faults {owner}",
-            "fast_checkpoint": True,
-            "poll_interval": 0.5,
-            "wait_for_archive": False,
-            **kw,
-        }
-    )
-
-
-def table_row(cluster: LocalCluster) -> tuple:
-    return cluster.sql("SELECT state::text, error, owner, backup_label FROM backup")[0]
-
-
-def holder_sessions(cluster: LocalCluster) -> int:
-    return cluster.sql(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_safe_backup holder'"
-    )[0][0]
+    """:func:`backup_helpers.req` with this module's owner, its label and a shorter poll."""
+    return backup_helpers.req(owner, **{"label": f"faults {owner}", "poll_interval": 0.5, **kw})
 
 
 async def gate(hook: PostgresBackupHook, owner: str = OWNER) -> dict:
@@ -66,14 +48,7 @@ async def full_backup(hook: PostgresBackupHook, owner: str = NEXT, **kw) -> dict
 
 def assert_next_backup_runs(hook: PostgresBackupHook, cluster: LocalCluster, **kw) -> None:
     assert asyncio.run(full_backup(hook, **kw))["status"] == COMPLETE
-    assert table_row(cluster)[:3] == ("complete", None, NEXT)
-
-
-async def wait_until(predicate, timeout: float = 15) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await asyncio.to_thread(predicate):
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.2)
+    assert itemgetter("state", "error", "owner")(backup_row(cluster)) == ("complete", None, NEXT)
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -114,7 +89,7 @@ def test_hostile_label_is_stored_verbatim(hook, cluster):
         return await holder
 
     assert asyncio.run(go())["status"] == COMPLETE
-    assert parse_backup_label(table_row(cluster)[3])["LABEL"] == label
+    assert parse_backup_label(backup_row(cluster)["backup_label"])["LABEL"] == label
 
 
 # -- the holder's session or the server goes away -------------------------------------------------
@@ -132,7 +107,7 @@ def test_server_restart_mid_backup_is_detected_and_next_backup_works(hook, clust
     lost, late_finish = asyncio.run(go())
     assert lost["status"] == FAILED and "session holding backup mode was lost" in lost["message"]
     assert late_finish["status"] == FAILED
-    state, error, owner, label = table_row(cluster)
+    state, error, owner, label = itemgetter(*TABLE_ROW)(backup_row(cluster))
     assert (state, owner, label) == ("failed", OWNER, None) and "gone" in error
     assert_next_backup_runs(hook, cluster)
 
@@ -182,7 +157,7 @@ def test_network_cut_detected_within_seconds(hook, cluster, monkeypatch):
 
     lost, late_finish = asyncio.run(go())
     assert lost["status"] == FAILED and "lost" in lost["message"]
-    assert late_finish["status"] == FAILED and table_row(cluster)[0] == "failed"
+    assert late_finish["status"] == FAILED and backup_row(cluster)["state"] == "failed"
     assert re.search(
         "aborting backup due to backend exiting before pg_(backup_stop|stop_backup) was called",
         cluster.log_text(),
@@ -211,7 +186,7 @@ def test_lost_backup_session_wakes_a_holder_at_once(cluster, monkeypatch):
     killed, took, lost = asyncio.run(go())
     assert killed == [(True,)]
     assert lost["status"] == FAILED and "lost" in lost["message"] and took < 5, (took, lost)
-    assert table_row(cluster)[0] == "failed" and holder_sessions(cluster) == 0
+    assert backup_row(cluster)["state"] == "failed" and holder_sessions(cluster) == 0
     assert_next_backup_runs(hook, cluster)
 
 
@@ -235,7 +210,7 @@ def test_a_holder_whose_row_names_another_live_session_fails_its_own_row(hook, c
 
     held, reopened = asyncio.run(go())
     assert held["status"] == FAILED and "taken over" in held["message"]
-    state, error, owner, label = table_row(cluster)
+    state, error, owner, label = itemgetter(*TABLE_ROW)(backup_row(cluster))
     assert (state, owner, label) == ("failed", OWNER, None) and "taken over" in error
     assert reopened["status"] == FAILED
     assert holder_sessions(cluster) == 0
@@ -255,7 +230,7 @@ def test_cancelled_holder_marks_failed_and_next_backup_starts(hook, cluster):
             await holder
 
     asyncio.run(go())
-    state, error, owner, _ = table_row(cluster)
+    state, error, owner, _ = itemgetter(*TABLE_ROW)(backup_row(cluster))
     assert (state, owner) == ("failed", OWNER) and "cancelled" in error
     assert holder_sessions(cluster) == 0
     assert_next_backup_runs(hook, cluster)
@@ -282,7 +257,7 @@ def test_broken_archiving_is_bounded_by_backup_timeout_and_named(tmp_root, monke
         done, held = asyncio.run(go())
         assert done["status"] == held["status"] == FAILED
         assert "WAL archiving is failing" in held["message"] and "failed attempts" in held["message"]
-        state, error, _, label = table_row(cluster)
+        state, error, _, label = itemgetter(*TABLE_ROW)(backup_row(cluster))
         assert state == "failed" and "archive_command" in error and label is None
         assert holder_sessions(cluster) == 0
         assert_next_backup_runs(hook, cluster, wait_for_archive=False)
@@ -349,7 +324,7 @@ def test_missing_execute_privilege_names_the_grant(hook, cluster, monkeypatch):
     result = asyncio.run(hold_backup(weak, req()))
     assert result["status"] == FAILED
     assert execute_grant(cluster, '"no_execute"') in result["message"]
-    state, error, owner, _ = table_row(cluster)
+    state, error, owner, _ = itemgetter(*TABLE_ROW)(backup_row(cluster))
     assert (state, owner) == ("failed", OWNER) and "GRANT EXECUTE" in error
     assert_next_backup_runs(hook, cluster)
 
@@ -389,5 +364,5 @@ def test_least_privilege_role_does_the_whole_job(hook, cluster, monkeypatch, tab
         (False, False)
     ]
     assert asyncio.run(full_backup(op))["status"] == COMPLETE
-    state, error, owner, label = table_row(cluster)
+    state, error, owner, label = itemgetter(*TABLE_ROW)(backup_row(cluster))
     assert (state, error, owner) == ("complete", None, NEXT) and label.startswith("START WAL LOCATION")

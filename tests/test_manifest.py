@@ -15,17 +15,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from demo.load import wait_archived
 from pg_safe_backup.files.manifest import (
     ManifestError,
-    ManifestSummary,
     ManifestUnsupported,
     WalRange,
     escape_json,
@@ -34,112 +29,10 @@ from pg_safe_backup.files.manifest import (
     write_manifest,
 )
 from pg_safe_backup.files.wal import include_wal
-from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
-from pg_safe_backup.pgverify import VerifyRun, run_pg_verifybackup
+from pg_safe_backup.pgverify import run_pg_verifybackup
 
-from backup_helpers import copy_data_dir, run_backup, store_backup_label
-from conftest import CONN_ID, PASSWORD
+from backup_helpers import Taken
 from pg_versions import client_bindir, verifier_for
-
-
-@dataclass
-class Taken:
-    """A backup's copy with its manifest, and what checks it."""
-
-    cluster: LocalCluster
-    major: int
-    copy: Path
-    archive: Path
-    backup: dict
-    root: Path
-    relation: str  # a table's file in the default tablespace, relative to the copy
-    spaced_relation: str  # a table's file in the tablespace space1, relative to the copy
-
-    def verify(self, copy: Path | None = None, *, wal: bool = False) -> VerifyRun:
-        """pg_verifybackup of ``copy`` (default: the backup's) by :func:`verifier_for`; the WAL is parsed
-        only when ``wal`` and the verifier is of the same major."""
-        found = verifier_for(self.major)
-        assert found is not None, f"no pg_verifybackup reads a PostgreSQL {self.major} manifest"
-        bindir, same_major = found
-        # A newer verifier refuses another release's pg_control in a version 2 manifest ("unexpected
-        # control file version"), before comparing anything: leave that one file out.
-        ignore = () if same_major or manifest_version(self.major) == 1 else ("global/pg_control",)
-        return run_pg_verifybackup(
-            copy or self.copy,
-            bindir=bindir,
-            wal_path=self.archive,
-            skip_wal=not (wal and same_major),
-            ignore=ignore,
-            timeout=120,
-        )
-
-    def write(self, copy: Path | None = None, **kwargs) -> ManifestSummary:
-        """Write the manifest of ``copy`` (default: the backup's) for this backup."""
-        b = self.backup
-        ranges = wal_ranges_for(b["start_lsn"], b["timeline"], b["stop_lsn"], b["timeline"], None, self.major)
-        return write_manifest(
-            copy or self.copy,
-            major=self.major,
-            system_identifier=b["system_identifier"],
-            wal_ranges=ranges,
-            **kwargs,
-        )
-
-
-def _relation(cluster: LocalCluster, table: str) -> str:
-    """``table``'s first file relative to the data directory; a tablespace's through pg_tblspc."""
-    return cluster.sql("SELECT pg_relation_filepath(%s)", [table])[0][0]
-
-
-@pytest.fixture(scope="module")
-def taken() -> Iterator[Taken]:
-    """One backup for the module: an archiving cluster with a tablespace, backed up through the session
-    functions, copied with the tablespace as a real folder under pg_tblspc/<oid>, label stored."""
-    root = Path(tempfile.mkdtemp(prefix="pgsb-manifest-"))
-    os.chmod(root, 0o755)
-    archive, location = root / "archive", root / "space1"
-    for folder in (archive, location):
-        folder.mkdir()
-        give_to_server_user(folder)
-    cluster = LocalCluster(root / "data").init(
-        password=PASSWORD,
-        settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "autovacuum": "off"},
-    )
-    cluster.start()
-    env = pytest.MonkeyPatch()
-    env.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
-    try:
-        major = cluster.server_version() // 10000
-        cluster.sql(f"CREATE TABLESPACE space1 LOCATION '{location}'")
-        cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
-        cluster.sql("CREATE TABLE spaced (id bigint, v text) TABLESPACE space1")
-        for table in ("ledger", "spaced"):
-            cluster.sql(f"INSERT INTO {table} SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
-        cluster.sql("CHECKPOINT")
-        copy = root / "backup"
-        # shutil.copytree follows the pg_tblspc link: the tablespace lands in the copy as a folder.
-        backup = run_backup(
-            PostgresBackupHook(CONN_ID), "d/r/backup", lambda: copy_data_dir(cluster.datadir, copy)
-        )
-        store_backup_label(copy, backup)
-        wait_archived(cluster)
-        t = Taken(
-            cluster,
-            major,
-            copy,
-            archive,
-            backup,
-            root,
-            _relation(cluster, "ledger"),
-            _relation(cluster, "spaced"),
-        )
-        t.write()
-        yield t
-    finally:
-        env.undo()
-        cluster.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 from pg_safe_backup.local_cluster import LocalCluster
 from pg_safe_backup.session import COMPLETE, FAILED, hold_backup
 
-from backup_helpers import backup_starts, finish, req, row, started
+from backup_helpers import backup_row, backup_starts, finish, req, started
 
 PRE_TERMINATE = "SELECT count(pg_terminate_backend(pid)) FROM backup WHERE state = 'running'"
 PRE_INSERT = (
@@ -83,7 +83,7 @@ def test_a_live_old_script_backup_is_left_alone_by_an_airflow_run(hook, cluster)
         old.execute(PRE_INSERT)
         old.execute(start_sql(cluster))
         old_pid = old.info.backend_pid
-        r = row(cluster)
+        r = backup_row(cluster)
         assert (r["state"], r["pid"], r["owner"], r["attempt"], r["start_lsn"]) == (
             "running",
             old_pid,
@@ -96,7 +96,7 @@ def test_a_live_old_script_backup_is_left_alone_by_an_airflow_run(hook, cluster)
         assert refused["status"] == FAILED, refused
         assert "refused to start: a backup owned by another client" in refused["message"], refused["message"]
         assert f"holder pid {old_pid}" in refused["message"]
-        r = row(cluster)
+        r = backup_row(cluster)
         assert (r["state"], r["pid"], r["error"]) == ("running", old_pid, None), r
 
         # The old scripts finish their backup as always.
@@ -112,10 +112,10 @@ def test_an_old_script_completion_cannot_overwrite_a_complete_airflow_backup(hoo
         old.execute(start_sql(cluster))  # an old script's background session, in backup mode meanwhile
         done = airflow_backup(hook)
         label = done["backup"]["backup_label"]
-        assert row(cluster)["backup_label"] == label
+        assert backup_row(cluster)["backup_label"] == label
         with pytest.raises(psycopg.errors.CheckViolation, match="complete backup may not be changed"):
             old.execute(complete_sql(cluster))
-    r = row(cluster)
+    r = backup_row(cluster)
     assert r["state"] == "complete" and r["backup_label"] == label and r["error"] is None, r
     assert cluster.sql("SELECT backup_label FROM backup") == [(label,)]
 
@@ -130,10 +130,10 @@ def test_a_complete_row_changes_only_by_a_new_backup_or_a_withdrawal(hook, clust
     ):
         with pytest.raises(psycopg.errors.CheckViolation):
             cluster.sql(stmt)
-    assert row(cluster)["backup_label"] == done["backup"]["backup_label"]
+    assert backup_row(cluster)["backup_label"] == done["backup"]["backup_label"]
     # Withdrawing (the finish of the same attempt, its copy failed after all) keeps the label as it was.
     cluster.sql("UPDATE backup SET state = 'failed', error = 'copy failed after all'")
-    r = row(cluster)
+    r = backup_row(cluster)
     assert (r["state"], r["backup_label"]) == ("failed", done["backup"]["backup_label"])
 
 
@@ -146,7 +146,7 @@ def test_the_old_post_script_ends_an_airflow_backup_and_gets_its_label(hook, clu
     label, held = asyncio.run(go())
     assert held["status"] == COMPLETE
     assert label == held["backup"]["backup_label"] and "START WAL LOCATION" in label
-    assert row(cluster)["owner"] == req().owner  # still ours: the post-script changed no pid
+    assert backup_row(cluster)["owner"] == req().owner  # still ours: the post-script changed no pid
 
 
 def test_a_seed_enum_without_every_state_is_refused_before_backup_mode(hook, cluster):

@@ -14,7 +14,7 @@ import pytest
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.session import COMPLETE, FAILED, hold_backup
 
-from backup_helpers import backup_starts, finish, gate, req, row, started
+from backup_helpers import backup_row, backup_starts, finish, gate, req, started
 
 POOLED = "pg_pooled"
 MODES = ["session", "transaction"]
@@ -58,7 +58,7 @@ def test_a_holder_through_pgbouncer_refuses_before_backup_mode_and_a_direct_one_
     done, held = backup_directly(hook)
     assert done["status"] == COMPLETE
     assert held["status"] == COMPLETE
-    assert row(cluster)["state"] == "complete"
+    assert backup_row(cluster)["state"] == "complete"
     assert backup_starts(cluster) == 1
 
 
@@ -73,7 +73,7 @@ def test_the_gate_and_the_finish_through_pgbouncer_refuse_and_leave_the_backup_a
         holder, opened = await started(hook, req())  # held over the direct connection
         through_gate = await gate(pooled)
         through_finish = await finish(pooled, start_lsn=opened["backup"]["start_lsn"])
-        meanwhile = await asyncio.to_thread(row, cluster)
+        meanwhile = await asyncio.to_thread(backup_row, cluster)
         done = await finish(hook)
         return through_gate, through_finish, meanwhile, done, await asyncio.wait_for(holder, 30)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -33,9 +32,14 @@ from pg_safe_backup.files.wal import include_wal
 from pg_safe_backup.local_cluster import LocalCluster, find_bindir, give_to_server_user
 from pg_safe_backup.proof import prove_backup
 
-from backup_helpers import catalogued_backup, cluster_with_space, linked_copy
-from test_restore import recovered
-from test_restore import restore as restore_cli
+from backup_helpers import (
+    catalogued_backup,
+    cluster_with_space,
+    linked_copy,
+    recovered,
+    restore,
+    run_cli,
+)
 
 
 @dataclass
@@ -207,12 +211,7 @@ def test_a_catalog_entry_inside_the_folder_is_still_read_and_moved_out_when_a_ch
 
 
 def listing_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup", "list", str(root), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("list", root, *args, timeout=60)
 
 
 def test_one_malformed_catalog_entry_stops_nothing(two: Two, tmp_root: Path) -> None:
@@ -236,7 +235,7 @@ def test_one_malformed_catalog_entry_stops_nothing(two: Two, tmp_root: Path) -> 
     assert [r["info"] for r in rows if r["folder"] == str(root / "second")] == [None]
 
     target = two.scratch / "malformed"
-    restored = restore_cli(
+    restored = restore(
         root,
         target,
         "--latest-before",
@@ -262,7 +261,7 @@ def test_latest_before_passes_over_incomplete_and_failed_backups_naming_each(
     later = "2100-01-01T00:00:00+00:00"
 
     replace_file(root / "first" / "backup_label", b"")  # the older one incomplete: nothing fits
-    none = restore_cli(root, two.scratch / "never", "--latest-before", later, "--wal-archive", two.archive)
+    none = restore(root, two.scratch / "never", "--latest-before", later, "--wal-archive", two.archive)
     assert none.returncode == 1, none.stdout
     assert f"skipped {root / 'second'}: its newest check FAILED" in none.stdout
     assert f"skipped {root / 'first'}: incomplete: backup_label is empty" in none.stdout
@@ -270,7 +269,7 @@ def test_latest_before_passes_over_incomplete_and_failed_backups_naming_each(
     replace_file(root / "first" / "backup_label", (two.root / "first" / "backup_label").read_bytes())
 
     target = two.scratch / "before_failed"
-    done = restore_cli(
+    done = restore(
         root, target, "--latest-before", later, "--wal-archive", two.archive, "--archive-mode", "off"
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -279,7 +278,7 @@ def test_latest_before_passes_over_incomplete_and_failed_backups_naming_each(
     with recovered(target) as server:
         assert server.sql("SELECT count(*), sum(n) FROM t") == [(300, sum(range(1, 301)))]
 
-    allowed = restore_cli(
+    allowed = restore(
         root,
         two.scratch / "allowed",
         "--latest-before",

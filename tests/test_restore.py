@@ -8,14 +8,12 @@ checked with data.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import pwd
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,9 +27,16 @@ from pg_safe_backup.catalog import entry_path
 from pg_safe_backup.files.tarball import write_tar_backup
 from pg_safe_backup.files.wal import WAL_SEGMENT, NotWal, archive_system_identifier, segment_system_identifier
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, free_port, give_to_server_user
+from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, give_to_server_user
 
-from backup_helpers import catalogued_backup, cluster_with_space, reforge_backup, run_backup
+from backup_helpers import (
+    catalogued_backup,
+    cluster_with_space,
+    recovered,
+    reforge_backup,
+    restore,
+    run_backup,
+)
 from conftest import CONN_ID
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -81,35 +86,6 @@ def backups(module_tmp_root: Path) -> Iterator[Backups]:
         scratch.mkdir()
         give_to_server_user(scratch)  # the restored servers write their logs beside their data
         yield Backups(cluster, archive, root, root / "first", root / "second", between, oid, scratch)
-
-
-def restore(*args: str | Path) -> subprocess.CompletedProcess:
-    """``python -m pg_safe_backup.cli restore ARGS`` as a DBA runs it."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT_DIR / 'provider'}:{ROOT_DIR}"}
-    return subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.cli", "restore", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-
-
-@contextlib.contextmanager
-def recovered(target: Path, timeout: float = 120) -> Iterator[LocalCluster]:
-    """The restored data directory started (a free port, its socket beside it) and out of recovery."""
-    server = LocalCluster(target, port=free_port())
-    with open(target / "postgresql.auto.conf", "a") as f:
-        f.write(f"unix_socket_directories = '{server.socket_dir}'\n")
-    server.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while server.sql("SELECT pg_is_in_recovery()") != [(False,)]:
-            assert time.monotonic() < deadline, server.log_text()[-3000:]
-            time.sleep(0.2)
-        yield server
-    finally:
-        server.stop("immediate")
 
 
 def count_and_sum(server: LocalCluster, table: str) -> tuple[int, int]:
@@ -413,18 +389,6 @@ def test_archive_mode_on_and_a_target_timeline_are_written_as_asked(backups: Bac
 
 
 # ---------------------------------------------------------------------- restore refuses before copying
-@pytest.fixture(scope="module")
-def other_archive(module_tmp_root: Path) -> Path:
-    """A WAL archive of another cluster: the first segment initdb wrote for a new one."""
-    other = LocalCluster(module_tmp_root / "other" / "data").init()
-    archive = module_tmp_root / "other" / "archive"
-    archive.mkdir()
-    first = min(p.name for p in (other.datadir / "pg_wal").iterdir() if WAL_SEGMENT.match(p.name))
-    shutil.copy2(other.datadir / "pg_wal" / first, archive / first)
-    give_to_server_user(archive)
-    return archive
-
-
 def _system_identifier(cluster: LocalCluster) -> int:
     return int(cluster.sql("SELECT system_identifier::text FROM pg_control_system()")[0][0])
 

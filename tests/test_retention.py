@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -39,7 +39,14 @@ from pg_safe_backup.proof import LABEL_NAME, prove_backup
 from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root
 from pg_safe_backup.verify import PASS, check_backup
 
-from backup_helpers import catalogued_backup, cluster_with_space, linked_copy, reforge_backup
+from backup_helpers import (
+    catalogued_backup,
+    cluster_with_space,
+    linked_copy,
+    reforge_backup,
+    run_cli,
+    wait_for,
+)
 from conftest import CONN_ID
 
 BACKUPS = 5
@@ -68,7 +75,11 @@ def five(module_tmp_root: Path) -> Iterator[Five]:
         cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
         root = module_tmp_root / "backups"
         backups, infos, labels = [], [], []
+        done_at = 0.0
         for i in range(BACKUPS):
+            # backup_label's START TIME has whole seconds: each backup starts in a second of its own, so
+            # that keep_days=0 "now" at one backup's start keeps none of the backups before it
+            wait_for(lambda last=int(done_at): int(time.time()) > last, what="a new second")
             cluster.sql(
                 "INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(%s::bigint, %s::bigint) g",
                 [i * ROWS + 1, (i + 1) * ROWS],
@@ -79,6 +90,7 @@ def five(module_tmp_root: Path) -> Iterator[Five]:
             backups.append(folder)
             infos.append(info)
             labels.append(backup["backup_label"])
+            done_at = time.time()
         wait_archived(cluster)
         names = sorted(p.name for p in archive.iterdir())
         yield Five(root, archive, backups, infos, labels, names, make_conninfo(**cluster.conninfo()))
@@ -90,23 +102,12 @@ def listing(*folders: Path) -> dict[str, int]:
 
 
 def retention_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup.cli", "retention", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-    )
+    return run_cli("retention", *args, timeout=120, cwd=cwd)
 
 
 def listed_folders(root: Path) -> list[str]:
     """The folders ``pg-safe-backup list ROOT`` prints (the last column), oldest first."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pg_safe_backup", "list", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("list", root, timeout=60)
     assert done.returncode == 0, done.stderr
     *rows, count = done.stdout.splitlines()[1:]
     assert count == f"{len(rows)} backup{'s' if len(rows) != 1 else ''}"
@@ -487,15 +488,7 @@ def test_a_linked_folder_under_the_root_is_named_and_never_followed(five, tmp_ro
     assert listing(outside) == before
     assert (root / "b9").is_symlink()
     assert [f.exists() for f in folders] == [False, False, False, True, True]
-    assert (
-        f"{root / 'b9'}: UNVERIFIABLE: a link to"
-        in subprocess.run(
-            [sys.executable, "-m", "pg_safe_backup", "list", str(root)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-    )
+    assert f"{root / 'b9'}: UNVERIFIABLE: a link to" in run_cli("list", root, timeout=60).stdout
     for backup in folders[3:]:
         assert_restores(five, backup, archive, tmp_root)
 

@@ -11,7 +11,7 @@ import pytest
 
 from pg_safe_backup.session import COMPLETE, FAILED, hold_backup
 
-from backup_helpers import backup_starts, finish, req, row, started
+from backup_helpers import backup_row, backup_starts, finish, req, started
 
 ROLE = "mallory"
 
@@ -94,7 +94,7 @@ def test_planted_operators_and_functions_never_run(hook, cluster, mallory):
     assert traces(cluster) == [], f"planted code ran: {sorted(set(traces(cluster)))}"
     assert not is_superuser(cluster)
     assert held["status"] == COMPLETE and done["status"] == COMPLETE, (held, done)
-    r = row(cluster)
+    r = backup_row(cluster)
     # The label is the one pg_backup_stop returned for this backup's start.
     assert r["state"] == "complete" and r["backup_label"] == done["backup"]["backup_label"]
     assert f"START WAL LOCATION: {opened['backup']['start_lsn']} " in r["backup_label"]

@@ -33,7 +33,7 @@ from pg_safe_backup.session import COMPLETE, FAILED, hold_backup
 from pg_safe_backup.state import archived_through, format_lsn, parse_backup_label, parse_lsn, wal_segment_name
 from pg_safe_backup.verify import check_backup, verify_backup
 
-from backup_helpers import Pair, backup_events, backup_starts, pair_maker, req, standby_backup
+from backup_helpers import Pair, backup_events, backup_starts, pair_maker, req, standby_backup, wait_for
 from conftest import PASSWORD
 from pg_versions import verifier_for
 
@@ -68,7 +68,7 @@ def streaming(make_pair: Callable[..., Pair]) -> Pair:
 
 
 def test_backup_of_a_streaming_standby_with_pg_control_copied_last_restores(streaming, tmp_root):
-    time.sleep(1)  # some writes before the backup starts
+    wait_for(lambda: streaming.writer.committed >= 100, what="some writes before the backup starts")
     before = streaming.writer.committed
     streaming.replayed()
     result = standby_backup(
@@ -206,7 +206,7 @@ def test_standby_backup_is_refused_when_neither_it_nor_its_primary_archives(make
     pair = make_pair()
     pair.primary.sql("ALTER SYSTEM SET archive_command = ''")  # archive_mode=on, but nothing archives
     pair.primary.sql("SELECT pg_reload_conf()")
-    time.sleep(0.5)
+    wait_for(lambda: pair.primary.sql("SHOW archive_command") == [("",)], what="the reload")
     result = refused(pair.hook, "nightly/run1/standby")
     assert result["status"] == FAILED
     assert "'pg_standby'" in result["message"] and "'pg_primary'" in result["message"]

@@ -26,6 +26,8 @@ from pg_safe_backup.files.wal import WalMissing, include_wal
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.verify import VerifyResult, verify_backup
 
+from backup_helpers import copy_data_dir
+
 GAP_ROWS = 3000  # ~100 heap pages committed between the copy of the data files and the checkpoint
 BATCH = 50
 
@@ -94,23 +96,6 @@ class Backup:
     stop_lsn: str | None = None
 
 
-def copy_data_dir(datadir: Path, copy: Path) -> None:
-    """Like ``rsync -a`` minus what a backup leaves out; global/pg_control is left for last."""
-    empty = {"pg_wal", "pg_replslot", "pg_stat_tmp", "pg_snapshots", "pg_notify", "pg_serial", "pg_dynshmem"}
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        here = Path(folder)
-        if here == datadir:
-            return {n for n in names if n in ("postmaster.pid", "postmaster.opts")}
-        if here.parent == datadir and here.name in empty:
-            return set(names)
-        if here == datadir / "global":
-            return {"pg_control"} & set(names)
-        return {n for n in names if n == "pgsql_tmp"}
-
-    shutil.copytree(datadir, copy, symlinks=True, ignore=ignore)
-
-
 def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
     archive = root / "archive"
     archive.mkdir()
@@ -158,13 +143,16 @@ def take_backup(root: Path, *, tablespace: bool = False) -> Backup:
                 if pre15
                 else "SELECT pg_backup_start('verify test', true)"
             )
-            copy_data_dir(source.datadir, copy)
-            if tablespace:
-                shutil.copytree(location, root / f"backup_tablespaces/{oid}", symlinks=True)
-            inserter.wait_for(inserter.committed + GAP_ROWS)
-            source.sql("CHECKPOINT")
-            inserter.wait_for(inserter.committed + 5 * BATCH)
-            shutil.copy2(source.datadir / "global" / "pg_control", copy / "global" / "pg_control")
+
+            def meanwhile() -> None:
+                if tablespace:
+                    shutil.copytree(location, root / f"backup_tablespaces/{oid}", symlinks=True)
+                inserter.wait_for(inserter.committed + GAP_ROWS)
+                source.sql("CHECKPOINT")
+                inserter.wait_for(inserter.committed + 5 * BATCH)
+
+            # Like rsync -a (the tablespace's link kept as a link) minus what a backup leaves out.
+            copy_data_dir(source.datadir, copy, meanwhile=meanwhile, tablespace_links=True)
             committed = inserter.stop()
             stop_lsn, labelfile, spcmapfile = session.execute(
                 "SELECT lsn::text, labelfile, spcmapfile FROM "

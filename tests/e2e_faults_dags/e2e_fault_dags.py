@@ -60,8 +60,12 @@ def fault_dag(
 
 # 1. the triggerer holding the backup session is killed while the copy runs
 e2e_fault_triggerer = fault_dag("e2e_fault_triggerer", "sleep 25")
-# 2. the copy is marked failed by hand (REST API) while it runs
-e2e_fault_mark_failed = fault_dag("e2e_fault_mark_failed", "sleep 30")
+# 2. the copy is marked failed by hand (REST API) while it runs; had it run to its end, it would leave a
+#    file saying so: the test proves from its absence that the run ended without waiting for the copy
+e2e_fault_mark_failed = fault_dag(
+    "e2e_fault_mark_failed",
+    "sleep 120 && touch " + os.environ.get("E2E_COPY_ENDED", "/nonexistent/copy_ended"),
+)
 # 3. two runs of one DAG at once, and a run of another DAG, against the same cluster
 #    The first run's copy is real: its backup completes, and the test restores it.
 e2e_fault_concurrent = fault_dag("e2e_fault_concurrent", "sleep 20 && " + COPY_COMMAND, max_active_runs=2)
