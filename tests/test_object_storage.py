@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -35,11 +34,9 @@ from pg_safe_backup.files.manifest import manifest_version, wal_ranges_for, writ
 from pg_safe_backup.files.objects import FOLDERS_NAME, CopyResult, download_tree, upload_tree
 from pg_safe_backup.files.tarball import (
     BLOCK,
-    TRAILER,
     TarWriter,
     archive_name,
     split_path,
-    with_base256_size,
     write_tar_backup,
 )
 from pg_safe_backup.hooks.backup import PostgresBackupHook
@@ -47,7 +44,6 @@ from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
 from pg_safe_backup.operators.copy import files_xcom
 from pg_safe_backup.pgverify import run_pg_verifybackup
-from pg_safe_backup.restore import _extract, _Progress
 from pg_safe_backup.verify import check_backup
 
 from backup_helpers import cluster_with_space, run_backup
@@ -494,60 +490,3 @@ def test_a_fifo_socket_or_device_in_the_data_directory_is_skipped_and_counted_by
     assert set(result.checksums) & set(SPECIAL_FILES) == set()
     assert "; 3 special files skipped (" in result.summary()
     assert CONTROL_FILE in result.checksums  # the copy went on to its end
-
-
-GIB = 1 << 30
-
-
-def streamed_sha256(path: Path) -> str:
-    """SHA-256 of ``path``, read 8 MB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def test_a_member_of_8_gib_or_more_has_a_header_gnu_tar_and_python_read(tmp_root):
-    """The header :class:`TarWriter` writes for a member past the ustar size field's 8 GiB, in an archive
-    whose member is a hole (seeked over by both readers): GNU tar and Python's tarfile list its size."""
-    info = tarfile.TarInfo("base/5/16384")
-    info.mtime = 1764149400
-    archive = tmp_root / "large.tar"
-    with open(archive, "wb") as f:
-        f.write(with_base256_size(info.tobuf(tarfile.USTAR_FORMAT), 9 * GIB))
-        f.seek(9 * GIB, os.SEEK_CUR)
-        f.write(TRAILER)
-    with tarfile.open(archive) as tar:
-        assert [(m.name, m.size) for m in tar.getmembers()] == [("base/5/16384", 9 * GIB)]
-    listed = subprocess.run(["tar", "-tvf", str(archive)], capture_output=True, text=True, check=True)
-    assert f" {9 * GIB} " in listed.stdout
-    assert listed.stdout.rstrip().endswith(" base/5/16384")
-
-
-def test_a_9_gib_file_is_copied_into_a_zstd_tar_and_extracted_by_restore_byte_for_byte(stored, tmp_root):
-    """A sparse 9 GiB file in a live data directory (as a relation segment of the postgres database; the
-    server never opens it), copied by the tar engine with zstd (the archive stays small), extracted by
-    restore's extraction: the same bytes as the original, and the tar engine's checksum of them."""
-    database = stored.cluster.sql("SELECT oid FROM pg_database WHERE datname = 'postgres'")[0][0]
-    path = f"base/{database}/4294967290"
-    big = stored.cluster.datadir / path
-    with open(big, "wb") as f:
-        f.truncate(9 * GIB - 8)
-        f.seek(0, os.SEEK_END)
-        f.write(b"pgsb-end")  # the member's last bytes are not zeros: a cut member shows
-    try:
-        original = streamed_sha256(big)
-        result = write_tar_backup(stored.cluster.datadir, tmp_root / "tar", compression="zstd")
-    finally:
-        big.unlink()
-    assert result.sizes[path] == 9 * GIB
-    assert result.checksums[path] == original
-    assert result.archives["base.tar.zst"] < 64 << 20
-    _extract(tmp_root / "tar" / "base.tar.zst", tmp_root / "data", set(), _Progress(0, None))
-    extracted = tmp_root / "data" / path
-    try:
-        assert extracted.stat().st_size == 9 * GIB
-        assert streamed_sha256(extracted) == original
-    finally:
-        extracted.unlink()  # 9 GiB written out: freed at once
