@@ -1,0 +1,253 @@
+"""Encryption at rest: the one on-disk format of an encrypted file this project stores (a WAL segment,
+a tar archive, an object-store copy's files, a label or manifest).
+
+AES-256-GCM in chunks (the STREAM construction, as age and Tink's streaming AEAD do it): a header, then
+each chunk of plaintext sealed on its own with a nonce of a random per-file prefix and the chunk's
+number, the header and a "last chunk" flag as associated data. So a reader never gives out a byte it
+has not authenticated, a chunk moved, dropped or taken from another file fails, and a file cut at a
+chunk boundary fails (its last chunk lacks the flag). Memory stays one chunk whatever the file's size.
+
+Layout::
+
+    header   MAGIC (8 bytes) | key id (8 bytes) | nonce prefix (7 bytes) | chunk size (4 bytes, big-endian)
+    chunks   AES-256-GCM(key, nonce = prefix | counter (4 bytes) | last (1 byte), chunk, aad = header)
+             each chunk_size plaintext bytes (+16 tag); the last one shorter (possibly empty) and flagged
+
+The key is 32 random bytes, given as 64 hex digits or 44 characters of base64 (``openssl rand -hex 32``):
+in a file (CLI ``--encryption-key-file``), an environment variable (``--encryption-key-env``), or an Airflow
+connection's password (the operators). Only its id, a digest of the key that reveals nothing of it, is ever
+written (into this header and the catalog); the key itself never is.
+
+Imports nothing of the package but :mod:`pg_safe_backup.errors` (``files/`` is a leaf family).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from pg_safe_backup.errors import PermanentError
+
+#: The first bytes of every encrypted file (version 1 of this format).
+MAGIC = b"PGSBENC1"
+#: The file-name suffix of an encrypted file (after any compression suffix: ``.zst.enc``).
+SUFFIX = ".enc"
+#: Plaintext bytes per chunk: 1 MiB (a 16 MiB WAL segment is 16 chunks, 256 bytes of tags).
+CHUNK_SIZE = 1 << 20
+_HEADER = struct.Struct(">8s8s7sI")
+HEADER_SIZE = _HEADER.size
+_TAG = 16
+#: A chunk size a header may name (a damaged header must not make a reader allocate gigabytes).
+_MAX_CHUNK = 64 << 20
+
+
+class CryptError(PermanentError, ValueError):
+    """An encrypted file that cannot be read with this key (wrong key, changed or cut bytes, not
+    encrypted), or a key that is not one: never retried, never a partial result."""
+
+
+@dataclass(frozen=True)
+class EncryptionKey:
+    """A 256-bit key and its id (the first 16 hex digits of a domain-separated SHA-256 of the key).
+
+    :param material: the 32 key bytes (never printed: ``repr`` shows only the id).
+    """
+
+    material: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.material) != 32:
+            raise CryptError(f"an encryption key is 32 bytes, got {len(self.material)}")
+
+    def __repr__(self) -> str:
+        return f"EncryptionKey(key_id={self.key_id!r})"
+
+    @property
+    def key_id(self) -> str:
+        """The id written beside what the key encrypts: names the key, reveals nothing of it."""
+        return hashlib.sha256(b"pg-safe-backup key id\0" + self.material).hexdigest()[:16]
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> EncryptionKey:
+        """The key written as 64 hex digits or base64 of 32 bytes (surrounding white space ignored).
+
+        :param text: the key's text.
+        :param source: where it came from, for the error (``--encryption-key-file /etc/pgsb.key``); never
+            the key itself.
+        :raises CryptError: naming ``source`` when ``text`` is neither.
+        """
+        text = text.strip()
+        try:
+            if len(text) == 64:
+                return cls(bytes.fromhex(text))
+            raw = base64.b64decode(text, validate=True)
+        except (ValueError, binascii.Error):
+            raw = b""
+        if len(raw) != 32:
+            raise CryptError(
+                f"{source}: not an encryption key (64 hex digits or base64 of 32 bytes: openssl rand -hex 32)"
+            )
+        return cls(raw)
+
+    @classmethod
+    def from_file(cls, path: Path | str, flag: str = "--encryption-key-file") -> EncryptionKey:
+        """Read a key file.
+
+        :param path: the file holding the key's text.
+        :param flag: the flag or parameter that named the file, for the error.
+        """
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CryptError(f"{flag} {path}: cannot read the key: {err.__class__.__name__}") from None
+        return cls.parse(text, f"{flag} {path}")
+
+    @classmethod
+    def from_env(cls, name: str, flag: str = "--encryption-key-env") -> EncryptionKey:
+        """Read a key from the environment variable ``name``.
+
+        :param name: the variable's name.
+        :param flag: the flag or parameter that named it, for the error.
+        """
+        text = os.environ.get(name)
+        if not text:
+            raise CryptError(f"{flag} {name}: the environment variable is not set")
+        return cls.parse(text, f"{flag} {name}")
+
+
+def _aead(key: EncryptionKey):  # noqa: ANN202 - cryptography's class, imported only when used
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key.material)
+
+
+def is_encrypted(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes, at least 8) starts an encrypted file of this format."""
+    return head[: len(MAGIC)] == MAGIC
+
+
+def key_id_of(head: bytes) -> str:
+    """The key id in an encrypted file's header (its first :data:`HEADER_SIZE` bytes).
+
+    :raises CryptError: ``head`` is not such a header.
+    """
+    if len(head) < HEADER_SIZE or not is_encrypted(head):
+        raise CryptError("not an encrypted file of pg-safe-backup (no PGSBENC1 header)")
+    return _HEADER.unpack(head[:HEADER_SIZE])[1].hex()
+
+
+def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
+    if counter >= 1 << 32:
+        raise CryptError("too many chunks for one encrypted file")
+    return prefix + struct.pack(">IB", counter, 1 if last else 0)
+
+
+def encrypt_chunks(chunks: Iterator[bytes] | list[bytes], key: EncryptionKey) -> Iterator[bytes]:
+    """The encrypted file of the plaintext ``chunks`` (any sizes), piece by piece: the header first.
+
+    :param chunks: the plaintext in order.
+    :param key: the key.
+    """
+    aead = _aead(key)
+    prefix = os.urandom(7)
+    header = _HEADER.pack(MAGIC, bytes.fromhex(key.key_id), prefix, CHUNK_SIZE)
+    yield header
+    counter = 0
+    pending = bytearray()
+    for piece in chunks:
+        pending += piece
+        # Keep at least one byte back: only the chunk known to be the last is sealed as last.
+        while len(pending) > CHUNK_SIZE:
+            yield aead.encrypt(_nonce(prefix, counter, False), bytes(pending[:CHUNK_SIZE]), header)
+            del pending[:CHUNK_SIZE]
+            counter += 1
+    yield aead.encrypt(_nonce(prefix, counter, True), bytes(pending), header)
+
+
+def encrypt_stream(src: IO[bytes], dst: IO[bytes], key: EncryptionKey) -> int:
+    """Encrypt all of ``src`` into ``dst``; returns the bytes written.
+
+    :param src: read to its end.
+    :param dst: written from its position.
+    :param key: the key.
+    """
+    written = 0
+    for piece in encrypt_chunks(iter(lambda: src.read(CHUNK_SIZE), b""), key):
+        dst.write(piece)
+        written += len(piece)
+    return written
+
+
+def _read(src: IO[bytes], size: int) -> bytes:
+    """``size`` bytes of ``src``, fewer only at its end (a raw or remote stream may return less)."""
+    data = src.read(size)
+    while data and len(data) < size:
+        more = src.read(size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def decrypt_chunks(src: IO[bytes], key: EncryptionKey, what: str) -> Iterator[bytes]:
+    """The plaintext of the encrypted file ``src``, one authenticated chunk at a time.
+
+    :param src: read from its start (the header) to its end.
+    :param key: the key it was encrypted with.
+    :param what: the file's name for errors (``archive/000000010000000000000003.zst.enc``).
+    :raises CryptError: not encrypted, another key (both ids named), changed or cut: raised before the
+        first byte of a chunk that does not authenticate is given out.
+    """
+    from cryptography.exceptions import InvalidTag
+
+    header = _read(src, HEADER_SIZE)
+    if len(header) < HEADER_SIZE or not is_encrypted(header):
+        raise CryptError(f"{what}: not an encrypted file of pg-safe-backup (no PGSBENC1 header)")
+    _, raw_id, prefix, chunk_size = _HEADER.unpack(header)
+    if raw_id.hex() != key.key_id:
+        raise CryptError(f"{what}: encrypted with key {raw_id.hex()}, not with the key given ({key.key_id})")
+    if not 0 < chunk_size <= _MAX_CHUNK:
+        raise CryptError(f"{what}: damaged header (chunk size {chunk_size})")
+    aead = _aead(key)
+    sealed = chunk_size + _TAG
+    counter = 0
+    block = _read(src, sealed)
+    while True:
+        following = _read(src, sealed) if len(block) == sealed else b""
+        last = not following
+        try:
+            plain = aead.decrypt(_nonce(prefix, counter, last), block, header)
+        except InvalidTag:
+            raise CryptError(
+                f"{what}: chunk {counter} does not authenticate (the file was changed or cut short)"
+            ) from None
+        yield plain
+        if last:
+            return
+        block = following
+        counter += 1
+
+
+def decrypt_stream(src: IO[bytes], dst: IO[bytes], key: EncryptionKey, what: str) -> int:
+    """Decrypt all of ``src`` into ``dst``; returns the plaintext bytes written.
+
+    A caller writing to a file must write to a temporary name and rename only after this returns: on an
+    error the chunks before the bad one were written.
+
+    :param src: the encrypted file from its start.
+    :param dst: where the plaintext goes.
+    :param key: the key.
+    :param what: the file's name for errors.
+    """
+    written = 0
+    for plain in decrypt_chunks(src, key, what):
+        dst.write(plain)
+        written += len(plain)
+    return written
