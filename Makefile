@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# The tests' throwaway clusters, copies and Airflow homes go to TMPDIR: tmpfs (/dev/shm) when it has 6 GiB
+# free, where a cluster's files are written 5 to 7 times faster than on this machine's disk (the 9 GiB
+# file of test_large_members goes to /var/tmp whatever TMPDIR says). TEST_TMPDIR= keeps your TMPDIR.
+TEST_TMPDIR ?= $(shell df -k --output=avail /dev/shm 2>/dev/null | awk 'NR == 2 && $$1 > 6 * 1024 * 1024 {print "/dev/shm"}')
+TEST_ENV := $(if $(TEST_TMPDIR),TMPDIR=$(TEST_TMPDIR))
 
 .PHONY: demo test test-fast test-matrix test-floor constraints bench prereqs venv lint dist clean
 
@@ -55,11 +60,11 @@ demo: prereqs venv
 
 # --durations and -rs: the slowest tests and every skip with its reason, so the next change has numbers.
 test: prereqs venv
-	$(PY) -m pytest -q --durations=25 -rs $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q --durations=25 -rs $(PYTEST_ARGS)
 
 # Without the end-to-end tests that start a real Airflow.
 test-fast: prereqs venv
-	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 # MATRIX_JOBS majors at a time: the tests mostly wait on their servers, so two fit on two cores.
 MATRIX_JOBS ?= 2
@@ -67,8 +72,8 @@ MATRIX_JOBS ?= 2
 # $(FLOOR_UNIT_TESTS), then $(FLOOR_TESTS) (end-to-end), on the floor Airflow.
 test-floor: prereqs $(FLOOR_VENV)/.installed
 	$(FLOOR_PY) -c 'from importlib.metadata import version; print("== Airflow", version("apache-airflow"))'
-	$(FLOOR_PY) -m pytest -q -rs --durations=10 -m "not e2e" $(FLOOR_UNIT_TESTS) $(PYTEST_ARGS)
-	$(FLOOR_PY) -m pytest -q -rs $(FLOOR_TESTS) $(PYTEST_ARGS)
+	$(TEST_ENV) $(FLOOR_PY) -m pytest -q -rs --durations=10 -m "not e2e" $(FLOOR_UNIT_TESTS) $(PYTEST_ARGS)
+	$(TEST_ENV) $(FLOOR_PY) -m pytest -q -rs $(FLOOR_TESTS) $(PYTEST_ARGS)
 
 # Re-resolve both constraints files (scripts/constraints.sh says how); commit the diff.
 constraints:
@@ -76,7 +81,7 @@ constraints:
 	PYTHON=$(PYTHON) bash scripts/constraints.sh floor
 
 test-matrix: prereqs venv
-	bash scripts/matrix.sh $(PY) "$(MATRIX)" "$(MATRIX_TESTS)" $(MATRIX_JOBS)
+	$(TEST_ENV) bash scripts/matrix.sh $(PY) "$(MATRIX)" "$(MATRIX_TESTS)" $(MATRIX_JOBS)
 
 # ruff, configured in pyproject.toml (Airflow's line length, 110).
 lint: venv

@@ -548,7 +548,7 @@ def another_clusters_archive(root: Path) -> Path:
 
     :param root: a folder the postgres OS user can enter.
     """
-    other = LocalCluster(root / "other" / "data").init()
+    other = LocalCluster(root / "other" / "data").init(fresh=True)
     archive = root / "other" / "archive"
     archive.mkdir()
     first = min(p.name for p in (other.datadir / "pg_wal").iterdir() if WAL_SEGMENT.match(p.name))
@@ -558,16 +558,20 @@ def another_clusters_archive(root: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ a primary and a standby
-def archiving_cluster(datadir: Path, archive: Path, password: str, **settings: str) -> LocalCluster:
+def archiving_cluster(
+    datadir: Path, archive: Path, password: str, fresh: bool = False, **settings: str
+) -> LocalCluster:
     """A started cluster in ``datadir`` whose WAL is archived into ``archive``.
 
     log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
 
+    :param fresh: a system identifier of its own (:meth:`LocalCluster.init`), for tests of several clusters.
     :param settings: more postgresql.conf settings.
     """
     return (
         LocalCluster(datadir)
         .init(
+            fresh=fresh,
             password=password,
             settings={
                 "archive_mode": "on",

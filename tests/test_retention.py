@@ -97,8 +97,8 @@ def five(module_tmp_root: Path) -> Iterator[Five]:
 
 
 def listing(*folders: Path) -> dict[str, int]:
-    """Every file under ``folders`` with its size."""
-    return {str(p): p.lstat().st_size for f in folders for p in sorted(f.rglob("*"))}
+    """Every file under ``folders`` with its size (a folder's: None, as tmpfs counts its entries in it)."""
+    return {str(p): None if p.is_dir() else p.lstat().st_size for f in folders for p in sorted(f.rglob("*"))}
 
 
 def retention_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
