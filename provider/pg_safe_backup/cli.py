@@ -19,6 +19,10 @@ line per backup kept, deleted or left alone, with the reason.
 ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR [--target-time T | --target-lsn L |
 --target-name N | --target-immediate] [--latest-before TIME]`` prepares TARGET_DIR so that ``pg_ctl start``
 recovers the backup (see :mod:`pg_safe_backup.restore`), then prints that command.
+
+``pg-safe-backup check --dsn DSN [--archive URL_OR_DIR] [--pgdata PATH] [--destination PATH]`` checks a
+server before its first backup (see :mod:`pg_safe_backup.preflight`): one line per finding, exit 0 when
+ready, 1 on a problem, 2 when something could not be checked.
 """
 
 from __future__ import annotations
@@ -429,6 +433,90 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- check
+CHECK_DESCRIPTION = (
+    "Pre-flight check of a server to back up: its major, the role's privileges on every function a backup"
+    " calls, wal_level, WAL archiving, data checksums, summarize_wal (--incremental), the state table, the"
+    " data directory and free space when given; then a forced WAL switch and a bounded wait for that"
+    " segment in the archive. One line per finding, its fix beside it."
+)
+CHECK_EPILOG = """examples:
+  pg-safe-backup check --dsn "host=db1 user=backup dbname=postgres" --archive /var/lib/pgsb/wal
+  pg-safe-backup check --dsn postgresql://backup@db1/postgres --archive s3://bucket/wal --incremental
+  pg-safe-backup check --dsn "host=/run/postgresql" --pgdata /srv/pg/data --destination /backups/main
+
+Exits 0 when ready (warnings allowed), 1 when a problem was found, 2 when something could not be checked
+(the server or the archive out of reach): then there is no verdict."""
+
+
+def add_check_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup check``.
+
+    :param p: the (sub)parser to add them to; its ``run`` default runs the check.
+    """
+    p.add_argument(
+        "--dsn", required=True, metavar="CONNINFO", help="the server to back up (libpq string or URI)"
+    )
+    p.add_argument(
+        "--archive",
+        metavar="URL_OR_DIR",
+        default=os.environ.get("PGSB_WAL_ARCHIVE"),
+        help="the WAL archive: a folder or an fsspec URL (default: $PGSB_WAL_ARCHIVE; none: trust"
+        " pg_stat_archiver)",
+    )
+    p.add_argument("--pgdata", type=Path, metavar="PATH", help="the data directory as the copy reads it")
+    p.add_argument("--destination", metavar="PATH", help="the folder backups go to: is there room for one?")
+    p.add_argument(
+        "--table", default="backup", metavar="NAME", help="the backup state table (default backup)"
+    )
+    p.add_argument("--table-schema", default="public", metavar="NAME", help="its schema (default public)")
+    p.add_argument("--incremental", action="store_true", help="incremental backups are wanted (17+)")
+    p.add_argument(
+        "--require-checksums", action="store_true", help="data checksums off is a problem, not a warning"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60,
+        metavar="S",
+        help="seconds to wait for the WAL segment (default 60)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only what did not pass, and the verdict")
+    p.set_defaults(run=_check_server, parser=p)
+
+
+def _check_server(args: argparse.Namespace) -> int:
+    from pg_safe_backup.errors import PgSafeBackupError
+    from pg_safe_backup.hooks.server import validate_identifier
+    from pg_safe_backup.preflight import CheckRequest, Level, run_check
+
+    try:
+        request = CheckRequest(
+            archive=args.archive or None,
+            pgdata=args.pgdata,
+            destination=args.destination,
+            table=validate_identifier(args.table, "--table"),
+            schema=validate_identifier(args.table_schema, "--table-schema"),
+            incremental=args.incremental,
+            require_checksums=args.require_checksums,
+            timeout=args.timeout,
+        )
+        if not args.timeout > 0:
+            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
+    except ValueError as err:
+        args.parser.error(str(err))
+    try:
+        preflight = run_check(args.dsn, request)
+    except PgSafeBackupError as err:  # the server out of reach, or the session broke: no verdict
+        print(f"pg-safe-backup check: error: --dsn: {err}", file=sys.stderr)
+        return 2
+    for finding in preflight.findings:
+        if not (args.quiet and finding.level is Level.OK):
+            print(finding.line())
+    print(preflight.summary())
+    return 0 if preflight.ok else 1 if preflight.problems else 2
+
+
 # --------------------------------------------------------------------------------------- the command
 #: Each subcommand: name, what adds its arguments, its line in the overview, its description and its
 #: epilog (examples, kept as written).
@@ -460,6 +548,13 @@ SUBCOMMANDS = (
         "prepare a data directory from a backup so that pg_ctl start recovers it (PITR)",
         RESTORE_DESCRIPTION,
         RESTORE_EPILOG,
+    ),
+    (
+        "check",
+        add_check_arguments,
+        "pre-flight check of a server: privileges, settings, state table, WAL reaching the archive",
+        CHECK_DESCRIPTION,
+        CHECK_EPILOG,
     ),
 )
 
