@@ -382,7 +382,8 @@ def check_state_table(conn: psycopg.Connection, role: str, schema: str, table: s
                 f" DROP FUNCTION {function}; (a backup creates it anew)",
             )
         )
-    if not t.owned and not t.owner_superuser and conn.info.parameter_status("is_superuser") == "on":
+    # A superuser is a member of every role (pg_has_role): only the owner's name tells another owner apart.
+    if t.owner != role and not t.owner_superuser and conn.info.parameter_status("is_superuser") == "on":
         findings.append(
             Finding(
                 what,

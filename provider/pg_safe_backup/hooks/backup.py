@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from airflow.providers.common.compat.sdk import AirflowNotFoundException  # airflow.sdk.exceptions: 3.2+
 from airflow.providers.postgres.hooks.postgres import PostgresHook
@@ -209,6 +210,17 @@ class PostgresBackupHook(BaseHook):
         ):
             kwargs.setdefault(key, value)
         return {k: v for k, v in kwargs.items() if v not in (None, "")}
+
+    def conninfo(self, backup_server: bool = False) -> str:
+        """The libpq connection string of the state table's server (or, ``backup_server``, the one backed up)
+        as :meth:`connection_kwargs` makes it, for the Airflow-free code in :mod:`pg_safe_backup.hooks.server`
+        (synchronous: an operator's ``execute()``, not the triggerer's event loop).
+
+        :raises BackupError: no such connection, or its arguments cannot be made.
+        """
+        conn_id = self.postgres_conn_id if backup_server else self.state_conn_id
+        kwargs = asyncio.run(self.connection_kwargs(conn_id))
+        return make_conninfo(**{k: str(v) for k, v in kwargs.items()})
 
     @asynccontextmanager
     async def connect(

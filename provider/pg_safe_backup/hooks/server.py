@@ -91,7 +91,8 @@ FOREIGN_FUNCTION_SQL = (
 FACTS_SQL = (
     "SELECT current_setting('server_version_num')::int, current_user, r.rolsuper, pg_is_in_recovery(),"
     " current_setting('wal_level'), current_setting('data_checksums'),"
-    " current_setting('summarize_wal', true), current_setting('data_directory', true),"
+    " current_setting('summarize_wal', true),"
+    " (SELECT setting FROM pg_settings WHERE name = 'data_directory'),"
     " (SELECT system_identifier FROM pg_control_system()),"
     " (SELECT sum(pg_database_size(d.oid)) FROM pg_database d"
     " WHERE has_database_privilege(d.oid, 'CONNECT')),"
@@ -193,7 +194,7 @@ def connect(dsn: str, timeout: float = 30, purpose: str = "check") -> Iterator[p
     """
     kwargs = pinned_conninfo(dsn, f"pg_safe_backup {purpose}"[:63])
     try:
-        conn = psycopg.connect(autocommit=True, connect_timeout=max(1, int(timeout)), **kwargs)
+        conn = psycopg.connect(autocommit=True, **{"connect_timeout": max(1, int(timeout)), **kwargs})
     except psycopg.Error as err:
         raise ServerUnreachable(f"cannot connect to the server ({' '.join(str(err).split())})") from err
     with conn:

@@ -284,18 +284,14 @@ class PostgresBackupRetentionOperator(BaseOperator):
 
     def _server(self) -> ServerPosition:
         """The live cluster's identity and WAL position, through the connection as the backup uses it."""
-        import asyncio
-
-        from psycopg.conninfo import make_conninfo
-
         from pg_safe_backup.hooks.backup import PostgresBackupHook
 
         conn_id = rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
         try:
-            kwargs = asyncio.run(PostgresBackupHook(conn_id).connection_kwargs(conn_id))
+            dsn = PostgresBackupHook(conn_id).conninfo(backup_server=True)
         except Exception as err:  # BackupError: no such connection, or its arguments cannot be made
             raise AirflowFailException(str(err)) from err
-        return server_position(make_conninfo(**{k: str(v) for k, v in kwargs.items()}))
+        return server_position(dsn)
 
 
 def storage_path(location: str) -> Path | ObjectStoragePath:
