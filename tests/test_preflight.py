@@ -19,11 +19,12 @@ import pytest
 from pg_safe_backup.files.walarchive import IDENTITY_FILE, ArchiveIdentity, parse_stored_name
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.hooks.server import backup_function_signatures
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
 from pg_safe_backup.preflight import CheckRequest, Level, redact, run_check
 
-from backup_helpers import run_cli
+from backup_helpers import run_cli, wait_for
 from conftest import PASSWORD
+from pg_versions import client_bindir
 
 #: What the failing archive_command carries in front of /bin/false: a secret no output may show.
 SECRET = "hunter2-archive-secret"
@@ -49,7 +50,7 @@ class Server:
         return run_cli("check", "--dsn", self.dsn(user), "--timeout", str(timeout), *args)
 
 
-def _server(root: Path, archive_command: str, **settings: str) -> Iterator[Server]:
+def _server(root: Path, archive_command: str, fresh: bool = False) -> Iterator[Server]:
     archive = root / "archive"
     archive.mkdir(parents=True)
     give_to_server_user(archive)
@@ -60,8 +61,8 @@ def _server(root: Path, archive_command: str, **settings: str) -> Iterator[Serve
             settings={
                 "archive_mode": "on",
                 "archive_command": f"'{archive_command.format(archive=archive)}'",
-                **settings,
             },
+            fresh=fresh,
         )
         .start()
     )
@@ -81,7 +82,8 @@ def healthy(module_tmp_root: Path) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def failing(module_tmp_root: Path) -> Iterator[Server]:
     """archive_command fails on every segment (and carries a secret in an environment assignment)."""
-    yield from _server(module_tmp_root / "failing", f"AWS_SECRET_ACCESS_KEY={SECRET} /bin/false")
+    # fresh: a system identifier of its own, for the test of another cluster's data directory.
+    yield from _server(module_tmp_root / "failing", f"AWS_SECRET_ACCESS_KEY={SECRET} /bin/false", fresh=True)
 
 
 def lines(result: subprocess.CompletedProcess, level: str, check: str) -> list[str]:
@@ -116,6 +118,19 @@ def test_a_healthy_cluster_passes_and_its_switched_segment_is_in_the_archive(hea
 
 
 def test_data_checksums_off_is_a_warning_unless_required(healthy):
+    server = healthy.cluster
+    if server.sql("SHOW data_checksums") == [("on",)]:  # PostgreSQL 18's initdb enables them
+        # The npm packages hold server programs only: the client release of the same major, then.
+        folder = next(
+            f
+            for f in (server.bindir, client_bindir(server.server_version() // 10000))
+            if f and (f / "pg_checksums").exists()
+        )
+        server.stop()
+        subprocess.run(
+            as_server_user([str(folder / "pg_checksums"), "--disable", "-D", str(server.datadir)]), check=True
+        )
+        server.start()
     relaxed = healthy.check("--quiet")
     assert relaxed.returncode == 0, relaxed.stdout
     assert lines(relaxed, "warning", "data checksums")
@@ -123,6 +138,27 @@ def test_data_checksums_off_is_a_warning_unless_required(healthy):
     assert strict.returncode == 1, strict.stdout
     (problem,) = lines(strict, "PROBLEM", "data checksums")
     assert "pg_checksums --enable" in problem
+
+
+def test_incremental_backups_want_summarize_wal_on_17_and_later(healthy):
+    result = healthy.check("--incremental", "--quiet")
+    assert result.returncode == 1, result.stdout
+    (problem,) = lines(result, "PROBLEM", "summarize_wal")
+    if healthy.cluster.server_version() < 170000:
+        assert "incremental backups need PostgreSQL 17 or later" in problem
+        return
+    assert "summarize_wal = off" in problem and "ALTER SYSTEM SET summarize_wal = on" in problem
+    healthy.cluster.sql("ALTER SYSTEM SET summarize_wal = on")
+    healthy.cluster.sql("SELECT pg_reload_conf()")
+    wait_for(lambda: healthy.cluster.sql("SHOW summarize_wal") == [("on",)], what="summarize_wal on")
+    try:
+        fixed = healthy.check("--incremental")
+        assert fixed.returncode == 0, fixed.stdout
+        assert lines(fixed, "ok", "summarize_wal")
+    finally:
+        healthy.cluster.sql("ALTER SYSTEM RESET summarize_wal")
+        healthy.cluster.sql("SELECT pg_reload_conf()")
+        wait_for(lambda: healthy.cluster.sql("SHOW summarize_wal") == [("off",)], what="summarize_wal off")
 
 
 def test_a_failing_archive_command_fails_naming_it_and_the_archivers_last_failure(failing):
