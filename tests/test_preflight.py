@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from demo.s3 import KEY as S3_KEY
+from demo.s3 import REGION as S3_REGION
+from demo.s3 import SECRET as S3_SECRET
+from demo.s3 import local_s3
 from pg_safe_backup.files.walarchive import IDENTITY_FILE, ArchiveIdentity, parse_stored_name
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.hooks.server import backup_function_signatures
@@ -115,6 +120,40 @@ def test_a_healthy_cluster_passes_and_its_switched_segment_is_in_the_archive(hea
         assert lines(result, "ok", check), check
     assert lines(result, "ok", "free space")
     assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_an_object_store_archive_is_listed_with_the_stores_own_credentials(healthy, monkeypatch):
+    """The archive in a real S3 API (moto), reached with the AWS tools' own environment variables; the
+    cluster's segments are carried there from its archive folder as they arrive (complete files only)."""
+    with local_s3("pgsb-check") as s3:
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", S3_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+            ("AWS_DEFAULT_REGION", S3_REGION),
+            ("AWS_ENDPOINT_URL", s3.endpoint_url),
+        ):
+            monkeypatch.setenv(name, value)
+        fs, carried, stop = s3.filesystem(), set(), threading.Event()
+
+        def carry() -> None:
+            while not stop.is_set():
+                for path in sorted(healthy.archive.iterdir()):
+                    if path.name not in carried and parse_stored_name(path.name):
+                        fs.pipe(f"pgsb-check/wal/{path.name}", path.read_bytes())
+                        carried.add(path.name)
+                stop.wait(0.1)
+
+        thread = threading.Thread(target=carry)
+        thread.start()
+        try:
+            result = healthy.check("--archive", "s3://pgsb-check/wal")
+        finally:
+            stop.set()
+            thread.join()
+    assert result.returncode == 0, result.stdout + result.stderr
+    (arrived,) = lines(result, "ok", "WAL archived")
+    segment = arrived.split("segment ")[1].split()[0]
+    assert f"reached archive s3://pgsb-check/wal as {segment}.gz" in arrived
 
 
 def test_data_checksums_off_is_a_warning_unless_required(healthy):
