@@ -295,6 +295,15 @@ def test_an_unreachable_server_is_no_verdict(tmp_root):
     assert PASSWORD not in result.stdout + result.stderr
 
 
+def test_an_archive_that_cannot_be_opened_is_no_verdict(healthy):
+    result = healthy.check("--archive", "nosuch://user:pw-in-url@bucket/wal", "--quiet")
+    assert result.returncode == 2, result.stdout
+    (unchecked,) = lines(result, "NOT CHECKED", "archive")
+    assert unchecked.startswith("NOT CHECKED: archive: archive nosuch://user:***@bucket/wal: cannot open it")
+    assert "pw-in-url" not in result.stdout + result.stderr
+    assert "NOT CHECKED" in result.stdout.splitlines()[-1]
+
+
 def test_redact_masks_url_passwords_and_secret_assignments():
     assert redact("s3://key:SeCr3t@bucket/wal") == "s3://key:***@bucket/wal"
     assert (

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -35,6 +35,8 @@ from pg_safe_backup.files.walarchive import IDENTITY_FILE, ArchiveIdentity, pars
 from pg_safe_backup.files.xlog import archived_through, wal_segment_name
 from pg_safe_backup.hooks import server
 from pg_safe_backup.state import ArchiveSettings
+
+T = TypeVar("T")
 
 #: The majors this release backs up.
 SUPPORTED_MAJORS = range(12, 19)
@@ -488,46 +490,72 @@ def check_free_space(destination: str, facts: server.ServerFacts) -> Finding:
 
 # -------------------------------------------------------------------------------------------- archive
 class _Archive:
-    """A WAL archive to look into: a local folder, or an fsspec URL with the store's own credentials."""
+    """A WAL archive to look into: a local folder, or an fsspec URL with the store's own credentials.
+
+    :raises PreflightFailed: a local archive that is not a folder.
+    :raises PreflightNotRun: the store cannot be opened or listed (no verdict).
+    """
 
     def __init__(self, location: str) -> None:
-        self.location = location
         self.shown = redact(location)
+        self.fs: Any = None
+        self.root = str(_local(location))
         if _is_url(location):
-            try:
-                from fsspec.core import url_to_fs
-            except ImportError as err:
-                raise PreflightNotRun(f"archive {self.shown}: fsspec is not installed ({err})") from None
-            self.fs, self.root = url_to_fs(location)
-        else:
-            self.fs, self.root = None, str(_local(location))
-            if not Path(self.root).is_dir():
-                raise PreflightFailed(f"archive {self.shown} is not a folder")
 
-    def names(self, prefix: str) -> list[str]:
-        """The stored names starting with ``prefix`` (listed afresh, no cache)."""
-        if self.fs is None:
-            return [e.name for e in os.scandir(self.root) if e.name.startswith(prefix)]
-        self.fs.invalidate_cache(self.root)
-        return [p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root.rstrip('/')}/{prefix}*")]
+            def open_store() -> tuple[Any, str]:
+                from fsspec.core import url_to_fs
+
+                return url_to_fs(location)
+
+            self.fs, self.root = self._asking("open it", open_store)
+        elif not Path(self.root).is_dir():
+            raise PreflightFailed(f"archive {self.shown} is not a folder")
+
+    def _asking(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, its failure a :class:`PreflightNotRun` naming ``what`` could not be done."""
+        try:
+            return call()
+        except PgSafeBackupError:
+            raise
+        except Exception as err:  # the store's own: OSErrors, botocore's (not OSErrors), a missing s3fs
+            why = redact(" ".join(str(err).split()))
+            raise PreflightNotRun(
+                f"archive {self.shown}: cannot {what} ({type(err).__name__}: {why})"
+            ) from err
 
     def holds(self, segment: str) -> str | None:
-        """The stored name of ``segment`` (compressed, encrypted or not), or None."""
-        for name in self.names(segment):
+        """The stored name of ``segment`` (compressed, encrypted or not), or None; listed afresh."""
+
+        def names() -> list[str]:
+            if self.fs is None:
+                return [e.name for e in os.scandir(self.root) if e.name.startswith(segment)]
+            self.fs.invalidate_cache(self.root)  # a listing cached by the last look would hide it
+            return [p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root.rstrip('/')}/{segment}*")]
+
+        for name in self._asking("list it", names):
             stored = parse_stored_name(name)
             if stored is not None and stored.name == segment:
                 return name
         return None
 
     def identity(self) -> ArchiveIdentity | None:
-        """Its identity file, when it has one."""
-        if self.fs is None:
-            path = Path(self.root) / IDENTITY_FILE
-            return ArchiveIdentity.from_json(path.read_bytes(), str(path)) if path.exists() else None
+        """Its identity file, when it has one.
+
+        :raises ArchiveFormatError: one this release cannot read.
+        """
         path = f"{self.root.rstrip('/')}/{IDENTITY_FILE}"
-        if not self.fs.exists(path):
-            return None
-        return ArchiveIdentity.from_json(self.fs.cat_file(path), f"{self.shown}/{IDENTITY_FILE}")
+
+        def read() -> bytes | None:
+            if self.fs is None:
+                return Path(path).read_bytes() if Path(path).exists() else None
+            return self.fs.cat_file(path) if self.fs.exists(path) else None
+
+        data = self._asking(f"read {IDENTITY_FILE}", read)
+        return (
+            None
+            if data is None
+            else ArchiveIdentity.from_json(data, f"{self.shown.rstrip('/')}/{IDENTITY_FILE}")
+        )
 
 
 def check_archive_identity(archive: _Archive, facts: server.ServerFacts) -> Finding | None:
@@ -676,11 +704,11 @@ def _archive_findings(
         try:
             archive = _Archive(request.archive)
             identity = check_archive_identity(archive, facts)
-        except PreflightFailed as err:
-            return [Finding("archive", Level.PROBLEM, str(err), "give the WAL archive's folder or URL")]
-        except (OSError, ValueError, PgSafeBackupError) as err:  # the store's own errors are OSErrors
+        except PreflightNotRun as err:
+            return [Finding("archive", Level.UNCHECKED, str(err))]
+        except PermanentError as err:  # not a folder; an identity file this release cannot read
             return [
-                Finding("archive", Level.UNCHECKED, f"archive {redact(request.archive)}: {redact(str(err))}")
+                Finding("archive", Level.PROBLEM, str(err), "give this cluster's WAL archive, folder or URL")
             ]
         if identity:
             findings.append(identity)
@@ -688,10 +716,8 @@ def _archive_findings(
         return findings  # a standby switches no WAL; a server that does not archive is a problem above
     try:
         findings.append(check_wal_reaches_archive(conn, settings, archive, request.timeout, clock, sleep))
-    except OSError as err:
-        findings.append(
-            Finding("WAL archived", Level.UNCHECKED, f"archive {archive.shown}: {redact(str(err))}")
-        )
+    except PreflightNotRun as err:
+        findings.append(Finding("WAL archived", Level.UNCHECKED, str(err)))
     return findings
 
 
