@@ -45,7 +45,10 @@ POLL_S = 0.25
 #: Functions of pg_catalog a backup calls besides the start/stop pair, with what for; executable by PUBLIC
 #: by default except pg_switch_wal, so a missing one is a hardened server's revoke.
 BACKUP_PATH_FUNCTIONS = (
-    ("pg_switch_wal()", "completes a standby backup's last segment on its primary, and this check's"),
+    (
+        "pg_switch_wal()",
+        "completes the last WAL segment of a standby's backup, on its primary, and of this check",
+    ),
     ("pg_current_wal_lsn()", "the primary's WAL position"),
     ("pg_walfile_name(pg_lsn)", "the timeline WAL is archived on"),
     ("pg_is_in_recovery()", "tells a standby"),
