@@ -361,3 +361,19 @@ def test_run_check_reads_as_the_cli_prints(healthy):
     assert checks[-1] == "WAL archived"
     assert preflight.error() is None
     assert all(f.level in (Level.OK, Level.WARNING) for f in preflight.findings)
+
+
+def test_the_provider_metadata_lists_the_check_operator():
+    import importlib
+
+    from pg_safe_backup import get_provider_info
+
+    (operators,) = get_provider_info()["operators"]
+    assert "pg_safe_backup.operators.check" in operators["python-modules"]
+    module = importlib.import_module("pg_safe_backup.operators.check")
+    assert module.PostgresCheckBackupOperator.template_fields[:4] == (
+        "wal_archive",
+        "pgdata",
+        "destination",
+        "archive_timeout",
+    )
