@@ -22,10 +22,11 @@ TEST_ENV := $(if $(TEST_TMPDIR),TMPDIR=$(TEST_TMPDIR))
 #   test_manifest, test_checks: the manifest's format (none on 12, version 1 to 16, 2 from 17) and verifier
 #   test_page_lsn, test_copy_check: pg_control's and the page header's layouts per major
 #   test_verify, test_restore: the restore sandbox's settings and the tablespace folder names per major
+#   test_preflight: the backup functions' names and grants per major, summarize_wal (17+), checksums (on by default in 18)
 # Not here (nothing in them differs by major; they run on 15 in `make test`): test_attempts (the state
 # machine), test_retention (planning and deleting stored backups), the Airflow faces and the e2e tests.
 MATRIX ?= 12 13 14 15 16 17 18
-MATRIX_TESTS := tests/test_layout.py tests/test_backup_core.py tests/test_faults.py tests/test_copy_check.py tests/test_page_lsn.py tests/test_verify.py tests/test_standby.py tests/test_security.py tests/test_old_scripts.py tests/test_manifest.py tests/test_checks.py tests/test_copier.py tests/test_restore.py
+MATRIX_TESTS := tests/test_layout.py tests/test_backup_core.py tests/test_faults.py tests/test_copy_check.py tests/test_page_lsn.py tests/test_verify.py tests/test_standby.py tests/test_security.py tests/test_old_scripts.py tests/test_manifest.py tests/test_checks.py tests/test_copier.py tests/test_restore.py tests/test_preflight.py
 
 # Pinned by constraints/newest.txt (the newest Airflow 3 release): a new release of Airflow or of
 # any dependency changes nothing here until `make constraints` is run and its diff committed.
@@ -39,9 +40,9 @@ $(VENV)/.installed: pyproject.toml constraints/newest.txt
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 # What touches Airflow's API (operators, triggers, the task group, provider info, templating, the
-# hook's Airflow connection, ObjectStoragePath) and the psycopg floor (test_attempts: a cancelled holder);
+# hook's Airflow connection, ObjectStoragePath, the check operator) and the psycopg floor (test_attempts: a cancelled holder);
 # the Airflow-free rest runs on the newest Airflow in `make test`.
-FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py
+FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py
 FLOOR_TESTS ?= tests/test_e2e.py
 
 $(FLOOR_VENV)/.installed: pyproject.toml constraints/floor.txt
