@@ -79,12 +79,8 @@ class WrongCluster(WalArchiveError):
     """A segment of another cluster than the one whose WAL the archive holds."""
 
 
-class WalNotArchived(WalArchiveError, FileNotFoundError):
+class WalNotArchived(TransientError, FileNotFoundError):
     """wal-fetch of a name the archive does not hold: the end of the archive, normal at recovery's end."""
-
-
-class StoreUnavailable(TransientError, OSError):
-    """The archive could not be read or written (a folder, a network, a store's error): try again."""
 
 
 def _fsync(path: Path) -> None:
@@ -521,10 +517,12 @@ def push_ahead(
     """
     path = Path(path)
     data_dir = data_dir or data_directory(path)
-    recorded = (
-        {p.name[: -len(SPOOL_SUFFIX)] for p in spool.glob(f"*{SPOOL_SUFFIX}")} if spool.is_dir() else set()
-    )
-    ahead = [n for n in ready_files(path) if n not in recorded][: max(parallel - 1, 0)]
+    recorded = {p.name[: -len(SPOOL_SUFFIX)] for p in spool.glob(f"*{SPOOL_SUFFIX}")}
+    waiting = ready_files(path)
+    for name in recorded.difference(waiting, [path.name]):  # no longer .ready: never asked for, stale
+        with contextlib.suppress(FileNotFoundError):
+            _record_path(spool, name).unlink()
+    ahead = [n for n in waiting if n not in recorded][: max(parallel - 1, 0)]
 
     def one(name: str) -> None:
         try:
