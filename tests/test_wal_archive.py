@@ -190,6 +190,22 @@ def test_a_history_file_is_pushed_and_fetched_without_a_page_header(source, arch
     assert target.read_bytes() == history.read_bytes()
 
 
+def test_wal_push_into_a_folder_imports_neither_psycopg_nor_an_object_store_nor_airflow(source, archive):
+    """archive_command runs once per segment: the command's start is the archive's speed."""
+    name = first_segment(source)
+    code = (
+        "import sys; from pg_safe_backup.cli import main;"
+        f" code = main(['wal-push', '--archive', {str(archive)!r}, '--compress', 'zstd', 'pg_wal/{name}']);"
+        " print(code, sorted({m.split('.')[0] for m in sys.modules}"
+        " & {'psycopg', 'fsspec', 's3fs', 'airflow'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT_DIR / 'provider'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=source, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "0 []", done.stdout + done.stderr
+
+
 # ------------------------------------------------------------------------------- failing cleanly
 def test_a_wrong_key_a_missing_key_or_a_changed_byte_fails_fetch_with_one_line_and_nothing_written(
     source, archive, keys, tmp_root

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import IO
 
 from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.crypt import CHUNK_SIZE, EncryptionKey
+from pg_safe_backup.files.wal import NotWal, fsync_path, header_system_identifier, segment_system_identifier
 from pg_safe_backup.files.walarchive import (
     ARCHIVED_NAME,
     IDENTITY_FILE,
@@ -83,14 +85,6 @@ class WalNotArchived(TransientError, FileNotFoundError):
     """wal-fetch of a name the archive does not hold: the end of the archive, normal at recovery's end."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def is_segment(name: str) -> bool:
     """Whether ``name`` is a whole WAL segment (a file with a long page header), not .partial/.history/
     .backup."""
@@ -122,6 +116,11 @@ class Store:
         """
         raise NotImplementedError
 
+    def put_copy(self, stored: str, source: Path) -> None:
+        """:meth:`put` of the file ``source`` as it is (no compression, no encryption)."""
+        with open(source, "rb") as f:
+            self.put(stored, iter(lambda: f.read(CHUNK_SIZE), b""))
+
     def clean(self, name: str) -> None:
         """Remove what a killed push of ``name`` left (nothing for an object store: a PUT is whole)."""
 
@@ -143,7 +142,7 @@ class LocalStore(Store):
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder).absolute()
-        self.where = str(self.folder)
+        self.where = archive_location(str(self.folder))
         if not self.folder.is_dir():
             raise WalArchiveError(f"--archive {self.folder}: no such folder")
 
@@ -160,14 +159,30 @@ class LocalStore(Store):
         return temp / f"{stored}.{os.getpid()}.{os.urandom(4).hex()}"
 
     def put(self, stored: str, chunks: Iterable[bytes]) -> None:
-        final = self.folder / stored
-        temp = self._temp(stored)
-        try:
+        def write(temp: Path) -> None:
             with open(temp, "xb") as f:
                 for piece in chunks:
                     f.write(piece)
                 f.flush()
                 os.fsync(f.fileno())
+
+        self._publish(stored, write)
+
+    def put_copy(self, stored: str, source: Path) -> None:
+        def write(temp: Path) -> None:
+            shutil.copyfile(
+                source, temp
+            )  # the kernel copies (copy_file_range/sendfile): no pass through Python
+            fsync_path(temp)
+
+        self._publish(stored, write)
+
+    def _publish(self, stored: str, write: Callable[[Path], None]) -> None:
+        """``write`` a temporary file (fsynced), link it under ``stored`` (create-only), fsync the folder."""
+        final = self.folder / stored
+        temp = self._temp(stored)
+        try:
+            write(temp)
             try:
                 os.link(temp, final)  # create-only and atomic: never replaces what is there
             except FileExistsError:
@@ -179,7 +194,7 @@ class LocalStore(Store):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-        _fsync(self.folder)
+        fsync_path(self.folder)
 
     def clean(self, name: str) -> None:
         temp = self.folder / TEMP_FOLDER
@@ -212,7 +227,7 @@ class UrlStore(Store):
             import fsspec
         except ImportError:
             raise WalArchiveError(f"--archive {url}: an object store needs fsspec and its driver") from None
-        self.where = url.rstrip("/")
+        self.where = archive_location(url)
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.where)
         except (ImportError, ValueError) as err:
@@ -247,6 +262,19 @@ class UrlStore(Store):
         self.put(IDENTITY_FILE, [identity.to_json()])
 
 
+def archive_location(archive: str) -> str:
+    """How a store names ``archive`` (its ``where``), known without opening it: a spool record is compared
+    with it before fsspec is imported.
+
+    :param archive: ``--archive``'s value.
+    """
+    if archive.startswith("file://"):
+        return str(Path(archive[len("file://") :]).absolute())
+    if "://" in archive:
+        return archive.rstrip("/")
+    return str(Path(archive).absolute())
+
+
 def open_store(archive: str) -> Store:
     """The store ``archive`` names: a folder, a file:// URL (both :class:`LocalStore`), or another URL.
 
@@ -266,21 +294,22 @@ class Pushed:
 
     :param name: the file's name (``%f``).
     :param stored: the name it is stored under.
-    :param sha256: the plaintext's SHA-256 (hex).
+    :param sha256: the plaintext's SHA-256 (hex), when it was asked for or compared.
     :param size: the plaintext's bytes.
     :param already: it was archived already (the same plaintext), nothing written.
     """
 
     name: str
     stored: str
-    sha256: str
+    sha256: str | None
     size: int
     already: bool = False
 
 
-def _reading(f: IO[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
+def _reading(f: IO[bytes], digest: hashlib._Hash | None) -> Iterator[bytes]:
     while chunk := f.read(CHUNK_SIZE):
-        digest.update(chunk)
+        if digest is not None:
+            digest.update(chunk)
         yield chunk
 
 
@@ -329,7 +358,6 @@ def cluster_identity(path: Path, data_dir: Path) -> ArchiveIdentity:
     :raises WalArchiveError: the data directory cannot be read.
     """
     from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
-    from pg_safe_backup.files.wal import segment_system_identifier
 
     try:
         control = read_pg_control(data_dir)
@@ -363,8 +391,6 @@ def check_cluster(store: Store, path: Path, identity: ArchiveIdentity) -> None:
 
     :raises WrongCluster: naming both identifiers.
     """
-    from pg_safe_backup.files.wal import segment_system_identifier
-
     if not is_segment(path.name):
         return
     system = segment_system_identifier(path)
@@ -396,6 +422,7 @@ def push(
     compression: str = "none",
     key: EncryptionKey | None = None,
     data_dir: Path | None = None,
+    sha256: bool = False,
 ) -> Pushed:
     """Archive the file ``path`` (module docstring); returns once it is durable in the archive.
 
@@ -404,6 +431,8 @@ def push(
     :param compression: a key of :data:`~pg_safe_backup.files.walarchive.COMPRESSIONS`.
     :param key: encrypt with it, or None.
     :param data_dir: the cluster's data directory (default: see :func:`data_directory`).
+    :param sha256: compute the plaintext's SHA-256 while writing (a spool record needs it); else a plain
+        file is copied by the kernel.
     :raises WalArchiveError: refused (another cluster, other content, not a WAL file); MissingCodec.
     :raises OSError: the file or the archive could not be read or written.
     """
@@ -420,14 +449,18 @@ def push(
         return _already(store, found, path, key)
     store.clean(path.name)
     stored = StoredName(path.name, compression, key is not None).stored
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        try:
-            store.put(stored, encode(_reading(f, digest), compression, key))
-        except FileExistsError:  # pushed by another process meanwhile
-            return _already(store, store.find(path.name), path, key)
-        size = f.tell()
-    return Pushed(path.name, stored, digest.hexdigest(), size)
+    digest = hashlib.sha256() if sha256 else None
+    try:
+        if digest is None and compression == "none" and key is None:
+            store.put_copy(stored, path)
+            size = path.stat().st_size
+        else:
+            with open(path, "rb") as f:
+                store.put(stored, encode(_reading(f, digest), compression, key))
+                size = f.tell()
+    except FileExistsError:  # pushed by another process meanwhile
+        return _already(store, store.find(path.name), path, key)
+    return Pushed(path.name, stored, digest.hexdigest() if digest else None, size)
 
 
 # ----------------------------------------------------------------------------------- push ahead: spool
@@ -451,15 +484,15 @@ def record_pushed(spool: Path, store: Store, pushed: Pushed) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, final)
-    _fsync(spool)
+    fsync_path(spool)
 
 
-def answered_by_spool(path: Path, store: Store, spool: Path) -> bool:
-    """Whether a push ahead already archived ``path`` into ``store``: its record names this archive, and
+def answered_by_spool(path: Path, where: str, spool: Path) -> bool:
+    """Whether a push ahead already archived ``path`` into ``where``: its record names this archive, and
     the file's size and SHA-256 are the recorded ones. The record is used once (removed).
 
     :param path: the file PostgreSQL asks to archive.
-    :param store: the archive it asks for.
+    :param where: the archive it asks for (:func:`archive_location`).
     :param spool: the spool folder.
     """
     record = _record_path(spool, path.name)
@@ -471,7 +504,7 @@ def answered_by_spool(path: Path, store: Store, spool: Path) -> bool:
         body = {}
     with contextlib.suppress(FileNotFoundError):
         record.unlink()  # used once; if it does not match, the push that follows decides
-    if not isinstance(body, dict) or body.get("archive") != store.where:
+    if not isinstance(body, dict) or body.get("archive") != where:
         return False
     try:
         if os.path.getsize(path) != body.get("size"):
@@ -526,7 +559,9 @@ def push_ahead(
 
     def one(name: str) -> None:
         try:
-            pushed = push(path.parent / name, store, compression=compression, key=key, data_dir=data_dir)
+            pushed = push(
+                path.parent / name, store, compression=compression, key=key, data_dir=data_dir, sha256=True
+            )
             record_pushed(spool, store, pushed)
         except (OSError, PermanentError, TransientError) as err:
             warn(f"pushing {name} ahead: {' '.join(str(err).split())}")
@@ -595,14 +630,12 @@ def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | N
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    _fsync(target.parent)
+    fsync_path(target.parent)
     return Fetched(found[0], size)
 
 
 def _check_fetched(what: str, head: bytes, size: int, identity: ArchiveIdentity) -> None:
     """A fetched segment must be whole and of the archive's cluster."""
-    from pg_safe_backup.files.wal import NotWal, header_system_identifier
-
     if size != identity.wal_segment_size:
         raise WalArchiveError(
             f"{what}: {size} bytes, not a whole {identity.wal_segment_size}-byte segment of this archive"

@@ -199,7 +199,7 @@ def include_wal(
     (target / "archive_status").mkdir(parents=True, exist_ok=True)
     for name, source in sources.items():
         _copy_synced(source, target / name)
-    _fsync(target)
+    fsync_path(target)
     partial = [source.name for source in sources.values() if source.name.endswith(".partial")]
     log.info(
         "copied %d WAL segments (%s .. %s)%s from %s into %s%s: the backup recovers without an archive",
@@ -232,11 +232,12 @@ def _archived(wal_archive: Path, name: str, ended: bool) -> Path:
 def _copy_synced(source: Path, target: Path) -> None:
     partial = target.with_name(f".{target.name}.tmp")  # no WAL file name: the server ignores it
     shutil.copyfile(source, partial)
-    _fsync(partial)
+    fsync_path(partial)
     os.replace(partial, target)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by its path (a folder: its entries, after a rename or a link into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
