@@ -23,7 +23,7 @@ from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.pgcontrol import read_pg_control
 from pg_safe_backup.files.walarchive import COMPRESSIONS, IDENTITY_FILE, ArchiveIdentity, StoredName
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
 from pg_safe_backup.restore import prepare_restore
 from pg_safe_backup.wal_archive import SPOOL_FOLDER, SPOOL_SUFFIX, TEMP_FOLDER
 
@@ -87,6 +87,12 @@ def keys(tmp_root: Path) -> dict[str, Path]:
         found[name] = tmp_root / f"{name}.key"
         found[name].write_text(text + "\n")
     return found
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[LocalS3]:
+    with local_s3(BUCKET) as server:
+        yield server
 
 
 def pushed(source: Path, archive: Path, *flags: str | Path) -> str:
@@ -276,6 +282,36 @@ def test_wal_fetch_errors_are_fatal_to_recovery_not_the_end_of_the_archive(archi
     )
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads the archive as the postgres OS user (needs root)")
+def test_an_archive_the_server_may_not_read_is_an_error_not_the_end_of_the_archive(source, archive, tmp_root):
+    """restore_command runs as the server's OS user: "permission denied" must not read as "not archived"."""
+    name = pushed(source, archive)
+    os.chmod(archive, 0o700)  # root's: closed to postgres
+    folder = tmp_root / "pg_wal"
+    folder.mkdir()
+    give_to_server_user(folder)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT_DIR / 'provider'}"}
+    fetch = [sys.executable, "-m", "pg_safe_backup", "wal-fetch", "--archive", str(archive), name, "x"]
+    done = subprocess.run(
+        as_server_user(fetch), cwd=folder, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == FETCH_FAILED, done.stderr
+    assert "Permission denied" in done.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_an_object_store_archive_that_holds_nothing_is_an_error_not_the_end_of_the_archive(
+    s3, tmp_root, monkeypatch
+):
+    """A mistyped bucket or prefix lists nothing, as a name not archived yet would: wal-fetch says so."""
+    for name, value in s3_env(s3).items():
+        monkeypatch.setenv(name, value)
+    for url in (f"s3://{BUCKET}/never-written", "s3://no-such-bucket/wal"):
+        done = wal("wal-fetch", "--archive", url, "000000010000000000000001", tmp_root / "x")
+        assert done.returncode == FETCH_FAILED, done.stderr
+        assert f"the archive {url} holds nothing" in done.stderr
+
+
 # ------------------------------------------------------------------------------------------- --parallel
 @pytest.fixture(scope="module")
 def backlog(module_tmp_root: Path) -> Iterator[LocalCluster]:
@@ -362,10 +398,14 @@ def test_a_spool_record_of_another_archive_or_other_content_is_not_taken(backlog
 
 
 # ------------------------------------------------------------------- clusters archiving through wal-push
-@pytest.fixture(scope="module")
-def s3() -> Iterator[LocalS3]:
-    with local_s3(BUCKET) as server:
-        yield server
+def s3_env(s3: LocalS3) -> dict[str, str]:
+    """The moto server's credentials and endpoint as the AWS tools (and s3fs) read them."""
+    return {
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+    }
 
 
 def command(subcommand: str, archive: str, env: dict[str, str], *flags: str) -> str:
@@ -390,12 +430,7 @@ def test_a_cluster_archiving_through_wal_push_restores_through_wal_fetch_with_ev
         url = str(archive)
     else:
         s3: LocalS3 = request.getfixturevalue("s3")
-        env = {
-            "AWS_ACCESS_KEY_ID": KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_ENDPOINT_URL": s3.endpoint_url,
-        }
+        env = s3_env(s3)
         push_flags = ["--compress", "lz4", "--parallel", "4"]  # s3fs takes a second to import: 4 a process
         url = f"s3://{BUCKET}/{tmp_root.name}"
         archive = tmp_root / "no-local-archive"  # restore.py still wants a folder; the WAL comes from S3

@@ -121,6 +121,10 @@ class Store:
         with open(source, "rb") as f:
             self.put(stored, iter(lambda: f.read(CHUNK_SIZE), b""))
 
+    def holds_anything(self) -> bool:
+        """Whether the archive exists and holds a file (a folder is checked when opened: True)."""
+        return True
+
     def clean(self, name: str) -> None:
         """Remove what a killed push of ``name`` left (nothing for an object store: a PUT is whole)."""
 
@@ -132,6 +136,16 @@ class Store:
         except FileNotFoundError:
             return None
         return ArchiveIdentity.from_json(data, f"{self.where}/{IDENTITY_FILE}")
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; an error other than "no such file" (a folder the user may not read) raises:
+    taken for "not archived", it would end a recovery early."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class LocalStore(Store):
@@ -148,7 +162,7 @@ class LocalStore(Store):
 
     def find(self, name: str) -> list[str]:
         # A stat per possible name: cheaper than listing a folder of a hundred thousand segments.
-        return [c.stored for c in candidates(name) if os.path.lexists(self.folder / c.stored)]
+        return [c.stored for c in candidates(name) if _exists(self.folder / c.stored)]
 
     def open(self, stored: str) -> IO[bytes]:
         return open(self.folder / stored, "rb")
@@ -188,7 +202,7 @@ class LocalStore(Store):
             except FileExistsError:
                 raise
             except OSError:  # a file system without hard links: the name was checked absent just before
-                if os.path.lexists(final):
+                if _exists(final):
                     raise FileExistsError(final) from None
                 os.rename(temp, final)
         finally:
@@ -247,6 +261,10 @@ class UrlStore(Store):
             found = []
         names = [p.rsplit("/", 1)[-1] for p in found]
         return [n for n in names if (s := parse_stored_name(n)) is not None and s.name == name]
+
+    def holds_anything(self) -> bool:
+        # A missing bucket or a mistyped prefix lists nothing, like a name not archived yet.
+        return bool(self.fs.exists(self.root))
 
     def open(self, stored: str) -> IO[bytes]:
         return io.BytesIO(self.fs.cat_file(self._path(stored)))
@@ -601,6 +619,8 @@ def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | N
     """
     target = Path(target)
     found = store.find(name)
+    if not found and not store.holds_anything():
+        raise WalArchiveError(f"the archive {store.where} holds nothing (no such bucket or prefix?)")
     if not found:
         raise WalNotArchived(f"{name} is not in the archive {store.where}")
     if len(found) > 1:
