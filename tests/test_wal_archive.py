@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -164,6 +165,16 @@ def test_a_segment_of_another_cluster_is_refused_naming_both_system_identifiers(
     assert str(read_pg_control(other).system_identifier) in done.stderr
     assert str(read_pg_control(source).system_identifier) in done.stderr
     assert sha256(archive / name) == sha256(source / "pg_wal" / name)
+
+
+def test_an_archive_cp_filled_with_another_cluster_s_wal_is_refused_on_the_first_push(source, other, archive):
+    name = first_segment(other)
+    shutil.copy2(other / "pg_wal" / name, archive / name)  # what archive_command = cp left
+    done = wal("wal-push", "--archive", archive, f"pg_wal/{first_segment(source)}", cwd=source)
+    assert done.returncode == 1
+    assert f"already holds WAL of system {read_pg_control(other).system_identifier} ({name})" in done.stderr
+    assert not (archive / IDENTITY_FILE).exists()
+    assert sha256(archive / name) == sha256(other / "pg_wal" / name)
 
 
 def test_a_killed_push_leaves_nothing_a_fetch_or_the_next_push_takes(source, archive, tmp_root):

@@ -42,7 +42,13 @@ from typing import IO
 
 from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.crypt import CHUNK_SIZE, EncryptionKey
-from pg_safe_backup.files.wal import NotWal, fsync_path, header_system_identifier, segment_system_identifier
+from pg_safe_backup.files.wal import (
+    NotWal,
+    archive_system_identifier,
+    fsync_path,
+    header_system_identifier,
+    segment_system_identifier,
+)
 from pg_safe_backup.files.walarchive import (
     ARCHIVED_NAME,
     IDENTITY_FILE,
@@ -137,6 +143,15 @@ class Store:
             return None
         return ArchiveIdentity.from_json(data, f"{self.where}/{IDENTITY_FILE}")
 
+    def write_identity(self, identity: ArchiveIdentity) -> None:
+        """Write the identity file, create-only (:meth:`put`)."""
+        self.put(IDENTITY_FILE, [identity.to_json()])
+
+    def written_by(self) -> tuple[int, str] | None:
+        """The system identifier of WAL already in an archive without an identity file, and the segment
+        that says so; None when nothing tells."""
+        return None
+
 
 def _exists(path: Path) -> bool:
     """Whether ``path`` exists; an error other than "no such file" (a folder the user may not read) raises:
@@ -221,9 +236,9 @@ class LocalStore(Store):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 
-    def write_identity(self, identity: ArchiveIdentity) -> None:
-        """Write the identity file create-only (:meth:`put`'s way)."""
-        self.put(IDENTITY_FILE, [identity.to_json()])
+    def written_by(self) -> tuple[int, str] | None:
+        # An archive cp filled before wal-push took over: its oldest segment names its cluster.
+        return archive_system_identifier(self.folder)
 
 
 class UrlStore(Store):
@@ -274,10 +289,6 @@ class UrlStore(Store):
         if self.fs.exists(self._path(stored)):
             raise FileExistsError(self._path(stored))
         self.fs.pipe_file(self._path(stored), data)
-
-    def write_identity(self, identity: ArchiveIdentity) -> None:
-        """Write the identity file unless one is there."""
-        self.put(IDENTITY_FILE, [identity.to_json()])
 
 
 def archive_location(archive: str) -> str:
@@ -395,8 +406,15 @@ def archive_identity(store: Store, path: Path, data_dir: Path) -> ArchiveIdentit
     if identity is not None:
         return identity
     mine = cluster_identity(path, data_dir)
+    earlier = store.written_by()
+    if earlier is not None and earlier[0] != mine.system_identifier:
+        raise WrongCluster(
+            f"{path} is WAL of the cluster with system identifier {mine.system_identifier}, but the archive"
+            f" {store.where} already holds WAL of system {earlier[0]} ({earlier[1]}): refusing to mix two"
+            " clusters' WAL in one archive"
+        )
     try:
-        store.write_identity(mine)  # type: ignore[attr-defined]
+        store.write_identity(mine)
     except FileExistsError:  # another push wrote it meanwhile: that one holds
         identity = store.read_identity()
         assert identity is not None
