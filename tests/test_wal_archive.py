@@ -22,7 +22,15 @@ from demo.load import Writer, wait_archived
 from demo.s3 import KEY, REGION, SECRET, LocalS3, local_s3
 from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.pgcontrol import read_pg_control
-from pg_safe_backup.files.walarchive import COMPRESSIONS, IDENTITY_FILE, ArchiveIdentity, StoredName
+from pg_safe_backup.files.walarchive import (
+    COMPRESSIONS,
+    IDENTITY_FILE,
+    ArchiveIdentity,
+    DamagedFile,
+    StoredName,
+    compress_chunks,
+    decompress_chunks,
+)
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
 from pg_safe_backup.restore import prepare_restore
@@ -104,6 +112,19 @@ def pushed(source: Path, archive: Path, *flags: str | Path) -> str:
     return name
 
 
+# ------------------------------------------------------------------------------------ the stored format
+@pytest.mark.parametrize("compression", ["gzip", "lz4", "zstd"])
+def test_a_compressed_stream_cut_short_or_followed_by_other_bytes_does_not_decode(compression):
+    plain = os.urandom(100_000) + bytes(3_000_000)
+    packed = b"".join(compress_chunks([plain[:1_000_000], plain[1_000_000:]], compression))
+    assert len(packed) < len(plain) // 10
+    assert b"".join(decompress_chunks([packed[:1000], packed[1000:]], compression, "seg")) == plain
+    with pytest.raises(DamagedFile, match=f"seg: its {compression} stream is cut short"):
+        b"".join(decompress_chunks([packed[:-5]], compression, "seg"))
+    with pytest.raises(DamagedFile, match=f"seg: bytes after the end of its {compression} stream"):
+        b"".join(decompress_chunks([packed, b"more"], compression, "seg"))
+
+
 # ------------------------------------------------------------------------------------- push and fetch
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 @pytest.mark.parametrize("compression", list(COMPRESSIONS))
@@ -127,12 +148,23 @@ def test_a_segment_is_stored_under_its_codec_s_name_and_fetched_back_byte_for_by
 
 
 def test_the_same_segment_pushed_again_is_success_whatever_its_codec_and_stays_stored_once(
-    source, archive, keys
+    source, archive, keys, monkeypatch
 ):
     name = pushed(source, archive, "--compress", "zstd", "--encryption-key-file", keys["right"])
     before = sorted(archive.iterdir())
     pushed(source, archive, "--compress", "zstd", "--encryption-key-file", keys["right"])
-    pushed(source, archive, "--compress", "gzip", "--encryption-key-file", keys["right"])
+    monkeypatch.setenv("PGSB_WAL_ARCHIVE", str(archive))  # --archive's default
+    monkeypatch.setenv("PGSB_TEST_KEY", KEY_HEX)
+    done = wal(
+        "wal-push",
+        "--compress",
+        "gzip",
+        "--encryption-key-env",
+        "PGSB_TEST_KEY",
+        f"pg_wal/{name}",
+        cwd=source,
+    )
+    assert done.returncode == 0, done.stderr
     assert sorted(archive.iterdir()) == before
     assert (archive / f"{name}.zst.enc").is_file()
 

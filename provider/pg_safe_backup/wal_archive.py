@@ -599,7 +599,7 @@ def push_ahead(
                 path.parent / name, store, compression=compression, key=key, data_dir=data_dir, sha256=True
             )
             record_pushed(spool, store, pushed)
-        except (OSError, PermanentError, TransientError) as err:
+        except Exception as err:  # noqa: BLE001 - PostgreSQL asks for it later; its own push then fails loudly
             warn(f"pushing {name} ahead: {' '.join(str(err).split())}")
 
     from concurrent.futures import ThreadPoolExecutor
