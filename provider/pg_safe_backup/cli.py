@@ -19,6 +19,11 @@ line per backup kept, deleted or left alone, with the reason.
 ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR [--target-time T | --target-lsn L |
 --target-name N | --target-immediate] [--latest-before TIME]`` prepares TARGET_DIR so that ``pg_ctl start``
 recovers the backup (see :mod:`pg_safe_backup.restore`), then prints that command.
+
+``pg-safe-backup wal-push [--archive URL_OR_DIR] [--compress none|gzip|lz4|zstd] [--encryption-key-file F |
+--encryption-key-env NAME] [--parallel N] %p`` is an archive_command, ``pg-safe-backup wal-fetch [--archive
+URL_OR_DIR] [--encryption-key-file F | --encryption-key-env NAME] %f %p`` a restore_command (see
+:mod:`pg_safe_backup.wal_archive`); ``--archive`` defaults to ``$PGSB_WAL_ARCHIVE``.
 """
 
 from __future__ import annotations
