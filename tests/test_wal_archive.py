@@ -76,7 +76,7 @@ def source(module_tmp_root: Path) -> Path:
 @pytest.fixture(scope="module")
 def other(module_tmp_root: Path, source: Path) -> Path:
     """Another cluster's data directory (its own initdb: another system identifier)."""
-    datadir = LocalCluster(module_tmp_root / "other" / "data").init().datadir
+    datadir = LocalCluster(module_tmp_root / "other" / "data").init(fresh=True).datadir
     assert read_pg_control(datadir).system_identifier != read_pg_control(source).system_identifier
     return datadir
 
