@@ -40,11 +40,13 @@ from pg_safe_backup.catalog import (
     one_cluster,
     parse_when,
 )
+from pg_safe_backup.files.crypt import CryptError
 from pg_safe_backup.hooks.server import ServerUnreachable
 from pg_safe_backup.local_cluster import SERVER_USER
 from pg_safe_backup.restore import (
     ARCHIVE_MODES,
     TARGET_ACTIONS,
+    ArchiveKey,
     RecoveryTarget,
     RestoreError,
     prepare_restore,
@@ -109,6 +111,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
     p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
+    add_key_flags(p)
     p.set_defaults(run=_verify)
 
 
@@ -116,7 +119,7 @@ def _verify(args: argparse.Namespace) -> int:
     began = time.monotonic()
     try:
         report = _check(args)
-    except CheckNotRun as err:
+    except (CheckNotRun, CryptError) as err:
         print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
         return 2
     print(report.summary())
@@ -154,8 +157,43 @@ def _check(args: argparse.Namespace) -> BackupCheck:
         require_backup_label=not args.allow_missing_label,
         user=args.user,
         use_backup_pg_wal=args.use_backup_pg_wal,
+        archive_key=key.key if (key := archive_key(args)) else None,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
+
+
+# ------------------------------------------------------------------------------ an encrypted archive
+def add_key_flags(p: argparse.ArgumentParser) -> None:
+    """``--encryption-key-file F | --encryption-key-env NAME``: the key of what the command reads (an
+    encrypted WAL archive, an encrypted backup: one key, one pair of flags, added once).
+
+    :param p: the subcommand's parser.
+    """
+    group = p.add_mutually_exclusive_group()
+    try:
+        group.add_argument(
+            "--encryption-key-file",
+            metavar="FILE",
+            help="the encryption key (64 hex digits: openssl rand -hex 32) in FILE, for an encrypted WAL"
+            " archive or backup",
+        )
+        group.add_argument(
+            "--encryption-key-env", metavar="NAME", help="the encryption key in environment variable NAME"
+        )
+    except argparse.ArgumentError:
+        pass  # already there: another part of the command added the same pair
+
+
+def archive_key(args: argparse.Namespace) -> ArchiveKey | None:
+    """The key the flags name (None: none given).
+
+    :raises CryptError: the file or variable holds no key (named with its flag).
+    """
+    if getattr(args, "encryption_key_file", None):
+        return ArchiveKey.from_file(args.encryption_key_file)
+    if getattr(args, "encryption_key_env", None):
+        return ArchiveKey.from_env(args.encryption_key_env)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- list
@@ -338,8 +376,8 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--restore-command",
         metavar="CMD",
-        help="restore_command to fetch WAL with (default: cp from --wal-archive), e.g. for a compressed"
-        " archive",
+        help="restore_command to fetch WAL with (default: pg-safe-backup wal-fetch from an archive wal-push"
+        " manages, else cp from --wal-archive)",
     )
     p.add_argument(
         "--archive-mode",
@@ -349,6 +387,7 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         " backed up cluster's archive; on: it archives with the backed up server's archive_command (a real"
         " replacement)",
     )
+    add_key_flags(p)
     p.set_defaults(run=_restore)
 
 
@@ -391,11 +430,12 @@ def _restore(args: argparse.Namespace) -> int:
             ),
             tablespaces=dict(args.tablespace),
             restore_command=args.restore_command,
+            archive_key=archive_key(args),
             archive_mode=args.archive_mode,
             owner=args.owner,
             progress=report,
         )
-    except (RestoreError, CatalogError, OSError) as err:
+    except (RestoreError, CatalogError, CryptError, OSError) as err:
         print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     for oid, place in result.tablespaces.items():
