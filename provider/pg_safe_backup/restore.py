@@ -85,12 +85,11 @@ from pg_safe_backup.files.tablespaces import (
 from pg_safe_backup.files.wal import (
     KeyNeeded,
     NotWal,
-    UnreadableWal,
     archive_identity,
     archive_system_identifier,
     is_managed_archive,
 )
-from pg_safe_backup.files.walarchive import ArchiveFormatError
+from pg_safe_backup.files.walarchive import ArchiveFormatError, DamagedFile, MissingCodec
 from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn
 from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
 from pg_safe_backup.proof import prove_backup
@@ -340,7 +339,7 @@ def check_archive_cluster(
             f"the WAL archive {archive} ({flag}) is encrypted: give its key with --encryption-key-file or"
             f" --encryption-key-env ({err})"
         ) from err
-    except (OSError, NotWal, ImportError, CryptError, UnreadableWal, ArchiveFormatError) as err:
+    except (OSError, NotWal, CryptError, DamagedFile, MissingCodec, ArchiveFormatError) as err:
         raise ArchiveNotUsable(
             f"cannot tell which cluster the WAL archive {archive} ({flag}) is of: {err}"
         ) from err

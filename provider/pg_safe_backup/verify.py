@@ -51,8 +51,8 @@ from pg_safe_backup.files.pgcontrol import (
     stop_lsn_from_manifest,
 )
 from pg_safe_backup.files.tablespaces import tablespace_copies
-from pg_safe_backup.files.wal import UnreadableWal, find_stored, is_managed_archive, plain_chunks, stage_wal
-from pg_safe_backup.files.walarchive import parse_stored_name
+from pg_safe_backup.files.wal import find_stored, is_managed_archive, plain_chunks, stage_wal
+from pg_safe_backup.files.walarchive import DamagedFile, MissingCodec, parse_stored_name
 from pg_safe_backup.files.xlog import wal_file_holding, wal_segment_names
 from pg_safe_backup.local_cluster import find_bindir
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
@@ -306,7 +306,7 @@ def backup_stop_lsn(
             continue
         try:
             text = b"".join(plain_chunks(history, key)).decode(errors="replace")
-        except (OSError, CryptError, UnreadableWal):
+        except (OSError, CryptError, DamagedFile, MissingCodec):
             continue  # unreadable: the page-LSN check says it found no stop LSN
         fields = parse_backup_label(text)
         same = all(fields.get(key) == ours.get(key) for key in ("START WAL LOCATION", "LABEL", "START TIME"))
@@ -389,7 +389,7 @@ def _verifybackup_step(
             _stage_backup_wal(backup, archive, staged, key)
         wal_path = staged or archive
         run = run_pg_verifybackup(backup, bindir=folder, wal_path=wal_path, skip_wal=not same, ignore=ignore)
-    except (OSError, CryptError, UnreadableWal, ValueError, BadPgControl) as err:
+    except (OSError, CryptError, DamagedFile, MissingCodec, ValueError, BadPgControl) as err:
         return CheckStep(name, FAIL, f"cannot read the backup's WAL from {archive}: {_one_line(err)}")
     finally:
         if staged is not None:

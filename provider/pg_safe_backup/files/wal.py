@@ -15,25 +15,24 @@ followed a promotion spans two), and the timeline history files up to the stop's
 
 from __future__ import annotations
 
+# Imports kept light (manifest and pg_control read lazily): wal-push reads each segment's header here.
 import contextlib
 import logging
 import os
 import re
 import struct
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.errors import PermanentError, TransientError
-from pg_safe_backup.files.crypt import CHUNK_SIZE, CryptError, EncryptionKey, decrypt_chunks
-from pg_safe_backup.files.manifest import ManifestError, backup_wal_ranges
-from pg_safe_backup.files.pgcontrol import read_pg_control
+from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.walarchive import (
-    COMPRESSIONS,
     IDENTITY_FILE,
     ArchiveIdentity,
     StoredName,
+    candidates,
+    decode,
     parse_stored_name,
 )
 from pg_safe_backup.files.xlog import (
@@ -69,10 +68,6 @@ class KeyNeeded(CryptError):
     """A file of the archive is encrypted and no key was given (the caller names its flags)."""
 
 
-class UnreadableWal(PermanentError, ValueError):
-    """A stored file that does not decompress (cut short, damaged, or its codec's package missing)."""
-
-
 def is_managed_archive(archive: Path) -> bool:
     """Whether ``archive`` is one ``pg-safe-backup wal-push`` writes (its identity file is at the top).
 
@@ -92,10 +87,6 @@ def archive_identity(archive: Path) -> ArchiveIdentity | None:
     return ArchiveIdentity.from_json(path.read_bytes(), str(path)) if path.is_file() else None
 
 
-#: The stored names one archived name may have, the plain one first (files/walarchive.py).
-_STORED_FORMS = [(c, e) for e in (False, True) for c in COMPRESSIONS]
-
-
 def find_stored(archive: Path, name: str) -> Path | None:
     """Where ``archive`` holds the file PostgreSQL archived as ``name``: as ``cp`` leaves it, or compressed
     and/or encrypted as ``wal-push`` stores it; None when it holds none.
@@ -103,63 +94,31 @@ def find_stored(archive: Path, name: str) -> Path | None:
     :param archive: the WAL archive folder.
     :param name: the archived name (``%f``): a segment, ``.partial``, ``.history`` or ``.backup`` file.
     """
-    for compression, encrypted in _STORED_FORMS:
-        path = Path(archive) / StoredName(name, compression, encrypted).stored
+    for stored in candidates(name):
+        path = Path(archive) / stored.stored
         if path.is_file():
             return path
     return None
 
 
-def _decompressor(compression: str, what: str) -> Any:
-    """A streaming decompressor of ``compression`` (its ``decompress(chunk)`` and ``eof``)."""
-    if compression == "gzip":
-        return zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer
-    try:
-        if compression == "zstd":
-            import zstandard  # only a zstd archive needs it
-
-            return zstandard.ZstdDecompressor().decompressobj()
-        import lz4.frame  # only an lz4 archive needs it
-
-        return lz4.frame.LZ4FrameDecompressor()
-    except ImportError:
-        package = "zstandard" if compression == "zstd" else "lz4"
-        raise UnreadableWal(f"{what}: reading {compression} needs the {package} package") from None
-
-
 def plain_chunks(path: Path, key: EncryptionKey | None = None) -> Iterator[bytes]:
     """The bytes PostgreSQL archived as ``path`` (a stored name), decrypted and decompressed as its name
-    says, chunk by chunk; a name that is no stored name is read as it is. Close the iterator when not
-    read to its end.
+    says (:func:`~pg_safe_backup.files.walarchive.decode`), chunk by chunk; a name that is no stored name
+    is read as it is. Close the iterator when not read to its end.
 
     :param path: a file in the archive.
     :param key: the archive's key, for an encrypted file (``.enc``).
     :raises KeyNeeded: the file is encrypted and ``key`` is None.
     :raises CryptError: another key's file, or a changed or cut one: before any byte of a bad chunk.
-    :raises UnreadableWal: the decompressed stream is damaged or cut short.
+    :raises DamagedFile: the decompressed stream is damaged or cut short.
+    :raises MissingCodec: its compression's package is not installed.
     """
     path = Path(path)
     stored = parse_stored_name(path.name) or StoredName(path.name)
     if stored.encrypted and key is None:
         raise KeyNeeded(f"{path} is encrypted: reading it needs the archive's encryption key")
     with open(path, "rb") as raw:
-        pieces: Iterable[bytes] = iter(lambda: raw.read(CHUNK_SIZE), b"")
-        if stored.encrypted:
-            pieces = decrypt_chunks(raw, key, str(path))
-        if stored.compression == "none":
-            yield from pieces
-            return
-        codec = _decompressor(stored.compression, str(path))
-        try:
-            for piece in pieces:
-                if piece:
-                    yield codec.decompress(piece)
-        except CryptError:
-            raise
-        except Exception as err:  # zlib.error, zstandard.ZstdError, lz4's RuntimeError
-            raise UnreadableWal(f"{path}: does not decompress ({stored.compression}): {err}") from None
-        if not codec.eof:
-            raise UnreadableWal(f"{path}: cut short (its {stored.compression} stream does not end)")
+        yield from decode(raw, stored, key, str(path))
 
 
 def _head(path: Path, size: int, key: EncryptionKey | None) -> bytes:
@@ -181,16 +140,25 @@ def segment_system_identifier(path: Path, key: EncryptionKey | None = None) -> i
     :raises NotWal: the file is too short or its first page has no long header.
     :raises KeyNeeded: it is encrypted and no key was given.
     :raises CryptError: it does not decrypt with ``key``.
-    :raises UnreadableWal: it does not decompress.
+    :raises DamagedFile: it does not decompress.
     :raises OSError: it cannot be read.
     """
     path = Path(path)
-    head = _head(path, _LONG_HEADER.size, key)
+    return header_system_identifier(_head(path, _LONG_HEADER.size, key), str(path))
+
+
+def header_system_identifier(head: bytes, what: str) -> int:
+    """The system identifier in a WAL segment's first bytes (its long page header).
+
+    :param head: the segment's first bytes (at least the long page header's 40).
+    :param what: the segment's name or path, for the error.
+    :raises NotWal: too short, or no long header.
+    """
     if len(head) < _LONG_HEADER.size:
-        raise NotWal(f"{path} is not a WAL segment: {len(head)} bytes")
-    _magic, info, _tli, _addr, _rem, sysid, _seg, _blck = _LONG_HEADER.unpack(head)
+        raise NotWal(f"{what} is not a WAL segment: {len(head)} bytes")
+    _magic, info, _tli, _addr, _rem, sysid, _seg, _blck = _LONG_HEADER.unpack(head[: _LONG_HEADER.size])
     if not info & _XLP_LONG_HEADER:
-        raise NotWal(f"{path} is not a WAL segment: its first page has no long header")
+        raise NotWal(f"{what} is not a WAL segment: its first page has no long header")
     return sysid
 
 
@@ -217,7 +185,7 @@ def archive_system_identifier(archive: Path, key: EncryptionKey | None = None) -
     :raises NotWal: its oldest segment is not WAL.
     :raises KeyNeeded: its oldest segment is encrypted and no key was given.
     :raises CryptError: it does not decrypt with ``key``.
-    :raises UnreadableWal: it does not decompress.
+    :raises DamagedFile: it does not decompress.
     :raises OSError: the folder or the segment cannot be read.
     """
     segments = archived_segments(os.listdir(archive))
@@ -245,6 +213,9 @@ def backup_wal_names(
     :param timeline_history: the history file of ``stop_timeline`` when it is not the start's.
     :raises ValueError: the label has no start, or the history does not lead from its timeline.
     """
+    from pg_safe_backup.files.manifest import backup_wal_ranges
+    from pg_safe_backup.files.pgcontrol import read_pg_control
+
     size = read_pg_control(Path(copy_dir)).xlog_seg_size
     # The major only chooses how a manifest prints LSNs; they are read back here.
     ranges = backup_wal_ranges(backup_label, stop_lsn, 13, stop_timeline, timeline_history)
@@ -291,6 +262,9 @@ def include_wal(
     :raises CryptError: a file does not decrypt with ``key``; nothing was copied.
     :raises ManifestError: the label has no start, or the history does not lead from its timeline.
     """
+    from pg_safe_backup.files.manifest import ManifestError
+    from pg_safe_backup.files.pgcontrol import read_pg_control
+
     copy_dir, wal_archive = Path(copy_dir), Path(wal_archive)
     segment_size = read_pg_control(copy_dir).xlog_seg_size
     try:
