@@ -41,6 +41,7 @@ from pg_safe_backup.operators.lifecycle import PostgresBackupRetentionOperator
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
 from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root
 from pg_safe_backup.verify import PASS, check_backup
+from pg_safe_backup.wal_archive import TEMP_FOLDER
 
 from backup_helpers import (
     TEST_KEY,
@@ -255,6 +256,9 @@ def test_a_managed_archive_loses_exactly_the_old_segments_and_never_its_identity
     temporary = [form.format(oldest) for form in PUSH_TEMPORARY]
     for name in temporary:
         (archive / name).write_bytes(b"half a segment")
+    (archive / TEMP_FOLDER).mkdir()  # where wal-push writes a file before linking it in
+    in_progress = archive / TEMP_FOLDER / f"{oldest}.4242.0badcafe"
+    in_progress.write_bytes(b"half a segment")
     assert any(n.endswith(".zst.enc") for n in stored) and any(n.endswith(".gz.enc") for n in stored)
 
     done = retention_cli(str(root), "--keep-last", "2", "--wal-archive", str(archive))
@@ -265,6 +269,7 @@ def test_a_managed_archive_loses_exactly_the_old_segments_and_never_its_identity
     assert sorted(left) == expected_after(five.wal_names, cutoff), "segments cut as in a plain archive"
     assert (archive / IDENTITY_FILE).is_file(), "the identity file is never removed"
     assert all((archive / name).is_file() for name in temporary), "a push's temporary files stay"
+    assert in_progress.is_file(), "wal-push's own temporary folder is left alone"
     assert [b for b in backups if b.exists()] == backups[3:]
     assert_restores(five, backups[3], archive, tmp_root, TEST_KEY)
 
