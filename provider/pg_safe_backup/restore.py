@@ -57,7 +57,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Mapping
@@ -91,7 +90,7 @@ from pg_safe_backup.files.wal import (
 )
 from pg_safe_backup.files.walarchive import ArchiveFormatError, DamagedFile, MissingCodec
 from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn
-from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
+from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
@@ -451,17 +450,14 @@ def archive_restore_command(archive: Path, key: ArchiveKey | None = None) -> str
 
 
 def wal_fetch_command(archive: Path | str, key: ArchiveKey | None = None) -> str:
-    """``PYTHON -m pg_safe_backup wal-fetch --archive ARCHIVE [KEY FLAG] %f "%p"``: this interpreter by its
-    absolute path (the server runs it as its own OS user, whose PATH need not hold the console script),
-    each word shell-quoted and its ``%`` doubled.
+    """``PYTHON -m pg_safe_backup wal-fetch --archive ARCHIVE [KEY FLAG] %f "%p"``
+    (:func:`~pg_safe_backup.local_cluster.command_for_server`).
 
     :param archive: the archive's folder or URL.
     :param key: how wal-fetch reads the key of an encrypted archive.
     """
-    words = [sys.executable, "-m", "pg_safe_backup", "wal-fetch", "--archive", str(archive)]
-    if key is not None:
-        words += [key.flag, key.value]
-    return " ".join(shlex.quote(word).replace("%", "%%") for word in words) + ' %f "%p"'
+    words = ["wal-fetch", "--archive", str(archive), *([key.flag, key.value] if key else [])]
+    return command_for_server(*words) + ' %f "%p"'
 
 
 def _check_not_before_backup(backup: Path, target: RecoveryTarget) -> None:
