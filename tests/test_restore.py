@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import fsspec.config
 import pytest
 
+from demo import s3 as moto
 from demo.load import wait_archived
 from pg_safe_backup.catalog import entry_path
 from pg_safe_backup.files.crypt import EncryptionKey
@@ -610,3 +612,45 @@ def test_the_checks_read_a_managed_archive_with_its_key_and_never_write_into_it(
     assert f"wal-fetch --archive {managed} --encryption-key-file {kept}/" in conf, conf
     assert not [p for p in kept.iterdir() if p.name.endswith(".key")], "the key left the kept work dir"
     assert files_of(managed) == before, "the restore check never writes into the archive"
+
+
+def test_a_backup_restores_through_wal_fetch_from_an_encrypted_archive_in_s3(
+    backups: Backups, managed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive in an object store: restore, and the checks (pg_verifybackup parses its WAL, the restore
+    check recovers through wal-fetch), with the key from an environment variable; refused without it."""
+    target, space = backups.scratch / "from_s3", backups.scratch / "from_s3_space"
+    with moto.local_s3("pgsb-wal") as s3:
+        fs = s3.filesystem()
+        for stored in managed.iterdir():
+            fs.pipe_file(f"{s3.bucket}/wal/{stored.name}", stored.read_bytes())
+        # How wal-fetch, run by the restored server, finds the store: the AWS tools' and fsspec's variables.
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": moto.KEY,
+            "AWS_SECRET_ACCESS_KEY": moto.SECRET,
+            "AWS_DEFAULT_REGION": moto.REGION,
+            "FSSPEC_S3_ENDPOINT_URL": s3.endpoint_url,
+        }.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3.endpoint_url})  # read at import
+        url = f"s3://{s3.bucket}/wal"
+        tablespace = f"{backups.tablespace_oid}={space}"
+        without = refused(backups.second, target, "--wal-archive", url, "--tablespace", tablespace)
+        monkeypatch.setenv("PGSB_TEST_KEY", TEST_KEY.material.hex())
+
+        done = restore(
+            *(backups.second, target, "--wal-archive", url, "--encryption-key-env", "PGSB_TEST_KEY"),
+            *("--tablespace", tablespace),
+        )
+
+        assert "is encrypted" in without and "--encryption-key-env" in without, without
+        assert done.returncode == 0, done.stderr
+        assert "reads the key from $PGSB_TEST_KEY" in done.stdout, done.stdout
+        ours = (target / "postgresql.auto.conf").read_text().split("# pg_safe_backup.restore")[-1]
+        assert f"wal-fetch --archive {url} --encryption-key-env PGSB_TEST_KEY %f" in ours, ours
+        with recovered(target) as server:
+            assert_every_row(server)
+        give_to_server_user(backups.second)
+        report = check_backup(backups.second, url, archive_key=TEST_KEY, work_dir=backups.scratch)
+        assert report.ok, report.summary()
+        assert report.step("pg_verifybackup").details["wal_parsed"], report.summary()

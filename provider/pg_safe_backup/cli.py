@@ -64,7 +64,10 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("backup_dir", type=Path)
     p.add_argument(
-        "wal_archive", type=Path, nargs="?", help="the WAL archive; omit for a self-contained backup"
+        "wal_archive",
+        nargs="?",
+        help="the WAL archive: a folder, or the URL of one wal-push manages (s3://...); omit for a"
+        " self-contained backup",
     )
     p.add_argument("--stop-lsn", help="the backup's stop LSN (default: from backup_manifest or the archive)")
     p.add_argument("--no-page-lsn", action="store_true", help="skip the page-LSN check")
@@ -340,7 +343,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target_dir", type=Path, metavar="TARGET_DIR", help="the new data directory (absent or empty)"
     )
-    p.add_argument("--wal-archive", type=Path, required=True, metavar="DIR", help="the WAL archive folder")
+    p.add_argument(
+        "--wal-archive",
+        required=True,
+        metavar="DIR_OR_URL",
+        help="the WAL archive: a folder, or the URL of one wal-push manages (s3://bucket/wal, gs://, abfs://)",
+    )
     p.add_argument(
         "--tablespace",
         type=_tablespace_flag,

@@ -50,6 +50,7 @@ CLI: ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR ...`` (:mod:`p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -86,10 +87,19 @@ from pg_safe_backup.files.wal import (
     NotWal,
     archive_identity,
     archive_system_identifier,
+    header_system_identifier,
     is_managed_archive,
 )
-from pg_safe_backup.files.walarchive import ArchiveFormatError, DamagedFile, MissingCodec
-from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn
+from pg_safe_backup.files.walarchive import (
+    IDENTITY_FILE,
+    ArchiveFormatError,
+    DamagedFile,
+    MissingCodec,
+    StoredName,
+    decode,
+    parse_stored_name,
+)
+from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn, start_wal_location
 from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
 
@@ -201,7 +211,7 @@ def backup_major(backup: Path) -> int | None:
 
 def check_backup_dir(
     backup: Path,
-    archive: Path | None,
+    archive: Path | str | None,
     *,
     require_backup_label: bool = True,
     reader: str | None = SERVER_USER,
@@ -252,24 +262,42 @@ def check_backup_dir(
     return label_text
 
 
+def archive_place(wal_archive: Path | str | None) -> Path | str | None:
+    """The WAL archive as given: an object-store URL (``s3://``, ``gs://``, ``abfs://`` ...) as it is, a
+    folder (or ``file://`` URL) as an absolute path.
+
+    :param wal_archive: ``--wal-archive`` / ``wal_archive``.
+    """
+    if wal_archive is None:
+        return None
+    text = str(wal_archive)
+    if text.startswith("file://"):
+        return Path(text[len("file://") :]).absolute()
+    return text if "://" in text else Path(wal_archive).absolute()
+
+
 def check_archive(
     backup: Path,
-    archive: Path,
+    archive: Path | str,
     *,
     reader: str | None = SERVER_USER,
     flag: str = "--wal-archive",
     key: EncryptionKey | None = None,
 ) -> None:
     """The WAL archive is a folder ``reader`` can read, holding WAL of the backup's cluster when the backup
-    tells which (:func:`backup_system_identifier`).
+    tells which (:func:`backup_system_identifier`); or an object-store archive ``wal-push`` manages
+    (:func:`check_archive_url`).
 
     :param backup: the backup.
-    :param archive: the WAL archive.
+    :param archive: the WAL archive (:func:`archive_place`).
     :param reader: the OS user the server runs as (checked as root only).
     :param flag: how the caller's user names the archive.
     :param key: the archive's encryption key, when ``wal-push`` encrypts it.
     :raises ArchiveNotUsable: named, with the flag.
     """
+    if isinstance(archive, str):
+        check_archive_url(backup, archive, flag=flag, key=key)
+        return
     if not archive.is_dir():
         raise ArchiveNotUsable(f"the WAL archive {archive} ({flag}) is not a folder")
     if os.geteuid() == 0 and reader and not _user_can(reader, "-r", archive):
@@ -277,6 +305,72 @@ def check_archive(
     known = backup_system_identifier(backup)
     if known is not None:
         check_archive_cluster(archive, *known, flag=flag, key=key)
+
+
+def check_archive_url(
+    backup: Path, url: str, *, flag: str = "--wal-archive", key: EncryptionKey | None
+) -> None:
+    """An object-store archive serves the backup: ``wal-push`` manages it (its identity file, which
+    ``wal-fetch`` checks each segment against, names the backup's cluster) and it holds the backup's first
+    WAL segment, which reads with ``key`` and was written by that cluster.
+
+    :param backup: the backup (or a tar backup's extracted data directory).
+    :param url: the archive's URL.
+    :param flag: how the caller's user names the archive.
+    :param key: the archive's encryption key, when ``wal-push`` encrypts it.
+    :raises ArchiveNotUsable: named, with the flag.
+    """
+    from pg_safe_backup.wal_archive import open_store  # fsspec only for an object store
+
+    known = backup_system_identifier(backup)
+    label = backup / "backup_label"
+    start = (
+        start_wal_location(parse_backup_label(label.read_text()).get("START WAL LOCATION"))
+        if label.is_file()
+        else None
+    )
+    try:
+        store = open_store(url)
+        identity = store.read_identity()
+        if identity is None:
+            raise ArchiveNotUsable(
+                f"the WAL archive {url} ({flag}) holds no {IDENTITY_FILE}: an object-store archive is read"
+                " with wal-fetch, from what wal-push wrote"
+            )
+        if known is not None and identity.system_identifier != known[0]:
+            raise ArchiveNotUsable(
+                f"the WAL archive {url} ({flag}) is another cluster's: its identity file names system"
+                f" identifier {identity.system_identifier}, the backup's ({known[1]}) is {known[0]}"
+            )
+        if start is None:
+            return
+        found = store.find(start[1])
+        if not found:
+            raise ArchiveNotUsable(
+                f"the WAL archive {url} ({flag}) does not hold {start[1]}, the backup's first WAL segment"
+            )
+        stored = parse_stored_name(found[0]) or StoredName(found[0])
+        if stored.encrypted and key is None:
+            raise ArchiveNotUsable(
+                f"the WAL archive {url} ({flag}) is encrypted: give its key with --encryption-key-file or"
+                " --encryption-key-env"
+            )
+        with (
+            store.open(found[0]) as src,
+            contextlib.closing(decode(src, stored, key, f"{url}/{found[0]}")) as plain,
+        ):
+            head = next(plain, b"")
+        system = header_system_identifier(head, f"{url}/{found[0]}")
+    except ArchiveNotUsable:
+        raise
+    except Exception as err:  # the store's own errors (botocore, aiohttp ...) as much as ours: no verdict
+        why = " ".join(str(err).split()) or err.__class__.__name__
+        raise ArchiveNotUsable(f"cannot read the WAL archive {url} ({flag}): {why}") from err
+    if system != identity.system_identifier:
+        raise ArchiveNotUsable(
+            f"the WAL archive {url} ({flag}) holds {found[0]} of system {system}, not of its own"
+            f" {identity.system_identifier}"
+        )
 
 
 def backup_system_identifier(backup: Path) -> tuple[int, str] | None:
@@ -436,15 +530,15 @@ def quote_setting(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def archive_restore_command(archive: Path, key: ArchiveKey | None = None) -> str:
-    """The restore_command that reads ``archive``: :func:`wal_fetch_command` for an archive ``wal-push``
-    manages (its identity file is at the top), else ``cp ARCHIVE/%f "%p"`` (the archive's path
-    shell-quoted and its ``%`` doubled).
+def archive_restore_command(archive: Path | str, key: ArchiveKey | None = None) -> str:
+    """The restore_command that reads ``archive``: :func:`wal_fetch_command` for an object-store URL or a
+    folder ``wal-push`` manages (its identity file is at the top), else ``cp ARCHIVE/%f "%p"`` (the
+    archive's path shell-quoted and its ``%`` doubled).
 
-    :param archive: the WAL archive (absolute).
+    :param archive: the WAL archive (:func:`archive_place`).
     :param key: a managed archive's key, when it is encrypted.
     """
-    if is_managed_archive(archive):
+    if isinstance(archive, str) or is_managed_archive(archive):
         return wal_fetch_command(archive, key)
     return f'cp {shlex.quote(str(archive).replace("%", "%%") + "/%f")} "%p"'
 
@@ -904,7 +998,7 @@ def prepare_restore(
     started = time.monotonic()
     backup = Path(backup).absolute()
     data = Path(target).absolute()
-    archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    archive = archive_place(wal_archive)
     recovery = recovery or RecoveryTarget()
     recovery.check()
     if archive_mode not in ARCHIVE_MODES:
@@ -953,8 +1047,8 @@ def prepare_restore(
         data.mkdir(parents=True, exist_ok=True)
         _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result)
         if archive is not None and backup_system_identifier(backup) is None:  # a tar backup, now extracted
-            if (extracted := backup_system_identifier(data)) is not None:
-                check_archive_cluster(archive, *extracted, key=key)
+            if backup_system_identifier(data) is not None:
+                check_archive(data, archive, reader=None, key=key)
         _place_tablespaces(backup, data, plan, meter, result)
         result.config = restore_config(data, backup)
         command = restore_command or (archive_restore_command(archive, archive_key) if archive else "")

@@ -97,6 +97,7 @@ from pg_safe_backup.restore import (
     ArchiveNotUsable,
     RecoveryTarget,
     RestoreError,
+    archive_place,
     backup_major,
     check_backup_dir,
     prepare_restore,
@@ -188,7 +189,7 @@ def verify_backup(
     """
     started = time.monotonic()
     backup = Path(backup_dir).absolute()
-    archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    archive = archive_place(wal_archive)
     major = backup_major(backup)
     bin_path = server_bindir(major, bindir)
     reasons: list[str] = []

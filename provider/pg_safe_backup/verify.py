@@ -51,12 +51,18 @@ from pg_safe_backup.files.pgcontrol import (
     stop_lsn_from_manifest,
 )
 from pg_safe_backup.files.tablespaces import tablespace_copies
-from pg_safe_backup.files.wal import find_stored, is_managed_archive, plain_chunks, stage_wal
+from pg_safe_backup.files.wal import is_managed_archive, plain_chunks
 from pg_safe_backup.files.walarchive import DamagedFile, MissingCodec, parse_stored_name
 from pg_safe_backup.files.xlog import wal_file_holding, wal_segment_names
 from pg_safe_backup.local_cluster import find_bindir
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
-from pg_safe_backup.restore import ArchiveNotUsable, backup_major, check_archive, manifest_field
+from pg_safe_backup.restore import (
+    ArchiveNotUsable,
+    archive_place,
+    backup_major,
+    check_archive,
+    manifest_field,
+)
 from pg_safe_backup.restore_check import (
     ARCHIVE_ARG,
     LOG_TAIL_LINES,
@@ -208,7 +214,7 @@ def check_backup(
         (``manifest``); no server binaries of the backup's major (``restore``).
     """
     backup = Path(backup_dir).absolute()
-    archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    archive = archive_place(wal_archive)
     if archive is not None:
         try:
             check_archive(backup, archive, flag=ARCHIVE_ARG, key=archive_key)
@@ -291,7 +297,7 @@ def backup_stop_lsn(
         except ValueError:
             pass
     label = backup / "backup_label"
-    if wal_archive is None or not label.is_file():
+    if not isinstance(wal_archive, Path) or not label.is_file():  # none, or an object store's
         return None
     ours = parse_backup_label(label.read_text())
     start = ours.get("START WAL LOCATION", "")
@@ -384,9 +390,9 @@ def _verifybackup_step(
     note = f" ({'; '.join(notes)})" if notes else ""
     staged = None
     try:
-        if same and archive is not None and is_managed_archive(archive):
+        if same and archive is not None and (isinstance(archive, str) or is_managed_archive(archive)):
             staged = Path(tempfile.mkdtemp(prefix="pgsb-wal-", dir=work_dir))
-            _stage_backup_wal(backup, archive, staged, key)
+            _stage_backup_wal(backup, str(archive), staged, key)
         wal_path = staged or archive
         run = run_pg_verifybackup(backup, bindir=folder, wal_path=wal_path, skip_wal=not same, ignore=ignore)
     except (OSError, CryptError, DamagedFile, MissingCodec, ValueError, BadPgControl) as err:
@@ -402,27 +408,30 @@ def _verifybackup_step(
     return CheckStep(name, FAIL, " | ".join(run.output.splitlines()[:10]) + note, details)
 
 
-def _stage_backup_wal(backup: Path, archive: Path, into: Path, key: EncryptionKey | None) -> None:
-    """The segments of the backup's manifest's WAL-Ranges, as PostgreSQL wrote them, into ``into`` (a
+def _stage_backup_wal(backup: Path, archive: str, into: Path, key: EncryptionKey | None) -> None:
+    """The segments of the backup's manifest's WAL-Ranges fetched from a managed archive (folder or URL) into
+    ``into`` as wal-fetch writes them (decrypted, decompressed, checked against the archive's identity); a
     timeline's last one from its ``.partial`` when that is all the archive has; one missing is left for
-    pg_waldump to name). The segment holding each range's end goes too when archived: pg_waldump may read
+    pg_waldump to name. The segment holding each range's end goes too when archived: pg_waldump may read
     past a range that ends on a segment boundary.
 
     :raises ValueError: the manifest has no WAL-Ranges.
     :raises BadPgControl: the copy's pg_control (the segment size) cannot be read.
     """
+    from pg_safe_backup.wal_archive import fetch, open_store
+
     size = read_pg_control(backup).xlog_seg_size
     ranges = json.loads((backup / "backup_manifest").read_text()).get("WAL-Ranges") or []
     if not ranges:
         raise ValueError(f"{backup}/backup_manifest has no WAL-Ranges")
-    sources: dict[str, Path] = {}
+    store = open_store(archive)
     for r in ranges:
         tli, start, end = int(r["Timeline"]), r["Start-LSN"], r["End-LSN"]
         for name in [*wal_segment_names(start, end, tli, size), wal_file_holding(end, tli, size)]:
-            found = find_stored(archive, name) or find_stored(archive, f"{name}.partial")
-            if found is not None:
-                sources[name] = found
-    stage_wal(sources, into, key, size)
+            for source in (name, f"{name}.partial"):
+                if store.find(source):
+                    fetch(source, into / name, store, key=key)
+                    break
 
 
 __all__ = [
