@@ -28,8 +28,16 @@ from demo import s3 as moto
 from demo.load import wait_archived
 from pg_safe_backup.catalog import entry_path
 from pg_safe_backup.files.crypt import EncryptionKey
+from pg_safe_backup.files.pgcontrol import stop_lsn_from_manifest
 from pg_safe_backup.files.tarball import write_tar_backup
-from pg_safe_backup.files.wal import WAL_SEGMENT, NotWal, archive_system_identifier, segment_system_identifier
+from pg_safe_backup.files.wal import (
+    WAL_SEGMENT,
+    KeyNeeded,
+    NotWal,
+    archive_system_identifier,
+    include_wal,
+    segment_system_identifier,
+)
 from pg_safe_backup.files.walarchive import IDENTITY_FILE
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, give_to_server_user
@@ -594,6 +602,27 @@ def test_an_encrypted_archive_is_refused_without_its_key_or_with_another(
     assert f"--encryption-key-file {unreadable} is not readable by the {SERVER_USER}" in closed, closed
     assert all(len(error.splitlines()) == 1 for error in (without, wrong, closed))
     assert not target.exists(), "refused before copying"
+
+
+def test_a_self_contained_copy_takes_its_wal_from_an_encrypted_managed_archive(
+    backups: Backups, managed: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(backups.second, copy, symlinks=True)
+    label = (copy / "backup_label").read_text()
+    stop = stop_lsn_from_manifest((copy / "backup_manifest").read_text())
+    before = files_of(managed)
+
+    with pytest.raises(KeyNeeded, match="is encrypted"):
+        include_wal(copy, managed, backup_label=label, stop_lsn=stop)
+    nothing = sorted((copy / "pg_wal").glob("0*"))
+    copied = include_wal(copy, managed, backup_label=label, stop_lsn=stop, key=TEST_KEY)
+
+    assert nothing == [], "nothing is copied without the key"
+    assert copied, "the backup needs at least its first segment"
+    for name in copied:
+        assert (copy / "pg_wal" / name).read_bytes() == (backups.archive / name).read_bytes(), name
+    assert files_of(managed) == before
 
 
 def test_the_checks_read_a_managed_archive_with_its_key_and_never_write_into_it(
