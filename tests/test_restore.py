@@ -53,6 +53,7 @@ from backup_helpers import (
     reforge_backup,
     restore,
     run_backup,
+    run_cli,
 )
 from conftest import CONN_ID
 
@@ -641,6 +642,20 @@ def test_the_checks_read_a_managed_archive_with_its_key_and_never_write_into_it(
     assert f"wal-fetch --archive {managed} --encryption-key-file {kept}/" in conf, conf
     assert not [p for p in kept.iterdir() if p.name.endswith(".key")], "the key left the kept work dir"
     assert files_of(managed) == before, "the restore check never writes into the archive"
+
+
+def test_verify_reads_an_encrypted_archive_only_with_the_key_flag(backups: Backups, managed: Path) -> None:
+    key = key_file(backups.scratch, TEST_KEY, "verify.key")
+    args = ("verify", backups.second, managed, "--no-restore")
+
+    without = run_cli(*args, timeout=120)
+    done = run_cli(*args, "--encryption-key-file", key, timeout=120)
+
+    assert without.returncode == 2, without.stdout + without.stderr
+    error = without.stderr.strip().splitlines()[-1]
+    assert "is encrypted" in error and "--encryption-key-file" in error, without.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pg_verifybackup: PASS" in done.stdout, done.stdout
 
 
 def test_a_backup_restores_through_wal_fetch_from_an_encrypted_archive_in_s3(
