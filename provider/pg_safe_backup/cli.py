@@ -607,11 +607,14 @@ def _wal_push(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         args.parser.error(f"--parallel {args.parallel}: give 1 or more")
     try:
+        spool = wal_archive.spool_folder(args.path, args.spool_dir)
+        # Before opening the store: answering from a record must not import an object store's driver.
+        if args.archive and wal_archive.answered_by_spool(
+            args.path, wal_archive.archive_location(args.archive), spool
+        ):
+            return 0
         store = _wal_store(args)
         key = _wal_key(args)
-        spool = wal_archive.spool_folder(args.path, args.spool_dir)
-        if wal_archive.answered_by_spool(args.path, store, spool):
-            return 0
         if args.parallel == 1:
             wal_archive.push(args.path, store, compression=args.compress, key=key)
         else:

@@ -336,7 +336,7 @@ def stage_wal(
     finally:
         for partial in staged.values():
             partial.unlink(missing_ok=True)
-    _fsync(target)
+    fsync_path(target)
 
 
 def _archived(wal_archive: Path, name: str, ended: bool) -> Path:
@@ -353,7 +353,8 @@ def _archived(wal_archive: Path, name: str, ended: bool) -> Path:
     return source
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by its path (a folder: its entries, after a rename or a link into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
