@@ -33,7 +33,7 @@ from pg_safe_backup.files.walarchive import (
 )
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
-from pg_safe_backup.restore import prepare_restore
+from pg_safe_backup.restore import ArchiveKey, prepare_restore
 from pg_safe_backup.wal_archive import SPOOL_FOLDER, SPOOL_SUFFIX, TEMP_FOLDER
 
 from backup_helpers import (
@@ -509,7 +509,10 @@ def test_a_cluster_archiving_through_wal_push_restores_through_wal_fetch_with_ev
     assert not list((cluster.datadir / "pg_wal" / SPOOL_FOLDER).glob(f"*{SPOOL_SUFFIX}"))  # every record used
     target = tmp_root / "restored"
     fetch = command("wal-fetch", url, env, *keyed, "%f", "%p")
-    prepare_restore(backup_dir, target, wal_archive=archive, restore_command=fetch)
+    # The archive is read with its key before anything is copied (which cluster's it is).
+    prepare_restore(
+        backup_dir, target, wal_archive=archive, restore_command=fetch, archive_key=ArchiveKey.from_file(key)
+    )
     with recovered(target, timeout=180) as server:
         assert server.sql("SELECT count(*), max(id) FROM ledger") == [(committed, committed)]
         assert server.sql("SELECT count(*) FROM bulk") == [(300000,)]

@@ -33,6 +33,7 @@ from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.layout import BACKUP_INFO
 from pg_safe_backup.files.manifest import write_atomically
+from pg_safe_backup.files.walarchive import parse_stored_name
 from pg_safe_backup.files.xlog import (
     WAL_FILE,
     backup_start,
@@ -583,9 +584,11 @@ def _why_skipped(entry: CatalogEntry) -> str:
 
 
 def wal_to_remove(names: Iterable[str], cutoff: str | None) -> list[str]:
-    """The archive files older than ``cutoff``: WAL segments and partial segments (compressed or not) whose
+    """The archive files older than ``cutoff``: WAL segments and partial segments, as ``cp`` leaves them or
+    compressed and/or encrypted as ``wal-push`` stores them (:mod:`pg_safe_backup.files.walarchive`), whose
     position (the name without its timeline) sorts before the cut-off's, as pg_archivecleanup decides.
-    Timeline history files and backup history files are never removed.
+    Timeline history files and backup history files are never removed, nor is anything else: a managed
+    archive's identity file, a push's temporary file.
 
     :param names: the names in the WAL archive.
     :param cutoff: the first WAL file to keep (:attr:`RetentionPlan.wal_cutoff`); None: nothing.
@@ -595,7 +598,15 @@ def wal_to_remove(names: Iterable[str], cutoff: str | None) -> list[str]:
     if not WAL_FILE.match(cutoff):
         raise ValueError(f"{cutoff!r} is not a WAL file name")
     keep_from = wal_file_position(cutoff)
-    return sorted(n for n in names if (m := WAL_FILE.match(n)) and wal_file_position(m.group(1)) < keep_from)
+    return sorted(n for n in names if (wal := _archived_wal(n)) and wal_file_position(wal) < keep_from)
+
+
+def _archived_wal(stored: str) -> str | None:
+    """The WAL segment a stored file holds (whole or ``.partial``), None for any other file."""
+    if m := WAL_FILE.match(stored):  # cp's, maybe with a compression of the user's own (.bz2, .xz ...)
+        return m.group(1)
+    parsed = parse_stored_name(stored)  # wal-push's: .gz / .lz4 / .zst, then .enc
+    return m.group(1) if parsed is not None and (m := WAL_FILE.match(parsed.name)) else None
 
 
 def parse_when(text: str) -> datetime:

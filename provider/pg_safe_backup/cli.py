@@ -45,6 +45,7 @@ from pg_safe_backup.errors import PgSafeBackupError
 if TYPE_CHECKING:  # annotations only: never imported when the command runs
     from datetime import datetime
 
+    from pg_safe_backup.restore import ArchiveKey
     from pg_safe_backup.verify import BackupCheck
 
 # The domain modules are imported inside each subcommand's functions: ``wal-push`` runs once per WAL segment
@@ -72,7 +73,10 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("backup_dir", type=Path)
     p.add_argument(
-        "wal_archive", type=Path, nargs="?", help="the WAL archive; omit for a self-contained backup"
+        "wal_archive",
+        nargs="?",
+        help="the WAL archive: a folder, or the URL of one wal-push manages (s3://...); omit for a"
+        " self-contained backup",
     )
     p.add_argument("--stop-lsn", help="the backup's stop LSN (default: from backup_manifest or the archive)")
     p.add_argument("--no-page-lsn", action="store_true", help="skip the page-LSN check")
@@ -107,18 +111,20 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
     p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
+    add_key_flags(p)
     p.set_defaults(run=_verify)
 
 
 def _verify(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import entry_path
+    from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.restore_check import _one_line
     from pg_safe_backup.verify import CheckNotRun, record_check
 
     began = time.monotonic()
     try:
         report = _check(args)
-    except CheckNotRun as err:
+    except (CheckNotRun, CryptError) as err:
         print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
         return 2
     print(report.summary())
@@ -158,8 +164,45 @@ def _check(args: argparse.Namespace) -> BackupCheck:
         require_backup_label=not args.allow_missing_label,
         user=args.user,
         use_backup_pg_wal=args.use_backup_pg_wal,
+        archive_key=key.key if (key := archive_key(args)) else None,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
+
+
+# ------------------------------------------------------------------------------ an encrypted archive
+def add_key_flags(p: argparse.ArgumentParser) -> None:
+    """``--encryption-key-file FILE | --encryption-key-env NAME``: the key of what the command reads or
+    writes (an encrypted WAL archive, an encrypted backup: one key, one pair of flags, added once).
+
+    :param p: the subcommand's parser.
+    """
+    keys = p.add_mutually_exclusive_group()
+    try:
+        keys.add_argument(
+            "--encryption-key-file",
+            type=Path,
+            metavar="FILE",
+            help="the encryption key in FILE: 64 hex digits (openssl rand -hex 32)",
+        )
+        keys.add_argument(
+            "--encryption-key-env", metavar="NAME", help="the environment variable holding the key"
+        )
+    except argparse.ArgumentError:
+        pass  # already there: another part of the command added the same pair
+
+
+def archive_key(args: argparse.Namespace) -> ArchiveKey | None:
+    """The key the flags name, and how a restored server's wal-fetch names it again (None: none given).
+
+    :raises CryptError: the file or variable holds no key (named with its flag).
+    """
+    from pg_safe_backup.restore import ArchiveKey
+
+    if getattr(args, "encryption_key_file", None) is not None:
+        return ArchiveKey.from_file(args.encryption_key_file)
+    if getattr(args, "encryption_key_env", None) is not None:
+        return ArchiveKey.from_env(args.encryption_key_env)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- list
@@ -309,7 +352,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target_dir", type=Path, metavar="TARGET_DIR", help="the new data directory (absent or empty)"
     )
-    p.add_argument("--wal-archive", type=Path, required=True, metavar="DIR", help="the WAL archive folder")
+    p.add_argument(
+        "--wal-archive",
+        required=True,
+        metavar="DIR_OR_URL",
+        help="the WAL archive: a folder, or the URL of one wal-push manages (s3://bucket/wal, gs://, abfs://)",
+    )
     p.add_argument(
         "--tablespace",
         type=_tablespace_flag,
@@ -352,8 +400,8 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--restore-command",
         metavar="CMD",
-        help="restore_command to fetch WAL with (default: cp from --wal-archive), e.g. for a compressed"
-        " archive",
+        help="restore_command to fetch WAL with (default: pg-safe-backup wal-fetch from an archive wal-push"
+        " manages, else cp from --wal-archive)",
     )
     p.add_argument(
         "--archive-mode",
@@ -363,11 +411,13 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         " backed up cluster's archive; on: it archives with the backed up server's archive_command (a real"
         " replacement)",
     )
+    add_key_flags(p)
     p.set_defaults(run=_restore)
 
 
 def _restore(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import CatalogError, choose_backup, list_backups, one_cluster
+    from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.restore import RecoveryTarget, RestoreError, prepare_restore, start_command
 
     backup = args.backup
@@ -408,11 +458,12 @@ def _restore(args: argparse.Namespace) -> int:
             ),
             tablespaces=dict(args.tablespace),
             restore_command=args.restore_command,
+            archive_key=(key := archive_key(args)),
             archive_mode=args.archive_mode,
             owner=args.owner,
             progress=report,
         )
-    except (RestoreError, CatalogError, OSError) as err:
+    except (RestoreError, CatalogError, CryptError, OSError) as err:
         print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     for oid, place in result.tablespaces.items():
@@ -441,6 +492,12 @@ def _restore(args: argparse.Namespace) -> int:
         print(
             "note: recovery pauses at the target (--target-action pause): check the data, then run"
             " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
+        )
+    fetching = "wal-fetch" in result.settings["restore_command"]
+    if key is not None and key.flag == "--encryption-key-env" and fetching:
+        print(
+            f"note: the restored server's restore_command (wal-fetch) reads the key from ${key.value}: start"
+            " the server with that variable in its environment"
         )
     print(f"start it with:\n  {start_command(result.target, result.owner)}")
     return 0
@@ -570,9 +627,7 @@ def _add_archive_arguments(p: argparse.ArgumentParser) -> None:
         help="the archive: a folder, file://, s3://bucket/prefix, gs://, abfs://"
         " (default: $PGSB_WAL_ARCHIVE)",
     )
-    keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--encryption-key-file", type=Path, metavar="FILE", help="the key: 64 hex digits")
-    keys.add_argument("--encryption-key-env", metavar="NAME", help="the environment variable holding the key")
+    add_key_flags(p)
 
 
 def add_wal_push_arguments(p: argparse.ArgumentParser) -> None:

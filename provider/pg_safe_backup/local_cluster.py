@@ -11,9 +11,11 @@ import glob
 import hashlib
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,17 @@ def free_port() -> int:
 
 def as_server_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", SERVER_USER, "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def command_for_server(*words: str) -> str:
+    """``PYTHON -m pg_safe_backup WORDS`` as a server setting runs it (archive_command, restore_command):
+    this interpreter by its absolute path (the server's OS user's PATH need not hold the console script),
+    each word shell-quoted and its ``%`` doubled (append ``%f``/``%p`` after).
+
+    :param words: the subcommand and its arguments.
+    """
+    command = (sys.executable, "-m", "pg_safe_backup", *words)
+    return " ".join(shlex.quote(word).replace("%", "%%") for word in command)
 
 
 def give_to_server_user(path: Path) -> None:
