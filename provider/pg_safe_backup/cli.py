@@ -40,6 +40,7 @@ from pg_safe_backup.catalog import (
     one_cluster,
     parse_when,
 )
+from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.hooks.server import ServerUnreachable
 from pg_safe_backup.local_cluster import SERVER_USER
 from pg_safe_backup.restore import (
@@ -53,6 +54,37 @@ from pg_safe_backup.restore import (
 from pg_safe_backup.restore_check import _one_line
 from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
 from pg_safe_backup.verify import BackupCheck, CheckNotRun, check_backup, record_check
+
+
+# ------------------------------------------------------------------------------- the key of a backup
+def add_key_arguments(p: argparse.ArgumentParser) -> None:
+    """``--encryption-key-file F | --encryption-key-env NAME``: the key of encrypted backups (tar and
+    object-store copies stored with ``encryption_conn_id``), read by :func:`encryption_key`.
+
+    :param p: the subcommand's parser.
+    """
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--encryption-key-file",
+        metavar="FILE",
+        help="the key of an encrypted backup: a file holding 64 hex digits or base64 of 32 bytes",
+    )
+    group.add_argument(
+        "--encryption-key-env", metavar="NAME", help="the key of an encrypted backup, from this variable"
+    )
+
+
+def encryption_key(args: argparse.Namespace) -> EncryptionKey | None:
+    """The key the flags of :func:`add_key_arguments` give (None: none given).
+
+    :raises CryptError: the file or variable holds no key (named, never its content).
+    """
+    if args.encryption_key_file:
+        return EncryptionKey.from_file(args.encryption_key_file)
+    if args.encryption_key_env:
+        return EncryptionKey.from_env(args.encryption_key_env)
+    return None
+
 
 # -------------------------------------------------------------------------------------------- verify
 VERIFY_DESCRIPTION = (
@@ -109,18 +141,21 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
     p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
+    add_key_arguments(p)
     p.set_defaults(run=_verify)
 
 
 def _verify(args: argparse.Namespace) -> int:
     began = time.monotonic()
     try:
-        report = _check(args)
-    except CheckNotRun as err:
+        key = encryption_key(args)
+        report = _check(args, key)
+    except (CheckNotRun, CryptError) as err:
         print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
         return 2
     print(report.summary())
-    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", _warn):
+    by = "pg-safe-backup verify"
+    if record_check(args.backup_dir, report, time.monotonic() - began, by, _warn, key):
         print(f"recorded in {entry_path(Path(args.backup_dir))}")
     if args.verbose:
         for step in report.steps:
@@ -134,7 +169,7 @@ def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def _check(args: argparse.Namespace) -> BackupCheck:
+def _check(args: argparse.Namespace, key: EncryptionKey | None = None) -> BackupCheck:
     """:func:`check_backup` as the CLI's flags say."""
     return check_backup(
         args.backup_dir,
@@ -155,6 +190,7 @@ def _check(args: argparse.Namespace) -> BackupCheck:
         user=args.user,
         use_backup_pg_wal=args.use_backup_pg_wal,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        encryption_key=key,
     )
 
 
@@ -177,6 +213,7 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
     )
+    add_key_arguments(p)
     p.set_defaults(run=_list)
 
 
@@ -184,7 +221,12 @@ def _list(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
         return 2
-    entries = list_backups(args.root)
+    try:
+        key = encryption_key(args)
+    except CryptError as err:
+        print(f"pg-safe-backup list: error: {err}", file=sys.stderr)
+        return 2
+    entries = list_backups(args.root, key=key)
     if args.json:
         print(json.dumps([e.as_dict() for e in entries], indent=1))
     else:
@@ -349,14 +391,16 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         " backed up cluster's archive; on: it archives with the backed up server's archive_command (a real"
         " replacement)",
     )
+    add_key_arguments(p)
     p.set_defaults(run=_restore)
 
 
 def _restore(args: argparse.Namespace) -> int:
     backup = args.backup
     try:
+        key = encryption_key(args)
         if args.latest_before is not None:
-            entries = list_backups(backup.absolute())
+            entries = list_backups(backup.absolute(), key=key)
             one_cluster(entries, backup)  # never another cluster's backup
             choice = choose_backup(entries, before=args.latest_before, allow_failed=args.allow_failed)
             for name, why in choice.skipped:
@@ -394,8 +438,9 @@ def _restore(args: argparse.Namespace) -> int:
             archive_mode=args.archive_mode,
             owner=args.owner,
             progress=report,
+            encryption_key=key,
         )
-    except (RestoreError, CatalogError, OSError) as err:
+    except (RestoreError, CatalogError, CryptError, OSError) as err:
         print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     for oid, place in result.tablespaces.items():

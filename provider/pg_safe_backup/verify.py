@@ -26,12 +26,15 @@ import glob
 import logging
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.catalog import CatalogError, append_verification, entry_path, has_info
+from pg_safe_backup.encryption import check_key, decrypt_backup
+from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.pgcontrol import (
     CopyMismatch,
@@ -114,6 +117,8 @@ def find_verifier(
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
 #: The checks :func:`check_backup` runs, cheapest first.
 CHECKS = ("page-LSN check", "pg_verifybackup", "restore check")
+#: The step before them for an encrypted backup: every file decrypted (and so authenticated) with its key.
+DECRYPTION = "decryption"
 
 
 @dataclass
@@ -171,6 +176,7 @@ def check_backup(
     verifier_bindir: Path | str | None = None,
     tablespace_dirs: Mapping[str | int, Path | str] | None = None,
     progress: Callable[[str], None] | None = None,
+    encryption_key: EncryptionKey | None = None,
     **restore_options: Any,
 ) -> BackupCheck:
     """Check a stored backup, cheapest first: its page LSNs, ``pg_verifybackup``, then the restore check.
@@ -187,12 +193,45 @@ def check_backup(
     :param verifier_bindir: the folder of pg_verifybackup; default: the backup's major's binaries.
     :param tablespace_dirs: tablespace OID -> its backup, when not where the module docstring looks.
     :param progress: called with a line as each check starts (the CLI prints it).
+    :param encryption_key: the key of an encrypted backup: it is decrypted into a temporary folder (in
+        ``work_dir``) and checked there; a file that does not authenticate FAILs the ``decryption`` step.
     :param restore_options: :func:`verify_backup`'s keyword arguments.
     :raises CheckNotRun: before any check: the WAL archive is missing, closed to the server's OS user or
         another cluster's; no pg_verifybackup reads the manifest (``manifest``); no server binaries of the
         backup's major (``restore``).
     """
     backup = Path(backup_dir).absolute()
+    try:
+        key_id = check_key(backup, encryption_key)
+    except CryptError as err:  # no key, or another one: nothing can be checked, no verdict
+        raise CheckNotRun(str(err)) from None
+    if key_id is not None:
+        assert encryption_key is not None  # check_key raised otherwise
+        staging = Path(tempfile.mkdtemp(prefix="pgsb-decrypted-", dir=restore_options.get("work_dir")))
+        try:
+            (progress or (lambda line: None))(f"{DECRYPTION}: decrypting {backup} with key {key_id} ...")
+            try:
+                files = decrypt_backup(backup, staging, encryption_key)
+            except CryptError as err:  # a changed or cut byte: the stored backup is damaged, a verdict
+                return BackupCheck([CheckStep(DECRYPTION, FAIL, _one_line(err), {"key_id": key_id})])
+            decrypted = CheckStep(
+                DECRYPTION, PASS, f"{len(files)} files decrypted with key {key_id}", {"key_id": key_id}
+            )
+            report = check_backup(
+                staging,
+                wal_archive,
+                stop_lsn=stop_lsn,
+                page_lsns=page_lsns,
+                manifest=manifest,
+                restore=restore,
+                verifier_bindir=verifier_bindir,
+                tablespace_dirs=tablespace_dirs,
+                progress=progress,
+                **restore_options,
+            )
+            return BackupCheck([decrypted, *report.steps])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     archive = Path(wal_archive).absolute() if wal_archive is not None else None
     if archive is not None:
         try:
@@ -225,6 +264,7 @@ def record_check(
     seconds: float,
     by: str,
     warn: Callable[[str], None] | None = None,
+    encryption_key: EncryptionKey | None = None,
 ) -> bool:
     """Append the outcome of the checks to the backup's ``backup_info.json`` (the catalog), when it has one.
     Best-effort: the verdict stands when it cannot be written (read-only storage), with a warning.
@@ -234,6 +274,7 @@ def record_check(
     :param seconds: how long they took (a drill's restore time).
     :param by: who checked: ``pg-safe-backup verify``, a task's id, ...
     :param warn: where to say it was not recorded (default: this module's logger).
+    :param encryption_key: the key of an encrypted backup (the record names the manifest it proves).
     :returns: whether it was recorded.
     """
     folder = Path(backup_dir)
@@ -249,6 +290,7 @@ def record_check(
                 "checks": {step.name: step.status for step in report.steps},
                 "summary": report.summary().splitlines()[0],
             },
+            encryption_key,
         )
     except (OSError, CatalogError) as err:
         (warn or _log.warning)(f"the verdict was not recorded in {entry_path(folder)}: {_one_line(err)}")
