@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import ObjectStoragePath
 
 from demo.load import wait_archived
@@ -37,6 +38,7 @@ from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
 from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
 from pg_safe_backup.proof import prove_backup
 from pg_safe_backup.store import CopyRecords, StoreRefused, check_encryption
+from pg_safe_backup.utils.mixins import encryption_key
 
 from backup_helpers import cluster_with_space, recovered, restore, run_backup, run_cli
 from conftest import CONN_ID
@@ -323,3 +325,29 @@ def test_the_store_refuses_a_key_that_is_not_the_copys(tmp_root):
     (tmp_root / "PG_VERSION").write_text("15\n")  # a plain local copy is stored unencrypted
     with pytest.raises(StoreRefused, match="encryption_conn_id: 'dest' is a plain copy in a local folder"):
         check_encryption(tmp_root, CopyRecords(15, {}), KEY, "dest", False)
+
+
+def test_the_operators_read_the_key_from_a_connection_and_name_a_bad_one_without_its_content(
+    tmp_root, monkeypatch
+):
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{KEY_CONN.upper()}", json.dumps({"conn_type": "generic", "password": KEY_TEXT})
+    )
+    assert encryption_key(KEY_CONN) == KEY
+    assert encryption_key(None) is None
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PGSB_BAD_KEY", json.dumps({"conn_type": "generic", "password": "hunter2-xyz"})
+    )
+    with pytest.raises(
+        AirflowFailException, match="^encryption_conn_id 'pgsb_bad_key' \\(its password\\): not an"
+    ) as caught:
+        encryption_key("pgsb_bad_key")
+    assert "hunter2" not in str(caught.value)
+    copy = PostgresCopyDataDirectoryOperator(
+        task_id="copy", source="/unused", destination=str(tmp_root / "plain"), encryption_conn_id=KEY_CONN
+    )
+    with pytest.raises(
+        AirflowFailException, match="is a local folder, where a plain copy is stored unencrypted"
+    ):
+        copy.copy(tmp_root, str(tmp_root / "plain"))
+    assert not (tmp_root / "plain").exists()

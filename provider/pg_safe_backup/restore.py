@@ -816,7 +816,10 @@ def prepare_restore(
             decrypt_backup(backup, staging, encryption_key)
         except CryptError as err:
             raise RestoreError(f"{' '.join(str(err).split())}: nothing restored") from None
-        return restore_plain(staging, data, wal_archive=wal_archive, **options)
+        try:
+            return restore_plain(staging, data, wal_archive=wal_archive, **options)
+        except RestoreError as err:  # named as the user named it, not as the temporary folder
+            raise type(err)(str(err).replace(str(staging), str(backup))) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
