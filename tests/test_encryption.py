@@ -256,13 +256,21 @@ def test_a_flipped_byte_fails_the_restore_in_one_line_and_restores_nothing(enc, 
     assert "start it with" not in done.stdout
 
 
-def test_verify_decrypts_with_the_key_and_fails_a_flipped_byte(enc):
+def test_verify_decrypts_with_the_key_records_its_verdict_and_fails_a_flipped_byte(enc):
     folder = downloaded(enc, "s3_verify")
+    entry_path(folder).write_bytes(entry_path(enc.s3).read_bytes())  # synced with the bucket's folder
     checked = run_cli(
         "verify", folder, enc.archive, "--encryption-key-file", enc.key_file, "--work-dir", enc.root
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "decryption pass" in checked.stdout and "restore check pass" in checked.stdout, checked.stdout
+    # Recorded for the manifest the encrypted backup proves with its key: list shows it verified.
+    assert f"recorded in {entry_path(folder)}" in checked.stdout
+    last = read_info(folder).verifications[-1]
+    assert last["ok"] and last["manifest_checksum"] == prove_backup(folder, KEY).manifest_checksum
+    listed = run_cli("list", enc.root, "--json", "--encryption-key-file", enc.key_file)
+    entry = next(e for e in json.loads(listed.stdout) if e["folder"] == str(folder))
+    assert entry["status"] == "proven" and entry["verified"].startswith("yes"), entry
     damaged = flipped(folder, enc.root / "s3_verify_flipped", f"global/pg_control{SUFFIX}")
     checked = run_cli("verify", damaged, enc.archive, "--encryption-key-file", enc.key_file, "--no-restore")
     assert checked.returncode == 1, checked.stdout + checked.stderr
