@@ -359,3 +359,23 @@ def test_the_operators_read_the_key_from_a_connection_and_name_a_bad_one_without
     ):
         copy.copy(tmp_root, str(tmp_root / "plain"))
     assert not (tmp_root / "plain").exists()
+
+
+def test_the_drill_checks_an_encrypted_backup_with_its_key_and_passes_it_over_without(enc, task_context):
+    from airflow.sdk import DAG
+
+    from pg_safe_backup.operators.lifecycle import PostgresRestoreDrillOperator
+
+    root = enc.root / "drill_root"
+    folder = downloaded(enc, "drill_root/b")
+    entry_path(folder).write_bytes(entry_path(enc.s3).read_bytes())
+    common = {"root": str(root), "wal_archive": str(enc.archive), "max_age": None, "work_dir": str(enc.root)}
+    with DAG("pgsb_encrypted_drill", schedule=None):
+        keyed = PostgresRestoreDrillOperator(task_id="drill", encryption_conn_id=KEY_CONN, **common)
+        keyless = PostgresRestoreDrillOperator(task_id="keyless", **common)
+    done = keyed.execute(task_context(keyed))
+    assert done["ok"] and done["backup"] == str(folder), done["summary"]
+    assert done["checks"]["decryption"]["status"] == "PASS"
+    assert done["checks"]["restore check"]["status"] == "PASS", done["summary"]
+    with pytest.raises(AirflowFailException, match="holds no backup that proves itself"):
+        keyless.execute(task_context(keyless))
