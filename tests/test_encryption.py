@@ -65,6 +65,7 @@ class Encrypted:
     root: Path
     tar: Path  # the local folder of the tar archives
     s3: ObjectStoragePath  # the prefix of the object-store copy
+    s3_tar: ObjectStoragePath  # the prefix of the tar archives in the object store
     xcom: list[Any]  # each copy task's return value and records, each store's return value
     oid: str  # the tablespace's
     key_file: Path
@@ -85,6 +86,7 @@ def enc(module_tmp_root: Path) -> Iterator[Encrypted]:
         cluster.sql("INSERT INTO spaced SELECT g, md5(g::text) FROM generate_series(1, 3000) g")
         cluster.sql("CHECKPOINT")
         tar, s3 = root / "backups" / "tar", bucket / "backups" / "plain"
+        s3_tar = bucket / "backups" / "tar"
         copies = {
             str(tar): PostgresCopyDataDirectoryOperator(
                 task_id="copy_tar",
@@ -98,6 +100,14 @@ def enc(module_tmp_root: Path) -> Iterator[Encrypted]:
                 task_id="copy_s3",
                 source=str(cluster.datadir),
                 destination=str(s3),
+                encryption_conn_id=KEY_CONN,
+            ),
+            str(s3_tar): PostgresCopyDataDirectoryOperator(
+                task_id="copy_s3_tar",
+                source=str(cluster.datadir),
+                destination=str(s3_tar),
+                format="tar",
+                compression="gzip",
                 encryption_conn_id=KEY_CONN,
             ),
         }
@@ -126,7 +136,7 @@ def enc(module_tmp_root: Path) -> Iterator[Encrypted]:
         (root / "other.key").write_text(base64.b64encode(OTHER.material).decode())
         oid = str(cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0])
         keys = (root / "key", root / "other.key")
-        yield Encrypted(cluster, archive, backup, scratch, tar, s3, xcom, oid, *keys)
+        yield Encrypted(cluster, archive, backup, scratch, tar, s3, s3_tar, xcom, oid, *keys)
     env.undo()
 
 
@@ -156,10 +166,11 @@ def rows(server: LocalCluster) -> tuple[Any, ...]:
 ROWS = (5000, 12502500, 5000, 3000)
 
 
-def downloaded(enc: Encrypted, name: str) -> Path:
-    """The object-store copy downloaded as it is stored (encrypted) into ``root/<name>``."""
+def downloaded(enc: Encrypted, name: str, prefix: ObjectStoragePath | None = None) -> Path:
+    """An object-store copy (default: the plain one) downloaded as it is stored (encrypted) into
+    ``root/<name>``."""
     folder = enc.root / name
-    download_tree(enc.s3, folder)
+    download_tree(prefix or enc.s3, folder)
     return folder
 
 
@@ -169,20 +180,23 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
-def test_an_encrypted_tar_copy_restores_with_its_key_and_holds_its_rows(enc):
-    names = {p.name for p in enc.tar.iterdir()}
+@pytest.mark.parametrize("where, compression", [("local", "zst"), ("s3", "gz")])
+def test_an_encrypted_tar_copy_restores_with_its_key_and_holds_its_rows(enc, where, compression):
+    folder = enc.tar if where == "local" else downloaded(enc, "s3_tar_download", enc.s3_tar)
+    names = {p.name for p in folder.iterdir()}
     assert names == {
-        f"base.tar.zst{SUFFIX}",
-        f"{enc.oid}.tar.zst{SUFFIX}",
+        f"base.tar.{compression}{SUFFIX}",
+        f"{enc.oid}.tar.{compression}{SUFFIX}",
         f"backup_label{SUFFIX}",
         f"tablespace_map{SUFFIX}",
         f"backup_manifest{SUFFIX}",
     }
-    assert backup_key_id(enc.tar) == KEY.key_id
-    done = restore(*restore_args(enc, enc.tar, "tar", "--encryption-key-file", enc.key_file))
+    assert backup_key_id(folder) == KEY.key_id
+    target = f"tar_{where}"
+    done = restore(*restore_args(enc, folder, target, "--encryption-key-file", enc.key_file))
     assert done.returncode == 0, done.stderr
     assert not [p for p in enc.root.iterdir() if ".decrypting-" in p.name], "the decrypted copy is removed"
-    with recovered(enc.root / "tar") as server:
+    with recovered(enc.root / target) as server:
         assert rows(server) == ROWS
 
 
@@ -278,7 +292,7 @@ def test_verify_decrypts_with_the_key_records_its_verdict_and_fails_a_flipped_by
 
 
 def test_each_copy_proves_itself_with_its_key_and_its_manifest_checks_the_plaintext(enc, tmp_root):
-    for folder in (enc.tar, enc.s3):
+    for folder in (enc.tar, enc.s3, enc.s3_tar):
         without = prove_backup(folder)
         assert not without.ok and KEY.key_id in str(without.why), without
         proof = prove_backup(folder, KEY)
