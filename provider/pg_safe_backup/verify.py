@@ -229,7 +229,13 @@ def check_backup(
                 progress=progress,
                 **restore_options,
             )
-            return BackupCheck([decrypted, *report.steps])
+            # Each step names the backup as the user named it, not the temporary folder it was checked in.
+            named = str(backup)
+            steps = [
+                CheckStep(step.name, step.status, step.summary.replace(str(staging), named), step.details)
+                for step in report.steps
+            ]
+            return BackupCheck([decrypted, *steps])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     archive = Path(wal_archive).absolute() if wal_archive is not None else None
