@@ -12,7 +12,10 @@ bytes are nowhere in what is stored, in the catalog entries or in what the tasks
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -67,9 +70,21 @@ class Encrypted:
     s3: ObjectStoragePath  # the prefix of the object-store copy
     s3_tar: ObjectStoragePath  # the prefix of the tar archives in the object store
     xcom: list[Any]  # each copy task's return value and records, each store's return value
+    logs: list[str]  # every log line of the copy and store tasks
     oid: str  # the tablespace's
     key_file: Path
     other_key_file: Path
+
+
+class Collected(logging.Handler):
+    """Every log line, formatted with its arguments, as a task log shows it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +132,25 @@ def enc(module_tmp_root: Path) -> Iterator[Encrypted]:
             for destination, task in copies.items():
                 copied[destination] = task.copy(cluster.datadir, destination)
 
-        backup = run_backup(PostgresBackupHook(CONN_ID), "encrypted/run/backup", copy)
         store = PostgresStoreBackupLabelOperator(
             task_id="store", backup="finish", destination="unused", encryption_conn_id=KEY_CONN
         )
         xcom: list[Any] = []
-        for destination, (summary, records) in copied.items():
-            assert records is not None
-            pushed = json.loads(json.dumps(records.to_xcom()))  # through XCom's JSON, as the store gets it
-            finished = {key: backup[key] for key in FINISH_KEYS}
-            written = store.store(destination, finished, CopyRecords.from_xcom([pushed]))
-            xcom += [summary, pushed, written]
+        # The tasks' log: their structlog lines go to stdout, the domain modules' through logging.
+        logs, printed = Collected(), io.StringIO()
+        logging.getLogger().addHandler(logs)
+        try:
+            with contextlib.redirect_stdout(printed):
+                backup = run_backup(PostgresBackupHook(CONN_ID), "encrypted/run/backup", copy)
+                for destination, (summary, records) in copied.items():
+                    assert records is not None
+                    pushed = json.loads(json.dumps(records.to_xcom()))  # through XCom's JSON, as stored
+                    finished = {key: backup[key] for key in FINISH_KEYS}
+                    written = store.store(destination, finished, CopyRecords.from_xcom([pushed]))
+                    xcom += [summary, pushed, written]
+        finally:
+            logging.getLogger().removeHandler(logs)
+        logs.lines.append(printed.getvalue())
         wait_archived(cluster)
         scratch = root / "restores"
         scratch.mkdir()
@@ -136,7 +159,7 @@ def enc(module_tmp_root: Path) -> Iterator[Encrypted]:
         (root / "other.key").write_text(base64.b64encode(OTHER.material).decode())
         oid = str(cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0])
         keys = (root / "key", root / "other.key")
-        yield Encrypted(cluster, archive, backup, scratch, tar, s3, s3_tar, xcom, oid, *keys)
+        yield Encrypted(cluster, archive, backup, scratch, tar, s3, s3_tar, xcom, logs.lines, oid, *keys)
     env.undo()
 
 
@@ -324,11 +347,13 @@ def stored_bytes(enc: Encrypted) -> dict[str, bytes]:
     return found
 
 
-def test_the_key_is_nowhere_in_the_stored_files_the_catalog_or_xcom_and_the_data_only_encrypted(enc):
+def test_the_key_is_nowhere_in_the_stored_files_the_catalog_xcom_or_logs_and_no_row_is_readable(enc):
     key_forms = [KEY.material, KEY_TEXT.encode(), KEY_TEXT.upper().encode(), base64.b64encode(KEY.material)]
     stored = stored_bytes(enc)
     xcom = json.dumps(enc.xcom).encode()
-    for name, content in [*stored.items(), ("XCom", xcom)]:
+    logs = "\n".join(enc.logs).encode()
+    assert f"encrypted with key {KEY.key_id}".encode() in logs  # the tasks' log lines were collected
+    for name, content in [*stored.items(), ("XCom", xcom), ("the task logs", logs)]:
         for form in key_forms:
             assert form not in content, f"the key is in {name}"
     for name, content in stored.items():
