@@ -216,8 +216,12 @@ def test_an_encrypted_tar_copy_restores_with_its_key_and_holds_its_rows(enc, whe
     }
     assert backup_key_id(folder) == KEY.key_id
     target = f"tar_{where}"
-    done = restore(*restore_args(enc, folder, target, "--encryption-key-file", enc.key_file))
+    key = ["--encryption-key-file", enc.key_file]
+    if where == "local":  # chosen from the root: proven with the key, as the newest before a time
+        key += ["--latest-before", "2100-01-01T00:00:00Z"]
+    done = restore(*restore_args(enc, folder.parent if where == "local" else folder, target, *key))
     assert done.returncode == 0, done.stderr
+    assert where != "local" or f"picked {folder} " in done.stdout, done.stdout
     assert not [p for p in enc.root.iterdir() if ".decrypting-" in p.name], "the decrypted copy is removed"
     with recovered(enc.root / target) as server:
         assert rows(server) == ROWS

@@ -19,6 +19,9 @@ line per backup kept, deleted or left alone, with the reason.
 ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR [--target-time T | --target-lsn L |
 --target-name N | --target-immediate] [--latest-before TIME]`` prepares TARGET_DIR so that ``pg_ctl start``
 recovers the backup (see :mod:`pg_safe_backup.restore`), then prints that command.
+
+``restore``, ``verify`` and ``list`` read an encrypted backup (:mod:`pg_safe_backup.encryption`) with
+``--encryption-key-file FILE`` or ``--encryption-key-env NAME``; without it they say which key it needs.
 """
 
 from __future__ import annotations

@@ -964,5 +964,6 @@ __all__ = [
     "manifest_field",
     "prepare_restore",
     "quote_setting",
+    "restore_plain",
     "start_command",
 ]
