@@ -28,6 +28,9 @@ ready, 1 on a problem, 2 when something could not be checked.
 --encryption-key-env NAME] [--parallel N] %p`` is an archive_command, ``pg-safe-backup wal-fetch [--archive
 URL_OR_DIR] [--encryption-key-file F | --encryption-key-env NAME] %f %p`` a restore_command (see
 :mod:`pg_safe_backup.wal_archive`); ``--archive`` defaults to ``$PGSB_WAL_ARCHIVE``.
+
+``restore``, ``verify`` and ``list`` read an encrypted backup (:mod:`pg_safe_backup.encryption`) with
+``--encryption-key-file FILE`` or ``--encryption-key-env NAME``; without it they say which key it needs.
 """
 
 from __future__ import annotations
@@ -45,11 +48,22 @@ from pg_safe_backup.errors import PgSafeBackupError
 if TYPE_CHECKING:  # annotations only: never imported when the command runs
     from datetime import datetime
 
+    from pg_safe_backup.files.crypt import EncryptionKey
     from pg_safe_backup.restore import ArchiveKey
     from pg_safe_backup.verify import BackupCheck
 
 # The domain modules are imported inside each subcommand's functions: ``wal-push`` runs once per WAL segment
 # as archive_command and must start in a few tens of milliseconds, without psycopg or fsspec.
+
+
+def encryption_key(args: argparse.Namespace) -> EncryptionKey | None:
+    """The key :func:`add_key_flags`' flags give, for an encrypted backup (None: none given).
+
+    :raises CryptError: the file or variable holds no key (named, never its content).
+    """
+    key = archive_key(args)
+    return key.key if key else None
+
 
 # -------------------------------------------------------------------------------------------- verify
 VERIFY_DESCRIPTION = (
@@ -123,12 +137,14 @@ def _verify(args: argparse.Namespace) -> int:
 
     began = time.monotonic()
     try:
-        report = _check(args)
+        key = encryption_key(args)
+        report = _check(args, key)
     except (CheckNotRun, CryptError) as err:
         print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
         return 2
     print(report.summary())
-    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", _warn):
+    by = "pg-safe-backup verify"
+    if record_check(args.backup_dir, report, time.monotonic() - began, by, _warn, key):
         print(f"recorded in {entry_path(Path(args.backup_dir))}")
     if args.verbose:
         for step in report.steps:
@@ -142,7 +158,7 @@ def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def _check(args: argparse.Namespace) -> BackupCheck:
+def _check(args: argparse.Namespace, key: EncryptionKey | None = None) -> BackupCheck:
     """:func:`check_backup` as the CLI's flags say."""
     from pg_safe_backup.verify import check_backup
 
@@ -164,8 +180,9 @@ def _check(args: argparse.Namespace) -> BackupCheck:
         require_backup_label=not args.allow_missing_label,
         user=args.user,
         use_backup_pg_wal=args.use_backup_pg_wal,
-        archive_key=key.key if (key := archive_key(args)) else None,
+        archive_key=key,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        encryption_key=key,
     )
 
 
@@ -224,16 +241,23 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
     )
+    add_key_flags(p)
     p.set_defaults(run=_list)
 
 
 def _list(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import format_listing, list_backups
+    from pg_safe_backup.files.crypt import CryptError
 
     if not args.root.is_dir():
         print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
         return 2
-    entries = list_backups(args.root)
+    try:
+        key = encryption_key(args)
+    except CryptError as err:
+        print(f"pg-safe-backup list: error: {err}", file=sys.stderr)
+        return 2
+    entries = list_backups(args.root, key=key)
     if args.json:
         print(json.dumps([e.as_dict() for e in entries], indent=1))
     else:
@@ -422,8 +446,9 @@ def _restore(args: argparse.Namespace) -> int:
 
     backup = args.backup
     try:
+        key = encryption_key(args)
         if args.latest_before is not None:
-            entries = list_backups(backup.absolute())
+            entries = list_backups(backup.absolute(), key=key)
             one_cluster(entries, backup)  # never another cluster's backup
             choice = choose_backup(entries, before=args.latest_before, allow_failed=args.allow_failed)
             for name, why in choice.skipped:
@@ -458,10 +483,11 @@ def _restore(args: argparse.Namespace) -> int:
             ),
             tablespaces=dict(args.tablespace),
             restore_command=args.restore_command,
-            archive_key=(key := archive_key(args)),
+            archive_key=archive_key(args),
             archive_mode=args.archive_mode,
             owner=args.owner,
             progress=report,
+            encryption_key=key,
         )
     except (RestoreError, CatalogError, CryptError, OSError) as err:
         print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -45,6 +45,11 @@ recovery from backup_label, no ``recovery.signal``.
 A backup without ``backup_label`` is refused: recovery would start from the checkpoint in pg_control
 instead of the backup's, and can silently lose committed rows.
 
+An encrypted backup (:mod:`pg_safe_backup.encryption`) is refused without its key, or with another one,
+naming the key id, before anything is written; with it, it is first decrypted whole into a temporary
+folder beside TARGET (a changed or cut byte stops the restore there: TARGET is never made), restored from
+there as above, and the temporary folder removed.
+
 CLI: ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR ...`` (:mod:`pg_safe_backup.cli`).
 """
 
@@ -59,6 +64,7 @@ import shlex
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -72,6 +78,7 @@ from pg_safe_backup.catalog import (
     CatalogError,
 )
 from pg_safe_backup.catalog import read_info as read_backup_info
+from pg_safe_backup.encryption import KEY_FLAGS, check_key, decrypt_backup
 from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
@@ -957,6 +964,53 @@ def prepare_restore(
     target: Path | str,
     *,
     wal_archive: Path | str | None,
+    encryption_key: EncryptionKey | None = None,
+    key_flags: str = KEY_FLAGS,
+    **options: Any,
+) -> RestoreResult:
+    """Turn ``backup`` into the data directory ``target`` that recovers when started (module docstring);
+    an encrypted backup is decrypted first, into a temporary folder beside ``target``.
+
+    :param backup: the stored backup: a plain folder with backup_label, or a tar backup's folder.
+    :param target: the new data directory: absent or empty.
+    :param wal_archive: the WAL archive; None only for a self-contained backup.
+    :param encryption_key: the key of an encrypted backup.
+    :param key_flags: how the caller's user gives a key, for the error.
+    :param options: :func:`restore_plain`'s other keyword arguments.
+    :raises RestoreError: what makes the restore impossible or unsafe, named; an encrypted backup without
+        its key, with another key, or with a byte changed (nothing restored).
+    """
+    backup = Path(backup).absolute()
+    data = Path(target).absolute()
+    try:
+        key_id = check_key(backup, encryption_key, key_flags)
+    except CryptError as err:
+        raise RestoreError(str(err)) from None
+    if key_id is None:
+        return restore_plain(backup, data, wal_archive=wal_archive, **options)
+    assert encryption_key is not None  # check_key raised otherwise
+    if data.exists() and (not data.is_dir() or any(data.iterdir())):
+        raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
+    _check_room([("the decryption beside TARGET_DIR", data.parent, _size(backup, set()))])
+    staging = Path(tempfile.mkdtemp(prefix=f".{data.name}.decrypting-", dir=_nearest_existing(data.parent)))
+    try:
+        try:
+            decrypt_backup(backup, staging, encryption_key)
+        except CryptError as err:
+            raise RestoreError(f"{' '.join(str(err).split())}: nothing restored") from None
+        try:
+            return restore_plain(staging, data, wal_archive=wal_archive, **options)
+        except RestoreError as err:  # named as the user named it, not as the temporary folder
+            raise type(err)(str(err).replace(str(staging), str(backup))) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def restore_plain(
+    backup: Path | str,
+    target: Path | str,
+    *,
+    wal_archive: Path | str | None,
     recovery: RecoveryTarget | None = None,
     tablespaces: Mapping[str | int, Path | str] | None = None,
     tablespace_root: Path | str | None = None,
@@ -970,7 +1024,8 @@ def prepare_restore(
     use_backup_pg_wal: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> RestoreResult:
-    """Turn ``backup`` into the data directory ``target`` that recovers when started (module docstring).
+    """Turn the backup ``backup``, not encrypted, into the data directory ``target`` that recovers when
+    started (module docstring).
 
     :param backup: the stored backup: a plain folder with backup_label, or a tar backup's folder.
     :param target: the new data directory: absent or empty.
@@ -1113,6 +1168,7 @@ __all__ = [
     "manifest_field",
     "prepare_restore",
     "quote_setting",
+    "restore_plain",
     "start_command",
     "wal_fetch_command",
 ]

@@ -73,6 +73,7 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
+from pg_safe_backup.encryption import KEY_FLAGS, backup_key_id
 from pg_safe_backup.errors import TransientError
 from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.pgcontrol import (
@@ -189,6 +190,11 @@ def verify_backup(
     """
     started = time.monotonic()
     backup = Path(backup_dir).absolute()
+    if (key_id := backup_key_id(backup)) is not None:  # no key here: check_backup decrypts it first
+        raise CheckNotRun(
+            f"{backup} is encrypted with key {key_id}: check it with check_backup(encryption_key=...)"
+            f" (pg-safe-backup verify with {KEY_FLAGS})"
+        )
     archive = archive_place(wal_archive)
     major = backup_major(backup)
     bin_path = server_bindir(major, bindir)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.catalog import CatalogError, append_verification, entry_path, has_info
+from pg_safe_backup.encryption import check_key, decrypt_backup
 from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.pgcontrol import (
@@ -133,6 +134,8 @@ def find_verifier(
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
 #: The checks :func:`check_backup` runs, cheapest first.
 CHECKS = ("page-LSN check", "pg_verifybackup", "restore check")
+#: The step before them for an encrypted backup: every file decrypted (and so authenticated) with its key.
+DECRYPTION = "decryption"
 
 
 @dataclass
@@ -191,6 +194,7 @@ def check_backup(
     tablespace_dirs: Mapping[str | int, Path | str] | None = None,
     progress: Callable[[str], None] | None = None,
     archive_key: EncryptionKey | None = None,
+    encryption_key: EncryptionKey | None = None,
     **restore_options: Any,
 ) -> BackupCheck:
     """Check a stored backup, cheapest first: its page LSNs, ``pg_verifybackup``, then the restore check.
@@ -208,12 +212,52 @@ def check_backup(
     :param tablespace_dirs: tablespace OID -> its backup, when not where the module docstring looks.
     :param progress: called with a line as each check starts (the CLI prints it).
     :param archive_key: the key of an archive ``wal-push`` encrypts.
+    :param encryption_key: the key of an encrypted backup: it is decrypted into a temporary folder (in
+        ``work_dir``) and checked there; a file that does not authenticate FAILs the ``decryption`` step.
     :param restore_options: :func:`verify_backup`'s keyword arguments.
     :raises CheckNotRun: before any check: the WAL archive is missing, closed to the server's OS user,
         another cluster's or encrypted without ``archive_key``; no pg_verifybackup reads the manifest
         (``manifest``); no server binaries of the backup's major (``restore``).
     """
     backup = Path(backup_dir).absolute()
+    try:
+        key_id = check_key(backup, encryption_key)
+    except CryptError as err:  # no key, or another one: nothing can be checked, no verdict
+        raise CheckNotRun(str(err)) from None
+    if key_id is not None:
+        assert encryption_key is not None  # check_key raised otherwise
+        staging = Path(tempfile.mkdtemp(prefix="pgsb-decrypted-", dir=restore_options.get("work_dir")))
+        try:
+            (progress or (lambda line: None))(f"{DECRYPTION}: decrypting {backup} with key {key_id} ...")
+            try:
+                files = decrypt_backup(backup, staging, encryption_key)
+            except CryptError as err:  # a changed or cut byte: the stored backup is damaged, a verdict
+                return BackupCheck([CheckStep(DECRYPTION, FAIL, _one_line(err), {"key_id": key_id})])
+            decrypted = CheckStep(
+                DECRYPTION, PASS, f"{len(files)} files decrypted with key {key_id}", {"key_id": key_id}
+            )
+            report = check_backup(
+                staging,
+                wal_archive,
+                stop_lsn=stop_lsn,
+                page_lsns=page_lsns,
+                manifest=manifest,
+                restore=restore,
+                verifier_bindir=verifier_bindir,
+                tablespace_dirs=tablespace_dirs,
+                progress=progress,
+                archive_key=archive_key,
+                **restore_options,
+            )
+            # Each step names the backup as the user named it, not the temporary folder it was checked in.
+            named = str(backup)
+            steps = [
+                CheckStep(step.name, step.status, step.summary.replace(str(staging), named), step.details)
+                for step in report.steps
+            ]
+            return BackupCheck([decrypted, *steps])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     archive = archive_place(wal_archive)
     if archive is not None:
         try:
@@ -250,6 +294,7 @@ def record_check(
     seconds: float,
     by: str,
     warn: Callable[[str], None] | None = None,
+    encryption_key: EncryptionKey | None = None,
 ) -> bool:
     """Append the outcome of the checks to the backup's ``backup_info.json`` (the catalog), when it has one.
     Best-effort: the verdict stands when it cannot be written (read-only storage), with a warning.
@@ -259,6 +304,7 @@ def record_check(
     :param seconds: how long they took (a drill's restore time).
     :param by: who checked: ``pg-safe-backup verify``, a task's id, ...
     :param warn: where to say it was not recorded (default: this module's logger).
+    :param encryption_key: the key of an encrypted backup (the record names the manifest it proves).
     :returns: whether it was recorded.
     """
     folder = Path(backup_dir)
@@ -274,6 +320,7 @@ def record_check(
                 "checks": {step.name: step.status for step in report.steps},
                 "summary": report.summary().splitlines()[0],
             },
+            encryption_key,
         )
     except (OSError, CatalogError) as err:
         (warn or _log.warning)(f"the verdict was not recorded in {entry_path(folder)}: {_one_line(err)}")

@@ -25,7 +25,7 @@ from pg_safe_backup.params import (
     unless_rendered_later,
 )
 from pg_safe_backup.retention import carry_out_retention, plan_root
-from pg_safe_backup.utils.mixins import rendered, task_error
+from pg_safe_backup.utils.mixins import encryption_key, rendered, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -58,9 +58,20 @@ class PostgresRestoreDrillOperator(BaseOperator):
     :param restore_timeout: seconds the restore's recovery may take.
     :param work_dir: the scratch folder (default: a temporary folder, removed afterwards).
     :param allow_failed: also take a backup whose newest check failed.
+    :param encryption_conn_id: an Airflow connection whose password is the key of encrypted backups
+        (templated): they prove themselves and are checked decrypted with it (as
+        ``PostgresVerifyBackupOperator`` does); without it an encrypted backup is passed over, named in the
+        log.
     """
 
-    template_fields: Sequence[str] = ("root", "wal_archive", "max_age", "invariant_sql", "work_dir")
+    template_fields: Sequence[str] = (
+        "root",
+        "wal_archive",
+        "max_age",
+        "invariant_sql",
+        "work_dir",
+        "encryption_conn_id",
+    )
     ui_color = "#d6eaf8"
 
     def __init__(
@@ -74,9 +85,11 @@ class PostgresRestoreDrillOperator(BaseOperator):
         restore_timeout: float = 3600,
         work_dir: str | None = None,
         allow_failed: bool = False,
+        encryption_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.encryption_conn_id = encryption_conn_id
         self.root = unless_rendered_later(check_text, root, "root")
         self.allow_failed = check_flag(allow_failed, "allow_failed")
         self.wal_archive = wal_archive
@@ -92,8 +105,9 @@ class PostgresRestoreDrillOperator(BaseOperator):
         root = Path(rendered(check_text, self.root, "root"))
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
         max_age = None if self.max_age in (None, "", "None") else rendered(_seconds, self.max_age, "max_age")
+        key = encryption_key(self.encryption_conn_id)
         try:
-            entries = list_backups(root)
+            entries = list_backups(root, key=key)
             one_cluster(entries, root)  # "the newest" is a cluster's own
         except PgSafeBackupError as err:
             raise task_error(err, f"root {str(root)!r}: {err}") from err
@@ -133,7 +147,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
             )
         began = time.monotonic()
         try:
-            checks = check_backup(newest.folder, wal_archive, restore=False)
+            checks = check_backup(newest.folder, wal_archive, restore=False, encryption_key=key)
             checks_s = time.monotonic() - began
             restored = check_backup(
                 newest.folder,
@@ -144,6 +158,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
                 invariant_db=self.invariant_db,
                 timeout=self.restore_timeout,
                 work_dir=self.work_dir,
+                encryption_key=key,
             )
         except PgSafeBackupError as err:  # CheckNotRun: no verdict, nothing recorded; retried
             raise task_error(err, f"the drill of {newest.name} could not run: {err}") from err
@@ -152,7 +167,9 @@ class PostgresRestoreDrillOperator(BaseOperator):
         for step in report.steps:
             (self.log.error if step.status == "FAIL" else self.log.info)("%s: %s", step.name, step.line())
         ti = context["ti"]
-        record_check(newest.folder, report, checks_s + restore_s, f"drill {ti.dag_id}/{ti.run_id}")
+        record_check(
+            newest.folder, report, checks_s + restore_s, f"drill {ti.dag_id}/{ti.run_id}", encryption_key=key
+        )
         self.log.info(
             "drill: the restore took %.1f s (RTO: %.1f s with the checks before it) for %s",
             restore_s,
