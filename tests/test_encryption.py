@@ -422,3 +422,26 @@ def test_the_drill_checks_an_encrypted_backup_with_its_key_and_passes_it_over_wi
     assert done["checks"]["restore check"]["status"] == "PASS", done["summary"]
     with pytest.raises(AirflowFailException, match="holds no backup that proves itself"):
         keyless.execute(task_context(keyless))
+
+
+def test_retention_counts_an_encrypted_backup_only_with_its_key(enc, tmp_root):
+    """The encrypted tar backup alone under a root: without the key it does not prove itself, so retention
+    removes nothing and says why; with it, it is the kept backup (its label and manifest decrypted)."""
+    root = tmp_root / "root"
+    shutil.copytree(enc.tar, root / "a")
+    shutil.copy2(entry_path(enc.tar), entry_path(root / "a"))
+    before = sorted(str(p) for p in root.rglob("*"))
+
+    without = run_cli("retention", root, "--keep-last", "1")
+    assert without.returncode == 1, without.stdout + without.stderr
+    assert "no backup that proves itself" in without.stderr
+    assert sorted(str(p) for p in root.rglob("*")) == before
+
+    done = run_cli("retention", root, "--keep-last", "1", "--encryption-key-file", enc.key_file)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"keep      {root / 'a'}" in done.stdout
+    assert sorted(str(p) for p in root.rglob("*")) == before
+    assert KEY_TEXT not in done.stdout + done.stderr
+
+    wrong = run_cli("retention", root, "--keep-last", "1", "--encryption-key-env", "PGSB_NO_SUCH_KEY")
+    assert wrong.returncode == 2 and "--encryption-key-env PGSB_NO_SUCH_KEY" in wrong.stderr

@@ -303,19 +303,28 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
         " ending beyond its current WAL position",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
+    add_key_flags(p)
     p.set_defaults(run=_retention, parser=p)
 
 
 def _retention(args: argparse.Namespace) -> int:
     if args.keep_last is None and args.keep_days is None:
         args.parser.error("give --keep-last N and/or --keep-days D")
+    from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.hooks.server import ServerUnreachable
     from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
 
     try:
+        key = encryption_key(args)
+    except CryptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         server = server_position(args.dsn) if args.dsn else None
-        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server)
-        carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print)
+        plan = plan_root(
+            args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server, key=key
+        )
+        carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print, key=key)
     except ValueError as err:  # a bad --keep-last/--keep-days
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -222,9 +222,18 @@ class PostgresBackupRetentionOperator(BaseOperator):
     :param dry_run: only log and return what would go.
     :param postgres_conn_id: the live cluster (templated; optional): backups of another system identifier,
         or ending beyond its current WAL position, are left alone as unverifiable.
+    :param encryption_conn_id: an Airflow connection whose password is the key of encrypted backups
+        (templated); without it an encrypted backup does not prove itself and is left alone.
     """
 
-    template_fields: Sequence[str] = ("root", "wal_archive", "keep_last", "keep_days", "postgres_conn_id")
+    template_fields: Sequence[str] = (
+        "root",
+        "wal_archive",
+        "keep_last",
+        "keep_days",
+        "postgres_conn_id",
+        "encryption_conn_id",
+    )
 
     def __init__(
         self,
@@ -235,9 +244,11 @@ class PostgresBackupRetentionOperator(BaseOperator):
         keep_days: float | str | None = None,
         dry_run: bool = False,
         postgres_conn_id: str | None = None,
+        encryption_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.encryption_conn_id = encryption_conn_id
         self.root = unless_rendered_later(check_text, root, "root")
         self.wal_archive = optional_unless_rendered_later(check_text, wal_archive, "wal_archive")
         self.postgres_conn_id = optional_unless_rendered_later(
@@ -283,15 +294,17 @@ class PostgresBackupRetentionOperator(BaseOperator):
             raise task_error(
                 err, f"postgres_conn_id {self.postgres_conn_id!r}: {err}; removing nothing"
             ) from err
+        key = encryption_key(self.encryption_conn_id)
         try:
             plan = plan_root(
-                storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now, server=server
+                storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now, server=server, key=key
             )
             report = carry_out_retention(
                 plan,
                 wal_archive=storage_path(wal_archive) if wal_archive else None,
                 dry_run=self.dry_run,
                 log=self.log.info,
+                key=key,
             )
         except PgSafeBackupError as err:  # RetentionRefused, CatalogError: never retried
             raise task_error(err, f"retention of {root}: {err}") from err
