@@ -451,7 +451,8 @@ class PostgresVerifyBackupOperator(BaseOperator):
     :param restore: run check 3, the slow one.
     :param encryption_conn_id: for an encrypted backup, an Airflow connection whose password is its key
         (templated): the backup is decrypted into a temporary folder and checked there; without it an
-        encrypted backup cannot be checked (no verdict).
+        encrypted backup cannot be checked (no verdict). The same key reads a WAL archive ``wal-push``
+        encrypted.
     """
 
     template_fields: Sequence[str] = (
@@ -511,6 +512,7 @@ class PostgresVerifyBackupOperator(BaseOperator):
                 recovery_target_immediate=not self.to_end_of_archive,
                 timeout=self.restore_timeout,
                 encryption_key=key,
+                archive_key=key,  # one key: the backup's and the WAL archive's (wal-push --encryption-key-*)
             )
         except PgSafeBackupError as err:  # CheckNotRun, no verdict: a retry may find the archive mounted
             raise task_error(err, f"the checks of {backup_dir} could not run: {err}") from err

@@ -61,7 +61,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
     :param encryption_conn_id: an Airflow connection whose password is the key of encrypted backups
         (templated): they prove themselves and are checked decrypted with it (as
         ``PostgresVerifyBackupOperator`` does); without it an encrypted backup is passed over, named in the
-        log.
+        log. The same key reads a WAL archive ``wal-push`` encrypted.
     """
 
     template_fields: Sequence[str] = (
@@ -147,7 +147,9 @@ class PostgresRestoreDrillOperator(BaseOperator):
             )
         began = time.monotonic()
         try:
-            checks = check_backup(newest.folder, wal_archive, restore=False, encryption_key=key)
+            checks = check_backup(
+                newest.folder, wal_archive, restore=False, encryption_key=key, archive_key=key
+            )
             checks_s = time.monotonic() - began
             restored = check_backup(
                 newest.folder,
@@ -159,6 +161,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
                 timeout=self.restore_timeout,
                 work_dir=self.work_dir,
                 encryption_key=key,
+                archive_key=key,  # one key: the backup's and the WAL archive's (wal-push --encryption-key-*)
             )
         except PgSafeBackupError as err:  # CheckNotRun: no verdict, nothing recorded; retried
             raise task_error(err, f"the drill of {newest.name} could not run: {err}") from err
