@@ -698,3 +698,33 @@ def test_a_backup_restores_through_wal_fetch_from_an_encrypted_archive_in_s3(
         report = check_backup(backups.second, url, archive_key=TEST_KEY, work_dir=backups.scratch)
         assert report.ok, report.summary()
         assert report.step("pg_verifybackup").details["wal_parsed"], report.summary()
+
+
+def test_the_verify_operator_reads_an_encrypted_archive_with_its_key_connection(
+    backups: Backups, managed: Path, task_context: Callable[..., dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """encryption_conn_id's key reads the WAL archive wal-push encrypted (the backup itself is plain):
+    pg_verifybackup parses the fetched WAL and the restore check recovers through wal-fetch."""
+    import json
+
+    from airflow.sdk import DAG
+
+    from pg_safe_backup.operators.backup import PostgresVerifyBackupOperator
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PGSB_WAL_KEY", json.dumps({"conn_type": "generic", "password": TEST_KEY.material.hex()})
+    )
+    give_to_server_user(backups.second)
+    before = files_of(managed)
+    with DAG("pgsb_verify_encrypted_archive", schedule=None):
+        keyed = PostgresVerifyBackupOperator(
+            task_id="verify",
+            backup_dir=str(backups.second),
+            wal_archive=str(managed),
+            encryption_conn_id="pgsb_wal_key",
+        )
+    done = keyed.execute(task_context(keyed))
+    assert done["ok"], done
+    assert done["checks"]["pg_verifybackup"]["status"] == PASS, done
+    assert done["checks"]["restore check"]["status"] == PASS, done
+    assert files_of(managed) == before
