@@ -440,6 +440,81 @@ def test_a_spool_record_of_another_archive_or_other_content_is_not_taken(backlog
     assert not record.exists()
 
 
+def test_a_spool_record_answers_only_for_the_file_as_it_was_pushed_and_only_once(tmp_root):
+    """files/walspool.py: the record names the archive and the file's size, inode and time; a file changed
+    since (other bytes of the same size, or only touched) or another archive is not answered from it."""
+    from pg_safe_backup.files import walspool
+
+    segment = tmp_root / "pg_wal" / "000000010000000000000003"
+    segment.parent.mkdir()
+    segment.write_bytes(b"\x07" * 4096)
+    spool, where = str(tmp_root / "spool"), walspool.archive_location(str(tmp_root / "archive"))
+
+    def recorded() -> None:
+        walspool.write_record(spool, segment.name, walspool.file_state(segment), None, where)
+
+    recorded()
+    assert walspool.answered(segment, where, spool)
+    assert not walspool.answered(segment, where, spool)  # used once
+    recorded()
+    assert not walspool.answered(segment, where + "-other", spool)
+    assert not os.path.exists(walspool.record_path(spool, segment.name))  # a record that did not match: gone
+    recorded()
+    with open(segment, "r+b") as f:
+        f.write(b"\x08")  # the same size, other bytes
+    assert not walspool.answered(segment, where, spool)
+    recorded()
+    os.utime(segment, ns=(1, 1))  # only touched: not the file that was pushed, as far as a record knows
+    assert not walspool.answered(segment, where, spool)
+
+
+def test_a_call_for_a_file_pushed_ahead_imports_only_os_and_json(backlog, archive, tmp_root):
+    """The shortcut in pg_safe_backup/__main__.py: the archiver's call for a recorded file costs a Python
+    start, not the CLI's imports; and its flags are wal-push's (cli.py) that take a value."""
+    import argparse
+
+    from pg_safe_backup import __main__ as entry
+    from pg_safe_backup.cli import add_wal_push_arguments
+
+    parser = argparse.ArgumentParser()
+    add_wal_push_arguments(parser)
+    taking_values = {
+        flag for a in parser._actions if a.option_strings and a.nargs != 0 for flag in a.option_strings
+    }
+    assert taking_values == set(entry._VALUE_FLAGS)
+
+    name = ready(backlog)[-1]
+    spool = tmp_root / "spool"
+    segment = backlog.datadir / "pg_wal" / name
+    from pg_safe_backup.files import walspool
+
+    walspool.write_record(
+        str(spool), name, walspool.file_state(segment), None, walspool.archive_location(str(archive))
+    )
+    args = [
+        "wal-push",
+        "--parallel",
+        "2",
+        f"--archive={archive}",
+        "--spool-dir",
+        str(spool),
+        f"pg_wal/{name}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pg_safe_backup", *args],
+        cwd=backlog.datadir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    ours = sorted(m for m in imported if m.startswith("pg_safe_backup"))
+    assert ours == ["pg_safe_backup", "pg_safe_backup.files", "pg_safe_backup.files.walspool"], ours
+    assert not (archive / name).exists()  # answered from the record: nothing pushed
+    assert not list(spool.iterdir())  # the record used up
+
+
 # ------------------------------------------------------------------- clusters archiving through wal-push
 def s3_env(s3: LocalS3) -> dict[str, str]:
     """The moto server's credentials and endpoint as the AWS tools (and s3fs) read them."""

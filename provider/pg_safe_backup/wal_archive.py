@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import IO
 
 from pg_safe_backup.errors import PermanentError, TransientError
+from pg_safe_backup.files import walspool
 from pg_safe_backup.files.crypt import CHUNK_SIZE, EncryptionKey
 from pg_safe_backup.files.wal import (
     NotWal,
@@ -60,17 +60,14 @@ from pg_safe_backup.files.walarchive import (
     encode,
     parse_stored_name,
 )
+from pg_safe_backup.files.walspool import SPOOL_FOLDER as SPOOL_FOLDER  # re-exported: wal-push's names
+from pg_safe_backup.files.walspool import SPOOL_SUFFIX, archive_location
 
 #: The environment variable ``--archive`` defaults to.
 ARCHIVE_ENV = "PGSB_WAL_ARCHIVE"
 #: A local archive's folder of pushes in progress: never read as WAL, emptied of a name's leftovers by its
 #: next push.
 TEMP_FOLDER = ".pg_safe_backup_tmp"
-#: The spool's default folder, in pg_wal/: a base backup leaves pg_wal/'s contents out (basebackup.c), so
-#: no backup carries its records.
-SPOOL_FOLDER = "pg_safe_backup_spool"
-#: A spool record's suffix.
-SPOOL_SUFFIX = ".pushed"
 #: A WAL segment's name (no .partial): the files with a long page header.
 SEGMENT_NAME_LENGTH = 24
 
@@ -291,19 +288,6 @@ class UrlStore(Store):
         self.fs.pipe_file(self._path(stored), data)
 
 
-def archive_location(archive: str) -> str:
-    """How a store names ``archive`` (its ``where``), known without opening it: a spool record is compared
-    with it before fsspec is imported.
-
-    :param archive: ``--archive``'s value.
-    """
-    if archive.startswith("file://"):
-        return str(Path(archive[len("file://") :]).absolute())
-    if "://" in archive:
-        return archive.rstrip("/")
-    return str(Path(archive).absolute())
-
-
 def open_store(archive: str) -> Store:
     """The store ``archive`` names: a folder, a file:// URL (both :class:`LocalStore`), or another URL.
 
@@ -501,53 +485,13 @@ def push(
 
 # ----------------------------------------------------------------------------------- push ahead: spool
 def spool_folder(path: Path, spool_dir: Path | None = None) -> Path:
-    """Where the spool records of ``path``'s cluster are: ``spool_dir``, else pg_wal/:data:`SPOOL_FOLDER`."""
-    return Path(spool_dir) if spool_dir else Path(os.path.abspath(path)).parent / SPOOL_FOLDER
-
-
-def _record_path(spool: Path, name: str) -> Path:
-    return spool / f"{name}{SPOOL_SUFFIX}"
-
-
-def record_pushed(spool: Path, store: Store, pushed: Pushed) -> None:
-    """Record durably that ``pushed`` is in ``store`` (called only once it is durable there)."""
-    spool.mkdir(exist_ok=True)
-    final = _record_path(spool, pushed.name)
-    temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    body = {"name": pushed.name, "size": pushed.size, "sha256": pushed.sha256, "archive": store.where}
-    with open(temp, "w") as f:
-        json.dump(body, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, final)
-    fsync_path(spool)
+    """Where the spool records of ``path``'s cluster are (:func:`files.walspool.spool_folder`)."""
+    return Path(walspool.spool_folder(path, spool_dir))
 
 
 def answered_by_spool(path: Path, where: str, spool: Path) -> bool:
-    """Whether a push ahead already archived ``path`` into ``where``: its record names this archive, and
-    the file's size and SHA-256 are the recorded ones. The record is used once (removed).
-
-    :param path: the file PostgreSQL asks to archive.
-    :param where: the archive it asks for (:func:`archive_location`).
-    :param spool: the spool folder.
-    """
-    record = _record_path(spool, path.name)
-    try:
-        body = json.loads(record.read_text())
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):
-        body = {}
-    with contextlib.suppress(FileNotFoundError):
-        record.unlink()  # used once; if it does not match, the push that follows decides
-    if not isinstance(body, dict) or body.get("archive") != where:
-        return False
-    try:
-        if os.path.getsize(path) != body.get("size"):
-            return False
-    except OSError:
-        return False
-    return file_sha256(path)[0] == body.get("sha256")
+    """Whether a push ahead already archived ``path`` into ``where`` (:func:`files.walspool.answered`)."""
+    return walspool.answered(path, where, spool)
 
 
 def ready_files(path: Path) -> list[str]:
@@ -590,15 +534,16 @@ def push_ahead(
     waiting = ready_files(path)
     for name in recorded.difference(waiting, [path.name]):  # no longer .ready: never asked for, stale
         with contextlib.suppress(FileNotFoundError):
-            _record_path(spool, name).unlink()
+            os.unlink(walspool.record_path(spool, name))
     ahead = [n for n in waiting if n not in recorded][: max(parallel - 1, 0)]
 
     def one(name: str) -> None:
         try:
+            state = walspool.file_state(path.parent / name)  # before it is read: a later change shows
             pushed = push(
                 path.parent / name, store, compression=compression, key=key, data_dir=data_dir, sha256=True
             )
-            record_pushed(spool, store, pushed)
+            walspool.write_record(spool, name, state, pushed.sha256, store.where)
         except Exception as err:  # noqa: BLE001 - PostgreSQL asks for it later; its own push then fails loudly
             warn(f"pushing {name} ahead: {' '.join(str(err).split())}")
 
