@@ -308,6 +308,7 @@ def run(work: Path, segments: int = 64, compression: str = "none", timeout: floa
     :param compression: none, gzip, lz4 or zstd: ours and pgBackRest's alike.
     :param timeout: the longest one command may take to archive them (seconds).
     """
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     root = work / "wal"
     cluster = LocalCluster(root / "data").init(
         settings={
@@ -365,6 +366,8 @@ def run(work: Path, segments: int = 64, compression: str = "none", timeout: floa
             "load_segments_s_min": min((v["load_segments_s"] for v in per_line.values()), default=None),
             "lines": per_line,
             "skipped": skipped,
+            # Other work on the machine (it is shared) shows up here.
+            "load_avg_at_start": load_at_start,
             "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
         },
     }
