@@ -28,31 +28,18 @@ import json
 import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pg_safe_backup.catalog import (
-    CatalogError,
-    choose_backup,
-    entry_path,
-    format_listing,
-    list_backups,
-    one_cluster,
-    parse_when,
-)
-from pg_safe_backup.hooks.server import ServerUnreachable
-from pg_safe_backup.local_cluster import SERVER_USER
-from pg_safe_backup.restore import (
-    ARCHIVE_MODES,
-    TARGET_ACTIONS,
-    RecoveryTarget,
-    RestoreError,
-    prepare_restore,
-    start_command,
-)
-from pg_safe_backup.restore_check import _one_line
-from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
-from pg_safe_backup.verify import BackupCheck, CheckNotRun, check_backup, record_check
+from pg_safe_backup.errors import PgSafeBackupError
+
+if TYPE_CHECKING:  # annotations only: never imported when the command runs
+    from datetime import datetime
+
+    from pg_safe_backup.verify import BackupCheck
+
+# The domain modules are imported inside each subcommand's functions: ``wal-push`` runs once per WAL segment
+# as archive_command and must start in a few tens of milliseconds, without psycopg or fsspec.
 
 # -------------------------------------------------------------------------------------------- verify
 VERIFY_DESCRIPTION = (
@@ -72,6 +59,8 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
     :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the checks.
     """
+    from pg_safe_backup.local_cluster import SERVER_USER
+
     p.add_argument("backup_dir", type=Path)
     p.add_argument(
         "wal_archive", type=Path, nargs="?", help="the WAL archive; omit for a self-contained backup"
@@ -113,6 +102,10 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from pg_safe_backup.catalog import entry_path
+    from pg_safe_backup.restore_check import _one_line
+    from pg_safe_backup.verify import CheckNotRun, record_check
+
     began = time.monotonic()
     try:
         report = _check(args)
@@ -136,6 +129,8 @@ def _warn(line: str) -> None:
 
 def _check(args: argparse.Namespace) -> BackupCheck:
     """:func:`check_backup` as the CLI's flags say."""
+    from pg_safe_backup.verify import check_backup
+
     return check_backup(
         args.backup_dir,
         args.wal_archive,
@@ -181,6 +176,8 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from pg_safe_backup.catalog import format_listing, list_backups
+
     if not args.root.is_dir():
         print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
         return 2
@@ -236,6 +233,9 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
 def _retention(args: argparse.Namespace) -> int:
     if args.keep_last is None and args.keep_days is None:
         args.parser.error("give --keep-last N and/or --keep-days D")
+    from pg_safe_backup.hooks.server import ServerUnreachable
+    from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
+
     try:
         server = server_position(args.dsn) if args.dsn else None
         plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server)
@@ -275,6 +275,8 @@ def _tablespace_flag(text: str) -> tuple[str, Path]:
 
 
 def _time_flag(text: str) -> datetime:
+    from pg_safe_backup.catalog import parse_when
+
     try:
         return parse_when(text)  # Z, +00, UTC...: the forms PostgreSQL reads, on every Python
     except ValueError as err:
@@ -286,6 +288,9 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
 
     :param p: the parser (or subcommand parser) to add them to; its ``run`` default runs the restore.
     """
+    from pg_safe_backup.local_cluster import SERVER_USER
+    from pg_safe_backup.restore import ARCHIVE_MODES, TARGET_ACTIONS
+
     p.add_argument(
         "backup",
         type=Path,
@@ -353,6 +358,9 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    from pg_safe_backup.catalog import CatalogError, choose_backup, list_backups, one_cluster
+    from pg_safe_backup.restore import RecoveryTarget, RestoreError, prepare_restore, start_command
+
     backup = args.backup
     try:
         if args.latest_before is not None:
@@ -429,6 +437,157 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------- wal-push, wal-fetch
+WAL_PUSH_DESCRIPTION = (
+    "Archive one WAL file (archive_command's %p) into a local folder or an object store (s3://, gs://,"
+    " abfs://): durable before it exits 0, never overwriting (the same file already archived is success,"
+    " other content an error naming both checksums), refusing another cluster's segment; optionally"
+    " compressed and encrypted."
+)
+WAL_PUSH_EPILOG = """examples (postgresql.conf):
+  archive_command = 'pg-safe-backup wal-push --archive /backups/wal --compress zstd %p'
+  archive_command = 'pg-safe-backup wal-push --archive s3://bucket/wal --compress lz4 \\
+      --encryption-key-file /etc/pg-safe-backup/wal.key --parallel 4 %p'
+
+Exits 0 once the file is durable in the archive, 1 otherwise (PostgreSQL keeps the file and asks again).
+With --parallel N it pushes the next .ready files too, N at once, and records each one durable in a spool
+(pg_wal/pg_safe_backup_spool/ or --spool-dir): PostgreSQL's call for it is then answered at once."""
+WAL_FETCH_DESCRIPTION = (
+    "Fetch one WAL file (restore_command's %f into %p) from an archive wal-push wrote (or cp did):"
+    " decrypted, decompressed, fsynced, renamed into place."
+)
+WAL_FETCH_EPILOG = """example (postgresql.conf of the restored server):
+  restore_command = 'pg-safe-backup wal-fetch --archive s3://bucket/wal \\
+      --encryption-key-env PGSB_KEY %f %p'
+
+Exits 0 when %p is written; 1, printing nothing, when the archive does not hold %f (the end of the archive,
+normal at the end of recovery); 255 on any other failure, with one line on stderr: above 125, so PostgreSQL
+stops recovery rather than take a wrong key or a damaged file for the end of the archive."""
+#: wal-fetch's status for a failure: PostgreSQL takes a restore_command's status above 125 as fatal
+#: (xlogarchive.c, wait_result_is_any_signal), any other as "not archived".
+FETCH_FAILED = 255
+
+
+def _add_archive_arguments(p: argparse.ArgumentParser) -> None:
+    """--archive and the key flags, shared by wal-push and wal-fetch."""
+    p.add_argument(
+        "--archive",
+        metavar="URL_OR_DIR",
+        default=os.environ.get("PGSB_WAL_ARCHIVE"),
+        help="the archive: a folder, file://, s3://bucket/prefix, gs://, abfs://"
+        " (default: $PGSB_WAL_ARCHIVE)",
+    )
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--encryption-key-file", type=Path, metavar="FILE", help="the key: 64 hex digits")
+    keys.add_argument("--encryption-key-env", metavar="NAME", help="the environment variable holding the key")
+
+
+def add_wal_push_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup wal-push``.
+
+    :param p: the (sub)parser to add them to; its ``run`` default pushes.
+    """
+    _add_archive_arguments(p)
+    p.add_argument(
+        "--compress", choices=("none", "gzip", "lz4", "zstd"), default="none", help="default: none"
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="push the next .ready files with %%p, N at once (default 1: %%p alone)",
+    )
+    p.add_argument(
+        "--spool-dir",
+        type=Path,
+        metavar="DIR",
+        help="where --parallel records the files pushed ahead (default: pg_wal/pg_safe_backup_spool)",
+    )
+    p.add_argument("path", type=Path, metavar="%p", help="the file to archive, as PostgreSQL names it")
+    p.set_defaults(run=_wal_push, parser=p)
+
+
+def add_wal_fetch_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup wal-fetch``.
+
+    :param p: the (sub)parser to add them to; its ``run`` default fetches.
+    """
+    _add_archive_arguments(p)
+    p.add_argument("name", metavar="%f", help="the file's name")
+    p.add_argument("path", type=Path, metavar="%p", help="where to write it")
+    p.set_defaults(run=_wal_fetch, parser=p)
+
+
+def _wal_key(args: argparse.Namespace):  # noqa: ANN202 - an EncryptionKey or None, crypt imported lazily
+    from pg_safe_backup.files.crypt import EncryptionKey
+
+    if args.encryption_key_file is not None:
+        return EncryptionKey.from_file(args.encryption_key_file)
+    if args.encryption_key_env is not None:
+        return EncryptionKey.from_env(args.encryption_key_env)
+    return None
+
+
+def _wal_store(args: argparse.Namespace):  # noqa: ANN202 - a wal_archive.Store
+    from pg_safe_backup.wal_archive import WalArchiveError, open_store
+
+    if not args.archive:
+        raise WalArchiveError(
+            "--archive URL_OR_DIR (or the environment variable PGSB_WAL_ARCHIVE) is required"
+        )
+    return open_store(args.archive)
+
+
+def _wal_error(command: str, err: BaseException) -> None:
+    text = " ".join(str(err).split()) or err.__class__.__name__
+    if isinstance(err, OSError) and not isinstance(err, PgSafeBackupError) and err.filename:
+        text = f"{err.strerror or err.__class__.__name__}: {err.filename}"
+    print(f"pg-safe-backup {command}: error: {text}", file=sys.stderr)
+
+
+def _wal_push(args: argparse.Namespace) -> int:
+    from pg_safe_backup import wal_archive
+
+    if args.parallel < 1:
+        args.parser.error(f"--parallel {args.parallel}: give 1 or more")
+    try:
+        store = _wal_store(args)
+        key = _wal_key(args)
+        spool = wal_archive.spool_folder(args.path, args.spool_dir)
+        if wal_archive.answered_by_spool(args.path, store, spool):
+            return 0
+        if args.parallel == 1:
+            wal_archive.push(args.path, store, compression=args.compress, key=key)
+        else:
+            wal_archive.push_ahead(
+                args.path,
+                store,
+                parallel=args.parallel,
+                spool=spool,
+                compression=args.compress,
+                key=key,
+                warn=lambda line: print(f"pg-safe-backup wal-push: warning: {line}", file=sys.stderr),
+            )
+    except Exception as err:  # noqa: BLE001 - archive_command: one line in the server log, never a traceback
+        _wal_error("wal-push", err)
+        return 1
+    return 0
+
+
+def _wal_fetch(args: argparse.Namespace) -> int:
+    from pg_safe_backup.wal_archive import WalNotArchived, fetch
+
+    try:
+        fetch(args.name, args.path, _wal_store(args), key=_wal_key(args))
+    except WalNotArchived:
+        return 1  # the end of the archive: silent, as recovery asks past it every time
+    except Exception as err:  # noqa: BLE001 - restore_command: one line in the server log, never a traceback
+        _wal_error("wal-fetch", err)
+        return FETCH_FAILED
+    return 0
+
+
 # --------------------------------------------------------------------------------------- the command
 #: Each subcommand: name, what adds its arguments, its line in the overview, its description and its
 #: epilog (examples, kept as written).
@@ -461,24 +620,50 @@ SUBCOMMANDS = (
         RESTORE_DESCRIPTION,
         RESTORE_EPILOG,
     ),
+    (
+        "wal-push",
+        add_wal_push_arguments,
+        "archive_command: archive a WAL file durably, compressed and encrypted if asked",
+        WAL_PUSH_DESCRIPTION,
+        WAL_PUSH_EPILOG,
+    ),
+    (
+        "wal-fetch",
+        add_wal_fetch_arguments,
+        "restore_command: fetch a WAL file from the archive wal-push writes",
+        WAL_FETCH_DESCRIPTION,
+        WAL_FETCH_EPILOG,
+    ),
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``pg-safe-backup`` command line; returns the exit status."""
+    """Run the ``pg-safe-backup`` command line; returns the exit status.
+
+    Only the chosen subcommand's arguments are built (each may import its domain module for a default); the
+    others appear in the overview by name.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="pg-safe-backup", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, add_arguments, overview, description, epilog in SUBCOMMANDS:
-        add_arguments(
-            sub.add_parser(
-                name,
-                help=overview,
-                description=description,
-                epilog=epilog,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-            )
+        p = sub.add_parser(
+            name,
+            help=overview,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-    args = parser.parse_args(argv)
+        if name == chosen:
+            add_arguments(p)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:
+        # argparse's 2 would be "not archived" to PostgreSQL, ending recovery early: a usage error is fatal.
+        if chosen == "wal-fetch" and done.code == 2:
+            return FETCH_FAILED
+        raise
     return args.run(args)
 
 

@@ -9,7 +9,6 @@ followed a promotion spans two), and the timeline history files up to the stop's
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import re
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.errors import PermanentError, TransientError
-from pg_safe_backup.files.manifest import ManifestError, backup_wal_ranges
-from pg_safe_backup.files.pgcontrol import read_pg_control
 from pg_safe_backup.files.xlog import (
     WAL_NAME,
     history_file_name,
@@ -58,6 +55,8 @@ def segment_system_identifier(path: Path) -> int:
     """
     path = Path(path)
     if path.name.endswith(".gz"):
+        import gzip  # imports kept lazy here: wal-push reads each segment's header through this module
+
         with gzip.open(path, "rb") as f:
             head = f.read(_LONG_HEADER.size)
     elif path.name.endswith(".zst"):
@@ -68,11 +67,21 @@ def segment_system_identifier(path: Path) -> int:
     else:
         with open(path, "rb") as f:
             head = f.read(_LONG_HEADER.size)
+    return header_system_identifier(head, str(path))
+
+
+def header_system_identifier(head: bytes, what: str) -> int:
+    """The system identifier in a WAL segment's first bytes (its long page header).
+
+    :param head: the segment's first bytes (at least the long page header's 40).
+    :param what: the segment's name or path, for the error.
+    :raises NotWal: too short, or no long header.
+    """
     if len(head) < _LONG_HEADER.size:
-        raise NotWal(f"{path} is not a WAL segment: {len(head)} bytes")
-    _magic, info, _tli, _addr, _rem, sysid, _seg, _blck = _LONG_HEADER.unpack(head)
+        raise NotWal(f"{what} is not a WAL segment: {len(head)} bytes")
+    _magic, info, _tli, _addr, _rem, sysid, _seg, _blck = _LONG_HEADER.unpack(head[: _LONG_HEADER.size])
     if not info & _XLP_LONG_HEADER:
-        raise NotWal(f"{path} is not a WAL segment: its first page has no long header")
+        raise NotWal(f"{what} is not a WAL segment: its first page has no long header")
     return sysid
 
 
@@ -111,6 +120,9 @@ def backup_wal_names(
     :param timeline_history: the history file of ``stop_timeline`` when it is not the start's.
     :raises ValueError: the label has no start, or the history does not lead from its timeline.
     """
+    from pg_safe_backup.files.manifest import backup_wal_ranges
+    from pg_safe_backup.files.pgcontrol import read_pg_control
+
     size = read_pg_control(Path(copy_dir)).xlog_seg_size
     # The major only chooses how a manifest prints LSNs; they are read back here.
     ranges = backup_wal_ranges(backup_label, stop_lsn, 13, stop_timeline, timeline_history)
@@ -153,6 +165,9 @@ def include_wal(
     :raises ManifestError: the label has no start, or the history does not lead from its timeline.
     """
     copy_dir, wal_archive = Path(copy_dir), Path(wal_archive)
+    from pg_safe_backup.files.manifest import ManifestError
+    from pg_safe_backup.files.pgcontrol import read_pg_control
+
     segment_size = read_pg_control(copy_dir).xlog_seg_size
     try:
         names = backup_wal_names(copy_dir, backup_label, stop_lsn, stop_timeline, timeline_history)
