@@ -144,6 +144,11 @@ def _wal_push_lines(compression: str) -> list[Line]:
         env={**os.environ, **({"PYTHONPATH": str(provider)} if provider else {})},
     )
     why = None if probe.returncode == 0 else "pg-safe-backup has no wal-push command in this checkout yet"
+    if provider and not why:
+        # Byte-compiled as `pip install` leaves it: the server's OS user cannot write __pycache__ here, and
+        # would compile the modules it imports on every push.
+        package = provider / "pg_safe_backup"
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
 
     def push(extra: str) -> Callable[[Path], str]:
         return lambda archive: (
