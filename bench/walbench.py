@@ -1,9 +1,10 @@
 """Figure 9: WAL archiving in segments per second through ``pg-safe-backup wal-push``, beside ``cp`` +
 ``sync`` and ``pgbackrest archive-push``, on one cluster under one pgbench load.
 
-One cluster (WAL level replica, ``archive_mode = on``) in the work folder (on disk: the archives' fsyncs
-are real), a pgbench load inserting random rows (``wal_load``, about 75 kB of WAL a transaction). For each
-archive_command in turn, into a fresh archive folder of its own:
+One cluster (WAL level replica, ``archive_mode = on``; fsync off as every bench cluster: only the archive
+commands' own fsyncs count) in the work folder (on disk: those fsyncs are real), a pgbench load inserting
+random rows (``wal_load``, about 75 kB of WAL a transaction). For each archive_command in turn, into a fresh
+archive folder of its own:
 
 1. fill: with ``archive_command = ''`` (archiving paused: PostgreSQL keeps the segments, ``.ready``) the
    load runs unthrottled until SEGMENTS segments wait (its rate is ``fill_segments_s``);
