@@ -3,16 +3,17 @@
 
 One cluster (WAL level replica, ``archive_mode = on``; fsync off as every bench cluster: only the archive
 commands' own fsyncs count) in the work folder (on disk: those fsyncs are real), a pgbench load inserting
-random rows (``wal_load``, about 75 kB of WAL a transaction). For each archive_command in turn, into a fresh
+random rows (``wal_load``, about 60 kB of WAL a transaction). For each archive_command in turn, into a fresh
 archive folder of its own:
 
 1. fill: with ``archive_command = ''`` (archiving paused: PostgreSQL keeps the segments, ``.ready``) the
    load runs unthrottled until SEGMENTS segments wait (its rate is ``fill_segments_s``);
-2. drain: the load goes on at a fixed rate (``load_tps`` transactions/s, over one segment a second: its
-   measured rate is ``load_segments_s``), the archive_command is set (ALTER SYSTEM, pg_reload_conf()) and
-   the clock runs until ``pg_stat_archiver.last_archived_wal`` reaches the last segment that waited, or
-   for TIME_BOX seconds at most (a slower command: its rate over fewer segments, ``time_boxed``). The
-   archiver takes the oldest first, so the figure is pg_stat_archiver's archived count over that time;
+2. drain: the load goes on at a fixed rate (``load_tps`` transactions/s, over one segment a second; per
+   command as measured: ``load_tps``, ``load_segments_s``), the archive_command is set (ALTER SYSTEM,
+   pg_reload_conf()) and the clock runs until ``pg_stat_archiver.last_archived_wal`` reaches the last
+   segment that waited, or for TIME_BOX seconds at most (a slower command: its rate over fewer segments,
+   ``time_boxed``). The archiver takes the oldest first, so the figure is pg_stat_archiver's archived count
+   over that time;
 3. the segments the load added meanwhile are marked archived (``archive_command = 'true'``): the next
    command starts from the same backlog.
 
@@ -54,7 +55,7 @@ from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_s
 
 SEGMENT_BYTES = 16 * 2**20
 STANZA = "bench"
-#: One transaction of the load: 500 rows of 64 random hex digits, about 75 kB of WAL.
+#: One transaction of the load: 500 rows of 64 random hex digits, about 60 kB of WAL.
 LOAD_SCRIPT = (
     "INSERT INTO wal_load (payload) SELECT md5(random()::text) || md5(random()::text)"
     " FROM generate_series(1, 500);\n"
@@ -199,6 +200,13 @@ def _lsn(conn: Connection) -> int:
     return int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])
 
 
+def _commits(conn: Connection) -> int:
+    """Transactions committed in this database so far (the load's; the statistics lag by up to 0.5 s)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    query = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    return int(conn.execute(query).fetchone()[0])
+
+
 def _du(path: Path) -> int:
     return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True).stdout.split()[0])
 
@@ -272,7 +280,7 @@ def _drain(
         _wait_load_started(conn, load)
         target = _ready(conn)[-1]
         count0, failed0 = conn.execute("SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone()
-        lsn0 = _lsn(conn)
+        lsn0, commits0 = _lsn(conn), _commits(conn)
         began = time.monotonic()
         _set_archive_command(conn, command)
         while True:
@@ -293,7 +301,7 @@ def _drain(
                 break
             load.check()
             time.sleep(0.01)
-        load_segments_s = (_lsn(conn) - lsn0) / SEGMENT_BYTES / seconds
+        wal_bytes, commits = _lsn(conn) - lsn0, _commits(conn) - commits0
     finally:
         _set_archive_command(conn, "")
         load.stop()
@@ -302,7 +310,9 @@ def _drain(
         "segments": archived,
         "seconds": round(seconds, 2),
         "segments_s": round(archived / seconds, 2),
-        "load_segments_s": round(load_segments_s, 2),
+        "load_segments_s": round(wal_bytes / SEGMENT_BYTES / seconds, 2),
+        "load_tps": round(commits / seconds),
+        "load_wal_kb_per_tx": round(wal_bytes / 1024 / commits, 1) if commits else None,
         "last_segment": target,
         "time_boxed": seconds > time_box,
     }
