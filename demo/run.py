@@ -7,8 +7,12 @@ DAG ``pg_backup_example`` triggered and followed, its copy pinned to that queue;
 stored backup, recorded in its catalog entry (``<backup>.backup_info.json``, beside it); last,
 ``pg-safe-backup list`` of the demo's backups.
 
+The demo cluster archives its WAL with ``pg-safe-backup wal-push`` (gzip) and the restore check reads it
+back with ``wal-fetch``, both run by the server as its OS user: they import this package from a copy in
+the work directory (put first on PYTHONPATH), so a private checkout works too.
+
 Point it at a real cluster instead with DEMO_PG_URI (an Airflow connection URI), DEMO_PGDATA (its
-data directory, readable here) and DEMO_WAL_ARCHIVE (where its archive_command copies WAL).
+data directory, readable here) and DEMO_WAL_ARCHIVE (its WAL archive).
 Everything it starts is stopped at the end (also on Ctrl-C or failure) unless --keep is given.
 
 Its files go to a work directory the PostgreSQL server's OS user can reach (as root, the server runs
@@ -31,14 +35,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import pg_safe_backup
 from demo.load import Writer, invariant_sql, wait_archived
 from demo.stack import DEFAULT_QUEUE, AirflowStack
 from pg_safe_backup.local_cluster import (
     LocalCluster,
+    as_server_user,
+    command_for_server,
     find_bindir,
     give_to_server_user,
     unreachable_by_server_user,
 )
+from pg_safe_backup.restore import quote_setting
 from pg_safe_backup.verify import check_backup, record_check
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +64,12 @@ def make_demo_cluster(work: Path) -> tuple[LocalCluster, Path]:
     archive = work / "wal_archive"
     archive.mkdir(parents=True)
     give_to_server_user(archive)
+    push = command_for_server("wal-push", "--archive", str(archive), "--compress", "gzip") + " %p"
     cluster = (
         LocalCluster(work / "pg" / "data")
         .init(
             password=PASSWORD,
-            settings={"archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'", "archive_timeout": 0},
+            settings={"archive_mode": "on", "archive_command": quote_setting(push), "archive_timeout": 0},
         )
         .start()
     )
@@ -105,6 +114,26 @@ def prepare_workdir(work: Path) -> None:
     if why:
         shutil.rmtree(work, ignore_errors=True)
         raise DemoSetupError(f"cannot use the work directory {work}: {why}; {fix}, e.g. under /var/tmp")
+    share_package(work)
+
+
+def share_package(work: Path) -> None:
+    """Copy this package into ``work``/lib and put it first on PYTHONPATH (the servers started from here
+    inherit it), so that the server's OS user runs wal-push and wal-fetch from a checkout it cannot enter.
+
+    :raises DemoSetupError: that user cannot run this interpreter (one under a private folder).
+    """
+    lib = work / "lib"
+    package = Path(pg_safe_backup.__file__).parent  # the one imported here: this checkout's
+    shutil.copytree(package, lib / "pg_safe_backup", ignore=shutil.ignore_patterns("__pycache__"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(lib), os.environ.get("PYTHONPATH")) if p)
+    probe = [sys.executable, "-m", "pg_safe_backup", "wal-push", "--help"]
+    if subprocess.run(as_server_user(probe), capture_output=True).returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise DemoSetupError(
+            f"the server's OS user cannot run {sys.executable} (its archive_command runs pg-safe-backup"
+            " wal-push): install Python where that user can reach it, or run `make prereqs` as root"
+        )
 
 
 def cleanup_previous(work: Path) -> None:

@@ -28,3 +28,13 @@ fi
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --create-home --shell /bin/bash postgres
 fi
+# The server runs `pg-safe-backup wal-push` / `wal-fetch` (archive_command, restore_command) as its own OS
+# user with this Python: every folder above the interpreter must let it pass (a pyenv under /root does not).
+if [ "$(id -u)" -eq 0 ] && id postgres >/dev/null 2>&1; then
+  interpreter=$("${PYTHON:-python3}" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+  folder=""
+  for part in $(dirname "$interpreter" | tr '/' ' '); do
+    folder="$folder/$part"
+    runuser -u postgres -- test -x "$folder" || chmod o+x "$folder"
+  done
+fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
 import shutil
 import struct
@@ -22,6 +23,7 @@ from psycopg import sql
 from demo.load import Writer, wait_archived
 from pg_safe_backup.catalog import BackupInfo, info_for_backup, write_info
 from pg_safe_backup.files.copier import copy_data_directory, is_local_path
+from pg_safe_backup.files.crypt import EncryptionKey, encrypt_chunks
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 from pg_safe_backup.files.manifest import (
@@ -32,7 +34,8 @@ from pg_safe_backup.files.manifest import (
     write_manifest,
 )
 from pg_safe_backup.files.pgcontrol import CRC_OFFSET, crc32c
-from pg_safe_backup.files.wal import WAL_SEGMENT
+from pg_safe_backup.files.wal import WAL_SEGMENT, segment_system_identifier
+from pg_safe_backup.files.walarchive import IDENTITY_FILE, ArchiveIdentity, StoredName, parse_stored_name
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server_user
 from pg_safe_backup.pgverify import VerifyRun, run_pg_verifybackup
@@ -548,7 +551,7 @@ def another_clusters_archive(root: Path) -> Path:
 
     :param root: a folder the postgres OS user can enter.
     """
-    other = LocalCluster(root / "other" / "data").init()
+    other = LocalCluster(root / "other" / "data").init(fresh=True)
     archive = root / "other" / "archive"
     archive.mkdir()
     first = min(p.name for p in (other.datadir / "pg_wal").iterdir() if WAL_SEGMENT.match(p.name))
@@ -558,16 +561,20 @@ def another_clusters_archive(root: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ a primary and a standby
-def archiving_cluster(datadir: Path, archive: Path, password: str, **settings: str) -> LocalCluster:
+def archiving_cluster(
+    datadir: Path, archive: Path, password: str, fresh: bool = False, **settings: str
+) -> LocalCluster:
     """A started cluster in ``datadir`` whose WAL is archived into ``archive``.
 
     log_statement=all: every pg_backup_start is in the server log, so the tests can count them.
 
+    :param fresh: a system identifier of its own (:meth:`LocalCluster.init`), for tests of several clusters.
     :param settings: more postgresql.conf settings.
     """
     return (
         LocalCluster(datadir)
         .init(
+            fresh=fresh,
             password=password,
             settings={
                 "archive_mode": "on",
@@ -729,3 +736,54 @@ def cluster_with_space(root: Path) -> Iterator[tuple[LocalCluster, Path, Path]]:
     finally:
         env.undo()
         cluster.stop("immediate")
+
+
+# ------------------------------------------------------------------------ an archive wal-push manages
+#: A key for the encrypted archives of the tests (never a real one).
+TEST_KEY = EncryptionKey(bytes(range(32)))
+
+
+def stored_bytes(data: bytes, compression: str, key: EncryptionKey | None) -> bytes:
+    """``data`` as a managed archive stores it: compressed, then encrypted with ``key`` (None: not)."""
+    if compression == "gzip":
+        data = gzip.compress(data)
+    elif compression == "zstd":
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    elif compression == "lz4":
+        import lz4.frame
+
+        data = lz4.frame.compress(data)
+    return b"".join(encrypt_chunks([data], key)) if key is not None else data
+
+
+def managed_archive(
+    plain: Path,
+    into: Path,
+    major: int,
+    key: EncryptionKey | None = None,
+    compressions: tuple[str, ...] = ("zstd", "gzip"),
+) -> Path:
+    """A copy of the ``cp`` archive ``plain`` as ``wal-push`` stores one (files/walarchive.py): its identity
+    file at the top, and each archived file under its stored name, compressed in turn with ``compressions``
+    and encrypted with ``key``; readable by the server's OS user.
+
+    :param plain: a cp archive (names as PostgreSQL gave them).
+    :param into: the new archive's folder (absent).
+    :param major: the cluster's PostgreSQL major.
+    :param key: encrypt with it (None: not encrypted).
+    :param compressions: a cycle of keys of walarchive.COMPRESSIONS.
+    """
+    into.mkdir()
+    names = sorted(p.name for p in plain.iterdir() if parse_stored_name(p.name) is not None)
+    first = next(n for n in names if WAL_SEGMENT.match(n))
+    size = (plain / first).stat().st_size
+    identity = ArchiveIdentity(segment_system_identifier(plain / first), major, size)
+    (into / IDENTITY_FILE).write_bytes(identity.to_json())
+    for i, name in enumerate(names):
+        compression = compressions[i % len(compressions)]
+        stored = StoredName(name, compression, key is not None).stored
+        (into / stored).write_bytes(stored_bytes((plain / name).read_bytes(), compression, key))
+    give_to_server_user(into)
+    return into

@@ -26,6 +26,7 @@ from packaging.version import Version
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import (
     SERVER_USER,
+    TEMPLATES_ENV,
     LocalCluster,
     as_server_user,
     free_port,
@@ -42,6 +43,19 @@ CONN_ID = "pg_test"
 
 def pytest_report_header() -> str:
     return _BINARIES
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One initdb per binaries folder and password, every other cluster a copy of it (see
+    :meth:`LocalCluster.init`; ``fresh=True`` where a test needs another system identifier). The
+    templates live in a folder of this run's own, which the postgres OS user can enter."""
+    if not os.environ.get(TEMPLATES_ENV):
+        templates = tempfile.mkdtemp(prefix="pgsb-templates-")
+        os.chmod(templates, 0o755)
+        os.environ[TEMPLATES_ENV] = templates
+        config.add_cleanup(
+            lambda: (shutil.rmtree(templates, ignore_errors=True), os.environ.pop(TEMPLATES_ENV))
+        )
 
 
 def pyproject() -> dict[str, Any]:

@@ -116,7 +116,7 @@ def test_copy_during_backup_accepted_older_copy_and_other_cluster_refused(hook, 
     with pytest.raises(CopyMismatch, match="taken before this backup started"):
         check_copy(tmp_root / "before", backup["system_identifier"], backup["backup_label"])
 
-    other = LocalCluster(tmp_root / "other").init()
+    other = LocalCluster(tmp_root / "other").init(fresh=True)
     with pytest.raises(CopyMismatch, match="of another cluster"):
         check_copy(other.datadir, backup["system_identifier"], backup["backup_label"])
 

@@ -14,7 +14,9 @@ from pg_safe_backup.files.crypt import (
     CHUNK_SIZE,
     HEADER_SIZE,
     CryptError,
+    EncryptingWriter,
     EncryptionKey,
+    decrypt_bytes,
     decrypt_chunks,
     decrypt_stream,
     encrypt_stream,
@@ -45,6 +47,27 @@ def test_round_trip_of_every_size_around_a_chunk(size):
     assert len(sealed) == HEADER_SIZE + size + 16 * chunks
     assert key_id_of(sealed) == KEY.key_id
     assert open_(sealed) == plain
+
+
+@pytest.mark.parametrize(
+    "writes",
+    [[], [0], [CHUNK_SIZE], [CHUNK_SIZE - 1, 1], [3, CHUNK_SIZE, CHUNK_SIZE + 7, 1, 0, 2 * CHUNK_SIZE]],
+)
+def test_the_writer_a_tar_or_upload_pushes_into_writes_the_same_format(writes):
+    plain = os.urandom(sum(writes))
+    out = io.BytesIO()
+    writer = EncryptingWriter(out, KEY)
+    at = 0
+    for size in writes:
+        writer.write(plain[at : at + size])
+        at += size
+    writer.flush()  # a flush seals nothing: only close ends the file
+    writer.close()
+    sealed = out.getvalue()
+    assert len(sealed) == len(seal(plain))
+    assert decrypt_bytes(sealed, KEY, "seg") == plain
+    with pytest.raises(CryptError, match="changed or cut short"):
+        decrypt_bytes(sealed[:-1], KEY, "seg")
 
 
 def test_two_encryptions_of_the_same_bytes_differ():

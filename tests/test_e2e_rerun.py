@@ -43,7 +43,10 @@ def env() -> Iterator[dict]:
             archive = root / f"wal_archive_{name}"
             archive.mkdir()
             give_to_server_user(archive)
-            c = clusters[name] = archiving_cluster(root / f"pg_{name}" / "data", archive, PASSWORD)
+            # Each its own system identifier: the tests tell the clusters' backups apart by it.
+            c = clusters[name] = archiving_cluster(
+                root / f"pg_{name}" / "data", archive, PASSWORD, fresh=True
+            )
             c.sql("CREATE TABLE who (id int PRIMARY KEY, cluster text NOT NULL)")
             c.sql("INSERT INTO who SELECT g, %s FROM generate_series(1, 1000) g", [name])
             described[name] = {"conn_id": f"pg_{name}", "pgdata": str(c.datadir), "wal_archive": str(archive)}

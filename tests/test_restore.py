@@ -14,28 +14,46 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import fsspec.config
 import pytest
 
+from demo import s3 as moto
 from demo.load import wait_archived
 from pg_safe_backup.catalog import entry_path
+from pg_safe_backup.files.crypt import EncryptionKey
+from pg_safe_backup.files.pgcontrol import stop_lsn_from_manifest
 from pg_safe_backup.files.tarball import write_tar_backup
-from pg_safe_backup.files.wal import WAL_SEGMENT, NotWal, archive_system_identifier, segment_system_identifier
+from pg_safe_backup.files.wal import (
+    WAL_SEGMENT,
+    KeyNeeded,
+    NotWal,
+    archive_system_identifier,
+    include_wal,
+    segment_system_identifier,
+)
+from pg_safe_backup.files.walarchive import IDENTITY_FILE
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster, give_to_server_user
+from pg_safe_backup.restore import ArchiveKey, archive_restore_command
+from pg_safe_backup.verify import PASS, check_backup
 
 from backup_helpers import (
+    TEST_KEY,
     catalogued_backup,
     cluster_with_space,
+    managed_archive,
     recovered,
     reforge_backup,
     restore,
     run_backup,
+    run_cli,
 )
 from conftest import CONN_ID
 
@@ -497,3 +515,216 @@ def test_a_target_without_room_for_the_backup_is_refused_with_both_numbers(
     assert needs and int(needs.group(1)) > free, error
     assert f"{free} bytes free" in error and "TARGET_DIR" in error, error
     assert not target.exists() and not (backups.scratch / "never_room_space").exists()
+
+
+# ------------------------------------------------------------------- an archive wal-push manages
+def files_of(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and mtime: to prove nothing was written there."""
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def managed(backups: Backups) -> Path:
+    """The module's archive as wal-push stores it: zstd, gzip and plain in turn, each file encrypted."""
+    wait_archived(backups.cluster)
+    major = backups.cluster.server_version() // 10000
+    into = backups.scratch / "managed_archive"
+    return managed_archive(backups.archive, into, major, TEST_KEY, ("zstd", "gzip", "none"))
+
+
+def key_file(folder: Path, key: EncryptionKey, name: str = "wal.key") -> Path:
+    """``key`` in a file of ``folder`` only the server's OS user reads (as wal-fetch, run by the server)."""
+    path = folder / name
+    path.write_text(key.material.hex() + "\n")
+    give_to_server_user(path)
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_the_restore_command_is_wal_fetch_only_for_an_archive_wal_push_manages(tmp_path: Path) -> None:
+    plain, ours = tmp_path / "plain 100%", tmp_path / "ours 100%"
+    plain.mkdir()
+    ours.mkdir()
+    (ours / IDENTITY_FILE).write_text("{}")
+    key = ArchiveKey(TEST_KEY, "--encryption-key-env", "PGSB_KEY")
+
+    assert archive_restore_command(plain).startswith("cp "), "cp's archive is read with cp"
+    fetch = archive_restore_command(ours, key)
+
+    assert fetch.startswith(f"{sys.executable} -m pg_safe_backup wal-fetch --archive "), fetch
+    assert fetch.endswith(' --encryption-key-env PGSB_KEY %f "%p"'), fetch
+    assert "'" + str(ours).replace("%", "%%") + "'" in fetch, "the path quoted, its % doubled"
+
+
+def test_a_backup_restores_through_wal_fetch_from_an_encrypted_managed_archive_with_every_row(
+    backups: Backups, managed: Path
+) -> None:
+    target, space = backups.scratch / "managed", backups.scratch / "managed_space"
+    before = files_of(managed)
+    key = key_file(backups.scratch, TEST_KEY)
+
+    done = restore(
+        backups.second,
+        target,
+        "--wal-archive",
+        managed,
+        "--encryption-key-file",
+        key,
+        "--tablespace",
+        f"{backups.tablespace_oid}={space}",
+    )
+
+    assert done.returncode == 0, done.stderr
+    ours = (target / "postgresql.auto.conf").read_text().split("# pg_safe_backup.restore")[-1]
+    assert f"wal-fetch --archive {managed} --encryption-key-file {key} %f" in ours, ours
+    assert TEST_KEY.material.hex() not in ours, "the key itself is never written into the configuration"
+    with recovered(target) as server:
+        assert_every_row(server)
+        log = server.log_text()
+    assert re.search(r'restored log file "[0-9A-F]{24}" from archive', log), log[-2000:]
+    assert files_of(managed) == before, "nothing was written into the archive"
+
+
+def test_an_encrypted_archive_is_refused_without_its_key_or_with_another(
+    backups: Backups, managed: Path
+) -> None:
+    target = backups.scratch / "never_managed"
+    args = (backups.second, target, "--wal-archive", managed)
+    other = key_file(backups.scratch, EncryptionKey(bytes(32)), "other.key")
+
+    without = refused(*args)
+    wrong = refused(*args, "--encryption-key-file", other)
+    unreadable = key_file(backups.scratch, TEST_KEY, "root_only.key")
+    os.chown(unreadable, 0, 0)
+    closed = refused(*args, "--encryption-key-file", unreadable)
+
+    assert "is encrypted" in without and "--encryption-key-file" in without, without
+    assert f"not with the key given ({EncryptionKey(bytes(32)).key_id})" in wrong, wrong
+    assert f"--encryption-key-file {unreadable} is not readable by the {SERVER_USER}" in closed, closed
+    assert all(len(error.splitlines()) == 1 for error in (without, wrong, closed))
+    assert not target.exists(), "refused before copying"
+
+
+def test_a_self_contained_copy_takes_its_wal_from_an_encrypted_managed_archive(
+    backups: Backups, managed: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(backups.second, copy, symlinks=True)
+    label = (copy / "backup_label").read_text()
+    stop = stop_lsn_from_manifest((copy / "backup_manifest").read_text())
+    before = files_of(managed)
+
+    with pytest.raises(KeyNeeded, match="is encrypted"):
+        include_wal(copy, managed, backup_label=label, stop_lsn=stop)
+    nothing = sorted((copy / "pg_wal").glob("0*"))
+    copied = include_wal(copy, managed, backup_label=label, stop_lsn=stop, key=TEST_KEY)
+
+    assert nothing == [], "nothing is copied without the key"
+    assert copied, "the backup needs at least its first segment"
+    for name in copied:
+        assert (copy / "pg_wal" / name).read_bytes() == (backups.archive / name).read_bytes(), name
+    assert files_of(managed) == before
+
+
+def test_the_checks_read_a_managed_archive_with_its_key_and_never_write_into_it(
+    backups: Backups, managed: Path
+) -> None:
+    before = files_of(managed)
+    give_to_server_user(backups.second)
+
+    report = check_backup(backups.second, managed, archive_key=TEST_KEY, work_dir=backups.scratch, keep=True)
+
+    assert report.ok, report.summary()
+    assert report.step("pg_verifybackup").status == PASS, report.summary()
+    assert report.step("restore check").details["wal_files_restored"] >= 1, report.summary()
+    kept = Path(report.step("restore check").details["kept_work_dir"])
+    conf = (kept / "data" / "postgresql.auto.conf").read_text()
+    assert f"wal-fetch --archive {managed} --encryption-key-file {kept}/" in conf, conf
+    assert not [p for p in kept.iterdir() if p.name.endswith(".key")], "the key left the kept work dir"
+    assert files_of(managed) == before, "the restore check never writes into the archive"
+
+
+def test_verify_reads_an_encrypted_archive_only_with_the_key_flag(backups: Backups, managed: Path) -> None:
+    key = key_file(backups.scratch, TEST_KEY, "verify.key")
+    args = ("verify", backups.second, managed, "--no-restore")
+
+    without = run_cli(*args, timeout=120)
+    done = run_cli(*args, "--encryption-key-file", key, timeout=120)
+
+    assert without.returncode == 2, without.stdout + without.stderr
+    error = without.stderr.strip().splitlines()[-1]
+    assert "is encrypted" in error and "--encryption-key-file" in error, without.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pg_verifybackup: PASS" in done.stdout, done.stdout
+
+
+def test_a_backup_restores_through_wal_fetch_from_an_encrypted_archive_in_s3(
+    backups: Backups, managed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive in an object store: restore, and the checks (pg_verifybackup parses its WAL, the restore
+    check recovers through wal-fetch), with the key from an environment variable; refused without it."""
+    target, space = backups.scratch / "from_s3", backups.scratch / "from_s3_space"
+    with moto.local_s3("pgsb-wal") as s3:
+        fs = s3.filesystem()
+        for stored in managed.iterdir():
+            fs.pipe_file(f"{s3.bucket}/wal/{stored.name}", stored.read_bytes())
+        # How wal-fetch, run by the restored server, finds the store: the AWS tools' and fsspec's variables.
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": moto.KEY,
+            "AWS_SECRET_ACCESS_KEY": moto.SECRET,
+            "AWS_DEFAULT_REGION": moto.REGION,
+            "FSSPEC_S3_ENDPOINT_URL": s3.endpoint_url,
+        }.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3.endpoint_url})  # read at import
+        url = f"s3://{s3.bucket}/wal"
+        tablespace = f"{backups.tablespace_oid}={space}"
+        without = refused(backups.second, target, "--wal-archive", url, "--tablespace", tablespace)
+        monkeypatch.setenv("PGSB_TEST_KEY", TEST_KEY.material.hex())
+
+        done = restore(
+            *(backups.second, target, "--wal-archive", url, "--encryption-key-env", "PGSB_TEST_KEY"),
+            *("--tablespace", tablespace),
+        )
+
+        assert "is encrypted" in without and "--encryption-key-env" in without, without
+        assert done.returncode == 0, done.stderr
+        assert "reads the key from $PGSB_TEST_KEY" in done.stdout, done.stdout
+        ours = (target / "postgresql.auto.conf").read_text().split("# pg_safe_backup.restore")[-1]
+        assert f"wal-fetch --archive {url} --encryption-key-env PGSB_TEST_KEY %f" in ours, ours
+        with recovered(target) as server:
+            assert_every_row(server)
+        give_to_server_user(backups.second)
+        report = check_backup(backups.second, url, archive_key=TEST_KEY, work_dir=backups.scratch)
+        assert report.ok, report.summary()
+        assert report.step("pg_verifybackup").details["wal_parsed"], report.summary()
+
+
+def test_the_verify_operator_reads_an_encrypted_archive_with_its_key_connection(
+    backups: Backups, managed: Path, task_context: Callable[..., dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """encryption_conn_id's key reads the WAL archive wal-push encrypted (the backup itself is plain):
+    pg_verifybackup parses the fetched WAL and the restore check recovers through wal-fetch."""
+    import json
+
+    from airflow.sdk import DAG
+
+    from pg_safe_backup.operators.backup import PostgresVerifyBackupOperator
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PGSB_WAL_KEY", json.dumps({"conn_type": "generic", "password": TEST_KEY.material.hex()})
+    )
+    give_to_server_user(backups.second)
+    before = files_of(managed)
+    with DAG("pgsb_verify_encrypted_archive", schedule=None):
+        keyed = PostgresVerifyBackupOperator(
+            task_id="verify",
+            backup_dir=str(backups.second),
+            wal_archive=str(managed),
+            encryption_conn_id="pgsb_wal_key",
+        )
+    done = keyed.execute(task_context(keyed))
+    assert done["ok"], done
+    assert done["checks"]["pg_verifybackup"]["status"] == PASS, done
+    assert done["checks"]["restore check"]["status"] == PASS, done
+    assert files_of(managed) == before

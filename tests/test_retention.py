@@ -31,18 +31,24 @@ from pg_safe_backup.catalog import (
     entry_path,
     list_backups,
     read_info,
+    wal_to_remove,
     write_info,
 )
+from pg_safe_backup.files.crypt import EncryptionKey
+from pg_safe_backup.files.walarchive import IDENTITY_FILE, parse_stored_name
 from pg_safe_backup.local_cluster import give_to_server_user
 from pg_safe_backup.operators.lifecycle import PostgresBackupRetentionOperator
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
 from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root
 from pg_safe_backup.verify import PASS, check_backup
+from pg_safe_backup.wal_archive import TEMP_FOLDER
 
 from backup_helpers import (
+    TEST_KEY,
     catalogued_backup,
     cluster_with_space,
     linked_copy,
+    managed_archive,
     reforge_backup,
     run_cli,
     wait_for,
@@ -97,8 +103,8 @@ def five(module_tmp_root: Path) -> Iterator[Five]:
 
 
 def listing(*folders: Path) -> dict[str, int]:
-    """Every file under ``folders`` with its size."""
-    return {str(p): p.lstat().st_size for f in folders for p in sorted(f.rglob("*"))}
+    """Every file under ``folders`` with its size (a folder's: None, as tmpfs counts its entries in it)."""
+    return {str(p): None if p.is_dir() else p.lstat().st_size for f in folders for p in sorted(f.rglob("*"))}
 
 
 def retention_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -149,14 +155,17 @@ def real_copy(five: Five, tmp_root: Path) -> tuple[Path, Path, list[Path]]:
     return tmp_root / "backups", linked_copy(five.archive, tmp_root / "archive"), folders
 
 
-def assert_restores(five: Five, backup: Path, archive: Path, tmp_root: Path) -> None:
-    """``backup`` (b<i>) restores from ``archive`` on a temporary server, with every row committed before
-    it."""
+def assert_restores(
+    five: Five, backup: Path, archive: Path, tmp_root: Path, key: EncryptionKey | None = None
+) -> None:
+    """``backup`` (b<i>) restores from ``archive`` (encrypted with ``key``) on a temporary server, with every
+    row committed before it."""
     i = five.backups.index(five.root / backup.name)
     give_to_server_user(backup)
     report = check_backup(
         backup,
         archive,
+        archive_key=key,
         manifest=False,
         page_lsns=False,
         invariant_sql=f"SELECT count(*) = {(i + 1) * ROWS}, format('ledger: %s rows', count(*)) FROM ledger",
@@ -208,6 +217,61 @@ def test_keep_last_two_deletes_three_backups_and_only_the_wal_before_the_oldest_
     # Both kept backups still restore from what is left of the archive, with the rows committed before them.
     for backup in kept:
         assert_restores(five, backup, archive, tmp_root)
+
+
+#: Files a wal-push in progress may leave beside a stored segment (a temporary name, never a stored one).
+PUSH_TEMPORARY = (".{}.tmp", "{}.tmp", "{}.part-4242", ".{}.pgsb-tmp")
+
+
+def test_a_managed_archives_names_are_cut_by_the_segment_they_hold():
+    old, kept = "000000010000000000000002", "000000010000000000000007"
+    stored = [
+        f"{old}.zst.enc",
+        f"{old}.partial.gz",
+        f"{old}.lz4",
+        f"{old}.gz.enc",  # a second stored form of one name: both are that segment
+        f"{kept}.zst.enc",
+        f"{kept}.partial.lz4.enc",
+        "00000002.history.gz.enc",
+        f"{old}.00000028.backup.zst.enc",
+        IDENTITY_FILE,
+        *(form.format(f"{old}.zst.enc") for form in PUSH_TEMPORARY),
+        f"{old}.enc.zst",  # suffixes in the wrong order: not a name wal-push writes
+    ]
+
+    removed = wal_to_remove(stored, "000000010000000000000005")
+
+    assert removed == sorted([f"{old}.zst.enc", f"{old}.partial.gz", f"{old}.lz4", f"{old}.gz.enc"])
+
+
+def test_a_managed_archive_loses_exactly_the_old_segments_and_never_its_identity_or_a_push_in_progress(
+    five, tmp_root
+):
+    root = tmp_root / "backups"
+    backups = catalog_only(five, root)
+    major = five.infos[0].pg_major
+    archive = managed_archive(five.archive, tmp_root / "archive", major, TEST_KEY, ("zstd", "gzip", "none"))
+    stored = sorted(p.name for p in archive.iterdir())
+    oldest = min(n for n in stored if (name := parse_stored_name(n)) and len(name.name) == 24)
+    temporary = [form.format(oldest) for form in PUSH_TEMPORARY]
+    for name in temporary:
+        (archive / name).write_bytes(b"half a segment")
+    (archive / TEMP_FOLDER).mkdir()  # where wal-push writes a file before linking it in
+    in_progress = archive / TEMP_FOLDER / f"{oldest}.4242.0badcafe"
+    in_progress.write_bytes(b"half a segment")
+    assert any(n.endswith(".zst.enc") for n in stored) and any(n.endswith(".gz.enc") for n in stored)
+
+    done = retention_cli(str(root), "--keep-last", "2", "--wal-archive", str(archive))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    cutoff = five.infos[3].start_wal
+    left = {parse_stored_name(p.name).name for p in archive.iterdir() if parse_stored_name(p.name)}
+    assert sorted(left) == expected_after(five.wal_names, cutoff), "segments cut as in a plain archive"
+    assert (archive / IDENTITY_FILE).is_file(), "the identity file is never removed"
+    assert all((archive / name).is_file() for name in temporary), "a push's temporary files stay"
+    assert in_progress.is_file(), "wal-push's own temporary folder is left alone"
+    assert [b for b in backups if b.exists()] == backups[3:]
+    assert_restores(five, backups[3], archive, tmp_root, TEST_KEY)
 
 
 def test_the_newest_verified_backup_is_kept_even_when_not_among_the_newest(five, tmp_root):

@@ -31,8 +31,10 @@ from typing import Any, Protocol
 
 from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.files.crypt import SUFFIX, EncryptionKey
 from pg_safe_backup.files.layout import BACKUP_INFO
 from pg_safe_backup.files.manifest import write_atomically
+from pg_safe_backup.files.walarchive import parse_stored_name
 from pg_safe_backup.files.xlog import (
     WAL_FILE,
     backup_start,
@@ -51,8 +53,9 @@ INFO_NAME = BACKUP_INFO
 ENTRY_SUFFIX = "." + BACKUP_INFO
 #: Written first, then renamed to INFO_NAME (the earlier release's local folders; a restore skips it).
 INFO_TMP = "backup_info.json.tmp"
-#: What marks a folder as a backup on disk (a tar backup's base.tar has a compression suffix or none).
-BACKUP_MARKS = (LABEL_NAME, MANIFEST_NAME, INFO_NAME)
+#: What marks a folder as a backup on disk (a tar backup's base.tar has a compression suffix or none; an
+#: encrypted backup's files end in .enc).
+BACKUP_MARKS = (LABEL_NAME, MANIFEST_NAME, INFO_NAME, LABEL_NAME + SUFFIX, MANIFEST_NAME + SUFFIX)
 #: The version of backup_info.json's layout; a reader refuses a newer one.
 INFO_VERSION = 1
 #: The WAL segment size when none is known (PostgreSQL's default).
@@ -110,6 +113,9 @@ class BackupInfo:
     bytes: int | None = None
     files: int | None = None
     manifest_checksum: str | None = None
+    #: The id of the key the backup is encrypted with (never the key; each encrypted file's header names
+    #: it too, and is what a reader trusts); None: not encrypted.
+    encryption_key_id: str | None = None
     has_tablespace_map: bool = False
     verifications: list[dict[str, Any]] = field(default_factory=list)
     version: int = INFO_VERSION
@@ -291,17 +297,20 @@ def read_info(folder: Folder) -> BackupInfo:
     )
 
 
-def append_verification(folder: Folder, record: dict[str, Any]) -> BackupInfo:
+def append_verification(
+    folder: Folder, record: dict[str, Any], key: EncryptionKey | None = None
+) -> BackupInfo:
     """Add the result of a check of the backup in ``folder`` to its catalog entry, with the manifest
     checksum the backup proves now: "the newest verified" honours a record only for that manifest.
 
     :param folder: the backup's top folder.
     :param record: JSON-able: at least ``ok`` (bool); ``at`` (ISO UTC) is added when missing.
+    :param key: the key of an encrypted backup (without it its manifest proves nothing: no checksum).
     :returns: the updated info.
     :raises CatalogError: the backup has no catalog entry.
     """
     info = read_info(folder)
-    proof = prove_backup(folder)
+    proof = prove_backup(folder, key)
     info.verifications.append(
         {
             "at": datetime.now(timezone.utc).isoformat(),
@@ -367,7 +376,9 @@ def _looks_like_backup(names: set[str]) -> bool:
     return bool(names & set(BACKUP_MARKS)) or any(n.startswith("base.tar") for n in names)
 
 
-def list_backups(root: Folder, max_depth: int = MAX_DEPTH) -> list[CatalogEntry]:
+def list_backups(
+    root: Folder, max_depth: int = MAX_DEPTH, key: EncryptionKey | None = None
+) -> list[CatalogEntry]:
     """Every backup under ``root`` (``root`` itself included), found by what is on disk: a folder holding
     backup_label, backup_manifest, base.tar* or a catalog entry, or with a catalog entry beside it. Each is
     proven from its own files; its catalog entry is read when it has one, and a malformed one is named in
@@ -380,6 +391,8 @@ def list_backups(root: Folder, max_depth: int = MAX_DEPTH) -> list[CatalogEntry]
 
     :param root: a local folder or an ObjectStoragePath.
     :param max_depth: folders below ``root`` to search.
+    :param key: the key of encrypted backups (one encrypted with another key, or without one given, is
+        listed unproven, its key id named).
     """
     found: list[CatalogEntry] = []
 
@@ -390,7 +403,7 @@ def list_backups(root: Folder, max_depth: int = MAX_DEPTH) -> list[CatalogEntry]
                 info = read_info(folder)
             except CatalogError as err:
                 error = " ".join(str(err).split())
-        found.append(CatalogEntry(folder, info, prove_backup(folder), error))
+        found.append(CatalogEntry(folder, info, prove_backup(folder, key), error))
 
     def visit(folder: Folder, depth: int) -> None:
         children = sorted(folder.iterdir(), key=lambda c: c.name)
@@ -583,9 +596,11 @@ def _why_skipped(entry: CatalogEntry) -> str:
 
 
 def wal_to_remove(names: Iterable[str], cutoff: str | None) -> list[str]:
-    """The archive files older than ``cutoff``: WAL segments and partial segments (compressed or not) whose
+    """The archive files older than ``cutoff``: WAL segments and partial segments, as ``cp`` leaves them or
+    compressed and/or encrypted as ``wal-push`` stores them (:mod:`pg_safe_backup.files.walarchive`), whose
     position (the name without its timeline) sorts before the cut-off's, as pg_archivecleanup decides.
-    Timeline history files and backup history files are never removed.
+    Timeline history files and backup history files are never removed, nor is anything else: a managed
+    archive's identity file, a push's temporary file.
 
     :param names: the names in the WAL archive.
     :param cutoff: the first WAL file to keep (:attr:`RetentionPlan.wal_cutoff`); None: nothing.
@@ -595,7 +610,15 @@ def wal_to_remove(names: Iterable[str], cutoff: str | None) -> list[str]:
     if not WAL_FILE.match(cutoff):
         raise ValueError(f"{cutoff!r} is not a WAL file name")
     keep_from = wal_file_position(cutoff)
-    return sorted(n for n in names if (m := WAL_FILE.match(n)) and wal_file_position(m.group(1)) < keep_from)
+    return sorted(n for n in names if (wal := _archived_wal(n)) and wal_file_position(wal) < keep_from)
+
+
+def _archived_wal(stored: str) -> str | None:
+    """The WAL segment a stored file holds (whole or ``.partial``), None for any other file."""
+    if m := WAL_FILE.match(stored):  # cp's, maybe with a compression of the user's own (.bz2, .xz ...)
+        return m.group(1)
+    parsed = parse_stored_name(stored)  # wal-push's: .gz / .lz4 / .zst, then .enc
+    return m.group(1) if parsed is not None and (m := WAL_FILE.match(parsed.name)) else None
 
 
 def parse_when(text: str) -> datetime:

@@ -19,6 +19,18 @@ line per backup kept, deleted or left alone, with the reason.
 ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR [--target-time T | --target-lsn L |
 --target-name N | --target-immediate] [--latest-before TIME]`` prepares TARGET_DIR so that ``pg_ctl start``
 recovers the backup (see :mod:`pg_safe_backup.restore`), then prints that command.
+
+``pg-safe-backup check --dsn DSN [--archive URL_OR_DIR] [--pgdata PATH] [--destination PATH]`` checks a
+server before its first backup (see :mod:`pg_safe_backup.preflight`): one line per finding, exit 0 when
+ready, 1 on a problem, 2 when something could not be checked.
+
+``pg-safe-backup wal-push [--archive URL_OR_DIR] [--compress none|gzip|lz4|zstd] [--encryption-key-file F |
+--encryption-key-env NAME] [--parallel N] %p`` is an archive_command, ``pg-safe-backup wal-fetch [--archive
+URL_OR_DIR] [--encryption-key-file F | --encryption-key-env NAME] %f %p`` a restore_command (see
+:mod:`pg_safe_backup.wal_archive`); ``--archive`` defaults to ``$PGSB_WAL_ARCHIVE``.
+
+``restore``, ``verify`` and ``list`` read an encrypted backup (:mod:`pg_safe_backup.encryption`) with
+``--encryption-key-file FILE`` or ``--encryption-key-env NAME``; without it they say which key it needs.
 """
 
 from __future__ import annotations
@@ -36,10 +48,22 @@ from pg_safe_backup.errors import PgSafeBackupError
 if TYPE_CHECKING:  # annotations only: never imported when the command runs
     from datetime import datetime
 
+    from pg_safe_backup.files.crypt import EncryptionKey
+    from pg_safe_backup.restore import ArchiveKey
     from pg_safe_backup.verify import BackupCheck
 
 # The domain modules are imported inside each subcommand's functions: ``wal-push`` runs once per WAL segment
 # as archive_command and must start in a few tens of milliseconds, without psycopg or fsspec.
+
+
+def encryption_key(args: argparse.Namespace) -> EncryptionKey | None:
+    """The key :func:`add_key_flags`' flags give, for an encrypted backup (None: none given).
+
+    :raises CryptError: the file or variable holds no key (named, never its content).
+    """
+    key = archive_key(args)
+    return key.key if key else None
+
 
 # -------------------------------------------------------------------------------------------- verify
 VERIFY_DESCRIPTION = (
@@ -63,7 +87,10 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("backup_dir", type=Path)
     p.add_argument(
-        "wal_archive", type=Path, nargs="?", help="the WAL archive; omit for a self-contained backup"
+        "wal_archive",
+        nargs="?",
+        help="the WAL archive: a folder, or the URL of one wal-push manages (s3://...); omit for a"
+        " self-contained backup",
     )
     p.add_argument("--stop-lsn", help="the backup's stop LSN (default: from backup_manifest or the archive)")
     p.add_argument("--no-page-lsn", action="store_true", help="skip the page-LSN check")
@@ -98,22 +125,26 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
     p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
+    add_key_flags(p)
     p.set_defaults(run=_verify)
 
 
 def _verify(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import entry_path
+    from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.restore_check import _one_line
     from pg_safe_backup.verify import CheckNotRun, record_check
 
     began = time.monotonic()
     try:
-        report = _check(args)
-    except CheckNotRun as err:
+        key = encryption_key(args)
+        report = _check(args, key)
+    except (CheckNotRun, CryptError) as err:
         print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
         return 2
     print(report.summary())
-    if record_check(args.backup_dir, report, time.monotonic() - began, "pg-safe-backup verify", _warn):
+    by = "pg-safe-backup verify"
+    if record_check(args.backup_dir, report, time.monotonic() - began, by, _warn, key):
         print(f"recorded in {entry_path(Path(args.backup_dir))}")
     if args.verbose:
         for step in report.steps:
@@ -127,7 +158,7 @@ def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def _check(args: argparse.Namespace) -> BackupCheck:
+def _check(args: argparse.Namespace, key: EncryptionKey | None = None) -> BackupCheck:
     """:func:`check_backup` as the CLI's flags say."""
     from pg_safe_backup.verify import check_backup
 
@@ -149,8 +180,46 @@ def _check(args: argparse.Namespace) -> BackupCheck:
         require_backup_label=not args.allow_missing_label,
         user=args.user,
         use_backup_pg_wal=args.use_backup_pg_wal,
+        archive_key=key,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        encryption_key=key,
     )
+
+
+# ------------------------------------------------------------------------------ an encrypted archive
+def add_key_flags(p: argparse.ArgumentParser) -> None:
+    """``--encryption-key-file FILE | --encryption-key-env NAME``: the key of what the command reads or
+    writes (an encrypted WAL archive, an encrypted backup: one key, one pair of flags, added once).
+
+    :param p: the subcommand's parser.
+    """
+    keys = p.add_mutually_exclusive_group()
+    try:
+        keys.add_argument(
+            "--encryption-key-file",
+            type=Path,
+            metavar="FILE",
+            help="the encryption key in FILE: 64 hex digits (openssl rand -hex 32)",
+        )
+        keys.add_argument(
+            "--encryption-key-env", metavar="NAME", help="the environment variable holding the key"
+        )
+    except argparse.ArgumentError:
+        pass  # already there: another part of the command added the same pair
+
+
+def archive_key(args: argparse.Namespace) -> ArchiveKey | None:
+    """The key the flags name, and how a restored server's wal-fetch names it again (None: none given).
+
+    :raises CryptError: the file or variable holds no key (named with its flag).
+    """
+    from pg_safe_backup.restore import ArchiveKey
+
+    if getattr(args, "encryption_key_file", None) is not None:
+        return ArchiveKey.from_file(args.encryption_key_file)
+    if getattr(args, "encryption_key_env", None) is not None:
+        return ArchiveKey.from_env(args.encryption_key_env)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- list
@@ -172,16 +241,23 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
     )
+    add_key_flags(p)
     p.set_defaults(run=_list)
 
 
 def _list(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import format_listing, list_backups
+    from pg_safe_backup.files.crypt import CryptError
 
     if not args.root.is_dir():
         print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
         return 2
-    entries = list_backups(args.root)
+    try:
+        key = encryption_key(args)
+    except CryptError as err:
+        print(f"pg-safe-backup list: error: {err}", file=sys.stderr)
+        return 2
+    entries = list_backups(args.root, key=key)
     if args.json:
         print(json.dumps([e.as_dict() for e in entries], indent=1))
     else:
@@ -227,19 +303,28 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
         " ending beyond its current WAL position",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
+    add_key_flags(p)
     p.set_defaults(run=_retention, parser=p)
 
 
 def _retention(args: argparse.Namespace) -> int:
     if args.keep_last is None and args.keep_days is None:
         args.parser.error("give --keep-last N and/or --keep-days D")
+    from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.hooks.server import ServerUnreachable
     from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
 
     try:
+        key = encryption_key(args)
+    except CryptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         server = server_position(args.dsn) if args.dsn else None
-        plan = plan_root(args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server)
-        carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print)
+        plan = plan_root(
+            args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server, key=key
+        )
+        carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print, key=key)
     except ValueError as err:  # a bad --keep-last/--keep-days
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -300,7 +385,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target_dir", type=Path, metavar="TARGET_DIR", help="the new data directory (absent or empty)"
     )
-    p.add_argument("--wal-archive", type=Path, required=True, metavar="DIR", help="the WAL archive folder")
+    p.add_argument(
+        "--wal-archive",
+        required=True,
+        metavar="DIR_OR_URL",
+        help="the WAL archive: a folder, or the URL of one wal-push manages (s3://bucket/wal, gs://, abfs://)",
+    )
     p.add_argument(
         "--tablespace",
         type=_tablespace_flag,
@@ -343,8 +433,8 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--restore-command",
         metavar="CMD",
-        help="restore_command to fetch WAL with (default: cp from --wal-archive), e.g. for a compressed"
-        " archive",
+        help="restore_command to fetch WAL with (default: pg-safe-backup wal-fetch from an archive wal-push"
+        " manages, else cp from --wal-archive)",
     )
     p.add_argument(
         "--archive-mode",
@@ -354,17 +444,20 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         " backed up cluster's archive; on: it archives with the backed up server's archive_command (a real"
         " replacement)",
     )
+    add_key_flags(p)
     p.set_defaults(run=_restore)
 
 
 def _restore(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import CatalogError, choose_backup, list_backups, one_cluster
+    from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.restore import RecoveryTarget, RestoreError, prepare_restore, start_command
 
     backup = args.backup
     try:
+        key = encryption_key(args)
         if args.latest_before is not None:
-            entries = list_backups(backup.absolute())
+            entries = list_backups(backup.absolute(), key=key)
             one_cluster(entries, backup)  # never another cluster's backup
             choice = choose_backup(entries, before=args.latest_before, allow_failed=args.allow_failed)
             for name, why in choice.skipped:
@@ -399,11 +492,13 @@ def _restore(args: argparse.Namespace) -> int:
             ),
             tablespaces=dict(args.tablespace),
             restore_command=args.restore_command,
+            archive_key=archive_key(args),
             archive_mode=args.archive_mode,
             owner=args.owner,
             progress=report,
+            encryption_key=key,
         )
-    except (RestoreError, CatalogError, OSError) as err:
+    except (RestoreError, CatalogError, CryptError, OSError) as err:
         print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     for oid, place in result.tablespaces.items():
@@ -433,8 +528,98 @@ def _restore(args: argparse.Namespace) -> int:
             "note: recovery pauses at the target (--target-action pause): check the data, then run"
             " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
         )
+    fetching = "wal-fetch" in result.settings["restore_command"]
+    if key is not None and key.flag == "--encryption-key-env" and fetching:
+        print(
+            f"note: the restored server's restore_command (wal-fetch) reads the key from ${key.value}: start"
+            " the server with that variable in its environment"
+        )
     print(f"start it with:\n  {start_command(result.target, result.owner)}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------- check
+CHECK_DESCRIPTION = (
+    "Pre-flight check of a server to back up: its major, the role's privileges on every function a backup"
+    " calls, wal_level, WAL archiving, data checksums, summarize_wal (--incremental), the state table, the"
+    " data directory and free space when given; then a forced WAL switch and a bounded wait for that"
+    " segment in the archive. One line per finding, its fix beside it."
+)
+CHECK_EPILOG = """examples:
+  pg-safe-backup check --dsn "host=db1 user=backup dbname=postgres" --archive /var/lib/pgsb/wal
+  pg-safe-backup check --dsn postgresql://backup@db1/postgres --archive s3://bucket/wal --incremental
+  pg-safe-backup check --dsn "host=/run/postgresql" --pgdata /srv/pg/data --destination /backups/main
+
+Exits 0 when ready (warnings allowed), 1 when a problem was found, 2 when something could not be checked
+(the server or the archive out of reach): then there is no verdict."""
+
+
+def add_check_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pg-safe-backup check``.
+
+    :param p: the (sub)parser to add them to; its ``run`` default runs the check.
+    """
+    p.add_argument(
+        "--dsn", required=True, metavar="CONNINFO", help="the server to back up (libpq string or URI)"
+    )
+    p.add_argument(
+        "--archive",
+        metavar="URL_OR_DIR",
+        default=os.environ.get("PGSB_WAL_ARCHIVE"),
+        help="the WAL archive: a folder or an fsspec URL (default: $PGSB_WAL_ARCHIVE; none: trust"
+        " pg_stat_archiver)",
+    )
+    p.add_argument("--pgdata", type=Path, metavar="PATH", help="the data directory as the copy reads it")
+    p.add_argument("--destination", metavar="PATH", help="the folder backups go to: is there room for one?")
+    p.add_argument(
+        "--table", default="backup", metavar="NAME", help="the backup state table (default backup)"
+    )
+    p.add_argument("--table-schema", default="public", metavar="NAME", help="its schema (default public)")
+    p.add_argument("--incremental", action="store_true", help="incremental backups are wanted (17+)")
+    p.add_argument(
+        "--require-checksums", action="store_true", help="data checksums off is a problem, not a warning"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60,
+        metavar="S",
+        help="seconds to wait for the WAL segment (default 60)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only what did not pass, and the verdict")
+    p.set_defaults(run=_check_server, parser=p)
+
+
+def _check_server(args: argparse.Namespace) -> int:
+    from pg_safe_backup.errors import PgSafeBackupError
+    from pg_safe_backup.hooks.server import validate_identifier
+    from pg_safe_backup.preflight import CheckRequest, Level, run_check
+
+    try:
+        request = CheckRequest(
+            archive=args.archive or None,
+            pgdata=args.pgdata,
+            destination=args.destination,
+            table=validate_identifier(args.table, "--table"),
+            schema=validate_identifier(args.table_schema, "--table-schema"),
+            incremental=args.incremental,
+            require_checksums=args.require_checksums,
+            timeout=args.timeout,
+        )
+        if not args.timeout > 0:
+            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
+    except ValueError as err:
+        args.parser.error(str(err))
+    try:
+        preflight = run_check(args.dsn, request)
+    except PgSafeBackupError as err:  # the server out of reach, or the session broke: no verdict
+        print(f"pg-safe-backup check: error: --dsn: {err}", file=sys.stderr)
+        return 2
+    for finding in preflight.findings:
+        if not (args.quiet and finding.level is Level.OK):
+            print(finding.line())
+    print(preflight.summary())
+    return 0 if preflight.ok else 1 if preflight.problems else 2
 
 
 # -------------------------------------------------------------------------------- wal-push, wal-fetch
@@ -477,9 +662,7 @@ def _add_archive_arguments(p: argparse.ArgumentParser) -> None:
         help="the archive: a folder, file://, s3://bucket/prefix, gs://, abfs://"
         " (default: $PGSB_WAL_ARCHIVE)",
     )
-    keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--encryption-key-file", type=Path, metavar="FILE", help="the key: 64 hex digits")
-    keys.add_argument("--encryption-key-env", metavar="NAME", help="the environment variable holding the key")
+    add_key_flags(p)
 
 
 def add_wal_push_arguments(p: argparse.ArgumentParser) -> None:
@@ -552,11 +735,14 @@ def _wal_push(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         args.parser.error(f"--parallel {args.parallel}: give 1 or more")
     try:
+        spool = wal_archive.spool_folder(args.path, args.spool_dir)
+        # Before opening the store: answering from a record must not import an object store's driver.
+        if args.archive and wal_archive.answered_by_spool(
+            args.path, wal_archive.archive_location(args.archive), spool
+        ):
+            return 0
         store = _wal_store(args)
         key = _wal_key(args)
-        spool = wal_archive.spool_folder(args.path, args.spool_dir)
-        if wal_archive.answered_by_spool(args.path, store, spool):
-            return 0
         if args.parallel == 1:
             wal_archive.push(args.path, store, compression=args.compress, key=key)
         else:
@@ -619,6 +805,13 @@ SUBCOMMANDS = (
         "prepare a data directory from a backup so that pg_ctl start recovers it (PITR)",
         RESTORE_DESCRIPTION,
         RESTORE_EPILOG,
+    ),
+    (
+        "check",
+        add_check_arguments,
+        "pre-flight check of a server: privileges, settings, state table, WAL reaching the archive",
+        CHECK_DESCRIPTION,
+        CHECK_EPILOG,
     ),
     (
         "wal-push",

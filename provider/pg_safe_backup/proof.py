@@ -12,8 +12,10 @@ Anything else is *unverifiable* (the reason named) or *incomplete* (no label, an
 retention neither counts nor deletes it, a restore does not choose it.
 
 Works on a local ``Path`` and on an ``ObjectStoragePath`` alike (``/``, ``exists()``, ``read_bytes()``);
-a tar backup keeps backup_label, tablespace_map and backup_manifest beside ``base.tar``. Nothing of
-Airflow is imported.
+a tar backup keeps backup_label, tablespace_map and backup_manifest beside ``base.tar``. An encrypted
+backup (:mod:`pg_safe_backup.encryption`) proves itself the same way from its files decrypted with its
+key; without the key, or with another one, it is unverifiable, its key id named: nothing was proven,
+nothing disproven. Nothing of Airflow is imported.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pg_safe_backup.encryption import KEY_FLAGS, read_file, sealed
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.pgcontrol import BadPgControl, crc32c, read_pg_control
 from pg_safe_backup.files.xlog import (
     LABEL_KEYS,
@@ -97,15 +101,18 @@ class _Unproven(Exception):
         self.why, self.incomplete = why, incomplete
 
 
-def _read(folder: Any, name: str) -> bytes | None:
-    place = folder / name
-    return place.read_bytes() if place.exists() else None
+def _read(folder: Any, name: str, key: EncryptionKey | None = None) -> bytes | None:
+    try:
+        return read_file(folder, name, key, KEY_FLAGS)
+    except CryptError as err:  # no key, another key, changed or cut: named, with the key id
+        raise _Unproven(" ".join(str(err).split())) from None
 
 
 def _format(folder: Any) -> str:
-    if any((folder / name).exists() for name in BASE_TARS):
+    if any((folder / tar).exists() or (folder / sealed(tar)).exists() for tar in BASE_TARS):
         return "tar"
-    return "plain" if (folder / "PG_VERSION").exists() else "unknown"
+    plain = any((folder / name).exists() for name in ("PG_VERSION", sealed("PG_VERSION")))
+    return "plain" if plain else "unknown"
 
 
 def _label(raw: bytes | None) -> tuple[dict[str, str], str, int, str]:
@@ -217,7 +224,8 @@ def _system_identifier(folder: Any, manifest: dict[str, Any], fmt: str) -> str |
     if said is not None and not isinstance(said, int):
         raise _Unproven(f"{MANIFEST_NAME}'s System-Identifier is not a number")
     control = None
-    if fmt == "plain" and is_local_path(folder):
+    # An encrypted copy's pg_control is not read here (its manifest's System-Identifier names the cluster).
+    if fmt == "plain" and is_local_path(folder) and not (folder / sealed(CONTROL)).exists():
         try:
             # The file read must be the one listed, or a copied-in pg_control would name the cluster;
             # listed without a checksum (manifest_checksums=NONE before this release), it names none.
@@ -237,26 +245,27 @@ def _system_identifier(folder: Any, manifest: dict[str, Any], fmt: str) -> str |
     return None if found is None else str(found)
 
 
-def prove_backup(folder: Any) -> Proof:
+def prove_backup(folder: Any, key: EncryptionKey | None = None) -> Proof:
     """What the backup in ``folder`` proves about itself (see the module docstring); never raises for
     what is on disk, only names it.
 
     :param folder: the backup's top folder: a local ``Path`` or an ``ObjectStoragePath``.
+    :param key: the key of an encrypted backup.
     """
     fmt = "unknown"
     try:
         fmt = _format(folder)
-        raw_label = _read(folder, LABEL_NAME)
+        raw_label = _read(folder, LABEL_NAME, key)
         fields, start_lsn, start_tli, start_wal = _label(raw_label)
         if fmt == "unknown":
             raise _Unproven("neither PG_VERSION nor base.tar: no data directory copy", incomplete=True)
         major = None
-        if fmt == "plain" and (version := _read(folder, "PG_VERSION")) is not None:
+        if fmt == "plain" and (version := _read(folder, "PG_VERSION", key)) is not None:
             major = int(version.strip()) if version.strip().isdigit() else None
-        manifest, checksum = _manifest(_read(folder, MANIFEST_NAME), major)
+        manifest, checksum = _manifest(_read(folder, MANIFEST_NAME, key), major)
         assert raw_label is not None  # _label raised otherwise
         _check_listed(manifest, LABEL_NAME, raw_label)
-        raw_map = _read(folder, MAP_NAME)
+        raw_map = _read(folder, MAP_NAME, key)
         if raw_map is not None:
             _check_listed(manifest, MAP_NAME, raw_map)
         elif _listed(manifest, MAP_NAME) is not None:

@@ -18,7 +18,8 @@ restore check (:mod:`pg_safe_backup.restore_check`) both use it.
    recreates the ``pg_tblspc/<OID>`` links from it (read_tablespace_map in xlogrecovery.c); the links are
    made now too, so the folder looks right before the server starts.
 3. ``recovery.signal`` is written, and settings are APPENDED to ``postgresql.auto.conf`` (read last, the
-   user's lines stay): ``restore_command`` (default: ``cp`` from the archive), the recovery target (every
+   user's lines stay): ``restore_command`` (default: ``pg-safe-backup wal-fetch`` from an archive that
+   ``wal-push`` manages, which decompresses and decrypts; ``cp`` from any other), the recovery target (every
    other target cleared: two set at once is an error), ``recovery_target_timeline`` and
    ``recovery_target_action``; and archiving off (``archive_mode = off``, ``archive_command = ''``) unless
    asked for (``archive_mode='on'``, a real replacement): a test restore that promotes must never write its
@@ -32,9 +33,11 @@ restore check (:mod:`pg_safe_backup.restore_check`) both use it.
    mode 0700.
 
 Before anything is copied it refuses, naming the flag: a WAL archive of another cluster (its oldest
-segment's system identifier against the backup's pg_control or version 2 manifest; a tar backup without
-either is checked once base.tar is extracted), a target or tablespace location the owner cannot reach or
-that cannot be written, and a file system without room for the backup's bytes.
+segment's system identifier, and a managed archive's identity file, against the backup's pg_control or
+version 2 manifest; a tar backup without either is checked once base.tar is extracted), an encrypted
+archive without its key (``--encryption-key-file`` / ``--encryption-key-env``) or with a key file the
+owner cannot read, a target or tablespace location the owner cannot reach or that cannot be written, and
+a file system without room for the backup's bytes.
 
 Without a WAL archive only a self-contained backup (its WAL in its own ``pg_wal/``) restores: crash
 recovery from backup_label, no ``recovery.signal``.
@@ -42,11 +45,17 @@ recovery from backup_label, no ``recovery.signal``.
 A backup without ``backup_label`` is refused: recovery would start from the checkpoint in pg_control
 instead of the backup's, and can silently lose committed rows.
 
+An encrypted backup (:mod:`pg_safe_backup.encryption`) is refused without its key, or with another one,
+naming the key id, before anything is written; with it, it is first decrypted whole into a temporary
+folder beside TARGET (a changed or cut byte stops the restore there: TARGET is never made), restored from
+there as above, and the temporary folder removed.
+
 CLI: ``pg-safe-backup restore BACKUP TARGET_DIR --wal-archive DIR ...`` (:mod:`pg_safe_backup.cli`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -55,6 +64,7 @@ import shlex
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -68,7 +78,9 @@ from pg_safe_backup.catalog import (
     CatalogError,
 )
 from pg_safe_backup.catalog import read_info as read_backup_info
+from pg_safe_backup.encryption import KEY_FLAGS, check_key, decrypt_backup
 from pg_safe_backup.errors import PermanentError
+from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
@@ -77,9 +89,25 @@ from pg_safe_backup.files.tablespaces import (
     find_tablespace_copy,
     parse_tablespace_map,
 )
-from pg_safe_backup.files.wal import NotWal, archive_system_identifier
-from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn
-from pg_safe_backup.local_cluster import SERVER_USER, find_bindir
+from pg_safe_backup.files.wal import (
+    KeyNeeded,
+    NotWal,
+    archive_identity,
+    archive_system_identifier,
+    header_system_identifier,
+    is_managed_archive,
+)
+from pg_safe_backup.files.walarchive import (
+    IDENTITY_FILE,
+    ArchiveFormatError,
+    DamagedFile,
+    MissingCodec,
+    StoredName,
+    decode,
+    parse_stored_name,
+)
+from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn, start_wal_location
+from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
@@ -121,6 +149,39 @@ class ArchiveNotUsable(RestoreError):
     cluster's. Nothing of the backup can be restored or checked with it."""
 
 
+@dataclass(frozen=True)
+class ArchiveKey:
+    """An encrypted WAL archive's key, and how ``pg-safe-backup wal-fetch``, run by the restored server as
+    its restore_command, reads it again: the same flag and value it was given with (the key itself never
+    goes into postgresql.auto.conf).
+
+    :param key: the key.
+    :param flag: ``--encryption-key-file`` or ``--encryption-key-env``.
+    :param value: the key file's absolute path, or the environment variable's name.
+    """
+
+    key: EncryptionKey
+    flag: str
+    value: str
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> ArchiveKey:
+        """The key in file ``path`` (``--encryption-key-file``).
+
+        :raises CryptError: it cannot be read or holds no key (named).
+        """
+        path = Path(path).absolute()
+        return cls(EncryptionKey.from_file(path), "--encryption-key-file", str(path))
+
+    @classmethod
+    def from_env(cls, name: str) -> ArchiveKey:
+        """The key in environment variable ``name`` (``--encryption-key-env``).
+
+        :raises CryptError: it is not set or holds no key (named).
+        """
+        return cls(EncryptionKey.from_env(name), "--encryption-key-env", name)
+
+
 @dataclass
 class RestoreResult:
     """What :func:`prepare_restore` did."""
@@ -157,11 +218,12 @@ def backup_major(backup: Path) -> int | None:
 
 def check_backup_dir(
     backup: Path,
-    archive: Path | None,
+    archive: Path | str | None,
     *,
     require_backup_label: bool = True,
     reader: str | None = SERVER_USER,
     archive_flag: str = "--wal-archive",
+    key: EncryptionKey | None = None,
 ) -> str | None:
     """Refuse what cannot be restored: not a data directory, no WAL to recover from, no backup_label.
 
@@ -170,8 +232,10 @@ def check_backup_dir(
     :param require_backup_label: refuse a copy without backup_label (False: e.g. a copy of a stopped server).
     :param reader: the OS user the server runs as, who must read the archive (checked as root only).
     :param archive_flag: how the caller's user names the archive, for the messages.
+    :param key: the archive's encryption key, when ``wal-push`` encrypts it.
     :returns: the backup_label's text, or None when there is none (and none is required).
-    :raises ArchiveNotUsable: the archive is not a folder, closed to ``reader`` or another cluster's.
+    :raises ArchiveNotUsable: the archive is not a folder, closed to ``reader``, another cluster's, or
+        encrypted and ``key`` does not read it.
     :raises RestoreError: the reason, naming the file or folder.
     """
     tar = bool(tar_archives(backup))
@@ -189,7 +253,7 @@ def check_backup_dir(
                 " (include_wal) restores without an archive"
             )
     else:
-        check_archive(backup, archive, reader=reader, flag=archive_flag)
+        check_archive(backup, archive, reader=reader, flag=archive_flag, key=key)
     label_file = backup / "backup_label"
     if not label_file.is_file():
         if require_backup_label:
@@ -205,25 +269,115 @@ def check_backup_dir(
     return label_text
 
 
+def archive_place(wal_archive: Path | str | None) -> Path | str | None:
+    """The WAL archive as given: an object-store URL (``s3://``, ``gs://``, ``abfs://`` ...) as it is, a
+    folder (or ``file://`` URL) as an absolute path.
+
+    :param wal_archive: ``--wal-archive`` / ``wal_archive``.
+    """
+    if wal_archive is None:
+        return None
+    text = str(wal_archive)
+    if text.startswith("file://"):
+        return Path(text[len("file://") :]).absolute()
+    return text if "://" in text else Path(wal_archive).absolute()
+
+
 def check_archive(
-    backup: Path, archive: Path, *, reader: str | None = SERVER_USER, flag: str = "--wal-archive"
+    backup: Path,
+    archive: Path | str,
+    *,
+    reader: str | None = SERVER_USER,
+    flag: str = "--wal-archive",
+    key: EncryptionKey | None = None,
 ) -> None:
     """The WAL archive is a folder ``reader`` can read, holding WAL of the backup's cluster when the backup
-    tells which (:func:`backup_system_identifier`).
+    tells which (:func:`backup_system_identifier`); or an object-store archive ``wal-push`` manages
+    (:func:`check_archive_url`).
 
     :param backup: the backup.
-    :param archive: the WAL archive.
+    :param archive: the WAL archive (:func:`archive_place`).
     :param reader: the OS user the server runs as (checked as root only).
     :param flag: how the caller's user names the archive.
+    :param key: the archive's encryption key, when ``wal-push`` encrypts it.
     :raises ArchiveNotUsable: named, with the flag.
     """
+    if isinstance(archive, str):
+        check_archive_url(backup, archive, flag=flag, key=key)
+        return
     if not archive.is_dir():
         raise ArchiveNotUsable(f"the WAL archive {archive} ({flag}) is not a folder")
     if os.geteuid() == 0 and reader and not _user_can(reader, "-r", archive):
         raise ArchiveNotUsable(f"the WAL archive {archive} ({flag}) is not readable by the {reader} OS user")
     known = backup_system_identifier(backup)
     if known is not None:
-        check_archive_cluster(archive, *known, flag=flag)
+        check_archive_cluster(archive, *known, flag=flag, key=key)
+
+
+def check_archive_url(
+    backup: Path, url: str, *, flag: str = "--wal-archive", key: EncryptionKey | None
+) -> None:
+    """An object-store archive serves the backup: ``wal-push`` manages it (its identity file, which
+    ``wal-fetch`` checks each segment against, names the backup's cluster) and it holds the backup's first
+    WAL segment, which reads with ``key`` and was written by that cluster.
+
+    :param backup: the backup (or a tar backup's extracted data directory).
+    :param url: the archive's URL.
+    :param flag: how the caller's user names the archive.
+    :param key: the archive's encryption key, when ``wal-push`` encrypts it.
+    :raises ArchiveNotUsable: named, with the flag.
+    """
+    from pg_safe_backup.wal_archive import open_store  # fsspec only for an object store
+
+    known = backup_system_identifier(backup)
+    label = backup / "backup_label"
+    start = (
+        start_wal_location(parse_backup_label(label.read_text()).get("START WAL LOCATION"))
+        if label.is_file()
+        else None
+    )
+    try:
+        store = open_store(url)
+        identity = store.read_identity()
+        if identity is None:
+            raise ArchiveNotUsable(
+                f"the WAL archive {url} ({flag}) holds no {IDENTITY_FILE}: an object-store archive is read"
+                " with wal-fetch, from what wal-push wrote"
+            )
+        if known is not None and identity.system_identifier != known[0]:
+            raise ArchiveNotUsable(
+                f"the WAL archive {url} ({flag}) is another cluster's: its identity file names system"
+                f" identifier {identity.system_identifier}, the backup's ({known[1]}) is {known[0]}"
+            )
+        if start is None:
+            return
+        found = store.find(start[1])
+        if not found:
+            raise ArchiveNotUsable(
+                f"the WAL archive {url} ({flag}) does not hold {start[1]}, the backup's first WAL segment"
+            )
+        stored = parse_stored_name(found[0]) or StoredName(found[0])
+        if stored.encrypted and key is None:
+            raise ArchiveNotUsable(
+                f"the WAL archive {url} ({flag}) is encrypted: give its key with --encryption-key-file or"
+                " --encryption-key-env"
+            )
+        with (
+            store.open(found[0]) as src,
+            contextlib.closing(decode(src, stored, key, f"{url}/{found[0]}")) as plain,
+        ):
+            head = next(plain, b"")
+        system = header_system_identifier(head, f"{url}/{found[0]}")
+    except ArchiveNotUsable:
+        raise
+    except Exception as err:  # the store's own errors (botocore, aiohttp ...) as much as ours: no verdict
+        why = " ".join(str(err).split()) or err.__class__.__name__
+        raise ArchiveNotUsable(f"cannot read the WAL archive {url} ({flag}): {why}") from err
+    if system != identity.system_identifier:
+        raise ArchiveNotUsable(
+            f"the WAL archive {url} ({flag}) holds {found[0]} of system {system}, not of its own"
+            f" {identity.system_identifier}"
+        )
 
 
 def backup_system_identifier(backup: Path) -> tuple[int, str] | None:
@@ -260,23 +414,40 @@ def manifest_field(backup: Path, name: str) -> int | None:
 
 
 def check_archive_cluster(
-    archive: Path, system_identifier: int, source: str, flag: str = "--wal-archive"
+    archive: Path,
+    system_identifier: int,
+    source: str,
+    flag: str = "--wal-archive",
+    key: EncryptionKey | None = None,
 ) -> None:
-    """The archive's oldest WAL segment was written by the backup's cluster; an archive without segments
-    proves nothing and passes.
+    """The archive's oldest WAL segment was written by the backup's cluster, and a managed archive's identity
+    file names it too; an archive without segments proves nothing and passes.
 
     :param archive: the WAL archive.
     :param system_identifier: the backup's cluster's.
     :param source: where it was read (for the message).
     :param flag: how the caller's user names the archive.
-    :raises ArchiveNotUsable: another cluster's archive, or its oldest segment cannot be read (named).
+    :param key: the archive's encryption key, when ``wal-push`` encrypts it.
+    :raises ArchiveNotUsable: another cluster's archive, its oldest segment cannot be read, or it is
+        encrypted and ``key`` does not read it (named).
     """
     try:
-        found = archive_system_identifier(archive)
-    except (OSError, NotWal, ImportError) as err:
+        identity = archive_identity(archive)
+        found = archive_system_identifier(archive, key)
+    except KeyNeeded as err:
+        raise ArchiveNotUsable(
+            f"the WAL archive {archive} ({flag}) is encrypted: give its key with --encryption-key-file or"
+            f" --encryption-key-env ({err})"
+        ) from err
+    except (OSError, NotWal, CryptError, DamagedFile, MissingCodec, ArchiveFormatError) as err:
         raise ArchiveNotUsable(
             f"cannot tell which cluster the WAL archive {archive} ({flag}) is of: {err}"
         ) from err
+    if identity is not None and identity.system_identifier != system_identifier:
+        raise ArchiveNotUsable(
+            f"the WAL archive {archive} ({flag}) is another cluster's: its identity file names system"
+            f" identifier {identity.system_identifier}, the backup's ({source}) is {system_identifier}"
+        )
     if found is not None and found[0] != system_identifier:
         raise ArchiveNotUsable(
             f"the WAL archive {archive} ({flag}) is another cluster's: its oldest segment {found[1]} has"
@@ -366,9 +537,28 @@ def quote_setting(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def archive_restore_command(archive: Path) -> str:
-    """``cp ARCHIVE/%f "%p"``, the archive's path shell-quoted and its ``%`` doubled."""
+def archive_restore_command(archive: Path | str, key: ArchiveKey | None = None) -> str:
+    """The restore_command that reads ``archive``: :func:`wal_fetch_command` for an object-store URL or a
+    folder ``wal-push`` manages (its identity file is at the top), else ``cp ARCHIVE/%f "%p"`` (the
+    archive's path shell-quoted and its ``%`` doubled).
+
+    :param archive: the WAL archive (:func:`archive_place`).
+    :param key: a managed archive's key, when it is encrypted.
+    """
+    if isinstance(archive, str) or is_managed_archive(archive):
+        return wal_fetch_command(archive, key)
     return f'cp {shlex.quote(str(archive).replace("%", "%%") + "/%f")} "%p"'
+
+
+def wal_fetch_command(archive: Path | str, key: ArchiveKey | None = None) -> str:
+    """``PYTHON -m pg_safe_backup wal-fetch --archive ARCHIVE [KEY FLAG] %f "%p"``
+    (:func:`~pg_safe_backup.local_cluster.command_for_server`).
+
+    :param archive: the archive's folder or URL.
+    :param key: how wal-fetch reads the key of an encrypted archive.
+    """
+    words = ["wal-fetch", "--archive", str(archive), *([key.flag, key.value] if key else [])]
+    return command_for_server(*words) + ' %f "%p"'
 
 
 def _check_not_before_backup(backup: Path, target: RecoveryTarget) -> None:
@@ -774,11 +964,59 @@ def prepare_restore(
     target: Path | str,
     *,
     wal_archive: Path | str | None,
+    encryption_key: EncryptionKey | None = None,
+    key_flags: str = KEY_FLAGS,
+    **options: Any,
+) -> RestoreResult:
+    """Turn ``backup`` into the data directory ``target`` that recovers when started (module docstring);
+    an encrypted backup is decrypted first, into a temporary folder beside ``target``.
+
+    :param backup: the stored backup: a plain folder with backup_label, or a tar backup's folder.
+    :param target: the new data directory: absent or empty.
+    :param wal_archive: the WAL archive; None only for a self-contained backup.
+    :param encryption_key: the key of an encrypted backup.
+    :param key_flags: how the caller's user gives a key, for the error.
+    :param options: :func:`restore_plain`'s other keyword arguments.
+    :raises RestoreError: what makes the restore impossible or unsafe, named; an encrypted backup without
+        its key, with another key, or with a byte changed (nothing restored).
+    """
+    backup = Path(backup).absolute()
+    data = Path(target).absolute()
+    try:
+        key_id = check_key(backup, encryption_key, key_flags)
+    except CryptError as err:
+        raise RestoreError(str(err)) from None
+    if key_id is None:
+        return restore_plain(backup, data, wal_archive=wal_archive, **options)
+    assert encryption_key is not None  # check_key raised otherwise
+    if data.exists() and (not data.is_dir() or any(data.iterdir())):
+        raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
+    _check_room([("the decryption beside TARGET_DIR", data.parent, _size(backup, set()))])
+    staging = Path(tempfile.mkdtemp(prefix=f".{data.name}.decrypting-", dir=_nearest_existing(data.parent)))
+    try:
+        try:
+            decrypt_backup(backup, staging, encryption_key)
+        except CryptError as err:
+            raise RestoreError(f"{' '.join(str(err).split())}: nothing restored") from None
+        try:
+            return restore_plain(staging, data, wal_archive=wal_archive, **options)
+        except RestoreError as err:  # named as the user named it, not as the temporary folder
+            raise type(err)(str(err).replace(str(staging), str(backup))) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def restore_plain(
+    backup: Path | str,
+    target: Path | str,
+    *,
+    wal_archive: Path | str | None,
     recovery: RecoveryTarget | None = None,
     tablespaces: Mapping[str | int, Path | str] | None = None,
     tablespace_root: Path | str | None = None,
     tablespace_sources: Mapping[str | int, Path | str] | None = None,
     restore_command: str | None = None,
+    archive_key: ArchiveKey | None = None,
     archive_mode: str = "off",
     extra_settings: Mapping[str, str] | None = None,
     owner: str | None = SERVER_USER,
@@ -786,7 +1024,8 @@ def prepare_restore(
     use_backup_pg_wal: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> RestoreResult:
-    """Turn ``backup`` into the data directory ``target`` that recovers when started (module docstring).
+    """Turn the backup ``backup``, not encrypted, into the data directory ``target`` that recovers when
+    started (module docstring).
 
     :param backup: the stored backup: a plain folder with backup_label, or a tar backup's folder.
     :param target: the new data directory: absent or empty.
@@ -797,7 +1036,10 @@ def prepare_restore(
     :param tablespace_root: restore every tablespace not in ``tablespaces`` to ``<root>/<OID>`` instead of
         its original location (the restore check's sandbox).
     :param tablespace_sources: OID -> the tablespace's backup, when not where files.tablespaces looks.
-    :param restore_command: default ``cp`` from ``wal_archive``.
+    :param restore_command: default :func:`archive_restore_command` of ``wal_archive``: ``wal-fetch`` from an
+        archive ``wal-push`` manages, else ``cp``.
+    :param archive_key: an encrypted managed archive's key: the archive is read with it now, and wal-fetch
+        is told where to find it (a key file must be readable by ``owner``).
     :param archive_mode: 'off' (default): the restored server does not archive, so it never writes into the
         backed up cluster's archive (a test restore, the restore check, the drill); 'on': it archives with
         the backed up server's archive_command (a real replacement).
@@ -811,7 +1053,7 @@ def prepare_restore(
     started = time.monotonic()
     backup = Path(backup).absolute()
     data = Path(target).absolute()
-    archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    archive = archive_place(wal_archive)
     recovery = recovery or RecoveryTarget()
     recovery.check()
     if archive_mode not in ARCHIVE_MODES:
@@ -821,7 +1063,12 @@ def prepare_restore(
     if owner is not None and os.geteuid() != 0:
         owner = None  # only root can give files away; they stay the caller's
     archives = tar_archives(backup)
-    label = check_backup_dir(backup, archive, require_backup_label=require_backup_label, reader=owner)
+    key = archive_key.key if archive_key else None
+    label = check_backup_dir(
+        backup, archive, require_backup_label=require_backup_label, reader=owner, key=key
+    )
+    if archive is not None and restore_command is None and archive_key is not None:
+        _check_key_readable(archive_key, owner)
     _check_not_before_backup(backup, recovery)
     remap = {str(oid): Path(where) for oid, where in (tablespaces or {}).items()}
     result = RestoreResult(
@@ -855,11 +1102,11 @@ def prepare_restore(
         data.mkdir(parents=True, exist_ok=True)
         _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result)
         if archive is not None and backup_system_identifier(backup) is None:  # a tar backup, now extracted
-            if (extracted := backup_system_identifier(data)) is not None:
-                check_archive_cluster(archive, *extracted)
+            if backup_system_identifier(data) is not None:
+                check_archive(data, archive, reader=None, key=key)
         _place_tablespaces(backup, data, plan, meter, result)
         result.config = restore_config(data, backup)
-        command = restore_command or (archive_restore_command(archive) if archive else "")
+        command = restore_command or (archive_restore_command(archive, archive_key) if archive else "")
         settings = recovery.settings(command)
         settings.update(_archive_settings(archive_mode, backup_major(data)))
         settings.update(extra_settings or {})
@@ -884,6 +1131,18 @@ def prepare_restore(
     return result
 
 
+def _check_key_readable(key: ArchiveKey, owner: str | None) -> None:
+    """wal-fetch, run by the server as ``owner``, can read the key file (checked as root only)."""
+    if key.flag != "--encryption-key-file" or owner is None or os.geteuid() != 0:
+        return
+    cmd = ["runuser", "-u", owner, "--", "test", "-r", key.value]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        raise RestoreError(
+            f"--encryption-key-file {key.value} is not readable by the {owner} OS user (--owner), who runs"
+            " wal-fetch as the restored server's restore_command: give that user read access"
+        )
+
+
 def start_command(data: Path, owner: str | None) -> str:
     """The command that starts the restored server (as ``owner`` when we are root)."""
     major = backup_major(data)
@@ -896,6 +1155,7 @@ def start_command(data: Path, owner: str | None) -> str:
 
 
 __all__ = [
+    "ArchiveKey",
     "ArchiveNotUsable",
     "RecoveryTarget",
     "RestoreError",
@@ -908,5 +1168,7 @@ __all__ = [
     "manifest_field",
     "prepare_restore",
     "quote_setting",
+    "restore_plain",
     "start_command",
+    "wal_fetch_command",
 ]

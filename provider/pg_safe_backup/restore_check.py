@@ -24,7 +24,9 @@ into a sandbox:
    PostgreSQL recreates the ``pg_tblspc`` links to the copies. A tablespace without a backup, or a
    ``pg_tblspc`` link the map does not list, is a FAIL: the original location is never used.
 3. ``recovery.signal`` is written and settings are appended to ``postgresql.auto.conf`` (read
-   last): ``restore_command`` copying from the archive, ``recovery_target = 'immediate'`` (or the
+   last): ``restore_command`` reading the archive (``pg-safe-backup wal-fetch`` from one ``wal-push``
+   manages, an encrypted one's key in a file of the work dir that goes with it; else ``cp``),
+   ``recovery_target = 'immediate'`` (or the
    end of the archive), ``recovery_target_action = 'promote'``, a unix socket in the work dir only
    (no TCP), its own ``pg_hba.conf``, ``archive_mode = off``, no preload libraries, no SSL, no
    synchronous standbys, log to stderr (the work dir). ``data_directory`` is pinned in
@@ -71,7 +73,9 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 
+from pg_safe_backup.encryption import KEY_FLAGS, backup_key_id
 from pg_safe_backup.errors import TransientError
+from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.pgcontrol import (
     CopyMismatch,
     PageLSN,
@@ -90,9 +94,11 @@ from pg_safe_backup.local_cluster import (
 )
 from pg_safe_backup.pgverify import tool_major
 from pg_safe_backup.restore import (
+    ArchiveKey,
     ArchiveNotUsable,
     RecoveryTarget,
     RestoreError,
+    archive_place,
     backup_major,
     check_backup_dir,
     prepare_restore,
@@ -107,6 +113,8 @@ LOG_TAIL_LINES = 40
 _BAD_LOG = re.compile(r"\bPANIC:|\b(?:LOG|WARNING|ERROR|FATAL):\s.*\bcould not\b")
 #: How the CLI names the archive in its messages (the library and the operator: ``wal_archive``).
 ARCHIVE_ARG = "WAL_ARCHIVE"
+#: The key of an encrypted archive, for wal-fetch in the sandbox (in the work dir, removed after the check).
+KEY_FILE = "wal_archive.key"
 #: What the restore check runs of a server's binaries.
 SERVER_TOOLS = ("postgres", "pg_ctl")
 
@@ -163,6 +171,7 @@ def verify_backup(
     user: str = SERVER_USER,
     extra_settings: Mapping[str, str] | None = None,
     use_backup_pg_wal: bool = False,
+    archive_key: EncryptionKey | None = None,
 ) -> VerifyResult:
     """Restore ``backup_dir`` with WAL from ``wal_archive`` on a temporary server and check it.
 
@@ -173,13 +182,20 @@ def verify_backup(
     written in the file, e.g. ``{"shared_preload_libraries": "'timescaledb'"}``).
     ``use_backup_pg_wal``: restore with the backup's own ``pg_wal/`` files instead of an empty
     ``pg_wal/`` (what a careless restore of an rsync copy does; only to show what it leads to).
+    ``archive_key``: the key of an archive ``wal-push`` encrypts; the sandbox's wal-fetch reads it from a
+    file in the work dir (the server's OS user's alone), removed after the check even with ``keep``.
 
     :raises CheckNotRun: the WAL archive is missing, closed or another cluster's, or no usable server
         binaries: before anything is copied (a tar backup's cluster: once extracted).
     """
     started = time.monotonic()
     backup = Path(backup_dir).absolute()
-    archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    if (key_id := backup_key_id(backup)) is not None:  # no key here: check_backup decrypts it first
+        raise CheckNotRun(
+            f"{backup} is encrypted with key {key_id}: check it with check_backup(encryption_key=...)"
+            f" (pg-safe-backup verify with {KEY_FLAGS})"
+        )
+    archive = archive_place(wal_archive)
     major = backup_major(backup)
     bin_path = server_bindir(major, bindir)
     reasons: list[str] = []
@@ -188,7 +204,11 @@ def verify_backup(
     cluster: LocalCluster | None = None
     try:
         label_text = check_backup_dir(
-            backup, archive, require_backup_label=require_backup_label, archive_flag=ARCHIVE_ARG
+            backup,
+            archive,
+            require_backup_label=require_backup_label,
+            archive_flag=ARCHIVE_ARG,
+            key=archive_key,
         )
         fields = parse_backup_label(label_text) if label_text is not None else None
         details["backup_label"] = fields
@@ -202,6 +222,7 @@ def verify_backup(
         details["work_dir"] = str(work)
         data = work / "data"
         settings = _sandbox_settings(work, major, extra_settings)
+        sandbox_key = _key_file(work, archive_key) if archive_key is not None else None
         prepared = prepare_restore(
             backup,
             data,
@@ -213,6 +234,7 @@ def verify_backup(
             ),
             tablespace_root=work / "tablespaces",
             tablespace_sources=tablespace_dirs,
+            archive_key=sandbox_key,
             extra_settings=settings,
             owner=None,
             require_backup_label=require_backup_label,
@@ -267,10 +289,21 @@ def verify_backup(
             except Exception as exc:  # pragma: no cover - best effort
                 details["stop_error"] = str(exc)
         if work is not None:
+            (work / KEY_FILE).unlink(missing_ok=True)  # the key goes even from a kept work dir
             if keep:
                 details["kept_work_dir"] = str(work)
             else:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def _key_file(work: Path, key: EncryptionKey) -> ArchiveKey:
+    """The archive's key in a file of the work dir, mode 0600 (handed to the server's OS user with the work
+    dir): the sandbox server's environment is not ours to set, its wal-fetch reads the key there."""
+    path = work / KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.material.hex() + "\n")
+    return ArchiveKey(key, "--encryption-key-file", str(path))
 
 
 def server_bindir(major: int | None, bindir: Path | str | None = None) -> Path:

@@ -45,6 +45,7 @@ from pg_safe_backup.catalog import (
 )
 from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.xlog import wal_file_position
 from pg_safe_backup.hooks.server import ServerPosition, server_position
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
@@ -109,6 +110,7 @@ def plan_root(
     keep_days: float | None,
     now: datetime | None = None,
     server: ServerPosition | None = None,
+    key: EncryptionKey | None = None,
 ) -> RetentionPlan:
     """The retention plan of the backups under ``root``: :func:`~pg_safe_backup.catalog.plan_retention` of
     what :func:`~pg_safe_backup.catalog.list_backups` finds; those that do not prove themselves are
@@ -120,11 +122,12 @@ def plan_root(
     :param now: the time to count days from (default: now).
     :param server: the live cluster's identity and WAL position (``--dsn``): a backup it disowns (another
         system identifier, a stop LSN beyond its WAL) is left alone as unverifiable.
+    :param key: the key of encrypted backups; without it they do not prove themselves and are left alone.
     :raises ValueError: neither ``keep_last`` nor ``keep_days``, or a bad one (named).
     :raises RetentionRefused: no backup under ``root`` (a mistyped root must not pass for an empty one),
         or backups of several clusters.
     """
-    entries = list_backups(root)
+    entries = list_backups(root, key=key)
     if server is not None:
         entries = against_server(entries, server.system_identifier, server.wal_position)
     plan = plan_retention(entries, keep_last=keep_last, keep_days=keep_days, now=now)  # checks keep_*
@@ -138,7 +141,12 @@ def plan_root(
 
 
 def carry_out_retention(
-    plan: RetentionPlan, *, wal_archive: Any | None, dry_run: bool, log: Callable[[str], Any]
+    plan: RetentionPlan,
+    *,
+    wal_archive: Any | None,
+    dry_run: bool,
+    log: Callable[[str], Any],
+    key: EncryptionKey | None = None,
 ) -> RetentionReport:
     """Delete the backups ``plan`` lets go, then the WAL archive's files older than its cut-off (see the
     module docstring for the order and why).
@@ -147,11 +155,12 @@ def carry_out_retention(
     :param wal_archive: the archive folder (local or ObjectStoragePath); None: no WAL is removed.
     :param dry_run: change nothing; log and report what would go.
     :param log: called with one line per backup kept, deleted or left alone, and for the WAL.
+    :param key: the key of encrypted backups (the kept ones are proven again with it).
     :raises RetentionRefused: no kept backup proves itself, or the plan would delete a kept backup or the
         WAL archive, or a backup through a link: nothing was removed.
     :raises OSError: a deletion failed (what was deleted before it is logged).
     """
-    _check_plan(plan, wal_archive)
+    _check_plan(plan, wal_archive, key)
     report = RetentionReport(dry_run=dry_run, skipped=dict(plan.skipped))
     deleted, removed = ("would delete", "would remove") if dry_run else ("deleted", "removed")
     for entry in plan.keep:
@@ -188,7 +197,7 @@ def carry_out_retention(
     return report
 
 
-def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
+def _check_plan(plan: RetentionPlan, wal_archive: Any | None, key: EncryptionKey | None) -> None:
     """Refuse a plan that would leave no proven backup, cut WAL a kept backup needs, delete an unproven
     backup, a kept one or the WAL archive (one inside a folder to delete), or delete through a link; and
     an archive that is not there (a mistyped one), before anything goes. Kept backups are proven again
@@ -198,7 +207,7 @@ def _check_plan(plan: RetentionPlan, wal_archive: Any | None) -> None:
             f"the WAL archive {wal_archive} is not a folder: removing nothing"
             " (without --wal-archive / wal_archive, no WAL is removed)"
         )
-    if not any(prove_backup(e.folder).ok for e in plan.keep):
+    if not any(prove_backup(e.folder, key).ok for e in plan.keep):
         raise RetentionRefused(
             "no backup that proves itself (backup_label and backup_manifest agreeing) would be kept:"
             " removing nothing" + (f"; left alone: {', '.join(plan.skipped)}" if plan.skipped else "")

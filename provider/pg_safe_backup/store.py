@@ -24,12 +24,14 @@ from typing import Any
 from pg_safe_backup.catalog import info_for_backup, write_info
 from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.copier import CopyResult, is_local_path
+from pg_safe_backup.files.crypt import SUFFIX, EncryptionKey, encrypt_bytes
 from pg_safe_backup.files.label import LABEL_FILES, store_label
 from pg_safe_backup.files.manifest import (
     MANIFEST_NAME,
     FileRecord,
     backup_manifest_of_records,
     manifest_checksum,
+    write_atomically,
     write_backup_manifest,
     write_manifest_file,
 )
@@ -69,10 +71,17 @@ class CopyRecords:
     files: dict[str, FileRecord]
     format: str = "plain"
     compression: str = "none"
+    #: The id of the key the copy was encrypted with (never the key); None: not encrypted.
+    key_id: str | None = None
 
     @classmethod
     def of_copy(
-        cls, result: CopyResult, major: int, format: str = "plain", compression: str = "none"
+        cls,
+        result: CopyResult,
+        major: int,
+        format: str = "plain",
+        compression: str = "none",
+        key_id: str | None = None,
     ) -> CopyRecords:
         """The records of one copy.
 
@@ -80,19 +89,22 @@ class CopyRecords:
         :param major: the copied server's major version.
         :param format: ``plain`` or ``tar``.
         :param compression: the tar archives' (``none`` for plain).
+        :param key_id: the id of the key it was encrypted with, if it was.
         """
         files = {
             path: FileRecord(result.sizes[path], result.mtimes_ns[path], digest)
             for path, digest in result.checksums.items()
         }
-        return cls(major, files, format, compression)
+        return cls(major, files, format, compression, key_id)
 
     def to_xcom(self) -> dict[str, Any]:
-        """``{"major": N, "format": ..., "compression": ..., "files": {path: [size, mtime_ns, sha256]}}``."""
+        """``{"major": N, "format": ..., "compression": ..., "key_id": ..., "files": {path: [size, mtime_ns,
+        sha256]}}`` (``key_id`` only for an encrypted copy)."""
         return {
             "major": self.major,
             "format": self.format,
             "compression": self.compression,
+            **({"key_id": self.key_id} if self.key_id else {}),
             "files": {path: list(record) for path, record in self.files.items()},
         }
 
@@ -102,11 +114,11 @@ class CopyRecords:
 
         :param pushed: each copy task's XCom ``files`` (None: it pushed none).
         """
-        major, files, kind = None, {}, ("plain", "none")
+        major, files, kind = None, {}, ("plain", "none", None)
         for value in pushed:
             if value:
                 major = value["major"]
-                kind = (value.get("format", "plain"), value.get("compression", "none"))
+                kind = (value.get("format", "plain"), value.get("compression", "none"), value.get("key_id"))
                 files.update({path: FileRecord(*record) for path, record in value["files"].items()})
         return cls(major, files, *kind) if major is not None else None
 
@@ -133,6 +145,7 @@ def store_backup(
     manifest_checksums: str = "SHA256",
     wal_archive: Path | None = None,
     where: str | None = None,
+    key: EncryptionKey | None = None,
     log: logging.Logger | Any = _log,
 ) -> dict[str, Any]:
     """Write ``backup``'s label files into ``folder`` (checked against the copy there), then its WAL (with
@@ -147,6 +160,9 @@ def store_backup(
     :param manifest_checksums: its checksum algorithm (SHA256, SHA224, SHA384, SHA512, CRC32C, NONE).
     :param wal_archive: copy the WAL the backup needs from this archive into the copy (local folders only).
     :param where: how messages name the folder (default: the folder).
+    :param key: the key the copy was encrypted with: the label files and the manifest are stored encrypted
+        with it too (``backup_label.enc``, ...), the catalog entry names its id
+        (:mod:`pg_safe_backup.encryption`).
     :param log: where to say what was written, checked and skipped.
     :returns: name -> location of each file written (backup_label, tablespace_map, backup_manifest,
         backup_info), and ``wal``: the WAL files copied.
@@ -158,6 +174,7 @@ def store_backup(
     local_copy = local_folder(folder)
     if wal_archive is not None and local_copy is None:
         raise StoreRefused(f"include_wal needs a local or mounted destination; {where!r} is an object store")
+    check_encryption(local_copy, copied, key, where, wal_archive is not None)
     files = {"backup_label": backup["backup_label"], "tablespace_map": backup.get("tablespace_map")}
     try:
         written: dict[str, Any] = store_label(
@@ -167,6 +184,7 @@ def store_backup(
             log=log,
             system_identifier=backup.get("system_identifier"),
             stop_lsn=backup.get("stop_lsn"),
+            key=key,
         )
     except OSError as err:  # CopyMismatch, a PermanentError, goes up as it is
         raise StoreFailed(f"cannot write the backup label into destination {where!r}: {err}") from err
@@ -181,15 +199,46 @@ def store_backup(
                 **_timelines(backup),
                 log=log,
             )
-        made = write_manifest(folder, backup, copied, manifest_checksums, log) if manifest else None
+        made = write_manifest(folder, backup, copied, manifest_checksums, log, key) if manifest else None
         if made:
             written["backup_manifest"] = made[0]
         written["backup_info"] = write_entry(
-            folder, backup, copied, run or {}, made[1] if made else None, log
+            folder, backup, copied, run or {}, made[1] if made else None, log, key.key_id if key else None
         )
     except (OSError, WalMissing) as err:  # ManifestError, TablespaceNotCopied: PermanentErrors, as they are
         raise StoreFailed(f"cannot complete the backup in destination {where!r}: {err}") from err
     return written
+
+
+def check_encryption(
+    local_copy: Path | None, copied: CopyRecords | None, key: EncryptionKey | None, where: str, with_wal: bool
+) -> None:
+    """Refuse to store a label and manifest whose encryption does not match the copy's: a plain local copy
+    is never encrypted, a copy encrypted with one key gets no label encrypted with another (or none).
+
+    :param local_copy: the destination as a local path (None: an object store).
+    :param copied: the copy tasks' records (their ``key_id``).
+    :param key: the store's key.
+    :param where: how messages name the folder.
+    :param with_wal: include_wal was asked for.
+    :raises StoreRefused: the reason, naming the parameter.
+    """
+    copy_key = copied.key_id if copied else None
+    given = key.key_id if key else None
+    if key is not None and _copy_kind(local_copy, copied)[0]:
+        raise StoreRefused(
+            f"encryption_conn_id: {where!r} is a plain copy in a local folder, which is stored unencrypted"
+            " (use format='tar' or an object store to encrypt, or an encrypted file system)"
+        )
+    if key is not None and with_wal:
+        raise StoreRefused("encryption_conn_id with include_wal: the WAL would be stored unencrypted")
+    if copied is not None and copy_key != given:
+        copy_is = f"encrypted with key {copy_key}" if copy_key else "not encrypted"
+        store_has = f"gives key {given}" if given else "is not set"
+        raise StoreRefused(
+            f"the copy in {where!r} is {copy_is}, the store's encryption_conn_id {store_has}: give the copy"
+            " and store tasks the same encryption_conn_id"
+        )
 
 
 def write_manifest(
@@ -198,6 +247,7 @@ def write_manifest(
     copied: CopyRecords | None,
     checksums: str = "SHA256",
     log: logging.Logger | Any = _log,
+    key: EncryptionKey | None = None,
 ) -> tuple[str, str] | None:
     """Write the copy's backup_manifest: a local data directory's from the copy itself (its records' checksums
     spare a second read), any other's from the records alone. Which one, if any:
@@ -211,6 +261,8 @@ def write_manifest(
     :param copied: the copy tasks' records.
     :param checksums: the manifest's checksum algorithm.
     :param log: where to say what was written, or why nothing was.
+    :param key: store it encrypted (``backup_manifest.enc``); its checksums and Manifest-Checksum are of the
+        plaintext, which ``pg_verifybackup`` checks once decrypted.
     :returns: where it was written and its Manifest-Checksum; None (and a log line saying why) when there is
         none to write.
     """
@@ -242,7 +294,14 @@ def write_manifest(
             checksum_algorithm=checksums,
             **_timelines(backup),
         )
-        if local_copy is not None:
+        if key is not None:
+            name = MANIFEST_NAME + SUFFIX
+            if local_copy is not None:
+                write_atomically(local_copy / name, encrypt_bytes(content, key), f"{name}.tmp")
+            else:
+                (folder / name).write_bytes(encrypt_bytes(content, key))
+            where = str((local_copy if local_copy is not None else folder) / name)
+        elif local_copy is not None:
             where = str(write_manifest_file(local_copy, content))
         else:
             (folder / MANIFEST_NAME).write_bytes(content)
@@ -284,6 +343,7 @@ def write_entry(
     run: Mapping[str, Any],
     manifest_sum: str | None,
     log: logging.Logger | Any = _log,
+    key_id: str | None = None,
 ) -> str:
     """Write the backup's catalog entry (``backup_info.json``, :mod:`pg_safe_backup.catalog`), last: a backup
     is listed once everything else of it is stored.
@@ -294,6 +354,7 @@ def write_entry(
     :param run: the backup's DAG run (:data:`RUN_KEYS`).
     :param manifest_sum: the manifest's Manifest-Checksum, when one was written.
     :param log: where to say where it was written.
+    :param key_id: the id of the key the backup is encrypted with (never the key).
     :returns: where it was written.
     """
     local_copy = local_folder(folder)
@@ -317,6 +378,7 @@ def write_entry(
         bytes=sum(r.size for r in copied.files.values()) if copied else None,
         files=len(copied.files) if copied else None,
         manifest_checksum=manifest_sum,
+        encryption_key_id=key_id,
         **{key: run.get(key) for key in RUN_KEYS},
     )
     written = write_info(local_copy if local_copy is not None else folder, info)

@@ -7,8 +7,13 @@ server (:func:`pg_safe_backup.restore_check.verify_backup`); each runs whatever 
 one :class:`BackupCheck` names every problem. :func:`record_check` appends the verdict to the backup's
 catalog entry, best-effort: storage it cannot write gets a warning.
 
+An archive ``pg-safe-backup wal-push`` manages (compressed, encrypted) is read through its stored names:
+pg_verifybackup parses the backup's WAL decompressed into a temporary folder, the restore check fetches it
+with ``wal-fetch``; an encrypted one needs its key (``archive_key``).
+
 A check that could not run is not a verdict: a WAL archive that is missing, closed to the server's OS
-user or another cluster's (its oldest segment's system identifier against the backup's), or no usable
+user, another cluster's (its oldest segment's system identifier against the backup's) or encrypted
+without its key, or no usable
 binary (the backup's major's ``postgres`` and ``pg_ctl``; a ``pg_verifybackup`` of any installed major
 that reads the backup's manifest), raises :class:`CheckNotRun` before any check, and nothing is recorded.
 
@@ -23,27 +28,42 @@ run.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.catalog import CatalogError, append_verification, entry_path, has_info
+from pg_safe_backup.encryption import check_key, decrypt_backup
+from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.layout import CONTROL_FILE
 from pg_safe_backup.files.pgcontrol import (
+    BadPgControl,
     CopyMismatch,
     MissingStopLsn,
     check_page_lsns,
     format_lsn,
+    read_pg_control,
     stop_lsn_from_manifest,
 )
 from pg_safe_backup.files.tablespaces import tablespace_copies
+from pg_safe_backup.files.wal import is_managed_archive, plain_chunks
+from pg_safe_backup.files.walarchive import DamagedFile, MissingCodec, parse_stored_name
+from pg_safe_backup.files.xlog import wal_file_holding, wal_segment_names
 from pg_safe_backup.local_cluster import find_bindir
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
-from pg_safe_backup.restore import ArchiveNotUsable, backup_major, check_archive, manifest_field
+from pg_safe_backup.restore import (
+    ArchiveNotUsable,
+    archive_place,
+    backup_major,
+    check_archive,
+    manifest_field,
+)
 from pg_safe_backup.restore_check import (
     ARCHIVE_ARG,
     LOG_TAIL_LINES,
@@ -114,6 +134,8 @@ def find_verifier(
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
 #: The checks :func:`check_backup` runs, cheapest first.
 CHECKS = ("page-LSN check", "pg_verifybackup", "restore check")
+#: The step before them for an encrypted backup: every file decrypted (and so authenticated) with its key.
+DECRYPTION = "decryption"
 
 
 @dataclass
@@ -171,6 +193,8 @@ def check_backup(
     verifier_bindir: Path | str | None = None,
     tablespace_dirs: Mapping[str | int, Path | str] | None = None,
     progress: Callable[[str], None] | None = None,
+    archive_key: EncryptionKey | None = None,
+    encryption_key: EncryptionKey | None = None,
     **restore_options: Any,
 ) -> BackupCheck:
     """Check a stored backup, cheapest first: its page LSNs, ``pg_verifybackup``, then the restore check.
@@ -187,16 +211,57 @@ def check_backup(
     :param verifier_bindir: the folder of pg_verifybackup; default: the backup's major's binaries.
     :param tablespace_dirs: tablespace OID -> its backup, when not where the module docstring looks.
     :param progress: called with a line as each check starts (the CLI prints it).
+    :param archive_key: the key of an archive ``wal-push`` encrypts.
+    :param encryption_key: the key of an encrypted backup: it is decrypted into a temporary folder (in
+        ``work_dir``) and checked there; a file that does not authenticate FAILs the ``decryption`` step.
     :param restore_options: :func:`verify_backup`'s keyword arguments.
-    :raises CheckNotRun: before any check: the WAL archive is missing, closed to the server's OS user or
-        another cluster's; no pg_verifybackup reads the manifest (``manifest``); no server binaries of the
-        backup's major (``restore``).
+    :raises CheckNotRun: before any check: the WAL archive is missing, closed to the server's OS user,
+        another cluster's or encrypted without ``archive_key``; no pg_verifybackup reads the manifest
+        (``manifest``); no server binaries of the backup's major (``restore``).
     """
     backup = Path(backup_dir).absolute()
-    archive = Path(wal_archive).absolute() if wal_archive is not None else None
+    try:
+        key_id = check_key(backup, encryption_key)
+    except CryptError as err:  # no key, or another one: nothing can be checked, no verdict
+        raise CheckNotRun(str(err)) from None
+    if key_id is not None:
+        assert encryption_key is not None  # check_key raised otherwise
+        staging = Path(tempfile.mkdtemp(prefix="pgsb-decrypted-", dir=restore_options.get("work_dir")))
+        try:
+            (progress or (lambda line: None))(f"{DECRYPTION}: decrypting {backup} with key {key_id} ...")
+            try:
+                files = decrypt_backup(backup, staging, encryption_key)
+            except CryptError as err:  # a changed or cut byte: the stored backup is damaged, a verdict
+                return BackupCheck([CheckStep(DECRYPTION, FAIL, _one_line(err), {"key_id": key_id})])
+            decrypted = CheckStep(
+                DECRYPTION, PASS, f"{len(files)} files decrypted with key {key_id}", {"key_id": key_id}
+            )
+            report = check_backup(
+                staging,
+                wal_archive,
+                stop_lsn=stop_lsn,
+                page_lsns=page_lsns,
+                manifest=manifest,
+                restore=restore,
+                verifier_bindir=verifier_bindir,
+                tablespace_dirs=tablespace_dirs,
+                progress=progress,
+                archive_key=archive_key,
+                **restore_options,
+            )
+            # Each step names the backup as the user named it, not the temporary folder it was checked in.
+            named = str(backup)
+            steps = [
+                CheckStep(step.name, step.status, step.summary.replace(str(staging), named), step.details)
+                for step in report.steps
+            ]
+            return BackupCheck([decrypted, *steps])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    archive = archive_place(wal_archive)
     if archive is not None:
         try:
-            check_archive(backup, archive, flag=ARCHIVE_ARG)
+            check_archive(backup, archive, flag=ARCHIVE_ARG, key=archive_key)
         except ArchiveNotUsable as err:
             raise CheckNotRun(str(err)) from err
     verifier = None
@@ -208,13 +273,17 @@ def check_backup(
     steps = []
     if page_lsns:
         say(f"{CHECKS[0]}: reading every page of {backup} ...")
-        steps.append(_page_lsn_step(backup, archive, stop_lsn, tablespace_dirs))
+        steps.append(_page_lsn_step(backup, archive, stop_lsn, tablespace_dirs, archive_key))
     if manifest:
         say(f"{CHECKS[1]}: checking {backup} against its backup_manifest ...")
-        steps.append(_verifybackup_step(backup, archive, verifier))
+        steps.append(
+            _verifybackup_step(backup, archive, verifier, archive_key, restore_options.get("work_dir"))
+        )
     if restore:
         say(f"{CHECKS[2]}: copying {backup} and recovering it on a temporary server ...")
-        result = verify_backup(backup, archive, tablespace_dirs=tablespace_dirs, **restore_options)
+        result = verify_backup(
+            backup, archive, tablespace_dirs=tablespace_dirs, archive_key=archive_key, **restore_options
+        )
         steps.append(CheckStep(CHECKS[2], PASS if result.ok else FAIL, result.summary()[6:], result.details))
     return BackupCheck(steps)
 
@@ -225,6 +294,7 @@ def record_check(
     seconds: float,
     by: str,
     warn: Callable[[str], None] | None = None,
+    encryption_key: EncryptionKey | None = None,
 ) -> bool:
     """Append the outcome of the checks to the backup's ``backup_info.json`` (the catalog), when it has one.
     Best-effort: the verdict stands when it cannot be written (read-only storage), with a warning.
@@ -234,6 +304,7 @@ def record_check(
     :param seconds: how long they took (a drill's restore time).
     :param by: who checked: ``pg-safe-backup verify``, a task's id, ...
     :param warn: where to say it was not recorded (default: this module's logger).
+    :param encryption_key: the key of an encrypted backup (the record names the manifest it proves).
     :returns: whether it was recorded.
     """
     folder = Path(backup_dir)
@@ -249,6 +320,7 @@ def record_check(
                 "checks": {step.name: step.status for step in report.steps},
                 "summary": report.summary().splitlines()[0],
             },
+            encryption_key,
         )
     except (OSError, CatalogError) as err:
         (warn or _log.warning)(f"the verdict was not recorded in {entry_path(folder)}: {_one_line(err)}")
@@ -256,10 +328,15 @@ def record_check(
     return True
 
 
-def backup_stop_lsn(backup: Path, wal_archive: Path | None) -> tuple[str, str] | None:
+def backup_stop_lsn(
+    backup: Path, wal_archive: Path | None, key: EncryptionKey | None = None
+) -> tuple[str, str] | None:
     """The backup's stop LSN and where it was read: its backup_manifest's WAL-Ranges, else the backup
-    history file (``<segment>.<offset>.backup``) pg_backup_stop wrote into the archive for this very backup
-    (same start, label and start time; a standby writes none); None if neither."""
+    history file (``<segment>.<offset>.backup``, under any stored name) pg_backup_stop wrote into the
+    archive for this very backup (same start, label and start time; a standby writes none); None if
+    neither.
+
+    :param key: the archive's key, for an encrypted archive (one it cannot read is passed over)."""
     manifest_file = backup / "backup_manifest"
     if manifest_file.is_file():
         try:
@@ -267,7 +344,7 @@ def backup_stop_lsn(backup: Path, wal_archive: Path | None) -> tuple[str, str] |
         except ValueError:
             pass
     label = backup / "backup_label"
-    if wal_archive is None or not label.is_file():
+    if not isinstance(wal_archive, Path) or not label.is_file():  # none, or an object store's
         return None
     ours = parse_backup_label(label.read_text())
     start = ours.get("START WAL LOCATION", "")
@@ -276,8 +353,15 @@ def backup_stop_lsn(backup: Path, wal_archive: Path | None) -> tuple[str, str] |
     # backup a standby was made from starts at the same point until the standby's first restartpoint).
     if not m or ours.get("BACKUP FROM") == "standby":
         return None
-    for history in sorted(wal_archive.glob(f"{m.group(2)}.*.backup")):
-        fields = parse_backup_label(history.read_text(errors="replace"))
+    for history in sorted(wal_archive.glob(f"{m.group(2)}.*.backup*")):
+        parsed = parse_stored_name(history.name)
+        if parsed is None or not parsed.name.endswith(".backup"):
+            continue
+        try:
+            text = b"".join(plain_chunks(history, key)).decode(errors="replace")
+        except (OSError, CryptError, DamagedFile, MissingCodec):
+            continue  # unreadable: the page-LSN check says it found no stop LSN
+        fields = parse_backup_label(text)
         same = all(fields.get(key) == ours.get(key) for key in ("START WAL LOCATION", "LABEL", "START TIME"))
         if same and fields.get("STOP WAL LOCATION"):
             return fields["STOP WAL LOCATION"].split(" ")[0], str(history)
@@ -285,7 +369,11 @@ def backup_stop_lsn(backup: Path, wal_archive: Path | None) -> tuple[str, str] |
 
 
 def _page_lsn_step(
-    backup: Path, archive: Path | None, stop_lsn: str | None, overrides: Mapping[str | int, Path | str] | None
+    backup: Path,
+    archive: Path | None,
+    stop_lsn: str | None,
+    overrides: Mapping[str | int, Path | str] | None,
+    key: EncryptionKey | None = None,
 ) -> CheckStep:
     name = CHECKS[0]
     label = backup / "backup_label"
@@ -294,7 +382,7 @@ def _page_lsn_step(
     details: dict[str, Any] = {}
     if stop_lsn:
         details["stop_lsn_from"] = "given"
-    elif found := backup_stop_lsn(backup, archive):
+    elif found := backup_stop_lsn(backup, archive, key):
         stop_lsn, details["stop_lsn_from"] = found
     try:
         spaces = tablespace_copies(backup, overrides, backup_major(backup))
@@ -316,8 +404,16 @@ def _page_lsn_step(
     return CheckStep(name, PASS if result.ok else FAIL, result.message, details)
 
 
-def _verifybackup_step(backup: Path, archive: Path | None, folder: Path | None) -> CheckStep:
-    """pg_verifybackup of ``folder`` (:func:`find_verifier`; None: the backup has no manifest)."""
+def _verifybackup_step(
+    backup: Path,
+    archive: Path | None,
+    folder: Path | None,
+    key: EncryptionKey | None = None,
+    work_dir: Path | str | None = None,
+) -> CheckStep:
+    """pg_verifybackup of ``folder`` (:func:`find_verifier`; None: the backup has no manifest); the WAL of a
+    managed archive staged decompressed into a temporary folder under ``work_dir`` (pg_waldump reads
+    only plain segments)."""
     name = CHECKS[1]
     major = backup_major(backup)
     if folder is None:
@@ -339,13 +435,50 @@ def _verifybackup_step(backup: Path, archive: Path | None, folder: Path | None) 
     if ignore:
         notes.append(f"{CONTROL_FILE} not checked: pg_verifybackup {verifier_major} refuses another major's")
     note = f" ({'; '.join(notes)})" if notes else ""
-    run = run_pg_verifybackup(backup, bindir=folder, wal_path=archive, skip_wal=not same, ignore=ignore)
+    staged = None
+    try:
+        if same and archive is not None and (isinstance(archive, str) or is_managed_archive(archive)):
+            staged = Path(tempfile.mkdtemp(prefix="pgsb-wal-", dir=work_dir))
+            _stage_backup_wal(backup, str(archive), staged, key)
+        wal_path = staged or archive
+        run = run_pg_verifybackup(backup, bindir=folder, wal_path=wal_path, skip_wal=not same, ignore=ignore)
+    except (OSError, CryptError, DamagedFile, MissingCodec, ValueError, BadPgControl) as err:
+        return CheckStep(name, FAIL, f"cannot read the backup's WAL from {archive}: {_one_line(err)}")
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
     details = {"command": run.cmd, "verifier_major": verifier_major, "wal_parsed": same}
     if run.ok:
         return CheckStep(
             name, PASS, run.output.splitlines()[-1] + note if run.output else "ok" + note, details
         )
     return CheckStep(name, FAIL, " | ".join(run.output.splitlines()[:10]) + note, details)
+
+
+def _stage_backup_wal(backup: Path, archive: str, into: Path, key: EncryptionKey | None) -> None:
+    """The segments of the backup's manifest's WAL-Ranges fetched from a managed archive (folder or URL) into
+    ``into`` as wal-fetch writes them (decrypted, decompressed, checked against the archive's identity); a
+    timeline's last one from its ``.partial`` when that is all the archive has; one missing is left for
+    pg_waldump to name. The segment holding each range's end goes too when archived: pg_waldump may read
+    past a range that ends on a segment boundary.
+
+    :raises ValueError: the manifest has no WAL-Ranges.
+    :raises BadPgControl: the copy's pg_control (the segment size) cannot be read.
+    """
+    from pg_safe_backup.wal_archive import fetch, open_store
+
+    size = read_pg_control(backup).xlog_seg_size
+    ranges = json.loads((backup / "backup_manifest").read_text()).get("WAL-Ranges") or []
+    if not ranges:
+        raise ValueError(f"{backup}/backup_manifest has no WAL-Ranges")
+    store = open_store(archive)
+    for r in ranges:
+        tli, start, end = int(r["Timeline"]), r["Start-LSN"], r["End-LSN"]
+        for name in [*wal_segment_names(start, end, tli, size), wal_file_holding(end, tli, size)]:
+            for source in (name, f"{name}.partial"):
+                if store.find(source):
+                    fetch(source, into / name, store, key=key)
+                    break
 
 
 __all__ = [

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,13 @@ from typing import IO
 
 from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.crypt import CHUNK_SIZE, EncryptionKey
+from pg_safe_backup.files.wal import (
+    NotWal,
+    archive_system_identifier,
+    fsync_path,
+    header_system_identifier,
+    segment_system_identifier,
+)
 from pg_safe_backup.files.walarchive import (
     ARCHIVED_NAME,
     IDENTITY_FILE,
@@ -79,20 +87,8 @@ class WrongCluster(WalArchiveError):
     """A segment of another cluster than the one whose WAL the archive holds."""
 
 
-class WalNotArchived(WalArchiveError, FileNotFoundError):
+class WalNotArchived(TransientError, FileNotFoundError):
     """wal-fetch of a name the archive does not hold: the end of the archive, normal at recovery's end."""
-
-
-class StoreUnavailable(TransientError, OSError):
-    """The archive could not be read or written (a folder, a network, a store's error): try again."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_segment(name: str) -> bool:
@@ -126,6 +122,15 @@ class Store:
         """
         raise NotImplementedError
 
+    def put_copy(self, stored: str, source: Path) -> None:
+        """:meth:`put` of the file ``source`` as it is (no compression, no encryption)."""
+        with open(source, "rb") as f:
+            self.put(stored, iter(lambda: f.read(CHUNK_SIZE), b""))
+
+    def holds_anything(self) -> bool:
+        """Whether the archive exists and holds a file (a folder is checked when opened: True)."""
+        return True
+
     def clean(self, name: str) -> None:
         """Remove what a killed push of ``name`` left (nothing for an object store: a PUT is whole)."""
 
@@ -138,6 +143,25 @@ class Store:
             return None
         return ArchiveIdentity.from_json(data, f"{self.where}/{IDENTITY_FILE}")
 
+    def write_identity(self, identity: ArchiveIdentity) -> None:
+        """Write the identity file, create-only (:meth:`put`)."""
+        self.put(IDENTITY_FILE, [identity.to_json()])
+
+    def written_by(self) -> tuple[int, str] | None:
+        """The system identifier of WAL already in an archive without an identity file, and the segment
+        that says so; None when nothing tells."""
+        return None
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; an error other than "no such file" (a folder the user may not read) raises:
+    taken for "not archived", it would end a recovery early."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
 
 class LocalStore(Store):
     """An archive in a local (or mounted) folder.
@@ -147,13 +171,13 @@ class LocalStore(Store):
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder).absolute()
-        self.where = str(self.folder)
+        self.where = archive_location(str(self.folder))
         if not self.folder.is_dir():
             raise WalArchiveError(f"--archive {self.folder}: no such folder")
 
     def find(self, name: str) -> list[str]:
         # A stat per possible name: cheaper than listing a folder of a hundred thousand segments.
-        return [c.stored for c in candidates(name) if os.path.lexists(self.folder / c.stored)]
+        return [c.stored for c in candidates(name) if _exists(self.folder / c.stored)]
 
     def open(self, stored: str) -> IO[bytes]:
         return open(self.folder / stored, "rb")
@@ -164,26 +188,42 @@ class LocalStore(Store):
         return temp / f"{stored}.{os.getpid()}.{os.urandom(4).hex()}"
 
     def put(self, stored: str, chunks: Iterable[bytes]) -> None:
-        final = self.folder / stored
-        temp = self._temp(stored)
-        try:
+        def write(temp: Path) -> None:
             with open(temp, "xb") as f:
                 for piece in chunks:
                     f.write(piece)
                 f.flush()
                 os.fsync(f.fileno())
+
+        self._publish(stored, write)
+
+    def put_copy(self, stored: str, source: Path) -> None:
+        def write(temp: Path) -> None:
+            shutil.copyfile(
+                source, temp
+            )  # the kernel copies (copy_file_range/sendfile): no pass through Python
+            fsync_path(temp)
+
+        self._publish(stored, write)
+
+    def _publish(self, stored: str, write: Callable[[Path], None]) -> None:
+        """``write`` a temporary file (fsynced), link it under ``stored`` (create-only), fsync the folder."""
+        final = self.folder / stored
+        temp = self._temp(stored)
+        try:
+            write(temp)
             try:
                 os.link(temp, final)  # create-only and atomic: never replaces what is there
             except FileExistsError:
                 raise
             except OSError:  # a file system without hard links: the name was checked absent just before
-                if os.path.lexists(final):
+                if _exists(final):
                     raise FileExistsError(final) from None
                 os.rename(temp, final)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-        _fsync(self.folder)
+        fsync_path(self.folder)
 
     def clean(self, name: str) -> None:
         temp = self.folder / TEMP_FOLDER
@@ -196,9 +236,9 @@ class LocalStore(Store):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 
-    def write_identity(self, identity: ArchiveIdentity) -> None:
-        """Write the identity file create-only (:meth:`put`'s way)."""
-        self.put(IDENTITY_FILE, [identity.to_json()])
+    def written_by(self) -> tuple[int, str] | None:
+        # An archive cp filled before wal-push took over: its oldest segment names its cluster.
+        return archive_system_identifier(self.folder)
 
 
 class UrlStore(Store):
@@ -216,7 +256,7 @@ class UrlStore(Store):
             import fsspec
         except ImportError:
             raise WalArchiveError(f"--archive {url}: an object store needs fsspec and its driver") from None
-        self.where = url.rstrip("/")
+        self.where = archive_location(url)
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.where)
         except (ImportError, ValueError) as err:
@@ -237,6 +277,10 @@ class UrlStore(Store):
         names = [p.rsplit("/", 1)[-1] for p in found]
         return [n for n in names if (s := parse_stored_name(n)) is not None and s.name == name]
 
+    def holds_anything(self) -> bool:
+        # A missing bucket or a mistyped prefix lists nothing, like a name not archived yet.
+        return bool(self.fs.exists(self.root))
+
     def open(self, stored: str) -> IO[bytes]:
         return io.BytesIO(self.fs.cat_file(self._path(stored)))
 
@@ -246,9 +290,18 @@ class UrlStore(Store):
             raise FileExistsError(self._path(stored))
         self.fs.pipe_file(self._path(stored), data)
 
-    def write_identity(self, identity: ArchiveIdentity) -> None:
-        """Write the identity file unless one is there."""
-        self.put(IDENTITY_FILE, [identity.to_json()])
+
+def archive_location(archive: str) -> str:
+    """How a store names ``archive`` (its ``where``), known without opening it: a spool record is compared
+    with it before fsspec is imported.
+
+    :param archive: ``--archive``'s value.
+    """
+    if archive.startswith("file://"):
+        return str(Path(archive[len("file://") :]).absolute())
+    if "://" in archive:
+        return archive.rstrip("/")
+    return str(Path(archive).absolute())
 
 
 def open_store(archive: str) -> Store:
@@ -270,21 +323,22 @@ class Pushed:
 
     :param name: the file's name (``%f``).
     :param stored: the name it is stored under.
-    :param sha256: the plaintext's SHA-256 (hex).
+    :param sha256: the plaintext's SHA-256 (hex), when it was asked for or compared.
     :param size: the plaintext's bytes.
     :param already: it was archived already (the same plaintext), nothing written.
     """
 
     name: str
     stored: str
-    sha256: str
+    sha256: str | None
     size: int
     already: bool = False
 
 
-def _reading(f: IO[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
+def _reading(f: IO[bytes], digest: hashlib._Hash | None) -> Iterator[bytes]:
     while chunk := f.read(CHUNK_SIZE):
-        digest.update(chunk)
+        if digest is not None:
+            digest.update(chunk)
         yield chunk
 
 
@@ -333,7 +387,6 @@ def cluster_identity(path: Path, data_dir: Path) -> ArchiveIdentity:
     :raises WalArchiveError: the data directory cannot be read.
     """
     from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
-    from pg_safe_backup.files.wal import segment_system_identifier
 
     try:
         control = read_pg_control(data_dir)
@@ -353,8 +406,15 @@ def archive_identity(store: Store, path: Path, data_dir: Path) -> ArchiveIdentit
     if identity is not None:
         return identity
     mine = cluster_identity(path, data_dir)
+    earlier = store.written_by()
+    if earlier is not None and earlier[0] != mine.system_identifier:
+        raise WrongCluster(
+            f"{path} is WAL of the cluster with system identifier {mine.system_identifier}, but the archive"
+            f" {store.where} already holds WAL of system {earlier[0]} ({earlier[1]}): refusing to mix two"
+            " clusters' WAL in one archive"
+        )
     try:
-        store.write_identity(mine)  # type: ignore[attr-defined]
+        store.write_identity(mine)
     except FileExistsError:  # another push wrote it meanwhile: that one holds
         identity = store.read_identity()
         assert identity is not None
@@ -367,8 +427,6 @@ def check_cluster(store: Store, path: Path, identity: ArchiveIdentity) -> None:
 
     :raises WrongCluster: naming both identifiers.
     """
-    from pg_safe_backup.files.wal import segment_system_identifier
-
     if not is_segment(path.name):
         return
     system = segment_system_identifier(path)
@@ -400,6 +458,7 @@ def push(
     compression: str = "none",
     key: EncryptionKey | None = None,
     data_dir: Path | None = None,
+    sha256: bool = False,
 ) -> Pushed:
     """Archive the file ``path`` (module docstring); returns once it is durable in the archive.
 
@@ -408,6 +467,8 @@ def push(
     :param compression: a key of :data:`~pg_safe_backup.files.walarchive.COMPRESSIONS`.
     :param key: encrypt with it, or None.
     :param data_dir: the cluster's data directory (default: see :func:`data_directory`).
+    :param sha256: compute the plaintext's SHA-256 while writing (a spool record needs it); else a plain
+        file is copied by the kernel.
     :raises WalArchiveError: refused (another cluster, other content, not a WAL file); MissingCodec.
     :raises OSError: the file or the archive could not be read or written.
     """
@@ -424,14 +485,18 @@ def push(
         return _already(store, found, path, key)
     store.clean(path.name)
     stored = StoredName(path.name, compression, key is not None).stored
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        try:
-            store.put(stored, encode(_reading(f, digest), compression, key))
-        except FileExistsError:  # pushed by another process meanwhile
-            return _already(store, store.find(path.name), path, key)
-        size = f.tell()
-    return Pushed(path.name, stored, digest.hexdigest(), size)
+    digest = hashlib.sha256() if sha256 else None
+    try:
+        if digest is None and compression == "none" and key is None:
+            store.put_copy(stored, path)
+            size = path.stat().st_size
+        else:
+            with open(path, "rb") as f:
+                store.put(stored, encode(_reading(f, digest), compression, key))
+                size = f.tell()
+    except FileExistsError:  # pushed by another process meanwhile
+        return _already(store, store.find(path.name), path, key)
+    return Pushed(path.name, stored, digest.hexdigest() if digest else None, size)
 
 
 # ----------------------------------------------------------------------------------- push ahead: spool
@@ -455,15 +520,15 @@ def record_pushed(spool: Path, store: Store, pushed: Pushed) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, final)
-    _fsync(spool)
+    fsync_path(spool)
 
 
-def answered_by_spool(path: Path, store: Store, spool: Path) -> bool:
-    """Whether a push ahead already archived ``path`` into ``store``: its record names this archive, and
+def answered_by_spool(path: Path, where: str, spool: Path) -> bool:
+    """Whether a push ahead already archived ``path`` into ``where``: its record names this archive, and
     the file's size and SHA-256 are the recorded ones. The record is used once (removed).
 
     :param path: the file PostgreSQL asks to archive.
-    :param store: the archive it asks for.
+    :param where: the archive it asks for (:func:`archive_location`).
     :param spool: the spool folder.
     """
     record = _record_path(spool, path.name)
@@ -475,7 +540,7 @@ def answered_by_spool(path: Path, store: Store, spool: Path) -> bool:
         body = {}
     with contextlib.suppress(FileNotFoundError):
         record.unlink()  # used once; if it does not match, the push that follows decides
-    if not isinstance(body, dict) or body.get("archive") != store.where:
+    if not isinstance(body, dict) or body.get("archive") != where:
         return False
     try:
         if os.path.getsize(path) != body.get("size"):
@@ -521,16 +586,20 @@ def push_ahead(
     """
     path = Path(path)
     data_dir = data_dir or data_directory(path)
-    recorded = (
-        {p.name[: -len(SPOOL_SUFFIX)] for p in spool.glob(f"*{SPOOL_SUFFIX}")} if spool.is_dir() else set()
-    )
-    ahead = [n for n in ready_files(path) if n not in recorded][: max(parallel - 1, 0)]
+    recorded = {p.name[: -len(SPOOL_SUFFIX)] for p in spool.glob(f"*{SPOOL_SUFFIX}")}
+    waiting = ready_files(path)
+    for name in recorded.difference(waiting, [path.name]):  # no longer .ready: never asked for, stale
+        with contextlib.suppress(FileNotFoundError):
+            _record_path(spool, name).unlink()
+    ahead = [n for n in waiting if n not in recorded][: max(parallel - 1, 0)]
 
     def one(name: str) -> None:
         try:
-            pushed = push(path.parent / name, store, compression=compression, key=key, data_dir=data_dir)
+            pushed = push(
+                path.parent / name, store, compression=compression, key=key, data_dir=data_dir, sha256=True
+            )
             record_pushed(spool, store, pushed)
-        except (OSError, PermanentError, TransientError) as err:
+        except Exception as err:  # noqa: BLE001 - PostgreSQL asks for it later; its own push then fails loudly
             warn(f"pushing {name} ahead: {' '.join(str(err).split())}")
 
     from concurrent.futures import ThreadPoolExecutor
@@ -568,6 +637,8 @@ def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | N
     """
     target = Path(target)
     found = store.find(name)
+    if not found and not store.holds_anything():
+        raise WalArchiveError(f"the archive {store.where} holds nothing (no such bucket or prefix?)")
     if not found:
         raise WalNotArchived(f"{name} is not in the archive {store.where}")
     if len(found) > 1:
@@ -597,14 +668,12 @@ def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | N
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    _fsync(target.parent)
+    fsync_path(target.parent)
     return Fetched(found[0], size)
 
 
 def _check_fetched(what: str, head: bytes, size: int, identity: ArchiveIdentity) -> None:
     """A fetched segment must be whole and of the archive's cluster."""
-    from pg_safe_backup.files.wal import NotWal, header_system_identifier
-
     if size != identity.wal_segment_size:
         raise WalArchiveError(
             f"{what}: {size} bytes, not a whole {identity.wal_segment_size}-byte segment of this archive"

@@ -26,12 +26,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pg_safe_backup.errors import PermanentError
 
@@ -169,6 +170,74 @@ def encrypt_chunks(chunks: Iterator[bytes] | list[bytes], key: EncryptionKey) ->
             del pending[:CHUNK_SIZE]
             counter += 1
     yield aead.encrypt(_nonce(prefix, counter, True), bytes(pending), header)
+
+
+class EncryptingWriter:
+    """A write-only file that encrypts into ``out`` as it is written (the tar writer and the object
+    uploads push their bytes; :func:`encrypt_chunks` pulls them): the same format, chunk for chunk.
+
+    :meth:`close` seals the last chunk; ``out`` is left open, to the caller.
+
+    :param out: where the encrypted file goes, from its position.
+    :param key: the key.
+    """
+
+    def __init__(self, out: IO[bytes] | Any, key: EncryptionKey) -> None:
+        self._out = out
+        self._aead = _aead(key)
+        self._prefix = os.urandom(7)
+        self._header = _HEADER.pack(MAGIC, bytes.fromhex(key.key_id), self._prefix, CHUNK_SIZE)
+        self._pending = bytearray()
+        self._counter = 0
+        self._closed = False
+        out.write(self._header)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Encrypt ``data`` (whole chunks are written as soon as one more byte follows them).
+
+        :param data: the plaintext.
+        """
+        if self._closed:
+            raise ValueError("write to a closed EncryptingWriter")
+        self._pending += data
+        # Keep at least one byte back: only the chunk known to be the last is sealed as last.
+        while len(self._pending) > CHUNK_SIZE:
+            nonce = _nonce(self._prefix, self._counter, False)
+            self._out.write(self._aead.encrypt(nonce, bytes(self._pending[:CHUNK_SIZE]), self._header))
+            del self._pending[:CHUNK_SIZE]
+            self._counter += 1
+        return len(data)
+
+    def flush(self) -> None:
+        """Flush ``out`` (a chunk is sealed only when full, or by :meth:`close`)."""
+        self._out.flush()
+
+    def close(self) -> None:
+        """Seal the last chunk (possibly empty) into ``out``; ``out`` stays open."""
+        if not self._closed:
+            self._closed = True
+            nonce = _nonce(self._prefix, self._counter, True)
+            self._out.write(self._aead.encrypt(nonce, bytes(self._pending), self._header))
+            self._pending.clear()
+
+
+def encrypt_bytes(plain: bytes, key: EncryptionKey) -> bytes:
+    """The encrypted file of ``plain`` (a label, a manifest), whole.
+
+    :param plain: the plaintext.
+    :param key: the key.
+    """
+    return b"".join(encrypt_chunks([plain], key))
+
+
+def decrypt_bytes(sealed: bytes, key: EncryptionKey, what: str) -> bytes:
+    """The plaintext of the encrypted file ``sealed``, whole (see :func:`decrypt_chunks`).
+
+    :param sealed: the encrypted file's bytes.
+    :param key: the key.
+    :param what: the file's name for errors.
+    """
+    return b"".join(decrypt_chunks(io.BytesIO(sealed), key, what))
 
 
 def encrypt_stream(src: IO[bytes], dst: IO[bytes], key: EncryptionKey) -> int:

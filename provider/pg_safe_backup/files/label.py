@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.files.crypt import SUFFIX, EncryptionKey, encrypt_bytes
 from pg_safe_backup.files.manifest import write_atomically
 from pg_safe_backup.files.pgcontrol import check_copy
 from pg_safe_backup.files.xlog import parse_backup_label
@@ -36,6 +37,7 @@ def store_label(
     local_copy: Path | None,
     system_identifier: int | str | None,
     stop_lsn: str | None,
+    key: EncryptionKey | None = None,
     log: logging.Logger | Any = _log,
 ) -> dict[str, str]:
     """Check the copy against the label, remove label files an earlier attempt left, write this backup's.
@@ -53,6 +55,7 @@ def store_label(
     :param local_copy: the destination as a local path, or None for an object store.
     :param system_identifier: the backed up cluster's, or None to not compare.
     :param stop_lsn: the backup's stop LSN, or None to not compare.
+    :param key: store them encrypted with it, as ``backup_label.enc`` and ``tablespace_map.enc``.
     :param log: where to say what was checked, skipped and removed.
     :returns: name -> location of each file written.
     :raises CopyMismatch: the copy cannot belong to this backup; nothing was removed or written.
@@ -82,7 +85,7 @@ def store_label(
             stop_lsn,
         )
     destination.mkdir(parents=True, exist_ok=True)
-    for name in LABEL_FILES:
+    for name in [n + suffix for n in LABEL_FILES for suffix in ("", SUFFIX)]:
         stale = destination / name
         if stale.exists():
             fields = parse_backup_label(stale.read_text()) if name == "backup_label" else {}
@@ -101,11 +104,14 @@ def store_label(
         if files.get(name):
             # UTF-8 whatever the locale: the manifest's checksum of it is of these bytes.
             content = files[name].encode("utf-8")
+            stored = name
+            if key is not None:
+                content, stored = encrypt_bytes(content, key), name + SUFFIX
             if is_local_path(folder):
                 # Synced under a temporary name, renamed, its folder synced (with the removals above): on
                 # disk before the manifest and the catalog say the backup exists.
-                write_atomically(folder / name, content, f"{name}.tmp")
+                write_atomically(folder / stored, content, f"{stored}.tmp")
             else:
-                (destination / name).write_bytes(content)  # an object exists whole once its put returned
-            written[name] = str(destination / name)
+                (destination / stored).write_bytes(content)  # an object exists whole once its put returned
+            written[name] = str(destination / stored)
     return written

@@ -35,6 +35,7 @@ from pg_safe_backup.files.copier import (
     is_local_path,
     sync_paths,
 )
+from pg_safe_backup.files.crypt import SUFFIX, EncryptingWriter, EncryptionKey
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 
 #: Bytes read (and hashed) at a time.
@@ -101,7 +102,7 @@ def open_source(entry: Entry) -> IO[bytes] | None:
     return os.fdopen(fd, "rb")
 
 
-def _upload(entry: Entry, destination: Target) -> Copied | None:
+def _upload(entry: Entry, destination: Target, key: EncryptionKey | None = None) -> Copied | None:
     source = open_source(entry)
     if source is None:
         return None
@@ -109,12 +110,15 @@ def _upload(entry: Entry, destination: Target) -> Copied | None:
     size = 0
     with source:
         mtime_ns = os.fstat(source.fileno()).st_mtime_ns
-        out = open_for_writing(destination / entry.path)
+        out = open_for_writing(destination / (entry.path + SUFFIX if key else entry.path))
+        sink = EncryptingWriter(out, key) if key else out
         # A file that grows or shrinks meanwhile is copied as read: WAL replay repairs it.
         while chunk := source.read(CHUNK_SIZE):
-            digest.update(chunk)
-            out.write(chunk)
+            digest.update(chunk)  # of the plaintext: the manifest checks the decrypted copy
+            sink.write(chunk)
             size += len(chunk)
+        if sink is not out:
+            sink.close()
         # Not closed after a failure; fsspec still finishes the upload of a file it collects, so a failed
         # copy can leave a cut object: the copy is no backup before its label is stored (the store
         # task), and a new attempt empties the destination first.
@@ -132,6 +136,7 @@ def upload_tree(
     overwrite: bool = False,
     progress: Callable[[Progress], None] | None = None,
     progress_interval: float = 5.0,
+    key: EncryptionKey | None = None,
     log: logging.Logger | Any = _log,
 ) -> CopyResult:
     """Copy the base backup of ``datadir`` into ``destination`` as files (objects), the plain format.
@@ -152,8 +157,10 @@ def upload_tree(
         once the files are listed, every ``progress_interval`` seconds while they are copied (counting
         the files done), and once at the end.
     :param progress_interval: seconds between two progress calls.
+    :param key: encrypt each file with it, stored as ``<path>.enc`` (:mod:`pg_safe_backup.files.crypt`);
+        :data:`FOLDERS_NAME`, names of empty folders only, stays as it is.
     :param log: where the summary goes.
-    :returns: counts, vanished files and each file's SHA-256.
+    :returns: counts, vanished files and each file's SHA-256 (of the plaintext).
     :raises DestinationNotEmpty: the destination holds something and ``overwrite`` is false.
     :raises OSError: a file could not be read or written (the message names it).
     """
@@ -175,7 +182,7 @@ def upload_tree(
 
     def one(entry: Entry) -> None:
         try:
-            copied = _upload(entry, destination)
+            copied = _upload(entry, destination, key)
         except OSError as exc:
             raise OSError(f"copying {entry.source} to {destination / entry.path}: {exc}") from exc
         result.record(entry.path, copied)

@@ -41,6 +41,7 @@ from pg_safe_backup.files.copier import (
     is_local_path,
     sync_paths,
 )
+from pg_safe_backup.files.crypt import SUFFIX, EncryptingWriter, EncryptionKey
 from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import (
     CHUNK_SIZE,
@@ -228,16 +229,28 @@ class TarWriter:
 class _Archive:
     """An archive being written into the destination: its writer and the file or object under it."""
 
-    def __init__(self, destination: Target, name: str, compression: str, level: int | None, threads: int):
+    def __init__(
+        self,
+        destination: Target,
+        name: str,
+        compression: str,
+        level: int | None,
+        threads: int,
+        key: EncryptionKey | None = None,
+    ):
         self.name = name
         self.local = is_local_path(destination)
-        self.raw = open_for_writing(destination / name)
+        self.raw = open_for_writing(destination / (name + SUFFIX if key else name))
         # An object's upload part is sent while the next files are read and compressed.
         self.out = self.raw if self.local else BackgroundWriter(self.raw)
-        self.tar = TarWriter(self.out, compression, level, threads)  # type: ignore[arg-type]
+        # Compressed, then encrypted (encrypted bytes do not compress).
+        self.sealer = EncryptingWriter(self.out, key) if key else None
+        self.tar = TarWriter(self.sealer or self.out, compression, level, threads)  # type: ignore[arg-type]
 
     def close(self) -> int:
         stored = self.tar.close()
+        if self.sealer is not None:
+            self.sealer.close()
         if isinstance(self.out, BackgroundWriter):
             self.out.close()
         else:
@@ -264,6 +277,7 @@ def write_tar_backup(
     progress_interval: float = 5.0,
     tablespace_dir: str | None = None,
     entries: Iterable[Entry] | None = None,
+    key: EncryptionKey | None = None,
     log: logging.Logger | Any = _log,
 ) -> CopyResult:
     """Write the base backup of ``datadir`` into ``destination`` as ``base.tar`` and one ``<oid>.tar``
@@ -285,9 +299,10 @@ def write_tar_backup(
     :param progress_interval: seconds between two progress calls.
     :param tablespace_dir: see :func:`~pg_safe_backup.files.layout.walk`.
     :param entries: what to write (default: ``walk(datadir, tablespace_dir)``), in that order.
+    :param key: encrypt each archive with it (``base.tar.zst.enc``: :mod:`pg_safe_backup.files.crypt`).
     :param log: where the summary goes.
     :returns: counts, vanished and padded files, each file's SHA-256 (by backup path, as a manifest
-        lists it) and each archive's stored size.
+        lists it: of the plaintext) and each archive's size before encryption.
     :raises DestinationNotEmpty: the destination holds something and ``overwrite`` is false.
     :raises OSError: a file could not be read or written (the message names it).
     """
@@ -299,7 +314,7 @@ def write_tar_backup(
     listed = list(walk(datadir, tablespace_dir, result.special) if entries is None else entries)
     reporter = ProgressReporter.started(progress, progress_interval, listed, result)
     threads = threads or os.cpu_count() or 1
-    base = _Archive(destination, archive_name(None, compression), compression, level, threads)
+    base = _Archive(destination, archive_name(None, compression), compression, level, threads, key)
     space: _Archive | None = None
     try:
         for entry in listed:
@@ -311,7 +326,9 @@ def write_tar_backup(
                     result.archives[space.name] = space.close()  # the walk left that tablespace
                     space = None
                 if space is None:
-                    space = _Archive(destination, archive_name(oid, compression), compression, level, threads)
+                    space = _Archive(
+                        destination, archive_name(oid, compression), compression, level, threads, key
+                    )
                 tar = space
             try:
                 _add(tar.tar, entry, member, result)

@@ -1,4 +1,10 @@
-"""Self-contained backups: the WAL a backup needs, copied from the archive into the copy's pg_wal/.
+"""Reading a WAL archive by name, and self-contained backups: the WAL a backup needs, copied from the
+archive into the copy's pg_wal/.
+
+An archive is read as ``cp %p ARCHIVE/%f`` leaves it or as ``pg-safe-backup wal-push`` stores it
+(:mod:`pg_safe_backup.files.walarchive`: ``<%f>[.gz|.lz4|.zst][.enc]``, an identity file at the top):
+:func:`find_stored` finds a file PostgreSQL archived under any of its stored names, :func:`plain_chunks`
+gives its bytes as PostgreSQL wrote them (decrypted with the archive's key, decompressed).
 
 pg_basebackup's ``-X fetch`` makes the same kind of backup: the copy then recovers to consistency with no
 archive at all (no restore_command), and ``pg_verifybackup`` parses that WAL from the copy's own pg_wal/.
@@ -9,15 +15,26 @@ followed a promotion spans two), and the timeline history files up to the stop's
 
 from __future__ import annotations
 
+# Imports kept light (manifest and pg_control read lazily): wal-push reads each segment's header here.
+import contextlib
 import logging
 import os
 import re
-import shutil
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pg_safe_backup.errors import PermanentError, TransientError
+from pg_safe_backup.files.crypt import CryptError, EncryptionKey
+from pg_safe_backup.files.walarchive import (
+    IDENTITY_FILE,
+    ArchiveIdentity,
+    StoredName,
+    candidates,
+    decode,
+    parse_stored_name,
+)
 from pg_safe_backup.files.xlog import (
     WAL_NAME,
     history_file_name,
@@ -33,7 +50,8 @@ class WalMissing(TransientError):
     """The archive lacks (a whole copy of) a WAL file the backup needs."""
 
 
-#: A WAL segment as archived (not partial), compressed or not: what carries a long page header.
+#: A WAL segment as ``cp`` archives it (not partial), gzip or zstd of it: what carries a long page header
+#: (:func:`archived_segments` knows every stored name).
 WAL_SEGMENT = re.compile(rf"^{WAL_NAME}(\.gz|\.zst)?$")
 #: XLogLongPageHeaderData (access/xlog_internal.h): xlp_magic u16, xlp_info u16, xlp_tli u32, xlp_pageaddr
 #: u64, xlp_rem_len u32, padding to 24, xlp_sysid u64, xlp_seg_size u32, xlp_xlog_blcksz u32.
@@ -46,28 +64,87 @@ class NotWal(PermanentError, ValueError):
     """A file is not a WAL segment with a long page header (the message names it)."""
 
 
-def segment_system_identifier(path: Path) -> int:
+class KeyNeeded(CryptError):
+    """A file of the archive is encrypted and no key was given (the caller names its flags)."""
+
+
+def is_managed_archive(archive: Path) -> bool:
+    """Whether ``archive`` is one ``pg-safe-backup wal-push`` writes (its identity file is at the top).
+
+    :param archive: the WAL archive folder.
+    """
+    return (Path(archive) / IDENTITY_FILE).is_file()
+
+
+def archive_identity(archive: Path) -> ArchiveIdentity | None:
+    """The identity file of a managed archive, None for an archive without one (``cp``'s).
+
+    :param archive: the WAL archive folder.
+    :raises ArchiveFormatError: it is not an identity file this version reads.
+    :raises OSError: it cannot be read.
+    """
+    path = Path(archive) / IDENTITY_FILE
+    return ArchiveIdentity.from_json(path.read_bytes(), str(path)) if path.is_file() else None
+
+
+def find_stored(archive: Path, name: str) -> Path | None:
+    """Where ``archive`` holds the file PostgreSQL archived as ``name``: as ``cp`` leaves it, or compressed
+    and/or encrypted as ``wal-push`` stores it; None when it holds none.
+
+    :param archive: the WAL archive folder.
+    :param name: the archived name (``%f``): a segment, ``.partial``, ``.history`` or ``.backup`` file.
+    """
+    for stored in candidates(name):
+        path = Path(archive) / stored.stored
+        if path.is_file():
+            return path
+    return None
+
+
+def plain_chunks(path: Path, key: EncryptionKey | None = None) -> Iterator[bytes]:
+    """The bytes PostgreSQL archived as ``path`` (a stored name), decrypted and decompressed as its name
+    says (:func:`~pg_safe_backup.files.walarchive.decode`), chunk by chunk; a name that is no stored name
+    is read as it is. Close the iterator when not read to its end.
+
+    :param path: a file in the archive.
+    :param key: the archive's key, for an encrypted file (``.enc``).
+    :raises KeyNeeded: the file is encrypted and ``key`` is None.
+    :raises CryptError: another key's file, or a changed or cut one: before any byte of a bad chunk.
+    :raises DamagedFile: the decompressed stream is damaged or cut short.
+    :raises MissingCodec: its compression's package is not installed.
+    """
+    path = Path(path)
+    stored = parse_stored_name(path.name) or StoredName(path.name)
+    if stored.encrypted and key is None:
+        raise KeyNeeded(f"{path} is encrypted: reading it needs the archive's encryption key")
+    with open(path, "rb") as raw:
+        yield from decode(raw, stored, key, str(path))
+
+
+def _head(path: Path, size: int, key: EncryptionKey | None) -> bytes:
+    """The first ``size`` plain bytes of a stored file (or fewer: all it has)."""
+    head = b""
+    with contextlib.closing(plain_chunks(path, key)) as chunks:
+        for piece in chunks:
+            head += piece
+            if len(head) >= size:
+                break
+    return head[:size]
+
+
+def segment_system_identifier(path: Path, key: EncryptionKey | None = None) -> int:
     """The system identifier in a WAL segment's first page (its long page header): which cluster wrote it.
 
-    :param path: a WAL segment file, plain, ``.gz`` or ``.zst`` (the ``[zstd]`` extra).
+    :param path: a WAL segment file, under a stored name (plain, ``.gz``, ``.lz4``, ``.zst``, ``.enc``).
+    :param key: the archive's key, for an encrypted one.
     :raises NotWal: the file is too short or its first page has no long header.
+    :raises KeyNeeded: it is encrypted and no key was given.
+    :raises CryptError: it does not decrypt with ``key``.
+    :raises DamagedFile: it does not decompress.
     :raises OSError: it cannot be read.
     """
     path = Path(path)
-    if path.name.endswith(".gz"):
-        import gzip  # imports kept lazy here: wal-push reads each segment's header through this module
-
-        with gzip.open(path, "rb") as f:
-            head = f.read(_LONG_HEADER.size)
-    elif path.name.endswith(".zst"):
-        import zstandard  # only a zstd archive needs it
-
-        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
-            head = f.read(_LONG_HEADER.size)
-    else:
-        with open(path, "rb") as f:
-            head = f.read(_LONG_HEADER.size)
-    return header_system_identifier(head, str(path))
+    return header_system_identifier(_head(path, _LONG_HEADER.size, key), str(path))
 
 
 def header_system_identifier(head: bytes, what: str) -> int:
@@ -85,21 +162,37 @@ def header_system_identifier(head: bytes, what: str) -> int:
     return sysid
 
 
-def archive_system_identifier(archive: Path) -> tuple[int, str] | None:
+def archived_segments(names: Iterable[str]) -> dict[str, str]:
+    """The whole WAL segments among an archive's file names: segment name -> its stored name (as ``cp`` or
+    ``wal-push`` left it; ``.partial``, history files, the identity file and temporary files are not).
+
+    :param names: file names in the archive.
+    """
+    found: dict[str, str] = {}
+    for stored in names:
+        parsed = parse_stored_name(stored)
+        if parsed is not None and re.fullmatch(WAL_NAME, parsed.name):
+            found.setdefault(parsed.name, stored)
+    return found
+
+
+def archive_system_identifier(archive: Path, key: EncryptionKey | None = None) -> tuple[int, str] | None:
     """The system identifier of the cluster whose WAL ``archive`` holds, read from its oldest segment, and
-    that segment's name; None when it holds no segment (an empty archive proves nothing).
+    that segment's stored name; None when it holds no segment (an empty archive proves nothing).
 
     :param archive: the WAL archive folder.
+    :param key: the archive's key, when its segments are encrypted.
     :raises NotWal: its oldest segment is not WAL.
+    :raises KeyNeeded: its oldest segment is encrypted and no key was given.
+    :raises CryptError: it does not decrypt with ``key``.
+    :raises DamagedFile: it does not decompress.
     :raises OSError: the folder or the segment cannot be read.
     """
-    names = sorted(
-        (n for n in os.listdir(archive) if WAL_SEGMENT.match(n)),
-        key=lambda n: (wal_file_position(n), wal_file_timeline(n)),
-    )
-    if not names:
+    segments = archived_segments(os.listdir(archive))
+    if not segments:
         return None
-    return segment_system_identifier(Path(archive) / names[0]), names[0]
+    oldest = min(segments, key=lambda n: (wal_file_position(n), wal_file_timeline(n)))
+    return segment_system_identifier(Path(archive) / segments[oldest], key), segments[oldest]
 
 
 def backup_wal_names(
@@ -142,16 +235,18 @@ def include_wal(
     stop_lsn: str,
     stop_timeline: int | None = None,
     timeline_history: str | None = None,
+    key: EncryptionKey | None = None,
     log: logging.Logger | Any = _log,
 ) -> list[str]:
     """Copy the WAL the backup needs from ``wal_archive`` into ``copy_dir``/pg_wal, fsynced.
 
-    Each segment must be in the archive whole (a file of the segment size: a compressed archive is not
-    read here). The last segment of a timeline that ended during the backup may be there only as the
-    ``.partial`` file the promoted server archived: it holds that timeline's WAL up to the switch, all
-    the backup needs of it, and is copied under the segment's own name (what pg_verifybackup reads). The
-    history file of the stop's timeline must be there when the backup changed timeline. What is already
-    in the copy's pg_wal/ under the same name is replaced.
+    Each file is found under any of its stored names (:func:`find_stored`) and copied as PostgreSQL wrote
+    it (decrypted, decompressed); each segment must be whole (the segment size). The last segment of a
+    timeline that ended during the backup may be there only as the ``.partial`` file the promoted server
+    archived: it holds that timeline's WAL up to the switch, all the backup needs of it, and is copied
+    under the segment's own name (what pg_verifybackup reads). The history file of the stop's timeline
+    must be there when the backup changed timeline. What is already in the copy's pg_wal/ under the same
+    name is replaced, only once every file was read whole.
 
     :param copy_dir: the copy, with its global/pg_control.
     :param wal_archive: the folder archive_command copies WAL into.
@@ -159,15 +254,18 @@ def include_wal(
     :param stop_lsn: the backup's stop LSN.
     :param stop_timeline: the timeline it stopped on (default: the label's START TIMELINE).
     :param timeline_history: the history file of ``stop_timeline`` when it is not the start's.
+    :param key: the archive's encryption key, when ``wal-push`` encrypts it.
     :param log: where to say what was copied.
     :returns: the names of the files copied, segments first, then history files.
     :raises WalMissing: a file is missing from the archive or a segment is not whole; nothing was copied.
+    :raises KeyNeeded: the archive is encrypted and no key was given; nothing was copied.
+    :raises CryptError: a file does not decrypt with ``key``; nothing was copied.
     :raises ManifestError: the label has no start, or the history does not lead from its timeline.
     """
-    copy_dir, wal_archive = Path(copy_dir), Path(wal_archive)
     from pg_safe_backup.files.manifest import ManifestError
     from pg_safe_backup.files.pgcontrol import read_pg_control
 
+    copy_dir, wal_archive = Path(copy_dir), Path(wal_archive)
     segment_size = read_pg_control(copy_dir).xlog_seg_size
     try:
         names = backup_wal_names(copy_dir, backup_label, stop_lsn, stop_timeline, timeline_history)
@@ -180,27 +278,19 @@ def include_wal(
         if wal_file_timeline(name) != wal_file_timeline(after)
     }
     sources = {name: _archived(wal_archive, name, ended=name in ends) for name in names}
-    for source in sources.values():
-        if source.stat().st_size != segment_size:
-            raise WalMissing(
-                f"{source} is {source.stat().st_size} bytes, not a whole {segment_size}-byte WAL segment"
-                " (a compressed archive is not read here)"
-            )
     timeline = wal_file_timeline(names[-1])
     history = [history_file_name(t) for t in range(2, timeline + 1)]
-    if timeline != wal_file_timeline(names[0]) and not (wal_archive / history[-1]).is_file():
+    if timeline != wal_file_timeline(names[0]) and find_stored(wal_archive, history[-1]) is None:
         raise WalMissing(
             f"the timeline history file {history[-1]}, which the backup needs to follow timeline {timeline},"
             f" is not in the archive {wal_archive}"
         )
-    history = [name for name in history if (wal_archive / name).is_file()]
-    sources.update({name: wal_archive / name for name in history})
+    found = {name: find_stored(wal_archive, name) for name in history}
+    history = [name for name, path in found.items() if path is not None]
     target = copy_dir / "pg_wal"
     (target / "archive_status").mkdir(parents=True, exist_ok=True)
-    for name, source in sources.items():
-        _copy_synced(source, target / name)
-    _fsync(target)
-    partial = [source.name for source in sources.values() if source.name.endswith(".partial")]
+    stage_wal({**sources, **{name: found[name] for name in history}}, target, key, segment_size)
+    partial = [source.name for source in sources.values() if ".partial" in source.name]
     log.info(
         "copied %d WAL segments (%s .. %s)%s from %s into %s%s: the backup recovers without an archive",
         len(names),
@@ -214,29 +304,57 @@ def include_wal(
     return names + history
 
 
+def stage_wal(
+    sources: dict[str, Path], target: Path, key: EncryptionKey | None, segment_size: int | None
+) -> None:
+    """Write each source's plain bytes (:func:`plain_chunks`) into ``target`` under its archived name,
+    fsynced: all under temporary names first, renamed only once every one was read whole, then the folder
+    fsynced; on any error the temporary files are removed and nothing was renamed.
+
+    :param sources: archived name (what it is written as) -> its stored file.
+    :param target: an existing folder.
+    :param key: the archive's key, for encrypted files.
+    :param segment_size: every segment (a WAL file name) must be this many bytes; None: not checked.
+    :raises WalMissing: a segment of another size.
+    """
+    staged: dict[str, Path] = {}
+    try:
+        for name, source in sources.items():
+            partial = target / f".{name}.tmp"  # no WAL file name: a server ignores it
+            staged[name] = partial
+            with open(partial, "wb") as out:
+                for piece in plain_chunks(source, key):
+                    out.write(piece)
+                out.flush()
+                size = out.tell()
+                os.fsync(out.fileno())
+            if segment_size is not None and re.fullmatch(WAL_NAME, name) and size != segment_size:
+                raise WalMissing(f"{source} holds {size} bytes, not a whole {segment_size}-byte WAL segment")
+        for name, partial in staged.items():
+            os.replace(partial, target / name)
+        staged.clear()
+    finally:
+        for partial in staged.values():
+            partial.unlink(missing_ok=True)
+    fsync_path(target)
+
+
 def _archived(wal_archive: Path, name: str, ended: bool) -> Path:
-    """Where the archive holds segment ``name``: the segment, or (``ended``: the last segment of a timeline
-    that ended during the backup) its ``.partial``.
+    """Where the archive holds segment ``name`` (any stored name): the segment, or (``ended``: the last
+    segment of a timeline that ended during the backup) its ``.partial``.
 
     :raises WalMissing: neither is there.
     """
-    source = wal_archive / name
-    if source.is_file():
-        return source
-    partial = wal_archive / f"{name}.partial"
-    if ended and partial.is_file():
-        return partial
-    raise WalMissing(f"WAL segment {name}, which the backup needs, is not in the archive {wal_archive}")
+    source = find_stored(wal_archive, name)
+    if source is None and ended:
+        source = find_stored(wal_archive, f"{name}.partial")
+    if source is None:
+        raise WalMissing(f"WAL segment {name}, which the backup needs, is not in the archive {wal_archive}")
+    return source
 
 
-def _copy_synced(source: Path, target: Path) -> None:
-    partial = target.with_name(f".{target.name}.tmp")  # no WAL file name: the server ignores it
-    shutil.copyfile(source, partial)
-    _fsync(partial)
-    os.replace(partial, target)
-
-
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by its path (a folder: its entries, after a rename or a link into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

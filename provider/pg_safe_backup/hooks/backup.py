@@ -8,13 +8,13 @@ that do not defer run their trigger's wait with :func:`asyncio.run`.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from airflow.providers.common.compat.sdk import AirflowNotFoundException  # airflow.sdk.exceptions: 3.2+
 from airflow.providers.postgres.hooks.postgres import PostgresHook
@@ -22,6 +22,22 @@ from airflow.sdk import BaseHook
 
 from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.extconfig import SERVER_SETTINGS, ServerConfig
+from pg_safe_backup.hooks.server import (
+    ARCHIVE_SETTINGS_SQL,
+    ARCHIVER_SQL,
+    FOREIGN_FUNCTION_SQL,
+    LAST_ARCHIVED_SQL,
+    SCHEMA_VERSION,
+    SEARCH_PATH,
+    SWITCH_WAL_SQL,
+    TABLE_CURRENT_SQL,
+    TRIGGER_FUNCTIONS,
+    WAL_TIMELINE_SQL,
+    ArchiverState,
+    archive_settings_of,
+    backup_functions,
+    validate_identifier,
+)
 from pg_safe_backup.state import (
     HOLDER_COLUMNS,
     TRANSITIONS,
@@ -33,15 +49,8 @@ from pg_safe_backup.state import (
     decide_claim,
 )
 
-#: Marker stored as the table's comment once the schema below is in place (cheap re-check).
-SCHEMA_VERSION = "pg_safe_backup schema 4"
-# 2: attempt column, complete -> failed. 3: warnings column; trigger functions with a pinned search_path,
-#    not executable by PUBLIC; the guard freezes complete rows and clears our columns when another client
-#    takes the row (state.HOLDER_COLUMNS). 4: stop_timeline and timeline_history columns.
-
-#: What every session of ours runs with: nothing on the search_path but the system catalog (an object
-#: planted in a schema another role can write never resolves), and none of the server's timeouts.
-SEARCH_PATH = "pg_catalog, pg_temp"
+# SCHEMA_VERSION (the table's comment once current), SEARCH_PATH, backup_functions and the statements the
+# pre-flight check shares live in hooks/server.py (no Airflow); imported here, one place per query.
 
 #: The seed scripts' columns (besides id).
 SEED_COLUMNS: tuple[str, ...] = ("state", "pid", "backup_label", "tablespace_map")
@@ -80,28 +89,9 @@ _ROW_COLUMNS = sql.SQL(
     " OR b.holder_started_at IS NULL OR a.backend_start = b.holder_started_at))"
 )
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def backup_functions(server_version: int) -> str:
-    """The backup functions' signatures (renamed in PostgreSQL 15), as GRANT EXECUTE names them."""
-    if server_version >= 150000:
-        return "pg_backup_start(text, boolean), pg_backup_stop(boolean)"
-    return "pg_start_backup(text, boolean, boolean), pg_stop_backup(boolean, boolean)"
-
 
 class BackupError(PermanentError):
     """A backup could not be started, held or finished; the message says why."""
-
-
-def validate_identifier(value: Any, param: str, max_len: int = 48) -> str:
-    """Check a table/schema name: a plain identifier, so derived names (index, trigger) fit too."""
-    if not isinstance(value, str) or not _IDENTIFIER.match(value) or len(value) > max_len:
-        raise ValueError(
-            f"{param} must be a plain SQL identifier (letters, digits, underscore; not starting with a"
-            f" digit; at most {max_len} characters), got {value!r}"
-        )
-    return value
 
 
 def _through_pooler(conn_id: str, why: str) -> BackupError:
@@ -220,6 +210,17 @@ class PostgresBackupHook(BaseHook):
         ):
             kwargs.setdefault(key, value)
         return {k: v for k, v in kwargs.items() if v not in (None, "")}
+
+    def conninfo(self, backup_server: bool = False) -> str:
+        """The libpq connection string of the state table's server (or, ``backup_server``, the one backed up)
+        as :meth:`connection_kwargs` makes it, for the Airflow-free code in :mod:`pg_safe_backup.hooks.server`
+        (synchronous: an operator's ``execute()``, not the triggerer's event loop).
+
+        :raises BackupError: no such connection, or its arguments cannot be made.
+        """
+        conn_id = self.postgres_conn_id if backup_server else self.state_conn_id
+        kwargs = asyncio.run(self.connection_kwargs(conn_id))
+        return make_conninfo(**{k: str(v) for k, v in kwargs.items()})
 
     @asynccontextmanager
     async def connect(
@@ -349,11 +350,7 @@ class PostgresBackupHook(BaseHook):
     async def _table_ready(self, conn: psycopg.AsyncConnection) -> bool:
         if self._ready:
             return True
-        cur = await conn.execute(
-            "SELECT pg_catalog.obj_description(pg_catalog.to_regclass(%s), 'pg_class') IS NOT DISTINCT FROM "
-            "%s",
-            [f'"{self.schema}"."{self.table}"', SCHEMA_VERSION],
-        )
+        cur = await conn.execute(TABLE_CURRENT_SQL, [f'"{self.schema}"."{self.table}"', SCHEMA_VERSION])
         self._ready = (await cur.fetchone())[0]  # once current, it stays so: later reads skip this
         return self._ready
 
@@ -366,9 +363,8 @@ class PostgresBackupHook(BaseHook):
         (re)created only when absent or owned by the table's owner: a function another role created
         under their name first would stay that role's, to rewrite at will.
         """
-        guard = sql.Identifier(self.schema, "pg_safe_backup_guard")
-        notify = sql.Identifier(self.schema, "pg_safe_backup_notify")
-        for name in ("pg_safe_backup_guard", "pg_safe_backup_notify"):
+        guard, notify = (sql.Identifier(self.schema, name) for name in TRIGGER_FUNCTIONS)
+        for name in TRIGGER_FUNCTIONS:
             await self._refuse_foreign_function(conn, name)
         allowed = sql.SQL(", ").join(
             sql.SQL("({}, {})").format(sql.Literal(a.value), sql.Literal(b.value))
@@ -437,13 +433,7 @@ class PostgresBackupHook(BaseHook):
     async def _refuse_foreign_function(self, conn: psycopg.AsyncConnection, name: str) -> None:
         """Raise unless the trigger function ``name`` is absent or owned by the table's owner."""
         function = f'"{self.schema}"."{name}"()'
-        cur = await conn.execute(
-            "SELECT pg_catalog.pg_get_userbyid(p.proowner), pg_catalog.pg_get_userbyid(c.relowner)"
-            " FROM pg_catalog.pg_proc p, pg_catalog.pg_class c"
-            " WHERE p.oid = pg_catalog.to_regprocedure(%s) AND c.oid = pg_catalog.to_regclass(%s)"
-            " AND p.proowner <> c.relowner",
-            [function, f'"{self.schema}"."{self.table}"'],
-        )
+        cur = await conn.execute(FOREIGN_FUNCTION_SQL, [function, f'"{self.schema}"."{self.table}"'])
         found = await cur.fetchone()
         if found:
             owner, table_owner = found
@@ -623,29 +613,13 @@ class PostgresBackupHook(BaseHook):
     async def archive_settings(self, conn: psycopg.AsyncConnection, backup_server: bool) -> ArchiveSettings:
         """How the server of ``conn`` archives WAL (``backup_server``: the one backed up, else the
         state's)."""
-        cur = await conn.execute(
-            "SELECT pg_is_in_recovery(), current_setting('archive_mode'), current_setting('archive_command'),"
-            " current_setting('archive_library', true), (SELECT system_identifier FROM pg_control_system()),"
-            " has_function_privilege('pg_catalog.pg_switch_wal()', 'EXECUTE')"
-        )
-        in_recovery, mode, command, library, system_identifier, can_switch = await cur.fetchone()
+        row = await (await conn.execute(ARCHIVE_SETTINGS_SQL)).fetchone()
         param, conn_id = (
             ("postgres_conn_id", self.postgres_conn_id)
             if backup_server
             else ("state_conn_id", self.state_conn_id)
         )
-        return ArchiveSettings(
-            conn_id=conn_id,
-            param=param,
-            role=sql.Identifier(conn.info.user).as_string(None),
-            in_recovery=in_recovery,
-            archive_mode=mode,
-            archive_command=command,
-            archive_library=library,
-            server_version=conn.info.server_version,
-            system_identifier=system_identifier,
-            can_switch_wal=can_switch,
-        )
+        return archive_settings_of(row, conn_id, param, conn.info.user, conn.info.server_version)
 
     async def config_files(self, conn: psycopg.AsyncConnection) -> ServerConfig:
         """Where the server of ``conn`` keeps its configuration: data_directory, config_file, hba_file and
@@ -683,31 +657,21 @@ class PostgresBackupHook(BaseHook):
     async def wal_timeline_and_segment_size(self, conn: psycopg.AsyncConnection) -> tuple[int, int]:
         """(timeline, wal_segment_size) of a primary: the timeline it writes and archives WAL on, as only
         pg_walfile_name shows it (pg_control_checkpoint's lags behind a promotion until a checkpoint)."""
-        cur = await conn.execute(
-            "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_size_bytes(current_setting('wal_segment_size'))"
-        )
+        cur = await conn.execute(WAL_TIMELINE_SQL)
         name, size = await cur.fetchone()
         return int(name[:8], 16), size
 
     async def switch_wal(self, conn: psycopg.AsyncConnection) -> None:
         """Complete the primary's current WAL segment, so that it is archived (a no-op at a segment's
         start)."""
-        await conn.execute("SELECT pg_catalog.pg_switch_wal()")
+        await conn.execute(SWITCH_WAL_SQL)
 
     async def last_archived_wal(self, conn: psycopg.AsyncConnection) -> str | None:
-        return (await (await conn.execute("SELECT last_archived_wal FROM pg_stat_archiver")).fetchone())[0]
+        return (await (await conn.execute(LAST_ARCHIVED_SQL)).fetchone())[0]
 
     async def archiver_status(self, conn: psycopg.AsyncConnection) -> str:
         """What pg_stat_archiver says, for errors about pg_backup_stop waiting on the archive."""
-        cur = await conn.execute(
-            "SELECT current_setting('archive_mode'), failed_count, last_failed_wal, last_failed_time,"
-            " last_archived_wal, last_archived_time FROM pg_stat_archiver"
-        )
-        mode, failed, failed_wal, failed_at, archived_wal, archived_at = await cur.fetchone()
-        return (
-            f"archive_mode={mode}; archiver: {failed} failed attempts, last failed WAL {failed_wal} at "
-            f"{failed_at}, last archived WAL {archived_wal} at {archived_at}"
-        )
+        return ArchiverState(*await (await conn.execute(ARCHIVER_SQL)).fetchone()).describe()
 
     def explain(self, err: psycopg.Error, conn: psycopg.AsyncConnection) -> str:
         """The error, plus the GRANT that fixes it when it is a missing privilege."""

@@ -39,6 +39,7 @@ from pg_safe_backup.triggers.backup import (
 from pg_safe_backup.utils.mixins import (
     PostgresBackupBaseOperator,
     backup_template_fields,
+    encryption_key,
     fail_on,
     rendered,
     same_map_index_xcom,
@@ -298,9 +299,14 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     :param include_wal: copy the WAL the backup needs from ``wal_archive`` into the copy's pg_wal/, so it
         restores with no archive at all (as pg_basebackup ``-X fetch`` backups do).
     :param wal_archive: the folder archive_command copies WAL into (templated); needed by ``include_wal``.
+    :param encryption_conn_id: the copy task's ``encryption_conn_id`` (templated): backup_label,
+        tablespace_map and backup_manifest are stored encrypted with the key in its password (``.enc``), and
+        the catalog entry records the key's id (``encryption_key_id``), never the key. The manifest's
+        checksums are of the plaintext: ``pg_verifybackup`` checks the copy once decrypted. Refused when the
+        copy was encrypted with another key or not at all.
     """
 
-    template_fields: Sequence[str] = ("destination", "wal_archive")
+    template_fields: Sequence[str] = ("destination", "wal_archive", "encryption_conn_id")
 
     def __init__(
         self,
@@ -311,9 +317,11 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         manifest_checksums: str = "SHA256",
         include_wal: bool = False,
         wal_archive: str | None = None,
+        encryption_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.encryption_conn_id = encryption_conn_id
         self.destination = unless_rendered_later(check_text, destination, "destination")
         self.manifest = check_flag(manifest, "manifest")
         if str(manifest_checksums).upper() not in DIGEST_SIZES:
@@ -377,6 +385,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 f"no backup_label from {self.finish_task_id}: the backup did not complete"
             )
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
+        key = encryption_key(self.encryption_conn_id)
         try:
             return store_backup(
                 ObjectStoragePath(destination),
@@ -387,6 +396,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 manifest_checksums=self.manifest_checksums,
                 wal_archive=Path(wal_archive) if self.include_wal and wal_archive else None,
                 where=destination,
+                key=key,
                 log=self.log,
             )
         except PgSafeBackupError as err:
@@ -439,9 +449,19 @@ class PostgresVerifyBackupOperator(BaseOperator):
     :param page_lsn_check: run check 1.
     :param verify_manifest: run check 2 (when the copy has a backup_manifest).
     :param restore: run check 3, the slow one.
+    :param encryption_conn_id: for an encrypted backup, an Airflow connection whose password is its key
+        (templated): the backup is decrypted into a temporary folder and checked there; without it an
+        encrypted backup cannot be checked (no verdict). The same key reads a WAL archive ``wal-push``
+        encrypted.
     """
 
-    template_fields: Sequence[str] = ("backup_dir", "wal_archive", "stop_lsn", "invariant_sql")
+    template_fields: Sequence[str] = (
+        "backup_dir",
+        "wal_archive",
+        "stop_lsn",
+        "invariant_sql",
+        "encryption_conn_id",
+    )
 
     def __init__(
         self,
@@ -456,9 +476,11 @@ class PostgresVerifyBackupOperator(BaseOperator):
         page_lsn_check: bool = True,
         verify_manifest: bool = True,
         restore: bool = True,
+        encryption_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.encryption_conn_id = encryption_conn_id
         self.backup_dir = unless_rendered_later(check_text, backup_dir, "backup_dir")
         self.wal_archive = optional_unless_rendered_later(check_text, wal_archive, "wal_archive")
         self.stop_lsn = stop_lsn
@@ -476,6 +498,7 @@ class PostgresVerifyBackupOperator(BaseOperator):
         began = time.monotonic()
         backup_dir = rendered(check_text, self.backup_dir, "backup_dir")
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
+        key = encryption_key(self.encryption_conn_id)
         try:
             report = check_backup(
                 backup_dir,
@@ -488,6 +511,8 @@ class PostgresVerifyBackupOperator(BaseOperator):
                 invariant_db=self.invariant_db,
                 recovery_target_immediate=not self.to_end_of_archive,
                 timeout=self.restore_timeout,
+                encryption_key=key,
+                archive_key=key,  # one key: the backup's and the WAL archive's (wal-push --encryption-key-*)
             )
         except PgSafeBackupError as err:  # CheckNotRun, no verdict: a retry may find the archive mounted
             raise task_error(err, f"the checks of {backup_dir} could not run: {err}") from err
@@ -502,6 +527,7 @@ class PostgresVerifyBackupOperator(BaseOperator):
             time.monotonic() - began,
             f"{ti.dag_id}/{ti.run_id}/{ti.task_id}",
             self.log.warning,
+            key,
         ):
             self.log.info("recorded the checks in the catalog (%s/backup_info.json)", backup_dir)
         if not report.ok:

@@ -19,7 +19,7 @@ from pg_safe_backup.files.tarball import check_compression, write_tar_backup
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
 from pg_safe_backup.session import CONFIG_FILES
 from pg_safe_backup.store import CopyRecords
-from pg_safe_backup.utils.mixins import rendered, same_map_index_xcom, task_error
+from pg_safe_backup.utils.mixins import encryption_key, rendered, same_map_index_xcom, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -74,9 +74,15 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
     :param progress_interval: seconds between progress lines.
     :param config_files: capture the server's configuration files that live outside the data directory
         (False: you back them up another way).
+    :param encryption_conn_id: an Airflow connection whose password is the key (64 hex digits or base64 of
+        32 bytes: ``openssl rand -hex 32``) to encrypt the copy with at rest (templated): each tar archive,
+        or each file of an object-store copy, is stored as ``<name>.enc`` (AES-256-GCM,
+        :mod:`pg_safe_backup.encryption`). Give the store task the same connection. A plain copy into a
+        local folder is not encrypted (refused: use an encrypted file system). The key is read on the worker
+        and goes nowhere else; the records name only its id.
     """
 
-    template_fields: Sequence[str] = ("source", "destination")
+    template_fields: Sequence[str] = ("source", "destination", "encryption_conn_id")
 
     def __init__(
         self,
@@ -89,9 +95,11 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         overwrite: bool = False,
         progress_interval: float = 10.0,
         config_files: bool = True,
+        encryption_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.encryption_conn_id = encryption_conn_id
         self.source = unless_rendered_later(check_text, source, "source")
         self.destination = unless_rendered_later(check_text, destination, "destination")
         if format not in FORMATS:
@@ -118,22 +126,47 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
                 f"source {str(source)!r} is not a PostgreSQL data directory (no PG_VERSION): is this task"
                 " on a worker that sees it (queue=)?"
             )
+        extra = self._configuration(context, source) if self.config_files else []
+        summary, records = self.copy(source, destination, extra)
+        if records is not None:
+            context["ti"].xcom_push(key=FILES_XCOM, value=records.to_xcom())
+        return summary
+
+    def copy(
+        self, source: Path, destination: str, extra: Sequence[Entry] = ()
+    ) -> tuple[dict[str, Any], CopyRecords | None]:
+        """Copy ``source`` into ``destination`` as this task is set to (format, compression, encryption).
+
+        :param source: the data directory.
+        :param destination: the rendered destination.
+        :param extra: the configuration files from outside the data directory to take too.
+        :returns: the task's summary (its return value) and the copy's records for the store task (None
+            over :data:`MAX_XCOM_FILES` files).
+        """
         target = ObjectStoragePath(destination)
         local = Path(target.path) if target.protocol in ("", "file") else None
-        extra = self._configuration(context, source) if self.config_files else []
+        key = encryption_key(self.encryption_conn_id)
+        if key is not None and self.format == "plain" and local is not None:
+            raise AirflowFailException(
+                f"encryption_conn_id: destination {destination!r} is a local folder, where a plain copy is"
+                " stored unencrypted: use format='tar', an object store, or an encrypted file system"
+            )
         special: list[str] = []  # left out by the walk when it is ours (with the configuration files)
         options: dict[str, Any] = {
-            "entries": walk(source, special=special, extra=extra) if extra else None,
+            "entries": walk(source, special=special, extra=list(extra)) if extra else None,
             "overwrite": self.overwrite,
             "progress": self._progress,
             "progress_interval": self.progress_interval,
         }
+        if key is not None:
+            options["key"] = key
         self.log.info(
-            "copying %s into %s (%s%s, %s workers)",
+            "copying %s into %s (%s%s%s, %s workers)",
             source,
             destination,
             self.format,
             f", {self.compression}" if self.format == "tar" else "",
+            f", encrypted with key {key.key_id}" if key else "",
             self.parallel or os.cpu_count(),
         )
         try:
@@ -149,10 +182,12 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             raise task_error(err, f"the copy into {destination!r} failed: {err}") from err
         result.special.extend(special)
         self.log.info("%s", result.summary())
+        records = None
         if len(result.checksums) <= MAX_XCOM_FILES:
             major = int((source / "PG_VERSION").read_text().strip())
-            records = CopyRecords.of_copy(result, major, self.format, self.compression)
-            context["ti"].xcom_push(key=FILES_XCOM, value=records.to_xcom())
+            records = CopyRecords.of_copy(
+                result, major, self.format, self.compression, key.key_id if key else None
+            )
         else:
             self.log.warning(
                 "not handing the records of %d files (over %d) to the manifest through XCom: a local plain"
@@ -160,14 +195,16 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
                 len(result.checksums),
                 MAX_XCOM_FILES,
             )
-        return {
+        summary = {
             "destination": destination,
             "format": self.format,
             "files": result.files,
             "bytes": result.bytes,
             "vanished": len(result.vanished),
             "seconds": round(result.seconds, 2),
+            **({"encryption_key_id": key.key_id} if key else {}),
         }
+        return summary, records
 
     def _configuration(self, context: Context, source: Path) -> list[Entry]:
         """The server's configuration files outside the data directory, as the copy takes them; the gate

@@ -25,7 +25,7 @@ from pg_safe_backup.params import (
     unless_rendered_later,
 )
 from pg_safe_backup.retention import carry_out_retention, plan_root
-from pg_safe_backup.utils.mixins import rendered, task_error
+from pg_safe_backup.utils.mixins import encryption_key, rendered, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -58,9 +58,20 @@ class PostgresRestoreDrillOperator(BaseOperator):
     :param restore_timeout: seconds the restore's recovery may take.
     :param work_dir: the scratch folder (default: a temporary folder, removed afterwards).
     :param allow_failed: also take a backup whose newest check failed.
+    :param encryption_conn_id: an Airflow connection whose password is the key of encrypted backups
+        (templated): they prove themselves and are checked decrypted with it (as
+        ``PostgresVerifyBackupOperator`` does); without it an encrypted backup is passed over, named in the
+        log. The same key reads a WAL archive ``wal-push`` encrypted.
     """
 
-    template_fields: Sequence[str] = ("root", "wal_archive", "max_age", "invariant_sql", "work_dir")
+    template_fields: Sequence[str] = (
+        "root",
+        "wal_archive",
+        "max_age",
+        "invariant_sql",
+        "work_dir",
+        "encryption_conn_id",
+    )
     ui_color = "#d6eaf8"
 
     def __init__(
@@ -74,9 +85,11 @@ class PostgresRestoreDrillOperator(BaseOperator):
         restore_timeout: float = 3600,
         work_dir: str | None = None,
         allow_failed: bool = False,
+        encryption_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.encryption_conn_id = encryption_conn_id
         self.root = unless_rendered_later(check_text, root, "root")
         self.allow_failed = check_flag(allow_failed, "allow_failed")
         self.wal_archive = wal_archive
@@ -92,8 +105,9 @@ class PostgresRestoreDrillOperator(BaseOperator):
         root = Path(rendered(check_text, self.root, "root"))
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
         max_age = None if self.max_age in (None, "", "None") else rendered(_seconds, self.max_age, "max_age")
+        key = encryption_key(self.encryption_conn_id)
         try:
-            entries = list_backups(root)
+            entries = list_backups(root, key=key)
             one_cluster(entries, root)  # "the newest" is a cluster's own
         except PgSafeBackupError as err:
             raise task_error(err, f"root {str(root)!r}: {err}") from err
@@ -133,7 +147,9 @@ class PostgresRestoreDrillOperator(BaseOperator):
             )
         began = time.monotonic()
         try:
-            checks = check_backup(newest.folder, wal_archive, restore=False)
+            checks = check_backup(
+                newest.folder, wal_archive, restore=False, encryption_key=key, archive_key=key
+            )
             checks_s = time.monotonic() - began
             restored = check_backup(
                 newest.folder,
@@ -144,6 +160,8 @@ class PostgresRestoreDrillOperator(BaseOperator):
                 invariant_db=self.invariant_db,
                 timeout=self.restore_timeout,
                 work_dir=self.work_dir,
+                encryption_key=key,
+                archive_key=key,  # one key: the backup's and the WAL archive's (wal-push --encryption-key-*)
             )
         except PgSafeBackupError as err:  # CheckNotRun: no verdict, nothing recorded; retried
             raise task_error(err, f"the drill of {newest.name} could not run: {err}") from err
@@ -152,7 +170,9 @@ class PostgresRestoreDrillOperator(BaseOperator):
         for step in report.steps:
             (self.log.error if step.status == "FAIL" else self.log.info)("%s: %s", step.name, step.line())
         ti = context["ti"]
-        record_check(newest.folder, report, checks_s + restore_s, f"drill {ti.dag_id}/{ti.run_id}")
+        record_check(
+            newest.folder, report, checks_s + restore_s, f"drill {ti.dag_id}/{ti.run_id}", encryption_key=key
+        )
         self.log.info(
             "drill: the restore took %.1f s (RTO: %.1f s with the checks before it) for %s",
             restore_s,
@@ -205,9 +225,18 @@ class PostgresBackupRetentionOperator(BaseOperator):
     :param dry_run: only log and return what would go.
     :param postgres_conn_id: the live cluster (templated; optional): backups of another system identifier,
         or ending beyond its current WAL position, are left alone as unverifiable.
+    :param encryption_conn_id: an Airflow connection whose password is the key of encrypted backups
+        (templated); without it an encrypted backup does not prove itself and is left alone.
     """
 
-    template_fields: Sequence[str] = ("root", "wal_archive", "keep_last", "keep_days", "postgres_conn_id")
+    template_fields: Sequence[str] = (
+        "root",
+        "wal_archive",
+        "keep_last",
+        "keep_days",
+        "postgres_conn_id",
+        "encryption_conn_id",
+    )
 
     def __init__(
         self,
@@ -218,9 +247,11 @@ class PostgresBackupRetentionOperator(BaseOperator):
         keep_days: float | str | None = None,
         dry_run: bool = False,
         postgres_conn_id: str | None = None,
+        encryption_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.encryption_conn_id = encryption_conn_id
         self.root = unless_rendered_later(check_text, root, "root")
         self.wal_archive = optional_unless_rendered_later(check_text, wal_archive, "wal_archive")
         self.postgres_conn_id = optional_unless_rendered_later(
@@ -266,15 +297,17 @@ class PostgresBackupRetentionOperator(BaseOperator):
             raise task_error(
                 err, f"postgres_conn_id {self.postgres_conn_id!r}: {err}; removing nothing"
             ) from err
+        key = encryption_key(self.encryption_conn_id)
         try:
             plan = plan_root(
-                storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now, server=server
+                storage_path(root), keep_last=keep_last, keep_days=keep_days, now=now, server=server, key=key
             )
             report = carry_out_retention(
                 plan,
                 wal_archive=storage_path(wal_archive) if wal_archive else None,
                 dry_run=self.dry_run,
                 log=self.log.info,
+                key=key,
             )
         except PgSafeBackupError as err:  # RetentionRefused, CatalogError: never retried
             raise task_error(err, f"retention of {root}: {err}") from err
@@ -284,18 +317,14 @@ class PostgresBackupRetentionOperator(BaseOperator):
 
     def _server(self) -> ServerPosition:
         """The live cluster's identity and WAL position, through the connection as the backup uses it."""
-        import asyncio
-
-        from psycopg.conninfo import make_conninfo
-
         from pg_safe_backup.hooks.backup import PostgresBackupHook
 
         conn_id = rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
         try:
-            kwargs = asyncio.run(PostgresBackupHook(conn_id).connection_kwargs(conn_id))
+            dsn = PostgresBackupHook(conn_id).conninfo(backup_server=True)
         except Exception as err:  # BackupError: no such connection, or its arguments cannot be made
             raise AirflowFailException(str(err)) from err
-        return server_position(make_conninfo(**{k: str(v) for k, v in kwargs.items()}))
+        return server_position(dsn)
 
 
 def storage_path(location: str) -> Path | ObjectStoragePath:

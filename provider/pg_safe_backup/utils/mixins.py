@@ -18,6 +18,7 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 from airflow.sdk import BaseOperator, BaseSensorOperator
 
 from pg_safe_backup.errors import PgSafeBackupError, retryable
+from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.params import check_number, check_text, unless_rendered_later, validate_identifier
 from pg_safe_backup.state import BackupRef, BackupTarget
 
@@ -83,6 +84,30 @@ def fail_on(event: dict[str, Any], message: str) -> AirflowException:
     (the server could not be reached or followed), never when a backup failed or was refused: that is not
     made good by running this task again."""
     return airflow_error(message, retry=bool(event.get("retryable")))
+
+
+def encryption_key(conn_id: str | None, param: str = "encryption_conn_id") -> EncryptionKey | None:
+    """The key in the password of the Airflow connection ``conn_id`` (or a secret backend's), read on the
+    worker when the task runs: never a task's argument, XCom value or log line (only its id is).
+
+    :param conn_id: the rendered connection id; None or empty: no encryption.
+    :param param: the operator's parameter that named it, for the error.
+    :raises AirflowFailException: the connection has no password, or one that is no key (named, never its
+        content); a missing connection is Airflow's own error, naming it.
+    """
+    if not conn_id:
+        return None
+    from airflow.sdk import BaseHook
+
+    password = BaseHook.get_connection(conn_id).password
+    try:
+        if not password:
+            raise CryptError(
+                f"{param} {conn_id!r}: the connection has no password (the key: openssl rand -hex 32)"
+            )
+        return EncryptionKey.parse(password, f"{param} {conn_id!r} (its password)")
+    except CryptError as err:
+        raise task_error(err) from None
 
 
 def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:

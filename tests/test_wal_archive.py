@@ -1,0 +1,518 @@
+"""``pg-safe-backup wal-push`` and ``wal-fetch`` (pg_safe_backup.wal_archive, files/walarchive.py's stored
+format) on real segments of real clusters: durable and create-only, the same file twice is success, another
+file under the same name or another cluster's segment is refused, a killed push leaves nothing a fetch takes,
+every compression with and without encryption round-trips, a wrong key or a changed byte fails fetch cleanly,
+--parallel pushes ahead and records a file only once it is archived; then clusters archiving through wal-push
+into a folder and into S3 (moto), backed up and restored through wal-fetch with every committed row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from demo.load import Writer, wait_archived
+from demo.s3 import KEY, REGION, SECRET, LocalS3, local_s3
+from pg_safe_backup.files.crypt import EncryptionKey
+from pg_safe_backup.files.pgcontrol import read_pg_control
+from pg_safe_backup.files.walarchive import (
+    COMPRESSIONS,
+    IDENTITY_FILE,
+    ArchiveIdentity,
+    DamagedFile,
+    StoredName,
+    compress_chunks,
+    decompress_chunks,
+)
+from pg_safe_backup.hooks.backup import PostgresBackupHook
+from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
+from pg_safe_backup.restore import ArchiveKey, prepare_restore
+from pg_safe_backup.wal_archive import SPOOL_FOLDER, SPOOL_SUFFIX, TEMP_FOLDER
+
+from backup_helpers import (
+    ROOT_DIR,
+    archiving_cluster,
+    copy_data_dir,
+    recovered,
+    run_backup,
+    run_cli,
+    store_backup_label,
+)
+from conftest import CONN_ID, PASSWORD
+
+KEY_HEX = bytes(range(32)).hex()
+OTHER_KEY_HEX = bytes(range(1, 33)).hex()
+#: wal-fetch's status for a failure that must stop recovery (cli.FETCH_FAILED).
+FETCH_FAILED = 255
+BUCKET = "pgsb-wal"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def wal(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``pg-safe-backup ARGS`` (wal-push or wal-fetch) as PostgreSQL runs it, in ``cwd``."""
+    return run_cli(*args, timeout=120, cwd=cwd)
+
+
+def first_segment(datadir: Path) -> str:
+    return min(p.name for p in (datadir / "pg_wal").iterdir() if len(p.name) == 24)
+
+
+@pytest.fixture(scope="module")
+def source(module_tmp_root: Path) -> Path:
+    """A data directory made by initdb (not started): its first segment is the test's WAL."""
+    return LocalCluster(module_tmp_root / "source" / "data").init().datadir
+
+
+@pytest.fixture(scope="module")
+def other(module_tmp_root: Path, source: Path) -> Path:
+    """Another cluster's data directory (its own initdb: another system identifier)."""
+    datadir = LocalCluster(module_tmp_root / "other" / "data").init(fresh=True).datadir
+    assert read_pg_control(datadir).system_identifier != read_pg_control(source).system_identifier
+    return datadir
+
+
+@pytest.fixture
+def archive(tmp_root: Path) -> Path:
+    folder = tmp_root / "archive"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def keys(tmp_root: Path) -> dict[str, Path]:
+    """Two key files: ``right`` and ``wrong``."""
+    found = {}
+    for name, text in (("right", KEY_HEX), ("wrong", OTHER_KEY_HEX)):
+        found[name] = tmp_root / f"{name}.key"
+        found[name].write_text(text + "\n")
+    return found
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[LocalS3]:
+    with local_s3(BUCKET) as server:
+        yield server
+
+
+def pushed(source: Path, archive: Path, *flags: str | Path) -> str:
+    """Push ``source``'s first segment into ``archive`` (must succeed); its name."""
+    name = first_segment(source)
+    done = wal("wal-push", "--archive", archive, *flags, f"pg_wal/{name}", cwd=source)
+    assert done.returncode == 0, done.stderr
+    return name
+
+
+# ------------------------------------------------------------------------------------ the stored format
+@pytest.mark.parametrize("compression", ["gzip", "lz4", "zstd"])
+def test_a_compressed_stream_cut_short_or_followed_by_other_bytes_does_not_decode(compression):
+    plain = os.urandom(100_000) + bytes(3_000_000)
+    packed = b"".join(compress_chunks([plain[:1_000_000], plain[1_000_000:]], compression))
+    assert len(packed) < len(plain) // 10
+    assert b"".join(decompress_chunks([packed[:1000], packed[1000:]], compression, "seg")) == plain
+    with pytest.raises(DamagedFile, match=f"seg: its {compression} stream is cut short"):
+        b"".join(decompress_chunks([packed[:-5]], compression, "seg"))
+    with pytest.raises(DamagedFile, match=f"seg: bytes after the end of its {compression} stream"):
+        b"".join(decompress_chunks([packed, b"more"], compression, "seg"))
+
+
+# ------------------------------------------------------------------------------------- push and fetch
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+@pytest.mark.parametrize("compression", list(COMPRESSIONS))
+def test_a_segment_is_stored_under_its_codec_s_name_and_fetched_back_byte_for_byte(
+    source, archive, keys, tmp_root, compression, encrypted
+):
+    key_flags = ["--encryption-key-file", keys["right"]] if encrypted else []
+    name = pushed(source, archive, "--compress", compression, *key_flags)
+    stored = StoredName(name, compression, encrypted).stored
+    assert sorted(p.name for p in archive.iterdir()) == sorted([stored, IDENTITY_FILE, TEMP_FOLDER])
+    assert list((archive / TEMP_FOLDER).iterdir()) == []
+    control = read_pg_control(source)
+    identity = ArchiveIdentity.from_json((archive / IDENTITY_FILE).read_bytes(), "identity")
+    assert identity == ArchiveIdentity(control.system_identifier, 15, control.xlog_seg_size)
+    target = tmp_root / "pg_wal" / "RECOVERYXLOG"
+    target.parent.mkdir()
+    done = wal("wal-fetch", "--archive", archive, *key_flags, name, target)
+    assert done.returncode == 0, done.stderr
+    assert sha256(target) == sha256(source / "pg_wal" / name)
+    assert [p.name for p in target.parent.iterdir()] == ["RECOVERYXLOG"]
+
+
+def test_the_same_segment_pushed_again_is_success_whatever_its_codec_and_stays_stored_once(
+    source, archive, keys, monkeypatch
+):
+    name = pushed(source, archive, "--compress", "zstd", "--encryption-key-file", keys["right"])
+    before = sorted(archive.iterdir())
+    pushed(source, archive, "--compress", "zstd", "--encryption-key-file", keys["right"])
+    monkeypatch.setenv("PGSB_WAL_ARCHIVE", str(archive))  # --archive's default
+    monkeypatch.setenv("PGSB_TEST_KEY", KEY_HEX)
+    done = wal(
+        "wal-push",
+        "--compress",
+        "gzip",
+        "--encryption-key-env",
+        "PGSB_TEST_KEY",
+        f"pg_wal/{name}",
+        cwd=source,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(archive.iterdir()) == before
+    assert (archive / f"{name}.zst.enc").is_file()
+
+
+def test_another_file_under_an_archived_name_is_refused_naming_both_checksums_and_the_original_kept(
+    source, archive, tmp_root
+):
+    name = pushed(source, archive, "--compress", "lz4")
+    kept = sha256(archive / f"{name}.lz4")
+    changed = tmp_root / "changed" / "pg_wal" / name
+    changed.parent.mkdir(parents=True)
+    data = bytearray((source / "pg_wal" / name).read_bytes())
+    data[5000] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    done = wal("wal-push", "--archive", archive, changed)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert sha256(source / "pg_wal" / name) in done.stderr
+    assert sha256(changed) in done.stderr
+    assert "the archived one is kept" in done.stderr
+    assert sha256(archive / f"{name}.lz4") == kept
+
+
+def test_a_segment_of_another_cluster_is_refused_naming_both_system_identifiers(source, other, archive):
+    name = pushed(source, archive)
+    # The other cluster's first segment has the same name: refused for its cluster, before any comparison.
+    done = wal("wal-push", "--archive", archive, f"pg_wal/{name}", cwd=other)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert str(read_pg_control(other).system_identifier) in done.stderr
+    assert str(read_pg_control(source).system_identifier) in done.stderr
+    assert sha256(archive / name) == sha256(source / "pg_wal" / name)
+
+
+def test_an_archive_cp_filled_with_another_cluster_s_wal_is_refused_on_the_first_push(source, other, archive):
+    name = first_segment(other)
+    shutil.copy2(other / "pg_wal" / name, archive / name)  # what archive_command = cp left
+    done = wal("wal-push", "--archive", archive, f"pg_wal/{first_segment(source)}", cwd=source)
+    assert done.returncode == 1
+    assert f"already holds WAL of system {read_pg_control(other).system_identifier} ({name})" in done.stderr
+    assert not (archive / IDENTITY_FILE).exists()
+    assert sha256(archive / name) == sha256(other / "pg_wal" / name)
+
+
+def test_a_killed_push_leaves_nothing_a_fetch_or_the_next_push_takes(source, archive, tmp_root):
+    name = first_segment(source)
+    # What a push killed between its write and its link leaves: a part of the segment under a temporary name.
+    (archive / TEMP_FOLDER).mkdir()
+    leftover = archive / TEMP_FOLDER / f"{name}.4242.deadbeef"
+    leftover.write_bytes((source / "pg_wal" / name).read_bytes()[:1000])
+    target = tmp_root / "RECOVERYXLOG"
+    missing = wal("wal-fetch", "--archive", archive, name, target)
+    assert (missing.returncode, missing.stdout, missing.stderr) == (1, "", "")
+    assert not target.exists()
+    pushed(source, archive)
+    assert not leftover.exists()
+    done = wal("wal-fetch", "--archive", archive, name, target)
+    assert done.returncode == 0, done.stderr
+    assert sha256(target) == sha256(source / "pg_wal" / name)
+
+
+def test_a_history_file_is_pushed_and_fetched_without_a_page_header(source, archive, tmp_root):
+    pushed(source, archive)
+    history = tmp_root / "data" / "pg_wal" / "00000002.history"
+    history.parent.mkdir(parents=True)
+    history.write_text("1\t0/3000000\tno recovery target specified\n")
+    done = wal("wal-push", "--archive", archive, "--compress", "gzip", history)
+    assert done.returncode == 0, done.stderr
+    assert (archive / "00000002.history.gz").is_file()
+    target = tmp_root / "fetched.history"
+    assert wal("wal-fetch", "--archive", archive, "00000002.history", target).returncode == 0
+    assert target.read_bytes() == history.read_bytes()
+
+
+def test_wal_push_into_a_folder_imports_neither_psycopg_nor_an_object_store_nor_airflow(source, archive):
+    """archive_command runs once per segment: the command's start is the archive's speed."""
+    name = first_segment(source)
+    code = (
+        "import sys; from pg_safe_backup.cli import main;"
+        f" code = main(['wal-push', '--archive', {str(archive)!r}, '--compress', 'zstd', 'pg_wal/{name}']);"
+        " print(code, sorted({m.split('.')[0] for m in sys.modules}"
+        " & {'psycopg', 'fsspec', 's3fs', 'airflow'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT_DIR / 'provider'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=source, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "0 []", done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------- failing cleanly
+def test_a_wrong_key_a_missing_key_or_a_changed_byte_fails_fetch_with_one_line_and_nothing_written(
+    source, archive, keys, tmp_root
+):
+    name = pushed(source, archive, "--compress", "zstd", "--encryption-key-file", keys["right"])
+    stored = archive / f"{name}.zst.enc"
+    folder = tmp_root / "pg_wal"
+    folder.mkdir()
+    target = folder / "RECOVERYXLOG"
+
+    def fails(*flags: str | Path) -> str:
+        done = wal("wal-fetch", "--archive", archive, *flags, name, target)
+        assert done.returncode == FETCH_FAILED, done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+        assert list(folder.iterdir()) == []
+        return done.stderr
+
+    wrong = fails("--encryption-key-file", keys["wrong"])
+    assert EncryptionKey.from_file(keys["wrong"]).key_id in wrong
+    assert EncryptionKey.from_file(keys["right"]).key_id in wrong
+    assert "is encrypted" in fails()
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stored.write_bytes(bytes(data))
+    assert "does not authenticate" in fails("--encryption-key-file", keys["right"])
+
+
+def test_a_changed_byte_in_a_compressed_unencrypted_segment_fails_fetch(source, archive, tmp_root):
+    name = pushed(source, archive, "--compress", "gzip")
+    stored = archive / f"{name}.gz"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stored.write_bytes(bytes(data))
+    target = tmp_root / "RECOVERYXLOG"
+    done = wal("wal-fetch", "--archive", archive, name, target)
+    assert done.returncode == FETCH_FAILED
+    assert f"{stored}: not valid gzip data" in done.stderr
+    assert not target.exists()
+
+
+def test_a_missing_compression_library_is_one_line_naming_the_extra_and_nothing_is_stored(source, archive):
+    name = first_segment(source)
+    code = (
+        "import sys; sys.modules['lz4'] = None; from pg_safe_backup.cli import main;"  # lz4 not installed
+        f" sys.exit(main(['wal-push', '--archive', {str(archive)!r}, '--compress', 'lz4', 'pg_wal/{name}']))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT_DIR / 'provider'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=source, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "pg-safe-backup wal-push: error: lz4 compression needs the lz4 package: pip install"
+        " 'airflow-provider-pg-safe-backup[lz4]'"
+    )
+    assert list(archive.iterdir()) == []
+
+
+def test_wal_fetch_errors_are_fatal_to_recovery_not_the_end_of_the_archive(archive, tmp_root):
+    """PostgreSQL takes a restore_command status of 1 or 2 for "not archived" and ends recovery there: a
+    usage error or a missing archive must exit above 125."""
+    assert wal("wal-fetch", "--archive", archive).returncode == FETCH_FAILED
+    gone = wal("wal-fetch", "--archive", tmp_root / "nowhere", "000000010000000000000001", "x")
+    assert gone.returncode == FETCH_FAILED
+    assert (
+        gone.stderr.strip()
+        == f"pg-safe-backup wal-fetch: error: --archive {tmp_root / 'nowhere'}: no such folder"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads the archive as the postgres OS user (needs root)")
+def test_an_archive_the_server_may_not_read_is_an_error_not_the_end_of_the_archive(source, archive, tmp_root):
+    """restore_command runs as the server's OS user: "permission denied" must not read as "not archived"."""
+    name = pushed(source, archive)
+    os.chmod(archive, 0o700)  # root's: closed to postgres
+    folder = tmp_root / "pg_wal"
+    folder.mkdir()
+    give_to_server_user(folder)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT_DIR / 'provider'}"}
+    fetch = [sys.executable, "-m", "pg_safe_backup", "wal-fetch", "--archive", str(archive), name, "x"]
+    done = subprocess.run(
+        as_server_user(fetch), cwd=folder, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == FETCH_FAILED, done.stderr
+    assert "Permission denied" in done.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_an_object_store_archive_that_holds_nothing_is_an_error_not_the_end_of_the_archive(
+    s3, tmp_root, monkeypatch
+):
+    """A mistyped bucket or prefix lists nothing, as a name not archived yet would: wal-fetch says so."""
+    for name, value in s3_env(s3).items():
+        monkeypatch.setenv(name, value)
+    for url in (f"s3://{BUCKET}/never-written", "s3://no-such-bucket/wal"):
+        done = wal("wal-fetch", "--archive", url, "000000010000000000000001", tmp_root / "x")
+        assert done.returncode == FETCH_FAILED, done.stderr
+        assert f"the archive {url} holds nothing" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------- --parallel
+@pytest.fixture(scope="module")
+def backlog(module_tmp_root: Path) -> Iterator[LocalCluster]:
+    """A running cluster with archiving on and no archive_command: its .ready files pile up (8 segments)."""
+    cluster = LocalCluster(module_tmp_root / "backlog" / "data").init(
+        settings={"archive_mode": "on", "archive_command": "''"}
+    )
+    cluster.start()
+    try:
+        cluster.sql("CREATE TABLE t (v text)")
+        for _ in range(8):
+            cluster.sql("INSERT INTO t VALUES ('x')")
+            cluster.sql("SELECT pg_switch_wal()")
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+
+
+def ready(cluster: LocalCluster) -> list[str]:
+    status = cluster.datadir / "pg_wal" / "archive_status"
+    return sorted(p.name.removesuffix(".ready") for p in status.iterdir() if p.name.endswith(".ready"))
+
+
+def test_parallel_pushes_the_next_ready_files_and_records_each_only_once_archived(backlog, archive, tmp_root):
+    names = ready(backlog)
+    assert len(names) >= 8, names
+    datadir = backlog.datadir
+    spool = datadir / "pg_wal" / SPOOL_FOLDER
+
+    def push(name: str) -> subprocess.CompletedProcess:
+        """What PostgreSQL's archiver does: call wal-push, mark the file .done when it exits 0."""
+        done = wal("wal-push", "--archive", archive, "--parallel", "3", f"pg_wal/{name}", cwd=datadir)
+        if done.returncode == 0:
+            status = datadir / "pg_wal" / "archive_status"
+            (status / f"{name}.ready").rename(status / f"{name}.done")
+        return done
+
+    first = push(names[0])
+    assert first.returncode == 0, first.stderr
+    records = sorted(p.name for p in spool.iterdir())
+    assert records == [f"{n}{SPOOL_SUFFIX}" for n in names[1:3]]
+    for name in names[:3]:
+        assert sha256(archive / name) == sha256(datadir / "pg_wal" / name)
+    for record in records:
+        body = json.loads((spool / record).read_text())
+        assert body["sha256"] == sha256(archive / body["name"])
+        assert body["archive"] == str(archive)
+    # PostgreSQL's call for a file pushed ahead: answered from its record, which is used up.
+    assert push(names[1]).returncode == 0
+    assert not (spool / f"{names[1]}{SPOOL_SUFFIX}").exists()
+    # A file that cannot be archived (other content under its name) gets no record; the others do.
+    changed = tmp_root / "changed" / "pg_wal" / names[4]
+    changed.parent.mkdir(parents=True)
+    changed.write_bytes(b"\x01" + (datadir / "pg_wal" / names[4]).read_bytes()[1:])
+    assert wal("wal-push", "--archive", archive, changed).returncode == 0  # its header still names the system
+    assert push(names[2]).returncode == 0  # answered from its record
+    stale = spool / f"{names[0]}{SPOOL_SUFFIX}"  # a record of a file no longer .ready
+    stale.write_text("{}")
+    third = push(names[3])
+    assert third.returncode == 0, third.stderr
+    assert f"warning: pushing {names[4]} ahead" in third.stderr
+    assert not (spool / f"{names[4]}{SPOOL_SUFFIX}").exists()
+    assert (spool / f"{names[5]}{SPOOL_SUFFIX}").exists()
+    assert not stale.exists()
+    refused = push(names[4])
+    assert refused.returncode == 1
+    assert "other content" in refused.stderr
+
+
+def test_a_spool_record_of_another_archive_or_other_content_is_not_taken(backlog, archive, tmp_root):
+    name = ready(backlog)[-1]
+    datadir = backlog.datadir
+    spool = tmp_root / "spool"
+    spool.mkdir()
+    record = spool / f"{name}{SPOOL_SUFFIX}"
+    size = (datadir / "pg_wal" / name).stat().st_size
+    record.write_text(json.dumps({"name": name, "size": size, "sha256": "0" * 64, "archive": str(archive)}))
+    done = wal("wal-push", "--archive", archive, "--spool-dir", spool, f"pg_wal/{name}", cwd=datadir)
+    assert done.returncode == 0, done.stderr
+    assert sha256(archive / name) == sha256(
+        datadir / "pg_wal" / name
+    )  # pushed, not taken on the record's word
+    assert not record.exists()
+
+
+# ------------------------------------------------------------------- clusters archiving through wal-push
+def s3_env(s3: LocalS3) -> dict[str, str]:
+    """The moto server's credentials and endpoint as the AWS tools (and s3fs) read them."""
+    return {
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+    }
+
+
+def command(subcommand: str, archive: str, env: dict[str, str], *flags: str) -> str:
+    """The archive_command / restore_command running this checkout's pg-safe-backup."""
+    settings = " ".join(f"{k}={v}" for k, v in {"PYTHONPATH": ROOT_DIR / "provider", **env}.items())
+    return f"{settings} {sys.executable} -m pg_safe_backup {subcommand} --archive {archive} {' '.join(flags)}"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_cluster_archiving_through_wal_push_restores_through_wal_fetch_with_every_committed_row(
+    where, tmp_root, monkeypatch, request
+):
+    key = tmp_root / "wal.key"
+    key.write_text(KEY_HEX)
+    give_to_server_user(key)
+    if where == "local":
+        archive = tmp_root / "archive"
+        archive.mkdir()
+        give_to_server_user(archive)
+        env: dict[str, str] = {}
+        push_flags = ["--compress", "zstd"]
+        url = str(archive)
+    else:
+        s3: LocalS3 = request.getfixturevalue("s3")
+        env = s3_env(s3)
+        push_flags = ["--compress", "lz4", "--parallel", "4"]  # s3fs takes a second to import: 4 a process
+        url = f"s3://{BUCKET}/{tmp_root.name}"
+        archive = tmp_root / "no-local-archive"  # restore.py still wants a folder; the WAL comes from S3
+        archive.mkdir()
+        give_to_server_user(archive)
+    keyed = ["--encryption-key-file", str(key)]
+    push = command("wal-push", url, env, *push_flags, *keyed, "%p")
+    cluster = archiving_cluster(tmp_root / "data", archive, PASSWORD, archive_command=f"'{push}'")
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
+    writer = Writer(cluster)
+    try:
+        cluster.sql("CREATE TABLE ledger (id bigint PRIMARY KEY, v text)")
+        cluster.sql("CREATE TABLE bulk (id bigint, v text)")
+        # Several segments before, during and after the backup, while the writer commits one row at a time.
+        writer.start()
+        cluster.sql("INSERT INTO bulk SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 150000) g")
+        backup_dir = tmp_root / "backup"
+        backup = run_backup(
+            PostgresBackupHook(CONN_ID), "wal/run/backup", lambda: copy_data_dir(cluster.datadir, backup_dir)
+        )
+        store_backup_label(backup_dir, backup)
+        cluster.sql(
+            "INSERT INTO bulk SELECT g, repeat(md5(g::text), 4) FROM generate_series(150001, 300000) g"
+        )
+        committed = writer.stop()
+        wait_archived(cluster, timeout=120)
+        segments = cluster.sql("SELECT archived_count, failed_count FROM pg_stat_archiver")[0]
+    finally:
+        if writer.is_alive():
+            writer.stop()
+        cluster.stop("immediate")
+    assert segments[0] >= 5, segments  # several segments went through wal-push
+    assert not list((cluster.datadir / "pg_wal" / SPOOL_FOLDER).glob(f"*{SPOOL_SUFFIX}"))  # every record used
+    target = tmp_root / "restored"
+    fetch = command("wal-fetch", url, env, *keyed, "%f", "%p")
+    # The archive is read with its key before anything is copied (which cluster's it is).
+    prepare_restore(
+        backup_dir, target, wal_archive=archive, restore_command=fetch, archive_key=ArchiveKey.from_file(key)
+    )
+    with recovered(target, timeout=180) as server:
+        assert server.sql("SELECT count(*), max(id) FROM ledger") == [(committed, committed)]
+        assert server.sql("SELECT count(*) FROM bulk") == [(300000,)]
