@@ -379,7 +379,7 @@ def table(r: dict[str, Any]) -> str:
 
         def seg(key: str) -> str:
             v = r.get(key)
-            return f"{v:g} segments/s" if v is not None else f"pending ({wd['skipped'].get(key, 'not run')})"
+            return f"{v:g} segments/s" if v is not None else f"not measured ({wd['skipped'].get(key, '')})"
 
         what = (
             f"{wd['segments']} segments each, compression {wd['compression']}; load {wd['load_tps']} tx/s,"

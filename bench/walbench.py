@@ -9,7 +9,7 @@ archive folder of its own:
 1. fill: with ``archive_command = ''`` (archiving paused: PostgreSQL keeps the segments, ``.ready``) the
    load runs unthrottled until SEGMENTS segments wait (its rate is ``fill_segments_s``);
 2. drain: the load goes on at a fixed rate (``load_tps`` transactions/s, over one segment a second; per
-   command as measured: ``load_tps``, ``load_segments_s``), the archive_command is set (ALTER SYSTEM,
+   command as measured: ``load_segments_s``), the archive_command is set (ALTER SYSTEM,
    pg_reload_conf()) and the clock runs until ``pg_stat_archiver.last_archived_wal`` reaches the last
    segment that waited, or for TIME_BOX seconds at most (a slower command: its rate over fewer segments,
    ``time_boxed``). The archiver takes the oldest first, so the figure is pg_stat_archiver's archived count
@@ -28,8 +28,8 @@ The commands (``compression`` the same for each tool that compresses, ``none`` b
 * ``pg-safe-backup wal-push --archive DIR --compress C %p`` (this checkout's code): ``wal_push_segments_s``;
   and with ``--parallel PARALLEL`` (``wal_push_parallel_segments_s``).
 
-A command that is not installed (pgbackrest) or not yet implemented (wal-push) is left out with the reason
-under ``skipped``; a failure of the archive_command (pg_stat_archiver's failed count) stops the run.
+pgBackRest's lines are left out when it is not installed, with the reason under ``skipped``; a failure of
+an archive_command (pg_stat_archiver's failed count) stops the run.
 
 ``python -m bench.walbench WORKDIR [SEGMENTS [COMPRESSION]]`` runs it alone and prints its JSON.
 """
@@ -51,7 +51,7 @@ from typing import Any
 
 from psycopg import Connection, sql
 
-from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster, as_server_user, command_for_server, give_to_server_user
 
 SEGMENT_BYTES = 16 * 2**20
 STANZA = "bench"
@@ -135,35 +135,23 @@ def _wal_push_lines(compression: str) -> list[Line]:
     """``pg-safe-backup wal-push`` of this checkout (its package folder first on PYTHONPATH), one process
     per segment, then with --parallel."""
     spec = importlib.util.find_spec("pg_safe_backup")
-    provider = Path(spec.origin).parents[1] if spec and spec.origin else None
-    script = Path(sys.executable).with_name("pg-safe-backup")
-    exe = _q(script) if script.exists() else f"{_q(sys.executable)} -m pg_safe_backup"
-    env = f"PYTHONPATH={_q(provider)} " if provider else ""
-    probe = subprocess.run(
-        [*shlex.split(exe), "wal-push", "--help"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **({"PYTHONPATH": str(provider)} if provider else {})},
-    )
-    why = None if probe.returncode == 0 else "pg-safe-backup has no wal-push command in this checkout yet"
-    if provider and not why:
-        # Byte-compiled as `pip install` leaves it: the server's OS user cannot write __pycache__ here, and
-        # would compile the modules it imports on every push.
-        package = provider / "pg_safe_backup"
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
+    assert spec and spec.origin
+    package = Path(spec.origin).parent
+    # Byte-compiled as `pip install` leaves it: the server's OS user cannot write __pycache__ in a checkout
+    # and would compile the modules it imports on every push.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
+    env = f"PYTHONPATH={_q(package.parent)}"
 
-    def push(extra: str) -> Callable[[Path], str]:
-        return lambda archive: (
-            f"{env}{exe} wal-push --archive {_q(archive)} --compress {compression}{extra} %p"
-        )
+    def push(*extra: str) -> Callable[[Path], str]:
+        words = ("wal-push", "--compress", compression, *extra, "--archive")
+        return lambda archive: f"{env} {command_for_server(*words, str(archive))} %p"
 
     return [
-        Line("wal_push_segments_s", "pg-safe-backup wal-push", push(""), skip=why),
+        Line("wal_push_segments_s", "pg-safe-backup wal-push", push()),
         Line(
             "wal_push_parallel_segments_s",
             f"pg-safe-backup wal-push --parallel {PARALLEL}",
-            push(f" --parallel {PARALLEL}"),
-            skip=why,
+            push("--parallel", str(PARALLEL)),
         ),
     ]
 
@@ -198,13 +186,6 @@ def _ready(conn: Connection) -> list[str]:
 
 def _lsn(conn: Connection) -> int:
     return int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])
-
-
-def _commits(conn: Connection) -> int:
-    """Transactions committed in this database so far (the load's; the statistics lag by up to 0.5 s)."""
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-    query = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-    return int(conn.execute(query).fetchone()[0])
 
 
 def _du(path: Path) -> int:
@@ -280,7 +261,7 @@ def _drain(
         _wait_load_started(conn, load)
         target = _ready(conn)[-1]
         count0, failed0 = conn.execute("SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone()
-        lsn0, commits0 = _lsn(conn), _commits(conn)
+        lsn0 = _lsn(conn)
         began = time.monotonic()
         _set_archive_command(conn, command)
         while True:
@@ -301,7 +282,7 @@ def _drain(
                 break
             load.check()
             time.sleep(0.01)
-        wal_bytes, commits = _lsn(conn) - lsn0, _commits(conn) - commits0
+        wal_bytes = _lsn(conn) - lsn0
     finally:
         _set_archive_command(conn, "")
         load.stop()
@@ -311,8 +292,6 @@ def _drain(
         "seconds": round(seconds, 2),
         "segments_s": round(archived / seconds, 2),
         "load_segments_s": round(wal_bytes / SEGMENT_BYTES / seconds, 2),
-        "load_tps": round(commits / seconds),
-        "load_wal_kb_per_tx": round(wal_bytes / 1024 / commits, 1) if commits else None,
         "last_segment": target,
         "time_boxed": seconds > time_box,
     }
