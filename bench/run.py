@@ -20,8 +20,8 @@
    (bench/restorebench.py).
 9. WAL archiving under a pgbench load (over a segment a second), in segments/s: `pg-safe-backup wal-push`
    (one process per segment, and --parallel) against `cp` + `sync` and `pgbackrest archive-push` (sync
-   and archive-async), each draining the same number of waiting segments into a fresh archive
-   (bench/walbench.py).
+   and archive-async), each draining the same number of waiting segments into a fresh archive, in turn,
+   median of 3 rounds (bench/walbench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -111,7 +111,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--wal-segments",
         type=int,
         default=None,
-        help="WAL segments each archive_command of figure 9 archives (default 64; 16 with --quick)",
+        help="WAL segments each archive_command of figure 9 archives a round (default 32; 16 with --quick)",
+    )
+    p.add_argument(
+        "--wal-rounds",
+        type=int,
+        default=None,
+        help="rounds of figure 9's commands (default 3; 1 with --quick)",
     )
     p.add_argument(
         "--wal-compression",
@@ -155,7 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.copy_small_scale = a.copy_small_scale or (5 if quick else 30)
     a.copy_rounds = a.copy_rounds or (1 if quick else 3)
     a.restore_scale = a.restore_scale or (20 if quick else 150)
-    a.wal_segments = a.wal_segments or (16 if quick else 64)
+    a.wal_segments = a.wal_segments or (16 if quick else 32)
+    a.wal_rounds = a.wal_rounds or (1 if quick else 3)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -382,7 +389,8 @@ def table(r: dict[str, Any]) -> str:
             return f"{v:g} segments/s" if v is not None else f"not measured ({wd['skipped'].get(key, '')})"
 
         what = (
-            f"{wd['segments']} segments each, compression {wd['compression']}; load {wd['load_tps']} tx/s,"
+            f"{wd['segments']} segments each, median of {wd['rounds']} rounds, compression"
+            f" {wd['compression']}; load {wd['load_tps']} tx/s,"
             f" {f(wd['load_segments_s_min'])} segments/s or more"
         )
         row(
@@ -535,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                 results,
                 "wal",
                 "wal_detail",
-                lambda: walbench.run(work, args.wal_segments, args.wal_compression),
+                lambda: walbench.run(work, args.wal_segments, args.wal_rounds, args.wal_compression),
             )
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)
