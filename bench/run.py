@@ -18,6 +18,10 @@
 8. one backup of a pgbench -i -s RESTORE_SCALE cluster: its restore (`pg-safe-backup restore`'s
    prepare_restore, then recovery to the backup's end and promotion) per GB beside its copy per GB
    (bench/restorebench.py).
+9. WAL archiving under a pgbench load (over a segment a second), in segments/s: `pg-safe-backup wal-push`
+   (one process per segment, and --parallel) against `cp` + `sync` and `pgbackrest archive-push` (sync
+   and archive-async), each draining the same number of waiting segments into a fresh archive, in turn,
+   median of 3 rounds (bench/walbench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -104,9 +108,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pgbench scale of figure 8 (default 150; 20 with --quick)",
     )
     p.add_argument(
+        "--wal-segments",
+        type=int,
+        default=None,
+        help="WAL segments each archive_command of figure 9 archives a round (default 32; 16 with --quick)",
+    )
+    p.add_argument(
+        "--wal-rounds",
+        type=int,
+        default=None,
+        help="rounds of figure 9's commands (default 3; 1 with --quick)",
+    )
+    p.add_argument(
+        "--wal-compression",
+        choices=("none", "gzip", "lz4", "zstd"),
+        default="none",
+        help="figure 9's compression, wal-push's and pgBackRest's alike (default none)",
+    )
+    p.add_argument(
         "--skip",
         default="",
-        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore",
+        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore, wal",
     )
     p.add_argument(
         "--no-reference",
@@ -139,6 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.copy_small_scale = a.copy_small_scale or (5 if quick else 30)
     a.copy_rounds = a.copy_rounds or (1 if quick else 3)
     a.restore_scale = a.restore_scale or (20 if quick else 150)
+    a.wal_segments = a.wal_segments or (16 if quick else 32)
+    a.wal_rounds = a.wal_rounds or (1 if quick else 3)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -193,6 +217,18 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
             f"< {COPY_RSS_LIMIT_MB} MB at every data size",
             r["copy_rss_mb"] < COPY_RSS_LIMIT_MB,
         )
+    pairs = (
+        ("wal_push_segments_s", "pgbackrest_push_segments_s", "wal-push vs pgbackrest archive-push"),
+        (
+            "wal_push_parallel_segments_s",
+            "pgbackrest_async_segments_s",
+            "wal-push --parallel vs pgbackrest archive-async",
+        ),
+    )
+    for ours, theirs, name in pairs:
+        if r.get(theirs) is not None and ours in r:
+            ok = None if r[ours] is None else r[ours] >= r[theirs]
+            out[name] = t(r[ours], f">= {r[theirs]:g} segments/s", ok)
     return out
 
 
@@ -345,6 +381,31 @@ def table(r: dict[str, Any]) -> str:
             f"its copy: {r['copy_s_per_gb']:g} s/GB ({rd['copy_s']:g} s)",
             None,
         )
+    if "cp_sync_segments_s" in r:
+        wd = r["wal_detail"]
+
+        def seg(key: str) -> str:
+            v = r.get(key)
+            return f"{v:g} segments/s" if v is not None else f"not measured ({wd['skipped'].get(key, '')})"
+
+        what = (
+            f"{wd['segments']} segments each, median of {wd['rounds']} rounds, compression"
+            f" {wd['compression']}; load {wd['load_tps']} tx/s,"
+            f" {f(wd['load_segments_s_min'])} segments/s or more"
+        )
+        row(
+            f"WAL archiving, archive_command one segment at a time ({what})",
+            f"wal-push: {seg('wal_push_segments_s')}",
+            f"cp + sync: {seg('cp_sync_segments_s')}; pgbackrest archive-push:"
+            f" {seg('pgbackrest_push_segments_s')}",
+            "wal-push vs pgbackrest archive-push",
+        )
+        row(
+            f"WAL archiving, the other ready segments pushed ahead ({wd['parallel']} processes)",
+            f"wal-push --parallel {wd['parallel']}: {seg('wal_push_parallel_segments_s')}",
+            f"pgbackrest archive-async process-max={wd['parallel']}: {seg('pgbackrest_async_segments_s')}",
+            "wal-push --parallel vs pgbackrest archive-async",
+        )
     return "\n".join(lines)
 
 
@@ -474,6 +535,15 @@ def main(argv: list[str] | None = None) -> int:
 
             measure_phase(
                 results, "restore", "restore_detail", lambda: restorebench.run(work, args.restore_scale)
+            )
+        if "wal" not in args.skip:
+            from bench import walbench
+
+            measure_phase(
+                results,
+                "wal",
+                "wal_detail",
+                lambda: walbench.run(work, args.wal_segments, args.wal_rounds, args.wal_compression),
             )
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)

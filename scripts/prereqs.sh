@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need from Debian when it is missing:
 # PostgreSQL server binaries (initdb/pg_ctl/postgres + contrib for amcheck), rsync, pgbouncer,
-# redis-server, zstd, python3-venv (for `make venv`) and docker-compose.
+# redis-server, zstd, pgbackrest, python3-venv (for `make venv`) and docker-compose.
 set -euo pipefail
 need=()
 if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null 2>&1; then
@@ -16,6 +16,7 @@ command -v npm >/dev/null 2>&1 || need+=(npm)  # other PostgreSQL majors for `ma
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)  # tests/test_poolers.py
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # the Celery broker of demo/stack.py
 command -v zstd >/dev/null 2>&1 || need+=(zstd)  # `make bench`: tar | zstd, the tar format's reference
+command -v pgbackrest >/dev/null 2>&1 || need+=(pgbackrest)  # `make bench`: archive-push, wal-push's reference
 command -v strace >/dev/null 2>&1 || need+=(strace)  # tests/test_durability.py: what is fsynced, in which order
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing with apt: ${need[*]}"
