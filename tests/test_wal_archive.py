@@ -286,7 +286,9 @@ def test_a_changed_byte_in_a_compressed_unencrypted_segment_fails_fetch(source, 
     name = pushed(source, archive, "--compress", "gzip")
     stored = archive / f"{name}.gz"
     data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    # The stream's CRC-32: a byte changed in the deflate data of a segment that is mostly zeros can decode
+    # to the same bytes (a back-reference into a run of zeros), which is no damage; this one always is.
+    data[-8] ^= 0x01
     stored.write_bytes(bytes(data))
     target = tmp_root / "RECOVERYXLOG"
     done = wal("wal-fetch", "--archive", archive, name, target)

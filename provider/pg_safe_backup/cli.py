@@ -492,7 +492,7 @@ def _restore(args: argparse.Namespace) -> int:
             ),
             tablespaces=dict(args.tablespace),
             restore_command=args.restore_command,
-            archive_key=archive_key(args),
+            archive_key=(wal_key := archive_key(args)),
             archive_mode=args.archive_mode,
             owner=args.owner,
             progress=report,
@@ -529,9 +529,10 @@ def _restore(args: argparse.Namespace) -> int:
             " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
         )
     fetching = "wal-fetch" in result.settings["restore_command"]
-    if key is not None and key.flag == "--encryption-key-env" and fetching:
+    if wal_key is not None and wal_key.flag == "--encryption-key-env" and fetching:
         print(
-            f"note: the restored server's restore_command (wal-fetch) reads the key from ${key.value}: start"
+            "note: the restored server's restore_command (wal-fetch) reads the key from"
+            f" ${wal_key.value}: start"
             " the server with that variable in its environment"
         )
     print(f"start it with:\n  {start_command(result.target, result.owner)}")
