@@ -563,13 +563,7 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dsn", required=True, metavar="CONNINFO", help="the server to back up (libpq string or URI)"
     )
-    p.add_argument(
-        "--archive",
-        metavar="URL_OR_DIR",
-        default=os.environ.get("PGSB_WAL_ARCHIVE"),
-        help="the WAL archive: a folder or an fsspec URL (default: $PGSB_WAL_ARCHIVE; none: trust"
-        " pg_stat_archiver)",
-    )
+    add_archive_flag(p, "; none: trust pg_stat_archiver")
     p.add_argument("--pgdata", type=Path, metavar="PATH", help="the data directory as the copy reads it")
     p.add_argument("--destination", metavar="PATH", help="the folder backups go to: is there room for one?")
     p.add_argument(
@@ -654,15 +648,25 @@ stops recovery rather than take a wrong key or a damaged file for the end of the
 FETCH_FAILED = 255
 
 
-def _add_archive_arguments(p: argparse.ArgumentParser) -> None:
-    """--archive and the key flags, shared by wal-push and wal-fetch."""
+def add_archive_flag(p: argparse.ArgumentParser, default_note: str = "") -> None:
+    """``--archive URL_OR_DIR``: the WAL archive, ``$PGSB_WAL_ARCHIVE`` by default (check, wal-push and
+    wal-fetch).
+
+    :param p: the subcommand's parser.
+    :param default_note: what no archive at all means, after the default in the help.
+    """
     p.add_argument(
         "--archive",
         metavar="URL_OR_DIR",
         default=os.environ.get("PGSB_WAL_ARCHIVE"),
-        help="the archive: a folder, file://, s3://bucket/prefix, gs://, abfs://"
-        " (default: $PGSB_WAL_ARCHIVE)",
+        help="the WAL archive: a folder, file://, s3://bucket/prefix, gs://, abfs://"
+        f" (default: $PGSB_WAL_ARCHIVE{default_note})",
     )
+
+
+def _add_archive_arguments(p: argparse.ArgumentParser) -> None:
+    """--archive and the key flags, shared by wal-push and wal-fetch."""
+    add_archive_flag(p)
     add_key_flags(p)
 
 
