@@ -242,7 +242,8 @@ def test_pip_installs_the_pg_safe_backup_console_script(tmp_path):
     scripts = {
         ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "pg-safe-backup"
     }
-    assert scripts == {"pg-safe-backup": "pg_safe_backup.cli:main"}
+    # pg_safe_backup.__main__:main: the spool shortcut of wal-push, then pg_safe_backup.cli.main
+    assert scripts == {"pg-safe-backup": "pg_safe_backup.__main__:main"}
     script = Path(sys.executable).with_name("pg-safe-backup")
     listed = subprocess.run([str(script), "list", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and listed.stdout.strip().endswith("0 backups"), (
