@@ -54,6 +54,9 @@ def invariant_sql(tables: tuple[str, ...], committed: int) -> str:
 
 def wait_archived(cluster: LocalCluster, timeout: float = 60) -> None:
     """Switch to a new WAL segment and wait until the previous one is in the archive."""
+    # A record first: with no WAL since the last switch, pg_switch_wal() switches nothing and this would
+    # wait for a segment that is still being written.
+    cluster.sql("SELECT pg_logical_emit_message(false, 'pg_safe_backup', 'wait_archived')")
     segment = cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
     deadline = time.monotonic() + timeout
     while (cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") < segment:
