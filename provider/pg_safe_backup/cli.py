@@ -57,12 +57,18 @@ if TYPE_CHECKING:  # annotations only: never imported when the command runs
 
 
 def encryption_key(args: argparse.Namespace) -> EncryptionKey | None:
-    """The key :func:`add_key_flags`' flags give, for an encrypted backup (None: none given).
+    """The key :func:`add_key_flags`' flags give (None: none given): an encrypted backup's, an encrypted
+    WAL archive's. Imports only ``files/crypt.py`` (wal-push and wal-fetch read it too).
 
     :raises CryptError: the file or variable holds no key (named, never its content).
     """
-    key = archive_key(args)
-    return key.key if key else None
+    from pg_safe_backup.files.crypt import EncryptionKey
+
+    if getattr(args, "encryption_key_file", None) is not None:
+        return EncryptionKey.from_file(args.encryption_key_file)
+    if getattr(args, "encryption_key_env", None) is not None:
+        return EncryptionKey.from_env(args.encryption_key_env)
+    return None
 
 
 # -------------------------------------------------------------------------------------------- verify
@@ -707,16 +713,6 @@ def add_wal_fetch_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_wal_fetch, parser=p)
 
 
-def _wal_key(args: argparse.Namespace):  # noqa: ANN202 - an EncryptionKey or None, crypt imported lazily
-    from pg_safe_backup.files.crypt import EncryptionKey
-
-    if args.encryption_key_file is not None:
-        return EncryptionKey.from_file(args.encryption_key_file)
-    if args.encryption_key_env is not None:
-        return EncryptionKey.from_env(args.encryption_key_env)
-    return None
-
-
 def _wal_store(args: argparse.Namespace):  # noqa: ANN202 - a wal_archive.Store
     from pg_safe_backup.wal_archive import WalArchiveError, open_store
 
@@ -747,7 +743,7 @@ def _wal_push(args: argparse.Namespace) -> int:
         ):
             return 0
         store = _wal_store(args)
-        key = _wal_key(args)
+        key = encryption_key(args)
         if args.parallel == 1:
             wal_archive.push(args.path, store, compression=args.compress, key=key)
         else:
@@ -770,7 +766,7 @@ def _wal_fetch(args: argparse.Namespace) -> int:
     from pg_safe_backup.wal_archive import WalNotArchived, fetch
 
     try:
-        fetch(args.name, args.path, _wal_store(args), key=_wal_key(args))
+        fetch(args.name, args.path, _wal_store(args), key=encryption_key(args))
     except WalNotArchived:
         return 1  # the end of the archive: silent, as recovery asks past it every time
     except Exception as err:  # noqa: BLE001 - restore_command: one line in the server log, never a traceback

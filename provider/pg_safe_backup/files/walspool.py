@@ -79,6 +79,7 @@ def write_record(
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, final)
+    # files/wal.py's fsync_path, written out: that module's imports would weigh on the answering call.
     folder = os.open(spool, os.O_RDONLY)
     try:
         os.fsync(folder)
