@@ -7,12 +7,13 @@ into a folder and into S3 (moto), backed up and restored through wal-fetch with 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,10 +32,11 @@ from pg_safe_backup.files.walarchive import (
     compress_chunks,
     decompress_chunks,
 )
+from pg_safe_backup.files.walspool import ERROR_SUFFIX, SPOOL_SUFFIX, format_record, parse_record
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
 from pg_safe_backup.restore import ArchiveKey, prepare_restore
-from pg_safe_backup.wal_archive import SPOOL_FOLDER, SPOOL_SUFFIX, TEMP_FOLDER
+from pg_safe_backup.wal_archive import PUSHER_LOCK, SPOOL_FOLDER, TEMP_FOLDER
 
 from backup_helpers import (
     ROOT_DIR,
@@ -380,7 +382,24 @@ def ready(cluster: LocalCluster) -> list[str]:
     return sorted(p.name.removesuffix(".ready") for p in status.iterdir() if p.name.endswith(".ready"))
 
 
-def test_parallel_pushes_the_next_ready_files_and_records_each_only_once_archived(backlog, archive, tmp_root):
+def pusher_done(spool: Path, timeout: float = 120) -> None:
+    """Until no background pusher holds ``spool``'s lock (it exits once nothing is left to push)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(spool / PUSHER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            assert time.monotonic() < deadline, f"the pusher of {spool} still runs after {timeout} s"
+        finally:
+            os.close(fd)
+        time.sleep(0.05)
+
+
+def test_parallel_pushes_every_ready_file_in_the_background_and_records_each_only_once_archived(
+    backlog, archive, tmp_root
+):
     names = ready(backlog)
     assert len(names) >= 8, names
     datadir = backlog.datadir
@@ -394,36 +413,36 @@ def test_parallel_pushes_the_next_ready_files_and_records_each_only_once_archive
             (status / f"{name}.ready").rename(status / f"{name}.done")
         return done
 
-    first = push(names[0])
-    assert first.returncode == 0, first.stderr
-    records = sorted(p.name for p in spool.iterdir())
-    assert records == [f"{n}{SPOOL_SUFFIX}" for n in names[1:3]]
-    for name in names[:3]:
-        assert sha256(archive / name) == sha256(datadir / "pg_wal" / name)
-    for record in records:
-        body = json.loads((spool / record).read_text())
-        assert body["sha256"] == sha256(archive / body["name"])
-        assert body["archive"] == str(archive)
-    # PostgreSQL's call for a file pushed ahead: answered from its record, which is used up.
-    assert push(names[1]).returncode == 0
-    assert not (spool / f"{names[1]}{SPOOL_SUFFIX}").exists()
-    # A file that cannot be archived (other content under its name) gets no record; the others do.
-    changed = tmp_root / "changed" / "pg_wal" / names[4]
+    # Other content under names[4]'s name (its header still names the system): that push must fail.
+    changed = tmp_root / "changed" / names[4]
     changed.parent.mkdir(parents=True)
     changed.write_bytes(b"\x01" + (datadir / "pg_wal" / names[4]).read_bytes()[1:])
-    assert wal("wal-push", "--archive", archive, changed).returncode == 0  # its header still names the system
-    assert push(names[2]).returncode == 0  # answered from its record
-    stale = spool / f"{names[0]}{SPOOL_SUFFIX}"  # a record of a file no longer .ready
+    assert wal("wal-push", "--archive", archive, changed, cwd=datadir).returncode == 0  # the data directory's
+    spool.mkdir()
+    stale = spool / f"000000010000000000000099{SPOOL_SUFFIX}"  # a record of a file that is not .ready
     stale.write_text("{}")
-    third = push(names[3])
-    assert third.returncode == 0, third.stderr
-    assert f"warning: pushing {names[4]} ahead" in third.stderr
-    assert not (spool / f"{names[4]}{SPOOL_SUFFIX}").exists()
-    assert (spool / f"{names[5]}{SPOOL_SUFFIX}").exists()
+
+    first = push(names[0])
+    assert first.returncode == 0, first.stderr
+    assert sha256(archive / names[0]) == sha256(datadir / "pg_wal" / names[0])
+    pusher_done(spool)
+    others = [n for n in names[1:] if n != names[4]]
+    assert sorted(p.name for p in spool.glob(f"*{SPOOL_SUFFIX}")) == [f"{n}{SPOOL_SUFFIX}" for n in others]
+    assert (spool / f"{names[4]}{ERROR_SUFFIX}").exists()  # no record: its failure, for PostgreSQL's call
+    for name in others:
+        body = parse_record((spool / f"{name}{SPOOL_SUFFIX}").read_text())
+        assert body["sha256"] == sha256(archive / name) == sha256(datadir / "pg_wal" / name)
+        assert body["archive"] == str(archive)
     assert not stale.exists()
+    # PostgreSQL's calls for files pushed ahead: answered from their records, which are used up.
+    for name in names[1:4]:
+        assert push(name).returncode == 0
+        assert not (spool / f"{name}{SPOOL_SUFFIX}").exists()
     refused = push(names[4])
     assert refused.returncode == 1
     assert "other content" in refused.stderr
+    assert (archive / names[4]).read_bytes() == changed.read_bytes()  # the archived one is kept
+    pusher_done(spool)
 
 
 def test_a_spool_record_of_another_archive_or_other_content_is_not_taken(backlog, archive, tmp_root):
@@ -433,7 +452,9 @@ def test_a_spool_record_of_another_archive_or_other_content_is_not_taken(backlog
     spool.mkdir()
     record = spool / f"{name}{SPOOL_SUFFIX}"
     size = (datadir / "pg_wal" / name).stat().st_size
-    record.write_text(json.dumps({"name": name, "size": size, "sha256": "0" * 64, "archive": str(archive)}))
+    record.write_text(
+        format_record({"name": name, "size": size, "sha256": "0" * 64, "archive": str(archive)})
+    )
     done = wal("wal-push", "--archive", archive, "--spool-dir", spool, f"pg_wal/{name}", cwd=datadir)
     assert done.returncode == 0, done.stderr
     assert sha256(archive / name) == sha256(
@@ -470,7 +491,7 @@ def test_a_spool_record_answers_only_for_the_file_as_it_was_pushed_and_only_once
     assert not walspool.answered(segment, where, spool)
 
 
-def test_a_call_for_a_file_pushed_ahead_imports_only_os_and_json(backlog, archive, tmp_root):
+def test_a_call_for_a_file_pushed_ahead_imports_only_the_spool(backlog, archive, tmp_root):
     """The shortcut in pg_safe_backup/__main__.py: the archiver's call for a recorded file costs a Python
     start, not the CLI's imports; and its flags are wal-push's (cli.py) that take a value."""
     import argparse
@@ -512,7 +533,14 @@ def test_a_call_for_a_file_pushed_ahead_imports_only_os_and_json(backlog, archiv
     assert done.returncode == 0, done.stderr
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
     ours = sorted(m for m in imported if m.startswith("pg_safe_backup"))
-    assert ours == ["pg_safe_backup", "pg_safe_backup.files", "pg_safe_backup.files.walspool"], ours
+    assert ours == [
+        "pg_safe_backup",
+        "pg_safe_backup.errors",
+        "pg_safe_backup.files",
+        "pg_safe_backup.files.walheader",
+        "pg_safe_backup.files.walspool",
+    ], ours
+    assert not imported & {"json", "re", "pathlib", "argparse"}, imported
     assert not (archive / name).exists()  # answered from the record: nothing pushed
     assert not list(spool.iterdir())  # the record used up
 

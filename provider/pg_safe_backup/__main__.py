@@ -1,9 +1,11 @@
 """``python -m pg_safe_backup`` and the ``pg-safe-backup`` console script: :func:`pg_safe_backup.cli.main`.
 
-One shortcut before it: ``wal-push`` of a file that ``--parallel`` already pushed ahead is answered from its
-spool record (:mod:`pg_safe_backup.files.walspool`) with nothing imported but ``os`` and ``json``, as
-PostgreSQL's archiver calls ``archive_command`` once per file and waits for each. Any argument this shortcut
-does not know sends the call the whole way (where the spool is checked again).
+One short way before it, for ``wal-push``, which PostgreSQL's archiver runs once per WAL file and waits for:
+its flags are read here, without argparse or the CLI module, and the push is
+:func:`pg_safe_backup.wal_archive.push_command`, the same function the CLI calls. A file the background
+pusher (``--parallel``) already archived is answered from its spool record
+(:mod:`pg_safe_backup.files.walspool`) with nothing imported but ``os`` and ``json``. Anything this short way
+does not know (``--help``, a typo, a bad value, a second path) goes the whole way, where argparse answers.
 """
 
 from __future__ import annotations
@@ -11,48 +13,61 @@ from __future__ import annotations
 import os
 import sys
 
-#: ``wal-push``'s flags that take a value (cli.py's ``add_wal_push_arguments``); the shortcut needs two.
-_VALUE_FLAGS = (
-    "--archive",
-    "--spool-dir",
-    "--parallel",
-    "--compress",
-    "--encryption-key-file",
-    "--encryption-key-env",
-)
+#: ``wal-push``'s flags that take a value (cli.py's ``add_wal_push_arguments``), and their keyword.
+_VALUE_FLAGS = {
+    "--archive": "archive",
+    "--spool-dir": "spool_dir",
+    "--parallel": "parallel",
+    "--compress": "compression",
+    "--encryption-key-file": "key_file",
+    "--encryption-key-env": "key_env",
+}
+_COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
 
 
-def _pushed_ahead(argv: list[str]) -> bool:
-    """Whether ``argv`` is ``wal-push ... %p`` for a file a push ahead recorded (see the module docstring)."""
+def _wal_push_flags(argv: list[str]) -> dict[str, str] | None:
+    """``wal-push``'s flags and ``%p`` by keyword (``path`` included), or None when argparse must answer."""
     if argv[:1] != ["wal-push"]:
-        return False
+        return None
     values: dict[str, str] = {}
     paths: list[str] = []
     args = iter(argv[1:])
     for arg in args:
         flag, equals, value = arg.partition("=")
         if flag in _VALUE_FLAGS:
-            values[flag] = value if equals else next(args, "")
+            value = value if equals else next(args, None)
+            if value is None or _VALUE_FLAGS[flag] in values:
+                return None
+            values[_VALUE_FLAGS[flag]] = value
         elif arg.startswith("-"):
-            return False  # --help, a typo: argparse answers
+            return None
         else:
             paths.append(arg)
-    archive = values.get("--archive") or os.environ.get("PGSB_WAL_ARCHIVE")
-    if len(paths) != 1 or not archive or values.get("--parallel", "1") == "1":
-        return False
-    from pg_safe_backup.files import walspool
-
-    spool = walspool.spool_folder(paths[0], values.get("--spool-dir") or None)
-    return walspool.answered(paths[0], walspool.archive_location(archive), spool)
+    if len(paths) != 1 or values.get("compression", "none") not in _COMPRESSIONS:
+        return None
+    if not values.get("parallel", "1").isdigit() or int(values.get("parallel", "1")) < 1:
+        return None
+    values.setdefault("archive", os.environ.get("PGSB_WAL_ARCHIVE") or "")
+    return {**values, "path": paths[0]}
 
 
 def main() -> int:
     """The command line (``sys.argv``); returns the exit status."""
-    if _pushed_ahead(sys.argv[1:]):
-        return 0
-    from pg_safe_backup.cli import main as cli_main
+    flags = _wal_push_flags(sys.argv[1:])
+    if flags is None:
+        from pg_safe_backup.cli import main as cli_main
 
-    return cli_main()
+        return cli_main()
+    parallel = int(flags.pop("parallel", "1"))
+    if parallel > 1 and flags["archive"]:
+        from pg_safe_backup.files import walspool
+
+        spool = walspool.spool_folder(flags["path"], flags.get("spool_dir"))
+        if walspool.answered(flags["path"], walspool.archive_location(flags["archive"]), spool):
+            return 0
+    from pg_safe_backup.wal_archive import push_command
+
+    return push_command(flags.pop("path"), flags.pop("archive"), parallel=parallel, **flags)
 
 
 if __name__ == "__main__":

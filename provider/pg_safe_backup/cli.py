@@ -43,8 +43,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pg_safe_backup.errors import PgSafeBackupError
-
 if TYPE_CHECKING:  # annotations only: never imported when the command runs
     from datetime import datetime
 
@@ -62,13 +60,11 @@ def encryption_key(args: argparse.Namespace) -> EncryptionKey | None:
 
     :raises CryptError: the file or variable holds no key (named, never its content).
     """
-    from pg_safe_backup.files.crypt import EncryptionKey
+    from pg_safe_backup.files.crypt import key_from_flags
 
-    if getattr(args, "encryption_key_file", None) is not None:
-        return EncryptionKey.from_file(args.encryption_key_file)
-    if getattr(args, "encryption_key_env", None) is not None:
-        return EncryptionKey.from_env(args.encryption_key_env)
-    return None
+    return key_from_flags(
+        getattr(args, "encryption_key_file", None), getattr(args, "encryption_key_env", None)
+    )
 
 
 # -------------------------------------------------------------------------------------------- verify
@@ -713,64 +709,32 @@ def add_wal_fetch_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_wal_fetch, parser=p)
 
 
-def _wal_store(args: argparse.Namespace):  # noqa: ANN202 - a wal_archive.Store
-    from pg_safe_backup.wal_archive import WalArchiveError, open_store
-
-    if not args.archive:
-        raise WalArchiveError(
-            "--archive URL_OR_DIR (or the environment variable PGSB_WAL_ARCHIVE) is required"
-        )
-    return open_store(args.archive)
-
-
-def _wal_error(command: str, err: BaseException) -> None:
-    text = " ".join(str(err).split()) or err.__class__.__name__
-    if isinstance(err, OSError) and not isinstance(err, PgSafeBackupError) and err.filename:
-        text = f"{err.strerror or err.__class__.__name__}: {err.filename}"
-    print(f"pg-safe-backup {command}: error: {text}", file=sys.stderr)
-
-
 def _wal_push(args: argparse.Namespace) -> int:
-    from pg_safe_backup import wal_archive
+    from pg_safe_backup.wal_archive import push_command
 
     if args.parallel < 1:
         args.parser.error(f"--parallel {args.parallel}: give 1 or more")
-    try:
-        spool = wal_archive.spool_folder(args.path, args.spool_dir)
-        # Before opening the store: answering from a record must not import an object store's driver.
-        if args.archive and wal_archive.answered_by_spool(
-            args.path, wal_archive.archive_location(args.archive), spool
-        ):
-            return 0
-        store = _wal_store(args)
-        key = encryption_key(args)
-        if args.parallel == 1:
-            wal_archive.push(args.path, store, compression=args.compress, key=key)
-        else:
-            wal_archive.push_ahead(
-                args.path,
-                store,
-                parallel=args.parallel,
-                spool=spool,
-                compression=args.compress,
-                key=key,
-                warn=lambda line: print(f"pg-safe-backup wal-push: warning: {line}", file=sys.stderr),
-            )
-    except Exception as err:  # noqa: BLE001 - archive_command: one line in the server log, never a traceback
-        _wal_error("wal-push", err)
-        return 1
-    return 0
+    return push_command(
+        args.path,
+        args.archive,
+        compression=args.compress,
+        parallel=args.parallel,
+        spool_dir=args.spool_dir,
+        key_file=args.encryption_key_file,
+        key_env=args.encryption_key_env,
+    )
 
 
 def _wal_fetch(args: argparse.Namespace) -> int:
-    from pg_safe_backup.wal_archive import WalNotArchived, fetch
+    from pg_safe_backup.errors import error_line
+    from pg_safe_backup.wal_archive import WalNotArchived, fetch, open_store, required
 
     try:
-        fetch(args.name, args.path, _wal_store(args), key=encryption_key(args))
+        fetch(args.name, args.path, open_store(required(args.archive)), key=encryption_key(args))
     except WalNotArchived:
         return 1  # the end of the archive: silent, as recovery asks past it every time
     except Exception as err:  # noqa: BLE001 - restore_command: one line in the server log, never a traceback
-        _wal_error("wal-fetch", err)
+        print(f"pg-safe-backup wal-fetch: error: {error_line(err)}", file=sys.stderr)
         return FETCH_FAILED
     return 0
 

@@ -35,3 +35,12 @@ def retryable(err: BaseException) -> bool:
     :param err: the exception raised.
     """
     return isinstance(err, TransientError) and not isinstance(err, PermanentError)
+
+
+def error_line(err: BaseException) -> str:
+    """``err`` as the one line a command prints (``pg-safe-backup wal-push: error: ...``): its message on one
+    line; an ``OSError`` of the system's by its reason and file name."""
+    text = " ".join(str(err).split()) or err.__class__.__name__
+    if isinstance(err, OSError) and not isinstance(err, PgSafeBackupError) and err.filename:
+        text = f"{err.strerror or err.__class__.__name__}: {err.filename}"
+    return text

@@ -20,37 +20,28 @@ own tools read it). Names and the stored format are :mod:`pg_safe_backup.files.w
 :func:`fetch` (``restore_command``): decrypt and decompress into a temporary name beside the target,
 fsync, rename; a segment is checked against the identity (size, system) before it is renamed.
 
-:func:`push_ahead` (``--parallel``): push the next ``.ready`` files with ``%p``, each recorded in a spool
-only once durable in the archive; PostgreSQL's later call for such a file is answered from its record
-(:func:`answered_by_spool`) after the file's size and checksum are compared with it.
+:func:`push_async` (``--parallel N``): as pgBackRest's asynchronous archive-push, a background
+:func:`pusher` (one per spool, started by the first call that finds none) pushes every ``.ready`` file, N
+at once, and records each in the spool (:mod:`pg_safe_backup.files.walspool`) only once it is durable in
+the archive; PostgreSQL's call for a file waits for its record, and its calls for the files pushed ahead
+are answered from theirs at once (``__main__``), after the file's size, inode and time are compared.
 
 Airflow-free; imports fsspec only for a URL archive, cryptography only when encrypting.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import os
-import shutil
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+import sys
+import time
+from collections import namedtuple
 from pathlib import Path
-from typing import IO
 
-from pg_safe_backup.errors import PermanentError, TransientError
+from pg_safe_backup.errors import PermanentError, TransientError, error_line
 from pg_safe_backup.files import walspool
 from pg_safe_backup.files.crypt import CHUNK_SIZE, EncryptionKey
-from pg_safe_backup.files.wal import (
-    NotWal,
-    archive_system_identifier,
-    fsync_path,
-    header_system_identifier,
-    segment_system_identifier,
-)
 from pg_safe_backup.files.walarchive import (
-    ARCHIVED_NAME,
     IDENTITY_FILE,
     ArchiveIdentity,
     StoredName,
@@ -58,10 +49,23 @@ from pg_safe_backup.files.walarchive import (
     codec_module,
     decode,
     encode,
+    is_archived_name,
     parse_stored_name,
 )
+from pg_safe_backup.files.walheader import (
+    NotWal,
+    file_system_identifier,
+    fsync_path,
+    header_system_identifier,
+)
 from pg_safe_backup.files.walspool import SPOOL_FOLDER as SPOOL_FOLDER  # re-exported: wal-push's names
-from pg_safe_backup.files.walspool import SPOOL_SUFFIX, archive_location
+from pg_safe_backup.files.walspool import archive_location
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: this module runs once per WAL file, and each import costs
+    import hashlib
+    from collections.abc import Callable, Iterable, Iterator
+    from typing import IO
 
 #: The environment variable ``--archive`` defaults to.
 ARCHIVE_ENV = "PGSB_WAL_ARCHIVE"
@@ -91,7 +95,7 @@ class WalNotArchived(TransientError, FileNotFoundError):
 def is_segment(name: str) -> bool:
     """Whether ``name`` is a whole WAL segment (a file with a long page header), not .partial/.history/
     .backup."""
-    return len(name) == SEGMENT_NAME_LENGTH and bool(ARCHIVED_NAME.match(name))
+    return len(name) == SEGMENT_NAME_LENGTH and is_archived_name(name)
 
 
 # ------------------------------------------------------------------------------------------ the stores
@@ -150,6 +154,29 @@ class Store:
         return None
 
 
+def _unlink(path: Path | str) -> None:
+    """Remove ``path`` if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _copy(src: IO[bytes], dst: IO[bytes]) -> None:
+    """Copy the open file ``src`` into ``dst`` by the kernel (sendfile: no pass through Python, as
+    ``shutil.copyfile`` does it, whose import costs each push), by reads where it cannot."""
+    offset = 0
+    try:
+        while sent := os.sendfile(dst.fileno(), src.fileno(), offset, 1 << 30):
+            offset += sent
+    except OSError:  # a file system sendfile does not serve: the rest by reads
+        src.seek(offset)
+        dst.seek(offset)
+        while chunk := src.read(CHUNK_SIZE):
+            dst.write(chunk)
+        dst.flush()
+
+
 def _exists(path: Path) -> bool:
     """Whether ``path`` exists; an error other than "no such file" (a folder the user may not read) raises:
     taken for "not archived", it would end a recovery early."""
@@ -196,10 +223,9 @@ class LocalStore(Store):
 
     def put_copy(self, stored: str, source: Path) -> None:
         def write(temp: Path) -> None:
-            shutil.copyfile(
-                source, temp
-            )  # the kernel copies (copy_file_range/sendfile): no pass through Python
-            fsync_path(temp)
+            with open(source, "rb") as src, open(temp, "xb") as dst:
+                _copy(src, dst)
+                os.fsync(dst.fileno())
 
         self._publish(stored, write)
 
@@ -218,8 +244,7 @@ class LocalStore(Store):
                     raise FileExistsError(final) from None
                 os.rename(temp, final)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+            _unlink(temp)
         fsync_path(self.folder)
 
     def clean(self, name: str) -> None:
@@ -230,11 +255,12 @@ class LocalStore(Store):
             return
         for entry in leftovers:
             if parse_stored_name(entry.name.rsplit(".", 2)[0]).name == name:  # type: ignore[union-attr]
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+                _unlink(entry.path)
 
     def written_by(self) -> tuple[int, str] | None:
         # An archive cp filled before wal-push took over: its oldest segment names its cluster.
+        from pg_safe_backup.files.wal import archive_system_identifier
+
         return archive_system_identifier(self.folder)
 
 
@@ -288,6 +314,18 @@ class UrlStore(Store):
         self.fs.pipe_file(self._path(stored), data)
 
 
+def required(archive: str | None) -> str:
+    """``--archive``'s value (``$PGSB_WAL_ARCHIVE`` applied), which wal-push and wal-fetch need.
+
+    :raises WalArchiveError: it is missing.
+    """
+    if not archive:
+        raise WalArchiveError(
+            "--archive URL_OR_DIR (or the environment variable PGSB_WAL_ARCHIVE) is required"
+        )
+    return archive
+
+
 def open_store(archive: str) -> Store:
     """The store ``archive`` names: a folder, a file:// URL (both :class:`LocalStore`), or another URL.
 
@@ -301,8 +339,7 @@ def open_store(archive: str) -> Store:
 
 
 # ------------------------------------------------------------------------------------------------ push
-@dataclass(frozen=True)
-class Pushed:
+class Pushed(namedtuple("Pushed", ("name", "stored", "sha256", "size", "already"), defaults=(False,))):
     """What :func:`push` did.
 
     :param name: the file's name (``%f``).
@@ -312,11 +349,7 @@ class Pushed:
     :param already: it was archived already (the same plaintext), nothing written.
     """
 
-    name: str
-    stored: str
-    sha256: str | None
-    size: int
-    already: bool = False
+    __slots__ = ()
 
 
 def _reading(f: IO[bytes], digest: hashlib._Hash | None) -> Iterator[bytes]:
@@ -328,6 +361,8 @@ def _reading(f: IO[bytes], digest: hashlib._Hash | None) -> Iterator[bytes]:
 
 def file_sha256(path: Path) -> tuple[str, int]:
     """SHA-256 (hex) and size of a local file."""
+    import hashlib
+
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -350,6 +385,8 @@ def stored_sha256(store: Store, stored: str, key: EncryptionKey | None) -> str:
             f"{what} is archived encrypted: give its key (--encryption-key-file or --encryption-key-env) to"
             " compare it with the file pushed"
         )
+    import hashlib
+
     digest = hashlib.sha256()
     with store.open(stored) as f:
         for piece in decode(f, parsed, key, what):
@@ -380,7 +417,7 @@ def cluster_identity(path: Path, data_dir: Path) -> ArchiveIdentity:
             f"cannot record the archive's identity from the data directory {data_dir} (wal-push runs there,"
             f" as archive_command does): {' '.join(str(err).split())}"
         ) from None
-    system = segment_system_identifier(path) if is_segment(path.name) else control.system_identifier
+    system = file_system_identifier(path) if is_segment(path.name) else control.system_identifier
     return ArchiveIdentity(system, major, control.xlog_seg_size)
 
 
@@ -413,7 +450,7 @@ def check_cluster(store: Store, path: Path, identity: ArchiveIdentity) -> None:
     """
     if not is_segment(path.name):
         return
-    system = segment_system_identifier(path)
+    system = file_system_identifier(path)
     if system != identity.system_identifier:
         raise WrongCluster(
             f"{path} is WAL of the cluster with system identifier {system}, but the archive {store.where}"
@@ -457,7 +494,7 @@ def push(
     :raises OSError: the file or the archive could not be read or written.
     """
     path = Path(path)
-    if not ARCHIVED_NAME.match(path.name):
+    if not is_archived_name(path.name):
         raise WalArchiveError(
             f"{path}: not a file PostgreSQL archives (a WAL segment, .partial, .history or .backup)"
         )
@@ -469,6 +506,9 @@ def push(
         return _already(store, found, path, key)
     store.clean(path.name)
     stored = StoredName(path.name, compression, key is not None).stored
+    if sha256:
+        import hashlib
+
     digest = hashlib.sha256() if sha256 else None
     try:
         if digest is None and compression == "none" and key is None:
@@ -483,89 +523,214 @@ def push(
     return Pushed(path.name, stored, digest.hexdigest() if digest else None, size)
 
 
-# ----------------------------------------------------------------------------------- push ahead: spool
-def spool_folder(path: Path, spool_dir: Path | None = None) -> Path:
-    """Where the spool records of ``path``'s cluster are (:func:`files.walspool.spool_folder`)."""
-    return Path(walspool.spool_folder(path, spool_dir))
+# ------------------------------------------------------------------------------- the wal-push command
+def push_command(
+    path: Path | str,
+    archive: str | None,
+    *,
+    compression: str = "none",
+    parallel: int = 1,
+    spool_dir: Path | str | None = None,
+    key_file: Path | str | None = None,
+    key_env: str | None = None,
+) -> int:
+    """``pg-safe-backup wal-push``, its flags parsed (by ``cli`` or by ``__main__``'s short way): push
+    ``path``, alone (:func:`push`) or through the background pusher (``parallel`` above 1:
+    :func:`push_async`). Returns the exit status; a failure is one line on stderr, never a traceback.
+
+    :param path: ``%p``.
+    :param archive: ``--archive`` (``$PGSB_WAL_ARCHIVE`` already applied).
+    :param compression: ``--compress``.
+    :param parallel: ``--parallel``.
+    :param spool_dir: ``--spool-dir``.
+    :param key_file: ``--encryption-key-file``.
+    :param key_env: ``--encryption-key-env``.
+    """
+    try:
+        archive = required(archive)
+        path = Path(path)
+        spool = Path(walspool.spool_folder(path, spool_dir))
+        # Before opening the store: answering from a record must not import an object store's driver.
+        if walspool.answered(path, archive_location(archive), spool):
+            return 0
+        from pg_safe_backup.files.crypt import key_from_flags
+
+        key = key_from_flags(key_file, key_env)
+        if parallel > 1:
+            push_async(path, archive, parallel=parallel, spool=spool, compression=compression, key=key)
+        else:
+            push(path, open_store(archive), compression=compression, key=key)
+    except Exception as err:  # noqa: BLE001 - archive_command: one line in the server log, never a traceback
+        print(f"pg-safe-backup wal-push: error: {error_line(err)}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def answered_by_spool(path: Path, where: str, spool: Path) -> bool:
-    """Whether a push ahead already archived ``path`` into ``where`` (:func:`files.walspool.answered`)."""
-    return walspool.answered(path, where, spool)
+# ---------------------------------------------------------------------------- --parallel: the pusher
+#: How long a call waits for the background pusher to archive its file (pgBackRest's archive-timeout).
+ASYNC_TIMEOUT = 60.0
+#: How long the pusher stays once nothing is left to push, for the next segment the server completes.
+PUSHER_LINGER = 2.0
+#: How often a waiting call and an idle pusher look again (seconds).
+POLL = 0.01
+#: The pusher's lock in the spool: held (flock) for as long as it runs.
+PUSHER_LOCK = "pusher.lock"
 
 
-def ready_files(path: Path) -> list[str]:
-    """The files pg_wal/archive_status/ marks ``.ready`` besides ``path``, in the order PostgreSQL's
-    archiver takes them (timeline history files first, then by name: pgarch.c)."""
-    status = Path(os.path.abspath(path)).parent / "archive_status"
+def ready_files(pg_wal: Path) -> list[str]:
+    """The files ``pg_wal``/archive_status/ marks ``.ready``, in the order PostgreSQL's archiver takes them
+    (timeline history files first, then by name: pgarch.c)."""
+    status = Path(os.path.abspath(pg_wal)) / "archive_status"
     try:
         names = [n[: -len(".ready")] for n in os.listdir(status) if n.endswith(".ready")]
     except FileNotFoundError:
         return []
-    names = [n for n in names if n != path.name and ARCHIVED_NAME.match(n)]
+    names = [n for n in names if is_archived_name(n)]
     return sorted(names, key=lambda n: (not n.endswith(".history"), n))
 
 
-def push_ahead(
+def push_async(
     path: Path | str,
-    store: Store,
+    archive: str,
     *,
     parallel: int,
     spool: Path,
     compression: str = "none",
     key: EncryptionKey | None = None,
-    data_dir: Path | None = None,
-    warn: Callable[[str], None] = lambda line: None,
-) -> Pushed:
-    """Push ``path`` and up to ``parallel - 1`` of the next ``.ready`` files at once; each of the others is
-    recorded in ``spool`` once it is durable (one that fails is left for PostgreSQL to ask again).
+    timeout: float = ASYNC_TIMEOUT,
+) -> None:
+    """Archive ``path`` through the background pusher, as pgBackRest's asynchronous archive-push: one
+    pusher per spool (a ``flock``), started by the first call that finds none, pushes every ``.ready`` file
+    ``parallel`` at once and records each in the spool once it is durable
+    (:func:`files.walspool.write_record`), or its failure (:func:`files.walspool.write_error`). This call
+    returns when ``path`` is recorded: PostgreSQL's calls for the others are then answered from their
+    records by ``__main__`` at once.
+
+    A file that is not ``.ready`` (not PostgreSQL's call) is pushed here, alone.
 
     :param path: the file PostgreSQL asks to archive.
-    :param store: the archive.
-    :param parallel: how many files at once, ``path`` included.
+    :param archive: ``--archive``.
+    :param parallel: files at once.
     :param spool: the spool folder.
-    :param warn: told of each other file that could not be pushed (one line).
-    :returns: ``path``'s push.
-    :raises: what :func:`push` raises for ``path``.
+    :param timeout: seconds to wait for the pusher.
+    :raises WalArchiveError: the pusher's line for this file (it tries again on PostgreSQL's next call),
+        or no record within ``timeout``.
     """
     path = Path(path)
-    data_dir = data_dir or data_directory(path)
-    recorded = {p.name[: -len(SPOOL_SUFFIX)] for p in spool.glob(f"*{SPOOL_SUFFIX}")}
-    waiting = ready_files(path)
-    for name in recorded.difference(waiting, [path.name]):  # no longer .ready: never asked for, stale
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(walspool.record_path(spool, name))
-    ahead = [n for n in waiting if n not in recorded][: max(parallel - 1, 0)]
+    if path.name not in ready_files(path.parent):
+        push(path, open_store(archive), compression=compression, key=key)
+        return
+    where = archive_location(archive)
+    spool.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if walspool.answered(path, where, spool):
+            return
+        failed = walspool.take_error(spool, path.name)
+        if failed is not None:
+            raise WalArchiveError(failed)
+        if time.monotonic() > deadline:
+            raise WalArchiveError(
+                f"{path.name}: the background pusher (spool {spool}) did not archive it in {timeout:.0f} s"
+            )
+        _start_pusher(path, archive, parallel=parallel, spool=spool, compression=compression, key=key)
+        time.sleep(POLL)
 
-    def one(name: str) -> None:
+
+def _start_pusher(
+    path: Path, archive: str, *, parallel: int, spool: Path, compression: str, key: EncryptionKey | None
+) -> None:
+    """Fork the pusher unless one holds the spool's lock (the child keeps it until it exits)."""
+    import fcntl
+
+    lock = os.open(spool / PUSHER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return
+    if os.fork():
+        os.close(lock)  # the child's copy holds the lock
+        return
+    status = 0
+    try:
+        os.setsid()  # outlives this call; PostgreSQL waits only for the call
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # nobody waits on the call's output for the pusher's sake
+            os.dup2(devnull, fd)
+        pusher(path.parent, archive, parallel=parallel, spool=spool, compression=compression, key=key)
+    except BaseException:  # noqa: BLE001 - a call that waits starts another
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def pusher(
+    pg_wal: Path,
+    archive: str,
+    *,
+    parallel: int,
+    spool: Path,
+    compression: str = "none",
+    key: EncryptionKey | None = None,
+    linger: float = PUSHER_LINGER,
+) -> None:
+    """The background pusher's loop: push the ``.ready`` files of ``pg_wal`` that have neither a record nor
+    an error in ``spool``, ``parallel`` at once, oldest first; drop records and errors of files no longer
+    ``.ready``; return once nothing was left to push for ``linger`` seconds. A file whose push failed is
+    tried again once its error was taken (by PostgreSQL's next call for it).
+    """
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    store = open_store(archive)
+    data_dir = data_directory(pg_wal / "x")  # a file's in pg_wal: the folder above it
+
+    def one(name: str) -> bool:
         try:
-            state = walspool.file_state(path.parent / name)  # before it is read: a later change shows
+            state = walspool.file_state(pg_wal / name)  # before it is read: a later change shows
             pushed = push(
-                path.parent / name, store, compression=compression, key=key, data_dir=data_dir, sha256=True
+                pg_wal / name, store, compression=compression, key=key, data_dir=data_dir, sha256=True
             )
             walspool.write_record(spool, name, state, pushed.sha256, store.where)
-        except Exception as err:  # noqa: BLE001 - PostgreSQL asks for it later; its own push then fails loudly
-            warn(f"pushing {name} ahead: {' '.join(str(err).split())}")
+        except Exception as err:  # noqa: BLE001 - reported by PostgreSQL's call for it
+            walspool.write_error(spool, name, f"{name}: {error_line(err)}")
+            return False
+        return True
 
-    from concurrent.futures import ThreadPoolExecutor
-
-    # The identity first, once, so that the files pushed together never race to write it.
-    archive_identity(store, path, data_dir)
-    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-        others = [pool.submit(one, name) for name in ahead]
-        mine = pool.submit(push, path, store, compression=compression, key=key, data_dir=data_dir)
-        for other in others:
-            other.result()
-        return mine.result()
+    running: dict[str, Future[bool]] = {}
+    pushed: set[str] = set()  # this run's: a record used up before the listing must not push it again
+    idle_since = time.monotonic()
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        while True:
+            ready = ready_files(pg_wal)
+            waiting = set(ready)
+            recorded, failed = walspool.listing(spool)
+            for name in (recorded | failed) - waiting:  # no longer .ready: never asked for, stale
+                walspool.forget(spool, name)
+            pushed &= waiting
+            skip = recorded | failed | pushed | running.keys()
+            todo = [n for n in ready if n not in skip]
+            for name in todo[: parallel - len(running)]:
+                running[name] = pool.submit(one, name)
+            if running:
+                done, _ = wait(running.values(), timeout=POLL * 5, return_when=FIRST_COMPLETED)
+                for name in [n for n, f in running.items() if f in done]:
+                    if running.pop(name).result():
+                        pushed.add(name)
+                idle_since = time.monotonic()
+            elif todo:
+                continue
+            elif time.monotonic() - idle_since > linger:
+                return
+            else:
+                time.sleep(POLL * 5)
 
 
 # ----------------------------------------------------------------------------------------------- fetch
-@dataclass(frozen=True)
-class Fetched:
+class Fetched(namedtuple("Fetched", ("stored", "size"))):
     """What :func:`fetch` wrote: the stored file it read and the plaintext's size."""
 
-    stored: str
-    size: int
+    __slots__ = ()
 
 
 def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | None = None) -> Fetched:
@@ -611,8 +776,7 @@ def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | N
             _check_fetched(what, head, size, identity)
         os.replace(temp, target)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        _unlink(temp)
     fsync_path(target.parent)
     return Fetched(found[0], size)
 

@@ -18,23 +18,22 @@ in a file (CLI ``--encryption-key-file``), an environment variable (``--encrypti
 connection's password (the operators). Only its id, a digest of the key that reveals nothing of it, is ever
 written (into this header and the catalog); the key itself never is.
 
-Imports nothing of the package but :mod:`pg_safe_backup.errors` (``files/`` is a leaf family).
+Imports nothing of the package but :mod:`pg_safe_backup.errors` (``files/`` is a leaf family), and at
+module level only ``os`` and ``struct``: :mod:`files.walarchive` imports it for every ``wal-push``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import io
 import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
 
 from pg_safe_backup.errors import PermanentError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only (typing's import costs each wal-push)
+    from collections.abc import Iterator
+    from pathlib import Path
+    from typing import IO, Any
 
 #: The first bytes of every encrypted file (version 1 of this format).
 MAGIC = b"PGSBENC1"
@@ -54,18 +53,29 @@ class CryptError(PermanentError, ValueError):
     encrypted), or a key that is not one: never retried, never a partial result."""
 
 
-@dataclass(frozen=True)
 class EncryptionKey:
-    """A 256-bit key and its id (the first 16 hex digits of a domain-separated SHA-256 of the key).
+    """A 256-bit key and its id (the first 16 hex digits of a domain-separated SHA-256 of the key); equal
+    to another of the same bytes, immutable.
 
     :param material: the 32 key bytes (never printed: ``repr`` shows only the id).
     """
 
-    material: bytes = field(repr=False)
+    __slots__ = ("material",)
+    material: bytes
 
-    def __post_init__(self) -> None:
-        if len(self.material) != 32:
-            raise CryptError(f"an encryption key is 32 bytes, got {len(self.material)}")
+    def __init__(self, material: bytes) -> None:
+        if len(material) != 32:
+            raise CryptError(f"an encryption key is 32 bytes, got {len(material)}")
+        object.__setattr__(self, "material", bytes(material))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"an EncryptionKey cannot be changed ({name})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EncryptionKey) and other.material == self.material
+
+    def __hash__(self) -> int:
+        return hash((EncryptionKey, self.material))
 
     def __repr__(self) -> str:
         return f"EncryptionKey(key_id={self.key_id!r})"
@@ -73,6 +83,8 @@ class EncryptionKey:
     @property
     def key_id(self) -> str:
         """The id written beside what the key encrypts: names the key, reveals nothing of it."""
+        import hashlib
+
         return hashlib.sha256(b"pg-safe-backup key id\0" + self.material).hexdigest()[:16]
 
     @classmethod
@@ -84,6 +96,9 @@ class EncryptionKey:
             the key itself.
         :raises CryptError: naming ``source`` when ``text`` is neither.
         """
+        import base64
+        import binascii
+
         text = text.strip()
         try:
             if len(text) == 64:
@@ -105,7 +120,8 @@ class EncryptionKey:
         :param flag: the flag or parameter that named the file, for the error.
         """
         try:
-            text = Path(path).read_text()
+            with open(path) as f:
+                text = f.read()
         except (OSError, UnicodeDecodeError) as err:
             raise CryptError(f"{flag} {path}: cannot read the key: {err.__class__.__name__}") from None
         return cls.parse(text, f"{flag} {path}")
@@ -121,6 +137,19 @@ class EncryptionKey:
         if not text:
             raise CryptError(f"{flag} {name}: the environment variable is not set")
         return cls.parse(text, f"{flag} {name}")
+
+
+def key_from_flags(key_file: Path | str | None, key_env: str | None) -> EncryptionKey | None:
+    """The key ``--encryption-key-file`` or ``--encryption-key-env`` gives, None when neither is given: the
+    command line's one reader of them (``cli.encryption_key`` and ``wal-push``'s short way both call it).
+
+    :raises CryptError: the file or variable holds no key (named, never its content).
+    """
+    if key_file is not None:
+        return EncryptionKey.from_file(key_file)
+    if key_env is not None:
+        return EncryptionKey.from_env(key_env)
+    return None
 
 
 def _aead(key: EncryptionKey):  # noqa: ANN202 - cryptography's class, imported only when used
@@ -237,6 +266,8 @@ def decrypt_bytes(sealed: bytes, key: EncryptionKey, what: str) -> bytes:
     :param key: the key.
     :param what: the file's name for errors.
     """
+    import io
+
     return b"".join(decrypt_chunks(io.BytesIO(sealed), key, what))
 
 

@@ -20,12 +20,11 @@ import contextlib
 import logging
 import os
 import re
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pg_safe_backup.errors import PermanentError, TransientError
+from pg_safe_backup.errors import TransientError
 from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.walarchive import (
     IDENTITY_FILE,
@@ -35,6 +34,8 @@ from pg_safe_backup.files.walarchive import (
     decode,
     parse_stored_name,
 )
+from pg_safe_backup.files.walheader import LONG_HEADER, fsync_path, header_system_identifier
+from pg_safe_backup.files.walheader import NotWal as NotWal  # re-exported: the WAL module's errors
 from pg_safe_backup.files.xlog import (
     WAL_NAME,
     history_file_name,
@@ -53,15 +54,6 @@ class WalMissing(TransientError):
 #: A WAL segment as ``cp`` archives it (not partial), gzip or zstd of it: what carries a long page header
 #: (:func:`archived_segments` knows every stored name).
 WAL_SEGMENT = re.compile(rf"^{WAL_NAME}(\.gz|\.zst)?$")
-#: XLogLongPageHeaderData (access/xlog_internal.h): xlp_magic u16, xlp_info u16, xlp_tli u32, xlp_pageaddr
-#: u64, xlp_rem_len u32, padding to 24, xlp_sysid u64, xlp_seg_size u32, xlp_xlog_blcksz u32.
-_LONG_HEADER = struct.Struct("<HHIQI4xQII")
-#: xlp_info's XLP_LONG_HEADER bit: set on the first page of every segment.
-_XLP_LONG_HEADER = 0x0002
-
-
-class NotWal(PermanentError, ValueError):
-    """A file is not a WAL segment with a long page header (the message names it)."""
 
 
 class KeyNeeded(CryptError):
@@ -144,22 +136,7 @@ def segment_system_identifier(path: Path, key: EncryptionKey | None = None) -> i
     :raises OSError: it cannot be read.
     """
     path = Path(path)
-    return header_system_identifier(_head(path, _LONG_HEADER.size, key), str(path))
-
-
-def header_system_identifier(head: bytes, what: str) -> int:
-    """The system identifier in a WAL segment's first bytes (its long page header).
-
-    :param head: the segment's first bytes (at least the long page header's 40).
-    :param what: the segment's name or path, for the error.
-    :raises NotWal: too short, or no long header.
-    """
-    if len(head) < _LONG_HEADER.size:
-        raise NotWal(f"{what} is not a WAL segment: {len(head)} bytes")
-    _magic, info, _tli, _addr, _rem, sysid, _seg, _blck = _LONG_HEADER.unpack(head[: _LONG_HEADER.size])
-    if not info & _XLP_LONG_HEADER:
-        raise NotWal(f"{what} is not a WAL segment: its first page has no long header")
-    return sysid
+    return header_system_identifier(_head(path, LONG_HEADER.size, key), str(path))
 
 
 def archived_segments(names: Iterable[str]) -> dict[str, str]:
@@ -351,12 +328,3 @@ def _archived(wal_archive: Path, name: str, ended: bool) -> Path:
     if source is None:
         raise WalMissing(f"WAL segment {name}, which the backup needs, is not in the archive {wal_archive}")
     return source
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder by its path (a folder: its entries, after a rename or a link into it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

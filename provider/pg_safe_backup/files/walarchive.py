@@ -17,16 +17,16 @@ Imports nothing of the package outside ``files/`` (a leaf family).
 
 from __future__ import annotations
 
-import json
-import re
-import zlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import IO, Any
+from collections import namedtuple
 
 from pg_safe_backup.errors import PermanentError
 from pg_safe_backup.files.crypt import CHUNK_SIZE, EncryptionKey, decrypt_chunks, encrypt_chunks
 from pg_safe_backup.files.crypt import SUFFIX as ENCRYPTED_SUFFIX
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: wal-push imports this module, and typing's import costs
+    from collections.abc import Iterable, Iterator
+    from typing import IO, Any
 
 #: The archive's identity, at its top.
 IDENTITY_FILE = "pg_safe_backup_archive.json"
@@ -35,10 +35,23 @@ IDENTITY_FORMAT = 1
 #: Compression name -> file-name suffix ("none": stored as PostgreSQL wrote it).
 COMPRESSIONS = {"none": "", "gzip": ".gz", "lz4": ".lz4", "zstd": ".zst"}
 _BY_SUFFIX = {suffix: name for name, suffix in COMPRESSIONS.items() if suffix}
-#: What PostgreSQL archives: a segment (maybe .partial), a timeline history, a backup history file.
-ARCHIVED_NAME = re.compile(
-    r"^(?:[0-9A-F]{24}(?:\.partial)?|[0-9A-F]{8}\.history|[0-9A-F]{24}\.[0-9A-F]{8}\.backup)$"
-)
+_HEX = frozenset("0123456789ABCDEF")
+
+
+def is_archived_name(name: str) -> bool:
+    """Whether ``name`` is one PostgreSQL archives: a segment (maybe ``.partial``), a timeline history
+    (``%08X.history``), a backup history file (``<segment>.%08X.backup``). Written out without ``re``,
+    whose import (with ``enum``) would weigh on every ``wal-push``.
+    """
+    stem, dot, suffix = name.partition(".")
+    if not stem or not _HEX.issuperset(stem):
+        return False
+    if len(stem) == 24:
+        if suffix in ("", "partial") and (suffix or not dot):
+            return True
+        offset, dot2, backup = suffix.partition(".")
+        return len(offset) == 8 and _HEX.issuperset(offset) and dot2 == "." and backup == "backup"
+    return len(stem) == 8 and suffix == "history"
 
 
 #: Levels chosen for an archive_command's speed (a 16 MiB segment well under 0.1 s on one core): zstd's and
@@ -60,8 +73,7 @@ class DamagedFile(PermanentError, ValueError):
     """A stored file that does not decode: not of its compression, changed or cut short."""
 
 
-@dataclass(frozen=True)
-class StoredName:
+class StoredName(namedtuple("StoredName", ("name", "compression", "encrypted"), defaults=("none", False))):
     """What a stored file's name says.
 
     :param name: the name PostgreSQL gave the file (``%f``).
@@ -69,9 +81,7 @@ class StoredName:
     :param encrypted: whether the stored bytes are in :mod:`pg_safe_backup.files.crypt`'s format.
     """
 
-    name: str
-    compression: str = "none"
-    encrypted: bool = False
+    __slots__ = ()
 
     @property
     def stored(self) -> str:
@@ -93,13 +103,12 @@ def parse_stored_name(stored: str) -> StoredName | None:
         if name.endswith(suffix):
             name, compression = name[: -len(suffix)], codec
             break
-    if not ARCHIVED_NAME.match(name):
+    if not is_archived_name(name):
         return None
     return StoredName(name, compression, encrypted)
 
 
-@dataclass(frozen=True)
-class ArchiveIdentity:
+class ArchiveIdentity(namedtuple("ArchiveIdentity", ("system_identifier", "major", "wal_segment_size"))):
     """The cluster an archive belongs to.
 
     :param system_identifier: pg_control's (and every segment's long page header's) system identifier.
@@ -107,12 +116,12 @@ class ArchiveIdentity:
     :param wal_segment_size: bytes per segment.
     """
 
-    system_identifier: int
-    major: int
-    wal_segment_size: int
+    __slots__ = ()
 
     def to_json(self) -> bytes:
         """The identity file's bytes (the identifier as a string: JSON readers lose 64-bit integers)."""
+        import json
+
         body = {
             "format": IDENTITY_FORMAT,
             "system_identifier": str(self.system_identifier),
@@ -129,6 +138,8 @@ class ArchiveIdentity:
         :param where: its path or URL, for the error.
         :raises ArchiveFormatError: not an identity file of a format this version reads.
         """
+        import json
+
         try:
             body = json.loads(data)
             if body.get("format") != IDENTITY_FORMAT:
@@ -191,6 +202,8 @@ def compress_chunks(chunks: Iterable[bytes], compression: str) -> Iterator[bytes
     if compression == "none":
         yield from chunks
         return
+    import zlib
+
     if compression == "gzip":
         packer = zlib.compressobj(LEVELS["gzip"], zlib.DEFLATED, 31)  # wbits 16+15: a gzip member
         begin, flush = b"", packer.flush
@@ -222,6 +235,8 @@ def decompress_chunks(chunks: Iterable[bytes], compression: str, what: str) -> I
     if compression == "none":
         yield from chunks
         return
+    import zlib
+
     if compression == "gzip":
         unpacker, errors = zlib.decompressobj(31), (zlib.error,)
     elif compression == "lz4":

@@ -7,20 +7,24 @@ A record names the archive and the file as it was when it was read: its size, in
 replaced or rewritten since then has another inode or time, so its record does not answer and the call
 pushes it (whose own check compares content). A record is used once.
 
-Imports only ``os`` and ``json``: the answering call (:mod:`pg_safe_backup.__main__`) costs little more than
-Python's start, so pushing ahead pays off however fast segments come.
+Imports only ``os`` and files/walheader.py (``os``, ``struct``): the answering call
+(:mod:`pg_safe_backup.__main__`) costs little more than Python's start, so pushing ahead pays off however
+fast segments come.
 """
 
 from __future__ import annotations
 
-import json
 import os
+
+from pg_safe_backup.files.walheader import fsync_path
 
 #: The spool's default folder, in pg_wal/: a base backup leaves pg_wal/'s contents out (basebackup.c), so
 #: no backup carries its records.
 SPOOL_FOLDER = "pg_safe_backup_spool"
 #: A spool record's suffix.
 SPOOL_SUFFIX = ".pushed"
+#: The suffix of the line the background pusher leaves for a file it could not push (for PostgreSQL's call).
+ERROR_SUFFIX = ".error"
 
 
 def archive_location(archive: str) -> str:
@@ -73,18 +77,13 @@ def write_record(
     os.makedirs(spool, exist_ok=True)
     final = record_path(spool, name)
     temp = os.path.join(spool, f".{name}{SPOOL_SUFFIX}.{os.getpid()}.tmp")
-    body = {"name": name, **state, "sha256": sha256, "archive": where}
+    body = {"name": name, **state, "sha256": sha256 or "", "archive": where}
     with open(temp, "w") as f:
-        json.dump(body, f)
+        f.write(format_record(body))
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, final)
-    # files/wal.py's fsync_path, written out: that module's imports would weigh on the answering call.
-    folder = os.open(spool, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    fsync_path(spool)
 
 
 def answered(path: str | os.PathLike[str], where: str, spool: str | os.PathLike[str]) -> bool:
@@ -98,7 +97,7 @@ def answered(path: str | os.PathLike[str], where: str, spool: str | os.PathLike[
     record = record_path(spool, os.path.basename(path))
     try:
         with open(record) as f:
-            body = json.load(f)
+            body = parse_record(f.read())
     except FileNotFoundError:
         return False
     except (OSError, ValueError):
@@ -107,10 +106,82 @@ def answered(path: str | os.PathLike[str], where: str, spool: str | os.PathLike[
         os.unlink(record)  # used once; if it does not match, the push that follows decides
     except FileNotFoundError:
         pass
-    if not isinstance(body, dict) or body.get("archive") != where:
+    if body.get("archive") != where:
         return False
     try:
         now = file_state(path)
     except OSError:
         return False
-    return all(isinstance(body.get(k), int) and body[k] == v for k, v in now.items())
+    return all(body.get(k) == str(v) for k, v in now.items())
+
+
+def format_record(body: dict[str, object]) -> str:
+    """A record's text: a ``key=value`` line per field (no JSON: its import, with ``re`` and ``enum``'s,
+    would cost each answering call more than the rest of it)."""
+    for key, value in body.items():
+        if "\n" in f"{key}{value}" or "=" in key:
+            raise ValueError(f"a spool record cannot hold {key!r}")
+    return "".join(f"{key}={value}\n" for key, value in body.items())
+
+
+def parse_record(text: str) -> dict[str, str]:
+    """The fields of a record's text (:func:`format_record`), each a string.
+
+    :raises ValueError: a line that is not ``key=value``.
+    """
+    body = {}
+    for line in text.splitlines():
+        key, equals, value = line.partition("=")
+        if not equals:
+            raise ValueError(f"not a spool record line: {line!r}")
+        body[key] = value
+    return body
+
+
+def write_error(spool: str | os.PathLike[str], name: str, line: str) -> None:
+    """Leave ``line`` (why file ``name`` could not be pushed) for PostgreSQL's call for it, which reports it
+    and takes it (:func:`take_error`); the pusher tries the file again once it is taken. Not fsynced: a
+    lost error only means one more try."""
+    temp = os.path.join(spool, f".{name}{ERROR_SUFFIX}.{os.getpid()}.tmp")
+    with open(temp, "w") as f:
+        f.write(line)
+    os.replace(temp, os.path.join(spool, f"{name}{ERROR_SUFFIX}"))
+
+
+def take_error(spool: str | os.PathLike[str], name: str) -> str | None:
+    """The pusher's line for file ``name``, removed (None: there is none)."""
+    error = os.path.join(spool, f"{name}{ERROR_SUFFIX}")
+    try:
+        with open(error) as f:
+            line = f.read().strip()
+        os.unlink(error)
+    except FileNotFoundError:
+        return None
+    return line or f"{name}: the background pusher could not push it"
+
+
+def listing(spool: str | os.PathLike[str]) -> tuple[set[str], set[str]]:
+    """The names of the files ``spool`` holds a record of, and those it holds an error of."""
+    recorded: set[str] = set()
+    failed: set[str] = set()
+    try:
+        entries = os.listdir(spool)
+    except FileNotFoundError:
+        return recorded, failed
+    for entry in entries:
+        if entry.startswith("."):
+            continue  # a record or an error being written
+        if entry.endswith(SPOOL_SUFFIX):
+            recorded.add(entry[: -len(SPOOL_SUFFIX)])
+        elif entry.endswith(ERROR_SUFFIX):
+            failed.add(entry[: -len(ERROR_SUFFIX)])
+    return recorded, failed
+
+
+def forget(spool: str | os.PathLike[str], name: str) -> None:
+    """Remove file ``name``'s record and error (it is no longer ``.ready``: PostgreSQL will not ask)."""
+    for suffix in (SPOOL_SUFFIX, ERROR_SUFFIX):
+        try:
+            os.unlink(os.path.join(spool, f"{name}{suffix}"))
+        except FileNotFoundError:
+            pass
