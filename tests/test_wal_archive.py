@@ -431,7 +431,8 @@ def test_parallel_pushes_every_ready_file_in_the_background_and_records_each_onl
     assert (spool / f"{names[4]}{ERROR_SUFFIX}").exists()  # no record: its failure, for PostgreSQL's call
     for name in others:
         body = parse_record((spool / f"{name}{SPOOL_SUFFIX}").read_text())
-        assert body["sha256"] == sha256(archive / name) == sha256(datadir / "pg_wal" / name)
+        assert sha256(archive / name) == sha256(datadir / "pg_wal" / name)
+        assert body["size"] == str((datadir / "pg_wal" / name).stat().st_size)
         assert body["archive"] == str(archive)
     assert not stale.exists()
     # PostgreSQL's calls for files pushed ahead: answered from their records, which are used up.
@@ -474,7 +475,7 @@ def test_a_spool_record_answers_only_for_the_file_as_it_was_pushed_and_only_once
     spool, where = str(tmp_root / "spool"), walspool.archive_location(str(tmp_root / "archive"))
 
     def recorded() -> None:
-        walspool.write_record(spool, segment.name, walspool.file_state(segment), None, where)
+        walspool.write_record(spool, segment.name, walspool.file_state(segment), where)
 
     recorded()
     assert walspool.answered(segment, where, spool)
@@ -512,7 +513,7 @@ def test_a_call_for_a_file_pushed_ahead_imports_only_the_spool(backlog, archive,
     from pg_safe_backup.files import walspool
 
     walspool.write_record(
-        str(spool), name, walspool.file_state(segment), None, walspool.archive_location(str(archive))
+        str(spool), name, walspool.file_state(segment), walspool.archive_location(str(archive))
     )
     args = [
         "wal-push",
@@ -543,6 +544,38 @@ def test_a_call_for_a_file_pushed_ahead_imports_only_the_spool(backlog, archive,
     assert not imported & {"json", "re", "pathlib", "argparse"}, imported
     assert not (archive / name).exists()  # answered from the record: nothing pushed
     assert not list(spool.iterdir())  # the record used up
+
+
+def test_a_push_imports_neither_the_cli_nor_the_heavy_standard_modules(backlog, tmp_root):
+    """PostgreSQL waits for each archive_command: ``wal-push`` of one file goes through __main__'s short way
+    (no argparse, no CLI) and wal_archive's lean imports (counted here; its time is `make bench`'s)."""
+    first, name = ready(backlog)[:2]
+    archive = tmp_root / "lean"
+    archive.mkdir()
+    # The first push writes the archive's identity from pg_control (files/pgcontrol.py): once per archive.
+    assert wal("wal-push", "--archive", archive, f"pg_wal/{first}", cwd=backlog.datadir).returncode == 0
+    args = ["wal-push", "--archive", str(archive), f"pg_wal/{name}"]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pg_safe_backup", *args],
+        cwd=backlog.datadir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sha256(archive / name) == sha256(backlog.datadir / "pg_wal" / name)
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    heavy = {
+        "argparse",
+        "pg_safe_backup.cli",
+        "dataclasses",
+        "typing",
+        "logging",
+        "pathlib",
+        "shutil",
+        "hashlib",
+    }
+    assert not imported & heavy, sorted(imported & heavy)
 
 
 # ------------------------------------------------------------------- clusters archiving through wal-push

@@ -632,8 +632,10 @@ WAL_PUSH_EPILOG = """examples (postgresql.conf):
       --encryption-key-file /etc/pg-safe-backup/wal.key --parallel 4 %p'
 
 Exits 0 once the file is durable in the archive, 1 otherwise (PostgreSQL keeps the file and asks again).
-With --parallel N it pushes the next .ready files too, N at once, and records each one durable in a spool
-(pg_wal/pg_safe_backup_spool/ or --spool-dir): PostgreSQL's call for it is then answered at once."""
+With --parallel N (as pgBackRest's archive-async) the first call starts a background pusher, one per spool
+(pg_wal/pg_safe_backup_spool/ or --spool-dir), that pushes every .ready file, N at once, and records each
+once it is durable; each call returns once its file's record is there, or exits 1 with the pusher's error
+(the pusher tries that file again), or after 60 s without either."""
 WAL_FETCH_DESCRIPTION = (
     "Fetch one WAL file (restore_command's %f into %p) from an archive wal-push wrote (or cp did):"
     " decrypted, decompressed, fsynced, renamed into place."
@@ -686,7 +688,7 @@ def add_wal_push_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="push the next .ready files with %%p, N at once (default 1: %%p alone)",
+        help="push every .ready file through a background pusher, N at once (default 1: %%p alone, here)",
     )
     p.add_argument(
         "--spool-dir",

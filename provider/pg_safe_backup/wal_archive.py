@@ -36,7 +36,6 @@ import os
 import sys
 import time
 from collections import namedtuple
-from pathlib import Path
 
 from pg_safe_backup.errors import PermanentError, TransientError, error_line
 from pg_safe_backup.files import walspool
@@ -62,9 +61,11 @@ from pg_safe_backup.files.walspool import SPOOL_FOLDER as SPOOL_FOLDER  # re-exp
 from pg_safe_backup.files.walspool import archive_location
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # annotations only: this module runs once per WAL file, and each import costs
+if TYPE_CHECKING:  # annotations only: this module runs once per WAL file, and each import costs (pathlib's
+    # with re, fnmatch and urllib: paths here are strings, any os.PathLike taken)
     import hashlib
     from collections.abc import Callable, Iterable, Iterator
+    from pathlib import Path
     from typing import IO
 
 #: The environment variable ``--archive`` defaults to.
@@ -123,7 +124,7 @@ class Store:
         """
         raise NotImplementedError
 
-    def put_copy(self, stored: str, source: Path) -> None:
+    def put_copy(self, stored: str, source: Path | str) -> None:
         """:meth:`put` of the file ``source`` as it is (no compression, no encryption)."""
         with open(source, "rb") as f:
             self.put(stored, iter(lambda: f.read(CHUNK_SIZE), b""))
@@ -177,7 +178,7 @@ def _copy(src: IO[bytes], dst: IO[bytes]) -> None:
         dst.flush()
 
 
-def _exists(path: Path) -> bool:
+def _exists(path: Path | str) -> bool:
     """Whether ``path`` exists; an error other than "no such file" (a folder the user may not read) raises:
     taken for "not archived", it would end a recovery early."""
     try:
@@ -194,25 +195,25 @@ class LocalStore(Store):
     """
 
     def __init__(self, folder: Path | str) -> None:
-        self.folder = Path(folder).absolute()
-        self.where = archive_location(str(self.folder))
-        if not self.folder.is_dir():
+        self.folder = os.path.abspath(folder)
+        self.where = archive_location(self.folder)
+        if not os.path.isdir(self.folder):
             raise WalArchiveError(f"--archive {self.folder}: no such folder")
 
     def find(self, name: str) -> list[str]:
         # A stat per possible name: cheaper than listing a folder of a hundred thousand segments.
-        return [c.stored for c in candidates(name) if _exists(self.folder / c.stored)]
+        return [c.stored for c in candidates(name) if _exists(os.path.join(self.folder, c.stored))]
 
     def open(self, stored: str) -> IO[bytes]:
-        return open(self.folder / stored, "rb")
+        return open(os.path.join(self.folder, stored), "rb")
 
-    def _temp(self, stored: str) -> Path:
-        temp = self.folder / TEMP_FOLDER
-        temp.mkdir(exist_ok=True)
-        return temp / f"{stored}.{os.getpid()}.{os.urandom(4).hex()}"
+    def _temp(self, stored: str) -> str:
+        temp = os.path.join(self.folder, TEMP_FOLDER)
+        os.makedirs(temp, exist_ok=True)
+        return os.path.join(temp, f"{stored}.{os.getpid()}.{os.urandom(4).hex()}")
 
     def put(self, stored: str, chunks: Iterable[bytes]) -> None:
-        def write(temp: Path) -> None:
+        def write(temp: str) -> None:
             with open(temp, "xb") as f:
                 for piece in chunks:
                     f.write(piece)
@@ -221,17 +222,17 @@ class LocalStore(Store):
 
         self._publish(stored, write)
 
-    def put_copy(self, stored: str, source: Path) -> None:
-        def write(temp: Path) -> None:
+    def put_copy(self, stored: str, source: Path | str) -> None:
+        def write(temp: str) -> None:
             with open(source, "rb") as src, open(temp, "xb") as dst:
                 _copy(src, dst)
                 os.fsync(dst.fileno())
 
         self._publish(stored, write)
 
-    def _publish(self, stored: str, write: Callable[[Path], None]) -> None:
+    def _publish(self, stored: str, write: Callable[[str], None]) -> None:
         """``write`` a temporary file (fsynced), link it under ``stored`` (create-only), fsync the folder."""
-        final = self.folder / stored
+        final = os.path.join(self.folder, stored)
         temp = self._temp(stored)
         try:
             write(temp)
@@ -248,7 +249,7 @@ class LocalStore(Store):
         fsync_path(self.folder)
 
     def clean(self, name: str) -> None:
-        temp = self.folder / TEMP_FOLDER
+        temp = os.path.join(self.folder, TEMP_FOLDER)
         try:
             leftovers = [e for e in os.scandir(temp) if parse_stored_name(e.name.rsplit(".", 2)[0])]
         except FileNotFoundError:
@@ -359,7 +360,7 @@ def _reading(f: IO[bytes], digest: hashlib._Hash | None) -> Iterator[bytes]:
         yield chunk
 
 
-def file_sha256(path: Path) -> tuple[str, int]:
+def file_sha256(path: Path | str) -> tuple[str, int]:
     """SHA-256 (hex) and size of a local file."""
     import hashlib
 
@@ -394,14 +395,14 @@ def stored_sha256(store: Store, stored: str, key: EncryptionKey | None) -> str:
     return digest.hexdigest()
 
 
-def data_directory(path: Path) -> Path:
+def data_directory(path: Path | str) -> str:
     """The data directory ``path`` (``%p``) belongs to: the parent of its pg_wal/ (not resolved: pg_wal may
     be a link), else the working directory, where PostgreSQL runs archive_command."""
-    absolute = Path(os.path.abspath(path))
-    return absolute.parent.parent if absolute.parent.name == "pg_wal" else Path.cwd()
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "pg_wal" else os.getcwd()
 
 
-def cluster_identity(path: Path, data_dir: Path) -> ArchiveIdentity:
+def cluster_identity(path: Path | str, data_dir: Path | str) -> ArchiveIdentity:
     """The identity of the cluster that wrote ``path``: its long page header's system identifier when it is
     a segment (else pg_control's), the data directory's major and segment size.
 
@@ -411,17 +412,18 @@ def cluster_identity(path: Path, data_dir: Path) -> ArchiveIdentity:
 
     try:
         control = read_pg_control(data_dir)
-        major = int((data_dir / "PG_VERSION").read_text().split(".")[0])
+        with open(os.path.join(data_dir, "PG_VERSION")) as f:
+            major = int(f.read().split(".")[0])
     except (BadPgControl, OSError, ValueError) as err:
         raise WalArchiveError(
             f"cannot record the archive's identity from the data directory {data_dir} (wal-push runs there,"
             f" as archive_command does): {' '.join(str(err).split())}"
         ) from None
-    system = file_system_identifier(path) if is_segment(path.name) else control.system_identifier
+    system = file_system_identifier(path) if is_segment(os.path.basename(path)) else control.system_identifier
     return ArchiveIdentity(system, major, control.xlog_seg_size)
 
 
-def archive_identity(store: Store, path: Path, data_dir: Path) -> ArchiveIdentity:
+def archive_identity(store: Store, path: Path | str, data_dir: Path | str) -> ArchiveIdentity:
     """The archive's identity, written now (create-only, durable) when this is its first push."""
     identity = store.read_identity()
     if identity is not None:
@@ -443,12 +445,12 @@ def archive_identity(store: Store, path: Path, data_dir: Path) -> ArchiveIdentit
     return mine
 
 
-def check_cluster(store: Store, path: Path, identity: ArchiveIdentity) -> None:
+def check_cluster(store: Store, path: Path | str, identity: ArchiveIdentity) -> None:
     """Refuse a segment whose long page header names another system than the archive's.
 
     :raises WrongCluster: naming both identifiers.
     """
-    if not is_segment(path.name):
+    if not is_segment(os.path.basename(path)):
         return
     system = file_system_identifier(path)
     if system != identity.system_identifier:
@@ -459,17 +461,18 @@ def check_cluster(store: Store, path: Path, identity: ArchiveIdentity) -> None:
         )
 
 
-def _already(store: Store, found: list[str], path: Path, key: EncryptionKey | None) -> Pushed:
+def _already(store: Store, found: list[str], path: str, key: EncryptionKey | None) -> Pushed:
     """The name is archived: success when the plaintext is the same, else :class:`WalConflict`."""
+    name = os.path.basename(path)
     ours, size = file_sha256(path)
     for stored in found:
         theirs = stored_sha256(store, stored, key)
         if theirs != ours:
             raise WalConflict(
-                f"{path.name}: the archive {store.where} already holds {stored} with other content (archived"
+                f"{name}: the archive {store.where} already holds {stored} with other content (archived"
                 f" sha256 {theirs}, {path} sha256 {ours}); the archived one is kept"
             )
-    return Pushed(path.name, found[0], ours, size, already=True)
+    return Pushed(name, found[0], ours, size, already=True)
 
 
 def push(
@@ -478,8 +481,7 @@ def push(
     *,
     compression: str = "none",
     key: EncryptionKey | None = None,
-    data_dir: Path | None = None,
-    sha256: bool = False,
+    data_dir: Path | str | None = None,
 ) -> Pushed:
     """Archive the file ``path`` (module docstring); returns once it is durable in the archive.
 
@@ -488,39 +490,34 @@ def push(
     :param compression: a key of :data:`~pg_safe_backup.files.walarchive.COMPRESSIONS`.
     :param key: encrypt with it, or None.
     :param data_dir: the cluster's data directory (default: see :func:`data_directory`).
-    :param sha256: compute the plaintext's SHA-256 while writing (a spool record needs it); else a plain
-        file is copied by the kernel.
     :raises WalArchiveError: refused (another cluster, other content, not a WAL file); MissingCodec.
     :raises OSError: the file or the archive could not be read or written.
     """
-    path = Path(path)
-    if not is_archived_name(path.name):
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if not is_archived_name(name):
         raise WalArchiveError(
             f"{path}: not a file PostgreSQL archives (a WAL segment, .partial, .history or .backup)"
         )
     codec_module(compression)  # a missing library fails before anything is written
     identity = archive_identity(store, path, data_dir or data_directory(path))
     check_cluster(store, path, identity)
-    found = store.find(path.name)
+    found = store.find(name)
     if found:
         return _already(store, found, path, key)
-    store.clean(path.name)
-    stored = StoredName(path.name, compression, key is not None).stored
-    if sha256:
-        import hashlib
-
-    digest = hashlib.sha256() if sha256 else None
+    store.clean(name)
+    stored = StoredName(name, compression, key is not None).stored
     try:
-        if digest is None and compression == "none" and key is None:
-            store.put_copy(stored, path)
-            size = path.stat().st_size
+        if compression == "none" and key is None:
+            store.put_copy(stored, path)  # by the kernel, no pass through Python
+            size = os.stat(path).st_size
         else:
             with open(path, "rb") as f:
-                store.put(stored, encode(_reading(f, digest), compression, key))
+                store.put(stored, encode(_reading(f, None), compression, key))
                 size = f.tell()
     except FileExistsError:  # pushed by another process meanwhile
-        return _already(store, store.find(path.name), path, key)
-    return Pushed(path.name, stored, digest.hexdigest() if digest else None, size)
+        return _already(store, store.find(name), path, key)
+    return Pushed(name, stored, None, size)
 
 
 # ------------------------------------------------------------------------------- the wal-push command
@@ -548,8 +545,8 @@ def push_command(
     """
     try:
         archive = required(archive)
-        path = Path(path)
-        spool = Path(walspool.spool_folder(path, spool_dir))
+        path = os.fspath(path)
+        spool = walspool.spool_folder(path, spool_dir)
         # Before opening the store: answering from a record must not import an object store's driver.
         if walspool.answered(path, archive_location(archive), spool):
             return 0
@@ -577,10 +574,10 @@ POLL = 0.01
 PUSHER_LOCK = "pusher.lock"
 
 
-def ready_files(pg_wal: Path) -> list[str]:
+def ready_files(pg_wal: Path | str) -> list[str]:
     """The files ``pg_wal``/archive_status/ marks ``.ready``, in the order PostgreSQL's archiver takes them
     (timeline history files first, then by name: pgarch.c)."""
-    status = Path(os.path.abspath(pg_wal)) / "archive_status"
+    status = os.path.join(os.path.abspath(pg_wal), "archive_status")
     try:
         names = [n[: -len(".ready")] for n in os.listdir(status) if n.endswith(".ready")]
     except FileNotFoundError:
@@ -594,7 +591,7 @@ def push_async(
     archive: str,
     *,
     parallel: int,
-    spool: Path,
+    spool: Path | str,
     compression: str = "none",
     key: EncryptionKey | None = None,
     timeout: float = ASYNC_TIMEOUT,
@@ -616,34 +613,35 @@ def push_async(
     :raises WalArchiveError: the pusher's line for this file (it tries again on PostgreSQL's next call),
         or no record within ``timeout``.
     """
-    path = Path(path)
-    if path.name not in ready_files(path.parent):
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if name not in ready_files(os.path.dirname(path)):
         push(path, open_store(archive), compression=compression, key=key)
         return
     where = archive_location(archive)
-    spool.mkdir(parents=True, exist_ok=True)
+    os.makedirs(spool, exist_ok=True)
     deadline = time.monotonic() + timeout
     while True:
         if walspool.answered(path, where, spool):
             return
-        failed = walspool.take_error(spool, path.name)
+        failed = walspool.take_error(spool, name)
         if failed is not None:
             raise WalArchiveError(failed)
         if time.monotonic() > deadline:
             raise WalArchiveError(
-                f"{path.name}: the background pusher (spool {spool}) did not archive it in {timeout:.0f} s"
+                f"{name}: the background pusher (spool {spool}) did not archive it in {timeout:.0f} s"
             )
         _start_pusher(path, archive, parallel=parallel, spool=spool, compression=compression, key=key)
         time.sleep(POLL)
 
 
 def _start_pusher(
-    path: Path, archive: str, *, parallel: int, spool: Path, compression: str, key: EncryptionKey | None
+    path: str, archive: str, *, parallel: int, spool: Path | str, compression: str, key: EncryptionKey | None
 ) -> None:
     """Fork the pusher unless one holds the spool's lock (the child keeps it until it exits)."""
     import fcntl
 
-    lock = os.open(spool / PUSHER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = os.open(os.path.join(spool, PUSHER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -658,7 +656,9 @@ def _start_pusher(
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # nobody waits on the call's output for the pusher's sake
             os.dup2(devnull, fd)
-        pusher(path.parent, archive, parallel=parallel, spool=spool, compression=compression, key=key)
+        pusher(
+            os.path.dirname(path), archive, parallel=parallel, spool=spool, compression=compression, key=key
+        )
     except BaseException:  # noqa: BLE001 - a call that waits starts another
         status = 1
     finally:
@@ -666,11 +666,11 @@ def _start_pusher(
 
 
 def pusher(
-    pg_wal: Path,
+    pg_wal: Path | str,
     archive: str,
     *,
     parallel: int,
-    spool: Path,
+    spool: Path | str,
     compression: str = "none",
     key: EncryptionKey | None = None,
     linger: float = PUSHER_LINGER,
@@ -683,15 +683,14 @@ def pusher(
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
     store = open_store(archive)
-    data_dir = data_directory(pg_wal / "x")  # a file's in pg_wal: the folder above it
+    data_dir = data_directory(os.path.join(pg_wal, "x"))  # a file's in pg_wal: the folder above it
 
     def one(name: str) -> bool:
+        path = os.path.join(pg_wal, name)
         try:
-            state = walspool.file_state(pg_wal / name)  # before it is read: a later change shows
-            pushed = push(
-                pg_wal / name, store, compression=compression, key=key, data_dir=data_dir, sha256=True
-            )
-            walspool.write_record(spool, name, state, pushed.sha256, store.where)
+            state = walspool.file_state(path)  # before it is read: a later change shows
+            push(path, store, compression=compression, key=key, data_dir=data_dir)
+            walspool.write_record(spool, name, state, store.where)
         except Exception as err:  # noqa: BLE001 - reported by PostgreSQL's call for it
             walspool.write_error(spool, name, f"{name}: {error_line(err)}")
             return False
@@ -745,7 +744,7 @@ def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | N
     :raises WalArchiveError, CryptError, DamagedFile: it does not decode, or is not a segment of the
         archive's cluster.
     """
-    target = Path(target)
+    target = os.path.abspath(target)
     found = store.find(name)
     if not found and not store.holds_anything():
         raise WalArchiveError(f"the archive {store.where} holds nothing (no such bucket or prefix?)")
@@ -760,7 +759,8 @@ def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | N
     assert stored is not None
     what = f"{store.where}/{found[0]}"
     identity = store.read_identity() if is_segment(name) else None
-    temp = target.with_name(f".{target.name}.{os.getpid()}.pgsb-tmp")  # no WAL name: the server ignores it
+    folder, base = os.path.split(target)
+    temp = os.path.join(folder, f".{base}.{os.getpid()}.pgsb-tmp")  # no WAL name: the server ignores it
     size = 0
     head = b""
     try:
@@ -777,7 +777,7 @@ def fetch(name: str, target: Path | str, store: Store, *, key: EncryptionKey | N
         os.replace(temp, target)
     finally:
         _unlink(temp)
-    fsync_path(target.parent)
+    fsync_path(folder)
     return Fetched(found[0], size)
 
 

@@ -5,7 +5,11 @@ asynchronous archive-push keeps such ``.ok`` files in its spool path).
 A record names the archive and the file as it was when it was read: its size, inode and modification time
 (``os.stat``). A completed WAL segment is never written again while it is ``.ready``; a file recycled,
 replaced or rewritten since then has another inode or time, so its record does not answer and the call
-pushes it (whose own check compares content). A record is used once.
+pushes it (whose own check compares content). A record is used once. A record is ``key=value`` lines.
+
+The background pusher (:func:`pg_safe_backup.wal_archive.pusher`) leaves ``NAME.error`` (one line) for a
+file it could not push: PostgreSQL's call for that file prints it and exits 1, and the pusher tries the file
+again once the line is taken.
 
 Imports only ``os`` and files/walheader.py (``os``, ``struct``): the answering call
 (:mod:`pg_safe_backup.__main__`) costs little more than Python's start, so pushing ahead pays off however
@@ -62,22 +66,19 @@ def file_state(path: str | os.PathLike[str]) -> dict[str, int]:
     return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
 
 
-def write_record(
-    spool: str | os.PathLike[str], name: str, state: dict[str, int], sha256: str | None, where: str
-) -> None:
+def write_record(spool: str | os.PathLike[str], name: str, state: dict[str, int], where: str) -> None:
     """Record durably that file ``name`` (as ``state`` was) is in the archive ``where``: call it only once the
     file is durable there. The record is fsynced, renamed into place, and the folder fsynced.
 
     :param spool: the spool folder (made when missing).
     :param name: the file's name (``%f``).
     :param state: :func:`file_state` of the file before it was read.
-    :param sha256: its plaintext's SHA-256, for a person reading the record.
     :param where: :func:`archive_location` of the archive.
     """
     os.makedirs(spool, exist_ok=True)
     final = record_path(spool, name)
     temp = os.path.join(spool, f".{name}{SPOOL_SUFFIX}.{os.getpid()}.tmp")
-    body = {"name": name, **state, "sha256": sha256 or "", "archive": where}
+    body = {"name": name, **state, "archive": where}
     with open(temp, "w") as f:
         f.write(format_record(body))
         f.flush()
