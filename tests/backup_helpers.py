@@ -780,7 +780,7 @@ def managed_archive(
     first = next(n for n in names if WAL_SEGMENT.match(n))
     size = (plain / first).stat().st_size
     identity = ArchiveIdentity(segment_system_identifier(plain / first), major, size)
-    (into / IDENTITY_FILE).write_bytes(identity.to_json())
+    (into / IDENTITY_FILE).write_bytes(identity.to_bytes())
     for i, name in enumerate(names):
         compression = compressions[i % len(compressions)]
         stored = StoredName(name, compression, key is not None).stored

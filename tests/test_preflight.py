@@ -279,7 +279,7 @@ def test_another_clusters_data_directory_and_archive_are_problems(healthy, faili
     other = tmp_root / "other-archive"
     other.mkdir()
     identity = ArchiveIdentity(system_identifier=1234, major=15, wal_segment_size=16 << 20)
-    (other / IDENTITY_FILE).write_bytes(identity.to_json())
+    (other / IDENTITY_FILE).write_bytes(identity.to_bytes())
     result = healthy.check("--pgdata", failing.cluster.datadir, "--archive", other, "--quiet", timeout=1)
     assert result.returncode == 1, result.stdout
     (pgdata,) = lines(result, "PROBLEM", "data directory")

@@ -26,11 +26,13 @@ from pg_safe_backup.files.pgcontrol import read_pg_control
 from pg_safe_backup.files.walarchive import (
     COMPRESSIONS,
     IDENTITY_FILE,
+    ArchiveFormatError,
     ArchiveIdentity,
     DamagedFile,
     StoredName,
     compress_chunks,
     decompress_chunks,
+    is_archived_name,
 )
 from pg_safe_backup.files.walspool import ERROR_SUFFIX, SPOOL_SUFFIX, format_record, parse_record
 from pg_safe_backup.hooks.backup import PostgresBackupHook
@@ -115,6 +117,52 @@ def pushed(source: Path, archive: Path, *flags: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ the stored format
+def test_the_identity_file_reads_back_and_a_damaged_or_newer_one_is_refused_naming_it():
+    identity = ArchiveIdentity(7381234567890123456, 17, 16 << 20)  # a 64-bit identifier, exactly
+    text = identity.to_bytes()
+    assert ArchiveIdentity.from_bytes(text, "x") == identity
+    assert b"system_identifier = 7381234567890123456\n" in text
+    for bad, says in [
+        (text.replace(b"format = 1", b"format = 2"), "archive identity format '2'; this version reads 1"),
+        (b"{}", "not an archive identity file"),
+        (text.replace(b"major = 17\n", b""), "not an archive identity file (KeyError"),
+        (text.replace(b"17", b"seventeen"), "not an archive identity file (ValueError"),
+        (b"\xff\xfe", "not an archive identity file (UnicodeDecodeError"),
+    ]:
+        with pytest.raises(ArchiveFormatError, match=r"^s3://b/w/pg_safe_backup_archive.info: ") as err:
+            ArchiveIdentity.from_bytes(bad, f"s3://b/w/{IDENTITY_FILE}")
+        assert says in str(err.value)
+
+
+def test_archived_names_are_those_postgresql_archives():
+    """files/walarchive.is_archived_name, written out without re (pgarch.c and xlog_internal.h's names)."""
+    good = [
+        "000000010000000000000003",
+        "000000010000000000000003.partial",
+        "00000002.history",
+        "000000010000000000000003.00000028.backup",
+        "0000000A00000000000000FF",
+    ]
+    bad = [
+        "",
+        "00000001000000000000003",
+        "0000000100000000000000030",
+        "000000010000000000000003.",
+        "000000010000000000000003.partial.x",
+        "000000010000000000000003.gz",
+        "00000002.history.gz",
+        "0000002.history",
+        "000000010000000000000003.0000028.backup",
+        "000000010000000000000003.00000028.backupx",
+        "000000010000000000000003.00000028",
+        "00000001000000000000000a",
+        "pg_safe_backup_archive.info",
+        ".history",
+    ]
+    assert [n for n in good if not is_archived_name(n)] == []
+    assert [n for n in bad if is_archived_name(n)] == []
+
+
 @pytest.mark.parametrize("compression", ["gzip", "lz4", "zstd"])
 def test_a_compressed_stream_cut_short_or_followed_by_other_bytes_does_not_decode(compression):
     plain = os.urandom(100_000) + bytes(3_000_000)
@@ -139,7 +187,7 @@ def test_a_segment_is_stored_under_its_codec_s_name_and_fetched_back_byte_for_by
     assert sorted(p.name for p in archive.iterdir()) == sorted([stored, IDENTITY_FILE, TEMP_FOLDER])
     assert list((archive / TEMP_FOLDER).iterdir()) == []
     control = read_pg_control(source)
-    identity = ArchiveIdentity.from_json((archive / IDENTITY_FILE).read_bytes(), "identity")
+    identity = ArchiveIdentity.from_bytes((archive / IDENTITY_FILE).read_bytes(), "identity")
     assert identity == ArchiveIdentity(control.system_identifier, 15, control.xlog_seg_size)
     target = tmp_root / "pg_wal" / "RECOVERYXLOG"
     target.parent.mkdir()
@@ -574,6 +622,8 @@ def test_a_push_imports_neither_the_cli_nor_the_heavy_standard_modules(backlog, 
         "pathlib",
         "shutil",
         "hashlib",
+        "json",
+        "re",
     }
     assert not imported & heavy, sorted(imported & heavy)
 

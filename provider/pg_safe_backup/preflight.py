@@ -557,7 +557,7 @@ class _Archive:
         return (
             None
             if data is None
-            else ArchiveIdentity.from_json(data, f"{self.shown.rstrip('/')}/{IDENTITY_FILE}")
+            else ArchiveIdentity.from_bytes(data, f"{self.shown.rstrip('/')}/{IDENTITY_FILE}")
         )
 
 

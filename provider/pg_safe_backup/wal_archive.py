@@ -143,11 +143,11 @@ class Store:
                 data = f.read()
         except FileNotFoundError:
             return None
-        return ArchiveIdentity.from_json(data, f"{self.where}/{IDENTITY_FILE}")
+        return ArchiveIdentity.from_bytes(data, f"{self.where}/{IDENTITY_FILE}")
 
     def write_identity(self, identity: ArchiveIdentity) -> None:
         """Write the identity file, create-only (:meth:`put`)."""
-        self.put(IDENTITY_FILE, [identity.to_json()])
+        self.put(IDENTITY_FILE, [identity.to_bytes()])
 
     def written_by(self) -> tuple[int, str] | None:
         """The system identifier of WAL already in an archive without an identity file, and the segment

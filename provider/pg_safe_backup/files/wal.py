@@ -76,7 +76,7 @@ def archive_identity(archive: Path) -> ArchiveIdentity | None:
     :raises OSError: it cannot be read.
     """
     path = Path(archive) / IDENTITY_FILE
-    return ArchiveIdentity.from_json(path.read_bytes(), str(path)) if path.is_file() else None
+    return ArchiveIdentity.from_bytes(path.read_bytes(), str(path)) if path.is_file() else None
 
 
 def find_stored(archive: Path, name: str) -> Path | None:

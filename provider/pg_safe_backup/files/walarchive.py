@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # annotations only: wal-push imports this module, and typing'
     from typing import IO, Any
 
 #: The archive's identity, at its top.
-IDENTITY_FILE = "pg_safe_backup_archive.json"
+IDENTITY_FILE = "pg_safe_backup_archive.info"
 #: The identity file's format.
 IDENTITY_FORMAT = 1
 #: Compression name -> file-name suffix ("none": stored as PostgreSQL wrote it).
@@ -118,41 +118,45 @@ class ArchiveIdentity(namedtuple("ArchiveIdentity", ("system_identifier", "major
 
     __slots__ = ()
 
-    def to_json(self) -> bytes:
-        """The identity file's bytes (the identifier as a string: JSON readers lose 64-bit integers)."""
-        import json
-
+    def to_bytes(self) -> bytes:
+        """The identity file's bytes: ``key = value`` lines under a comment, as pgBackRest's archive.info is
+        plain text (read without JSON, whose import with ``re``'s would cost each push more than the rest)."""
         body = {
             "format": IDENTITY_FORMAT,
-            "system_identifier": str(self.system_identifier),
+            "system_identifier": self.system_identifier,
             "major": self.major,
             "wal_segment_size": self.wal_segment_size,
         }
-        return (json.dumps(body, indent=2) + "\n").encode()
+        lines = [f"{key} = {value}\n" for key, value in body.items()]
+        return ("# pg-safe-backup WAL archive: the WAL of this cluster only\n" + "".join(lines)).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> ArchiveIdentity:
+    def from_bytes(cls, data: bytes, where: str) -> ArchiveIdentity:
         """Read an identity file.
 
         :param data: its bytes.
         :param where: its path or URL, for the error.
         :raises ArchiveFormatError: not an identity file of a format this version reads.
         """
-        import json
-
+        body: dict[str, str] = {}
         try:
-            body = json.loads(data)
-            if body.get("format") != IDENTITY_FORMAT:
+            for line in data.decode().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    key, equals, value = line.partition("=")
+                    if not equals:
+                        raise ValueError(f"a line without '=': {line.strip()[:40]!r}")
+                    body[key.strip()] = value.strip()
+            if body.get("format") != str(IDENTITY_FORMAT):
                 raise ArchiveFormatError(
                     f"{where}: archive identity format {body.get('format')!r}; this version reads"
                     f" {IDENTITY_FORMAT}"
                 )
             return cls(int(body["system_identifier"]), int(body["major"]), int(body["wal_segment_size"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, UnicodeDecodeError) as err:
             if isinstance(err, ArchiveFormatError):
                 raise
             raise ArchiveFormatError(
-                f"{where}: not an archive identity file ({err.__class__.__name__})"
+                f"{where}: not an archive identity file ({err.__class__.__name__}: {err})"
             ) from None
 
 
