@@ -6,6 +6,7 @@ its flags are read here, without argparse or the CLI module, and the push is
 pusher (``--parallel``) already archived is answered from its spool record
 (:mod:`pg_safe_backup.files.walspool`) with nothing imported but ``os`` and ``json``. Anything this short way
 does not know (``--help``, a typo, a bad value, a second path) goes the whole way, where argparse answers.
+The short way ends the process itself (``os._exit``), without the interpreter's teardown.
 """
 
 from __future__ import annotations
@@ -52,22 +53,28 @@ def _wal_push_flags(argv: list[str]) -> dict[str, str] | None:
 
 
 def main() -> int:
-    """The command line (``sys.argv``); returns the exit status."""
+    """The command line (``sys.argv``); returns the exit status (wal-push's short way exits the process)."""
     flags = _wal_push_flags(sys.argv[1:])
     if flags is None:
         from pg_safe_backup.cli import main as cli_main
 
         return cli_main()
     parallel = int(flags.pop("parallel", "1"))
+    status = None
     if parallel > 1 and flags["archive"]:
         from pg_safe_backup.files import walspool
 
         spool = walspool.spool_folder(flags["path"], flags.get("spool_dir"))
         if walspool.answered(flags["path"], walspool.archive_location(flags["archive"]), spool):
-            return 0
-    from pg_safe_backup.wal_archive import push_command
+            status = 0
+    if status is None:
+        from pg_safe_backup.wal_archive import push_command
 
-    return push_command(flags.pop("path"), flags.pop("archive"), parallel=parallel, **flags)
+        status = push_command(flags.pop("path"), flags.pop("archive"), parallel=parallel, **flags)
+    # Done, and durable: skip the interpreter's teardown (a few ms of each archive_command call).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
