@@ -494,6 +494,56 @@ def test_parallel_pushes_every_ready_file_in_the_background_and_records_each_onl
     pusher_done(spool)
 
 
+def test_a_pusher_that_cannot_start_fails_the_call_that_started_it_with_one_line(backlog, tmp_root):
+    """--parallel with an archive that is not there: the forked pusher fails and leaves its line for the call
+    (not a fork per poll until the 60 s timeout)."""
+    name = ready(backlog)[0]
+    missing = tmp_root / "no-such-archive"
+    began = time.monotonic()
+    done = wal("wal-push", "--archive", missing, "--parallel", "2", f"pg_wal/{name}", cwd=backlog.datadir)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"pg-safe-backup wal-push: error: the background pusher: --archive {missing}: no such folder"
+    ]
+    assert time.monotonic() - began < 50, "answered by the pusher's line, not by the call's 60 s timeout"
+
+
+def test_the_pusher_pushes_only_while_a_call_waits_for_what_it_pushes(backlog, tmp_root):
+    """wal_archive.pusher stops when the waiting calls want another archive (archive_command changed) or
+    none waited for its linger (archiving paused): it never pushes on its own. A pusher's error answers only
+    a call that wants the same."""
+    from pg_safe_backup.files import walspool
+    from pg_safe_backup.wal_archive import pusher
+
+    pg_wal = backlog.datadir / "pg_wal"
+    names = ready(backlog)
+    assert names
+    archive, spool = tmp_root / "wanted-archive", tmp_root / "wanted-spool"
+    archive.mkdir()
+    spool.mkdir()
+    wanted = f"{archive}|none||2"
+
+    def run(linger: float = 0.2) -> list[str]:
+        pusher(pg_wal, str(archive), wanted=wanted, parallel=2, spool=spool, linger=linger)
+        return sorted(p.name for p in archive.iterdir() if is_archived_name(p.name))
+
+    walspool.want(spool, f"{tmp_root / 'another-archive'}|none||2")
+    assert run() == [], "another archive is wanted: this pusher stops at once"
+    walspool.want(spool, wanted)
+    os.utime(spool / walspool.WANTED_FILE, (time.time() - 60, time.time() - 60))
+    assert run() == [], "no call waited for a minute: archiving is paused"
+    walspool.want(spool, wanted)
+    assert run(linger=5) == names, "wanted now: every .ready file"
+    recorded, failed = walspool.listing(spool)
+    assert (recorded, failed) == (set(names), set())
+
+    walspool.write_error(spool, names[0], "a line for another archive", "elsewhere|none||2")
+    assert walspool.take_error(spool, names[0], wanted) is None
+    assert not (spool / f"{names[0]}{ERROR_SUFFIX}").exists(), "taken, so the file is pushed again"
+    walspool.write_error(spool, names[0], f"{names[0]}: the\nreason", wanted)
+    assert walspool.take_error(spool, names[0], wanted) == f"{names[0]}: the reason"
+
+
 def test_a_spool_record_of_another_archive_or_other_content_is_not_taken(backlog, archive, tmp_root):
     name = ready(backlog)[-1]
     datadir = backlog.datadir

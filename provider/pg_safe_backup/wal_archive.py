@@ -566,7 +566,8 @@ def push_command(
 # ---------------------------------------------------------------------------- --parallel: the pusher
 #: How long a call waits for the background pusher to archive its file (pgBackRest's archive-timeout).
 ASYNC_TIMEOUT = 60.0
-#: How long the pusher stays once nothing is left to push, for the next segment the server completes.
+#: How long the pusher goes on after the last call that waited for it (a call answered from its record does
+#: not wait): archiving paused (``archive_command = ''``) or another archive_command stops it.
 PUSHER_LINGER = 2.0
 #: How often a waiting call and an idle pusher look again (seconds).
 POLL = 0.01
@@ -603,7 +604,10 @@ def push_async(
     returns when ``path`` is recorded: PostgreSQL's calls for the others are then answered from their
     records by ``__main__`` at once.
 
-    A file that is not ``.ready`` (not PostgreSQL's call) is pushed here, alone.
+    Each call that waits says what it wants (:func:`files.walspool.want`: the archive, compression, key id
+    and N); a pusher started for something else, or not asked for :data:`PUSHER_LINGER` seconds, stops, and
+    the next call starts one for what it wants. A pusher's error line answers only a call that wants the
+    same. A file that is not ``.ready`` (not PostgreSQL's call) is pushed here, alone.
 
     :param path: the file PostgreSQL asks to archive.
     :param archive: ``--archive``.
@@ -619,26 +623,30 @@ def push_async(
         push(path, open_store(archive), compression=compression, key=key)
         return
     where = archive_location(archive)
+    wanted = f"{where}|{compression}|{key.key_id if key else ''}|{parallel}"
     os.makedirs(spool, exist_ok=True)
     deadline = time.monotonic() + timeout
     while True:
+        walspool.want(spool, wanted)
         if walspool.answered(path, where, spool):
             return
-        failed = walspool.take_error(spool, name)
+        failed = walspool.take_error(spool, name, wanted)
         if failed is not None:
             raise WalArchiveError(failed)
         if time.monotonic() > deadline:
             raise WalArchiveError(
                 f"{name}: the background pusher (spool {spool}) did not archive it in {timeout:.0f} s"
             )
-        _start_pusher(path, archive, parallel=parallel, spool=spool, compression=compression, key=key)
+        lock = _pusher_lock(spool)
+        if lock is not None:
+            if not os.fork():
+                _pusher_process(path, archive, wanted, parallel, spool, compression, key)
+            os.close(lock)  # the pusher's copy holds it, until the pusher exits
         time.sleep(POLL)
 
 
-def _start_pusher(
-    path: str, archive: str, *, parallel: int, spool: Path | str, compression: str, key: EncryptionKey | None
-) -> None:
-    """Fork the pusher unless one holds the spool's lock (the child keeps it until it exits)."""
+def _pusher_lock(spool: Path | str) -> int | None:
+    """The spool's pusher lock (``flock``), taken, when no pusher runs; None when one does."""
     import fcntl
 
     lock = os.open(os.path.join(spool, PUSHER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
@@ -646,21 +654,44 @@ def _start_pusher(
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock)
-        return
-    if os.fork():
-        os.close(lock)  # the child's copy holds the lock
-        return
+        return None
+    return lock
+
+
+def _pusher_process(
+    path: str,
+    archive: str,
+    wanted: str,
+    parallel: int,
+    spool: Path | str,
+    compression: str,
+    key: EncryptionKey | None,
+) -> None:
+    """The forked pusher: its own session and no output (nobody waits on it), :func:`pusher`, then exit.
+    A pusher that cannot run (an archive that is not there) leaves its line for ``path``'s call, which
+    would else start another, failing the same way, until its timeout."""
     status = 0
     try:
         os.setsid()  # outlives this call; PostgreSQL waits only for the call
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # nobody waits on the call's output for the pusher's sake
+        for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         pusher(
-            os.path.dirname(path), archive, parallel=parallel, spool=spool, compression=compression, key=key
+            os.path.dirname(path),
+            archive,
+            wanted=wanted,
+            parallel=parallel,
+            spool=spool,
+            compression=compression,
+            key=key,
         )
-    except BaseException:  # noqa: BLE001 - a call that waits starts another
+    except BaseException as err:  # noqa: BLE001 - told to the call that started it
         status = 1
+        try:
+            line = f"the background pusher: {error_line(err)}"
+            walspool.write_error(spool, os.path.basename(path), line, wanted)
+        except OSError:
+            pass
     finally:
         os._exit(status)
 
@@ -669,6 +700,7 @@ def pusher(
     pg_wal: Path | str,
     archive: str,
     *,
+    wanted: str,
     parallel: int,
     spool: Path | str,
     compression: str = "none",
@@ -677,8 +709,9 @@ def pusher(
 ) -> None:
     """The background pusher's loop: push the ``.ready`` files of ``pg_wal`` that have neither a record nor
     an error in ``spool``, ``parallel`` at once, oldest first; drop records and errors of files no longer
-    ``.ready``; return once nothing was left to push for ``linger`` seconds. A file whose push failed is
-    tried again once its error was taken (by PostgreSQL's next call for it).
+    ``.ready``. It returns (its pushes done) once the calls want something else than ``wanted``, or none
+    waited for ``linger`` seconds. A file whose push failed is tried again once its error was taken (by
+    PostgreSQL's next call for it).
     """
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -692,15 +725,17 @@ def pusher(
             push(path, store, compression=compression, key=key, data_dir=data_dir)
             walspool.write_record(spool, name, state, store.where)
         except Exception as err:  # noqa: BLE001 - reported by PostgreSQL's call for it
-            walspool.write_error(spool, name, f"{name}: {error_line(err)}")
+            walspool.write_error(spool, name, f"{name}: {error_line(err)}", wanted)
             return False
         return True
 
     running: dict[str, Future[bool]] = {}
     pushed: set[str] = set()  # this run's: a record used up before the listing must not push it again
-    idle_since = time.monotonic()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         while True:
+            asked, age = walspool.wanted(spool)
+            if asked != wanted or age > linger:
+                return  # the pushes running end first (the pool's exit waits for them)
             ready = ready_files(pg_wal)
             waiting = set(ready)
             recorded, failed = walspool.listing(spool)
@@ -708,19 +743,13 @@ def pusher(
                 walspool.forget(spool, name)
             pushed &= waiting
             skip = recorded | failed | pushed | running.keys()
-            todo = [n for n in ready if n not in skip]
-            for name in todo[: parallel - len(running)]:
+            for name in [n for n in ready if n not in skip][: parallel - len(running)]:
                 running[name] = pool.submit(one, name)
             if running:
                 done, _ = wait(running.values(), timeout=POLL * 5, return_when=FIRST_COMPLETED)
                 for name in [n for n, f in running.items() if f in done]:
                     if running.pop(name).result():
                         pushed.add(name)
-                idle_since = time.monotonic()
-            elif todo:
-                continue
-            elif time.monotonic() - idle_since > linger:
-                return
             else:
                 time.sleep(POLL * 5)
 

@@ -19,6 +19,7 @@ fast segments come.
 from __future__ import annotations
 
 import os
+import time
 
 from pg_safe_backup.files.walheader import fsync_path
 
@@ -29,6 +30,8 @@ SPOOL_FOLDER = "pg_safe_backup_spool"
 SPOOL_SUFFIX = ".pushed"
 #: The suffix of the line the background pusher leaves for a file it could not push (for PostgreSQL's call).
 ERROR_SUFFIX = ".error"
+#: What the calls want of the background pusher (:func:`want`).
+WANTED_FILE = "pusher.wanted"
 
 
 def archive_location(archive: str) -> str:
@@ -139,26 +142,66 @@ def parse_record(text: str) -> dict[str, str]:
     return body
 
 
-def write_error(spool: str | os.PathLike[str], name: str, line: str) -> None:
+def write_error(spool: str | os.PathLike[str], name: str, line: str, wanted: str) -> None:
     """Leave ``line`` (why file ``name`` could not be pushed) for PostgreSQL's call for it, which reports it
     and takes it (:func:`take_error`); the pusher tries the file again once it is taken. Not fsynced: a
-    lost error only means one more try."""
+    lost error only means one more try.
+
+    :param wanted: what the pusher pushed for (:func:`want`): the line answers only a call that wants it.
+    """
     temp = os.path.join(spool, f".{name}{ERROR_SUFFIX}.{os.getpid()}.tmp")
     with open(temp, "w") as f:
-        f.write(line)
+        f.write(format_record({"wanted": wanted, "line": " ".join(line.split())}))
     os.replace(temp, os.path.join(spool, f"{name}{ERROR_SUFFIX}"))
 
 
-def take_error(spool: str | os.PathLike[str], name: str) -> str | None:
-    """The pusher's line for file ``name``, removed (None: there is none)."""
+def take_error(spool: str | os.PathLike[str], name: str, wanted: str) -> str | None:
+    """The pusher's line for file ``name``, removed; None when there is none, or it was a pusher's for
+    something else than ``wanted`` (removed too: the file is pushed again)."""
     error = os.path.join(spool, f"{name}{ERROR_SUFFIX}")
     try:
         with open(error) as f:
-            line = f.read().strip()
+            text = f.read()
         os.unlink(error)
     except FileNotFoundError:
         return None
-    return line or f"{name}: the background pusher could not push it"
+    try:
+        body = parse_record(text)
+    except ValueError:
+        return None
+    if body.get("wanted") != wanted:
+        return None
+    return body.get("line") or f"{name}: the background pusher could not push it"
+
+
+def want(spool: str | os.PathLike[str], wanted: str) -> None:
+    """Say what a waiting call wants of the pusher (the archive, compression, key id and N, as one line) and
+    that it waits now (the file's time). Not fsynced: it steers, it records nothing."""
+    path = os.path.join(spool, WANTED_FILE)
+    try:
+        with open(path) as f:
+            same = f.read() == wanted
+    except FileNotFoundError:
+        same = False
+    if same:
+        os.utime(path)
+        return
+    temp = os.path.join(spool, f".{WANTED_FILE}.{os.getpid()}.tmp")
+    with open(temp, "w") as f:
+        f.write(wanted)
+    os.replace(temp, path)
+
+
+def wanted(spool: str | os.PathLike[str]) -> tuple[str | None, float]:
+    """What the calls want of the pusher and how many seconds ago one last waited (None: none asked)."""
+    path = os.path.join(spool, WANTED_FILE)
+    try:
+        with open(path) as f:
+            asked = f.read()
+            age = time.time() - os.fstat(f.fileno()).st_mtime
+    except FileNotFoundError:
+        return None, float("inf")
+    return asked, age
 
 
 def listing(spool: str | os.PathLike[str]) -> tuple[set[str], set[str]]:
