@@ -590,6 +590,19 @@ def test_a_spool_record_answers_only_for_the_file_as_it_was_pushed_and_only_once
     assert not walspool.answered(segment, where, spool)
 
 
+def imported_by(args: list[str], cwd: Path) -> set[str]:
+    """The modules ``python -m pg_safe_backup ARGS`` imports (``-X importtime``); it must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pg_safe_backup", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+
+
 def test_a_call_for_a_file_pushed_ahead_imports_only_the_spool(backlog, archive, tmp_root):
     """The shortcut in pg_safe_backup/__main__.py: the archiver's call for a recorded file costs a Python
     start, not the CLI's imports; and its flags are wal-push's (cli.py) that take a value."""
@@ -622,15 +635,7 @@ def test_a_call_for_a_file_pushed_ahead_imports_only_the_spool(backlog, archive,
         str(spool),
         f"pg_wal/{name}",
     ]
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pg_safe_backup", *args],
-        cwd=backlog.datadir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    imported = imported_by(args, backlog.datadir)
     ours = sorted(m for m in imported if m.startswith("pg_safe_backup"))
     assert ours == [
         "pg_safe_backup",
@@ -653,16 +658,8 @@ def test_a_push_imports_neither_the_cli_nor_the_heavy_standard_modules(backlog, 
     # The first push writes the archive's identity from pg_control (files/pgcontrol.py): once per archive.
     assert wal("wal-push", "--archive", archive, f"pg_wal/{first}", cwd=backlog.datadir).returncode == 0
     args = ["wal-push", "--archive", str(archive), f"pg_wal/{name}"]
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pg_safe_backup", *args],
-        cwd=backlog.datadir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    imported = imported_by(args, backlog.datadir)
     assert sha256(archive / name) == sha256(backlog.datadir / "pg_wal" / name)
-    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
     heavy = {
         "argparse",
         "pg_safe_backup.cli",
