@@ -49,6 +49,8 @@ from bench.common import DEFAULT_WORKDIR, ROOT, machine_info, make_small_cluster
 RESULTS = ROOT / "bench" / "results.json"
 #: pg-safe-backup issue 13's goal for figure 6: the manifest pass within this many times sha256sum's time.
 MANIFEST_TARGET_RATIO = 1.2
+#: Figure 8's target (issue 23): a local restore takes at most this many times its copy's time per GB.
+RESTORE_TARGET_RATIO = 1.3
 #: Issue 14's goal for figure 7: the copy's maximum RSS, whatever the data size.
 COPY_RSS_LIMIT_MB = 256
 
@@ -216,6 +218,13 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
             r["copy_rss_mb"],
             f"< {COPY_RSS_LIMIT_MB} MB at every data size",
             r["copy_rss_mb"] < COPY_RSS_LIMIT_MB,
+        )
+    if r.get("restore_s_per_gb") is not None and r.get("copy_s_per_gb"):
+        limit = round(r["copy_s_per_gb"] * RESTORE_TARGET_RATIO, 2)
+        out["restore vs its copy, per GB"] = t(
+            r["restore_s_per_gb"],
+            f"<= copy {r['copy_s_per_gb']:g} s/GB x {RESTORE_TARGET_RATIO:g} = {limit:g} s/GB",
+            r["restore_s_per_gb"] <= limit,
         )
     pairs = (
         ("wal_push_segments_s", "pgbackrest_push_segments_s", "wal-push vs pgbackrest archive-push"),

@@ -25,6 +25,7 @@ from pg_safe_backup.files.copier import (
     DestinationNotEmpty,
     Progress,
     copy_data_directory,
+    copy_tree,
 )
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE
@@ -319,3 +320,41 @@ def test_the_manifest_of_the_records_is_the_manifest_of_the_copy_byte_for_byte(l
         manifest_of_records(
             records, major=live.major, system_identifier=7, wal_ranges=ranges, checksum_algorithm="sha512"
         )
+
+
+def test_copy_tree_copies_a_folder_as_it_is_links_followed_with_modes_times_and_top_names_left_out(tmp_path):
+    """files/copier.copy_tree (a restore's copy): the engine's workers over a plain folder."""
+    src, outside, dst = tmp_path / "src", tmp_path / "outside", tmp_path / "dst"
+    (src / "base" / "5").mkdir(parents=True)
+    outside.mkdir()
+    big = os.urandom(3 << 20)
+    (src / "base" / "5" / "16384").write_bytes(big)
+    (src / "PG_VERSION").write_text("15\n")
+    os.chmod(src / "PG_VERSION", 0o640)
+    os.utime(src / "PG_VERSION", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    (outside / "linked.conf").write_text("work_mem = 7MB\n")
+    (src / "linked.conf").symlink_to(outside / "linked.conf")
+    (src / "dangling").symlink_to(tmp_path / "nothing")
+    (src / "pg_wal").mkdir()
+    (src / "pg_wal" / "000000010000000000000001").write_bytes(b"w" * 100)
+    (src / "postmaster.pid").write_text("1\n")
+
+    result = copy_tree(src, dst, skip_top={"pg_wal", "postmaster.pid"}, workers=3)
+
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == [
+        "PG_VERSION",
+        "base",
+        "base/5",
+        "base/5/16384",
+        "linked.conf",
+    ]
+    assert (dst / "base" / "5" / "16384").read_bytes() == big
+    assert not (dst / "linked.conf").is_symlink()
+    assert (dst / "linked.conf").read_text() == "work_mem = 7MB\n"
+    assert oct((dst / "PG_VERSION").stat().st_mode & 0o777) == "0o640"
+    assert (dst / "PG_VERSION").stat().st_mtime_ns == 1_600_000_000_000_000_000
+    assert (result.files, result.bytes) == (3, len(big) + 3 + 15)
+    assert result.checksums["base/5/16384"] == hashlib.sha256(big).hexdigest()
+
+    with pytest.raises(DestinationNotEmpty):
+        copy_tree(src, dst)

@@ -80,6 +80,7 @@ from pg_safe_backup.catalog import (
 from pg_safe_backup.catalog import read_info as read_backup_info
 from pg_safe_backup.encryption import KEY_FLAGS, check_key, decrypt_backup
 from pg_safe_backup.errors import PermanentError
+from pg_safe_backup.files.copier import CopyError, Progress, copy_tree
 from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
@@ -599,15 +600,34 @@ class _Progress:
         """Count ``size`` more bytes and ``files`` more files; report when it is time."""
         self.done += size
         self.files += files
+        self._report()
+
+    def _report(self) -> None:
         if self.callback and time.monotonic() - self.last >= PROGRESS_EVERY:
             self.last = time.monotonic()
             self.callback(self.done, self.total)
 
-    def copy(self, src: str, dst: str) -> str:
-        """shutil.copytree's copy_function, counted."""
-        shutil.copy2(src, dst)
-        self.add(os.path.getsize(dst))
-        return dst
+    def copy_tree(self, source: Path, destination: Path, skip_top: set[str] | None = None) -> None:
+        """Copy the folder ``source`` into ``destination`` (absent or empty) with the copy engine
+        (:func:`files.copier.copy_tree`: workers, largest files first, links followed, every file and
+        folder synced), counted.
+
+        :raises RestoreError: a file or folder cannot be read or written (named).
+        """
+        before = self.done
+
+        def seen(copied: Progress) -> None:
+            self.done = before + copied.done_bytes
+            self._report()
+
+        try:
+            result = copy_tree(
+                source, destination, skip_top=skip_top or (), progress=seen, progress_interval=1.0
+            )
+        except CopyError as err:
+            raise RestoreError(f"the copy failed: {err}") from err
+        self.done = before + result.bytes
+        self.files += result.files
 
 
 # ------------------------------------------------------------------------------------------ tar format
@@ -699,20 +719,7 @@ def _copy_backup(
         (data / "pg_tblspc").mkdir(exist_ok=True)
         return
 
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        if Path(folder) == backup:
-            return {n for n in names if n in SKIP_TOP}
-        return set()
-
-    shutil.copytree(
-        backup,
-        data,
-        symlinks=False,
-        ignore=ignore,
-        ignore_dangling_symlinks=True,
-        copy_function=progress.copy,
-        dirs_exist_ok=True,
-    )
+    progress.copy_tree(backup, data, SKIP_TOP)
     result.not_copied = sorted(
         n for n in os.listdir(backup) if n in SKIP_TOP and n not in ("pg_wal", "pg_tblspc")
     )
@@ -813,16 +820,12 @@ def _place_tablespaces(
     for entry in sorted(spc.iterdir()) if spc.is_dir() else []:
         # An in-place tablespace (allow_in_place_tablespaces) is part of the data directory's copy.
         if entry.name not in listed and entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(
-                entry, data / "pg_tblspc" / entry.name, symlinks=False, copy_function=progress.copy
-            )
+            progress.copy_tree(entry, data / "pg_tblspc" / entry.name)
     for p in plan:
         if p.source.is_file():  # <oid>.tar of a tar backup
             _extract(p.source, p.where, set(), progress)
         else:
-            shutil.copytree(
-                p.source, p.where, symlinks=False, copy_function=progress.copy, dirs_exist_ok=True
-            )
+            progress.copy_tree(p.source, p.where)
         os.chmod(p.where, 0o700)
         (data / "pg_tblspc" / p.oid).symlink_to(p.where)
         result.tablespaces[p.oid] = {
