@@ -179,6 +179,87 @@ def test_the_newest_backup_replays_to_the_end_of_the_archive_with_its_tablespace
         assert location == str(space)
 
 
+def tree(folder: Path, unlike: set[str] = frozenset()) -> dict[str, str]:
+    """Every entry under ``folder``: a file by its SHA-256 (by its name alone in ``unlike``: those hold the
+    restore's own paths), a folder as "dir", a link as where it points."""
+    import hashlib
+
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[rel] = "link"
+        elif path.is_dir():
+            found[rel] = "dir"
+        else:
+            found[rel] = "file" if rel in unlike else hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def test_a_delta_restore_after_writes_and_a_dropped_table_equals_a_full_restore(backups: Backups) -> None:
+    """--delta rewrites a stopped data directory of the cluster (a failed primary, a standby to rebuild):
+    the same tree as a restore into an empty folder, every row back, refused on a running server and on
+    another cluster's directory."""
+    full, full_space = restored_to_the_end(backups, backups.second, "delta_full")
+    target, space = restored_to_the_end(backups, backups.second, "delta_target")
+    with recovered(target) as server:  # it goes its own way: writes, a table dropped, one created
+        server.sql("INSERT INTO s SELECT g FROM generate_series(1000, 50000) g")
+        server.sql("DROP TABLE t")
+        server.sql("CREATE TABLE newer AS SELECT g FROM generate_series(1, 1000) g")
+        server.sql("CHECKPOINT")
+        running = refused(
+            backups.second,
+            target,
+            "--delta",
+            "--wal-archive",
+            backups.archive,
+            "--tablespace",
+            f"{backups.tablespace_oid}={space}",
+        )
+        assert "postmaster.pid exists: a server may run on the target" in running, running
+    done = restore(
+        backups.second,
+        target,
+        "--delta",
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={space}",
+        "--archive-mode",
+        "off",
+    )
+    assert done.returncode == 0, done.stderr
+    counts = re.search(r"--delta: (\d+) files kept as they were, (\d+) removed", done.stdout)
+    assert counts, done.stdout
+    kept, removed = map(int, counts.groups())
+    assert kept > 100 and removed > 0, done.stdout
+    unlike = {"postgresql.conf", "postgresql.auto.conf", "tablespace_map"}
+    assert tree(target, unlike) == tree(full, unlike), "the delta's tree is the full restore's"
+    assert tree(space) == tree(full_space)
+    assert (target / "pg_tblspc" / backups.tablespace_oid).readlink() == space
+    with recovered(target) as server:
+        assert_every_row(server)
+        assert server.sql("SELECT to_regclass('newer') IS NULL") == [(True,)]
+
+    # A place that holds something and is not the target's own tablespace may be a live one.
+    error = refused(
+        backups.second,
+        target,
+        "--delta",
+        "--wal-archive",
+        backups.archive,
+        "--tablespace",
+        f"{backups.tablespace_oid}={full_space}",
+    )
+    assert (
+        f"tablespace {backups.tablespace_oid} would be restored to {full_space}, which is not empty" in error
+    )
+    other = LocalCluster(backups.scratch / "delta_other").init(fresh=True)
+    error = refused(backups.second, other.datadir, "--delta", "--wal-archive", backups.archive)
+    assert f"--delta: the target {other.datadir} is of the cluster with system identifier" in error, error
+    assert not (other.datadir / "pg_safe_backup_delta_restore").exists(), "refused before any change"
+
+
 def refused(*args: str | Path) -> str:
     """The one-line error of a restore that must fail."""
     done = restore(*args)

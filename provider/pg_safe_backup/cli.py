@@ -446,6 +446,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         " backed up cluster's archive; on: it archives with the backed up server's archive_command (a real"
         " replacement)",
     )
+    p.add_argument(
+        "--delta",
+        action="store_true",
+        help="TARGET_DIR is a stopped data directory of the backup's cluster (a standby to rebuild, a failed"
+        " primary): write only the files that differ from the backup, remove what it does not hold",
+    )
     add_key_flags(p)
     p.set_defaults(run=_restore)
 
@@ -499,6 +505,7 @@ def _restore(args: argparse.Namespace) -> int:
             owner=args.owner,
             progress=report,
             encryption_key=key,
+            delta=args.delta,
         )
     except (RestoreError, CatalogError, CryptError, OSError) as err:
         print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -512,6 +519,11 @@ def _restore(args: argparse.Namespace) -> int:
     print(
         f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
         f" {result.seconds:.1f} s"
+        + (
+            f" (--delta: {result.kept} files kept as they were, {result.removed} removed)"
+            if result.delta
+            else ""
+        )
     )
     if result.archive_mode == "off":
         print(

@@ -80,7 +80,7 @@ from pg_safe_backup.catalog import (
 from pg_safe_backup.catalog import read_info as read_backup_info
 from pg_safe_backup.encryption import KEY_FLAGS, check_key, decrypt_backup
 from pg_safe_backup.errors import PermanentError
-from pg_safe_backup.files.copier import CopyError, Progress, copy_tree
+from pg_safe_backup.files.copier import CopyError, Progress, copy_tree, sync_tree
 from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
@@ -107,6 +107,7 @@ from pg_safe_backup.files.walarchive import (
     decode,
     parse_stored_name,
 )
+from pg_safe_backup.files.walheader import fsync_path
 from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn, start_wal_location
 from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
@@ -206,6 +207,10 @@ class RestoreResult:
     archive_mode: str = "off"
     #: The server's configuration files the backup captured from outside its data directory, put back.
     config: RestoredConfig | None = None
+    #: A delta restore (``--delta``): files found the same and left, and paths removed.
+    delta: bool = False
+    kept: int = 0
+    removed: int = 0
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -594,6 +599,7 @@ class _Progress:
     def __init__(self, total: int, callback: Callable[[int, int], None] | None) -> None:
         self.total, self.callback = total, callback
         self.done = self.files = 0
+        self.kept = self.removed = 0  # a delta restore's files left as they were, and removed
         self.last = time.monotonic()
 
     def add(self, size: int, files: int = 1) -> None:
@@ -607,10 +613,13 @@ class _Progress:
             self.last = time.monotonic()
             self.callback(self.done, self.total)
 
-    def copy_tree(self, source: Path, destination: Path, skip_top: set[str] | None = None) -> None:
+    def copy_tree(
+        self, source: Path, destination: Path, skip_top: set[str] | None = None, delta: bool = False
+    ) -> None:
         """Copy the folder ``source`` into ``destination`` (absent or empty) with the copy engine
         (:func:`files.copier.copy_tree`: workers, largest files first, links followed, every file and
-        folder synced), counted.
+        folder synced), counted; ``delta``: into the folder ``destination`` as it is
+        (:func:`files.copier.sync_tree`: only the files that differ written, what ``source`` lacks removed).
 
         :raises RestoreError: a file or folder cannot be read or written (named).
         """
@@ -621,9 +630,22 @@ class _Progress:
             self._report()
 
         try:
-            result = copy_tree(
-                source, destination, skip_top=skip_top or (), progress=seen, progress_interval=1.0
-            )
+            if delta:
+                synced = sync_tree(
+                    source,
+                    destination,
+                    skip_top=skip_top or (),
+                    keep_top=(DELTA_MARK, "pg_tblspc"),  # its links: each place's proof
+                    progress=seen,
+                    progress_interval=1.0,
+                )
+                result = synced.copied
+                self.kept += synced.kept
+                self.removed += len(synced.removed)
+            else:
+                result = copy_tree(
+                    source, destination, skip_top=skip_top or (), progress=seen, progress_interval=1.0
+                )
         except CopyError as err:
             raise RestoreError(f"the copy failed: {err}") from err
         self.done = before + result.bytes
@@ -707,9 +729,11 @@ def _copy_backup(
     use_backup_pg_wal: bool,
     progress: _Progress,
     result: RestoreResult,
+    delta: bool = False,
 ) -> None:
     """Copy the backup to ``data``, following links (nothing in the copy points back at the backup); a
-    tar backup's base.tar is extracted, and its label files, stored beside the archives, copied."""
+    tar backup's base.tar is extracted, and its label files, stored beside the archives, copied. ``delta``:
+    ``data`` is made to hold the same (only what differs written, what the backup lacks removed)."""
     if archives:
         _extract(archives[None], data, SKIP_TOP, progress)
         for name in ("backup_label", "tablespace_map"):
@@ -719,7 +743,7 @@ def _copy_backup(
         (data / "pg_tblspc").mkdir(exist_ok=True)
         return
 
-    progress.copy_tree(backup, data, SKIP_TOP)
+    progress.copy_tree(backup, data, SKIP_TOP, delta=delta)
     result.not_copied = sorted(
         n for n in os.listdir(backup) if n in SKIP_TOP and n not in ("pg_wal", "pg_tblspc")
     )
@@ -733,7 +757,7 @@ def _copy_backup(
         )
         result.used_backup_pg_wal = sorted(p.name for p in (data / "pg_wal").iterdir() if p.is_file())
     (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
-    (data / "pg_tblspc").mkdir()
+    (data / "pg_tblspc").mkdir(exist_ok=delta)
 
 
 @dataclass(frozen=True)
@@ -753,8 +777,10 @@ def _plan_tablespaces(
     sources: Mapping[str | int, Path | str],
     major: int | None,
     archives: Mapping[str | None, Path],
+    delta: Path | None = None,
 ) -> list[_Placement]:
-    """Where each tablespace of the backup goes, checked before anything is copied.
+    """Where each tablespace of the backup goes, checked before anything is copied (``delta``: the data
+    directory a delta rewrites, whose own tablespaces, where its pg_tblspc/ links point, may be rewritten).
 
     :raises RestoreError: a remap of an unknown OID, a tablespace without a backup, a location not empty,
         a pg_tblspc link no tablespace_map line explains.
@@ -785,13 +811,20 @@ def _plan_tablespaces(
             raise RestoreError(str(err)) from err
         where = remap.get(oid) or (tablespace_root / oid if tablespace_root else Path(original))
         where = Path(where).absolute()
-        if where.exists() and (not where.is_dir() or any(where.iterdir())):
+        if where.exists() and (not where.is_dir() or (any(where.iterdir()) and not _own(delta, oid, where))):
             raise RestoreError(
                 f"tablespace {oid} would be restored to {where}, which is not empty (it may be the live"
                 f" tablespace); give it an empty folder with --tablespace {oid}=DIR"
             )
         plan.append(_Placement(oid, original, source, where))
     return plan
+
+
+def _own(delta: Path | None, oid: str, where: Path) -> bool:
+    """Whether ``where`` is the tablespace ``oid`` of the data directory ``delta`` rewrites: its
+    pg_tblspc/``oid`` link points there. Any other folder that is not empty may be a live tablespace."""
+    link = delta / "pg_tblspc" / oid if delta else None
+    return link is not None and link.is_symlink() and link.resolve() == where.resolve()
 
 
 def _check_apart(backup: Path, data: Path, plan: list[_Placement]) -> None:
@@ -812,22 +845,36 @@ def _check_apart(backup: Path, data: Path, plan: list[_Placement]) -> None:
 
 
 def _place_tablespaces(
-    backup: Path, data: Path, plan: list[_Placement], progress: _Progress, result: RestoreResult
+    backup: Path,
+    data: Path,
+    plan: list[_Placement],
+    progress: _Progress,
+    result: RestoreResult,
+    delta: bool = False,
 ) -> None:
-    """Copy each tablespace to its place, link it from pg_tblspc/ and name it in tablespace_map."""
+    """Copy each tablespace to its place (``delta``: into what it holds), then link it from pg_tblspc/ and
+    name it in tablespace_map; an in-place tablespace (allow_in_place_tablespaces) is copied into pg_tblspc/.
+    A delta's pg_tblspc/ keeps its links until every place is written (a delta run again finds them)."""
+    for p in plan:
+        if p.source.is_file():  # <oid>.tar of a tablespace of a tar backup
+            _extract(p.source, p.where, set(), progress)
+        else:
+            progress.copy_tree(p.source, p.where, delta=delta and p.where.is_dir())
+        os.chmod(p.where, 0o700)
+    links = data / "pg_tblspc"
+    for entry in list(links.iterdir()) if delta and links.is_dir() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    links.mkdir(exist_ok=True)
     listed = {p.oid for p in plan}
     spc = backup / "pg_tblspc"
     for entry in sorted(spc.iterdir()) if spc.is_dir() else []:
-        # An in-place tablespace (allow_in_place_tablespaces) is part of the data directory's copy.
         if entry.name not in listed and entry.is_dir() and not entry.is_symlink():
-            progress.copy_tree(entry, data / "pg_tblspc" / entry.name)
+            progress.copy_tree(entry, links / entry.name)
     for p in plan:
-        if p.source.is_file():  # <oid>.tar of a tar backup
-            _extract(p.source, p.where, set(), progress)
-        else:
-            progress.copy_tree(p.source, p.where)
-        os.chmod(p.where, 0o700)
-        (data / "pg_tblspc" / p.oid).symlink_to(p.where)
+        (links / p.oid).symlink_to(p.where)
         result.tablespaces[p.oid] = {
             "original": p.original,
             "backup": str(p.source),
@@ -933,6 +980,72 @@ def _archive_settings(mode: str, major: int | None) -> dict[str, str]:
     return settings
 
 
+#: A delta restore's mark at the top of its target, from its start to its end: the cluster's system
+#: identifier (pg_control is gone meanwhile), so a delta that failed half way can be run again.
+DELTA_MARK = "pg_safe_backup_delta_restore"
+
+
+def _delta_identity(data: Path) -> int:
+    """The system identifier of the data directory ``data``: its pg_control's, or a delta's mark's.
+
+    :raises RestoreError: neither can be read.
+    """
+    mark = data / DELTA_MARK
+    try:
+        if mark.is_file():
+            return int(mark.read_text().split()[0])
+        return read_pg_control(data).system_identifier
+    except (OSError, ValueError, IndexError, BadPgControl) as err:
+        raise RestoreError(
+            f"--delta: cannot tell which cluster {data} (TARGET_DIR) is: {' '.join(str(err).split())}"
+        ) from None
+
+
+def _check_delta_target(backup: Path, data: Path, archives: Mapping[str | None, Path]) -> None:
+    """A delta restore rewrites ``data`` in place: it must be a stopped data directory of the backup's
+    cluster, and the backup a plain one.
+
+    :raises RestoreError: naming what is wrong.
+    """
+    if archives:
+        raise RestoreError(f"--delta rewrites from a plain backup; {backup} is a tar backup")
+    if not (data / "PG_VERSION").is_file():
+        raise RestoreError(f"--delta: the target {data} (TARGET_DIR) is not a data directory (no PG_VERSION)")
+    if (data / "postmaster.pid").exists():
+        raise RestoreError(
+            f"--delta: {data / 'postmaster.pid'} exists: a server may run on the target; stop it (or remove"
+            " a stale postmaster.pid) first"
+        )
+    ours = backup_system_identifier(backup)
+    theirs = _delta_identity(data)
+    if ours is None or ours[0] != theirs:
+        raise RestoreError(
+            f"--delta: the target {data} is of the cluster with system identifier {theirs}, the backup of"
+            f" {ours[0] if ours else 'an unknown one'}: restore another cluster into an empty folder"
+        )
+
+
+def _begin_delta(data: Path) -> None:
+    """Mark ``data`` as being rewritten (its system identifier, durable), then remove its pg_control: until
+    :func:`_end_delta`, no server starts on it."""
+    mark = data / DELTA_MARK
+    if not mark.exists():
+        identity = read_pg_control(data).system_identifier
+        with open(mark, "w") as f:
+            f.write(f"{identity}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(data)
+    (data / "global" / "pg_control").unlink(missing_ok=True)
+    fsync_path(data / "global")
+
+
+def _end_delta(data: Path) -> None:
+    """The delta is complete (pg_control back, last): remove its mark."""
+    (data / DELTA_MARK).unlink(missing_ok=True)
+    fsync_path(data)
+
+
 def _undo(made: list[tuple[Path, bool]]) -> None:
     """Take back a restore that failed half way, so it can be run again: remove the folders it made and
     empty those that were empty."""
@@ -1026,6 +1139,7 @@ def restore_plain(
     require_backup_label: bool = True,
     use_backup_pg_wal: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    delta: bool = False,
 ) -> RestoreResult:
     """Turn the backup ``backup``, not encrypted, into the data directory ``target`` that recovers when
     started (module docstring).
@@ -1051,6 +1165,11 @@ def restore_plain(
     :param require_backup_label: refuse a backup without backup_label.
     :param use_backup_pg_wal: restore with the backup's own pg_wal/ files (only to show what it leads to).
     :param progress: called with (bytes done, bytes total) every few seconds of the copy.
+    :param delta: ``target`` is a stopped data directory of the backup's cluster (a standby to rebuild, a
+        failed primary): only the files whose size or SHA-256 differ from the backup's are written, what
+        the backup does not hold is removed, and the result is what a restore into an empty folder makes
+        (tablespaces too, in their places). Its pg_control goes first and comes back last, so a delta that
+        fails half way leaves a directory that does not start, and can be run again. A plain backup only.
     :raises RestoreError: what makes the restore impossible or unsafe, named.
     """
     started = time.monotonic()
@@ -1061,11 +1180,16 @@ def restore_plain(
     recovery.check()
     if archive_mode not in ARCHIVE_MODES:
         raise RestoreError(f"--archive-mode must be off or on, not {archive_mode!r}")
-    if data.exists() and (not data.is_dir() or any(data.iterdir())):
-        raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
+    archives = tar_archives(backup)
+    if delta:
+        _check_delta_target(backup, data, archives)
+    elif data.exists() and (not data.is_dir() or any(data.iterdir())):
+        raise RestoreError(
+            f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder, or rewrite a"
+            " stopped data directory of this cluster with --delta"
+        )
     if owner is not None and os.geteuid() != 0:
         owner = None  # only root can give files away; they stay the caller's
-    archives = tar_archives(backup)
     key = archive_key.key if archive_key else None
     label = check_backup_dir(
         backup, archive, require_backup_label=require_backup_label, reader=owner, key=key
@@ -1088,26 +1212,31 @@ def restore_plain(
         tablespace_sources or {},
         backup_major(backup),
         archives,
+        data if delta else None,
     )
     _check_apart(backup, data, plan)
     # Each place written, keyed as tar_archives keys the archives: None for TARGET_DIR, else the OID.
     places = {None: ("TARGET_DIR", data), **{p.oid: (f"--tablespace {p.oid}", p.where) for p in plan}}
     _check_reachable(list(places.values()), owner)
     needed = _bytes_needed(backup, archives, plan, use_backup_pg_wal or archive is None)
-    _check_room([(name, where, needed[key]) for key, (name, where) in places.items()])
+    if not delta:  # a delta needs what differs, unknown before it compares
+        _check_room([(name, where, needed[key]) for key, (name, where) in places.items()])
     if archives:  # the archives' stored (compressed) bytes, as they are read
         total = sum(path.stat().st_size for path in archives.values())
     else:
         total = sum(needed.values())
     meter = _Progress(total, progress)
-    made = [(folder, folder.exists()) for folder in [data, *(p.where for p in plan)]]
+    # Undone on failure: what this restore made or found empty (a delta's target is left, unstartable).
+    made = [] if delta else [(folder, folder.exists()) for folder in [data, *(p.where for p in plan)]]
     try:
         data.mkdir(parents=True, exist_ok=True)
-        _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result)
+        if delta:
+            _begin_delta(data)
+        _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result, delta)
         if archive is not None and backup_system_identifier(backup) is None:  # a tar backup, now extracted
             if backup_system_identifier(data) is not None:
                 check_archive(data, archive, reader=None, key=key)
-        _place_tablespaces(backup, data, plan, meter, result)
+        _place_tablespaces(backup, data, plan, meter, result, delta)
         result.config = restore_config(data, backup)
         command = restore_command or (archive_restore_command(archive, archive_key) if archive else "")
         settings = recovery.settings(command)
@@ -1123,9 +1252,12 @@ def restore_plain(
                     f"the target {data} is not reachable by the {owner} OS user (--owner): a folder above"
                     " it is closed to that user"
                 )
+        if delta:
+            _end_delta(data)
     except BaseException:
         _undo(made)
         raise
+    result.delta, result.kept, result.removed = delta, meter.kept, meter.removed
     result.settings = settings
     result.files, result.bytes = meter.files, meter.done
     if progress and meter.total:

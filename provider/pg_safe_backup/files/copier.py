@@ -569,7 +569,9 @@ def _list(
     return folders, files, control, vanished, special
 
 
-def _make_folders(folders: list[tuple[str, Path]], destination: Path, keep_owner: bool) -> None:
+def _make_folders(
+    folders: list[tuple[str, Path]], destination: Path, keep_owner: bool, exist_ok: bool = False
+) -> None:
     for relpath, source in folders:
         target = destination / relpath
         try:
@@ -579,7 +581,8 @@ def _make_folders(folders: list[tuple[str, Path]], destination: Path, keep_owner
             # Dropped since it was listed (a database): an empty folder, which WAL replay removes.
             mode, owner = 0o700, None
         try:
-            os.mkdir(target, mode)
+            if not (exist_ok and os.path.isdir(target) and not os.path.islink(target)):
+                os.mkdir(target, mode)
             os.chmod(target, mode)  # mkdir's mode is masked by the umask
             if keep_owner and owner is not None:
                 os.chown(target, *owner)
@@ -708,6 +711,104 @@ def copy_tree(
     return _copy_listed(source, destination, entries, workers, False, progress, progress_interval, fsync)
 
 
+class Synced(NamedTuple):
+    """What :func:`sync_tree` did: the files it wrote (a copy's result), those it kept as they were, and the
+    backup paths it removed."""
+
+    copied: CopyResult
+    kept: int
+    removed: list[str]
+
+
+def _file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sync_tree(
+    source: Path | str,
+    destination: Path | str,
+    *,
+    skip_top: Iterable[str] = (),
+    keep_top: Iterable[str] = (),
+    workers: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    progress_interval: float = 5.0,
+) -> Synced:
+    """Make the local folder ``destination`` hold what :func:`copy_tree` of ``source`` into an empty folder
+    would (a delta restore): a file of the same size and SHA-256 on both sides is kept (its mode set), any
+    other is written again through the engine; what ``source`` does not hold is removed, a link never
+    followed (``skip_top`` names are left out of the source and removed from the top of the destination,
+    as an empty folder would not hold them). Every file written and every folder is synced.
+
+    :param source: the folder to copy.
+    :param destination: an existing folder (the caller decides it may be rewritten).
+    :param skip_top: names at the top of ``source`` left out.
+    :param keep_top: names at the top of ``destination`` left as they are (the caller's).
+    :param workers: files compared, then copied, side by side (default: the CPU count).
+    :raises CopyError: a file or folder cannot be read, written or removed (named).
+    """
+    source, destination = Path(source).absolute(), Path(destination).absolute()
+    if not source.is_dir() or not destination.is_dir():
+        raise CopyError(f"{source if not source.is_dir() else destination} is not a folder")
+    _check_paths(source, destination)
+    entries = list(tree_entries(source, skip_top))
+    folders = {e.path for e in entries if e.is_dir}
+    files = {e.path: e for e in entries if not e.is_dir}
+    removed: list[str] = []
+    candidates: list[str] = []
+    keep = set(keep_top)
+    try:
+        for top, dirs, names in os.walk(destination, onerror=_walk_error):  # links not followed
+            rel = os.path.relpath(top, destination)
+            prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for name in sorted(dirs + names):
+                path, full = prefix + name, os.path.join(top, name)
+                if path in keep:
+                    continue
+                real_dir = os.path.isdir(full) and not os.path.islink(full)
+                regular = os.path.isfile(full) and not os.path.islink(full)
+                if (path in folders and real_dir) or (path in files and regular):
+                    if regular:
+                        candidates.append(path)
+                    continue
+                if real_dir:
+                    shutil.rmtree(full)
+                    dirs.remove(name)
+                else:
+                    os.unlink(full)
+                removed.append(path)
+    except OSError as exc:
+        raise CopyError(f"cannot clear {destination}: {exc.strerror or exc}: {exc.filename}") from exc
+
+    def same(path: str) -> bool:
+        target = destination / path
+        if os.path.getsize(target) != os.path.getsize(files[path].source):
+            return False
+        return _file_sha256(target) == _file_sha256(files[path].source)
+
+    count = max(1, workers or os.cpu_count() or 1)
+    try:
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            kept = {path for path, ok in zip(candidates, pool.map(same, candidates), strict=True) if ok}
+        for path in candidates:
+            target = destination / path
+            if path in kept:
+                os.chmod(target, stat.S_IMODE(os.stat(files[path].source).st_mode))
+            else:
+                os.unlink(target)
+    except OSError as exc:
+        raise CopyError(f"cannot compare {exc.filename}: {exc.strerror or exc}") from exc
+    todo = [e for e in entries if e.is_dir or e.path not in kept]
+    copied = _copy_listed(
+        source, destination, todo, workers, False, progress, progress_interval, True, into_existing=True
+    )
+    return Synced(copied, len(kept), removed)
+
+
 def _copy_listed(
     source: Path,
     destination: Path,
@@ -717,17 +818,20 @@ def _copy_listed(
     progress: Callable[[Progress], None] | None,
     progress_interval: float,
     fsync: bool,
+    into_existing: bool = False,
 ) -> CopyResult:
-    """The copy of :func:`copy_data_directory` and :func:`copy_tree`: ``entries`` (None:
-    ``walk(source)``) into ``destination``."""
+    """The copy of :func:`copy_data_directory`, :func:`copy_tree` and :func:`sync_tree`: ``entries``
+    (None: ``walk(source)``) into ``destination`` (``into_existing``: a folder that holds the others
+    already, whose folders are kept)."""
     began = time.monotonic()
     _check_paths(source, destination)
     keep_owner = os.geteuid() == 0
     top = source.stat()
     owner = (top.st_uid, top.st_gid) if keep_owner else None
-    _prepare_destination(destination, overwrite, stat.S_IMODE(top.st_mode), owner)
+    if not into_existing:
+        _prepare_destination(destination, overwrite, stat.S_IMODE(top.st_mode), owner)
     folders, files, control, vanished, special = _list(source, entries)
-    _make_folders(folders, destination, keep_owner)
+    _make_folders(folders, destination, keep_owner, exist_ok=into_existing)
     total = sum(f.size for f in files) + (control.size if control else 0)
     files_total = len(files) + (control is not None)
 
@@ -784,5 +888,6 @@ __all__ = [
     "copy_data_directory",
     "copy_tree",
     "empty_destination",
+    "sync_tree",
     "listed_size",
 ]
