@@ -388,6 +388,15 @@ def table(r: dict[str, Any]) -> str:
             f" {rd['restore_prepare_s']:g} s to prepare,"
             f" {rd['restore_recovery_s']:g} s to recover and promote)",
             f"its copy: {r['copy_s_per_gb']:g} s/GB ({rd['copy_s']:g} s)",
+            "restore vs its copy, per GB",
+        )
+    if r.get("delta_restore_s") is not None:
+        rd = r["restore_detail"]
+        row(
+            "restore --delta after 1 % of pgbench_accounts' rows changed (the same backup)",
+            f"{r['delta_restore_s']:g} s ({rd['delta_rewritten_mb']:g} MB rewritten,"
+            f" {rd['delta_kept_files']} files kept, {rd['delta_removed']} removed)",
+            f"a full restore's copy: {r['full_restore_s']:g} s",
             None,
         )
     if "cp_sync_segments_s" in r:
