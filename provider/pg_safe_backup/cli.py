@@ -483,8 +483,15 @@ def _restore(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+        began = time.monotonic()
+
         def report(done: int, total: int) -> None:
-            print(f"copied {done / 2**20:.1f} MB of {total / 2**20:.1f} MB", flush=True)
+            seconds = time.monotonic() - began
+            rate = done / 2**20 / seconds if seconds > 0 else 0.0
+            left = f", {(total - done) / 2**20 / rate:.0f} s left" if rate > 0 and done < total else ""
+            print(
+                f"copied {done / 2**20:.1f} MB of {total / 2**20:.1f} MB, {rate:.1f} MB/s{left}", flush=True
+            )
 
         result = prepare_restore(
             backup,
