@@ -25,7 +25,7 @@ import zstandard
 from airflow.sdk import ObjectStoragePath
 
 from demo.load import wait_archived
-from demo.s3 import local_s3
+from demo.s3 import KEY, SECRET, LocalS3, local_s3
 from pg_safe_backup.catalog import entry_path, list_backups
 from pg_safe_backup.files.copier import DestinationNotEmpty, Progress, copy_data_directory
 from pg_safe_backup.files.label import LABEL_FILES
@@ -46,7 +46,7 @@ from pg_safe_backup.operators.copy import files_xcom
 from pg_safe_backup.pgverify import run_pg_verifybackup
 from pg_safe_backup.verify import check_backup
 
-from backup_helpers import cluster_with_space, run_backup
+from backup_helpers import cluster_with_space, run_backup, run_cli
 from conftest import CONN_ID
 from pg_versions import client_bindir
 
@@ -80,10 +80,16 @@ class Stored:
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[ObjectStoragePath]:
-    """A moto S3 server on 127.0.0.1 (its own process), attached as ``s3://pgsb_moto@``; its bucket."""
+def s3_server() -> Iterator[LocalS3]:
+    """A moto S3 server on 127.0.0.1 (its own process)."""
     with local_s3(BUCKET) as server:
-        yield server.attach(S3_CONN)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server: LocalS3) -> ObjectStoragePath:
+    """The moto server attached as ``s3://pgsb_moto@``; its bucket."""
+    return s3_server.attach(S3_CONN)
 
 
 @pytest.fixture(scope="module")
@@ -441,6 +447,28 @@ def test_the_object_store_is_the_catalog(stored):
         assert stored.written[fmt]["backup_info"] == str(entry_path(stored.prefixes[fmt]))
         manifest = (stored.prefixes[fmt] / "backup_manifest").read_bytes()
         assert manifest.endswith(f'"Manifest-Checksum": "{info.manifest_checksum}"}}\n'.encode())
+
+
+def test_the_cli_lists_the_backups_in_s3_from_the_url_alone(stored, s3_server):
+    """pg-safe-backup list s3://... (no Airflow: fsspec with --storage-option), each backup proven from its
+    label and manifest in the store; an Airflow connection in the URL is refused in one line."""
+    root = stored.prefixes["plain"].parent
+    url = f"s3://{root.path.strip('/')}"
+    options = [f"endpoint_url={s3_server.endpoint_url}", f"key={KEY}", f"secret={SECRET}"]
+    flags = [f for option in options for f in ("--storage-option", option)]
+    done = run_cli("list", url, "--json", *flags)
+    assert done.returncode == 0, done.stderr
+    listed = {Path(e["folder"]).name: e for e in json.loads(done.stdout)}
+    assert set(FORMATS) <= set(listed), listed.keys()
+    for fmt in FORMATS:
+        assert listed[fmt]["status"] == "proven", listed[fmt]
+        assert listed[fmt]["proof"]["stop_lsn"] == stored.backup["stop_lsn"]
+    refused = run_cli("list", f"s3://{S3_CONN}@{root.path.strip('/')}", *flags)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith(
+        f"pg-safe-backup list: error: ROOT s3://{S3_CONN}@...: an Airflow"
+    )
+    assert SECRET not in refused.stderr
 
 
 #: The special files planted in a live data directory: backup path -> how it is made.

@@ -239,27 +239,49 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
 
     :param p: the subcommand's parser.
     """
-    p.add_argument("root", type=Path, help="the folder the backups are stored under")
+    p.add_argument(
+        "root",
+        metavar="ROOT",
+        help="the folder the backups are stored under, or an object-store URL (s3://...)",
+    )
     p.add_argument(
         "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
     )
+    add_storage_flag(p)
     add_key_flags(p)
     p.set_defaults(run=_list)
+
+
+def add_storage_flag(p: argparse.ArgumentParser) -> None:
+    """``--storage-option KEY=VALUE`` (repeated): fsspec options of an object-store URL (endpoint_url,
+    profile, anon ...), beside the store's own credential chain (environment, profiles).
+
+    :param p: the subcommand's parser.
+    """
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec option of an object-store URL, e.g. endpoint_url=http://127.0.0.1:9000 (repeat it)",
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import format_listing, list_backups
     from pg_safe_backup.files.crypt import CryptError
+    from pg_safe_backup.storage import StorageError, location, storage_options
 
-    if not args.root.is_dir():
-        print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
-        return 2
     try:
+        root = location(args.root, storage_options(args.storage_option))
+        if not root.is_dir():
+            print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
+            return 2
         key = encryption_key(args)
-    except CryptError as err:
-        print(f"pg-safe-backup list: error: {err}", file=sys.stderr)
+    except (CryptError, StorageError, OSError) as err:
+        print(f"pg-safe-backup list: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    entries = list_backups(args.root, key=key)
+    entries = list_backups(root, key=key)
     if args.json:
         print(json.dumps([e.as_dict() for e in entries], indent=1))
     else:
