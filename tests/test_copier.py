@@ -26,6 +26,7 @@ from pg_safe_backup.files.copier import (
     Progress,
     copy_data_directory,
     copy_tree,
+    sync_tree,
 )
 from pg_safe_backup.files.label import LABEL_FILES
 from pg_safe_backup.files.layout import CONTROL_FILE
@@ -358,3 +359,49 @@ def test_copy_tree_copies_a_folder_as_it_is_links_followed_with_modes_times_and_
 
     with pytest.raises(DestinationNotEmpty):
         copy_tree(src, dst)
+
+
+def test_sync_tree_keeps_the_same_rewrites_the_rest_and_removes_what_the_source_lacks_never_through_a_link(
+    tmp_path,
+):
+    """files/copier.sync_tree (restore --delta): the destination ends as copy_tree would make it."""
+    src, dst, outside = tmp_path / "src", tmp_path / "dst", tmp_path / "outside"
+    for folder in (src / "base" / "5", dst / "base" / "5", outside / "base"):
+        folder.mkdir(parents=True)
+    (src / "base" / "5" / "1").write_bytes(b"same" * 1000)
+    (src / "base" / "5" / "2").write_bytes(b"new" * 1000)
+    (src / "global").mkdir()
+    (src / "global" / "pg_control").write_bytes(b"control")
+    (src / "skipped").write_text("never copied")
+    (dst / "base" / "5" / "1").write_bytes(b"same" * 1000)
+    os.chmod(dst / "base" / "5" / "1", 0o644)
+    (dst / "base" / "5" / "2").write_bytes(b"old" * 1000)  # same size, other bytes
+    (dst / "base" / "5" / "3").write_bytes(b"dropped table")
+    (dst / "global").write_text("a file where the source has a folder")
+    (outside / "base" / "precious").write_text("not ours")
+    (dst / "linked").symlink_to(outside / "base")  # removed as a link, never followed
+    (dst / "skipped").write_text("removed: the source leaves it out")
+    (dst / "mark").write_text("the caller's")
+
+    synced = sync_tree(src, dst, skip_top={"skipped"}, keep_top={"mark"}, workers=2)
+
+    assert synced.kept == 1
+    assert sorted(synced.removed) == ["base/5/3", "global", "linked", "skipped"]
+    assert sorted(synced.copied.sizes) == ["base/5/2", "global/pg_control"]
+    assert (dst / "base" / "5" / "2").read_bytes() == b"new" * 1000
+    assert oct((dst / "base" / "5" / "1").stat().st_mode & 0o777) == oct(
+        (src / "base" / "5" / "1").stat().st_mode & 0o777
+    )
+    assert (outside / "base" / "precious").read_text() == "not ours"
+    assert (dst / "mark").read_text() == "the caller's"
+    assert {k: v for k, v in tree_of(dst).items() if k != "mark"} == tree_of(src, skip={"skipped"})
+
+
+def tree_of(folder: Path, skip: set[str] = frozenset()) -> dict[str, bytes | None]:
+    """Each path under ``folder`` (its top names in ``skip`` left out): a file's bytes, None for a folder."""
+    out: dict[str, bytes | None] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if rel.parts[0] not in skip:
+            out[str(rel)] = None if path.is_dir() else path.read_bytes()
+    return out

@@ -765,22 +765,24 @@ def sync_tree(
         for top, dirs, names in os.walk(destination, onerror=_walk_error):  # links not followed
             rel = os.path.relpath(top, destination)
             prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            descend = []
             for name in sorted(dirs + names):
                 path, full = prefix + name, os.path.join(top, name)
                 if path in keep:
                     continue
                 real_dir = os.path.isdir(full) and not os.path.islink(full)
                 regular = os.path.isfile(full) and not os.path.islink(full)
-                if (path in folders and real_dir) or (path in files and regular):
-                    if regular:
-                        candidates.append(path)
-                    continue
-                if real_dir:
-                    shutil.rmtree(full)
-                    dirs.remove(name)
+                if path in folders and real_dir:
+                    descend.append(name)
+                elif path in files and regular:
+                    candidates.append(path)
                 else:
-                    os.unlink(full)
-                removed.append(path)
+                    if real_dir:
+                        shutil.rmtree(full)
+                    else:
+                        os.unlink(full)  # a link is removed, never followed
+                    removed.append(path)
+            dirs[:] = descend  # only into the folders kept
     except OSError as exc:
         raise CopyError(f"cannot clear {destination}: {exc.strerror or exc}: {exc.filename}") from exc
 
