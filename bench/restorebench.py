@@ -1,15 +1,20 @@
 """Figure 8: the time to restore a backup per GB beside the time to copy it per GB, on one backup.
 
 On a pgbench cluster with WAL archiving, one backup: pg_backup_start (fast checkpoint), our copy engine
-(plain, local, SHA-256, fsync: the copy operator's), pg_backup_stop, the label stored. Then its restore as
-``pg-safe-backup restore`` makes it (:func:`pg_safe_backup.restore.prepare_restore`: the copy, an empty
-pg_wal/, recovery.signal, restore_command from the archive, ``recovery_target = 'immediate'`` and
-promote) and a server started on it until it is promoted and answers: the time to a usable server
-from the backup (the RTO of a restore to the backup's end). ``copy_s_per_gb`` and ``restore_s_per_gb``
-divide both by the data copied (GB of 2**30 bytes). Then the restored server updates 1 % of
-pgbench_accounts' rows (its first blocks), stops, and ``restore --delta`` of the same backup rewrites it:
+(plain, local, SHA-256, fsync: the copy operator's), pg_backup_stop, the label stored. Then its restore
+as ``pg-safe-backup restore`` makes it (:func:`pg_safe_backup.restore.prepare_restore`: the copy, an
+empty pg_wal/, recovery.signal, restore_command from the archive, ``recovery_target = 'immediate'`` and
+promote) and a server started on it until it is promoted and answers: the time to a usable server from
+the backup (the RTO of a restore to the backup's end). ``copy_s_per_gb`` and ``restore_s_per_gb`` divide
+both by the data copied (GB of 2**30 bytes). Then the restored server updates 1 % of pgbench_accounts'
+rows (its first blocks), stops, and ``restore --delta`` of the same backup rewrites it:
 ``delta_restore_s`` beside ``full_restore_s`` (the first restore's copy alone); the delta's server is
 started and counted too.
+
+Before the copy, the restore and the delta, the page cache is written back and dropped (as root:
+``detail``'s ``page_cache_dropped_before_each``): each reads from disk, as a restore of a stored backup
+does (the copy's source, the live data directory, would be in memory; the backup, written with its
+pages dropped behind it, would not).
 
 ``python -m bench.restorebench WORKDIR SCALE`` runs it alone and prints its JSON.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +41,19 @@ def _wait_promoted(cluster: LocalCluster, timeout: float = 600) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the restored server in {cluster.datadir} is still in recovery")
         time.sleep(0.05)
+
+
+def _cold() -> bool:
+    """Write back and drop the page cache (as root), so the timed copy reads from disk as a restore does:
+    the copy's source (the live data directory) would be in memory, the restore's (the backup, written
+    with its pages dropped behind it) would not. False when it cannot (not root)."""
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
 
 
 def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict[str, Any]:
@@ -57,6 +76,7 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
     with cluster.connect() as conn:  # the backup's one session, held through the copy
         start = "pg_backup_start(%s, true)" if new_api else "pg_start_backup(%s, true, false)"
         conn.execute(f"SELECT {start}", ["bench restore"])
+        cold = _cold()
         began = time.monotonic()
         copied = copy_data_directory(cluster.datadir, backup)
         copy_s = time.monotonic() - began
@@ -69,6 +89,7 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
         system_identifier=None,
         stop_lsn=lsn,
     )
+    cold = _cold() and cold
     began = time.monotonic()
     prepared = prepare_restore(
         backup,
@@ -91,6 +112,7 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
         )
         server.sql("CHECKPOINT")
         server.stop()
+        cold = _cold() and cold
         began = time.monotonic()
         delta = prepare_restore(
             backup,
@@ -116,6 +138,7 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
         "full_restore_s": round(prepared_s, 2),
         "delta_restore_s": round(delta_s, 2),
         "detail": {
+            "page_cache_dropped_before_each": cold,
             "delta_rewritten_mb": round(delta.bytes / 2**20, 1),
             "delta_kept_files": delta.kept,
             "delta_removed": delta.removed,
