@@ -65,7 +65,7 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
     """
     from pg_safe_backup.files.copier import copy_data_directory
     from pg_safe_backup.files.label import store_label
-    from pg_safe_backup.restore import RecoveryTarget, prepare_restore
+    from pg_safe_backup.restore import RecoveryTarget, RestoreResult, prepare_restore
 
     backup, restored = work / "restore_backup", work / "restore_target" / "data"
     for folder in (backup, restored.parent):
@@ -89,16 +89,22 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
         system_identifier=None,
         stop_lsn=lsn,
     )
+
+    def restore_it(delta: bool) -> RestoreResult:
+        """The backup restored into ``restored`` (``delta``: rewriting what is there), to its end, promoted."""
+        return prepare_restore(
+            backup,
+            restored,
+            wal_archive=archive,
+            recovery=RecoveryTarget(immediate=True, action="promote"),
+            archive_mode="off",
+            extra_settings={"unix_socket_directories": f"'{restored.parent}'"},
+            delta=delta,
+        )
+
     cold = _cold() and cold
     began = time.monotonic()
-    prepared = prepare_restore(
-        backup,
-        restored,
-        wal_archive=archive,
-        recovery=RecoveryTarget(immediate=True, action="promote"),
-        archive_mode="off",
-        extra_settings={"unix_socket_directories": f"'{restored.parent}'"},
-    )
+    prepared = restore_it(delta=False)
     prepared_s = time.monotonic() - began
     server = LocalCluster(restored).start(timeout=600)
     try:
@@ -114,15 +120,7 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
         server.stop()
         cold = _cold() and cold
         began = time.monotonic()
-        delta = prepare_restore(
-            backup,
-            restored,
-            wal_archive=archive,
-            recovery=RecoveryTarget(immediate=True, action="promote"),
-            archive_mode="off",
-            extra_settings={"unix_socket_directories": f"'{restored.parent}'"},
-            delta=True,
-        )
+        delta = restore_it(delta=True)
         delta_s = time.monotonic() - began
         server = LocalCluster(restored).start(timeout=600)
         _wait_promoted(server)

@@ -200,6 +200,19 @@ def test_a_delta_restore_after_writes_and_a_dropped_table_equals_a_full_restore(
     """--delta rewrites a stopped data directory of the cluster (a failed primary, a standby to rebuild):
     the same tree as a restore into an empty folder, every row back, refused on a running server and on
     another cluster's directory."""
+
+    def delta_into(target: Path, space: Path) -> list[str | Path]:
+        tablespace = f"{backups.tablespace_oid}={space}"
+        return [
+            backups.second,
+            target,
+            "--delta",
+            "--wal-archive",
+            backups.archive,
+            "--tablespace",
+            tablespace,
+        ]
+
     full, full_space = restored_to_the_end(backups, backups.second, "delta_full")
     target, space = restored_to_the_end(backups, backups.second, "delta_target")
     with recovered(target) as server:  # it goes its own way: writes, a table dropped, one created
@@ -207,27 +220,9 @@ def test_a_delta_restore_after_writes_and_a_dropped_table_equals_a_full_restore(
         server.sql("DROP TABLE t")
         server.sql("CREATE TABLE newer AS SELECT g FROM generate_series(1, 1000) g")
         server.sql("CHECKPOINT")
-        running = refused(
-            backups.second,
-            target,
-            "--delta",
-            "--wal-archive",
-            backups.archive,
-            "--tablespace",
-            f"{backups.tablespace_oid}={space}",
-        )
+        running = refused(*delta_into(target, space))
         assert "postmaster.pid exists: a server may run on the target" in running, running
-    done = restore(
-        backups.second,
-        target,
-        "--delta",
-        "--wal-archive",
-        backups.archive,
-        "--tablespace",
-        f"{backups.tablespace_oid}={space}",
-        "--archive-mode",
-        "off",
-    )
+    done = restore(*delta_into(target, space), "--archive-mode", "off")
     assert done.returncode == 0, done.stderr
     counts = re.search(r"--delta: (\d+) files kept as they were, (\d+) removed", done.stdout)
     assert counts, done.stdout
@@ -242,15 +237,7 @@ def test_a_delta_restore_after_writes_and_a_dropped_table_equals_a_full_restore(
         assert server.sql("SELECT to_regclass('newer') IS NULL") == [(True,)]
 
     # A place that holds something and is not the target's own tablespace may be a live one.
-    error = refused(
-        backups.second,
-        target,
-        "--delta",
-        "--wal-archive",
-        backups.archive,
-        "--tablespace",
-        f"{backups.tablespace_oid}={full_space}",
-    )
+    error = refused(*delta_into(target, full_space))
     assert (
         f"tablespace {backups.tablespace_oid} would be restored to {full_space}, which is not empty" in error
     )
