@@ -91,7 +91,7 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
     )
 
     def restore_it(delta: bool) -> RestoreResult:
-        """The backup restored into ``restored`` (``delta``: rewriting what is there), to its end, promoted."""
+        """The backup restored into ``restored`` (``delta``: rewriting what is there), to its end."""
         return prepare_restore(
             backup,
             restored,
