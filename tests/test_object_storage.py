@@ -471,6 +471,19 @@ def test_the_cli_lists_the_backups_in_s3_from_the_url_alone(stored, s3_server):
     assert SECRET not in refused.stderr
 
 
+def test_the_cli_applies_retention_to_the_backups_in_s3_from_the_url_alone(stored, s3_server):
+    """pg-safe-backup retention s3://...: the trust rules on what the store proves. The module's three copies
+    prove one and the same backup, so each is left alone for a person to look at, and nothing goes."""
+    root = stored.prefixes["plain"].parent
+    options = [f"endpoint_url={s3_server.endpoint_url}", f"key={KEY}", f"secret={SECRET}"]
+    flags = [f for option in options for f in ("--storage-option", option)]
+    done = run_cli("retention", f"s3://{root.path.strip('/')}", "--keep-last", "1", *flags)
+    assert done.returncode == 1, done.stdout
+    left = ", ".join(f"s3://{(root / fmt).path.strip('/')}" for fmt in sorted(FORMATS))
+    assert f"would be kept: removing nothing; left alone: {left}" in done.stderr, done.stderr
+    assert all((stored.prefixes[fmt] / "backup_label").exists() for fmt in FORMATS), "nothing removed"
+
+
 #: The special files planted in a live data directory: backup path -> how it is made.
 SPECIAL_FILES = {
     "base/pgsb_fifo": lambda path: os.mkfifo(path),  # a plain open() waits for a writer for ever

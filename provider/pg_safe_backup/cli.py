@@ -311,13 +311,16 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
 
     :param p: the (sub)parser to add them to; its ``run`` default carries retention out.
     """
-    p.add_argument("root", type=Path, help="the folder holding the backups (searched for backups on disk)")
+    p.add_argument(
+        "root",
+        metavar="ROOT",
+        help="the folder holding the backups (searched for backups on disk), or an object-store URL",
+    )
     p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N backups")
     p.add_argument("--keep-days", type=float, metavar="D", help="keep the backups started within D days")
     p.add_argument(
         "--wal-archive",
-        type=Path,
-        metavar="DIR",
+        metavar="DIR_OR_URL",
         help="the WAL archive to clean up below the oldest kept backup's start (default: leave WAL alone)",
     )
     p.add_argument(
@@ -327,6 +330,7 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
         " ending beyond its current WAL position",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
+    add_storage_flag(p)
     add_key_flags(p)
     p.set_defaults(run=_retention, parser=p)
 
@@ -337,18 +341,20 @@ def _retention(args: argparse.Namespace) -> int:
     from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.hooks.server import ServerUnreachable
     from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
+    from pg_safe_backup.storage import StorageError, location, storage_options
 
     try:
         key = encryption_key(args)
-    except CryptError as err:
-        print(f"error: {err}", file=sys.stderr)
+        options = storage_options(args.storage_option)
+        root = location(args.root, options)
+        wal_archive = location(args.wal_archive, options, "--wal-archive") if args.wal_archive else None
+    except (CryptError, StorageError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     try:
         server = server_position(args.dsn) if args.dsn else None
-        plan = plan_root(
-            args.root, keep_last=args.keep_last, keep_days=args.keep_days, server=server, key=key
-        )
-        carry_out_retention(plan, wal_archive=args.wal_archive, dry_run=args.dry_run, log=print, key=key)
+        plan = plan_root(root, keep_last=args.keep_last, keep_days=args.keep_days, server=server, key=key)
+        carry_out_retention(plan, wal_archive=wal_archive, dry_run=args.dry_run, log=print, key=key)
     except ValueError as err:  # a bad --keep-last/--keep-days
         print(f"error: {err}", file=sys.stderr)
         return 2
