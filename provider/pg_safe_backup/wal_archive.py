@@ -63,8 +63,7 @@ from pg_safe_backup.files.walspool import archive_location
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: this module runs once per WAL file, and each import costs (pathlib's
     # with re, fnmatch and urllib: paths here are strings, any os.PathLike taken)
-    import hashlib
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Callable, Iterable
     from pathlib import Path
     from typing import IO
 
@@ -353,25 +352,6 @@ class Pushed(namedtuple("Pushed", ("name", "stored", "sha256", "size", "already"
     __slots__ = ()
 
 
-def _reading(f: IO[bytes], digest: hashlib._Hash | None) -> Iterator[bytes]:
-    while chunk := f.read(CHUNK_SIZE):
-        if digest is not None:
-            digest.update(chunk)
-        yield chunk
-
-
-def file_sha256(path: Path | str) -> tuple[str, int]:
-    """SHA-256 (hex) and size of a local file."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in _reading(f, digest):
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def stored_sha256(store: Store, stored: str, key: EncryptionKey | None) -> str:
     """SHA-256 (hex) of a stored file's plaintext (decrypted and decompressed: the rare path of a push that
     finds its name archived).
@@ -463,6 +443,8 @@ def check_cluster(store: Store, path: Path | str, identity: ArchiveIdentity) -> 
 
 def _already(store: Store, found: list[str], path: str, key: EncryptionKey | None) -> Pushed:
     """The name is archived: success when the plaintext is the same, else :class:`WalConflict`."""
+    from pg_safe_backup.files.copier import file_sha256  # the rare path: its imports only here
+
     name = os.path.basename(path)
     ours, size = file_sha256(path)
     for stored in found:
@@ -513,7 +495,7 @@ def push(
             size = os.stat(path).st_size
         else:
             with open(path, "rb") as f:
-                store.put(stored, encode(_reading(f, None), compression, key))
+                store.put(stored, encode(iter(lambda: f.read(CHUNK_SIZE), b""), compression, key))
                 size = f.tell()
     except FileExistsError:  # pushed by another process meanwhile
         return _already(store, store.find(name), path, key)

@@ -720,12 +720,15 @@ class Synced(NamedTuple):
     removed: list[str]
 
 
-def _file_sha256(path: Path | str) -> str:
+def file_sha256(path: Path | str) -> tuple[str, int]:
+    """SHA-256 (hex) and size of a local file, read in :data:`CHUNK` pieces."""
     digest = hashlib.sha256()
+    size = 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def sync_tree(
@@ -790,7 +793,7 @@ def sync_tree(
         target = destination / path
         if os.path.getsize(target) != os.path.getsize(files[path].source):
             return False
-        return _file_sha256(target) == _file_sha256(files[path].source)
+        return file_sha256(target) == file_sha256(files[path].source)
 
     count = max(1, workers or os.cpu_count() or 1)
     try:
@@ -890,6 +893,7 @@ __all__ = [
     "copy_data_directory",
     "copy_tree",
     "empty_destination",
+    "file_sha256",
     "sync_tree",
     "listed_size",
 ]

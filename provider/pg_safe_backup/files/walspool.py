@@ -149,10 +149,7 @@ def write_error(spool: str | os.PathLike[str], name: str, line: str, wanted: str
 
     :param wanted: what the pusher pushed for (:func:`want`): the line answers only a call that wants it.
     """
-    temp = os.path.join(spool, f".{name}{ERROR_SUFFIX}.{os.getpid()}.tmp")
-    with open(temp, "w") as f:
-        f.write(format_record({"wanted": wanted, "line": " ".join(line.split())}))
-    os.replace(temp, os.path.join(spool, f"{name}{ERROR_SUFFIX}"))
+    _put(spool, f"{name}{ERROR_SUFFIX}", format_record({"wanted": wanted, "line": " ".join(line.split())}))
 
 
 def take_error(spool: str | os.PathLike[str], name: str, wanted: str) -> str | None:
@@ -186,10 +183,16 @@ def want(spool: str | os.PathLike[str], wanted: str) -> None:
     if same:
         os.utime(path)
         return
-    temp = os.path.join(spool, f".{WANTED_FILE}.{os.getpid()}.tmp")
+    _put(spool, WANTED_FILE, wanted)
+
+
+def _put(spool: str | os.PathLike[str], name: str, text: str) -> None:
+    """``text`` into ``spool``/``name``, whole or not at all (a dotted temporary name, renamed); not
+    fsynced: what it holds steers the pusher, it records nothing."""
+    temp = os.path.join(spool, f".{name}.{os.getpid()}.tmp")
     with open(temp, "w") as f:
-        f.write(wanted)
-    os.replace(temp, path)
+        f.write(text)
+    os.replace(temp, os.path.join(spool, name))
 
 
 def wanted(spool: str | os.PathLike[str]) -> tuple[str | None, float]:
