@@ -11,8 +11,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -40,13 +43,13 @@ from pg_safe_backup.files.tarball import (
     write_tar_backup,
 )
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server_user
 from pg_safe_backup.operators.backup import Copied, PostgresStoreBackupLabelOperator
 from pg_safe_backup.operators.copy import files_xcom
 from pg_safe_backup.pgverify import run_pg_verifybackup
 from pg_safe_backup.verify import check_backup
 
-from backup_helpers import cluster_with_space, run_backup, run_cli
+from backup_helpers import ROOT_DIR, cluster_with_space, recovered, run_backup, run_cli, wait_for
 from conftest import CONN_ID
 from pg_versions import client_bindir
 
@@ -483,6 +486,103 @@ def test_the_cli_applies_retention_to_the_backups_in_s3_from_the_url_alone(store
     left = done.stderr.split("left alone: ", 1)[1].strip().split(", ")  # other tests' prefixes too
     assert {f"s3://{(root / fmt).path.strip('/')}" for fmt in FORMATS} <= set(left), left
     assert all((stored.prefixes[fmt] / "backup_label").exists() for fmt in FORMATS), "nothing removed"
+
+
+def store_flags(s3_server: LocalS3) -> list[str]:
+    """``--storage-option`` flags that reach the moto server (the CLI reads no Airflow connection)."""
+    options = [f"endpoint_url={s3_server.endpoint_url}", f"key={KEY}", f"secret={SECRET}"]
+    return [f for option in options for f in ("--storage-option", option)]
+
+
+def server_folder(root: Path) -> Path:
+    """A folder under ``root`` the server's OS user may write (its restores and their logs)."""
+    work = root / "work"
+    work.mkdir()
+    give_to_server_user(work)
+    return work
+
+
+@pytest.fixture(scope="module")
+def target_time(stored: Stored) -> str:
+    """A time after the backup between two commits of the table ``later`` (100 rows before it, 100 after),
+    every commit archived: a restore to it holds the first hundred only."""
+    cluster = stored.cluster
+    cluster.sql("CREATE TABLE later (id int)")
+    cluster.sql("INSERT INTO later SELECT generate_series(1, 100)")
+    when = cluster.sql("SELECT clock_timestamp()::text")[0][0]
+    cluster.sql("INSERT INTO later SELECT generate_series(101, 200)")
+    wait_archived(cluster)
+    return when
+
+
+@pytest.mark.parametrize("fmt", ["plain", "zstd"])
+def test_the_cli_restores_a_copy_in_s3_from_the_url_alone_to_a_target_time(
+    stored, s3_server, target_time, tmp_root, fmt
+):
+    """pg-safe-backup restore s3://... TARGET: each file downloaded (plain) or each archive extracted as it
+    arrives (tar+zstd), the tablespace to its own folder, recovered to a time after the backup: every row
+    committed before it, none after."""
+    oid = stored.cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
+    work = server_folder(tmp_root)
+    target, space = work / "restored", work / "space"
+    url = f"s3://{stored.prefixes[fmt].path.strip('/')}"
+    done = run_cli(
+        "restore",
+        url,
+        target,
+        "--wal-archive",
+        stored.archive,
+        "--tablespace",
+        f"{oid}={space}",
+        "--target-time",
+        target_time,
+        "--target-action",
+        "promote",
+        *store_flags(s3_server),
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"restored {url} into {target}" in done.stdout, done.stdout
+    assert f"tablespace {oid} " in done.stdout and str(space) in done.stdout
+    assert not [p for p in work.iterdir() if ".outline-" in p.name], "the outline is removed"
+    assert (target / "pg_tblspc" / str(oid)).resolve() == space
+    with recovered(target) as server:
+        assert server.sql(INVARIANT) == [(True,)]
+        assert server.sql("SELECT count(*), max(id) FROM later") == [(100, 100)]
+
+
+def test_a_restore_from_s3_killed_mid_download_leaves_no_target_that_starts(stored, s3_server, tmp_root):
+    """SIGKILL in the middle of the download (nothing of the restore's own clean-up runs): pg_control comes
+    last, after every other file of the data directory and of its tablespace, so the server refuses the
+    folder left behind."""
+    oid = stored.cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
+    work = server_folder(tmp_root)
+    target = work / "restored"
+    url = f"s3://{stored.prefixes['plain'].path.strip('/')}"
+    path = os.pathsep.join(p for p in (str(ROOT_DIR / "provider"), os.environ.get("PYTHONPATH")) if p)
+    args = [sys.executable, "-m", "pg_safe_backup", "restore", url, str(target)]
+    args += ["--wal-archive", str(stored.archive), "--tablespace", f"{oid}={work / 'space'}"]
+    proc = subprocess.Popen(
+        [*args, *store_flags(s3_server)],
+        env={**os.environ, "PYTHONPATH": path},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Stopped as soon as the data directory's first relation file is there: hundreds are still to come.
+        wait_for(lambda: any((target / "base").glob("*/*")) or proc.poll() is not None, 120, "the download")
+        proc.kill()
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the restore ended before it was interrupted"
+    assert not (target / "global" / "pg_control").exists()
+    give_to_server_user(target)
+    server = LocalCluster(target, port=free_port())
+    with open(target / "postgresql.auto.conf", "a") as f:
+        f.write(f"unix_socket_directories = '{server.socket_dir}'\n")
+    with pytest.raises(RuntimeError, match="did not start") as refused:
+        server.start()
+    why = str(refused.value)
+    assert "not a database cluster directory" in why or "pg_control" in why, why
 
 
 #: The special files planted in a live data directory: backup path -> how it is made.

@@ -408,9 +408,9 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "backup",
-        type=Path,
         metavar="BACKUP",
-        help="the backup folder (with --latest-before: the backups' root)",
+        help="the backup folder or its object-store URL (s3://bucket/backups/20261126T010000, gs://, abfs://;"
+        " with --latest-before: the backups' root)",
     )
     p.add_argument(
         "target_dir", type=Path, metavar="TARGET_DIR", help="the new data directory (absent or empty)"
@@ -419,7 +419,8 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         "--wal-archive",
         required=True,
         metavar="DIR_OR_URL",
-        help="the WAL archive: a folder, or the URL of one wal-push manages (s3://bucket/wal, gs://, abfs://)",
+        help="the WAL archive: a folder, or the URL of one wal-push manages (s3://bucket/wal, gs://, abfs://),"
+        " read by the restored server's wal-fetch with the store's credentials in ITS environment",
     )
     p.add_argument(
         "--tablespace",
@@ -480,6 +481,7 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         help="TARGET_DIR is a stopped data directory of the backup's cluster (a standby to rebuild, a failed"
         " primary): write only the files that differ from the backup, remove what it does not hold",
     )
+    add_storage_flag(p)
     add_key_flags(p)
     p.set_defaults(run=_restore)
 
@@ -488,12 +490,13 @@ def _restore(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import CatalogError, choose_backup, list_backups, one_cluster
     from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.restore import RecoveryTarget, RestoreError, prepare_restore, start_command
+    from pg_safe_backup.storage import StorageError, location, storage_options
 
-    backup = args.backup
     try:
         key = encryption_key(args)
+        backup = location(args.backup, storage_options(args.storage_option), "BACKUP")
         if args.latest_before is not None:
-            entries = list_backups(backup.absolute(), key=key)
+            entries = list_backups(backup.absolute() if isinstance(backup, Path) else backup, key=key)
             one_cluster(entries, backup)  # never another cluster's backup
             choice = choose_backup(entries, before=args.latest_before, allow_failed=args.allow_failed)
             for name, why in choice.skipped:
@@ -504,7 +507,7 @@ def _restore(args: argparse.Namespace) -> int:
                     f"--latest-before: no backup under {backup} that proves itself ended before"
                     f" {args.latest_before.isoformat()}"
                 )
-            backup = Path(picked.folder)
+            backup = picked.folder
             print(
                 f"picked {backup} (label {picked.proof.label!r}, stop LSN {picked.proof.stop_lsn} on timeline"
                 f" {picked.proof.stop_tli})",
@@ -542,7 +545,7 @@ def _restore(args: argparse.Namespace) -> int:
             encryption_key=key,
             delta=args.delta,
         )
-    except (RestoreError, CatalogError, CryptError, OSError) as err:
+    except (RestoreError, CatalogError, CryptError, StorageError, OSError) as err:
         print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     for oid, place in result.tablespaces.items():

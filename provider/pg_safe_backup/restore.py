@@ -66,7 +66,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -80,9 +80,18 @@ from pg_safe_backup.catalog import (
 from pg_safe_backup.catalog import read_info as read_backup_info
 from pg_safe_backup.encryption import KEY_FLAGS, check_key, decrypt_backup
 from pg_safe_backup.errors import PermanentError
-from pg_safe_backup.files.copier import CopyError, Progress, copy_tree, sync_tree
-from pg_safe_backup.files.crypt import CryptError, EncryptionKey
+from pg_safe_backup.files.copier import CHUNK, CopyError, Progress, copy_tree, sync_paths, sync_tree
+from pg_safe_backup.files.crypt import SUFFIX, CryptError, EncryptionKey
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
+from pg_safe_backup.files.objects import (
+    FOLDERS_NAME,
+    StoredFile,
+    StoredReader,
+    download_tree,
+    fetch_file,
+    list_stored,
+    plaintext_name,
+)
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
     TablespaceNotCopied,
@@ -111,6 +120,7 @@ from pg_safe_backup.files.walheader import fsync_path
 from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn, start_wal_location
 from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
+from pg_safe_backup.storage import is_url, location
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
 # the backup rather than the restored cluster.
@@ -592,12 +602,91 @@ def _check_not_before_backup(backup: Path, target: RecoveryTarget) -> None:
         )
 
 
+# ---------------------------------------------------------------------------- a backup in an object store
+def _read_first(name: str) -> bool:
+    """Whether the file ``name`` (as restored) of a backup in an object store is read before the copy: what
+    the checks and the plan read (label, map, manifest, catalog entry, PG_VERSION, pg_control, a
+    self-contained backup's WAL), never a relation file or an archive."""
+    top = name.split("/", 1)[0]
+    return ("/" not in name and not _is_archive(name)) or top == "pg_wal" or name == "global/pg_control"
+
+
+@dataclass
+class _Remote:
+    """A backup in an object store, restored through its local outline: every folder of the backup, the
+    files :func:`_read_first` names with their contents, every other file as a sparse file of its stored size
+    (no disk used). Every check, the tablespace plan and the room check read the outline as they read a
+    local backup; the copy (:meth:`_Progress.copy_tree`) and the tar extraction (:meth:`_Progress.open`)
+    read the store, so the backup's bytes reach the target once, never a second copy on local disk."""
+
+    url: Any
+    outline: Path
+    listing: dict[str, StoredFile]  # stored path (``X.enc`` when sealed) -> file
+    key: EncryptionKey | None
+
+    def under(self, local: Path) -> tuple[str, dict[str, StoredFile], list[str]] | None:
+        """For a folder of the outline: its path in the store, the stored files under it (relative to it),
+        and its folders (relative, empty ones too); None for a folder outside the outline."""
+        if not local.is_relative_to(self.outline):
+            return None
+        rel = local.relative_to(self.outline).as_posix().strip(".")
+        prefix = f"{rel}/" if rel else ""
+        files = {name[len(prefix) :]: f for name, f in self.listing.items() if name.startswith(prefix)}
+        folders = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_dir()]
+        return rel, files, folders
+
+    def file(self, local: Path) -> tuple[str, StoredFile] | None:
+        """For a file of the outline: its stored path and the stored file; None for another file."""
+        if not local.is_relative_to(self.outline):
+            return None
+        rel = local.relative_to(self.outline).as_posix()
+        name = next((n for n in (rel, rel + SUFFIX) if n in self.listing), None)
+        return None if name is None else (name, self.listing[name])
+
+
+@contextlib.contextmanager
+def _outlined(url: Any, key: EncryptionKey | None, near: Path) -> Iterator[_Remote]:
+    """The outline of the backup at ``url`` (:class:`_Remote`) in a temporary folder beside ``near`` (the
+    target), removed at the end.
+
+    :raises RestoreError: the store cannot be listed or read, or holds nothing there (named).
+    """
+    try:
+        listing = list_stored(url)
+    except OSError as err:
+        raise RestoreError(f"cannot list {url} (BACKUP): {' '.join(str(err).split())}") from None
+    if not listing:
+        raise RestoreError(f"{url} (BACKUP) holds nothing: no backup there")
+    outline = Path(tempfile.mkdtemp(prefix=f".{near.name}.outline-", dir=_nearest_existing(near.parent)))
+    try:
+        try:
+            if FOLDERS_NAME in listing:
+                for folder in json.loads((url / FOLDERS_NAME).read_bytes())["folders"]:
+                    (outline / folder).mkdir(parents=True, exist_ok=True)
+            for stored, item in listing.items():
+                name = plaintext_name(stored, key)
+                path = outline / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if _read_first(name):
+                    fetch_file(item, path, key, str(url / stored))
+                else:
+                    with open(path, "wb") as sparse:
+                        sparse.truncate(item.size)
+        except (OSError, CryptError, ValueError, KeyError) as err:
+            raise RestoreError(f"cannot read {url} (BACKUP): {' '.join(str(err).split())}") from None
+        yield _Remote(url, outline, listing, key)
+    finally:
+        shutil.rmtree(outline, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------- the copy
 class _Progress:
     """Bytes copied so far, reported through ``callback(done, total)`` at most every few seconds."""
 
-    def __init__(self, total: int, callback: Callable[[int, int], None] | None) -> None:
-        self.total, self.callback = total, callback
+    def __init__(
+        self, total: int, callback: Callable[[int, int], None] | None, remote: _Remote | None = None
+    ) -> None:
+        self.total, self.callback, self.remote = total, callback, remote
         self.done = self.files = 0
         self.kept = self.removed = 0  # a delta restore's files left as they were, and removed
         self.last = time.monotonic()
@@ -621,6 +710,8 @@ class _Progress:
         folder synced), counted; ``delta``: into the folder ``destination`` as it is
         (:func:`files.copier.sync_tree`: only the files that differ written, what ``source`` lacks removed).
 
+        A folder of a backup in an object store (its local outline, :class:`_Remote`) is downloaded instead.
+
         :raises RestoreError: a file or folder cannot be read or written (named).
         """
         before = self.done
@@ -629,8 +720,21 @@ class _Progress:
             self.done = before + copied.done_bytes
             self._report()
 
+        stored = self.remote.under(source) if self.remote else None
         try:
-            if delta:
+            if stored is not None:
+                assert self.remote is not None and not delta  # refused before: a delta reads a local backup
+                result = download_tree(
+                    self.remote.url / stored[0] if stored[0] else self.remote.url,
+                    destination,
+                    listing=stored[1],
+                    skip_top=skip_top or (),
+                    folders=stored[2],
+                    key=self.remote.key,
+                    progress=seen,
+                    progress_interval=1.0,
+                )
+            elif delta:
                 synced = sync_tree(
                     source,
                     destination,
@@ -646,10 +750,20 @@ class _Progress:
                 result = copy_tree(
                     source, destination, skip_top=skip_top or (), progress=seen, progress_interval=1.0
                 )
-        except CopyError as err:
-            raise RestoreError(f"the copy failed: {err}") from err
+        except (CopyError, OSError, CryptError) as err:
+            raise RestoreError(f"the copy failed: {' '.join(str(err).split())}") from err
         self.done = before + result.bytes
         self.files += result.files
+
+    def open(self, path: Path) -> IO[bytes]:
+        """The file ``path`` to read: a local one, or one of a backup in an object store, read ahead by a
+        thread and decrypted when it is sealed."""
+        stored = self.remote.file(path) if self.remote else None
+        if stored is None:
+            return open(path, "rb")
+        assert self.remote is not None
+        name, item = stored
+        return io.BufferedReader(StoredReader(item, self.remote.key, str(self.remote.url / name)), CHUNK)
 
 
 # ------------------------------------------------------------------------------------------ tar format
@@ -658,10 +772,16 @@ def tar_archives(backup: Path) -> dict[str | None, Path]:
     for base.tar) -> file; empty for a plain backup."""
     found: dict[str | None, Path] = {}
     for path in sorted(backup.glob("*.tar*")) if backup.is_dir() else []:
-        stem, _, suffix = path.name.partition(".tar")
-        if suffix in TAR_SUFFIXES and (stem == "base" or stem.isdigit()):
+        if _is_archive(path.name):
+            stem = path.name.partition(".tar")[0]
             found[None if stem == "base" else stem] = path
     return found if None in found else {}
+
+
+def _is_archive(name: str) -> bool:
+    """Whether ``name`` is an archive of a tar backup (``base.tar[.gz|.zst]``, ``<oid>.tar[...]``)."""
+    stem, tar, suffix = name.partition(".tar")
+    return bool(tar) and suffix in TAR_SUFFIXES and (stem == "base" or stem.isdigit())
 
 
 class _CountedReader(io.RawIOBase):
@@ -686,7 +806,10 @@ def _extract(archive: Path, into: Path, skip_top: set[str], progress: _Progress)
     """
     try:
         _extract_members(archive, into, skip_top, progress)
-    except (OSError, EOFError, ImportError, tarfile.TarError) as err:
+        # Durable before the restore says it is done, as the copy engine's files are.
+        synced = [Path(top, name) for top, _dirs, names in os.walk(into) for name in [*names, "."]]
+        sync_paths([p for p in synced if not p.is_symlink()] + [into.parent])
+    except (OSError, EOFError, ImportError, tarfile.TarError, CopyError, CryptError) as err:
         raise RestoreError(f"cannot extract {archive}: {type(err).__name__}: {err}") from err
     except Exception as err:  # zstandard.ZstdError, without importing zstandard for every backup
         if type(err).__module__.split(".")[0] != "zstandard":
@@ -695,7 +818,7 @@ def _extract(archive: Path, into: Path, skip_top: set[str], progress: _Progress)
 
 
 def _extract_members(archive: Path, into: Path, skip_top: set[str], progress: _Progress) -> None:
-    with open(archive, "rb") as raw:
+    with progress.open(archive) as raw:
         counted: IO[bytes] = io.BufferedReader(_CountedReader(raw, progress))  # type: ignore[arg-type]
         if archive.name.endswith(".zst"):
             import zstandard  # only a zstd backup needs it (the [zstd] extra)
@@ -735,10 +858,12 @@ def _copy_backup(
     tar backup's base.tar is extracted, and its label files, stored beside the archives, copied. ``delta``:
     ``data`` is made to hold the same (only what differs written, what the backup lacks removed)."""
     if archives:
-        _extract(archives[None], data, SKIP_TOP, progress)
-        for name in ("backup_label", "tablespace_map"):
-            if (backup / name).is_file():
-                shutil.copy2(backup / name, data / name)
+        # The label first: base.tar's last member is pg_control, and a folder with it but without the
+        # label would start recovery from the wrong checkpoint.
+        beside = {name for name in ("backup_label", "tablespace_map") if (backup / name).is_file()}
+        for name in beside:
+            shutil.copy2(backup / name, data / name)
+        _extract(archives[None], data, SKIP_TOP | beside, progress)
         (data / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
         (data / "pg_tblspc").mkdir(exist_ok=True)
         return
@@ -844,6 +969,17 @@ def _check_apart(backup: Path, data: Path, plan: list[_Placement]) -> None:
                 )
 
 
+def _copy_tablespaces(plan: list[_Placement], progress: _Progress, delta: bool = False) -> None:
+    """Copy each tablespace to its place (``delta``: into what it holds). Before the data directory: its
+    pg_control, copied last of all, is what makes a folder a data directory a server starts on."""
+    for p in plan:
+        if p.source.is_file():  # <oid>.tar of a tablespace of a tar backup
+            _extract(p.source, p.where, set(), progress)
+        else:
+            progress.copy_tree(p.source, p.where, delta=delta and p.where.is_dir())
+        os.chmod(p.where, 0o700)
+
+
 def _place_tablespaces(
     backup: Path,
     data: Path,
@@ -852,15 +988,9 @@ def _place_tablespaces(
     result: RestoreResult,
     delta: bool = False,
 ) -> None:
-    """Copy each tablespace to its place (``delta``: into what it holds), then link it from pg_tblspc/ and
-    name it in tablespace_map; an in-place tablespace (allow_in_place_tablespaces) is copied into pg_tblspc/.
-    A delta's pg_tblspc/ keeps its links until every place is written (a delta run again finds them)."""
-    for p in plan:
-        if p.source.is_file():  # <oid>.tar of a tablespace of a tar backup
-            _extract(p.source, p.where, set(), progress)
-        else:
-            progress.copy_tree(p.source, p.where, delta=delta and p.where.is_dir())
-        os.chmod(p.where, 0o700)
+    """Link each tablespace, copied to its place (:func:`_copy_tablespaces`), from pg_tblspc/ and name it in
+    tablespace_map; an in-place tablespace (allow_in_place_tablespaces) is copied into pg_tblspc/. A delta's
+    pg_tblspc/ keeps its links until every place is written (a delta run again finds them)."""
     links = data / "pg_tblspc"
     for entry in list(links.iterdir()) if delta and links.is_dir() else []:
         if entry.is_dir() and not entry.is_symlink():
@@ -1076,7 +1206,7 @@ def _configure(data: Path, settings: Mapping[str, str], archive_recovery: bool) 
 
 
 def prepare_restore(
-    backup: Path | str,
+    backup: Path | str | Any,
     target: Path | str,
     *,
     wal_archive: Path | str | None,
@@ -1085,9 +1215,12 @@ def prepare_restore(
     **options: Any,
 ) -> RestoreResult:
     """Turn ``backup`` into the data directory ``target`` that recovers when started (module docstring);
-    an encrypted backup is decrypted first, into a temporary folder beside ``target``.
+    an encrypted backup in a local folder is decrypted first, into a temporary folder beside ``target``; one
+    in an object store is decrypted as it is downloaded.
 
-    :param backup: the stored backup: a plain folder with backup_label, or a tar backup's folder.
+    :param backup: the stored backup: a plain folder with backup_label, or a tar backup's folder; local, or
+        in an object store (``s3://...`` read with the store's own credentials, or a path object of
+        fsspec's: ``UPath`` with options, Airflow's ``ObjectStoragePath``).
     :param target: the new data directory: absent or empty.
     :param wal_archive: the WAL archive; None only for a self-contained backup.
     :param encryption_key: the key of an encrypted backup.
@@ -1096,8 +1229,10 @@ def prepare_restore(
     :raises RestoreError: what makes the restore impossible or unsafe, named; an encrypted backup without
         its key, with another key, or with a byte changed (nothing restored).
     """
-    backup = Path(backup).absolute()
     data = Path(target).absolute()
+    if hasattr(backup, "fs") or is_url(str(backup)):
+        return _restore_stored(backup, data, wal_archive, encryption_key, key_flags, options)
+    backup = Path(backup).absolute()
     try:
         key_id = check_key(backup, encryption_key, key_flags)
     except CryptError as err:
@@ -1122,6 +1257,34 @@ def prepare_restore(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _restore_stored(
+    backup: Any,
+    data: Path,
+    wal_archive: Path | str | None,
+    key: EncryptionKey | None,
+    key_flags: str,
+    options: dict[str, Any],
+) -> RestoreResult:
+    """:func:`prepare_restore` of a backup in an object store (a URL, or a path object of fsspec's): through
+    its outline (:class:`_Remote`), each file downloaded or each archive extracted (and decrypted) as it
+    arrives, straight into the target."""
+    url = location(backup) if isinstance(backup, str) else backup
+    if options.get("delta"):
+        raise RestoreError(f"--delta rewrites from a backup in a local folder; {url} is in an object store")
+    try:
+        key_id = check_key(url, key, key_flags)
+    except CryptError as err:
+        raise RestoreError(str(err)) from None
+    with _outlined(url, key if key_id else None, data) as remote:
+        try:
+            result = restore_plain(remote.outline, data, wal_archive=wal_archive, remote=remote, **options)
+        except RestoreError as err:  # named as the user named it, not as the outline
+            raise type(err)(str(err).replace(str(remote.outline), str(url))) from err
+        for placed in result.tablespaces.values():
+            placed["backup"] = placed["backup"].replace(str(remote.outline), str(url))
+        return result
+
+
 def restore_plain(
     backup: Path | str,
     target: Path | str,
@@ -1140,6 +1303,7 @@ def restore_plain(
     use_backup_pg_wal: bool = False,
     progress: Callable[[int, int], None] | None = None,
     delta: bool = False,
+    remote: _Remote | None = None,
 ) -> RestoreResult:
     """Turn the backup ``backup``, not encrypted, into the data directory ``target`` that recovers when
     started (module docstring).
@@ -1170,6 +1334,7 @@ def restore_plain(
         the backup does not hold is removed, and the result is what a restore into an empty folder makes
         (tablespaces too, in their places). Its pg_control goes first and comes back last, so a delta that
         fails half way leaves a directory that does not start, and can be run again. A plain backup only.
+    :param remote: ``backup`` is the outline of a backup in an object store (:func:`prepare_restore`).
     :raises RestoreError: what makes the restore impossible or unsafe, named.
     """
     started = time.monotonic()
@@ -1225,13 +1390,14 @@ def restore_plain(
         total = sum(path.stat().st_size for path in archives.values())
     else:
         total = sum(needed.values())
-    meter = _Progress(total, progress)
+    meter = _Progress(total, progress, remote)
     # Undone on failure: what this restore made or found empty (a delta's target is left, unstartable).
     made = [] if delta else [(folder, folder.exists()) for folder in [data, *(p.where for p in plan)]]
     try:
         data.mkdir(parents=True, exist_ok=True)
         if delta:
             _begin_delta(data)
+        _copy_tablespaces(plan, meter, delta)
         _copy_backup(backup, data, archives, use_backup_pg_wal or archive is None, meter, result, delta)
         if archive is not None and backup_system_identifier(backup) is None:  # a tar backup, now extracted
             if backup_system_identifier(data) is not None:

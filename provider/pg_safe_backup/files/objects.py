@@ -14,6 +14,7 @@ pg_replslot/, pg_wal/archive_status/, ...): the folders the store cannot keep ar
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 from pg_safe_backup.files.copier import (
     Copied,
@@ -35,7 +36,7 @@ from pg_safe_backup.files.copier import (
     is_local_path,
     sync_paths,
 )
-from pg_safe_backup.files.crypt import SUFFIX, EncryptingWriter, EncryptionKey
+from pg_safe_backup.files.crypt import SUFFIX, EncryptingWriter, EncryptionKey, decrypt_chunks
 from pg_safe_backup.files.layout import CONTROL_FILE, Entry, walk
 
 #: Bytes read (and hashed) at a time.
@@ -224,42 +225,236 @@ def _unkept_folders(destination: Target, folders: list[str], files: Iterable[str
     return [folder for folder in empty if not (destination / folder).exists()]
 
 
-def download_tree(source: Target, local: Path, *, workers: int | None = None) -> list[str]:
-    """Copy a backup from ``source`` (a plain copy, its label files, or tar archives) into the local
-    folder ``local``, making again the folders listed in :data:`FOLDERS_NAME` (which is not copied).
+class StoredFile(NamedTuple):
+    """One file of a copy as stored: its object (or local file) and its stored size."""
+
+    item: Target
+    size: int
+
+
+def list_stored(source: Target) -> dict[str, StoredFile]:
+    """Every file under ``source`` by its stored path relative to it (``base/5/1259``, ``base.tar.zst.enc``),
+    with its size: one recursive listing of an object store (no request per folder), a walk of a folder.
+
+    :param source: a copy's top folder (prefix): an object-store path or a local ``Path``.
+    :raises OSError: it cannot be listed.
+    """
+    found: dict[str, StoredFile] = {}
+    fs = getattr(source, "fs", None)
+    if fs is None or is_local_path(source):
+        top = Path(str(source))
+        for folder, _dirs, names in os.walk(top, followlinks=True):
+            for name in names:
+                path = Path(folder, name)
+                found[path.relative_to(top).as_posix()] = StoredFile(path, path.stat().st_size)
+        return found
+    base = str(source.path).rstrip("/")
+    for key, info in fs.find(base, detail=True).items():
+        rel = str(key)[len(base) :].strip("/")
+        if rel and info.get("type") != "directory" and not str(key).endswith("/"):
+            found[rel] = StoredFile(source / rel, int(info.get("size") or 0))
+    return found
+
+
+def plaintext_name(stored: str, key: EncryptionKey | None) -> str:
+    """The name a stored file is restored under: ``X.enc`` is ``X`` when it is decrypted (``key``)."""
+    return stored[: -len(SUFFIX)] if key is not None and stored.endswith(SUFFIX) else stored
+
+
+def stored_chunks(stored: StoredFile, key: EncryptionKey | None, what: str) -> Iterator[bytes]:
+    """The bytes of a stored file, read :data:`CHUNK_SIZE` at a time; a sealed one (``X.enc``) decrypted
+    with ``key`` when one is given (each chunk authenticated before it is given out).
+
+    :param stored: the file.
+    :param key: the backup's key (None: the bytes as stored).
+    :param what: its name for errors.
+    :raises CryptError: sealed and changed, cut or of another key.
+    """
+    with stored.item.open("rb") as src:
+        if key is not None and str(what).endswith(SUFFIX):
+            yield from decrypt_chunks(src, key, what)
+        else:
+            while chunk := src.read(CHUNK_SIZE):
+                yield chunk
+
+
+def fetch_file(stored: StoredFile, target: Path, key: EncryptionKey | None, what: str) -> Copied:
+    """Write a stored file to the local file ``target`` (made, mode 0600), synced, decrypted when ``key`` is
+    given and ``what`` names a sealed file; its size and SHA-256 as written.
+
+    :param stored: the file.
+    :param target: where it goes.
+    :param key: the backup's key, or None.
+    :param what: its stored name (``.enc`` for a sealed one), for errors.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        for chunk in stored_chunks(stored, key, what):
+            digest.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            size += len(chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return Copied(size, digest.hexdigest(), 0)
+
+
+def download_tree(
+    source: Target,
+    local: Path,
+    *,
+    listing: dict[str, StoredFile] | None = None,
+    skip_top: Iterable[str] = (),
+    folders: Iterable[str] | None = None,
+    key: EncryptionKey | None = None,
+    workers: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    progress_interval: float = 5.0,
+) -> CopyResult:
+    """Copy a copy in a store (plain files, label files, archives) into the local folder ``local`` (made if
+    missing): files side by side, largest first, each written and synced as it arrives (no second copy),
+    global/pg_control alone after every other file; the folders an object store cannot keep made again
+    from :data:`FOLDERS_NAME` (which is not copied); every folder synced. Memory: ``workers`` x
+    :data:`CHUNK_SIZE`, whatever the size.
 
     :param source: the copy's top folder (prefix).
-    :param local: the local folder to fill (made if missing).
+    :param local: the local folder to fill.
+    :param listing: :func:`list_stored` of ``source`` when the caller has it (one listing, not two).
+    :param skip_top: top names (as restored) left out.
+    :param folders: the empty folders to make (default: those :data:`FOLDERS_NAME` lists).
+    :param key: decrypt each sealed file (``X.enc``) into ``X`` with it; None: copy as stored.
     :param workers: files copied side by side (default: the CPU count).
-    :returns: the paths copied, relative to ``local``.
+    :param progress: called in the caller's thread with a :class:`Progress` every ``progress_interval``.
+    :param progress_interval: seconds between two progress calls.
+    :returns: counts, sizes and SHA-256 of what was written, keyed by the path as restored.
+    :raises OSError: a file could not be read or written (named); the copy is then incomplete.
+    :raises CryptError: a sealed file does not authenticate with ``key`` (named).
     """
-    local.mkdir(parents=True, exist_ok=True)
-    listing = source / FOLDERS_NAME
-    if listing.exists():
-        with listing.open("rb") as f:
-            for folder in json.load(f)["folders"]:
-                (local / folder).mkdir(parents=True, exist_ok=True)
-    files = [(rel, item) for rel, item in _files_under(source, "") if rel != FOLDERS_NAME]
+    began = time.monotonic()
+    listing = list_stored(source) if listing is None else listing
+    skip = set(skip_top)
+    files = {
+        plaintext_name(rel, key): stored
+        for rel, stored in listing.items()
+        if rel != FOLDERS_NAME and plaintext_name(rel, key).split("/", 1)[0] not in skip
+    }
+    names = {plaintext_name(rel, key): rel for rel in listing}
+    if folders is None:
+        listed = FOLDERS_NAME in listing
+        folders = json.loads((source / FOLDERS_NAME).read_bytes())["folders"] if listed else []
+    made = {f for f in folders if f.split("/", 1)[0] not in skip}
+    for rel in files:
+        parts = rel.split("/")[:-1]
+        made.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    local.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder in sorted(made):
+        (local / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+    result = CopyResult()
+    order = sorted((rel for rel in files if rel != CONTROL_FILE), key=lambda rel: -files[rel].size)
+    reporter = ProgressReporter(
+        progress,
+        progress_interval,
+        sum(stored.size for stored in files.values()),
+        len(files),
+        lambda: (result.bytes, result.files_done),
+    )
+    reporter.report()
 
-    def one(rel_item: tuple[str, Target]) -> None:
-        rel, item = rel_item
-        (local / rel).parent.mkdir(parents=True, exist_ok=True)
-        with item.open("rb") as f, open(local / rel, "wb") as out:
-            while chunk := f.read(CHUNK_SIZE):
-                out.write(chunk)
+    def one(rel: str) -> None:
+        what = f"{source / names[rel]}"
+        try:
+            result.record(rel, fetch_file(files[rel], local / rel, key, what))
+        except OSError as exc:
+            raise OSError(f"copying {what} to {local / rel}: {exc}") from exc
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        list(pool.map(one, files))
-    return [rel for rel, _ in files]
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    try:
+        futures = [pool.submit(one, rel) for rel in order]
+
+        def finished(timeout: float) -> bool:
+            done, pending = wait(futures, timeout, return_when=FIRST_EXCEPTION)
+            return not pending or any(future.exception() for future in done)
+
+        reporter.wait(finished)
+        for future in futures:
+            future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, copy no more
+    if CONTROL_FILE in files:
+        one(CONTROL_FILE)  # last: until it is there, what was copied is no data directory
+    sync_paths([local, local.parent, *(local / folder for folder in made)])
+    reporter.report()
+    result.folders = len(made)
+    result.seconds = time.monotonic() - began
+    return result
 
 
-def _files_under(folder: Target, rel: str) -> Iterator[tuple[str, Target]]:
-    for item in folder.iterdir():
-        path = f"{rel}/{item.name}" if rel else item.name
-        if item.is_dir():
-            yield from _files_under(item, path)
-        else:
-            yield path, item
+class StoredReader(io.RawIOBase):
+    """A stored file read ahead by a thread (:func:`stored_chunks`): the download and what the caller does
+    with the bytes (decompress, extract) go on side by side. At most ``depth`` chunks wait.
+
+    :param stored: the file.
+    :param key: decrypt it with this key when it is sealed.
+    :param what: its name for errors.
+    :param depth: chunks that may wait.
+    """
+
+    def __init__(self, stored: StoredFile, key: EncryptionKey | None, what: str, depth: int = 4) -> None:
+        super().__init__()
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._left = memoryview(b"")
+        self._ended = False
+        self._thread = threading.Thread(
+            target=self._run, args=(stored, key, what), name="pgsb-reader", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, stored: StoredFile, key: EncryptionKey | None, what: str) -> None:
+        try:
+            for chunk in stored_chunks(stored, key, what):
+                if not self._put(chunk):
+                    return
+            self._put(b"")
+        except BaseException as exc:  # handed to the reader at its next read
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._left:
+            if self._ended:
+                return 0
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            if not item:
+                self._ended = True
+                return 0
+            self._left = memoryview(item)
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
 
 
 class BackgroundWriter:
@@ -322,8 +517,14 @@ __all__ = [
     "BackgroundWriter",
     "Copied",
     "CopyResult",
+    "StoredFile",
+    "StoredReader",
     "Target",
     "download_tree",
+    "fetch_file",
+    "list_stored",
+    "plaintext_name",
+    "stored_chunks",
     "close_durably",
     "open_for_writing",
     "open_source",
