@@ -22,6 +22,9 @@
    (one process per segment, and --parallel) against `cp` + `sync` and `pgbackrest archive-push` (sync
    and archive-async), each draining the same number of waiting segments into a fresh archive, in turn,
    median of 3 rounds (bench/walbench.py).
+10. a full backup and its restore into an empty folder, ours beside Debian's pgBackRest (none and lz4,
+   process-max = the CPU count), in MB/s of a pgbench -i -s PEER_SCALE data directory, the page cache
+   dropped before each, every restore started and its data compared with the source's (bench/peerbench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -53,6 +56,12 @@ MANIFEST_TARGET_RATIO = 1.2
 RESTORE_TARGET_RATIO = 1.3
 #: Issue 14's goal for figure 7: the copy's maximum RSS, whatever the data size.
 COPY_RSS_LIMIT_MB = 256
+#: Figure 10's targets (issue 23, item 5): ours at least as fast as pgBackRest's uncompressed backup and
+#: restore (like for like: our plain copy compresses nothing either).
+PEER_PAIRS = (
+    ("backup_mb_s", "pgbackrest_backup_mb_s", "backup vs pgbackrest backup (compress-type=none)"),
+    ("restore_mb_s", "pgbackrest_restore_mb_s", "restore vs pgbackrest restore (compress-type=none)"),
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,9 +137,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="figure 9's compression, wal-push's and pgBackRest's alike (default none)",
     )
     p.add_argument(
+        "--peer-scale",
+        type=int,
+        default=None,
+        help="pgbench scale of figure 10 (default 65, ~1 GB; 10 with --quick)",
+    )
+    p.add_argument(
+        "--peer-rounds",
+        type=int,
+        default=None,
+        help="rounds of figure 10's backups and restores (default 5; 1 with --quick)",
+    )
+    p.add_argument(
         "--skip",
         default="",
-        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore, wal",
+        help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore, wal,"
+        " peer",
     )
     p.add_argument(
         "--no-reference",
@@ -165,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.restore_scale = a.restore_scale or (20 if quick else 150)
     a.wal_segments = a.wal_segments or (16 if quick else 32)
     a.wal_rounds = a.wal_rounds or (1 if quick else 3)
+    a.peer_scale = a.peer_scale or (10 if quick else 65)
+    a.peer_rounds = a.peer_rounds or (1 if quick else 5)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -238,6 +262,10 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
         if r.get(theirs) is not None and ours in r:
             ok = None if r[ours] is None else r[ours] >= r[theirs]
             out[name] = t(r[ours], f">= {r[theirs]:g} segments/s", ok)
+    if r.get("peer_detail") is not None:
+        for ours, theirs, name in PEER_PAIRS:
+            ok = None if r.get(ours) is None or r.get(theirs) is None else r[ours] >= r[theirs]
+            out[name] = t(r.get(ours), f">= {f'{r[theirs]:g}' if r.get(theirs) else 'n/a'} MB/s", ok)
     return out
 
 
@@ -424,6 +452,29 @@ def table(r: dict[str, Any]) -> str:
             f"pgbackrest archive-async process-max={wd['parallel']}: {seg('pgbackrest_async_segments_s')}",
             "wal-push --parallel vs pgbackrest archive-async",
         )
+    if r.get("peer_detail") is not None:
+        pd = r["peer_detail"]
+        what = (
+            f"{pd['data_mb'] / 1024:.2f} GB, pgbench -s {pd['scale']}, {pd['cores']} cores, process-max"
+            f" {pd['process_max']}; median of {pd['rounds']}"
+        )
+        lz4, tar, ours = pd["pgbackrest_lz4"], pd["ours_tar_zstd"], pd["ours"]
+        row(
+            f"full backup, from disk, fsynced ({what})",
+            f"{f(r['backup_mb_s'], ' MB/s')} plain (the copy alone {f(ours['copy_alone_mb_s'], ' MB/s')});"
+            f" tar + zstd {f(tar['backup_mb_s'], ' MB/s')} ({tar['stored_mb']:g} MB stored)",
+            f"pgbackrest backup, none: {f(r['pgbackrest_backup_mb_s'], ' MB/s')}; lz4:"
+            f" {f(lz4['backup_mb_s'], ' MB/s')} ({lz4['stored_mb']:g} MB stored)",
+            PEER_PAIRS[0][2],
+        )
+        row(
+            "its restore into an empty folder, from disk (started and its data compared, untimed)",
+            f"pg-safe-backup restore: {f(r['restore_mb_s'], ' MB/s')} plain (in the process"
+            f" {f(ours['restore_in_process_mb_s'], ' MB/s')}); tar + zstd {f(tar['restore_mb_s'], ' MB/s')}",
+            f"pgbackrest restore, none: {f(r['pgbackrest_restore_mb_s'], ' MB/s')}; lz4:"
+            f" {f(lz4['restore_mb_s'], ' MB/s')}",
+            PEER_PAIRS[1][2],
+        )
     return "\n".join(lines)
 
 
@@ -562,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
                 "wal",
                 "wal_detail",
                 lambda: walbench.run(work, args.wal_segments, args.wal_rounds, args.wal_compression),
+            )
+        if "peer" not in args.skip:
+            from bench import peerbench
+
+            measure_phase(
+                results, "peer", "peer_detail", lambda: peerbench.run(work, args.peer_scale, args.peer_rounds)
             )
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)
