@@ -550,6 +550,36 @@ def test_the_cli_restores_a_copy_in_s3_from_the_url_alone_to_a_target_time(
         assert server.sql("SELECT count(*), max(id) FROM later") == [(100, 100)]
 
 
+@pytest.mark.parametrize("fmt", ["plain", "zstd"])
+def test_the_cli_verifies_a_copy_in_s3_from_the_url_alone(stored, s3_server, tmp_root, fmt):
+    """pg-safe-backup verify s3://...: downloaded (a tar copy extracted as it streams) into a temporary
+    folder, then every check: page LSNs, pg_verifybackup of its stored manifest, the restore check; the
+    verdict recorded in the catalog entry beside the copy in the store."""
+    url = f"s3://{stored.prefixes[fmt].path.strip('/')}"
+    work = server_folder(tmp_root)
+    done = run_cli(
+        "verify",
+        url,
+        stored.archive,
+        "--invariant-sql",
+        INVARIANT,
+        "--work-dir",
+        work,
+        *store_flags(s3_server),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("PASS: download pass"), done.stdout
+    assert any(line.startswith("  download: PASS: 9") and url in line for line in lines), done.stdout
+    for check in ("page-LSN check", "pg_verifybackup", "restore check"):
+        assert any(line.startswith(f"  {check}: PASS") for line in lines), done.stdout
+    assert f"recorded in {url}.backup_info.json" in done.stdout, done.stdout
+    assert list(work.iterdir()) == [], "the download is removed"
+    recorded = json.loads((stored.prefixes[fmt].parent / f"{fmt}.backup_info.json").read_bytes())
+    last = recorded["verifications"][-1]
+    assert last["ok"] is True and last["by"] == "pg-safe-backup verify", last
+
+
 def test_a_restore_from_s3_killed_mid_download_leaves_no_target_that_starts(stored, s3_server, tmp_root):
     """SIGKILL in the middle of the download (nothing of the restore's own clean-up runs): pg_control comes
     last, after every other file of the data directory and of its tablespace, so the server refuses the

@@ -41,7 +41,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: never imported when the command runs
     from datetime import datetime
@@ -87,7 +87,11 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     """
     from pg_safe_backup.local_cluster import SERVER_USER
 
-    p.add_argument("backup_dir", type=Path)
+    p.add_argument(
+        "backup_dir",
+        metavar="BACKUP",
+        help="the backup folder, or its object-store URL (s3://bucket/backups/20261126T010000, gs://, abfs://)",
+    )
     p.add_argument(
         "wal_archive",
         nargs="?",
@@ -127,6 +131,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
     p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
+    add_storage_flag(p)
     add_key_flags(p)
     p.set_defaults(run=_verify)
 
@@ -135,19 +140,21 @@ def _verify(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import entry_path
     from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.restore_check import _one_line
+    from pg_safe_backup.storage import StorageError, location, storage_options
     from pg_safe_backup.verify import CheckNotRun, record_check
 
     began = time.monotonic()
     try:
         key = encryption_key(args)
-        report = _check(args, key)
-    except (CheckNotRun, CryptError) as err:
+        backup = location(args.backup_dir, storage_options(args.storage_option), "BACKUP")
+        report = _check(args, backup, key)
+    except (CheckNotRun, CryptError, StorageError) as err:
         print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
         return 2
     print(report.summary())
     by = "pg-safe-backup verify"
-    if record_check(args.backup_dir, report, time.monotonic() - began, by, _warn, key):
-        print(f"recorded in {entry_path(Path(args.backup_dir))}")
+    if record_check(backup, report, time.monotonic() - began, by, _warn, key):
+        print(f"recorded in {entry_path(backup)}")
     if args.verbose:
         for step in report.steps:
             print(f"{step.name}:")
@@ -160,12 +167,13 @@ def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def _check(args: argparse.Namespace, key: EncryptionKey | None = None) -> BackupCheck:
-    """:func:`check_backup` as the CLI's flags say."""
+def _check(args: argparse.Namespace, backup: Any, key: EncryptionKey | None = None) -> BackupCheck:
+    """:func:`check_backup` of ``backup`` (a path, or a path object of an object store) as the CLI's flags
+    say."""
     from pg_safe_backup.verify import check_backup
 
     return check_backup(
-        args.backup_dir,
+        backup,
         args.wal_archive,
         stop_lsn=args.stop_lsn,
         page_lsns=not args.no_page_lsn,

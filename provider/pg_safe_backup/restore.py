@@ -120,7 +120,7 @@ from pg_safe_backup.files.walheader import fsync_path
 from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn, start_wal_location
 from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
-from pg_safe_backup.storage import is_url, location
+from pg_safe_backup.storage import in_store, place_of
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
 # the backup rather than the restored cluster.
@@ -679,6 +679,39 @@ def _outlined(url: Any, key: EncryptionKey | None, near: Path) -> Iterator[_Remo
         shutil.rmtree(outline, ignore_errors=True)
 
 
+def download_backup(url: Any, into: Path, key: EncryptionKey | None = None) -> tuple[int, int]:
+    """The backup at ``url`` as a local copy of a data directory in ``into`` (absent or empty), what the
+    checks that read every file need (page LSNs, pg_verifybackup): plain files downloaded (and decrypted),
+    a tar backup's archives extracted as they stream (each tablespace's into ``pg_tblspc/<OID>``), its label
+    files and backup_manifest beside them copied in.
+
+    :param url: the backup in an object store.
+    :param into: the local folder.
+    :param key: the key of an encrypted backup.
+    :returns: the bytes and files read.
+    :raises RestoreError: it cannot be listed, read or extracted (named).
+    :raises CryptError: a sealed file does not authenticate with ``key`` (named).
+    """
+    with _outlined(url, key, into) as remote:
+        meter = _Progress(0, None, remote)
+        archives = tar_archives(remote.outline)
+        if not archives:
+            meter.copy_tree(remote.outline, into)
+            return meter.done, meter.files
+        into.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for top in remote.outline.iterdir():
+            if top.is_file() and not _is_archive(top.name):
+                shutil.copy2(top, into / top.name)  # read already: the label files, the manifest
+        for oid, archive in archives.items():
+            _extract(
+                archive,
+                into / "pg_tblspc" / oid if oid else into,
+                {"pg_tblspc"} if oid is None else set(),
+                meter,
+            )
+        return meter.done, meter.files
+
+
 # ------------------------------------------------------------------------------------------- the copy
 class _Progress:
     """Bytes copied so far, reported through ``callback(done, total)`` at most every few seconds."""
@@ -1230,7 +1263,7 @@ def prepare_restore(
         its key, with another key, or with a byte changed (nothing restored).
     """
     data = Path(target).absolute()
-    if hasattr(backup, "fs") or is_url(str(backup)):
+    if in_store(backup):
         return _restore_stored(backup, data, wal_archive, encryption_key, key_flags, options)
     backup = Path(backup).absolute()
     try:
@@ -1268,7 +1301,7 @@ def _restore_stored(
     """:func:`prepare_restore` of a backup in an object store (a URL, or a path object of fsspec's): through
     its outline (:class:`_Remote`), each file downloaded or each archive extracted (and decrypted) as it
     arrives, straight into the target."""
-    url = location(backup) if isinstance(backup, str) else backup
+    url = place_of(backup)
     if options.get("delta"):
         raise RestoreError(f"--delta rewrites from a backup in a local folder; {url} is in an object store")
     try:
@@ -1466,6 +1499,7 @@ __all__ = [
     "check_archive",
     "check_archive_cluster",
     "check_backup_dir",
+    "download_backup",
     "manifest_field",
     "prepare_restore",
     "quote_setting",

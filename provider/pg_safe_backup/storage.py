@@ -26,6 +26,28 @@ def is_url(text: str) -> bool:
     return bool(sep) and scheme.isalnum() and scheme != "file"
 
 
+def in_store(place: Any) -> bool:
+    """Whether ``place`` is in an object store: a URL (``s3://...``), or a path object of fsspec's
+    (``UPath``, Airflow's ``ObjectStoragePath``) that is not a local file.
+
+    :param place: a path, a URL or a path object.
+    """
+    if isinstance(place, Path):
+        return False
+    if isinstance(place, str):
+        return is_url(place)
+    return getattr(place, "protocol", "file") not in ("", "file", "local")
+
+
+def place_of(where: Any) -> Any:
+    """``where`` as the path object a command reads: a local ``Path`` for a path (``str`` or ``Path``), a
+    ``UPath`` for a URL (:func:`location`, no options: the store's own credentials), any other path object
+    (``UPath``, ``ObjectStoragePath``) as it is."""
+    if isinstance(where, (str, Path)):
+        return location(where)
+    return where
+
+
 def storage_options(pairs: Iterable[str], flag: str = "--storage-option") -> dict[str, Any]:
     """``KEY=VALUE`` pairs as fsspec options (``true``/``false`` as booleans, integers as integers).
 

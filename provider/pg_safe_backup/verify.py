@@ -59,9 +59,11 @@ from pg_safe_backup.local_cluster import find_bindir
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
 from pg_safe_backup.restore import (
     ArchiveNotUsable,
+    RestoreError,
     archive_place,
     backup_major,
     check_archive,
+    download_backup,
     manifest_field,
 )
 from pg_safe_backup.restore_check import (
@@ -76,6 +78,7 @@ from pg_safe_backup.restore_check import (
     verify_backup,
 )
 from pg_safe_backup.state import parse_backup_label
+from pg_safe_backup.storage import in_store, place_of
 
 #: The first major whose pg_verifybackup reads each backup_manifest version.
 MANIFEST_READERS = {1: 13, 2: 17}
@@ -136,6 +139,8 @@ PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
 CHECKS = ("page-LSN check", "pg_verifybackup", "restore check")
 #: The step before them for an encrypted backup: every file decrypted (and so authenticated) with its key.
 DECRYPTION = "decryption"
+#: The step before them for a backup in an object store: downloaded (decrypted, extracted) to be read.
+DOWNLOAD = "download"
 
 
 @dataclass
@@ -219,25 +224,17 @@ def check_backup(
         another cluster's or encrypted without ``archive_key``; no pg_verifybackup reads the manifest
         (``manifest``); no server binaries of the backup's major (``restore``).
     """
-    backup = Path(backup_dir).absolute()
+    stored = in_store(backup_dir)
+    backup = place_of(backup_dir) if stored else Path(backup_dir).absolute()
     try:
         key_id = check_key(backup, encryption_key)
     except CryptError as err:  # no key, or another one: nothing can be checked, no verdict
         raise CheckNotRun(str(err)) from None
-    if key_id is not None:
-        assert encryption_key is not None  # check_key raised otherwise
-        staging = Path(tempfile.mkdtemp(prefix="pgsb-decrypted-", dir=restore_options.get("work_dir")))
-        try:
-            (progress or (lambda line: None))(f"{DECRYPTION}: decrypting {backup} with key {key_id} ...")
-            try:
-                files = decrypt_backup(backup, staging, encryption_key)
-            except CryptError as err:  # a changed or cut byte: the stored backup is damaged, a verdict
-                return BackupCheck([CheckStep(DECRYPTION, FAIL, _one_line(err), {"key_id": key_id})])
-            decrypted = CheckStep(
-                DECRYPTION, PASS, f"{len(files)} files decrypted with key {key_id}", {"key_id": key_id}
-            )
-            report = check_backup(
-                staging,
+    if stored or key_id is not None:
+
+        def again(copy: Path) -> BackupCheck:  # the same checks of the local, plaintext copy
+            return check_backup(
+                copy,
                 wal_archive,
                 stop_lsn=stop_lsn,
                 page_lsns=page_lsns,
@@ -249,15 +246,12 @@ def check_backup(
                 archive_key=archive_key,
                 **restore_options,
             )
-            # Each step names the backup as the user named it, not the temporary folder it was checked in.
-            named = str(backup)
-            steps = [
-                CheckStep(step.name, step.status, step.summary.replace(str(staging), named), step.details)
-                for step in report.steps
-            ]
-            return BackupCheck([decrypted, *steps])
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        fill = _download if stored else _decrypt
+        (progress or (lambda line: None))(
+            f"{DOWNLOAD}: downloading {backup} ..." if stored else f"{DECRYPTION}: decrypting {backup} ..."
+        )
+        return _check_a_copy(backup, fill, key_id, encryption_key, again, restore_options.get("work_dir"))
     archive = archive_place(wal_archive)
     if archive is not None:
         try:
@@ -288,6 +282,57 @@ def check_backup(
     return BackupCheck(steps)
 
 
+def _check_a_copy(
+    backup: Any,
+    fill: Callable[[Any, Path, str | None, EncryptionKey | None], CheckStep],
+    key_id: str | None,
+    key: EncryptionKey | None,
+    again: Callable[[Path], BackupCheck],
+    work_dir: Path | str | None,
+) -> BackupCheck:
+    """The checks of a backup that cannot be read where it is (in an object store, or encrypted), run on a
+    local plaintext copy in a temporary folder of ``work_dir``: ``fill`` makes the copy (its step; a FAIL
+    ends the checks there: the stored backup is damaged), ``again`` checks it; the folder is removed."""
+    staging = Path(tempfile.mkdtemp(prefix="pgsb-staged-", dir=work_dir))
+    copy = staging / "copy"
+    try:
+        first = fill(backup, copy, key_id, key)
+        if first.status == FAIL:
+            return BackupCheck([first])
+        report = again(copy)
+        # Each step names the backup as the user named it, not the temporary folder it was checked in.
+        steps = [
+            CheckStep(step.name, step.status, step.summary.replace(str(copy), str(backup)), step.details)
+            for step in report.steps
+        ]
+        return BackupCheck([first, *steps])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _decrypt(backup: Path, into: Path, key_id: str | None, key: EncryptionKey | None) -> CheckStep:
+    """The decryption step: every file of the local ``backup`` decrypted into ``into``."""
+    assert key is not None  # check_key raised otherwise
+    try:
+        files = decrypt_backup(backup, into, key)
+    except CryptError as err:  # a changed or cut byte: the stored backup is damaged, a verdict
+        return CheckStep(DECRYPTION, FAIL, _one_line(err), {"key_id": key_id})
+    return CheckStep(DECRYPTION, PASS, f"{len(files)} files decrypted with key {key_id}", {"key_id": key_id})
+
+
+def _download(backup: Any, into: Path, key_id: str | None, key: EncryptionKey | None) -> CheckStep:
+    """The download step: the backup in an object store as a local copy in ``into`` (decrypted)."""
+    details = {"key_id": key_id} if key_id else {}
+    try:
+        size, files = download_backup(backup, into, key if key_id else None)
+    except CryptError as err:  # a changed or cut byte: the stored backup is damaged, a verdict
+        return CheckStep(DOWNLOAD, FAIL, _one_line(err), details)
+    except RestoreError as err:  # the store could not be read: no verdict
+        raise CheckNotRun(_one_line(err)) from err
+    how = f", decrypted with key {key_id}" if key_id else ""
+    return CheckStep(DOWNLOAD, PASS, f"{files} files, {size / 2**20:.1f} MB read from {backup}{how}", details)
+
+
 def record_check(
     backup_dir: Path | str,
     report: BackupCheck,
@@ -307,7 +352,7 @@ def record_check(
     :param encryption_key: the key of an encrypted backup (the record names the manifest it proves).
     :returns: whether it was recorded.
     """
-    folder = Path(backup_dir)
+    folder = place_of(backup_dir)
     if not has_info(folder):  # beside the folder, or inside it (an earlier release's)
         return False
     try:
