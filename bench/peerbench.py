@@ -20,7 +20,13 @@ each round these in turn, the next round starting one step later (each figure th
    ARCHIVE --target-immediate --target-action promote`` as a process (its copy engine, the CPU count's
    workers, every file synced): ``restore_mb_s``;
 4. ours as tar + zstd (level 3, the CPU count's threads, synced; its manifest from the records) and its
-   restore by the same command (one thread extracts the archive) (``detail``'s ``ours_tar_zstd``).
+   restore by the same command (one thread extracts the archive) (``detail``'s ``ours_tar_zstd``);
+5. in the first S3_ROUNDS rounds (3 at most), both of ours into a local S3 server (moto, over HTTP on
+   127.0.0.1, on the same cores; the copy operator's way: Airflow's ObjectStoragePath of an attached s3fs):
+   plain by :func:`~pg_safe_backup.files.objects.upload_tree` (``copy_s3_mb_s``: the upload alone) and
+   tar + zstd; each restored by ``pg-safe-backup restore s3://BUCKET/PREFIX TARGET --storage-option
+   endpoint_url=... --storage-option key=... --storage-option secret=...`` (``restore_s3_mb_s``: plain).
+   The store keeps what it holds in its memory, and pgBackRest's S3 repository needs TLS: no peer here.
 
 Each side is timed from its first step to its last: pgBackRest's process (its checkpoint, copy, stop, wait
 for the archived WAL, manifest, fsyncs), and ours in this process from pg_backup_start to the synced
@@ -31,7 +37,7 @@ sum(hashtext(a::text))`` of pgbench_accounts and the row counts of the other pgb
 does; a difference stops the run. MB/s is of the data directory as a backup holds it (``du -sb`` of the
 data directory minus its ``pg_wal/``), the same for every tool; MB are 2**20 bytes.
 
-``python -m bench.peerbench WORKDIR SCALE [ROUNDS]`` runs it alone and prints its JSON.
+``python -m bench.peerbench WORKDIR SCALE [ROUNDS [S3_ROUNDS]]`` runs it alone and prints its JSON.
 """
 
 from __future__ import annotations
@@ -47,14 +53,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.common import say
+from demo.s3 import KEY as S3_KEY
+from demo.s3 import SECRET as S3_SECRET
+from demo.s3 import LocalS3
 from pg_safe_backup.local_cluster import LocalCluster, as_server_user, give_to_server_user
 
 MB = 2**20
 STANZA = "bench"
+#: The Airflow connection id our S3 backups are written through (the copy operator's ObjectStoragePath).
+S3_CONN_ID = "bench_peer_s3"
 #: pgBackRest's compressions measured; the first is the results file's figure (like for like: our plain
 #: copy compresses nothing either).
 PGBACKREST_COMPRESSIONS = ("none", "lz4")
@@ -171,7 +185,7 @@ class PgBackRest:
 
 
 def pgbackrest_round(
-    rest: PgBackRest, compression: str, cores: int, work: Path, expected: list[Any]
+    rest: PgBackRest, compression: str, cores: int, work: Path, expected: list[Any], round_: int = 0
 ) -> dict[str, Any]:
     """One full backup by pgBackRest with ``compression``, then its restore into an empty folder, checked."""
     cold = _cold()
@@ -203,9 +217,41 @@ def pgbackrest_round(
     }
 
 
-def _ours_backup(cluster: LocalCluster, backup: Path, system_identifier: str, tar: bool) -> dict[str, Any]:
-    """Our backup of ``cluster`` into ``backup``: pg_backup_start to the synced manifest; plain (the copy
-    engine) or ``tar`` (tar + zstd)."""
+@dataclass(frozen=True)
+class Place:
+    """Where one of our backups goes: a local folder, or a prefix of the local S3 server (``s3``)."""
+
+    name: str
+    tar: bool
+    s3: LocalS3 | None = None
+
+    def target(self, work: Path, round_: int) -> Any:
+        """The backup's folder: a ``Path``, or the prefix as the copy operator writes it (Airflow's
+        ObjectStoragePath of an attached filesystem)."""
+        if self.s3 is None:
+            return work / f"peer_{self.name}"
+        return self.s3.attach(S3_CONN_ID) / f"{self.name}{round_}"
+
+    def restore_args(self, target: Any) -> list[str]:
+        """``pg-safe-backup restore``'s BACKUP argument for ``target`` (a URL and its --storage-option)."""
+        if self.s3 is None:
+            return [str(target)]
+        options = {"endpoint_url": self.s3.endpoint_url, "key": S3_KEY, "secret": S3_SECRET}
+        url = f"s3://{self.s3.bucket}/{target.name}"
+        return [url, *(w for k, v in options.items() for w in ("--storage-option", f"{k}={v}"))]
+
+    def remove(self, target: Any) -> None:
+        if self.s3 is None:
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            fs = self.s3.filesystem()
+            if fs.exists(f"{self.s3.bucket}/{target.name}"):
+                fs.rm(f"{self.s3.bucket}/{target.name}", recursive=True)
+
+
+def _ours_backup(cluster: LocalCluster, place: Place, backup: Any, system_identifier: str) -> dict[str, Any]:
+    """Our backup of ``cluster`` into ``backup`` (``place``'s), timed from pg_backup_start to the stored
+    manifest: plain (the copy engine, or upload_tree into S3) or tar + zstd."""
     from pg_safe_backup.files.copier import copy_data_directory
     from pg_safe_backup.files.label import store_label
     from pg_safe_backup.files.manifest import (
@@ -214,33 +260,46 @@ def _ours_backup(cluster: LocalCluster, backup: Path, system_identifier: str, ta
         write_backup_manifest,
         write_manifest_file,
     )
+    from pg_safe_backup.files.objects import upload_tree
     from pg_safe_backup.files.tarball import write_tar_backup
 
-    shutil.rmtree(backup, ignore_errors=True)
+    place.remove(backup)
+    local = place.s3 is None
     major = int((cluster.datadir / "PG_VERSION").read_text())
     cold = _cold()
     began = time.monotonic()
     with cluster.connect() as conn:  # the backup's one session, held through the copy
         conn.execute("SELECT pg_backup_start(%s, true)", ["bench peer"])
         started = time.monotonic()
-        if tar:
-            copied = write_tar_backup(cluster.datadir, backup, compression="zstd")
-        else:
+        if place.tar:
+            copied = write_tar_backup(cluster.datadir, backup, compression="zstd", log=_quiet)
+        elif local:
             copied = copy_data_directory(cluster.datadir, backup, fsync=True)
+        else:
+            copied = upload_tree(cluster.datadir, backup, log=_quiet)
         copy_s = time.monotonic() - started
         lsn, label, spcmap = conn.execute(
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
         ).fetchone()
     stopped = time.monotonic()
+    plain_local = local and not place.tar
     store_label(
         backup,
         {"backup_label": label, "tablespace_map": spcmap},
-        local_copy=None if tar else backup,
+        local_copy=backup if plain_local else None,
         system_identifier=system_identifier,
         stop_lsn=lsn,
         log=_quiet,
     )
-    if tar:
+    if plain_local:  # from the copy, its checksums spare a second read (the store task's way)
+        write_backup_manifest(
+            backup,
+            backup_label=label,
+            stop_lsn=lsn,
+            system_identifier=system_identifier,
+            checksums=copied.checksums,
+        )
+    else:  # from the copier's records
         records = {
             path: FileRecord(copied.sizes[path], copied.mtimes_ns[path], sha)
             for path, sha in copied.checksums.items()
@@ -252,16 +311,12 @@ def _ours_backup(cluster: LocalCluster, backup: Path, system_identifier: str, ta
             system_identifier=system_identifier,
             major=major,
         )
-        write_manifest_file(backup, content)
-    else:
-        write_backup_manifest(
-            backup,
-            backup_label=label,
-            stop_lsn=lsn,
-            system_identifier=system_identifier,
-            checksums=copied.checksums,
-        )
+        if local:
+            write_manifest_file(backup, content)
+        else:
+            (backup / "backup_manifest").write_bytes(content)
     seconds = time.monotonic() - began
+    stored = sum(copied.archives.values()) if place.tar else copied.bytes
     return {
         "backup_s": round(seconds, 2),
         "copy_s": round(copy_s, 2),
@@ -269,16 +324,16 @@ def _ours_backup(cluster: LocalCluster, backup: Path, system_identifier: str, ta
         "stop_s": round(stopped - started - copy_s, 2),
         "label_and_manifest_s": round(seconds - (stopped - began), 2),
         "copied_mb": round(copied.bytes / MB, 1),
-        "stored_mb": round(_du(backup) / MB, 1),
+        "stored_mb": round((_du(backup) if local else stored) / MB, 1),
         "page_cache_dropped": cold,
     }
 
 
-def _ours_restore(backup: Path, target: Path, archive: Path) -> dict[str, Any]:
-    """``pg-safe-backup restore`` of ``backup`` into the empty ``target``, as a process: its seconds, and its
-    own (the interpreter's start and imports left out) from its last line but one."""
+def _ours_restore(backup: list[str], target: Path, archive: Path) -> dict[str, Any]:
+    """``pg-safe-backup restore BACKUP...`` into the empty ``target``, as a process: its seconds, and its
+    own (the interpreter's start and imports left out) from its summary line."""
     cold = _cold()
-    cmd = [sys.executable, "-m", "pg_safe_backup", "restore", str(backup), str(target)]
+    cmd = [sys.executable, "-m", "pg_safe_backup", "restore", *backup, str(target)]
     cmd += ["--wal-archive", str(archive), "--target-immediate", "--target-action", "promote"]
     began = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
@@ -294,31 +349,41 @@ def _ours_restore(backup: Path, target: Path, archive: Path) -> dict[str, Any]:
 
 
 def ours_round(
-    cluster: LocalCluster, archive: Path, work: Path, expected: list[Any], sysid: str, tar: bool
+    cluster: LocalCluster,
+    place: Place,
+    archive: Path,
+    work: Path,
+    expected: list[Any],
+    sysid: str,
+    round_: int,
 ) -> dict[str, Any]:
-    """Our backup (plain or ``tar`` + zstd), then its restore into an empty folder, checked."""
-    backup = work / ("peer_ours_tar" if tar else "peer_ours")
-    out = _ours_backup(cluster, backup, sysid, tar)
+    """Our backup into ``place``, then its restore into an empty folder, checked."""
+    backup = place.target(work, round_)
+    out = _ours_backup(cluster, place, backup, sysid)
     target = _fresh(work / "peer_restore" / "data")
-    restored = _ours_restore(backup, target, archive)
+    restored = _ours_restore(place.restore_args(backup), target, archive)
     out["page_cache_dropped"] = out["page_cache_dropped"] and restored.pop("page_cache_dropped")
     out.update(restored)
     out["recovery_s"] = round(_check_restored(target, expected), 2)
     shutil.rmtree(target.parent, ignore_errors=True)
-    shutil.rmtree(backup, ignore_errors=True)
+    place.remove(backup)
     return out
 
 
-def run(work: Path, scale: int, rounds: int = 3) -> dict[str, Any]:
+def run(work: Path, scale: int, rounds: int = 3, s3_rounds: int | None = None) -> dict[str, Any]:
     """Figure 10 on a pgbench cluster of ``scale`` in ``work``: the results file's keys and a ``detail``.
 
     :param work: the work folder (cluster, repository, backups, restores).
     :param scale: pgbench's scale (65: ~1 GB).
-    :param rounds: rounds of the four backups and restores.
+    :param rounds: rounds of the local backups and restores.
+    :param s3_rounds: of those, the first rounds that also back up into the local S3 server and restore
+        from it (default: up to 3; 0: none).
     """
     from bench.common import make_archive
     from bench.dagbench import load_pgbench
+    from demo.s3 import local_s3
 
+    s3_rounds = min(rounds, 3) if s3_rounds is None else min(s3_rounds, rounds)
     cores = os.cpu_count() or 1
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     archive = make_archive(work / "peer_wal_archive")
@@ -345,20 +410,26 @@ def run(work: Path, scale: int, rounds: int = 3) -> dict[str, Any]:
         expected = _fingerprint(cluster)
         sysid = str(cluster.sql("SELECT system_identifier FROM pg_control_system()")[0][0])
         data_bytes = _du(datadir) - _du(datadir / "pg_wal")
-        steps: dict[str, Callable[[], dict[str, Any]]] = {
-            **{
-                f"pgbackrest_{c}": partial(pgbackrest_round, rest, c, cores, work, expected)
-                for c in PGBACKREST_COMPRESSIONS
-            },
-            "ours": partial(ours_round, cluster, archive, work, expected, sysid, False),
-            "ours_tar_zstd": partial(ours_round, cluster, archive, work, expected, sysid, True),
-        }
-        per: dict[str, list[dict[str, Any]]] = {kind: [] for kind in steps}
-        order = list(steps)
-        for round_ in range(rounds):
-            # Each round starts one step later: none goes first, or last, every round.
-            for kind in order[round_ % len(order) :] + order[: round_ % len(order)]:
-                per[kind].append({**steps[kind](), "round": round_})
+        with ExitStack() as stack:
+            s3 = stack.enter_context(local_s3("bench-peer")) if s3_rounds else None
+            places = [Place("ours", False), Place("ours_tar_zstd", True)]
+            if s3 is not None:
+                places += [Place("ours_s3", False, s3), Place("ours_tar_zstd_s3", True, s3)]
+            steps: dict[str, Callable[[int], dict[str, Any]]] = {
+                **{
+                    f"pgbackrest_{c}": partial(pgbackrest_round, rest, c, cores, work, expected)
+                    for c in PGBACKREST_COMPRESSIONS
+                },
+                **{p.name: partial(ours_round, cluster, p, archive, work, expected, sysid) for p in places},
+            }
+            per: dict[str, list[dict[str, Any]]] = {kind: [] for kind in steps}
+            for round_ in range(rounds):
+                order = [k for k in steps if round_ < s3_rounds or not k.endswith("_s3")]
+                # Each round starts one step later: none goes first, or last, every round.
+                shift = round_ % len(order)
+                for kind in order[shift:] + order[:shift]:
+                    say(f"  round {round_ + 1} of {rounds}: {kind}")
+                    per[kind].append({**steps[kind](round_), "round": round_})
     finally:
         cluster.stop()
         shutil.rmtree(datadir.parent, ignore_errors=True)
@@ -367,37 +438,40 @@ def run(work: Path, scale: int, rounds: int = 3) -> dict[str, Any]:
         if rest is not None:
             shutil.rmtree(rest.root, ignore_errors=True)
     data_mb = data_bytes / MB
+    per = {kind: runs for kind, runs in per.items() if runs}
 
-    def mb_s(kind: str, step: str) -> float:
-        return round(statistics.median(data_mb / r[f"{step}_s"] for r in per[kind]), 1)
+    def mb_s(kind: str, step: str) -> float | None:
+        runs = [data_mb / r[f"{step}_s"] for r in per[kind] if r.get(f"{step}_s")]
+        return round(statistics.median(runs), 1) if runs else None
 
     def figures(kind: str) -> dict[str, Any]:
         runs = per[kind]
-        return {
+        out = {
             "backup_mb_s": mb_s(kind, "backup"),
             "restore_mb_s": mb_s(kind, "restore"),
             "stored_mb": statistics.median(r["stored_mb"] for r in runs),
             "all_backup_mb_s": [round(data_mb / r["backup_s"], 1) for r in runs],
             "all_restore_mb_s": [round(data_mb / r["restore_s"], 1) for r in runs],
-            "rounds": runs,
         }
+        if kind.startswith("ours"):
+            out["copy_alone_mb_s"] = mb_s(kind, "copy")
+            out["restore_in_process_mb_s"] = mb_s(kind, "restore_in_process")
+        return {**out, "rounds": runs}
 
     detail = {kind: figures(kind) for kind in per}
     ours, theirs = detail["ours"], detail[f"pgbackrest_{PGBACKREST_COMPRESSIONS[0]}"]
-    for kind in ("ours", "ours_tar_zstd"):
-        own = [r["restore_in_process_s"] for r in per[kind] if r["restore_in_process_s"]]
-        detail[kind]["restore_in_process_mb_s"] = (
-            round(statistics.median(data_mb / s for s in own), 1) if own else None
-        )
-        detail[kind]["copy_alone_mb_s"] = mb_s(kind, "copy")
+    s3_plain = detail.get("ours_s3", {})
     return {
         "pgbackrest_backup_mb_s": theirs["backup_mb_s"],
         "pgbackrest_restore_mb_s": theirs["restore_mb_s"],
         "backup_mb_s": ours["backup_mb_s"],
         "restore_mb_s": ours["restore_mb_s"],
+        "copy_s3_mb_s": s3_plain.get("copy_alone_mb_s"),
+        "restore_s3_mb_s": s3_plain.get("restore_mb_s"),
         "detail": {
             "scale": scale,
             "rounds": rounds,
+            "s3_rounds": s3_rounds,
             "cores": cores,
             "process_max": cores,
             "data_mb": round(data_mb, 1),
@@ -424,4 +498,5 @@ if __name__ == "__main__":
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o755)
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    print(json.dumps(run(work, int(sys.argv[2]), rounds), indent=1))
+    s3_rounds = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    print(json.dumps(run(work, int(sys.argv[2]), rounds, s3_rounds), indent=1))

@@ -24,7 +24,8 @@
    median of 3 rounds (bench/walbench.py).
 10. a full backup and its restore into an empty folder, ours beside Debian's pgBackRest (none and lz4,
    process-max = the CPU count), in MB/s of a pgbench -i -s PEER_SCALE data directory, the page cache
-   dropped before each, every restore started and its data compared with the source's (bench/peerbench.py).
+   dropped before each, every restore started and its data compared with the source's; and ours into a
+   local S3 server and back (bench/peerbench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -475,6 +476,17 @@ def table(r: dict[str, Any]) -> str:
             f" {f(lz4['restore_mb_s'], ' MB/s')}",
             PEER_PAIRS[1][2],
         )
+        if r.get("copy_s3_mb_s") is not None:
+            s3, tar_s3 = pd["ours_s3"], pd["ours_tar_zstd_s3"]
+            row(
+                f"the same into a local S3 server (moto, same cores) and back (median of {pd['s3_rounds']})",
+                f"plain: upload {f(r['copy_s3_mb_s'], ' MB/s')} (the backup {f(s3['backup_mb_s'], ' MB/s')}),"
+                f" restore {f(r['restore_s3_mb_s'], ' MB/s')} (in the process"
+                f" {f(s3['restore_in_process_mb_s'], ' MB/s')}); tar + zstd: upload"
+                f" {f(tar_s3['copy_alone_mb_s'], ' MB/s')}, restore {f(tar_s3['restore_mb_s'], ' MB/s')}",
+                "",
+                None,
+            )
     return "\n".join(lines)
 
 
