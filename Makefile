@@ -40,9 +40,9 @@ $(VENV)/.installed: pyproject.toml constraints/newest.txt
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 # What touches Airflow's API (operators, triggers, the task group, provider info, templating, the
-# hook's Airflow connection, ObjectStoragePath, the check operator) and the psycopg floor (test_attempts: a cancelled holder);
+# hook's Airflow connection, ObjectStoragePath and its providers' filesystems, the check operator) and the psycopg floor (test_attempts: a cancelled holder);
 # the Airflow-free rest runs on the newest Airflow in `make test`.
-FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py
+FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py tests/test_storage_providers.py
 FLOOR_TESTS ?= tests/test_e2e.py
 
 $(FLOOR_VENV)/.installed: pyproject.toml constraints/floor.txt

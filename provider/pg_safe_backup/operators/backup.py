@@ -39,6 +39,7 @@ from pg_safe_backup.triggers.backup import (
 from pg_safe_backup.utils.mixins import (
     PostgresBackupBaseOperator,
     backup_template_fields,
+    check_storage_url,
     encryption_key,
     fail_on,
     rendered,
@@ -349,7 +350,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
-        destination = rendered(check_text, self.destination, "destination")
+        destination = rendered(check_storage_url, self.destination, "destination")
         backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in BACKUP_KEYS}
         finished = same_map_index_xcom(context, self.finish_task_id, "return_value") or {}
         ti = context["ti"]

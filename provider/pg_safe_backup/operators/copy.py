@@ -19,7 +19,13 @@ from pg_safe_backup.files.tarball import check_compression, write_tar_backup
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
 from pg_safe_backup.session import CONFIG_FILES
 from pg_safe_backup.store import CopyRecords
-from pg_safe_backup.utils.mixins import encryption_key, rendered, same_map_index_xcom, task_error
+from pg_safe_backup.utils.mixins import (
+    check_storage_url,
+    encryption_key,
+    rendered,
+    same_map_index_xcom,
+    task_error,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -64,7 +70,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
 
     :param source: the data directory (templated).
     :param destination: a local folder or any ``ObjectStoragePath`` URL: s3://, gs://, abfs://, file://
-        (templated); ``conn_id@`` in the URL names the connection of an object store.
+        (templated); ``conn_id@`` in the URL names the connection of an object store, used through the
+        store's Airflow provider (extras ``[s3]``, ``[gcs]``, ``[azure]``; refused without it).
     :param format: ``plain`` (the tree as files or objects) or ``tar`` (``base.tar`` and one
         ``<oid>.tar`` per tablespace, like pg_basebackup ``-Ft``).
     :param compression: with ``tar``: None, ``gzip`` or ``zstd`` (``pip install
@@ -119,8 +126,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         self.config_files = check_flag(config_files, "config_files")
 
     def execute(self, context: Context) -> dict[str, Any]:
+        destination = rendered(check_storage_url, self.destination, "destination")
         source = Path(rendered(check_text, self.source, "source"))
-        destination = rendered(check_text, self.destination, "destination")
         if not (source / "PG_VERSION").is_file():
             raise AirflowFailException(
                 f"source {str(source)!r} is not a PostgreSQL data directory (no PG_VERSION): is this task"

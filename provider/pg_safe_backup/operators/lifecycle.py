@@ -25,7 +25,7 @@ from pg_safe_backup.params import (
     unless_rendered_later,
 )
 from pg_safe_backup.retention import carry_out_retention, plan_root
-from pg_safe_backup.utils.mixins import encryption_key, rendered, task_error
+from pg_safe_backup.utils.mixins import check_storage_url, encryption_key, rendered, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -269,8 +269,8 @@ class PostgresBackupRetentionOperator(BaseOperator):
         if keep_last is None and keep_days is None:
             raise AirflowFailException("retention needs keep_last and/or keep_days; both rendered empty")
         return self.run_retention(
-            rendered(check_text, self.root, "root"),
-            rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None,
+            rendered(check_storage_url, self.root, "root"),
+            rendered(check_storage_url, self.wal_archive, "wal_archive") if self.wal_archive else None,
             keep_last,
             keep_days,
         )

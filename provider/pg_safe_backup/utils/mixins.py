@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk import BaseOperator, BaseSensorOperator
@@ -108,6 +109,57 @@ def encryption_key(conn_id: str | None, param: str = "encryption_conn_id") -> En
         return EncryptionKey.parse(password, f"{param} {conn_id!r} (its password)")
     except CryptError as err:
         raise task_error(err) from None
+
+
+#: The provider whose filesystem Airflow uses for each object store's scheme (its provider info's
+#: ``filesystems``: amazon's ``aws.fs.s3``, google's ``cloud.fs.gcs``, microsoft-azure's ``fs.adls``, and
+#: each module's ``schemes``), with this package's extra that installs it and the store's fsspec driver.
+STORE_PROVIDERS = {
+    **dict.fromkeys(("s3", "s3a", "s3n"), ("apache-airflow-providers-amazon", "s3")),
+    **dict.fromkeys(("gs", "gcs"), ("apache-airflow-providers-google", "gcs")),
+    **dict.fromkeys(("abfs", "abfss", "adl"), ("apache-airflow-providers-microsoft-azure", "azure")),
+}
+
+
+def check_storage_url(value: Any, param: str) -> str:
+    """A rendered location (a local path or an ``ObjectStoragePath`` URL) whose connection, when the URL
+    names one (``s3://conn_id@bucket/prefix``), Airflow will use: an installed provider registers a
+    filesystem for its scheme (Airflow's own registry, ``airflow.sdk.io.has_fs``), or one was attached under
+    that connection (``attach("s3", conn_id=..., fs=...)``). Without either Airflow ignores the connection:
+    3.3 reads the store with the driver's default credentials, 3.1 fails at the first access. A check for
+    :func:`rendered`, called before a task does anything.
+
+    :param value: the rendered parameter.
+    :param param: its name, for the error.
+    :raises ValueError: the error names ``param``, the scheme and the connection id, never the rest of the
+        URL, and the extra to install (``[s3]``, ``[gcs]``, ``[azure]``).
+    """
+    text = check_text(value, param)
+    url = urlsplit(text)
+    conn_id = url.netloc.rpartition("@")[0]  # as ObjectStoragePath reads it
+    if not url.scheme or not conn_id or _airflow_has_filesystem(url.scheme, conn_id):
+        return text
+    shown = f"{param} {url.scheme}://{conn_id.partition(':')[0]}@..."  # a user:key pair: never the key
+    if url.scheme in STORE_PROVIDERS:
+        package, extra = STORE_PROVIDERS[url.scheme]
+        raise ValueError(
+            f"{shown}: the connection needs {package}, whose filesystem Airflow uses for {url.scheme}://"
+            f" (pip install 'airflow-provider-pg-safe-backup[{extra}]'); without it Airflow ignores the"
+            " connection"
+        )
+    raise ValueError(
+        f"{shown}: no installed Airflow provider registers a filesystem for {url.scheme}:// (s3://, gs://,"
+        " abfs://: the extras [s3], [gcs], [azure]), so Airflow would ignore the connection"
+    )
+
+
+def _airflow_has_filesystem(scheme: str, conn_id: str) -> bool:
+    """Whether Airflow has a filesystem for ``scheme://conn_id@``: a provider's, or one attached under it."""
+    from airflow.sdk.io import attach, has_fs
+
+    # attach() returns the store attached under the connection (as ObjectStoragePath does on first use);
+    # "fs" is in its __dict__ only when a filesystem was given to it: otherwise it would come from has_fs's.
+    return has_fs(scheme) or "fs" in vars(attach(scheme, conn_id=conn_id))
 
 
 def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
