@@ -3,6 +3,7 @@ backs up a real cluster under write load, and every backup is restored and check
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from demo.load import invariant_sql
+from demo.s3 import KEY, REGION, SECRET, LocalS3, local_s3
 from pg_safe_backup.catalog import read_info
 from pg_safe_backup.local_cluster import give_to_server_user
 from pg_safe_backup.verify import verify_backup
 
+from backup_helpers import recovered, run_cli
 from e2e_helpers import (
     assert_restores_with_every_commit,
     backup_stack,
@@ -31,11 +34,33 @@ PASSWORD = "e2e-Pa55word"
 TABLES = ("ledger", "spaced")
 
 
+#: The bucket of the module's S3 server (moto), and where the backups go in it.
+BUCKET = "pgsb-e2e"
+#: The DAGs' root: the server attached under a connection id (tests/e2e_dags); the CLI's: the plain URL.
+S3_ROOT, S3_URL = f"s3://pgsb_moto@{BUCKET}/backups", f"s3://{BUCKET}/backups"
+DAG_IDS = ["e2e_backup", "e2e_copy_fails", "e2e_copy_operator", "e2e_drill", "e2e_copy_s3", "e2e_drill_s3"]
+
+
+def store_env(s3: LocalS3) -> dict[str, str]:
+    """What the DAGs read to attach the S3 server under the connection id of their root."""
+    return {
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "E2E_S3_ENDPOINT": s3.endpoint_url,
+        "E2E_S3_ROOT": S3_ROOT,
+    }
+
+
 @pytest.fixture(scope="module")
-def env() -> Iterator[dict]:
-    with backup_stack(
-        "pgsb-e2e-", PASSWORD, DAGS, ["e2e_backup", "e2e_copy_fails", "e2e_copy_operator", "e2e_drill"]
-    ) as env:
+def s3() -> Iterator[LocalS3]:
+    with local_s3(BUCKET) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def env(s3: LocalS3) -> Iterator[dict]:
+    with backup_stack("pgsb-e2e-", PASSWORD, DAGS, DAG_IDS, extra_env=store_env(s3)) as env:
         cluster, space = env["cluster"], env["root"] / "space1"
         space.mkdir()
         give_to_server_user(space)
@@ -137,3 +162,39 @@ def test_restore_drill_of_the_newest_backup_records_its_rto(env):
     assert stack.wait_for_run("e2e_drill", "drill_too_old", timeout=300) == "failed"
     log = task_log(stack, "e2e_drill", "drill_too_old", "restore_drill", "older than max_age")
     assert "older than max_age 0:00:00.500000: are the backups still running?" in log, log[-3000:]
+
+
+def test_a_tar_backup_in_s3_by_the_copy_operator_is_drilled_and_restored_from_its_url(env, s3):
+    """The copy operator writes tar+zstd archives (the tablespace's its own) into S3 under write load, the
+    store task puts the label, manifest and catalog entry beside them; the drill of the S3 root checks and
+    restores it; then pg-safe-backup restore of the URL alone (the store's own credentials) streams it into
+    a new data directory that holds every committed row."""
+    env["cluster"].sql("TRUNCATE ledger, spaced")  # the writer counts ids from 1 again
+    completed = backup_under_write_load(env, "e2e_copy_s3", "e2e_s3", TABLES)
+    assert completed["committed"] > 500, "the write load did not run during the backup"
+    stack = env["stack"]
+    stack.trigger("e2e_drill_s3", run_id="drill_s3")
+    assert stack.wait_for_run("e2e_drill_s3", "drill_s3", timeout=300) == "success", stack.task_log(
+        "e2e_drill_s3", "drill_s3", "restore_drill"
+    )[-3000:]
+    drilled = stack.xcom("e2e_drill_s3", "drill_s3", "restore_drill")
+    assert drilled["backup"] == f"{S3_ROOT}/e2e_s3" and drilled["ok"], drilled
+    for check in ("download", "page-LSN check", "pg_verifybackup", "restore check"):
+        assert drilled["checks"][check]["status"] == "PASS", drilled["checks"]
+    stored = {path.rsplit("/", 1)[-1] for path in s3.filesystem().ls(f"{BUCKET}/backups/e2e_s3")}
+    assert {"base.tar.zst", "backup_label", "backup_manifest"} <= stored, stored
+    entry = json.loads(s3.filesystem().cat(f"{BUCKET}/backups/e2e_s3.backup_info.json"))
+    last = entry["verifications"][-1]
+    assert last["by"] == "drill e2e_drill_s3/drill_s3" and last["ok"], last
+    work = env["root"] / "restored_from_s3"
+    work.mkdir()
+    give_to_server_user(work)
+    oid = env["cluster"].sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
+    flags = ["--storage-option", f"endpoint_url={s3.endpoint_url}", "--storage-option", f"key={KEY}"]
+    flags += ["--storage-option", f"secret={SECRET}", "--tablespace", f"{oid}={work / 'space1'}"]
+    url = f"{S3_URL}/e2e_s3"
+    done = run_cli("restore", url, work / "restored", "--wal-archive", env["archive"], *flags)
+    assert done.returncode == 0, done.stderr
+    with recovered(work / "restored") as server:
+        rows = server.sql(invariant_sql(TABLES, completed["committed"]))
+        assert len(rows) == len(TABLES) and all(ok for ok, _ in rows), rows

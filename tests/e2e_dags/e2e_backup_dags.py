@@ -21,6 +21,26 @@ from pg_safe_backup.task_group import PostgresOnlineBackup
 
 PGDATA = os.environ.get("E2E_PGDATA", "/nonexistent")
 DESTINATION = os.environ.get("E2E_BACKUP_ROOT", "/tmp") + "/{{ run_id }}"
+#: A backups root in the test's S3 server (moto), under the connection id the server is attached as.
+S3_ROOT = os.environ.get("E2E_S3_ROOT", "s3://nonexistent/backups")
+if os.environ.get("E2E_S3_ENDPOINT"):
+    # Without apache-airflow-providers-amazon (not in the test environments) Airflow has no filesystem for
+    # s3://: each process that parses this file (the workers running its tasks) attaches the test's server
+    # under the connection id S3_ROOT names, as a deployment without the provider would.
+    import s3fs
+
+    from airflow.sdk.io import attach
+
+    attach(
+        "s3",
+        conn_id=S3_ROOT.split("://", 1)[1].split("@", 1)[0],
+        fs=s3fs.S3FileSystem(
+            endpoint_url=os.environ["E2E_S3_ENDPOINT"],
+            key=os.environ["AWS_ACCESS_KEY_ID"],
+            secret=os.environ["AWS_SECRET_ACCESS_KEY"],
+            client_kwargs={"region_name": os.environ["AWS_DEFAULT_REGION"]},
+        ),
+    )
 #: pg_basebackup's exclusions (global/pg_control among them: it is copied last, on its own).
 EXCLUDES = rsync_exclude_args()
 
@@ -65,13 +85,20 @@ def copy_tablespaces(destination: str) -> None:
 
 
 def backup_dag(
-    dag_id: str, failing_copy: bool, copy_queue: str | None = None, copy_operator: bool = False
+    dag_id: str,
+    failing_copy: bool,
+    copy_queue: str | None = None,
+    copy_operator: bool = False,
+    destination: str = DESTINATION,
+    **copy_kwargs: str,
 ) -> DAG:
     """The backup group (real copy, or one that fails), the store and the restore check.
 
     :param copy_queue: the queue of the copy tasks (the worker that sees the data directory); the default
         queue if None.
     :param copy_operator: copy with PostgresCopyDataDirectoryOperator instead of the rsync tasks.
+    :param destination: where the copy operator copies (an object store: stored, not checked in the DAG).
+    :param copy_kwargs: more arguments of the copy operator (``format``, ``compression``).
     """
     pinned = {"queue": copy_queue} if copy_queue else {}
     with DAG(dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False) as dag:
@@ -88,14 +115,20 @@ def backup_dag(
                 PostgresCopyDataDirectoryOperator(
                     task_id="copy_data_directory",
                     source=PGDATA,
-                    destination=DESTINATION,
+                    destination=destination,
                     progress_interval=1.0,
                     **pinned,
+                    **copy_kwargs,
                 )
             else:
                 copy_data_directory.override(**pinned)(DESTINATION)
                 copy_tablespaces.override(**pinned)(DESTINATION)
-        store_and_verify(backup)
+        if destination == DESTINATION:
+            store_and_verify(backup)
+        else:
+            PostgresStoreBackupLabelOperator(
+                task_id="store_backup_label", backup=backup, destination=destination
+            )
     return dag
 
 
@@ -115,6 +148,14 @@ def store_and_verify(backup: PostgresOnlineBackup) -> None:
 e2e_backup = backup_dag("e2e_backup", failing_copy=False)
 e2e_copy_operator = backup_dag("e2e_copy_operator", failing_copy=False, copy_operator=True)
 e2e_copy_fails = backup_dag("e2e_copy_fails", failing_copy=True)
+e2e_copy_s3 = backup_dag(
+    "e2e_copy_s3",
+    failing_copy=False,
+    copy_operator=True,
+    destination=S3_ROOT + "/{{ run_id }}",
+    format="tar",
+    compression="zstd",
+)
 
 # The restore drill of the newest backup under the backups root (catalogued by the store task).
 with DAG(
@@ -125,5 +166,16 @@ with DAG(
         root=os.environ.get("E2E_BACKUP_ROOT", "/nonexistent"),
         wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"),
         max_age="{{ dag_run.conf.get('max_age', 3600) }}",
+        invariant_sql="SELECT count(*) > 0 FROM ledger",
+    )
+
+# The same drill of the newest backup under a root in an object store.
+with DAG(
+    "e2e_drill_s3", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False
+) as e2e_drill_s3:
+    PostgresRestoreDrillOperator(
+        task_id="restore_drill",
+        root=S3_ROOT,
+        wal_archive=os.environ.get("E2E_WAL_ARCHIVE", "/nonexistent"),
         invariant_sql="SELECT count(*) > 0 FROM ledger",
     )

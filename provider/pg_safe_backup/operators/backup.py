@@ -44,6 +44,7 @@ from pg_safe_backup.utils.mixins import (
     fail_on,
     rendered,
     same_map_index_xcom,
+    storage_path,
     task_error,
 )
 
@@ -497,12 +498,12 @@ class PostgresVerifyBackupOperator(BaseOperator):
         from pg_safe_backup.verify import check_backup, record_check
 
         began = time.monotonic()
-        backup_dir = rendered(check_text, self.backup_dir, "backup_dir")
+        backup_dir = rendered(check_storage_url, self.backup_dir, "backup_dir")
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
         key = encryption_key(self.encryption_conn_id)
         try:
             report = check_backup(
-                backup_dir,
+                storage_path(backup_dir),
                 wal_archive,
                 stop_lsn=self.stop_lsn or None,
                 page_lsns=self.page_lsn_check,
@@ -523,7 +524,7 @@ class PostgresVerifyBackupOperator(BaseOperator):
             )
         ti = context["ti"]
         if record_check(
-            backup_dir,
+            storage_path(backup_dir),
             report,
             time.monotonic() - began,
             f"{ti.dag_id}/{ti.run_id}/{ti.task_id}",

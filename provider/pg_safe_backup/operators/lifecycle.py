@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException
-from airflow.sdk import BaseOperator, ObjectStoragePath
+from airflow.sdk import BaseOperator
 
 from pg_safe_backup.catalog import choose_backup, list_backups, one_cluster
 from pg_safe_backup.errors import PgSafeBackupError
@@ -25,7 +24,7 @@ from pg_safe_backup.params import (
     unless_rendered_later,
 )
 from pg_safe_backup.retention import carry_out_retention, plan_root
-from pg_safe_backup.utils.mixins import check_storage_url, encryption_key, rendered, task_error
+from pg_safe_backup.utils.mixins import check_storage_url, encryption_key, rendered, storage_path, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -102,7 +101,7 @@ class PostgresRestoreDrillOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from pg_safe_backup.verify import BackupCheck, check_backup, record_check
 
-        root = Path(rendered(check_text, self.root, "root"))
+        root = storage_path(rendered(check_storage_url, self.root, "root"))
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
         max_age = None if self.max_age in (None, "", "None") else rendered(_seconds, self.max_age, "max_age")
         key = encryption_key(self.encryption_conn_id)
@@ -325,13 +324,6 @@ class PostgresBackupRetentionOperator(BaseOperator):
         except Exception as err:  # BackupError: no such connection, or its arguments cannot be made
             raise AirflowFailException(str(err)) from err
         return server_position(dsn)
-
-
-def storage_path(location: str) -> Path | ObjectStoragePath:
-    """A local ``Path`` for a plain or ``file://`` location (``shutil.rmtree``, no fsspec), else the
-    ``ObjectStoragePath`` of the URL."""
-    target = ObjectStoragePath(location)
-    return Path(target.path) if target.protocol in ("", "file") else target
 
 
 def _unset(value: Any) -> bool:

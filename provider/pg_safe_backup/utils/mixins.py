@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
-from airflow.sdk import BaseOperator, BaseSensorOperator
+from airflow.sdk import BaseOperator, BaseSensorOperator, ObjectStoragePath
 
 from pg_safe_backup.errors import PgSafeBackupError, retryable
 from pg_safe_backup.files.crypt import CryptError, EncryptionKey
@@ -121,6 +122,16 @@ STORE_PROVIDERS = {
 }
 
 
+def storage_path(location: str) -> Path | ObjectStoragePath:
+    """A local ``Path`` for a plain or ``file://`` location (``shutil.rmtree``, no fsspec), else the
+    ``ObjectStoragePath`` of the URL (its connection's credentials: :func:`check_storage_url` first).
+
+    :param location: a rendered path or URL.
+    """
+    target = ObjectStoragePath(location)
+    return Path(target.path) if target.protocol in ("", "file") else target
+
+
 def check_storage_url(value: Any, param: str) -> str:
     """A rendered location (a local path or an ``ObjectStoragePath`` URL) whose connection, when the URL
     names one (``s3://conn_id@bucket/prefix``), Airflow will use: an installed provider registers a
@@ -137,23 +148,26 @@ def check_storage_url(value: Any, param: str) -> str:
     text = check_text(value, param)
     url = urlsplit(text)
     conn_id = url.netloc.rpartition("@")[0]  # as ObjectStoragePath reads it
-    if not url.scheme or not conn_id or _airflow_has_filesystem(url.scheme, conn_id):
+    if url.scheme in ("", "file") or _airflow_has_filesystem(url.scheme, conn_id or None):
         return text
-    shown = f"{param} {url.scheme}://{conn_id.partition(':')[0]}@..."  # a user:key pair: never the key
+    # A user:key pair: never the key; nothing after the @.
+    shown = f"{param} {url.scheme}://" + (f"{conn_id.partition(':')[0]}@..." if conn_id else "...")
     if url.scheme in STORE_PROVIDERS:
         package, extra = STORE_PROVIDERS[url.scheme]
+        what = "the connection needs" if conn_id else "Airflow reads it through"
         raise ValueError(
-            f"{shown}: the connection needs {package}, whose filesystem Airflow uses for {url.scheme}://"
-            f" (pip install 'airflow-provider-pg-safe-backup[{extra}]'); without it Airflow ignores the"
-            " connection"
+            f"{shown}: {what} {package}, whose filesystem Airflow uses for {url.scheme}://"
+            f" (pip install 'airflow-provider-pg-safe-backup[{extra}]'); without it Airflow"
+            + (" ignores the connection" if conn_id else " has no filesystem for it")
         )
     raise ValueError(
         f"{shown}: no installed Airflow provider registers a filesystem for {url.scheme}:// (s3://, gs://,"
-        " abfs://: the extras [s3], [gcs], [azure]), so Airflow would ignore the connection"
+        " abfs://: the extras [s3], [gcs], [azure])"
+        + (", so Airflow would ignore the connection" if conn_id else "")
     )
 
 
-def _airflow_has_filesystem(scheme: str, conn_id: str) -> bool:
+def _airflow_has_filesystem(scheme: str, conn_id: str | None) -> bool:
     """Whether Airflow has a filesystem for ``scheme://conn_id@``: a provider's, or one attached under it."""
     from airflow.sdk.io import attach, has_fs
 
