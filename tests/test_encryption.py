@@ -29,12 +29,14 @@ from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import ObjectStoragePath
 
 from demo.load import wait_archived
-from demo.s3 import local_s3
+from demo.s3 import KEY as S3_KEY
+from demo.s3 import SECRET as S3_SECRET
+from demo.s3 import LocalS3, local_s3
 from pg_safe_backup.catalog import entry_path, list_backups, read_info
 from pg_safe_backup.encryption import backup_key_id, decrypt_backup
 from pg_safe_backup.files.crypt import SUFFIX, EncryptionKey
 from pg_safe_backup.files.manifest import manifest_version
-from pg_safe_backup.files.objects import FOLDERS_NAME, download_tree
+from pg_safe_backup.files.objects import FOLDERS_NAME, download_tree, list_stored
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
@@ -74,6 +76,13 @@ class Encrypted:
     oid: str  # the tablespace's
     key_file: Path
     other_key_file: Path
+    server: LocalS3
+
+    def url(self, prefix: ObjectStoragePath) -> tuple[str, list[str]]:
+        """The CLI's URL of ``prefix`` (no Airflow connection) and the ``--storage-option`` flags that reach
+        the S3 server."""
+        options = [f"endpoint_url={self.server.endpoint_url}", f"key={S3_KEY}", f"secret={S3_SECRET}"]
+        return f"s3://{prefix.path.strip('/')}", [f for o in options for f in ("--storage-option", o)]
 
 
 class Collected(logging.Handler):
@@ -159,11 +168,13 @@ def enc(module_tmp_root: Path) -> Iterator[Encrypted]:
         (root / "other.key").write_text(base64.b64encode(OTHER.material).decode())
         oid = str(cluster.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0])
         keys = (root / "key", root / "other.key")
-        yield Encrypted(cluster, archive, backup, scratch, tar, s3, s3_tar, xcom, logs.lines, oid, *keys)
+        yield Encrypted(
+            cluster, archive, backup, scratch, tar, s3, s3_tar, xcom, logs.lines, oid, *keys, server
+        )
     env.undo()
 
 
-def restore_args(enc: Encrypted, backup: Path, name: str, *key: str) -> list[str | Path]:
+def restore_args(enc: Encrypted, backup: Path | str, name: str, *key: str) -> list[str | Path]:
     """``pg-safe-backup restore`` of ``backup`` into ``root/<name>`` to the end of the archive, its
     tablespace into ``root/<name>_space``, with the ``key`` flags."""
     return [
@@ -205,7 +216,9 @@ def one_line(text: str) -> str:
 
 @pytest.mark.parametrize("where, compression", [("local", "zst"), ("s3", "gz")])
 def test_an_encrypted_tar_copy_restores_with_its_key_and_holds_its_rows(enc, where, compression):
-    folder = enc.tar if where == "local" else downloaded(enc, "s3_tar_download", enc.s3_tar)
+    """From a local folder (chosen from its root), or straight from the object store's URL: each archive
+    decrypted and extracted as it streams, no decrypted copy on disk."""
+    folder = enc.tar if where == "local" else enc.s3_tar
     names = {p.name for p in folder.iterdir()}
     assert names == {
         f"base.tar.{compression}{SUFFIX}",
@@ -219,7 +232,11 @@ def test_an_encrypted_tar_copy_restores_with_its_key_and_holds_its_rows(enc, whe
     key = ["--encryption-key-file", enc.key_file]
     if where == "local":  # chosen from the root: proven with the key, as the newest before a time
         key += ["--latest-before", "2100-01-01T00:00:00Z"]
-    done = restore(*restore_args(enc, folder.parent if where == "local" else folder, target, *key))
+    if where == "s3":
+        url, flags = enc.url(folder)
+        done = restore(*restore_args(enc, url, target, *key, *flags))
+    else:
+        done = restore(*restore_args(enc, folder.parent, target, *key))
     assert done.returncode == 0, done.stderr
     assert where != "local" or f"picked {folder} " in done.stdout, done.stdout
     assert not [p for p in enc.root.iterdir() if ".decrypting-" in p.name], "the decrypted copy is removed"
@@ -228,13 +245,14 @@ def test_an_encrypted_tar_copy_restores_with_its_key_and_holds_its_rows(enc, whe
 
 
 def test_an_encrypted_object_store_copy_restores_with_its_key_and_holds_its_rows(enc, monkeypatch):
-    folder = downloaded(enc, "s3_download")
-    stored = [p for p in folder.rglob("*") if p.is_file()]
+    """Restored from the URL alone: each file downloaded and decrypted into the target as it arrives."""
+    stored = list_stored(enc.s3)
     assert len(stored) > 900  # every file of the data directory
-    assert all(p.name.endswith(SUFFIX) for p in stored), "every stored file is encrypted"
-    assert (enc.s3 / FOLDERS_NAME).exists()  # the names of empty folders only, not encrypted
+    assert all(name.endswith(SUFFIX) for name in stored if name != FOLDERS_NAME), "every file is encrypted"
+    assert FOLDERS_NAME in stored  # the names of empty folders only, not encrypted
     monkeypatch.setenv("PGSB_TEST_KEY", KEY_TEXT)
-    done = restore(*restore_args(enc, folder, "s3", "--encryption-key-env", "PGSB_TEST_KEY"))
+    url, flags = enc.url(enc.s3)
+    done = restore(*restore_args(enc, url, "s3", "--encryption-key-env", "PGSB_TEST_KEY", *flags))
     assert done.returncode == 0, done.stderr
     with recovered(enc.root / "s3") as server:
         assert rows(server) == ROWS
