@@ -575,7 +575,9 @@ def test_the_cli_verifies_a_copy_in_s3_from_the_url_alone(stored, s3_server, tmp
         assert any(line.startswith(f"  {check}: PASS") for line in lines), done.stdout
     assert f"recorded in {url}.backup_info.json" in done.stdout, done.stdout
     assert list(work.iterdir()) == [], "the download is removed"
-    recorded = json.loads((stored.prefixes[fmt].parent / f"{fmt}.backup_info.json").read_bytes())
+    entry = stored.prefixes[fmt].parent / f"{fmt}.backup_info.json"
+    entry.fs.invalidate_cache()  # rewritten by the CLI since this process last read it
+    recorded = json.loads(entry.read_bytes())
     last = recorded["verifications"][-1]
     assert last["ok"] is True and last["by"] == "pg-safe-backup verify", last
 

@@ -32,20 +32,19 @@ def in_store(place: Any) -> bool:
 
     :param place: a path, a URL or a path object.
     """
-    if isinstance(place, Path):
-        return False
-    if isinstance(place, str):
-        return is_url(place)
-    return getattr(place, "protocol", "file") not in ("", "file", "local")
+    protocol = getattr(place, "protocol", None)  # first: an older UPath is a pathlib.Path too
+    if protocol is not None:
+        return protocol not in ("", "file", "local")
+    return isinstance(place, str) and is_url(place)
 
 
 def place_of(where: Any) -> Any:
     """``where`` as the path object a command reads: a local ``Path`` for a path (``str`` or ``Path``), a
     ``UPath`` for a URL (:func:`location`, no options: the store's own credentials), any other path object
     (``UPath``, ``ObjectStoragePath``) as it is."""
-    if isinstance(where, (str, Path)):
-        return location(where)
-    return where
+    if in_store(where) and not isinstance(where, str):
+        return where
+    return location(str(where))
 
 
 def storage_options(pairs: Iterable[str], flag: str = "--storage-option") -> dict[str, Any]:
