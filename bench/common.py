@@ -35,6 +35,23 @@ def say(text: str) -> None:
 # -- statistics -----------------------------------------------------------------------------------
 
 
+def argv_workdir() -> Path:
+    """The work folder of a bench module run on its own (its first argument): made, open to the server's
+    OS user."""
+    work = Path(sys.argv[1])
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)
+    return work
+
+
+def tool_version(cmd: list[str]) -> str | None:
+    """What ``cmd`` (``["pgbackrest", "version"]``) prints, or None when it cannot run."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def quantile(values: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default)."""
     if not values:

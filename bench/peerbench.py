@@ -59,7 +59,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import say
+from bench.common import argv_workdir, say, tool_version
 from demo.s3 import KEY as S3_KEY
 from demo.s3 import SECRET as S3_SECRET
 from demo.s3 import LocalS3
@@ -476,7 +476,7 @@ def run(work: Path, scale: int, rounds: int = 3, s3_rounds: int | None = None) -
             "process_max": cores,
             "data_mb": round(data_mb, 1),
             "pgbackrest_keys_compression": PGBACKREST_COMPRESSIONS[0],
-            "pgbackrest": _version(["pgbackrest", "version"]),
+            "pgbackrest": tool_version(["pgbackrest", "version"]),
             "page_cache_dropped_before_each": all(r["page_cache_dropped"] for v in per.values() for r in v),
             "source_fingerprint": expected,
             "load_avg_at_start": load_at_start,
@@ -486,17 +486,8 @@ def run(work: Path, scale: int, rounds: int = 3, s3_rounds: int | None = None) -
     }
 
 
-def _version(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
-
-
 if __name__ == "__main__":
-    work = Path(sys.argv[1])
-    work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o755)
+    work = argv_workdir()
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     s3_rounds = int(sys.argv[4]) if len(sys.argv) > 4 else None
     print(json.dumps(run(work, int(sys.argv[2]), rounds, s3_rounds), indent=1))

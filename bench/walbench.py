@@ -52,6 +52,7 @@ from typing import Any
 
 from psycopg import Connection, sql
 
+from bench.common import argv_workdir, tool_version
 from pg_safe_backup.local_cluster import LocalCluster, as_server_user, command_for_server, give_to_server_user
 
 SEGMENT_BYTES = 16 * 2**20
@@ -386,7 +387,7 @@ def run(
             "load": f"pgbench -c {CLIENTS} -j {CLIENTS}: {LOAD_SCRIPT.strip()}",
             "load_tps": LOAD_TPS,
             "parallel": PARALLEL,
-            "pgbackrest": _version(["pgbackrest", "version"]),
+            "pgbackrest": tool_version(["pgbackrest", "version"]),
             # The slowest load any command drained under (the issue asks for over one segment a second).
             "load_segments_s_min": min(
                 (r["load_segments_s"] for runs in per_line.values() for r in runs), default=None
@@ -401,17 +402,8 @@ def run(
     }
 
 
-def _version(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
-
-
 if __name__ == "__main__":
-    work = Path(sys.argv[1])
-    work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o755)
+    work = argv_workdir()
     segments = int(sys.argv[2]) if len(sys.argv) > 2 else 32
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     compression = sys.argv[4] if len(sys.argv) > 4 else "none"

@@ -38,6 +38,15 @@ class LocalS3:
             skip_instance_cache=True,
         )
 
+    def environment(self) -> dict[str, str]:
+        """The server's credentials and endpoint as the AWS tools (and s3fs, and the CLI) read them."""
+        return {
+            "AWS_ACCESS_KEY_ID": KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+        }
+
     def attach(self, conn_id: str) -> Any:
         """Attach the server to Airflow's object storage as ``s3://<conn_id>@``; the bucket's path.
 

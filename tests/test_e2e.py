@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from demo.load import invariant_sql
-from demo.s3 import KEY, REGION, SECRET, LocalS3, local_s3
+from demo.s3 import KEY, SECRET, LocalS3, local_s3
+from demo.stack import AirflowStack
 from pg_safe_backup.catalog import read_info
 from pg_safe_backup.local_cluster import give_to_server_user
 from pg_safe_backup.verify import verify_backup
@@ -43,13 +44,7 @@ DAG_IDS = ["e2e_backup", "e2e_copy_fails", "e2e_copy_operator", "e2e_drill", "e2
 
 def store_env(s3: LocalS3) -> dict[str, str]:
     """What the DAGs read to attach the S3 server under the connection id of their root."""
-    return {
-        "AWS_ACCESS_KEY_ID": KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": REGION,
-        "E2E_S3_ENDPOINT": s3.endpoint_url,
-        "E2E_S3_ROOT": S3_ROOT,
-    }
+    return {**s3.environment(), "E2E_S3_ROOT": S3_ROOT}
 
 
 @pytest.fixture(scope="module")
@@ -139,15 +134,20 @@ def test_copy_operator_backup_under_write_load_with_tablespace_restores(env):
     assert "from the copy's checksums" in log, log[-2000:]
 
 
+def drill(stack: AirflowStack, dag_id: str, run_id: str) -> dict:
+    """A drill DAG's run, succeeded: its XCom."""
+    stack.trigger(dag_id, run_id=run_id)
+    assert stack.wait_for_run(dag_id, run_id, timeout=300) == "success", stack.task_log(
+        dag_id, run_id, "restore_drill"
+    )[-3000:]
+    return stack.xcom(dag_id, run_id, "restore_drill")
+
+
 def test_restore_drill_of_the_newest_backup_records_its_rto(env):
     """After the copy operator's backup (the newest under the root): the drill DAG restores it and records
     how long that took; a max_age shorter than its age fails the drill, naming the age."""
     stack = env["stack"]
-    stack.trigger("e2e_drill", run_id="drill_ok")
-    assert stack.wait_for_run("e2e_drill", "drill_ok", timeout=300) == "success", stack.task_log(
-        "e2e_drill", "drill_ok", "restore_drill"
-    )[-3000:]
-    drilled = stack.xcom("e2e_drill", "drill_ok", "restore_drill")
+    drilled = drill(stack, "e2e_drill", "drill_ok")
     newest = env["backups"] / "e2e_copier"
     assert drilled["backup"] == str(newest) and drilled["ok"], drilled
     assert (
@@ -173,11 +173,7 @@ def test_a_tar_backup_in_s3_by_the_copy_operator_is_drilled_and_restored_from_it
     completed = backup_under_write_load(env, "e2e_copy_s3", "e2e_s3", TABLES)
     assert completed["committed"] > 500, "the write load did not run during the backup"
     stack = env["stack"]
-    stack.trigger("e2e_drill_s3", run_id="drill_s3")
-    assert stack.wait_for_run("e2e_drill_s3", "drill_s3", timeout=300) == "success", stack.task_log(
-        "e2e_drill_s3", "drill_s3", "restore_drill"
-    )[-3000:]
-    drilled = stack.xcom("e2e_drill_s3", "drill_s3", "restore_drill")
+    drilled = drill(stack, "e2e_drill_s3", "drill_s3")
     assert drilled["backup"] == f"{S3_ROOT}/e2e_s3" and drilled["ok"], drilled
     for check in ("download", "page-LSN check", "pg_verifybackup", "restore check"):
         assert drilled["checks"][check]["status"] == "PASS", drilled["checks"]

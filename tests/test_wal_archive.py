@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from demo.load import Writer, wait_archived
-from demo.s3 import KEY, REGION, SECRET, LocalS3, local_s3
+from demo.s3 import LocalS3, local_s3
 from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.pgcontrol import read_pg_control
 from pg_safe_backup.files.walarchive import (
@@ -678,12 +678,7 @@ def test_a_push_imports_neither_the_cli_nor_the_heavy_standard_modules(backlog, 
 # ------------------------------------------------------------------- clusters archiving through wal-push
 def s3_env(s3: LocalS3) -> dict[str, str]:
     """The moto server's credentials and endpoint as the AWS tools (and s3fs) read them."""
-    return {
-        "AWS_ACCESS_KEY_ID": KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_ENDPOINT_URL": s3.endpoint_url,
-    }
+    return s3.environment()
 
 
 def command(subcommand: str, archive: str, env: dict[str, str], *flags: str) -> str:

@@ -23,7 +23,7 @@ PGDATA = os.environ.get("E2E_PGDATA", "/nonexistent")
 DESTINATION = os.environ.get("E2E_BACKUP_ROOT", "/tmp") + "/{{ run_id }}"
 #: A backups root in the test's S3 server (moto), under the connection id the server is attached as.
 S3_ROOT = os.environ.get("E2E_S3_ROOT", "s3://nonexistent/backups")
-if os.environ.get("E2E_S3_ENDPOINT"):
+if os.environ.get("E2E_S3_ROOT"):
     # Without apache-airflow-providers-amazon (not in the test environments) Airflow has no filesystem for
     # s3://: each process that parses this file (the workers running its tasks) attaches the test's server
     # under the connection id S3_ROOT names, as a deployment without the provider would.
@@ -35,7 +35,7 @@ if os.environ.get("E2E_S3_ENDPOINT"):
         "s3",
         conn_id=S3_ROOT.split("://", 1)[1].split("@", 1)[0],
         fs=s3fs.S3FileSystem(
-            endpoint_url=os.environ["E2E_S3_ENDPOINT"],
+            endpoint_url=os.environ["AWS_ENDPOINT_URL"],
             key=os.environ["AWS_ACCESS_KEY_ID"],
             secret=os.environ["AWS_SECRET_ACCESS_KEY"],
             client_kwargs={"region_name": os.environ["AWS_DEFAULT_REGION"]},

@@ -189,19 +189,7 @@ def upload_tree(
         result.record(entry.path, copied)
 
     reporter = ProgressReporter.started(progress, progress_interval, listed, result)
-    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
-    try:
-        futures = [pool.submit(one, entry) for entry in files]
-
-        def finished(timeout: float) -> bool:
-            done, pending = wait(futures, timeout, return_when=FIRST_EXCEPTION)
-            return not pending or any(future.exception() for future in done)
-
-        reporter.wait(finished)
-        for future in futures:
-            future.result()
-    finally:
-        pool.shutdown(cancel_futures=True)  # after a failure, copy no more
+    side_by_side(one, files, workers, reporter)
     if control is not None:
         one(control)  # last: a standby's backup ends at the minimum recovery point of this pg_control
     result.empty_folders = _unkept_folders(destination, folders, result.sizes)
@@ -216,6 +204,26 @@ def upload_tree(
     result.seconds = time.monotonic() - began
     log.info("copied %s into %s: %s", datadir, destination, result.summary())
     return result
+
+
+def side_by_side(
+    one: Callable[[Any], None], items: Iterable[Any], workers: int | None, reporter: ProgressReporter
+) -> None:
+    """``one(item)`` for every item, ``workers`` at a time (default: the CPU count), reporting progress
+    meanwhile; the first failure stops the copy (no new item starts) and is raised."""
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    try:
+        futures = [pool.submit(one, item) for item in items]
+
+        def finished(timeout: float) -> bool:
+            done, pending = wait(futures, timeout, return_when=FIRST_EXCEPTION)
+            return not pending or any(future.exception() for future in done)
+
+        reporter.wait(finished)
+        for future in futures:
+            future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, copy no more
 
 
 def _unkept_folders(destination: Target, folders: list[str], files: Iterable[str]) -> list[str]:
@@ -371,19 +379,7 @@ def download_tree(
         except OSError as exc:
             raise OSError(f"copying {what} to {local / rel}: {exc}") from exc
 
-    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
-    try:
-        futures = [pool.submit(one, rel) for rel in order]
-
-        def finished(timeout: float) -> bool:
-            done, pending = wait(futures, timeout, return_when=FIRST_EXCEPTION)
-            return not pending or any(future.exception() for future in done)
-
-        reporter.wait(finished)
-        for future in futures:
-            future.result()
-    finally:
-        pool.shutdown(cancel_futures=True)  # after a failure, copy no more
+    side_by_side(one, order, workers, reporter)
     if CONTROL_FILE in files:
         one(CONTROL_FILE)  # last: until it is there, what was copied is no data directory
     sync_paths([local, local.parent, *(local / folder for folder in made)])
