@@ -27,6 +27,7 @@ import psycopg
 from pg_safe_backup.files.extconfig import ServerConfig
 from pg_safe_backup.files.manifest import timeline_at
 from pg_safe_backup.hooks.backup import BackupError, PostgresBackupHook
+from pg_safe_backup.runwatch import CHECK_PERIOD_S, jittered
 from pg_safe_backup.state import (
     BackupRow,
     BackupState,
@@ -67,9 +68,10 @@ def event(status: str, message: str, row: BackupRow | None = None, retryable: bo
 #: Seconds between a holder's re-reads of its row when nothing woke it (NOTIFY and its sessions'
 #: sockets do): hundreds of holders in one triggerer then cost next to nothing while idle.
 HOLDER_RECHECK_S = 60.0
-#: Seconds between a holder's looks at Airflow (has its run's finish ended, is the run still running?),
-#: at least: nothing else would end a backup whose finish is gone.
-HOLDER_AIRFLOW_CHECK_S = 10.0
+#: Seconds within which a holder sees that its run's finish ended or the run did (nothing else would end a
+#: backup whose finish is gone): it looks every half of it, less a random part (runwatch.jittered), at
+#: answers shared by its run's holders and no older than the other half (the triggers' runwatch).
+HOLDER_AIRFLOW_CHECK_S = CHECK_PERIOD_S
 #: Seconds a holder waits for an earlier attempt of its own backup to end (Airflow cancels the trigger
 #: of a cleared hold within a few seconds) before it refuses to start.
 EARLIER_ATTEMPT_WAIT_S = 30.0
@@ -392,8 +394,7 @@ async def _backup_mode(h: _Holding) -> dict[str, Any]:
     if not await hook.record_start(conn, start_lsn):
         return event(FAILED, "the backup was marked failed or taken over while its checkpoint was running")
     log.info("backup mode entered at %s; holding session pid %s", start_lsn, my_pid)
-    check_every = max(req.poll_interval, HOLDER_AIRFLOW_CHECK_S)
-    next_check = h.clock() + check_every
+    next_check = h.clock() + max(req.poll_interval, jittered(HOLDER_AIRFLOW_CHECK_S / 2))
     while True:
         row = await hook.read(conn)
         if row is None or row.attempt != req.attempt or row.pid != my_pid:
@@ -410,7 +411,7 @@ async def _backup_mode(h: _Holding) -> dict[str, Any]:
         if h.deadline.expired():
             return event(FAILED, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished")
         if h.check is not None and h.clock() >= next_check:
-            next_check = h.clock() + check_every
+            next_check = h.clock() + max(req.poll_interval, jittered(HOLDER_AIRFLOW_CHECK_S / 2))
             if problem := await _ask_airflow(h.check):
                 return event(FAILED, f"{problem}: nothing would end this backup")
         # Woken by NOTIFY (any change of the row), by either session's socket (the server or

@@ -14,9 +14,18 @@ from asgiref.sync import sync_to_async
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
+from pg_safe_backup.runwatch import (
+    CHECK_PERIOD_S,
+    ENDED_STATES,
+    RUN_GOING_STATES,
+    RunStates,
+    finish_states,
+    watch_for,
+)
 from pg_safe_backup.session import (
     COMPLETE,
     ONE_DAY_S,
+    Check,
     HoldRequest,
     HoldView,
     finish_backup,
@@ -25,10 +34,6 @@ from pg_safe_backup.session import (
 )
 from pg_safe_backup.state import BackupRef, BackupTarget
 
-#: Task states in which a task has ended (it will not run again unless cleared).
-ENDED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed", "success"})
-#: DAG run states in which the run still goes on.
-RUN_GOING_STATES = frozenset({"queued", "running"})
 #: XCom key under which the hold task publishes its attempt before it defers.
 ATTEMPT_XCOM = "backup_attempt"
 
@@ -74,19 +79,31 @@ def hold_view(ref: BackupRef) -> HoldView:
     )
 
 
-def holder_problem(ref: BackupRef) -> str | None:
-    """Why nobody would end this run's backup: the DAG run ended, or the group's finish did."""
+def run_states(dag_id: str, run_id: str, finish_task_id: str | None) -> RunStates:
+    """The DAG run's state and its finish task's state at every map index: two Task SDK calls, whatever
+    the number of backups (map indexes) of the run."""
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-    run_state = RuntimeTaskInstance.get_dagrun_state(dag_id=ref.dag_id, run_id=ref.run_id)
-    if run_state not in RUN_GOING_STATES:
-        return f"the DAG run {ref.run_id} is {run_state}"
-    if (
-        ref.finish_task_id
-        and (state := task_states(ref, [ref.finish_task_id])[ref.finish_task_id]) in ENDED_STATES
-    ):
-        return f"this run's {ref.finish_task_id} already ended ({state})"
-    return None
+    run_state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+    if run_state not in RUN_GOING_STATES or not finish_task_id:
+        return RunStates(run_state)
+    found = RuntimeTaskInstance.get_task_states(dag_id=dag_id, task_ids=[finish_task_id], run_ids=[run_id])
+    return RunStates(run_state, finish_states(found.get(run_id, {}), finish_task_id))
+
+
+def holder_check(ref: BackupRef) -> Check:
+    """The holder's look at Airflow (why nobody would end its backup: the DAG run ended, or its finish
+    did), through this process's watch of its run (:mod:`pg_safe_backup.runwatch`): the holders of one run
+    share one fetch a period."""
+    key = (ref.dag_id, ref.run_id, ref.finish_task_id)
+    watch = watch_for(
+        key, lambda: sync_to_async(run_states)(*key), max_age=CHECK_PERIOD_S / 2
+    )  # kept by this closure: the watch lives as long as a holder of the run does
+
+    async def check() -> str | None:
+        return (await watch.states()).problem(ref.run_id, ref.finish_task_id, ref.map_index)
+
+    return check
 
 
 class PostgresBackupTriggerBase(BaseTrigger):
@@ -146,7 +163,7 @@ class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
 
     async def result(self) -> dict[str, Any]:
         ref = self.ref
-        check = (lambda: sync_to_async(holder_problem)(ref)) if ref else None
+        check = holder_check(ref) if ref else None
         return await hold_backup(self.hook, HoldRequest(**self.kwargs["request"]), check=check)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
