@@ -223,6 +223,8 @@ class AirflowStack:
                 # The default (getfqdn) may ask a DNS server; the hostname is all a single machine needs.
                 "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",
                 "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
+                # A held backup whose finish ended unseen (a test's fault) fails within 10 s, not 30.
+                "AIRFLOW__PG_SAFE_BACKUP__HOLDER_CHECK_PERIOD": "10",
                 "NO_PROXY": "127.0.0.1,localhost",
                 "no_proxy": "127.0.0.1,localhost",
                 "PYTHONUNBUFFERED": "1",

@@ -36,4 +36,22 @@ def get_provider_info() -> dict:
         "sensors": _modules("sensors"),
         "hooks": _modules("hooks"),
         "triggers": _modules("triggers"),
+        "config": {
+            "pg_safe_backup": {
+                "description": "Options of pg-safe-backup's triggers.",
+                "options": {
+                    "holder_check_period": {
+                        "description": "Seconds within which a held backup sees that its DAG run or its"
+                        " group's finish task ended without ending it (then nobody would: it fails the"
+                        " backup and ends backup mode). A safety net: the finish ends a backup at once"
+                        " through NOTIFY. The holders of one DAG run in one triggerer share one look at"
+                        " Airflow per half period (two Task SDK calls), whatever their number.",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "30",
+                        "default": "30",
+                    }
+                },
+            }
+        },
     }

@@ -211,6 +211,7 @@ class _Holding:
     deadline: _Deadline
     clock: Callable[[], float]
     check: Check | None = None
+    check_period: float | None = None  # None: HOLDER_AIRFLOW_CHECK_S
     notices: _Notices = field(default_factory=_Notices)
     wal: WalPlan | None = None
 
@@ -220,12 +221,15 @@ async def hold_backup(
     req: HoldRequest,
     clock: Callable[[], float] = time.monotonic,
     check: Check | None = None,
+    check_period: float | None = None,
 ) -> dict[str, Any]:
     """Take one backup for ``req.attempt`` and hold its session until the finish asks to stop.
 
-    :param check: Airflow's side, asked before the start and every ``HOLDER_AIRFLOW_CHECK_S`` while
-        holding: a text (the run's finish ended, the run is no longer running) means nobody will end
-        this backup, so it is not started, or it is failed and backup mode ended.
+    :param check: Airflow's side, asked before the start and every half ``check_period`` (less a random
+        part) while holding: a text (the run's finish ended, the run is no longer running) means nobody
+        will end this backup, so it is not started, or it is failed and backup mode ended.
+    :param check_period: seconds (default ``HOLDER_AIRFLOW_CHECK_S``); the check's answers may be half as
+        old (the triggers' shared watch), so the holder sees a change within it.
     """
     deadline = _Deadline(req.backup_timeout, clock)
     try:
@@ -241,7 +245,8 @@ async def hold_backup(
                     hook.connect("holder backup session", backup_server=True)
                 )
             try:
-                return await _claim_and_run(_Holding(hook, req, conn, bconn, deadline, clock, check))
+                holding = _Holding(hook, req, conn, bconn, deadline, clock, check, check_period)
+                return await _claim_and_run(holding)
             except psycopg.Error as err:  # before backup mode: nothing to end
                 return event(FAILED, f"cannot start the backup: {hook.explain(err, conn)}")
     except BackupError as err:
@@ -394,7 +399,8 @@ async def _backup_mode(h: _Holding) -> dict[str, Any]:
     if not await hook.record_start(conn, start_lsn):
         return event(FAILED, "the backup was marked failed or taken over while its checkpoint was running")
     log.info("backup mode entered at %s; holding session pid %s", start_lsn, my_pid)
-    next_check = h.clock() + max(req.poll_interval, jittered(HOLDER_AIRFLOW_CHECK_S / 2))
+    check_every = (h.check_period or HOLDER_AIRFLOW_CHECK_S) / 2
+    next_check = h.clock() + max(req.poll_interval, jittered(check_every))
     while True:
         row = await hook.read(conn)
         if row is None or row.attempt != req.attempt or row.pid != my_pid:
@@ -411,7 +417,7 @@ async def _backup_mode(h: _Holding) -> dict[str, Any]:
         if h.deadline.expired():
             return event(FAILED, f"backup_timeout={req.backup_timeout:g}s expired before the copy finished")
         if h.check is not None and h.clock() >= next_check:
-            next_check = h.clock() + max(req.poll_interval, jittered(HOLDER_AIRFLOW_CHECK_S / 2))
+            next_check = h.clock() + max(req.poll_interval, jittered(check_every))
             if problem := await _ask_airflow(h.check):
                 return event(FAILED, f"{problem}: nothing would end this backup")
         # Woken by NOTIFY (any change of the row), by either session's socket (the server or

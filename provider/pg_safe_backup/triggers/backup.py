@@ -91,14 +91,21 @@ def run_states(dag_id: str, run_id: str, finish_task_id: str | None) -> RunState
     return RunStates(run_state, finish_states(found.get(run_id, {}), finish_task_id))
 
 
-def holder_check(ref: BackupRef) -> Check:
+def check_period() -> float:
+    """``[pg_safe_backup] holder_check_period``: seconds within which a holder sees its run or its finish
+    end (default :data:`~pg_safe_backup.runwatch.CHECK_PERIOD_S`)."""
+    from airflow.configuration import conf
+
+    return conf.getfloat("pg_safe_backup", "holder_check_period", fallback=CHECK_PERIOD_S)
+
+
+def holder_check(ref: BackupRef, period: float) -> Check:
     """The holder's look at Airflow (why nobody would end its backup: the DAG run ended, or its finish
     did), through this process's watch of its run (:mod:`pg_safe_backup.runwatch`): the holders of one run
-    share one fetch a period."""
+    share one fetch per half ``period``."""
     key = (ref.dag_id, ref.run_id, ref.finish_task_id)
-    watch = watch_for(
-        key, lambda: sync_to_async(run_states)(*key), max_age=CHECK_PERIOD_S / 2
-    )  # kept by this closure: the watch lives as long as a holder of the run does
+    # Kept by this closure: the watch lives as long as a holder of the run does.
+    watch = watch_for(key, lambda: sync_to_async(run_states)(*key), max_age=period / 2)
 
     async def check() -> str | None:
         return (await watch.states()).problem(ref.run_id, ref.finish_task_id, ref.map_index)
@@ -163,8 +170,11 @@ class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
 
     async def result(self) -> dict[str, Any]:
         ref = self.ref
-        check = holder_check(ref) if ref else None
-        return await hold_backup(self.hook, HoldRequest(**self.kwargs["request"]), check=check)
+        period = check_period()
+        check = holder_check(ref, period) if ref else None
+        return await hold_backup(
+            self.hook, HoldRequest(**self.kwargs["request"]), check=check, check_period=period
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         # The trigger ends the task itself: no second trip through the scheduler and a worker once
