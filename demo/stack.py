@@ -601,6 +601,11 @@ class AirflowStack:
         )
         return resp["dag_run_id"]
 
+    def add_pool(self, name: str, slots: int, include_deferred: bool = True) -> None:
+        """Create the pool ``name`` (POST /api/v2/pools), counting deferred tasks by default."""
+        body = {"name": name, "slots": slots, "include_deferred": include_deferred}
+        self._api("POST", "/api/v2/pools", body)
+
     def run_state(self, dag_id: str, run_id: str) -> str:
         """The DAG run's state ('queued', 'running', 'success', 'failed')."""
         return self._api("GET", f"/api/v2/dags/{self._q(dag_id)}/dagRuns/{self._q(run_id)}")["state"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,8 @@ HOLD, GATE, COPY, FINISH = (
 )
 STORE, VERIFY = "store_backup_label", "verify_backup"
 CLUSTER_NAMES = ("main", "x", "y", "z")
+#: The mapped group's pool (deferred tasks counted) and its slots: clusters in backup mode at once, at most.
+BACKUP_MODE_POOL, BACKUP_MODE_SLOTS = "pgsb_backup_mode", 2
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,7 @@ def env() -> Iterator[dict]:
                 "E2E_CLUSTERS": json.dumps(described),
                 "E2E_BACKUP_ROOT": str(backups),
                 "E2E_FAIL_ONCE": str(root / "fail_once"),
+                "E2E_BACKUP_MODE_POOL": BACKUP_MODE_POOL,
                 # three mapped groups: gates and finishes wait in worker slots
                 "AIRFLOW__CORE__PARALLELISM": "12",
             },
@@ -74,6 +78,7 @@ def env() -> Iterator[dict]:
                 "e2e_wrong_gate",
             ]
         )
+        stack.add_pool(BACKUP_MODE_POOL, BACKUP_MODE_SLOTS)
         yield {"clusters": clusters, "stack": stack, "backups": backups, "root": root}
     finally:
         if stack:
@@ -296,11 +301,45 @@ def test_nested_groups_with_the_same_id_take_two_backups(env):
     nothing_in_backup_mode(env)
 
 
+class BackupModeSampler(threading.Thread):
+    """Counts, over and over until stopped, the clusters whose backup row says they are in backup mode
+    (running: pg_backup_start called; done: the copy ended, pg_backup_stop not yet returned)."""
+
+    def __init__(self, clusters: list[LocalCluster]) -> None:
+        super().__init__(daemon=True)
+        self.clusters, self.stopped = clusters, threading.Event()
+        self.samples: list[int] = []
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.05):  # a sample every 50 ms or so, for as long as the run goes
+            states = [c.sql(IN_BACKUP_MODE) if c.sql(TABLE_THERE) else [] for c in self.clusters]
+            self.samples.append(sum(1 for rows in states if rows))
+
+    def stop(self) -> list[int]:
+        self.stopped.set()
+        self.join(60)
+        return self.samples
+
+
+TABLE_THERE = "SELECT 1 FROM pg_tables WHERE schemaname = 'public' AND tablename = 'backup'"
+IN_BACKUP_MODE = "SELECT 1 FROM backup WHERE state IN ('running', 'done')"
+
+
 def test_a_mapped_group_over_three_clusters_takes_three_backups(env):
+    """Each map index its own backup of its own cluster; the group's pool (2 slots, deferred tasks counted)
+    keeps at most two of the three clusters in backup mode at any moment, sampled from the servers."""
     stack = env["stack"]
     dag_id, run_id = "e2e_mapped_group", "mapped"
-    state, tasks = run(stack, dag_id, run_id)
+    sampler = BackupModeSampler([env["clusters"][name] for name in ("x", "y", "z")])
+    sampler.start()
+    try:
+        state, tasks = run(stack, dag_id, run_id)
+    finally:
+        samples = sampler.stop()
     assert state == "success", failure_report(stack, dag_id, run_id, tasks)
+    assert len(samples) > 20, samples  # sampled all along the run
+    assert max(samples) >= 1, samples
+    assert max(samples) <= BACKUP_MODE_SLOTS, f"more clusters in backup mode than the pool's slots: {samples}"
     systems = {
         assert_own_backup(
             env,

@@ -52,6 +52,13 @@ class PostgresOnlineBackup(TaskGroup):
     :param database, table, table_schema, poll_interval: see ``PostgresBackupBaseOperator``.
     :param gate_timeout: seconds the gate waits for backup mode (start checkpoint included).
     :param deferrable: gate and finish wait in the triggerer (the hold always does).
+    :param backup_mode_pool: the Airflow pool whose slots bound how many backups (of every group naming
+        it) are in backup mode at once: the hold takes one slot from before ``pg_backup_start`` until the
+        backup ended, so a cluster enters backup mode only when a slot is free, and its copy can run then.
+        Create the pool with deferred tasks counted (``airflow pools set NAME K "backup mode"
+        --include-deferred``; the REST API's ``include_deferred``): the hold waits deferred, and a pool
+        that does not count deferred tasks bounds nothing. Give it as many slots as copies can run at
+        once. None (default): no bound (every mapped group's holds start at once).
     :param group_kwargs: further ``TaskGroup`` arguments (``prefix_group_id``, ``parent_group``, ``dag``,
         ``default_args``, ``tooltip``, ...).
     """
@@ -73,6 +80,7 @@ class PostgresOnlineBackup(TaskGroup):
         poll_interval: float = 5.0,
         gate_timeout: float = ONE_DAY_S,
         deferrable: bool | None = None,
+        backup_mode_pool: str | None = None,
         **group_kwargs: Any,
     ) -> None:
         super().__init__(group_id=group_id, **group_kwargs)
@@ -95,6 +103,7 @@ class PostgresOnlineBackup(TaskGroup):
             wait_for_archive=wait_for_archive,
             backup_timeout=backup_timeout,
             terminate_live=terminate_live,
+            **({"pool": backup_mode_pool} if backup_mode_pool else {}),
             **common,
         )
         self.gate = PostgresBackupStartedSensor(

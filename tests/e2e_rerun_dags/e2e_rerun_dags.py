@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e_dags"))
 from e2e_backup_dags import EXCLUDES, rsync  # noqa: E402
 
 CLUSTERS: dict[str, dict[str, str]] = json.loads(os.environ.get("E2E_CLUSTERS", "{}"))
+#: The pool (deferred tasks counted) that bounds how many of the mapped group's clusters are in backup mode.
+BACKUP_MODE_POOL = os.environ.get("E2E_BACKUP_MODE_POOL")
 ROOT = os.environ.get("E2E_BACKUP_ROOT", "/tmp")
 #: Restore check of each copy: the table the test filled holds exactly that cluster's rows.
 INVARIANT = (
@@ -106,6 +108,7 @@ with DAG("e2e_mapped_group", schedule=None, start_date=START, catchup=False) as 
             fast_checkpoint=True,
             backup_timeout=600,
             poll_interval=1.0,
+            backup_mode_pool=BACKUP_MODE_POOL,
         ) as backup:
             copy_cluster(pgdata, destination)
         store = PostgresStoreBackupLabelOperator(
