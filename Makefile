@@ -43,7 +43,7 @@ FLOOR_PY := $(FLOOR_VENV)/bin/python
 # hook's Airflow connection, ObjectStoragePath and its providers' filesystems, the check operator) and the psycopg floor (test_attempts: a cancelled holder);
 # the Airflow-free rest runs on the newest Airflow in `make test`.
 FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py tests/test_storage_providers.py
-FLOOR_TESTS ?= tests/test_e2e.py
+FLOOR_TESTS ?= tests/test_e2e.py tests/test_e2e_rerun.py::test_a_mapped_group_over_three_clusters_takes_three_backups
 
 $(FLOOR_VENV)/.installed: pyproject.toml constraints/floor.txt
 	$(PYTHON) -m venv $(FLOOR_VENV)
@@ -59,9 +59,10 @@ prereqs:
 demo: prereqs venv
 	$(PY) -m demo.run $(ARGS)
 
-# --durations and -rs: the slowest tests and every skip with its reason, so the next change has numbers.
+# The end-to-end tests beside the others, in two processes (scripts/test.sh); --durations and -rs: the
+# slowest tests and every skip with its reason, so the next change has numbers.
 test: prereqs venv
-	$(TEST_ENV) $(PY) -m pytest -q --durations=25 -rs $(PYTEST_ARGS)
+	$(TEST_ENV) bash scripts/test.sh $(PY) $(PYTEST_ARGS)
 
 # Without the end-to-end tests that start a real Airflow.
 test-fast: prereqs venv
