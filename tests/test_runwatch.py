@@ -11,7 +11,14 @@ import random
 import pytest
 
 from pg_safe_backup import runwatch
-from pg_safe_backup.runwatch import CHECK_PERIOD_S, RunStates, RunWatch, finish_states, jittered, watch_for
+from pg_safe_backup.runwatch import (
+    CHECK_PERIOD_S,
+    RunStates,
+    RunWatch,
+    jittered,
+    states_by_map_index,
+    watch_for,
+)
 
 HOLDERS = 1000
 FINISH = "backup.finish_backup"
@@ -126,8 +133,8 @@ def test_the_run_ending_is_every_holders_problem():
         ({f"{FINISH}_x": "success", "other_1": "failed"}, {}),
     ],
 )
-def test_the_finish_states_by_map_index_from_one_call(found, expected):
-    assert finish_states(found, FINISH) == expected
+def test_the_states_by_map_index_by_map_index_from_one_call(found, expected):
+    assert states_by_map_index(found, FINISH) == expected
 
 
 def test_one_watch_per_run_in_a_process_while_a_holder_keeps_it():

@@ -22,6 +22,9 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 #: Task states in which a task has ended (it will not run again unless cleared).
 ENDED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed", "success"})
@@ -52,7 +55,7 @@ class RunStates:
         return None
 
 
-def finish_states(found: dict[str, str | None], task_id: str) -> dict[int, str | None]:
+def states_by_map_index(found: dict[str, str | None], task_id: str) -> dict[int, str | None]:
     """The states of ``task_id`` by map index, from the Task SDK's ``get_task_states`` of one run (keys
     ``task_id`` for an unmapped task, ``task_id_<map_index>`` for each mapped one)."""
     states: dict[int, str | None] = {}
@@ -65,26 +68,27 @@ def finish_states(found: dict[str, str | None], task_id: str) -> dict[int, str |
     return states
 
 
-class RunWatch:
-    """The states of one DAG run, shared by the holders of that run in this process.
+class RunWatch(Generic[T]):
+    """What Airflow says of one DAG run (its state and its finish's, for the holders; its hold's, for the
+    gates), shared by the triggers of that run in this process.
 
-    :param fetch: reads them from Airflow (two calls, whatever the number of holders).
+    :param fetch: reads it from Airflow (a call or two, whatever the number of triggers).
     :param max_age: seconds a fetched answer serves.
     :param clock: monotonic seconds (a test's fake clock).
     """
 
     def __init__(
         self,
-        fetch: Callable[[], Awaitable[RunStates]],
+        fetch: Callable[[], Awaitable[T]],
         max_age: float = CHECK_PERIOD_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch, self.max_age, self.clock = fetch, max_age, clock
-        self._last: tuple[float, RunStates] | None = None
-        self._running: asyncio.Future[RunStates] | None = None
+        self._last: tuple[float, T] | None = None
+        self._running: asyncio.Future[T] | None = None
         self.fetches = 0  # how many times Airflow was asked
 
-    async def states(self) -> RunStates:
+    async def states(self) -> T:
         """The run's states, no older than ``max_age``: the last answer, the fetch under way, or a new one.
 
         :raises Exception: what the fetch raised (each waiting holder counts it as no answer).
@@ -96,7 +100,7 @@ class RunWatch:
         # shield: a holder cancelled while it waits does not cancel the others' fetch.
         return await asyncio.shield(self._running)
 
-    async def _refresh(self) -> RunStates:
+    async def _refresh(self) -> T:
         try:
             self.fetches += 1
             asked = self.clock()
@@ -107,17 +111,18 @@ class RunWatch:
             self._running = None
 
 
-#: The watches of this process, by (dag_id, run_id, finish task id): alive while a holder holds one.
+#: The watches of this process, by (dag_id, run_id, the task watched): alive while a trigger keeps one.
 _WATCHES: weakref.WeakValueDictionary[tuple[str, str, str | None], RunWatch] = weakref.WeakValueDictionary()
 
 
 def watch_for(
     key: tuple[str, str, str | None],
-    fetch: Callable[[], Awaitable[RunStates]],
+    fetch: Callable[[], Awaitable[T]],
     max_age: float = CHECK_PERIOD_S,
-) -> RunWatch:
-    """This process's watch of the run ``key`` (dag_id, run_id, finish task id), made on first use; the
-    caller keeps it (a watch no holder keeps goes away)."""
+) -> RunWatch[T]:
+    """This process's watch of ``key`` (dag_id, run_id, the task watched), made on first use; the caller
+    keeps it (a watch no trigger keeps goes away). One key, one kind of answer: the holders' key names
+    their finish task, the gates' their hold task."""
     watch = _WATCHES.get(key)
     if watch is None:
         watch = _WATCHES[key] = RunWatch(fetch, max_age)
@@ -136,7 +141,7 @@ __all__ = [
     "RUN_GOING_STATES",
     "RunStates",
     "RunWatch",
-    "finish_states",
     "jittered",
+    "states_by_map_index",
     "watch_for",
 ]

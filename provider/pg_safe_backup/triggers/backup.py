@@ -6,7 +6,7 @@ the run itself ended) is read here, through the Task SDK, and handed to ``sessio
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -19,7 +19,7 @@ from pg_safe_backup.runwatch import (
     ENDED_STATES,
     RUN_GOING_STATES,
     RunStates,
-    finish_states,
+    states_by_map_index,
     watch_for,
 )
 from pg_safe_backup.session import (
@@ -59,7 +59,7 @@ def hold_view(ref: BackupRef) -> HoldView:
 
     assert ref.hold_task_id
     state = task_states(ref, [ref.hold_task_id])[ref.hold_task_id]
-    if state not in ("running", "deferred") and state not in ENDED_STATES:
+    if not started(state):
         return HoldView(
             None, current=False, task_id=ref.hold_task_id
         )  # current try not started: anything readable is older
@@ -79,6 +79,39 @@ def hold_view(ref: BackupRef) -> HoldView:
     )
 
 
+def started(state: str | None) -> bool:
+    """Whether a hold task in ``state`` has started its try (or ended): only then is its attempt worth
+    reading."""
+    return state in ("running", "deferred") or state in ENDED_STATES
+
+
+def hold_states(dag_id: str, run_id: str, hold_task_id: str) -> dict[int, str | None]:
+    """The hold task's state at every map index of the run: one Task SDK call."""
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    found = RuntimeTaskInstance.get_task_states(dag_id=dag_id, task_ids=[hold_task_id], run_ids=[run_id])
+    return states_by_map_index(found.get(run_id, {}), hold_task_id)
+
+
+def gate_view(ref: BackupRef, max_age: float) -> Callable[[], Awaitable[HoldView]]:
+    """The gate's look at its hold (:func:`hold_view`), cheap while the hold has not started: the gates of
+    one run in this process share one read of the hold's state at every map index per ``max_age`` (a
+    pool may keep a thousand clusters waiting for a slot, their gates deferred); once this gate's hold
+    has started (or ended), its state and attempt are read afresh, as always, since the gate opens on
+    them."""
+    assert ref.hold_task_id
+    key = (ref.dag_id, ref.run_id, ref.hold_task_id)
+    # Kept by this closure: the watch lives as long as a gate of the run does.
+    watch = watch_for(key, lambda: sync_to_async(hold_states)(*key), max_age=max_age)
+
+    async def view() -> HoldView:
+        if not started((await watch.states()).get(ref.map_index)):
+            return HoldView(None, current=False, task_id=ref.hold_task_id)
+        return await sync_to_async(hold_view)(ref)
+
+    return view
+
+
 def run_states(dag_id: str, run_id: str, finish_task_id: str | None) -> RunStates:
     """The DAG run's state and its finish task's state at every map index: two Task SDK calls, whatever
     the number of backups (map indexes) of the run."""
@@ -88,7 +121,7 @@ def run_states(dag_id: str, run_id: str, finish_task_id: str | None) -> RunState
     if run_state not in RUN_GOING_STATES or not finish_task_id:
         return RunStates(run_state)
     found = RuntimeTaskInstance.get_task_states(dag_id=dag_id, task_ids=[finish_task_id], run_ids=[run_id])
-    return RunStates(run_state, finish_states(found.get(run_id, {}), finish_task_id))
+    return RunStates(run_state, states_by_map_index(found.get(run_id, {}), finish_task_id))
 
 
 def check_period() -> float:
@@ -212,7 +245,7 @@ class PostgresBackupStartedTrigger(PostgresBackupTriggerBase):
         ref = self.ref
         return await wait_for_start(
             self.hook,
-            hold_view=lambda: sync_to_async(hold_view)(ref),
+            hold_view=gate_view(ref, max_age=self.kwargs["poll_interval"] / 2),
             poll_interval=self.kwargs["poll_interval"],
             timeout=self.kwargs["timeout"],
         )
