@@ -279,7 +279,7 @@ def stored_chunks(stored: StoredFile, key: EncryptionKey | None, what: str) -> I
     :raises CryptError: sealed and changed, cut or of another key.
     """
     with stored.item.open("rb") as src:
-        if key is not None and str(what).endswith(SUFFIX):
+        if key is not None and stored.item.name.endswith(SUFFIX):
             yield from decrypt_chunks(src, key, what)
         else:
             while chunk := src.read(CHUNK_SIZE):
@@ -288,12 +288,12 @@ def stored_chunks(stored: StoredFile, key: EncryptionKey | None, what: str) -> I
 
 def fetch_file(stored: StoredFile, target: Path, key: EncryptionKey | None, what: str) -> Copied:
     """Write a stored file to the local file ``target`` (made, mode 0600), synced, decrypted when ``key`` is
-    given and ``what`` names a sealed file; its size and SHA-256 as written.
+    given and the file is sealed (``X.enc``); its size and SHA-256 as written.
 
     :param stored: the file.
     :param target: where it goes.
     :param key: the backup's key, or None.
-    :param what: its stored name (``.enc`` for a sealed one), for errors.
+    :param what: its name, for errors.
     """
     digest = hashlib.sha256()
     size = 0
@@ -345,12 +345,8 @@ def download_tree(
     began = time.monotonic()
     listing = list_stored(source) if listing is None else listing
     skip = set(skip_top)
-    files = {
-        plaintext_name(rel, key): stored
-        for rel, stored in listing.items()
-        if rel != FOLDERS_NAME and plaintext_name(rel, key).split("/", 1)[0] not in skip
-    }
-    names = {plaintext_name(rel, key): rel for rel in listing}
+    names = {plaintext_name(rel, key): rel for rel in listing if rel != FOLDERS_NAME}  # restored -> stored
+    files = {name: listing[rel] for name, rel in names.items() if name.split("/", 1)[0] not in skip}
     if folders is None:
         listed = FOLDERS_NAME in listing
         folders = json.loads((source / FOLDERS_NAME).read_bytes())["folders"] if listed else []

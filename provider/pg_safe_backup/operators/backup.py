@@ -499,11 +499,12 @@ class PostgresVerifyBackupOperator(BaseOperator):
 
         began = time.monotonic()
         backup_dir = rendered(check_storage_url, self.backup_dir, "backup_dir")
+        backup = storage_path(backup_dir)
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
         key = encryption_key(self.encryption_conn_id)
         try:
             report = check_backup(
-                storage_path(backup_dir),
+                backup,
                 wal_archive,
                 stop_lsn=self.stop_lsn or None,
                 page_lsns=self.page_lsn_check,
@@ -524,7 +525,7 @@ class PostgresVerifyBackupOperator(BaseOperator):
             )
         ti = context["ti"]
         if record_check(
-            storage_path(backup_dir),
+            backup,
             report,
             time.monotonic() - began,
             f"{ti.dag_id}/{ti.run_id}/{ti.task_id}",

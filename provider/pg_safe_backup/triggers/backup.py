@@ -85,12 +85,12 @@ def started(state: str | None) -> bool:
     return state in ("running", "deferred") or state in ENDED_STATES
 
 
-def hold_states(dag_id: str, run_id: str, hold_task_id: str) -> dict[int, str | None]:
-    """The hold task's state at every map index of the run: one Task SDK call."""
+def states_of(dag_id: str, run_id: str, task_id: str) -> dict[int, str | None]:
+    """A task's state at every map index of the run: one Task SDK call (no ``map_index``: all of them)."""
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-    found = RuntimeTaskInstance.get_task_states(dag_id=dag_id, task_ids=[hold_task_id], run_ids=[run_id])
-    return states_by_map_index(found.get(run_id, {}), hold_task_id)
+    found = RuntimeTaskInstance.get_task_states(dag_id=dag_id, task_ids=[task_id], run_ids=[run_id])
+    return states_by_map_index(found.get(run_id, {}), task_id)
 
 
 def gate_view(ref: BackupRef, max_age: float) -> Callable[[], Awaitable[HoldView]]:
@@ -102,7 +102,7 @@ def gate_view(ref: BackupRef, max_age: float) -> Callable[[], Awaitable[HoldView
     assert ref.hold_task_id
     key = (ref.dag_id, ref.run_id, ref.hold_task_id)
     # Kept by this closure: the watch lives as long as a gate of the run does.
-    watch = watch_for(key, lambda: sync_to_async(hold_states)(*key), max_age=max_age)
+    watch = watch_for(key, lambda: sync_to_async(states_of)(*key), max_age=max_age)
 
     async def view() -> HoldView:
         if not started((await watch.states()).get(ref.map_index)):
@@ -120,8 +120,7 @@ def run_states(dag_id: str, run_id: str, finish_task_id: str | None) -> RunState
     run_state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
     if run_state not in RUN_GOING_STATES or not finish_task_id:
         return RunStates(run_state)
-    found = RuntimeTaskInstance.get_task_states(dag_id=dag_id, task_ids=[finish_task_id], run_ids=[run_id])
-    return RunStates(run_state, states_by_map_index(found.get(run_id, {}), finish_task_id))
+    return RunStates(run_state, states_of(dag_id, run_id, finish_task_id))
 
 
 def check_period() -> float:

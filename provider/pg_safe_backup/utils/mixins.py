@@ -136,9 +136,9 @@ def check_storage_url(value: Any, param: str) -> str:
     """A rendered location (a local path or an ``ObjectStoragePath`` URL) whose connection, when the URL
     names one (``s3://conn_id@bucket/prefix``), Airflow will use: an installed provider registers a
     filesystem for its scheme (Airflow's own registry, ``airflow.sdk.io.has_fs``), or one was attached under
-    that connection (``attach("s3", conn_id=..., fs=...)``). Without either Airflow ignores the connection:
-    3.3 reads the store with the driver's default credentials, 3.1 fails at the first access. A check for
-    :func:`rendered`, called before a task does anything.
+    that connection (``attach("s3", conn_id=..., fs=...)``). Without either Airflow has no filesystem for
+    the scheme, a connection in the URL or not ("No filesystem registered for scheme s3" at the first
+    access, on 3.1 and 3.3). A check for :func:`rendered`, called before a task does anything.
 
     :param value: the rendered parameter.
     :param param: its name, for the error.
