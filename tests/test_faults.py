@@ -7,14 +7,24 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from operator import itemgetter
 
 import psycopg
 import pytest
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook, backup_functions
-from pg_safe_backup.local_cluster import LocalCluster, free_port
-from pg_safe_backup.session import COMPLETE, FAILED, STARTED, HoldRequest, hold_backup, wait_for_start
+from pg_safe_backup.local_cluster import LocalCluster, free_port, give_to_server_user
+from pg_safe_backup.session import (
+    COMPLETE,
+    FAILED,
+    PENDING,
+    STARTED,
+    HoldRequest,
+    finish_backup,
+    hold_backup,
+    wait_for_start,
+)
 from pg_safe_backup.state import parse_backup_label
 
 import backup_helpers
@@ -261,6 +271,52 @@ def test_broken_archiving_is_bounded_by_backup_timeout_and_named(tmp_root, monke
         assert state == "failed" and "archive_command" in error and label is None
         assert holder_sessions(cluster) == 0
         assert_next_backup_runs(hook, cluster, wait_for_archive=False)
+    finally:
+        cluster.stop("immediate")
+
+
+def test_inline_waits_give_up_pending_and_the_deferred_waits_pick_up_where_they_left(tmp_root, monkeypatch):
+    """The gate's and the finish's inline waits (``patience``, before they defer): PENDING when nothing
+    settled in time, without touching the backup; the waits run again from the start (as their triggers
+    do) then see it through. Here the WAL archive refuses files until a flag file appears, so
+    pg_backup_stop waits."""
+    archive, flag = tmp_root / "archive", tmp_root / "archive_may_take"
+    give_to_server_user(tmp_root)
+    archive.mkdir()
+    give_to_server_user(archive)
+    command = f"'test -f {flag} && cp %p {archive}/%f'"
+    cluster = (
+        LocalCluster(tmp_root / "slowarchive")
+        .init(password=PASSWORD, settings={"archive_mode": "on", "archive_command": command})
+        .start()
+    )
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_PG_SLOWARCHIVE", cluster.airflow_conn_uri(password=PASSWORD))
+        hook = PostgresBackupHook("pg_slowarchive")
+        attempt = attempt_of(OWNER)
+
+        async def go():
+            waited = time.monotonic()
+            early = await wait_for_start(hook, attempt, poll_interval=5, patience=0.5)
+            waited = time.monotonic() - waited
+            holder = asyncio.create_task(hold_backup(hook, req(backup_timeout=120, wait_for_archive=True)))
+            opened = await wait_for_start(hook, attempt, poll_interval=5, patience=60)
+            row = backup_row(cluster)
+            pending = await finish_backup(hook, attempt, opened["backup"]["start_lsn"], patience=1)
+            between = backup_row(cluster)
+            flag.touch()
+            done = await finish_backup(hook, attempt, opened["backup"]["start_lsn"], poll_interval=5)
+            return early, waited, opened, row, pending, between, done, await asyncio.wait_for(holder, 60)
+
+        early, waited, opened, row, pending, between, done, held = asyncio.run(go())
+        # Nothing started yet: PENDING after the patience, not the poll interval.
+        assert early["status"] == PENDING and early["backup"] is None and waited < 4
+        assert opened["status"] == STARTED and row["state"] == "running"
+        # pg_backup_stop waits for the archive: the inline finish asked for the stop and gave up waiting.
+        assert pending["status"] == PENDING and between["state"] == "done", (pending, between)
+        assert done["status"] == held["status"] == COMPLETE, (done, held)
+        assert done["backup"]["backup_label"] and backup_row(cluster)["state"] == "complete"
+        assert done["backup"]["start_lsn"] == opened["backup"]["start_lsn"]  # the one backup, started once
     finally:
         cluster.stop("immediate")
 

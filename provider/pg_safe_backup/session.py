@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Statuses of events.
 STARTED, COMPLETE, FAILED = "started", "complete", "failed"
+#: The status of a wait given ``patience`` that ran out first: nothing settled yet, wait on (deferred).
+PENDING = "pending"
 #: The gate's STARTED event's key (and its XCom's): the server's configuration files (ServerConfig.as_dict).
 CONFIG_FILES = "server_config_files"
 
@@ -315,10 +317,12 @@ async def _until_ended(
     attempt: str,
     poll_interval: float,
     vet: Callable[[BackupRow], Awaitable[dict[str, Any] | None]] | None = None,
+    patience: _Deadline | None = None,
 ) -> dict[str, Any]:
     """Follow ``attempt``'s backup until it is complete or failed (its holder gone: marked failed).
 
     :param vet: called first with each read of that attempt's row; an event it returns ends the wait.
+    :param patience: when it expires first, a PENDING event ends the wait.
     """
     while True:
         row = await hook.read(conn)
@@ -339,7 +343,20 @@ async def _until_ended(
         if not row.holder_alive:
             await hook.mark_failed(conn, attempt, _session_gone(row))
             continue
-        await hook.wait_for_change(conn, poll_interval)
+        if patience is not None and patience.expired():
+            return _pending(row)
+        await hook.wait_for_change(conn, patience.cap(poll_interval) if patience else poll_interval)
+
+
+def _pending(row: BackupRow | None) -> dict[str, Any]:
+    return event(PENDING, "not settled within the inline wait: waiting on, deferred", row)
+
+
+def _patience(seconds: float | None, clock: Callable[[], float] = time.monotonic) -> _Deadline | None:
+    """A wait's patience (None: none; it waits to its end). Zero or less has already run out."""
+    if seconds is None:
+        return None
+    return _Deadline(max(seconds, 1e-9), clock)
 
 
 def _session_gone(row: BackupRow) -> str:
@@ -577,6 +594,7 @@ async def wait_for_start(
     poll_interval: float = 5.0,
     timeout: float = ONE_DAY_S,
     clock: Callable[[], float] = time.monotonic,
+    patience: float | None = None,
 ) -> dict[str, Any]:
     """The gate: wait until the hold's CURRENT attempt is in backup mode (``running``, start LSN
     recorded, holder session connected).
@@ -591,11 +609,14 @@ async def wait_for_start(
     :param attempt: the attempt to wait for, when known up front (tests, benchmarks).
     :param hold_view: asked for the hold's current attempt (see :class:`HoldView`), at the start,
         whenever the row names another attempt, and every ``poll_interval`` seconds.
+    :param patience: seconds after which, nothing settled, a PENDING event ends the wait (the gate's
+        inline wait in its worker slot, before it defers). None: wait to the end.
     """
     if (attempt is None) == (hold_view is None):
         raise ValueError("wait_for_start needs exactly one of attempt and hold_view")
     fixed = HoldView(attempt)
     deadline = _Deadline(timeout, clock)
+    inline = _patience(patience, clock)
     hint_at = clock() + 5  # a fast checkpoint takes well under a second
 
     async def body(conn: psycopg.AsyncConnection) -> dict[str, Any]:
@@ -652,9 +673,12 @@ async def wait_for_start(
                     " mode yet (a start checkpoint still running, or no triggerer running the hold)",
                     row if ours else None,
                 )
+            if inline is not None and inline.expired():
+                return _pending(row if ours else None)
             # Not yet sure which attempt is current (the hold task is starting): look again soon.
             soon = ours and row.live and not view.current
-            await hook.wait_for_change(conn, deadline.cap(min(poll_interval, 0.5) if soon else poll_interval))
+            wait = deadline.cap(min(poll_interval, 0.5) if soon else poll_interval)
+            await hook.wait_for_change(conn, inline.cap(wait) if inline else wait)
 
     opened = await _waiting(hook, "gate", body)
     if opened["status"] == STARTED:
@@ -683,6 +707,7 @@ async def finish_backup(
     start_lsn: str,
     copy_problem: str | None = None,
     poll_interval: float = 5.0,
+    patience: float | None = None,
 ) -> dict[str, Any]:
     """The finish: end the backup the copy ran under (``attempt``, opened at ``start_lsn``).
 
@@ -691,7 +716,12 @@ async def finish_backup(
     never yields a label. Otherwise the holder is asked to stop the backup, and the outcome is
     waited for. Only that attempt's row is ever touched; a row of another attempt, or with another
     start LSN, fails the finish at once (the backup the copy ran under is gone).
+
+    :param patience: seconds after which, the backup not yet ended, a PENDING event ends the wait (the
+        finish's inline wait, before it defers; waiting again from the start is harmless: the request
+        to stop is made only while the backup is running). None: wait to the end.
     """
+    inline = _patience(patience)
 
     async def body(conn: psycopg.AsyncConnection) -> dict[str, Any]:
         if copy_problem:
@@ -718,6 +748,6 @@ async def finish_backup(
                 await hook.request_done(conn, attempt, start_lsn)
             return None
 
-        return await _until_ended(hook, conn, attempt, poll_interval, vet)
+        return await _until_ended(hook, conn, attempt, poll_interval, vet, inline)
 
     return await _waiting(hook, "finish", body)

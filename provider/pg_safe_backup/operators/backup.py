@@ -32,8 +32,10 @@ from pg_safe_backup.store import (
 )
 from pg_safe_backup.triggers.backup import (
     ATTEMPT_XCOM,
+    RESULT_KEYS,  # noqa: F401 - importable from here, as before
     PostgresFinishBackupTrigger,
     PostgresHoldBackupTrigger,
+    public,
     task_states,
 )
 from pg_safe_backup.utils.mixins import (
@@ -51,19 +53,6 @@ from pg_safe_backup.utils.mixins import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: XCom keys the finish pushes (plain values) besides its return value.
-RESULT_KEYS = (
-    "backup_label",
-    "tablespace_map",
-    "start_lsn",
-    "stop_lsn",
-    "timeline",
-    "label",
-    "system_identifier",
-    "warnings",
-    "stop_timeline",
-    "timeline_history",
-)
 DEFAULT_LABEL = "airflow {{ dag.dag_id }} {{ run_id }}"
 
 
@@ -173,7 +162,7 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
         if event["status"] != COMPLETE:
             raise fail_on(event, f"backup not taken: {event['message']}")
         self.log.info("%s", event["message"])
-        return _public(event["backup"])
+        return public(event["backup"])
 
 
 class PostgresFinishBackupOperator(PostgresBackupBaseOperator):
@@ -237,23 +226,12 @@ class PostgresFinishBackupOperator(PostgresBackupBaseOperator):
             copy_problem=problem,
             poll_interval=self.poll_interval,
         )
-        return self.wait_on(context, trigger)
+        return self.wait_on(context, trigger, patience=self.inline_wait)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event["status"] != COMPLETE:
             raise fail_on(event, f"backup not usable: {event['message']}")
-        result = _public(event["backup"])
-        for key in RESULT_KEYS:
-            context["ti"].xcom_push(key=key, value=result[key])
-        self.log.info(
-            "backup complete: start %s, stop %s\n%s",
-            result["start_lsn"],
-            result["stop_lsn"],
-            result["backup_label"],
-        )
-        if result["warnings"]:
-            self.log.warning("PostgreSQL warned during this backup:\n%s", result["warnings"])
-        return result
+        return self.ended_well(context, PostgresFinishBackupTrigger, event)
 
 
 class PostgresStoreBackupLabelOperator(BaseOperator):
@@ -415,10 +393,6 @@ def copied_records(context: Context, copy_task_ids: Sequence[str]) -> CopyRecord
     return CopyRecords.from_xcom(
         same_map_index_xcom(context, task_id, FILES_XCOM) for task_id in copy_task_ids
     )
-
-
-def _public(backup: dict[str, Any]) -> dict[str, Any]:
-    return {k: backup.get(k) for k in ("state", "owner", "attempt", *RESULT_KEYS)}
 
 
 class PostgresVerifyBackupOperator(BaseOperator):

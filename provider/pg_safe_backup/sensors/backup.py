@@ -7,8 +7,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pg_safe_backup.params import check_text
-from pg_safe_backup.session import CONFIG_FILES, STARTED
-from pg_safe_backup.triggers.backup import PostgresBackupStartedTrigger
+from pg_safe_backup.runwatch import ENDED_STATES
+from pg_safe_backup.session import STARTED
+from pg_safe_backup.triggers.backup import PostgresBackupStartedTrigger, task_states
 from pg_safe_backup.utils.mixins import PostgresBackupBaseSensor, fail_on
 
 if TYPE_CHECKING:
@@ -53,19 +54,18 @@ class PostgresBackupStartedSensor(PostgresBackupBaseSensor):
             poll_interval=self.poll_interval,
             timeout=self.timeout,
         )
-        return self.wait_on(context, trigger, timeout=timedelta(seconds=self.timeout + DEFERRAL_GRACE_S))
+        # Wait here only for a hold task that is on its way: one still waiting for a (pool) slot may wait
+        # long, and this worker slot is better given to a copy.
+        hold_state = task_states(ref, [self.hold_task_id])[self.hold_task_id]
+        coming = hold_state in ("queued", "running", "deferred") or hold_state in ENDED_STATES
+        return self.wait_on(
+            context,
+            trigger,
+            timeout=timedelta(seconds=self.timeout + DEFERRAL_GRACE_S),
+            patience=min(self.inline_wait, self.timeout or self.inline_wait) if coming else 0.0,
+        )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event["status"] != STARTED:
             raise fail_on(event, f"backup did not start: {event['message']}")
-        backup = event["backup"]
-        for key in ("start_lsn", "label", "attempt"):
-            context["ti"].xcom_push(key=key, value=backup[key])
-        server = event.get(CONFIG_FILES)
-        context["ti"].xcom_push(key=CONFIG_FILES, value=server)
-        if server and server.get("unreadable"):
-            self.log.warning(
-                "the copy may miss configuration files outside the data directory: %s", server["unreadable"]
-            )
-        self.log.info("%s; the copy may begin", event["message"])
-        return {"start_lsn": backup["start_lsn"], "label": backup["label"], "attempt": backup["attempt"]}
+        return self.ended_well(context, PostgresBackupStartedTrigger, event)

@@ -24,7 +24,9 @@ from pg_safe_backup.runwatch import (
 )
 from pg_safe_backup.session import (
     COMPLETE,
+    CONFIG_FILES,
     ONE_DAY_S,
+    STARTED,
     Check,
     HoldRequest,
     HoldView,
@@ -36,6 +38,24 @@ from pg_safe_backup.state import BackupRef, BackupTarget
 
 #: XCom key under which the hold task publishes its attempt before it defers.
 ATTEMPT_XCOM = "backup_attempt"
+#: XCom keys the finish pushes (plain values) besides its return value.
+RESULT_KEYS = (
+    "backup_label",
+    "tablespace_map",
+    "start_lsn",
+    "stop_lsn",
+    "timeline",
+    "label",
+    "system_identifier",
+    "warnings",
+    "stop_timeline",
+    "timeline_history",
+)
+
+
+def public(backup: dict[str, Any]) -> dict[str, Any]:
+    """What a backup's row tells a task's return value: its state, owner, attempt and results."""
+    return {k: backup.get(k) for k in ("state", "owner", "attempt", *RESULT_KEYS)}
 
 
 def task_states(ref: BackupRef, task_ids: list[str]) -> dict[str, str | None]:
@@ -173,12 +193,36 @@ class PostgresBackupTriggerBase(BaseTrigger):
         ref = self.kwargs.get("ref")
         return BackupRef(**ref) if ref else None
 
-    async def result(self) -> dict[str, Any]:
-        """Do the wait (or the whole backup) and return its result (see ``session.event``)."""
+    #: The status of a result that ends the task well. The trigger then ends the task itself
+    #: (``TaskSuccessEvent`` with its XComs): no second trip through the scheduler and a worker. Any other
+    #: result goes back to the task's ``execute_complete``, which fails it, or lets Airflow retry it.
+    succeeds_on: str | None = None
+
+    async def result(self, patience: float | None = None) -> dict[str, Any]:
+        """Do the wait (or the whole backup) and return its result (see ``session.event``).
+
+        :param patience: seconds after which a wait not yet settled returns ``session.PENDING`` (the
+            inline wait of a task in its worker slot, before it defers). None: wait to the end.
+        """
+        raise NotImplementedError
+
+    def waited(self, seconds: float) -> None:
+        """The task already waited ``seconds`` inline before deferring on this trigger (a deadline counted
+        from the task's start is shortened by as much)."""
+
+    @classmethod
+    def outcome(cls, result: dict[str, Any], log: Any) -> tuple[dict[str, Any], Any]:
+        """A ``succeeds_on`` result as the task's XComs besides its return value, and that value; what
+        it tells is logged to ``log`` (the task's log, from the trigger or the worker alike)."""
         raise NotImplementedError
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        yield TriggerEvent(await self.result())
+        result = await self.result()
+        if self.succeeds_on is not None and result["status"] == self.succeeds_on:
+            xcoms, value = self.outcome(result, self.log)
+            yield TaskSuccessEvent(xcoms={**xcoms, "return_value": value})
+        else:
+            yield TriggerEvent(result)
 
 
 class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
@@ -200,7 +244,7 @@ class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
     ) -> None:
         super().__init__(hook_kwargs, request=request, ref=ref)
 
-    async def result(self) -> dict[str, Any]:
+    async def result(self, patience: float | None = None) -> dict[str, Any]:
         ref = self.ref
         period = check_period()
         check = holder_check(ref, period) if ref else None
@@ -240,14 +284,33 @@ class PostgresBackupStartedTrigger(PostgresBackupTriggerBase):
     ) -> None:
         super().__init__(hook_kwargs, ref=ref, poll_interval=poll_interval, timeout=timeout)
 
-    async def result(self) -> dict[str, Any]:
+    succeeds_on = STARTED
+
+    def waited(self, seconds: float) -> None:
+        if self.kwargs["timeout"]:  # 0: no limit
+            self.kwargs["timeout"] = max(self.kwargs["timeout"] - seconds, 1e-3)
+
+    async def result(self, patience: float | None = None) -> dict[str, Any]:
         ref = self.ref
         return await wait_for_start(
             self.hook,
             hold_view=gate_view(ref, max_age=self.kwargs["poll_interval"] / 2),
             poll_interval=self.kwargs["poll_interval"],
             timeout=self.kwargs["timeout"],
+            patience=patience,
         )
+
+    @classmethod
+    def outcome(cls, result: dict[str, Any], log: Any) -> tuple[dict[str, Any], Any]:
+        """``start_lsn``, ``label``, ``attempt`` and ``server_config_files`` (see the gate sensor)."""
+        backup, server = result["backup"], result.get(CONFIG_FILES)
+        if server and server.get("unreadable"):
+            log.warning(
+                "the copy may miss configuration files outside the data directory: %s", server["unreadable"]
+            )
+        log.info("%s; the copy may begin", result["message"])
+        value = {key: backup[key] for key in ("start_lsn", "label", "attempt")}
+        return {**value, CONFIG_FILES: server}, value
 
 
 class PostgresFinishBackupTrigger(PostgresBackupTriggerBase):
@@ -278,8 +341,24 @@ class PostgresFinishBackupTrigger(PostgresBackupTriggerBase):
             poll_interval=poll_interval,
         )
 
-    async def result(self) -> dict[str, Any]:
-        return await finish_backup(self.hook, **self.kwargs)
+    succeeds_on = COMPLETE
+
+    async def result(self, patience: float | None = None) -> dict[str, Any]:
+        return await finish_backup(self.hook, **self.kwargs, patience=patience)
+
+    @classmethod
+    def outcome(cls, result: dict[str, Any], log: Any) -> tuple[dict[str, Any], Any]:
+        """Each of :data:`RESULT_KEYS`; the return value is the backup's :func:`public` row."""
+        value = public(result["backup"])
+        log.info(
+            "backup complete: start %s, stop %s\n%s",
+            value["start_lsn"],
+            value["stop_lsn"],
+            value["backup_label"],
+        )
+        if value["warnings"]:
+            log.warning("PostgreSQL warned during this backup:\n%s", value["warnings"])
+        return {key: value[key] for key in RESULT_KEYS}, value
 
 
 # The names before the rename to Postgres<Verb><Object>. A trigger row written by the old version names its

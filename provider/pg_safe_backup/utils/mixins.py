@@ -10,6 +10,7 @@ the task group.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from airflow.sdk import BaseOperator, BaseSensorOperator, ObjectStoragePath
 from pg_safe_backup.errors import PgSafeBackupError, retryable
 from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.params import check_number, check_text, unless_rendered_later, validate_identifier
+from pg_safe_backup.session import PENDING
 from pg_safe_backup.state import BackupRef, BackupTarget
 
 if TYPE_CHECKING:
@@ -34,6 +36,8 @@ T = TypeVar("T")
 #: Fields rendered at run time (Jinja, params, XComArgs), so that a mapped task group can map over
 #: connections.
 CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
+#: Default ``inline_wait``: seconds the gate and the finish wait in their worker slot before deferring.
+INLINE_WAIT_S = 30.0
 
 
 def default_deferrable() -> bool:
@@ -212,6 +216,11 @@ class PostgresBackupBaseOperator(BaseOperator):
         at once); the hold, woken by NOTIFY and its sessions' sockets, re-reads every max(this, 60 s).
     :param deferrable: wait in the triggerer instead of a worker slot (default:
         ``[operators] default_deferrable``).
+    :param inline_wait: deferrable, the gate and the finish first wait this many seconds in their worker
+        slot, and defer only if their backup has not started (or ended) by then: a fast checkpoint and
+        pg_backup_stop take a second or less, and a deferral costs a trip through the triggerer, the
+        scheduler and a worker (two to three seconds). A gate whose hold task waits for a slot (of the
+        backup-mode pool) defers at once. 0: defer at once.
     """
 
     template_fields: Sequence[str] = backup_template_fields()
@@ -227,6 +236,7 @@ class PostgresBackupBaseOperator(BaseOperator):
         backup_key: str = "backup",
         poll_interval: float = 5.0,
         deferrable: bool | None = None,
+        inline_wait: float = INLINE_WAIT_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -240,6 +250,7 @@ class PostgresBackupBaseOperator(BaseOperator):
         self.backup_key = check_text(backup_key, "backup_key")
         self.poll_interval = check_number(poll_interval, "poll_interval", 0, allow_min=False)
         self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.inline_wait = check_number(inline_wait, "inline_wait", 0)
 
     @property
     def backup_target(self) -> BackupTarget:
@@ -271,12 +282,37 @@ class PostgresBackupBaseOperator(BaseOperator):
         )
 
     def wait_on(
-        self, context: Context, trigger: PostgresBackupTriggerBase, timeout: timedelta | None = None
+        self,
+        context: Context,
+        trigger: PostgresBackupTriggerBase,
+        timeout: timedelta | None = None,
+        patience: float = 0.0,
     ) -> Any:
-        """Defer on ``trigger``, or (deferrable=False) run its wait here; then ``execute_complete``."""
+        """Defer on ``trigger``, or (deferrable=False) run its wait here; then ``execute_complete``.
+
+        :param patience: deferrable, first wait here this many seconds (see ``inline_wait``); the
+            trigger, deferred on only if nothing settled, waits again from the start.
+        """
         if self.deferrable:
+            if patience > 0:
+                started = time.monotonic()
+                result = asyncio.run(trigger.result(patience=patience))
+                if result["status"] != PENDING:
+                    return self.execute_complete(context, result)  # type: ignore[attr-defined]
+                trigger.waited(time.monotonic() - started)
+                self.log.info("not settled within inline_wait=%gs: deferring", patience)
             self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
         return self.execute_complete(context, asyncio.run(trigger.result()))  # type: ignore[attr-defined]
+
+    def ended_well(
+        self, context: Context, trigger: type[PostgresBackupTriggerBase], event: dict[str, Any]
+    ) -> Any:
+        """A result the deferred trigger would have ended the task with (``succeeds_on``), here: its
+        outcome logged, its XComs pushed, its value returned."""
+        xcoms, value = trigger.outcome(event, self.log)
+        for key, item in xcoms.items():
+            context["ti"].xcom_push(key=key, value=item)
+        return value
 
 
 class PostgresBackupBaseSensor(BaseSensorOperator, PostgresBackupBaseOperator):
