@@ -1,8 +1,9 @@
 """Figure 4: the whole backup DAG on a multi-GB data directory against a raw `cp -a` of it.
 
 A cluster is filled with ``pgbench -i -s SCALE`` (WAL level minimal while loading, so the load
-writes no WAL to archive; then WAL archiving is switched on). A real Airflow (demo/stack.py:
-api-server, scheduler, dag-processor, triggerer; LocalExecutor, metadata in PostgreSQL) runs
+writes no WAL to archive; then WAL archiving is switched on). A real Airflow on the production stack
+(demo/stack.py: api-server, scheduler, dag-processor, two triggerers, CeleryExecutor with a Redis
+broker and one worker, metadata in PostgreSQL) runs
 ``bench/dags/pg_backup_bench.py`` (the example DAG with ``cp -a`` as the copy). Timed alternately in
 the same run: ``cp -a DATA COPY`` on its own, and the DAG from trigger to success, which copies the
 same directory to the same disk with the same command. Each copy is deleted (the disk synced, then
@@ -157,6 +158,25 @@ def task_timeline(stack: AirflowStack, run_id: str) -> dict[str, Any]:
             "start": round(s - t0, 1) if s and t0 else None,
             "end": round(e - t0, 1) if e and t0 else None,
         }
+    if t0:
+        out["log_events"] = task_events(stack, run_id, t0)
+    return out
+
+
+def task_events(stack: AirflowStack, run_id: str, t0: float) -> dict[str, list[list[Any]]]:
+    """Per task of the backup: its log lines (worker's and triggerer's) as [seconds from the run's start,
+    the line's first 90 characters], where the time of each backup goes."""
+    out: dict[str, list[list[Any]]] = {}
+    for task_id in ("backup.hold_backup_session", "backup.wait_for_backup_mode", "backup.finish_backup"):
+        lines = []
+        for line in stack.task_log(DAG_ID, run_id, task_id, raw=True).splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if (ts := _ts(rec.get("timestamp"))) is not None:
+                lines.append([round(ts - t0, 2), str(rec.get("event", ""))[:90]])
+        out[task_id] = sorted(lines)
     return out
 
 
@@ -200,8 +220,9 @@ def run(work: Path, scale: int, runs: int, profile: bool = False) -> dict[str, A
                 "BENCH_PGDATA": str(cluster.datadir),
                 "BENCH_BACKUP_ROOT": str(copies),
             },
-            # Task processes are the scheduler's children, which the profile below samples with it.
-            executor="LocalExecutor",
+            # The production stack: CeleryExecutor (Redis), two triggerers, metadata in PostgreSQL.
+            executor="CeleryExecutor",
+            triggerers=2,
         )
         stack.start(timeout=300, expect_dag_ids=[DAG_ID])
 
@@ -247,12 +268,17 @@ def run(work: Path, scale: int, runs: int, profile: bool = False) -> dict[str, A
             from bench.profile import record_during
 
             say(
-                "  profiling one more DAG run (py-spy on the scheduler and its task processes, and the "
-                "triggerer)"
+                "  profiling one more DAG run (py-spy on the scheduler, the Celery worker and its task "
+                "processes, and both triggerers)"
             )
             pids = stack.pids()
             profile_summary = record_during(
-                {"scheduler+tasks": pids["scheduler"], "triggerer": pids["triggerer"]},
+                {
+                    "scheduler": pids["scheduler"],
+                    "worker+tasks": pids["worker-default"],
+                    "triggerer": pids["triggerer"],
+                    "triggerer-2": pids["triggerer-2"],
+                },
                 max(dag) * 1.5 + 10,
                 lambda: dag_run("bench_profiled"),
                 work,

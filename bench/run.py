@@ -26,6 +26,10 @@
    process-max = the CPU count), in MB/s of a pgbench -i -s PEER_SCALE data directory, the page cache
    dropped before each, every restore started and its data compared with the source's; and ours into a
    local S3 server and back (bench/peerbench.py).
+11. a fleet on the production stack (Celery, two triggerers): FLEET_CLUSTERS small clusters in one mapped
+   group with a backup-mode pool of FLEET_SLOTS, every backup verified; then FLEET_HOLDERS holders in ONE
+   triggerer process with their Airflow checks on: its CPU per held backup and its execution-API calls
+   (bench/fleetbench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -58,6 +62,11 @@ MANIFEST_TARGET_RATIO = 1.2
 RESTORE_TARGET_RATIO = 1.3
 #: Issue 14's goal for figure 7: the copy's maximum RSS, whatever the data size.
 COPY_RSS_LIMIT_MB = 256
+#: Issue 24's goal for figure 4: the backup DAG's time beside its own copy (the fixed cost per backup).
+FIXED_COST_TARGET_S = 5
+#: Issue 24's goal for figure 11: a triggerer's holders of one run ask Airflow a small constant number of
+#: times per check period, whatever their number (before: 2 calls per holder every 10 s, 200/s at 1,000).
+API_CALLS_TARGET = 1
 #: Figure 10's targets (issue 23, item 5): ours at least as fast as pgBackRest's uncompressed backup and
 #: restore (like for like: our plain copy compresses nothing either).
 PEER_PAIRS = (
@@ -150,11 +159,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="rounds of figure 10's backups and restores (default 5; 1 with --quick)",
     )
+    p.add_argument("--fleet-clusters", type=int, default=None, help="clusters of figure 11 (default 30)")
+    p.add_argument(
+        "--fleet-slots", type=int, default=None, help="figure 11's backup-mode pool slots (default 4)"
+    )
+    p.add_argument(
+        "--fleet-holders",
+        type=int,
+        default=None,
+        help="holders in one triggerer process in figure 11 (default 1000; 50 with --quick)",
+    )
+    p.add_argument(
+        "--fleet-idle", type=float, default=None, help="figure 11's idle window in seconds (default 60)"
+    )
     p.add_argument(
         "--skip",
         default="",
         help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore, wal,"
-        " peer",
+        " peer, fleet",
     )
     p.add_argument(
         "--no-reference",
@@ -191,6 +213,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.wal_rounds = a.wal_rounds or (1 if quick else 3)
     a.peer_scale = a.peer_scale or (10 if quick else 65)
     a.peer_rounds = a.peer_rounds or (1 if quick else 5)
+    a.fleet_clusters = a.fleet_clusters or (6 if quick else 30)
+    a.fleet_slots = a.fleet_slots or (2 if quick else 4)
+    a.fleet_holders = a.fleet_holders or (50 if quick else 1000)
+    a.fleet_idle = a.fleet_idle or (20.0 if quick else 60.0)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -227,6 +253,22 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
         limit = round(r["raw_copy_s"] * 1.05 + 10, 1)
         out["DAG wall time"] = t(
             r["dag_wall_s"], f"<= raw_copy_s x 1.05 + 10 s = {limit} s", r["dag_wall_s"] <= limit
+        )
+    if r.get("dag_minus_its_own_cp_s") is not None:
+        out["fixed cost per backup"] = t(
+            r["dag_minus_its_own_cp_s"],
+            f"< {FIXED_COST_TARGET_S:g} s",
+            lt(r["dag_minus_its_own_cp_s"], FIXED_COST_TARGET_S),
+        )
+    if r.get("fleet_max_in_backup_mode") is not None:
+        k = r["fleet_copy_concurrency"]
+        out["clusters in backup mode at once"] = t(
+            r["fleet_max_in_backup_mode"], f"<= the pool's {k}", r["fleet_max_in_backup_mode"] <= k
+        )
+        out["execution-API calls of a triggerer's holders"] = t(
+            r["fleet_api_calls_per_s"],
+            f"a small constant per check period (< {API_CALLS_TARGET:g}/s)",
+            lt(r["fleet_api_calls_per_s"], API_CALLS_TARGET),
         )
     if r.get("manifest_vs_sha256sum") is not None:
         ratio = r["manifest_vs_sha256sum"]
@@ -351,6 +393,33 @@ def table(r: dict[str, Any]) -> str:
             f" {f(r.get('dag_minus_its_own_cp_s'), ' s')})",
             f"raw cp -a: {r['raw_copy_s']:g} s",
             "DAG wall time",
+        )
+    if r.get("dag_minus_its_own_cp_s") is not None:
+        row(
+            "fixed cost per backup (the DAG from trigger to success, minus its own cp -a), production stack",
+            f(r["dag_minus_its_own_cp_s"], " s"),
+            f"first run after Airflow started: {f(r['dag_detail'].get('dag_cold_wall_s'), ' s')} in all",
+            "fixed cost per backup",
+        )
+    if r.get("fleet_clusters") is not None:
+        fd, hd = r["fleet_detail"]["fleet"], r["fleet_detail"]["holders"]
+        row(
+            f"a fleet: {r['fleet_clusters']} clusters in one mapped group, backup-mode pool of"
+            f" {r['fleet_copy_concurrency']} (Celery, two triggerers; each backup verified)",
+            f"{r['fleet_backups_per_hour']} backups/h ({fd['backups_per_hour_per_copy_slot']} per slot),"
+            f" {fd['task_instances_per_s']:g} task instances/s; at most {r['fleet_max_in_backup_mode']} in"
+            " backup mode",
+            f"{fd['task_instances']} task instances in {fd['run_s']:g} s",
+            "clusters in backup mode at once",
+        )
+        row(
+            f"{hd['holders_in_one_triggerer_process']} held backups in one triggerer process, Airflow checks"
+            f" on (check period {hd['holder_check_period_s']} s; {hd['idle_window_s']:g} s window)",
+            f"{f(r['fleet_api_calls_per_s'])} execution-API calls/s;"
+            f" {f(r['triggerer_cpu_ms_per_held_backup_s'])} ms CPU per held backup-second"
+            f" ({hd['triggerer_cpu_percent_of_a_core']:g} % of a core)",
+            "before: 2 calls per holder every 10 s (200/s at 1,000 holders)",
+            "execution-API calls of a triggerer's holders",
         )
     if r.get("lsn_scan_gb_s") is not None:
         ld = r["lsn_scan_detail"]
@@ -632,6 +701,17 @@ def main(argv: list[str] | None = None) -> int:
 
             measure_phase(
                 results, "peer", "peer_detail", lambda: peerbench.run(work, args.peer_scale, args.peer_rounds)
+            )
+        if "fleet" not in args.skip:
+            from bench import fleetbench
+
+            measure_phase(
+                results,
+                "fleet",
+                "fleet_detail",
+                lambda: fleetbench.run(
+                    work, args.fleet_clusters, args.fleet_slots, args.fleet_holders, args.fleet_idle
+                ),
             )
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)
