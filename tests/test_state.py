@@ -153,9 +153,11 @@ QUIET_PRIMARY = settings(param="state_conn_id", archive_command="")
     "server, state, wait_for_archive, plan",
     [
         # a primary: its own pg_backup_stop waits for its archiver, when asked to
-        (settings(), None, True, WalPlan(stop_wait=True)),
+        # the primary: the holder follows its archiver after pg_backup_stop (which would look once a second)
+        (settings(), None, True, WalPlan(stop_wait=False, follow=WalArchiver.SERVER)),
         (settings(), None, False, WalPlan(stop_wait=False)),
-        (settings(), PRIMARY, True, WalPlan(stop_wait=True)),  # a state table elsewhere changes nothing
+        # a state table elsewhere changes nothing
+        (settings(), PRIMARY, True, WalPlan(stop_wait=False, follow=WalArchiver.SERVER)),
         # nothing archives, no wait asked: stop asked to wait where it would return at once (its NOTICE)
         (settings(archive_mode="off"), None, False, WalPlan(stop_wait=True)),
         (settings(archive_command=""), None, False, WalPlan(stop_wait=False)),

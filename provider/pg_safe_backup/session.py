@@ -79,9 +79,10 @@ HOLDER_AIRFLOW_CHECK_S = CHECK_PERIOD_S
 EARLIER_ATTEMPT_WAIT_S = 30.0
 #: Default backup_timeout and gate_timeout: nothing waits forever when all else fails.
 ONE_DAY_S = 24 * 3600.0
-#: Seconds between looks at pg_stat_archiver while a standby backup's last WAL segment is archived
-#: (pg_backup_stop's own wait polls once a second too).
-ARCHIVE_POLL_S = 1.0
+#: Seconds between looks at pg_stat_archiver while a backup's last WAL segment is archived: the first look
+#: after ARCHIVE_FIRST_POLL_S, each next one half as late again, at most ARCHIVE_POLL_S apart
+#: (pg_backup_stop's own wait looks once a second, so it takes a second even when the archive takes 10 ms).
+ARCHIVE_FIRST_POLL_S, ARCHIVE_POLL_S = 0.02, 1.0
 
 #: An Airflow-side check: returns why the wait must end (a text), or None.
 Check = Callable[[], Awaitable[str | None]]
@@ -506,20 +507,25 @@ async def _stop_timeline(
 
 
 async def _wait_archived(h: _Holding, archiver: WalArchiver, stop_lsn: str) -> str | None:
-    """Get the WAL segment holding a standby backup's stop LSN archived: switch WAL on the primary
-    (``conn``, the state connection), then wait for ``archiver`` (the standby's own, or the primary's).
+    """Wait until the WAL segment holding a backup's stop LSN is archived; returns why it failed
+    (backup_timeout), or None once archived.
 
-    The standby's stop point lies in the WAL the primary wrote, and a segment is archived once it is
-    complete: by the primary when it switches past it, by an archive_mode=always standby once it has
-    received it whole. Returns why it failed (backup_timeout), or None once archived.
+    The primary backed up (``SERVER``): its pg_backup_stop switched WAL past that segment, and its own
+    archiver archives it. A standby: its stop point lies in the WAL the primary wrote, and a segment is
+    archived once it is complete, by the primary when it switches past it, by an archive_mode=always
+    standby once it has received it whole; so WAL is switched on the primary (``conn``, the state
+    connection) first, then ``archiver`` (the standby's own, or the primary's) is followed.
     """
     hook, conn, bconn, deadline = h.hook, h.conn, h.bconn, h.deadline
     on, conn_id = (
-        (bconn, hook.postgres_conn_id) if archiver is WalArchiver.STANDBY else (conn, hook.state_conn_id)
+        (conn, hook.state_conn_id) if archiver is WalArchiver.PRIMARY else (bconn, hook.postgres_conn_id)
     )
-    timeline, segment_size = await hook.wal_timeline_and_segment_size(conn)
+    timeline, segment_size = await hook.wal_timeline_and_segment_size(
+        bconn if archiver is WalArchiver.SERVER else conn
+    )
     segment = wal_segment_name(stop_lsn, timeline, segment_size)
-    switched = False
+    switched = archiver is WalArchiver.SERVER
+    poll = ARCHIVE_FIRST_POLL_S
     while not archived_through(await hook.last_archived_wal(on), segment):
         if deadline.expired():
             return await _archiving_failed(
@@ -537,7 +543,8 @@ async def _wait_archived(h: _Holding, archiver: WalArchiver, stop_lsn: str) -> s
             )
             await hook.switch_wal(conn)
             switched = True
-        await asyncio.sleep(deadline.cap(ARCHIVE_POLL_S))
+        await asyncio.sleep(deadline.cap(poll))
+        poll = min(poll * 1.5, ARCHIVE_POLL_S)
     log.info("WAL segment %s (stop LSN %s) is archived by connection %r", segment, stop_lsn, conn_id)
     return None
 

@@ -240,7 +240,7 @@ class BackupTarget:
 class WalArchiver(str, enum.Enum):
     """Whose WAL archiver makes sure a backup's WAL reaches the archive."""
 
-    SERVER = "server"  # the primary backed up: its pg_backup_stop waits for its own archiver
+    SERVER = "server"  # the primary backed up: after its pg_backup_stop, the holder waits for its archiver
     STANDBY = "standby"  # a standby with archive_mode=always archives what it receives
     PRIMARY = "primary"  # a standby's primary (the state connection) archives the same WAL stream
 
@@ -313,7 +313,7 @@ class WalPlan:
     """How a backup makes sure of its WAL (see :func:`plan_wal`).
 
     :param stop_wait: the ``wait_for_archive`` argument for pg_backup_stop.
-    :param follow: after pg_backup_stop, switch WAL on the primary and wait for this archiver (a standby).
+    :param follow: after pg_backup_stop, follow this archiver (a standby: after a WAL switch on the primary).
     """
 
     stop_wait: bool
@@ -341,7 +341,8 @@ def plan_wal(server: ArchiveSettings, state: ArchiveSettings | None, wait_for_ar
         # in the row, that the WAL is not archived.
         return WalPlan(stop_wait=not server.stop_waits)
     if archiver is WalArchiver.SERVER:
-        return WalPlan(stop_wait=wait_for_archive)
+        # Its pg_backup_stop would wait too, but looks only once a second: the holder follows the archiver.
+        return WalPlan(stop_wait=False, follow=archiver if wait_for_archive else None)
     # A standby: its pg_backup_stop switches no WAL (xlog.c), so even with archive_mode=always it would wait
     # until the primary happens to switch. The holder switches on the primary and waits itself.
     return WalPlan(stop_wait=False, follow=archiver if wait_for_archive else None)

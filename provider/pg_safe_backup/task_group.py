@@ -14,6 +14,7 @@ from pg_safe_backup.operators.backup import (
 )
 from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
 from pg_safe_backup.session import ONE_DAY_S
+from pg_safe_backup.utils.mixins import INLINE_WAIT_S
 
 
 class PostgresOnlineBackup(TaskGroup):
@@ -52,6 +53,8 @@ class PostgresOnlineBackup(TaskGroup):
     :param database, table, table_schema, poll_interval: see ``PostgresBackupBaseOperator``.
     :param gate_timeout: seconds the gate waits for backup mode (start checkpoint included).
     :param deferrable: gate and finish wait in the triggerer (the hold always does).
+    :param inline_wait: seconds the gate and the finish wait in their worker slot before they defer (see
+        ``PostgresBackupBaseOperator``); 0: defer at once.
     :param backup_mode_pool: the Airflow pool whose slots bound how many backups (of every group naming
         it) are in backup mode at once: the hold takes one slot from before ``pg_backup_start`` until the
         backup ended, so a cluster enters backup mode only when a slot is free, and its copy can run then.
@@ -80,6 +83,7 @@ class PostgresOnlineBackup(TaskGroup):
         poll_interval: float = 5.0,
         gate_timeout: float = ONE_DAY_S,
         deferrable: bool | None = None,
+        inline_wait: float = INLINE_WAIT_S,
         backup_mode_pool: str | None = None,
         **group_kwargs: Any,
     ) -> None:
@@ -111,10 +115,15 @@ class PostgresOnlineBackup(TaskGroup):
             holder_task_id=self.hold.task_id,
             timeout=gate_timeout,
             deferrable=deferrable,
+            inline_wait=inline_wait,
             **common,
         )
         self.finish = PostgresFinishBackupOperator(
-            task_id="finish_backup", gate_task_id=self.gate.task_id, deferrable=deferrable, **common
+            task_id="finish_backup",
+            gate_task_id=self.gate.task_id,
+            deferrable=deferrable,
+            inline_wait=inline_wait,
+            **common,
         )
         self.hold.finish_task_id = self.finish.task_id
 

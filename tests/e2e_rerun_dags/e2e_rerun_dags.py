@@ -46,7 +46,9 @@ def copy_cluster(pgdata: str, destination: str) -> None:
     rsync(f"{pgdata}/global/pg_control", f"{destination}/global/")
 
 
-def backup_and_check(name: str, conn_id: str, pgdata: str, wal_archive: str, destination: str) -> None:
+def backup_and_check(
+    name: str, conn_id: str, pgdata: str, wal_archive: str, destination: str, inline_wait: float = 30
+) -> None:
     """One PostgresOnlineBackup group, its label stored into the copy, and the restore check."""
     with PostgresOnlineBackup(
         group_id="backup",
@@ -54,6 +56,7 @@ def backup_and_check(name: str, conn_id: str, pgdata: str, wal_archive: str, des
         fast_checkpoint=True,
         backup_timeout=600,
         poll_interval=1.0,
+        inline_wait=inline_wait,
     ) as backup:
         copy_cluster(pgdata, destination)
     store = PostgresStoreBackupLabelOperator(
@@ -81,9 +84,10 @@ e2e_rerun_clear = one_cluster_dag("e2e_rerun_clear", "main")
 # 2. only the hold of a completed run cleared; the next run; only the copy of a completed run cleared
 e2e_rerun_hold = one_cluster_dag("e2e_rerun_hold", "main")
 
-# 3. two PostgresOnlineBackup(group_id="backup") in two parent groups: two backups, two labels
+# 3. two PostgresOnlineBackup(group_id="backup") in two parent groups: two backups, two labels; the east
+# group's gate and finish wait inline (inline_wait), the west's defer at once (inline_wait=0)
 with DAG("e2e_nested_groups", schedule=None, start_date=START, catchup=False) as e2e_nested_groups:
-    for parent, name in (("east", "x"), ("west", "y")):
+    for parent, name, inline_wait in (("east", "x", 30), ("west", "y", 0)):
         with TaskGroup(parent):
             c = CLUSTERS.get(
                 name, {"conn_id": "none", "pgdata": "/nonexistent", "wal_archive": "/nonexistent"}
@@ -94,6 +98,7 @@ with DAG("e2e_nested_groups", schedule=None, start_date=START, catchup=False) as
                 c["pgdata"],
                 c["wal_archive"],
                 f"{ROOT}/e2e_nested_groups/{{{{ run_id }}}}/{parent}",
+                inline_wait,
             )
 
 # 4. a mapped task group over three clusters' connection ids: each map index its own backup and copy
