@@ -248,6 +248,35 @@ def test_a_holder_whose_finish_already_ended_never_starts_a_backup(hook, cluster
     assert backup_starts(cluster) == 0
 
 
+@pytest.mark.parametrize("age, asked_first", [(1.0, False), (-1.0, False), (20.0, True), (None, True)])
+def test_the_hold_task_s_own_fresh_look_at_airflow_stands_for_the_holder_s_first(
+    hook, cluster, age, asked_first
+):
+    """A look the hold task took on its worker just before deferring (``checked_at``) stands for the
+    holder's first within half the check period (30 s here), a clock a little behind included; an older
+    one, or none, and the holder asks before the start."""
+    asked: list[str] = []
+
+    async def check():
+        asked.append(f"{backup_starts(cluster)} backups started")
+        return None
+
+    checked_at = None if age is None else time.time() - age
+
+    async def go():
+        holder = asyncio.create_task(
+            hold_backup(hook, req(checked_at=checked_at), check=check, check_period=30)
+        )
+        assert (await gate(hook))["status"] == STARTED
+        assert (await finish(hook))["status"] == COMPLETE
+        return await asyncio.wait_for(holder, 30)
+
+    assert asyncio.run(go())["status"] == COMPLETE
+    # Asked before the start, or not at all (the next look is 12 s or more after the start).
+    assert asked == (["0 backups started"] if asked_first else []), asked
+    assert backup_starts(cluster) == 1
+
+
 def test_a_holder_ends_its_backup_once_its_finish_ended(hook, cluster, monkeypatch):
     """The finish ended without ending this attempt's backup (it failed on another attempt, or was marked by
     hand): the holder notices on its own and ends backup mode."""

@@ -55,6 +55,13 @@ class RunStates:
         return None
 
 
+def still_fresh(checked_at: float | None, period: float, now: float) -> bool:
+    """Whether a look at Airflow taken at ``checked_at`` (epoch seconds; the hold task's, on its worker,
+    just before it deferred) may stand for the holder's first: within half the check ``period``, as old as
+    the shared answers of :class:`RunWatch` may be (either way round, for clocks a little apart)."""
+    return checked_at is not None and abs(now - checked_at) < period / 2
+
+
 def states_by_map_index(found: dict[str, str | None], task_id: str) -> dict[int, str | None]:
     """The states of ``task_id`` by map index, from the Task SDK's ``get_task_states`` of one run (keys
     ``task_id`` for an unmapped task, ``task_id_<map_index>`` for each mapped one)."""

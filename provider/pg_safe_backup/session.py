@@ -27,7 +27,7 @@ import psycopg
 from pg_safe_backup.files.extconfig import ServerConfig
 from pg_safe_backup.files.manifest import timeline_at
 from pg_safe_backup.hooks.backup import BackupError, PostgresBackupHook
-from pg_safe_backup.runwatch import CHECK_PERIOD_S, jittered
+from pg_safe_backup.runwatch import CHECK_PERIOD_S, jittered, still_fresh
 from pg_safe_backup.state import (
     BackupRow,
     BackupState,
@@ -107,6 +107,10 @@ class HoldRequest:
     :param owner: the group of the DAG run (and map index) the backup is for (see ``BackupRef.owner``).
     :param attempt: this try of the hold task (its task-instance UUID): the backup belongs to it alone.
     :param holder_try: the hold task's try number (for people reading the table).
+    :param checked_at: when (epoch seconds) the hold task, on its worker, found its run going and its
+        finish not ended, just before it deferred. Within half the check period that stands for the
+        holder's own first look at Airflow: a triggerer's first Task SDK call waits for it to build its
+        in-process execution API (seconds), and would hold up the backup's start.
     """
 
     owner: str
@@ -118,6 +122,7 @@ class HoldRequest:
     backup_timeout: float = ONE_DAY_S  # seconds from the start; 0 = no limit
     poll_interval: float = 5.0
     terminate_live: bool = False
+    checked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -228,15 +233,17 @@ async def hold_backup(
 ) -> dict[str, Any]:
     """Take one backup for ``req.attempt`` and hold its session until the finish asks to stop.
 
-    :param check: Airflow's side, asked before the start and every half ``check_period`` (less a random
-        part) while holding: a text (the run's finish ended, the run is no longer running) means nobody
-        will end this backup, so it is not started, or it is failed and backup mode ended.
+    :param check: Airflow's side, asked before the start (unless ``req.checked_at`` stands for that) and
+        every half ``check_period`` (less a random part) while holding: a text (the run's finish ended,
+        the run is no longer running) means nobody will end this backup, so it is not started, or it is
+        failed and backup mode ended.
     :param check_period: seconds (default ``HOLDER_AIRFLOW_CHECK_S``); the check's answers may be half as
         old (the triggers' shared watch), so the holder sees a change within it.
     """
     deadline = _Deadline(req.backup_timeout, clock)
+    checked = still_fresh(req.checked_at, check_period or HOLDER_AIRFLOW_CHECK_S, time.time())
     try:
-        if problem := await _ask_airflow(check):
+        if not checked and (problem := await _ask_airflow(check)):
             return event(FAILED, f"not started: {problem}")
         async with AsyncExitStack() as stack:
             conn = await stack.enter_async_context(hook.connect("holder"))

@@ -36,6 +36,7 @@ from pg_safe_backup.triggers.backup import (
     PostgresFinishBackupTrigger,
     PostgresHoldBackupTrigger,
     public,
+    run_states,
     task_states,
 )
 from pg_safe_backup.utils.mixins import (
@@ -123,10 +124,15 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
 
     def hold_trigger(self, context: Context) -> PostgresHoldBackupTrigger:
         """The trigger that takes and holds this try's backup, from the fields as rendered for this run.
-        Each is checked first: a bad one fails the task (``AirflowFailException``) before backup mode."""
+        Each is checked first: a bad one fails the task (``AirflowFailException``) before backup mode; so
+        does a run that ended, or whose finish ended (nobody would end the backup)."""
         ti = context["ti"]
         target = self.backup_target
         ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
+        if problem := run_states(ref.dag_id, ref.run_id, ref.finish_task_id).problem(
+            ref.run_id, ref.finish_task_id, ref.map_index
+        ):
+            raise AirflowFailException(f"backup not started: {problem}")
         request = HoldRequest(
             owner=ref.owner,
             attempt=str(ti.id),
@@ -137,6 +143,7 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
             backup_timeout=rendered(check_seconds, self.backup_timeout, "backup_timeout"),
             poll_interval=self.poll_interval,
             terminate_live=self.terminate_live,
+            checked_at=time.time(),
         )
         return PostgresHoldBackupTrigger(target.hook_kwargs, request=asdict(request), ref=asdict(ref))
 
