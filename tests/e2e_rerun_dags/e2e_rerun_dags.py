@@ -47,7 +47,12 @@ def copy_cluster(pgdata: str, destination: str) -> None:
 
 
 def backup_and_check(
-    name: str, conn_id: str, pgdata: str, wal_archive: str, destination: str, inline_wait: float = 30
+    name: str,
+    conn_id: str,
+    pgdata: str,
+    wal_archive: str,
+    destination: str,
+    inline_wait: float | None = None,
 ) -> None:
     """One PostgresOnlineBackup group, its label stored into the copy, and the restore check."""
     with PostgresOnlineBackup(
@@ -56,7 +61,8 @@ def backup_and_check(
         fast_checkpoint=True,
         backup_timeout=600,
         poll_interval=1.0,
-        inline_wait=inline_wait,
+        # inline_wait given: deferrable gate and finish (the stack keeps Airflow's default_deferrable=False)
+        **({} if inline_wait is None else {"deferrable": True, "inline_wait": inline_wait}),
     ) as backup:
         copy_cluster(pgdata, destination)
     store = PostgresStoreBackupLabelOperator(
@@ -85,7 +91,7 @@ e2e_rerun_clear = one_cluster_dag("e2e_rerun_clear", "main")
 e2e_rerun_hold = one_cluster_dag("e2e_rerun_hold", "main")
 
 # 3. two PostgresOnlineBackup(group_id="backup") in two parent groups: two backups, two labels; the east
-# group's gate and finish wait inline (inline_wait), the west's defer at once (inline_wait=0)
+# group's deferrable gate and finish wait inline first (inline_wait), the west's defer at once (inline_wait=0)
 with DAG("e2e_nested_groups", schedule=None, start_date=START, catchup=False) as e2e_nested_groups:
     for parent, name, inline_wait in (("east", "x", 30), ("west", "y", 0)):
         with TaskGroup(parent):

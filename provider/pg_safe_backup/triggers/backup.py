@@ -26,7 +26,6 @@ from pg_safe_backup.session import (
     COMPLETE,
     CONFIG_FILES,
     ONE_DAY_S,
-    STARTED,
     Check,
     HoldRequest,
     HoldView,
@@ -193,11 +192,6 @@ class PostgresBackupTriggerBase(BaseTrigger):
         ref = self.kwargs.get("ref")
         return BackupRef(**ref) if ref else None
 
-    #: The status of a result that ends the task well. The trigger then ends the task itself
-    #: (``TaskSuccessEvent`` with its XComs): no second trip through the scheduler and a worker. Any other
-    #: result goes back to the task's ``execute_complete``, which fails it, or lets Airflow retry it.
-    succeeds_on: str | None = None
-
     async def result(self, patience: float | None = None) -> dict[str, Any]:
         """Do the wait (or the whole backup) and return its result (see ``session.event``).
 
@@ -212,17 +206,17 @@ class PostgresBackupTriggerBase(BaseTrigger):
 
     @classmethod
     def outcome(cls, result: dict[str, Any], log: Any) -> tuple[dict[str, Any], Any]:
-        """A ``succeeds_on`` result as the task's XComs besides its return value, and that value; what
-        it tells is logged to ``log`` (the task's log, from the trigger or the worker alike)."""
+        """A successful wait's result as the task's XComs besides its return value, and that value; what it
+        tells is logged to ``log``.
+
+        The task pushes them when it resumes on a worker (``execute_complete``), not the trigger
+        (``TaskSuccessEvent(xcoms=...)``): Airflow 3.3.2 stores a string pushed that way JSON-encoded twice
+        (``"0/2000028"`` read back with its quotes).
+        """
         raise NotImplementedError
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        result = await self.result()
-        if self.succeeds_on is not None and result["status"] == self.succeeds_on:
-            xcoms, value = self.outcome(result, self.log)
-            yield TaskSuccessEvent(xcoms={**xcoms, "return_value": value})
-        else:
-            yield TriggerEvent(result)
+        yield TriggerEvent(await self.result())
 
 
 class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
@@ -284,8 +278,6 @@ class PostgresBackupStartedTrigger(PostgresBackupTriggerBase):
     ) -> None:
         super().__init__(hook_kwargs, ref=ref, poll_interval=poll_interval, timeout=timeout)
 
-    succeeds_on = STARTED
-
     def waited(self, seconds: float) -> None:
         if self.kwargs["timeout"]:  # 0: no limit
             self.kwargs["timeout"] = max(self.kwargs["timeout"] - seconds, 1e-3)
@@ -340,8 +332,6 @@ class PostgresFinishBackupTrigger(PostgresBackupTriggerBase):
             copy_problem=copy_problem,
             poll_interval=poll_interval,
         )
-
-    succeeds_on = COMPLETE
 
     async def result(self, patience: float | None = None) -> dict[str, Any]:
         return await finish_backup(self.hook, **self.kwargs, patience=patience)

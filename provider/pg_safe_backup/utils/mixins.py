@@ -307,8 +307,7 @@ class PostgresBackupBaseOperator(BaseOperator):
     def ended_well(
         self, context: Context, trigger: type[PostgresBackupTriggerBase], event: dict[str, Any]
     ) -> Any:
-        """A result the deferred trigger would have ended the task with (``succeeds_on``), here: its
-        outcome logged, its XComs pushed, its value returned."""
+        """A successful wait's result (``trigger.outcome``): logged, its XComs pushed, its value returned."""
         xcoms, value = trigger.outcome(event, self.log)
         for key, item in xcoms.items():
             context["ti"].xcom_push(key=key, value=item)
