@@ -40,6 +40,8 @@ with DAG("pg_fleet_bench", schedule=None, start_date=START, catchup=False, tags=
             fast_checkpoint=True,
             backup_timeout=3600,
             backup_mode_pool=POOL,
+            # The gates of clusters waiting for a pool slot wait in the triggerer, not in worker slots.
+            deferrable=True,
         ) as backup:
             PostgresCopyDataDirectoryOperator(task_id="copy", source=pgdata, destination=destination)
         PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=destination)
