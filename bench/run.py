@@ -33,8 +33,8 @@
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
-the end. `--quick` is a smoke run (small scale, few backups). Full run: ~20 minutes on 2 cores, and ~6
-more for figure 10.
+the end. `--quick` is a smoke run (small scale, few backups). Full run: ~45 minutes on 2 cores (figure 4 ~8,
+figure 10 ~6, figure 11 ~12).
 `--skip` leaves phases out (`--skip latency,sessions,dag,manifest` measures figure 5 alone); the results file
 then holds only what was measured (see `--output`).
 """
