@@ -122,17 +122,16 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
             finish_task_id if finish_task_id is None else check_text(finish_task_id, "finish_task_id")
         )
 
-    def hold_trigger(self, context: Context) -> PostgresHoldBackupTrigger:
+    def hold_trigger(self, context: Context, checked_at: float | None = None) -> PostgresHoldBackupTrigger:
         """The trigger that takes and holds this try's backup, from the fields as rendered for this run.
-        Each is checked first: a bad one fails the task (``AirflowFailException``) before backup mode; so
-        does a run that ended, or whose finish ended (nobody would end the backup)."""
+        Each is checked first: a bad one fails the task (``AirflowFailException``) before backup mode.
+
+        :param checked_at: when this task found its run going and its finish not ended (see
+            ``HoldRequest.checked_at``).
+        """
         ti = context["ti"]
         target = self.backup_target
         ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
-        if problem := run_states(ref.dag_id, ref.run_id, ref.finish_task_id).problem(
-            ref.run_id, ref.finish_task_id, ref.map_index
-        ):
-            raise AirflowFailException(f"backup not started: {problem}")
         request = HoldRequest(
             owner=ref.owner,
             attempt=str(ti.id),
@@ -143,13 +142,20 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
             backup_timeout=rendered(check_seconds, self.backup_timeout, "backup_timeout"),
             poll_interval=self.poll_interval,
             terminate_live=self.terminate_live,
-            checked_at=time.time(),
+            checked_at=checked_at,
         )
         return PostgresHoldBackupTrigger(target.hook_kwargs, request=asdict(request), ref=asdict(ref))
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
-        trigger = self.hold_trigger(context)
+        self.hold_trigger(context)  # the rendered fields, checked before anything else
+        # Nobody would end a backup of a run that ended, or whose finish did (only the hold was cleared).
+        ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
+        if problem := run_states(ref.dag_id, ref.run_id, ref.finish_task_id).problem(
+            ref.run_id, ref.finish_task_id, ref.map_index
+        ):
+            raise AirflowFailException(f"backup not started: {problem}")
+        trigger = self.hold_trigger(context, checked_at=time.time())
         request, ref = trigger.kwargs["request"], trigger.ref
         # Before deferring: the gate takes this as the attempt to open on (see triggers.backup.hold_view).
         ti.xcom_push(

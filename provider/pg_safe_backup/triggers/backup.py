@@ -7,7 +7,8 @@ the run itself ended) is read here, through the Task SDK, and handed to ``sessio
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 
@@ -35,6 +36,8 @@ from pg_safe_backup.session import (
 )
 from pg_safe_backup.state import BackupRef, BackupTarget
 
+T = TypeVar("T")
+
 #: XCom key under which the hold task publishes its attempt before it defers.
 ATTEMPT_XCOM = "backup_attempt"
 #: XCom keys the finish pushes (plain values) besides its return value.
@@ -55,6 +58,26 @@ RESULT_KEYS = (
 def public(backup: dict[str, Any]) -> dict[str, Any]:
     """What a backup's row tells a task's return value: its state, owner, attempt and results."""
     return {k: backup.get(k) for k in ("state", "owner", "attempt", *RESULT_KEYS)}
+
+
+#: Whether a Task SDK call made here (a trigger's look at Airflow) has returned in this process. A triggerer
+#: builds its in-process execution API (FastAPI, Cadwyn's versioned routers) on the first such call, which
+#: blocks its supervisor, and so its heartbeat, for seconds: long enough, under load or with a short
+#: ``[triggerer] triggerer_health_check_threshold``, for its triggers to be handed to another triggerer and
+#: cancelled here. Until then a holder makes its first look before backup mode, never during it.
+_sdk_warm = False
+
+
+def warming(fetch: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+    """``fetch`` (a Task SDK call), noting when one has returned in this process (:data:`_sdk_warm`)."""
+
+    async def call() -> T:
+        global _sdk_warm
+        found = await fetch()
+        _sdk_warm = True
+        return found
+
+    return call
 
 
 def task_states(ref: BackupRef, task_ids: list[str]) -> dict[str, str | None]:
@@ -121,7 +144,7 @@ def gate_view(ref: BackupRef, max_age: float) -> Callable[[], Awaitable[HoldView
     assert ref.hold_task_id
     key = (ref.dag_id, ref.run_id, ref.hold_task_id)
     # Kept by this closure: the watch lives as long as a gate of the run does.
-    watch = watch_for(key, lambda: sync_to_async(states_of)(*key), max_age=max_age)
+    watch = watch_for(key, warming(lambda: sync_to_async(states_of)(*key)), max_age=max_age)
 
     async def view() -> HoldView:
         if not started((await watch.states()).get(ref.map_index)):
@@ -156,7 +179,7 @@ def holder_check(ref: BackupRef, period: float) -> Check:
     share one fetch per half ``period``."""
     key = (ref.dag_id, ref.run_id, ref.finish_task_id)
     # Kept by this closure: the watch lives as long as a holder of the run does.
-    watch = watch_for(key, lambda: sync_to_async(run_states)(*key), max_age=period / 2)
+    watch = watch_for(key, warming(lambda: sync_to_async(run_states)(*key)), max_age=period / 2)
 
     async def check() -> str | None:
         return (await watch.states()).problem(ref.run_id, ref.finish_task_id, ref.map_index)
@@ -242,9 +265,10 @@ class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
         ref = self.ref
         period = check_period()
         check = holder_check(ref, period) if ref else None
-        return await hold_backup(
-            self.hook, HoldRequest(**self.kwargs["request"]), check=check, check_period=period
-        )
+        request = HoldRequest(**self.kwargs["request"])
+        if not _sdk_warm:  # this process's first Task SDK call: before backup mode (see _sdk_warm)
+            request = replace(request, checked_at=None)
+        return await hold_backup(self.hook, request, check=check, check_period=period)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         # The trigger ends the task itself: no second trip through the scheduler and a worker once
