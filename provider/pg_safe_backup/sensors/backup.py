@@ -7,9 +7,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pg_safe_backup.params import check_text
-from pg_safe_backup.runwatch import ENDED_STATES
 from pg_safe_backup.session import STARTED
-from pg_safe_backup.triggers.backup import PostgresBackupStartedTrigger, task_states
+from pg_safe_backup.triggers.backup import PostgresBackupStartedTrigger, started, task_states
 from pg_safe_backup.utils.mixins import PostgresBackupBaseSensor, fail_on
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ class PostgresBackupStartedSensor(PostgresBackupBaseSensor):
         # Wait here only for a hold task that is on its way: one still waiting for a (pool) slot may wait
         # long, and this worker slot is better given to a copy.
         hold_state = task_states(ref, [self.hold_task_id])[self.hold_task_id]
-        coming = hold_state in ("queued", "running", "deferred") or hold_state in ENDED_STATES
+        coming = hold_state == "queued" or started(hold_state)
         return self.wait_on(
             context,
             trigger,
