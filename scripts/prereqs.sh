@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need from Debian when it is missing:
 # PostgreSQL server binaries (initdb/pg_ctl/postgres + contrib for amcheck), rsync, pgbouncer,
-# redis-server, zstd, pgbackrest, python3-venv (for `make venv`) and docker-compose.
+# redis-server, zstd, pgbackrest, btrfs-progs, python3-venv (for `make venv`) and docker-compose.
 set -euo pipefail
 need=()
 if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null 2>&1; then
@@ -18,6 +18,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # the Celery br
 command -v zstd >/dev/null 2>&1 || need+=(zstd)  # `make bench`: tar | zstd, the tar format's reference
 command -v pgbackrest >/dev/null 2>&1 || need+=(pgbackrest)  # `make bench`: archive-push, wal-push's reference
 command -v strace >/dev/null 2>&1 || need+=(strace)  # tests/test_durability.py: what is fsynced, in which order
+command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)  # tests/test_snapshots.py: snapshot backups on a loop device
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing with apt: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -36,6 +36,7 @@ from e2e_helpers import (
     run_dag,
     task_log,
     trigger,
+    trigger_starts,
     wait_for_tasks,
 )
 
@@ -95,11 +96,12 @@ def test_triggerer_killed_mid_backup_never_restarts_the_backup(env):
     assert states.get(COPY) not in ("success", "failed"), states  # the 25 s copy is still to come / running
     first_pid = backup_row(cluster)["pid"]
     assert holder_sessions(cluster) == 1
+    starts = trigger_starts(stack, dag_id, run_id)
 
     stack.kill_component("triggerer")  # SIGKILL: the holder's session dies, PostgreSQL aborts the backup
     time.sleep(2)
     stack.restart_component("triggerer")
-    assert_lost_backup_failed_once(env, dag_id, run_id, first_pid, offset)
+    assert_lost_backup_failed_once(env, dag_id, run_id, first_pid, offset, starts)
 
 
 def test_copy_marked_failed_by_hand_fails_and_ends_the_backup(env):

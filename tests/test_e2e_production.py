@@ -29,6 +29,7 @@ from e2e_helpers import (
     log_offset,
     no_backup_left_behind,  # noqa: F401 - an autouse fixture
     trigger,
+    trigger_starts,
     wait_for_tasks,
 )
 
@@ -57,9 +58,12 @@ def env() -> Iterator[dict]:
             # Gates and finishes wait in worker slots: the concurrency case has five tasks at once.
             "AIRFLOW__CORE__PARALLELISM": "8",
             # A triggerer takes over the triggers of another one whose heartbeat is older than the
-            # threshold (default 30 s); shortened so that the failover happens while the copy still runs.
+            # threshold (default 30 s); shortened so that the failover takes less than the copy. Not below
+            # 20 s: a triggerer's first Task SDK call builds its execution API and stops its heartbeat for
+            # 6 to 13 s on this 2-core machine under the suite's load; with a 6 s threshold the other
+            # triggerer took live backups over (the backup then fails safely; the case needs it held).
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-            "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "6",
+            "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "20",
         },
         executor="CeleryExecutor",
         triggerers=len(TRIGGERERS),
@@ -125,20 +129,22 @@ def test_killing_the_triggerer_holding_the_backup_fails_it_over_and_the_next_run
     assert holder in TRIGGERERS, holder
     (survivor,) = set(TRIGGERERS) - {holder}
     survivor_pid = stack.pids()[survivor]
-    first_job = trigger_jobs(stack, dag_id, run_id)
-    assert len(first_job) == 1, first_job
+    # A triggerer whose heartbeat stalled before backup mode may have handed the trigger over already (see
+    # assert_lost_backup_failed_once): the holder is the one holding the session, found above.
+    first_jobs = trigger_jobs(stack, dag_id, run_id)
+    starts = trigger_starts(stack, dag_id, run_id)
 
     killed = time.monotonic()
     stack.kill_component(holder)  # SIGKILL: its session dies, PostgreSQL aborts the backup
     # The other triggerer adopts the trigger and re-runs it: the backup of this attempt fails, none is
     # started again (see e2e_helpers.assert_lost_backup_failed_once).
-    assert_lost_backup_failed_once(env, dag_id, run_id, first_pid, offset)
+    assert_lost_backup_failed_once(env, dag_id, run_id, first_pid, offset, starts)
     jobs = trigger_jobs(stack, dag_id, run_id)
-    assert len(jobs) == 2 and first_job[0] in jobs, jobs
-    (adopting_job,) = set(jobs) - set(first_job)
+    assert set(first_jobs) <= set(jobs), (first_jobs, jobs)
     assert psutil.Process(survivor_pid).is_running() and stack.pids()[survivor] == survivor_pid
     print(
-        f"failover: {holder} killed, {survivor} (job {adopting_job}) failed the backup; run ended after"
+        f"failover: {holder} killed, {survivor} failed the backup (trigger jobs before {first_jobs}, after"
+        f" {jobs}); run ended after"
         f" {time.monotonic() - killed:.1f}s"
     )
     copy_log = stack.task_log(dag_id, run_id, "backup.copy")

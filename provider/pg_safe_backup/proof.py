@@ -43,6 +43,7 @@ from pg_safe_backup.files.xlog import (
     start_wal_location,
     wal_file_holding,
 )
+from pg_safe_backup.snapshots.base import RECORD_NAME, KeptSnapshot, SnapshotError
 
 LABEL_NAME = "backup_label"
 MAP_NAME = "tablespace_map"
@@ -63,7 +64,7 @@ class Proof:
     why: str | None = None
     #: No label, an empty or truncated one, or missing files: it cannot restore as it is.
     incomplete: bool = False
-    format: str = "unknown"  # plain, tar or unknown
+    format: str = "unknown"  # plain, tar, snapshot (a kept snapshot) or unknown
     label: str | None = None  # the label's LABEL
     start_lsn: str | None = None
     start_tli: int | None = None
@@ -109,10 +110,22 @@ def _read(folder: Any, name: str, key: EncryptionKey | None = None) -> bytes | N
 
 
 def _format(folder: Any) -> str:
+    if is_local_path(folder) and (Path(folder) / RECORD_NAME).is_file():
+        return "snapshot"  # a kept snapshot: the entry holds the label files and manifest, the data is there
     if any((folder / tar).exists() or (folder / sealed(tar)).exists() for tar in BASE_TARS):
         return "tar"
     plain = any((folder / name).exists() for name in ("PG_VERSION", sealed("PG_VERSION")))
     return "plain" if plain else "unknown"
+
+
+def _kept_data(folder: Any) -> Path:
+    """The data directory of the kept snapshot catalogued in ``folder``."""
+    try:
+        kept = KeptSnapshot.read(Path(folder))
+        assert kept is not None  # _format found its record
+        return kept.tree()[0]
+    except SnapshotError as err:
+        raise _Unproven(" ".join(str(err).split()), incomplete=True) from None
 
 
 def _label(raw: bytes | None) -> tuple[dict[str, str], str, int, str]:
@@ -259,8 +272,10 @@ def prove_backup(folder: Any, key: EncryptionKey | None = None) -> Proof:
         fields, start_lsn, start_tli, start_wal = _label(raw_label)
         if fmt == "unknown":
             raise _Unproven("neither PG_VERSION nor base.tar: no data directory copy", incomplete=True)
-        major = None
-        if fmt == "plain" and (version := _read(folder, "PG_VERSION", key)) is not None:
+        major, copy = None, folder  # copy: where the data directory is (a kept snapshot's own)
+        if fmt == "snapshot":
+            copy = _kept_data(folder)
+        if fmt in ("plain", "snapshot") and (version := _read(copy, "PG_VERSION", key)) is not None:
             major = int(version.strip()) if version.strip().isdigit() else None
         manifest, checksum = _manifest(_read(folder, MANIFEST_NAME, key), major)
         assert raw_label is not None  # _label raised otherwise
@@ -271,7 +286,7 @@ def prove_backup(folder: Any, key: EncryptionKey | None = None) -> Proof:
         elif _listed(manifest, MAP_NAME) is not None:
             raise _Unproven(f"{MAP_NAME} is listed in {MANIFEST_NAME} but missing", incomplete=True)
         stop_lsn, stop_tli = _wal_ranges(manifest, start_lsn, start_tli)
-        system_identifier = _system_identifier(folder, manifest, fmt)
+        system_identifier = _system_identifier(copy, manifest, "plain" if fmt == "snapshot" else fmt)
     except _Unproven as err:
         return Proof(ok=False, why=err.why, incomplete=err.incomplete, format=fmt)
     except OSError as err:

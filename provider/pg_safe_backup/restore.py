@@ -80,7 +80,15 @@ from pg_safe_backup.catalog import (
 from pg_safe_backup.catalog import read_info as read_backup_info
 from pg_safe_backup.encryption import KEY_FLAGS, check_key, decrypt_backup
 from pg_safe_backup.errors import PermanentError
-from pg_safe_backup.files.copier import CHUNK, CopyError, Progress, copy_tree, sync_paths, sync_tree
+from pg_safe_backup.files.copier import (
+    CHUNK,
+    CopyError,
+    Progress,
+    copy_data_directory,
+    copy_tree,
+    sync_paths,
+    sync_tree,
+)
 from pg_safe_backup.files.crypt import SUFFIX, CryptError, EncryptionKey
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
 from pg_safe_backup.files.objects import (
@@ -92,6 +100,9 @@ from pg_safe_backup.files.objects import (
     list_stored,
     plaintext_name,
 )
+from pg_safe_backup.files.label import LABEL_FILES
+from pg_safe_backup.files.layout import walk
+from pg_safe_backup.files.manifest import MANIFEST_NAME
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
     TablespaceNotCopied,
@@ -120,6 +131,7 @@ from pg_safe_backup.files.walheader import fsync_path
 from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn, start_wal_location
 from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
+from pg_safe_backup.snapshots import KeptSnapshot, SnapshotError, driver_from
 from pg_safe_backup.storage import in_store, place_of
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
@@ -1267,6 +1279,12 @@ def prepare_restore(
         return _restore_stored(backup, data, wal_archive, encryption_key, key_flags, options)
     backup = Path(backup).absolute()
     try:
+        kept = KeptSnapshot.read(backup)
+    except SnapshotError as err:
+        raise RestoreError(" ".join(str(err).split())) from None
+    if kept is not None:
+        return _restore_kept(backup, kept, data, wal_archive, options)
+    try:
         key_id = check_key(backup, encryption_key, key_flags)
     except CryptError as err:
         raise RestoreError(str(err)) from None
@@ -1286,6 +1304,43 @@ def prepare_restore(
             return restore_plain(staging, data, wal_archive=wal_archive, **options)
         except RestoreError as err:  # named as the user named it, not as the temporary folder
             raise type(err)(str(err).replace(str(staging), str(backup))) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _restore_kept(
+    entry: Path, kept: KeptSnapshot, data: Path, wal_archive: Path | str | None, options: dict[str, Any]
+) -> RestoreResult:
+    """:func:`prepare_restore` of a kept snapshot catalogued in ``entry``: its snapshots (each mounted
+    where its driver mounts) copied as a base backup (:func:`files.layout.walk`: what a base backup leaves
+    out stays out; each tablespace from its own snapshot) into a temporary folder beside the target, with the
+    entry's label files and manifest, then restored from there as a plain backup."""
+    if options.get("delta"):
+        raise RestoreError(
+            f"--delta rewrites from a copy; {entry} is a kept snapshot: restore into a new folder"
+        )
+    if data.exists() and (not data.is_dir() or any(data.iterdir())):
+        raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
+    try:
+        for snap in kept.snapshots:
+            driver_from(snap.driver).mount(snap)
+        source, tablespaces = kept.tree()
+    except SnapshotError as err:
+        raise RestoreError(f"{entry} (BACKUP): {' '.join(str(err).split())}") from None
+    staging = Path(tempfile.mkdtemp(prefix=f".{data.name}.snapshot-", dir=_nearest_existing(data.parent)))
+    try:
+        try:
+            copy_data_directory(source, staging, entries=walk(source, tablespaces=tablespaces))
+            for name in (*LABEL_FILES, MANIFEST_NAME):
+                if (entry / name).is_file():
+                    shutil.copy2(entry / name, staging / name)
+        except (CopyError, OSError) as err:
+            why = " ".join(str(err).split())
+            raise RestoreError(f"cannot read the snapshots of {entry}: {why}") from None
+        try:
+            return restore_plain(staging, data, wal_archive=wal_archive, **options)
+        except RestoreError as err:  # named as the user named it, not as the temporary folder
+            raise type(err)(str(err).replace(str(staging), str(entry))) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -208,6 +208,7 @@ class _Holding:
     :param bconn: the backup session: ``conn`` itself unless the table lives elsewhere (backup of a standby).
     :param deadline: ``req.backup_timeout`` from the start.
     :param check: Airflow's side (see :func:`hold_backup`), or None.
+    :param settle: awaited just before the claim (see :func:`hold_backup`), or None.
     :param notices: the server's notices; those of backup mode are kept in the row.
     :param wal: how this backup's WAL gets archived (:func:`_plan_wal`), once planned.
     """
@@ -220,6 +221,7 @@ class _Holding:
     clock: Callable[[], float]
     check: Check | None = None
     check_period: float | None = None  # None: HOLDER_AIRFLOW_CHECK_S
+    settle: Callable[[], Awaitable[Any]] | None = None
     notices: _Notices = field(default_factory=_Notices)
     wal: WalPlan | None = None
 
@@ -230,6 +232,7 @@ async def hold_backup(
     clock: Callable[[], float] = time.monotonic,
     check: Check | None = None,
     check_period: float | None = None,
+    settle: Callable[[], Awaitable[Any]] | None = None,
 ) -> dict[str, Any]:
     """Take one backup for ``req.attempt`` and hold its session until the finish asks to stop.
 
@@ -239,6 +242,9 @@ async def hold_backup(
         failed and backup mode ended.
     :param check_period: seconds (default ``HOLDER_AIRFLOW_CHECK_S``); the check's answers may be half as
         old (the triggers' shared watch), so the holder sees a change within it.
+    :param settle: awaited once everything is ready, just before the row is claimed: the last moment at
+        which being cancelled leaves nothing behind (the trigger's pause after its triggerer stood still:
+        ``triggers.backup.settled``).
     """
     deadline = _Deadline(req.backup_timeout, clock)
     checked = still_fresh(req.checked_at, check_period or HOLDER_AIRFLOW_CHECK_S, time.time())
@@ -255,7 +261,7 @@ async def hold_backup(
                     hook.connect("holder backup session", backup_server=True)
                 )
             try:
-                holding = _Holding(hook, req, conn, bconn, deadline, clock, check, check_period)
+                holding = _Holding(hook, req, conn, bconn, deadline, clock, check, check_period, settle)
                 return await _claim_and_run(holding)
             except psycopg.Error as err:  # before backup mode: nothing to end
                 return event(FAILED, f"cannot start the backup: {hook.explain(err, conn)}")
@@ -272,6 +278,8 @@ async def _claim_and_run(h: _Holding) -> dict[str, Any]:
     await hook.ensure_table(conn)
     await hook.listen(conn)
     h.wal = await _plan_wal(h)  # may refuse: before the claim, nothing to undo
+    if h.settle is not None:
+        await h.settle()
     patience = _Deadline(EARLIER_ATTEMPT_WAIT_S, h.clock)
     while True:
         decision, row = await hook.claim(

@@ -23,9 +23,10 @@ from typing import Any
 
 from pg_safe_backup.catalog import info_for_backup, write_info
 from pg_safe_backup.errors import PermanentError, TransientError
-from pg_safe_backup.files.copier import CopyResult, is_local_path
+from pg_safe_backup.files.copier import CopyResult, file_sha256, is_local_path
 from pg_safe_backup.files.crypt import SUFFIX, EncryptionKey, encrypt_bytes
 from pg_safe_backup.files.label import LABEL_FILES, store_label
+from pg_safe_backup.files.layout import walk
 from pg_safe_backup.files.manifest import (
     MANIFEST_NAME,
     FileRecord,
@@ -35,8 +36,9 @@ from pg_safe_backup.files.manifest import (
     write_backup_manifest,
     write_manifest_file,
 )
-from pg_safe_backup.files.pgcontrol import CopyMismatch, read_pg_control
+from pg_safe_backup.files.pgcontrol import CopyMismatch, check_copy, read_pg_control
 from pg_safe_backup.files.wal import WalMissing, include_wal
+from pg_safe_backup.snapshots.base import RECORD_NAME, KeptSnapshot, SnapshotError
 
 _log = logging.getLogger(__name__)
 
@@ -125,6 +127,18 @@ class CopyRecords:
     def checksums(self) -> dict[str, str]:
         """Backup path -> SHA-256."""
         return {path: record.sha256 for path, record in self.files.items()}
+
+    @classmethod
+    def of_tree(cls, data: Path, tablespaces: Mapping[str, Path] | None = None) -> CopyRecords:
+        """The records of the data directory ``data`` read where it is (a kept snapshot that no copy read),
+        each tablespace from ``tablespaces`` (oid -> folder): what a copy of it would record."""
+        files = {}
+        for entry in walk(data, tablespaces=tablespaces):
+            if not entry.is_dir:
+                mtime_ns = entry.source.stat().st_mtime_ns
+                digest, size = file_sha256(entry.source)
+                files[entry.path] = FileRecord(size, mtime_ns, digest)
+        return cls(int((data / "PG_VERSION").read_text().strip()), files)
 
 
 def local_folder(folder: Any) -> Path | None:
@@ -397,3 +411,65 @@ def _copy_kind(local_copy: Path | None, copied: CopyRecords | None) -> tuple[boo
     if local_copy is not None and (local_copy / "PG_VERSION").is_file():
         return True, int((local_copy / "PG_VERSION").read_text().strip())
     return False, copied.major if copied else None
+
+
+def catalog_kept_snapshot(
+    entry: Path,
+    kept: KeptSnapshot,
+    backup: Mapping[str, Any],
+    copied: CopyRecords | None,
+    run: Mapping[str, Any] | None = None,
+    log: logging.Logger | Any = _log,
+) -> dict[str, Any]:
+    """Catalogue the snapshots ``kept`` as a backup in the new folder ``entry``: its record
+    (:data:`~pg_safe_backup.snapshots.base.RECORD_NAME`), label files, backup_manifest and catalog entry, in
+    that order, each synced; the data stays in the snapshots (``pg-safe-backup restore`` reads them).
+
+    The snapshot of the data directory must belong to the backup, as a copy must (its pg_control: system
+    identifier, checkpoint from the backup's start, before its stop).
+
+    :param entry: the entry folder (absent: one folder per backup attempt).
+    :param kept: the snapshots and the live data directory they are of.
+    :param backup: the finish's result (:data:`BACKUP_KEYS`).
+    :param copied: the copy-out's records of the same files (read from the same snapshots); None: the
+        snapshots are read here, once, for the manifest's checksums.
+    :param run: the backup's DAG run (:data:`RUN_KEYS`), for the catalog entry.
+    :returns: name -> location of each file written.
+    :raises StoreRefused: ``entry`` exists, a snapshot is gone, or the snapshot does not belong to the backup.
+    """
+    try:
+        data, tablespaces = kept.tree()
+        check_copy(data, backup.get("system_identifier"), backup["backup_label"], backup.get("stop_lsn"))
+    except (SnapshotError, CopyMismatch) as err:
+        raise StoreRefused(f"the snapshots cannot be kept as this backup: {err}") from err
+    try:
+        entry.mkdir()
+    except FileExistsError:
+        raise StoreRefused(f"{entry} already exists: another attempt's kept snapshot, or left over") from None
+    try:
+        write_atomically(entry / RECORD_NAME, kept.to_json(), f".{RECORD_NAME}.tmp")
+        files = {"backup_label": backup["backup_label"], "tablespace_map": backup.get("tablespace_map")}
+        written: dict[str, Any] = {
+            "snapshot": str(entry / RECORD_NAME),
+            **store_label(entry, files, local_copy=None, system_identifier=None, stop_lsn=None, log=_quiet),
+        }
+        records = copied if copied is not None else CopyRecords.of_tree(data, tablespaces)
+        records = CopyRecords(records.major, records.files, "snapshot")
+        made = write_manifest(entry, backup, records, "SHA256", log)
+        assert made is not None  # the records name the major and have SHA256 checksums
+        written["backup_manifest"] = made[0]
+        written["backup_info"] = write_entry(entry, backup, records, run or {}, made[1], log)
+    except OSError as err:
+        raise StoreFailed(f"cannot catalogue the kept snapshot in {entry}: {err}") from err
+    return written
+
+
+class _Quiet:
+    """A logger that says nothing: the label's own check of a copy does not apply to a kept snapshot's entry
+    (:func:`catalog_kept_snapshot` checks the snapshot itself)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+_quiet = _Quiet()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import Any
 
 from airflow.sdk import BaseOperator, TaskGroup, TriggerRule
@@ -12,6 +12,8 @@ from pg_safe_backup.operators.backup import (
     PostgresFinishBackupOperator,
     PostgresStartBackupOperator,
 )
+from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
+from pg_safe_backup.operators.snapshot import PostgresDeleteSnapshotsOperator, PostgresSnapshotOperator
 from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
 from pg_safe_backup.session import ONE_DAY_S
 from pg_safe_backup.utils.mixins import INLINE_WAIT_S
@@ -62,6 +64,14 @@ class PostgresOnlineBackup(TaskGroup):
         --include-deferred``; the REST API's ``include_deferred``): the hold waits deferred, and a pool
         that does not count deferred tasks bounds nothing. Give it as many slots as copies can run at
         once. None (default): no bound (every mapped group's holds start at once).
+    :param snapshot: take the backup as file-system snapshots (README, "Snapshot backups"): the arguments of
+        :class:`~pg_safe_backup.operators.snapshot.PostgresSnapshotOperator` (``data_directory``,
+        ``snapshot_dir``, ``driver``, the command templates, ``queue``, ...) and ``keep`` (the
+        snapshots of a backup that ended well stay, as a restore point). The group then snapshots between
+        its gate and its finish, so backup mode lasts seconds; the copy tasks of its ``with`` block run
+        after the finish and read the snapshots (a ``PostgresCopyDataDirectoryOperator`` does so by itself;
+        another task reads XCom ``snapshots`` of ``snapshot``); ``remove_snapshots`` (a teardown) removes
+        them at the end, also after a failure. Tasks downstream of the group start after the copies.
     :param group_kwargs: further ``TaskGroup`` arguments (``prefix_group_id``, ``parent_group``, ``dag``,
         ``default_args``, ``tooltip``, ...).
     """
@@ -85,6 +95,7 @@ class PostgresOnlineBackup(TaskGroup):
         deferrable: bool | None = None,
         inline_wait: float = INLINE_WAIT_S,
         backup_mode_pool: str | None = None,
+        snapshot: Mapping[str, Any] | None = None,
         **group_kwargs: Any,
     ) -> None:
         super().__init__(group_id=group_id, **group_kwargs)
@@ -126,6 +137,32 @@ class PostgresOnlineBackup(TaskGroup):
             **common,
         )
         self.hold.finish_task_id = self.finish.task_id
+        self.snapshot: PostgresSnapshotOperator | None = None
+        self.remove_snapshots: PostgresDeleteSnapshotsOperator | None = None
+        if snapshot is not None:
+            if not isinstance(snapshot, Mapping):
+                raise ValueError(
+                    f"snapshot must be a dict of PostgresSnapshotOperator's arguments, got {snapshot!r}"
+                )
+            settings = dict(snapshot)
+            keep = settings.pop("keep", False)
+            placement = {k: settings[k] for k in ("queue", "pool") if k in settings}
+            self.snapshot = PostgresSnapshotOperator(
+                task_id="snapshot",
+                gate_task_id=self.gate.task_id,
+                dag=self.dag,
+                task_group=self,
+                **settings,
+            )
+            self.remove_snapshots = PostgresDeleteSnapshotsOperator(
+                task_id="remove_snapshots",
+                snapshot_task_id=self.snapshot.task_id,
+                keep=keep,
+                finish_task_id=self.finish.task_id,
+                dag=self.dag,
+                task_group=self,
+                **placement,
+            )
 
     def __enter__(self) -> PostgresOnlineBackup:
         super().__enter__()
@@ -138,20 +175,42 @@ class PostgresOnlineBackup(TaskGroup):
         finally:
             super().__exit__(exc_type, exc_value, traceback)
 
+    def _own(self) -> set[str]:
+        tasks = (self.hold, self.gate, self.finish, self.snapshot, self.remove_snapshots)
+        return {task.node_id for task in tasks if task is not None}
+
     def _wire(self) -> None:
-        """gate >> copy tasks >> finish; finish is the gate's teardown."""
-        own = {self.hold.node_id, self.gate.node_id, self.finish.node_id}
-        copies = [node for key, node in self.children.items() if key not in own]
-        if not copies:
+        """gate >> copy tasks >> finish; finish is the gate's teardown. With snapshots: gate >> snapshot >>
+        finish >> copy tasks (copy-outs) >> remove_snapshots, a teardown of the snapshot step."""
+        copies = [node for key, node in self.children.items() if key not in self._own()]
+        if not copies and self.snapshot is None:
             raise ValueError(
                 f"PostgresOnlineBackup {self.group_id!r} has no copy task inside its 'with' block"
             )
+        if self.snapshot is not None:
+            self._wire_snapshot(copies)
+            copies = [self.snapshot]
         for node in copies:
             node.set_upstream(self.gate)
             node.set_downstream(self.finish)
         self.finish.as_teardown(setups=self.gate, on_failure_fail_dagrun=True)
         # Unlike the default teardown rule, end the backup even when the gate failed.
         self.finish.trigger_rule = TriggerRule.ALL_DONE
+
+    def _wire_snapshot(self, copies: list[Any]) -> None:
+        """The copy tasks read the snapshots after the finish; ``remove_snapshots`` follows them all."""
+        assert self.snapshot is not None and self.remove_snapshots is not None
+        for node in copies:
+            node.set_upstream(self.finish)
+            node.set_downstream(self.remove_snapshots)
+            for task in getattr(node, "iter_tasks", lambda n=node: iter([n]))():
+                if isinstance(task, PostgresCopyDataDirectoryOperator):
+                    task.snapshot_task_id = self.snapshot.task_id
+                    self.remove_snapshots.copy_task_ids.append(task.task_id)
+        self.remove_snapshots.set_upstream(self.finish)
+        self.remove_snapshots.as_teardown(setups=self.snapshot)
+        # Remove them whatever failed: a snapshot left behind holds the volume's space for ever.
+        self.remove_snapshots.trigger_rule = TriggerRule.ALL_DONE
 
     def get_leaves(self) -> Generator[BaseOperator, None, None]:
         """
@@ -161,4 +220,11 @@ class PostgresOnlineBackup(TaskGroup):
         TaskGroup's own rule passes over a teardown leaf to the tasks before it (the copies, and the hold),
         so a task after the group could start before the backup ended and its label was in XCom.
         """
+        if self.snapshot is not None:  # the copy-outs: what follows the group reads their copy
+            assert self.remove_snapshots is not None
+            inside = {t.task_id for t in self.iter_tasks()} - {self.remove_snapshots.task_id}
+            copies = [t for t in self.iter_tasks() if t.node_id not in self._own()]
+            leaves = [t for t in copies if not set(t.downstream_task_ids) & inside]
+            yield from leaves or [self.finish]
+            return
         yield self.finish

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +152,7 @@ def walk(
     tablespace_dir: str | None = None,
     special: list[str] | None = None,
     extra: Iterable[Entry] = (),
+    tablespaces: Mapping[str, Path] | None = None,
 ) -> Iterator[Entry]:
     """The entries of a base backup of ``datadir``, folders before their contents, pg_control last.
 
@@ -169,6 +170,9 @@ def walk(
         ``CopyResult.special``); None: not counted.
     :param extra: more entries, read from outside the data directory, yielded before pg_control (the
         server's configuration files: :mod:`pg_safe_backup.files.extconfig`).
+    :param tablespaces: oid -> the folder to read that tablespace from instead of where its ``pg_tblspc``
+        link points (a snapshot of the data directory links to the LIVE tablespace: read each tablespace's
+        own snapshot instead).
     """
     datadir = Path(datadir)
     if tablespace_dir is None:
@@ -176,21 +180,23 @@ def walk(
 
         major = (datadir / "PG_VERSION").read_text().strip()
         tablespace_dir = f"PG_{major}_{read_pg_control(datadir).catalog_version_no}"
-    yield from _walk_dir(datadir, "", tablespace_dir, special)
+    yield from _walk_dir(datadir, "", tablespace_dir, special, tablespaces or {})
     yield from extra
     control = datadir / CONTROL_FILE
     if control.exists():
         yield Entry(CONTROL_FILE, control, False)
 
 
-def _walk_dir(folder: Path, rel: str, tablespace_dir: str, special: list[str] | None) -> Iterator[Entry]:
+def _walk_dir(
+    folder: Path, rel: str, tablespace_dir: str, special: list[str] | None, tablespaces: Mapping[str, Path]
+) -> Iterator[Entry]:
     try:
         names = sorted(os.listdir(folder))
     except FileNotFoundError:
         return
     siblings = set(names)
     for name in names:
-        path = folder / name
+        path = Path(tablespaces[name]) if rel == "pg_tblspc" and name in tablespaces else folder / name
         relpath = f"{rel}/{name}" if rel else name
         try:
             mode = path.stat().st_mode  # follows a pg_tblspc link
@@ -214,6 +220,6 @@ def _walk_dir(folder: Path, rel: str, tablespace_dir: str, special: list[str] | 
             version = path / tablespace_dir
             if version.is_dir():
                 yield Entry(f"{relpath}/{tablespace_dir}", version, True)
-                yield from _walk_dir(version, f"{relpath}/{tablespace_dir}", tablespace_dir, special)
+                yield from _walk_dir(version, f"{relpath}/{tablespace_dir}", tablespace_dir, special, {})
         else:
-            yield from _walk_dir(path, relpath, tablespace_dir, special)
+            yield from _walk_dir(path, relpath, tablespace_dir, special, tablespaces)

@@ -13,7 +13,7 @@ from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 
 from pg_safe_backup.errors import PgSafeBackupError
 from pg_safe_backup.files.manifest import DIGEST_SIZES
-from pg_safe_backup.operators.copy import FILES_XCOM, PostgresCopyDataDirectoryOperator
+from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
 from pg_safe_backup.params import (
     check_flag,
     check_label,
@@ -43,6 +43,7 @@ from pg_safe_backup.utils.mixins import (
     PostgresBackupBaseOperator,
     backup_template_fields,
     check_storage_url,
+    copied_records,
     encryption_key,
     fail_on,
     rendered,
@@ -394,18 +395,6 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             )
         except PgSafeBackupError as err:
             raise task_error(err) from err
-
-
-def copied_records(context: Context, copy_task_ids: Sequence[str]) -> CopyRecords | None:
-    """The records the group's copy tasks pushed, of the store task's map index (see
-    :meth:`CopyRecords.from_xcom`).
-
-    :param context: the store task's context.
-    :param copy_task_ids: the group's copy tasks.
-    """
-    return CopyRecords.from_xcom(
-        same_map_index_xcom(context, task_id, FILES_XCOM) for task_id in copy_task_ids
-    )
 
 
 class PostgresVerifyBackupOperator(BaseOperator):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +16,13 @@ from pg_safe_backup.files.extconfig import CONFIG_DIR, ServerConfig, capture_ent
 from pg_safe_backup.files.layout import Entry, walk
 from pg_safe_backup.files.objects import upload_tree
 from pg_safe_backup.files.tarball import check_compression, write_tar_backup
+from pg_safe_backup.operators.snapshot import snapshots_of
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
 from pg_safe_backup.session import CONFIG_FILES
+from pg_safe_backup.snapshots import driver_from, readable_tree
 from pg_safe_backup.store import CopyRecords
 from pg_safe_backup.utils.mixins import (
+    FILES_XCOM,
     check_storage_url,
     encryption_key,
     rendered,
@@ -30,12 +33,6 @@ from pg_safe_backup.utils.mixins import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: XCom key of the copy's records (:class:`~pg_safe_backup.store.CopyRecords`): every file's size, time and
-#: SHA-256, from which the store task writes the backup_manifest without reading the copy again (and of an
-#: object store or tar copy, which it cannot read). Pushed only up to MAX_XCOM_FILES files: XCom lives in
-#: Airflow's metadata database (about 100 bytes a file); beyond, a local plain copy's manifest reads the
-#: copy, and other copies get none (the log says so).
-FILES_XCOM = "files"
 MAX_XCOM_FILES = 50_000
 FORMATS = ("plain", "tar")
 
@@ -124,29 +121,41 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         self.overwrite = check_flag(overwrite, "overwrite")
         self.progress_interval = check_number(progress_interval, "progress_interval", 0, allow_min=False)
         self.config_files = check_flag(config_files, "config_files")
+        #: Set by a ``PostgresOnlineBackup(snapshot=...)``: this copy runs after backup mode ended and reads
+        #: that task's snapshots of ``source`` (a copy-out).
+        self.snapshot_task_id: str | None = None
 
     def execute(self, context: Context) -> dict[str, Any]:
         destination = rendered(check_storage_url, self.destination, "destination")
-        source = Path(rendered(check_text, self.source, "source"))
+        live = source = Path(rendered(check_text, self.source, "source"))
+        tablespaces = None
+        if self.snapshot_task_id:  # a copy-out: read the snapshots, never the live files
+            source, tablespaces = self._snapshot_source(context, live)
         if not (source / "PG_VERSION").is_file():
             raise AirflowFailException(
                 f"source {str(source)!r} is not a PostgreSQL data directory (no PG_VERSION): is this task"
                 " on a worker that sees it (queue=)?"
             )
-        extra = self._configuration(context, source) if self.config_files else []
-        summary, records = self.copy(source, destination, extra)
+        extra = self._configuration(context, live) if self.config_files else []
+        summary, records = self.copy(source, destination, extra, tablespaces)
         if records is not None:
             context["ti"].xcom_push(key=FILES_XCOM, value=records.to_xcom())
         return summary
 
     def copy(
-        self, source: Path, destination: str, extra: Sequence[Entry] = ()
+        self,
+        source: Path,
+        destination: str,
+        extra: Sequence[Entry] = (),
+        tablespaces: Mapping[str, Path] | None = None,
     ) -> tuple[dict[str, Any], CopyRecords | None]:
         """Copy ``source`` into ``destination`` as this task is set to (format, compression, encryption).
 
         :param source: the data directory.
         :param destination: the rendered destination.
         :param extra: the configuration files from outside the data directory to take too.
+        :param tablespaces: oid -> the folder to read each tablespace from (its snapshot), instead of where
+            the data directory's ``pg_tblspc`` link points.
         :returns: the task's summary (its return value) and the copy's records for the store task (None
             over :data:`MAX_XCOM_FILES` files).
         """
@@ -160,7 +169,11 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             )
         special: list[str] = []  # left out by the walk when it is ours (with the configuration files)
         options: dict[str, Any] = {
-            "entries": walk(source, special=special, extra=list(extra)) if extra else None,
+            "entries": (
+                walk(source, special=special, extra=list(extra), tablespaces=tablespaces)
+                if extra or tablespaces
+                else None
+            ),
             "overwrite": self.overwrite,
             "progress": self._progress,
             "progress_interval": self.progress_interval,
@@ -212,6 +225,27 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             **({"encryption_key_id": key.key_id} if key else {}),
         }
         return summary, records
+
+    def _snapshot_source(self, context: Context, live: Path) -> tuple[Path, dict[str, Path]]:
+        """Where the group's snapshot step left the data directory ``live`` and each of its tablespaces
+        readable (each tablespace from its own snapshot), each snapshot mounted first where its driver
+        mounts."""
+        assert self.snapshot_task_id
+        snapshots = snapshots_of(context, self.snapshot_task_id)
+        if not snapshots:
+            raise AirflowFailException(f"{self.snapshot_task_id} took no snapshot: nothing to copy out")
+        try:
+            for snap in snapshots:
+                driver_from(snap.driver).mount(snap)
+            data, tablespaces = readable_tree(snapshots, live)
+        except PgSafeBackupError as err:
+            raise task_error(err, f"cannot read the snapshots: {err}") from err
+        self.log.info(
+            "copying out of the snapshots: the data directory from %s%s",
+            data,
+            "".join(f", tablespace {oid} from {path}" for oid, path in tablespaces.items()),
+        )
+        return data, tablespaces
 
     def _configuration(self, context: Context, source: Path) -> list[Entry]:
         """The server's configuration files outside the data directory, as the copy takes them; the gate

@@ -6,6 +6,8 @@ the run itself ended) is read here, through the Task SDK, and handed to ``sessio
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -66,6 +68,8 @@ def public(backup: dict[str, Any]) -> dict[str, Any]:
 #: ``[triggerer] triggerer_health_check_threshold``, for its triggers to be handed to another triggerer and
 #: cancelled here. Until then a holder makes its first look before backup mode, never during it.
 _sdk_warm = False
+#: Seconds at least that a holder which stood still pauses before it claims its backup (see :func:`settled`).
+HANDOVER_GRACE_S = 5.0
 
 
 def warming(fetch: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
@@ -78,6 +82,58 @@ def warming(fetch: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
         return found
 
     return call
+
+
+def handover_threshold() -> float:
+    """``[triggerer] triggerer_health_check_threshold``: seconds without a heartbeat after which another
+    triggerer takes this one's triggers over (Airflow's default: 30)."""
+    from airflow.configuration import conf
+
+    return conf.getfloat("triggerer", "triggerer_health_check_threshold", fallback=30.0)
+
+
+def settled(
+    began: float,
+    threshold: float,
+    clock: Callable[[], float] = time.monotonic,
+    pause: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    log: Callable[..., Any] = lambda *_: None,
+) -> Callable[[], Awaitable[None]]:
+    """The holder's ``settle`` (see ``session.hold_backup``): the pause of a holder whose triggerer stood
+    still long enough to have handed its trigger over.
+
+    A triggerer's supervisor stands still at times (it builds its in-process execution API on its first Task
+    SDK call, for seconds, longer under load; or it serves another trigger's call), and its heartbeat with
+    it; past ``threshold`` (:func:`handover_threshold`) another triggerer takes its triggers over. Once the
+    supervisor runs again it reloads its triggers and its runner cancels the lost one, within seconds, or as
+    long again as it stood still under the same load. A holder that reached its claim more than half
+    ``threshold`` after it began therefore pauses that long (at least :data:`HANDOVER_GRACE_S`, at least
+    ``threshold``) before claiming: cancelled during the pause, it leaves nothing; cancelled a moment after
+    entering backup mode, its session would end with it, and the trigger's run on the other triggerer would
+    find the backup lost and fail it (never restarting it: a copy may have begun).
+
+    :param began: when the trigger began, on ``clock``.
+    :param threshold: the triggerer's health-check threshold, seconds.
+    :param clock: seconds, monotonic (a test's fake clock).
+    :param pause: how to wait (a test's fake sleep).
+    :param log: where to say so (a logger's ``warning``).
+    """
+
+    async def settle() -> None:
+        stood = clock() - began
+        if stood > threshold / 2:
+            wait = max(stood, threshold, HANDOVER_GRACE_S)
+            log(
+                "this triggerer took %.1fs to get the backup ready (it stood still; another triggerer takes"
+                " its triggers over after %.0fs): pausing %.0fs before claiming it, so that a hand-over of"
+                " this trigger lands first",
+                stood,
+                threshold,
+                wait,
+            )
+            await pause(wait)
+
+    return settle
 
 
 def task_states(ref: BackupRef, task_ids: list[str]) -> dict[str, str | None]:
@@ -262,13 +318,20 @@ class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
         super().__init__(hook_kwargs, request=request, ref=ref)
 
     async def result(self, patience: float | None = None) -> dict[str, Any]:
+        began = time.monotonic()
         ref = self.ref
         period = check_period()
         check = holder_check(ref, period) if ref else None
         request = HoldRequest(**self.kwargs["request"])
-        if not _sdk_warm:  # this process's first Task SDK call: before backup mode (see _sdk_warm)
+        if not _sdk_warm:  # this process's first Task SDK calls: before backup mode (see _sdk_warm)
             request = replace(request, checked_at=None)
-        return await hold_backup(self.hook, request, check=check, check_period=period)
+        return await hold_backup(
+            self.hook,
+            request,
+            check=check,
+            check_period=period,
+            settle=settled(began, handover_threshold(), log=self.log.warning),
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         # The trigger ends the task itself: no second trip through the scheduler and a worker once

@@ -25,6 +25,7 @@ from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.params import check_number, check_text, unless_rendered_later, validate_identifier
 from pg_safe_backup.session import PENDING
 from pg_safe_backup.state import BackupRef, BackupTarget
+from pg_safe_backup.store import CopyRecords
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -36,6 +37,12 @@ T = TypeVar("T")
 #: Fields rendered at run time (Jinja, params, XComArgs), so that a mapped task group can map over
 #: connections.
 CONNECTION_FIELDS = ("postgres_conn_id", "state_conn_id", "database")
+#: XCom key of the copy's records (:class:`~pg_safe_backup.store.CopyRecords`): every file's size, time and
+#: SHA-256, from which the store task writes the backup_manifest without reading the copy again (and of an
+#: object store or tar copy, which it cannot read). Pushed only up to ``MAX_XCOM_FILES`` files
+#: (:mod:`~pg_safe_backup.operators.copy`): XCom lives in Airflow's metadata database (about 100 bytes a
+#: file); beyond, a local plain copy's manifest reads the copy, and other copies get none (the log says so).
+FILES_XCOM = "files"
 #: Default ``inline_wait``: seconds the gate and the finish wait in their worker slot before deferring.
 INLINE_WAIT_S = 30.0
 
@@ -186,6 +193,18 @@ def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
     ti = context["ti"]
     return ti.xcom_pull(
         task_ids=task_id, key=key, map_indexes=ti.map_index if ti.map_index is not None else -1
+    )
+
+
+def copied_records(context: Context, copy_task_ids: Sequence[str]) -> CopyRecords | None:
+    """The records the group's copy tasks pushed (XCom :data:`FILES_XCOM`), of this task's map index (see
+    :meth:`CopyRecords.from_xcom <pg_safe_backup.store.CopyRecords.from_xcom>`).
+
+    :param context: the reading task's context.
+    :param copy_task_ids: the group's copy tasks.
+    """
+    return CopyRecords.from_xcom(
+        same_map_index_xcom(context, task_id, FILES_XCOM) for task_id in copy_task_ids
     )
 
 
