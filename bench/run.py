@@ -30,6 +30,11 @@
    group with a backup-mode pool of FLEET_SLOTS, every backup verified; then FLEET_HOLDERS holders in ONE
    triggerer process with their Airflow checks on: its CPU per held backup and its execution-API calls
    (bench/fleetbench.py).
+12. a backup taken as btrfs snapshots (issue 25): how long PostgreSQL stays in backup mode (pg_backup_start,
+   the snapshots, pg_backup_stop) and with the copy-out from the snapshots after the stop, against a copy
+   taken inside backup mode, at two data sizes (pgbench -i -s SNAPSHOT_SMALL_SCALE and -s
+   SNAPSHOT_LARGE_SCALE) under a pgbench write load, on btrfs over a loop device on tmpfs; median of 3
+   rounds (bench/snapshotbench.py, needs root and btrfs-progs).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -173,10 +178,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fleet-idle", type=float, default=None, help="figure 11's idle window in seconds (default 60)"
     )
     p.add_argument(
+        "--snapshot-small-scale",
+        type=int,
+        default=None,
+        help="figure 12's small pgbench scale (default 20, ~0.3 GB; 5 with --quick)",
+    )
+    p.add_argument(
+        "--snapshot-large-scale",
+        type=int,
+        default=None,
+        help="figure 12's large pgbench scale, at least 4 x the small one (default 90, ~1.4 GB; 20 with"
+        " --quick)",
+    )
+    p.add_argument(
+        "--snapshot-rounds",
+        type=int,
+        default=None,
+        help="rounds of each of figure 12's backups at each size (default 3; 1 with --quick)",
+    )
+    p.add_argument(
         "--skip",
         default="",
         help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore, wal,"
-        " peer, fleet",
+        " peer, fleet, snapshot",
     )
     p.add_argument(
         "--no-reference",
@@ -217,6 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.fleet_slots = a.fleet_slots or (2 if quick else 4)
     a.fleet_holders = a.fleet_holders or (50 if quick else 1000)
     a.fleet_idle = a.fleet_idle or (20.0 if quick else 60.0)
+    a.snapshot_small_scale = a.snapshot_small_scale or (5 if quick else 20)
+    a.snapshot_large_scale = a.snapshot_large_scale or (20 if quick else 90)
+    a.snapshot_rounds = a.snapshot_rounds or (1 if quick else 3)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -310,6 +337,16 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
         for ours, theirs, name in PEER_PAIRS:
             ok = None if r.get(ours) is None or r.get(theirs) is None else r[ours] >= r[theirs]
             out[name] = t(r.get(ours), f">= {f'{r[theirs]:g}' if r.get(theirs) else 'n/a'} MB/s", ok)
+    if r.get("snapshot_mode_s_large") is not None and r.get("snapshot_mode_s_small") is not None:
+        small, large = r["snapshot_mode_s_small"], r["snapshot_mode_s_large"]
+        limit = round(max(2 * small, small + 1.0), 3)
+        out["snapshot backup mode does not grow with size"] = t(
+            large,
+            f"at {r.get('snapshot_large_gb')} GB <= max(2 x small, small + 1 s) = max(2 x {small:g},"
+            f" {small:g} + 1) = {limit:g} s (small: {r.get('snapshot_small_gb')} GB; a copy in backup"
+            f" mode: {r.get('copy_mode_s_small')} -> {r.get('copy_mode_s_large')} s)",
+            large <= limit,
+        )
     return out
 
 
@@ -561,6 +598,20 @@ def table(r: dict[str, Any]) -> str:
                 "",
                 None,
             )
+    if r.get("snapshot_mode_s_large") is not None:
+        sd = r["snapshot_detail"]
+        small, large = sd["small"], sd["large"]
+        row(
+            f"time in backup mode, btrfs snapshots (pg_backup_start -> snapshot -> pg_backup_stop), at"
+            f" {r['snapshot_small_gb']:g} and {r['snapshot_large_gb']:g} GB (pgbench -s {small['scale']},"
+            f" -s {large['scale']}), under pgbench -c 2 (~{large['load_tps']} tx/s); median of"
+            f" {sd['rounds']}",
+            f"{r['snapshot_mode_s_small']:g} s and {r['snapshot_mode_s_large']:g} s (the snapshot"
+            f" {small['snapshot_take_s']:g} / {large['snapshot_take_s']:g} s); with the copy-out after the"
+            f" stop: {r['snapshot_total_s_small']:g} s and {r['snapshot_total_s_large']:g} s",
+            f"a copy inside backup mode: {r['copy_mode_s_small']:g} s and {r['copy_mode_s_large']:g} s",
+            "snapshot backup mode does not grow with size",
+        )
     return "\n".join(lines)
 
 
@@ -715,6 +766,17 @@ def main(argv: list[str] | None = None) -> int:
                 "fleet_detail",
                 lambda: fleetbench.run(
                     work, args.fleet_clusters, args.fleet_slots, args.fleet_holders, args.fleet_idle
+                ),
+            )
+        if "snapshot" not in args.skip:
+            from bench import snapshotbench
+
+            measure_phase(
+                results,
+                "snapshot",
+                "snapshot_detail",
+                lambda: snapshotbench.run(
+                    args.snapshot_small_scale, args.snapshot_large_scale, args.snapshot_rounds
                 ),
             )
         results["targets"] = targets(results, max(args.sessions))

@@ -5,6 +5,8 @@ backup, stores no label and leaves no snapshot."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from demo.load import wait_archived
 from pg_safe_backup.local_cluster import find_bindir, give_to_server_user
+from pg_safe_backup.snapshots import KeptSnapshot, delete_all
 
-from backup_helpers import backup_row, holder_sessions
+from backup_helpers import backup_row, holder_sessions, recovered, run_cli
 from btrfs_helpers import btrfs_volume, subvolume, subvolumes
 from e2e_helpers import (
     FINISH,
@@ -25,9 +29,11 @@ from e2e_helpers import (
     assert_run_ended,
     backup_stack,
     backup_under_write_load,
+    failure_report,
     log_offset,
     log_since,
     no_backup_left_behind,  # noqa: F401 - an autouse fixture
+    run_dag,
     task_log,
     trigger,
     wait_for_tasks,
@@ -187,10 +193,12 @@ def test_a_triggerer_killed_during_the_snapshot_step_fails_the_backup_once_and_r
         "failed",
         {
             HOLD: "failed",
+            GATE: "success",
             SNAPSHOT: "success",
             FINISH: "failed",
             COPY_OUT: "upstream_failed",
             REMOVE: "success",
+            STORE: "upstream_failed",
         },
     )
     assert_failed_cleanly(env, dag_id, run_id, "ended before the backup finished")
@@ -198,3 +206,48 @@ def test_a_triggerer_killed_during_the_snapshot_step_fails_the_backup_once_and_r
     assert len(removed) == 2 and all(p.startswith(f"{env['snapshots']}/pgsb-") for p in removed), removed
     assert subvolumes(env["mount"]) == LIVE_VOLUMES
     assert backup_row(cluster)["state"] == "failed"
+
+
+def test_a_kept_snapshot_taken_by_command_templates_is_catalogued_listed_and_restored(env):
+    """keep=True and the command driver (btrfs commands as its templates): the snapshots stay, catalogued
+    beside them; ``pg-safe-backup list`` proves the entry, ``restore`` brings back every row from them."""
+    cluster, stack = env["cluster"], env["stack"]
+    dag_id, run_id = "e2e_snapshot_keep", "snap_keep"
+    state, tasks = run_dag(env, dag_id, run_id)
+    assert state == "success", failure_report(stack, dag_id, run_id, tasks)
+    kept = stack.xcom(dag_id, run_id, REMOVE)
+    entry = Path(kept["kept"])
+    assert entry.parent == env["snapshots"] and len(kept["snapshots"]) == 2, kept
+    assert sorted(v for v in subvolumes(env["mount"]) if v.startswith("snapshots/")) == sorted(
+        f"snapshots/{Path(p).name}" for p in kept["snapshots"]
+    )
+    committed = cluster.sql("SELECT count(*) FROM ledger")[0][0]
+    wait_archived(cluster)
+    listed = json.loads(run_cli("list", env["snapshots"], "--json", timeout=60).stdout)
+    assert [(Path(b["folder"]), b["status"], b["info"]["format"]) for b in listed] == [
+        (entry, "proven", "snapshot")
+    ], listed
+    assert listed[0]["proof"]["stop_lsn"] == stack.xcom(dag_id, run_id, FINISH)["stop_lsn"]
+
+    target, space = env["root"] / "kept_restored", env["root"] / "kept_space"
+    done = run_cli(
+        "restore",
+        entry,
+        target,
+        "--wal-archive",
+        env["archive"],
+        "--tablespace",
+        f"{tablespace_oid(env)}={space}",
+        "--archive-mode",
+        "off",
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    with recovered(target) as server:
+        assert server.sql("SELECT count(*) >= %s FROM ledger", [committed]) == [(True,)]
+        assert server.sql("SELECT count(*) FROM pgbench_accounts") == [(400000,)]
+    # The module ends with no snapshot: this kept one removed as retention would (its snapshots, its entry).
+    record = KeptSnapshot.read(entry)
+    assert delete_all(None, record.snapshots) == []
+    shutil.rmtree(entry)
+    assert subvolumes(env["mount"]) == LIVE_VOLUMES

@@ -32,7 +32,7 @@ def get_provider_info() -> dict:
                 "tags": ["software"],
             }
         ],
-        "operators": _modules("operators", "copy", "lifecycle", "check"),
+        "operators": _modules("operators", "copy", "lifecycle", "check", "snapshot"),
         "sensors": _modules("sensors"),
         "hooks": _modules("hooks"),
         "triggers": _modules("triggers"),

@@ -66,4 +66,4 @@ def snapshot_dag(dag_id: str, verify: bool = True, **snapshot: object) -> DAG:
 e2e_snapshot = snapshot_dag("e2e_snapshot")
 e2e_snapshot_commands = snapshot_dag("e2e_snapshot_commands", verify=False, **COMMANDS)
 e2e_snapshot_fails = snapshot_dag("e2e_snapshot_fails", verify=False, **FAILING)
-e2e_snapshot_keep = snapshot_dag("e2e_snapshot_keep", verify=False, keep=True)
+e2e_snapshot_keep = snapshot_dag("e2e_snapshot_keep", verify=False, keep=True, **COMMANDS)
