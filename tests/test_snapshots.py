@@ -9,15 +9,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from demo.load import wait_archived
+from demo.load import invariant_sql, wait_archived
+from pg_safe_backup.files.copier import copy_data_directory
+from pg_safe_backup.files.layout import walk
+from pg_safe_backup.files.manifest import write_backup_manifest
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import give_to_server_user
+from pg_safe_backup.local_cluster import SERVER_USER, as_server_user, give_to_server_user
 from pg_safe_backup.operators.snapshot import make_driver
 from pg_safe_backup.snapshots import (
     RECORD_NAME,
@@ -33,11 +37,23 @@ from pg_safe_backup.snapshots import (
 )
 from pg_safe_backup.snapshots.btrfs import BtrfsDriver
 from pg_safe_backup.snapshots.command import CommandDriver
+from pg_safe_backup.state import parse_backup_label
 from pg_safe_backup.store import catalog_kept_snapshot
+from pg_safe_backup.verify import check_backup, verify_backup
 
-from backup_helpers import archiving_cluster, recovered, restore, run_backup, run_cli
+from backup_helpers import (
+    archiving_cluster,
+    pair_maker,
+    recovered,
+    restore,
+    run_backup,
+    run_cli,
+    store_backup_label,
+    wait_for,
+)
 from btrfs_helpers import btrfs_volume, subvolume, subvolumes
 from conftest import CONN_ID, PASSWORD
+from pg_versions import verifier_for
 
 ATTEMPT = "01a252b7-941f-7ace-9bcb-0610910cb83b"
 BTRFS_TEMPLATES = {
@@ -143,6 +159,33 @@ def test_a_failing_snapshot_command_deletes_those_taken_and_names_its_error(volu
     assert subvolumes(volume) == ["pgdata", "space"]
 
 
+def test_the_server_s_os_user_takes_and_removes_btrfs_snapshots_where_user_subvol_rm_allowed(volume, layout):
+    """No root: the owner of the subvolumes and of snapshot_dir takes read-only snapshots; removing one takes
+    the file system mounted with user_subvol_rm_allowed and the snapshot made writable first (the driver
+    does so when it is not root). As the README's privileges table says."""
+    subprocess.run(["mount", "-o", "remount,user_subvol_rm_allowed", str(volume)], check=True)
+    for folder in (layout["data"].parents[1], layout["space"], layout["snapshots"]):
+        subprocess.run(["chown", "-R", f"{SERVER_USER}:", str(folder)], check=True)
+    script = (
+        "import json, sys; from pathlib import Path;"
+        "from pg_safe_backup.snapshots import BtrfsDriver, delete_all, plan_volumes, planned,"
+        " tablespace_links, take_all;"
+        "d = BtrfsDriver(); data = Path(sys.argv[1]);"
+        "snaps = planned(Path(sys.argv[2]), 'user', plan_volumes(d, data, tablespace_links(data)), d);"
+        "taken = take_all(d, snaps); made = [Path(s.path).is_dir() for s in taken];"
+        "print(json.dumps({'made': made, 'problems': delete_all(d, taken)}))"
+    )
+    done = subprocess.run(
+        as_server_user([sys.executable, "-c", script, str(layout["data"]), str(layout["snapshots"])]),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "provider")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"made": [True, True], "problems": []}
+    assert subvolumes(volume) == ["pgdata", "space"]
+
+
 def test_btrfs_refuses_a_data_directory_off_btrfs_naming_it(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(
@@ -209,7 +252,9 @@ def kept_backup(env: dict, name: str, rows: range) -> Path:
     """``rows`` into both tables, then one backup taken as snapshots and kept; its catalog entry folder."""
     cluster = env["cluster"]
     for table in ("t", "s"):
-        cluster.sql(f"INSERT INTO {table} SELECT generate_series(%s::int, %s::int)", [rows.start, rows.stop - 1])
+        cluster.sql(
+            f"INSERT INTO {table} SELECT generate_series(%s::int, %s::int)", [rows.start, rows.stop - 1]
+        )
     driver, data = BtrfsDriver(), cluster.datadir
     taken: list = []
     attempt = f"kept-{name}"
@@ -292,3 +337,66 @@ def test_a_kept_snapshot_whose_snapshot_is_gone_is_listed_incomplete_and_not_res
         done.stderr
     )
     assert not target.exists()
+
+
+def test_a_snapshot_backup_of_a_streaming_standby_under_write_load_restores_every_commit(
+    volume, tmp_root, monkeypatch
+):
+    """The standby's volume snapshotted in backup mode (its pg_control in it), copied out after the stop: the
+    store's copy check accepts the copy, the page-LSN check and pg_verifybackup pass, and recovery to the end
+    of the primary's archive has every row committed."""
+    pair_volume = subvolume(volume / "pair")
+    give_to_server_user(pair_volume)
+    snaps = volume / "pair_snapshots"
+    snaps.mkdir()
+    try:
+        with pair_maker(pair_volume, monkeypatch) as make:
+            pair = make(writing=True)
+            wait_for(lambda: pair.writer.committed >= 100, what="some writes before the backup starts")
+            driver, data = BtrfsDriver(), pair.standby.datadir
+            plan = planned(snaps, "standby", plan_volumes(driver, data, tablespace_links(data)), driver)
+            taken: list = []
+
+            def snapshot_then_more_rows() -> None:
+                pair.more_rows_on_disk()  # the standby's pages move past its start while in backup mode
+                taken.extend(take_all(driver, plan))
+
+            result = run_backup(pair.hook, "snap/standby/backup", snapshot_then_more_rows)
+            committed = pair.writer.stop()
+            fields = parse_backup_label(result["backup_label"])
+            assert fields["BACKUP FROM"] == "standby"
+            source, tablespaces = readable_tree(taken, data)
+            copy = tmp_root / "copy"
+            copied = copy_data_directory(source, copy, entries=walk(source, tablespaces=tablespaces))
+            assert delete_all(driver, taken) == []
+            store_backup_label(
+                copy, result, local_copy=copy
+            )  # checks the copy's pg_control against the label
+            write_backup_manifest(
+                copy,
+                backup_label=result["backup_label"],
+                stop_lsn=result["stop_lsn"],
+                system_identifier=result["system_identifier"],
+                checksums=copied.checksums,
+            )
+            wait_archived(pair.primary)
+            major = pair.standby.server_version() // 10000
+            report = check_backup(
+                copy, pair.archive, restore=False, verifier_bindir=(verifier_for(major) or [None])[0]
+            )
+            page, verified = report.steps
+            assert page.status == "PASS" and "minimum recovery point" in page.details["consistency_from"], (
+                page
+            )
+            assert verified.status == "PASS", verified
+            whole = verify_backup(
+                copy,
+                pair.archive,
+                recovery_target_immediate=False,
+                invariant_sql=invariant_sql(("ledger",), committed),
+            )
+            assert whole.ok, whole.summary()
+    finally:
+        subprocess.run(["btrfs", "subvolume", "delete", str(pair_volume)], capture_output=True)
+        shutil.rmtree(snaps, ignore_errors=True)
+    assert not any("pair" in v for v in subvolumes(volume))

@@ -222,3 +222,61 @@ def test_each_module_imports_on_its_own(module):
         [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def snapshot_dag() -> DAG:
+    from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
+    from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
+
+    with DAG("snap", schedule=None) as dag:
+        with PostgresOnlineBackup(
+            group_id="backup",
+            postgres_conn_id="pg",
+            snapshot={"data_directory": "/pg/data", "snapshot_dir": "/pg/.snapshots", "queue": "pg-host"},
+        ) as backup:
+            PostgresCopyDataDirectoryOperator(task_id="copy_out", source="/pg/data", destination="/b")
+        PostgresStoreBackupLabelOperator(task_id="store_label", backup=backup, destination="/b")
+        backup >> EmptyOperator(task_id="after")
+    return dag
+
+
+def test_a_snapshot_group_snapshots_in_backup_mode_copies_out_after_the_finish_and_stores_after_the_copy():
+    """gate >> snapshot >> finish >> copy-out >> remove_snapshots (a teardown of the snapshot step, whatever
+    failed); the store and what follows the group wait for the copy-out: a label is never written into a
+    copy that did not succeed, nor before it exists (the copy would then refuse the folder)."""
+    made = snapshot_dag()
+    assert made.get_task("store_label").copy_task_ids == ["backup.copy_out"]
+    assert made.get_task("backup.remove_snapshots").copy_task_ids == ["backup.copy_out"]
+    assert made.get_task("backup.copy_out").snapshot_task_id == "backup.snapshot"
+    dag = serialization_round_trip(made)
+    assert upstream(dag, "backup.snapshot") == {f"backup.{GATE}"}
+    assert upstream(dag, f"backup.{FINISH}") == {f"backup.{GATE}", "backup.snapshot"}
+    assert upstream(dag, "backup.copy_out") == {f"backup.{FINISH}"}
+    assert upstream(dag, "backup.remove_snapshots") == {
+        f"backup.{FINISH}",
+        "backup.copy_out",
+        "backup.snapshot",
+    }
+    remove = dag.get_task("backup.remove_snapshots")
+    assert remove.is_teardown and remove.trigger_rule == "all_done" and remove.queue == "pg-host"
+    assert dag.get_task("backup.snapshot").queue == "pg-host"
+    assert {"backup.copy_out", f"backup.{FINISH}"} <= upstream(dag, "store_label")
+    assert "backup.copy_out" in upstream(dag, "after")
+
+
+def test_a_snapshot_group_needs_no_copy_task_and_names_a_bad_snapshot_setting():
+    with (
+        DAG("snap_keep", schedule=None) as dag,
+        PostgresOnlineBackup(
+            group_id="backup", snapshot={"data_directory": "/d", "snapshot_dir": "/s", "keep": True}
+        ),
+    ):
+        pass  # a kept snapshot alone is a backup: no copy-out needed
+    assert dag.get_task("backup.remove_snapshots").keep
+    with (
+        DAG("snap_bad", schedule=None),
+        pytest.raises(ValueError, match="driver must be one of btrfs, command"),
+    ):
+        PostgresOnlineBackup(
+            group_id="backup", snapshot={"data_directory": "/d", "snapshot_dir": "/s", "driver": "lvm"}
+        )

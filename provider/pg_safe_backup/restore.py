@@ -91,6 +91,9 @@ from pg_safe_backup.files.copier import (
 )
 from pg_safe_backup.files.crypt import SUFFIX, CryptError, EncryptionKey
 from pg_safe_backup.files.extconfig import RestoredConfig, restore_config
+from pg_safe_backup.files.label import LABEL_FILES
+from pg_safe_backup.files.layout import walk
+from pg_safe_backup.files.manifest import MANIFEST_NAME
 from pg_safe_backup.files.objects import (
     FOLDERS_NAME,
     StoredFile,
@@ -100,9 +103,6 @@ from pg_safe_backup.files.objects import (
     list_stored,
     plaintext_name,
 )
-from pg_safe_backup.files.label import LABEL_FILES
-from pg_safe_backup.files.layout import walk
-from pg_safe_backup.files.manifest import MANIFEST_NAME
 from pg_safe_backup.files.pgcontrol import BadPgControl, read_pg_control
 from pg_safe_backup.files.tablespaces import (
     TablespaceNotCopied,
@@ -1291,15 +1291,38 @@ def prepare_restore(
     if key_id is None:
         return restore_plain(backup, data, wal_archive=wal_archive, **options)
     assert encryption_key is not None  # check_key raised otherwise
-    if data.exists() and (not data.is_dir() or any(data.iterdir())):
-        raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
-    _check_room([("the decryption beside TARGET_DIR", data.parent, _size(backup, set()))])
-    staging = Path(tempfile.mkdtemp(prefix=f".{data.name}.decrypting-", dir=_nearest_existing(data.parent)))
-    try:
+
+    def decrypted(staging: Path) -> None:
         try:
             decrypt_backup(backup, staging, encryption_key)
         except CryptError as err:
             raise RestoreError(f"{' '.join(str(err).split())}: nothing restored") from None
+
+    size = [("the decryption beside TARGET_DIR", data.parent, _size(backup, set()))]
+    return _restore_staged(backup, data, "decrypting", decrypted, wal_archive, options, size)
+
+
+def _restore_staged(
+    backup: Path,
+    data: Path,
+    what: str,
+    fill: Callable[[Path], None],
+    wal_archive: Path | str | None,
+    options: dict[str, Any],
+    room: list[tuple[str, Path, int]] | None = None,
+) -> RestoreResult:
+    """:func:`restore_plain` of a plain backup that ``fill`` makes out of ``backup`` in a temporary folder
+    beside the target (``.<target>.<what>-*``, removed at the end); errors name ``backup``, not that folder.
+
+    :param room: what must fit beside the target first (:func:`_check_room`).
+    """
+    if data.exists() and (not data.is_dir() or any(data.iterdir())):
+        raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
+    if room:
+        _check_room(room)
+    staging = Path(tempfile.mkdtemp(prefix=f".{data.name}.{what}-", dir=_nearest_existing(data.parent)))
+    try:
+        fill(staging)
         try:
             return restore_plain(staging, data, wal_archive=wal_archive, **options)
         except RestoreError as err:  # named as the user named it, not as the temporary folder
@@ -1319,16 +1342,14 @@ def _restore_kept(
         raise RestoreError(
             f"--delta rewrites from a copy; {entry} is a kept snapshot: restore into a new folder"
         )
-    if data.exists() and (not data.is_dir() or any(data.iterdir())):
-        raise RestoreError(f"the target {data} (TARGET_DIR) is not empty: restore into a new or empty folder")
     try:
         for snap in kept.snapshots:
             driver_from(snap.driver).mount(snap)
         source, tablespaces = kept.tree()
     except SnapshotError as err:
         raise RestoreError(f"{entry} (BACKUP): {' '.join(str(err).split())}") from None
-    staging = Path(tempfile.mkdtemp(prefix=f".{data.name}.snapshot-", dir=_nearest_existing(data.parent)))
-    try:
+
+    def copied(staging: Path) -> None:
         try:
             copy_data_directory(source, staging, entries=walk(source, tablespaces=tablespaces))
             for name in (*LABEL_FILES, MANIFEST_NAME):
@@ -1337,12 +1358,8 @@ def _restore_kept(
         except (CopyError, OSError) as err:
             why = " ".join(str(err).split())
             raise RestoreError(f"cannot read the snapshots of {entry}: {why}") from None
-        try:
-            return restore_plain(staging, data, wal_archive=wal_archive, **options)
-        except RestoreError as err:  # named as the user named it, not as the temporary folder
-            raise type(err)(str(err).replace(str(staging), str(entry))) from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    return _restore_staged(entry, data, "snapshot", copied, wal_archive, options)
 
 
 def _restore_stored(

@@ -25,7 +25,7 @@ from pg_safe_backup.params import (
 )
 from pg_safe_backup.session import COMPLETE, ONE_DAY_S, HoldRequest
 from pg_safe_backup.store import (
-    BACKUP_KEYS,
+    BACKUP_KEYS,  # noqa: F401 - importable from here, as before
     TIMELINE_KEYS,  # noqa: F401 - importable from here, as before
     CopyRecords,
     store_backup,
@@ -46,6 +46,7 @@ from pg_safe_backup.utils.mixins import (
     copied_records,
     encryption_key,
     fail_on,
+    finished_backup,
     rendered,
     same_map_index_xcom,
     storage_path,
@@ -332,7 +333,10 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
             self.finish_task_id = check_text(backup, "backup")
         elif isinstance(backup, TaskGroup) and isinstance(finish, PostgresFinishBackupOperator):
             self.finish_task_id = finish.task_id
-            finish >> self
+            # After the finish, and with snapshots after the copy-outs too (they run after the finish): a
+            # label is stored only into a copy that succeeded, never before it exists.
+            for leaf in {t.task_id: t for t in (finish, *backup.get_leaves())}.values():
+                leaf >> self
         else:
             raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
         #: The group's copy operators: their records spare the manifest a second read of the copy.
@@ -344,16 +348,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         destination = rendered(check_storage_url, self.destination, "destination")
-        backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in BACKUP_KEYS}
-        finished = same_map_index_xcom(context, self.finish_task_id, "return_value") or {}
-        ti = context["ti"]
-        run = {
-            "dag_id": ti.dag_id,
-            "run_id": ti.run_id,
-            "task_id": ti.task_id,
-            "map_index": ti.map_index if ti.map_index is not None and ti.map_index >= 0 else None,
-            "attempt": finished.get("attempt") if isinstance(finished, dict) else None,
-        }
+        backup, run = finished_backup(context, self.finish_task_id)
         return self.store(destination, backup, copied_records(context, self.copy_task_ids), run)
 
     def store(

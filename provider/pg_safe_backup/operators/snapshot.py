@@ -30,8 +30,14 @@ from pg_safe_backup.snapshots import (
     tablespace_links,
     take_all,
 )
-from pg_safe_backup.store import BACKUP_KEYS, catalog_kept_snapshot
-from pg_safe_backup.utils.mixins import copied_records, rendered, same_map_index_xcom, task_error
+from pg_safe_backup.store import catalog_kept_snapshot
+from pg_safe_backup.utils.mixins import (
+    copied_records,
+    finished_backup,
+    rendered,
+    same_map_index_xcom,
+    task_error,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -215,21 +221,12 @@ class PostgresDeleteSnapshotsOperator(BaseOperator):
     def _keep(self, context: Context, planned_snapshots: list[Snapshot]) -> dict[str, Any] | None:
         """Catalogue the snapshots of a backup that ended well; None (they are removed) otherwise."""
         assert self.finish_task_id
-        backup = {key: same_map_index_xcom(context, self.finish_task_id, key) for key in BACKUP_KEYS}
+        backup, run = finished_backup(context, self.finish_task_id)
         taken = snapshots_of(context, self.snapshot_task_id)
         if not backup.get("backup_label") or len(taken) != len(planned_snapshots):
             self.log.warning("the backup did not end well: its snapshots are not kept")
             return None
-        attempt = same_map_index_xcom(context, self.finish_task_id, "return_value") or {}
         entry = Path(taken[0].path).parent / Path(taken[0].path).name.rsplit("-", 1)[0]
-        ti = context["ti"]
-        run = {
-            "dag_id": ti.dag_id,
-            "run_id": ti.run_id,
-            "task_id": ti.task_id,
-            "map_index": ti.map_index if ti.map_index is not None and ti.map_index >= 0 else None,
-            "attempt": attempt.get("attempt") if isinstance(attempt, dict) else None,
-        }
         live = same_map_index_xcom(context, self.snapshot_task_id, "return_value") or {}
         kept = KeptSnapshot(str(live.get("data_directory")), tuple(taken))
         try:

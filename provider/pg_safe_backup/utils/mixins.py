@@ -25,7 +25,7 @@ from pg_safe_backup.files.crypt import CryptError, EncryptionKey
 from pg_safe_backup.params import check_number, check_text, unless_rendered_later, validate_identifier
 from pg_safe_backup.session import PENDING
 from pg_safe_backup.state import BackupRef, BackupTarget
-from pg_safe_backup.store import CopyRecords
+from pg_safe_backup.store import BACKUP_KEYS, CopyRecords
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -206,6 +206,23 @@ def copied_records(context: Context, copy_task_ids: Sequence[str]) -> CopyRecord
     return CopyRecords.from_xcom(
         same_map_index_xcom(context, task_id, FILES_XCOM) for task_id in copy_task_ids
     )
+
+
+def finished_backup(context: Context, finish_task_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the finish ``finish_task_id`` handed over at this task's map index (its XCom
+    :data:`~pg_safe_backup.store.BACKUP_KEYS`; no ``backup_label``: the backup did not complete), and this
+    task's DAG run as a catalog entry records it (:data:`~pg_safe_backup.store.RUN_KEYS`)."""
+    backup = {key: same_map_index_xcom(context, finish_task_id, key) for key in BACKUP_KEYS}
+    finished = same_map_index_xcom(context, finish_task_id, "return_value") or {}
+    ti = context["ti"]
+    run = {
+        "dag_id": ti.dag_id,
+        "run_id": ti.run_id,
+        "task_id": ti.task_id,
+        "map_index": ti.map_index if ti.map_index is not None and ti.map_index >= 0 else None,
+        "attempt": finished.get("attempt") if isinstance(finished, dict) else None,
+    }
+    return backup, run
 
 
 def backup_template_fields(*fields: str) -> tuple[str, ...]:
