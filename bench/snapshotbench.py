@@ -34,7 +34,6 @@ GB are 2**30 bytes (``du -sb`` of the data directory, pg_wal included).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -43,12 +42,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench.common import say
 from bench.dagbench import MB_PER_SCALE, du_bytes, load_pgbench
+from demo.btrfs import btrfs_volume, subvolume
 from pg_safe_backup.local_cluster import SERVER_USER, LocalCluster
 
 #: Where the btrfs image and the copies go: tmpfs.
@@ -57,49 +56,6 @@ SHM = Path(os.environ.get("BENCH_SNAPSHOT_SHM", "/dev/shm"))
 SETTLE_S = 3
 #: The load: pgbench's built-in TPC-B-like script, flat out.
 LOAD_CLIENTS, LOAD_THREADS = 2, 1
-
-
-def _run(*cmd: str) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip() or done.returncode}")
-    return done.stdout
-
-
-@contextlib.contextmanager
-def btrfs_volume(size_mb: int, where: Path = SHM) -> Iterator[Path]:
-    """A fresh btrfs file system of ``size_mb`` MB mounted at the returned folder (enterable by the server's
-    OS user), on a loop device over a sparse image in a temporary folder of ``where``; always unmounted,
-    detached and removed on leaving."""
-    for tool in ("losetup", "mkfs.btrfs", "btrfs", "mount", "umount"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} is not installed (btrfs-progs, util-linux: scripts/prereqs.sh)")
-    if os.geteuid() != 0:
-        raise RuntimeError("a btrfs file system on a loop device needs root")
-    root = Path(tempfile.mkdtemp(prefix="pgsb-bench-btrfs-", dir=where))
-    os.chmod(root, 0o755)
-    image, mount = root / "btrfs.img", root / "mnt"
-    mount.mkdir()
-    device = None
-    try:
-        with open(image, "wb") as f:
-            f.truncate(size_mb << 20)
-        device = _run("losetup", "--find", "--show", str(image)).strip()
-        _run("mkfs.btrfs", "-q", device)
-        _run("mount", device, str(mount))
-        os.chmod(mount, 0o755)
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
-        if device:
-            subprocess.run(["losetup", "-d", device], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _subvolume(path: Path, owner: str) -> Path:
-    _run("btrfs", "subvolume", "create", str(path))
-    _run("chown", f"{owner}:", str(path))
-    return path
 
 
 class Load:
@@ -280,8 +236,8 @@ def measure_size(scale: int, rounds: int, where: Path = SHM) -> dict[str, Any]:
             f" {(2.5 * data_mb + 1024) / 1024:.1f} GB (its btrfs image and one copy)"
         )
     say(f"  pgbench -s {scale} on btrfs (a {image_mb / 1024:.1f} GB sparse image in {where})")
-    with btrfs_volume(image_mb, where) as mnt:
-        _subvolume(mnt / "pgdata", SERVER_USER)
+    with btrfs_volume(image_mb, "pgsb-bench-btrfs-", where) as mnt:
+        subvolume(mnt / "pgdata", SERVER_USER)
         snapshot_dir = mnt / "snapshots"
         snapshot_dir.mkdir()
         dest = Path(tempfile.mkdtemp(prefix="pgsb-bench-snapcopy-", dir=where))
