@@ -25,6 +25,7 @@ from pg_safe_backup.snapshots import (
     SnapshotDriver,
     SnapshotError,
     delete_all,
+    driver_from,
     plan_volumes,
     planned,
     tablespace_links,
@@ -55,19 +56,14 @@ def make_driver(
 ) -> SnapshotDriver:
     """The driver named ``driver`` (``btrfs``, or ``command`` with its templates); ValueError naming the
     parameter that is wrong."""
-    if driver == "btrfs":
-        if snapshot_command or mount_command or delete_command:
-            raise ValueError("snapshot_command, mount_command and delete_command need driver='command'")
-        from pg_safe_backup.snapshots.btrfs import BtrfsDriver
-
-        return BtrfsDriver()
-    if driver == "command":
-        if not snapshot_command or not delete_command:
-            raise ValueError("driver='command' needs snapshot_command and delete_command")
-        from pg_safe_backup.snapshots.command import CommandDriver
-
-        return CommandDriver(snapshot_command, delete_command, mount_command)
-    raise ValueError(f"driver must be one of {', '.join(DRIVERS)}, got {driver!r}")
+    if driver not in DRIVERS:
+        raise ValueError(f"driver must be one of {', '.join(DRIVERS)}, got {driver!r}")
+    if driver == "btrfs" and (snapshot_command or mount_command or delete_command):
+        raise ValueError("snapshot_command, mount_command and delete_command need driver='command'")
+    if driver == "command" and (not snapshot_command or not delete_command):
+        raise ValueError("driver='command' needs snapshot_command and delete_command")
+    spec = {"driver": driver, "snapshot": snapshot_command, "delete": delete_command, "mount": mount_command}
+    return driver_from(spec)
 
 
 def snapshots_of(context: Context, task_id: str, key: str = TAKEN_XCOM) -> list[Snapshot]:
@@ -125,9 +121,8 @@ class PostgresSnapshotOperator(BaseOperator):
             mount_command,
             delete_command,
         )
-        make_driver(
-            driver, snapshot_command, mount_command, delete_command
-        )  # a bad one fails the DAG's parse
+        # A bad driver setting fails the DAG's parse, naming the parameter.
+        make_driver(driver, snapshot_command, mount_command, delete_command)
         self.gate_task_id = check_text(gate_task_id, "gate_task_id")
 
     def make_driver(self) -> SnapshotDriver:
