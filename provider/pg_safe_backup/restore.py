@@ -131,7 +131,7 @@ from pg_safe_backup.files.walheader import fsync_path
 from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn, start_wal_location
 from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
-from pg_safe_backup.snapshots import KeptSnapshot, SnapshotError, driver_from
+from pg_safe_backup.snapshots import KeptSnapshot, SnapshotError, read_tree
 from pg_safe_backup.storage import in_store, place_of
 
 # Never copied into the data directory: the server recreates them, must not see them, or they describe
@@ -1343,9 +1343,7 @@ def _restore_kept(
             f"--delta rewrites from a copy; {entry} is a kept snapshot: restore into a new folder"
         )
     try:
-        for snap in kept.snapshots:
-            driver_from(snap.driver).mount(snap)
-        source, tablespaces = kept.tree()
+        source, tablespaces = read_tree(kept.snapshots, kept.data_directory)
     except SnapshotError as err:
         raise RestoreError(f"{entry} (BACKUP): {' '.join(str(err).split())}") from None
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +49,7 @@ from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.xlog import wal_file_position
 from pg_safe_backup.hooks.server import ServerPosition, server_position
 from pg_safe_backup.proof import LABEL_NAME, prove_backup
-from pg_safe_backup.snapshots import KeptSnapshot, delete_all
+from pg_safe_backup.snapshots import KeptSnapshot, Snapshot, delete_all
 
 #: Where the copies of a backup's tablespaces may be kept beside it (files/tablespaces.py looks there).
 TABLESPACE_SUFFIXES = ("_tablespaces", ".tablespaces")
@@ -171,11 +171,13 @@ def carry_out_retention(
         log(f"skip      {name}: {why}")
     for entry in plan.delete:
         folders = [entry.folder, *_tablespace_copies(entry.folder)]
-        snapshots = _kept_snapshots(entry.folder)  # deleted with their entry folder (_remove_folder)
+        kept = KeptSnapshot.read(Path(entry.folder)) if is_local_path(entry.folder) else None
+        snapshots = kept.snapshots if kept else ()
+        existing = [Path(s.path) for s in snapshots if Path(s.path).exists()]  # as they were, for the report
         if not dry_run:
             for folder in folders:
-                _remove_folder(folder)
-        folders += snapshots
+                _remove_folder(folder, snapshots if folder is entry.folder else ())
+        folders += existing
         report.deleted[entry.name] = [str(f) for f in folders]
         if not dry_run and (info := entry_path(entry.folder)).exists():
             info.unlink()  # after its folder: a half-deleted backup stays listed, as incomplete
@@ -262,22 +264,15 @@ def _tablespace_copies(folder: Any) -> list[Any]:
     ]
 
 
-def _kept_snapshots(folder: Any) -> list[Path]:
-    """The snapshots of a kept snapshot catalogued in ``folder`` (its record), existing."""
-    kept = KeptSnapshot.read(Path(folder)) if is_local_path(folder) else None
-    return [Path(s.path) for s in kept.snapshots if Path(s.path).exists()] if kept else []
-
-
-def _remove_folder(folder: Any) -> None:
+def _remove_folder(folder: Any, snapshots: Sequence[Snapshot] = ()) -> None:
     """Remove a backup's folder, its backup_label first (see the module docstring); never a link. A kept
-    snapshot's snapshots go after its label, each through its own driver, then its entry folder."""
+    snapshot's ``snapshots`` go after its label, each through its own driver, then its entry folder."""
     if _is_link(folder):
         raise RetentionRefused(f"{folder} is a link: never deleted through")
-    kept = KeptSnapshot.read(Path(folder)) if is_local_path(folder) else None
     label = folder / LABEL_NAME
     if label.exists():
         label.unlink()
-    if kept is not None and (problems := delete_all(None, kept.snapshots)):
+    if problems := delete_all(None, snapshots):
         raise OSError(f"cannot delete the snapshots of {folder}: {'; '.join(problems)}")
     if is_local_path(folder):
         shutil.rmtree(folder)  # links inside (pg_tblspc) are removed, never followed

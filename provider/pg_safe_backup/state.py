@@ -340,11 +340,9 @@ def plan_wal(server: ArchiveSettings, state: ArchiveSettings | None, wait_for_ar
         # Where pg_backup_stop would return at once anyway, ask it to wait: it then says, in a NOTICE kept
         # in the row, that the WAL is not archived.
         return WalPlan(stop_wait=not server.stop_waits)
-    if archiver is WalArchiver.SERVER:
-        # Its pg_backup_stop would wait too, but looks only once a second: the holder follows the archiver.
-        return WalPlan(stop_wait=False, follow=archiver if wait_for_archive else None)
-    # A standby: its pg_backup_stop switches no WAL (xlog.c), so even with archive_mode=always it would wait
-    # until the primary happens to switch. The holder switches on the primary and waits itself.
+    # The holder follows the archiver itself. A primary's pg_backup_stop would wait too, but looks only once
+    # a second. A standby's switches no WAL (xlog.c), so even with archive_mode=always it would wait until the
+    # primary happens to switch: the holder switches on the primary first.
     return WalPlan(stop_wait=False, follow=archiver if wait_for_archive else None)
 
 

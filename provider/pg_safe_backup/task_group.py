@@ -203,7 +203,7 @@ class PostgresOnlineBackup(TaskGroup):
         for node in copies:
             node.set_upstream(self.finish)
             node.set_downstream(self.remove_snapshots)
-            for task in getattr(node, "iter_tasks", lambda n=node: iter([n]))():
+            for task in node.iter_tasks() if isinstance(node, TaskGroup) else [node]:
                 if isinstance(task, PostgresCopyDataDirectoryOperator):
                     task.snapshot_task_id = self.snapshot.task_id
                     self.remove_snapshots.copy_task_ids.append(task.task_id)

@@ -150,9 +150,8 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
-        self.hold_trigger(context)  # the rendered fields, checked before anything else
+        ref = self.hold_trigger(context).ref  # the rendered fields, checked before anything else
         # Nobody would end a backup of a run that ended, or whose finish did (only the hold was cleared).
-        ref = self.backup_ref(context, finish_task_id=self.finish_task_id)
         if problem := run_states(ref.dag_id, ref.run_id, ref.finish_task_id).problem(
             ref.run_id, ref.finish_task_id, ref.map_index
         ):

@@ -19,7 +19,7 @@ from pg_safe_backup.files.tarball import check_compression, write_tar_backup
 from pg_safe_backup.operators.snapshot import snapshots_of
 from pg_safe_backup.params import check_flag, check_number, check_text, unless_rendered_later
 from pg_safe_backup.session import CONFIG_FILES
-from pg_safe_backup.snapshots import driver_from, readable_tree
+from pg_safe_backup.snapshots import read_tree
 from pg_safe_backup.store import CopyRecords
 from pg_safe_backup.utils.mixins import (
     FILES_XCOM,
@@ -235,9 +235,7 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
         if not snapshots:
             raise AirflowFailException(f"{self.snapshot_task_id} took no snapshot: nothing to copy out")
         try:
-            for snap in snapshots:
-                driver_from(snap.driver).mount(snap)
-            data, tablespaces = readable_tree(snapshots, live)
+            data, tablespaces = read_tree(snapshots, live)
         except PgSafeBackupError as err:
             raise task_error(err, f"cannot read the snapshots: {err}") from err
         self.log.info(

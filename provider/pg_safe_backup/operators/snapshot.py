@@ -26,6 +26,7 @@ from pg_safe_backup.snapshots import (
     SnapshotError,
     delete_all,
     driver_from,
+    kept_name,
     plan_volumes,
     planned,
     tablespace_links,
@@ -156,6 +157,7 @@ class PostgresSnapshotOperator(BaseOperator):
         context["ti"].xcom_push(key=TAKEN_XCOM, value=[s.to_dict() for s in taken])
         return {
             "snapshots": [s.path for s in taken],
+            "attempt": attempt,
             "data_directory": str(data),
             "seconds": round(seconds, 3),
         }
@@ -221,9 +223,9 @@ class PostgresDeleteSnapshotsOperator(BaseOperator):
         if not backup.get("backup_label") or len(taken) != len(planned_snapshots):
             self.log.warning("the backup did not end well: its snapshots are not kept")
             return None
-        entry = Path(taken[0].path).parent / Path(taken[0].path).name.rsplit("-", 1)[0]
-        live = same_map_index_xcom(context, self.snapshot_task_id, "return_value") or {}
-        kept = KeptSnapshot(str(live.get("data_directory")), tuple(taken))
+        step = same_map_index_xcom(context, self.snapshot_task_id, "return_value")
+        entry = Path(taken[0].path).parent / kept_name(step["attempt"])
+        kept = KeptSnapshot(step["data_directory"], tuple(taken))
         try:
             written = catalog_kept_snapshot(
                 entry, kept, backup, copied_records(context, self.copy_task_ids), run, self.log

@@ -28,6 +28,7 @@ from pg_safe_backup.snapshots.base import (
     SnapshotError,
     SnapshotExists,
     Volume,
+    kept_name,
     plan_volumes,
     planned,
     readable_tree,
@@ -54,7 +55,7 @@ def take_all(
     try:
         for snap in snapshots:
             taken.append(snap)  # a failed take may leave a partial snapshot: delete it too
-            driver.take(Path(snap.volume), Path(snap.path), Path(snap.path).name)
+            driver.take(Path(snap.volume), Path(snap.path))
             log(f"snapshot of {snap.volume} taken: {snap.path}")
     except BaseException as err:
         problems = delete_all(driver, taken)
@@ -62,6 +63,15 @@ def take_all(
             raise SnapshotError(f"{err}; and could not delete: {'; '.join(problems)}") from err
         raise
     return taken
+
+
+def read_tree(snapshots: Sequence[Snapshot], data_directory: Path | str) -> tuple[Path, dict[str, Path]]:
+    """Each snapshot mounted where its driver mounts, then where the data directory and each tablespace are
+    readable in them (:func:`~pg_safe_backup.snapshots.base.readable_tree`): what a copy-out or a restore
+    reads."""
+    for snap in snapshots:
+        driver_from(snap.driver).mount(snap)
+    return readable_tree(snapshots, data_directory)
 
 
 def delete_all(driver: SnapshotDriver | None, snapshots: Sequence[Snapshot]) -> list[str]:
@@ -103,6 +113,8 @@ __all__ = [
     "SnapshotExists",
     "Volume",
     "delete_all",
+    "kept_name",
+    "read_tree",
     "driver_from",
     "plan_volumes",
     "planned",

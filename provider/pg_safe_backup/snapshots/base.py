@@ -79,8 +79,8 @@ class SnapshotDriver(Protocol):
         """The root of the volume holding ``folder`` (what a snapshot of it captures)."""
         ...
 
-    def take(self, volume: Path, snapshot: Path, name: str) -> None:
-        """Snapshot ``volume`` into ``snapshot`` (absent before; ``name`` is its base name)."""
+    def take(self, volume: Path, snapshot: Path) -> None:
+        """Snapshot ``volume`` into ``snapshot`` (absent before)."""
         ...
 
     def mount(self, snapshot: Snapshot) -> None:
@@ -102,10 +102,15 @@ def volume_root(folder: Path) -> Path:
     return folder
 
 
+def kept_name(attempt: str) -> str:
+    """The base name of backup ``attempt``'s (the hold's try id) kept-snapshot entry; its snapshots' names
+    add ``-<n>``."""
+    return NAME_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", attempt)
+
+
 def snapshot_name(attempt: str, index: int) -> str:
-    """The base name of the ``index``-th snapshot of backup ``attempt`` (the hold's try id)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", attempt)
-    return f"{NAME_PREFIX}{safe}-{index}"
+    """The base name of the ``index``-th snapshot of backup ``attempt``."""
+    return f"{kept_name(attempt)}-{index}"
 
 
 def plan_volumes(

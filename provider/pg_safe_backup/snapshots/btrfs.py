@@ -54,7 +54,7 @@ class BtrfsDriver:
             )
         return root
 
-    def take(self, volume: Path, snapshot: Path, name: str) -> None:
+    def take(self, volume: Path, snapshot: Path) -> None:
         btrfs("subvolume", "snapshot", "-r", str(volume), str(snapshot))
 
     def mount(self, snapshot: Snapshot) -> None:

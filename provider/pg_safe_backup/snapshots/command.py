@@ -102,7 +102,7 @@ class CommandDriver:
                 f"{what} of {snapshot} failed (exit {done.returncode}): {lines[-1] if lines else 'no output'}"
             )
 
-    def take(self, volume: Path, snapshot: Path, name: str) -> None:
+    def take(self, volume: Path, snapshot: Path) -> None:
         self.run("snapshot_command", self.snapshot, str(volume), str(snapshot))
         if not self.mount_template and not snapshot.is_dir():
             raise SnapshotError(
