@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -400,3 +401,42 @@ def test_a_snapshot_backup_of_a_streaming_standby_under_write_load_restores_ever
         subprocess.run(["btrfs", "subvolume", "delete", str(pair_volume)], capture_output=True)
         shutil.rmtree(snaps, ignore_errors=True)
     assert not any("pair" in v for v in subvolumes(volume))
+
+
+def test_a_kept_snapshot_whose_record_names_another_folder_is_not_proven_and_retention_deletes_nothing_of_it(
+    volume, btrfs_cluster
+):
+    """The record (snapshot.json) is a file's word: one that names a folder other than the entry's own
+    snapshots (here the LIVE tablespace's subvolume, as a damaged or edited record might) proves nothing, and
+    nothing is deleted or restored through it."""
+    env = btrfs_cluster
+    older = kept_backup(env, "older", range(1, 11))
+    newer = kept_backup(env, "newer", range(11, 21))
+    record = KeptSnapshot.read(older)
+    live_space = str(volume / "kspace")
+    space_snapshot = record.snapshots[0]  # the tablespace's, taken first
+    forged = replace(
+        space_snapshot, path=live_space, sources=dict.fromkeys(space_snapshot.sources, live_space)
+    )
+    (older / RECORD_NAME).write_bytes(
+        KeptSnapshot(record.data_directory, (forged, *record.snapshots[1:])).to_json()
+    )
+
+    listed = {
+        Path(b["folder"]).name: b["status"]
+        for b in json.loads(run_cli("list", env["snapshots"], "--json").stdout)
+    }
+    assert listed[older.name] == (
+        f"incomplete: {older / RECORD_NAME} names {live_space}, not one of its own snapshots"
+        f" ({older.parent}/{older.name}-<n>)"
+    ), listed
+    assert listed[newer.name] == "proven"
+    done = run_cli(
+        "retention", env["snapshots"], "--keep-last", "1", "--wal-archive", env["archive"], timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "kspace" in subvolumes(volume) and older.is_dir(), "deleted on the record's word"
+    done = restore(older, env["root"] / "never", "--wal-archive", env["archive"])
+    assert done.returncode != 0 and f"names {live_space}, not one of its own snapshots" in done.stderr, (
+        done.stderr
+    )

@@ -204,15 +204,25 @@ class KeptSnapshot:
 
     @classmethod
     def read(cls, folder: Path) -> KeptSnapshot | None:
-        """The record in ``folder``, None when it has none; :class:`SnapshotError` when it is unreadable."""
-        path = Path(folder) / RECORD_NAME
+        """The record in ``folder``, None when it has none; :class:`SnapshotError` when it is unreadable, or
+        names anything but the entry's own snapshots, ``<folder>-<n>`` beside it in the order taken: it is a
+        file's word, and restore reads, retention deletes, what it names."""
+        folder = Path(folder)
+        path = folder / RECORD_NAME
         if not path.is_file():
             return None
         try:
             value = json.loads(path.read_text())
-            return cls(str(value["data_directory"]), tuple(Snapshot.from_dict(s) for s in value["snapshots"]))
+            kept = cls(str(value["data_directory"]), tuple(Snapshot.from_dict(s) for s in value["snapshots"]))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SnapshotError(f"{path} is not a kept snapshot's record: {err}") from err
+        for index, snap in enumerate(kept.snapshots):
+            if Path(snap.path) != folder.parent / f"{folder.name}-{index}":
+                raise SnapshotError(
+                    f"{path} names {snap.path}, not one of its own snapshots"
+                    f" ({folder.parent}/{folder.name}-<n>)"
+                )
+        return kept
 
     def tree(self) -> tuple[Path, dict[str, Path]]:
         """Where the data directory and each tablespace are readable (:func:`readable_tree`); SnapshotError
