@@ -117,6 +117,11 @@ class BackupInfo:
     #: it too, and is what a reader trusts); None: not encrypted.
     encryption_key_id: str | None = None
     has_tablespace_map: bool = False
+    #: An incremental backup's parent (the folder it was taken against) and that backup's Manifest-Checksum
+    #: when it was taken: where to look first, and which one it was. The label's INCREMENTAL FROM lines,
+    #: proven by the manifest, decide (:func:`pg_safe_backup.incremental.chain_of`).
+    parent: str | None = None
+    parent_manifest_checksum: str | None = None
     verifications: list[dict[str, Any]] = field(default_factory=list)
     version: int = INFO_VERSION
 
@@ -533,7 +538,8 @@ def plan_retention(
     """Which backups to keep, among those that prove themselves: the newest ``keep_last`` (by proven stop
     LSN and timeline) and/or those whose label's START TIME is within ``keep_days`` days (an unknown age
     is kept), and always the newest verified one (a passed check recorded for the manifest it proves; the
-    newest one if none): at least one proven backup stays. The other proven ones go, and the WAL archive
+    newest one if none): at least one proven backup stays, and each backup a kept incremental needs (its chain
+    to its full, :func:`parent_in`). The other proven ones go, and the WAL archive
     keeps files from the oldest kept backup's proven START WAL file on (pg_archivecleanup's rule).
 
     Unverifiable and incomplete backups are never counted, kept, deleted, nor move the cut-off: they are
@@ -582,6 +588,7 @@ def plan_retention(
         reasons.setdefault(verified[-1].name, []).append("the newest verified backup")
     elif ordered:
         reasons.setdefault(ordered[-1].name, []).append("the newest backup (none was verified)")
+    _keep_chains(ordered, reasons)
     keep = [e for e in ordered if e.name in reasons]
     delete = [e for e in ordered if e.name not in reasons]
     cutoff = min((str(e.proof.start_wal) for e in keep), key=wal_file_position) if keep else None
@@ -589,6 +596,32 @@ def plan_retention(
         [f"those within {keep_days:g} days"] if keep_days is not None else []
     )
     return RetentionPlan(keep, delete, cutoff, reasons, policy=" and ".join(rules), skipped=skipped)
+
+
+def parent_in(entries: Sequence[CatalogEntry], child: CatalogEntry) -> CatalogEntry | None:
+    """The backup among ``entries`` that the incremental ``child`` was taken against, as both prove it
+    (:meth:`~pg_safe_backup.proof.Proof.follows`); of two, the one its catalog entry names by
+    Manifest-Checksum, else the newest. None for a full backup, or when the parent is not among them."""
+    found = [e for e in entries if child.proof.follows(e.proof)]
+    recorded = child.info.parent_manifest_checksum if child.info else None
+    named = [e for e in found if e.proof.manifest_checksum == recorded]
+    return (named or found or [None])[-1]
+
+
+def _keep_chains(ordered: Sequence[CatalogEntry], reasons: dict[str, list[str]]) -> None:
+    """Keep every backup a kept incremental needs to restore: its parent, the parent's parent, to the full."""
+    for kept in [e for e in ordered if e.name in reasons]:
+        child, seen = kept, set()
+        while child.proof.incremental and child.name not in seen:
+            seen.add(child.name)
+            parent = parent_in(ordered, child)
+            if parent is None:
+                break
+            reasons.setdefault(parent.name, [])
+            why = f"in the chain of {kept.name}"
+            if why not in reasons[parent.name]:
+                reasons[parent.name].append(why)
+            child = parent
 
 
 def _why_skipped(entry: CatalogEntry) -> str:

@@ -438,6 +438,17 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         metavar="OID=DIR",
         help="restore tablespace OID to DIR instead of its original location (repeatable)",
     )
+    p.add_argument(
+        "--tablespace-root",
+        type=Path,
+        metavar="DIR",
+        help="restore each tablespace not named by --tablespace to DIR/<OID> instead of its original location",
+    )
+    p.add_argument(
+        "--bindir",
+        type=Path,
+        help="folder of pg_combinebackup, for an incremental backup (default: the backup's major's)",
+    )
     p.add_argument("--target-time", type=_time_flag, help="stop at this time (ISO 8601; no zone: UTC)")
     p.add_argument("--target-lsn", help="stop at this LSN")
     p.add_argument("--target-name", help="stop at this restore point (pg_create_restore_point)")
@@ -545,6 +556,8 @@ def _restore(args: argparse.Namespace) -> int:
                 timeline=args.target_timeline,
             ),
             tablespaces=dict(args.tablespace),
+            tablespace_root=args.tablespace_root,
+            bindir=args.bindir,
             restore_command=args.restore_command,
             archive_key=(wal_key := archive_key(args)),
             archive_mode=args.archive_mode,

@@ -37,6 +37,7 @@ from pg_safe_backup.files.xlog import (
     LABEL_KEYS,
     SEGMENT_SIZES,
     format_lsn,
+    incremental_from,
     label_start_time,
     parse_backup_label,
     parse_lsn,
@@ -74,6 +75,29 @@ class Proof:
     system_identifier: str | None = None  # None when nothing proves one (a version 1 manifest, not local)
     start_time: datetime | None = None  # the label's START TIME; None when its zone is not known
     manifest_checksum: str | None = None
+    #: An incremental backup's parent, as its label names it (PostgreSQL 17+): the start LSN and timeline
+    #: of the backup it was taken against; None for a full backup.
+    incremental_from_lsn: str | None = None
+    incremental_from_tli: int | None = None
+
+    @property
+    def incremental(self) -> bool:
+        """An incremental backup: restored only with its chain (see :mod:`pg_safe_backup.incremental`)."""
+        return self.incremental_from_lsn is not None
+
+    def follows(self, parent: Proof) -> bool:
+        """Whether ``parent`` is the backup this incremental was taken against, as both prove it: the parent
+        starts where this one's label says, on that timeline, and both are of one cluster."""
+        return (
+            self.ok
+            and parent.ok
+            and self.incremental
+            and parent.start_lsn is not None
+            and parse_lsn(parent.start_lsn) == parse_lsn(str(self.incremental_from_lsn))
+            and parent.start_tli == self.incremental_from_tli
+            and self.system_identifier is not None
+            and parent.system_identifier == self.system_identifier
+        )
 
     @property
     def status(self) -> str:
@@ -270,6 +294,10 @@ def prove_backup(folder: Any, key: EncryptionKey | None = None) -> Proof:
         fmt = _format(folder)
         raw_label = _read(folder, LABEL_NAME, key)
         fields, start_lsn, start_tli, start_wal = _label(raw_label)
+        try:
+            parent = incremental_from(fields)
+        except ValueError as err:
+            raise _Unproven(f"{LABEL_NAME}: {err}") from None
         if fmt == "unknown":
             raise _Unproven("neither PG_VERSION nor base.tar: no data directory copy", incomplete=True)
         major, copy = None, folder  # copy: where the data directory is (a kept snapshot's own)
@@ -303,6 +331,8 @@ def prove_backup(folder: Any, key: EncryptionKey | None = None) -> Proof:
         system_identifier=system_identifier,
         start_time=label_start_time(fields.get("START TIME")),
         manifest_checksum=checksum,
+        incremental_from_lsn=parent[0] if parent else None,
+        incremental_from_tli=parent[1] if parent else None,
     )
 
 

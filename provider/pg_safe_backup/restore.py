@@ -128,7 +128,14 @@ from pg_safe_backup.files.walarchive import (
     parse_stored_name,
 )
 from pg_safe_backup.files.walheader import fsync_path
-from pg_safe_backup.files.xlog import parse_backup_label, parse_lsn, start_wal_location
+from pg_safe_backup.files.xlog import incremental_from, parse_backup_label, parse_lsn, start_wal_location
+from pg_safe_backup.incremental import (
+    IncrementalFailed,
+    IncrementalRefused,
+    chain_of,
+    client_program,
+    combine,
+)
 from pg_safe_backup.local_cluster import SERVER_USER, command_for_server, find_bindir
 from pg_safe_backup.proof import prove_backup
 from pg_safe_backup.snapshots import KeptSnapshot, SnapshotError, read_tree
@@ -1257,6 +1264,7 @@ def prepare_restore(
     wal_archive: Path | str | None,
     encryption_key: EncryptionKey | None = None,
     key_flags: str = KEY_FLAGS,
+    bindir: Path | str | None = None,
     **options: Any,
 ) -> RestoreResult:
     """Turn ``backup`` into the data directory ``target`` that recovers when started (module docstring);
@@ -1270,6 +1278,7 @@ def prepare_restore(
     :param wal_archive: the WAL archive; None only for a self-contained backup.
     :param encryption_key: the key of an encrypted backup.
     :param key_flags: how the caller's user gives a key, for the error.
+    :param bindir: the folder of pg_combinebackup, for an incremental backup (default: the backup's major's).
     :param options: :func:`restore_plain`'s other keyword arguments.
     :raises RestoreError: what makes the restore impossible or unsafe, named; an encrypted backup without
         its key, with another key, or with a byte changed (nothing restored).
@@ -1284,6 +1293,8 @@ def prepare_restore(
         raise RestoreError(" ".join(str(err).split())) from None
     if kept is not None:
         return _restore_kept(backup, kept, data, wal_archive, options)
+    if is_incremental(backup):
+        return _restore_chain(backup, data, wal_archive, bindir, options)
     try:
         key_id = check_key(backup, encryption_key, key_flags)
     except CryptError as err:
@@ -1358,6 +1369,44 @@ def _restore_kept(
             raise RestoreError(f"cannot read the snapshots of {entry}: {why}") from None
 
     return _restore_staged(entry, data, "snapshot", copied, wal_archive, options)
+
+
+def is_incremental(backup: Path) -> bool:
+    """Whether the local backup ``backup`` is an incremental one: its label names a parent."""
+    try:
+        return incremental_from(parse_backup_label((backup / "backup_label").read_text())) is not None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False  # restore_plain names what is wrong with the label
+
+
+def _restore_chain(
+    backup: Path,
+    data: Path,
+    wal_archive: Path | str | None,
+    bindir: Path | str | None,
+    options: dict[str, Any],
+) -> RestoreResult:
+    """``prepare_restore`` of an incremental backup: its chain (``incremental.chain_of``: every link
+    proven, the missing one named) combined by pg_combinebackup into a temporary folder beside the
+    target, then restored from there as a plain backup."""
+    if options.get("delta"):
+        raise RestoreError(
+            f"--delta rewrites from a full copy; {backup} is an incremental: restore into a new folder"
+        )
+    try:
+        chain = chain_of(backup)
+        program = client_program("pg_combinebackup", backup_major(backup) or 0, bindir)
+    except IncrementalRefused as err:
+        raise RestoreError(" ".join(str(err).split())) from None
+
+    def combined(staging: Path) -> None:
+        try:
+            combine(chain, staging, bindir=program.parent)
+        except (IncrementalRefused, IncrementalFailed) as err:
+            raise RestoreError(" ".join(str(err).split())) from None
+
+    size = [("the combined chain beside TARGET_DIR", data.parent, _size(chain[0].folder, set()))]
+    return _restore_staged(backup, data, "combined", combined, wal_archive, options, size)
 
 
 def _restore_stored(

