@@ -5,22 +5,21 @@ whole; a chain with a link deleted by hand."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from backup_helpers import archiving_cluster, catalogued_backup, recovered, restore, wait_for
-from conftest import CONN_ID, PASSWORD
 from demo.load import wait_archived
-from pg_safe_backup.catalog import list_backups, plan_retention, proven
-from pg_safe_backup.hooks.server import connect, incremental_facts
+from pg_safe_backup.catalog import CatalogEntry, list_backups, plan_retention
+from pg_safe_backup.hooks.server import IncrementalFacts, connect, incremental_facts
 from pg_safe_backup.incremental import (
     ChainBroken,
     IncrementalRefused,
@@ -32,6 +31,9 @@ from pg_safe_backup.incremental import (
 )
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.proof import prove_backup
+
+from backup_helpers import archiving_cluster, catalogued_backup, linked_copy, recovered, restore, wait_for
+from conftest import CONN_ID, PASSWORD
 from pg_versions import client_bindir
 
 MAJOR = 18
@@ -295,3 +297,187 @@ def test_a_newer_full_lets_the_whole_chain_go(chain: Chain, tmp_root: Path):
     assert [e.folder for e in plan.keep] == [newer / "full"]
     assert {e.folder for e in plan.delete} == {chain.full, chain.first, chain.second}
     assert plan.wal_cutoff == prove_backup(newer / "full").start_wal
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def _rechecksummed(manifest: bytes) -> bytes:
+    """``manifest`` with its Manifest-Checksum made anew (a crafted manifest the server reads to its end)."""
+    body = manifest[: manifest.rindex(b'"Manifest-Checksum": "')]
+    return body + b'"Manifest-Checksum": "' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+
+
+def _crafted(chain: Chain, tmp_root: Path, change: Callable[[bytes], bytes], checksum: bool = True) -> Path:
+    """A copy of the chain's full (its files linked) whose manifest ``change`` rewrote."""
+    root = tmp_root / "crafted"
+    root.mkdir(exist_ok=True)
+    copy = linked_copy(chain.full, root / "full")
+    manifest = change((chain.full / "backup_manifest").read_bytes())
+    (copy / "backup_manifest").unlink()
+    (copy / "backup_manifest").write_bytes(_rechecksummed(manifest) if checksum else manifest)
+    return copy
+
+
+def _facts(dsn: str) -> IncrementalFacts:
+    with connect(dsn) as conn:
+        return incremental_facts(conn)
+
+
+def _entry(folder: Path) -> CatalogEntry:
+    return CatalogEntry(folder, None, prove_backup(folder))
+
+
+def _refused_by_server(chain: Chain, parent: Path, tmp_root: Path, match: str) -> None:
+    """take_incremental against ``parent`` (no check of ours first): the server's refusal, as one line with
+    its fix, and nothing left."""
+    into = tmp_root / "refused"
+    with pytest.raises(IncrementalRefused, match=match) as refused:
+        take_incremental(
+            chain.dsn, _entry(parent), into, tablespaces=_facts(chain.dsn).tablespaces, bindir=BINDIR
+        )
+    assert "\n" not in str(refused.value) and PASSWORD not in str(refused.value)
+    assert not into.exists() and not list(tmp_root.glob(".refused.*"))
+
+
+def test_a_version_1_manifest_is_refused_as_a_parent(chain: Chain, tmp_root: Path):
+    def version_1(manifest: bytes) -> bytes:
+        head, rest = manifest.split(b"\n", 1)
+        assert head.endswith(b'"PostgreSQL-Backup-Manifest-Version": 2,')
+        return head.replace(b"2,", b"1,") + b"\n" + rest.split(b"\n", 1)[1]  # and no System-Identifier
+
+    crafted = _crafted(chain, tmp_root, version_1)
+    with pytest.raises(
+        IncrementalRefused,
+        match=r"^root: the newest backup .* cannot be a parent \(its backup_manifest is version 1",
+    ):
+        find_parent(crafted.parent, prove_backup(chain.full).system_identifier)
+    _refused_by_server(
+        chain, crafted, tmp_root, r"version 1 does not support incremental backup: .*take a new full"
+    )
+
+
+def test_a_changed_manifest_is_refused(chain: Chain, tmp_root: Path):
+    changed = _crafted(chain, tmp_root, lambda m: m.replace(b'"Size": ', b'"Size":  ', 1), checksum=False)
+    with pytest.raises(
+        IncrementalRefused, match=r"^root: no backup of this cluster .* proves itself: take a new full"
+    ):
+        find_parent(changed.parent, prove_backup(chain.full).system_identifier)
+    _refused_by_server(
+        chain, changed, tmp_root, r"manifest checksum mismatch: the parent's backup_manifest was changed"
+    )
+
+
+def test_an_unknown_timeline_is_refused_by_the_server(chain: Chain, tmp_root: Path):
+    crafted = _crafted(chain, tmp_root, lambda m: m.replace(b'"Timeline": 1,', b'"Timeline": 7,'))
+    _refused_by_server(
+        chain,
+        crafted,
+        tmp_root,
+        r"timeline 7 found in manifest, but not in this server's history: .*take a new full",
+    )
+
+
+def test_another_clusters_backup_is_refused(chain: Chain, tmp_root: Path):
+    crafted = _crafted(
+        chain, tmp_root, lambda m: re.sub(rb'"System-Identifier": \d+', b'"System-Identifier": 42', m)
+    )
+    facts = _facts(chain.dsn)
+    with pytest.raises(
+        IncrementalRefused, match=r"cannot be a parent \(UNVERIFIABLE: .*System-Identifier 42 is not"
+    ):
+        check_ready(facts, _entry(crafted))  # its pg_control disowns it
+    other = linked_copy(chain.full, tmp_root / "other")
+    (other / "backup_manifest").unlink()
+    (other / "backup_manifest").write_bytes((chain.full / "backup_manifest").read_bytes())
+    stranger = replace(facts, system_identifier="42")
+    with pytest.raises(IncrementalRefused, match=r"is a backup of another cluster \(\d+; the server is 42\)"):
+        check_ready(stranger, _entry(other))
+    _refused_by_server(
+        chain, crafted, tmp_root, r"system identifier in backup manifest is 42.*another cluster's backup"
+    )
+
+
+def test_a_role_without_replication_and_a_missing_pg_hba_line_are_named(chain: Chain, tmp_root: Path):
+    cluster = chain.cluster
+    parent = find_parent(chain.root, _facts(chain.dsn).system_identifier)
+    cluster.sql("CREATE ROLE plain LOGIN PASSWORD 'plain-pw'")
+    cluster.sql("GRANT pg_read_all_settings, pg_monitor TO plain")
+    with pytest.raises(
+        IncrementalRefused, match=r"has no REPLICATION: ALTER ROLE \.\.\. REPLICATION, and a pg_hba.conf line"
+    ):
+        check_ready(_facts(_dsn(cluster, "plain", "plain-pw")), parent, role="plain")
+    cluster.sql("CREATE ROLE replicator LOGIN REPLICATION PASSWORD 'repl-pw'")
+    hba = cluster.datadir / "pg_hba.conf"
+    hba.write_text("host replication replicator 127.0.0.1/32 reject\n" + hba.read_text())
+    cluster.sql("SELECT pg_reload_conf()")
+    into = tmp_root / "refused"
+    try:
+        with pytest.raises(
+            IncrementalRefused, match=r"pg_hba.conf rejects replication connection.*: add a pg_hba.conf line"
+        ) as refused:
+            take_incremental(
+                _dsn(cluster, "replicator", "repl-pw"), parent, into, tablespaces={}, bindir=BINDIR
+            )
+        assert "repl-pw" not in str(refused.value)
+        assert not into.exists()
+    finally:
+        hba.write_text(hba.read_text().split("\n", 1)[1])
+        cluster.sql("SELECT pg_reload_conf()")
+
+
+def test_before_17_incrementals_are_refused(chain: Chain, tmp_root: Path):
+    old = LocalCluster(tmp_root / "pg15", bindir=Path("/usr/lib/postgresql/15/bin"))
+    if not (old.bindir / "pg_ctl").exists():
+        pytest.skip("no PostgreSQL 15 from Debian")
+    old.init(password=PASSWORD).start()
+    try:
+        parent = find_parent(chain.root, _facts(chain.dsn).system_identifier)
+        with pytest.raises(
+            IncrementalRefused, match=r"need PostgreSQL 17 or later; the server is 15: take full backups"
+        ):
+            check_ready(_facts(_dsn(old)), parent)
+    finally:
+        old.stop("immediate")
+
+
+def test_summarize_wal_off_at_the_fulls_start_is_refused_before_and_by_the_server(
+    tmp_root: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("PG_BINDIR", str(BINDIR))
+    archive = tmp_root / "archive"
+    archive.mkdir()
+    give_to_server_user(archive)
+    cluster = archiving_cluster(tmp_root / "data", archive, PASSWORD)
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
+    try:
+        root = tmp_root / "backups"
+        root.mkdir()
+        catalogued_backup(cluster, root / "full", "incremental/off")
+        dsn = _dsn(cluster)
+        parent = find_parent(root, _facts(dsn).system_identifier)
+        with pytest.raises(
+            IncrementalRefused,
+            match=r"summarize_wal is off: .*ALTER SYSTEM SET summarize_wal = on.*take a new full",
+        ):
+            check_ready(_facts(dsn), parent)
+        cluster.sql("CHECKPOINT")  # the summarizer begins at the newest checkpoint: after the full's start
+        cluster.sql("ALTER SYSTEM SET summarize_wal = on")
+        cluster.sql("SELECT pg_reload_conf()")
+        wait_archived(cluster)
+        wait_for(
+            lambda: bool(cluster.sql("CHECKPOINT") is not None and _facts(dsn).summaries),
+            what="a WAL summary",
+        )
+        with pytest.raises(
+            IncrementalRefused,
+            match=r"the WAL summaries begin at .*, after .* started .*summarize_wal was off then.*new full",
+        ):
+            check_ready(_facts(dsn), parent)
+        into = tmp_root / "refused"
+        with pytest.raises(
+            IncrementalRefused,
+            match=r"WAL summaries are required on timeline 1.*: the WAL summaries since the parent started are gone",
+        ):
+            take_incremental(dsn, parent, into, tablespaces={}, bindir=BINDIR)
+        assert not into.exists()
+    finally:
+        cluster.stop("immediate")

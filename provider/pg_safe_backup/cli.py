@@ -442,7 +442,7 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         "--tablespace-root",
         type=Path,
         metavar="DIR",
-        help="restore each tablespace not named by --tablespace to DIR/<OID> instead of its original location",
+        help="restore each tablespace not named by --tablespace to DIR/<OID>, not to its original location",
     )
     p.add_argument(
         "--bindir",

@@ -207,6 +207,9 @@ def check_ready(facts: IncrementalFacts, parent: CatalogEntry, role: str = "the 
             f"{role} has no REPLICATION: ALTER ROLE ... REPLICATION, and a pg_hba.conf line for the"
             " replication pseudo-database (pg_basebackup takes the incremental over a replication connection)"
         )
+    why = usable_parent(parent)
+    if why:
+        raise IncrementalRefused(f"{parent.name} cannot be a parent ({why}): {NEW_FULL}")
     proof = parent.proof
     if proof.system_identifier != facts.system_identifier:
         raise IncrementalRefused(
@@ -235,30 +238,26 @@ def _current_timeline(facts: IncrementalFacts) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------- the taking
-#: pg_basebackup's and the server's refusals, and what to do (the first match wins).
-_HINTS = (
+#: pg_basebackup's and the server's refusals (any of the words), and what to do (the first match wins).
+_CHANGED = f"the parent's {MANIFEST_NAME} was changed: {NEW_FULL}"
+_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
     (
-        "no pg_hba.conf entry for replication",
-        "add a pg_hba.conf line for the replication pseudo-database for"
-        " this role and host, then SELECT pg_reload_conf()",
+        ("pg_hba.conf rejects replication", "no pg_hba.conf entry for replication"),
+        "add a pg_hba.conf line for the replication pseudo-database for this role and host, then SELECT"
+        " pg_reload_conf()",
     ),
-    ("replication role", "ALTER ROLE ... REPLICATION"),
-    ("permission denied to start WAL sender", "ALTER ROLE ... REPLICATION"),
-    ("cannot be taken unless WAL summarization is enabled", f"set summarize_wal = on, then {NEW_FULL}"),
-    ("system identifier in backup manifest", f"the parent is another cluster's backup: {NEW_FULL}"),
+    (("replication role", "permission denied to start WAL sender"), "ALTER ROLE ... REPLICATION"),
+    (("cannot be taken unless WAL summarization is enabled",), f"set summarize_wal = on, then {NEW_FULL}"),
+    (("system identifier in backup manifest",), f"the parent is another cluster's backup: {NEW_FULL}"),
+    (("manifest version 1 does not support",), f"the parent's manifest is version 1: {NEW_FULL} on 17+"),
+    (("manifest checksum", "manifest has no checksum"), _CHANGED),
+    (("not in this server's history",), f"the parent is on a timeline this server never had: {NEW_FULL}"),
     (
-        "manifest version 1 does not support",
-        f"the parent's manifest is version 1: {NEW_FULL} on PostgreSQL 17+",
-    ),
-    ("manifest checksum", f"the parent's {MANIFEST_NAME} was changed: {NEW_FULL}"),
-    ("manifest has no checksum", f"the parent's {MANIFEST_NAME} was changed: {NEW_FULL}"),
-    ("not in this server's history", f"the parent is on a timeline this server never had: {NEW_FULL}"),
-    (
-        "WAL summaries are required",
+        ("WAL summaries are required",),
         "the WAL summaries since the parent started are gone or incomplete"
         f" (summarize_wal was off, or wal_summary_keep_time removed them): {NEW_FULL}",
     ),
-    ("manifest requires WAL", f"the parent does not lead to this server's WAL: {NEW_FULL}"),
+    (("manifest requires WAL",), f"the parent does not lead to this server's WAL: {NEW_FULL}"),
 )
 #: What a retry may get past: the server unreachable.
 _TRANSIENT = ("could not connect", "connection to server", "server closed the connection", "timeout expired")
@@ -270,8 +269,8 @@ def _refusal(program: str, stderr: str, where: str) -> PermanentError | Transien
     errors = [line for line in lines if "error:" in line or "FATAL:" in line or "ERROR:" in line]
     said = (errors or lines or ["no message"])[-1]
     said = re.sub(r"^\S+: error: ", "", said)
-    for needle, fix in _HINTS:
-        if needle in stderr:
+    for needles, fix in _HINTS:
+        if any(needle in stderr for needle in needles):
             return IncrementalRefused(f"{program} refused {where}: {said}: {fix}")
     if any(needle in stderr for needle in _TRANSIENT):
         return IncrementalFailed(f"{program} failed {where}: {said}")
