@@ -32,7 +32,15 @@ from pg_safe_backup.incremental import (
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.proof import prove_backup
 
-from backup_helpers import archiving_cluster, catalogued_backup, linked_copy, recovered, restore, wait_for
+from backup_helpers import (
+    archiving_cluster,
+    catalogued_backup,
+    linked_copy,
+    recovered,
+    restore,
+    run_cli,
+    wait_for,
+)
 from conftest import CONN_ID, PASSWORD
 from pg_versions import client_bindir
 
@@ -250,6 +258,16 @@ def test_the_first_incremental_restores_its_own_rows(chain: Chain, tmp_root: Pat
         assert _count(server) == chain.rows["first"]
 
 
+def test_verify_checks_the_combined_chain(chain: Chain, tmp_root: Path):
+    done = run_cli("verify", chain.second, chain.archive, "--bindir", BINDIR, "--work-dir", tmp_root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(
+        "PASS: combine pass, page-LSN check pass, pg_verifybackup pass, restore check pass"
+    ), done.stdout
+    assert f"3 backups combined: {chain.full} <- {chain.first} <- {chain.second}" in done.stdout
+    assert not list(tmp_root.glob("pgsb-staged-*"))
+
+
 def test_retention_keeps_a_kept_incrementals_chain_whole(chain: Chain):
     plan = plan_retention(list_backups(chain.root), keep_last=1)
     assert {e.folder for e in plan.keep} == {chain.full, chain.first, chain.second}
@@ -272,6 +290,11 @@ def test_a_chain_missing_a_link_is_refused_with_the_link_named(chain: Chain, tmp
         match=r"the parent of .*second is missing: no backup starting at .*recorded as .*copy/first",
     ):
         chain_of(copy / "second")
+    checked = run_cli("verify", copy / "second", chain.archive, "--bindir", BINDIR, "--work-dir", tmp_root)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert re.search(
+        r"FAIL.*combine.*the parent of .*second is missing", checked.stdout.replace("\n", " ")
+    ), checked.stdout
     done = restore(copy / "second", tmp_root / "restored", "--wal-archive", chain.archive, "--bindir", BINDIR)
     assert done.returncode != 0
     assert "the parent of" in done.stderr and "is missing" in done.stderr and "copy/first" in done.stderr
@@ -475,7 +498,7 @@ def test_summarize_wal_off_at_the_fulls_start_is_refused_before_and_by_the_serve
         into = tmp_root / "refused"
         with pytest.raises(
             IncrementalRefused,
-            match=r"WAL summaries are required on timeline 1.*: the WAL summaries since the parent started are gone",
+            match=r"WAL summaries are required on timeline 1.*: the WAL summaries since the parent",
         ):
             take_incremental(dsn, parent, into, tablespaces={}, bindir=BINDIR)
         assert not into.exists()

@@ -55,6 +55,13 @@ from pg_safe_backup.files.tablespaces import tablespace_copies
 from pg_safe_backup.files.wal import is_managed_archive, plain_chunks
 from pg_safe_backup.files.walarchive import DamagedFile, MissingCodec, parse_stored_name
 from pg_safe_backup.files.xlog import wal_file_holding, wal_segment_names
+from pg_safe_backup.incremental import (
+    IncrementalFailed,
+    IncrementalRefused,
+    chain_of,
+    client_program,
+    combine,
+)
 from pg_safe_backup.local_cluster import find_bindir
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
 from pg_safe_backup.restore import (
@@ -64,6 +71,7 @@ from pg_safe_backup.restore import (
     backup_major,
     check_archive,
     download_backup,
+    is_incremental,
     manifest_field,
 )
 from pg_safe_backup.restore_check import (
@@ -141,6 +149,8 @@ CHECKS = ("page-LSN check", "pg_verifybackup", "restore check")
 DECRYPTION = "decryption"
 #: The step before them for a backup in an object store: downloaded (decrypted, extracted) to be read.
 DOWNLOAD = "download"
+#: The step before them for an incremental backup: its chain combined (pg_combinebackup), then checked.
+COMBINE = "combine"
 
 
 @dataclass
@@ -230,28 +240,49 @@ def check_backup(
         key_id = check_key(backup, encryption_key)
     except CryptError as err:  # no key, or another one: nothing can be checked, no verdict
         raise CheckNotRun(str(err)) from None
+
+    def again(copy: Path) -> BackupCheck:  # the same checks of the local, plaintext (or combined) copy
+        return check_backup(
+            copy,
+            wal_archive,
+            stop_lsn=stop_lsn,
+            page_lsns=page_lsns,
+            manifest=manifest,
+            restore=restore,
+            verifier_bindir=verifier_bindir,
+            tablespace_dirs=tablespace_dirs,
+            progress=progress,
+            archive_key=archive_key,
+            **restore_options,
+        )
+
     if stored or key_id is not None:
-
-        def again(copy: Path) -> BackupCheck:  # the same checks of the local, plaintext copy
-            return check_backup(
-                copy,
-                wal_archive,
-                stop_lsn=stop_lsn,
-                page_lsns=page_lsns,
-                manifest=manifest,
-                restore=restore,
-                verifier_bindir=verifier_bindir,
-                tablespace_dirs=tablespace_dirs,
-                progress=progress,
-                archive_key=archive_key,
-                **restore_options,
-            )
-
         fill = _download if stored else _decrypt
         (progress or (lambda line: None))(
             f"{DOWNLOAD}: downloading {backup} ..." if stored else f"{DECRYPTION}: decrypting {backup} ..."
         )
         return _check_a_copy(backup, fill, key_id, encryption_key, again, restore_options.get("work_dir"))
+    if is_incremental(backup):
+        try:
+            program = client_program(
+                "pg_combinebackup", backup_major(backup) or 0, restore_options.get("bindir")
+            )
+        except IncrementalRefused as err:  # nothing can be checked: no verdict
+            raise CheckNotRun(_one_line(err)) from None
+
+        def combined(backup: Path, into: Path, key_id: str | None, key: EncryptionKey | None) -> CheckStep:
+            """The combine step: the chain proven link by link and combined into ``into``."""
+            try:
+                chain = chain_of(backup)
+                combine(chain, into, bindir=program.parent)
+            except (IncrementalRefused, IncrementalFailed) as err:  # a missing or damaged link: a verdict
+                return CheckStep(COMBINE, FAIL, _one_line(err))
+            names = " <- ".join(str(link.folder) for link in chain)
+            return CheckStep(COMBINE, PASS, f"{len(chain)} backups combined: {names}", {"chain": names})
+
+        say = progress or (lambda line: None)
+        say(f"{COMBINE}: combining the chain of {backup} ...")
+        return _check_a_copy(backup, combined, None, None, again, restore_options.get("work_dir"))
     archive = archive_place(wal_archive)
     if archive is not None:
         try:
