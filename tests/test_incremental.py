@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from demo.load import wait_archived
-from pg_safe_backup.catalog import CatalogEntry, list_backups, plan_retention
+from pg_safe_backup.catalog import CatalogEntry, append_verification, list_backups, plan_retention
 from pg_safe_backup.hooks.server import IncrementalFacts, connect, incremental_facts
 from pg_safe_backup.incremental import (
     ChainBroken,
@@ -315,6 +315,7 @@ def test_a_newer_full_lets_the_whole_chain_go(chain: Chain, tmp_root: Path):
     newer = tmp_root / "newer"
     newer.mkdir()
     catalogued_backup(chain.cluster, newer / "full", "incremental/newer")
+    append_verification(newer / "full", {"ok": True})  # the newest verified: no older one is kept for that
     entries = list_backups(chain.root) + list_backups(newer)
     plan = plan_retention(entries, keep_last=1)
     assert [e.folder for e in plan.keep] == [newer / "full"]
