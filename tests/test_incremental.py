@@ -13,9 +13,13 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from airflow.sdk import DAG
 
 from demo.load import wait_archived
 from pg_safe_backup.catalog import CatalogEntry, append_verification, list_backups, plan_retention
@@ -30,6 +34,12 @@ from pg_safe_backup.incremental import (
     take_incremental,
 )
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.operators.incremental import (
+    WEEKDAYS,
+    PostgresBackupKindOperator,
+    PostgresIncrementalBackupOperator,
+    check_full_on,
+)
 from pg_safe_backup.proof import prove_backup
 
 from backup_helpers import (
@@ -505,3 +515,56 @@ def test_summarize_wal_off_at_the_fulls_start_is_refused_before_and_by_the_serve
         assert not into.exists()
     finally:
         cluster.stop("immediate")
+
+
+# ------------------------------------------------------------------------------------- the Airflow faces
+def test_the_operator_takes_an_incremental_against_the_newest_backup_and_it_restores(
+    chain: Chain, tmp_root: Path, task_context: Callable[..., dict]
+):
+    root = tmp_root / "root"
+    shutil.copytree(chain.root, root, symlinks=True, copy_function=os.link)  # the chain, linked
+    with DAG("incremental_op", schedule=None):
+        op = PostgresIncrementalBackupOperator(
+            task_id="incremental_backup", postgres_conn_id=CONN_ID, root=str(root), bindir=str(BINDIR)
+        )
+    chain.cluster.sql("INSERT INTO marks (at) SELECT 'third' FROM generate_series(1, 10)")
+    rows = _count(chain.cluster)
+    context = task_context(op)
+    done = op.execute(context)
+    folder = Path(done["folder"])
+    assert folder.parent == root and folder.name.startswith(f"{context['ts_nodash']}-incremental-")
+    assert done["parent"] == str(root / "second") and done["bytes"] > 0
+    entry = {e.name: e for e in list_backups(root)}[str(folder)]
+    assert entry.info.attempt == str(context["ti"].id) and entry.info.dag_id == "incremental_op"
+    assert [link.folder.name for link in chain_of(folder)] == ["full", "first", "second", folder.name]
+    target = _target(tmp_root)
+    restored = restore(
+        folder, target, "--wal-archive", chain.archive, "--tablespace-root", tmp_root / "spaces",
+        "--target-immediate", "--target-action", "promote", "--bindir", BINDIR,
+    )  # fmt: skip
+    assert restored.returncode == 0, restored.stderr
+    with recovered(target) as server:
+        assert _count(server) == rows
+
+
+def test_the_branch_picks_full_on_its_days_and_when_no_parent_exists(
+    chain: Chain, tmp_root: Path, task_context: Callable[..., dict]
+):
+    def kind(full_on: Any, root: Path) -> Any:
+        with DAG(f"kind_{len(str(full_on))}_{root.name}", schedule=None):
+            op = PostgresBackupKindOperator(
+                task_id="choose", full_on=full_on, root=str(root), postgres_conn_id=CONN_ID,
+                full_task_ids=["hold", "gate"], incremental_task_id="incremental",
+            )  # fmt: skip
+        return op.choose_branch(task_context(op))
+
+    today = WEEKDAYS[datetime.now(timezone.utc).weekday()]
+    other = WEEKDAYS[(WEEKDAYS.index(today) + 3) % 7]
+    assert kind(today, chain.root) == ["hold", "gate"]
+    assert kind("daily", chain.root) == ["hold", "gate"]
+    assert kind([other], chain.root) == "incremental"
+    empty = tmp_root / "empty"
+    empty.mkdir()
+    assert kind(other, empty) == ["hold", "gate"]  # no full yet: a full is what is needed
+    with pytest.raises(ValueError, match=r"full_on: 'sundays' is not a weekday"):
+        check_full_on("sundays")

@@ -280,3 +280,50 @@ def test_a_snapshot_group_needs_no_copy_task_and_names_a_bad_snapshot_setting():
         PostgresOnlineBackup(
             group_id="backup", snapshot={"data_directory": "/d", "snapshot_dir": "/s", "driver": "lvm"}
         )
+
+
+def test_an_incremental_group_branches_before_the_hold_and_the_gate():
+    """choose_full_or_incremental >> (hold, gate | incremental_backup): the branch is the group's root, so
+    what precedes the group precedes it; the store after the group follows the finish (skipped on an
+    incremental day, when the incremental catalogues itself)."""
+    from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
+
+    with DAG("incremental_group", schedule=None) as made:
+        start = EmptyOperator(task_id="start")
+        with PostgresOnlineBackup(
+            group_id="backup",
+            postgres_conn_id="pg_main",
+            incremental={
+                "full_on": ["sunday"],
+                "root": "/backups/main",
+                "bindir": "/usr/lib/postgresql/18/bin",
+            },
+        ) as backup:
+            EmptyOperator(task_id=COPY)
+        (
+            start
+            >> backup
+            >> PostgresStoreBackupLabelOperator(task_id="store_label", backup=backup, destination="/d")
+        )
+    dag = serialization_round_trip(made)
+    kind = "backup.choose_full_or_incremental"
+    assert upstream(dag, kind) == {"start"}
+    assert upstream(dag, f"backup.{HOLD}") == {kind}
+    assert upstream(dag, f"backup.{GATE}") == {kind}
+    assert upstream(dag, "backup.incremental_backup") == {kind}
+    assert f"backup.{FINISH}" in upstream(dag, "store_label")
+    assert "backup.incremental_backup" not in upstream(dag, "store_label")
+    branch = made.get_task(kind)
+    assert branch.full_task_ids == [f"backup.{HOLD}", f"backup.{GATE}"]
+    assert branch.incremental_task_id == "backup.incremental_backup"
+    assert made.get_task("backup.incremental_backup").bindir == "/usr/lib/postgresql/18/bin"
+    with (
+        DAG("incremental_bad", schedule=None),
+        pytest.raises(ValueError, match="full_on: 'someday' is not a weekday"),
+    ):
+        PostgresOnlineBackup(group_id="backup", incremental={"full_on": "someday", "root": "/r"})
+    with (
+        DAG("incremental_no_root", schedule=None),
+        pytest.raises(ValueError, match="incremental must be a dict with full_on and root"),
+    ):
+        PostgresOnlineBackup(group_id="backup", incremental={"full_on": "sunday"})

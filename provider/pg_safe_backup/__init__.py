@@ -32,7 +32,7 @@ def get_provider_info() -> dict:
                 "tags": ["software"],
             }
         ],
-        "operators": _modules("operators", "copy", "lifecycle", "check", "snapshot"),
+        "operators": _modules("operators", "copy", "lifecycle", "check", "snapshot", "incremental"),
         "sensors": _modules("sensors"),
         "hooks": _modules("hooks"),
         "triggers": _modules("triggers"),

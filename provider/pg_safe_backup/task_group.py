@@ -13,6 +13,7 @@ from pg_safe_backup.operators.backup import (
     PostgresStartBackupOperator,
 )
 from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
+from pg_safe_backup.operators.incremental import PostgresBackupKindOperator, PostgresIncrementalBackupOperator
 from pg_safe_backup.operators.snapshot import PostgresDeleteSnapshotsOperator, PostgresSnapshotOperator
 from pg_safe_backup.sensors.backup import PostgresBackupStartedSensor
 from pg_safe_backup.session import ONE_DAY_S
@@ -72,6 +73,14 @@ class PostgresOnlineBackup(TaskGroup):
         after the finish and read the snapshots (a ``PostgresCopyDataDirectoryOperator`` does so by itself;
         another task reads XCom ``snapshots`` of ``snapshot``); ``remove_snapshots`` (a teardown) removes
         them at the end, also after a failure. Tasks downstream of the group start after the copies.
+    :param incremental: full backups on some weekdays, incremental ones (PostgreSQL 17+) on the others
+        (README, "Incremental backups"): ``{"full_on": "sunday", "root": "/backups/main"}`` and any other
+        argument of :class:`~pg_safe_backup.operators.incremental.PostgresIncrementalBackupOperator`
+        (``destination``, ``bindir``, ``incremental_label``, ``queue``, ``pool``, ...).
+        ``choose_full_or_incremental`` (a branch, the group's first task) runs the hold and gate on a full
+        day, and when no backup under ``root`` can be a parent; else ``incremental_backup``, which catalogues
+        itself: the finish and the tasks after the group (the store) are skipped that day. ``root`` must be
+        where the store puts the fulls.
     :param group_kwargs: further ``TaskGroup`` arguments (``prefix_group_id``, ``parent_group``, ``dag``,
         ``default_args``, ``tooltip``, ...).
     """
@@ -96,6 +105,7 @@ class PostgresOnlineBackup(TaskGroup):
         inline_wait: float = INLINE_WAIT_S,
         backup_mode_pool: str | None = None,
         snapshot: Mapping[str, Any] | None = None,
+        incremental: Mapping[str, Any] | None = None,
         **group_kwargs: Any,
     ) -> None:
         super().__init__(group_id=group_id, **group_kwargs)
@@ -164,6 +174,34 @@ class PostgresOnlineBackup(TaskGroup):
                 **placement,
             )
 
+        self.kind: PostgresBackupKindOperator | None = None
+        self.incremental: PostgresIncrementalBackupOperator | None = None
+        if incremental is not None:
+            if not isinstance(incremental, Mapping) or not {"full_on", "root"} <= set(incremental):
+                raise ValueError(
+                    "incremental must be a dict with full_on and root (and other arguments of"
+                    f" PostgresIncrementalBackupOperator), got {incremental!r}"
+                )
+            settings = dict(incremental)
+            full_on = settings.pop("full_on")
+            self.incremental = PostgresIncrementalBackupOperator(
+                task_id="incremental_backup",
+                postgres_conn_id=postgres_conn_id,
+                dag=self.dag,
+                task_group=self,
+                **settings,
+            )
+            self.kind = PostgresBackupKindOperator(
+                task_id="choose_full_or_incremental",
+                full_on=full_on,
+                root=settings["root"],
+                full_task_ids=[self.hold.task_id, self.gate.task_id],
+                incremental_task_id=self.incremental.task_id,
+                postgres_conn_id=postgres_conn_id,
+                dag=self.dag,
+                task_group=self,
+            )
+
     def __enter__(self) -> PostgresOnlineBackup:
         super().__enter__()
         return self
@@ -176,7 +214,15 @@ class PostgresOnlineBackup(TaskGroup):
             super().__exit__(exc_type, exc_value, traceback)
 
     def _own(self) -> set[str]:
-        tasks = (self.hold, self.gate, self.finish, self.snapshot, self.remove_snapshots)
+        tasks = (
+            self.hold,
+            self.gate,
+            self.finish,
+            self.snapshot,
+            self.remove_snapshots,
+            self.kind,
+            self.incremental,
+        )
         return {task.node_id for task in tasks if task is not None}
 
     def _wire(self) -> None:
@@ -196,6 +242,9 @@ class PostgresOnlineBackup(TaskGroup):
         self.finish.as_teardown(setups=self.gate, on_failure_fail_dagrun=True)
         # Unlike the default teardown rule, end the backup even when the gate failed.
         self.finish.trigger_rule = TriggerRule.ALL_DONE
+        if self.kind is not None:
+            assert self.incremental is not None
+            self.kind.set_downstream([self.hold, self.gate, self.incremental])
 
     def _wire_snapshot(self, copies: list[Any]) -> None:
         """The copy tasks read the snapshots after the finish; ``remove_snapshots`` follows them all."""

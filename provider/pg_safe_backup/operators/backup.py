@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException, AirflowSkipException
 from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 
 from pg_safe_backup.errors import PgSafeBackupError
@@ -221,6 +221,8 @@ class PostgresFinishBackupOperator(PostgresBackupBaseOperator):
         attempt = same_map_index_xcom(context, self.gate_task_id, "attempt")
         if not start_lsn or not attempt:
             gate_state = task_states(self.backup_ref(context), [self.gate_task_id])[self.gate_task_id]
+            if gate_state == "skipped":  # an incremental day of the group's branch: no backup mode, no copy
+                raise AirflowSkipException(f"the gate {self.gate_task_id} was skipped: no backup to finish")
             if gate_state == "success":
                 raise AirflowFailException(
                     f"gate_task_id={self.gate_task_id!r} succeeded but published no start_lsn and attempt: "
