@@ -15,7 +15,8 @@ WAL archived by ``cp`` into a folder, filled by ``pgbench -i -s SCALE``. Then, i
 * every row of another 10 % of its blocks updated (block number % 10 = 5), the second incremental against
   the first -> ``incremental_mb_10pct`` (and ``incremental_s_10pct``);
 * ``chain_restore_s``: ``prepare_restore`` of the second incremental (pg_combinebackup of the three into a
-  folder beside the target, then the copy into it) and its recovery to consistency (``--target-immediate``,
+  folder beside the target, then the copy into it; the combine alone timed apart: ``chain_combine_s``) and
+  its recovery to consistency (``--target-immediate``,
   promoted), until the server answers out of recovery; ``full_restore_s``: the same of the full.
 
 An updated row's new version goes to another block (pgbench_accounts has fillfactor 100) and its index entry
@@ -37,12 +38,13 @@ from typing import Any
 
 from bench.common import PASSWORD, argv_workdir, say
 from bench.dagbench import du_bytes
+from demo.load import wait_archived
 from pg_safe_backup.catalog import info_for_backup, list_backups, write_info
 from pg_safe_backup.files.copier import copy_data_directory
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.manifest import write_backup_manifest
 from pg_safe_backup.hooks.server import connect, incremental_facts
-from pg_safe_backup.incremental import find_parent, take_incremental
+from pg_safe_backup.incremental import chain_of, combine, find_parent, take_incremental
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user, wheel_bindir
 from pg_safe_backup.restore import RecoveryTarget, prepare_restore
 
@@ -181,13 +183,17 @@ def run(work: Path, scale: int) -> dict[str, Any]:
         sizes = [du_bytes(root / name) / MB for name in ("inc1", "inc2")]
         say(f"  incrementals: {sizes[0]:.0f} MB in {inc1_s:.1f} s, {sizes[1]:.0f} MB in {inc2_s:.1f} s")
         assert [e.proof.incremental for e in list_backups(root)] == [False, True, True]
-        cluster.sql("SELECT pg_switch_wal()")
+        wait_archived(cluster)
+        cluster.stop()  # the restores run alone (no checkpoint or autovacuum of the live cluster beside them)
         chain_restore_s, restored_chain_sum = _restore(
             root / "inc2", base / "restored" / "data", archive, bindir
         )
         full_restore_s, restored_full_sum = _restore(
             root / "full", base / "restored" / "data", archive, bindir
         )
+        began = time.monotonic()
+        combine(chain_of(root / "inc2"), base / "combined", bindir=bindir, manifest=False)
+        combine_s = time.monotonic() - began  # the chain's restore's first part, alone
         assert restored_chain_sum == chain_sum, (restored_chain_sum, chain_sum)
         assert restored_full_sum == full_sum, (restored_full_sum, full_sum)
         say(f"  restores: the chain {chain_restore_s:.1f} s, the full {full_restore_s:.1f} s")
@@ -206,11 +212,13 @@ def run(work: Path, scale: int) -> dict[str, Any]:
                 "rows_updated_1pct": rows_1,
                 "rows_updated_10pct": rows_10,
                 "incremental_s_10pct": round(inc2_s, 2),
+                "chain_combine_s": round(combine_s, 2),
                 "restored_sums_checked": True,
             },
         }
     finally:
-        cluster.stop("immediate")
+        if cluster.is_running():
+            cluster.stop("immediate")
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -636,7 +636,7 @@ def table(r: dict[str, Any]) -> str:
         )
         row(
             "restore of full + 2 incrementals (pg_combinebackup, copy, recovery to consistency)",
-            f"{r['chain_restore_s']:g} s",
+            f"{r['chain_restore_s']:g} s (pg_combinebackup {inc['chain_combine_s']:g} s)",
             f"the full's restore: {r['full_restore_s']:g} s",
             None,
         )

@@ -204,7 +204,18 @@ def test_the_chain_is_proven_from_the_backups_own_files(chain: Chain):
     )
 
 
+def _stat(folders: list[Path]) -> dict[str, tuple[int, int, int, int, int]]:
+    return {
+        str(f): (st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_nlink)
+        for folder in folders
+        for f in folder.rglob("*")
+        if f.is_file() and (st := f.stat())
+    }
+
+
 def test_the_last_incremental_restores_every_committed_row_through_its_chain(chain: Chain, tmp_root: Path):
+    links = [chain.full, chain.first, chain.second]
+    before = _stat(links)
     target = _target(tmp_root)
     done = restore(
         chain.second,
@@ -224,6 +235,11 @@ def test_the_last_incremental_restores_every_committed_row_through_its_chain(cha
             " (SELECT sum(bbalance) FROM pgbench_branches)"
         )[0] == _live(chain)
         assert server.sql("SELECT count(*) FROM marks WHERE at = 'after target'") == [(25,)]
+        server.sql("UPDATE pgbench_accounts SET abalance = abalance + 1")  # the restored server writes
+        server.sql("CHECKPOINT")
+    # Nothing of the chain changed.
+    assert _stat(links) == before
+    assert not list(tmp_root.glob("restore/.data.combined-*"))
 
 
 def test_a_target_time_after_the_last_incremental_stops_there(chain: Chain, tmp_root: Path):

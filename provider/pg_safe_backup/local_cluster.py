@@ -8,8 +8,8 @@ tests.  PostgreSQL refuses to run as root, so as root every server command runs 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import hashlib
+import importlib.util
 import os
 import pwd
 import shlex

@@ -1401,7 +1401,7 @@ def _restore_chain(
 
     def combined(staging: Path) -> None:
         try:
-            combine(chain, staging, bindir=program.parent)
+            combine(chain, staging, bindir=program.parent, manifest=False)
         except (IncrementalRefused, IncrementalFailed) as err:
             raise RestoreError(" ".join(str(err).split())) from None
 
