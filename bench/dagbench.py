@@ -80,6 +80,13 @@ def load_pgbench(datadir: Path, scale: int) -> LocalCluster:
     cluster.start()
     say(f"  pgbench -i -s {scale} (this takes a while)")
     t0 = time.monotonic()
+    pgbench_init(cluster, scale)
+    say(f"  loaded in {time.monotonic() - t0:.0f} s")
+    return cluster
+
+
+def pgbench_init(cluster: LocalCluster, scale: int) -> None:
+    """``pgbench -i -s scale`` into the running ``cluster`` (over its socket, as postgres)."""
     cluster.run(
         "pgbench",
         "-i",
@@ -95,8 +102,6 @@ def load_pgbench(datadir: Path, scale: int) -> LocalCluster:
         "postgres",
         timeout=7200,
     )
-    say(f"  loaded in {time.monotonic() - t0:.0f} s")
-    return cluster
 
 
 def make_big_cluster(work: Path, scale: int) -> tuple[LocalCluster, Path]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PASSWORD, argv_workdir, say
-from bench.dagbench import du_bytes
+from bench.dagbench import du_bytes, pgbench_init
 from demo.load import wait_archived
 from pg_safe_backup.catalog import info_for_backup, list_backups, write_info
 from pg_safe_backup.files.copier import copy_data_directory
@@ -155,21 +155,7 @@ def run(work: Path, scale: int) -> dict[str, Any]:
     cluster.start()
     try:
         say(f"  figure 13: pgbench -i -s {scale} on PostgreSQL 18")
-        cluster.run(
-            "pgbench",
-            "-i",
-            "-q",
-            "-s",
-            str(scale),
-            "-h",
-            str(cluster.socket_dir),
-            "-p",
-            str(cluster.port),
-            "-U",
-            "postgres",
-            "postgres",
-            timeout=7200,
-        )
+        pgbench_init(cluster, scale)
         cluster.sql("CHECKPOINT")
         blocks = cluster.sql("SELECT pg_relation_size('pgbench_accounts') / 8192")[0][0]
         full_s = _full(cluster, root / "full")

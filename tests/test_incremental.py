@@ -22,7 +22,15 @@ import pytest
 from airflow.sdk import DAG
 
 from demo.load import wait_archived
-from pg_safe_backup.catalog import CatalogEntry, append_verification, list_backups, plan_retention
+from demo.s3 import KEY, SECRET, local_s3
+from pg_safe_backup.catalog import (
+    CatalogEntry,
+    append_verification,
+    list_backups,
+    plan_retention,
+    read_info,
+    write_info,
+)
 from pg_safe_backup.hooks.server import IncrementalFacts, connect, incremental_facts
 from pg_safe_backup.incremental import (
     ChainBroken,
@@ -32,6 +40,7 @@ from pg_safe_backup.incremental import (
     client_program,
     find_parent,
     take_incremental,
+    upload_backup,
 )
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
 from pg_safe_backup.operators.incremental import (
@@ -55,6 +64,7 @@ from conftest import CONN_ID, PASSWORD
 from pg_versions import client_bindir
 
 MAJOR = 18
+BUCKET, S3_CONN = "pgsb-incremental", "pgsb_moto_incremental"
 BINDIR = client_bindir(MAJOR)
 pytestmark = pytest.mark.skipif(
     BINDIR is None or not (BINDIR / "pg_combinebackup").exists(),
@@ -175,8 +185,26 @@ def _target(tmp_root: Path) -> Path:
     return place / "data"
 
 
-def _live(chain: Chain) -> tuple[int, int, int]:
-    return chain.cluster.sql(
+def _restore(chain: Chain, backup: Path | str, target: Path, *flags: str | Path) -> None:
+    """``pg-safe-backup restore`` of ``backup`` into ``target``, its tablespaces beside, which must work."""
+    spaces = target.parent / "spaces"
+    done = restore(
+        backup,
+        target,
+        "--wal-archive",
+        chain.archive,
+        "--tablespace-root",
+        spaces,
+        "--bindir",
+        BINDIR,
+        *flags,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _live(cluster: LocalCluster) -> tuple[int, int, int]:
+    """What pgbench wrote: the accounts' and branches' balances, and the history's rows."""
+    return cluster.sql(
         "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT count(*) FROM pgbench_history),"
         " (SELECT sum(bbalance) FROM pgbench_branches)"
     )[0]
@@ -197,6 +225,11 @@ def test_the_chain_is_proven_from_the_backups_own_files(chain: Chain):
         p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in (chain.full, chain.first)
     }
     assert size["first"] < size["full"] / 2, size
+    listed = run_cli("list", chain.root)
+    assert listed.returncode == 0, listed.stderr
+    assert len(re.findall(r"  incremental  +proven", listed.stdout)) == 2, listed.stdout
+    assert f"{chain.second}: incremental; its parent starts at " in listed.stdout
+    assert f"on timeline 1 ({chain.first})" in listed.stdout
     entry = {e.name: e for e in list_backups(chain.root)}
     assert entry[str(chain.second)].info.parent == str(chain.first)
     assert (
@@ -217,23 +250,10 @@ def test_the_last_incremental_restores_every_committed_row_through_its_chain(cha
     links = [chain.full, chain.first, chain.second]
     before = _stat(links)
     target = _target(tmp_root)
-    done = restore(
-        chain.second,
-        target,
-        "--wal-archive",
-        chain.archive,
-        "--tablespace-root",
-        tmp_root / "spaces",
-        "--bindir",
-        BINDIR,
-    )
-    assert done.returncode == 0, done.stderr
+    _restore(chain, chain.second, target)
     with recovered(target) as server:
         assert _count(server) == chain.rows["end"]
-        assert server.sql(
-            "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT count(*) FROM pgbench_history),"
-            " (SELECT sum(bbalance) FROM pgbench_branches)"
-        )[0] == _live(chain)
+        assert _live(server) == _live(chain.cluster)
         assert server.sql("SELECT count(*) FROM marks WHERE at = 'after target'") == [(25,)]
         server.sql("UPDATE pgbench_accounts SET abalance = abalance + 1")  # the restored server writes
         server.sql("CHECKPOINT")
@@ -244,21 +264,7 @@ def test_the_last_incremental_restores_every_committed_row_through_its_chain(cha
 
 def test_a_target_time_after_the_last_incremental_stops_there(chain: Chain, tmp_root: Path):
     target = _target(tmp_root)
-    done = restore(
-        chain.second,
-        target,
-        "--wal-archive",
-        chain.archive,
-        "--tablespace-root",
-        tmp_root / "spaces",
-        "--target-time",
-        chain.target_time,
-        "--target-action",
-        "promote",
-        "--bindir",
-        BINDIR,
-    )
-    assert done.returncode == 0, done.stderr
+    _restore(chain, chain.second, target, "--target-time", chain.target_time, "--target-action", "promote")
     with recovered(target) as server:
         assert _count(server) == chain.rows["target"]
         assert server.sql("SELECT count(*) FROM marks WHERE at = 'after target'") == [(0,)]
@@ -266,20 +272,7 @@ def test_a_target_time_after_the_last_incremental_stops_there(chain: Chain, tmp_
 
 def test_the_first_incremental_restores_its_own_rows(chain: Chain, tmp_root: Path):
     target = _target(tmp_root)
-    done = restore(
-        chain.first,
-        target,
-        "--wal-archive",
-        chain.archive,
-        "--tablespace-root",
-        tmp_root / "spaces",
-        "--target-immediate",
-        "--target-action",
-        "promote",
-        "--bindir",
-        BINDIR,
-    )
-    assert done.returncode == 0, done.stderr
+    _restore(chain, chain.first, target, "--target-immediate", "--target-action", "promote")
     with recovered(target) as server:
         assert _count(server) == chain.rows["first"]
 
@@ -554,11 +547,7 @@ def test_the_operator_takes_an_incremental_against_the_newest_backup_and_it_rest
     assert entry.info.attempt == str(context["ti"].id) and entry.info.dag_id == "incremental_op"
     assert [link.folder.name for link in chain_of(folder)] == ["full", "first", "second", folder.name]
     target = _target(tmp_root)
-    restored = restore(
-        folder, target, "--wal-archive", chain.archive, "--tablespace-root", tmp_root / "spaces",
-        "--target-immediate", "--target-action", "promote", "--bindir", BINDIR,
-    )  # fmt: skip
-    assert restored.returncode == 0, restored.stderr
+    _restore(chain, folder, target, "--target-immediate", "--target-action", "promote")
     with recovered(target) as server:
         assert _count(server) == rows
 
@@ -584,3 +573,39 @@ def test_the_branch_picks_full_on_its_days_and_when_no_parent_exists(
     assert kind(other, empty) == ["hold", "gate"]  # no full yet: a full is what is needed
     with pytest.raises(ValueError, match=r"full_on: 'sundays' is not a weekday"):
         check_full_on("sundays")
+
+
+# ------------------------------------------------------------------------------------- an object store
+def test_an_incremental_into_an_object_store_restores_and_verifies_from_the_url(chain: Chain, tmp_root: Path):
+    """The full in S3 (as the store task leaves a plain copy: its files, then its catalog entry), an
+    incremental taken against it into S3, then restored and verified from the URL alone."""
+    with local_s3(BUCKET) as server:
+        root = server.attach(S3_CONN) / "main"
+        upload_backup(chain.full, root / "full")
+        write_info(root / "full", read_info(chain.full))
+        chain.cluster.sql("INSERT INTO marks (at) SELECT 's3' FROM generate_series(1, 7)")
+        rows = _count(chain.cluster)
+        facts = _facts(chain.dsn)
+        parent = find_parent(root, facts.system_identifier)
+        assert parent.name == str(root / "full")
+        check_ready(facts, parent)
+        done = take_incremental(
+            chain.dsn, parent, root / "inc", tablespaces=facts.tablespaces, bindir=BINDIR, work_dir=tmp_root
+        )
+        assert done["parent"] == str(root / "full") and not list(tmp_root.glob("pgsb-incremental-*"))
+        listed = {e.name: e for e in list_backups(root)}
+        assert listed[str(root / "inc")].proof.ok and listed[str(root / "inc")].proof.incremental
+        url = f"s3://{BUCKET}/main/inc"
+        flags = [
+            f
+            for o in (f"endpoint_url={server.endpoint_url}", f"key={KEY}", f"secret={SECRET}")
+            for f in ("--storage-option", o)
+        ]
+        checked = run_cli("verify", url, chain.archive, "--bindir", BINDIR, "--work-dir", tmp_root, *flags)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert checked.stdout.startswith("PASS: combine pass,"), checked.stdout
+        target = _target(tmp_root)
+        _restore(chain, url, target, "--target-immediate", "--target-action", "promote", *flags)
+        with recovered(target) as restored:
+            assert _count(restored) == rows
+            assert restored.sql("SELECT count(*) FROM marks WHERE at = 's3'") == [(7,)]

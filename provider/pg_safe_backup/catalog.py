@@ -784,7 +784,8 @@ def format_listing(entries: Sequence[CatalogEntry]) -> str:
                 p.start_lsn or "?",
                 p.stop_lsn or "?",
                 str(p.stop_tli) if p.stop_tli is not None else "?",
-                p.format + (f"+{e.info.compression}" if e.info and e.info.compression else ""),
+                ("incremental" if p.incremental else p.format)
+                + (f"+{e.info.compression}" if e.info and e.info.compression else ""),
                 "proven" if p.ok else ("incomplete" if p.incomplete else "UNVERIFIABLE"),
                 _verified(e),
                 e.name,
@@ -796,6 +797,13 @@ def format_listing(entries: Sequence[CatalogEntry]) -> str:
         for row in [head, *rows]
     ]
     notes = [f"{e.name}: {e.proof.status}" for e in entries if not e.proof.ok]
+    notes += [
+        f"{e.name}: incremental; its parent starts at {e.proof.incremental_from_lsn} on timeline"
+        f" {e.proof.incremental_from_tli}"
+        + (f" ({parent.name})" if (parent := parent_in(entries, e)) else ", NOT HERE")
+        for e in entries
+        if e.proof.ok and e.proof.incremental
+    ]
     notes += [f"{e.name}: catalog entry ignored: {e.info_error}" for e in entries if e.info_error]
     count = f"{len(rows)} backup{'s' if len(rows) != 1 else ''}"
     return "\n".join([*lines, *notes, count])

@@ -18,11 +18,13 @@ Airflow-free: the operator (:mod:`pg_safe_backup.operators.incremental`) and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +43,14 @@ from pg_safe_backup.catalog import (
 )
 from pg_safe_backup.errors import PermanentError, TransientError
 from pg_safe_backup.files.copier import is_local_path
+from pg_safe_backup.files.layout import Entry
 from pg_safe_backup.files.manifest import (
     MANIFEST_NAME,
     add_to_manifest,
     write_atomically,
     write_manifest_file,
 )
+from pg_safe_backup.files.objects import close_durably, open_for_writing, upload_tree
 from pg_safe_backup.files.tablespaces import escape_map_path
 from pg_safe_backup.files.walheader import fsync_path
 from pg_safe_backup.files.xlog import format_lsn, parse_lsn
@@ -79,7 +83,7 @@ class IncrementalFailed(TransientError, RuntimeError):
 class Link:
     """One backup of a chain: its folder and what it proves."""
 
-    folder: Path
+    folder: Any  # a local Path, or an object-store path
     proof: Proof
 
 
@@ -137,25 +141,22 @@ def _major_of(program: Path) -> int | None:
 
 # ------------------------------------------------------------------------------------------- the parent
 def usable_parent(entry: CatalogEntry) -> str | None:
-    """Why ``entry`` cannot be an incremental's parent (None: it can): it must prove itself, be a plain
-    local copy, not encrypted, with a version 2 manifest (PostgreSQL 17+: its System-Identifier)."""
+    """Why ``entry`` cannot be an incremental's parent (None: it can): it must prove itself, be a plain copy
+    (local or in an object store), not encrypted, with a version 2 manifest (PostgreSQL 17+: its
+    System-Identifier)."""
     proof = entry.proof
     if not proof.ok:
         return proof.status
-    if proof.format != "plain" or not is_local_path(entry.folder):
-        return f"a {proof.format} backup{'' if is_local_path(entry.folder) else ' in an object store'}"
+    if proof.format != "plain":
+        return f"a {proof.format} backup"
     if entry.info is not None and entry.info.encryption_key_id:
         return "encrypted"
-    if not (Path(entry.folder) / MANIFEST_NAME).is_file():
+    manifest = entry.folder / MANIFEST_NAME
+    if not manifest.exists():
         return f"no plain {MANIFEST_NAME}"
-    if proof.system_identifier is None or b'"System-Identifier"' not in _head(Path(entry.folder)):
+    if proof.system_identifier is None or b'"System-Identifier"' not in manifest.read_bytes()[:200]:
         return f"its {MANIFEST_NAME} is version 1 (PostgreSQL 16 or earlier)"
     return None
-
-
-def _head(folder: Path) -> bytes:
-    with open(folder / MANIFEST_NAME, "rb") as f:
-        return f.read(200)
 
 
 def find_parent(root: Path, system_identifier: str) -> CatalogEntry:
@@ -306,6 +307,7 @@ def take_incremental(
     fast_checkpoint: bool = True,
     run: Mapping[str, Any] | None = None,
     timeout: float | None = None,
+    work_dir: Path | str | None = None,
     log: logging.Logger | Any = _log,
 ) -> dict[str, Any]:
     """Take an incremental backup of the server at ``dsn`` against ``parent`` into the new folder
@@ -314,14 +316,18 @@ def take_incremental(
     parent, then its catalog entry (parent, parent's Manifest-Checksum), last.
 
     :param dsn: a libpq connection string of a role with REPLICATION (its password goes by environment).
-    :param parent: the backup to take it against (:func:`find_parent`, checked by :func:`check_ready`).
-    :param destination: the new backup's folder: absent or empty.
+    :param parent: the backup to take it against (:func:`find_parent`, checked by :func:`check_ready`); in an
+        object store, its manifest is read into the temporary folder.
+    :param destination: the new backup's folder, absent or empty: a local path, or an object-store path
+        (``ObjectStoragePath``, ``UPath``): the backup is taken into a local temporary folder, then uploaded
+        (its manifest last) and catalogued there.
     :param tablespaces: oid -> live location of each tablespace (:class:`IncrementalFacts`).
     :param bindir: the folder of pg_basebackup of the server's major (default: looked for).
     :param label: the backup's label.
     :param fast_checkpoint: start with an immediate checkpoint (else a spread one).
     :param run: the DAG run (:data:`pg_safe_backup.store.RUN_KEYS`) for the catalog entry.
     :param timeout: seconds pg_basebackup may take (None: no limit).
+    :param work_dir: where the local temporary folder goes, for an object store (default: the system's).
     :param log: where to say what was done.
     :returns: folder, parent, bytes, files, seconds, start_lsn, stop_lsn, manifest_checksum, backup_info.
     :raises IncrementalRefused: the destination is not empty, or the server refused (the fix named).
@@ -329,76 +335,60 @@ def take_incremental(
     """
     import time
 
-    destination = Path(destination).absolute()
+    local = is_local_path(destination)
+    if local:
+        destination = Path(destination).absolute()
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise IncrementalRefused(f"destination {destination} is not empty: each backup gets a new folder")
-    major = int((Path(parent.folder) / "PG_VERSION").read_text().strip())
+    major = int((parent.folder / "PG_VERSION").read_text().strip())
     program = client_program("pg_basebackup", major, bindir)
-    stage = destination.parent / f".{destination.name}.tablespaces"
+    # Taken into the destination itself, or, for an object store, into a local folder then uploaded.
+    work = (
+        None
+        if local and is_local_path(parent.folder)
+        else Path(tempfile.mkdtemp(prefix="pgsb-incremental-", dir=work_dir))
+    )
+    target = destination if local else work / "backup"  # type: ignore[operator]
+    stage = target.parent / f".{target.name}.tablespaces"
     shutil.rmtree(stage, ignore_errors=True)  # ours by its name, left by a crash before the backup was
-    conninfo, env = _conninfo(dsn)
-    command = [
-        str(program),
-        "--pgdata",
-        str(destination),
-        "--format",
-        "plain",
-        "--wal-method",
-        "none",
-        "--checkpoint",
-        "fast" if fast_checkpoint else "spread",
-        "--incremental",
-        str(Path(parent.folder) / MANIFEST_NAME),
-        "--manifest-checksums",
-        "SHA256",
-        "--label",
-        label,
-        "--no-password",
-        "--dbname",
-        conninfo,
-    ]
-    for oid, location in tablespaces.items():
-        command += ["--tablespace-mapping", f"{location.replace('=', chr(92) + '=')}={stage / oid}"]
-    began = time.monotonic()
-    log.info("taking an incremental backup against %s into %s (%s)", parent.name, destination, program)
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _discard(destination, stage)
-        raise IncrementalFailed(f"pg_basebackup took longer than {timeout:g} s: nothing kept") from None
-    if done.returncode != 0:
-        _discard(destination, stage)
-        raise _refusal("pg_basebackup", done.stderr, f"the incremental backup against {parent.name}")
-    try:
-        _move_in_tablespaces(destination, stage, tablespaces)
-        if tablespaces:
-            _list_tablespace_map(destination, tablespace_map_text(tablespaces))
-        proof = prove_backup(destination)
+        manifest = parent.folder / MANIFEST_NAME
+        if not is_local_path(parent.folder):
+            assert work is not None
+            (work / MANIFEST_NAME).write_bytes(manifest.read_bytes())
+            manifest = work / MANIFEST_NAME
+        began = time.monotonic()
+        proof = _take(
+            program, dsn, manifest, target, stage, tablespaces, label, fast_checkpoint, timeout, log
+        )
         if not proof.follows(parent.proof):
+            _discard(target, stage)
             raise IncrementalRefused(
-                f"the incremental in {destination} does not prove itself a child of {parent.name}"
+                f"the incremental in {target} does not prove itself a child of {parent.name}"
                 f" ({proof.status}): nothing kept"
             )
-    except BaseException:
-        _discard(destination, stage)
-        raise
-    files, size = _count(destination)
-    info = info_for_backup(
-        backup_label=(destination / LABEL_NAME).read_text(),
-        stop_lsn=str(proof.stop_lsn),
-        tablespace_map=tablespace_map_text(tablespaces) if tablespaces else None,
-        system_identifier=proof.system_identifier,
-        pg_major=major,
-        stop_timeline=proof.stop_tli if proof.stop_tli != proof.start_tli else None,
-        format="plain",
-        bytes=size,
-        files=files,
-        manifest_checksum=proof.manifest_checksum,
-        parent=str(parent.folder),
-        parent_manifest_checksum=parent.proof.manifest_checksum,
-        **{key: (run or {}).get(key) for key in ("dag_id", "run_id", "task_id", "map_index", "attempt")},
-    )
-    entry = write_info(destination, info)
+        files, size = _count(target)
+        if not local:
+            upload_backup(target, destination, log)
+        info = info_for_backup(
+            backup_label=(target / LABEL_NAME).read_text(),
+            stop_lsn=str(proof.stop_lsn),
+            tablespace_map=tablespace_map_text(tablespaces) if tablespaces else None,
+            system_identifier=proof.system_identifier,
+            pg_major=major,
+            stop_timeline=proof.stop_tli if proof.stop_tli != proof.start_tli else None,
+            format="plain",
+            bytes=size,
+            files=files,
+            manifest_checksum=proof.manifest_checksum,
+            parent=str(parent.folder),
+            parent_manifest_checksum=parent.proof.manifest_checksum,
+            **{key: (run or {}).get(key) for key in ("dag_id", "run_id", "task_id", "map_index", "attempt")},
+        )
+        entry = write_info(destination, info)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     seconds = time.monotonic() - began
     log.info(
         "incremental backup %s: %d files, %.1f MB, from %s to %s, in %.1f s; catalogued in %s",
@@ -421,6 +411,87 @@ def take_incremental(
         "manifest_checksum": proof.manifest_checksum,
         "backup_info": entry,
     }
+
+
+def _take(
+    program: Path,
+    dsn: str,
+    manifest: Path,
+    target: Path,
+    stage: Path,
+    tablespaces: Mapping[str, str],
+    label: str,
+    fast_checkpoint: bool,
+    timeout: float | None,
+    log: logging.Logger | Any,
+) -> Proof:
+    """pg_basebackup --incremental against ``manifest`` into the local folder ``target``, each tablespace
+    through ``stage`` into ``pg_tblspc/<oid>``, ``tablespace_map`` listed: what it proves. On any failure
+    nothing is left."""
+    conninfo, env = _conninfo(dsn)
+    command = [
+        str(program),
+        "--pgdata",
+        str(target),
+        "--format",
+        "plain",
+        "--wal-method",
+        "none",
+        "--checkpoint",
+        "fast" if fast_checkpoint else "spread",
+        "--incremental",
+        str(manifest),
+        "--manifest-checksums",
+        "SHA256",
+        "--label",
+        label,
+        "--no-password",
+        "--dbname",
+        conninfo,
+    ]
+    for oid, location in tablespaces.items():
+        command += ["--tablespace-mapping", f"{location.replace('=', chr(92) + '=')}={stage / oid}"]
+    log.info("taking an incremental backup against %s into %s (%s)", manifest.parent, target, program)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _discard(target, stage)
+        raise IncrementalFailed(f"pg_basebackup took longer than {timeout:g} s: nothing kept") from None
+    if done.returncode != 0:
+        _discard(target, stage)
+        raise _refusal("pg_basebackup", done.stderr, f"the incremental backup against {manifest.parent}")
+    try:
+        _move_in_tablespaces(target, stage, tablespaces)
+        if tablespaces:
+            _list_tablespace_map(target, tablespace_map_text(tablespaces))
+        return prove_backup(target)
+    except BaseException:
+        _discard(target, stage)
+        raise
+
+
+def upload_backup(folder: Path, destination: Any, log: logging.Logger | Any = _log) -> None:
+    """The local backup ``folder`` into the object store folder ``destination``: its data first (the copy
+    engine, pg_control last), then its label files, then its manifest, each object whole: a cut upload
+    holds no manifest, and proves nothing. A failed upload removes what it put."""
+    entries = []
+    for top, folders, names in os.walk(folder):
+        rel = os.path.relpath(top, folder)
+        for name in folders + names:
+            path = name if rel == "." else f"{rel}/{name}"
+            entries.append(Entry(path.replace(os.sep, "/"), Path(top) / name, name in folders))
+    last = (LABEL_NAME, MAP_NAME, MANIFEST_NAME)
+    try:
+        upload_tree(folder, destination, entries=[e for e in entries if e.path not in last], log=log)
+        for name in last:
+            if (folder / name).exists():
+                out = open_for_writing(destination / name)
+                out.write((folder / name).read_bytes())
+                close_durably(out, False)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            destination.rmdir(recursive=True)
+        raise
 
 
 def _discard(destination: Path, stage: Path) -> None:
@@ -464,17 +535,17 @@ def _count(folder: Path) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------------------------------------- the chain
-def chain_of(folder: Path | str) -> list[Link]:
+def chain_of(folder: Any) -> list[Link]:
     """The chain that restores the backup in ``folder``: its full first, ``folder``'s last (just
     ``folder`` for a full). Each parent is the backup its child's label names (start LSN and timeline, one
-    cluster), looked for where the child's catalog entry says, then beside the child; when the entry names
-    the parent's Manifest-Checksum, the parent must have it.
+    cluster; :func:`pg_safe_backup.catalog.parent_in`), looked for where the child's catalog entry says,
+    then beside the child.
 
-    :param folder: a backup's folder (local).
+    :param folder: a backup's folder: local, or an object-store path (its parents looked for beside it).
     :raises ChainBroken: a backup of the chain does not prove itself, or a parent is missing (named).
     """
     chain: list[Link] = []
-    here = Path(folder).absolute()
+    here = Path(folder).absolute() if is_local_path(folder) else folder
     while True:
         proof = prove_backup(here)
         if not proof.ok:
@@ -490,20 +561,22 @@ def chain_of(folder: Path | str) -> list[Link]:
         here = _parent_folder(here, proof)
 
 
-def _parent_folder(child: Path, proof: Proof) -> Path:
-    """The folder of ``child``'s parent (:func:`pg_safe_backup.catalog.parent_in`), looked for beside the
-    folder its catalog entry records, then beside ``child``."""
+def _parent_folder(child: Any, proof: Proof) -> Any:
+    """The folder of ``child``'s parent, looked for beside the folder its catalog entry records (a local
+    child's), then beside ``child``."""
     try:
         info = read_info(child)
     except (CatalogError, OSError):  # the entry only tells where to look first: the files decide
         info = None
     recorded = info.parent if info else None
-    places = list(dict.fromkeys([*([Path(recorded).parent] if recorded else []), child.parent]))
+    local = is_local_path(child)
+    places = [Path(recorded).parent] if recorded and local else []
+    places = list(dict.fromkeys([*places, child.parent]))
     for place in (p for p in places if p.is_dir()):
-        others = [e for e in list_backups(place, max_depth=2) if Path(e.folder).absolute() != child]
+        others = [e for e in list_backups(place, max_depth=2) if str(e.folder) != str(child)]
         parent = parent_in(others, CatalogEntry(child, info, proof))
         if parent is not None:
-            return Path(parent.folder).absolute()
+            return Path(parent.folder).absolute() if local else parent.folder
     named = f" (recorded as {recorded})" if recorded else ""
     raise ChainBroken(
         f"the parent of {child} is missing: no backup starting at {proof.incremental_from_lsn} on timeline"

@@ -132,6 +132,7 @@ from pg_safe_backup.files.xlog import incremental_from, parse_backup_label, pars
 from pg_safe_backup.incremental import (
     IncrementalFailed,
     IncrementalRefused,
+    Link,
     chain_of,
     client_program,
     combine,
@@ -1285,6 +1286,8 @@ def prepare_restore(
     """
     data = Path(target).absolute()
     if in_store(backup):
+        if is_incremental(url := place_of(backup)):
+            return _restore_chain(url, data, wal_archive, bindir, options)
         return _restore_stored(backup, data, wal_archive, encryption_key, key_flags, options)
     backup = Path(backup).absolute()
     try:
@@ -1371,42 +1374,75 @@ def _restore_kept(
     return _restore_staged(entry, data, "snapshot", copied, wal_archive, options)
 
 
-def is_incremental(backup: Path) -> bool:
-    """Whether the local backup ``backup`` is an incremental one: its label names a parent."""
+def is_incremental(backup: Any) -> bool:
+    """Whether ``backup`` (local, or an object-store path) is an incremental backup: its label names a
+    parent."""
     try:
         return incremental_from(parse_backup_label((backup / "backup_label").read_text())) is not None
     except (OSError, UnicodeDecodeError, ValueError):
         return False  # restore_plain names what is wrong with the label
 
 
+def combine_chain(
+    backup: Any, into: Path, work: Path, bindir: Path | str | None = None, manifest: bool = False
+) -> list[Link]:
+    """The chain of the incremental ``backup`` (:func:`pg_safe_backup.incremental.chain_of`: every link
+    proven, the missing one named) combined by pg_combinebackup into the empty folder ``into``; a link in an
+    object store is downloaded into ``work`` first (the caller removes ``work``).
+
+    :param manifest: give the result a ``backup_manifest`` (a check needs one, a restore none).
+    :returns: the chain, full first.
+    :raises RestoreError: a link is missing or damaged, or pg_combinebackup refused (named).
+    """
+    try:
+        chain = chain_of(backup)
+        local = []
+        for n, link in enumerate(chain):
+            if in_store(link.folder):
+                copy = work / f"link-{n}"
+                download_backup(link.folder, copy)
+                link = Link(copy, link.proof)
+            local.append(link)
+        combine(local, into, bindir=bindir, manifest=manifest)
+    except (IncrementalRefused, IncrementalFailed) as err:
+        raise RestoreError(" ".join(str(err).split())) from None
+    return chain
+
+
 def _restore_chain(
-    backup: Path,
+    backup: Any,
     data: Path,
     wal_archive: Path | str | None,
     bindir: Path | str | None,
     options: dict[str, Any],
 ) -> RestoreResult:
-    """``prepare_restore`` of an incremental backup: its chain (``incremental.chain_of``: every link
-    proven, the missing one named) combined by pg_combinebackup into a temporary folder beside the
-    target, then restored from there as a plain backup."""
+    """``prepare_restore`` of an incremental backup (local or in an object store): its chain combined
+    (:func:`combine_chain`) into a temporary folder beside the target, then restored from there as a plain
+    backup."""
     if options.get("delta"):
         raise RestoreError(
             f"--delta rewrites from a full copy; {backup} is an incremental: restore into a new folder"
         )
     try:
-        chain = chain_of(backup)
         program = client_program("pg_combinebackup", backup_major(backup) or 0, bindir)
     except IncrementalRefused as err:
         raise RestoreError(" ".join(str(err).split())) from None
+    return _restore_staged(
+        backup,
+        data,
+        "combined",
+        lambda staging: _combined(backup, staging, program.parent),
+        wal_archive,
+        options,
+    )
 
-    def combined(staging: Path) -> None:
-        try:
-            combine(chain, staging, bindir=program.parent, manifest=False)
-        except (IncrementalRefused, IncrementalFailed) as err:
-            raise RestoreError(" ".join(str(err).split())) from None
 
-    size = [("the combined chain beside TARGET_DIR", data.parent, _size(chain[0].folder, set()))]
-    return _restore_staged(backup, data, "combined", combined, wal_archive, options, size)
+def _combined(backup: Any, staging: Path, bindir: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix=f"{staging.name}-links-", dir=staging.parent))
+    try:
+        combine_chain(backup, staging, work, bindir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _restore_stored(

@@ -56,11 +56,8 @@ from pg_safe_backup.files.wal import is_managed_archive, plain_chunks
 from pg_safe_backup.files.walarchive import DamagedFile, MissingCodec, parse_stored_name
 from pg_safe_backup.files.xlog import wal_file_holding, wal_segment_names
 from pg_safe_backup.incremental import (
-    IncrementalFailed,
     IncrementalRefused,
-    chain_of,
     client_program,
-    combine,
 )
 from pg_safe_backup.local_cluster import find_bindir
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
@@ -70,6 +67,7 @@ from pg_safe_backup.restore import (
     archive_place,
     backup_major,
     check_archive,
+    combine_chain,
     download_backup,
     is_incremental,
     manifest_field,
@@ -256,12 +254,6 @@ def check_backup(
             **restore_options,
         )
 
-    if stored or key_id is not None:
-        fill = _download if stored else _decrypt
-        (progress or (lambda line: None))(
-            f"{DOWNLOAD}: downloading {backup} ..." if stored else f"{DECRYPTION}: decrypting {backup} ..."
-        )
-        return _check_a_copy(backup, fill, key_id, encryption_key, again, restore_options.get("work_dir"))
     if is_incremental(backup):
         try:
             program = client_program(
@@ -270,12 +262,11 @@ def check_backup(
         except IncrementalRefused as err:  # nothing can be checked: no verdict
             raise CheckNotRun(_one_line(err)) from None
 
-        def combined(backup: Path, into: Path, key_id: str | None, key: EncryptionKey | None) -> CheckStep:
-            """The combine step: the chain proven link by link and combined into ``into``."""
+        def combined(backup: Any, into: Path, key_id: str | None, key: EncryptionKey | None) -> CheckStep:
+            """The combine step: the chain proven link by link (downloaded from a store) and combined."""
             try:
-                chain = chain_of(backup)
-                combine(chain, into, bindir=program.parent)
-            except (IncrementalRefused, IncrementalFailed) as err:  # a missing or damaged link: a verdict
+                chain = combine_chain(backup, into, into.parent, program.parent, manifest=True)
+            except RestoreError as err:  # a missing or damaged link: a verdict
                 return CheckStep(COMBINE, FAIL, _one_line(err))
             names = " <- ".join(str(link.folder) for link in chain)
             return CheckStep(COMBINE, PASS, f"{len(chain)} backups combined: {names}", {"chain": names})
@@ -283,6 +274,12 @@ def check_backup(
         say = progress or (lambda line: None)
         say(f"{COMBINE}: combining the chain of {backup} ...")
         return _check_a_copy(backup, combined, None, None, again, restore_options.get("work_dir"))
+    if stored or key_id is not None:
+        fill = _download if stored else _decrypt
+        (progress or (lambda line: None))(
+            f"{DOWNLOAD}: downloading {backup} ..." if stored else f"{DECRYPTION}: decrypting {backup} ..."
+        )
+        return _check_a_copy(backup, fill, key_id, encryption_key, again, restore_options.get("work_dir"))
     archive = archive_place(wal_archive)
     if archive is not None:
         try:

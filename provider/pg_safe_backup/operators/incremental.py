@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException
@@ -21,7 +20,7 @@ from pg_safe_backup.params import (
     optional_unless_rendered_later,
     unless_rendered_later,
 )
-from pg_safe_backup.utils.mixins import rendered, task_error
+from pg_safe_backup.utils.mixins import check_storage_url, rendered, storage_path, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -82,13 +81,17 @@ class PostgresIncrementalBackupOperator(BaseOperator):
 
     :param postgres_conn_id: Airflow connection of the server (its role needs REPLICATION and a pg_hba.conf
         line for replication connections) (templated).
-    :param root: the folder of the cluster's backups, a local or mounted path (templated).
-    :param destination: the new backup's folder (templated); default ``<root>/<ts_nodash>-incremental-<try
-        id>``: one folder per try.
+    :param root: the folder of the cluster's backups: a local path or an ``ObjectStoragePath`` URL such as
+        ``s3://conn_id@bucket/prefix`` (templated).
+    :param destination: the new backup's folder, local or a URL (templated); default
+        ``<root>/<ts_nodash>-incremental-<try id>``: one folder per try. In an object store the backup is
+        taken into ``work_dir``, then uploaded (its manifest last) and catalogued there.
     :param incremental_label: the backup's label (templated).
     :param bindir: the folder of pg_basebackup of the server's major (templated); default: looked for.
     :param fast_checkpoint: start with an immediate checkpoint.
     :param basebackup_timeout: seconds pg_basebackup may take (None: no limit).
+    :param work_dir: for a ``destination`` in an object store, where the backup is taken before it is
+        uploaded (default: the system's temporary folder; it needs room for the incremental).
     """
 
     template_fields: Sequence[str] = (
@@ -110,9 +113,11 @@ class PostgresIncrementalBackupOperator(BaseOperator):
         bindir: str | None = None,
         fast_checkpoint: bool = True,
         basebackup_timeout: float | None = None,
+        work_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.work_dir = work_dir
         self.postgres_conn_id = unless_rendered_later(check_text, postgres_conn_id, "postgres_conn_id")
         self.root = unless_rendered_later(check_text, root, "root")
         self.destination = optional_unless_rendered_later(check_text, destination, "destination")
@@ -123,11 +128,13 @@ class PostgresIncrementalBackupOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         conn_id = rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
-        root = Path(rendered(check_text, self.root, "root"))
+        root = storage_path(rendered(check_storage_url, self.root, "root"))
         ti = context["ti"]
         default = root / f"{context['ts_nodash']}-incremental-{str(ti.id)[:8]}"
         destination = (
-            Path(rendered(check_text, self.destination, "destination")) if self.destination else default
+            storage_path(rendered(check_storage_url, self.destination, "destination"))
+            if self.destination
+            else default
         )
         dsn = server_dsn(conn_id)
         run = {
@@ -152,6 +159,7 @@ class PostgresIncrementalBackupOperator(BaseOperator):
                 fast_checkpoint=self.fast_checkpoint,
                 run=run,
                 timeout=self.basebackup_timeout,
+                work_dir=self.work_dir,
                 log=self.log,
             )
         except PgSafeBackupError as err:  # IncrementalRefused never retried; IncrementalFailed retried
@@ -198,7 +206,7 @@ class PostgresBackupKindOperator(BaseBranchOperator):
             self.log.info("a full backup: %s is in full_on (%s)", day, ", ".join(self.full_on))
             return self.full_task_ids
         conn_id = rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
-        root = Path(rendered(check_text, self.root, "root"))
+        root = storage_path(rendered(check_storage_url, self.root, "root"))
         try:
             with connect(server_dsn(conn_id), purpose="backup kind") as conn:
                 system_identifier = incremental_facts(conn).system_identifier
