@@ -542,6 +542,7 @@ def test_the_operator_takes_an_incremental_against_the_newest_backup_and_it_rest
     done = op.execute(context)
     folder = Path(done["folder"])
     assert folder.parent == root and folder.name.startswith(f"{context['ts_nodash']}-incremental-")
+    assert folder.name.endswith(str(context["ti"].id)[:8])
     assert done["parent"] == str(root / "second") and done["bytes"] > 0
     entry = {e.name: e for e in list_backups(root)}[str(folder)]
     assert entry.info.attempt == str(context["ti"].id) and entry.info.dag_id == "incremental_op"

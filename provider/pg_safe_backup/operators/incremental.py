@@ -49,6 +49,11 @@ def check_full_on(value: Any, param: str = "full_on") -> tuple[str, ...]:
     return tuple(days)
 
 
+def _run_time(context: Context) -> datetime:
+    """The run's logical date, else (a manual run without one) its run_after."""
+    return context.get("logical_date") or context["dag_run"].run_after
+
+
 def server_dsn(conn_id: str) -> str:
     """The libpq connection string of the server of ``conn_id``, as the backup uses it.
 
@@ -84,7 +89,8 @@ class PostgresIncrementalBackupOperator(BaseOperator):
     :param root: the folder of the cluster's backups: a local path or an ``ObjectStoragePath`` URL such as
         ``s3://conn_id@bucket/prefix`` (templated).
     :param destination: the new backup's folder, local or a URL (templated); default
-        ``<root>/<ts_nodash>-incremental-<try id>``: one folder per try. In an object store the backup is
+        ``<root>/<YYYYMMDDTHHMMSS>-incremental-<try id>`` (the run's logical date, else its run_after): one
+        folder per try. In an object store the backup is
         taken into ``work_dir``, then uploaded (its manifest last) and catalogued there.
     :param incremental_label: the backup's label (templated).
     :param bindir: the folder of pg_basebackup of the server's major (templated); default: looked for.
@@ -130,7 +136,8 @@ class PostgresIncrementalBackupOperator(BaseOperator):
         conn_id = rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
         root = storage_path(rendered(check_storage_url, self.root, "root"))
         ti = context["ti"]
-        default = root / f"{context['ts_nodash']}-incremental-{str(ti.id)[:8]}"
+        when = _run_time(context)  # a manual run of Airflow 3 may have no logical date (nor ts_nodash)
+        default = root / f"{when.strftime('%Y%m%dT%H%M%S')}-incremental-{str(ti.id)[:8]}"
         destination = (
             storage_path(rendered(check_storage_url, self.destination, "destination"))
             if self.destination
@@ -200,8 +207,7 @@ class PostgresBackupKindOperator(BaseBranchOperator):
         self.postgres_conn_id = unless_rendered_later(check_text, postgres_conn_id, "postgres_conn_id")
 
     def choose_branch(self, context: Context) -> str | Iterable[str]:
-        when: datetime | None = context.get("logical_date") or context["dag_run"].run_after
-        day = WEEKDAYS[when.weekday()] if when else None
+        day = WEEKDAYS[_run_time(context).weekday()]
         if day in self.full_on:
             self.log.info("a full backup: %s is in full_on (%s)", day, ", ".join(self.full_on))
             return self.full_task_ids
