@@ -90,8 +90,8 @@ class PostgresIncrementalBackupOperator(BaseOperator):
         ``s3://conn_id@bucket/prefix`` (templated).
     :param destination: the new backup's folder, local or a URL (templated); default
         ``<root>/<YYYYMMDDTHHMMSS>-incremental-<try id>`` (the run's logical date, else its run_after): one
-        folder per try. In an object store the backup is
-        taken into ``work_dir``, then uploaded (its manifest last) and catalogued there.
+        folder per try. In an object store the backup is taken into ``work_dir``, then uploaded (its
+        manifest last) and catalogued there.
     :param incremental_label: the backup's label (templated).
     :param bindir: the folder of pg_basebackup of the server's major (templated); default: looked for.
     :param fast_checkpoint: start with an immediate checkpoint.
