@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pendulum
 import pytest
 
 from airflow.sdk import DAG
@@ -605,6 +606,17 @@ def test_the_branch_picks_full_on_its_days_and_when_no_parent_exists(
     assert kind(today, chain.root) == ["hold", "gate"]
     assert kind("daily", chain.root) == ["hold", "gate"]
     assert kind([other], chain.root) == "incremental"
+    # The DAG's weekday: Sunday 23:30 UTC is Monday in Paris.
+    with DAG("kind_paris", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="Europe/Paris")):
+        paris = PostgresBackupKindOperator(
+            task_id="choose", full_on="monday", root=str(chain.root), postgres_conn_id=CONN_ID,
+            full_task_ids=["hold", "gate"], incremental_task_id="incremental",
+        )  # fmt: skip
+    context = task_context(paris)
+    context["logical_date"] = pendulum.datetime(2026, 12, 6, 23, 30, tz="UTC")  # a Sunday
+    assert paris.choose_branch(context) == ["hold", "gate"]
+    paris.full_on = ("sunday",)
+    assert paris.choose_branch(context) == "incremental"
     empty = tmp_root / "empty"
     empty.mkdir()
     assert kind(other, empty) == ["hold", "gate"]  # no full yet: a full is what is needed

@@ -176,9 +176,9 @@ class PostgresIncrementalBackupOperator(BaseOperator):
 class PostgresBackupKindOperator(BaseBranchOperator):
     """
     The branch of a ``PostgresOnlineBackup`` with ``incremental=``: a full backup (the group's hold and gate)
-    on the weekdays of ``full_on`` (of the run's logical date, else its run_after), and when no backup under
-    ``root`` can be an incremental's parent (none yet, or the newest unusable: a full is what it needs);
-    the incremental task on the other days.
+    on the weekdays of ``full_on`` (of the run's logical date, else its run_after, in the DAG's time zone),
+    and when no backup under ``root`` can be an incremental's parent (none yet, or the newest unusable: a
+    full is what it needs); the incremental task on the other days.
 
     :param full_on: the weekdays of full backups (``"sunday"``, ``["sunday", "wednesday"]``, ``"daily"``).
     :param root: the folder of the cluster's backups (templated).
@@ -207,7 +207,9 @@ class PostgresBackupKindOperator(BaseBranchOperator):
         self.postgres_conn_id = unless_rendered_later(check_text, postgres_conn_id, "postgres_conn_id")
 
     def choose_branch(self, context: Context) -> str | Iterable[str]:
-        day = WEEKDAYS[_run_time(context).weekday()]
+        when = _run_time(context)
+        zone = getattr(context.get("dag"), "timezone", None)  # the DAG's weekdays: its start_date's zone
+        day = WEEKDAYS[(when.astimezone(zone) if zone else when).weekday()]
         if day in self.full_on:
             self.log.info("a full backup: %s is in full_on (%s)", day, ", ".join(self.full_on))
             return self.full_task_ids
