@@ -418,6 +418,39 @@ def _refused_by_server(chain: Chain, parent: Path, tmp_root: Path, match: str) -
     assert not into.exists() and not list(tmp_root.glob(".refused.*"))
 
 
+def test_a_parent_removed_while_the_incremental_is_taken_leaves_nothing_catalogued(
+    chain: Chain, tmp_root: Path
+):
+    """A retention run (or a person) removing the parent meanwhile: the incremental is not catalogued (it
+    could never restore) and nothing of it is left."""
+    root = tmp_root / "root"
+    shutil.copytree(chain.root, root, symlinks=True, copy_function=os.link)
+    facts = _facts(chain.dsn)
+    parent = find_parent(root, facts.system_identifier)
+
+    class Meanwhile:
+        """The task log: when the incremental is taken, its parent goes (as retention removes a backup)."""
+
+        def info(self, message: str, *args: object) -> None:
+            if "checking that its parent is still there" in message:
+                (parent.folder / "backup_label").unlink()
+                shutil.rmtree(parent.folder)
+
+    with pytest.raises(
+        IncrementalRefused, match=r"the parent .* changed or went away while the incremental was taken"
+    ):
+        take_incremental(
+            chain.dsn,
+            parent,
+            root / "orphan",
+            tablespaces=facts.tablespaces,
+            bindir=chain.bindir,
+            log=Meanwhile(),
+        )
+    assert not (root / "orphan").exists() and not (root / "orphan.backup_info.json").exists()
+    assert not list(root.glob(".orphan*"))
+
+
 def test_a_version_1_manifest_is_refused_as_a_parent(chain: Chain, tmp_root: Path):
     def version_1(manifest: bytes) -> bytes:
         head, rest = manifest.split(b"\n", 1)

@@ -370,6 +370,13 @@ def take_incremental(
         files, size = _count(target)
         if not local:
             upload_backup(target, destination, log)
+        log.info(
+            "took %s: %d files, %.1f MB; checking that its parent is still there",
+            destination,
+            files,
+            size / 1e6,
+        )
+        _check_parent_kept(parent, destination, target, stage, local)
         info = info_for_backup(
             backup_label=(target / LABEL_NAME).read_text(),
             stop_lsn=str(proof.stop_lsn),
@@ -411,6 +418,25 @@ def take_incremental(
         "manifest_checksum": proof.manifest_checksum,
         "backup_info": entry,
     }
+
+
+def _check_parent_kept(
+    parent: CatalogEntry, destination: Any, target: Path, stage: Path, local: bool
+) -> None:
+    """Refuse to catalogue an incremental whose parent no longer proves itself as it did when it was taken
+    (removed meanwhile, by hand or by a retention run that did not know of it yet): it could never restore.
+    What was taken is removed."""
+    now = prove_backup(parent.folder)
+    if now.ok and now.manifest_checksum == parent.proof.manifest_checksum:
+        return
+    _discard(target, stage)
+    if not local:
+        with contextlib.suppress(Exception):
+            destination.rmdir(recursive=True)
+    raise IncrementalRefused(
+        f"the parent {parent.name} changed or went away while the incremental was taken ({now.status}):"
+        f" nothing kept; {NEW_FULL} if it is gone"
+    )
 
 
 def _take(
