@@ -76,7 +76,8 @@ class ChainBroken(IncrementalRefused):
 
 
 class IncrementalFailed(TransientError, RuntimeError):
-    """pg_basebackup or pg_combinebackup failed for a reason a retry may not meet again (the connection)."""
+    """pg_basebackup or pg_combinebackup failed for a reason a retry may get past (the server unreachable, a
+    time limit)."""
 
 
 @dataclass(frozen=True)
