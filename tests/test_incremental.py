@@ -451,6 +451,16 @@ def test_a_parent_removed_while_the_incremental_is_taken_leaves_nothing_catalogu
     assert not list(root.glob(".orphan*"))
 
 
+def test_a_parent_whose_newest_check_failed_is_refused(chain: Chain, tmp_root: Path):
+    root = tmp_root / "root"
+    shutil.copytree(chain.root, root, symlinks=True, copy_function=shutil.copy2)
+    append_verification(root / "second", {"ok": False, "summary": "FAIL: restore check"})
+    with pytest.raises(
+        IncrementalRefused, match=r"cannot be a parent \(its newest check FAILED\): take a new full"
+    ):
+        find_parent(root, _facts(chain.dsn).system_identifier)
+
+
 def test_a_version_1_manifest_is_refused_as_a_parent(chain: Chain, tmp_root: Path):
     def version_1(manifest: bytes) -> bytes:
         head, rest = manifest.split(b"\n", 1)

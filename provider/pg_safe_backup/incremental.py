@@ -143,8 +143,8 @@ def _major_of(program: Path) -> int | None:
 # ------------------------------------------------------------------------------------------- the parent
 def usable_parent(entry: CatalogEntry) -> str | None:
     """Why ``entry`` cannot be an incremental's parent (None: it can): it must prove itself, be a plain copy
-    (local or in an object store), not encrypted, with a version 2 manifest (PostgreSQL 17+: its
-    System-Identifier)."""
+    (local or in an object store), not encrypted, not failed by its newest check, with a version 2 manifest
+    (PostgreSQL 17+: its System-Identifier)."""
     proof = entry.proof
     if not proof.ok:
         return proof.status
@@ -152,6 +152,8 @@ def usable_parent(entry: CatalogEntry) -> str | None:
         return f"a {proof.format} backup"
     if entry.info is not None and entry.info.encryption_key_id:
         return "encrypted"
+    if entry.failed:
+        return "its newest check FAILED"
     manifest = entry.folder / MANIFEST_NAME
     if not manifest.exists():
         return f"no plain {MANIFEST_NAME}"

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 #: The days a ``full_on`` may name, Monday first (``datetime.weekday()``).
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-DEFAULT_INCREMENTAL_LABEL = "pg-safe-backup incremental"
+DEFAULT_INCREMENTAL_LABEL = "airflow {{ dag.dag_id }} {{ run_id }} incremental"
 
 
 def check_full_on(value: Any, param: str = "full_on") -> tuple[str, ...]:
