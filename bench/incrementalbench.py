@@ -44,7 +44,7 @@ from pg_safe_backup.files.copier import copy_data_directory
 from pg_safe_backup.files.label import store_label
 from pg_safe_backup.files.manifest import write_backup_manifest
 from pg_safe_backup.hooks.server import connect, incremental_facts
-from pg_safe_backup.incremental import chain_of, combine, find_parent, take_incremental
+from pg_safe_backup.incremental import chain_of, client_program, combine, find_parent, take_incremental
 from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user, wheel_bindir
 from pg_safe_backup.restore import RecoveryTarget, prepare_restore
 
@@ -178,7 +178,8 @@ def run(work: Path, scale: int) -> dict[str, Any]:
             root / "full", base / "restored" / "data", archive, bindir
         )
         began = time.monotonic()
-        combine(chain_of(root / "inc2"), base / "combined", bindir=bindir, manifest=False)
+        program = client_program("pg_combinebackup", 18, bindir)
+        combine(chain_of(root / "inc2"), base / "combined", program=program, manifest=False)
         combine_s = time.monotonic() - began  # the chain's restore's first part, alone
         assert restored_chain_sum == chain_sum, (restored_chain_sum, chain_sum)
         assert restored_full_sum == full_sum, (restored_full_sum, full_sum)

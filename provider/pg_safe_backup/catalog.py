@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -539,7 +539,7 @@ def plan_retention(
     LSN and timeline) and/or those whose label's START TIME is within ``keep_days`` days (an unknown age
     is kept), and always the newest verified one (a passed check recorded for the manifest it proves; the
     newest one if none): at least one proven backup stays, and each backup a kept incremental needs (its chain
-    to its full, :func:`parent_in`). The other proven ones go, and the WAL archive
+    to its full, :func:`parent_finder`). The other proven ones go, and the WAL archive
     keeps files from the oldest kept backup's proven START WAL file on (pg_archivecleanup's rule).
 
     Unverifiable and incomplete backups are never counted, kept, deleted, nor move the cut-off: they are
@@ -598,23 +598,34 @@ def plan_retention(
     return RetentionPlan(keep, delete, cutoff, reasons, policy=" and ".join(rules), skipped=skipped)
 
 
-def parent_in(entries: Sequence[CatalogEntry], child: CatalogEntry) -> CatalogEntry | None:
-    """The backup among ``entries`` that the incremental ``child`` was taken against, as both prove it
-    (:meth:`~pg_safe_backup.proof.Proof.follows`); of two, the one its catalog entry names by
-    Manifest-Checksum, else the newest. None for a full backup, or when the parent is not among them."""
-    found = [e for e in entries if child.proof.follows(e.proof)]
-    recorded = child.info.parent_manifest_checksum if child.info else None
-    named = [e for e in found if e.proof.manifest_checksum == recorded]
-    return (named or found or [None])[-1]
+def parent_finder(entries: Sequence[CatalogEntry]) -> Callable[[CatalogEntry], CatalogEntry | None]:
+    """A look-up of an incremental's parent among ``entries``: the backup whose proven start its label names
+    (:attr:`~pg_safe_backup.proof.Proof.parent_key`); of two, the one its catalog entry names by
+    Manifest-Checksum, else the last. It gives None for a full, or when the parent is not among them.
+    ``entries`` are indexed once (a listing or a retention plan asks for each of thousands)."""
+    starts: dict[tuple[int, int, str], list[CatalogEntry]] = {}
+    for entry in entries:
+        if (key := entry.proof.start_key) is not None:
+            starts.setdefault(key, []).append(entry)
+
+    def parent_of(child: CatalogEntry) -> CatalogEntry | None:
+        key = child.proof.parent_key
+        found = starts.get(key, []) if key is not None else []
+        recorded = child.info.parent_manifest_checksum if child.info else None
+        named = [e for e in found if e.proof.manifest_checksum == recorded]
+        return (named or found or [None])[-1]
+
+    return parent_of
 
 
 def _keep_chains(ordered: Sequence[CatalogEntry], reasons: dict[str, list[str]]) -> None:
     """Keep every backup a kept incremental needs to restore: its parent, the parent's parent, to the full."""
+    parent_of = parent_finder(ordered)
     for kept in [e for e in ordered if e.name in reasons]:
         child, seen = kept, set()
         while child.proof.incremental and child.name not in seen:
             seen.add(child.name)
-            parent = parent_in(ordered, child)
+            parent = parent_of(child)
             if parent is None:
                 break
             reasons.setdefault(parent.name, [])
@@ -797,10 +808,11 @@ def format_listing(entries: Sequence[CatalogEntry]) -> str:
         for row in [head, *rows]
     ]
     notes = [f"{e.name}: {e.proof.status}" for e in entries if not e.proof.ok]
+    parent_of = parent_finder(entries)
     notes += [
         f"{e.name}: incremental; its parent starts at {e.proof.incremental_from_lsn} on timeline"
         f" {e.proof.incremental_from_tli}"
-        + (f" ({parent.name})" if (parent := parent_in(entries, e)) else ", NOT HERE")
+        + (f" ({parent.name})" if (parent := parent_of(e)) else ", NOT HERE")
         for e in entries
         if e.proof.ok and e.proof.incremental
     ]

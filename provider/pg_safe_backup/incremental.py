@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from pg_safe_backup.catalog import (
     CatalogError,
     info_for_backup,
     list_backups,
-    parent_in,
+    parent_finder,
     read_info,
     write_info,
 )
@@ -55,7 +56,6 @@ from pg_safe_backup.files.tablespaces import escape_map_path
 from pg_safe_backup.files.walheader import fsync_path
 from pg_safe_backup.files.xlog import format_lsn, parse_lsn
 from pg_safe_backup.hooks.server import IncrementalFacts, pinned_conninfo
-from pg_safe_backup.local_cluster import find_bindir
 from pg_safe_backup.proof import LABEL_NAME, MAP_NAME, Proof, prove_backup
 
 _log = logging.getLogger(__name__)
@@ -105,9 +105,6 @@ def client_program(name: str, major: int, bindir: Path | str | None = None) -> P
     with_path = shutil.which(name)
     if with_path:
         places.append(Path(with_path).parent)
-    with_server = _server_bindir(major)
-    if with_server:
-        places.append(with_server)
     seen = []
     for folder in dict.fromkeys(places):
         program = folder / name
@@ -122,13 +119,6 @@ def client_program(name: str, major: int, bindir: Path | str | None = None) -> P
         f"{name} of PostgreSQL {major} not found in {looked}{also}: install PostgreSQL {major}'s client"
         " programs or give their folder (--bindir, bindir=)"
     )
-
-
-def _server_bindir(major: int) -> Path | None:
-    try:
-        return find_bindir(major)
-    except FileNotFoundError:
-        return None
 
 
 def _major_of(program: Path) -> int | None:
@@ -336,8 +326,6 @@ def take_incremental(
     :raises IncrementalRefused: the destination is not empty, or the server refused (the fix named).
     :raises IncrementalFailed: the server could not be reached.
     """
-    import time
-
     local = is_local_path(destination)
     if local:
         destination = Path(destination).absolute()
@@ -353,6 +341,7 @@ def take_incremental(
     )
     target = destination if local else work / "backup"  # type: ignore[operator]
     stage = target.parent / f".{target.name}.tablespaces"
+    map_text = tablespace_map_text(tablespaces) if tablespaces else None
     shutil.rmtree(stage, ignore_errors=True)  # ours by its name, left by a crash before the backup was
     try:
         manifest = parent.folder / MANIFEST_NAME
@@ -362,7 +351,7 @@ def take_incremental(
             manifest = work / MANIFEST_NAME
         began = time.monotonic()
         proof = _take(
-            program, dsn, manifest, target, stage, tablespaces, label, fast_checkpoint, timeout, log
+            program, dsn, manifest, target, stage, tablespaces, map_text, label, fast_checkpoint, timeout, log
         )
         if not proof.follows(parent.proof):
             _discard(target, stage)
@@ -383,7 +372,7 @@ def take_incremental(
         info = info_for_backup(
             backup_label=(target / LABEL_NAME).read_text(),
             stop_lsn=str(proof.stop_lsn),
-            tablespace_map=tablespace_map_text(tablespaces) if tablespaces else None,
+            tablespace_map=map_text,
             system_identifier=proof.system_identifier,
             pg_major=major,
             stop_timeline=proof.stop_tli if proof.stop_tli != proof.start_tli else None,
@@ -449,6 +438,7 @@ def _take(
     target: Path,
     stage: Path,
     tablespaces: Mapping[str, str],
+    map_text: str | None,
     label: str,
     fast_checkpoint: bool,
     timeout: float | None,
@@ -491,8 +481,8 @@ def _take(
         raise _refusal("pg_basebackup", done.stderr, f"the incremental backup against {manifest.parent}")
     try:
         _move_in_tablespaces(target, stage, tablespaces)
-        if tablespaces:
-            _list_tablespace_map(target, tablespace_map_text(tablespaces))
+        if map_text:
+            _list_tablespace_map(target, map_text)
         return prove_backup(target)
     except BaseException:
         _discard(target, stage)
@@ -567,7 +557,7 @@ def _count(folder: Path) -> tuple[int, int]:
 def chain_of(folder: Any) -> list[Link]:
     """The chain that restores the backup in ``folder``: its full first, ``folder``'s last (just
     ``folder`` for a full). Each parent is the backup its child's label names (start LSN and timeline, one
-    cluster; :func:`pg_safe_backup.catalog.parent_in`), looked for where the child's catalog entry says,
+    cluster; :func:`pg_safe_backup.catalog.parent_finder`), looked for where the child's catalog entry says,
     then beside the child.
 
     :param folder: a backup's folder: local, or an object-store path (its parents looked for beside it).
@@ -603,7 +593,7 @@ def _parent_folder(child: Any, proof: Proof) -> Any:
     places = list(dict.fromkeys([*places, child.parent]))
     for place in (p for p in places if p.is_dir()):
         others = [e for e in list_backups(place, max_depth=2) if str(e.folder) != str(child)]
-        parent = parent_in(others, CatalogEntry(child, info, proof))
+        parent = parent_finder(others)(CatalogEntry(child, info, proof))
         if parent is not None:
             return Path(parent.folder).absolute() if local else parent.folder
     named = f" (recorded as {recorded})" if recorded else ""
@@ -618,7 +608,7 @@ def combine(
     chain: Sequence[Link],
     output: Path,
     *,
-    bindir: Path | str | None = None,
+    program: Path,
     manifest: bool = True,
     log: logging.Logger | Any = _log,
 ) -> None:
@@ -628,12 +618,11 @@ def combine(
     synced there, or only checked). Its files are copies, not ``--link``s to the chain's: nothing done to
     them can reach a backup (and a copy of linked files measured 3 times slower here, bench figure 13).
 
+    :param program: the pg_combinebackup of the chain's major (:func:`client_program`).
     :param manifest: write its ``backup_manifest`` (CRC32C: what ``pg_verifybackup`` checks; a restore needs
         none).
-    :raises IncrementalRefused: no pg_combinebackup of the chain's major, or it refused (its line named).
+    :raises IncrementalRefused: pg_combinebackup refused (its line named).
     """
-    major = int((chain[-1].folder / "PG_VERSION").read_text().strip())
-    program = client_program("pg_combinebackup", major, bindir)
     command = [str(program), "--output", str(output), "--no-sync"]
     command += ["--manifest-checksums", "CRC32C"] if manifest else ["--no-manifest"]
     command += [str(link.folder) for link in chain]

@@ -85,19 +85,30 @@ class Proof:
         """An incremental backup: restored only with its chain (see :mod:`pg_safe_backup.incremental`)."""
         return self.incremental_from_lsn is not None
 
+    @property
+    def start_key(self) -> tuple[int, int, str] | None:
+        """What an incremental's label names of its parent: (start LSN, start timeline, cluster); None
+        unless proven with a cluster."""
+        if not self.ok or self.start_lsn is None or self.start_tli is None or self.system_identifier is None:
+            return None
+        return parse_lsn(self.start_lsn), self.start_tli, self.system_identifier
+
+    @property
+    def parent_key(self) -> tuple[int, int, str] | None:
+        """The :attr:`start_key` of the backup this incremental was taken against, as its label says; None
+        for a full (or unless proven with a cluster)."""
+        if not self.ok or self.incremental_from_lsn is None or self.system_identifier is None:
+            return None
+        return (
+            parse_lsn(self.incremental_from_lsn),
+            int(self.incremental_from_tli or 0),
+            self.system_identifier,
+        )
+
     def follows(self, parent: Proof) -> bool:
         """Whether ``parent`` is the backup this incremental was taken against, as both prove it: the parent
         starts where this one's label says, on that timeline, and both are of one cluster."""
-        return (
-            self.ok
-            and parent.ok
-            and self.incremental
-            and parent.start_lsn is not None
-            and parse_lsn(parent.start_lsn) == parse_lsn(str(self.incremental_from_lsn))
-            and parent.start_tli == self.incremental_from_tli
-            and self.system_identifier is not None
-            and parent.system_identifier == self.system_identifier
-        )
+        return self.parent_key is not None and self.parent_key == parent.start_key
 
     @property
     def status(self) -> str:

@@ -1383,29 +1383,28 @@ def is_incremental(backup: Any) -> bool:
         return False  # restore_plain names what is wrong with the label
 
 
-def combine_chain(
-    backup: Any, into: Path, work: Path, bindir: Path | str | None = None, manifest: bool = False
-) -> list[Link]:
+def combine_chain(backup: Any, into: Path, work: Path, program: Path, manifest: bool = False) -> list[Link]:
     """The chain of the incremental ``backup`` (:func:`pg_safe_backup.incremental.chain_of`: every link
     proven, the missing one named) combined by pg_combinebackup into the empty folder ``into``; a link in an
     object store is downloaded into ``work`` first (the caller removes ``work``).
 
+    :param program: the pg_combinebackup of the backup's major (``incremental.client_program``).
     :param manifest: give the result a ``backup_manifest`` (a check needs one, a restore none).
     :returns: the chain, full first.
-    :raises RestoreError: a link is missing or damaged, or pg_combinebackup refused (named).
+    :raises IncrementalRefused: a link is missing or damaged (``ChainBroken``), or pg_combinebackup refused
+        (named): what the chain is.
+    :raises IncrementalFailed: pg_combinebackup failed for a reason a retry may get past.
+    :raises RestoreError: a link in an object store could not be read.
     """
-    try:
-        chain = chain_of(backup)
-        local = []
-        for n, link in enumerate(chain):
-            if in_store(link.folder):
-                copy = work / f"link-{n}"
-                download_backup(link.folder, copy)
-                link = Link(copy, link.proof)
-            local.append(link)
-        combine(local, into, bindir=bindir, manifest=manifest)
-    except (IncrementalRefused, IncrementalFailed) as err:
-        raise RestoreError(" ".join(str(err).split())) from None
+    chain = chain_of(backup)
+    local = []
+    for n, link in enumerate(chain):
+        if in_store(link.folder):
+            copy = work / f"link-{n}"
+            download_backup(link.folder, copy)
+            link = Link(copy, link.proof)
+        local.append(link)
+    combine(local, into, program=program, manifest=manifest)
     return chain
 
 
@@ -1431,16 +1430,20 @@ def _restore_chain(
         backup,
         data,
         "combined",
-        lambda staging: _combined(backup, staging, program.parent),
+        lambda staging: _combined(backup, staging, program),
         wal_archive,
         options,
     )
 
 
-def _combined(backup: Any, staging: Path, bindir: Path) -> None:
+def _combined(backup: Any, staging: Path, program: Path) -> None:
+    """:func:`combine_chain` into a restore's staging folder, its downloads beside it; its errors as
+    RestoreError."""
     work = Path(tempfile.mkdtemp(prefix=f"{staging.name}-links-", dir=staging.parent))
     try:
-        combine_chain(backup, staging, work, bindir)
+        combine_chain(backup, staging, work, program)
+    except (IncrementalRefused, IncrementalFailed) as err:
+        raise RestoreError(" ".join(str(err).split())) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -55,10 +55,7 @@ from pg_safe_backup.files.tablespaces import tablespace_copies
 from pg_safe_backup.files.wal import is_managed_archive, plain_chunks
 from pg_safe_backup.files.walarchive import DamagedFile, MissingCodec, parse_stored_name
 from pg_safe_backup.files.xlog import wal_file_holding, wal_segment_names
-from pg_safe_backup.incremental import (
-    IncrementalRefused,
-    client_program,
-)
+from pg_safe_backup.incremental import IncrementalFailed, IncrementalRefused, client_program
 from pg_safe_backup.local_cluster import find_bindir
 from pg_safe_backup.pgverify import run_pg_verifybackup, tool_major
 from pg_safe_backup.restore import (
@@ -265,8 +262,8 @@ def check_backup(
         def combined(backup: Any, into: Path, key_id: str | None, key: EncryptionKey | None) -> CheckStep:
             """The combine step: the chain proven link by link (downloaded from a store) and combined."""
             try:
-                chain = combine_chain(backup, into, into.parent, program.parent, manifest=True)
-            except RestoreError as err:  # a missing or damaged link: a verdict
+                chain = combine_chain(backup, into, into.parent, program, manifest=True)
+            except (IncrementalRefused, IncrementalFailed, RestoreError) as err:  # a missing or damaged link
                 return CheckStep(COMBINE, FAIL, _one_line(err))
             names = " <- ".join(str(link.folder) for link in chain)
             return CheckStep(COMBINE, PASS, f"{len(chain)} backups combined: {names}", {"chain": names})

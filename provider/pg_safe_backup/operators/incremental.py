@@ -7,7 +7,6 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.providers.standard.operators.branch import BaseBranchOperator
 from airflow.sdk import BaseOperator
 
@@ -20,7 +19,7 @@ from pg_safe_backup.params import (
     optional_unless_rendered_later,
     unless_rendered_later,
 )
-from pg_safe_backup.utils.mixins import check_storage_url, rendered, storage_path, task_error
+from pg_safe_backup.utils.mixins import check_storage_url, rendered, server_dsn, storage_path, task_error
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -52,19 +51,6 @@ def check_full_on(value: Any, param: str = "full_on") -> tuple[str, ...]:
 def _run_time(context: Context) -> datetime:
     """The run's logical date, else (a manual run without one) its run_after."""
     return context.get("logical_date") or context["dag_run"].run_after
-
-
-def server_dsn(conn_id: str) -> str:
-    """The libpq connection string of the server of ``conn_id``, as the backup uses it.
-
-    :raises AirflowFailException: no such connection, or its arguments cannot be made (named).
-    """
-    from pg_safe_backup.hooks.backup import PostgresBackupHook
-
-    try:
-        return PostgresBackupHook(conn_id).conninfo(backup_server=True)
-    except Exception as err:  # BackupError: no such connection, or its arguments cannot be made
-        raise AirflowFailException(f"postgres_conn_id {conn_id!r}: {err}") from err
 
 
 class PostgresIncrementalBackupOperator(BaseOperator):

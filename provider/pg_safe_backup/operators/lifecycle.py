@@ -24,7 +24,14 @@ from pg_safe_backup.params import (
     unless_rendered_later,
 )
 from pg_safe_backup.retention import carry_out_retention, plan_root
-from pg_safe_backup.utils.mixins import check_storage_url, encryption_key, rendered, storage_path, task_error
+from pg_safe_backup.utils.mixins import (
+    check_storage_url,
+    encryption_key,
+    rendered,
+    server_dsn,
+    storage_path,
+    task_error,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -316,14 +323,7 @@ class PostgresBackupRetentionOperator(BaseOperator):
 
     def _server(self) -> ServerPosition:
         """The live cluster's identity and WAL position, through the connection as the backup uses it."""
-        from pg_safe_backup.hooks.backup import PostgresBackupHook
-
-        conn_id = rendered(check_text, self.postgres_conn_id, "postgres_conn_id")
-        try:
-            dsn = PostgresBackupHook(conn_id).conninfo(backup_server=True)
-        except Exception as err:  # BackupError: no such connection, or its arguments cannot be made
-            raise AirflowFailException(str(err)) from err
-        return server_position(dsn)
+        return server_position(server_dsn(rendered(check_text, self.postgres_conn_id, "postgres_conn_id")))
 
 
 def _unset(value: Any) -> bool:

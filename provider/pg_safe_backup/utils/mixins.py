@@ -99,6 +99,21 @@ def fail_on(event: dict[str, Any], message: str) -> AirflowException:
     return airflow_error(message, retry=bool(event.get("retryable")))
 
 
+def server_dsn(conn_id: str) -> str:
+    """The libpq connection string of the server backed up through ``conn_id``, as the backup's hook makes
+    it, for the Airflow-free code (:mod:`pg_safe_backup.hooks.server`, the incremental's pg_basebackup).
+
+    :raises AirflowFailException: no such connection, or its arguments cannot be made (the error names the
+        parameter and the connection).
+    """
+    from pg_safe_backup.hooks.backup import PostgresBackupHook
+
+    try:
+        return PostgresBackupHook(conn_id).conninfo(backup_server=True)
+    except Exception as err:  # BackupError: no such connection, or its arguments cannot be made
+        raise AirflowFailException(str(err)) from err
+
+
 def encryption_key(conn_id: str | None, param: str = "encryption_conn_id") -> EncryptionKey | None:
     """The key in the password of the Airflow connection ``conn_id`` (or a secret backend's), read on the
     worker when the task runs: never a task's argument, XCom value or log line (only its id is).
