@@ -30,10 +30,10 @@ MATRIX_TESTS := tests/test_layout.py tests/test_backup_core.py tests/test_faults
 
 # Pinned by constraints/newest.txt (the newest Airflow 3 release): a new release of Airflow or of
 # any dependency changes nothing here until `make constraints` is run and its diff committed.
-$(VENV)/.installed: pyproject.toml constraints/newest.txt
+$(VENV)/.installed: pyproject.toml core/pyproject.toml constraints/newest.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/newest.txt -e ".[test,dev]"
+	$(PY) -m pip install -q -c constraints/newest.txt -e ./core -e ".[test,dev]"
 	touch $@
 
 # The lowest Airflow the package allows (pyproject.toml), pinned by constraints/floor.txt.
@@ -45,10 +45,10 @@ FLOOR_PY := $(FLOOR_VENV)/bin/python
 FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py tests/test_storage_providers.py
 FLOOR_TESTS ?= tests/test_e2e.py tests/test_e2e_rerun.py::test_a_mapped_group_over_three_clusters_takes_three_backups
 
-$(FLOOR_VENV)/.installed: pyproject.toml constraints/floor.txt
+$(FLOOR_VENV)/.installed: pyproject.toml core/pyproject.toml constraints/floor.txt
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_PY) -m pip install -q --upgrade pip
-	$(FLOOR_PY) -m pip install -q -c constraints/floor.txt -e ".[test]"
+	$(FLOOR_PY) -m pip install -q -c constraints/floor.txt -e ./core -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -90,10 +90,12 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# The sdist and wheel in dist/, checked as PyPI would (metadata, README rendering).
+# The sdists and wheels of both distributions in dist/ (the core, core/, and the provider), checked as PyPI
+# would (metadata, README rendering).
 dist: venv
 	rm -rf dist
-	$(PY) -m build
+	$(PY) -m build --outdir dist core
+	$(PY) -m build --outdir dist .
 	$(PY) -m twine check --strict dist/*
 
 bench: prereqs venv

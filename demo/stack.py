@@ -61,11 +61,15 @@ STACK_ID_VAR = "PGSB_AIRFLOW_STACK_ID"
 #: a task can tell which worker ran it.
 COMPONENT_VAR = "PGSB_AIRFLOW_COMPONENT"
 FINAL_RUN_STATES = frozenset({"success", "failed"})
+#: Task states after which a task instance of the run does nothing more.
+TASK_ENDED = frozenset({"success", "failed", "skipped", "upstream_failed", "removed"})
 #: Seconds a REST call may take before it is given up.
 API_TIMEOUT_S = 60
 #: The queue of tasks that name none (Airflow's [operators] default_queue), and the default worker's.
 DEFAULT_QUEUE = "default"
 _USER = "admin"
+#: Seconds between two "still waiting" lines of a long wait (see ``AirflowStack(progress=...)``).
+PROGRESS_EVERY_S = 10.0
 
 
 class AirflowStackError(RuntimeError):
@@ -97,6 +101,34 @@ def _might_contain_dag(path: Path) -> bool:
     except OSError:
         return False
     return b"airflow" in content and b"dag" in content
+
+
+class _Wait:
+    """One long wait told to a person: a line as it begins, "still waiting for X (N s)" every
+    PROGRESS_EVERY_S seconds while it lasts (called from the wait's own polling), one line at its end."""
+
+    def __init__(self, say: Callable[[str], None] | None, begins: str) -> None:
+        self.say = say
+        self.began = time.monotonic()
+        self.next_at = self.began + PROGRESS_EVERY_S
+        if say:
+            say(begins)
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.began
+
+    def until_next(self) -> float:
+        """Seconds to the next line: the longest a blocking call of the wait should block."""
+        return max(0.1, self.next_at - time.monotonic())
+
+    def still(self, waiting_for: str) -> None:
+        if self.say and time.monotonic() >= self.next_at:
+            self.next_at = time.monotonic() + PROGRESS_EVERY_S
+            self.say(f"still waiting for {waiting_for} ({self.seconds():.0f} s)")
+
+    def ended(self, what: str) -> None:
+        if self.say:
+            self.say(f"{what} ({self.seconds():.0f} s)")
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -132,6 +164,8 @@ class AirflowStack:
     :param triggerers: how many triggerers run (named ``triggerer``, ``triggerer-2``, ...).
     :param workers: Celery worker name -> the queues it listens on (component ``worker-<name>``); the
         default is one worker on the default queue. Ignored with LocalExecutor.
+    :param progress: told, one line at a time, what a long wait (the start, the stop, a DAG run) waits
+        for: as it begins and every ``PROGRESS_EVERY_S`` seconds; None: nothing is told.
     """
 
     def __init__(
@@ -142,6 +176,7 @@ class AirflowStack:
         executor: str = "CeleryExecutor",
         triggerers: int = 1,
         workers: dict[str, list[str]] | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         if executor not in ("CeleryExecutor", "LocalExecutor"):
             raise ValueError(f"executor must be CeleryExecutor or LocalExecutor, not {executor!r}")
@@ -151,6 +186,7 @@ class AirflowStack:
         self.dags_folder = Path(dags_folder).resolve()
         self.extra_env = dict(extra_env or {})
         self.executor = executor
+        self.progress = progress
         self.logs_dir = self.home / "logs"
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}"
@@ -187,6 +223,12 @@ class AirflowStack:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     # ----------------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def login(self) -> tuple[str, str]:
+        """The UI's and REST API's user and its generated password (simple auth manager; also in
+        ``home/passwords.json``)."""
+        return _USER, self._password
 
     @property
     def sql_alchemy_conn(self) -> str:
@@ -256,6 +298,7 @@ class AirflowStack:
             return self
         self._started = True
         atexit.register(self.stop)
+        wait = _Wait(self.progress, f"starting Airflow (its logs: {self.logs_dir})")
         try:
             deadline = time.monotonic() + timeout
             self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -263,14 +306,15 @@ class AirflowStack:
             self._start_metadata_db()
             if self.redis_port:
                 self._spawn_redis()
-            self._migrate(timeout)
+            self._migrate(timeout, wait)
             for name in self.components:
                 if name not in self._procs:  # redis already runs
                     self._spawn(name)
-            self._wait_ready(deadline, set(expect_dag_ids))
+            self._wait_ready(deadline, set(expect_dag_ids), wait)
         except BaseException:
             self.stop()
             raise
+        wait.ended(f"Airflow ready at {self.api_url}")
         return self
 
     def _start_metadata_db(self) -> None:
@@ -315,18 +359,30 @@ class AirflowStack:
             raise AirflowStackError("the stack is not started: it has no metadata DB")
         return self.metadata_db.sql(query, params, dbname="airflow")
 
-    def _migrate(self, timeout: float) -> None:
+    def _migrate(self, timeout: float, wait: _Wait) -> None:
         log = self.logs_dir / "db-migrate.log"
+        deadline = time.monotonic() + timeout
         with log.open("ab") as out:
-            rc = subprocess.run(
+            migrate = subprocess.Popen(
                 [sys.executable, "-m", "airflow", "db", "migrate"],
                 env=self.env,
                 cwd=self.home,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                timeout=timeout,
                 start_new_session=True,
-            ).returncode
+            )
+            while True:
+                try:
+                    rc = migrate.wait(min(wait.until_next(), max(0.0, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        migrate.kill()
+                        migrate.wait()
+                        raise AirflowStackError(
+                            f"airflow db migrate did not end in {timeout:g}s:\n{self._tail(log, 60)}"
+                        ) from None
+                    wait.still("the metadata DB's migration (airflow db migrate)")
         if rc != 0:
             raise AirflowStackError(f"airflow db migrate failed ({rc}):\n{self._tail(log, 60)}")
 
@@ -350,7 +406,7 @@ class AirflowStack:
         if dead:
             raise AirflowStackError(f"Airflow component(s) exited: {dead}\n{self.dump_logs()}")
 
-    def _wait_ready(self, deadline: float, expect_dag_ids: set[str]) -> None:
+    def _wait_ready(self, deadline: float, expect_dag_ids: set[str], wait: _Wait) -> None:
         waiting_for = "the api-server"
         while True:
             self._check_alive()
@@ -364,6 +420,7 @@ class AirflowStack:
                 raise AirflowStackError(
                     f"Airflow not ready in time, waiting for {waiting_for}\n{self.dump_logs()}"
                 )
+            wait.still(waiting_for)
             time.sleep(0.5)
 
     def _not_ready(self, expect_dag_ids: set[str]) -> str:
@@ -474,9 +531,12 @@ class AirflowStack:
             raise ValueError(f"unknown component {name!r}, one of {list(self.components)}")
         return name
 
-    def _terminate_groups(self, procs: list[subprocess.Popen[bytes]], grace: float = 10) -> None:
+    def _terminate_groups(
+        self, procs: list[subprocess.Popen[bytes]], grace: float = 10, wait: _Wait | None = None
+    ) -> None:
         # Only leaders not reaped yet: the pid of a reaped leader with an empty group may be reused.
         procs = [p for p in procs if p.poll() is None]
+        names = {p.pid: name for name, p in self._procs.items()}
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p in procs:
                 try:
@@ -485,10 +545,14 @@ class AirflowStack:
                     pass
             deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 30)
             for p in procs:
-                try:
-                    p.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+                while p.poll() is None and time.monotonic() < deadline:
+                    told = wait.until_next() if wait else grace  # a line every PROGRESS_EVERY_S meanwhile
+                    try:
+                        p.wait(max(0.1, min(deadline - time.monotonic(), told)))
+                    except subprocess.TimeoutExpired:
+                        if wait:
+                            running = [names.get(q.pid, str(q.pid)) for q in procs if q.poll() is None]
+                            wait.still(f"{', '.join(running)} to exit")
             if all(p.poll() is not None for p in procs):
                 # The leaders are gone; whatever else is left in their groups gets killed below.
                 for p in procs:
@@ -501,8 +565,9 @@ class AirflowStack:
     def stop(self) -> None:
         """Stop every component (SIGTERM to the groups, SIGKILL after ~10 s) and kill any leftover process."""
         atexit.unregister(self.stop)
+        wait = _Wait(self.progress if self._procs else None, "stopping Airflow")
         leftovers = self.processes()  # before the leaders die: task processes sit in groups of their own
-        self._terminate_groups(list(self._procs.values()))
+        self._terminate_groups(list(self._procs.values()), wait=wait)
         for _ in range(3):
             leftovers = [p for p in {q.pid: q for q in leftovers + self.processes()}.values() if _alive(p)]
             if not leftovers:
@@ -522,6 +587,7 @@ class AirflowStack:
         if self._db_root is not None:
             shutil.rmtree(self._db_root, ignore_errors=True)
             self._db_root = None
+        wait.ended("Airflow stopped")
 
     def __enter__(self) -> AirflowStack:
         return self.start()
@@ -644,6 +710,7 @@ class AirflowStack:
         deadline = time.monotonic() + timeout
         last: dict[str, str] | None = None
         state = "unknown"
+        wait = _Wait(self.progress, f"waiting for the {dag_id} run {run_id} to end")
         while True:
             try:
                 states = self.task_states(dag_id, run_id)
@@ -655,6 +722,7 @@ class AirflowStack:
                     final = self.task_states(dag_id, run_id)
                     if on_progress and final != last:
                         on_progress(final)
+                    wait.ended(f"the {dag_id} run ended: {state}")
                     return state
             except (OSError, ApiError) as exc:
                 if isinstance(exc, ApiError) and exc.status < 500:
@@ -664,6 +732,8 @@ class AirflowStack:
                 raise TimeoutError(
                     f"{dag_id} run {run_id} still {state} after {timeout}s; tasks {last}\n{self.dump_logs()}"
                 )
+            going = ", ".join(f"{t}={s}" for t, s in sorted((last or {}).items()) if s not in TASK_ENDED)
+            wait.still(f"the {dag_id} run ({state}{'; ' + going if going else ''})")
             time.sleep(poll_interval)
 
     def xcom(

@@ -29,7 +29,7 @@ venv=$(mktemp -d /var/tmp/pg-safe-backup-constraints.XXXXXX)
 trap 'rm -rf "$venv"' EXIT
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q "${pins[@]}" -e ".[test,dev]"
+"$venv/bin/python" -m pip install -q "${pins[@]}" -e ./core -e ".[test,dev]"
 airflow=$("$venv/bin/python" -c 'from importlib.metadata import version; print(version("apache-airflow"))')
 out=constraints/$which.txt
 {

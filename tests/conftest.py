@@ -58,9 +58,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
-def pyproject() -> dict[str, Any]:
-    """The project's pyproject.toml, parsed."""
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+def pyproject(folder: Path = ROOT) -> dict[str, Any]:
+    """The pyproject.toml of the provider (default) or of the core distribution (``ROOT / "core"``), parsed."""
+    return tomllib.loads((folder / "pyproject.toml").read_text())
 
 
 def airflow_floor() -> Version:

@@ -5,6 +5,7 @@ on real PostgreSQL (no Airflow; what Airflow knows comes in as the same callback
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 
@@ -407,3 +408,31 @@ def test_the_gate_never_opens_on_an_attempt_that_is_not_surely_the_current_one(h
     opened = asyncio.run(go())
     assert opened["status"] == STARTED
     assert opened["backup"]["attempt"] == RETRY
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_gate_advises_a_fast_checkpoint_only_for_a_backup_started_without_one(hook, cluster, caplog, fast):
+    """The start checkpoint still runs after 5 s. A spread one: the gate's log says fast_checkpoint=True would
+    not wait for it; an immediate one was asked for already: that advice would mislead."""
+    ticks = itertools.count()  # one second a look: the 5 s pass without waiting for them
+
+    async def hold_view() -> HoldView:
+        return HoldView(ATTEMPT, fast_checkpoint=fast)  # what the hold published beside its attempt
+
+    async def go():
+        async with hook.connect() as conn:
+            await hook.ensure_table(conn)
+        await asyncio.to_thread(cluster.sql, "INSERT INTO backup (id, state) VALUES (1, 'failed')")
+        await asyncio.to_thread(cluster.sql, "UPDATE backup SET state = 'running'")
+        async with await psycopg.AsyncConnection.connect(**cluster.conninfo(), autocommit=True) as other:
+            await live_row(cluster, other, ATTEMPT, "running", None)  # its checkpoint still running
+            return await wait_for_start(
+                hook, hold_view=hold_view, poll_interval=0.2, clock=lambda: float(next(ticks)), patience=30
+            )
+
+    with caplog.at_level(logging.INFO, logger=session.__name__):
+        waited = asyncio.run(go())
+    assert waited["status"] == session.PENDING
+    said = [r.getMessage() for r in caplog.records if "waiting for its start checkpoint" in r.getMessage()]
+    assert len(said) == 1, said
+    assert ("Pass fast_checkpoint=True" in said[0]) is not fast, said[0]

@@ -366,7 +366,7 @@ def test_run_check_reads_as_the_cli_prints(healthy):
 def test_the_provider_metadata_lists_the_check_operator():
     import importlib
 
-    from pg_safe_backup import get_provider_info
+    from pg_safe_backup.get_provider_info import get_provider_info
 
     (operators,) = get_provider_info()["operators"]
     assert "pg_safe_backup.operators.check" in operators["python-modules"]

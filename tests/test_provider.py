@@ -256,7 +256,7 @@ def test_pip_installs_the_pg_safe_backup_console_script(tmp_path):
 
 def test_every_module_the_provider_metadata_lists_imports():
     """Airflow's ProvidersManager imports what get_provider_info lists; the retention operator is there."""
-    from pg_safe_backup import get_provider_info
+    from pg_safe_backup.get_provider_info import get_provider_info
 
     info = get_provider_info()
     modules = [

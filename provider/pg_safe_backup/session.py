@@ -48,6 +48,9 @@ STARTED, COMPLETE, FAILED = "started", "complete", "failed"
 PENDING = "pending"
 #: The gate's STARTED event's key (and its XCom's): the server's configuration files (ServerConfig.as_dict).
 CONFIG_FILES = "server_config_files"
+#: The holder's COMPLETE event's key: seconds from pg_backup_stop until the backup's WAL was archived (None:
+#: nothing waited for the archive), for the triggers' metrics.
+ARCHIVE_WAIT = "archive_wait_s"
 
 FAST_CHECKPOINT_HINT = (
     "pg_backup_start is waiting for a spread checkpoint (checkpoint_completion_target of"
@@ -134,12 +137,15 @@ class HoldView:
         ended. (While a new try starts on a worker, the previous try's value is still readable.)
     :param ended: the hold task's end state (``success``, ``failed``, ...), if it ended.
     :param task_id: the hold task, for messages.
+    :param fast_checkpoint: whether that attempt asked for an immediate start checkpoint, as it published
+        beside its attempt; None when unknown (an attempt given up front, a hold of an earlier release).
     """
 
     attempt: str | None
     current: bool = True
     ended: str | None = None
     task_id: str | None = None
+    fast_checkpoint: bool | None = None
 
 
 class _Deadline:
@@ -463,6 +469,7 @@ async def _backup_mode(h: _Holding) -> dict[str, Any]:
             wait = min(wait, max(0.0, next_check - h.clock()))
         await hook.wait_for_change(conn, h.deadline.cap(wait), *standby)
     log.info("copy reported done; stopping backup (wait_for_archive: %s)", req.wait_for_archive)
+    stopping = h.clock()  # with wait_for_archive, the stop (and a standby's follow) waits for the archive
     try:
         stop_lsn, label_file, spcmap = await asyncio.wait_for(
             hook.stop_backup(bconn, h.wal.stop_wait), h.deadline.remaining()
@@ -483,6 +490,7 @@ async def _backup_mode(h: _Holding) -> dict[str, Any]:
         return event(FAILED, f"cannot tell the timeline of the stop LSN {stop_lsn}: {err}")
     if h.wal.follow and (problem := await _wait_archived(h, h.wal.follow, stop_lsn)):
         return event(FAILED, problem)
+    archive_wait = h.clock() - stopping if h.wal.stop_wait or h.wal.follow else None
     if not await hook.mark_complete(
         conn, stop_lsn, label_file, spcmap, timeline, h.notices.text, stop_timeline, history
     ):
@@ -493,7 +501,8 @@ async def _backup_mode(h: _Holding) -> dict[str, Any]:
     row = await hook.read(conn)
     log.info("backup complete: %s .. %s", row.start_lsn, row.stop_lsn)
     warned = f"; PostgreSQL warned: {row.warnings}" if row.warnings else ""
-    return event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn}){warned}", row)
+    done = event(COMPLETE, f"backup complete (start {row.start_lsn}, stop {row.stop_lsn}){warned}", row)
+    return {**done, ARCHIVE_WAIT: archive_wait}
 
 
 async def _stop_timeline(
@@ -676,9 +685,9 @@ async def wait_for_start(
                     continue
                 if row.state is BackupState.RUNNING and row.start_lsn is None and clock() > hint_at:
                     hint_at = float("inf")
-                    log.info(
-                        "backup %s is waiting for its start checkpoint. %s", row.owner, FAST_CHECKPOINT_HINT
-                    )
+                    # Advice only to a hold known to have asked for a spread checkpoint.
+                    hint = f" {FAST_CHECKPOINT_HINT}" if view.fast_checkpoint is False else ""
+                    log.info("backup %s is waiting for its start checkpoint.%s", row.owner, hint)
             if view.ended:
                 reason = f" (its backup: {row.state.value}, {row.error})" if ours else ""
                 task = f" {view.task_id}" if view.task_id else ""

@@ -166,6 +166,7 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
                 "try_number": ti.try_number,
                 "owner": ref.owner,
                 "inline": not self.deferrable,
+                "fast_checkpoint": request["fast_checkpoint"],  # the gate's advice while it waits
             },
         )
         self.log.info("backup of %s, attempt %s (try %s)", ref.owner, request["attempt"], ti.try_number)

@@ -26,6 +26,7 @@ from pg_safe_backup.runwatch import (
     watch_for,
 )
 from pg_safe_backup.session import (
+    ARCHIVE_WAIT,
     COMPLETE,
     CONFIG_FILES,
     ONE_DAY_S,
@@ -37,6 +38,7 @@ from pg_safe_backup.session import (
     wait_for_start,
 )
 from pg_safe_backup.state import BackupRef, BackupTarget
+from pg_safe_backup.utils import metrics
 
 T = TypeVar("T")
 
@@ -168,12 +170,16 @@ def hold_view(ref: BackupRef) -> HoldView:
         run_id=ref.run_id,
         map_index=ref.map_index,
     )
-    attempt = published.get("attempt") if isinstance(published, dict) else None
+    published = published if isinstance(published, dict) else {}
     # A try publishes before it defers (a held-inline one stays running): until then a running task's
     # readable value may be the previous try's.
-    current = state != "running" or bool(isinstance(published, dict) and published.get("inline"))
+    current = state != "running" or bool(published.get("inline"))
     return HoldView(
-        attempt, current=current, ended=state if state in ENDED_STATES else None, task_id=ref.hold_task_id
+        published.get("attempt"),
+        current=current,
+        ended=state if state in ENDED_STATES else None,
+        task_id=ref.hold_task_id,
+        fast_checkpoint=published.get("fast_checkpoint"),  # absent from a hold of an earlier release
     )
 
 
@@ -234,8 +240,11 @@ def holder_check(ref: BackupRef, period: float) -> Check:
     did), through this process's watch of its run (:mod:`pg_safe_backup.runwatch`): the holders of one run
     share one fetch per half ``period``."""
     key = (ref.dag_id, ref.run_id, ref.finish_task_id)
+    fetch = metrics.timed(
+        lambda: sync_to_async(run_states)(*key), "holder_check.duration", "holder_check.errors"
+    )
     # Kept by this closure: the watch lives as long as a holder of the run does.
-    watch = watch_for(key, warming(lambda: sync_to_async(run_states)(*key)), max_age=period / 2)
+    watch = watch_for(key, warming(fetch), max_age=period / 2)
 
     async def check() -> str | None:
         return (await watch.states()).problem(ref.run_id, ref.finish_task_id, ref.map_index)
@@ -310,12 +319,17 @@ class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
     :param request: the fields of :class:`pg_safe_backup.session.HoldRequest`.
     :param ref: the fields of :class:`pg_safe_backup.state.BackupRef`: the backup is not started, or
         is failed, once the run's finish task or the run itself has ended. None: no such check.
+    :param mode: the backup's kind for the metrics' ``mode`` tag: ``full`` or ``snapshot``.
     """
 
     def __init__(
-        self, hook_kwargs: dict[str, Any], request: dict[str, Any], ref: dict[str, Any] | None = None
+        self,
+        hook_kwargs: dict[str, Any],
+        request: dict[str, Any],
+        ref: dict[str, Any] | None = None,
+        mode: str = "full",
     ) -> None:
-        super().__init__(hook_kwargs, request=request, ref=ref)
+        super().__init__(hook_kwargs, request=request, ref=ref, mode=mode)
 
     async def result(self, patience: float | None = None) -> dict[str, Any]:
         began = time.monotonic()
@@ -325,13 +339,19 @@ class PostgresHoldBackupTrigger(PostgresBackupTriggerBase):
         request = HoldRequest(**self.kwargs["request"])
         if not _sdk_warm:  # this process's first Task SDK calls: before backup mode (see _sdk_warm)
             request = replace(request, checked_at=None)
-        return await hold_backup(
+        held = await hold_backup(
             self.hook,
             request,
             check=check,
             check_period=period,
             settle=settled(began, handover_threshold(), log=self.log.warning),
         )
+        mode = self.kwargs["mode"]
+        if held["status"] != COMPLETE:
+            metrics.incr("backup.failed", mode=mode, stage="hold")
+        elif held.get(ARCHIVE_WAIT) is not None:
+            metrics.timing("wal_archive.wait", held[ARCHIVE_WAIT], mode=mode)
+        return held
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         # The trigger ends the task itself: no second trip through the scheduler and a worker once

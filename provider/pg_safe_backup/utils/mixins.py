@@ -10,6 +10,7 @@ the task group.
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
-from airflow.sdk import BaseOperator, BaseSensorOperator, ObjectStoragePath
+from airflow.sdk import Asset, BaseOperator, BaseSensorOperator, ObjectStoragePath
 
 from pg_safe_backup.errors import PgSafeBackupError, retryable
 from pg_safe_backup.files.crypt import CryptError, EncryptionKey
@@ -200,6 +201,36 @@ def _airflow_has_filesystem(scheme: str, conn_id: str | None) -> bool:
     # attach() returns the store attached under the connection (as ObjectStoragePath does on first use);
     # "fs" is in its __dict__ only when a filesystem was given to it: otherwise it would come from has_fs's.
     return has_fs(scheme) or "fs" in vars(attach(scheme, conn_id=conn_id))
+
+
+def catalog_asset(root: str) -> Asset:
+    """The Airflow Asset of the backups catalogued in ``root`` (each backup's folder and its catalog entry
+    side by side there): the store task updates it, a DAG scheduled on it (the restore drill) runs after
+    each stored backup. Its URI is the root's, without a connection id (``s3://conn_id@bucket/prefix`` and
+    ``s3://bucket/prefix`` hold the same backups); a local folder's is ``file://`` and the absolute path.
+
+    :param root: a local folder or an ``ObjectStoragePath`` URL, as the operators take it (not a template).
+    :raises ValueError: a relative path, naming ``catalog_root``.
+    """
+    url = urlsplit(root)
+    if url.scheme in ("", "file"):
+        path = url.path if url.scheme else root
+        if not path.startswith("/"):
+            raise ValueError(f"catalog_root must be an absolute path or a URL, got {root!r}")
+        return Asset(uri="file://" + posixpath.normpath(path))
+    where = url.netloc.rpartition("@")[2]  # never the connection id (nor a user:key pair)
+    return Asset(uri=f"{url.scheme}://{where}{url.path.rstrip('/')}")
+
+
+def catalog_root_of(destination: Any) -> str | None:
+    """The folder a backup stored into ``destination`` is catalogued in (its parent), when it is known
+    before the run: None when a template (or an XComArg) makes it, or for a relative path."""
+    if not isinstance(destination, str):
+        return None
+    parent = destination.rstrip("/").rpartition("/")[0]
+    if "{{" in parent or "{%" in parent or parent.endswith(":/") or not parent.startswith(("/", "file:")):
+        return parent if "://" in parent and "{" not in parent and not parent.endswith(":/") else None
+    return parent
 
 
 def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:

@@ -1,10 +1,8 @@
-"""pg-safe-backup: safe online file-system backups of PostgreSQL, orchestrated by Airflow."""
+"""Provider metadata read by Airflow's ProvidersManager (entry point ``apache_airflow_provider``)."""
 
 from __future__ import annotations
 
-#: The package's one version: pyproject.toml reads it (setuptools dynamic version), and so does Airflow's
-#: provider metadata below.
-__version__ = "0.1.0"
+from pg_safe_backup import __version__
 
 _INTEGRATION = "PostgreSQL safe online backup"
 
@@ -16,7 +14,7 @@ def _modules(kind: str, *names: str) -> list[dict]:
 
 
 def get_provider_info() -> dict:
-    """Provider metadata read by Airflow's ProvidersManager (entry point ``apache_airflow_provider``)."""
+    """The provider's metadata: its modules, and the ``[pg_safe_backup]`` options of airflow.cfg."""
     return {
         "package-name": "airflow-provider-pg-safe-backup",
         "name": _INTEGRATION,
