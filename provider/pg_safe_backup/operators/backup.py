@@ -13,6 +13,7 @@ from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 
 from pg_safe_backup.errors import PgSafeBackupError
 from pg_safe_backup.files.manifest import DIGEST_SIZES
+from pg_safe_backup.files.xlog import label_start_time, parse_backup_label
 from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
 from pg_safe_backup.params import (
     check_flag,
@@ -39,9 +40,12 @@ from pg_safe_backup.triggers.backup import (
     run_states,
     task_states,
 )
+from pg_safe_backup.utils import metrics
 from pg_safe_backup.utils.mixins import (
     PostgresBackupBaseOperator,
     backup_template_fields,
+    catalog_asset,
+    catalog_root_of,
     check_storage_url,
     copied_records,
     encryption_key,
@@ -123,6 +127,8 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
         self.finish_task_id = (
             finish_task_id if finish_task_id is None else check_text(finish_task_id, "finish_task_id")
         )
+        #: Set by a ``PostgresOnlineBackup(snapshot=...)``: ``snapshot``, the metrics' ``mode`` tag.
+        self.backup_mode = "full"
 
     def hold_trigger(self, context: Context, checked_at: float | None = None) -> PostgresHoldBackupTrigger:
         """The trigger that takes and holds this try's backup, from the fields as rendered for this run.
@@ -146,7 +152,9 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
             terminate_live=self.terminate_live,
             checked_at=checked_at,
         )
-        return PostgresHoldBackupTrigger(target.hook_kwargs, request=asdict(request), ref=asdict(ref))
+        return PostgresHoldBackupTrigger(
+            target.hook_kwargs, request=asdict(request), ref=asdict(ref), mode=self.backup_mode
+        )
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
@@ -170,6 +178,7 @@ class PostgresStartBackupOperator(PostgresBackupBaseOperator):
             },
         )
         self.log.info("backup of %s, attempt %s (try %s)", ref.owner, request["attempt"], ti.try_number)
+        metrics.incr("backup.started", mode=self.backup_mode)
         return self.wait_on(context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:

@@ -228,9 +228,9 @@ def catalog_root_of(destination: Any) -> str | None:
     if not isinstance(destination, str):
         return None
     parent = destination.rstrip("/").rpartition("/")[0]
-    if "{{" in parent or "{%" in parent or parent.endswith(":/") or not parent.startswith(("/", "file:")):
-        return parent if "://" in parent and "{" not in parent and not parent.endswith(":/") else None
-    return parent
+    if any(mark in parent for mark in ("{{", "{%", "{#")) or parent.endswith(":/"):
+        return None
+    return parent if parent.startswith("/") or "://" in parent else None
 
 
 def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
