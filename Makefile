@@ -30,31 +30,46 @@ MATRIX_TESTS := tests/test_layout.py tests/test_backup_core.py tests/test_faults
 
 # Pinned by constraints/newest.txt (the newest Airflow 3 release): a new release of Airflow or of
 # any dependency changes nothing here until `make constraints` is run and its diff committed.
+# setuptools leaves <name>.egg-info in core/ and provider/ when it builds them; both folders are on sys.path
+# in an editable install, and Airflow's entry-point scan (unlike importlib's) would then load the Backups
+# page plugin twice (a "plugin already registered" error in the UI): removed after each build.
+EGG_INFO := core/*.egg-info provider/*.egg-info
+
 $(VENV)/.installed: pyproject.toml core/pyproject.toml constraints/newest.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints/newest.txt -e ./core -e ".[test,dev]"
+	rm -rf $(EGG_INFO)
 	touch $@
 
 # The lowest Airflow the package allows (pyproject.toml), pinned by constraints/floor.txt.
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 # What touches Airflow's API (operators, triggers, the task group, provider info, templating, the
-# hook's Airflow connection, ObjectStoragePath and its providers' filesystems, the check operator) and the psycopg floor (test_attempts: a cancelled holder);
+# hook's Airflow connection, ObjectStoragePath and its providers' filesystems, the check operator, Stats: test_metrics) and the psycopg floor (test_attempts: a cancelled holder);
 # the Airflow-free rest runs on the newest Airflow in `make test`.
-FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py tests/test_storage_providers.py
+FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py tests/test_storage_providers.py tests/test_metrics.py
 FLOOR_TESTS ?= tests/test_e2e.py tests/test_e2e_rerun.py::test_a_mapped_group_over_three_clusters_takes_three_backups
 
 $(FLOOR_VENV)/.installed: pyproject.toml core/pyproject.toml constraints/floor.txt
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_PY) -m pip install -q --upgrade pip
 	$(FLOOR_PY) -m pip install -q -c constraints/floor.txt -e ./core -e ".[test]"
+	rm -rf $(EGG_INFO)
 	touch $@
 
 venv: $(VENV)/.installed
 
+# What the command being run needs from Debian, and only that: each target below names its purpose
+# (scripts/prereqs.sh says which packages each needs, and why); `make prereqs` alone installs all of them,
+# and `make A B` installs what A needs (prereqs runs once per make).
+PREREQS_FOR ?=
 prereqs:
-	PYTHON=$(PYTHON) bash scripts/prereqs.sh
+	PYTHON=$(PYTHON) bash scripts/prereqs.sh $(PREREQS_FOR)
+demo: PREREQS_FOR = demo
+test test-fast test-floor: PREREQS_FOR = test
+test-matrix: PREREQS_FOR = matrix
+bench: PREREQS_FOR = bench
 
 demo: prereqs venv
 	$(PY) -m demo.run $(ARGS)
@@ -96,6 +111,7 @@ dist: venv
 	rm -rf dist
 	$(PY) -m build --outdir dist core
 	$(PY) -m build --outdir dist .
+	rm -rf $(EGG_INFO)
 	$(PY) -m twine check --strict dist/*
 
 bench: prereqs venv

@@ -40,6 +40,9 @@
    blocks changed and another after 10 %: their size and time beside the full's; the restore of the chain
    (pg_combinebackup, copy, recovery) beside the full's, each restored server's data checked
    (bench/incrementalbench.py).
+14. the Backups page (issue 27) of a root holding 10,000 catalogued backups (one real backup's proof files,
+   each with a catalog entry of its own): the page rendered once the root is listed, median of 5, beside
+   the 1 s target; the first listing and the page after one more store (bench/pagebench.py).
 
 Prints a table and writes it, with every detail, to bench/results.json. Everything it starts is
 stopped and its work folder (BENCH_WORKDIR, default /var/tmp/pg-safe-backup-bench) deleted at
@@ -70,6 +73,8 @@ RESULTS = ROOT / "bench" / "results.json"
 MANIFEST_TARGET_RATIO = 1.2
 #: Figure 8's target (issue 23): a local restore takes at most this many times its copy's time per GB.
 RESTORE_TARGET_RATIO = 1.3
+#: Issue 27's goal for figure 14: the Backups page of 10,000 catalogued backups rendered within this.
+PAGE_TARGET_S = 1.0
 #: Issue 14's goal for figure 7: the copy's maximum RSS, whatever the data size.
 COPY_RSS_LIMIT_MB = 256
 #: Issue 24's goal for figure 4: the backup DAG's time beside its own copy (the fixed cost per backup).
@@ -211,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip",
         default="",
         help="phases to skip, comma separated: latency, sessions, dag, lsn, manifest, copy, restore, wal,"
-        " peer, fleet, snapshot, incremental",
+        " peer, fleet, snapshot, incremental, page",
     )
     p.add_argument(
         "--no-reference",
@@ -358,6 +363,10 @@ def targets(r: dict[str, Any], max_n_wanted: int) -> dict[str, dict[str, Any]]:
             f" {small:g} + 1) = {limit:g} s (small: {r.get('snapshot_small_gb')} GB; a copy in backup"
             f" mode: {r.get('copy_mode_s_small')} -> {r.get('copy_mode_s_large')} s)",
             large <= limit,
+        )
+    if r.get("backups_page_10k_s") is not None:
+        out["Backups page of 10,000 backups"] = t(
+            r["backups_page_10k_s"], f"< {PAGE_TARGET_S:g} s", lt(r["backups_page_10k_s"], PAGE_TARGET_S)
         )
     return out
 
@@ -640,6 +649,16 @@ def table(r: dict[str, Any]) -> str:
             f"the full's restore: {r['full_restore_s']:g} s",
             None,
         )
+    if r.get("backups_page_10k_s") is not None:
+        page = r["backups_page_detail"]
+        row(
+            f"the Backups page of {page['backups']:,} catalogued backups, once listed (median of"
+            f" {len(page['rounds_s'])})",
+            f"{r['backups_page_10k_s']:g} s ({page['page_mb']:g} MB); the first listing {page['cold_s']:g} s,"
+            f" after one more store {page['after_a_store_s']:g} s",
+            f"target {PAGE_TARGET_S:g} s",
+            "Backups page of 10,000 backups",
+        )
     return "\n".join(lines)
 
 
@@ -816,6 +835,10 @@ def main(argv: list[str] | None = None) -> int:
                 "incremental_detail",
                 lambda: incrementalbench.run(work, args.incremental_scale),
             )
+        if "page" not in args.skip:
+            from bench import pagebench
+
+            measure_phase(results, "page", "backups_page_detail", lambda: pagebench.run(work))
         results["targets"] = targets(results, max(args.sessions))
         results["bench_duration_s"] = round(time.monotonic() - t_start)
         results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -4,8 +4,10 @@ Steps: a demo PostgreSQL cluster with WAL archiving and a small write load; Airf
 it (loopback only): api-server, scheduler, dag-processor, two triggerers, CeleryExecutor with a Redis
 broker, a default worker and a worker on the database host's queue, metadata in PostgreSQL; the example
 DAG ``pg_backup_example`` triggered and followed, its copy pinned to that queue; the restore check on the
-stored backup, recorded in its catalog entry (``<backup>.backup_info.json``, beside it); last,
-``pg-safe-backup list`` of the demo's backups.
+stored backup, recorded in its catalog entry (``<backup>.backup_info.json``, beside it); then
+``pg-safe-backup list`` of the demo's backups; last, the commands that list, verify and restore that
+backup by hand (the CLI by its path in this venv). The long waits (Airflow's start and stop, the DAG run)
+say what they wait for every 10 s.
 
 The demo cluster archives its WAL with ``pg-safe-backup wal-push`` (gzip) and the restore check reads it
 back with ``wal-fetch``, both run by the server as its OS user: they import this package from a copy in
@@ -13,7 +15,9 @@ the work directory (put first on PYTHONPATH), so a private checkout works too.
 
 Point it at a real cluster instead with DEMO_PG_URI (an Airflow connection URI), DEMO_PGDATA (its
 data directory, readable here) and DEMO_WAL_ARCHIVE (its WAL archive).
-Everything it starts is stopped at the end (also on Ctrl-C or failure) unless --keep is given.
+Everything it starts is stopped at the end (also on Ctrl-C or failure) unless --keep is given: then it
+prints the UI's address and login, and stops everything on Ctrl-C. The work directory stays, with the
+backups and the WAL archive the printed commands use.
 
 Its files go to a work directory the PostgreSQL server's OS user can reach (as root, the server runs
 as ``postgres``, which cannot enter a private checkout such as one under /root): by default
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
 
     cluster = writer = stack = None
+    closing: list[str] = []  # told last: how to reach what the demo left (and, with --keep, still runs)
     try:
         if os.environ.get("DEMO_PG_URI") and not args.setup_only:
             conn_uri, pgdata = os.environ["DEMO_PG_URI"], Path(os.environ["DEMO_PGDATA"])
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             triggerers=2,
             workers={DEFAULT_QUEUE: [DEFAULT_QUEUE], COPY_QUEUE: [COPY_QUEUE]},
+            progress=say,
         )
         stack.start()
         run_id = stack.trigger(DAG_ID)
@@ -215,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
 
         state = stack.wait_for_run(DAG_ID, run_id, timeout=600, on_progress=progress)
         committed = writer.stop() if writer else 0
-        say(f"DAG run ended: {state}")
         say(f"queues: {stack.task_queues(DAG_ID, run_id)}")
         if state != "success":
             for task in stack.task_states(DAG_ID, run_id):
@@ -244,19 +250,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verdict: {result.summary().splitlines()[0]}")
         print(f"backup: {backup_dir}")
         print(f"wal archive: {archive}")
+        cli = cli_command()
+        steps = next_steps(cli, backups, backup_dir, archive, work)
+        listed = steps[0][1]
+        print(f"\n$ {shlex.join(listed)}", flush=True)
+        closing += tell_next_steps(cli, steps, work)
         if args.keep:
-            print(
-                f"Airflow is still running (api-server: {getattr(stack, 'api_url', 'see logs')}); stop it "
-                "with Ctrl-C or re-run make demo."
+            user, password = stack.login
+            closing.append(
+                f"Airflow is still running: open {stack.api_url} and log in as {user} / {password}; the demo"
+                + (f" cluster listens on 127.0.0.1:{cluster.port}" if cluster else "")
+                + ". Ctrl-C stops everything."
             )
-        listed = list_command(backups)
-        print(f"\n$ {' '.join(listed)}", flush=True)
         return 0 if subprocess.run(listed).returncode == 0 and result.ok else 1
     except KeyboardInterrupt:
         say("interrupted")
         return 130
     finally:
         if args.keep:
+            print("\n".join(closing), flush=True)
             _wait_for_ctrl_c()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
         if writer and writer.is_alive():
@@ -267,23 +279,60 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop()
         if args.setup_only:
             shutil.rmtree(work, ignore_errors=True)
+        if not args.keep and closing:
+            print("\n" + "\n".join(closing), flush=True)
 
 
-def list_command(root: Path) -> list[str]:
-    """``pg-safe-backup list ROOT``: the console script pip installed beside this Python, else the module."""
+def cli_command() -> list[str]:
+    """``pg-safe-backup`` by its absolute path: the console script pip installed beside this Python (the
+    venv's, on no PATH until the venv is activated), else this Python running the module."""
     script = Path(sys.executable).parent / "pg-safe-backup"
-    return (
-        [str(script), "list", str(root)]
-        if script.is_file()
-        else [sys.executable, "-m", "pg_safe_backup", "list", str(root)]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "pg_safe_backup"]
+
+
+def next_steps(
+    cli: list[str], backups: Path, backup: Path, archive: Path, work: Path
+) -> list[tuple[str, list[str]]]:
+    """What a person does next with the demo's backup, each step with its command, runnable as it stands.
+
+    :param cli: the CLI's command (:func:`cli_command`).
+    :param backups: the root the backups are stored under.
+    :param backup: the demo's backup (a folder under ``backups``).
+    :param archive: the WAL archive the backup needs.
+    :param work: the work directory (the restore's new data directory goes there).
+    """
+    return [
+        ("list the backups", [*cli, "list", str(backups)]),
+        (
+            "verify this one: page LSNs, pg_verifybackup, then a restore on a temporary server",
+            [*cli, "verify", str(backup), str(archive)],
+        ),
+        (
+            "restore it into a new data directory (it says how to start it)",
+            [*cli, "restore", "--wal-archive", str(archive), str(backup), str(work / "restored")],
+        ),
+    ]
+
+
+def tell_next_steps(cli: list[str], steps: list[tuple[str, list[str]]], work: Path) -> list[str]:
+    """The lines that give :func:`next_steps` to a person, and say where the CLI is."""
+    where = (
+        "on your PATH"
+        if shutil.which("pg-safe-backup") == cli[0]
+        else f"not on your PATH: call it by this path, or `. {Path(sys.executable).parent}/activate` first"
     )
+    lines = [f"The CLI is {shlex.join(cli)} ({where}). Next, by hand:"]
+    for what, command in steps:
+        lines += [f"  # {what}", f"  {shlex.join(command)}"]
+    lines.append(f"(the backups, the WAL archive and the logs stay in {work} until the next make demo)")
+    return lines
 
 
 def _wait_for_ctrl_c() -> None:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a TERM (see main): then everything is stopped
         pass
 
 

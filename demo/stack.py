@@ -21,6 +21,7 @@ keeps its own configuration.
 
 from __future__ import annotations
 
+import ast
 import atexit
 import json
 import os
@@ -101,6 +102,23 @@ def _might_contain_dag(path: Path) -> bool:
     except OSError:
         return False
     return b"airflow" in content and b"dag" in content
+
+
+def _names_dag(path: Path) -> bool:
+    """Whether the file's code names ``DAG`` or ``dag`` (called, imported, decorating): a module beside the
+    DAGs that they import (a notifier) is parsed too, and yields neither a DAG nor an error."""
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return True  # Airflow reports it as an import error: wait for that
+    for node in ast.walk(tree):
+        if isinstance(node, ast.alias):
+            names = {node.name.rpartition(".")[2], node.asname}
+        else:
+            names = {getattr(node, "id", None), getattr(node, "attr", None)}
+        if names & {"DAG", "dag"}:
+            return True
+    return False
 
 
 class _Wait:
@@ -459,7 +477,8 @@ class AirflowStack:
         return f"DAGs parsed from {missing}" if missing else ""
 
     def dag_files(self) -> list[Path]:
-        """The files of the DAGs folder the dag-processor parses (safe-mode heuristic, no .airflowignore)."""
+        """The files of the DAGs folder the dag-processor parses (safe-mode heuristic, no .airflowignore)
+        whose code names a DAG."""
         files = (
             p
             for p in self.dags_folder.rglob("*.py")
@@ -467,7 +486,7 @@ class AirflowStack:
                 part.startswith((".", "__pycache__")) for part in p.relative_to(self.dags_folder).parts
             )
         )
-        return sorted(p for p in files if _might_contain_dag(p))
+        return sorted(p for p in files if _might_contain_dag(p) and _names_dag(p))
 
     def pids(self) -> dict[str, int]:
         """Component name -> pid of its (running or dead) main process."""
@@ -732,7 +751,9 @@ class AirflowStack:
                 raise TimeoutError(
                     f"{dag_id} run {run_id} still {state} after {timeout}s; tasks {last}\n{self.dump_logs()}"
                 )
-            going = ", ".join(f"{t}={s}" for t, s in sorted((last or {}).items()) if s not in TASK_ENDED)
+            going = ", ".join(
+                f"{t}={s}" for t, s in sorted((last or {}).items()) if s not in TASK_ENDED and s != "none"
+            )
             wait.still(f"the {dag_id} run ({state}{'; ' + going if going else ''})")
             time.sleep(poll_interval)
 

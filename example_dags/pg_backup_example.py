@@ -6,6 +6,10 @@ connection ``pg_main`` (type postgres) for the cluster. With CeleryExecutor, set
 the queue of the worker that sees the data directory (``airflow celery worker --queues pg-db1`` on the
 database host): the copy is pinned to it with ``queue=``. ``pg_backup_rsync_example`` is the same backup
 with a copy of your own (rsync).
+
+A failed task calls the group's notifier (``pg_backup_notifier``: a log line; SMTP or Slack in production).
+The store task updates the Airflow Asset of BACKUP_ROOT (``file:///backups``, ``s3://bucket/backups``):
+``pg_restore_drill_example`` is scheduled on it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 
 import pendulum
+from pg_backup_notifier import BackupFailureNotifier
 
 from airflow.sdk import DAG
 
@@ -39,6 +44,7 @@ with DAG(
         backup_timeout=3600,
         fast_checkpoint=os.environ.get("PG_BACKUP_FAST_CHECKPOINT", "") == "1",
         poll_interval=2.0,
+        default_args={"on_failure_callback": BackupFailureNotifier()},  # every task of the group
     ) as backup:
         # pg_basebackup's exclusions, tablespaces inside the copy, global/pg_control last, SHA-256 of each
         # file for the manifest, fsync. overwrite: a cleared run copies again into the same folder.
@@ -49,4 +55,10 @@ with DAG(
             overwrite=True,
             queue=os.environ.get("PG_BACKUP_COPY_QUEUE", "default"),
         )
-    PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=DESTINATION)
+    # Its outlet: the Asset of BACKUP_ROOT, the destination's folder (catalog_root= when a template makes it).
+    PostgresStoreBackupLabelOperator(
+        task_id="store_backup_label",
+        backup=backup,
+        destination=DESTINATION,
+        on_failure_callback=BackupFailureNotifier(),
+    )

@@ -12,6 +12,7 @@ import os
 import shlex
 
 import pendulum
+from pg_backup_notifier import BackupFailureNotifier
 
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
@@ -51,10 +52,16 @@ with DAG(
         backup_timeout=3600,
         fast_checkpoint=os.environ.get("PG_BACKUP_FAST_CHECKPOINT", "") == "1",
         poll_interval=2.0,
+        default_args={"on_failure_callback": BackupFailureNotifier()},  # every task of the group
     ) as backup:
         BashOperator(
             task_id="copy_data_directory",
             bash_command=COPY,
             queue=os.environ.get("PG_BACKUP_COPY_QUEUE", "default"),
         )
-    PostgresStoreBackupLabelOperator(task_id="store_backup_label", backup=backup, destination=DESTINATION)
+    PostgresStoreBackupLabelOperator(
+        task_id="store_backup_label",
+        backup=backup,
+        destination=DESTINATION,
+        on_failure_callback=BackupFailureNotifier(),
+    )

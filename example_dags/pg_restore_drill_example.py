@@ -1,5 +1,5 @@
-"""A nightly restore drill, then retention: prove the newest backup under BACKUP_ROOT still restores, and
-how long it takes; then delete what the retention policy lets go.
+"""A restore drill after each backup, then retention: prove the newest backup under BACKUP_ROOT still
+restores, and how long it takes; then delete what the retention policy lets go.
 
 ``pg_backup_example`` stores each backup in its own folder under BACKUP_ROOT with a catalog entry
 (``<folder>.backup_info.json``) beside it. This DAG takes the newest that proves itself (its label and
@@ -15,6 +15,9 @@ backup's start (as pg_archivecleanup); a failed drill deletes nothing.
 
 Run it on a worker with PostgreSQL binaries of the backup's major and room for one more copy
 (``queue=``, PG_DRILL_QUEUE). Set WAL_ARCHIVE to the folder archive_command copies into.
+
+Scheduled on the Airflow Asset of BACKUP_ROOT, which the backup DAG's store task updates: it runs after each
+stored backup, not on a clock. A failure calls the notifier of ``pg_backup_notifier``.
 """
 
 from __future__ import annotations
@@ -23,22 +26,29 @@ import os
 from datetime import timedelta
 
 import pendulum
+from pg_backup_notifier import BackupFailureNotifier
 
 from airflow.sdk import DAG
 
 from pg_safe_backup.operators.lifecycle import PostgresBackupRetentionOperator, PostgresRestoreDrillOperator
+from pg_safe_backup.utils.mixins import catalog_asset
+
+BACKUP_ROOT = os.environ.get("BACKUP_ROOT", "/backups")
 
 with DAG(
     "pg_restore_drill_example",
-    schedule=os.environ.get("PG_DRILL_SCHEDULE", "0 7 * * *"),  # after the night's backup
+    # After each stored backup. Run only then, it cannot see the backups stop (max_age): for that, add a
+    # clock, AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 7 * * *", timezone="UTC"), assets=...).
+    schedule=catalog_asset(BACKUP_ROOT),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args={"on_failure_callback": BackupFailureNotifier()},
     tags=["postgres", "backup", "drill"],
 ) as dag:
     drill = PostgresRestoreDrillOperator(
         task_id="restore_drill",
-        root=os.environ.get("BACKUP_ROOT", "/backups"),
+        root=BACKUP_ROOT,
         wal_archive=os.environ.get("WAL_ARCHIVE", "/var/lib/postgresql/wal_archive"),
         max_age=timedelta(hours=float(os.environ.get("DRILL_MAX_AGE_HOURS", "30"))),
         # Rows every restore must show: adapt to your data (true in every row, or the drill fails).
@@ -47,7 +57,7 @@ with DAG(
     )
     drill >> PostgresBackupRetentionOperator(
         task_id="retention",
-        root=os.environ.get("BACKUP_ROOT", "/backups"),
+        root=BACKUP_ROOT,
         wal_archive=os.environ.get("WAL_ARCHIVE", "/var/lib/postgresql/wal_archive"),
         keep_last=int(os.environ.get("KEEP_LAST", "7")),
     )

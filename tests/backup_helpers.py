@@ -402,6 +402,15 @@ def big_endian_pg_control(raw: bytes, pg_control_version: int) -> bytes:
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
+def cli_env() -> dict[str, str]:
+    """The environment a command of this checkout runs in: its provider/ (the package) and the checkout
+    (demo/) first on PYTHONPATH."""
+    path = os.pathsep.join(
+        p for p in (f"{ROOT_DIR / 'provider'}", f"{ROOT_DIR}", os.environ.get("PYTHONPATH")) if p
+    )
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def run_cli(*args: str | Path, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``pg-safe-backup ARGS`` (``python -m pg_safe_backup``) as a DBA runs it, this checkout's package first.
 
@@ -409,14 +418,11 @@ def run_cli(*args: str | Path, timeout: float = 300, cwd: Path | None = None) ->
     :param timeout: seconds before the test fails.
     :param cwd: where it runs.
     """
-    path = os.pathsep.join(
-        p for p in (f"{ROOT_DIR / 'provider'}", f"{ROOT_DIR}", os.environ.get("PYTHONPATH")) if p
-    )
     return subprocess.run(
         [sys.executable, "-m", "pg_safe_backup", *map(str, args)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": path},
+        env=cli_env(),
         timeout=timeout,
         cwd=cwd,
     )
@@ -717,18 +723,19 @@ def standby_backup(
 
 
 @contextlib.contextmanager
-def cluster_with_space(root: Path) -> Iterator[tuple[LocalCluster, Path, Path]]:
+def cluster_with_space(root: Path, fresh: bool = False) -> Iterator[tuple[LocalCluster, Path, Path]]:
     """An archiving cluster in ``root``/data (autovacuum off), reachable as the ``pg_test`` connection, with
     its WAL archive ``root``/archive and an empty tablespace location ``root``/space1; stopped on leaving.
 
     :param root: a folder the postgres OS user can enter.
+    :param fresh: a system identifier of its own (another cluster than one made without it).
     :returns: the cluster, its archive and the tablespace location.
     """
     archive, location = root / "archive", root / "space1"
     for folder in (archive, location):
         folder.mkdir()
         give_to_server_user(folder)
-    cluster = archiving_cluster(root / "data", archive, PASSWORD, autovacuum="off")
+    cluster = archiving_cluster(root / "data", archive, PASSWORD, fresh=fresh, autovacuum="off")
     env = pytest.MonkeyPatch()
     env.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
     try:

@@ -1,9 +1,10 @@
 """demo.stack.AirflowStack drives a real Airflow (PostgreSQL metadata DB, Celery + Redis, two triggerers, a
 worker per queue): deferral through the triggerer, a task pinned to a queue, env, XCom, logs, clean
-stop."""
+stop; its long waits (start, run, stop) told as they go."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from demo.stack import STACK_ID_VAR, AirflowStack
+from demo.stack import PROGRESS_EVERY_S, STACK_ID_VAR, AirflowStack
 
 DAG_ID = "stack_smoke"
 DAG_FILE = textwrap.dedent("""
@@ -81,12 +82,14 @@ def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
     dags.mkdir()
     (dags / "stack_smoke.py").write_text(DAG_FILE)
     marker = f"env-reached-the-task-{time.time_ns()}"
+    told: list[str] = []
     stack = AirflowStack(
         tmp_path / "airflow",
         dags,
         extra_env={"STACK_SMOKE_MARKER": marker},
         triggerers=2,
         workers={"default": ["default"], "pg-smoke": ["pg-smoke"]},
+        progress=told.append,
     )
 
     seen_states: dict[str, set[str]] = {}
@@ -154,6 +157,27 @@ def test_stack_runs_deferred_bash_and_xcom_dag(tmp_path: Path) -> None:
         ) == [(2,)]
 
     assert not _survivors(seen_pids), _survivors(seen_pids)
+    assert_told_as_it_went(told)
     assert not stack.processes()
     assert not _stack_pids(stack), "a process carrying the stack id survived"
     assert not db_root.exists(), "the metadata DB's cluster was left behind"
+
+
+def assert_told_as_it_went(told: list[str]) -> None:
+    """Each long wait said that it began, a "still waiting" line every PROGRESS_EVERY_S of it, and its end
+    with how long it took."""
+    waits = [
+        ("starting Airflow", "Airflow ready at"),
+        ("waiting for the stack_smoke run", "the stack_smoke run"),
+        ("stopping Airflow", "Airflow stopped"),
+    ]
+    at = 0
+    for begins, ends in waits:
+        first = next(i for i in range(at, len(told)) if told[i].startswith(begins))
+        last = next(i for i in range(first + 1, len(told)) if told[i].startswith(ends))
+        took = int(re.search(r"\((\d+) s\)$", told[last]).group(1))
+        still = told[first + 1 : last]
+        assert all(line.startswith("still waiting for ") for line in still), still
+        assert took // PROGRESS_EVERY_S - 1 <= len(still) <= took // PROGRESS_EVERY_S + 1, (took, still)
+        at = last + 1
+    assert told[-1].startswith("Airflow stopped"), told

@@ -411,7 +411,9 @@ def test_the_gate_never_opens_on_an_attempt_that_is_not_surely_the_current_one(h
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_the_gate_advises_a_fast_checkpoint_only_for_a_backup_started_without_one(hook, cluster, caplog, fast):
+def test_the_gate_advises_a_fast_checkpoint_only_for_a_backup_started_without_one(
+    hook, cluster, caplog, fast
+):
     """The start checkpoint still runs after 5 s. A spread one: the gate's log says fast_checkpoint=True would
     not wait for it; an immediate one was asked for already: that advice would mislead."""
     ticks = itertools.count()  # one second a look: the 5 s pass without waiting for them

@@ -18,6 +18,7 @@ import pytest
 from airflow.sdk import ObjectStoragePath
 
 from pg_safe_backup.catalog import INFO_NAME, entry_path, read_info
+from pg_safe_backup.cli import NO_VERDICT
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
 from pg_safe_backup.state import parse_backup_label, wal_segment_name
 from pg_safe_backup.store import CopyRecords, write_manifest
@@ -86,7 +87,7 @@ def test_store_writes_label_wal_and_manifest_and_every_check_passes(taken, tmp_r
     listed = run_cli("list", tmp_root)
     assert listed.returncode == 0, listed.stderr
     head, row, *notes, count = listed.stdout.splitlines()
-    assert head.split()[:2] == ["started", "size"] and count == "1 backup"
+    assert head.split()[:4] == ["started", "age", "took", "size"] and count == "1 backup"
     assert info.start_lsn in row and info.stop_lsn in row and " yes " in row and str(copy) in row
     assert " proven " in row, listed.stdout
     as_json = run_cli("list", tmp_root, "--json")
@@ -245,7 +246,7 @@ def test_a_check_that_could_not_run_is_an_error_recorded_nowhere(taken, stored, 
     (taken.root / "no_binaries").mkdir(exist_ok=True)
     before = entry_path(stored).read_bytes()
     done = verify(stored, *flags(taken, other_archive))
-    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.returncode == NO_VERDICT, done.stdout + done.stderr
     error = done.stderr.strip()
     assert len(error.splitlines()) == 1 and named in error, error
     assert done.stdout == "", "no verdict"

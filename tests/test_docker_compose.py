@@ -1,15 +1,19 @@
 """docker-compose.yml: no Docker engine runs here, so check what can be checked without one.
 
 The file has the shape of Airflow's own docker-compose.yaml for Airflow 3 (CeleryExecutor, Redis, a
-PostgreSQL metadata DB, airflow-init, healthchecks), plus ``pg-main``, the PostgreSQL to back up.
+PostgreSQL metadata DB, airflow-init, healthchecks, DAGs paused at creation), plus ``pg-main``, the
+PostgreSQL to back up. The restore drill's DAG is loaded with the environment the services give it: every
+path its tasks name is mounted, writable, on the workers that run them, and the image has the server
+binaries of pg-main's major.
 """
 
 from __future__ import annotations
 
 import re
+import runpy
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import pytest
@@ -45,6 +49,19 @@ def services(compose: dict) -> dict[str, dict]:
 def mounts(service: dict) -> dict[str, str]:
     """target path -> source volume name."""
     return {m.split(":")[1]: m.split(":")[0] for m in service.get("volumes", [])}
+
+
+def volume_at(service: dict, path: str) -> tuple[str, str, bool] | None:
+    """Where ``path`` is in the service: (the volume, the path inside it, writable), or None (not mounted)."""
+    found = None
+    for mount in service.get("volumes", []):
+        source, target, *options = mount.split(":")
+        if PurePosixPath(path).is_relative_to(target) and (found is None or len(target) > len(found[1])):
+            found = (source, target, "ro" not in options)
+    if found is None:
+        return None
+    source, target, writable = found
+    return source, str(PurePosixPath(path).relative_to(target)), writable
 
 
 def command(service: dict) -> str:
@@ -187,15 +204,81 @@ def test_airflow_is_configured_for_the_example(services):
             conn.hostname == TARGET and conn.password == services[TARGET]["environment"]["POSTGRES_PASSWORD"]
         )
         assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/pg-safe-backup/example_dags"
+        # As Airflow's own file: nothing runs before someone unpauses it.
+        assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "true", name
     dockerfile = (ROOT / services[WORKER]["build"]["dockerfile"]).read_text()
     assert "/opt/pg-safe-backup" in dockerfile and "rsync" in dockerfile
+
+
+def test_every_path_of_the_drill_dag_is_mounted_writable_where_its_tasks_run(services, monkeypatch):
+    """The drill DAG as the services parse it (their environment): each absolute path a task of it names
+    (the backups' root, the WAL archive) is on a writable volume of every worker serving its queue (the
+    drill records its result beside the backup, retention deletes backups and WAL), and its WAL archive is
+    the one pg-main's archive_command writes."""
+    for var, value in services[WORKER]["environment"].items():
+        monkeypatch.setenv(var, str(value))
+    dags_folder = ROOT / "example_dags"
+    monkeypatch.syspath_prepend(str(dags_folder))  # as Airflow parses it: its folder's modules importable
+    dag = runpy.run_path(str(dags_folder / "pg_restore_drill_example.py"))["dag"]
+    archive_dir = re.search(r"cp %p (\S+)/%f", command(services[TARGET])).group(1)
+    pg_main_archive = volume_at(services[TARGET], archive_dir)
+    checked = []
+    for task in dag.tasks:
+        runners = [
+            name
+            for name in AIRFLOW_SERVICES
+            if (serves := re.search(r"--queues (\S+)", command(services[name])))
+            and task.queue in serves.group(1).split(",")
+        ]
+        assert runners, f"no worker serves {task.task_id}'s queue {task.queue!r}"
+        for field in task.template_fields:
+            path = getattr(task, field)
+            if not (isinstance(path, str) and path.startswith("/")):
+                continue
+            for name in runners:
+                where = volume_at(services[name], path)
+                assert where, f"{task.task_id}.{field} = {path} is not mounted in {name}"
+                assert where[2], f"{task.task_id}.{field} = {path} is mounted read-only in {name}"
+                if field == "wal_archive":
+                    archived = pg_main_archive[:2]
+                    assert where[:2] == archived, (
+                        f"{task.task_id} reads {where[:2]}, pg-main archives {archived}"
+                    )
+            checked.append(f"{task.task_id}.{field}")
+    assert sorted(checked) == [
+        "restore_drill.root",
+        "restore_drill.wal_archive",
+        "retention.root",
+        "retention.wal_archive",
+    ]
+
+
+def test_the_image_has_the_server_binaries_of_the_backed_up_cluster_s_major(services):
+    """The drill restores pg-main's backups on a temporary server of the same major: the image installs
+    Debian's postgresql-MAJOR (initdb, pg_ctl, postgres, amcheck; pg_verifybackup by its client package)
+    for the major of pg-main's image, passed as the build argument PG_MAJOR."""
+    major = re.fullmatch(r"postgres:(\d+)(?:[.-].*)?", services[TARGET]["image"]).group(1)
+    for name in AIRFLOW_SERVICES:
+        assert str(services[name]["build"]["args"]["PG_MAJOR"]) == major, name
+    dockerfile = (ROOT / services[WORKER]["build"]["dockerfile"]).read_text()
+    lines = dockerfile.splitlines()
+    base = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    declared = next(i for i, line in enumerate(lines) if re.fullmatch(r"ARG PG_MAJOR(=\d+)?", line))
+    assert declared > base, "ARG PG_MAJOR before FROM is not seen by the RUN lines"
+    install = re.search(r"apt-get install [^&]*\"postgresql-\$\{PG_MAJOR\}\"", dockerfile)
+    assert install, "the Dockerfile does not install postgresql-${PG_MAJOR}"
+    assert install.start() > dockerfile.index(lines[declared]), (
+        "postgresql-${PG_MAJOR} installed before its ARG"
+    )
+    # No idle cluster made by the package in the image (the postgres image's own setting).
+    assert re.search(r"create_main_cluster.*= false", dockerfile), "the package would make a cluster"
 
 
 @pytest.mark.skipif(
     not shutil.which("docker-compose"),
     reason="docker-compose is not installed: `make prereqs` installs it (Debian package docker-compose)",
 )
-def test_docker_compose_config_accepts_the_file():
+def test_docker_compose_config_accepts_the_file(services):
     out = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
         capture_output=True,
@@ -210,6 +293,7 @@ def test_docker_compose_config_accepts_the_file():
     assert resolved["airflow-scheduler"]["depends_on"]["airflow-init"]["condition"] == (
         "service_completed_successfully"
     )
+    assert resolved[WORKER]["build"]["args"]["PG_MAJOR"] == str(services[WORKER]["build"]["args"]["PG_MAJOR"])
 
 
 def test_the_image_s_airflow_is_supported_and_installs_with_its_constraints():

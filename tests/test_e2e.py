@@ -1,20 +1,24 @@
 """End to end: a real Airflow (demo/stack.py: PostgreSQL metadata DB, CeleryExecutor with a Redis broker)
-backs up a real cluster under write load, and every backup is restored and checked."""
+backs up a real cluster under write load, and every backup is restored and checked; the store task's Asset
+schedules the drill; the workers and the triggerer send their metrics to a StatsD the test reads."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from metrics_helpers import StatsD
 
 from demo.load import invariant_sql
 from demo.s3 import KEY, SECRET, LocalS3, local_s3
 from demo.stack import AirflowStack
 from pg_safe_backup.catalog import read_info
 from pg_safe_backup.local_cluster import give_to_server_user
+from pg_safe_backup.utils.mixins import catalog_asset
 from pg_safe_backup.verify import verify_backup
 
 from backup_helpers import recovered, run_cli
@@ -54,8 +58,16 @@ def s3() -> Iterator[LocalS3]:
 
 
 @pytest.fixture(scope="module")
-def env(s3: LocalS3) -> Iterator[dict]:
-    with backup_stack("pgsb-e2e-", PASSWORD, DAGS, DAG_IDS, extra_env=store_env(s3)) as env:
+def statsd() -> Iterator[StatsD]:
+    server = StatsD()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def env(s3: LocalS3, statsd: StatsD) -> Iterator[dict]:
+    extra_env = {**store_env(s3), **statsd.environment()}
+    with backup_stack("pgsb-e2e-", PASSWORD, DAGS, DAG_IDS, extra_env=extra_env) as env:
         cluster, space = env["cluster"], env["root"] / "space1"
         space.mkdir()
         give_to_server_user(space)
@@ -123,6 +135,8 @@ def test_copy_operator_backup_under_write_load_with_tablespace_restores(env):
     """PostgresCopyDataDirectoryOperator: the tablespace inside the copy, the manifest from the copy's
     checksums, the DAG's page-LSN check, pg_verifybackup and restore check, and every committed row."""
     env["cluster"].sql("TRUNCATE ledger, spaced")  # the writer counts ids from 1 again (last test here)
+    # Its store task updates the root's Asset: the drill scheduled on it runs next (the drill's test).
+    env["stack"]._api("PATCH", "/api/v2/dags/e2e_drill", {"is_paused": False})
     completed = backup_under_write_load(env, "e2e_copy_operator", "e2e_copier", TABLES)
     assert_restores_with_every_commit(env, completed, TABLES)
     oid = env["cluster"].sql("SELECT oid FROM pg_tablespace WHERE spcname = 'space1'")[0][0]
@@ -143,11 +157,29 @@ def drill(stack: AirflowStack, dag_id: str, run_id: str) -> dict:
     return stack.xcom(dag_id, run_id, "restore_drill")
 
 
+def asset_triggered_run(stack: AirflowStack, dag_id: str, timeout: float = 120) -> dict:
+    """The run of ``dag_id`` an asset event started, once there is one."""
+    deadline = time.monotonic() + timeout
+    while not (runs := stack._get_all(f"/api/v2/dags/{dag_id}/dagRuns?run_type=asset_triggered", "dag_runs")):
+        assert time.monotonic() < deadline, f"no asset-triggered run of {dag_id} in {timeout} s"
+        time.sleep(1)
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
 def test_restore_drill_of_the_newest_backup_records_its_rto(env):
-    """After the copy operator's backup (the newest under the root): the drill DAG restores it and records
-    how long that took; a max_age shorter than its age fails the drill, naming the age."""
+    """After the copy operator's backup (the newest under the root), its store task's Asset event starts the
+    drill DAG scheduled on it: it restores that backup and records how long that took; a max_age shorter than
+    its age fails the drill, naming the age."""
     stack = env["stack"]
-    drilled = drill(stack, "e2e_drill", "drill_ok")
+    run = asset_triggered_run(stack, "e2e_drill")
+    assert stack.wait_for_run("e2e_drill", run["dag_run_id"], timeout=300) == "success", stack.task_log(
+        "e2e_drill", run["dag_run_id"], "restore_drill"
+    )[-3000:]
+    events = stack._get_all("/api/v2/assets/events?source_dag_id=e2e_copy_operator", "asset_events")
+    assert [e["uri"] for e in events] == [catalog_asset(str(env["backups"])).uri], events
+    assert events[0]["source_task_id"] == "store_backup_label" and events[0]["source_run_id"] == "e2e_copier"
+    drilled = stack.xcom("e2e_drill", run["dag_run_id"], "restore_drill")
     newest = env["backups"] / "e2e_copier"
     assert drilled["backup"] == str(newest) and drilled["ok"], drilled
     assert (
@@ -155,8 +187,9 @@ def test_restore_drill_of_the_newest_backup_records_its_rto(env):
         and drilled["checks"]["restore check"]["status"] == "PASS"
     )
     recorded = read_info(newest).verifications[-1]
-    assert recorded["by"] == "drill e2e_drill/drill_ok" and recorded["ok"] and recorded["seconds"] > 0
-    log = task_log(stack, "e2e_drill", "drill_ok", "restore_drill", "drill: the restore took")
+    assert recorded["by"] == f"drill e2e_drill/{run['dag_run_id']}"
+    assert recorded["ok"] and recorded["seconds"] > 0
+    log = task_log(stack, "e2e_drill", run["dag_run_id"], "restore_drill", "drill: the restore took")
     assert f"drill: the restore took {drilled['restore_s']:.1f} s (RTO: {drilled['rto_s']:.1f} s" in log
     stack.trigger("e2e_drill", conf={"max_age": 0.5}, run_id="drill_too_old")
     assert stack.wait_for_run("e2e_drill", "drill_too_old", timeout=300) == "failed"
@@ -194,3 +227,17 @@ def test_a_tar_backup_in_s3_by_the_copy_operator_is_drilled_and_restored_from_it
     with recovered(work / "restored") as server:
         rows = server.sql(invariant_sql(TABLES, completed["committed"]))
         assert len(rows) == len(TABLES) and all(ok for ok, _ in rows), rows
+
+
+def test_the_workers_and_the_triggerer_send_their_metrics(env, statsd, completed_backup):
+    """Airflow's StatsD, configured in every component: the hold task (a worker) counts the start, the
+    holder's trigger its wait for the archive and its looks at Airflow (the triggerer), the store task the
+    backup completed, with fixed names and no run, DAG or cluster in them."""
+    started = statsd.arrived("backup.started")
+    assert {d.tags["mode"] for d in started} == {"full"} and all(d.kind == "c" for d in started)
+    assert statsd.arrived("wal_archive.wait")[0].kind == "ms"
+    assert all(d.tags == {} for d in statsd.arrived("holder_check.duration"))
+    completed = statsd.arrived("backup.completed")
+    assert {(d.kind, d.value) for d in completed} == {("c", 1.0)}, completed
+    ours = [d for d in statsd.received if "pg_safe_backup." in d.name]
+    assert not [d for d in ours if "e2e" in d.name or any("e2e" in v for v in d.tags.values())], ours

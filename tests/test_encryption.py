@@ -33,6 +33,7 @@ from demo.s3 import KEY as S3_KEY
 from demo.s3 import SECRET as S3_SECRET
 from demo.s3 import LocalS3, local_s3
 from pg_safe_backup.catalog import entry_path, list_backups, read_info
+from pg_safe_backup.cli import NO_VERDICT, USAGE
 from pg_safe_backup.encryption import backup_key_id, decrypt_backup
 from pg_safe_backup.files.crypt import SUFFIX, EncryptionKey
 from pg_safe_backup.files.manifest import manifest_version
@@ -265,7 +266,7 @@ def test_without_the_key_restore_verify_and_list_say_in_one_line_which_key_and_w
     assert KEY.key_id in line and "--encryption-key-file" in line and "--encryption-key-env" in line, line
     assert not (enc.root / "no_key").exists(), "nothing restored"
     checked = run_cli("verify", enc.tar, enc.archive)
-    assert checked.returncode == 2, checked.stdout  # no verdict: the check could not run
+    assert checked.returncode == NO_VERDICT, checked.stdout  # the check could not run
     line = one_line(checked.stderr)
     assert KEY.key_id in line and "--encryption-key-file" in line, line
     listed = run_cli("list", enc.tar.parent)
@@ -282,7 +283,7 @@ def test_another_key_is_refused_in_one_line_naming_both_key_ids(enc):
     assert KEY.key_id in line and OTHER.key_id in line, line
     assert not (enc.root / "other_key").exists()
     checked = run_cli("verify", enc.tar, enc.archive, "--encryption-key-file", enc.other_key_file)
-    assert checked.returncode == 2
+    assert checked.returncode == NO_VERDICT
     assert KEY.key_id in one_line(checked.stderr)
 
 
@@ -462,4 +463,4 @@ def test_retention_counts_an_encrypted_backup_only_with_its_key(enc, tmp_root):
     assert KEY_TEXT not in done.stdout + done.stderr
 
     wrong = run_cli("retention", root, "--keep-last", "1", "--encryption-key-env", "PGSB_NO_SUCH_KEY")
-    assert wrong.returncode == 2 and "--encryption-key-env PGSB_NO_SUCH_KEY" in wrong.stderr
+    assert wrong.returncode == USAGE and "--encryption-key-env PGSB_NO_SUCH_KEY" in wrong.stderr

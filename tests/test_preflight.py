@@ -21,6 +21,7 @@ from demo.s3 import KEY as S3_KEY
 from demo.s3 import REGION as S3_REGION
 from demo.s3 import SECRET as S3_SECRET
 from demo.s3 import local_s3
+from pg_safe_backup.cli import NO_VERDICT
 from pg_safe_backup.files.walarchive import IDENTITY_FILE, ArchiveIdentity, parse_stored_name
 from pg_safe_backup.hooks.backup import PostgresBackupHook
 from pg_safe_backup.hooks.server import backup_function_signatures
@@ -290,14 +291,14 @@ def test_another_clusters_data_directory_and_archive_are_problems(healthy, faili
 
 def test_an_unreachable_server_is_no_verdict(tmp_root):
     result = run_cli("check", "--dsn", f"host={tmp_root} port=1 user=x password={PASSWORD}", "--timeout", "2")
-    assert result.returncode == 2, result.stdout
+    assert result.returncode == NO_VERDICT, result.stdout
     assert result.stderr.startswith("pg-safe-backup check: error: --dsn: cannot connect to the server")
     assert PASSWORD not in result.stdout + result.stderr
 
 
 def test_an_archive_that_cannot_be_opened_is_no_verdict(healthy):
     result = healthy.check("--archive", "nosuch://user:pw-in-url@bucket/wal", "--quiet")
-    assert result.returncode == 2, result.stdout
+    assert result.returncode == NO_VERDICT, result.stdout
     (unchecked,) = lines(result, "NOT CHECKED", "archive")
     assert unchecked.startswith("NOT CHECKED: archive: archive nosuch://user:***@bucket/wal: cannot open it")
     assert "pw-in-url" not in result.stdout + result.stderr

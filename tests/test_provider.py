@@ -226,6 +226,31 @@ def test_copy_operator_parameters_are_checked_naming_them(kwargs, error):
         PostgresCopyDataDirectoryOperator(task_id="c", **{"source": "/pgdata", "destination": "/b", **kwargs})
 
 
+def test_the_drill_example_runs_on_the_asset_the_backup_examples_store_tasks_update():
+    backup, rsync = example_dag("pg_backup_example"), example_dag("pg_backup_rsync_example")
+    drill = example_dag("pg_restore_drill_example")
+    stored = [dag.get_task("store_backup_label").outlets for dag in (backup, rsync)]
+    assert stored[0] == stored[1] == [drill.timetable.asset_condition] != []
+    assert drill.timetable.asset_condition.uri == "file:///backups"
+
+
+def test_a_failed_task_of_the_backup_example_calls_its_notifier(tmp_path, monkeypatch, task_context):
+    """Every task of the group, and the store task, name the example's notifier; it writes one line."""
+    dag = example_dag("pg_backup_example")
+    callbacks = {t.task_id: t.on_failure_callback for t in dag.tasks}
+    assert all(callbacks.values()), callbacks
+    store = dag.get_task("store_backup_label")
+    monkeypatch.setenv("PG_BACKUP_FAILURE_LOG", str(tmp_path / "failures"))
+    context = {**task_context(store), "exception": OSError("No space left on device\non /backups")}
+    notifier = store.on_failure_callback[0] if isinstance(store.on_failure_callback, list) else None
+    (notifier or store.on_failure_callback)(context)
+    line = (tmp_path / "failures").read_text()
+    assert line == (
+        "pg-safe-backup: pg_backup_example manual__templating store_backup_label failed: No space left on"
+        " device on /backups\n"
+    )
+
+
 def test_restore_drill_example_dag_serializes():
     dag = example_dag("pg_restore_drill_example")
     drill = dag.get_task("restore_drill")
@@ -270,6 +295,26 @@ def test_every_module_the_provider_metadata_lists_imports():
     )
 
 
+def test_the_provider_metadata_holds_to_airflows_schema_and_its_plugin_and_link_import():
+    """ProvidersManager validates the metadata, then imports each plugin class and extra link it names."""
+    import jsonschema
+
+    import airflow
+    from airflow.sdk import BaseOperatorLink
+
+    from pg_safe_backup.get_provider_info import get_provider_info
+
+    info = get_provider_info()
+    schema = json.loads((Path(airflow.__file__).parent / "provider_info.schema.json").read_text())
+    jsonschema.validate(info, schema)
+    for plugin in info["plugins"]:
+        module, _, name = plugin["plugin-class"].rpartition(".")
+        assert getattr(importlib.import_module(module), name).name == plugin["name"]
+    for link in info["extra-links"]:
+        module, _, name = link.rpartition(".")
+        assert issubclass(getattr(importlib.import_module(module), name), BaseOperatorLink)
+
+
 def test_the_shared_keywords_take_default_args_on_hold_gate_and_finish():
     """Declared once on the base operator, the connection keywords still come from a DAG's default_args."""
     from pg_safe_backup.operators.backup import PostgresFinishBackupOperator
@@ -312,3 +357,27 @@ def test_a_domain_error_ends_a_task_by_its_branch_of_the_error_tree(err, retried
     assert isinstance(raised, AirflowException)
     assert isinstance(raised, AirflowFailException) is not retried
     assert str(raised) == "the task's message"
+
+
+@pytest.mark.parametrize("lazy", ["True", "False"])
+def test_the_backups_page_plugin_is_registered_once_whatever_lazy_discover_providers_says(lazy, tmp_path):
+    """Through the ``airflow.plugins`` entry point (lazy discovery, the default) or provider info (without
+    it): one plugin, and no plugin import error for the UI to show."""
+    probe = (
+        "from airflow import plugins_manager as pm\n"
+        "loaded = pm._get_plugins() if hasattr(pm, '_get_plugins') else None\n"
+        "if loaded is None:\n"
+        "    pm.ensure_plugins_loaded()\n"
+        "    loaded = (pm.plugins, pm.import_errors)\n"
+        "plugins, errors = loaded\n"
+        "print(sum(p.name == 'pg_safe_backup' for p in plugins), sorted(errors))\n"
+    )
+    env = {
+        **os.environ,
+        "AIRFLOW__CORE__LAZY_DISCOVER_PROVIDERS": lazy,
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(tmp_path),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert shown.stdout.strip().splitlines()[-1] == "1 []", shown.stdout

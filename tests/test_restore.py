@@ -27,6 +27,7 @@ import pytest
 from demo import s3 as moto
 from demo.load import wait_archived
 from pg_safe_backup.catalog import entry_path
+from pg_safe_backup.cli import NO_VERDICT
 from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.pgcontrol import stop_lsn_from_manifest
 from pg_safe_backup.files.tarball import write_tar_backup
@@ -735,7 +736,7 @@ def test_verify_reads_an_encrypted_archive_only_with_the_key_flag(backups: Backu
     without = run_cli(*args, timeout=120)
     done = run_cli(*args, "--encryption-key-file", key, timeout=120)
 
-    assert without.returncode == 2, without.stdout + without.stderr
+    assert without.returncode == NO_VERDICT, without.stdout + without.stderr
     error = without.stderr.strip().splitlines()[-1]
     assert "is encrypted" in error and "--encryption-key-file" in error, without.stderr
     assert done.returncode == 0, done.stdout + done.stderr

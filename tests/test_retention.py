@@ -34,6 +34,7 @@ from pg_safe_backup.catalog import (
     wal_to_remove,
     write_info,
 )
+from pg_safe_backup.cli import FAILED, USAGE
 from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.files.walarchive import IDENTITY_FILE, parse_stored_name
 from pg_safe_backup.local_cluster import give_to_server_user
@@ -408,17 +409,21 @@ def test_a_missing_wal_archive_or_root_removes_nothing(five, tmp_root):
 
     done = retention_cli(str(root), "--keep-last", "1", "--wal-archive", str(tmp_root / "typo"))
 
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert f"the WAL archive {tmp_root / 'typo'} is not a folder" in done.stderr
+    assert done.returncode == USAGE, done.stdout + done.stderr
+    assert f"retention: error: --wal-archive {tmp_root / 'typo'} is not a folder" in done.stderr
     assert listing(root) == before
-    empty = retention_cli(str(tmp_root / "nothing-here"), "--keep-last", "1")
-    assert empty.returncode == 1
+    missing = retention_cli(str(tmp_root / "nothing-here"), "--keep-last", "1")
+    assert missing.returncode == USAGE
+    assert f"retention: error: ROOT {tmp_root / 'nothing-here'} is not a folder" in missing.stderr
+    (tmp_root / "empty").mkdir()
+    empty = retention_cli(str(tmp_root / "empty"), "--keep-last", "1")
+    assert empty.returncode == FAILED
     assert "no backup found under" in empty.stderr
 
 
 def test_retention_refuses_to_run_without_a_policy(tmp_root):
     done = retention_cli(str(tmp_root))
-    assert done.returncode == 2
+    assert done.returncode == USAGE
     assert "--keep-last N and/or --keep-days D" in done.stderr
     with pytest.raises(ValueError, match="keep_last and/or keep_days"):
         plan_root(tmp_root, keep_last=None, keep_days=None)

@@ -330,3 +330,52 @@ def test_an_incremental_group_branches_before_the_hold_and_the_gate():
         pytest.raises(ValueError, match="incremental must be a dict with full_on and root"),
     ):
         PostgresOnlineBackup(group_id="backup", incremental={"full_on": "sunday"})
+
+
+def test_the_store_task_updates_the_asset_of_its_catalog_root_even_after_serialization():
+    """Known when the DAG is parsed: the destination's folder, or catalog_root= when a template makes it; the
+    object store's URL without its connection id; the incremental task of the group updates the same one."""
+    from airflow.sdk import Asset
+
+    from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
+
+    with DAG("assets", schedule=None) as made:
+        roots = {
+            "local": {"destination": "/backups/main/{{ ts_nodash }}"},
+            "s3": {"destination": "s3://aws_backups@bucket/pg/{{ run_id }}"},
+            "templated": {"destination": "{{ params.root }}/{{ run_id }}", "catalog_root": "/srv/pg/"},
+            "unknown": {"destination": "{{ params.root }}/{{ run_id }}"},
+        }
+        for name, kwargs in roots.items():
+            backup = backup_group(name)
+            PostgresStoreBackupLabelOperator(task_id=f"store_{name}", backup=backup, **kwargs)
+        with PostgresOnlineBackup(
+            group_id="weekly", incremental={"full_on": "sunday", "root": "/backups/main"}
+        ) as weekly:
+            EmptyOperator(task_id=COPY)
+    assert made.get_task("store_local").outlets == [Asset("file:///backups/main")]
+    dag = serialization_round_trip(made)
+
+    def uris(task_id: str) -> list[str]:
+        return [asset.uri for asset in dag.get_task(task_id).outlets]
+
+    assert uris("store_local") == ["file:///backups/main"]
+    assert uris("store_s3") == ["s3://bucket/pg"]
+    assert uris("store_templated") == ["file:///srv/pg"]
+    assert uris("store_unknown") == []
+    assert uris(weekly.incremental.task_id) == ["file:///backups/main"]
+
+
+def test_a_catalog_root_the_destination_is_not_in_is_refused_naming_it():
+    from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
+
+    with DAG("wrong_root", schedule=None):
+        backup = backup_group()
+        with pytest.raises(ValueError, match="catalog_root '/elsewhere' is not the folder destination"):
+            PostgresStoreBackupLabelOperator(
+                task_id="store", backup=backup, destination="/backups/{{ ts }}", catalog_root="/elsewhere"
+            )
+        with pytest.raises(ValueError, match="catalog_root must be an absolute path or a URL"):
+            PostgresStoreBackupLabelOperator(
+                task_id="store", backup=backup, destination="{{ params.d }}", catalog_root="backups"
+            )

@@ -62,6 +62,8 @@ INFO_VERSION = 1
 DEFAULT_WAL_SEGMENT_SIZE = 16 << 20
 #: Folders below a root searched for backups (root/cluster/date/backup is 3).
 MAX_DEPTH = 4
+#: The digits of a system identifier ``list`` shows as the cluster (two clusters told apart at a glance).
+CLUSTER_DIGITS = 6
 
 
 #: The JSON type of each of BackupInfo's field types (checked when read).
@@ -355,8 +357,45 @@ class CatalogEntry:
         """Its newest check failed."""
         return bool(self.info and self.info.verifications and not self.info.verifications[-1].get("ok"))
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON for ``list --json``: folder, status, proof, info (or its error)."""
+    @property
+    def cluster(self) -> str | None:
+        """Its cluster in short: the proven system identifier's last :data:`CLUSTER_DIGITS` digits (the end
+        of what ``pg_controldata`` prints, to match by eye); None when nothing proves one."""
+        sysid = self.proof.system_identifier
+        return sysid[-CLUSTER_DIGITS:] if sysid else None
+
+    @property
+    def stopped(self) -> datetime | None:
+        """When the store recorded it (its catalog entry's ``stop_time``, a cache: shown, never decided on);
+        None without a readable entry."""
+        try:
+            return self.info.stopped if self.info else None
+        except CatalogError:
+            return None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from its start (the label's START TIME) to :attr:`stopped`; None when either is unknown."""
+        if self.proof.start_time is None or self.stopped is None:
+            return None
+        return max(0.0, (self.stopped - self.proof.start_time).total_seconds())
+
+    def age(self, now: datetime) -> float | None:
+        """Seconds since it stopped (:attr:`stopped`), else since it started; None when neither is known.
+
+        :param now: an aware time (a test may fix it).
+        """
+        since = self.stopped or self.proof.start_time
+        return None if since is None else max(0.0, (now - since).total_seconds())
+
+    def as_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        """JSON for ``list --json``: folder, status, proof, info (or its error); the short cluster id, the age
+        and duration in seconds (None: unknown).
+
+        :param now: the time the age is counted to (default: now).
+        """
+        age = self.age(now or datetime.now(timezone.utc))
+        duration = self.duration
         return {
             "folder": self.name,
             "status": self.proof.status,
@@ -364,6 +403,9 @@ class CatalogEntry:
             "proof": self.proof.as_dict(),
             "info": asdict(self.info) if self.info else None,
             "info_error": self.info_error,
+            "cluster": self.cluster,
+            "age_seconds": None if age is None else round(age, 1),
+            "duration_seconds": None if duration is None else round(duration, 1),
         }
 
 
@@ -382,7 +424,10 @@ def _looks_like_backup(names: set[str]) -> bool:
 
 
 def list_backups(
-    root: Folder, max_depth: int = MAX_DEPTH, key: EncryptionKey | None = None
+    root: Folder,
+    max_depth: int = MAX_DEPTH,
+    key: EncryptionKey | None = None,
+    prove: Callable[[Folder, EncryptionKey | None], Proof] = prove_backup,
 ) -> list[CatalogEntry]:
     """Every backup under ``root`` (``root`` itself included), found by what is on disk: a folder holding
     backup_label, backup_manifest, base.tar* or a catalog entry, or with a catalog entry beside it. Each is
@@ -398,6 +443,8 @@ def list_backups(
     :param max_depth: folders below ``root`` to search.
     :param key: the key of encrypted backups (one encrypted with another key, or without one given, is
         listed unproven, its key id named).
+    :param prove: what proves each backup (default :func:`~pg_safe_backup.proof.prove_backup`; the Backups
+        page passes one that remembers the proofs of folders unchanged since its last listing).
     """
     found: list[CatalogEntry] = []
 
@@ -408,7 +455,7 @@ def list_backups(
                 info = read_info(folder)
             except CatalogError as err:
                 error = " ".join(str(err).split())
-        found.append(CatalogEntry(folder, info, prove_backup(folder, key), error))
+        found.append(CatalogEntry(folder, info, prove(folder, key), error))
 
     def visit(folder: Folder, depth: int) -> None:
         children = sorted(folder.iterdir(), key=lambda c: c.name)
@@ -778,20 +825,50 @@ def _verified(entry: CatalogEntry) -> str:
     return f"yes {at}" if entry.verified else f"yes {at} (not of this manifest)"
 
 
-def format_listing(entries: Sequence[CatalogEntry]) -> str:
+def span(seconds: float | None) -> str:
+    """A time span in at most two units, as a table shows it: ``45s``, ``4m12s``, ``3h05m``, ``2d03h``;
+    ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    whole = int(seconds)
+    for unit, scale, smaller, next_scale in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if whole >= scale:
+            return f"{whole // scale}{unit}{whole % scale // next_scale:02d}{smaller}"
+    return f"{whole // 60}m{whole % 60:02d}s" if whole >= 60 else f"{whole}s"
+
+
+def format_listing(entries: Sequence[CatalogEntry], now: datetime | None = None) -> str:
     """The table ``pg-safe-backup list`` prints: a line per backup, unproven first, then oldest first;
     then each unproven backup's status and each unreadable catalog entry, named.
 
     :param entries: :func:`list_backups` of a root.
+    :param now: the time ages are counted to (default: now).
     """
-    head = ("started", "size", "start LSN", "stop LSN", "TLI", "format", "status", "verified", "folder")
+    now = now or datetime.now(timezone.utc)
+    head = (
+        "started",
+        "age",
+        "took",
+        "size",
+        "cluster",
+        "start LSN",
+        "stop LSN",
+        "TLI",
+        "format",
+        "status",
+        "verified",
+        "folder",
+    )
     rows = []
     for e in entries:
         p = e.proof
         rows.append(
             (
                 p.start_time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if p.start_time else "?",
+                span(e.age(now)),
+                span(e.duration),
                 _size(e.info),
+                e.cluster or "?",
                 p.start_lsn or "?",
                 p.stop_lsn or "?",
                 str(p.stop_tli) if p.stop_tli is not None else "?",
@@ -844,6 +921,7 @@ __all__ = [
     "plan_retention",
     "proven",
     "read_info",
+    "span",
     "wal_to_remove",
     "write_info",
 ]

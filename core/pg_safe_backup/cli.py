@@ -9,8 +9,8 @@ this console script, also ``python -m pg_safe_backup`` (the older ``python -m pg
 
 ``pg-safe-backup verify BACKUP_DIR [WAL_ARCHIVE]`` runs, in order, the page-LSN check, ``pg_verifybackup``
 (when the copy has a backup_manifest) and the restore check, prints a verdict line and a line per check,
-and exits 0 when none failed, 1 otherwise. Without WAL_ARCHIVE the backup must be self-contained (its
-WAL in its pg_wal/).
+and exits 0 when none failed, 1 otherwise, 3 when a check could not run. Without WAL_ARCHIVE the backup
+must be self-contained (its WAL in its pg_wal/).
 
 ``pg-safe-backup retention ROOT --keep-last N --keep-days D --wal-archive DIR [--dry-run]`` deletes the
 backups of ROOT the policy lets go, then the archive's WAL older than the oldest kept backup's start; one
@@ -22,12 +22,15 @@ recovers the backup (see :mod:`pg_safe_backup.restore`), then prints that comman
 
 ``pg-safe-backup check --dsn DSN [--archive URL_OR_DIR] [--pgdata PATH] [--destination PATH]`` checks a
 server before its first backup (see :mod:`pg_safe_backup.preflight`): one line per finding, exit 0 when
-ready, 1 on a problem, 2 when something could not be checked.
+ready, 1 on a problem, 3 when something could not be checked.
 
 ``pg-safe-backup wal-push [--archive URL_OR_DIR] [--compress none|gzip|lz4|zstd] [--encryption-key-file F |
 --encryption-key-env NAME] [--parallel N] %p`` is an archive_command, ``pg-safe-backup wal-fetch [--archive
 URL_OR_DIR] [--encryption-key-file F | --encryption-key-env NAME] %f %p`` a restore_command (see
 :mod:`pg_safe_backup.wal_archive`); ``--archive`` defaults to ``$PGSB_WAL_ARCHIVE``.
+
+Every subcommand takes ``--json`` and ends with one of :data:`EXIT_STATUSES`' statuses; a failure is one line,
+``pg-safe-backup SUBCOMMAND: error: WHAT``, naming flags (:func:`flag_names`).
 
 ``restore``, ``verify`` and ``list`` read an encrypted backup (:mod:`pg_safe_backup.encryption`) with
 ``--encryption-key-file FILE`` or ``--encryption-key-env NAME``; without it they say which key it needs.
@@ -41,9 +44,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from pg_safe_backup import __version__
+from pg_safe_backup.errors import PgSafeBackupError, error_line
 
 if TYPE_CHECKING:  # annotations only: never imported when the command runs
+    from collections.abc import Callable
     from datetime import datetime
 
     from pg_safe_backup.files.crypt import EncryptionKey
@@ -52,6 +59,126 @@ if TYPE_CHECKING:  # annotations only: never imported when the command runs
 
 # The domain modules are imported inside each subcommand's functions: ``wal-push`` runs once per WAL segment
 # as archive_command and must start in a few tens of milliseconds, without psycopg or fsspec.
+
+
+# ---------------------------------------------------------------- exit statuses, errors and the output
+#: Every subcommand's exit statuses (:data:`EXIT_STATUSES` says what each means, in the main ``--help``).
+OK, FAILED, USAGE, NO_VERDICT = 0, 1, 2, 3
+
+EXIT_STATUSES = """exit status, the same for every subcommand:
+  0    done: listed, passed, ready, retention carried out, restore prepared, archived, fetched
+  1    failed: a check failed or found a problem, the work was refused or failed (named on stderr);
+       wal-fetch: the archive does not hold the file
+  2    usage: an unknown flag, a missing or bad value, a ROOT, BACKUP or --wal-archive folder that is not
+       there (the flag or argument named); nothing was done
+  3    no verdict (verify, check): a check could not run (a server, archive, binary or key out of reach)
+  255  wal-fetch only, any failure but 1's: above 125, so PostgreSQL stops recovery (usage errors too);
+       wal-push's failures are all 1 (PostgreSQL keeps the file and asks again)
+
+errors: one line on stderr, "pg-safe-backup SUBCOMMAND: error: WHAT" (after the usage line for 2).
+--json (every subcommand): stdout holds exactly one JSON document: the result (list: an array of backups;
+the others: an object whose "ok" is the verdict) or, on an error, {"ok": false, "error": WHAT,
+"exit_code": N}; lines meant for a person (progress, retention's and restore's steps) go to stderr.
+A reader that goes away (| head) ends the output quietly, never the work: a restore or retention runs on."""
+
+#: Names of settings the domain's messages use (they serve the operators too) -> the flag the CLI gives them
+#: by: every error the CLI prints goes through :func:`flag_names`. In order: a phrase before a name in it.
+FLAG_OF_PARAMETER = (
+    ("require_backup_label=False", "--allow-missing-label"),
+    ("--wal-archive / wal_archive", "--wal-archive"),
+    ("work_dir / --work-dir", "--work-dir"),
+    ("keep_last", "--keep-last"),
+    ("keep_days", "--keep-days"),
+)
+
+
+def flag_names(text: str) -> str:
+    """``text`` (a domain message: an error, a check's outcome) with each setting named by its flag
+    (:data:`FLAG_OF_PARAMETER`)."""
+    for parameter, flag in FLAG_OF_PARAMETER:
+        text = text.replace(parameter, flag)
+    return text
+
+
+def _flags_in(value: Any) -> Any:
+    """:func:`flag_names` of every text in a JSON document."""
+    if isinstance(value, str):
+        return flag_names(value)
+    if isinstance(value, dict):
+        return {k: _flags_in(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_flags_in(v) for v in value]
+    return value
+
+
+class Failed(Exception):
+    """A subcommand ends without its result: the line to print (flags named) and the exit status."""
+
+    def __init__(self, what: BaseException | str, status: int = FAILED) -> None:
+        super().__init__(flag_names(what if isinstance(what, str) else error_line(what)))
+        self.status = status
+
+
+def out(text: str) -> None:
+    """Print ``text`` on stdout. A reader gone (``| head``: a closed pipe) stops the output, never the work:
+    stdout goes to /dev/null from then on, and the command ends with its work's status."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def emit(document: Any) -> None:
+    """``--json``'s one document on stdout (paths and times as text)."""
+    out(json.dumps(document, indent=1, default=str))
+
+
+def _error_document(line: str, status: int) -> dict[str, Any]:
+    """``--json``'s document of an error (:data:`EXIT_STATUSES`)."""
+    return {"ok": False, "error": line, "exit_code": status}
+
+
+def for_a_person(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where a subcommand's lines for a person go: stdout, or stderr with ``--json`` (stdout holds JSON)."""
+    if getattr(args, "json", False):
+        return lambda line: print(line, file=sys.stderr, flush=True)
+    return out
+
+
+def add_json_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """``--json``: print the result as one JSON document (:data:`EXIT_STATUSES` says its shape).
+
+    :param p: the subcommand's parser.
+    :param what: the document, for the help.
+    """
+    p.add_argument("--json", action="store_true", help=f"print one JSON document: {what}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage error names flags in one line, is a JSON document too when ``--json``
+    was given, and ends with the subcommand's usage status (wal-fetch's is :data:`FETCH_FAILED`)."""
+
+    json_errors = False
+    usage_status = USAGE
+
+    def error(self, message: str) -> NoReturn:
+        line = flag_names(" ".join(message.split()))
+        if self.json_errors:
+            emit(_error_document(line, self.usage_status))
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_status, f"{self.prog}: error: {line}\n")
+
+
+def _folder(place: Any, given: str, what: str) -> None:
+    """A usage error unless ``place`` (``what``'s value, ``given``) is a folder."""
+    if not place.is_dir():
+        raise Failed(f"{what} {given} is not a folder", USAGE)
 
 
 def encryption_key(args: argparse.Namespace) -> EncryptionKey | None:
@@ -77,6 +204,9 @@ VERIFY_EPILOG = """examples:
   pg-safe-backup verify /backups/main/20261126T010000 /var/lib/postgresql/wal_archive
   pg-safe-backup verify /backups/main/20261126T010000        # self-contained (include_wal=True)
   pg-safe-backup verify BACKUP ARCHIVE --invariant-sql "SELECT count(*) > 0, 'orders' FROM orders"
+
+Exits 0 when every check passed, 1 when one failed, 3 when a check could not run (no archive, another
+cluster's archive, no binaries, no key: no verdict, nothing recorded), 2 on a bad flag or value.
 """
 
 
@@ -95,6 +225,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "wal_archive",
         nargs="?",
+        metavar="WAL_ARCHIVE",
         help="the WAL archive: a folder, or the URL of one wal-push manages (s3://...); omit for a"
         " self-contained backup",
     )
@@ -131,6 +262,7 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--user", default=SERVER_USER, help="superuser of the backed up cluster")
     p.add_argument("-v", "--verbose", action="store_true", help="print each check's details too")
+    add_json_flag(p, '{"ok", "summary", "checks": {name: {status, summary, details}}, "recorded"}')
     add_storage_flag(p)
     add_key_flags(p)
     p.set_defaults(run=_verify)
@@ -139,7 +271,6 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from pg_safe_backup.catalog import entry_path
     from pg_safe_backup.files.crypt import CryptError
-    from pg_safe_backup.restore_check import _one_line
     from pg_safe_backup.storage import StorageError, location, storage_options
     from pg_safe_backup.verify import CheckNotRun, record_check
 
@@ -147,20 +278,26 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         key = encryption_key(args)
         backup = location(args.backup_dir, storage_options(args.storage_option), "BACKUP")
+    except (CryptError, StorageError) as err:
+        raise Failed(err, USAGE) from None
+    try:
+        _folder(backup, args.backup_dir, "BACKUP")
         report = _check(args, backup, key)
-    except (CheckNotRun, CryptError, StorageError) as err:
-        print(f"pg-safe-backup verify: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    by = "pg-safe-backup verify"
-    if record_check(backup, report, time.monotonic() - began, by, _warn, key):
-        print(f"recorded in {entry_path(backup)}")
+    except (CheckNotRun, CryptError, StorageError, OSError) as err:  # no verdict: never a FAIL
+        raise Failed(err, NO_VERDICT) from None
+    recorded = record_check(backup, report, time.monotonic() - began, "pg-safe-backup verify", _warn, key)
+    if args.json:
+        emit(_flags_in({**report.as_dict(), "recorded": str(entry_path(backup)) if recorded else None}))
+        return OK if report.ok else FAILED
+    out(flag_names(report.summary()))
+    if recorded:
+        out(f"recorded in {entry_path(backup)}")
     if args.verbose:
         for step in report.steps:
-            print(f"{step.name}:")
-            for key, value in step.details.items():
-                print(f"  {key}: {value}")
-    return 0 if report.ok else 1
+            out(f"{step.name}:")
+            for name, value in step.details.items():
+                out(f"  {name}: {flag_names(str(value))}")
+    return OK if report.ok else FAILED
 
 
 def _warn(line: str) -> None:
@@ -235,11 +372,13 @@ def archive_key(args: argparse.Namespace) -> ArchiveKey | None:
 # ---------------------------------------------------------------------------------------------- list
 LIST_DESCRIPTION = """List the backups under ROOT (folders holding backup_label, backup_manifest or base.tar,
 or with a catalog entry beside them), unproven first, then oldest first by stop LSN: when each started,
-its size, start and stop LSN, timeline, format, whether it proves itself (proven / UNVERIFIABLE /
-incomplete, each reason named) and whether its newest check passed."""
+its age (since it stopped), how long it took (start to stop), its size, its cluster (the system
+identifier's last 6 digits, as pg_controldata ends it), start and stop LSN, timeline, format, whether it
+proves itself (proven / UNVERIFIABLE / incomplete, each reason named) and whether its newest check passed."""
 LIST_EPILOG = """example:
   pg-safe-backup list /backups/main
-  pg-safe-backup list /backups/main --json | jq '.[-1].proof.stop_lsn'"""
+  pg-safe-backup list /backups/main --json | jq '.[-1].proof.stop_lsn'
+  pg-safe-backup list /backups --json | jq -r '.[] | "\\(.cluster) \\(.age_seconds) \\(.folder)"'"""
 
 
 def add_list_arguments(p: argparse.ArgumentParser) -> None:
@@ -252,8 +391,10 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
         metavar="ROOT",
         help="the folder the backups are stored under, or an object-store URL (s3://...)",
     )
-    p.add_argument(
-        "--json", action="store_true", help="print JSON: a list of {folder, status, verified, proof, info}"
+    add_json_flag(
+        p,
+        "an array of {folder, status, verified, proof, info, info_error, cluster, age_seconds,"
+        " duration_seconds}",
     )
     add_storage_flag(p)
     add_key_flags(p)
@@ -276,25 +417,28 @@ def add_storage_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
     from pg_safe_backup.catalog import format_listing, list_backups
     from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.storage import StorageError, location, storage_options
 
     try:
         root = location(args.root, storage_options(args.storage_option))
-        if not root.is_dir():
-            print(f"pg-safe-backup list: ROOT {args.root} is not a folder", file=sys.stderr)
-            return 2
         key = encryption_key(args)
-    except (CryptError, StorageError, OSError) as err:
-        print(f"pg-safe-backup list: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    entries = list_backups(root, key=key)
+    except (CryptError, StorageError) as err:
+        raise Failed(err, USAGE) from None
+    try:
+        _folder(root, args.root, "ROOT")
+        entries = list_backups(root, key=key)
+    except OSError as err:  # an object store out of reach
+        raise Failed(err) from None
+    now = datetime.now(timezone.utc)
     if args.json:
-        print(json.dumps([e.as_dict() for e in entries], indent=1))
+        emit([e.as_dict(now) for e in entries])
     else:
-        print(format_listing(entries))
-    return 0
+        out(format_listing(entries, now))
+    return OK
 
 
 # ----------------------------------------------------------------------------------------- retention
@@ -311,7 +455,8 @@ RETENTION_EPILOG = """example:
 Only backups that prove themselves (backup_label listed with its checksum in a backup_manifest whose own
 checksum holds, WAL-Ranges agreeing with the label) are counted: an unverifiable or incomplete one is
 neither counted nor deleted, it is listed for a person to look at. Nothing is deleted when no proven
-backup would be kept. Exits 0 when done, 1 otherwise."""
+backup would be kept. Exits 0 when done (or planned, with --dry-run), 1 when refused (nothing removed) or
+when a deletion failed (what went before it is listed), 2 on a bad flag or value (nothing removed)."""
 
 
 def add_retention_arguments(p: argparse.ArgumentParser) -> None:
@@ -338,14 +483,20 @@ def add_retention_arguments(p: argparse.ArgumentParser) -> None:
         " ending beyond its current WAL position",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
+    add_json_flag(
+        p,
+        '{"ok", "dry_run", "kept": {folder: [why]}, "deleted": [folder] (or would be),'
+        ' "skipped": {folder: why}, "wal_cutoff", "wal_removed" (a count), "wal_first_removed",'
+        ' "wal_last_removed"}',
+    )
     add_storage_flag(p)
     add_key_flags(p)
-    p.set_defaults(run=_retention, parser=p)
+    p.set_defaults(run=_retention)
 
 
 def _retention(args: argparse.Namespace) -> int:
     if args.keep_last is None and args.keep_days is None:
-        args.parser.error("give --keep-last N and/or --keep-days D")
+        raise Failed("give --keep-last N and/or --keep-days D", USAGE)
     from pg_safe_backup.files.crypt import CryptError
     from pg_safe_backup.hooks.server import ServerUnreachable
     from pg_safe_backup.retention import RetentionRefused, carry_out_retention, plan_root, server_position
@@ -356,23 +507,29 @@ def _retention(args: argparse.Namespace) -> int:
         options = storage_options(args.storage_option)
         root = location(args.root, options)
         wal_archive = location(args.wal_archive, options, "--wal-archive") if args.wal_archive else None
+        _folder(root, args.root, "ROOT")
+        if wal_archive is not None:
+            _folder(wal_archive, args.wal_archive, "--wal-archive")
     except (CryptError, StorageError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        raise Failed(err, USAGE) from None
     try:
         server = server_position(args.dsn) if args.dsn else None
         plan = plan_root(root, keep_last=args.keep_last, keep_days=args.keep_days, server=server, key=key)
-        carry_out_retention(plan, wal_archive=wal_archive, dry_run=args.dry_run, log=print, key=key)
-    except ValueError as err:  # a bad --keep-last/--keep-days
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except ServerUnreachable as err:
-        print(f"error: --dsn: {err}; removing nothing", file=sys.stderr)
-        return 1
+        raise Failed(f"--dsn: {error_line(err)}; removing nothing") from None
+    except ValueError as err:  # a bad --keep-last or --keep-days (named as a parameter: flag_names)
+        raise Failed(err, USAGE) from None
     except (RetentionRefused, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        raise Failed(err) from None
+    try:
+        report = carry_out_retention(
+            plan, wal_archive=wal_archive, dry_run=args.dry_run, log=for_a_person(args), key=key
+        )
+    except (RetentionRefused, OSError) as err:
+        raise Failed(err) from None
+    if args.json:
+        emit({"ok": True, **report.as_dict()})
+    return OK
 
 
 # ------------------------------------------------------------------------------------------- restore
@@ -500,6 +657,12 @@ def add_restore_arguments(p: argparse.ArgumentParser) -> None:
         help="TARGET_DIR is a stopped data directory of the backup's cluster (a standby to rebuild, a failed"
         " primary): write only the files that differ from the backup, remove what it does not hold",
     )
+    add_json_flag(
+        p,
+        '{"ok", "backup", "skipped": {folder: why}, "target", "files", "bytes", "seconds", "delta", "kept",'
+        ' "removed", "tablespaces", "configuration", "archive_mode", "settings", "notes", "start_command"}'
+        " (the copy's progress on stderr)",
+    )
     add_storage_flag(p)
     add_key_flags(p)
     p.set_defaults(run=_restore)
@@ -511,15 +674,23 @@ def _restore(args: argparse.Namespace) -> int:
     from pg_safe_backup.restore import RecoveryTarget, RestoreError, prepare_restore, start_command
     from pg_safe_backup.storage import StorageError, location, storage_options
 
+    say = for_a_person(args)
     try:
         key = encryption_key(args)
+        wal_key = archive_key(args)
         backup = location(args.backup, storage_options(args.storage_option), "BACKUP")
+    except (CryptError, StorageError) as err:
+        raise Failed(err, USAGE) from None
+    skipped: dict[str, str] = {}
+    try:
+        _folder(backup, args.backup, "BACKUP")
         if args.latest_before is not None:
             entries = list_backups(backup.absolute() if isinstance(backup, Path) else backup, key=key)
             one_cluster(entries, backup)  # never another cluster's backup
             choice = choose_backup(entries, before=args.latest_before, allow_failed=args.allow_failed)
             for name, why in choice.skipped:
-                print(f"skipped {name}: {why}", flush=True)
+                skipped[name] = why
+                say(f"skipped {name}: {why}")
             picked = choice.picked
             if picked is None:
                 raise RestoreError(
@@ -527,10 +698,9 @@ def _restore(args: argparse.Namespace) -> int:
                     f" {args.latest_before.isoformat()}"
                 )
             backup = picked.folder
-            print(
+            say(
                 f"picked {backup} (label {picked.proof.label!r}, stop LSN {picked.proof.stop_lsn} on timeline"
-                f" {picked.proof.stop_tli})",
-                flush=True,
+                f" {picked.proof.stop_tli})"
             )
 
         began = time.monotonic()
@@ -539,9 +709,7 @@ def _restore(args: argparse.Namespace) -> int:
             seconds = time.monotonic() - began
             rate = done / 2**20 / seconds if seconds > 0 else 0.0
             left = f", {(total - done) / 2**20 / rate:.0f} s left" if rate > 0 and done < total else ""
-            print(
-                f"copied {done / 2**20:.1f} MB of {total / 2**20:.1f} MB, {rate:.1f} MB/s{left}", flush=True
-            )
+            say(f"copied {done / 2**20:.1f} MB of {total / 2**20:.1f} MB, {rate:.1f} MB/s{left}")
 
         result = prepare_restore(
             backup,
@@ -559,7 +727,7 @@ def _restore(args: argparse.Namespace) -> int:
             tablespace_root=args.tablespace_root,
             bindir=args.bindir,
             restore_command=args.restore_command,
-            archive_key=(wal_key := archive_key(args)),
+            archive_key=wal_key,
             archive_mode=args.archive_mode,
             owner=args.owner,
             progress=report,
@@ -567,15 +735,50 @@ def _restore(args: argparse.Namespace) -> int:
             delta=args.delta,
         )
     except (RestoreError, CatalogError, CryptError, StorageError, OSError) as err:
-        print(f"pg-safe-backup restore: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+        raise Failed(err) from None
+    placed = result.config.placed if result.config else {}
+    notes = list(result.config.notes) if result.config else []
+    if args.target_action == "pause" and (
+        args.target_time or args.target_lsn or args.target_name or args.target_immediate
+    ):
+        notes.append(
+            "recovery pauses at the target (--target-action pause): check the data, then run"
+            " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
+        )
+    fetching = "wal-fetch" in result.settings["restore_command"]
+    if wal_key is not None and wal_key.flag == "--encryption-key-env" and fetching:
+        notes.append(
+            "the restored server's restore_command (wal-fetch) reads the key from"
+            f" ${wal_key.value}: start the server with that variable in its environment"
+        )
+    start = start_command(result.target, result.owner)
+    if args.json:
+        emit(
+            {
+                "ok": True,
+                "backup": str(backup),
+                "skipped": skipped,
+                "target": str(result.target),
+                "files": result.files,
+                "bytes": result.bytes,
+                "seconds": round(result.seconds, 1),
+                "delta": result.delta,
+                "kept": result.kept,
+                "removed": result.removed,
+                "tablespaces": result.tablespaces,
+                "configuration": placed,
+                "archive_mode": result.archive_mode,
+                "settings": result.settings,
+                "notes": notes,
+                "start_command": start,
+            }
+        )
+        return OK
     for oid, place in result.tablespaces.items():
-        print(f"tablespace {oid} ({place['original']}) restored to {place['restored_to']}")
-    for original, place in (result.config.placed if result.config else {}).items():
-        print(f"configuration {original} restored to {place}")
-    for note in result.config.notes if result.config else []:
-        print(f"note: {note}")
-    print(
+        out(f"tablespace {oid} ({place['original']}) restored to {place['restored_to']}")
+    for original, place in placed.items():
+        out(f"configuration {original} restored to {place}")
+    out(
         f"restored {backup} into {result.target}: {result.files} files, {result.bytes / 2**20:.1f} MB in"
         f" {result.seconds:.1f} s"
         + (
@@ -585,31 +788,19 @@ def _restore(args: argparse.Namespace) -> int:
         )
     )
     if result.archive_mode == "off":
-        print(
+        out(
             "archiving is off in the restored server (archive_mode = off, archive_command = ''): it never"
             " writes into the backed up cluster's archive; --archive-mode on for a real replacement"
         )
     else:
-        print(
+        out(
             "archiving is on (--archive-mode on): the restored server archives with the backed up server's"
             " archive_command, into that server's archive"
         )
-    if args.target_action == "pause" and (
-        args.target_time or args.target_lsn or args.target_name or args.target_immediate
-    ):
-        print(
-            "note: recovery pauses at the target (--target-action pause): check the data, then run"
-            " SELECT pg_wal_replay_resume(); to promote it, or restore again with another target"
-        )
-    fetching = "wal-fetch" in result.settings["restore_command"]
-    if wal_key is not None and wal_key.flag == "--encryption-key-env" and fetching:
-        print(
-            "note: the restored server's restore_command (wal-fetch) reads the key from"
-            f" ${wal_key.value}: start"
-            " the server with that variable in its environment"
-        )
-    print(f"start it with:\n  {start_command(result.target, result.owner)}")
-    return 0
+    for note in notes:
+        out(f"note: {note}")
+    out(f"start it with:\n  {start}")
+    return OK
 
 
 # --------------------------------------------------------------------------------------------- check
@@ -624,8 +815,8 @@ CHECK_EPILOG = """examples:
   pg-safe-backup check --dsn postgresql://backup@db1/postgres --archive s3://bucket/wal --incremental
   pg-safe-backup check --dsn "host=/run/postgresql" --pgdata /srv/pg/data --destination /backups/main
 
-Exits 0 when ready (warnings allowed), 1 when a problem was found, 2 when something could not be checked
-(the server or the archive out of reach): then there is no verdict."""
+Exits 0 when ready (warnings allowed), 1 when a problem was found, 3 when something could not be checked
+(the server or the archive out of reach): then there is no verdict; 2 on a bad flag or value."""
 
 
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
@@ -655,11 +846,11 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for the WAL segment (default 60)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only what did not pass, and the verdict")
-    p.set_defaults(run=_check_server, parser=p)
+    add_json_flag(p, '{"ok", "server", "findings": [{check, level, message, fix}], "summary"}')
+    p.set_defaults(run=_check_server)
 
 
 def _check_server(args: argparse.Namespace) -> int:
-    from pg_safe_backup.errors import PgSafeBackupError
     from pg_safe_backup.hooks.server import validate_identifier
     from pg_safe_backup.preflight import CheckRequest, Level, run_check
 
@@ -677,17 +868,20 @@ def _check_server(args: argparse.Namespace) -> int:
         if not args.timeout > 0:
             raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     except ValueError as err:
-        args.parser.error(str(err))
+        raise Failed(err, USAGE) from None
     try:
         preflight = run_check(args.dsn, request)
     except PgSafeBackupError as err:  # the server out of reach, or the session broke: no verdict
-        print(f"pg-safe-backup check: error: --dsn: {err}", file=sys.stderr)
-        return 2
+        raise Failed(f"--dsn: {error_line(err)}", NO_VERDICT) from None
+    status = OK if preflight.ok else FAILED if preflight.problems else NO_VERDICT
+    if args.json:
+        emit({**preflight.as_dict(), "summary": preflight.summary()})
+        return status
     for finding in preflight.findings:
         if not (args.quiet and finding.level is Level.OK):
-            print(finding.line())
-    print(preflight.summary())
-    return 0 if preflight.ok else 1 if preflight.problems else 2
+            out(finding.line())
+    out(preflight.summary())
+    return status
 
 
 # -------------------------------------------------------------------------------- wal-push, wal-fetch
@@ -706,7 +900,11 @@ Exits 0 once the file is durable in the archive, 1 otherwise (PostgreSQL keeps t
 With --parallel N (as pgBackRest's archive-async) the first call starts a background pusher, one per spool
 (pg_wal/pg_safe_backup_spool/ or --spool-dir), that pushes every .ready file, N at once, and records each
 once it is durable; each call returns once its file's record is there, or exits 1 with the pusher's error
-(the pusher tries that file again), or after 60 s without either."""
+(the pusher tries that file again), or after 60 s without either.
+
+--json prints {"ok": true, "wal": NAME} (or the error object) for a person or a script calling it by hand:
+PostgreSQL's archiver reads only the exit status, and without --json a call is quicker (it skips the
+command line's parser), so leave it out of archive_command."""
 WAL_FETCH_DESCRIPTION = (
     "Fetch one WAL file (restore_command's %f into %p) from an archive wal-push wrote (or cp did):"
     " decrypted, decompressed, fsynced, renamed into place."
@@ -716,8 +914,10 @@ WAL_FETCH_EPILOG = """example (postgresql.conf of the restored server):
       --encryption-key-env PGSB_KEY %f %p'
 
 Exits 0 when %p is written; 1, printing nothing, when the archive does not hold %f (the end of the archive,
-normal at the end of recovery); 255 on any other failure, with one line on stderr: above 125, so PostgreSQL
-stops recovery rather than take a wrong key or a damaged file for the end of the archive."""
+normal at the end of recovery); 255 on any other failure, a bad flag included, with one line on stderr:
+above 125, so PostgreSQL stops recovery rather than take a wrong key or a damaged file for the end of the
+archive. --json prints {"ok": true, "wal": %f, "path": %p} or the error object (its "exit_code" 1 or 255),
+for a person or a script: PostgreSQL reads only the exit status."""
 #: wal-fetch's status for a failure: PostgreSQL takes a restore_command's status above 125 as fatal
 #: (xlogarchive.c, wait_result_is_any_signal), any other as "not archived".
 FETCH_FAILED = 255
@@ -768,7 +968,8 @@ def add_wal_push_arguments(p: argparse.ArgumentParser) -> None:
         help="where --parallel records the files pushed ahead (default: pg_wal/pg_safe_backup_spool)",
     )
     p.add_argument("path", type=Path, metavar="%p", help="the file to archive, as PostgreSQL names it")
-    p.set_defaults(run=_wal_push, parser=p)
+    add_json_flag(p, '{"ok": true, "wal": NAME} (by hand: not in archive_command)')
+    p.set_defaults(run=_wal_push)
 
 
 def add_wal_fetch_arguments(p: argparse.ArgumentParser) -> None:
@@ -779,15 +980,18 @@ def add_wal_fetch_arguments(p: argparse.ArgumentParser) -> None:
     _add_archive_arguments(p)
     p.add_argument("name", metavar="%f", help="the file's name")
     p.add_argument("path", type=Path, metavar="%p", help="where to write it")
-    p.set_defaults(run=_wal_fetch, parser=p)
+    add_json_flag(p, '{"ok": true, "wal": %%f, "path": %%p} (by hand: not in restore_command)')
+    p.set_defaults(run=_wal_fetch)
+    p.usage_status = FETCH_FAILED  # type: ignore[attr-defined]  # argparse's 2 is "not archived" to PostgreSQL
 
 
 def _wal_push(args: argparse.Namespace) -> int:
     from pg_safe_backup.wal_archive import push_command
 
     if args.parallel < 1:
-        args.parser.error(f"--parallel {args.parallel}: give 1 or more")
-    return push_command(
+        raise Failed(f"--parallel {args.parallel}: give 1 or more", USAGE)
+    errors: list[str] = []
+    status = push_command(
         args.path,
         args.archive,
         compression=args.compress,
@@ -795,21 +999,27 @@ def _wal_push(args: argparse.Namespace) -> int:
         spool_dir=args.spool_dir,
         key_file=args.encryption_key_file,
         key_env=args.encryption_key_env,
+        failed=errors.append,
     )
+    if args.json:  # push_command printed the error line already
+        emit({"ok": True, "wal": args.path.name} if status == OK else _error_document(errors[-1], status))
+    return status
 
 
 def _wal_fetch(args: argparse.Namespace) -> int:
-    from pg_safe_backup.errors import error_line
     from pg_safe_backup.wal_archive import WalNotArchived, fetch, open_store, required
 
     try:
         fetch(args.name, args.path, open_store(required(args.archive)), key=encryption_key(args))
-    except WalNotArchived:
-        return 1  # the end of the archive: silent, as recovery asks past it every time
+    except WalNotArchived:  # the end of the archive: silent, as recovery asks past it every time
+        if args.json:
+            emit(_error_document(f"the archive does not hold {args.name}", FAILED))
+        return FAILED
     except Exception as err:  # noqa: BLE001 - restore_command: one line in the server log, never a traceback
-        print(f"pg-safe-backup wal-fetch: error: {error_line(err)}", file=sys.stderr)
-        return FETCH_FAILED
-    return 0
+        raise Failed(err, FETCH_FAILED) from None
+    if args.json:
+        emit({"ok": True, "wal": args.name, "path": str(args.path)})
+    return OK
 
 
 # --------------------------------------------------------------------------------------- the command
@@ -869,14 +1079,30 @@ SUBCOMMANDS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``pg-safe-backup`` command line; returns the exit status.
+    """Run the ``pg-safe-backup`` command line; returns the exit status (:data:`EXIT_STATUSES`).
 
     Only the chosen subcommand's arguments are built (each may import its domain module for a default); the
     others appear in the overview by name.
     """
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    finally:
+        try:
+            sys.stdout.flush()  # --help or --version into a closed pipe: quiet too
+        except BrokenPipeError:
+            _stdout_gone()
+
+
+def _run(argv: list[str]) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    parser = argparse.ArgumentParser(prog="pg-safe-backup", description=__doc__.split("\n\n")[0])
+    parser = Parser(
+        prog="pg-safe-backup",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pg-safe-backup {__version__}")
+    parser.json_errors = "--json" in argv
     sub = parser.add_subparsers(dest="command", required=True)
     for name, add_arguments, overview, description, epilog in SUBCOMMANDS:
         p = sub.add_parser(
@@ -886,16 +1112,25 @@ def main(argv: list[str] | None = None) -> int:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        p.json_errors = parser.json_errors
         if name == chosen:
             add_arguments(p)
+    args, unknown = parser.parse_known_args(argv)
+    command = sub.choices[args.command]
+    if unknown:  # named by the subcommand, as each of its own errors is
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as done:
-        # argparse's 2 would be "not archived" to PostgreSQL, ending recovery early: a usage error is fatal.
-        if chosen == "wal-fetch" and done.code == 2:
-            return FETCH_FAILED
-        raise
-    return args.run(args)
+        return args.run(args)
+    except Failed as failed:
+        status, line = failed.status, str(failed)
+    except (PgSafeBackupError, OSError) as err:  # one a subcommand did not foresee: one line, no traceback
+        status, line = FAILED, str(Failed(err))
+    if status == USAGE:
+        command.error(line)
+    print(f"pg-safe-backup {args.command}: error: {line}", file=sys.stderr)
+    if getattr(args, "json", False):
+        emit(_error_document(line, status))
+    return status
 
 
 if __name__ == "__main__":

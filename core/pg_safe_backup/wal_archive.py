@@ -512,6 +512,7 @@ def push_command(
     spool_dir: Path | str | None = None,
     key_file: Path | str | None = None,
     key_env: str | None = None,
+    failed: Callable[[str], object] | None = None,
 ) -> int:
     """``pg-safe-backup wal-push``, its flags parsed (by ``cli`` or by ``__main__``'s short way): push
     ``path``, alone (:func:`push`) or through the background pusher (``parallel`` above 1:
@@ -524,6 +525,7 @@ def push_command(
     :param spool_dir: ``--spool-dir``.
     :param key_file: ``--encryption-key-file``.
     :param key_env: ``--encryption-key-env``.
+    :param failed: also given a failure's line (``--json`` reports it).
     """
     try:
         archive = required(archive)
@@ -541,6 +543,8 @@ def push_command(
             push(path, open_store(archive), compression=compression, key=key)
     except Exception as err:  # noqa: BLE001 - archive_command: one line in the server log, never a traceback
         print(f"pg-safe-backup wal-push: error: {error_line(err)}", file=sys.stderr)
+        if failed is not None:
+            failed(error_line(err))
         return 1
     return 0
 

@@ -34,9 +34,13 @@ def get_provider_info() -> dict:
         "sensors": _modules("sensors"),
         "hooks": _modules("hooks"),
         "triggers": _modules("triggers"),
+        "plugins": [
+            {"name": "pg_safe_backup", "plugin-class": "pg_safe_backup.plugins.backups.BackupsPagePlugin"}
+        ],
+        "extra-links": ["pg_safe_backup.links.BackupsPageLink"],
         "config": {
             "pg_safe_backup": {
-                "description": "Options of pg-safe-backup's triggers.",
+                "description": "Options of pg-safe-backup's triggers and of its Backups page.",
                 "options": {
                     "holder_check_period": {
                         "description": "Seconds within which a held backup sees that its DAG run or its"
@@ -48,7 +52,16 @@ def get_provider_info() -> dict:
                         "type": "float",
                         "example": "30",
                         "default": "30",
-                    }
+                    },
+                    "catalog_roots": {
+                        "description": "The roots the Backups page shows (Browse > Backups): comma-separated"
+                        " local folders or object-store URLs the store tasks store backups under, as"
+                        " pg-safe-backup list takes them. Empty: the page says how to set it.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/backups/main,s3://aws@backups/db1",
+                        "default": "",
+                    },
                 },
             }
         },

@@ -156,6 +156,7 @@ class PostgresOnlineBackup(TaskGroup):
                 )
             settings = dict(snapshot)
             keep = settings.pop("keep", False)
+            self.hold.backup_mode = "snapshot"
             placement = {k: settings[k] for k in ("queue", "pool") if k in settings}
             self.snapshot = PostgresSnapshotOperator(
                 task_id="snapshot",

@@ -18,6 +18,7 @@ from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator, Po
 from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
 from pg_safe_backup.operators.lifecycle import PostgresRestoreDrillOperator
 from pg_safe_backup.task_group import PostgresOnlineBackup
+from pg_safe_backup.utils.mixins import catalog_asset
 
 PGDATA = os.environ.get("E2E_PGDATA", "/nonexistent")
 DESTINATION = os.environ.get("E2E_BACKUP_ROOT", "/tmp") + "/{{ run_id }}"
@@ -157,9 +158,14 @@ e2e_copy_s3 = backup_dag(
     compression="zstd",
 )
 
-# The restore drill of the newest backup under the backups root (catalogued by the store task).
+# The restore drill of the newest backup under the backups root (catalogued by the store task), after each
+# backup stored there (the store task's outlet), as example_dags/pg_restore_drill_example.py is; unpaused, or
+# triggered, by the tests.
 with DAG(
-    "e2e_drill", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False
+    "e2e_drill",
+    schedule=catalog_asset(os.environ.get("E2E_BACKUP_ROOT", "/nonexistent")),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
 ) as e2e_drill:
     PostgresRestoreDrillOperator(
         task_id="restore_drill",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from airflow.sdk import BaseOperator, ObjectStoragePath, TaskGroup, TriggerRule
 from pg_safe_backup.errors import PgSafeBackupError
 from pg_safe_backup.files.manifest import DIGEST_SIZES
 from pg_safe_backup.files.xlog import label_start_time, parse_backup_label
+from pg_safe_backup.links import BackupsPageLink
 from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
 from pg_safe_backup.params import (
     check_flag,
@@ -310,9 +312,17 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         the catalog entry records the key's id (``encryption_key_id``), never the key. The manifest's
         checksums are of the plaintext: ``pg_verifybackup`` checks the copy once decrypted. Refused when the
         copy was encrypted with another key or not at all.
+    :param catalog_root: the folder (or URL) whose catalog this backup joins, for the Airflow Asset the task
+        updates when it succeeds (:func:`~pg_safe_backup.utils.mixins.catalog_asset`: ``file:///backups``,
+        ``s3://bucket/prefix``), on which a DAG can be scheduled (the restore drill). Default: the
+        destination's parent folder, when no template makes it (``/backups/{{ ts_nodash }}``: ``/backups``);
+        give it when one does. An Asset is known when the DAG is parsed, never rendered; with neither, the
+        task updates none.
     """
 
     template_fields: Sequence[str] = ("destination", "wal_archive", "encryption_conn_id")
+    #: The stored backup on the Backups page (its URL kept in XCom when the try ends).
+    operator_extra_links = (BackupsPageLink(),)
 
     def __init__(
         self,
@@ -324,8 +334,21 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         include_wal: bool = False,
         wal_archive: str | None = None,
         encryption_conn_id: str | None = None,
+        catalog_root: str | None = None,
         **kwargs: Any,
     ) -> None:
+        derived = catalog_root_of(destination)
+        if catalog_root is not None:
+            check_text(catalog_root, "catalog_root")
+            if derived is not None and catalog_asset(catalog_root) != catalog_asset(derived):
+                raise ValueError(
+                    f"catalog_root {catalog_root!r} is not the folder destination {destination!r} is in"
+                )
+        root = catalog_root if catalog_root is not None else derived
+        #: The Asset this task updates (None: none), from the root known at parse time.
+        self.catalog_asset = catalog_asset(root) if root is not None else None
+        if self.catalog_asset is not None:
+            kwargs["outlets"] = [*(kwargs.get("outlets") or []), self.catalog_asset]
         super().__init__(**kwargs)
         self.encryption_conn_id = encryption_conn_id
         self.destination = unless_rendered_later(check_text, destination, "destination")
@@ -350,6 +373,8 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 leaf >> self
         else:
             raise ValueError(f"backup must be a PostgresOnlineBackup or a finish task id, got {backup!r}")
+        #: The metrics' ``mode`` tag: a group's snapshots, else a full backup.
+        self.backup_mode = "snapshot" if getattr(backup, "snapshot", None) is not None else "full"
         #: The group's copy operators: their records spare the manifest a second read of the copy.
         self.copy_task_ids = (
             [t.task_id for t in backup.iter_tasks() if isinstance(t, PostgresCopyDataDirectoryOperator)]
@@ -387,7 +412,7 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
         wal_archive = rendered(check_text, self.wal_archive, "wal_archive") if self.wal_archive else None
         key = encryption_key(self.encryption_conn_id)
         try:
-            return store_backup(
+            written = store_backup(
                 ObjectStoragePath(destination),
                 backup,
                 copied,
@@ -400,7 +425,21 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
                 log=self.log,
             )
         except PgSafeBackupError as err:
+            metrics.incr("backup.failed", mode=self.backup_mode, stage="store")
             raise task_error(err) from err
+        self._count_completed(backup, copied)
+        return written
+
+    def _count_completed(self, backup: dict[str, Any], copied: CopyRecords | None) -> None:
+        """The metrics of a stored backup: one more completed, its bytes when known, and how long it took
+        from pg_backup_start (its label's START TIME) until now, stored."""
+        tags = {"mode": self.backup_mode, "format": copied.format if copied else None}
+        metrics.incr("backup.completed", **tags)
+        if copied:
+            metrics.incr("backup.bytes", sum(record.size for record in copied.files.values()), **tags)
+        started = label_start_time(parse_backup_label(backup["backup_label"]).get("START TIME"))
+        if started is not None:
+            metrics.timing("backup.duration", (datetime.now(timezone.utc) - started).total_seconds(), **tags)
 
 
 class PostgresVerifyBackupOperator(BaseOperator):

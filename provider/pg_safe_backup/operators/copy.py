@@ -21,6 +21,7 @@ from pg_safe_backup.params import check_flag, check_number, check_text, unless_r
 from pg_safe_backup.session import CONFIG_FILES
 from pg_safe_backup.snapshots import read_tree
 from pg_safe_backup.store import CopyRecords
+from pg_safe_backup.utils import metrics
 from pg_safe_backup.utils.mixins import (
     FILES_XCOM,
     check_storage_url,
@@ -202,6 +203,8 @@ class PostgresCopyDataDirectoryOperator(BaseOperator):
             raise task_error(err, f"the copy into {destination!r} failed: {err}") from err
         result.special.extend(special)
         self.log.info("%s", result.summary())
+        metrics.timing("copy.duration", result.seconds, format=self.format)
+        metrics.incr("copy.bytes", result.bytes, format=self.format)
         records = None
         if len(result.checksums) <= MAX_XCOM_FILES:
             major = int((source / "PG_VERSION").read_text().strip())

@@ -19,7 +19,16 @@ from pg_safe_backup.params import (
     optional_unless_rendered_later,
     unless_rendered_later,
 )
-from pg_safe_backup.utils.mixins import check_storage_url, rendered, server_dsn, storage_path, task_error
+from pg_safe_backup.utils import metrics
+from pg_safe_backup.utils.mixins import (
+    catalog_asset,
+    check_storage_url,
+    known_root,
+    rendered,
+    server_dsn,
+    storage_path,
+    task_error,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -84,6 +93,9 @@ class PostgresIncrementalBackupOperator(BaseOperator):
     :param basebackup_timeout: seconds pg_basebackup may take (None: no limit).
     :param work_dir: for a ``destination`` in an object store, where the backup is taken before it is
         uploaded (default: the system's temporary folder; it needs room for the incremental).
+
+    A ``root`` known when the DAG is parsed (no template) makes the task update that root's Airflow Asset
+    when it succeeds, as the store task of a full does (:func:`~pg_safe_backup.utils.mixins.catalog_asset`).
     """
 
     template_fields: Sequence[str] = (
@@ -108,6 +120,8 @@ class PostgresIncrementalBackupOperator(BaseOperator):
         work_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if known_root(root):  # as the store task's: a drill scheduled on it runs after an incremental too
+            kwargs["outlets"] = [*(kwargs.get("outlets") or []), catalog_asset(root)]
         super().__init__(**kwargs)
         self.work_dir = work_dir
         self.postgres_conn_id = unless_rendered_later(check_text, postgres_conn_id, "postgres_conn_id")
@@ -137,12 +151,13 @@ class PostgresIncrementalBackupOperator(BaseOperator):
             "map_index": ti.map_index,
             "attempt": str(ti.id),
         }
+        metrics.incr("backup.started", mode="incremental")
         try:
             with connect(dsn, purpose="incremental check") as conn:
                 facts = incremental_facts(conn)
             parent = find_parent(root, facts.system_identifier)
             check_ready(facts, parent, role=f"the role of postgres_conn_id {conn_id!r}")
-            return take_incremental(
+            taken = take_incremental(
                 dsn,
                 parent,
                 destination,
@@ -156,7 +171,12 @@ class PostgresIncrementalBackupOperator(BaseOperator):
                 log=self.log,
             )
         except PgSafeBackupError as err:  # IncrementalRefused never retried; IncrementalFailed retried
+            metrics.incr("backup.failed", mode="incremental", stage="incremental")
             raise task_error(err, f"incremental backup of {conn_id!r} into {destination}: {err}") from err
+        metrics.incr("backup.completed", mode="incremental", format="plain")
+        metrics.incr("backup.bytes", taken["bytes"], mode="incremental", format="plain")
+        metrics.timing("backup.duration", taken["seconds"], mode="incremental", format="plain")
+        return taken
 
 
 class PostgresBackupKindOperator(BaseBranchOperator):

@@ -222,15 +222,19 @@ def catalog_asset(root: str) -> Asset:
     return Asset(uri=f"{url.scheme}://{where}{url.path.rstrip('/')}")
 
 
+def known_root(value: Any) -> str | None:
+    """``value`` when it names a folder or URL before the run (when the DAG is parsed): an absolute path or
+    a URL without a template; else None (a template, an XComArg, a relative path)."""
+    templated = isinstance(value, str) and any(mark in value for mark in ("{{", "{%", "{#"))
+    if not isinstance(value, str) or templated or value.endswith(":/"):
+        return None
+    return value if value.startswith("/") or "://" in value else None
+
+
 def catalog_root_of(destination: Any) -> str | None:
     """The folder a backup stored into ``destination`` is catalogued in (its parent), when it is known
-    before the run: None when a template (or an XComArg) makes it, or for a relative path."""
-    if not isinstance(destination, str):
-        return None
-    parent = destination.rstrip("/").rpartition("/")[0]
-    if any(mark in parent for mark in ("{{", "{%", "{#")) or parent.endswith(":/"):
-        return None
-    return parent if parent.startswith("/") or "://" in parent else None
+    before the run (:func:`known_root`)."""
+    return known_root(destination.rstrip("/").rpartition("/")[0]) if isinstance(destination, str) else None
 
 
 def same_map_index_xcom(context: Context, task_id: str, key: str) -> Any:
