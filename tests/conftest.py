@@ -59,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pyproject(folder: Path = ROOT) -> dict[str, Any]:
-    """The pyproject.toml of the provider (default) or of the core distribution (``ROOT / "core"``), parsed."""
+    """The provider's pyproject.toml (default) or the core distribution's (``ROOT / "core"``), parsed."""
     return tomllib.loads((folder / "pyproject.toml").read_text())
 
 

@@ -5,23 +5,26 @@ schedules the drill; the workers and the triggerer send their metrics to a Stats
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
-from metrics_helpers import StatsD
 
 from demo.load import invariant_sql
 from demo.s3 import KEY, SECRET, LocalS3, local_s3
 from demo.stack import AirflowStack
-from pg_safe_backup.catalog import read_info
+from pg_safe_backup.catalog import list_backups, read_info
+from pg_safe_backup.links import PAGE, URL_PREFIX
 from pg_safe_backup.local_cluster import give_to_server_user
 from pg_safe_backup.utils.mixins import catalog_asset
 from pg_safe_backup.verify import verify_backup
 
 from backup_helpers import recovered, run_cli
+from browser import Browser, chromium
 from e2e_helpers import (
     assert_restores_with_every_commit,
     backup_stack,
@@ -30,6 +33,7 @@ from e2e_helpers import (
     run_dag,
     task_log,
 )
+from metrics_helpers import StatsD
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +70,11 @@ def statsd() -> Iterator[StatsD]:
 
 @pytest.fixture(scope="module")
 def env(s3: LocalS3, statsd: StatsD) -> Iterator[dict]:
-    extra_env = {**store_env(s3), **statsd.environment()}
+    def extra_env(root: Path) -> dict[str, str]:
+        # The Backups page shows the DAGs' local root (backup_stack's root/backups).
+        page = {"AIRFLOW__PG_SAFE_BACKUP__CATALOG_ROOTS": str(root / "backups")}
+        return {**store_env(s3), **statsd.environment(), **page}
+
     with backup_stack("pgsb-e2e-", PASSWORD, DAGS, DAG_IDS, extra_env=extra_env) as env:
         cluster, space = env["cluster"], env["root"] / "space1"
         space.mkdir()
@@ -186,7 +194,8 @@ def test_restore_drill_of_the_newest_backup_records_its_rto(env):
         0 < drilled["restore_s"] <= drilled["rto_s"]
         and drilled["checks"]["restore check"]["status"] == "PASS"
     )
-    recorded = read_info(newest).verifications[-1]
+    # The drill's record (the DAG's own verify_backup may record its check after it: both follow the store).
+    (recorded,) = [v for v in read_info(newest).verifications if v["by"].startswith("drill ")]
     assert recorded["by"] == f"drill e2e_drill/{run['dag_run_id']}"
     assert recorded["ok"] and recorded["seconds"] > 0
     log = task_log(stack, "e2e_drill", run["dag_run_id"], "restore_drill", "drill: the restore took")
@@ -241,3 +250,45 @@ def test_the_workers_and_the_triggerer_send_their_metrics(env, statsd, completed
     assert {(d.kind, d.value) for d in completed} == {("c", 1.0)}, completed
     ours = [d for d in statsd.received if "pg_safe_backup." in d.name]
     assert not [d for d in ours if "e2e" in d.name or any("e2e" in v for v in d.tags.values())], ours
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (scripts/prereqs.sh test)")
+def test_the_backups_page_in_a_browser_shows_every_backup_and_the_link_opens_its_row(env, tmp_path):
+    """A person's view, after the copy operator's backup: log in to Airflow's UI in a real browser, follow the
+    store task's extra link (computed by the worker), find the backup's row, count the rows and the chart
+    paths, and keep screenshots (the page, and the page in Airflow's UI) in $PGSB_ARTIFACTS or tmp_path."""
+    stack = env["stack"]
+    path = "/api/v2/dags/e2e_copy_operator/dagRuns/e2e_copier/taskInstances/store_backup_label/links"
+    link = stack._api("GET", path)["extra_links"]["Backup on the Backups page"]
+    query = urlencode({"backup": str(env["backups"] / "e2e_copier")})
+    assert link == f"{stack.api_url}{URL_PREFIX}{PAGE}?{query}"  # below [api] base_url
+    proven = [e.name for e in list_backups(env["backups"]) if e.proof.status == "proven"]
+    assert "e2e_copier" in proven, proven
+    artifacts = Path(os.environ.get("PGSB_ARTIFACTS") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    user, password = stack.login()
+    with Browser(tmp_path / "profile", width=1500, height=1000) as browser:
+        browser.open(f"{stack.api_url}/auth/login")
+        browser.wait_for("document.querySelector('input[name=password]')", what="the login form")
+        browser.type_into("input[name=username]", user)
+        browser.type_into("input[name=password]", password)
+        browser.wait_for("!document.querySelector('button[type=submit]').disabled", what="the form filled")
+        browser.evaluate("document.querySelector('button[type=submit]').click()")
+        browser.wait_for("!location.pathname.startsWith('/auth/')", what="the login to pass")
+
+        browser.open(link)
+        assert browser.evaluate("decodeURIComponent(location.hash.slice(1))").endswith("e2e_copier")
+        row = "document.getElementById(decodeURIComponent(location.hash.slice(1)))"
+        assert "e2e_copier" in browser.evaluate(f"{row}.innerText")
+        shown = browser.evaluate("document.querySelectorAll('tbody tr[id]').length")
+        assert shown == len(proven), browser.evaluate("document.body.innerText")[:3000]
+        assert browser.evaluate("document.querySelectorAll('svg path').length") >= 1
+        browser.screenshot(artifacts / "backups-page.png")
+
+        browser.open(f"{stack.api_url}/plugin/pg-safe-backup")
+        inner = "document.querySelector('iframe')?.contentDocument"
+        browser.wait_for(
+            f"{inner}?.querySelectorAll('tbody tr[id]').length === {len(proven)}",
+            what="the page inside Airflow's UI",
+        )
+        browser.screenshot(artifacts / "backups-page-in-airflow.png")

@@ -10,7 +10,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from metrics_helpers import PREFIX, StatsD
 from statsd import StatsClient
 
 from airflow.sdk import DAG
@@ -28,6 +27,7 @@ from pg_safe_backup.utils import metrics
 
 from backup_helpers import archiving_cluster, finish, gate, req
 from conftest import CONN_ID, PASSWORD
+from metrics_helpers import PREFIX, StatsD
 
 
 def reset_stats() -> None:

@@ -378,6 +378,8 @@ def test_the_backups_page_plugin_is_registered_once_whatever_lazy_discover_provi
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(tmp_path),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     }
-    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300
+    )
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert shown.stdout.strip().splitlines()[-1] == "1 []", shown.stdout
