@@ -101,13 +101,10 @@ class Browser:
         assert "exceptionDetails" not in result, result["exceptionDetails"]
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 60, what: str = "") -> Any:
-        """Poll ``expression`` in the page until it is truthy; its value."""
+    def wait_for(self, expression: str, timeout: float = 60, what: str = "") -> None:
+        """Poll ``expression`` in the page until it is truthy (an element found, a count reached)."""
         deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
+        while not self.evaluate(f"!!({expression})"):
             assert time.monotonic() < deadline, f"{what or expression}: not so after {timeout} s"
             time.sleep(0.2)
 

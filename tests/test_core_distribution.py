@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -62,7 +63,10 @@ def bare_venv(module_tmp_root: Path) -> Iterator[Path]:
     """A fresh venv with only ``pip install core/`` (a built wheel, as from PyPI) in it: its bin folder.
 
     The core's dependencies come at the versions CI's constraints pin."""
-    wheels = module_tmp_root / "wheels"
+    wheels, source = module_tmp_root / "wheels", module_tmp_root / "core"
+    # Built from a copy: setuptools leaves build/ and an egg-info in the folder it builds.
+    leftovers = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT / "core", source, ignore=leftovers)
     built = subprocess.run(
         [
             sys.executable,
@@ -73,7 +77,7 @@ def bare_venv(module_tmp_root: Path) -> Iterator[Path]:
             "--no-deps",
             "-w",
             wheels,
-            ROOT / "core",
+            source,
         ],
         capture_output=True,
         text=True,

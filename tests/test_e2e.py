@@ -262,11 +262,11 @@ def test_the_backups_page_in_a_browser_shows_every_backup_and_the_link_opens_its
     link = stack._api("GET", path)["extra_links"]["Backup on the Backups page"]
     query = urlencode({"backup": str(env["backups"] / "e2e_copier")})
     assert link == f"{stack.api_url}{URL_PREFIX}{PAGE}?{query}"  # below [api] base_url
-    proven = [e.name for e in list_backups(env["backups"]) if e.proof.status == "proven"]
+    proven = [Path(e.name).name for e in list_backups(env["backups"]) if e.proof.status == "proven"]
     assert "e2e_copier" in proven, proven
     artifacts = Path(os.environ.get("PGSB_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
-    user, password = stack.login()
+    user, password = stack.login
     with Browser(tmp_path / "profile", width=1500, height=1000) as browser:
         browser.open(f"{stack.api_url}/auth/login")
         browser.wait_for("document.querySelector('input[name=password]')", what="the login form")

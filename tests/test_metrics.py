@@ -15,7 +15,7 @@ from statsd import StatsClient
 from airflow.sdk import DAG
 
 from pg_safe_backup.hooks.backup import PostgresBackupHook
-from pg_safe_backup.local_cluster import LocalCluster, give_to_server_user
+from pg_safe_backup.local_cluster import LocalCluster
 from pg_safe_backup.operators.backup import PostgresStoreBackupLabelOperator
 from pg_safe_backup.operators.copy import PostgresCopyDataDirectoryOperator
 from pg_safe_backup.session import COMPLETE, FAILED
@@ -25,7 +25,7 @@ from pg_safe_backup.task_group import PostgresOnlineBackup
 from pg_safe_backup.triggers.backup import PostgresHoldBackupTrigger
 from pg_safe_backup.utils import metrics
 
-from backup_helpers import archiving_cluster, finish, gate, req
+from backup_helpers import cluster_with_space, finish, gate, req
 from conftest import CONN_ID, PASSWORD
 from metrics_helpers import PREFIX, StatsD
 
@@ -66,17 +66,10 @@ def statsd(monkeypatch: pytest.MonkeyPatch) -> Iterator[StatsD]:
 
 
 @pytest.fixture
-def archiving(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCluster]:
+def archiving(tmp_root: Path) -> Iterator[LocalCluster]:
     """A cluster whose WAL is archived, reachable as the connection ``pg_test``."""
-    archive = tmp_root / "archive"
-    archive.mkdir()
-    give_to_server_user(archive)
-    cluster = archiving_cluster(tmp_root / "data", archive, PASSWORD)
-    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", cluster.airflow_conn_uri(password=PASSWORD))
-    try:
+    with cluster_with_space(tmp_root) as (cluster, _archive, _location):
         yield cluster
-    finally:
-        cluster.stop("immediate")
 
 
 def backup_dag() -> tuple[PostgresCopyDataDirectoryOperator, PostgresStoreBackupLabelOperator]:

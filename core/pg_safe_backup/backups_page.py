@@ -25,7 +25,16 @@ from datetime import datetime, timezone
 from html import escape
 from typing import Any
 
-from pg_safe_backup.catalog import MAX_DEPTH, CatalogEntry, Folder, entry_path, list_backups, span
+from pg_safe_backup.catalog import (
+    CLUSTER_DIGITS,
+    MAX_DEPTH,
+    CatalogEntry,
+    Folder,
+    entry_path,
+    human_bytes,
+    list_backups,
+    span,
+)
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.proof import Proof, prove_backup
@@ -262,16 +271,6 @@ class BackupsCache:
 
 
 # ------------------------------------------------------------------------------------------ drawing
-def human_bytes(size: float | None) -> str:
-    """``12.3 GB``; ``?`` when unknown."""
-    if size is None:
-        return "?"
-    for unit, scale in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{int(size)} B"
-
-
 def _stamp_text(at: datetime | None) -> str:
     return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M") if at else "?"
 
@@ -299,6 +298,10 @@ def series(
         if at is not None and v is not None:
             by.setdefault(r.cluster or "?", []).append((at, float(v)))
     return [Series(c, sorted(points)) for c, points in sorted(by.items())]
+
+
+#: A chart marks each point of a line with a dot up to this many points (beyond, the line alone).
+DOTS_UP_TO = 60
 
 
 def chart_svg(
@@ -341,14 +344,17 @@ def chart_svg(
         f"{_stamp_text(max(p[0] for p in points))}</text>"
     )
     for line in lines:
-        # Round caps draw each point, a lone one too; the points joined show the trend.
+        # The points joined show the trend; a dot on each while they are few enough to tell apart.
+        colour = colours.get(line.cluster, PALETTE[0])
         d = "M" + " L".join(f"{x(at)} {y(v)}" for at, v in line.points)
-        if len(line.points) == 1:
-            d += " h0.1"
-        parts.append(
-            f'<path d="{d}" stroke="{colours.get(line.cluster, PALETTE[0])}" class="series">'
-            f"<title>cluster {escape(line.cluster)}</title></path>"
-        )
+        name = f"<title>cluster {escape(line.cluster)}</title>"
+        parts.append(f'<path d="{d}" stroke="{colour}" class="series">{name}</path>')
+        if len(line.points) <= DOTS_UP_TO:
+            parts.extend(
+                f'<circle cx="{x(at)}" cy="{y(v)}" r="3.5" fill="{colour}">'
+                f"<title>{escape(unit(v))}</title></circle>"
+                for at, v in line.points
+            )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -408,7 +414,11 @@ def render_page(
         f'<a href="{escape(link(r))}">{"<b>" + escape(r) + "</b>" if r == root else escape(r)}</a>'
         for r in roots
     )
-    key = "".join(f'<span style="background:{colours[c]}"></span>{escape(c)}' for c in clusters)
+    key = "".join(
+        f'<span style="background:{colours[c]}"></span>'
+        f'<b title="{escape(c)}">cluster {escape(c[-CLUSTER_DIGITS:])}</b>'
+        for c in clusters
+    )
     stopped = [r for r in rows if r.stopped is not None]
     newest = max(stopped, key=lambda r: r.stopped).stopped if stopped else None  # type: ignore[arg-type, return-value]
     summary = (
@@ -442,7 +452,7 @@ def render_page(
         )
         body.append(
             f'<tr id="{escape(r.id)}"><td title="{escape(r.cluster or "")}">'
-            f"{escape((r.cluster or '?')[-8:])}</td>"
+            f"{escape((r.cluster or '?')[-CLUSTER_DIGITS:])}</td>"
             f"<td>{escape(r.label)}</td><td>{_stamp_text(r.stopped)}</td>"
             f'<td class="n">{span(r.entry.age(now))}</td><td class="n">{human_bytes(r.bytes)}</td>'
             f'<td class="n">{span(r.entry.duration)}</td><td>{escape(r.format)}</td>'
@@ -496,7 +506,6 @@ __all__ = [
     "backup_id",
     "chart_svg",
     "folder_stamp",
-    "human_bytes",
     "render_message",
     "render_page",
     "root_of",

@@ -804,13 +804,18 @@ def latest_before(entries: Sequence[CatalogEntry], when: datetime) -> CatalogEnt
     return choose_backup(entries, before=when).picked
 
 
-def _size(info: BackupInfo | None) -> str:
-    if info is None or not isinstance(info.bytes, int):
+def human_bytes(size: float | None) -> str:
+    """A size as a table shows it: ``12.3 GB``; ``?`` when unknown."""
+    if size is None:
         return "?"
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if info.bytes >= scale:
-            return f"{info.bytes / scale:.1f} {unit}"
-    return f"{info.bytes} B"
+    for unit, scale in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"
+
+
+def _size(info: BackupInfo | None) -> str:
+    return human_bytes(info.bytes if info is not None and isinstance(info.bytes, int) else None)
 
 
 def _verified(entry: CatalogEntry) -> str:
@@ -826,10 +831,12 @@ def _verified(entry: CatalogEntry) -> str:
 
 
 def span(seconds: float | None) -> str:
-    """A time span in at most two units, as a table shows it: ``45s``, ``4m12s``, ``3h05m``, ``2d03h``;
-    ``?`` when unknown."""
+    """A time span in at most two units, as a table shows it: ``0.7s``, ``45s``, ``4m12s``, ``3h05m``,
+    ``2d03h`` (tenths below 10 s: a drill's restore of a small cluster is not "0s"); ``?`` when unknown."""
     if seconds is None:
         return "?"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     whole = int(seconds)
     for unit, scale, smaller, next_scale in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
         if whole >= scale:
