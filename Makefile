@@ -48,7 +48,7 @@ FLOOR_PY := $(FLOOR_VENV)/bin/python
 # What touches Airflow's API (operators, triggers, the task group, provider info, templating, the
 # hook's Airflow connection, ObjectStoragePath and its providers' filesystems, the check operator, Stats: test_metrics) and the psycopg floor (test_attempts: a cancelled holder);
 # the Airflow-free rest runs on the newest Airflow in `make test`.
-FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py tests/test_storage_providers.py tests/test_metrics.py
+FLOOR_UNIT_TESTS ?= tests/test_task_group.py tests/test_templating.py tests/test_provider.py tests/test_connection.py tests/test_attempts.py tests/test_poolers.py tests/test_object_storage.py tests/test_preflight.py tests/test_storage_providers.py tests/test_metrics.py tests/test_backups_page.py
 FLOOR_TESTS ?= tests/test_e2e.py tests/test_e2e_rerun.py::test_a_mapped_group_over_three_clusters_takes_three_backups
 
 $(FLOOR_VENV)/.installed: pyproject.toml core/pyproject.toml constraints/floor.txt
