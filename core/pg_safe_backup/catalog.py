@@ -835,7 +835,7 @@ def span(seconds: float | None) -> str:
     ``2d03h`` (tenths below 10 s: a drill's restore of a small cluster is not "0s"); ``?`` when unknown."""
     if seconds is None:
         return "?"
-    if seconds < 10:
+    if round(seconds, 1) < 10:
         return f"{seconds:.1f}s"
     whole = int(seconds)
     for unit, scale, smaller, next_scale in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
