@@ -256,7 +256,8 @@ def test_the_workers_and_the_triggerer_send_their_metrics(env, statsd, completed
 def test_the_backups_page_in_a_browser_shows_every_backup_and_the_link_opens_its_row(env, tmp_path):
     """A person's view, after the copy operator's backup: log in to Airflow's UI in a real browser, follow the
     store task's extra link (computed by the worker), find the backup's row, count the rows and the chart
-    paths, and keep screenshots (the page, and the page in Airflow's UI) in $PGSB_ARTIFACTS or tmp_path."""
+    paths, and keep screenshots (the page, and the page in Airflow's UI) in $PGSB_ARTIFACTS, else the
+    checkout's test-artifacts/ (what README's docs/ shows is such a pair)."""
     stack = env["stack"]
     path = "/api/v2/dags/e2e_copy_operator/dagRuns/e2e_copier/taskInstances/store_backup_label/links"
     link = stack._api("GET", path)["extra_links"]["Backup on the Backups page"]
@@ -264,7 +265,7 @@ def test_the_backups_page_in_a_browser_shows_every_backup_and_the_link_opens_its
     assert link == f"{stack.api_url}{URL_PREFIX}{PAGE}?{query}"  # below [api] base_url
     proven = [Path(e.name).name for e in list_backups(env["backups"]) if e.proof.status == "proven"]
     assert "e2e_copier" in proven, proven
-    artifacts = Path(os.environ.get("PGSB_ARTIFACTS") or tmp_path)
+    artifacts = Path(os.environ.get("PGSB_ARTIFACTS") or Path(__file__).parents[1] / "test-artifacts")
     artifacts.mkdir(parents=True, exist_ok=True)
     user, password = stack.login
     with Browser(tmp_path / "profile", width=1500, height=1000) as browser:
