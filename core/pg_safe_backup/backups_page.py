@@ -27,20 +27,23 @@ from typing import Any
 
 from pg_safe_backup.catalog import (
     CLUSTER_DIGITS,
+    DRILL_BY,
     MAX_DEPTH,
     CatalogEntry,
+    CatalogError,
     Folder,
+    aware_time,
     entry_path,
     human_bytes,
     list_backups,
     span,
+    to_the_minute,
+    verdict,
 )
 from pg_safe_backup.files.copier import is_local_path
 from pg_safe_backup.files.crypt import EncryptionKey
 from pg_safe_backup.proof import Proof, prove_backup
 
-#: How a drill names itself in the check records it leaves (PostgresRestoreDrillOperator's ``by``).
-DRILL_BY = "drill "
 #: An object store's root is listed again at most this often (it has no folder times to compare).
 STORE_REFRESH_S = 60.0
 #: The charts' colours, one per cluster (then again).
@@ -123,10 +126,9 @@ def _rounded(seconds: float | None) -> float | None:
 def _parsed(text: Any) -> datetime | None:
     """An ISO 8601 time with a zone from a check record, else None (a record is shown, never trusted)."""
     try:
-        when = datetime.fromisoformat(str(text))
-    except ValueError:
+        return aware_time(text, "at")
+    except CatalogError:
         return None
-    return when if when.tzinfo else None
 
 
 def row_of(entry: CatalogEntry, root: str) -> Row:
@@ -138,17 +140,12 @@ def row_of(entry: CatalogEntry, root: str) -> Row:
     records = entry.info.verifications if entry.info else []
     drills = [r for r in records if str(r.get("by", "")).startswith(DRILL_BY)]
     seconds = drills[-1].get("seconds") if drills else None
-    if entry.verified:
-        verified = "yes"
-    elif entry.failed:
-        verified = "FAILED"
-    else:
-        verified = "not of this manifest" if records else "never"
+    verified, verified_at = verdict(entry)
     return Row(
         id=backup_id(entry.name, root),
         entry=entry,
         verified=verified,
-        verified_at=str(records[-1].get("at")) if records else None,
+        verified_at=verified_at,
         drill_at=_parsed(drills[-1].get("at")) if drills else None,
         drill_s=float(seconds)
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
@@ -447,9 +444,7 @@ def render_page(
     head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in _HEADS) + "</tr>"
     body = []
     for r in reversed(rows):
-        verified = escape(r.verified) + (
-            f" {escape(r.verified_at[:16].replace('T', ' '))}" if r.verified_at else ""
-        )
+        verified = escape(r.verified) + (f" {escape(to_the_minute(r.verified_at))}" if r.verified_at else "")
         body.append(
             f'<tr id="{escape(r.id)}"><td title="{escape(r.cluster or "")}">'
             f"{escape((r.cluster or '?')[-CLUSTER_DIGITS:])}</td>"

@@ -64,6 +64,8 @@ DEFAULT_WAL_SEGMENT_SIZE = 16 << 20
 MAX_DEPTH = 4
 #: The digits of a system identifier ``list`` shows as the cluster (two clusters told apart at a glance).
 CLUSTER_DIGITS = 6
+#: How a restore drill's check record's ``by`` begins (``drill DAG/RUN``): the page finds drills by it.
+DRILL_BY = "drill "
 
 
 #: The JSON type of each of BackupInfo's field types (checked when read).
@@ -138,13 +140,7 @@ class BackupInfo:
 
         :raises CatalogError: it is not an ISO 8601 time with a zone.
         """
-        try:
-            when = datetime.fromisoformat(self.stop_time)
-        except (TypeError, ValueError):
-            raise CatalogError(f"stop_time {self.stop_time!r} is not an ISO 8601 time") from None
-        if when.tzinfo is None:
-            raise CatalogError(f"stop_time {self.stop_time!r} has no time zone")
-        return when
+        return aware_time(self.stop_time, "stop_time")
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode("utf-8")
@@ -712,6 +708,22 @@ def _archived_wal(stored: str) -> str | None:
     return m.group(1) if parsed is not None and (m := WAL_FILE.match(parsed.name)) else None
 
 
+def aware_time(text: Any, what: str) -> datetime:
+    """A time this package wrote into a catalog entry (``datetime.isoformat()`` of an aware time).
+
+    :param text: the entry's value.
+    :param what: its field, for the message.
+    :raises CatalogError: it is not an ISO 8601 time with a zone.
+    """
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise CatalogError(f"{what} {text!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise CatalogError(f"{what} {text!r} has no time zone")
+    return when
+
+
 def parse_when(text: str) -> datetime:
     """A time from the command line, in the ISO 8601 forms PostgreSQL's timestamptz input also reads
     (``2026-11-26T06:00Z``, ``2026-11-26 06:00:00.25+05:30``, ``... +00``, ``... -0800``, ``... UTC``),
@@ -818,16 +830,32 @@ def _size(info: BackupInfo | None) -> str:
     return human_bytes(info.bytes if info is not None and isinstance(info.bytes, int) else None)
 
 
-def _verified(entry: CatalogEntry) -> str:
-    """``yes`` / ``FAILED`` (the newest check) with its time, ``never``; ``yes, of another manifest`` when
-    the passed check was not of the manifest the backup proves now."""
+def verdict(entry: CatalogEntry) -> tuple[str, str | None]:
+    """The newest check of a backup, as ``list`` and the Backups page show it: ``yes``, ``FAILED``, ``not of
+    this manifest`` (it passed, but of another manifest than the backup proves now) or ``never``; and the
+    time it records (None: never checked)."""
     if entry.info is None or not entry.info.verifications:
-        return "never"
+        return "never", None
     last = entry.info.verifications[-1]
-    at = str(last.get("at", ""))[:16].replace("T", " ")
+    at = str(last.get("at", ""))
     if not last.get("ok"):
-        return f"FAILED {at}"
-    return f"yes {at}" if entry.verified else f"yes {at} (not of this manifest)"
+        return "FAILED", at
+    return ("yes" if entry.verified else "not of this manifest"), at
+
+
+def _verified(entry: CatalogEntry) -> str:
+    """:func:`verdict` with its time to the minute: ``yes 2026-12-08 04:45``, ``FAILED ...``, ``never``,
+    ``yes ... (not of this manifest)``."""
+    word, at = verdict(entry)
+    if at is None:
+        return word
+    at = to_the_minute(at)
+    return f"yes {at} (not of this manifest)" if word == "not of this manifest" else f"{word} {at}"
+
+
+def to_the_minute(at: str) -> str:
+    """A check record's ISO time as the tables show it: ``2026-12-08 04:45``."""
+    return at[:16].replace("T", " ")
 
 
 def span(seconds: float | None) -> str:

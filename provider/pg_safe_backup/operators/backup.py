@@ -433,13 +433,13 @@ class PostgresStoreBackupLabelOperator(BaseOperator):
     def _count_completed(self, backup: dict[str, Any], copied: CopyRecords | None) -> None:
         """The metrics of a stored backup: one more completed, its bytes when known, and how long it took
         from pg_backup_start (its label's START TIME) until now, stored."""
-        tags = {"mode": self.backup_mode, "format": copied.format if copied else None}
-        metrics.incr("backup.completed", **tags)
-        if copied:
-            metrics.incr("backup.bytes", sum(record.size for record in copied.files.values()), **tags)
         started = label_start_time(parse_backup_label(backup["backup_label"]).get("START TIME"))
-        if started is not None:
-            metrics.timing("backup.duration", (datetime.now(timezone.utc) - started).total_seconds(), **tags)
+        metrics.completed(
+            self.backup_mode,
+            copied.format if copied else None,
+            sum(record.size for record in copied.files.values()) if copied else None,
+            (datetime.now(timezone.utc) - started).total_seconds() if started is not None else None,
+        )
 
 
 class PostgresVerifyBackupOperator(BaseOperator):

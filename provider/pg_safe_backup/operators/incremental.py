@@ -173,9 +173,7 @@ class PostgresIncrementalBackupOperator(BaseOperator):
         except PgSafeBackupError as err:  # IncrementalRefused never retried; IncrementalFailed retried
             metrics.incr("backup.failed", mode="incremental", stage="incremental")
             raise task_error(err, f"incremental backup of {conn_id!r} into {destination}: {err}") from err
-        metrics.incr("backup.completed", mode="incremental", format="plain")
-        metrics.incr("backup.bytes", taken["bytes"], mode="incremental", format="plain")
-        metrics.timing("backup.duration", taken["seconds"], mode="incremental", format="plain")
+        metrics.completed("incremental", "plain", taken["bytes"], taken["seconds"])
         return taken
 
 

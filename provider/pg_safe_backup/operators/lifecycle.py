@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseOperator
 
-from pg_safe_backup.catalog import choose_backup, list_backups, one_cluster
+from pg_safe_backup.catalog import DRILL_BY, choose_backup, list_backups, one_cluster
 from pg_safe_backup.errors import PgSafeBackupError
 from pg_safe_backup.hooks.server import ServerPosition, server_position
 from pg_safe_backup.params import (
@@ -176,9 +176,8 @@ class PostgresRestoreDrillOperator(BaseOperator):
         for step in report.steps:
             (self.log.error if step.status == "FAIL" else self.log.info)("%s: %s", step.name, step.line())
         ti = context["ti"]
-        record_check(
-            newest.folder, report, checks_s + restore_s, f"drill {ti.dag_id}/{ti.run_id}", encryption_key=key
-        )
+        by = f"{DRILL_BY}{ti.dag_id}/{ti.run_id}"
+        record_check(newest.folder, report, checks_s + restore_s, by, encryption_key=key)
         self.log.info(
             "drill: the restore took %.1f s (RTO: %.1f s with the checks before it) for %s",
             restore_s,

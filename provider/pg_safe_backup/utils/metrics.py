@@ -89,6 +89,23 @@ def timing(name: str, seconds: float, **tags: str | None) -> None:
         log.debug("metric %s%s not sent: %s", PREFIX, name, err)
 
 
+def completed(mode: str, format: str | None, size: int | None, seconds: float | None) -> None:
+    """A stored backup: one more ``backup.completed``, its ``backup.bytes`` and ``backup.duration`` when
+    known; never raises.
+
+    :param mode: ``full``, ``snapshot`` or ``incremental``.
+    :param format: ``plain`` or ``tar`` (None: unknown, no tag).
+    :param size: the bytes stored (None: unknown).
+    :param seconds: from pg_backup_start until stored (None: unknown).
+    """
+    tags = {"mode": mode, "format": format}
+    incr("backup.completed", **tags)
+    if size is not None:
+        incr("backup.bytes", size, **tags)
+    if seconds is not None:
+        timing("backup.duration", seconds, **tags)
+
+
 def timed(fetch: Callable[[], Awaitable[T]], name: str, errors: str) -> Callable[[], Awaitable[T]]:
     """``fetch``, its duration sent as the timing ``name`` when it returns, and one more ``errors`` when it
     raises (the exception goes on).
